@@ -1,0 +1,2 @@
+//! Device models for nkvm.
+#![forbid(unsafe_code)]

@@ -1,0 +1,2 @@
+//! The bytes on nkvm's sockets.
+#![forbid(unsafe_code)]
