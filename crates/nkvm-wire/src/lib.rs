@@ -1,2 +1,4 @@
 //! The bytes on nkvm's sockets.
 #![forbid(unsafe_code)]
+
+pub mod apic;
