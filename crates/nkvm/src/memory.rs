@@ -1,0 +1,499 @@
+//! Guest memory: [`Backing`] objects (memfd-backed, shareable with device
+//! processes) placed at guest physical addresses by [`Region`]s of a
+//! [`MemoryMap`].
+//!
+//! The same backing range may appear at several addresses (the RFC's BIOS at
+//! 0xe0000 *and* 0xfffe0000), and a region can be moved by installing a new
+//! map in which it sits elsewhere.
+//!
+//! ```
+//! use nkvm::{Backing, GuestAddress, MemoryMap, Region};
+//!
+//! let ram = Backing::new("ram", 16 << 20)?;
+//! let bios = Backing::new("bios", 128 << 10)?;
+//! let map = MemoryMap::new(vec![
+//!     Region::new(GuestAddress(0), &ram, 0, 0xe0000),
+//!     // The top 128 KiB of the BIOS image at 0xe0000 ...
+//!     Region::new(GuestAddress(0xe0000), &bios, 0, 0x20000).read_only(),
+//!     // ... and the same bytes again just below 4 GiB.
+//!     Region::new(GuestAddress(0xfffe0000), &bios, 0, 0x20000).read_only(),
+//! ])?;
+//! bios.write_at(0, b"\xea\x5b\xe0\x00\xf0")?;
+//! let mut buf = [0u8; 5];
+//! map.read(GuestAddress(0xfffe0000), &mut buf)?;
+//! assert_eq!(&buf, b"\xea\x5b\xe0\x00\xf0");
+//! # Ok::<(), nkvm::MemoryError>(())
+//! ```
+
+use std::fmt;
+use std::fs::File;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+
+use crate::sys::memfd::SharedMapping;
+use crate::GuestAddress;
+
+/// The page size guest memory is managed in.
+pub const PAGE_SIZE: u64 = 4096;
+
+/// Errors building or accessing guest memory.
+#[derive(Debug, thiserror::Error)]
+pub enum MemoryError {
+    /// Creating or mapping a memfd failed.
+    #[error("cannot create {size:#x}-byte guest memory object {name:?}")]
+    Create {
+        /// The object's name.
+        name: String,
+        /// Its size.
+        size: u64,
+        /// The OS error.
+        #[source]
+        source: std::io::Error,
+    },
+    /// A size of 0 or one that is not a multiple of the page size.
+    #[error("memory size {0:#x} must be a non-zero multiple of 4 KiB")]
+    BadSize(u64),
+    /// A region's address, offset or length is not page aligned.
+    #[error(
+        "region {0} is not 4 KiB aligned (address, offset into its backing and length must all be)"
+    )]
+    Unaligned(RegionName),
+    /// A region of length zero.
+    #[error("region {0} is empty")]
+    Empty(RegionName),
+    /// A region reaches past the end of its backing object.
+    #[error("region {region} maps offset {offset:#x}+{len:#x} of a {backing_len:#x}-byte backing object")]
+    OutsideBacking {
+        /// The region.
+        region: RegionName,
+        /// Its offset into the backing.
+        offset: u64,
+        /// Its length.
+        len: u64,
+        /// The backing object's size.
+        backing_len: u64,
+    },
+    /// Two regions overlap in guest physical space.
+    #[error("region {0} overlaps region {1}")]
+    Overlap(RegionName, RegionName),
+    /// More regions than KVM has memory slots.
+    #[error("the map has {count} regions but this host's KVM has only {max} memory slots")]
+    TooManyRegions {
+        /// Regions in the map.
+        count: usize,
+        /// `KVM_CAP_NR_MEMSLOTS`.
+        max: u32,
+    },
+    /// An access to guest memory that no region covers.
+    #[error("guest physical range {addr}+{len:#x} is not (entirely) backed by memory")]
+    Unmapped {
+        /// Start of the access.
+        addr: GuestAddress,
+        /// Its length.
+        len: usize,
+    },
+    /// An access outside a backing object.
+    #[error("offset {offset:#x}+{len:#x} is outside the {backing_len:#x}-byte backing object")]
+    OutOfBounds {
+        /// Offset of the access.
+        offset: u64,
+        /// Its length.
+        len: usize,
+        /// The object's size.
+        backing_len: u64,
+    },
+}
+
+/// A region's identity in error messages: `0xfffe0000+0x20000`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct RegionName {
+    /// Guest physical address.
+    pub gpa: GuestAddress,
+    /// Length in bytes.
+    pub len: u64,
+}
+
+impl fmt::Display for RegionName {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{:#x}+{:#x}", self.gpa.0, self.len)
+    }
+}
+
+static NEXT_BACKING_ID: AtomicU64 = AtomicU64::new(1);
+
+/// A memory object that guest memory is made of: a memfd mapped shared.
+///
+/// Cheap to clone (reference counted). Its file can be passed to another
+/// process, which then sees the same bytes as the guest.
+#[derive(Clone)]
+pub struct Backing {
+    inner: Arc<BackingInner>,
+}
+
+struct BackingInner {
+    id: u64,
+    name: String,
+    map: SharedMapping,
+}
+
+impl fmt::Debug for Backing {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Backing")
+            .field("id", &self.inner.id)
+            .field("name", &self.inner.name)
+            .field("len", &self.len())
+            .finish()
+    }
+}
+
+impl Backing {
+    /// Creates a zero-filled memfd-backed object of `size` bytes (a multiple of 4 KiB).
+    pub fn new(name: &str, size: u64) -> Result<Self, MemoryError> {
+        if size == 0 || size % PAGE_SIZE != 0 {
+            return Err(MemoryError::BadSize(size));
+        }
+        let len = usize::try_from(size).map_err(|_| MemoryError::BadSize(size))?;
+        let map = SharedMapping::new(name, len).map_err(|source| MemoryError::Create {
+            name: name.to_string(),
+            size,
+            source,
+        })?;
+        let id = NEXT_BACKING_ID.fetch_add(1, Ordering::Relaxed);
+        Ok(Self {
+            inner: Arc::new(BackingInner {
+                id,
+                name: name.to_string(),
+                map,
+            }),
+        })
+    }
+
+    /// Maps an existing memory file, for example a memfd received by a device process.
+    pub fn from_file(name: &str, file: File, size: u64) -> Result<Self, MemoryError> {
+        let len = usize::try_from(size).map_err(|_| MemoryError::BadSize(size))?;
+        if size == 0 {
+            return Err(MemoryError::BadSize(size));
+        }
+        let map = SharedMapping::map(file, len).map_err(|source| MemoryError::Create {
+            name: name.to_string(),
+            size,
+            source,
+        })?;
+        let id = NEXT_BACKING_ID.fetch_add(1, Ordering::Relaxed);
+        Ok(Self {
+            inner: Arc::new(BackingInner {
+                id,
+                name: name.to_string(),
+                map,
+            }),
+        })
+    }
+
+    /// A process-unique id (stable for the life of the object).
+    pub fn id(&self) -> u64 {
+        self.inner.id
+    }
+
+    /// The name given at creation.
+    pub fn name(&self) -> &str {
+        &self.inner.name
+    }
+
+    /// Size in bytes.
+    pub fn len(&self) -> u64 {
+        self.inner.map.len() as u64
+    }
+
+    /// Always false: backings are never empty.
+    pub fn is_empty(&self) -> bool {
+        false
+    }
+
+    /// The memfd, for handing to another process.
+    pub fn file(&self) -> &File {
+        self.inner.map.file()
+    }
+
+    pub(crate) fn host_addr(&self) -> u64 {
+        self.inner.map.as_ptr() as u64
+    }
+
+    /// Reads `buf.len()` bytes at `offset`.
+    pub fn read_at(&self, offset: u64, buf: &mut [u8]) -> Result<(), MemoryError> {
+        let off = usize::try_from(offset).ok();
+        off.and_then(|o| self.inner.map.read(o, buf))
+            .ok_or(MemoryError::OutOfBounds {
+                offset,
+                len: buf.len(),
+                backing_len: self.len(),
+            })
+    }
+
+    /// Writes `buf` at `offset`.
+    pub fn write_at(&self, offset: u64, buf: &[u8]) -> Result<(), MemoryError> {
+        let off = usize::try_from(offset).ok();
+        off.and_then(|o| self.inner.map.write(o, buf))
+            .ok_or(MemoryError::OutOfBounds {
+                offset,
+                len: buf.len(),
+                backing_len: self.len(),
+            })
+    }
+
+    /// Whether two handles are the same object.
+    pub fn same_object(&self, other: &Backing) -> bool {
+        Arc::ptr_eq(&self.inner, &other.inner)
+    }
+}
+
+/// One mapping of (part of) a [`Backing`] into guest physical space.
+#[derive(Debug, Clone)]
+pub struct Region {
+    /// Where the region starts in guest physical space.
+    pub gpa: GuestAddress,
+    /// Length in bytes.
+    pub len: u64,
+    /// The memory object behind it.
+    pub backing: Backing,
+    /// Offset of the region's first byte in `backing`.
+    pub offset: u64,
+    /// The guest cannot write it (writes exit as MMIO).
+    pub read_only: bool,
+    /// Writes by the guest are tracked in the dirty log.
+    pub dirty_log: bool,
+}
+
+impl Region {
+    /// A writable, untracked region mapping `backing[offset..offset+len]` at `gpa`.
+    pub fn new(gpa: GuestAddress, backing: &Backing, offset: u64, len: u64) -> Self {
+        Self {
+            gpa,
+            len,
+            backing: backing.clone(),
+            offset,
+            read_only: false,
+            dirty_log: false,
+        }
+    }
+
+    /// The same region, read-only for the guest.
+    pub fn read_only(mut self) -> Self {
+        self.read_only = true;
+        self
+    }
+
+    /// The same region, with dirty logging.
+    pub fn dirty_logged(mut self) -> Self {
+        self.dirty_log = true;
+        self
+    }
+
+    /// The region's identity for messages.
+    pub fn name(&self) -> RegionName {
+        RegionName {
+            gpa: self.gpa,
+            len: self.len,
+        }
+    }
+
+    /// One past the last guest physical address.
+    pub fn end(&self) -> u64 {
+        self.gpa.0.saturating_add(self.len)
+    }
+
+    /// Whether `gpa` falls inside the region.
+    pub fn contains(&self, gpa: GuestAddress) -> bool {
+        gpa.0 >= self.gpa.0 && gpa.0 < self.end()
+    }
+
+    /// Same placement, backing range and flags.
+    pub fn same_mapping(&self, other: &Region) -> bool {
+        self.gpa == other.gpa
+            && self.len == other.len
+            && self.offset == other.offset
+            && self.read_only == other.read_only
+            && self.dirty_log == other.dirty_log
+            && self.backing.same_object(&other.backing)
+    }
+
+    fn validate(&self) -> Result<(), MemoryError> {
+        if self.len == 0 {
+            return Err(MemoryError::Empty(self.name()));
+        }
+        if self.gpa.0 % PAGE_SIZE != 0 || self.len % PAGE_SIZE != 0 || self.offset % PAGE_SIZE != 0
+        {
+            return Err(MemoryError::Unaligned(self.name()));
+        }
+        if self.gpa.0.checked_add(self.len).is_none()
+            || self
+                .offset
+                .checked_add(self.len)
+                .is_none_or(|end| end > self.backing.len())
+        {
+            return Err(MemoryError::OutsideBacking {
+                region: self.name(),
+                offset: self.offset,
+                len: self.len,
+                backing_len: self.backing.len(),
+            });
+        }
+        Ok(())
+    }
+}
+
+/// A whole guest physical memory map: validated, sorted, non-overlapping regions.
+#[derive(Debug, Clone, Default)]
+pub struct MemoryMap {
+    regions: Vec<Region>,
+}
+
+impl MemoryMap {
+    /// Validates `regions` (alignment, bounds, no overlap) and sorts them by address.
+    pub fn new(mut regions: Vec<Region>) -> Result<Self, MemoryError> {
+        for r in &regions {
+            r.validate()?;
+        }
+        regions.sort_by_key(|r| r.gpa);
+        for pair in regions.windows(2) {
+            if pair[1].gpa.0 < pair[0].end() {
+                return Err(MemoryError::Overlap(pair[0].name(), pair[1].name()));
+            }
+        }
+        Ok(Self { regions })
+    }
+
+    /// Plain RAM of `size` bytes from one backing: below 3 GiB at address 0,
+    /// the rest from 4 GiB up (leaving the 32-bit MMIO hole free).
+    pub fn ram(backing: &Backing) -> Result<Self, MemoryError> {
+        const LOW_LIMIT: u64 = 3 << 30;
+        let size = backing.len();
+        let mut regions = vec![Region::new(
+            GuestAddress(0),
+            backing,
+            0,
+            size.min(LOW_LIMIT),
+        )];
+        if size > LOW_LIMIT {
+            regions.push(Region::new(
+                GuestAddress(4 << 30),
+                backing,
+                LOW_LIMIT,
+                size - LOW_LIMIT,
+            ));
+        }
+        Self::new(regions)
+    }
+
+    /// The regions, sorted by guest physical address.
+    pub fn regions(&self) -> &[Region] {
+        &self.regions
+    }
+
+    /// The region containing `gpa`.
+    pub fn find(&self, gpa: GuestAddress) -> Option<&Region> {
+        let idx = self.regions.partition_point(|r| r.end() <= gpa.0);
+        self.regions.get(idx).filter(|r| r.contains(gpa))
+    }
+
+    /// Reads guest physical memory (the range may span adjacent regions).
+    pub fn read(&self, gpa: GuestAddress, buf: &mut [u8]) -> Result<(), MemoryError> {
+        self.for_each_chunk(gpa, buf.len(), |region, off, start, n| {
+            region.backing.read_at(off, &mut buf[start..start + n])
+        })
+    }
+
+    /// Writes guest physical memory (the range may span adjacent regions).
+    pub fn write(&self, gpa: GuestAddress, buf: &[u8]) -> Result<(), MemoryError> {
+        self.for_each_chunk(gpa, buf.len(), |region, off, start, n| {
+            region.backing.write_at(off, &buf[start..start + n])
+        })
+    }
+
+    fn for_each_chunk(
+        &self,
+        gpa: GuestAddress,
+        len: usize,
+        mut f: impl FnMut(&Region, u64, usize, usize) -> Result<(), MemoryError>,
+    ) -> Result<(), MemoryError> {
+        let mut done = 0usize;
+        while done < len {
+            let addr = GuestAddress(gpa.0.wrapping_add(done as u64));
+            let region = self
+                .find(addr)
+                .ok_or(MemoryError::Unmapped { addr: gpa, len })?;
+            let in_region = addr.0 - region.gpa.0;
+            let n = ((region.len - in_region) as usize).min(len - done);
+            f(region, region.offset + in_region, done, n)?;
+            done += n;
+        }
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn overlapping_regions_are_named() {
+        let b = Backing::new("t", 0x200000).unwrap();
+        let err = MemoryMap::new(vec![
+            Region::new(GuestAddress(0xfff00000), &b, 0, 0x100000),
+            Region::new(GuestAddress(0xfffe0000), &b, 0, 0x20000),
+        ])
+        .unwrap_err();
+        assert_eq!(
+            err.to_string(),
+            "region 0xfff00000+0x100000 overlaps region 0xfffe0000+0x20000"
+        );
+    }
+
+    #[test]
+    fn unaligned_and_outside_backing_are_rejected() {
+        let b = Backing::new("t", 0x2000).unwrap();
+        assert!(matches!(
+            MemoryMap::new(vec![Region::new(GuestAddress(0x800), &b, 0, 0x1000)]),
+            Err(MemoryError::Unaligned(_))
+        ));
+        assert!(matches!(
+            MemoryMap::new(vec![Region::new(GuestAddress(0), &b, 0x1000, 0x2000)]),
+            Err(MemoryError::OutsideBacking { .. })
+        ));
+        assert!(matches!(Backing::new("t", 0), Err(MemoryError::BadSize(0))));
+        assert!(matches!(
+            Backing::new("t", 4097),
+            Err(MemoryError::BadSize(4097))
+        ));
+    }
+
+    #[test]
+    fn reads_span_adjacent_regions_and_aliases_share_bytes() {
+        let a = Backing::new("a", 0x1000).unwrap();
+        let b = Backing::new("b", 0x1000).unwrap();
+        let map = MemoryMap::new(vec![
+            Region::new(GuestAddress(0x1000), &b, 0, 0x1000),
+            Region::new(GuestAddress(0), &a, 0, 0x1000),
+            Region::new(GuestAddress(0x10000), &a, 0, 0x1000),
+        ])
+        .unwrap();
+        map.write(GuestAddress(0xffe), &[1, 2, 3, 4]).unwrap();
+        let mut buf = [0u8; 2];
+        map.read(GuestAddress(0x10ffe), &mut buf).unwrap();
+        assert_eq!(buf, [1, 2]);
+        b.read_at(0, &mut buf).unwrap();
+        assert_eq!(buf, [3, 4]);
+        assert!(matches!(
+            map.read(GuestAddress(0x2000), &mut buf),
+            Err(MemoryError::Unmapped { .. })
+        ));
+    }
+
+    #[test]
+    fn ram_above_3g_skips_the_hole() {
+        let b = Backing::new("ram", (3 << 30) + 0x1000).unwrap();
+        let map = MemoryMap::ram(&b).unwrap();
+        assert_eq!(map.regions().len(), 2);
+        assert_eq!(map.regions()[1].gpa, GuestAddress(4 << 30));
+        assert_eq!(map.regions()[1].len, 0x1000);
+    }
+}

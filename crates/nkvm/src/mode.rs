@@ -1,0 +1,151 @@
+//! Starting a vCPU in real mode or 64-bit long mode.
+//!
+//! [`LongMode`] writes a GDT and identity-mapping page tables (the first
+//! 4 GiB, 2 MiB pages) into guest memory once; [`Vcpu::set_long_mode`] then
+//! points a vCPU at them with a given entry point and stack.
+
+use crate::memory::{MemoryError, MemoryMap};
+use crate::{GuestAddress, Vcpu, VcpuError};
+
+/// Code segment selector used in long mode.
+pub const CODE64_SELECTOR: u16 = 0x08;
+/// Data segment selector used in long mode.
+pub const DATA_SELECTOR: u16 = 0x10;
+
+const CR0_PE: u64 = 1 << 0;
+const CR0_MP: u64 = 1 << 1;
+const CR0_ET: u64 = 1 << 4;
+const CR0_NE: u64 = 1 << 5;
+const CR0_WP: u64 = 1 << 16;
+const CR0_PG: u64 = 1 << 31;
+const CR4_PAE: u64 = 1 << 5;
+const CR4_OSFXSR: u64 = 1 << 9;
+const CR4_OSXMMEXCPT: u64 = 1 << 10;
+const EFER_LME: u64 = 1 << 8;
+const EFER_LMA: u64 = 1 << 10;
+
+const PTE_PRESENT: u64 = 1;
+const PTE_WRITE: u64 = 1 << 1;
+const PTE_HUGE: u64 = 1 << 7;
+
+/// Where the long-mode tables live in guest memory: `base` .. `base + LongMode::SIZE`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct LongMode {
+    base: GuestAddress,
+}
+
+impl LongMode {
+    /// Bytes of guest memory the tables take: GDT page, PML4, PDPT, 4 page directories.
+    pub const SIZE: u64 = 7 * 4096;
+
+    /// Writes the GDT and page tables at `base` (4 KiB aligned) into `memory`.
+    pub fn install(memory: &MemoryMap, base: GuestAddress) -> Result<Self, MemoryError> {
+        if base.0 % 4096 != 0 {
+            return Err(MemoryError::Unmapped {
+                addr: base,
+                len: Self::SIZE as usize,
+            });
+        }
+        let lm = Self { base };
+        // GDT: null, 64-bit code, data.
+        let gdt: [u64; 3] = [0, 0x00af_9b00_0000_ffff, 0x00cf_9300_0000_ffff];
+        let bytes: Vec<u8> = gdt.iter().flat_map(|e| e.to_le_bytes()).collect();
+        memory.write(lm.gdt(), &bytes)?;
+        let pml4 = lm.pml4();
+        let pdpt = pml4.0 + 0x1000;
+        memory.write(pml4, &(pdpt | PTE_PRESENT | PTE_WRITE).to_le_bytes())?;
+        for i in 0..4u64 {
+            let pd = pdpt + 0x1000 * (i + 1);
+            memory.write(
+                GuestAddress(pdpt + 8 * i),
+                &(pd | PTE_PRESENT | PTE_WRITE).to_le_bytes(),
+            )?;
+            let entries: Vec<u8> = (0..512u64)
+                .flat_map(|j| {
+                    ((i << 30) + (j << 21) | PTE_PRESENT | PTE_WRITE | PTE_HUGE).to_le_bytes()
+                })
+                .collect();
+            memory.write(GuestAddress(pd), &entries)?;
+        }
+        Ok(lm)
+    }
+
+    /// The GDT's address.
+    pub fn gdt(&self) -> GuestAddress {
+        self.base
+    }
+
+    /// The PML4's address (the guest's CR3).
+    pub fn pml4(&self) -> GuestAddress {
+        GuestAddress(self.base.0 + 0x1000)
+    }
+}
+
+impl Vcpu {
+    /// Puts the vCPU in 64-bit long mode at `entry` with stack pointer `stack`,
+    /// using the tables of `long_mode`. Interrupts are disabled.
+    pub fn set_long_mode(
+        &self,
+        long_mode: &LongMode,
+        entry: GuestAddress,
+        stack: GuestAddress,
+    ) -> Result<(), VcpuError> {
+        let mut sregs = self.sregs()?;
+        let code = kvm_bindings::kvm_segment {
+            base: 0,
+            limit: 0xffff_ffff,
+            selector: CODE64_SELECTOR,
+            type_: 0xb,
+            present: 1,
+            dpl: 0,
+            db: 0,
+            s: 1,
+            l: 1,
+            g: 1,
+            avl: 0,
+            unusable: 0,
+            padding: 0,
+        };
+        let data = kvm_bindings::kvm_segment {
+            selector: DATA_SELECTOR,
+            type_: 0x3,
+            l: 0,
+            db: 1,
+            ..code
+        };
+        sregs.cs = code;
+        sregs.ds = data;
+        sregs.es = data;
+        sregs.fs = data;
+        sregs.gs = data;
+        sregs.ss = data;
+        sregs.gdt.base = long_mode.gdt().0;
+        sregs.gdt.limit = 3 * 8 - 1;
+        sregs.cr3 = long_mode.pml4().0;
+        sregs.cr4 |= CR4_PAE | CR4_OSFXSR | CR4_OSXMMEXCPT;
+        sregs.cr0 = CR0_PE | CR0_MP | CR0_ET | CR0_NE | CR0_WP | CR0_PG;
+        sregs.efer |= EFER_LME | EFER_LMA;
+        self.set_sregs(&sregs)?;
+        let regs = crate::Regs {
+            rip: entry.0,
+            rsp: stack.0,
+            rflags: 0x2,
+            ..Default::default()
+        };
+        self.set_regs(&regs)
+    }
+
+    /// Puts the vCPU in real mode at `segment:offset` (CS base = segment × 16).
+    pub fn set_real_mode(&self, segment: u16, offset: u16) -> Result<(), VcpuError> {
+        let mut sregs = self.sregs()?;
+        sregs.cs.selector = segment;
+        sregs.cs.base = u64::from(segment) << 4;
+        self.set_sregs(&sregs)?;
+        let regs = crate::Regs {
+            rip: u64::from(offset),
+            rflags: 0x2,
+            ..Default::default()
+        };
+        self.set_regs(&regs)
+    }
+}

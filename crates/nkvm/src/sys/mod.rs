@@ -1,0 +1,11 @@
+//! The one `unsafe` perimeter of nkvm.
+//!
+//! Everything that hands a raw pointer to the kernel, maps memory or reads a
+//! union the kernel filled in lives below this module, each wrapped once in a
+//! safe function with a `SAFETY:` note. The rest of the crate is safe Rust on
+//! top of `kvm-ioctls` and these wrappers.
+
+pub(crate) mod kick;
+pub(crate) mod memfd;
+pub(crate) mod run;
+pub(crate) mod slot;

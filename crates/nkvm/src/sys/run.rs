@@ -1,0 +1,301 @@
+//! The `kvm_run` area: entering the guest and decoding why it left.
+//!
+//! nkvm maps the vCPU's `kvm_run` page itself (a second mapping of the same
+//! page `kvm-ioctls` maps), so that the kicker of another thread can hold a
+//! reference to the `immediate_exit` byte that outlives nothing it points to.
+//! The RFC's `enter_guest(&mut RunState)` is built on top: the inputs are
+//! copied in before `KVM_RUN` and the exit copied out after.
+
+use std::io;
+use std::os::fd::{AsRawFd, RawFd};
+use std::ptr::NonNull;
+use std::sync::atomic::{AtomicU8, Ordering};
+
+use kvm_bindings::{
+    kvm_run, KVM_EXIT_FAIL_ENTRY, KVM_EXIT_HLT, KVM_EXIT_INTERNAL_ERROR, KVM_EXIT_IO,
+    KVM_EXIT_IOAPIC_EOI, KVM_EXIT_IO_IN, KVM_EXIT_IRQ_WINDOW_OPEN, KVM_EXIT_MMIO,
+    KVM_EXIT_SHUTDOWN, KVM_EXIT_SYSTEM_EVENT, KVM_INTERNAL_ERROR_EMULATION,
+    KVM_INTERNAL_ERROR_EMULATION_FLAG_INSTRUCTION_BYTES,
+};
+use vmm_sys_util::ioctl::ioctl;
+use vmm_sys_util::ioctl_io_nr;
+
+use crate::exit::{Exit, InternalError, SystemEvent};
+use crate::GuestAddress;
+
+ioctl_io_nr!(KVM_RUN, kvm_bindings::KVMIO, 0x80);
+
+/// Our own shared mapping of a vCPU's `kvm_run` page(s).
+#[derive(Debug)]
+pub(crate) struct RunArea {
+    ptr: NonNull<kvm_run>,
+    len: usize,
+}
+
+// SAFETY: the area is shared memory between this process and the kernel. The
+// only field touched from other threads is `immediate_exit`, always through an
+// `AtomicU8`; every other field is read and written by the thread that owns
+// the `Vcpu` (`&mut self` methods), never concurrently.
+unsafe impl Send for RunArea {}
+// SAFETY: see `Send`: shared access is limited to the atomic `immediate_exit`.
+unsafe impl Sync for RunArea {}
+
+/// What the caller wants written into `kvm_run` before entering.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Completion {
+    /// Nothing to complete.
+    None,
+    /// Data for a single `in` (`size` bytes of `value`).
+    IoIn { size: u8, value: u64 },
+    /// Data for an MMIO read (`size` bytes of `value`).
+    MmioRead { size: u8, value: u64 },
+}
+
+/// The state copied out of `kvm_run` with every exit.
+#[derive(Debug, Clone, Copy, Default)]
+pub(crate) struct RunFlags {
+    pub(crate) ready_for_interrupt_injection: bool,
+    pub(crate) if_flag: bool,
+    pub(crate) cr8: u64,
+    pub(crate) apic_base: u64,
+}
+
+impl RunArea {
+    /// Maps `len` bytes (from `KVM_GET_VCPU_MMAP_SIZE`) of the vCPU fd.
+    pub(crate) fn map(vcpu_fd: RawFd, len: usize) -> io::Result<Self> {
+        if len < std::mem::size_of::<kvm_run>() {
+            return Err(io::Error::from(io::ErrorKind::InvalidInput));
+        }
+        // SAFETY: a fresh shared mapping of the vCPU fd at offset 0, the layout
+        // KVM documents for KVM_RUN; the result is checked below.
+        let ptr = unsafe {
+            libc::mmap(
+                std::ptr::null_mut(),
+                len,
+                libc::PROT_READ | libc::PROT_WRITE,
+                libc::MAP_SHARED,
+                vcpu_fd,
+                0,
+            )
+        };
+        if ptr == libc::MAP_FAILED {
+            return Err(io::Error::last_os_error());
+        }
+        let ptr = NonNull::new(ptr.cast::<kvm_run>()).ok_or_else(io::Error::last_os_error)?;
+        Ok(Self { ptr, len })
+    }
+
+    fn immediate_exit(&self) -> &AtomicU8 {
+        // SAFETY: `immediate_exit` is a u8 inside the live mapping; AtomicU8 has
+        // the same layout as u8, and every access to this byte is atomic.
+        unsafe { AtomicU8::from_ptr(std::ptr::addr_of_mut!((*self.ptr.as_ptr()).immediate_exit)) }
+    }
+
+    /// Asks the kernel to leave (or not enter) the guest as soon as possible.
+    pub(crate) fn request_immediate_exit(&self) {
+        self.immediate_exit().store(1, Ordering::SeqCst);
+    }
+
+    /// Withdraws a pending immediate-exit request; returns whether one was set.
+    pub(crate) fn take_immediate_exit(&self) -> bool {
+        self.immediate_exit().swap(0, Ordering::SeqCst) != 0
+    }
+
+    /// Writes the completion of the previous read exit and the interrupt
+    /// window request, then runs `KVM_RUN` on `fd`.
+    ///
+    /// Returns `Ok(true)` when the guest exited, `Ok(false)` when the run was
+    /// interrupted (EINTR: a kick) before or during guest execution.
+    pub(crate) fn run(
+        &self,
+        fd: &impl AsRawFd,
+        completion: Completion,
+        string_in: Option<&[u8]>,
+        request_interrupt_window: bool,
+    ) -> io::Result<bool> {
+        let run = self.ptr.as_ptr();
+        // SAFETY: `run` points at the live kvm_run; only the thread owning the
+        // Vcpu (which holds `&mut Vcpu` while calling this) touches the non-atomic fields. The union member written
+        // matches the exit the kernel reported last (the caller derives the
+        // completion from that exit), and data_offset/count/size come from the
+        // kernel and were bounds-checked against `len` when the exit was decoded.
+        unsafe {
+            (*run).request_interrupt_window = u8::from(request_interrupt_window);
+            match completion {
+                Completion::None => {}
+                Completion::IoIn { size, value } => {
+                    let off = (*run).__bindgen_anon_1.io.data_offset as usize;
+                    let bytes = value.to_le_bytes();
+                    let dst = run.cast::<u8>().add(off);
+                    std::ptr::copy_nonoverlapping(bytes.as_ptr(), dst, usize::from(size).min(8));
+                }
+                Completion::MmioRead { size, value } => {
+                    let bytes = value.to_le_bytes();
+                    let n = usize::from(size).min(8);
+                    let mmio = &mut (*run).__bindgen_anon_1.mmio;
+                    mmio.data[..n].copy_from_slice(&bytes[..n]);
+                }
+            }
+            if let Some(data) = string_in {
+                let off = (*run).__bindgen_anon_1.io.data_offset as usize;
+                let n = data.len().min(self.len.saturating_sub(off));
+                std::ptr::copy_nonoverlapping(data.as_ptr(), run.cast::<u8>().add(off), n);
+            }
+        }
+        // SAFETY: KVM_RUN takes no argument; `fd` is a vCPU fd whose kvm_run
+        // page is mapped (by us and by kvm-ioctls) for the call's duration.
+        let ret = unsafe { ioctl(fd, KVM_RUN()) };
+        if ret == 0 {
+            return Ok(true);
+        }
+        let err = io::Error::last_os_error();
+        match err.raw_os_error() {
+            Some(libc::EINTR) | Some(libc::EAGAIN) => Ok(false),
+            _ => Err(err),
+        }
+    }
+
+    /// The interrupt-related flags of the last exit.
+    pub(crate) fn flags(&self) -> RunFlags {
+        let run = self.ptr.as_ptr();
+        // SAFETY: plain integer fields of the live kvm_run, read by the owning thread.
+        unsafe {
+            RunFlags {
+                ready_for_interrupt_injection: (*run).ready_for_interrupt_injection != 0,
+                if_flag: (*run).if_flag != 0,
+                cr8: (*run).cr8,
+                apic_base: (*run).apic_base,
+            }
+        }
+    }
+
+    /// Decodes the exit the kernel left in `kvm_run`. String I/O data
+    /// (`rep outs`) is copied into `string_out`.
+    pub(crate) fn decode(&self, string_out: &mut Vec<u8>) -> Exit {
+        let run = self.ptr.as_ptr();
+        // SAFETY: the kernel wrote `exit_reason` and the union member that
+        // reason selects; each arm reads only that member. For I/O, the data
+        // range is checked against the mapping before it is read.
+        unsafe {
+            match (*run).exit_reason {
+                KVM_EXIT_IO => {
+                    let io = (*run).__bindgen_anon_1.io;
+                    let total = io.count as usize * usize::from(io.size);
+                    let off = io.data_offset as usize;
+                    if total == 0
+                        || off.checked_add(total).is_none_or(|end| end > self.len)
+                        || io.size > 8
+                    {
+                        return Exit::Unknown {
+                            reason: KVM_EXIT_IO,
+                        };
+                    }
+                    let src = run.cast::<u8>().add(off);
+                    let is_in = u32::from(io.direction) == KVM_EXIT_IO_IN;
+                    if io.count == 1 {
+                        if is_in {
+                            Exit::IoIn {
+                                port: io.port,
+                                size: io.size,
+                            }
+                        } else {
+                            let mut bytes = [0u8; 8];
+                            std::ptr::copy_nonoverlapping(src, bytes.as_mut_ptr(), total);
+                            Exit::IoOut {
+                                port: io.port,
+                                size: io.size,
+                                data: u64::from_le_bytes(bytes),
+                            }
+                        }
+                    } else if is_in {
+                        string_out.clear();
+                        string_out.resize(total, 0);
+                        Exit::IoInString {
+                            port: io.port,
+                            size: io.size,
+                            count: io.count,
+                        }
+                    } else {
+                        string_out.clear();
+                        string_out.extend_from_slice(std::slice::from_raw_parts(src, total));
+                        Exit::IoOutString {
+                            port: io.port,
+                            size: io.size,
+                            count: io.count,
+                        }
+                    }
+                }
+                KVM_EXIT_MMIO => {
+                    let mmio = (*run).__bindgen_anon_1.mmio;
+                    let size = mmio.len.min(8) as u8;
+                    let addr = GuestAddress(mmio.phys_addr);
+                    if mmio.is_write != 0 {
+                        let mut bytes = [0u8; 8];
+                        bytes[..usize::from(size)].copy_from_slice(&mmio.data[..usize::from(size)]);
+                        Exit::MmioWrite {
+                            addr,
+                            size,
+                            data: u64::from_le_bytes(bytes),
+                        }
+                    } else {
+                        Exit::MmioRead { addr, size }
+                    }
+                }
+                KVM_EXIT_HLT => Exit::Hlt,
+                KVM_EXIT_SHUTDOWN => Exit::Shutdown,
+                KVM_EXIT_IRQ_WINDOW_OPEN => Exit::InterruptWindow,
+                KVM_EXIT_IOAPIC_EOI => Exit::IoapicEoi {
+                    vector: (*run).__bindgen_anon_1.eoi.vector,
+                },
+                KVM_EXIT_SYSTEM_EVENT => {
+                    let ev = (*run).__bindgen_anon_1.system_event;
+                    Exit::SystemEvent(SystemEvent::from_raw(ev.type_))
+                }
+                KVM_EXIT_FAIL_ENTRY => {
+                    let f = (*run).__bindgen_anon_1.fail_entry;
+                    Exit::FailEntry {
+                        hardware_reason: f.hardware_entry_failure_reason,
+                        cpu: f.cpu,
+                    }
+                }
+                KVM_EXIT_INTERNAL_ERROR => {
+                    let internal = (*run).__bindgen_anon_1.internal;
+                    let mut err = InternalError {
+                        suberror: internal.suberror,
+                        data: [0; 16],
+                        ndata: internal.ndata.min(16) as u8,
+                        insn_bytes: [0; 15],
+                        insn_len: 0,
+                    };
+                    if internal.suberror == KVM_INTERNAL_ERROR_EMULATION {
+                        let emu = (*run).__bindgen_anon_1.emulation_failure;
+                        if emu.flags
+                            & u64::from(KVM_INTERNAL_ERROR_EMULATION_FLAG_INSTRUCTION_BYTES)
+                            != 0
+                        {
+                            let insn = emu.__bindgen_anon_1.__bindgen_anon_1;
+                            let n = insn.insn_size.min(15);
+                            err.insn_bytes = insn.insn_bytes;
+                            err.insn_len = n;
+                        }
+                        // The flags word and the bytes overlay data[0..]; keep
+                        // only what is not instruction bytes.
+                        err.ndata = 0;
+                    } else {
+                        let n = usize::from(err.ndata);
+                        err.data[..n].copy_from_slice(&internal.data[..n]);
+                    }
+                    Exit::InternalError(err)
+                }
+                reason => Exit::Unknown { reason },
+            }
+        }
+    }
+}
+
+impl Drop for RunArea {
+    fn drop(&mut self) {
+        // SAFETY: ptr/len describe the mapping made in `map`, unmapped once.
+        unsafe { libc::munmap(self.ptr.as_ptr().cast(), self.len) };
+    }
+}

@@ -1,0 +1,356 @@
+//! [`Vcpu`]: one virtual CPU, and [`Vcpu::enter_guest`].
+
+use std::any::Any;
+use std::fmt;
+use std::os::fd::AsRawFd;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use kvm_bindings::{kvm_fpu, kvm_msr_entry, kvm_regs, kvm_sregs, kvm_vcpu_events, Msrs};
+use kvm_ioctls::VcpuFd;
+
+use crate::kick::{KickShared, Kicker};
+use crate::run_state::{Pending, RunState};
+use crate::sys::run::RunArea;
+use crate::trace::{ExitRecord, Tracer};
+use crate::{Cpuid, Exit};
+
+/// Errors from a vCPU.
+#[derive(Debug, thiserror::Error)]
+pub enum VcpuError {
+    /// Mapping the vCPU's run area failed.
+    #[error("cannot map the kvm_run area of vCPU {id}")]
+    MapRun {
+        /// vCPU id.
+        id: u32,
+        /// The OS error.
+        #[source]
+        source: std::io::Error,
+    },
+    /// The kick signal handler could not be installed.
+    #[error("cannot install the vCPU kick signal handler")]
+    Signal(#[source] std::io::Error),
+    /// The guest is waiting for a read the caller did not complete.
+    #[error("vCPU {id}: the guest is waiting for {what}; complete it in the RunState before entering again")]
+    ReadNotCompleted {
+        /// vCPU id.
+        id: u32,
+        /// The pending read.
+        what: String,
+    },
+    /// `KVM_RUN` failed.
+    #[error("vCPU {id}: KVM_RUN failed")]
+    Run {
+        /// vCPU id.
+        id: u32,
+        /// The OS error.
+        #[source]
+        source: std::io::Error,
+    },
+    /// Another vCPU ioctl failed.
+    #[error("vCPU {id}: {op} failed")]
+    Kvm {
+        /// vCPU id.
+        id: u32,
+        /// Which operation.
+        op: &'static str,
+        /// The kernel's error.
+        #[source]
+        source: kvm_ioctls::Error,
+    },
+}
+
+/// General-purpose registers (`struct kvm_regs`).
+pub type Regs = kvm_regs;
+/// Segment and control registers (`struct kvm_sregs`).
+pub type Sregs = kvm_sregs;
+/// FPU state (`struct kvm_fpu`).
+pub type Fpu = kvm_fpu;
+/// Pending exceptions, interrupts and NMIs (`struct kvm_vcpu_events`).
+pub type VcpuEvents = kvm_vcpu_events;
+
+/// One virtual CPU. Owned by the thread that runs it; other threads reach it
+/// through a [`Kicker`].
+pub struct Vcpu {
+    id: u32,
+    fd: VcpuFd,
+    run: Arc<RunArea>,
+    kick: Arc<KickShared>,
+    tracers: Vec<Box<dyn Tracer>>,
+    trace: TraceState,
+    _keepalive: Box<dyn Any + Send + Sync>,
+}
+
+#[derive(Debug, Default)]
+struct TraceState {
+    seq: u64,
+    last: Option<(Exit, Duration, Instant)>,
+}
+
+impl fmt::Debug for Vcpu {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Vcpu")
+            .field("id", &self.id)
+            .field("tracers", &self.tracers.len())
+            .finish()
+    }
+}
+
+impl Vcpu {
+    pub(crate) fn new(
+        id: u32,
+        fd: VcpuFd,
+        mmap_size: usize,
+        keepalive: Box<dyn Any + Send + Sync>,
+    ) -> Result<Self, VcpuError> {
+        crate::sys::kick::install_handler().map_err(VcpuError::Signal)?;
+        let run = Arc::new(
+            RunArea::map(fd.as_raw_fd(), mmap_size)
+                .map_err(|source| VcpuError::MapRun { id, source })?,
+        );
+        let kick = KickShared::new(run.clone());
+        Ok(Self {
+            id,
+            fd,
+            run,
+            kick,
+            tracers: Vec::new(),
+            trace: TraceState::default(),
+            _keepalive: keepalive,
+        })
+    }
+
+    /// The vCPU's id (its APIC id).
+    pub fn id(&self) -> u32 {
+        self.id
+    }
+
+    /// A handle other threads use to force this vCPU out of the guest.
+    pub fn kicker(&self) -> Kicker {
+        Kicker::new(self.kick.clone())
+    }
+
+    /// Attaches a tracer that sees every exit from now on.
+    pub fn add_tracer(&mut self, tracer: Box<dyn Tracer>) {
+        self.tracers.push(tracer);
+    }
+
+    /// Runs the guest until it exits, and says why.
+    ///
+    /// Before entering, the read left pending by the previous exit (if any)
+    /// is completed from `run` — it is an error not to have completed it.
+    /// After the exit, `run` holds the interrupt flags KVM reported.
+    ///
+    /// Returns [`Exit::Kicked`] when another thread used this vCPU's
+    /// [`Kicker`].
+    pub fn enter_guest(&mut self, run: &mut RunState) -> Result<Exit, VcpuError> {
+        let (completion, string_in) =
+            run.take_completion()
+                .map_err(|p| VcpuError::ReadNotCompleted {
+                    id: self.id,
+                    what: describe(p),
+                })?;
+        let tracing = !self.tracers.is_empty();
+        let entered = if tracing {
+            Some(self.emit_pending(true))
+        } else {
+            None
+        };
+
+        self.kick.enter();
+        let data = if string_in {
+            Some(run.string_data.as_slice())
+        } else {
+            None
+        };
+        let result = self
+            .run
+            .run(&self.fd, completion, data, run.interrupt_window_requested());
+        self.kick.leave();
+
+        let exit = match result {
+            Ok(true) => self.run.decode(&mut run.string_data),
+            Ok(false) => {
+                self.kick.take();
+                Exit::Kicked
+            }
+            Err(source) => {
+                return Err(VcpuError::Run {
+                    id: self.id,
+                    source,
+                })
+            }
+        };
+        run.flags = self.run.flags();
+        run.expect(&exit);
+        if let Some(entered) = entered {
+            let now = Instant::now();
+            self.trace.last = Some((exit, now - entered, now));
+        }
+        Ok(exit)
+    }
+
+    /// Emits the record of the previous exit (its handler time ends now).
+    fn emit_pending(&mut self, entering: bool) -> Instant {
+        let now = Instant::now();
+        if let Some((exit, guest_time, exited)) = self.trace.last.take() {
+            let record = ExitRecord {
+                vcpu: self.id,
+                seq: self.trace.seq,
+                exit,
+                guest_time,
+                handler_time: entering.then(|| now - exited),
+            };
+            self.trace.seq += 1;
+            for t in &mut self.tracers {
+                t.on_exit(&record);
+            }
+        }
+        now
+    }
+
+    /// Reads the general-purpose registers.
+    pub fn regs(&self) -> Result<Regs, VcpuError> {
+        self.fd
+            .get_regs()
+            .map_err(|source| self.err("KVM_GET_REGS", source))
+    }
+
+    /// Writes the general-purpose registers.
+    pub fn set_regs(&self, regs: &Regs) -> Result<(), VcpuError> {
+        self.fd
+            .set_regs(regs)
+            .map_err(|source| self.err("KVM_SET_REGS", source))
+    }
+
+    /// Reads the segment and control registers.
+    pub fn sregs(&self) -> Result<Sregs, VcpuError> {
+        self.fd
+            .get_sregs()
+            .map_err(|source| self.err("KVM_GET_SREGS", source))
+    }
+
+    /// Writes the segment and control registers.
+    pub fn set_sregs(&self, sregs: &Sregs) -> Result<(), VcpuError> {
+        self.fd
+            .set_sregs(sregs)
+            .map_err(|source| self.err("KVM_SET_SREGS", source))
+    }
+
+    /// Reads the FPU state.
+    pub fn fpu(&self) -> Result<Fpu, VcpuError> {
+        self.fd
+            .get_fpu()
+            .map_err(|source| self.err("KVM_GET_FPU", source))
+    }
+
+    /// Writes the FPU state.
+    pub fn set_fpu(&self, fpu: &Fpu) -> Result<(), VcpuError> {
+        self.fd
+            .set_fpu(fpu)
+            .map_err(|source| self.err("KVM_SET_FPU", source))
+    }
+
+    /// Sets the CPUID the guest sees (start from
+    /// [`Hypervisor::supported_cpuid`](crate::Hypervisor::supported_cpuid)).
+    pub fn set_cpuid(&self, cpuid: &Cpuid) -> Result<(), VcpuError> {
+        self.fd
+            .set_cpuid2(cpuid)
+            .map_err(|source| self.err("KVM_SET_CPUID2", source))
+    }
+
+    /// The CPUID set on this vCPU.
+    pub fn cpuid(&self) -> Result<Cpuid, VcpuError> {
+        self.fd
+            .get_cpuid2(kvm_bindings::KVM_MAX_CPUID_ENTRIES)
+            .map_err(|source| self.err("KVM_GET_CPUID2", source))
+    }
+
+    /// Reads the MSRs `indices`, returning `(index, value)` pairs for those
+    /// KVM could read (it stops at the first it cannot).
+    pub fn msrs(&self, indices: &[u32]) -> Result<Vec<(u32, u64)>, VcpuError> {
+        let entries: Vec<kvm_msr_entry> = indices
+            .iter()
+            .map(|&index| kvm_msr_entry {
+                index,
+                ..Default::default()
+            })
+            .collect();
+        let mut msrs = Msrs::from_entries(&entries)
+            .map_err(|_| self.err("KVM_GET_MSRS", kvm_ioctls::Error::new(libc::E2BIG)))?;
+        let n = self
+            .fd
+            .get_msrs(&mut msrs)
+            .map_err(|source| self.err("KVM_GET_MSRS", source))?;
+        Ok(msrs.as_slice()[..n]
+            .iter()
+            .map(|e| (e.index, e.data))
+            .collect())
+    }
+
+    /// Writes MSRs; returns how many KVM accepted (it stops at the first it rejects).
+    pub fn set_msrs(&self, values: &[(u32, u64)]) -> Result<usize, VcpuError> {
+        let entries: Vec<kvm_msr_entry> = values
+            .iter()
+            .map(|&(index, data)| kvm_msr_entry {
+                index,
+                data,
+                ..Default::default()
+            })
+            .collect();
+        let msrs = Msrs::from_entries(&entries)
+            .map_err(|_| self.err("KVM_SET_MSRS", kvm_ioctls::Error::new(libc::E2BIG)))?;
+        self.fd
+            .set_msrs(&msrs)
+            .map_err(|source| self.err("KVM_SET_MSRS", source))
+    }
+
+    /// Reads pending exception/interrupt/NMI state.
+    pub fn events(&self) -> Result<VcpuEvents, VcpuError> {
+        self.fd
+            .get_vcpu_events()
+            .map_err(|source| self.err("KVM_GET_VCPU_EVENTS", source))
+    }
+
+    /// Writes pending exception/interrupt/NMI state (e.g. to inject an exception).
+    pub fn set_events(&self, events: &VcpuEvents) -> Result<(), VcpuError> {
+        self.fd
+            .set_vcpu_events(events)
+            .map_err(|source| self.err("KVM_SET_VCPU_EVENTS", source))
+    }
+
+    /// Translates a guest virtual address with the vCPU's current page tables
+    /// (`KVM_TRANSLATE`); `None` if it is not mapped.
+    pub fn translate(&self, gva: u64) -> Result<Option<u64>, VcpuError> {
+        let t = self
+            .fd
+            .translate_gva(gva)
+            .map_err(|source| self.err("KVM_TRANSLATE", source))?;
+        Ok((t.valid != 0).then_some(t.physical_address))
+    }
+
+    fn err(&self, op: &'static str, source: kvm_ioctls::Error) -> VcpuError {
+        VcpuError::Kvm {
+            id: self.id,
+            op,
+            source,
+        }
+    }
+}
+
+impl Drop for Vcpu {
+    fn drop(&mut self) {
+        if !self.tracers.is_empty() {
+            self.emit_pending(false);
+        }
+    }
+}
+
+fn describe(p: Pending) -> String {
+    match p {
+        Pending::IoIn { port, size, .. } => format!("a {size}-byte `in` from port {port:#x}"),
+        Pending::MmioRead { addr, size, .. } => format!("a {size}-byte MMIO read at {addr:#x}"),
+        Pending::IoInString { port } => format!("a `rep ins` from port {port:#x}"),
+        Pending::None => "nothing".to_string(),
+    }
+}

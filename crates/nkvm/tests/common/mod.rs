@@ -1,0 +1,89 @@
+//! Helpers shared by the integration tests: tiny guests assembled from
+//! readable assembly (iced-x86's code assembler) and run on /dev/kvm.
+#![allow(dead_code, missing_docs)]
+
+use iced_x86::code_asm::CodeAssembler;
+use nkvm::{Exit, GuestAddress, Hypervisor, LongMode, RunState, Vcpu, Vm, VmConfig};
+
+/// Where real-mode test code is loaded (CS=0, IP=REAL_MODE_ENTRY).
+pub const REAL_MODE_ENTRY: u64 = 0x1000;
+/// Where long-mode test code is loaded.
+pub const LONG_MODE_ENTRY: u64 = 0x10_0000;
+/// Where the long-mode GDT and page tables are installed.
+pub const LONG_MODE_TABLES: u64 = 0x2_0000;
+/// Top of the long-mode stack of vCPU 0 (each vCPU gets 64 KiB below it).
+pub const LONG_MODE_STACK: u64 = 0x9_0000;
+/// An address no memory region covers: accesses exit as MMIO.
+pub const MMIO_BASE: u64 = 0xd000_0000;
+
+pub fn hypervisor() -> Hypervisor {
+    Hypervisor::open().expect("these tests need a working /dev/kvm")
+}
+
+pub fn vm_with(config: VmConfig) -> Vm {
+    Vm::new(&hypervisor(), &config).expect("create VM")
+}
+
+pub fn vm() -> Vm {
+    vm_with(VmConfig {
+        vcpus: 2,
+        memory: 16 << 20,
+        ..Default::default()
+    })
+}
+
+/// Assembles `body` for `bitness` at `ip`.
+pub fn assemble(bitness: u32, ip: u64, body: impl FnOnce(&mut CodeAssembler)) -> Vec<u8> {
+    let mut a = CodeAssembler::new(bitness).expect("assembler");
+    body(&mut a);
+    a.assemble(ip).expect("assemble test guest")
+}
+
+/// Loads 16-bit code at REAL_MODE_ENTRY and returns vCPU `id` about to run it.
+pub fn real_mode_guest(vm: &Vm, id: u32, body: impl FnOnce(&mut CodeAssembler)) -> Vcpu {
+    let code = assemble(16, REAL_MODE_ENTRY, body);
+    vm.write_memory(GuestAddress(REAL_MODE_ENTRY), &code)
+        .expect("load code");
+    let vcpu = vm.create_vcpu(id).expect("create vCPU");
+    vcpu.set_real_mode(0, REAL_MODE_ENTRY as u16)
+        .expect("real mode");
+    vcpu
+}
+
+/// Loads 64-bit code at LONG_MODE_ENTRY (+ 0x1000 × id) and returns vCPU
+/// `id` in long mode about to run it.
+pub fn long_mode_guest(vm: &Vm, id: u32, body: impl FnOnce(&mut CodeAssembler)) -> Vcpu {
+    let entry = LONG_MODE_ENTRY + 0x1000 * u64::from(id);
+    let code = assemble(64, entry, body);
+    vm.write_memory(GuestAddress(entry), &code)
+        .expect("load code");
+    let lm =
+        LongMode::install(&vm.memory(), GuestAddress(LONG_MODE_TABLES)).expect("long mode tables");
+    let vcpu = vm.create_vcpu(id).expect("create vCPU");
+    let stack = LONG_MODE_STACK - 0x1_0000 * u64::from(id);
+    vcpu.set_long_mode(&lm, GuestAddress(entry), GuestAddress(stack))
+        .expect("long mode");
+    vcpu
+}
+
+/// Runs until `hlt`, collecting every other exit; completes reads with `read`.
+pub fn run_to_hlt(vcpu: &mut Vcpu, mut read: impl FnMut(&Exit) -> u64) -> Vec<Exit> {
+    let mut run = RunState::new();
+    let mut exits = Vec::new();
+    loop {
+        let exit = vcpu.enter_guest(&mut run).expect("enter_guest");
+        match exit {
+            Exit::Hlt => return exits,
+            Exit::IoIn { .. } | Exit::MmioRead { .. } => run.complete_read(read(&exit)),
+            Exit::Shutdown
+            | Exit::InternalError(_)
+            | Exit::FailEntry { .. }
+            | Exit::Unknown { .. } => {
+                panic!("guest failed: {exit} after {exits:?}")
+            }
+            _ => {}
+        }
+        exits.push(exit);
+        assert!(exits.len() < 100_000, "guest never reached hlt");
+    }
+}
