@@ -305,6 +305,20 @@ impl Vcpu {
             .map_err(|source| self.err("KVM_SET_MSRS", source))
     }
 
+    /// Sets extended control register XCR0 (the XSAVE feature mask the guest
+    /// has enabled; x87|SSE = 0x3).
+    pub fn set_xcr0(&self, value: u64) -> Result<(), VcpuError> {
+        let mut xcrs = kvm_bindings::kvm_xcrs {
+            nr_xcrs: 1,
+            ..Default::default()
+        };
+        xcrs.xcrs[0].xcr = 0;
+        xcrs.xcrs[0].value = value;
+        self.fd
+            .set_xcrs(&xcrs)
+            .map_err(|source| self.err("KVM_SET_XCRS", source))
+    }
+
     /// Reads pending exception/interrupt/NMI state.
     pub fn events(&self) -> Result<VcpuEvents, VcpuError> {
         self.fd
