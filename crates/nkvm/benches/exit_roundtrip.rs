@@ -1,1 +1,145 @@
-fn main() {}
+//! Exit round trip: the same real-mode `out` loop through (a) a raw
+//! `KVM_RUN` loop on the kvm_run mmap area and (b) `Vcpu::enter_guest`,
+//! interleaved in one process, one run. Prints both per-exit costs and the
+//! ratio (target: nkvm / raw <= 1.03).
+//!
+//! Run: `cargo bench -p nkvm --bench exit_roundtrip` (env `NKVM_BENCH_EXITS`
+//! sets exits per round, default 20000; `NKVM_BENCH_ROUNDS` rounds, default 7).
+
+use std::os::fd::AsRawFd;
+use std::time::Instant;
+
+use kvm_bindings::{kvm_userspace_memory_region, KVM_EXIT_IO};
+use kvm_ioctls::Kvm;
+use nkvm::{Exit, GuestAddress, Hypervisor, RunState, Vm, VmConfig};
+use vmm_sys_util::ioctl::ioctl;
+use vmm_sys_util::ioctl_io_nr;
+
+ioctl_io_nr!(KVM_RUN, kvm_bindings::KVMIO, 0x80);
+
+/// Real mode at 0x1000: `l: out 0x10, al; jmp l`.
+const GUEST: [u8; 4] = [0xe6, 0x10, 0xeb, 0xfc];
+const MEM: usize = 1 << 20;
+
+fn env(name: &str, default: u64) -> u64 {
+    std::env::var(name).ok().and_then(|v| v.parse().ok()).unwrap_or(default)
+}
+
+/// The physical limit: kvm-ioctls objects, a raw ioctl, the mmap'd kvm_run.
+struct Raw {
+    _vm: kvm_ioctls::VmFd,
+    vcpu: kvm_ioctls::VcpuFd,
+    _mem: Vec<u8>,
+}
+
+impl Raw {
+    fn new() -> Raw {
+        let kvm = Kvm::new().expect("open /dev/kvm");
+        let vm = kvm.create_vm().expect("create VM");
+        // Over-allocate so a page-aligned MEM-byte window fits inside.
+        let mut mem = vec![0u8; MEM + 4096];
+        let skew = (4096 - (mem.as_ptr() as usize % 4096)) % 4096;
+        mem[skew + 0x1000..skew + 0x1000 + GUEST.len()].copy_from_slice(&GUEST);
+        let region = kvm_userspace_memory_region {
+            slot: 0,
+            flags: 0,
+            guest_phys_addr: 0,
+            memory_size: MEM as u64,
+            userspace_addr: mem[skew..].as_mut_ptr() as u64,
+        };
+        // SAFETY: `mem[skew..]` is a live allocation of MEM bytes owned by the
+        // returned Raw, which keeps it for as long as the VM exists.
+        unsafe { vm.set_user_memory_region(region) }.expect("memory region");
+        let vcpu = vm.create_vcpu(0).expect("vCPU");
+        let mut sregs = vcpu.get_sregs().unwrap();
+        sregs.cs.base = 0;
+        sregs.cs.selector = 0;
+        vcpu.set_sregs(&sregs).unwrap();
+        vcpu.set_regs(&kvm_bindings::kvm_regs { rip: 0x1000, rflags: 2, ..Default::default() }).unwrap();
+        Raw { _vm: vm, vcpu, _mem: mem }
+    }
+
+    fn run(&mut self, exits: u64) -> f64 {
+        let fd = self.vcpu.as_raw_fd();
+        let start = Instant::now();
+        for _ in 0..exits {
+            // SAFETY: KVM_RUN on a vCPU fd whose kvm_run area kvm-ioctls keeps mapped.
+            let rc = unsafe { ioctl(&RawFd(fd), KVM_RUN()) };
+            assert_eq!(rc, 0, "KVM_RUN: {}", std::io::Error::last_os_error());
+            let run = self.vcpu.get_kvm_run();
+            assert_eq!(run.exit_reason, KVM_EXIT_IO);
+            // SAFETY: exit_reason says the io member of the union is valid.
+            let io = unsafe { run.__bindgen_anon_1.io };
+            assert_eq!(io.port, 0x10);
+        }
+        start.elapsed().as_secs_f64() * 1e9 / exits as f64
+    }
+}
+
+struct RawFd(std::os::fd::RawFd);
+impl AsRawFd for RawFd {
+    fn as_raw_fd(&self) -> std::os::fd::RawFd {
+        self.0
+    }
+}
+
+struct Nkvm {
+    _vm: Vm,
+    vcpu: nkvm::Vcpu,
+    run: RunState,
+}
+
+impl Nkvm {
+    fn new(hv: &Hypervisor) -> Nkvm {
+        let vm = Vm::new(hv, &VmConfig { vcpus: 1, memory: MEM as u64, ..Default::default() }).unwrap();
+        vm.write_memory(GuestAddress(0x1000), &GUEST).unwrap();
+        let vcpu = vm.create_vcpu(0).unwrap();
+        vcpu.set_real_mode(0, 0x1000).unwrap();
+        Nkvm { _vm: vm, vcpu, run: RunState::new() }
+    }
+
+    fn run(&mut self, exits: u64) -> f64 {
+        let start = Instant::now();
+        for _ in 0..exits {
+            match self.vcpu.enter_guest(&mut self.run).unwrap() {
+                Exit::IoOut { port: 0x10, .. } => {}
+                other => panic!("unexpected {other}"),
+            }
+        }
+        start.elapsed().as_secs_f64() * 1e9 / exits as f64
+    }
+}
+
+fn median(v: &mut [f64]) -> f64 {
+    v.sort_by(|a, b| a.total_cmp(b));
+    v[v.len() / 2]
+}
+
+fn main() {
+    // `cargo test --benches` passes --bench-less flags; keep that run short.
+    let quick = std::env::args().any(|a| a == "--test" || a == "--list");
+    let exits = if quick { 200 } else { env("NKVM_BENCH_EXITS", 20_000) };
+    let rounds = if quick { 1 } else { env("NKVM_BENCH_ROUNDS", 7) as usize };
+    let hv = Hypervisor::open().expect("open /dev/kvm");
+    let mut raw = Raw::new();
+    let mut lib = Nkvm::new(&hv);
+    // Warm up both paths.
+    raw.run(exits / 10 + 1);
+    lib.run(exits / 10 + 1);
+    let (mut raw_ns, mut lib_ns) = (Vec::new(), Vec::new());
+    for round in 0..rounds {
+        // Alternate the order so drift on this noisy host hits both alike.
+        if round % 2 == 0 {
+            raw_ns.push(raw.run(exits));
+            lib_ns.push(lib.run(exits));
+        } else {
+            lib_ns.push(lib.run(exits));
+            raw_ns.push(raw.run(exits));
+        }
+    }
+    let (r, l) = (median(&mut raw_ns), median(&mut lib_ns));
+    println!("exit round trip, real-mode PIO `out` loop, {exits} exits x {rounds} rounds (median per exit):");
+    println!("  raw KVM_RUN loop         {:>8.0} ns/exit", r);
+    println!("  nkvm enter_guest         {:>8.0} ns/exit", l);
+    println!("  ratio nkvm/raw           {:>8.3}  (target <= 1.03)", l / r);
+}
