@@ -1,2 +1,36 @@
-//! Device models for nkvm.
+//! Device models for nkvm, usable in the VMM process or in their own.
+//!
+//! Every model is a plain state machine: it answers [`IoDevice`] reads and
+//! writes at offsets in its region and signals interrupts through an
+//! [`IrqLine`] or an [`ApicBusSink`]. No model owns a thread, a socket or a
+//! KVM handle; the transport that carries accesses to it (an in-process
+//! [`IoBus`] or a socket) is separate.
+//!
+//! | model | file | region |
+//! |---|---|---|
+//! | 16550 UART | [`serial`] | 8 ports (e.g. 0x3f8) |
+//! | IOAPIC | [`ioapic`] | 0x100 bytes MMIO (e.g. 0xfec0_0000) |
+//! | dual 8259 PIC | [`pic`] | ports 0x20-0x21, 0xa0-0xa1, 0x4d0-0x4d1 |
+//! | ACPI PM1a control, i8042 reset | [`power`] | 2 ports, port 0x64 |
+//! | test device | [`test_device`] | 0x40 bytes |
+//!
+//! ```
+//! use nkvm_devices::bus::IoBus;
+//! use nkvm_devices::test_device::{TestDevice, TEST_DEVICE_ID, TEST_DEVICE_SIZE};
+//!
+//! let mut bus = IoBus::new();
+//! bus.insert(0xd000_0000, TEST_DEVICE_SIZE, Box::new(TestDevice::new())).unwrap();
+//! let mut id = [0u8; 8];
+//! assert!(bus.read(0xd000_0000, &mut id));
+//! assert_eq!(u64::from_le_bytes(id), TEST_DEVICE_ID);
+//! ```
 #![forbid(unsafe_code)]
+
+pub mod bus;
+pub mod ioapic;
+pub mod pic;
+pub mod power;
+pub mod serial;
+pub mod test_device;
+
+pub use bus::{ApicBusSink, BusError, IoBus, IoDevice, IrqLine};

@@ -62,7 +62,7 @@ impl LongMode {
             )?;
             let entries: Vec<u8> = (0..512u64)
                 .flat_map(|j| {
-                    ((i << 30) + (j << 21) | PTE_PRESENT | PTE_WRITE | PTE_HUGE).to_le_bytes()
+                    (((i << 30) + (j << 21)) | PTE_PRESENT | PTE_WRITE | PTE_HUGE).to_le_bytes()
                 })
                 .collect();
             memory.write(GuestAddress(pd), &entries)?;

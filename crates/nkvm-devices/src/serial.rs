@@ -1,0 +1,267 @@
+//! A 16550A UART (the PC's COM port), eight byte-wide registers, built on
+//! `vm_superio::Serial`.
+//!
+//! What the guest transmits goes to an output [`Write`]; bytes for the guest
+//! (a console's keyboard) are queued with [`Serial::enqueue_input`]. The
+//! interrupt (ISA IRQ 4 for COM1) is signalled as a pulse on an [`IrqLine`],
+//! one rising edge per new interrupt condition, as an edge-triggered ISA
+//! input expects.
+//!
+//! Accesses other than one byte at offsets 0-7 read as all-ones (`0xff`, an
+//! empty ISA bus) and are ignored on write.
+
+use std::convert::Infallible;
+use std::fmt;
+use std::io::Write;
+
+use vm_superio::serial::{Error as SuperioError, NoEvents};
+use vm_superio::Trigger;
+
+use crate::bus::{IoDevice, IrqLine};
+
+/// Number of byte registers, hence the size of the region.
+pub const SERIAL_SIZE: u64 = 8;
+/// Offset of the receive buffer / transmit holding register.
+pub const REG_DATA: u64 = 0;
+/// Offset of the interrupt enable register.
+pub const REG_IER: u64 = 1;
+/// Offset of the interrupt identification register.
+pub const REG_IIR: u64 = 2;
+/// Offset of the line control register (bit 7: divisor latch access).
+pub const REG_LCR: u64 = 3;
+/// Offset of the line status register.
+pub const REG_LSR: u64 = 5;
+/// Offset of the scratch register.
+pub const REG_SCR: u64 = 7;
+/// LSR bit: received data ready.
+pub const LSR_DATA_READY: u8 = 0x01;
+/// LSR bit: transmit holding register empty.
+pub const LSR_THR_EMPTY: u8 = 0x20;
+/// LSR bit: transmitter idle.
+pub const LSR_IDLE: u8 = 0x40;
+
+/// Adapts an [`IrqLine`] to vm-superio's interrupt trigger.
+struct IrqTrigger(Box<dyn IrqLine>);
+
+impl Trigger for IrqTrigger {
+    type E = Infallible;
+
+    fn trigger(&self) -> Result<(), Infallible> {
+        self.0.pulse();
+        Ok(())
+    }
+}
+
+/// The 16550A UART; `W` receives the bytes the guest transmits.
+pub struct Serial<W: Write + Send> {
+    uart: vm_superio::Serial<IrqTrigger, NoEvents, W>,
+}
+
+impl<W: Write + Send> fmt::Debug for Serial<W> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Serial")
+            .field("state", &self.uart.state())
+            .finish_non_exhaustive()
+    }
+}
+
+impl<W: Write + Send> Serial<W> {
+    /// A UART in its reset state, writing guest output to `out` and
+    /// pulsing `irq` on each interrupt.
+    pub fn new(irq: Box<dyn IrqLine>, out: W) -> Self {
+        Self {
+            uart: vm_superio::Serial::new(IrqTrigger(irq), out),
+        }
+    }
+
+    /// Queue bytes for the guest to read; returns how many fit in the
+    /// receive FIFO (0 when it is full, or in loopback mode). Raises the
+    /// receive interrupt if the guest enabled it.
+    pub fn enqueue_input(&mut self, input: &[u8]) -> usize {
+        match self.uart.enqueue_raw_bytes(input) {
+            Ok(n) => n,
+            Err(SuperioError::FullFifo) => 0,
+            Err(e) => {
+                log::debug!("serial: input not queued: {e}");
+                0
+            }
+        }
+    }
+
+    /// Free space in the receive FIFO, in bytes.
+    pub fn fifo_capacity(&self) -> usize {
+        self.uart.fifo_capacity()
+    }
+
+    /// The output sink.
+    pub fn output(&self) -> &W {
+        self.uart.writer()
+    }
+
+    /// The output sink, mutably (e.g. to drain a buffer).
+    pub fn output_mut(&mut self) -> &mut W {
+        self.uart.writer_mut()
+    }
+
+    /// Consume the UART and return its output sink.
+    pub fn into_output(self) -> W {
+        self.uart.into_writer()
+    }
+}
+
+impl<W: Write + Send> IoDevice for Serial<W> {
+    fn read(&mut self, offset: u64, data: &mut [u8]) {
+        match (u8::try_from(offset), data) {
+            (Ok(reg), [byte]) if offset < SERIAL_SIZE => *byte = self.uart.read(reg),
+            (_, data) => {
+                log::debug!(
+                    "serial: invalid read of {} bytes at {offset:#x}",
+                    data.len()
+                );
+                data.fill(0xff);
+            }
+        }
+    }
+
+    fn write(&mut self, offset: u64, data: &[u8]) {
+        match (u8::try_from(offset), data) {
+            (Ok(reg), [byte]) if offset < SERIAL_SIZE => {
+                if let Err(e) = self.uart.write(reg, *byte) {
+                    // The guest cannot be blocked: the byte is lost.
+                    log::debug!("serial: output byte lost: {e}");
+                }
+            }
+            _ => log::debug!(
+                "serial: ignored write of {} bytes at {offset:#x}",
+                data.len()
+            ),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::io;
+    use std::sync::atomic::{AtomicUsize, Ordering};
+    use std::sync::Arc;
+
+    use super::*;
+
+    fn serial() -> (Serial<Vec<u8>>, Arc<AtomicUsize>) {
+        let edges = Arc::new(AtomicUsize::new(0));
+        let e = edges.clone();
+        let irq = move |level: bool| {
+            if level {
+                e.fetch_add(1, Ordering::SeqCst);
+            }
+        };
+        (Serial::new(Box::new(irq), Vec::new()), edges)
+    }
+
+    fn inb(s: &mut impl IoDevice, offset: u64) -> u8 {
+        let mut b = [0u8];
+        s.read(offset, &mut b);
+        b[0]
+    }
+
+    #[test]
+    fn transmitted_bytes_reach_the_output() {
+        let (mut s, _) = serial();
+        for &b in b"hi\n" {
+            s.write(REG_DATA, &[b]);
+        }
+        assert_eq!(s.output(), b"hi\n");
+        s.output_mut().clear();
+        s.write(REG_DATA, b"x");
+        assert_eq!(s.into_output(), b"x");
+    }
+
+    #[test]
+    fn line_status_reports_empty_transmitter_and_ready_data() {
+        let (mut s, _) = serial();
+        let lsr = inb(&mut s, REG_LSR);
+        assert_eq!(lsr, LSR_THR_EMPTY | LSR_IDLE);
+        assert_eq!(s.enqueue_input(b"ok"), 2);
+        assert_eq!(inb(&mut s, REG_LSR) & LSR_DATA_READY, LSR_DATA_READY);
+        assert_eq!(inb(&mut s, REG_DATA), b'o');
+        assert_eq!(inb(&mut s, REG_DATA), b'k');
+        assert_eq!(inb(&mut s, REG_LSR) & LSR_DATA_READY, 0);
+    }
+
+    #[test]
+    fn input_raises_the_receive_interrupt_when_enabled() {
+        let (mut s, edges) = serial();
+        s.enqueue_input(b"a");
+        assert_eq!(edges.load(Ordering::SeqCst), 0);
+        inb(&mut s, REG_DATA);
+        s.write(REG_IER, &[0x01]); // receive data available
+        s.enqueue_input(b"b");
+        assert_eq!(edges.load(Ordering::SeqCst), 1);
+        assert_eq!(inb(&mut s, REG_IIR) & 0x0f, 0x04);
+        assert_eq!(inb(&mut s, REG_DATA), b'b');
+        assert_eq!(inb(&mut s, REG_IIR) & 0x0f, 0x01); // none pending
+    }
+
+    #[test]
+    fn transmit_interrupt_fires_when_enabled() {
+        let (mut s, edges) = serial();
+        s.write(REG_IER, &[0x02]); // THR empty
+        assert_eq!(edges.load(Ordering::SeqCst), 1);
+        assert_eq!(inb(&mut s, REG_IIR) & 0x0f, 0x02);
+        s.write(REG_DATA, b"z");
+        assert_eq!(edges.load(Ordering::SeqCst), 2);
+    }
+
+    #[test]
+    fn fifo_fills_up_without_error() {
+        let (mut s, _) = serial();
+        let cap = s.fifo_capacity();
+        assert_eq!(s.enqueue_input(&vec![b'x'; cap + 10]), cap);
+        assert_eq!(s.enqueue_input(b"y"), 0);
+        assert_eq!(s.fifo_capacity(), 0);
+    }
+
+    #[test]
+    fn divisor_latch_and_scratch_hold_values() {
+        let (mut s, _) = serial();
+        s.write(REG_LCR, &[0x80]);
+        s.write(REG_DATA, &[0x01]);
+        s.write(REG_IER, &[0x00]);
+        assert_eq!(inb(&mut s, REG_DATA), 0x01);
+        s.write(REG_LCR, &[0x03]);
+        assert!(s.output().is_empty());
+        s.write(REG_SCR, &[0x5a]);
+        assert_eq!(inb(&mut s, REG_SCR), 0x5a);
+    }
+
+    #[test]
+    fn invalid_accesses_read_all_ones_and_are_ignored() {
+        let (mut s, _) = serial();
+        assert_eq!(inb(&mut s, SERIAL_SIZE), 0xff);
+        assert_eq!(inb(&mut s, u64::MAX), 0xff);
+        let mut wide = [0u8; 4];
+        s.read(REG_DATA, &mut wide);
+        assert_eq!(wide, [0xff; 4]);
+        s.write(REG_DATA, b"ab");
+        s.write(0x100, b"a");
+        s.read(REG_DATA, &mut []);
+        assert!(s.output().is_empty());
+    }
+
+    #[test]
+    fn failing_output_loses_bytes_quietly() {
+        struct Broken;
+        impl Write for Broken {
+            fn write(&mut self, _: &[u8]) -> io::Result<usize> {
+                Err(io::Error::other("gone"))
+            }
+            fn flush(&mut self) -> io::Result<()> {
+                Ok(())
+            }
+        }
+        let mut s = Serial::new(Box::new(|_| {}), Broken);
+        s.write(REG_DATA, b"a");
+        assert_eq!(inb(&mut s, REG_LSR) & LSR_THR_EMPTY, LSR_THR_EMPTY);
+        assert!(format!("{s:?}").starts_with("Serial"));
+    }
+}

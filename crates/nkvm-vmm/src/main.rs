@@ -1,0 +1,39 @@
+//! `nkvm`, the VMM: boots a guest on the nkvm API.
+//!
+//! With no arguments it boots a small guest built into the binary: each vCPU
+//! greets over the 16550 serial port, vCPU 0 exercises an MMIO device and
+//! powers the machine off.
+
+mod builtin;
+mod caps;
+mod cli;
+mod machine;
+mod size;
+
+use std::process::ExitCode;
+
+use clap::Parser;
+
+use crate::cli::{Cli, Command};
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let result = match cli.command.unwrap_or_default() {
+        Command::Run(args) => machine::run(&args),
+        Command::Caps(args) => caps::print(&args),
+    };
+    match result {
+        Ok(code) => code,
+        Err(e) => {
+            // One line naming the cause and its causes, never a backtrace.
+            let mut msg = format!("nkvm: {e}");
+            let mut source = std::error::Error::source(&*e);
+            while let Some(s) = source {
+                msg.push_str(&format!(": {s}"));
+                source = s.source();
+            }
+            eprintln!("{msg}");
+            ExitCode::from(2)
+        }
+    }
+}
