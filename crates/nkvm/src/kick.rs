@@ -1,5 +1,6 @@
 //! [`Kicker`]: make a vCPU leave the guest from another thread.
 
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 
 use crate::sys::kick::{current_thread, signal_thread};
@@ -21,6 +22,9 @@ pub struct Kicker {
 pub(crate) struct KickShared {
     run: Arc<RunArea>,
     thread: Mutex<InGuest>,
+    /// Set by a [`Kicker`]: the caller asked for the vCPU back. A kick
+    /// without it is the VM pausing its vCPUs, which `enter_guest` absorbs.
+    user: AtomicBool,
 }
 
 #[derive(Debug, Default)]
@@ -33,6 +37,7 @@ impl KickShared {
         Arc::new(Self {
             run,
             thread: Mutex::new(InGuest::default()),
+            user: AtomicBool::new(false),
         })
     }
 
@@ -48,9 +53,21 @@ impl KickShared {
         self.thread.lock().unwrap_or_else(|p| p.into_inner()).thread = None;
     }
 
-    /// Consumes a pending kick.
+    /// Consumes a pending kick; returns whether it came from a [`Kicker`].
     pub(crate) fn take(&self) -> bool {
-        self.run.take_immediate_exit()
+        self.run.take_immediate_exit();
+        self.user.swap(false, Ordering::SeqCst)
+    }
+
+    /// Forces the vCPU out of (or away from) `KVM_RUN`.
+    pub(crate) fn kick(&self) {
+        self.run.request_immediate_exit();
+        let guard = self.thread.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(thread) = guard.thread {
+            if let Err(e) = signal_thread(thread) {
+                log::warn!("cannot signal vCPU thread: {e}");
+            }
+        }
     }
 }
 
@@ -61,12 +78,7 @@ impl Kicker {
 
     /// Kicks the vCPU out of the guest (or makes its next entry return at once).
     pub fn kick(&self) {
-        self.shared.run.request_immediate_exit();
-        let guard = self.shared.thread.lock().unwrap_or_else(|p| p.into_inner());
-        if let Some(thread) = guard.thread {
-            if let Err(e) = signal_thread(thread) {
-                log::warn!("cannot signal vCPU thread: {e}");
-            }
-        }
+        self.shared.user.store(true, Ordering::SeqCst);
+        self.shared.kick();
     }
 }

@@ -44,11 +44,13 @@
 //! `SAFETY:` note.
 
 mod address;
+pub mod dirty;
 pub mod exit;
 pub mod hypervisor;
 pub mod kick;
 pub mod memory;
 pub mod mode;
+mod pause;
 pub mod run_state;
 mod sys;
 pub mod trace;
@@ -56,6 +58,7 @@ pub mod vcpu;
 pub mod vm;
 
 pub use address::GuestAddress;
+pub use dirty::DirtyPages;
 pub use exit::{Exit, InternalError, SystemEvent};
 pub use hypervisor::{Capabilities, Hypervisor, HypervisorError};
 pub use kick::Kicker;

@@ -10,6 +10,7 @@ use kvm_bindings::{kvm_fpu, kvm_msr_entry, kvm_regs, kvm_sregs, kvm_vcpu_events,
 use kvm_ioctls::VcpuFd;
 
 use crate::kick::{KickShared, Kicker};
+use crate::pause::PauseGate;
 use crate::run_state::{Pending, RunState};
 use crate::sys::run::RunArea;
 use crate::trace::{ExitRecord, Tracer};
@@ -78,6 +79,7 @@ pub struct Vcpu {
     kick: Arc<KickShared>,
     tracers: Vec<Box<dyn Tracer>>,
     trace: TraceState,
+    gate: Arc<PauseGate>,
     _keepalive: Box<dyn Any + Send + Sync>,
 }
 
@@ -101,6 +103,7 @@ impl Vcpu {
         id: u32,
         fd: VcpuFd,
         mmap_size: usize,
+        gate: Arc<PauseGate>,
         keepalive: Box<dyn Any + Send + Sync>,
     ) -> Result<Self, VcpuError> {
         crate::sys::kick::install_handler().map_err(VcpuError::Signal)?;
@@ -109,6 +112,7 @@ impl Vcpu {
                 .map_err(|source| VcpuError::MapRun { id, source })?,
         );
         let kick = KickShared::new(run.clone());
+        gate.register(&kick);
         Ok(Self {
             id,
             fd,
@@ -116,6 +120,7 @@ impl Vcpu {
             kick,
             tracers: Vec::new(),
             trace: TraceState::default(),
+            gate,
             _keepalive: keepalive,
         })
     }
@@ -157,28 +162,37 @@ impl Vcpu {
             None
         };
 
-        self.kick.enter();
-        let data = if string_in {
-            Some(run.string_data.as_slice())
-        } else {
-            None
-        };
-        let result = self
-            .run
-            .run(&self.fd, completion, data, run.interrupt_window_requested());
-        self.kick.leave();
-
-        let exit = match result {
-            Ok(true) => self.run.decode(&mut run.string_data),
-            Ok(false) => {
-                self.kick.take();
-                Exit::Kicked
-            }
-            Err(source) => {
-                return Err(VcpuError::Run {
-                    id: self.id,
-                    source,
-                })
+        let mut completion = completion;
+        let mut string_in = string_in;
+        let exit = loop {
+            // Held while inside KVM_RUN: a memory-map change takes it
+            // exclusively, after kicking every vCPU out.
+            let entered = self.gate.enter();
+            self.kick.enter();
+            let data = if string_in {
+                Some(run.string_data.as_slice())
+            } else {
+                None
+            };
+            let result = self
+                .run
+                .run(&self.fd, completion, data, run.interrupt_window_requested());
+            self.kick.leave();
+            drop(entered);
+            // A completion is consumed by the first KVM_RUN, kicked or not.
+            completion = crate::sys::run::Completion::None;
+            string_in = false;
+            match result {
+                Ok(true) => break self.run.decode(&mut run.string_data),
+                Ok(false) if self.kick.take() => break Exit::Kicked,
+                // Paused for a memory-map change: enter again once it is done.
+                Ok(false) => continue,
+                Err(source) => {
+                    return Err(VcpuError::Run {
+                        id: self.id,
+                        source,
+                    })
+                }
             }
         };
         run.flags = self.run.flags();

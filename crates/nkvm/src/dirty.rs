@@ -1,0 +1,143 @@
+//! The dirty log, kept in user memory: one bitmap per [`Backing`](crate::Backing),
+//! so aliases count a page once and a moved region keeps its bits.
+//!
+//! KVM's per-slot logs are folded into these bitmaps by
+//! [`Vm::sync_dirty_log`](crate::Vm::sync_dirty_log) and, before a slot is
+//! deleted or changed, by [`Vm::set_memory_map`](crate::Vm::set_memory_map) —
+//! with the vCPUs paused, so no write falls between the harvest and the
+//! deletion. [`Vm::collect_dirty`](crate::Vm::collect_dirty) answers the
+//! RFC's two questions: "what is dirty in this range" (a range smaller than a
+//! region is fine) and "don't return more than N pages" (with a cursor); its
+//! cost follows the pages returned, thanks to a summary bitmap (one bit per
+//! 64 pages). Returning a page re-arms write protection for exactly that page.
+
+use crate::GuestAddress;
+
+/// Pages found dirty by [`Vm::collect_dirty`](crate::Vm::collect_dirty).
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct DirtyPages {
+    /// Guest physical addresses of the dirty pages, ascending.
+    pub pages: Vec<GuestAddress>,
+    /// Where to continue when the budget ran out (`None`: the range is done).
+    pub next: Option<GuestAddress>,
+}
+
+/// A two-level page bitmap: `words` has one bit per page, `summary` one bit
+/// per non-zero word of `words`.
+#[derive(Debug, Clone)]
+pub(crate) struct PageBitmap {
+    words: Vec<u64>,
+    summary: Vec<u64>,
+    pages: u64,
+}
+
+impl PageBitmap {
+    pub(crate) fn new(pages: u64) -> Self {
+        let nwords = pages.div_ceil(64) as usize;
+        Self {
+            words: vec![0; nwords],
+            summary: vec![0; nwords.div_ceil(64)],
+            pages,
+        }
+    }
+
+    pub(crate) fn set(&mut self, page: u64) {
+        if page < self.pages {
+            let w = (page / 64) as usize;
+            self.words[w] |= 1 << (page % 64);
+            self.summary[w / 64] |= 1 << (w % 64);
+        }
+    }
+
+    /// ORs `bits` (bit i = page `first + i`) into the bitmap.
+    pub(crate) fn or_bits(&mut self, first: u64, bits: &[u64]) {
+        for (i, &word) in bits.iter().enumerate() {
+            let mut word = word;
+            while word != 0 {
+                let b = word.trailing_zeros() as u64;
+                word &= word - 1;
+                self.set(first + i as u64 * 64 + b);
+            }
+        }
+    }
+
+    #[cfg(test)]
+    pub(crate) fn get(&self, page: u64) -> bool {
+        page < self.pages && self.words[(page / 64) as usize] & (1 << (page % 64)) != 0
+    }
+
+    /// Takes (clears and returns) up to `max` set pages in `start..end`, in
+    /// order; returns the page to resume from if the budget ran out first.
+    pub(crate) fn take(
+        &mut self,
+        start: u64,
+        end: u64,
+        max: usize,
+        out: &mut Vec<u64>,
+    ) -> Option<u64> {
+        let end = end.min(self.pages);
+        let mut page = start;
+        while page < end {
+            let w = (page / 64) as usize;
+            if self.summary[w / 64] >> (w % 64) == 0 {
+                // No dirty word from here to the end of this summary word.
+                page = ((w / 64 + 1) * 64 * 64) as u64;
+                continue;
+            }
+            let word = self.words[w] & (u64::MAX << (page % 64));
+            if word == 0 {
+                page = (w as u64 + 1) * 64;
+                continue;
+            }
+            let p = w as u64 * 64 + u64::from(word.trailing_zeros());
+            if p >= end {
+                break;
+            }
+            if out.len() >= max {
+                return Some(p);
+            }
+            out.push(p);
+            self.words[w] &= !(1 << (p % 64));
+            if self.words[w] == 0 {
+                self.summary[w / 64] &= !(1 << (w % 64));
+            }
+            page = p + 1;
+        }
+        None
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn take_respects_range_budget_and_cursor() {
+        let mut b = PageBitmap::new(100_000);
+        for p in [0u64, 5, 63, 64, 4095, 4096, 70_000, 99_999] {
+            b.set(p);
+        }
+        let mut out = Vec::new();
+        assert_eq!(b.take(1, 100_000, 3, &mut out), Some(4095));
+        assert_eq!(out, vec![5, 63, 64]);
+        out.clear();
+        assert_eq!(b.take(4095, 70_000, 10, &mut out), None);
+        assert_eq!(out, vec![4095, 4096]);
+        assert!(b.get(0) && b.get(70_000) && !b.get(5));
+        out.clear();
+        assert_eq!(b.take(0, 100_000, 10, &mut out), None);
+        assert_eq!(out, vec![0, 70_000, 99_999]);
+        out.clear();
+        assert_eq!(b.take(0, 100_000, 10, &mut out), None);
+        assert!(out.is_empty());
+    }
+
+    #[test]
+    fn or_bits_sets_pages_at_an_offset() {
+        let mut b = PageBitmap::new(256);
+        b.or_bits(64, &[0b101, 1 << 63]);
+        let mut out = Vec::new();
+        b.take(0, 256, 10, &mut out);
+        assert_eq!(out, vec![64, 66, 191]);
+    }
+}

@@ -1,0 +1,336 @@
+//! Whole-map replacement and the dirty log, with real guests: aliases and
+//! moves, dirty bits kept across map changes, range and budget queries, and
+//! a stress test where vCPUs write while the map is replaced thousands of times.
+
+mod common;
+
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::Arc;
+use std::thread;
+
+use common::*;
+use iced_x86::code_asm::*;
+use nkvm::{Backing, Exit, GuestAddress, MemoryMap, Region, RunState, PAGE_SIZE};
+
+const RAM: u64 = 4 << 20;
+
+fn ram_region(vm: &nkvm::Vm) -> Region {
+    Region::new(GuestAddress(0), vm.ram(), 0, RAM)
+}
+
+fn small_vm() -> nkvm::Vm {
+    vm_with(nkvm::VmConfig {
+        vcpus: 2,
+        memory: RAM,
+        ..Default::default()
+    })
+}
+
+#[test]
+fn bios_alias_is_seen_by_the_guest_at_both_addresses() {
+    let vm = small_vm();
+    let bios = Backing::new("bios", 0x20000).unwrap();
+    bios.write_at(0x1ff00, &0x1234_5678u32.to_le_bytes())
+        .unwrap();
+    vm.set_memory_map(
+        MemoryMap::new(vec![
+            ram_region(&vm),
+            Region::new(GuestAddress(0xe0000 + RAM), &bios, 0, 0x20000).read_only(),
+            Region::new(GuestAddress(0xfffe0000), &bios, 0, 0x20000).read_only(),
+        ])
+        .unwrap(),
+    )
+    .unwrap();
+    let mut vcpu = long_mode_guest(&vm, 0, |a| {
+        a.mov(rbx, 0xe0000 + RAM + 0x1ff00).unwrap();
+        a.mov(eax, dword_ptr(rbx)).unwrap();
+        a.out(0x10, eax).unwrap();
+        a.mov(rbx, 0xfffe0000u64 + 0x1ff00).unwrap();
+        a.mov(eax, dword_ptr(rbx)).unwrap();
+        a.out(0x10, eax).unwrap();
+        // The alias is read-only: a write exits as MMIO.
+        a.mov(dword_ptr(rbx), eax).unwrap();
+        a.hlt().unwrap();
+    });
+    let exits = run_to_hlt(&mut vcpu, |_| 0);
+    assert_eq!(
+        exits,
+        vec![
+            Exit::IoOut {
+                port: 0x10,
+                size: 4,
+                data: 0x1234_5678
+            },
+            Exit::IoOut {
+                port: 0x10,
+                size: 4,
+                data: 0x1234_5678
+            },
+            Exit::MmioWrite {
+                addr: GuestAddress(0xfffe0000 + 0x1ff00),
+                size: 4,
+                data: 0x1234_5678
+            },
+        ]
+    );
+}
+
+#[test]
+fn moved_region_keeps_its_bytes_and_its_dirty_bits() {
+    let vm = small_vm();
+    let fb = Backing::new("framebuffer", 0x10000).unwrap();
+    let at = |gpa: u64| {
+        MemoryMap::new(vec![
+            ram_region(&vm),
+            Region::new(GuestAddress(gpa), &fb, 0, 0x10000).dirty_logged(),
+        ])
+        .unwrap()
+    };
+    vm.set_memory_map(at(0x80_0000)).unwrap();
+    let mut vcpu = long_mode_guest(&vm, 0, |a| {
+        a.mov(rbx, 0x80_0000u64).unwrap();
+        a.mov(qword_ptr(rbx + 0x3000), 0x77).unwrap();
+        a.hlt().unwrap();
+        // Second run, after the move: write the new location's page 5.
+        a.mov(rbx, 0x90_0000u64).unwrap();
+        a.mov(qword_ptr(rbx + 0x5000), 0x55).unwrap();
+        a.mov(rax, qword_ptr(rbx + 0x3000)).unwrap();
+        a.out(0x10, eax).unwrap();
+        a.hlt().unwrap();
+    });
+    assert!(run_to_hlt(&mut vcpu, |_| 0).is_empty());
+    // Move the "BAR": the page dirtied at the old address must not be lost.
+    vm.set_memory_map(at(0x90_0000)).unwrap();
+    let exits = run_to_hlt(&mut vcpu, |_| 0);
+    assert_eq!(
+        exits,
+        vec![Exit::IoOut {
+            port: 0x10,
+            size: 4,
+            data: 0x77
+        }]
+    );
+    vm.sync_dirty_log().unwrap();
+    let dirty = vm
+        .collect_dirty(GuestAddress(0x90_0000), 0x10000, 100)
+        .unwrap();
+    assert_eq!(
+        dirty.pages,
+        vec![GuestAddress(0x90_3000), GuestAddress(0x90_5000)]
+    );
+    assert_eq!(dirty.next, None);
+}
+
+#[test]
+fn dirty_queries_by_range_and_budget_rearm_exactly_what_they_return() {
+    let vm = small_vm();
+    let mem = Backing::new("data", 0x100000).unwrap();
+    let base = 0x100_0000u64;
+    vm.set_memory_map(
+        MemoryMap::new(vec![
+            ram_region(&vm),
+            Region::new(GuestAddress(base), &mem, 0, 0x100000).dirty_logged(),
+        ])
+        .unwrap(),
+    )
+    .unwrap();
+    // The guest writes pages 0, 2, 4, ... 62 of the region, then halts; run again: page 1.
+    let mut vcpu = long_mode_guest(&vm, 0, |a| {
+        a.mov(rbx, base).unwrap();
+        a.mov(ecx, 32u32).unwrap();
+        let mut again = a.create_label();
+        a.set_label(&mut again).unwrap();
+        a.mov(qword_ptr(rbx), rcx).unwrap();
+        a.add(rbx, 0x2000).unwrap();
+        a.dec(ecx).unwrap();
+        a.jnz(again).unwrap();
+        a.hlt().unwrap();
+        a.mov(rbx, base + 0x1000).unwrap();
+        a.mov(qword_ptr(rbx), rcx).unwrap();
+        a.mov(rbx, base).unwrap();
+        a.mov(qword_ptr(rbx), rcx).unwrap();
+        a.hlt().unwrap();
+    });
+    assert!(run_to_hlt(&mut vcpu, |_| 0).is_empty());
+    vm.sync_dirty_log().unwrap();
+    let page = |n: u64| GuestAddress(base + n * PAGE_SIZE);
+    // A range smaller than the region: pages 10..20 hold 10, 12, ... 18.
+    let d = vm.collect_dirty(page(10), 10 * PAGE_SIZE, 100).unwrap();
+    assert_eq!(d.pages, (10..20).step_by(2).map(page).collect::<Vec<_>>());
+    // A budget: at most 4 pages, with a cursor to continue.
+    let d = vm.collect_dirty(page(0), 0x100000, 4).unwrap();
+    assert_eq!(d.pages, vec![page(0), page(2), page(4), page(6)]);
+    assert_eq!(d.next, Some(page(8)));
+    let d2 = vm
+        .collect_dirty(d.next.unwrap(), 0x100000 - 8 * PAGE_SIZE, 100)
+        .unwrap();
+    assert_eq!(
+        d2.pages,
+        [8u64, 20, 22]
+            .into_iter()
+            .chain((24..64).step_by(2))
+            .map(page)
+            .collect::<Vec<_>>()
+    );
+    assert_eq!(d2.next, None);
+    // Nothing left, and nothing reported again without new writes.
+    vm.sync_dirty_log().unwrap();
+    assert!(vm
+        .collect_dirty(page(0), 0x100000, 100)
+        .unwrap()
+        .pages
+        .is_empty());
+    // Written again after collection: reported again (page 0), with page 1.
+    assert!(run_to_hlt(&mut vcpu, |_| 0).is_empty());
+    vm.sync_dirty_log().unwrap();
+    assert_eq!(
+        vm.collect_dirty(page(0), 0x100000, 100).unwrap().pages,
+        vec![page(0), page(1)]
+    );
+}
+
+/// Two vCPUs write a counter into every page of a region over and over
+/// while the map is replaced thousands of times: the region is split and
+/// merged, an alias of it comes and goes, another region moves. Checks: no
+/// MMIO exit ever hits the always-mapped region, the guest reads back what
+/// it wrote, and a host copy kept up to date only from the dirty log equals
+/// guest memory at the end (no dirty page lost).
+#[test]
+fn map_swap_never_loses_dirty_pages_or_exits_on_mapped_memory() {
+    const DATA: u64 = 0x100_0000;
+    const DATA_LEN: u64 = 0x40000; // 64 pages
+    const SWAPS: usize = 2000;
+    let vm = Arc::new(small_vm());
+    let data = Backing::new("data", DATA_LEN).unwrap();
+    let other = Backing::new("other", 0x10000).unwrap();
+    let maps: Vec<MemoryMap> = (0..4)
+        .map(|variant| {
+            let mut regions = vec![Region::new(GuestAddress(0), vm.ram(), 0, RAM)];
+            if variant % 2 == 0 {
+                regions.push(Region::new(GuestAddress(DATA), &data, 0, DATA_LEN).dirty_logged());
+            } else {
+                let half = DATA_LEN / 2;
+                regions.push(Region::new(GuestAddress(DATA), &data, 0, half).dirty_logged());
+                regions
+                    .push(Region::new(GuestAddress(DATA + half), &data, half, half).dirty_logged());
+            }
+            if variant >= 2 {
+                regions
+                    .push(Region::new(GuestAddress(0x200_0000), &data, 0, DATA_LEN).dirty_logged());
+            }
+            regions.push(Region::new(
+                GuestAddress(0x300_0000 + 0x10000 * variant as u64),
+                &other,
+                0,
+                0x10000,
+            ));
+            MemoryMap::new(regions).unwrap()
+        })
+        .collect();
+    vm.set_memory_map(maps[0].clone()).unwrap();
+
+    // vCPU n writes (pass << 8 | n) into qword n of every page, reads it back,
+    // and reports a mismatch on port 0x66.
+    let guest = |vm: &nkvm::Vm, id: u32| {
+        long_mode_guest(vm, id, |a| {
+            let mut pass = a.create_label();
+            let mut page = a.create_label();
+            let mut ok = a.create_label();
+            a.xor(r12, r12).unwrap();
+            a.set_label(&mut pass).unwrap();
+            a.inc(r12).unwrap();
+            a.mov(rbx, DATA + 8 * u64::from(id)).unwrap();
+            a.mov(ecx, (DATA_LEN / PAGE_SIZE) as u32).unwrap();
+            a.set_label(&mut page).unwrap();
+            a.mov(rax, r12).unwrap();
+            a.shl(rax, 8).unwrap();
+            a.or(rax, id as i32).unwrap();
+            a.mov(qword_ptr(rbx), rax).unwrap();
+            a.cmp(qword_ptr(rbx), rax).unwrap();
+            a.je(ok).unwrap();
+            a.out(0x66, al).unwrap();
+            a.set_label(&mut ok).unwrap();
+            a.add(rbx, PAGE_SIZE as i32).unwrap();
+            a.dec(ecx).unwrap();
+            a.jnz(page).unwrap();
+            a.jmp(pass).unwrap();
+        })
+    };
+    let stop = Arc::new(AtomicBool::new(false));
+    let bad_exits = Arc::new(AtomicU64::new(0));
+    let mut kickers = Vec::new();
+    let mut threads = Vec::new();
+    for id in 0..2 {
+        let mut vcpu = guest(&vm, id);
+        kickers.push(vcpu.kicker());
+        let (stop, bad) = (stop.clone(), bad_exits.clone());
+        threads.push(thread::spawn(move || {
+            let mut run = RunState::new();
+            while !stop.load(Ordering::SeqCst) {
+                match vcpu.enter_guest(&mut run).unwrap() {
+                    Exit::Kicked => {}
+                    other => {
+                        eprintln!("vCPU {id}: unexpected exit {other}");
+                        bad.fetch_add(1, Ordering::SeqCst);
+                        if let Exit::MmioRead { .. } = other {
+                            run.complete_mmio_read(0);
+                        }
+                        if matches!(other, Exit::Shutdown | Exit::InternalError(_)) {
+                            return;
+                        }
+                    }
+                }
+            }
+        }));
+    }
+
+    // The host keeps a copy of the data region fed only by the dirty log.
+    let mut shadow = vec![0u8; DATA_LEN as usize];
+    let mut copy_dirty = |vm: &nkvm::Vm| {
+        vm.sync_dirty_log().unwrap();
+        let mut cursor = Some(GuestAddress(DATA));
+        while let Some(start) = cursor {
+            let d = vm
+                .collect_dirty(start, DATA + DATA_LEN - start.0, 16)
+                .unwrap();
+            for p in &d.pages {
+                let off = (p.0 - DATA) as usize;
+                data.read_at(off as u64, &mut shadow[off..off + PAGE_SIZE as usize])
+                    .unwrap();
+            }
+            cursor = d.next;
+        }
+    };
+    for i in 0..SWAPS {
+        vm.set_memory_map(maps[(i * 7 + 1) % 4].clone()).unwrap();
+        if i % 50 == 0 {
+            copy_dirty(&vm);
+        }
+    }
+    stop.store(true, Ordering::SeqCst);
+    kickers.iter().for_each(nkvm::Kicker::kick);
+    for t in threads {
+        t.join().unwrap();
+    }
+    assert_eq!(
+        bad_exits.load(Ordering::SeqCst),
+        0,
+        "vCPUs saw exits on always-mapped memory"
+    );
+    copy_dirty(&vm);
+    let mut actual = vec![0u8; DATA_LEN as usize];
+    data.read_at(0, &mut actual).unwrap();
+    let passes = u64::from_le_bytes(actual[0..8].try_into().unwrap()) >> 8;
+    eprintln!(
+        "{SWAPS} map swaps while the guest made {passes} passes over {} pages",
+        DATA_LEN / PAGE_SIZE
+    );
+    assert!(passes > 1, "the guest made progress");
+    let lost: Vec<usize> = (0..(DATA_LEN / PAGE_SIZE) as usize)
+        .filter(|&p| shadow[p * 4096..(p + 1) * 4096] != actual[p * 4096..(p + 1) * 4096])
+        .collect();
+    assert!(
+        lost.is_empty(),
+        "pages whose last write the dirty log never reported: {lost:?}"
+    );
+}
