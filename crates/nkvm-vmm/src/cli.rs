@@ -48,12 +48,7 @@ pub struct RunArgs {
 
 impl Default for RunArgs {
     fn default() -> Self {
-        Self {
-            cpus: 2,
-            memory: 64 << 20,
-            trace: false,
-            stats: false,
-        }
+        Self { cpus: 2, memory: 64 << 20, trace: false, stats: false }
     }
 }
 

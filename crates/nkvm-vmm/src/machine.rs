@@ -8,9 +8,7 @@ use std::sync::mpsc;
 use std::sync::{Arc, Mutex};
 use std::thread;
 
-use nkvm::{
-    Exit, ExitStats, GuestAddress, Hypervisor, LineTracer, LongMode, RunState, Vcpu, Vm, VmConfig,
-};
+use nkvm::{Exit, ExitStats, GuestAddress, Hypervisor, LineTracer, LongMode, RunState, Vcpu, Vm, VmConfig};
 use nkvm_devices::serial::Serial;
 use nkvm_devices::test_device::{TestDevice, TEST_DEVICE_SIZE};
 use nkvm_devices::IoBus;
@@ -71,34 +69,18 @@ pub fn run(args: &RunArgs) -> Result<ExitCode, Box<dyn std::error::Error>> {
 
 fn run_builtin(args: &RunArgs) -> Result<ExitCode, MachineError> {
     let hv = Hypervisor::open()?;
-    let vm = Arc::new(Vm::new(
-        &hv,
-        &VmConfig {
-            vcpus: args.cpus,
-            memory: args.memory,
-            split_irqchip: false,
-        },
-    )?);
+    let vm = Arc::new(Vm::new(&hv, &VmConfig { vcpus: args.cpus, memory: args.memory, split_irqchip: false })?);
     let code = builtin::assemble().map_err(|e| MachineError::Assemble(e.to_string()))?;
     vm.write_memory(GuestAddress(builtin::ENTRY), &code)?;
     let long_mode = LongMode::install(&vm.memory(), GuestAddress(builtin::TABLES))?;
 
     let mut pio = IoBus::new();
     let serial = Serial::new(Box::new(|_level: bool| {}), io::stdout());
-    pio.insert(u64::from(builtin::COM1), 8, Box::new(serial))
-        .map_err(|e| MachineError::Device(e.to_string()))?;
+    pio.insert(u64::from(builtin::COM1), 8, Box::new(serial)).map_err(|e| MachineError::Device(e.to_string()))?;
     let mut mmio = IoBus::new();
-    mmio.insert(
-        builtin::TEST_DEVICE,
-        TEST_DEVICE_SIZE,
-        Box::new(TestDevice::new()),
-    )
-    .map_err(|e| MachineError::Device(e.to_string()))?;
-    let shared = Arc::new(Shared {
-        pio: Mutex::new(pio),
-        mmio: Mutex::new(mmio),
-        stop: AtomicBool::new(false),
-    });
+    mmio.insert(builtin::TEST_DEVICE, TEST_DEVICE_SIZE, Box::new(TestDevice::new()))
+        .map_err(|e| MachineError::Device(e.to_string()))?;
+    let shared = Arc::new(Shared { pio: Mutex::new(pio), mmio: Mutex::new(mmio), stop: AtomicBool::new(false) });
 
     let stats = ExitStats::new();
     let mut vcpus = Vec::new();
@@ -106,11 +88,7 @@ fn run_builtin(args: &RunArgs) -> Result<ExitCode, MachineError> {
         let mut vcpu = vm.create_vcpu(id)?;
         vcpu.set_cpuid(&hv.supported_cpuid()?)?;
         let stack = builtin::STACK_TOP - 0x4000 * u64::from(id);
-        vcpu.set_long_mode(
-            &long_mode,
-            GuestAddress(builtin::ENTRY),
-            GuestAddress(stack),
-        )?;
+        vcpu.set_long_mode(&long_mode, GuestAddress(builtin::ENTRY), GuestAddress(stack))?;
         let mut regs = vcpu.regs()?;
         regs.rdi = u64::from(id);
         regs.rbp = u64::from(args.cpus);
@@ -214,24 +192,14 @@ fn vcpu_loop(mut vcpu: Vcpu, shared: &Shared) -> Outcome {
             }
             Exit::Hlt => return Outcome::Halted,
             Exit::Kicked | Exit::InterruptWindow => {}
-            Exit::Shutdown => {
-                return Outcome::Failed(format!(
-                    "vCPU {} triple-faulted{}",
-                    vcpu.id(),
-                    at_rip(&vcpu)
-                ))
-            }
-            other => {
-                return Outcome::Failed(format!("vCPU {}: {other}{}", vcpu.id(), at_rip(&vcpu)))
-            }
+            Exit::Shutdown => return Outcome::Failed(format!("vCPU {} triple-faulted{}", vcpu.id(), at_rip(&vcpu))),
+            other => return Outcome::Failed(format!("vCPU {}: {other}{}", vcpu.id(), at_rip(&vcpu))),
         }
     }
 }
 
 fn at_rip(vcpu: &Vcpu) -> String {
-    vcpu.regs()
-        .map(|r| format!(" at rip {:#x}", r.rip))
-        .unwrap_or_default()
+    vcpu.regs().map(|r| format!(" at rip {:#x}", r.rip)).unwrap_or_default()
 }
 
 fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {

@@ -2,14 +2,9 @@
 
 /// Parses a byte size with an optional K/M/G suffix (powers of 1024).
 pub fn parse_size(s: &str) -> Result<u64, String> {
-    let bad = || {
-        format!("invalid size {s:?}: use a number of bytes with an optional K, M or G suffix (e.g. 512M)")
-    };
+    let bad = || format!("invalid size {s:?}: use a number of bytes with an optional K, M or G suffix (e.g. 512M)");
     let t = s.trim();
-    let t = t
-        .strip_suffix("iB")
-        .or_else(|| t.strip_suffix('B'))
-        .unwrap_or(t);
+    let t = t.strip_suffix("iB").or_else(|| t.strip_suffix('B')).unwrap_or(t);
     let (digits, shift) = match t.chars().last() {
         Some('K' | 'k') => (&t[..t.len() - 1], 10),
         Some('M' | 'm') => (&t[..t.len() - 1], 20),

@@ -26,10 +26,7 @@ const GUEST: [u8; 4] = [0xe6, 0x10, 0xeb, 0xfc];
 const MEM: usize = 1 << 20;
 
 fn env(name: &str, default: u64) -> u64 {
-    std::env::var(name)
-        .ok()
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(default)
+    std::env::var(name).ok().and_then(|v| v.parse().ok()).unwrap_or(default)
 }
 
 /// The physical limit: kvm-ioctls objects, a raw ioctl, the mmap'd kvm_run.
@@ -62,17 +59,8 @@ impl Raw {
         sregs.cs.base = 0;
         sregs.cs.selector = 0;
         vcpu.set_sregs(&sregs).unwrap();
-        vcpu.set_regs(&kvm_bindings::kvm_regs {
-            rip: 0x1000,
-            rflags: 2,
-            ..Default::default()
-        })
-        .unwrap();
-        Raw {
-            _vm: vm,
-            vcpu,
-            _mem: mem,
-        }
+        vcpu.set_regs(&kvm_bindings::kvm_regs { rip: 0x1000, rflags: 2, ..Default::default() }).unwrap();
+        Raw { _vm: vm, vcpu, _mem: mem }
     }
 
     fn run(&mut self, exits: u64) -> f64 {
@@ -107,23 +95,11 @@ struct Nkvm {
 
 impl Nkvm {
     fn new(hv: &Hypervisor) -> Nkvm {
-        let vm = Vm::new(
-            hv,
-            &VmConfig {
-                vcpus: 1,
-                memory: MEM as u64,
-                ..Default::default()
-            },
-        )
-        .unwrap();
+        let vm = Vm::new(hv, &VmConfig { vcpus: 1, memory: MEM as u64, ..Default::default() }).unwrap();
         vm.write_memory(GuestAddress(0x1000), &GUEST).unwrap();
         let vcpu = vm.create_vcpu(0).unwrap();
         vcpu.set_real_mode(0, 0x1000).unwrap();
-        Nkvm {
-            _vm: vm,
-            vcpu,
-            run: RunState::new(),
-        }
+        Nkvm { _vm: vm, vcpu, run: RunState::new() }
     }
 
     fn run(&mut self, exits: u64) -> f64 {
@@ -146,16 +122,8 @@ fn median(v: &mut [f64]) -> f64 {
 fn main() {
     // `cargo test --benches` passes --bench-less flags; keep that run short.
     let quick = std::env::args().any(|a| a == "--test" || a == "--list");
-    let exits = if quick {
-        200
-    } else {
-        env("NKVM_BENCH_EXITS", 20_000)
-    };
-    let rounds = if quick {
-        1
-    } else {
-        env("NKVM_BENCH_ROUNDS", 7) as usize
-    };
+    let exits = if quick { 200 } else { env("NKVM_BENCH_EXITS", 20_000) };
+    let rounds = if quick { 1 } else { env("NKVM_BENCH_ROUNDS", 7) as usize };
     let hv = Hypervisor::open().expect("open /dev/kvm");
     let mut raw = Raw::new();
     let mut lib = Nkvm::new(&hv);
@@ -177,8 +145,5 @@ fn main() {
     println!("exit round trip, real-mode PIO `out` loop, {exits} exits x {rounds} rounds (median per exit):");
     println!("  raw KVM_RUN loop         {:>8.0} ns/exit", r);
     println!("  nkvm enter_guest         {:>8.0} ns/exit", l);
-    println!(
-        "  ratio nkvm/raw           {:>8.3}  (target <= 1.03)",
-        l / r
-    );
+    println!("  ratio nkvm/raw           {:>8.3}  (target <= 1.03)", l / r);
 }

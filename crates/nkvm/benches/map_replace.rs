@@ -23,54 +23,21 @@ fn main() {
     let iters = if quick { 10 } else { 2000 };
     let hv = Hypervisor::open().expect("open /dev/kvm");
     let kvm = Kvm::new().expect("open /dev/kvm");
-    println!(
-        "memory-map change: add or remove one {REGION:#x}-byte region ({iters} changes, median)"
-    );
-    println!(
-        "{:>8} {:>12} {:>12} {:>8}",
-        "regions", "raw (ns)", "nkvm (ns)", "ratio"
-    );
+    println!("memory-map change: add or remove one {REGION:#x}-byte region ({iters} changes, median)");
+    println!("{:>8} {:>12} {:>12} {:>8}", "regions", "raw (ns)", "nkvm (ns)", "ratio");
     for n in [8u64, 64, 512] {
         let backing = Backing::new("bench", (n + 1) * REGION).unwrap();
         // nkvm: n regions, then toggle one more.
-        let vm = Vm::new(
-            &hv,
-            &VmConfig {
-                vcpus: 1,
-                memory: 0x10000,
-                ..Default::default()
-            },
-        )
-        .unwrap();
-        let region = |i: u64| {
-            Region::new(
-                GuestAddress(0x1000_0000 + i * 2 * REGION),
-                &backing,
-                i * REGION,
-                REGION,
-            )
-        };
+        let vm = Vm::new(&hv, &VmConfig { vcpus: 1, memory: 0x10000, ..Default::default() }).unwrap();
+        let region = |i: u64| Region::new(GuestAddress(0x1000_0000 + i * 2 * REGION), &backing, i * REGION, REGION);
         let base: Vec<Region> = (0..n).map(region).collect();
         let small = MemoryMap::new(base.clone()).unwrap();
         let mut with = base.clone();
         with.push(region(n));
         let big = MemoryMap::new(with).unwrap();
         vm.set_memory_map(small.clone()).unwrap();
-        let mut lib = Vec::with_capacity(iters);
-        for i in 0..iters {
-            let next = if i % 2 == 0 {
-                big.clone()
-            } else {
-                small.clone()
-            };
-            let t = Instant::now();
-            vm.set_memory_map(next).unwrap();
-            lib.push(t.elapsed().as_nanos() as f64);
-        }
         // Raw: the same slots through kvm-ioctls.
         let raw_vm = kvm.create_vm().unwrap();
-        let host = backing.file();
-        let _ = host;
         let mut mem = vec![0u8; ((n + 1) * REGION + 4096) as usize];
         let skew = (4096 - (mem.as_ptr() as usize % 4096)) % 4096;
         let host_base = mem[skew..].as_mut_ptr() as u64;
@@ -85,13 +52,19 @@ fn main() {
             // SAFETY: `mem` outlives `raw_vm` (dropped at the end of this iteration, after it).
             unsafe { raw_vm.set_user_memory_region(slot(i, REGION)) }.unwrap();
         }
-        let mut raw = Vec::with_capacity(iters);
+        // Interleave the two paths change by change: this host's ioctl cost
+        // drifts by 3x over seconds, which would swamp separate loops.
+        let (mut raw, mut lib) = (Vec::with_capacity(iters), Vec::with_capacity(iters));
         for i in 0..iters {
             let size = if i % 2 == 0 { REGION } else { 0 };
             let t = Instant::now();
             // SAFETY: as above.
             unsafe { raw_vm.set_user_memory_region(slot(n, size)) }.unwrap();
             raw.push(t.elapsed().as_nanos() as f64);
+            let next = if i % 2 == 0 { big.clone() } else { small.clone() };
+            let t = Instant::now();
+            vm.set_memory_map(next).unwrap();
+            lib.push(t.elapsed().as_nanos() as f64);
         }
         drop(raw_vm);
         drop(mem);

@@ -13,6 +13,20 @@
 
 use crate::GuestAddress;
 
+/// Where the dirty log is fed from.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub enum DirtyLogMode {
+    /// KVM's dirty ring when the host offers it, else bitmaps.
+    #[default]
+    Auto,
+    /// KVM's per-vCPU dirty ring (`KVM_CAP_DIRTY_LOG_RING_ACQ_REL`); an
+    /// error if the host lacks it. Harvest cost follows the pages dirtied.
+    Ring,
+    /// `KVM_GET_DIRTY_LOG` (+ `KVM_CLEAR_DIRTY_LOG` with manual protection):
+    /// harvest cost follows the size of the dirty-logged slots.
+    Bitmap,
+}
+
 /// Pages found dirty by [`Vm::collect_dirty`](crate::Vm::collect_dirty).
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct DirtyPages {
@@ -34,11 +48,7 @@ pub(crate) struct PageBitmap {
 impl PageBitmap {
     pub(crate) fn new(pages: u64) -> Self {
         let nwords = pages.div_ceil(64) as usize;
-        Self {
-            words: vec![0; nwords],
-            summary: vec![0; nwords.div_ceil(64)],
-            pages,
-        }
+        Self { words: vec![0; nwords], summary: vec![0; nwords.div_ceil(64)], pages }
     }
 
     pub(crate) fn set(&mut self, page: u64) {
@@ -46,6 +56,13 @@ impl PageBitmap {
             let w = (page / 64) as usize;
             self.words[w] |= 1 << (page % 64);
             self.summary[w / 64] |= 1 << (w % 64);
+        }
+    }
+
+    /// Sets `count` pages from `first`.
+    pub(crate) fn set_range(&mut self, first: u64, count: u64) {
+        for page in first..first.saturating_add(count).min(self.pages) {
+            self.set(page);
         }
     }
 
@@ -68,13 +85,7 @@ impl PageBitmap {
 
     /// Takes (clears and returns) up to `max` set pages in `start..end`, in
     /// order; returns the page to resume from if the budget ran out first.
-    pub(crate) fn take(
-        &mut self,
-        start: u64,
-        end: u64,
-        max: usize,
-        out: &mut Vec<u64>,
-    ) -> Option<u64> {
+    pub(crate) fn take(&mut self, start: u64, end: u64, max: usize, out: &mut Vec<u64>) -> Option<u64> {
         let end = end.min(self.pages);
         let mut page = start;
         while page < end {

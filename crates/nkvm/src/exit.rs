@@ -131,10 +131,7 @@ impl fmt::Display for Exit {
             }
             Exit::IoIn { port, size } => write!(f, "io-in port={port:#06x} size={size}"),
             Exit::IoOutString { port, size, count } => {
-                write!(
-                    f,
-                    "io-out-string port={port:#06x} size={size} count={count}"
-                )
+                write!(f, "io-out-string port={port:#06x} size={size} count={count}")
             }
             Exit::IoInString { port, size, count } => {
                 write!(f, "io-in-string port={port:#06x} size={size} count={count}")
@@ -146,14 +143,8 @@ impl fmt::Display for Exit {
             Exit::SystemEvent(ev) => write!(f, "system-event {ev:?}"),
             Exit::IoapicEoi { vector } => write!(f, "ioapic-eoi vector={vector:#x}"),
             Exit::InternalError(ref e) => write!(f, "internal-error {e}"),
-            Exit::FailEntry {
-                hardware_reason,
-                cpu,
-            } => {
-                write!(
-                    f,
-                    "fail-entry hardware_reason={hardware_reason:#x} cpu={cpu}"
-                )
+            Exit::FailEntry { hardware_reason, cpu } => {
+                write!(f, "fail-entry hardware_reason={hardware_reason:#x} cpu={cpu}")
             }
             Exit::Unknown { reason } => write!(f, "unknown reason={reason}"),
             ref other => f.write_str(other.reason()),

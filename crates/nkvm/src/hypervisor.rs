@@ -6,9 +6,8 @@ use std::os::fd::{FromRawFd, RawFd};
 use std::path::{Path, PathBuf};
 
 use kvm_bindings::{
-    KVM_CAP_COALESCED_MMIO, KVM_CAP_COALESCED_PIO, KVM_CAP_DIRTY_LOG_RING,
-    KVM_CAP_DIRTY_LOG_RING_ACQ_REL, KVM_CAP_IOEVENTFD, KVM_CAP_IRQFD,
-    KVM_CAP_MANUAL_DIRTY_LOG_PROTECT2, KVM_CAP_MAX_VCPUS, KVM_CAP_NR_MEMSLOTS,
+    KVM_CAP_COALESCED_MMIO, KVM_CAP_COALESCED_PIO, KVM_CAP_DIRTY_LOG_RING, KVM_CAP_DIRTY_LOG_RING_ACQ_REL,
+    KVM_CAP_IOEVENTFD, KVM_CAP_IRQFD, KVM_CAP_MANUAL_DIRTY_LOG_PROTECT2, KVM_CAP_MAX_VCPUS, KVM_CAP_NR_MEMSLOTS,
     KVM_CAP_SPLIT_IRQCHIP,
 };
 use kvm_ioctls::Kvm;
@@ -20,7 +19,9 @@ pub const KVM_API_VERSION: i32 = 12;
 #[derive(Debug, thiserror::Error)]
 pub enum HypervisorError {
     /// The device node does not exist.
-    #[error("{0} does not exist: load the kvm module (kvm_intel, kvm_amd) or run on a host with virtualization enabled")]
+    #[error(
+        "{0} does not exist: load the kvm module (kvm_intel, kvm_amd) or run on a host with virtualization enabled"
+    )]
     NotFound(PathBuf),
     /// The device node exists but cannot be opened.
     #[error("permission denied opening {0}: run as root or add your user to the group that owns it (often `kvm`)")]
@@ -85,15 +86,9 @@ impl Capabilities {
             ("max_vcpus", self.max_vcpus.to_string()),
             ("max_memory_slots", self.max_memory_slots.to_string()),
             ("split_irqchip", self.split_irqchip.to_string()),
-            (
-                "dirty_ring_max_bytes",
-                self.dirty_ring_max_bytes.to_string(),
-            ),
+            ("dirty_ring_max_bytes", self.dirty_ring_max_bytes.to_string()),
             ("dirty_ring_acq_rel", self.dirty_ring_acq_rel.to_string()),
-            (
-                "manual_dirty_log_protect",
-                self.manual_dirty_log_protect.to_string(),
-            ),
+            ("manual_dirty_log_protect", self.manual_dirty_log_protect.to_string()),
             ("coalesced_mmio", self.coalesced_mmio.to_string()),
             ("coalesced_pio", self.coalesced_pio.to_string()),
             ("ioeventfd", self.ioeventfd.to_string()),
@@ -117,9 +112,7 @@ pub struct Hypervisor {
 
 impl fmt::Debug for Hypervisor {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.debug_struct("Hypervisor")
-            .field("caps", &self.caps)
-            .finish()
+        f.debug_struct("Hypervisor").field("caps", &self.caps).finish()
     }
 }
 
@@ -132,11 +125,9 @@ impl Hypervisor {
     /// Opens a KVM device node at `path` (for hosts that put it elsewhere).
     pub fn open_path(path: impl AsRef<Path>) -> Result<Self, HypervisorError> {
         let path = path.as_ref();
-        let cpath = std::ffi::CString::new(path.as_os_str().as_encoded_bytes()).map_err(|_| {
-            HypervisorError::Open {
-                path: path.into(),
-                source: io::Error::from(io::ErrorKind::InvalidInput),
-            }
+        let cpath = std::ffi::CString::new(path.as_os_str().as_encoded_bytes()).map_err(|_| HypervisorError::Open {
+            path: path.into(),
+            source: io::Error::from(io::ErrorKind::InvalidInput),
         })?;
         let fd: RawFd = match Kvm::open_with_cloexec_at(cpath, true) {
             Ok(fd) => fd,
@@ -144,13 +135,8 @@ impl Hypervisor {
                 let io = io::Error::from_raw_os_error(e.errno());
                 return Err(match io.kind() {
                     io::ErrorKind::NotFound => HypervisorError::NotFound(path.into()),
-                    io::ErrorKind::PermissionDenied => {
-                        HypervisorError::PermissionDenied(path.into())
-                    }
-                    _ => HypervisorError::Open {
-                        path: path.into(),
-                        source: io,
-                    },
+                    io::ErrorKind::PermissionDenied => HypervisorError::PermissionDenied(path.into()),
+                    _ => HypervisorError::Open { path: path.into(), source: io },
                 });
             }
         };
@@ -158,24 +144,15 @@ impl Hypervisor {
         let kvm = unsafe { Kvm::from_raw_fd(fd) };
         let api_version = kvm.get_api_version();
         if api_version != KVM_API_VERSION {
-            return Err(HypervisorError::ApiVersion {
-                path: path.into(),
-                found: api_version,
-            });
+            return Err(HypervisorError::ApiVersion { path: path.into(), found: api_version });
         }
-        let vcpu_mmap_size = kvm
-            .get_vcpu_mmap_size()
-            .map_err(|e| HypervisorError::Open {
-                path: path.into(),
-                source: io::Error::from_raw_os_error(e.errno()),
-            })?;
+        let vcpu_mmap_size = kvm.get_vcpu_mmap_size().map_err(|e| HypervisorError::Open {
+            path: path.into(),
+            source: io::Error::from_raw_os_error(e.errno()),
+        })?;
         let cap = |c: u32| kvm.check_extension_raw(c.into());
         let ring_acq_rel = cap(KVM_CAP_DIRTY_LOG_RING_ACQ_REL);
-        let ring = if ring_acq_rel > 0 {
-            ring_acq_rel
-        } else {
-            cap(KVM_CAP_DIRTY_LOG_RING)
-        };
+        let ring = if ring_acq_rel > 0 { ring_acq_rel } else { cap(KVM_CAP_DIRTY_LOG_RING) };
         let caps = Capabilities {
             api_version,
             recommended_vcpus: kvm.get_nr_vcpus() as u32,
@@ -190,11 +167,7 @@ impl Hypervisor {
             ioeventfd: cap(KVM_CAP_IOEVENTFD) > 0,
             irqfd: cap(KVM_CAP_IRQFD) > 0,
         };
-        Ok(Self {
-            kvm,
-            caps,
-            vcpu_mmap_size,
-        })
+        Ok(Self { kvm, caps, vcpu_mmap_size })
     }
 
     /// The capabilities probed at open.
@@ -205,8 +178,6 @@ impl Hypervisor {
     /// The CPUID leaves KVM can give a guest on this host, KVM's
     /// paravirtual leaves (0x4000_0000.., kvmclock included) among them.
     pub fn supported_cpuid(&self) -> Result<crate::Cpuid, HypervisorError> {
-        self.kvm
-            .get_supported_cpuid(kvm_bindings::KVM_MAX_CPUID_ENTRIES)
-            .map_err(HypervisorError::Cpuid)
+        self.kvm.get_supported_cpuid(kvm_bindings::KVM_MAX_CPUID_ENTRIES).map_err(HypervisorError::Cpuid)
     }
 }

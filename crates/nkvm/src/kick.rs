@@ -34,11 +34,7 @@ struct InGuest {
 
 impl KickShared {
     pub(crate) fn new(run: Arc<RunArea>) -> Arc<Self> {
-        Arc::new(Self {
-            run,
-            thread: Mutex::new(InGuest::default()),
-            user: AtomicBool::new(false),
-        })
+        Arc::new(Self { run, thread: Mutex::new(InGuest::default()), user: AtomicBool::new(false) })
     }
 
     /// Marks the calling thread as inside `KVM_RUN`.

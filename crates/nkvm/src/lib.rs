@@ -58,7 +58,7 @@ pub mod vcpu;
 pub mod vm;
 
 pub use address::GuestAddress;
-pub use dirty::DirtyPages;
+pub use dirty::{DirtyLogMode, DirtyPages};
 pub use exit::{Exit, InternalError, SystemEvent};
 pub use hypervisor::{Capabilities, Hypervisor, HypervisorError};
 pub use kick::Kicker;

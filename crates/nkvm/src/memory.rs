@@ -54,9 +54,7 @@ pub enum MemoryError {
     #[error("memory size {0:#x} must be a non-zero multiple of 4 KiB")]
     BadSize(u64),
     /// A region's address, offset or length is not page aligned.
-    #[error(
-        "region {0} is not 4 KiB aligned (address, offset into its backing and length must all be)"
-    )]
+    #[error("region {0} is not 4 KiB aligned (address, offset into its backing and length must all be)")]
     Unaligned(RegionName),
     /// A region of length zero.
     #[error("region {0} is empty")]
@@ -159,13 +157,7 @@ impl Backing {
             source,
         })?;
         let id = NEXT_BACKING_ID.fetch_add(1, Ordering::Relaxed);
-        Ok(Self {
-            inner: Arc::new(BackingInner {
-                id,
-                name: name.to_string(),
-                map,
-            }),
-        })
+        Ok(Self { inner: Arc::new(BackingInner { id, name: name.to_string(), map }) })
     }
 
     /// Maps an existing memory file, for example a memfd received by a device process.
@@ -180,13 +172,7 @@ impl Backing {
             source,
         })?;
         let id = NEXT_BACKING_ID.fetch_add(1, Ordering::Relaxed);
-        Ok(Self {
-            inner: Arc::new(BackingInner {
-                id,
-                name: name.to_string(),
-                map,
-            }),
-        })
+        Ok(Self { inner: Arc::new(BackingInner { id, name: name.to_string(), map }) })
     }
 
     /// A process-unique id (stable for the life of the object).
@@ -221,23 +207,21 @@ impl Backing {
     /// Reads `buf.len()` bytes at `offset`.
     pub fn read_at(&self, offset: u64, buf: &mut [u8]) -> Result<(), MemoryError> {
         let off = usize::try_from(offset).ok();
-        off.and_then(|o| self.inner.map.read(o, buf))
-            .ok_or(MemoryError::OutOfBounds {
-                offset,
-                len: buf.len(),
-                backing_len: self.len(),
-            })
+        off.and_then(|o| self.inner.map.read(o, buf)).ok_or(MemoryError::OutOfBounds {
+            offset,
+            len: buf.len(),
+            backing_len: self.len(),
+        })
     }
 
     /// Writes `buf` at `offset`.
     pub fn write_at(&self, offset: u64, buf: &[u8]) -> Result<(), MemoryError> {
         let off = usize::try_from(offset).ok();
-        off.and_then(|o| self.inner.map.write(o, buf))
-            .ok_or(MemoryError::OutOfBounds {
-                offset,
-                len: buf.len(),
-                backing_len: self.len(),
-            })
+        off.and_then(|o| self.inner.map.write(o, buf)).ok_or(MemoryError::OutOfBounds {
+            offset,
+            len: buf.len(),
+            backing_len: self.len(),
+        })
     }
 
     /// Whether two handles are the same object.
@@ -266,14 +250,7 @@ pub struct Region {
 impl Region {
     /// A writable, untracked region mapping `backing[offset..offset+len]` at `gpa`.
     pub fn new(gpa: GuestAddress, backing: &Backing, offset: u64, len: u64) -> Self {
-        Self {
-            gpa,
-            len,
-            backing: backing.clone(),
-            offset,
-            read_only: false,
-            dirty_log: false,
-        }
+        Self { gpa, len, backing: backing.clone(), offset, read_only: false, dirty_log: false }
     }
 
     /// The same region, read-only for the guest.
@@ -290,10 +267,7 @@ impl Region {
 
     /// The region's identity for messages.
     pub fn name(&self) -> RegionName {
-        RegionName {
-            gpa: self.gpa,
-            len: self.len,
-        }
+        RegionName { gpa: self.gpa, len: self.len }
     }
 
     /// One past the last guest physical address.
@@ -320,15 +294,11 @@ impl Region {
         if self.len == 0 {
             return Err(MemoryError::Empty(self.name()));
         }
-        if self.gpa.0 % PAGE_SIZE != 0 || self.len % PAGE_SIZE != 0 || self.offset % PAGE_SIZE != 0
-        {
+        if self.gpa.0 % PAGE_SIZE != 0 || self.len % PAGE_SIZE != 0 || self.offset % PAGE_SIZE != 0 {
             return Err(MemoryError::Unaligned(self.name()));
         }
         if self.gpa.0.checked_add(self.len).is_none()
-            || self
-                .offset
-                .checked_add(self.len)
-                .is_none_or(|end| end > self.backing.len())
+            || self.offset.checked_add(self.len).is_none_or(|end| end > self.backing.len())
         {
             return Err(MemoryError::OutsideBacking {
                 region: self.name(),
@@ -367,19 +337,9 @@ impl MemoryMap {
     pub fn ram(backing: &Backing) -> Result<Self, MemoryError> {
         const LOW_LIMIT: u64 = 3 << 30;
         let size = backing.len();
-        let mut regions = vec![Region::new(
-            GuestAddress(0),
-            backing,
-            0,
-            size.min(LOW_LIMIT),
-        )];
+        let mut regions = vec![Region::new(GuestAddress(0), backing, 0, size.min(LOW_LIMIT))];
         if size > LOW_LIMIT {
-            regions.push(Region::new(
-                GuestAddress(4 << 30),
-                backing,
-                LOW_LIMIT,
-                size - LOW_LIMIT,
-            ));
+            regions.push(Region::new(GuestAddress(4 << 30), backing, LOW_LIMIT, size - LOW_LIMIT));
         }
         Self::new(regions)
     }
@@ -418,9 +378,7 @@ impl MemoryMap {
         let mut done = 0usize;
         while done < len {
             let addr = GuestAddress(gpa.0.wrapping_add(done as u64));
-            let region = self
-                .find(addr)
-                .ok_or(MemoryError::Unmapped { addr: gpa, len })?;
+            let region = self.find(addr).ok_or(MemoryError::Unmapped { addr: gpa, len })?;
             let in_region = addr.0 - region.gpa.0;
             let n = ((region.len - in_region) as usize).min(len - done);
             f(region, region.offset + in_region, done, n)?;
@@ -442,10 +400,7 @@ mod tests {
             Region::new(GuestAddress(0xfffe0000), &b, 0, 0x20000),
         ])
         .unwrap_err();
-        assert_eq!(
-            err.to_string(),
-            "region 0xfff00000+0x100000 overlaps region 0xfffe0000+0x20000"
-        );
+        assert_eq!(err.to_string(), "region 0xfff00000+0x100000 overlaps region 0xfffe0000+0x20000");
     }
 
     #[test]
@@ -460,10 +415,7 @@ mod tests {
             Err(MemoryError::OutsideBacking { .. })
         ));
         assert!(matches!(Backing::new("t", 0), Err(MemoryError::BadSize(0))));
-        assert!(matches!(
-            Backing::new("t", 4097),
-            Err(MemoryError::BadSize(4097))
-        ));
+        assert!(matches!(Backing::new("t", 4097), Err(MemoryError::BadSize(4097))));
     }
 
     #[test]
@@ -482,10 +434,7 @@ mod tests {
         assert_eq!(buf, [1, 2]);
         b.read_at(0, &mut buf).unwrap();
         assert_eq!(buf, [3, 4]);
-        assert!(matches!(
-            map.read(GuestAddress(0x2000), &mut buf),
-            Err(MemoryError::Unmapped { .. })
-        ));
+        assert!(matches!(map.read(GuestAddress(0x2000), &mut buf), Err(MemoryError::Unmapped { .. })));
     }
 
     #[test]

@@ -41,10 +41,7 @@ impl LongMode {
     /// Writes the GDT and page tables at `base` (4 KiB aligned) into `memory`.
     pub fn install(memory: &MemoryMap, base: GuestAddress) -> Result<Self, MemoryError> {
         if base.0 % 4096 != 0 {
-            return Err(MemoryError::Unmapped {
-                addr: base,
-                len: Self::SIZE as usize,
-            });
+            return Err(MemoryError::Unmapped { addr: base, len: Self::SIZE as usize });
         }
         let lm = Self { base };
         // GDT: null, 64-bit code, data.
@@ -56,14 +53,9 @@ impl LongMode {
         memory.write(pml4, &(pdpt | PTE_PRESENT | PTE_WRITE).to_le_bytes())?;
         for i in 0..4u64 {
             let pd = pdpt + 0x1000 * (i + 1);
-            memory.write(
-                GuestAddress(pdpt + 8 * i),
-                &(pd | PTE_PRESENT | PTE_WRITE).to_le_bytes(),
-            )?;
+            memory.write(GuestAddress(pdpt + 8 * i), &(pd | PTE_PRESENT | PTE_WRITE).to_le_bytes())?;
             let entries: Vec<u8> = (0..512u64)
-                .flat_map(|j| {
-                    (((i << 30) + (j << 21)) | PTE_PRESENT | PTE_WRITE | PTE_HUGE).to_le_bytes()
-                })
+                .flat_map(|j| (((i << 30) + (j << 21)) | PTE_PRESENT | PTE_WRITE | PTE_HUGE).to_le_bytes())
                 .collect();
             memory.write(GuestAddress(pd), &entries)?;
         }
@@ -106,13 +98,7 @@ impl Vcpu {
             unusable: 0,
             padding: 0,
         };
-        let data = kvm_bindings::kvm_segment {
-            selector: DATA_SELECTOR,
-            type_: 0x3,
-            l: 0,
-            db: 1,
-            ..code
-        };
+        let data = kvm_bindings::kvm_segment { selector: DATA_SELECTOR, type_: 0x3, l: 0, db: 1, ..code };
         sregs.cs = code;
         sregs.ds = data;
         sregs.es = data;
@@ -126,12 +112,7 @@ impl Vcpu {
         sregs.cr0 = CR0_PE | CR0_MP | CR0_ET | CR0_NE | CR0_WP | CR0_PG;
         sregs.efer |= EFER_LME | EFER_LMA;
         self.set_sregs(&sregs)?;
-        let regs = crate::Regs {
-            rip: entry.0,
-            rsp: stack.0,
-            rflags: 0x2,
-            ..Default::default()
-        };
+        let regs = crate::Regs { rip: entry.0, rsp: stack.0, rflags: 0x2, ..Default::default() };
         self.set_regs(&regs)
     }
 
@@ -141,11 +122,7 @@ impl Vcpu {
         sregs.cs.selector = segment;
         sregs.cs.base = u64::from(segment) << 4;
         self.set_sregs(&sregs)?;
-        let regs = crate::Regs {
-            rip: u64::from(offset),
-            rflags: 0x2,
-            ..Default::default()
-        };
+        let regs = crate::Regs { rip: u64::from(offset), rflags: 0x2, ..Default::default() };
         self.set_regs(&regs)
     }
 }

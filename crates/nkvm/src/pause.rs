@@ -55,13 +55,8 @@ impl PauseGate {
     /// Kicks every vCPU out of the guest and keeps them out until the guard drops.
     pub(crate) fn pause(&self) -> Paused<'_> {
         self.pausing.store(true, Ordering::SeqCst);
-        let vcpus: Vec<Arc<KickShared>> = self
-            .vcpus
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .iter()
-            .filter_map(Weak::upgrade)
-            .collect();
+        let vcpus: Vec<Arc<KickShared>> =
+            self.vcpus.lock().unwrap_or_else(|p| p.into_inner()).iter().filter_map(Weak::upgrade).collect();
         for v in &vcpus {
             v.kick();
         }
@@ -69,9 +64,6 @@ impl PauseGate {
         // returns at once (immediate_exit), and none re-enters while
         // `pausing` is set.
         let guard = self.lock.write().unwrap_or_else(|p| p.into_inner());
-        Paused {
-            gate: self,
-            _guard: guard,
-        }
+        Paused { gate: self, _guard: guard }
     }
 }

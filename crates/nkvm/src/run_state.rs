@@ -140,16 +140,8 @@ impl RunState {
     /// Records the read an exit leaves pending.
     pub(crate) fn expect(&mut self, exit: &Exit) {
         self.pending = match *exit {
-            Exit::IoIn { port, size } => Pending::IoIn {
-                port,
-                size,
-                value: None,
-            },
-            Exit::MmioRead { addr, size } => Pending::MmioRead {
-                addr: addr.0,
-                size,
-                value: None,
-            },
+            Exit::IoIn { port, size } => Pending::IoIn { port, size, value: None },
+            Exit::MmioRead { addr, size } => Pending::MmioRead { addr: addr.0, size, value: None },
             Exit::IoInString { port, .. } => {
                 self.string_in_ready = false;
                 Pending::IoInString { port }
@@ -164,16 +156,8 @@ impl RunState {
         let pending = self.pending;
         let result = match pending {
             Pending::None => Ok((Completion::None, false)),
-            Pending::IoIn {
-                size,
-                value: Some(value),
-                ..
-            } => Ok((Completion::IoIn { size, value }, false)),
-            Pending::MmioRead {
-                size,
-                value: Some(value),
-                ..
-            } => Ok((Completion::MmioRead { size, value }, false)),
+            Pending::IoIn { size, value: Some(value), .. } => Ok((Completion::IoIn { size, value }, false)),
+            Pending::MmioRead { size, value: Some(value), .. } => Ok((Completion::MmioRead { size, value }, false)),
             Pending::IoInString { .. } if self.string_in_ready => Ok((Completion::None, true)),
             _ => Err(pending),
         };

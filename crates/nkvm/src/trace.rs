@@ -96,11 +96,7 @@ struct Histogram {
 
 impl Default for Histogram {
     fn default() -> Self {
-        Self {
-            buckets: vec![0; 64 * 16],
-            count: 0,
-            max: 0,
-        }
+        Self { buckets: vec![0; 64 * 16], count: 0, max: 0 }
     }
 }
 
@@ -180,12 +176,7 @@ impl ExitStats {
 
     /// Total exits recorded.
     pub fn total(&self) -> u64 {
-        self.inner
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .values()
-            .map(|s| s.count)
-            .sum()
+        self.inner.lock().unwrap_or_else(|p| p.into_inner()).values().map(|s| s.count).sum()
     }
 
     /// The rows, most frequent reason first.
@@ -277,11 +268,7 @@ mod tests {
             stats.on_exit(&ExitRecord {
                 vcpu: 0,
                 seq: i,
-                exit: if i % 2 == 0 {
-                    Exit::Hlt
-                } else {
-                    Exit::IoIn { port: 1, size: 1 }
-                },
+                exit: if i % 2 == 0 { Exit::Hlt } else { Exit::IoIn { port: 1, size: 1 } },
                 guest_time: Duration::from_micros(1),
                 handler_time: Some(Duration::from_micros(i)),
             });

@@ -1,6 +1,5 @@
 //! [`Vcpu`]: one virtual CPU, and [`Vcpu::enter_guest`].
 
-use std::any::Any;
 use std::fmt;
 use std::os::fd::AsRawFd;
 use std::sync::Arc;
@@ -80,7 +79,13 @@ pub struct Vcpu {
     tracers: Vec<Box<dyn Tracer>>,
     trace: TraceState,
     gate: Arc<PauseGate>,
-    _keepalive: Box<dyn Any + Send + Sync>,
+    memory: Arc<dyn RingFull>,
+}
+
+/// Harvests the VM's dirty rings when a vCPU's ring is full (implemented by
+/// the VM's memory state, which the vCPU also keeps alive).
+pub(crate) trait RingFull: Send + Sync + fmt::Debug {
+    fn ring_full(&self) -> std::io::Result<()>;
 }
 
 #[derive(Debug, Default)]
@@ -91,10 +96,7 @@ struct TraceState {
 
 impl fmt::Debug for Vcpu {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.debug_struct("Vcpu")
-            .field("id", &self.id)
-            .field("tracers", &self.tracers.len())
-            .finish()
+        f.debug_struct("Vcpu").field("id", &self.id).field("tracers", &self.tracers.len()).finish()
     }
 }
 
@@ -104,25 +106,13 @@ impl Vcpu {
         fd: VcpuFd,
         mmap_size: usize,
         gate: Arc<PauseGate>,
-        keepalive: Box<dyn Any + Send + Sync>,
+        memory: Arc<dyn RingFull>,
     ) -> Result<Self, VcpuError> {
         crate::sys::kick::install_handler().map_err(VcpuError::Signal)?;
-        let run = Arc::new(
-            RunArea::map(fd.as_raw_fd(), mmap_size)
-                .map_err(|source| VcpuError::MapRun { id, source })?,
-        );
+        let run = Arc::new(RunArea::map(fd.as_raw_fd(), mmap_size).map_err(|source| VcpuError::MapRun { id, source })?);
         let kick = KickShared::new(run.clone());
         gate.register(&kick);
-        Ok(Self {
-            id,
-            fd,
-            run,
-            kick,
-            tracers: Vec::new(),
-            trace: TraceState::default(),
-            gate,
-            _keepalive: keepalive,
-        })
+        Ok(Self { id, fd, run, kick, tracers: Vec::new(), trace: TraceState::default(), gate, memory })
     }
 
     /// The vCPU's id (its APIC id).
@@ -150,17 +140,9 @@ impl Vcpu {
     /// [`Kicker`].
     pub fn enter_guest(&mut self, run: &mut RunState) -> Result<Exit, VcpuError> {
         let (completion, string_in) =
-            run.take_completion()
-                .map_err(|p| VcpuError::ReadNotCompleted {
-                    id: self.id,
-                    what: describe(p),
-                })?;
+            run.take_completion().map_err(|p| VcpuError::ReadNotCompleted { id: self.id, what: describe(p) })?;
         let tracing = !self.tracers.is_empty();
-        let entered = if tracing {
-            Some(self.emit_pending(true))
-        } else {
-            None
-        };
+        let entered = if tracing { Some(self.emit_pending(true)) } else { None };
 
         let mut completion = completion;
         let mut string_in = string_in;
@@ -169,30 +151,26 @@ impl Vcpu {
             // exclusively, after kicking every vCPU out.
             let entered = self.gate.enter();
             self.kick.enter();
-            let data = if string_in {
-                Some(run.string_data.as_slice())
-            } else {
-                None
-            };
-            let result = self
-                .run
-                .run(&self.fd, completion, data, run.interrupt_window_requested());
+            let data = if string_in { Some(run.string_data.as_slice()) } else { None };
+            let result = self.run.run(&self.fd, completion, data, run.interrupt_window_requested());
             self.kick.leave();
             drop(entered);
             // A completion is consumed by the first KVM_RUN, kicked or not.
             completion = crate::sys::run::Completion::None;
             string_in = false;
             match result {
-                Ok(true) => break self.run.decode(&mut run.string_data),
+                Ok(true) => match self.run.decode(&mut run.string_data) {
+                    // The dirty ring is full: move it to the bitmaps, go on.
+                    Exit::Unknown { reason: kvm_bindings::KVM_EXIT_DIRTY_RING_FULL } => {
+                        self.memory.ring_full().map_err(|source| VcpuError::Run { id: self.id, source })?;
+                        continue;
+                    }
+                    exit => break exit,
+                },
                 Ok(false) if self.kick.take() => break Exit::Kicked,
                 // Paused for a memory-map change: enter again once it is done.
                 Ok(false) => continue,
-                Err(source) => {
-                    return Err(VcpuError::Run {
-                        id: self.id,
-                        source,
-                    })
-                }
+                Err(source) => return Err(VcpuError::Run { id: self.id, source }),
             }
         };
         run.flags = self.run.flags();
@@ -225,144 +203,93 @@ impl Vcpu {
 
     /// Reads the general-purpose registers.
     pub fn regs(&self) -> Result<Regs, VcpuError> {
-        self.fd
-            .get_regs()
-            .map_err(|source| self.err("KVM_GET_REGS", source))
+        self.fd.get_regs().map_err(|source| self.err("KVM_GET_REGS", source))
     }
 
     /// Writes the general-purpose registers.
     pub fn set_regs(&self, regs: &Regs) -> Result<(), VcpuError> {
-        self.fd
-            .set_regs(regs)
-            .map_err(|source| self.err("KVM_SET_REGS", source))
+        self.fd.set_regs(regs).map_err(|source| self.err("KVM_SET_REGS", source))
     }
 
     /// Reads the segment and control registers.
     pub fn sregs(&self) -> Result<Sregs, VcpuError> {
-        self.fd
-            .get_sregs()
-            .map_err(|source| self.err("KVM_GET_SREGS", source))
+        self.fd.get_sregs().map_err(|source| self.err("KVM_GET_SREGS", source))
     }
 
     /// Writes the segment and control registers.
     pub fn set_sregs(&self, sregs: &Sregs) -> Result<(), VcpuError> {
-        self.fd
-            .set_sregs(sregs)
-            .map_err(|source| self.err("KVM_SET_SREGS", source))
+        self.fd.set_sregs(sregs).map_err(|source| self.err("KVM_SET_SREGS", source))
     }
 
     /// Reads the FPU state.
     pub fn fpu(&self) -> Result<Fpu, VcpuError> {
-        self.fd
-            .get_fpu()
-            .map_err(|source| self.err("KVM_GET_FPU", source))
+        self.fd.get_fpu().map_err(|source| self.err("KVM_GET_FPU", source))
     }
 
     /// Writes the FPU state.
     pub fn set_fpu(&self, fpu: &Fpu) -> Result<(), VcpuError> {
-        self.fd
-            .set_fpu(fpu)
-            .map_err(|source| self.err("KVM_SET_FPU", source))
+        self.fd.set_fpu(fpu).map_err(|source| self.err("KVM_SET_FPU", source))
     }
 
     /// Sets the CPUID the guest sees (start from
     /// [`Hypervisor::supported_cpuid`](crate::Hypervisor::supported_cpuid)).
     pub fn set_cpuid(&self, cpuid: &Cpuid) -> Result<(), VcpuError> {
-        self.fd
-            .set_cpuid2(cpuid)
-            .map_err(|source| self.err("KVM_SET_CPUID2", source))
+        self.fd.set_cpuid2(cpuid).map_err(|source| self.err("KVM_SET_CPUID2", source))
     }
 
     /// The CPUID set on this vCPU.
     pub fn cpuid(&self) -> Result<Cpuid, VcpuError> {
-        self.fd
-            .get_cpuid2(kvm_bindings::KVM_MAX_CPUID_ENTRIES)
-            .map_err(|source| self.err("KVM_GET_CPUID2", source))
+        self.fd.get_cpuid2(kvm_bindings::KVM_MAX_CPUID_ENTRIES).map_err(|source| self.err("KVM_GET_CPUID2", source))
     }
 
     /// Reads the MSRs `indices`, returning `(index, value)` pairs for those
     /// KVM could read (it stops at the first it cannot).
     pub fn msrs(&self, indices: &[u32]) -> Result<Vec<(u32, u64)>, VcpuError> {
-        let entries: Vec<kvm_msr_entry> = indices
-            .iter()
-            .map(|&index| kvm_msr_entry {
-                index,
-                ..Default::default()
-            })
-            .collect();
-        let mut msrs = Msrs::from_entries(&entries)
-            .map_err(|_| self.err("KVM_GET_MSRS", kvm_ioctls::Error::new(libc::E2BIG)))?;
-        let n = self
-            .fd
-            .get_msrs(&mut msrs)
-            .map_err(|source| self.err("KVM_GET_MSRS", source))?;
-        Ok(msrs.as_slice()[..n]
-            .iter()
-            .map(|e| (e.index, e.data))
-            .collect())
+        let entries: Vec<kvm_msr_entry> =
+            indices.iter().map(|&index| kvm_msr_entry { index, ..Default::default() }).collect();
+        let mut msrs =
+            Msrs::from_entries(&entries).map_err(|_| self.err("KVM_GET_MSRS", kvm_ioctls::Error::new(libc::E2BIG)))?;
+        let n = self.fd.get_msrs(&mut msrs).map_err(|source| self.err("KVM_GET_MSRS", source))?;
+        Ok(msrs.as_slice()[..n].iter().map(|e| (e.index, e.data)).collect())
     }
 
     /// Writes MSRs; returns how many KVM accepted (it stops at the first it rejects).
     pub fn set_msrs(&self, values: &[(u32, u64)]) -> Result<usize, VcpuError> {
-        let entries: Vec<kvm_msr_entry> = values
-            .iter()
-            .map(|&(index, data)| kvm_msr_entry {
-                index,
-                data,
-                ..Default::default()
-            })
-            .collect();
-        let msrs = Msrs::from_entries(&entries)
-            .map_err(|_| self.err("KVM_SET_MSRS", kvm_ioctls::Error::new(libc::E2BIG)))?;
-        self.fd
-            .set_msrs(&msrs)
-            .map_err(|source| self.err("KVM_SET_MSRS", source))
+        let entries: Vec<kvm_msr_entry> =
+            values.iter().map(|&(index, data)| kvm_msr_entry { index, data, ..Default::default() }).collect();
+        let msrs =
+            Msrs::from_entries(&entries).map_err(|_| self.err("KVM_SET_MSRS", kvm_ioctls::Error::new(libc::E2BIG)))?;
+        self.fd.set_msrs(&msrs).map_err(|source| self.err("KVM_SET_MSRS", source))
     }
 
     /// Sets extended control register XCR0 (the XSAVE feature mask the guest
     /// has enabled; x87|SSE = 0x3).
     pub fn set_xcr0(&self, value: u64) -> Result<(), VcpuError> {
-        let mut xcrs = kvm_bindings::kvm_xcrs {
-            nr_xcrs: 1,
-            ..Default::default()
-        };
+        let mut xcrs = kvm_bindings::kvm_xcrs { nr_xcrs: 1, ..Default::default() };
         xcrs.xcrs[0].xcr = 0;
         xcrs.xcrs[0].value = value;
-        self.fd
-            .set_xcrs(&xcrs)
-            .map_err(|source| self.err("KVM_SET_XCRS", source))
+        self.fd.set_xcrs(&xcrs).map_err(|source| self.err("KVM_SET_XCRS", source))
     }
 
     /// Reads pending exception/interrupt/NMI state.
     pub fn events(&self) -> Result<VcpuEvents, VcpuError> {
-        self.fd
-            .get_vcpu_events()
-            .map_err(|source| self.err("KVM_GET_VCPU_EVENTS", source))
+        self.fd.get_vcpu_events().map_err(|source| self.err("KVM_GET_VCPU_EVENTS", source))
     }
 
     /// Writes pending exception/interrupt/NMI state (e.g. to inject an exception).
     pub fn set_events(&self, events: &VcpuEvents) -> Result<(), VcpuError> {
-        self.fd
-            .set_vcpu_events(events)
-            .map_err(|source| self.err("KVM_SET_VCPU_EVENTS", source))
+        self.fd.set_vcpu_events(events).map_err(|source| self.err("KVM_SET_VCPU_EVENTS", source))
     }
 
     /// Translates a guest virtual address with the vCPU's current page tables
     /// (`KVM_TRANSLATE`); `None` if it is not mapped.
     pub fn translate(&self, gva: u64) -> Result<Option<u64>, VcpuError> {
-        let t = self
-            .fd
-            .translate_gva(gva)
-            .map_err(|source| self.err("KVM_TRANSLATE", source))?;
+        let t = self.fd.translate_gva(gva).map_err(|source| self.err("KVM_TRANSLATE", source))?;
         Ok((t.valid != 0).then_some(t.physical_address))
     }
 
     fn err(&self, op: &'static str, source: kvm_ioctls::Error) -> VcpuError {
-        VcpuError::Kvm {
-            id: self.id,
-            op,
-            source,
-        }
+        VcpuError::Kvm { id: self.id, op, source }
     }
 }
 

@@ -5,14 +5,15 @@ use std::fmt;
 use std::sync::{Arc, Mutex, RwLock};
 
 use kvm_bindings::{
-    kvm_enable_cap, kvm_userspace_memory_region, KVM_CAP_MANUAL_DIRTY_LOG_PROTECT2,
+    kvm_enable_cap, kvm_userspace_memory_region, KVM_CAP_DIRTY_LOG_RING_ACQ_REL, KVM_CAP_MANUAL_DIRTY_LOG_PROTECT2,
     KVM_CAP_SPLIT_IRQCHIP, KVM_MEM_LOG_DIRTY_PAGES, KVM_MEM_READONLY,
 };
 use kvm_ioctls::VmFd;
 
-use crate::dirty::{DirtyPages, PageBitmap};
+use crate::dirty::{DirtyLogMode, DirtyPages, PageBitmap};
 use crate::memory::{Backing, MemoryError, MemoryMap, Region, PAGE_SIZE};
 use crate::pause::PauseGate;
+use crate::sys::ring::{reset_dirty_rings, DirtyRing};
 use crate::vcpu::Vcpu;
 use crate::{GuestAddress, Hypervisor, VcpuError};
 
@@ -56,6 +57,9 @@ pub enum VmError {
     /// Creating a vCPU failed.
     #[error(transparent)]
     Vcpu(#[from] VcpuError),
+    /// Harvesting or resetting the dirty rings failed.
+    #[error("dirty ring harvest failed")]
+    DirtyRing(#[source] std::io::Error),
     /// Re-arming dirty tracking failed.
     #[error("KVM_CLEAR_DIRTY_LOG on slot {slot} failed")]
     ClearDirtyLog {
@@ -78,15 +82,14 @@ pub struct VmConfig {
     /// Local APICs in the kernel, IOAPIC/PIC in user space (split irqchip).
     /// Without it, `hlt` exits to user space and there are no local APICs.
     pub split_irqchip: bool,
+    /// Where dirty pages come from: KVM's dirty ring when the host has it
+    /// (`Auto`), or `KVM_GET_DIRTY_LOG` bitmaps.
+    pub dirty_log: DirtyLogMode,
 }
 
 impl Default for VmConfig {
     fn default() -> Self {
-        Self {
-            vcpus: 1,
-            memory: 64 << 20,
-            split_irqchip: false,
-        }
+        Self { vcpus: 1, memory: 64 << 20, split_irqchip: false, dirty_log: DirtyLogMode::Auto }
     }
 }
 
@@ -106,10 +109,72 @@ pub struct Vm {
     max_slots: u32,
     ram: Backing,
     map: RwLock<Arc<MemoryMap>>,
-    state: Arc<Mutex<MapState>>,
+    shared: Arc<DirtyShared>,
     gate: Arc<PauseGate>,
     manual_protect: bool,
 }
+
+/// The memory state vCPUs keep alive, and the dirty-ring harvest they
+/// trigger when a ring fills.
+#[derive(Debug)]
+struct DirtyShared {
+    state: Mutex<MapState>,
+    /// Ring size in bytes; 0 when dirty pages come from `KVM_GET_DIRTY_LOG`.
+    ring_bytes: u32,
+    rings: Mutex<Vec<Arc<DirtyRing>>>,
+    /// A duplicate of the VM fd, for `KVM_RESET_DIRTY_RINGS`.
+    vm_file: std::fs::File,
+}
+
+impl DirtyShared {
+    /// Moves every published ring entry into the bitmaps, then lets KVM
+    /// re-protect those pages.
+    fn harvest_rings(&self, state: &mut MapState) -> std::io::Result<()> {
+        let rings = self.rings.lock().unwrap_or_else(|p| p.into_inner());
+        let MapState { installed, bitmaps, .. } = state;
+        let by_slot: HashMap<u32, &Region> = installed.iter().map(|(r, slot)| (*slot, r)).collect();
+        let mut total = 0;
+        let mut overflowed = false;
+        for ring in rings.iter() {
+            let n = ring.harvest(|slot, offset| {
+                if let Some(region) = by_slot.get(&(slot & 0xffff)) {
+                    if let Some(bitmap) = bitmaps.get_mut(&region.backing.id()) {
+                        bitmap.set(region.offset / PAGE_SIZE + offset);
+                    }
+                }
+            });
+            // A ring found completely full may have wrapped: KVM is meant to
+            // exit at its soft limit, but on this nested host (kvm_pvm) the
+            // exit can come late and entries are overwritten.
+            overflowed |= n >= ring.entries() as usize;
+            total += n;
+        }
+        if overflowed {
+            log::warn!("a dirty ring overflowed before KVM exited: reporting all dirty-logged memory as dirty");
+            for (region, _) in installed.iter().filter(|(r, _)| r.dirty_log) {
+                if let Some(bitmap) = bitmaps.get_mut(&region.backing.id()) {
+                    bitmap.set_range(region.offset / PAGE_SIZE, region.len / PAGE_SIZE);
+                }
+            }
+        }
+        if total > 0 {
+            reset_dirty_rings(&self.vm_file)?;
+        }
+        Ok(())
+    }
+}
+
+impl crate::vcpu::RingFull for DirtyShared {
+    fn ring_full(&self) -> std::io::Result<()> {
+        let mut state = self.state.lock().unwrap_or_else(|p| p.into_inner());
+        self.harvest_rings(&mut state)
+    }
+}
+
+/// Dirty-ring size nkvm asks for (per vCPU): 64Ki entries.
+const RING_BYTES: u32 = 1 << 20;
+/// The smallest ring worth using.
+const MIN_RING_BYTES: u32 = 1 << 16;
 
 /// What is installed in KVM, and the dirty bitmaps in user memory.
 #[derive(Debug, Default)]
@@ -136,39 +201,43 @@ impl Vm {
             return Err(VmError::NoVcpus);
         }
         if config.vcpus > caps.max_vcpus {
-            return Err(VmError::TooManyVcpus {
-                requested: config.vcpus,
-                max: caps.max_vcpus,
-            });
+            return Err(VmError::TooManyVcpus { requested: config.vcpus, max: caps.max_vcpus });
         }
         if config.split_irqchip && !caps.split_irqchip {
-            return Err(VmError::MissingCapability(
-                "a split irqchip (KVM_CAP_SPLIT_IRQCHIP)",
-            ));
+            return Err(VmError::MissingCapability("a split irqchip (KVM_CAP_SPLIT_IRQCHIP)"));
         }
         let ram = Backing::new("nkvm-ram", config.memory)?;
-        let fd = hv.kvm.create_vm().map_err(|source| VmError::Kvm {
-            op: "KVM_CREATE_VM",
-            source,
-        })?;
+        let fd = hv.kvm.create_vm().map_err(|source| VmError::Kvm { op: "KVM_CREATE_VM", source })?;
         if config.split_irqchip {
-            let mut cap = kvm_enable_cap {
-                cap: KVM_CAP_SPLIT_IRQCHIP,
-                ..Default::default()
-            };
+            let mut cap = kvm_enable_cap { cap: KVM_CAP_SPLIT_IRQCHIP, ..Default::default() };
             cap.args[0] = 24;
-            fd.enable_cap(&cap).map_err(|source| VmError::Kvm {
-                op: "KVM_ENABLE_CAP(SPLIT_IRQCHIP)",
-                source,
-            })?;
+            fd.enable_cap(&cap).map_err(|source| VmError::Kvm { op: "KVM_ENABLE_CAP(SPLIT_IRQCHIP)", source })?;
         }
+        let ring_bytes = match config.dirty_log {
+            DirtyLogMode::Bitmap => 0,
+            mode => {
+                let usable = caps.dirty_ring_acq_rel && caps.dirty_ring_max_bytes >= MIN_RING_BYTES;
+                if !usable && mode == DirtyLogMode::Ring {
+                    return Err(VmError::MissingCapability("a dirty ring (KVM_CAP_DIRTY_LOG_RING_ACQ_REL)"));
+                }
+                if usable {
+                    caps.dirty_ring_max_bytes.min(RING_BYTES)
+                } else {
+                    0
+                }
+            }
+        };
+        if ring_bytes > 0 {
+            let mut cap = kvm_enable_cap { cap: KVM_CAP_DIRTY_LOG_RING_ACQ_REL, ..Default::default() };
+            cap.args[0] = u64::from(ring_bytes);
+            fd.enable_cap(&cap)
+                .map_err(|source| VmError::Kvm { op: "KVM_ENABLE_CAP(DIRTY_LOG_RING_ACQ_REL)", source })?;
+        }
+        let vm_file = crate::sys::ring::dup_fd(std::os::fd::AsRawFd::as_raw_fd(&fd)).map_err(VmError::DirtyRing)?;
         // Manual protection lets collect_dirty re-arm exactly the pages it
         // returns; without it, sync_dirty_log re-arms everything it reads.
-        let manual_protect = caps.manual_dirty_log_protect && {
-            let mut cap = kvm_enable_cap {
-                cap: KVM_CAP_MANUAL_DIRTY_LOG_PROTECT2,
-                ..Default::default()
-            };
+        let manual_protect = ring_bytes == 0 && caps.manual_dirty_log_protect && {
+            let mut cap = kvm_enable_cap { cap: KVM_CAP_MANUAL_DIRTY_LOG_PROTECT2, ..Default::default() };
             cap.args[0] = 1; // KVM_DIRTY_LOG_MANUAL_PROTECT_ENABLE
             fd.enable_cap(&cap).is_ok()
         };
@@ -179,12 +248,22 @@ impl Vm {
             max_slots: caps.max_memory_slots,
             ram: ram.clone(),
             map: RwLock::new(Arc::new(MemoryMap::default())),
-            state: Arc::new(Mutex::new(MapState::default())),
+            shared: Arc::new(DirtyShared {
+                state: Mutex::new(MapState::default()),
+                ring_bytes,
+                rings: Mutex::new(Vec::new()),
+                vm_file,
+            }),
             gate: PauseGate::new(),
             manual_protect,
         };
         vm.set_memory_map(MemoryMap::ram(&ram)?)?;
         Ok(vm)
+    }
+
+    /// Whether dirty pages come from KVM's dirty ring (else from bitmaps).
+    pub fn uses_dirty_ring(&self) -> bool {
+        self.shared.ring_bytes > 0
     }
 
     /// The configuration the VM was built with.
@@ -225,24 +304,22 @@ impl Vm {
     /// only adds regions does not pause anybody.
     pub fn set_memory_map(&self, map: MemoryMap) -> Result<(), VmError> {
         if map.regions().len() > self.max_slots as usize {
-            return Err(MemoryError::TooManyRegions {
-                count: map.regions().len(),
-                max: self.max_slots,
-            }
-            .into());
+            return Err(MemoryError::TooManyRegions { count: map.regions().len(), max: self.max_slots }.into());
         }
-        let mut state = self.state.lock().unwrap_or_else(|p| p.into_inner());
+        let mut state = self.shared.state.lock().unwrap_or_else(|p| p.into_inner());
         let (remove, add) = diff(&state.installed, map.regions());
-        let paused = if remove.is_empty() {
-            None
-        } else {
-            Some(self.gate.pause())
-        };
+        let paused = if remove.is_empty() { None } else { Some(self.gate.pause()) };
         let mut result = Ok(());
+        if paused.is_some() && self.shared.ring_bytes > 0 {
+            // Ring entries name slots by number: drain them before any slot goes.
+            if let Err(source) = self.shared.harvest_rings(&mut state) {
+                result = Err(VmError::DirtyRing(source));
+            }
+        }
         for &i in remove.iter().rev() {
             let (region, slot) = state.installed.remove(i);
-            if region.dirty_log {
-                if let Err(e) = self.harvest(&mut state.bitmaps, &region, slot) {
+            if region.dirty_log && self.shared.ring_bytes == 0 {
+                if let Err(e) = self.harvest_slot(&mut state.bitmaps, &region, slot) {
                     result = Err(e);
                 }
             }
@@ -261,10 +338,7 @@ impl Vm {
             self.install_slot(slot, region, false)?;
             if region.dirty_log {
                 let pages = region.backing.len() / PAGE_SIZE;
-                state
-                    .bitmaps
-                    .entry(region.backing.id())
-                    .or_insert_with(|| PageBitmap::new(pages));
+                state.bitmaps.entry(region.backing.id()).or_insert_with(|| PageBitmap::new(pages));
             }
             let at = state.installed.partition_point(|(r, _)| r.gpa < region.gpa);
             state.installed.insert(at, (region.clone(), slot));
@@ -278,12 +352,13 @@ impl Vm {
     /// kept in user memory (one per backing object). Call it before
     /// [`collect_dirty`](Self::collect_dirty) to see the latest writes.
     pub fn sync_dirty_log(&self) -> Result<(), VmError> {
-        let mut state = self.state.lock().unwrap_or_else(|p| p.into_inner());
-        let MapState {
-            installed, bitmaps, ..
-        } = &mut *state;
+        let mut state = self.shared.state.lock().unwrap_or_else(|p| p.into_inner());
+        if self.shared.ring_bytes > 0 {
+            return self.shared.harvest_rings(&mut state).map_err(VmError::DirtyRing);
+        }
+        let MapState { installed, bitmaps, .. } = &mut *state;
         for (region, slot) in installed.iter().filter(|(r, _)| r.dirty_log) {
-            self.harvest(bitmaps, region, *slot)?;
+            self.harvest_slot(bitmaps, region, *slot)?;
         }
         Ok(())
     }
@@ -294,26 +369,16 @@ impl Vm {
     /// exactly the pages returned, before this returns: a page written after
     /// it was collected is reported again. Aliased pages are reported once,
     /// at the first address in the range that maps them.
-    pub fn collect_dirty(
-        &self,
-        start: GuestAddress,
-        len: u64,
-        max_pages: usize,
-    ) -> Result<DirtyPages, VmError> {
+    pub fn collect_dirty(&self, start: GuestAddress, len: u64, max_pages: usize) -> Result<DirtyPages, VmError> {
         let end = start.0.saturating_add(len);
-        let mut state = self.state.lock().unwrap_or_else(|p| p.into_inner());
-        let MapState {
-            installed, bitmaps, ..
-        } = &mut *state;
+        let mut state = self.shared.state.lock().unwrap_or_else(|p| p.into_inner());
+        let MapState { installed, bitmaps, .. } = &mut *state;
         let first = installed.partition_point(|(r, _)| r.end() <= start.0);
         let mut out = DirtyPages::default();
         let mut taken = Vec::new();
         let mut rearm: Vec<(u64, Vec<u64>)> = Vec::new();
         for (region, _) in installed[first..].iter().take_while(|(r, _)| r.gpa.0 < end) {
-            let Some(bitmap) = bitmaps
-                .get_mut(&region.backing.id())
-                .filter(|_| region.dirty_log)
-            else {
+            let Some(bitmap) = bitmaps.get_mut(&region.backing.id()).filter(|_| region.dirty_log) else {
                 continue;
             };
             let lo = start.0.max(region.gpa.0);
@@ -334,7 +399,7 @@ impl Vm {
                 break;
             }
         }
-        if self.manual_protect {
+        if self.manual_protect && self.shared.ring_bytes == 0 {
             for (backing, pages) in rearm.iter().filter(|(_, p)| !p.is_empty()) {
                 self.rearm(installed, *backing, pages)?;
             }
@@ -344,28 +409,16 @@ impl Vm {
 
     /// Re-arms write tracking for backing pages `pages` in every slot that
     /// maps them (aliases included).
-    fn rearm(
-        &self,
-        installed: &[(Region, u32)],
-        backing: u64,
-        pages: &[u64],
-    ) -> Result<(), VmError> {
-        for (region, slot) in installed
-            .iter()
-            .filter(|(r, _)| r.dirty_log && r.backing.id() == backing)
-        {
+    fn rearm(&self, installed: &[(Region, u32)], backing: u64, pages: &[u64]) -> Result<(), VmError> {
+        for (region, slot) in installed.iter().filter(|(r, _)| r.dirty_log && r.backing.id() == backing) {
             let first = region.offset / PAGE_SIZE;
             let count = region.len / PAGE_SIZE;
             let mut window: Option<(u64, [u64; 1])> = None;
             let flush = |w: Option<(u64, [u64; 1])>| -> Result<(), VmError> {
                 if let Some((base, bits)) = w {
                     let num = (count - base).min(64) as u32;
-                    crate::sys::dirty::clear_dirty_log(&self.fd, *slot, base, num, &bits).map_err(
-                        |source| VmError::ClearDirtyLog {
-                            slot: *slot,
-                            source,
-                        },
-                    )?;
+                    crate::sys::dirty::clear_dirty_log(&self.fd, *slot, base, num, &bits)
+                        .map_err(|source| VmError::ClearDirtyLog { slot: *slot, source })?;
                 }
                 Ok(())
             };
@@ -386,19 +439,11 @@ impl Vm {
     }
 
     /// Reads KVM's dirty log of `slot` into the bitmap of `region`'s backing.
-    fn harvest(
-        &self,
-        bitmaps: &mut HashMap<u64, PageBitmap>,
-        region: &Region,
-        slot: u32,
-    ) -> Result<(), VmError> {
+    fn harvest_slot(&self, bitmaps: &mut HashMap<u64, PageBitmap>, region: &Region, slot: u32) -> Result<(), VmError> {
         let bits = self
             .fd
             .get_dirty_log(slot, region.len as usize)
-            .map_err(|source| VmError::Kvm {
-                op: "KVM_GET_DIRTY_LOG",
-                source,
-            })?;
+            .map_err(|source| VmError::Kvm { op: "KVM_GET_DIRTY_LOG", source })?;
         if let Some(bitmap) = bitmaps.get_mut(&region.backing.id()) {
             bitmap.or_bits(region.offset / PAGE_SIZE, &bits);
         }
@@ -423,38 +468,25 @@ impl Vm {
         // SAFETY: the host range lies inside `region.backing`'s mapping
         // (validated by MemoryMap), and the slot table keeps a clone of the
         // region, hence of the backing, until the slot is deleted.
-        unsafe { crate::sys::slot::set_user_memory_region(&self.fd, raw) }.map_err(|source| {
-            VmError::Kvm {
-                op: "KVM_SET_USER_MEMORY_REGION",
-                source,
-            }
-        })
+        unsafe { crate::sys::slot::set_user_memory_region(&self.fd, raw) }
+            .map_err(|source| VmError::Kvm { op: "KVM_SET_USER_MEMORY_REGION", source })
     }
 
     /// Creates vCPU `id` (in `0..config.vcpus`).
     pub fn create_vcpu(&self, id: u32) -> Result<Vcpu, VmError> {
         if id >= self.config.vcpus {
-            return Err(VmError::BadVcpuId {
-                id,
-                count: self.config.vcpus,
-            });
+            return Err(VmError::BadVcpuId { id, count: self.config.vcpus });
         }
-        let fd = self
-            .fd
-            .create_vcpu(u64::from(id))
-            .map_err(|source| VmError::Kvm {
-                op: "KVM_CREATE_VCPU",
-                source,
-            })?;
+        let fd = self.fd.create_vcpu(u64::from(id)).map_err(|source| VmError::Kvm { op: "KVM_CREATE_VCPU", source })?;
+        if self.shared.ring_bytes > 0 {
+            let ring = DirtyRing::map(std::os::fd::AsRawFd::as_raw_fd(&fd), self.shared.ring_bytes)
+                .map_err(VmError::DirtyRing)?;
+            self.shared.rings.lock().unwrap_or_else(|p| p.into_inner()).push(Arc::new(ring));
+        }
         // The vCPU keeps the slot table (and so every backing the guest can
-        // reach) alive for as long as it can run, even if the Vm is dropped first.
-        Ok(Vcpu::new(
-            id,
-            fd,
-            self.vcpu_mmap_size,
-            self.gate.clone(),
-            Box::new(self.state.clone()),
-        )?)
+        // reach) alive for as long as it can run, even if the Vm is dropped
+        // first; it also harvests the rings when its own fills.
+        Ok(Vcpu::new(id, fd, self.vcpu_mmap_size, self.gate.clone(), self.shared.clone())?)
     }
 }
 

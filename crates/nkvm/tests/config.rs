@@ -9,24 +9,14 @@ use nkvm::{Hypervisor, HypervisorError, MemoryError, Vm, VmConfig, VmError};
 fn missing_device_node_is_named() {
     let err = Hypervisor::open_path("/dev/nkvm-no-such-node").unwrap_err();
     assert!(matches!(err, HypervisorError::NotFound(_)));
-    assert!(
-        err.to_string()
-            .contains("/dev/nkvm-no-such-node does not exist"),
-        "{err}"
-    );
+    assert!(err.to_string().contains("/dev/nkvm-no-such-node does not exist"), "{err}");
 }
 
 #[test]
 fn a_non_kvm_node_is_reported() {
     // /dev/null opens fine but is not KVM: the API-version ioctl fails.
     let err = Hypervisor::open_path("/dev/null").unwrap_err();
-    assert!(
-        matches!(
-            err,
-            HypervisorError::ApiVersion { .. } | HypervisorError::Open { .. }
-        ),
-        "{err}"
-    );
+    assert!(matches!(err, HypervisorError::ApiVersion { .. } | HypervisorError::Open { .. }), "{err}");
 }
 
 #[test]
@@ -44,18 +34,8 @@ fn capabilities_are_probed() {
 fn zero_or_unaligned_memory_is_rejected() {
     let hv = hypervisor();
     for memory in [0u64, 4097] {
-        let err = Vm::new(
-            &hv,
-            &VmConfig {
-                memory,
-                ..Default::default()
-            },
-        )
-        .unwrap_err();
-        assert!(
-            matches!(err, VmError::Memory(MemoryError::BadSize(m)) if m == memory),
-            "{err}"
-        );
+        let err = Vm::new(&hv, &VmConfig { memory, ..Default::default() }).unwrap_err();
+        assert!(matches!(err, VmError::Memory(MemoryError::BadSize(m)) if m == memory), "{err}");
         assert!(err.to_string().contains("multiple of 4 KiB"), "{err}");
     }
 }
@@ -64,49 +44,20 @@ fn zero_or_unaligned_memory_is_rejected() {
 fn vcpu_counts_are_checked() {
     let hv = hypervisor();
     let max = hv.capabilities().max_vcpus;
-    let err = Vm::new(
-        &hv,
-        &VmConfig {
-            vcpus: max + 1,
-            ..Default::default()
-        },
-    )
-    .unwrap_err();
-    assert!(
-        err.to_string().contains(&format!("allows at most {max}")),
-        "{err}"
-    );
-    let err = Vm::new(
-        &hv,
-        &VmConfig {
-            vcpus: 0,
-            ..Default::default()
-        },
-    )
-    .unwrap_err();
+    let err = Vm::new(&hv, &VmConfig { vcpus: max + 1, ..Default::default() }).unwrap_err();
+    assert!(err.to_string().contains(&format!("allows at most {max}")), "{err}");
+    let err = Vm::new(&hv, &VmConfig { vcpus: 0, ..Default::default() }).unwrap_err();
     assert!(matches!(err, VmError::NoVcpus));
-    let vm = Vm::new(
-        &hv,
-        &VmConfig {
-            vcpus: 1,
-            ..Default::default()
-        },
-    )
-    .unwrap();
+    let vm = Vm::new(&hv, &VmConfig { vcpus: 1, ..Default::default() }).unwrap();
     let err = vm.create_vcpu(1).unwrap_err();
-    assert!(
-        err.to_string()
-            .contains("vCPU id 1 is outside this VM's 1 vCPUs"),
-        "{err}"
-    );
+    assert!(err.to_string().contains("vCPU id 1 is outside this VM's 1 vCPUs"), "{err}");
 }
 
 #[test]
 fn memory_is_a_shareable_memfd() {
     let vm = vm();
     let ram = vm.ram().clone();
-    vm.write_memory(nkvm::GuestAddress(0x1234), b"shared")
-        .unwrap();
+    vm.write_memory(nkvm::GuestAddress(0x1234), b"shared").unwrap();
     // Map the same memfd a second time, as a device process would.
     let file = ram.file().try_clone().unwrap();
     let other = nkvm::Backing::from_file("other", file, ram.len()).unwrap();

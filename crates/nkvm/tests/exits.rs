@@ -24,21 +24,9 @@ fn real_mode_port_writes_carry_port_size_and_data() {
     assert_eq!(
         exits,
         vec![
-            Exit::IoOut {
-                port: 0x10,
-                size: 1,
-                data: 0x5a
-            },
-            Exit::IoOut {
-                port: 0x3f8,
-                size: 2,
-                data: 0xbeef
-            },
-            Exit::IoOut {
-                port: 0x3f8,
-                size: 4,
-                data: 0xdead_cafe
-            },
+            Exit::IoOut { port: 0x10, size: 1, data: 0x5a },
+            Exit::IoOut { port: 0x3f8, size: 2, data: 0xbeef },
+            Exit::IoOut { port: 0x3f8, size: 4, data: 0xdead_cafe },
         ]
     );
 }
@@ -58,50 +46,20 @@ fn real_mode_port_reads_are_completed_from_the_run_state() {
         a.hlt().unwrap();
     });
     let exits = run_to_hlt(&mut vcpu, |exit| match exit {
-        Exit::IoIn {
-            port: 0x60,
-            size: 1,
-        } => 0x12,
-        Exit::IoIn {
-            port: 0x60,
-            size: 2,
-        } => 0x3456,
-        Exit::IoIn {
-            port: 0x60,
-            size: 4,
-        } => 0x789a_bcde,
+        Exit::IoIn { port: 0x60, size: 1 } => 0x12,
+        Exit::IoIn { port: 0x60, size: 2 } => 0x3456,
+        Exit::IoIn { port: 0x60, size: 4 } => 0x789a_bcde,
         other => panic!("unexpected read {other}"),
     });
     assert_eq!(
         exits,
         vec![
-            Exit::IoIn {
-                port: 0x60,
-                size: 1
-            },
-            Exit::IoOut {
-                port: 0x11,
-                size: 1,
-                data: 0x12
-            },
-            Exit::IoIn {
-                port: 0x60,
-                size: 2
-            },
-            Exit::IoOut {
-                port: 0x60,
-                size: 2,
-                data: 0x3456
-            },
-            Exit::IoIn {
-                port: 0x60,
-                size: 4
-            },
-            Exit::IoOut {
-                port: 0x60,
-                size: 4,
-                data: 0x789a_bcde
-            },
+            Exit::IoIn { port: 0x60, size: 1 },
+            Exit::IoOut { port: 0x11, size: 1, data: 0x12 },
+            Exit::IoIn { port: 0x60, size: 2 },
+            Exit::IoOut { port: 0x60, size: 2, data: 0x3456 },
+            Exit::IoIn { port: 0x60, size: 4 },
+            Exit::IoOut { port: 0x60, size: 4, data: 0x789a_bcde },
         ]
     );
 }
@@ -141,37 +99,14 @@ fn long_mode_mmio_reads_and_writes_of_every_size() {
         }
     };
     let mut expected = vec![
-        Exit::MmioWrite {
-            addr: a(0),
-            size: 1,
-            data: 0x11,
-        },
-        Exit::MmioWrite {
-            addr: a(2),
-            size: 2,
-            data: 0x2233,
-        },
-        Exit::MmioWrite {
-            addr: a(4),
-            size: 4,
-            data: 0x4455_6677,
-        },
-        Exit::MmioWrite {
-            addr: a(8),
-            size: 8,
-            data: 0x8899_aabb_ccdd_eeff,
-        },
+        Exit::MmioWrite { addr: a(0), size: 1, data: 0x11 },
+        Exit::MmioWrite { addr: a(2), size: 2, data: 0x2233 },
+        Exit::MmioWrite { addr: a(4), size: 4, data: 0x4455_6677 },
+        Exit::MmioWrite { addr: a(8), size: 8, data: 0x8899_aabb_ccdd_eeff },
     ];
     for size in [1u8, 2, 4, 8] {
-        expected.push(Exit::MmioRead {
-            addr: a(0x10),
-            size,
-        });
-        expected.push(Exit::MmioWrite {
-            addr: a(0x100),
-            size,
-            data: value & mask(size),
-        });
+        expected.push(Exit::MmioRead { addr: a(0x10), size });
+        expected.push(Exit::MmioWrite { addr: a(0x100), size, data: value & mask(size) });
     }
     assert_eq!(exits, expected);
 }
@@ -187,20 +122,7 @@ fn long_mode_port_writes_and_reads() {
         a.hlt().unwrap();
     });
     let exits = run_to_hlt(&mut vcpu, |_| 41);
-    assert_eq!(
-        exits,
-        vec![
-            Exit::IoIn {
-                port: 0x3f8,
-                size: 4
-            },
-            Exit::IoOut {
-                port: 0x3f8,
-                size: 4,
-                data: 42
-            }
-        ]
-    );
+    assert_eq!(exits, vec![Exit::IoIn { port: 0x3f8, size: 4 }, Exit::IoOut { port: 0x3f8, size: 4, data: 42 }]);
 }
 
 #[test]
@@ -228,33 +150,18 @@ fn string_port_io_moves_every_element() {
     let mut strings = 0;
     loop {
         match vcpu.enter_guest(&mut run).unwrap() {
-            Exit::IoOutString {
-                port: 0xe9,
-                size: 1,
-                count,
-            } => {
+            Exit::IoOutString { port: 0xe9, size: 1, count } => {
                 strings += 1;
                 assert_eq!(run.string_data().len(), count as usize);
                 out.extend_from_slice(run.string_data());
             }
-            Exit::IoOut {
-                port: 0xe9,
-                size: 1,
-                data,
-            } => out.push(data as u8),
-            Exit::IoInString {
-                port: 0xe9,
-                size: 1,
-                count,
-            } => {
+            Exit::IoOut { port: 0xe9, size: 1, data } => out.push(data as u8),
+            Exit::IoInString { port: 0xe9, size: 1, count } => {
                 strings += 1;
                 let bytes: Vec<u8> = input.by_ref().take(count as usize).collect();
                 run.string_data_mut().copy_from_slice(&bytes);
             }
-            Exit::IoIn {
-                port: 0xe9,
-                size: 1,
-            } => run.complete_io_in(u64::from(input.next().unwrap())),
+            Exit::IoIn { port: 0xe9, size: 1 } => run.complete_io_in(u64::from(input.next().unwrap())),
             Exit::Hlt => break,
             other => panic!("unexpected {other}"),
         }
@@ -275,13 +182,7 @@ fn entering_with_an_uncompleted_read_is_an_error_naming_it() {
         a.hlt().unwrap();
     });
     let mut run = RunState::new();
-    assert_eq!(
-        vcpu.enter_guest(&mut run).unwrap(),
-        Exit::IoIn {
-            port: 0x71,
-            size: 1
-        }
-    );
+    assert_eq!(vcpu.enter_guest(&mut run).unwrap(), Exit::IoIn { port: 0x71, size: 1 });
     assert!(run.read_pending());
     let err = vcpu.enter_guest(&mut run).unwrap_err();
     assert!(matches!(err, VcpuError::ReadNotCompleted { .. }));
@@ -341,17 +242,11 @@ fn interrupt_window_exit_when_the_guest_enables_interrupts() {
         a.hlt().unwrap();
     });
     let mut run = RunState::new();
-    assert!(matches!(
-        vcpu.enter_guest(&mut run).unwrap(),
-        Exit::IoOut { port: 0x10, .. }
-    ));
+    assert!(matches!(vcpu.enter_guest(&mut run).unwrap(), Exit::IoOut { port: 0x10, .. }));
     assert!(!run.interrupts_enabled());
     run.request_interrupt_window(true);
     assert_eq!(vcpu.enter_guest(&mut run).unwrap(), Exit::InterruptWindow);
     assert!(run.ready_for_interrupt_injection());
     run.request_interrupt_window(false);
-    assert!(matches!(
-        vcpu.enter_guest(&mut run).unwrap(),
-        Exit::IoOut { port: 0x11, .. }
-    ));
+    assert!(matches!(vcpu.enter_guest(&mut run).unwrap(), Exit::IoOut { port: 0x11, .. }));
 }

@@ -34,16 +34,9 @@ fn kick_forces_a_spinning_guest_out() {
     });
     for _ in 0..3 {
         // The guest never exits by itself: only the kick can end each entry.
-        assert!(
-            rx.recv_timeout(Duration::from_millis(100)).is_err(),
-            "guest left without a kick"
-        );
+        assert!(rx.recv_timeout(Duration::from_millis(100)).is_err(), "guest left without a kick");
         kicker.kick();
-        assert_eq!(
-            rx.recv_timeout(Duration::from_secs(10))
-                .expect("kick was lost"),
-            Exit::Kicked
-        );
+        assert_eq!(rx.recv_timeout(Duration::from_secs(10)).expect("kick was lost"), Exit::Kicked);
     }
     runner.join().unwrap();
 }
@@ -86,12 +79,7 @@ fn many_kicks_race_with_entries_without_losing_one() {
             thread::yield_now();
         }
         kicker.kick();
-        assert_eq!(
-            done_rx
-                .recv_timeout(Duration::from_secs(10))
-                .expect("kick lost"),
-            Exit::Kicked
-        );
+        assert_eq!(done_rx.recv_timeout(Duration::from_secs(10)).expect("kick lost"), Exit::Kicked);
     }
     drop(tx);
     runner.join().unwrap();

@@ -70,10 +70,7 @@ fn line_tracer_prints_one_line_per_exit() {
     let text = String::from_utf8(buf.0.lock().unwrap().clone()).unwrap();
     let lines: Vec<&str> = text.lines().collect();
     assert_eq!(lines.len(), 2, "{text}");
-    assert!(
-        lines[0].starts_with("vcpu=0 #0 io-out port=0x03f8 size=1 data=0x41 guest="),
-        "{text}"
-    );
+    assert!(lines[0].starts_with("vcpu=0 #0 io-out port=0x03f8 size=1 data=0x41 guest="), "{text}");
     assert!(lines[1].starts_with("vcpu=0 #1 hlt"), "{text}");
 }
 

@@ -50,12 +50,8 @@ fn cpuid_includes_kvm_paravirtual_leaves_with_kvmclock() {
     let mut features = None;
     for exit in exits {
         match exit {
-            Exit::IoOut {
-                port: 0x10, data, ..
-            } => signature.extend_from_slice(&(data as u32).to_le_bytes()),
-            Exit::IoOut {
-                port: 0x11, data, ..
-            } => features = Some(data as u32),
+            Exit::IoOut { port: 0x10, data, .. } => signature.extend_from_slice(&(data as u32).to_le_bytes()),
+            Exit::IoOut { port: 0x11, data, .. } => features = Some(data as u32),
             other => panic!("unexpected {other}"),
         }
     }
@@ -78,23 +74,10 @@ fn msrs_set_by_the_vmm_are_read_by_the_guest() {
         a.wrmsr().unwrap();
         a.hlt().unwrap();
     });
-    assert_eq!(
-        vcpu.set_msrs(&[(IA32_SYSENTER_ESP, 0xabcd_0000)]).unwrap(),
-        1
-    );
+    assert_eq!(vcpu.set_msrs(&[(IA32_SYSENTER_ESP, 0xabcd_0000)]).unwrap(), 1);
     let exits = run_to_hlt(&mut vcpu, |_| 0);
-    assert_eq!(
-        exits,
-        vec![Exit::IoOut {
-            port: 0x10,
-            size: 4,
-            data: 0xabcd_0000
-        }]
-    );
-    assert_eq!(
-        vcpu.msrs(&[IA32_SYSENTER_ESP]).unwrap(),
-        vec![(IA32_SYSENTER_ESP, 0x1234)]
-    );
+    assert_eq!(exits, vec![Exit::IoOut { port: 0x10, size: 4, data: 0xabcd_0000 }]);
+    assert_eq!(vcpu.msrs(&[IA32_SYSENTER_ESP]).unwrap(), vec![(IA32_SYSENTER_ESP, 0x1234)]);
 }
 
 #[test]
@@ -118,10 +101,6 @@ fn fpu_state_round_trips_through_kvm() {
     assert_eq!(&back.xmm[0][..4], &[1, 2, 3, 4]);
     assert!(run_to_hlt(&mut vcpu, |_| 0).is_empty());
     let mut buf = [0u8; 2];
-    vm.read_memory(nkvm::GuestAddress(0x6000), &mut buf)
-        .unwrap();
-    eprintln!(
-        "guest FCW after KVM_SET_FPU(0x27f): {:#x}",
-        u16::from_le_bytes(buf)
-    );
+    vm.read_memory(nkvm::GuestAddress(0x6000), &mut buf).unwrap();
+    eprintln!("guest FCW after KVM_SET_FPU(0x27f): {:#x}", u16::from_le_bytes(buf));
 }

@@ -19,8 +19,8 @@ pub(crate) fn install_handler() -> std::io::Result<()> {
     static ONCE: Once = Once::new();
     let mut result = Ok(());
     ONCE.call_once(|| {
-        result = register_signal_handler(kick_signal(), on_kick)
-            .map_err(|e| std::io::Error::from_raw_os_error(e.errno()));
+        result =
+            register_signal_handler(kick_signal(), on_kick).map_err(|e| std::io::Error::from_raw_os_error(e.errno()));
     });
     result
 }

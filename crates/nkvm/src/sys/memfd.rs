@@ -84,13 +84,7 @@ impl SharedMapping {
         }
         // SAFETY: offset..end lies inside the mapping (checked above), `buf` is a
         // distinct Rust allocation of exactly buf.len() bytes.
-        unsafe {
-            std::ptr::copy_nonoverlapping(
-                self.ptr.as_ptr().add(offset),
-                buf.as_mut_ptr(),
-                buf.len(),
-            )
-        };
+        unsafe { std::ptr::copy_nonoverlapping(self.ptr.as_ptr().add(offset), buf.as_mut_ptr(), buf.len()) };
         Some(())
     }
 
@@ -103,9 +97,7 @@ impl SharedMapping {
         }
         // SAFETY: offset..end lies inside the mapping (checked above), `buf` is a
         // distinct Rust allocation of exactly buf.len() bytes.
-        unsafe {
-            std::ptr::copy_nonoverlapping(buf.as_ptr(), self.ptr.as_ptr().add(offset), buf.len())
-        };
+        unsafe { std::ptr::copy_nonoverlapping(buf.as_ptr(), self.ptr.as_ptr().add(offset), buf.len()) };
         Some(())
     }
 }

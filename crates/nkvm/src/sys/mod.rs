@@ -8,5 +8,6 @@
 pub(crate) mod dirty;
 pub(crate) mod kick;
 pub(crate) mod memfd;
+pub(crate) mod ring;
 pub(crate) mod run;
 pub(crate) mod slot;

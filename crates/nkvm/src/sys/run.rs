@@ -12,10 +12,9 @@ use std::ptr::NonNull;
 use std::sync::atomic::{AtomicU8, Ordering};
 
 use kvm_bindings::{
-    kvm_run, KVM_EXIT_FAIL_ENTRY, KVM_EXIT_HLT, KVM_EXIT_INTERNAL_ERROR, KVM_EXIT_IO,
-    KVM_EXIT_IOAPIC_EOI, KVM_EXIT_IO_IN, KVM_EXIT_IRQ_WINDOW_OPEN, KVM_EXIT_MMIO,
-    KVM_EXIT_SHUTDOWN, KVM_EXIT_SYSTEM_EVENT, KVM_INTERNAL_ERROR_EMULATION,
-    KVM_INTERNAL_ERROR_EMULATION_FLAG_INSTRUCTION_BYTES,
+    kvm_run, KVM_EXIT_FAIL_ENTRY, KVM_EXIT_HLT, KVM_EXIT_INTERNAL_ERROR, KVM_EXIT_IO, KVM_EXIT_IOAPIC_EOI,
+    KVM_EXIT_IO_IN, KVM_EXIT_IRQ_WINDOW_OPEN, KVM_EXIT_MMIO, KVM_EXIT_SHUTDOWN, KVM_EXIT_SYSTEM_EVENT,
+    KVM_INTERNAL_ERROR_EMULATION, KVM_INTERNAL_ERROR_EMULATION_FLAG_INSTRUCTION_BYTES,
 };
 use vmm_sys_util::ioctl::ioctl;
 use vmm_sys_util::ioctl_io_nr;
@@ -69,14 +68,7 @@ impl RunArea {
         // SAFETY: a fresh shared mapping of the vCPU fd at offset 0, the layout
         // KVM documents for KVM_RUN; the result is checked below.
         let ptr = unsafe {
-            libc::mmap(
-                std::ptr::null_mut(),
-                len,
-                libc::PROT_READ | libc::PROT_WRITE,
-                libc::MAP_SHARED,
-                vcpu_fd,
-                0,
-            )
+            libc::mmap(std::ptr::null_mut(), len, libc::PROT_READ | libc::PROT_WRITE, libc::MAP_SHARED, vcpu_fd, 0)
         };
         if ptr == libc::MAP_FAILED {
             return Err(io::Error::last_os_error());
@@ -182,47 +174,27 @@ impl RunArea {
                     let io = (*run).__bindgen_anon_1.io;
                     let total = io.count as usize * usize::from(io.size);
                     let off = io.data_offset as usize;
-                    if total == 0
-                        || off.checked_add(total).is_none_or(|end| end > self.len)
-                        || io.size > 8
-                    {
-                        return Exit::Unknown {
-                            reason: KVM_EXIT_IO,
-                        };
+                    if total == 0 || off.checked_add(total).is_none_or(|end| end > self.len) || io.size > 8 {
+                        return Exit::Unknown { reason: KVM_EXIT_IO };
                     }
                     let src = run.cast::<u8>().add(off);
                     let is_in = u32::from(io.direction) == KVM_EXIT_IO_IN;
                     if io.count == 1 {
                         if is_in {
-                            Exit::IoIn {
-                                port: io.port,
-                                size: io.size,
-                            }
+                            Exit::IoIn { port: io.port, size: io.size }
                         } else {
                             let mut bytes = [0u8; 8];
                             std::ptr::copy_nonoverlapping(src, bytes.as_mut_ptr(), total);
-                            Exit::IoOut {
-                                port: io.port,
-                                size: io.size,
-                                data: u64::from_le_bytes(bytes),
-                            }
+                            Exit::IoOut { port: io.port, size: io.size, data: u64::from_le_bytes(bytes) }
                         }
                     } else if is_in {
                         string_out.clear();
                         string_out.resize(total, 0);
-                        Exit::IoInString {
-                            port: io.port,
-                            size: io.size,
-                            count: io.count,
-                        }
+                        Exit::IoInString { port: io.port, size: io.size, count: io.count }
                     } else {
                         string_out.clear();
                         string_out.extend_from_slice(std::slice::from_raw_parts(src, total));
-                        Exit::IoOutString {
-                            port: io.port,
-                            size: io.size,
-                            count: io.count,
-                        }
+                        Exit::IoOutString { port: io.port, size: io.size, count: io.count }
                     }
                 }
                 KVM_EXIT_MMIO => {
@@ -232,11 +204,7 @@ impl RunArea {
                     if mmio.is_write != 0 {
                         let mut bytes = [0u8; 8];
                         bytes[..usize::from(size)].copy_from_slice(&mmio.data[..usize::from(size)]);
-                        Exit::MmioWrite {
-                            addr,
-                            size,
-                            data: u64::from_le_bytes(bytes),
-                        }
+                        Exit::MmioWrite { addr, size, data: u64::from_le_bytes(bytes) }
                     } else {
                         Exit::MmioRead { addr, size }
                     }
@@ -244,19 +212,14 @@ impl RunArea {
                 KVM_EXIT_HLT => Exit::Hlt,
                 KVM_EXIT_SHUTDOWN => Exit::Shutdown,
                 KVM_EXIT_IRQ_WINDOW_OPEN => Exit::InterruptWindow,
-                KVM_EXIT_IOAPIC_EOI => Exit::IoapicEoi {
-                    vector: (*run).__bindgen_anon_1.eoi.vector,
-                },
+                KVM_EXIT_IOAPIC_EOI => Exit::IoapicEoi { vector: (*run).__bindgen_anon_1.eoi.vector },
                 KVM_EXIT_SYSTEM_EVENT => {
                     let ev = (*run).__bindgen_anon_1.system_event;
                     Exit::SystemEvent(SystemEvent::from_raw(ev.type_))
                 }
                 KVM_EXIT_FAIL_ENTRY => {
                     let f = (*run).__bindgen_anon_1.fail_entry;
-                    Exit::FailEntry {
-                        hardware_reason: f.hardware_entry_failure_reason,
-                        cpu: f.cpu,
-                    }
+                    Exit::FailEntry { hardware_reason: f.hardware_entry_failure_reason, cpu: f.cpu }
                 }
                 KVM_EXIT_INTERNAL_ERROR => {
                     let internal = (*run).__bindgen_anon_1.internal;
@@ -269,10 +232,7 @@ impl RunArea {
                     };
                     if internal.suberror == KVM_INTERNAL_ERROR_EMULATION {
                         let emu = (*run).__bindgen_anon_1.emulation_failure;
-                        if emu.flags
-                            & u64::from(KVM_INTERNAL_ERROR_EMULATION_FLAG_INSTRUCTION_BYTES)
-                            != 0
-                        {
+                        if emu.flags & u64::from(KVM_INTERNAL_ERROR_EMULATION_FLAG_INSTRUCTION_BYTES) != 0 {
                             let insn = emu.__bindgen_anon_1.__bindgen_anon_1;
                             let n = insn.insn_size.min(15);
                             err.insn_bytes = insn.insn_bytes;

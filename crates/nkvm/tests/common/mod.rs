@@ -25,11 +25,7 @@ pub fn vm_with(config: VmConfig) -> Vm {
 }
 
 pub fn vm() -> Vm {
-    vm_with(VmConfig {
-        vcpus: 2,
-        memory: 16 << 20,
-        ..Default::default()
-    })
+    vm_with(VmConfig { vcpus: 2, memory: 16 << 20, ..Default::default() })
 }
 
 /// Assembles `body` for `bitness` at `ip`.
@@ -42,11 +38,9 @@ pub fn assemble(bitness: u32, ip: u64, body: impl FnOnce(&mut CodeAssembler)) ->
 /// Loads 16-bit code at REAL_MODE_ENTRY and returns vCPU `id` about to run it.
 pub fn real_mode_guest(vm: &Vm, id: u32, body: impl FnOnce(&mut CodeAssembler)) -> Vcpu {
     let code = assemble(16, REAL_MODE_ENTRY, body);
-    vm.write_memory(GuestAddress(REAL_MODE_ENTRY), &code)
-        .expect("load code");
+    vm.write_memory(GuestAddress(REAL_MODE_ENTRY), &code).expect("load code");
     let vcpu = vm.create_vcpu(id).expect("create vCPU");
-    vcpu.set_real_mode(0, REAL_MODE_ENTRY as u16)
-        .expect("real mode");
+    vcpu.set_real_mode(0, REAL_MODE_ENTRY as u16).expect("real mode");
     vcpu
 }
 
@@ -55,14 +49,11 @@ pub fn real_mode_guest(vm: &Vm, id: u32, body: impl FnOnce(&mut CodeAssembler)) 
 pub fn long_mode_guest(vm: &Vm, id: u32, body: impl FnOnce(&mut CodeAssembler)) -> Vcpu {
     let entry = LONG_MODE_ENTRY + 0x1000 * u64::from(id);
     let code = assemble(64, entry, body);
-    vm.write_memory(GuestAddress(entry), &code)
-        .expect("load code");
-    let lm =
-        LongMode::install(&vm.memory(), GuestAddress(LONG_MODE_TABLES)).expect("long mode tables");
+    vm.write_memory(GuestAddress(entry), &code).expect("load code");
+    let lm = LongMode::install(&vm.memory(), GuestAddress(LONG_MODE_TABLES)).expect("long mode tables");
     let vcpu = vm.create_vcpu(id).expect("create vCPU");
     let stack = LONG_MODE_STACK - 0x1_0000 * u64::from(id);
-    vcpu.set_long_mode(&lm, GuestAddress(entry), GuestAddress(stack))
-        .expect("long mode");
+    vcpu.set_long_mode(&lm, GuestAddress(entry), GuestAddress(stack)).expect("long mode");
     vcpu
 }
 
@@ -75,10 +66,7 @@ pub fn run_to_hlt(vcpu: &mut Vcpu, mut read: impl FnMut(&Exit) -> u64) -> Vec<Ex
         match exit {
             Exit::Hlt => return exits,
             Exit::IoIn { .. } | Exit::MmioRead { .. } => run.complete_read(read(&exit)),
-            Exit::Shutdown
-            | Exit::InternalError(_)
-            | Exit::FailEntry { .. }
-            | Exit::Unknown { .. } => {
+            Exit::Shutdown | Exit::InternalError(_) | Exit::FailEntry { .. } | Exit::Unknown { .. } => {
                 panic!("guest failed: {exit} after {exits:?}")
             }
             _ => {}
