@@ -16,7 +16,11 @@ use crate::GuestAddress;
 /// Where the dirty log is fed from.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub enum DirtyLogMode {
-    /// KVM's dirty ring when the host offers it, else bitmaps.
+    /// Bitmaps with manual protection (`KVM_CLEAR_DIRTY_LOG`) when the host
+    /// has them, else the dirty ring, else classic bitmaps. (Measured on the
+    /// nested development host: manual-protect bitmaps collect 1.0-1.05x as
+    /// fast as a raw `KVM_GET_DIRTY_LOG` scan at 1% dirty, the ring 0.2-0.5x,
+    /// and the ring can wrap before KVM exits for it.)
     #[default]
     Auto,
     /// KVM's per-vCPU dirty ring (`KVM_CAP_DIRTY_LOG_RING_ACQ_REL`); an

@@ -215,6 +215,10 @@ impl Vm {
         }
         let ring_bytes = match config.dirty_log {
             DirtyLogMode::Bitmap => 0,
+            // Bitmaps with manual protection measured faster than the ring
+            // on this nested host, and its ring can wrap before the ring-full
+            // exit (docs/architecture.md): prefer them when available.
+            DirtyLogMode::Auto if caps.manual_dirty_log_protect => 0,
             mode => {
                 let usable = caps.dirty_ring_acq_rel && caps.dirty_ring_max_bytes >= MIN_RING_BYTES;
                 if !usable && mode == DirtyLogMode::Ring {
@@ -407,33 +411,30 @@ impl Vm {
         Ok(out)
     }
 
-    /// Re-arms write tracking for backing pages `pages` in every slot that
-    /// maps them (aliases included).
+    /// Re-arms write tracking for backing pages `pages` (ascending) in every
+    /// slot that maps them (aliases included): one `KVM_CLEAR_DIRTY_LOG` per
+    /// slot, whose bitmap spans the returned pages.
     fn rearm(&self, installed: &[(Region, u32)], backing: u64, pages: &[u64]) -> Result<(), VmError> {
+        let mut bits: Vec<u64> = Vec::new();
         for (region, slot) in installed.iter().filter(|(r, _)| r.dirty_log && r.backing.id() == backing) {
             let first = region.offset / PAGE_SIZE;
             let count = region.len / PAGE_SIZE;
-            let mut window: Option<(u64, [u64; 1])> = None;
-            let flush = |w: Option<(u64, [u64; 1])>| -> Result<(), VmError> {
-                if let Some((base, bits)) = w {
-                    let num = (count - base).min(64) as u32;
-                    crate::sys::dirty::clear_dirty_log(&self.fd, *slot, base, num, &bits)
-                        .map_err(|source| VmError::ClearDirtyLog { slot: *slot, source })?;
-                }
-                Ok(())
+            let inside = |p: &&u64| **p >= first && **p < first + count;
+            let (Some(&lo), Some(&hi)) = (pages.iter().find(inside), pages.iter().rev().find(inside)) else {
+                continue;
             };
-            for &p in pages.iter().filter(|&&p| p >= first && p < first + count) {
-                let rel = p - first;
-                let base = rel & !63;
-                match &mut window {
-                    Some((b, bits)) if *b == base => bits[0] |= 1 << (rel - base),
-                    _ => {
-                        flush(window.take())?;
-                        window = Some((base, [1 << (rel - base)]));
-                    }
-                }
+            let base = (lo - first) & !63;
+            // KVM wants a multiple of 64 pages, or a range ending at the slot's end.
+            let num = ((hi - first) - base + 1).next_multiple_of(64).min(count - base);
+            bits.clear();
+            bits.resize(num.div_ceil(64) as usize, 0);
+            for &p in pages.iter().filter(|p| inside(p)) {
+                let rel = p - first - base;
+                bits[(rel / 64) as usize] |= 1 << (rel % 64);
             }
-            flush(window)?;
+            let num = u32::try_from(num).unwrap_or(u32::MAX);
+            crate::sys::dirty::clear_dirty_log(&self.fd, *slot, base, num, &bits)
+                .map_err(|source| VmError::ClearDirtyLog { slot: *slot, source })?;
         }
         Ok(())
     }

@@ -29,7 +29,8 @@ fn small_vm_with(dirty_log: DirtyLogMode) -> nkvm::Vm {
 /// Both dirty-log feeds: the dirty ring (when the host has it) and bitmaps.
 fn modes() -> Vec<DirtyLogMode> {
     let mut modes = vec![DirtyLogMode::Bitmap];
-    if small_vm_with(DirtyLogMode::Auto).uses_dirty_ring() {
+    let ring = nkvm::VmConfig { vcpus: 1, memory: RAM, dirty_log: DirtyLogMode::Ring, ..Default::default() };
+    if nkvm::Vm::new(&hypervisor(), &ring).is_ok() {
         modes.push(DirtyLogMode::Ring);
     } else {
         eprintln!("this host has no dirty ring: testing bitmaps only");
@@ -304,11 +305,12 @@ fn map_swap_in(mode: DirtyLogMode) {
 #[test]
 fn a_full_dirty_ring_is_harvested_without_losing_pages() {
     const PAGES: u64 = 70_000;
-    let vm = small_vm_with(DirtyLogMode::Auto);
-    if !vm.uses_dirty_ring() {
+    if !modes().contains(&DirtyLogMode::Ring) {
         eprintln!("no dirty ring on this host; nothing to fill");
         return;
     }
+    let vm = small_vm_with(DirtyLogMode::Ring);
+    assert!(vm.uses_dirty_ring());
     let big = Backing::new("big", PAGES * PAGE_SIZE).unwrap();
     vm.set_memory_map(
         MemoryMap::new(vec![
