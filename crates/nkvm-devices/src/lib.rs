@@ -31,6 +31,7 @@ pub mod ioapic;
 pub mod pic;
 pub mod power;
 pub mod serial;
+pub mod serve;
 pub mod test_device;
 
 pub use bus::{ApicBusSink, BusError, IoBus, IoDevice, IrqLine};

@@ -1,0 +1,447 @@
+//! Serving an I/O-region socket: what a device process links to put an
+//! [`IoDevice`] behind a region the VMM assigned to a socket.
+//!
+//! A [`Server`] performs the device side of the handshake, then reads
+//! requests, checks each against the region, runs it on the device, and
+//! answers every non-posted one; posted writes get no reply. Requests are
+//! read through a buffer and replies are batched: they go out when no
+//! complete request is left in the input buffer, just before the next read
+//! that may block, so a burst of posted writes followed by a read costs one
+//! wake-up each way.
+//!
+//! Any malformed input ends [`Server::serve`] with the [`WireError`] naming
+//! it; nothing is read or written outside the region and the device is not
+//! called for the bad request. The caller logs the error and drops the
+//! connection. The wire format is `docs/wire-format.md`.
+//!
+//! ```no_run
+//! use std::os::unix::net::UnixStream;
+//! use nkvm_devices::serve::serve;
+//! use nkvm_devices::test_device::TestDevice;
+//!
+//! let stream = UnixStream::connect("/run/nkvm/region0.sock")?;
+//! match serve(stream, &mut TestDevice::new()) {
+//!     Ok(stats) => log::info!("VM closed the region after {stats:?}"),
+//!     Err(e) => log::error!("dropping the region connection: {e}"),
+//! }
+//! # Ok::<(), std::io::Error>(())
+//! ```
+
+use std::io::{BufReader, Read, Write};
+use std::os::fd::OwnedFd;
+use std::os::unix::net::{UnixListener, UnixStream};
+use std::path::Path;
+
+use nkvm_wire::handshake::VersionRange;
+use nkvm_wire::ioregion::{self, device_handshake, Handshake, IoFrame, RegionInfo, Reply, Request};
+use nkvm_wire::WireError;
+
+/// The device interface served; the same trait as [`crate::bus::IoDevice`],
+/// so every model works in process and behind a socket alike.
+pub use crate::bus::IoDevice;
+
+/// Replies are written out once this many bytes are pending, even if more
+/// requests are buffered.
+const MAX_PENDING_REPLIES: usize = 64 * Reply::FRAME_LEN;
+
+/// What one connection served.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct ServeStats {
+    /// Reads answered.
+    pub reads: u64,
+    /// Non-posted writes answered.
+    pub writes: u64,
+    /// Posted writes served (never answered).
+    pub posted_writes: u64,
+    /// Sync barriers answered.
+    pub syncs: u64,
+}
+
+/// The device side of one I/O-region connection.
+#[derive(Debug)]
+pub struct Server<R: Read, W: Write> {
+    reader: BufReader<R>,
+    writer: W,
+    /// Encoded replies not yet written.
+    pending: Vec<u8>,
+    handshake: Handshake,
+    stats: ServeStats,
+}
+
+impl Server<UnixStream, UnixStream> {
+    /// Handshake on a connected stream socket, speaking
+    /// [`VersionRange::CURRENT`].
+    ///
+    /// # Errors
+    ///
+    /// [`WireError::Io`] if the socket cannot be duplicated, and the errors
+    /// of [`Server::handshake`].
+    pub fn over(stream: UnixStream) -> Result<Self, WireError> {
+        let writer = stream.try_clone()?;
+        Server::handshake(stream, writer, VersionRange::CURRENT)
+    }
+
+    /// Handshake on an inherited socket (e.g. one end of a socketpair the
+    /// VMM passed to this process). Turning a raw descriptor number into an
+    /// [`OwnedFd`] is the caller's (`unsafe`) business.
+    ///
+    /// # Errors
+    ///
+    /// As for [`Server::over`].
+    pub fn from_fd(fd: OwnedFd) -> Result<Self, WireError> {
+        Server::over(UnixStream::from(fd))
+    }
+
+    /// Connect to the socket at `path` and handshake.
+    ///
+    /// # Errors
+    ///
+    /// [`WireError::Io`] if the connection fails, and as for
+    /// [`Server::over`].
+    pub fn connect(path: impl AsRef<Path>) -> Result<Self, WireError> {
+        Server::over(UnixStream::connect(path)?)
+    }
+
+    /// Accept one connection on `listener` and handshake.
+    ///
+    /// # Errors
+    ///
+    /// [`WireError::Io`] if accepting fails, and as for [`Server::over`].
+    pub fn accept(listener: &UnixListener) -> Result<Self, WireError> {
+        let (stream, _) = listener.accept()?;
+        Server::over(stream)
+    }
+}
+
+impl<R: Read, W: Write> Server<R, W> {
+    /// Perform the device side of the handshake over `reader` and `writer`
+    /// (usually the two halves of one socket), speaking `supported`.
+    ///
+    /// # Errors
+    ///
+    /// The errors of [`ioregion::device_handshake`]: a first frame that is
+    /// not a hello, a bad region, no common version, I/O and decoding
+    /// errors.
+    pub fn handshake(reader: R, mut writer: W, supported: VersionRange) -> Result<Self, WireError> {
+        let mut reader = BufReader::new(reader);
+        let handshake = device_handshake(&mut reader, &mut writer, supported)?;
+        Ok(Server {
+            reader,
+            writer,
+            pending: Vec::with_capacity(MAX_PENDING_REPLIES),
+            handshake,
+            stats: ServeStats::default(),
+        })
+    }
+
+    /// The region the VM side assigned to this socket.
+    pub fn region(&self) -> &RegionInfo {
+        &self.handshake.region
+    }
+
+    /// The protocol version agreed on.
+    pub fn version(&self) -> u16 {
+        self.handshake.version
+    }
+
+    /// What was served so far.
+    pub fn stats(&self) -> ServeStats {
+        self.stats
+    }
+
+    /// Serve requests on `device` until the VM side closes the connection
+    /// (between two frames); returns what was served.
+    ///
+    /// # Errors
+    ///
+    /// The first malformed input ([`WireError`] names it: unknown op, bad
+    /// access size, offset outside the region, a frame that is not a
+    /// request, an oversized or truncated frame, ...) or I/O error. The
+    /// replies of requests served before it are discarded: the connection
+    /// is to be dropped.
+    pub fn serve<D: IoDevice + ?Sized>(&mut self, device: &mut D) -> Result<ServeStats, WireError> {
+        loop {
+            // About to block on the socket, or enough replies queued: send
+            // them, so the VM side never waits on a reply we are sitting on.
+            if self.reader.buffer().len() < Request::FRAME_LEN || self.pending.len() >= MAX_PENDING_REPLIES {
+                self.flush_replies()?;
+            }
+            let frame = match ioregion::read_frame(&mut self.reader) {
+                Ok(Some(frame)) => frame,
+                Ok(None) => break,
+                Err(e) => return Err(self.fail(e)),
+            };
+            let IoFrame::Request(request) = frame else {
+                return Err(self.fail(WireError::UnexpectedFrame { expected: "request", found: frame.name() }));
+            };
+            match self.serve_request(request, device) {
+                Ok(Some(reply)) => self.pending.extend_from_slice(&reply.encode()),
+                Ok(None) => {}
+                Err(e) => return Err(self.fail(e)),
+            }
+        }
+        if let Err(e) = self.flush_replies() {
+            log::debug!(
+                "region {:#x}: VM side closed before taking {} reply bytes: {e}",
+                self.handshake.region.id,
+                self.pending.len()
+            );
+        }
+        Ok(self.stats)
+    }
+
+    /// Check one request against the region and run it on `device`; the
+    /// reply to send, if any. Used by [`Server::serve`]; public for callers
+    /// with their own loop.
+    ///
+    /// # Errors
+    ///
+    /// [`WireError::SpaceMismatch`], [`WireError::OutsideRegion`]; the
+    /// device is not called then.
+    pub fn serve_request<D: IoDevice + ?Sized>(
+        &mut self,
+        request: Request,
+        device: &mut D,
+    ) -> Result<Option<Reply>, WireError> {
+        request.validate_in(&self.handshake.region)?;
+        Ok(match request {
+            Request::Read { tag, offset, size, .. } => {
+                let mut bytes = [0u8; 8];
+                device.read(offset, &mut bytes[..size.bytes()]);
+                self.stats.reads += 1;
+                Some(Reply::Read { tag, size, data: u64::from_le_bytes(bytes) })
+            }
+            Request::Write { tag, offset, size, data, posted, .. } => {
+                device.write(offset, &data.to_le_bytes()[..size.bytes()]);
+                if posted {
+                    self.stats.posted_writes += 1;
+                    None
+                } else {
+                    self.stats.writes += 1;
+                    Some(Reply::Write { tag })
+                }
+            }
+            Request::Sync { tag } => {
+                self.stats.syncs += 1;
+                Some(Reply::Sync { tag })
+            }
+        })
+    }
+
+    fn flush_replies(&mut self) -> Result<(), WireError> {
+        if !self.pending.is_empty() {
+            self.writer.write_all(&self.pending)?;
+            self.pending.clear();
+        }
+        self.writer.flush()?;
+        Ok(())
+    }
+
+    /// Drop the queued replies of a connection about to be dropped.
+    fn fail(&mut self, error: WireError) -> WireError {
+        self.pending.clear();
+        error
+    }
+}
+
+/// Handshake on `stream` and serve `device` until the VM side closes it.
+///
+/// # Errors
+///
+/// As for [`Server::over`] and [`Server::serve`].
+pub fn serve<D: IoDevice + ?Sized>(stream: UnixStream, device: &mut D) -> Result<ServeStats, WireError> {
+    Server::over(stream)?.serve(device)
+}
+
+#[cfg(test)]
+mod tests {
+    use std::thread;
+
+    use nkvm_wire::ioregion::{read_frame, write_frame, AccessSize, Client, Space};
+
+    use super::*;
+
+    const REGION: RegionInfo = RegionInfo { id: 7, space: Space::Pio, base: 0x3f8, len: 0x10 };
+
+    /// 16 bytes of memory and a log of (write?, offset, data).
+    #[derive(Debug, Default)]
+    struct Memory {
+        bytes: [u8; 16],
+        log: Vec<(bool, u64, Vec<u8>)>,
+    }
+
+    impl IoDevice for Memory {
+        fn read(&mut self, offset: u64, data: &mut [u8]) {
+            let at = offset as usize;
+            data.copy_from_slice(&self.bytes[at..at + data.len()]);
+            self.log.push((false, offset, data.to_vec()));
+        }
+
+        fn write(&mut self, offset: u64, data: &[u8]) {
+            let at = offset as usize;
+            self.bytes[at..at + data.len()].copy_from_slice(data);
+            self.log.push((true, offset, data.to_vec()));
+        }
+    }
+
+    /// Serve a `Memory` on one end of a socketpair in a thread.
+    /// The server thread: the device it served and how serving ended.
+    type ServerThread = thread::JoinHandle<(Memory, Result<ServeStats, WireError>)>;
+
+    fn spawn_server() -> (UnixStream, ServerThread) {
+        let (vm, dev) = UnixStream::pair().unwrap();
+        let handle = thread::spawn(move || {
+            let mut memory = Memory::default();
+            let result = serve(dev, &mut memory);
+            (memory, result)
+        });
+        (vm, handle)
+    }
+
+    /// Handshake by hand; returns the two halves of the VM side.
+    fn vm_side(vm: UnixStream) -> (UnixStream, UnixStream) {
+        let mut w = vm.try_clone().unwrap();
+        ioregion::vm_handshake(&mut &vm, &mut w, REGION, VersionRange::CURRENT).unwrap();
+        (vm, w)
+    }
+
+    #[test]
+    fn serves_reads_writes_posted_writes_and_syncs() {
+        let (vm, server) = spawn_server();
+        let vm_thread = thread::spawn(move || {
+            let mut c = Client::over(vm, REGION).unwrap();
+            c.post(0, AccessSize::Dword, 0x4433_2211).unwrap();
+            c.post(4, AccessSize::Byte, 0x55).unwrap();
+            c.write(8, AccessSize::Qword, 0x0807_0605_0403_0201).unwrap();
+            let value = c.read(2, AccessSize::Word).unwrap();
+            c.post(15, AccessSize::Byte, 0xff).unwrap();
+            c.sync().unwrap();
+            value
+        });
+        assert_eq!(vm_thread.join().unwrap(), 0x4433);
+        let (memory, result) = server.join().unwrap();
+        assert_eq!(result.unwrap(), ServeStats { reads: 1, writes: 1, posted_writes: 3, syncs: 1 });
+        assert_eq!(memory.bytes[..5], [0x11, 0x22, 0x33, 0x44, 0x55]);
+        assert_eq!(memory.bytes[15], 0xff);
+        let order: Vec<_> = memory.log.iter().map(|(w, off, _)| (*w, *off)).collect();
+        assert_eq!(order, [(true, 0), (true, 4), (true, 8), (false, 2), (true, 15)]);
+    }
+
+    #[test]
+    fn posted_writes_are_never_answered_and_batches_are_served_in_order() {
+        let (vm, server) = spawn_server();
+        let (mut r, mut w) = vm_side(vm);
+        let mut burst = Vec::new();
+        for i in 0..200u32 {
+            let request = Request::Write {
+                tag: i,
+                space: Space::Pio,
+                offset: u64::from(i % 16),
+                size: AccessSize::Byte,
+                data: u64::from(i as u8),
+                posted: true,
+            };
+            burst.extend_from_slice(&request.encode());
+        }
+        for tag in 200..210 {
+            let read = Request::Read { tag, space: Space::Pio, offset: 0, size: AccessSize::Qword };
+            burst.extend_from_slice(&read.encode());
+        }
+        w.write_all(&burst).unwrap();
+        for tag in 200..210 {
+            let reply = read_frame(&mut r).unwrap();
+            // Byte i of the memory was last written by write 192 + i.
+            let expected = u64::from_le_bytes([192, 193, 194, 195, 196, 197, 198, 199]);
+            assert_eq!(reply, Some(IoFrame::Reply(Reply::Read { tag, size: AccessSize::Qword, data: expected })));
+        }
+        drop((r, w));
+        let (_, result) = server.join().unwrap();
+        assert_eq!(result.unwrap().posted_writes, 200);
+    }
+
+    /// Send `bytes` after the handshake; return what the server said and
+    /// what the device saw.
+    fn serve_raw(bytes: &[u8]) -> (Result<ServeStats, WireError>, Memory) {
+        let (vm, server) = spawn_server();
+        let (r, mut w) = vm_side(vm);
+        w.write_all(bytes).unwrap();
+        w.shutdown(std::net::Shutdown::Write).unwrap();
+        let (memory, result) = server.join().unwrap();
+        drop(r);
+        (result, memory)
+    }
+
+    #[test]
+    fn access_outside_the_region_is_refused_without_touching_the_device() {
+        let request = Request::Write {
+            tag: 1,
+            space: Space::Pio,
+            offset: 0xf,
+            size: AccessSize::Word,
+            data: 0xffff,
+            posted: true,
+        };
+        let (result, memory) = serve_raw(&request.encode());
+        let err = result.unwrap_err();
+        assert!(matches!(err, WireError::OutsideRegion { offset: 0xf, .. }), "{err}");
+        assert!(memory.log.is_empty());
+    }
+
+    #[test]
+    fn malformed_requests_end_the_connection_with_a_named_error() {
+        let read = Request::Read { tag: 1, space: Space::Pio, offset: 0, size: AccessSize::Byte }.encode();
+        let mut bad_size = read;
+        bad_size[10] = 3;
+        let mut bad_op = read;
+        bad_op[8] = 9;
+        let mut oversized = read;
+        oversized[4..8].copy_from_slice(&0x1000_0000u32.to_le_bytes());
+        let mut mmio = read;
+        mmio[9] = Space::Mmio.code();
+        let cases: [(&[u8], &str); 6] = [
+            (&bad_size, "access size 3 is not 1, 2, 4 or 8"),
+            (&bad_op, "unknown op 9"),
+            (&oversized, "oversized frame"),
+            (&read[..20], "short read"),
+            (&mmio, "MMIO request on a PIO region"),
+            (&Reply::Sync { tag: 1 }.encode(), "unexpected reply frame"),
+        ];
+        for (bytes, message) in cases {
+            let (result, memory) = serve_raw(bytes);
+            let err = result.unwrap_err();
+            assert!(err.to_string().contains(message), "{err} / {message}");
+            assert!(memory.log.is_empty());
+        }
+    }
+
+    #[test]
+    fn a_request_before_the_handshake_is_refused() {
+        let (vm, server) = spawn_server();
+        let request = Request::Sync { tag: 0 };
+        write_frame(&mut &vm, &IoFrame::Request(request)).unwrap();
+        let (_, result) = server.join().unwrap();
+        assert!(matches!(result, Err(WireError::UnexpectedFrame { expected: "hello", found: "request" })));
+    }
+
+    #[test]
+    fn accept_serves_a_connection_on_a_path() {
+        let dir = std::env::temp_dir().join(format!("nkvm-serve-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let path = dir.join("region.sock");
+        let _ = std::fs::remove_file(&path);
+        let listener = UnixListener::bind(&path).unwrap();
+        let vm_thread = thread::spawn(move || {
+            let mut c = Client::over(UnixStream::connect(&path).unwrap(), REGION).unwrap();
+            c.write(1, AccessSize::Byte, 0x42).unwrap();
+            c.read(1, AccessSize::Byte).unwrap()
+        });
+        let mut server = Server::accept(&listener).unwrap();
+        assert_eq!(*server.region(), REGION);
+        assert_eq!(server.version(), 1);
+        let mut memory = Memory::default();
+        let stats = server.serve(&mut memory).unwrap();
+        assert_eq!(vm_thread.join().unwrap(), 0x42);
+        assert_eq!((stats.reads, stats.writes), (1, 1));
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+}

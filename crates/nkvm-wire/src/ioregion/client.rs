@@ -1,0 +1,140 @@
+//! A blocking VM-side endpoint: one access at a time, posted writes
+//! batched until the next non-posted access or an explicit flush.
+
+use std::io::{BufWriter, Read, Write};
+use std::os::unix::net::UnixStream;
+
+use super::{
+    read_frame, vm_handshake, write_frame, AccessSize, Handshake, InFlight, IoFrame, Op, RegionInfo, Reply, Request,
+};
+use crate::error::WireError;
+use crate::handshake::VersionRange;
+
+/// The VM side of one I/O-region connection.
+///
+/// Every method that waits for a reply first flushes the posted writes
+/// queued before it, so the device sees them in guest order. Any error
+/// leaves the connection unusable: drop the client.
+#[derive(Debug)]
+pub struct Client<R: Read, W: Write> {
+    reader: R,
+    writer: BufWriter<W>,
+    handshake: Handshake,
+    in_flight: InFlight,
+}
+
+impl Client<UnixStream, UnixStream> {
+    /// Handshake over a connected stream socket (see [`Client::connect`]).
+    ///
+    /// # Errors
+    ///
+    /// [`WireError::Io`] if the socket cannot be duplicated, and the errors
+    /// of [`Client::connect`].
+    pub fn over(stream: UnixStream, region: RegionInfo) -> Result<Self, WireError> {
+        let writer = stream.try_clone()?;
+        Client::connect(stream, writer, region)
+    }
+}
+
+impl<R: Read, W: Write> Client<R, W> {
+    /// Handshake for `region`, offering [`VersionRange::CURRENT`].
+    ///
+    /// # Errors
+    ///
+    /// The errors of [`vm_handshake`].
+    pub fn connect(mut reader: R, writer: W, region: RegionInfo) -> Result<Self, WireError> {
+        let mut writer = BufWriter::new(writer);
+        let handshake = vm_handshake(&mut reader, &mut writer, region, VersionRange::CURRENT)?;
+        Ok(Client { reader, writer, handshake, in_flight: InFlight::new() })
+    }
+
+    /// What the handshake agreed on.
+    pub fn handshake(&self) -> &Handshake {
+        &self.handshake
+    }
+
+    /// Read `size` bytes at `offset` in the region; waits for the reply.
+    ///
+    /// # Errors
+    ///
+    /// [`WireError::OutsideRegion`] (nothing sent), and the errors of a
+    /// round trip: I/O, decoding, a closed connection
+    /// ([`WireError::ShortRead`]), a reply not matching the request.
+    pub fn read(&mut self, offset: u64, size: AccessSize) -> Result<u64, WireError> {
+        let tag = self.in_flight.next_tag();
+        let request = Request::Read { tag, space: self.handshake.region.space, offset, size };
+        match self.round_trip(request)? {
+            Reply::Read { data, .. } => Ok(data),
+            // Unreachable: `InFlight::complete` checked the reply's op.
+            other => Err(WireError::ReplyMismatch { tag, request: Op::Read, reply: other.op() }),
+        }
+    }
+
+    /// Write the low `size` bytes of `data` at `offset`; waits until the
+    /// device has served it.
+    ///
+    /// # Errors
+    ///
+    /// As for [`Client::read`].
+    pub fn write(&mut self, offset: u64, size: AccessSize, data: u64) -> Result<(), WireError> {
+        let request = self.write_request(offset, size, data, false);
+        self.round_trip(request).map(drop)
+    }
+
+    /// Queue a posted write: it goes out with the next flush or non-posted
+    /// access (or when the buffer fills), and no reply comes back.
+    ///
+    /// # Errors
+    ///
+    /// [`WireError::OutsideRegion`] (nothing queued), [`WireError::Io`].
+    pub fn post(&mut self, offset: u64, size: AccessSize, data: u64) -> Result<(), WireError> {
+        let request = self.write_request(offset, size, data, true);
+        request.validate_in(&self.handshake.region)?;
+        write_frame(&mut self.writer, &IoFrame::Request(request))
+    }
+
+    /// Barrier: returns once the device has served everything sent before.
+    ///
+    /// # Errors
+    ///
+    /// As for [`Client::read`].
+    pub fn sync(&mut self) -> Result<(), WireError> {
+        let tag = self.in_flight.next_tag();
+        self.round_trip(Request::Sync { tag }).map(drop)
+    }
+
+    /// Send the queued posted writes now, without waiting for anything.
+    ///
+    /// # Errors
+    ///
+    /// [`WireError::Io`].
+    pub fn flush(&mut self) -> Result<(), WireError> {
+        self.writer.flush().map_err(WireError::Io)
+    }
+
+    fn write_request(&mut self, offset: u64, size: AccessSize, data: u64, posted: bool) -> Request {
+        Request::Write {
+            tag: self.in_flight.next_tag(),
+            space: self.handshake.region.space,
+            offset,
+            size,
+            data: data & size.mask(),
+            posted,
+        }
+    }
+
+    fn round_trip(&mut self, request: Request) -> Result<Reply, WireError> {
+        request.validate_in(&self.handshake.region)?;
+        self.in_flight.track(&request)?;
+        write_frame(&mut self.writer, &IoFrame::Request(request))?;
+        self.flush()?;
+        match read_frame(&mut self.reader)? {
+            Some(IoFrame::Reply(reply)) => {
+                self.in_flight.complete(&reply)?;
+                Ok(reply)
+            }
+            Some(other) => Err(WireError::UnexpectedFrame { expected: "reply", found: other.name() }),
+            None => Err(WireError::ShortRead { got: 0, expected: Reply::FRAME_LEN }),
+        }
+    }
+}
