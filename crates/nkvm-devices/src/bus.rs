@@ -27,15 +27,11 @@ pub trait IoDevice: Send {
 /// device state is plain data and stays usable.
 impl<D: IoDevice> IoDevice for Arc<Mutex<D>> {
     fn read(&mut self, offset: u64, data: &mut [u8]) {
-        self.lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .read(offset, data);
+        self.lock().unwrap_or_else(|e| e.into_inner()).read(offset, data);
     }
 
     fn write(&mut self, offset: u64, data: &[u8]) {
-        self.lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .write(offset, data);
+        self.lock().unwrap_or_else(|e| e.into_inner()).write(offset, data);
     }
 }
 
@@ -145,29 +141,16 @@ impl IoBus {
     ///
     /// [`BusError::InvalidRange`] for an empty or wrapping range,
     /// [`BusError::Overlap`] naming the first region it collides with.
-    pub fn insert(
-        &mut self,
-        base: u64,
-        len: u64,
-        device: Box<dyn IoDevice>,
-    ) -> Result<(), BusError> {
+    pub fn insert(&mut self, base: u64, len: u64, device: Box<dyn IoDevice>) -> Result<(), BusError> {
         let end = match base.checked_add(len) {
             Some(end) if len > 0 => end,
             _ => return Err(BusError::InvalidRange { base, len }),
         };
         let before = self.entries.range(..=base).next_back();
         let after = self.entries.range(base..end).next();
-        let clash = before
-            .filter(|(b, e)| **b + e.len > base)
-            .or(after)
-            .map(|(b, e)| (*b, e.len));
+        let clash = before.filter(|(b, e)| **b + e.len > base).or(after).map(|(b, e)| (*b, e.len));
         if let Some((existing_base, existing_len)) = clash {
-            return Err(BusError::Overlap {
-                base,
-                len,
-                existing_base,
-                existing_len,
-            });
+            return Err(BusError::Overlap { base, len, existing_base, existing_len });
         }
         self.entries.insert(base, BusEntry { len, device });
         Ok(())
@@ -270,19 +253,10 @@ mod tests {
         let mut bus = IoBus::new();
         bus.insert(0x1000, 0x100, echo()).unwrap();
         let err = bus.insert(0x10ff, 0x10, echo()).unwrap_err();
-        assert_eq!(
-            err.to_string(),
-            "region 0x10ff+0x10 overlaps region 0x1000+0x100"
-        );
+        assert_eq!(err.to_string(), "region 0x10ff+0x10 overlaps region 0x1000+0x100");
         // A region swallowing an existing one from below.
         let err = bus.insert(0xf00, 0x1000, echo()).unwrap_err();
-        assert!(matches!(
-            err,
-            BusError::Overlap {
-                existing_base: 0x1000,
-                ..
-            }
-        ));
+        assert!(matches!(err, BusError::Overlap { existing_base: 0x1000, .. }));
         // Adjacent regions are fine.
         bus.insert(0x1100, 0x10, echo()).unwrap();
         bus.insert(0xf00, 0x100, echo()).unwrap();
@@ -291,14 +265,8 @@ mod tests {
     #[test]
     fn empty_or_wrapping_ranges_are_rejected() {
         let mut bus = IoBus::new();
-        assert!(matches!(
-            bus.insert(0x10, 0, echo()),
-            Err(BusError::InvalidRange { .. })
-        ));
-        assert!(matches!(
-            bus.insert(u64::MAX, 2, echo()),
-            Err(BusError::InvalidRange { .. })
-        ));
+        assert!(matches!(bus.insert(0x10, 0, echo()), Err(BusError::InvalidRange { .. })));
+        assert!(matches!(bus.insert(u64::MAX, 2, echo()), Err(BusError::InvalidRange { .. })));
     }
 
     #[test]

@@ -143,13 +143,7 @@ impl<S: ApicBusSink> Ioapic<S> {
     /// An I/O APIC in its reset state (ID 0, all pins masked, all lines
     /// low), sending interrupt messages to `sink`.
     pub fn new(sink: S) -> Self {
-        Self {
-            id: 0,
-            ioregsel: 0,
-            table: [RedirectionEntry(MASKED); IOAPIC_PINS],
-            lines: 0,
-            sink,
-        }
+        Self { id: 0, ioregsel: 0, table: [RedirectionEntry(MASKED); IOAPIC_PINS], lines: 0, sink }
     }
 
     /// Return the registers to their reset state. Line levels are kept: the
@@ -304,10 +298,7 @@ impl<S: ApicBusSink> IoDevice for Ioapic<S> {
             (_, 1 | 2 | 4 | 8) if offset == REG_IOREGSEL => u32::from(self.ioregsel),
             (_, 1 | 2 | 4 | 8) if offset == REG_IOWIN => self.read_indexed(),
             _ => {
-                log::debug!(
-                    "ioapic: ignored read of {} bytes at {offset:#x}",
-                    data.len()
-                );
+                log::debug!("ioapic: ignored read of {} bytes at {offset:#x}", data.len());
                 0
             }
         };
@@ -316,10 +307,7 @@ impl<S: ApicBusSink> IoDevice for Ioapic<S> {
 
     fn write(&mut self, offset: u64, data: &[u8]) {
         if !matches!(data.len(), 1 | 2 | 4 | 8) {
-            log::debug!(
-                "ioapic: ignored write of {} bytes at {offset:#x}",
-                data.len()
-            );
+            log::debug!("ioapic: ignored write of {} bytes at {offset:#x}", data.len());
             return;
         }
         let value = le_value(data) as u32;
@@ -349,17 +337,9 @@ mod tests {
     }
 
     fn program(io: &mut TestIoapic, pin: u8, low: u32, dest: u8) {
-        write32(
-            io,
-            REG_IOREGSEL,
-            u32::from(INDEX_REDIRECTION_TABLE + 2 * pin + 1),
-        );
+        write32(io, REG_IOREGSEL, u32::from(INDEX_REDIRECTION_TABLE + 2 * pin + 1));
         write32(io, REG_IOWIN, u32::from(dest) << 24);
-        write32(
-            io,
-            REG_IOREGSEL,
-            u32::from(INDEX_REDIRECTION_TABLE + 2 * pin),
-        );
+        write32(io, REG_IOREGSEL, u32::from(INDEX_REDIRECTION_TABLE + 2 * pin));
         write32(io, REG_IOWIN, low);
     }
 

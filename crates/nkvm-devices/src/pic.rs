@@ -74,22 +74,14 @@ impl Default for Pic {
 impl Pic {
     /// Both chips uninitialised (as at power-on), all inputs low.
     pub fn new() -> Self {
-        Self {
-            master: Chip::new(true),
-            slave: Chip::new(false),
-            intr: false,
-            intr_line: None,
-        }
+        Self { master: Chip::new(true), slave: Chip::new(false), intr: false, intr_line: None }
     }
 
     /// Like [`Pic::new`], and drive `line` with each change of the INTR
     /// output. `line` runs with the `Pic` borrowed (or, in a [`SharedPic`],
     /// locked): it must not call back into the `Pic`.
     pub fn with_intr_line(line: Box<dyn IrqLine>) -> Self {
-        Self {
-            intr_line: Some(line),
-            ..Self::new()
-        }
+        Self { intr_line: Some(line), ..Self::new() }
     }
 
     /// Return both chips to their power-on state; input levels are kept.
@@ -231,10 +223,7 @@ impl SharedPic {
 
     /// The device for any window.
     pub fn port(&self, window: PicWindow) -> PicPort {
-        PicPort {
-            pic: self.clone(),
-            window,
-        }
+        PicPort { pic: self.clone(), window }
     }
 }
 
@@ -249,9 +238,7 @@ impl IoDevice for PicPort {
     fn read(&mut self, offset: u64, data: &mut [u8]) {
         let mut pic = self.pic.lock();
         for (i, byte) in data.iter_mut().enumerate() {
-            *byte = offset
-                .checked_add(i as u64)
-                .map_or(0xff, |port| pic.read_port(self.window, port));
+            *byte = offset.checked_add(i as u64).map_or(0xff, |port| pic.read_port(self.window, port));
         }
     }
 
@@ -314,10 +301,7 @@ mod tests {
         let mut pic = Pic::new();
         init(&mut pic, 0x01);
         assert_eq!(pic.master.init, Init::Ready);
-        assert_eq!(
-            (pic.master.vector_base, pic.slave.vector_base),
-            (0x20, 0x28)
-        );
+        assert_eq!((pic.master.vector_base, pic.slave.vector_base), (0x20, 0x28));
         pic.write_port(MASTER, 1, 0xfb);
         assert_eq!(pic.read_port(MASTER, 1), 0xfb);
         // Without ICW4 in single mode the sequence is ICW1, ICW2 only.

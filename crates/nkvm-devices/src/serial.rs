@@ -59,9 +59,7 @@ pub struct Serial<W: Write + Send> {
 
 impl<W: Write + Send> fmt::Debug for Serial<W> {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.debug_struct("Serial")
-            .field("state", &self.uart.state())
-            .finish_non_exhaustive()
+        f.debug_struct("Serial").field("state", &self.uart.state()).finish_non_exhaustive()
     }
 }
 
@@ -69,9 +67,7 @@ impl<W: Write + Send> Serial<W> {
     /// A UART in its reset state, writing guest output to `out` and
     /// pulsing `irq` on each interrupt.
     pub fn new(irq: Box<dyn IrqLine>, out: W) -> Self {
-        Self {
-            uart: vm_superio::Serial::new(IrqTrigger(irq), out),
-        }
+        Self { uart: vm_superio::Serial::new(IrqTrigger(irq), out) }
     }
 
     /// Queue bytes for the guest to read; returns how many fit in the
@@ -114,10 +110,7 @@ impl<W: Write + Send> IoDevice for Serial<W> {
         match (u8::try_from(offset), data) {
             (Ok(reg), [byte]) if offset < SERIAL_SIZE => *byte = self.uart.read(reg),
             (_, data) => {
-                log::debug!(
-                    "serial: invalid read of {} bytes at {offset:#x}",
-                    data.len()
-                );
+                log::debug!("serial: invalid read of {} bytes at {offset:#x}", data.len());
                 data.fill(0xff);
             }
         }
@@ -131,10 +124,7 @@ impl<W: Write + Send> IoDevice for Serial<W> {
                     log::debug!("serial: output byte lost: {e}");
                 }
             }
-            _ => log::debug!(
-                "serial: ignored write of {} bytes at {offset:#x}",
-                data.len()
-            ),
+            _ => log::debug!("serial: ignored write of {} bytes at {offset:#x}", data.len()),
         }
     }
 }

@@ -170,24 +170,14 @@ impl IoDevice for TestDevice {
             }
         }
         self.reads += 1;
-        self.record(Access {
-            write: false,
-            offset,
-            size,
-            data: le_value(data),
-        });
+        self.record(Access { write: false, offset, size, data: le_value(data) });
     }
 
     fn write(&mut self, offset: u64, data: &[u8]) {
         let size = data.len();
         let value = le_value(data);
         self.writes += 1;
-        self.record(Access {
-            write: true,
-            offset,
-            size,
-            data: value,
-        });
+        self.record(Access { write: true, offset, size, data: value });
         let Some((reg, shift)) = Self::locate(offset, size) else {
             log::debug!("test device: invalid write of {size} bytes at {offset:#x}");
             return;
@@ -233,24 +223,9 @@ mod tests {
         assert_eq!(
             dev.log(),
             &[
-                Access {
-                    write: true,
-                    offset: 0x20,
-                    size: 8,
-                    data: 0x1122_3344_5566_7788
-                },
-                Access {
-                    write: true,
-                    offset: 0x28,
-                    size: 1,
-                    data: 0xab
-                },
-                Access {
-                    write: false,
-                    offset: 0x22,
-                    size: 2,
-                    data: 0x5566
-                },
+                Access { write: true, offset: 0x20, size: 8, data: 0x1122_3344_5566_7788 },
+                Access { write: true, offset: 0x28, size: 1, data: 0xab },
+                Access { write: false, offset: 0x22, size: 2, data: 0x5566 },
             ]
         );
         assert_eq!(dev.take_log().len(), 3);

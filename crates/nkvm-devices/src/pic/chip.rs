@@ -42,18 +42,12 @@ pub(super) struct Chip {
 
 impl Chip {
     pub(super) fn new(is_master: bool) -> Self {
-        Self {
-            is_master,
-            ..Self::default()
-        }
+        Self { is_master, ..Self::default() }
     }
 
     /// Back to the power-on state, keeping the input levels.
     pub(super) fn reset(&mut self) {
-        *self = Self {
-            lines: self.lines,
-            ..Self::new(self.is_master)
-        };
+        *self = Self { lines: self.lines, ..Self::new(self.is_master) };
     }
 
     fn level_bits(&self) -> u8 {
@@ -79,9 +73,7 @@ impl Chip {
 
     /// The highest-priority input whose bit is set in `bits`.
     fn highest(&self, bits: u8) -> Option<u8> {
-        (0..8)
-            .map(|p| (self.top_priority + p) & 7)
-            .find(|irq| bits & (1 << irq) != 0)
+        (0..8).map(|p| (self.top_priority + p) & 7).find(|irq| bits & (1 << irq) != 0)
     }
 
     /// The input that would be delivered now: requested, unmasked, and of
@@ -104,19 +96,11 @@ impl Chip {
     pub(super) fn set_line(&mut self, irq: u8, level: bool) {
         let bit = 1 << irq;
         if self.level_bits() & bit != 0 {
-            self.irr = if level {
-                self.irr | bit
-            } else {
-                self.irr & !bit
-            };
+            self.irr = if level { self.irr | bit } else { self.irr & !bit };
         } else if level && self.lines & bit == 0 {
             self.irr |= bit;
         }
-        self.lines = if level {
-            self.lines | bit
-        } else {
-            self.lines & !bit
-        };
+        self.lines = if level { self.lines | bit } else { self.lines & !bit };
     }
 
     /// The INTA cycle for `irq`: move it from requested to in service.
