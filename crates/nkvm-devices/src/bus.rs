@@ -22,6 +22,17 @@ pub trait IoDevice: Send {
     fn write(&mut self, offset: u64, data: &[u8]);
 }
 
+/// A boxed device (a trait object, say) is a device.
+impl<D: IoDevice + ?Sized> IoDevice for Box<D> {
+    fn read(&mut self, offset: u64, data: &mut [u8]) {
+        (**self).read(offset, data);
+    }
+
+    fn write(&mut self, offset: u64, data: &[u8]) {
+        (**self).write(offset, data);
+    }
+}
+
 /// A shared device can sit on a bus while its owner keeps a handle to it
 /// (to raise interrupts, inspect a log, ...). A poisoned lock is recovered:
 /// device state is plain data and stays usable.

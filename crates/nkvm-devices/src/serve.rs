@@ -34,6 +34,7 @@ use std::path::Path;
 
 use nkvm_wire::handshake::VersionRange;
 use nkvm_wire::ioregion::{self, device_handshake, Handshake, IoFrame, RegionInfo, Reply, Request};
+use nkvm_wire::spin::SpinStream;
 use nkvm_wire::WireError;
 
 /// The device interface served; the same trait as [`crate::bus::IoDevice`],
@@ -110,6 +111,21 @@ impl Server<UnixStream, UnixStream> {
     pub fn accept(listener: &UnixListener) -> Result<Self, WireError> {
         let (stream, _) = listener.accept()?;
         Server::over(stream)
+    }
+}
+
+impl Server<SpinStream, SpinStream> {
+    /// Accept one connection and handshake; between requests, poll the
+    /// socket for up to `spin` before blocking (see [`SpinStream`]): a busy
+    /// guest is answered without a wake-up on each access.
+    ///
+    /// # Errors
+    ///
+    /// As for [`Server::accept`].
+    pub fn accept_spinning(listener: &UnixListener, spin: std::time::Duration) -> Result<Self, WireError> {
+        let (stream, _) = listener.accept()?;
+        let (reader, writer) = SpinStream::pair(stream, spin)?;
+        Server::handshake(reader, writer, VersionRange::CURRENT)
     }
 }
 

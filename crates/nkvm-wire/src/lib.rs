@@ -42,5 +42,6 @@ mod error;
 pub mod frame;
 pub mod handshake;
 pub mod ioregion;
+pub mod spin;
 
 pub use error::WireError;

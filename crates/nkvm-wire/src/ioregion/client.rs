@@ -3,12 +3,14 @@
 
 use std::io::{BufWriter, Read, Write};
 use std::os::unix::net::UnixStream;
+use std::time::Duration;
 
 use super::{
     read_frame, vm_handshake, write_frame, AccessSize, Handshake, InFlight, IoFrame, Op, RegionInfo, Reply, Request,
 };
 use crate::error::WireError;
 use crate::handshake::VersionRange;
+use crate::spin::SpinStream;
 
 /// The VM side of one I/O-region connection.
 ///
@@ -21,6 +23,19 @@ pub struct Client<R: Read, W: Write> {
     writer: BufWriter<W>,
     handshake: Handshake,
     in_flight: InFlight,
+}
+
+impl Client<SpinStream, SpinStream> {
+    /// Handshake over a connected stream socket, polling for up to `spin`
+    /// before each blocking wait (see [`SpinStream`]).
+    ///
+    /// # Errors
+    ///
+    /// As for [`Client::over`].
+    pub fn over_spinning(stream: UnixStream, region: RegionInfo, spin: Duration) -> Result<Self, WireError> {
+        let (reader, writer) = SpinStream::pair(stream, spin)?;
+        Client::connect(reader, writer, region)
+    }
 }
 
 impl Client<UnixStream, UnixStream> {
