@@ -20,6 +20,9 @@ pub enum Command {
     Run(RunArgs),
     /// Print what this host's KVM can do.
     Caps(CapsArgs),
+    /// Run one device model in this process, serving an I/O-region socket
+    /// (the other end of `attach_region`); see docs/wire-format.md.
+    Device(DeviceArgs),
 }
 
 impl Default for Command {
@@ -58,4 +61,31 @@ pub struct CapsArgs {
     /// Print JSON instead of a table.
     #[arg(long)]
     pub json: bool,
+}
+
+/// Device models `nkvm device` can serve.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum DeviceModel {
+    /// The test device: ID, counters, scratch registers (nkvm_devices::test_device).
+    Test,
+    /// A 16550 UART whose output goes to this process's stdout.
+    Serial,
+}
+
+/// `nkvm device`.
+#[derive(Debug, Args, Clone)]
+pub struct DeviceArgs {
+    /// Which model to serve.
+    #[arg(long, value_enum)]
+    pub model: DeviceModel,
+    /// Listen on this Unix socket path and serve the first connection.
+    #[arg(long)]
+    pub socket: std::path::PathBuf,
+    /// Append one line per access to this file ("NAME R|W OFFSET SIZE DATA"),
+    /// for ordering checks across device processes.
+    #[arg(long)]
+    pub log: Option<std::path::PathBuf>,
+    /// The name used in the log (default: the model).
+    #[arg(long)]
+    pub name: Option<String>,
 }

@@ -69,7 +69,7 @@ pub fn run(args: &RunArgs) -> Result<ExitCode, Box<dyn std::error::Error>> {
 
 fn run_builtin(args: &RunArgs) -> Result<ExitCode, MachineError> {
     let hv = Hypervisor::open()?;
-    let vm = Arc::new(Vm::new(&hv, &VmConfig { vcpus: args.cpus, memory: args.memory, split_irqchip: false })?);
+    let vm = Arc::new(Vm::new(&hv, &VmConfig { vcpus: args.cpus, memory: args.memory, ..Default::default() })?);
     let code = builtin::assemble().map_err(|e| MachineError::Assemble(e.to_string()))?;
     vm.write_memory(GuestAddress(builtin::ENTRY), &code)?;
     let long_mode = LongMode::install(&vm.memory(), GuestAddress(builtin::TABLES))?;

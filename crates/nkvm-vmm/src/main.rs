@@ -7,6 +7,7 @@
 mod builtin;
 mod caps;
 mod cli;
+mod device;
 mod machine;
 mod size;
 
@@ -21,6 +22,7 @@ fn main() -> ExitCode {
     let result = match cli.command.unwrap_or_default() {
         Command::Run(args) => machine::run(&args),
         Command::Caps(args) => caps::print(&args),
+        Command::Device(args) => device::run(&args),
     };
     match result {
         Ok(code) => code,

@@ -90,6 +90,13 @@ pub enum Exit {
         /// The host CPU that failed the entry.
         cpu: u32,
     },
+    /// The device behind an attached I/O region failed while serving this
+    /// vCPU (reported once; its reads now return all ones). See
+    /// [`Vm::io_region_failures`](crate::Vm::io_region_failures).
+    IoRegionFailed {
+        /// The region.
+        id: crate::io::RegionId,
+    },
     /// Another thread kicked the vCPU out (see [`Kicker`](crate::Kicker)).
     Kicked,
     /// An exit reason nkvm does not decode.
@@ -117,6 +124,7 @@ impl Exit {
             Exit::InterruptWindow => "interrupt-window",
             Exit::InternalError(_) => "internal-error",
             Exit::FailEntry { .. } => "fail-entry",
+            Exit::IoRegionFailed { .. } => "io-region-failed",
             Exit::Kicked => "kicked",
             Exit::Unknown { .. } => "unknown",
         }
@@ -147,6 +155,7 @@ impl fmt::Display for Exit {
                 write!(f, "fail-entry hardware_reason={hardware_reason:#x} cpu={cpu}")
             }
             Exit::Unknown { reason } => write!(f, "unknown reason={reason}"),
+            Exit::IoRegionFailed { id } => write!(f, "io-region-failed {id}"),
             ref other => f.write_str(other.reason()),
         }
     }

@@ -137,6 +137,16 @@ impl RunState {
         }
     }
 
+    /// Carries a read nkvm already answered (a failed device's all ones)
+    /// to the next entry.
+    pub(crate) fn carry(&mut self, completion: Completion) {
+        self.pending = match completion {
+            Completion::None => Pending::None,
+            Completion::IoIn { size, value } => Pending::IoIn { port: 0, size, value: Some(value) },
+            Completion::MmioRead { size, value } => Pending::MmioRead { addr: 0, size, value: Some(value) },
+        };
+    }
+
     /// Records the read an exit leaves pending.
     pub(crate) fn expect(&mut self, exit: &Exit) {
         self.pending = match *exit {

@@ -8,9 +8,11 @@ use std::time::{Duration, Instant};
 use kvm_bindings::{kvm_fpu, kvm_msr_entry, kvm_regs, kvm_sregs, kvm_vcpu_events, Msrs};
 use kvm_ioctls::VcpuFd;
 
+use crate::io::{IoRegions, IoSpace};
 use crate::kick::{KickShared, Kicker};
 use crate::pause::PauseGate;
 use crate::run_state::{Pending, RunState};
+use crate::sys::run::Completion;
 use crate::sys::run::RunArea;
 use crate::trace::{ExitRecord, Tracer};
 use crate::{Cpuid, Exit};
@@ -80,6 +82,9 @@ pub struct Vcpu {
     trace: TraceState,
     gate: Arc<PauseGate>,
     memory: Arc<dyn RingFull>,
+    io: Arc<IoRegions>,
+    /// The coalesced-MMIO ring page is mapped.
+    coalesced: bool,
 }
 
 /// Harvests the VM's dirty rings when a vCPU's ring is full (implemented by
@@ -107,12 +112,16 @@ impl Vcpu {
         mmap_size: usize,
         gate: Arc<PauseGate>,
         memory: Arc<dyn RingFull>,
+        io: Arc<IoRegions>,
     ) -> Result<Self, VcpuError> {
         crate::sys::kick::install_handler().map_err(VcpuError::Signal)?;
         let run = Arc::new(RunArea::map(fd.as_raw_fd(), mmap_size).map_err(|source| VcpuError::MapRun { id, source })?);
         let kick = KickShared::new(run.clone());
         gate.register(&kick);
-        Ok(Self { id, fd, run, kick, tracers: Vec::new(), trace: TraceState::default(), gate, memory })
+        let mut fd = fd;
+        // Without the ring page, posted MMIO writes simply exit.
+        let coalesced = fd.map_coalesced_mmio_ring().is_ok();
+        Ok(Self { id, fd, run, kick, tracers: Vec::new(), trace: TraceState::default(), gate, memory, io, coalesced })
     }
 
     /// The vCPU's id (its APIC id).
@@ -139,42 +148,78 @@ impl Vcpu {
     /// Returns [`Exit::Kicked`] when another thread used this vCPU's
     /// [`Kicker`].
     pub fn enter_guest(&mut self, run: &mut RunState) -> Result<Exit, VcpuError> {
-        let (completion, string_in) =
+        let (mut completion, mut string_in) =
             run.take_completion().map_err(|p| VcpuError::ReadNotCompleted { id: self.id, what: describe(p) })?;
         let tracing = !self.tracers.is_empty();
-        let entered = if tracing { Some(self.emit_pending(true)) } else { None };
-
-        let mut completion = completion;
-        let mut string_in = string_in;
+        // When tracing: when this trip into the guest started.
+        let mut entered = if tracing { Some(self.emit_pending(true)) } else { None };
+        // A read answered with all ones by a failed device, carried to the
+        // next entry when the failure is reported.
+        let mut carry = None;
         let exit = loop {
             // Held while inside KVM_RUN: a memory-map change takes it
             // exclusively, after kicking every vCPU out.
-            let entered = self.gate.enter();
+            let gate = self.gate.enter();
             self.kick.enter();
             let data = if string_in { Some(run.string_data.as_slice()) } else { None };
             let result = self.run.run(&self.fd, completion, data, run.interrupt_window_requested());
             self.kick.leave();
-            drop(entered);
+            drop(gate);
             // A completion is consumed by the first KVM_RUN, kicked or not.
-            completion = crate::sys::run::Completion::None;
+            completion = Completion::None;
             string_in = false;
-            match result {
-                Ok(true) => match self.run.decode(&mut run.string_data) {
-                    // The dirty ring is full: move it to the bitmaps, go on.
-                    Exit::Unknown { reason: kvm_bindings::KVM_EXIT_DIRTY_RING_FULL } => {
-                        self.memory.ring_full().map_err(|source| VcpuError::Run { id: self.id, source })?;
-                        continue;
-                    }
-                    exit => break exit,
-                },
+            if self.coalesced && self.io.coalescing() {
+                let fd = &mut self.fd;
+                self.io.drain_coalesced(|| {
+                    let e = fd.coalesced_mmio_read().ok().flatten()?;
+                    Some((e.phys_addr, e.len.min(8) as u8, u64::from_le_bytes(e.data)))
+                });
+            }
+            let exit = match result {
+                Ok(true) => self.run.decode(&mut run.string_data),
                 Ok(false) if self.kick.take() => break Exit::Kicked,
                 // Paused for a memory-map change: enter again once it is done.
                 Ok(false) => continue,
                 Err(source) => return Err(VcpuError::Run { id: self.id, source }),
+            };
+            let Some((space, addr, size, write)) = io_access(&exit) else {
+                if let Exit::Unknown { reason: kvm_bindings::KVM_EXIT_DIRTY_RING_FULL } = exit {
+                    // The dirty ring is full: move it to the bitmaps, go on.
+                    self.memory.ring_full().map_err(|source| VcpuError::Run { id: self.id, source })?;
+                    continue;
+                }
+                break exit;
+            };
+            if self.io.is_empty() {
+                break exit;
+            }
+            let exited = entered.map(|_| Instant::now());
+            let Some(served) = self.io.access(space, addr, size, write) else {
+                // Not ours: the caller handles it, after every posted write.
+                self.io.flush_posted(None);
+                break exit;
+            };
+            if write.is_none() {
+                completion = match space {
+                    IoSpace::Mmio => Completion::MmioRead { size, value: served.value },
+                    IoSpace::Pio => Completion::IoIn { size, value: served.value },
+                };
+            }
+            if let (Some(start), Some(exited)) = (entered, exited) {
+                let now = Instant::now();
+                self.emit(exit, exited - start, Some(now - exited));
+                entered = Some(now);
+            }
+            if let Some(id) = served.failed {
+                carry = Some(completion);
+                break Exit::IoRegionFailed { id };
             }
         };
         run.flags = self.run.flags();
         run.expect(&exit);
+        if let Some(completion) = carry {
+            run.carry(completion);
+        }
         if let Some(entered) = entered {
             let now = Instant::now();
             self.trace.last = Some((exit, now - entered, now));
@@ -182,21 +227,20 @@ impl Vcpu {
         Ok(exit)
     }
 
+    /// Reports one exit to every tracer.
+    fn emit(&mut self, exit: Exit, guest_time: Duration, handler_time: Option<Duration>) {
+        let record = ExitRecord { vcpu: self.id, seq: self.trace.seq, exit, guest_time, handler_time };
+        self.trace.seq += 1;
+        for t in &mut self.tracers {
+            t.on_exit(&record);
+        }
+    }
+
     /// Emits the record of the previous exit (its handler time ends now).
     fn emit_pending(&mut self, entering: bool) -> Instant {
         let now = Instant::now();
         if let Some((exit, guest_time, exited)) = self.trace.last.take() {
-            let record = ExitRecord {
-                vcpu: self.id,
-                seq: self.trace.seq,
-                exit,
-                guest_time,
-                handler_time: entering.then(|| now - exited),
-            };
-            self.trace.seq += 1;
-            for t in &mut self.tracers {
-                t.on_exit(&record);
-            }
+            self.emit(exit, guest_time, entering.then(|| now - exited));
         }
         now
     }
@@ -298,6 +342,17 @@ impl Drop for Vcpu {
         if !self.tracers.is_empty() {
             self.emit_pending(false);
         }
+    }
+}
+
+/// The I/O access an exit describes: (space, address, size, written value).
+fn io_access(exit: &Exit) -> Option<(IoSpace, u64, u8, Option<u64>)> {
+    match *exit {
+        Exit::MmioRead { addr, size } => Some((IoSpace::Mmio, addr.0, size, None)),
+        Exit::MmioWrite { addr, size, data } => Some((IoSpace::Mmio, addr.0, size, Some(data))),
+        Exit::IoIn { port, size } => Some((IoSpace::Pio, u64::from(port), size, None)),
+        Exit::IoOut { port, size, data } => Some((IoSpace::Pio, u64::from(port), size, Some(data))),
+        _ => None,
     }
 }
 

@@ -2,6 +2,7 @@
 
 use std::collections::HashMap;
 use std::fmt;
+use std::os::unix::net::UnixStream;
 use std::sync::{Arc, Mutex, RwLock};
 
 use kvm_bindings::{
@@ -11,6 +12,7 @@ use kvm_bindings::{
 use kvm_ioctls::VmFd;
 
 use crate::dirty::{DirtyLogMode, DirtyPages, PageBitmap};
+use crate::io::{IoHandler, IoRange, IoRegionError, IoRegions, Ordering, RegionFailure, RegionId, SocketOptions};
 use crate::memory::{Backing, MemoryError, MemoryMap, Region, PAGE_SIZE};
 use crate::pause::PauseGate;
 use crate::sys::ring::{reset_dirty_rings, DirtyRing};
@@ -112,6 +114,8 @@ pub struct Vm {
     shared: Arc<DirtyShared>,
     gate: Arc<PauseGate>,
     manual_protect: bool,
+    coalesced_mmio: bool,
+    io: Arc<IoRegions>,
 }
 
 /// The memory state vCPUs keep alive, and the dirty-ring harvest they
@@ -260,6 +264,8 @@ impl Vm {
             }),
             gate: PauseGate::new(),
             manual_protect,
+            coalesced_mmio: caps.coalesced_mmio,
+            io: Arc::new(IoRegions::default()),
         };
         vm.set_memory_map(MemoryMap::ram(&ram)?)?;
         Ok(vm)
@@ -473,6 +479,64 @@ impl Vm {
             .map_err(|source| VmError::Kvm { op: "KVM_SET_USER_MEMORY_REGION", source })
     }
 
+    /// Serves `range` with the device model at the other end of `socket`
+    /// (see [`crate::io`]): handshake now, then every guest access to the
+    /// range becomes a transaction, served inside `enter_guest`.
+    pub fn attach_region(
+        &self,
+        range: IoRange,
+        socket: UnixStream,
+        ordering: Ordering,
+    ) -> Result<RegionId, IoRegionError> {
+        self.attach_region_with(range, socket, SocketOptions { ordering, ..Default::default() })
+    }
+
+    /// [`attach_region`](Self::attach_region) with a timeout and a name.
+    pub fn attach_region_with(
+        &self,
+        range: IoRange,
+        socket: UnixStream,
+        options: SocketOptions,
+    ) -> Result<RegionId, IoRegionError> {
+        let posted_mmio = options.ordering == Ordering::Posted && range.space == crate::io::IoSpace::Mmio;
+        let id = self.io.attach_socket(range, socket, options)?;
+        // Posted MMIO writes need no exit at all: let KVM queue them in its
+        // coalesced ring; vCPUs drain it (in order) at their next exit.
+        if posted_mmio && self.coalesced_mmio && range.len <= u64::from(u32::MAX) {
+            let zone = kvm_ioctls::IoEventAddress::Mmio(range.base);
+            match self.fd.register_coalesced_mmio(zone, range.len as u32) {
+                Ok(()) => self.io.set_coalesced(id, true),
+                Err(e) => log::warn!("coalesced MMIO for {range} unavailable ({e}); posted writes will exit"),
+            }
+        }
+        Ok(id)
+    }
+
+    /// Serves `range` with an in-process handler, synchronously.
+    pub fn attach_handler(&self, range: IoRange, handler: Box<dyn IoHandler>) -> Result<RegionId, IoRegionError> {
+        self.io.attach_handler(range, handler)
+    }
+
+    /// Detaches a range (while vCPUs run, if need be); its posted writes are
+    /// delivered first. Later accesses come back as exits.
+    pub fn detach_region(&self, id: RegionId) -> Result<(), IoRegionError> {
+        if self.io.is_coalesced(id) {
+            if let Some(range) = self.io.range(id) {
+                let zone = kvm_ioctls::IoEventAddress::Mmio(range.base);
+                if let Err(e) = self.fd.unregister_coalesced_mmio(zone, range.len as u32) {
+                    log::warn!("unregistering coalesced MMIO for {range}: {e}");
+                }
+            }
+            self.io.set_coalesced(id, false);
+        }
+        self.io.detach(id)
+    }
+
+    /// Every attached region whose device failed, with the reason.
+    pub fn io_region_failures(&self) -> Vec<RegionFailure> {
+        self.io.failures()
+    }
+
     /// Creates vCPU `id` (in `0..config.vcpus`).
     pub fn create_vcpu(&self, id: u32) -> Result<Vcpu, VmError> {
         if id >= self.config.vcpus {
@@ -487,7 +551,7 @@ impl Vm {
         // The vCPU keeps the slot table (and so every backing the guest can
         // reach) alive for as long as it can run, even if the Vm is dropped
         // first; it also harvests the rings when its own fills.
-        Ok(Vcpu::new(id, fd, self.vcpu_mmap_size, self.gate.clone(), self.shared.clone())?)
+        Ok(Vcpu::new(id, fd, self.vcpu_mmap_size, self.gate.clone(), self.shared.clone(), self.io.clone())?)
     }
 }
 

@@ -1,0 +1,103 @@
+//! `nkvm device`: one device model in its own process, behind an
+//! I/O-region socket.
+
+use std::fs::{File, OpenOptions};
+use std::io::{self, Write};
+use std::os::unix::net::UnixListener;
+use std::process::ExitCode;
+
+use nkvm_devices::serial::Serial;
+use nkvm_devices::serve::Server;
+use nkvm_devices::test_device::TestDevice;
+use nkvm_devices::IoDevice;
+
+use crate::cli::{DeviceArgs, DeviceModel};
+
+/// How long the device polls for the next request before it blocks.
+const SPIN: std::time::Duration = std::time::Duration::from_micros(200);
+
+/// Errors of the device process.
+#[derive(Debug, thiserror::Error)]
+pub enum DeviceError {
+    /// Binding the socket path failed.
+    #[error("cannot listen on {path}")]
+    Listen {
+        /// The path.
+        path: String,
+        /// The OS error.
+        #[source]
+        source: io::Error,
+    },
+    /// Opening the log failed.
+    #[error("cannot open the access log {path}")]
+    Log {
+        /// The path.
+        path: String,
+        /// The OS error.
+        #[source]
+        source: io::Error,
+    },
+    /// The VM side broke the protocol or went away uncleanly.
+    #[error("serving the I/O region failed")]
+    Serve(#[source] nkvm_wire::WireError),
+}
+
+/// A device that appends every access to a shared log file.
+struct Logged<D> {
+    inner: D,
+    name: String,
+    log: File,
+}
+
+impl<D: IoDevice> Logged<D> {
+    fn record(&mut self, kind: char, offset: u64, data: &[u8]) {
+        let mut bytes = [0u8; 8];
+        bytes[..data.len().min(8)].copy_from_slice(&data[..data.len().min(8)]);
+        let line = format!("{} {kind} {offset:#x} {} {:#x}\n", self.name, data.len(), u64::from_le_bytes(bytes));
+        // O_APPEND: one write per line keeps lines of several processes whole.
+        if let Err(e) = self.log.write_all(line.as_bytes()) {
+            log::warn!("access log: {e}");
+        }
+    }
+}
+
+impl<D: IoDevice> IoDevice for Logged<D> {
+    fn read(&mut self, offset: u64, data: &mut [u8]) {
+        self.inner.read(offset, data);
+        self.record('R', offset, data);
+    }
+
+    fn write(&mut self, offset: u64, data: &[u8]) {
+        self.record('W', offset, data);
+        self.inner.write(offset, data);
+    }
+}
+
+/// Serves one connection on `args.socket`, then exits.
+pub fn run(args: &DeviceArgs) -> Result<ExitCode, Box<dyn std::error::Error>> {
+    let path = args.socket.display().to_string();
+    let _ = std::fs::remove_file(&args.socket);
+    let listener =
+        UnixListener::bind(&args.socket).map_err(|source| DeviceError::Listen { path: path.clone(), source })?;
+    let model: Box<dyn IoDevice> = match args.model {
+        DeviceModel::Test => Box::new(TestDevice::new()),
+        DeviceModel::Serial => Box::new(Serial::new(Box::new(|_level: bool| {}), io::stdout())),
+    };
+    let mut device: Box<dyn IoDevice> = match &args.log {
+        Some(log) => {
+            let file = OpenOptions::new()
+                .create(true)
+                .append(true)
+                .open(log)
+                .map_err(|source| DeviceError::Log { path: log.display().to_string(), source })?;
+            let name = args.name.clone().unwrap_or_else(|| format!("{:?}", args.model).to_lowercase());
+            Box::new(Logged { inner: model, name, log: file })
+        }
+        None => model,
+    };
+    let mut server = Server::accept_spinning(&listener, SPIN).map_err(DeviceError::Serve)?;
+    let _ = std::fs::remove_file(&args.socket);
+    let stats = server.serve(&mut *device).map_err(DeviceError::Serve)?;
+    log::info!("device on {path} done: {stats:?}");
+    Ok(ExitCode::SUCCESS)
+}

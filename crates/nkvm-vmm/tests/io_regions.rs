@@ -1,0 +1,351 @@
+//! MMIO and PIO regions served by device models in other processes
+//! (`nkvm device`), with real guests: every access size, posted writes and
+//! their ordering across regions, and devices that die, stall or lie.
+
+use std::io::Write;
+use std::os::unix::net::UnixStream;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command};
+use std::time::{Duration, Instant};
+
+use iced_x86::code_asm::*;
+use nkvm::io::{IoRange, Ordering, SocketOptions};
+use nkvm::{Exit, GuestAddress, Hypervisor, LongMode, RunState, Vcpu, Vm, VmConfig};
+
+const ENTRY: u64 = 0x10_0000;
+const TABLES: u64 = 0x2_0000;
+const MMIO_A: u64 = 0xd000_0000;
+const MMIO_B: u64 = 0xd001_0000;
+const PIO: u16 = 0x500;
+const SCRATCH0: u64 = 0x20;
+const WRITE_COUNT: u64 = 0x08;
+const ID: u64 = u64::from_le_bytes(*b"nkvmtest");
+
+fn vm() -> Vm {
+    Vm::new(&Hypervisor::open().expect("/dev/kvm"), &VmConfig { vcpus: 1, memory: 16 << 20, ..Default::default() })
+        .expect("VM")
+}
+
+fn guest(vm: &Vm, body: impl FnOnce(&mut CodeAssembler)) -> Vcpu {
+    let mut a = CodeAssembler::new(64).unwrap();
+    body(&mut a);
+    a.hlt().unwrap();
+    vm.write_memory(GuestAddress(ENTRY), &a.assemble(ENTRY).unwrap()).unwrap();
+    let lm = LongMode::install(&vm.memory(), GuestAddress(TABLES)).unwrap();
+    let vcpu = vm.create_vcpu(0).unwrap();
+    vcpu.set_long_mode(&lm, GuestAddress(ENTRY), GuestAddress(0x9_0000)).unwrap();
+    vcpu
+}
+
+/// Runs to `hlt`, returning the values of `out 0x10, eax` (unattached port)
+/// and any other exit.
+fn run(vcpu: &mut Vcpu) -> Vec<Exit> {
+    let mut run = RunState::new();
+    let mut exits = Vec::new();
+    loop {
+        match vcpu.enter_guest(&mut run).unwrap() {
+            Exit::Hlt => return exits,
+            e @ (Exit::Shutdown | Exit::InternalError(_)) => panic!("guest failed: {e} after {exits:?}"),
+            e @ (Exit::MmioRead { .. } | Exit::IoIn { .. }) => {
+                run.complete_read(0);
+                exits.push(e);
+            }
+            e => exits.push(e),
+        }
+    }
+}
+
+fn outs(exits: &[Exit]) -> Vec<u64> {
+    exits.iter().filter_map(|e| if let Exit::IoOut { port: 0x10, data, .. } = e { Some(*data) } else { None }).collect()
+}
+
+/// A device process (`nkvm device`), killed when dropped.
+struct DeviceProcess {
+    child: Child,
+    socket: PathBuf,
+}
+
+impl DeviceProcess {
+    fn spawn(dir: &Path, name: &str, log: Option<&Path>) -> DeviceProcess {
+        let socket = dir.join(format!("{name}.sock"));
+        let mut cmd = Command::new(env!("CARGO_BIN_EXE_nkvm"));
+        cmd.args(["device", "--model", "test", "--name", name, "--socket"]).arg(&socket);
+        if let Some(log) = log {
+            cmd.arg("--log").arg(log);
+        }
+        let child = cmd.spawn().expect("spawn nkvm device");
+        DeviceProcess { child, socket }
+    }
+
+    fn connect(&self) -> UnixStream {
+        let deadline = Instant::now() + Duration::from_secs(10);
+        loop {
+            match UnixStream::connect(&self.socket) {
+                Ok(s) => return s,
+                Err(e) if Instant::now() < deadline => {
+                    let _ = e;
+                    std::thread::sleep(Duration::from_millis(10));
+                }
+                Err(e) => panic!("device at {} never listened: {e}", self.socket.display()),
+            }
+        }
+    }
+}
+
+impl Drop for DeviceProcess {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+fn tempdir(name: &str) -> PathBuf {
+    let dir = std::env::temp_dir().join(format!("nkvm-io-{name}-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir).unwrap();
+    dir
+}
+
+#[test]
+fn out_of_process_mmio_and_pio_of_every_size() {
+    let dir = tempdir("sizes");
+    let (mmio_dev, pio_dev) = (DeviceProcess::spawn(&dir, "mmio", None), DeviceProcess::spawn(&dir, "pio", None));
+    let vm = vm();
+    vm.attach_region(IoRange::mmio(MMIO_A, 0x40), mmio_dev.connect(), Ordering::Sync).unwrap();
+    vm.attach_region(IoRange::pio(PIO, 0x40), pio_dev.connect(), Ordering::Sync).unwrap();
+    let mut vcpu = guest(&vm, |a| {
+        a.mov(rbx, MMIO_A).unwrap();
+        a.mov(rax, qword_ptr(rbx)).unwrap(); // ID
+        a.out(0x10, eax).unwrap();
+        a.shr(rax, 32).unwrap();
+        a.out(0x10, eax).unwrap();
+        a.mov(byte_ptr(rbx + SCRATCH0), 0x11).unwrap();
+        a.movzx(eax, byte_ptr(rbx + SCRATCH0)).unwrap();
+        a.out(0x10, eax).unwrap();
+        a.mov(word_ptr(rbx + SCRATCH0), 0x2233).unwrap();
+        a.movzx(eax, word_ptr(rbx + SCRATCH0)).unwrap();
+        a.out(0x10, eax).unwrap();
+        a.mov(dword_ptr(rbx + SCRATCH0), 0x4455_6677).unwrap();
+        a.mov(eax, dword_ptr(rbx + SCRATCH0)).unwrap();
+        a.out(0x10, eax).unwrap();
+        a.mov(rax, 0x0102_0304_0506_0708u64).unwrap();
+        a.mov(qword_ptr(rbx + SCRATCH0), rax).unwrap();
+        a.mov(rcx, qword_ptr(rbx + SCRATCH0)).unwrap();
+        a.cmp(rcx, rax).unwrap();
+        a.sete(al).unwrap();
+        a.movzx(eax, al).unwrap();
+        a.out(0x10, eax).unwrap();
+        // Ports: 1, 2 and 4 bytes into SCRATCH0 of the PIO device.
+        a.mov(dx, (PIO + SCRATCH0 as u16) as u32).unwrap();
+        a.mov(al, 0x99).unwrap();
+        a.out(dx, al).unwrap();
+        a.in_(al, dx).unwrap();
+        a.movzx(eax, al).unwrap();
+        a.out(0x10, eax).unwrap();
+        a.mov(ax, 0xabcdu32).unwrap();
+        a.out(dx, ax).unwrap();
+        a.in_(ax, dx).unwrap();
+        a.movzx(eax, ax).unwrap();
+        a.out(0x10, eax).unwrap();
+        a.mov(eax, 0xfeed_f00du32).unwrap();
+        a.out(dx, eax).unwrap();
+        a.in_(eax, dx).unwrap();
+        a.out(0x10, eax).unwrap();
+    });
+    let exits = run(&mut vcpu);
+    assert_eq!(
+        outs(&exits),
+        vec![ID & 0xffff_ffff, ID >> 32, 0x11, 0x2233, 0x4455_6677, 1, 0x99, 0xabcd, 0xfeed_f00d],
+        "{exits:?}"
+    );
+    assert_eq!(exits.len(), 9, "only the unattached port exits: {exits:?}");
+}
+
+#[test]
+fn posted_writes_then_a_read_see_every_write_in_order() {
+    let dir = tempdir("posted");
+    let log = dir.join("access.log");
+    let dev = DeviceProcess::spawn(&dir, "a", Some(&log));
+    let vm = vm();
+    vm.attach_region(IoRange::mmio(MMIO_A, 0x40), dev.connect(), Ordering::Posted).unwrap();
+    let mut vcpu = guest(&vm, |a| {
+        a.mov(rbx, MMIO_A).unwrap();
+        a.mov(ecx, 1u32).unwrap();
+        let mut again = a.create_label();
+        a.set_label(&mut again).unwrap();
+        a.mov(qword_ptr(rbx + SCRATCH0), rcx).unwrap();
+        a.inc(ecx).unwrap();
+        a.cmp(ecx, 100).unwrap();
+        a.jbe(again).unwrap();
+        a.mov(rax, qword_ptr(rbx + WRITE_COUNT)).unwrap();
+        a.out(0x10, eax).unwrap();
+        a.mov(rax, qword_ptr(rbx + SCRATCH0)).unwrap();
+        a.out(0x10, eax).unwrap();
+    });
+    let exits = run(&mut vcpu);
+    assert_eq!(outs(&exits), vec![100, 100]);
+    drop(vm);
+    drop(dev);
+    let text = std::fs::read_to_string(&log).unwrap();
+    let writes: Vec<u64> = text
+        .lines()
+        .filter(|l| l.starts_with("a W 0x20 "))
+        .map(|l| u64::from_str_radix(l.rsplit(' ').next().unwrap().trim_start_matches("0x"), 16).unwrap())
+        .collect();
+    assert_eq!(writes, (1..=100).collect::<Vec<_>>(), "the device saw every posted write, in order");
+}
+
+#[test]
+fn posted_writes_to_one_region_are_served_before_a_sync_read_of_another() {
+    let dir = tempdir("cross");
+    let log = dir.join("access.log");
+    let (a_dev, b_dev) = (DeviceProcess::spawn(&dir, "a", Some(&log)), DeviceProcess::spawn(&dir, "b", Some(&log)));
+    let vm = vm();
+    vm.attach_region(IoRange::mmio(MMIO_A, 0x40), a_dev.connect(), Ordering::Posted).unwrap();
+    vm.attach_region(IoRange::mmio(MMIO_B, 0x40), b_dev.connect(), Ordering::Sync).unwrap();
+    let mut vcpu = guest(&vm, |a| {
+        a.mov(rbx, MMIO_A).unwrap();
+        a.mov(rdx, MMIO_B).unwrap();
+        a.mov(ecx, 50u32).unwrap();
+        let mut again = a.create_label();
+        a.set_label(&mut again).unwrap();
+        a.mov(qword_ptr(rbx + SCRATCH0), rcx).unwrap();
+        a.dec(ecx).unwrap();
+        a.jnz(again).unwrap();
+        a.mov(rax, qword_ptr(rdx)).unwrap(); // B's ID: a sync read of another region
+        a.out(0x10, eax).unwrap();
+    });
+    let exits = run(&mut vcpu);
+    assert_eq!(outs(&exits), vec![ID & 0xffff_ffff]);
+    drop(vm);
+    drop((a_dev, b_dev));
+    let text = std::fs::read_to_string(&log).unwrap();
+    let lines: Vec<&str> = text.lines().collect();
+    let b_read = lines.iter().position(|l| l.starts_with("b R")).expect("B's read is logged");
+    let a_writes: Vec<usize> = lines.iter().enumerate().filter(|(_, l)| l.starts_with("a W")).map(|(i, _)| i).collect();
+    assert_eq!(a_writes.len(), 50, "{text}");
+    assert!(a_writes.iter().all(|&i| i < b_read), "a posted write reached A after B's read:\n{text}");
+}
+
+#[test]
+fn a_killed_device_reads_all_ones_and_is_reported() {
+    let dir = tempdir("kill");
+    let mut dev = DeviceProcess::spawn(&dir, "victim", None);
+    let vm = vm();
+    let id = vm.attach_region(IoRange::mmio(MMIO_A, 0x40), dev.connect(), Ordering::Sync).unwrap();
+    let mut vcpu = guest(&vm, |a| {
+        a.mov(rbx, MMIO_A).unwrap();
+        a.mov(eax, dword_ptr(rbx)).unwrap();
+        a.out(0x10, eax).unwrap(); // the test kills the device here
+        a.mov(eax, dword_ptr(rbx)).unwrap();
+        a.out(0x10, eax).unwrap();
+        a.mov(dword_ptr(rbx + SCRATCH0), eax).unwrap(); // dropped
+        a.mov(eax, dword_ptr(rbx)).unwrap();
+        a.out(0x10, eax).unwrap();
+    });
+    let mut run = RunState::new();
+    assert_eq!(vcpu.enter_guest(&mut run).unwrap(), Exit::IoOut { port: 0x10, size: 4, data: ID & 0xffff_ffff });
+    dev.child.kill().unwrap();
+    dev.child.wait().unwrap();
+    assert_eq!(vcpu.enter_guest(&mut run).unwrap(), Exit::IoRegionFailed { id });
+    assert_eq!(vcpu.enter_guest(&mut run).unwrap(), Exit::IoOut { port: 0x10, size: 4, data: 0xffff_ffff });
+    assert_eq!(vcpu.enter_guest(&mut run).unwrap(), Exit::IoOut { port: 0x10, size: 4, data: 0xffff_ffff });
+    assert_eq!(vcpu.enter_guest(&mut run).unwrap(), Exit::Hlt);
+    let failures = vm.io_region_failures();
+    assert_eq!(failures.len(), 1);
+    assert_eq!(failures[0].id, id);
+    assert!(failures[0].name.contains("0xd0000000"), "{failures:?}");
+}
+
+#[test]
+fn a_device_that_sends_garbage_is_disconnected_with_an_error() {
+    use nkvm_wire::handshake::VersionRange;
+    use nkvm_wire::ioregion::device_handshake;
+    let vm = vm();
+    // Garbage instead of a handshake: attach fails, naming the range.
+    let (vm_end, mut dev_end) = UnixStream::pair().unwrap();
+    let t = std::thread::spawn(move || {
+        let _ = dev_end.write_all(b"this is not a hello at all, not even close....");
+        dev_end
+    });
+    let err = vm.attach_region(IoRange::mmio(MMIO_A, 0x40), vm_end, Ordering::Sync).unwrap_err();
+    assert!(err.to_string().contains("mmio 0xd0000000+0x40"), "{err}");
+    drop(t.join());
+    // A proper handshake, then garbage as the reply to the first request.
+    let (vm_end, dev_end) = UnixStream::pair().unwrap();
+    let t = std::thread::spawn(move || {
+        let mut reader = dev_end.try_clone().unwrap();
+        let mut writer = dev_end;
+        device_handshake(&mut reader, &mut writer, VersionRange::CURRENT).unwrap();
+        let mut req = [0u8; 40];
+        let _ = std::io::Read::read(&mut reader, &mut req);
+        let _ = writer.write_all(&[0xde; 64]);
+        std::thread::sleep(Duration::from_millis(200));
+    });
+    let id = vm.attach_region(IoRange::mmio(MMIO_A, 0x40), vm_end, Ordering::Sync).unwrap();
+    let mut vcpu = guest(&vm, |a| {
+        a.mov(rbx, MMIO_A).unwrap();
+        a.mov(eax, dword_ptr(rbx)).unwrap();
+        a.out(0x10, eax).unwrap();
+    });
+    let mut run = RunState::new();
+    assert_eq!(vcpu.enter_guest(&mut run).unwrap(), Exit::IoRegionFailed { id });
+    assert_eq!(vcpu.enter_guest(&mut run).unwrap(), Exit::IoOut { port: 0x10, size: 4, data: 0xffff_ffff });
+    let failures = vm.io_region_failures();
+    assert!(!failures[0].reason.is_empty(), "{failures:?}");
+    t.join().unwrap();
+}
+
+#[test]
+fn a_device_that_stops_answering_times_out() {
+    use nkvm_wire::handshake::VersionRange;
+    use nkvm_wire::ioregion::device_handshake;
+    let vm = vm();
+    let (vm_end, dev_end) = UnixStream::pair().unwrap();
+    let (tx, rx) = std::sync::mpsc::channel::<()>();
+    let t = std::thread::spawn(move || {
+        let mut reader = dev_end.try_clone().unwrap();
+        let mut writer = dev_end;
+        device_handshake(&mut reader, &mut writer, VersionRange::CURRENT).unwrap();
+        let _ = rx.recv(); // never answers
+    });
+    let options =
+        SocketOptions { timeout: Duration::from_millis(200), name: Some("staller".into()), ..Default::default() };
+    let id = vm.attach_region_with(IoRange::pio(PIO, 8), vm_end, options).unwrap();
+    let mut vcpu = guest(&vm, |a| {
+        a.mov(dx, PIO as u32).unwrap();
+        a.in_(al, dx).unwrap();
+        a.movzx(eax, al).unwrap();
+        a.out(0x10, eax).unwrap();
+    });
+    let mut run = RunState::new();
+    assert_eq!(vcpu.enter_guest(&mut run).unwrap(), Exit::IoRegionFailed { id });
+    assert_eq!(vcpu.enter_guest(&mut run).unwrap(), Exit::IoOut { port: 0x10, size: 4, data: 0xff });
+    let failures = vm.io_region_failures();
+    assert_eq!(failures[0].name, "staller");
+    assert!(failures[0].reason.contains("did not answer in time"), "{failures:?}");
+    drop(tx);
+    t.join().unwrap();
+}
+
+#[test]
+fn a_detached_region_exits_to_the_caller_again() {
+    let dir = tempdir("detach");
+    let dev = DeviceProcess::spawn(&dir, "d", None);
+    let vm = vm();
+    let id = vm.attach_region(IoRange::mmio(MMIO_A, 0x40), dev.connect(), Ordering::Posted).unwrap();
+    let mut vcpu = guest(&vm, |a| {
+        a.mov(rbx, MMIO_A).unwrap();
+        a.mov(eax, dword_ptr(rbx)).unwrap();
+        a.out(0x10, eax).unwrap();
+        a.mov(eax, dword_ptr(rbx)).unwrap();
+        a.out(0x10, eax).unwrap();
+    });
+    let mut run = RunState::new();
+    assert_eq!(vcpu.enter_guest(&mut run).unwrap(), Exit::IoOut { port: 0x10, size: 4, data: ID & 0xffff_ffff });
+    vm.detach_region(id).unwrap();
+    assert_eq!(vcpu.enter_guest(&mut run).unwrap(), Exit::MmioRead { addr: GuestAddress(MMIO_A), size: 4 });
+    run.complete_mmio_read(7);
+    assert_eq!(vcpu.enter_guest(&mut run).unwrap(), Exit::IoOut { port: 0x10, size: 4, data: 7 });
+    assert!(vm.detach_region(id).is_err());
+}
