@@ -47,11 +47,15 @@ pub struct RunArgs {
     /// Print a table of exits per reason with latency percentiles at the end.
     #[arg(long)]
     pub stats: bool,
+    /// Run each device model (serial, test device) in its own process,
+    /// behind an I/O-region socket, instead of in the VMM.
+    #[arg(long)]
+    pub device_process: bool,
 }
 
 impl Default for RunArgs {
     fn default() -> Self {
-        Self { cpus: 2, memory: 64 << 20, trace: false, stats: false }
+        Self { cpus: 2, memory: 64 << 20, trace: false, stats: false, device_process: false }
     }
 }
 

@@ -1,20 +1,23 @@
-//! Running a VM: one thread per vCPU, exits dispatched to the device buses,
-//! the machine stopped on power-off or on a fatal exit.
+//! Running a VM: one thread per vCPU; devices sit on nkvm I/O regions (in
+//! process or in their own), the rest of the exits are handled here; the
+//! machine stops on power-off or on a fatal exit.
 
 use std::io::{self, Write};
 use std::process::ExitCode;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::AtomicBool;
+use std::sync::atomic::Ordering::SeqCst;
 use std::sync::mpsc;
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 use std::thread;
 
+use nkvm::io::{IoRange, Ordering};
 use nkvm::{Exit, ExitStats, GuestAddress, Hypervisor, LineTracer, LongMode, RunState, Vcpu, Vm, VmConfig};
 use nkvm_devices::serial::Serial;
 use nkvm_devices::test_device::{TestDevice, TEST_DEVICE_SIZE};
-use nkvm_devices::IoBus;
 
 use crate::builtin;
-use crate::cli::RunArgs;
+use crate::cli::{DeviceModel, RunArgs};
+use crate::devices::{DeviceProcess, InProcess};
 
 /// Why the VMM could not run the VM.
 #[derive(Debug, thiserror::Error)]
@@ -34,9 +37,12 @@ pub enum MachineError {
     /// Assembling the built-in guest failed.
     #[error("cannot assemble the built-in guest: {0}")]
     Assemble(String),
-    /// A device could not be placed.
-    #[error("cannot place device: {0}")]
-    Device(String),
+    /// Attaching a device failed.
+    #[error(transparent)]
+    Attach(#[from] nkvm::IoRegionError),
+    /// Starting a device process failed.
+    #[error(transparent)]
+    DeviceProcess(#[from] crate::devices::DeviceProcessError),
     /// Starting a vCPU thread failed.
     #[error("cannot start a vCPU thread")]
     Thread(#[source] io::Error),
@@ -57,8 +63,6 @@ enum Outcome {
 
 /// What the vCPU threads share.
 struct Shared {
-    pio: Mutex<IoBus>,
-    mmio: Mutex<IoBus>,
     stop: AtomicBool,
 }
 
@@ -74,13 +78,21 @@ fn run_builtin(args: &RunArgs) -> Result<ExitCode, MachineError> {
     vm.write_memory(GuestAddress(builtin::ENTRY), &code)?;
     let long_mode = LongMode::install(&vm.memory(), GuestAddress(builtin::TABLES))?;
 
-    let mut pio = IoBus::new();
-    let serial = Serial::new(Box::new(|_level: bool| {}), io::stdout());
-    pio.insert(u64::from(builtin::COM1), 8, Box::new(serial)).map_err(|e| MachineError::Device(e.to_string()))?;
-    let mut mmio = IoBus::new();
-    mmio.insert(builtin::TEST_DEVICE, TEST_DEVICE_SIZE, Box::new(TestDevice::new()))
-        .map_err(|e| MachineError::Device(e.to_string()))?;
-    let shared = Arc::new(Shared { pio: Mutex::new(pio), mmio: Mutex::new(mmio), stop: AtomicBool::new(false) });
+    // The same models either in this process or each in its own.
+    let com1 = IoRange::pio(builtin::COM1, 8);
+    let test = IoRange::mmio(builtin::TEST_DEVICE, TEST_DEVICE_SIZE);
+    let _processes = if args.device_process {
+        vec![
+            DeviceProcess::attach(&vm, DeviceModel::Serial, com1, Ordering::Sync)?,
+            DeviceProcess::attach(&vm, DeviceModel::Test, test, Ordering::Sync)?,
+        ]
+    } else {
+        let serial = Serial::new(Box::new(|_level: bool| {}), io::stdout());
+        vm.attach_handler(com1, Box::new(InProcess(serial)))?;
+        vm.attach_handler(test, Box::new(InProcess(TestDevice::new())))?;
+        Vec::new()
+    };
+    let shared = Arc::new(Shared { stop: AtomicBool::new(false) });
 
     let stats = ExitStats::new();
     let mut vcpus = Vec::new();
@@ -102,7 +114,7 @@ fn run_builtin(args: &RunArgs) -> Result<ExitCode, MachineError> {
         vcpus.push(vcpu);
     }
 
-    let outcome = run_vcpus(vcpus, &shared)?;
+    let outcome = run_vcpus(vcpus, &vm, &shared)?;
     if args.stats {
         eprint!("{}", stats.render());
     }
@@ -122,17 +134,18 @@ fn run_builtin(args: &RunArgs) -> Result<ExitCode, MachineError> {
 
 /// Runs every vCPU on its own thread until one powers off or fails (then
 /// kicks the others out) or all have halted. Returns the deciding outcome.
-fn run_vcpus(vcpus: Vec<Vcpu>, shared: &Arc<Shared>) -> Result<Outcome, MachineError> {
+fn run_vcpus(vcpus: Vec<Vcpu>, vm: &Arc<Vm>, shared: &Arc<Shared>) -> Result<Outcome, MachineError> {
     let kickers: Vec<_> = vcpus.iter().map(Vcpu::kicker).collect();
     let (tx, rx) = mpsc::channel();
     let mut handles = Vec::new();
     for vcpu in vcpus {
         let tx = tx.clone();
         let shared = shared.clone();
+        let vm = vm.clone();
         let handle = thread::Builder::new()
             .name(format!("vcpu{}", vcpu.id()))
             .spawn(move || {
-                let outcome = vcpu_loop(vcpu, &shared);
+                let outcome = vcpu_loop(vcpu, &vm, &shared);
                 let _ = tx.send(outcome);
             })
             .map_err(MachineError::Thread)?;
@@ -145,7 +158,7 @@ fn run_vcpus(vcpus: Vec<Vcpu>, shared: &Arc<Shared>) -> Result<Outcome, MachineE
             Outcome::Halted | Outcome::Stopped => {}
             decisive => {
                 if decided.is_none() {
-                    shared.stop.store(true, Ordering::SeqCst);
+                    shared.stop.store(true, SeqCst);
                     kickers.iter().for_each(nkvm::Kicker::kick);
                     decided = Some(decisive);
                 }
@@ -158,10 +171,10 @@ fn run_vcpus(vcpus: Vec<Vcpu>, shared: &Arc<Shared>) -> Result<Outcome, MachineE
     Ok(decided.unwrap_or(Outcome::Halted))
 }
 
-fn vcpu_loop(mut vcpu: Vcpu, shared: &Shared) -> Outcome {
+fn vcpu_loop(mut vcpu: Vcpu, vm: &Vm, shared: &Shared) -> Outcome {
     let mut run = RunState::new();
     loop {
-        if shared.stop.load(Ordering::SeqCst) {
+        if shared.stop.load(SeqCst) {
             return Outcome::Stopped;
         }
         let exit = match vcpu.enter_guest(&mut run) {
@@ -173,22 +186,15 @@ fn vcpu_loop(mut vcpu: Vcpu, shared: &Shared) -> Outcome {
                 if port == builtin::PM1A_CNT && size == 2 && data as u16 == builtin::PM1_POWER_OFF {
                     return Outcome::PowerOff;
                 }
-                let bytes = data.to_le_bytes();
-                lock(&shared.pio).write(u64::from(port), &bytes[..usize::from(size)]);
+                log::debug!("vCPU {}: write to unclaimed port {port:#x} ignored", vcpu.id());
             }
-            Exit::IoIn { port, size } => {
-                let mut bytes = [0xffu8; 8];
-                lock(&shared.pio).read(u64::from(port), &mut bytes[..usize::from(size)]);
-                run.complete_io_in(u64::from_le_bytes(bytes));
-            }
-            Exit::MmioWrite { addr, size, data } => {
-                let bytes = data.to_le_bytes();
-                lock(&shared.mmio).write(addr.0, &bytes[..usize::from(size)]);
-            }
-            Exit::MmioRead { addr, size } => {
-                let mut bytes = [0xffu8; 8];
-                lock(&shared.mmio).read(addr.0, &mut bytes[..usize::from(size)]);
-                run.complete_mmio_read(u64::from_le_bytes(bytes));
+            // Nothing claims the address: reads see all ones, as on a real bus.
+            Exit::IoIn { .. } | Exit::MmioRead { .. } => run.complete_read(u64::MAX),
+            Exit::MmioWrite { addr, .. } => log::debug!("vCPU {}: write to unclaimed {addr} ignored", vcpu.id()),
+            Exit::IoRegionFailed { id } => {
+                for f in vcpu_failures(vm, id) {
+                    eprintln!("nkvm: device {} failed: {}; the guest now reads all ones from it", f.name, f.reason);
+                }
             }
             Exit::Hlt => return Outcome::Halted,
             Exit::Kicked | Exit::InterruptWindow => {}
@@ -202,6 +208,6 @@ fn at_rip(vcpu: &Vcpu) -> String {
     vcpu.regs().map(|r| format!(" at rip {:#x}", r.rip)).unwrap_or_default()
 }
 
-fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
-    m.lock().unwrap_or_else(|p| p.into_inner())
+fn vcpu_failures(vm: &Vm, id: nkvm::RegionId) -> Vec<nkvm::io::RegionFailure> {
+    vm.io_region_failures().into_iter().filter(|f| f.id == id).collect()
 }

@@ -8,6 +8,7 @@ mod builtin;
 mod caps;
 mod cli;
 mod device;
+mod devices;
 mod machine;
 mod size;
 

@@ -85,3 +85,17 @@ fn bad_input_is_one_line_and_a_nonzero_exit() {
         assert!(!stderr.contains("panicked") && !stderr.contains("backtrace"), "{stderr}");
     }
 }
+
+#[test]
+fn device_process_boots_the_same_guest_with_devices_in_other_processes() {
+    let out = nkvm(&["run", "--device-process", "--cpus", "2", "--trace"]);
+    let stdout = text(&out.stdout);
+    assert!(out.status.success(), "stdout:\n{stdout}\nstderr:\n{}", text(&out.stderr));
+    for id in 0..2 {
+        assert!(stdout.contains(&format!("Hello from the nkvm built-in guest on vCPU {id}")), "{stdout}");
+    }
+    assert!(stdout.contains("MMIO test device: scratch register and ID read back OK"), "{stdout}");
+    // The serial and test device accesses still appear in the trace.
+    let stderr = text(&out.stderr);
+    assert!(stderr.contains("io-out port=0x03f8 size=1 data=0x48"), "{stderr}");
+}

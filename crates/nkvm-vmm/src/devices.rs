@@ -1,0 +1,96 @@
+//! Placing device models: in the VMM process (an nkvm I/O handler) or each
+//! in its own process (`nkvm device`, behind an I/O-region socket). The
+//! model code is the same either way.
+
+use std::os::unix::net::UnixStream;
+use std::path::PathBuf;
+use std::process::{Child, Command};
+use std::time::{Duration, Instant};
+
+use nkvm::io::{IoHandler, IoRange, Ordering, SocketOptions};
+use nkvm::Vm;
+use nkvm_devices::IoDevice;
+
+use crate::cli::DeviceModel;
+
+/// An nkvm-devices model as an in-process nkvm handler.
+pub struct InProcess<D>(pub D);
+
+impl<D: IoDevice> IoHandler for InProcess<D> {
+    fn read(&mut self, offset: u64, data: &mut [u8]) {
+        self.0.read(offset, data);
+    }
+
+    fn write(&mut self, offset: u64, data: &[u8]) {
+        self.0.write(offset, data);
+    }
+}
+
+/// Errors starting a device process.
+#[derive(Debug, thiserror::Error)]
+pub enum DeviceProcessError {
+    /// The process could not be started.
+    #[error("cannot start the {model:?} device process")]
+    Spawn {
+        /// Which model.
+        model: DeviceModel,
+        /// The OS error.
+        #[source]
+        source: std::io::Error,
+    },
+    /// It never listened on its socket.
+    #[error("the {model:?} device process did not listen on {path} within 10 s")]
+    NoSocket {
+        /// Which model.
+        model: DeviceModel,
+        /// The socket path.
+        path: String,
+    },
+    /// Attaching its region failed.
+    #[error(transparent)]
+    Attach(#[from] nkvm::IoRegionError),
+}
+
+/// A device model running in a child process; killed when dropped.
+#[derive(Debug)]
+pub struct DeviceProcess {
+    child: Child,
+    socket: PathBuf,
+}
+
+impl DeviceProcess {
+    /// Starts `nkvm device --model MODEL` and attaches its socket to `range`.
+    pub fn attach(vm: &Vm, model: DeviceModel, range: IoRange, ordering: Ordering) -> Result<Self, DeviceProcessError> {
+        let exe = std::env::current_exe().map_err(|source| DeviceProcessError::Spawn { model, source })?;
+        let socket = std::env::temp_dir().join(format!("nkvm-{}-{model:?}.sock", std::process::id()).to_lowercase());
+        let model_arg = format!("{model:?}").to_lowercase();
+        let child = Command::new(exe)
+            .args(["device", "--model", &model_arg, "--socket"])
+            .arg(&socket)
+            .spawn()
+            .map_err(|source| DeviceProcessError::Spawn { model, source })?;
+        let process = DeviceProcess { child, socket };
+        let deadline = Instant::now() + Duration::from_secs(10);
+        let stream = loop {
+            match UnixStream::connect(&process.socket) {
+                Ok(s) => break s,
+                Err(_) if Instant::now() < deadline => std::thread::sleep(Duration::from_millis(5)),
+                Err(_) => {
+                    return Err(DeviceProcessError::NoSocket { model, path: process.socket.display().to_string() })
+                }
+            }
+        };
+        let options =
+            SocketOptions { ordering, name: Some(format!("{model_arg} device process")), ..Default::default() };
+        vm.attach_region_with(range, stream, options)?;
+        Ok(process)
+    }
+}
+
+impl Drop for DeviceProcess {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+        let _ = std::fs::remove_file(&self.socket);
+    }
+}
