@@ -75,7 +75,8 @@ impl LongMode {
 
 impl Vcpu {
     /// Puts the vCPU in 64-bit long mode at `entry` with stack pointer `stack`,
-    /// using the tables of `long_mode`. Interrupts are disabled.
+    /// using the tables of `long_mode`, and makes it runnable (an AP does not
+    /// wait for INIT/SIPI). Interrupts are disabled.
     pub fn set_long_mode(
         &self,
         long_mode: &LongMode,
@@ -113,7 +114,8 @@ impl Vcpu {
         sregs.efer |= EFER_LME | EFER_LMA;
         self.set_sregs(&sregs)?;
         let regs = crate::Regs { rip: entry.0, rsp: stack.0, rflags: 0x2, ..Default::default() };
-        self.set_regs(&regs)
+        self.set_regs(&regs)?;
+        self.make_runnable()
     }
 
     /// Puts the vCPU in real mode at `segment:offset` (CS base = segment × 16).
@@ -123,6 +125,7 @@ impl Vcpu {
         sregs.cs.base = u64::from(segment) << 4;
         self.set_sregs(&sregs)?;
         let regs = crate::Regs { rip: u64::from(offset), rflags: 0x2, ..Default::default() };
-        self.set_regs(&regs)
+        self.set_regs(&regs)?;
+        self.make_runnable()
     }
 }

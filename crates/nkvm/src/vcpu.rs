@@ -9,6 +9,7 @@ use kvm_bindings::{kvm_fpu, kvm_msr_entry, kvm_regs, kvm_sregs, kvm_vcpu_events,
 use kvm_ioctls::VcpuFd;
 
 use crate::io::{IoRegions, IoSpace};
+use crate::irq::{IrqShared, Lapic, LintState, VcpuConfig};
 use crate::kick::{KickShared, Kicker};
 use crate::pause::PauseGate;
 use crate::run_state::{Pending, RunState};
@@ -75,16 +76,31 @@ pub type VcpuEvents = kvm_vcpu_events;
 /// through a [`Kicker`].
 pub struct Vcpu {
     id: u32,
-    fd: VcpuFd,
+    pub(crate) fd: VcpuFd,
     run: Arc<RunArea>,
-    kick: Arc<KickShared>,
+    pub(crate) kick: Arc<KickShared>,
     tracers: Vec<Box<dyn Tracer>>,
     trace: TraceState,
-    gate: Arc<PauseGate>,
-    memory: Arc<dyn RingFull>,
-    io: Arc<IoRegions>,
+    links: VcpuLinks,
     /// The coalesced-MMIO ring page is mapped.
     coalesced: bool,
+    /// LINT0/LINT1 requests from other threads.
+    pub(crate) lint: Arc<LintState>,
+    /// The guest must not see a local APIC.
+    pub(crate) hidden_lapic: bool,
+}
+
+/// What a vCPU shares with its VM.
+#[derive(Debug)]
+pub(crate) struct VcpuLinks {
+    /// Held around KVM_RUN; a memory-map change takes it exclusively.
+    pub(crate) gate: Arc<PauseGate>,
+    /// The memory state (kept alive) and the dirty-ring harvest.
+    pub(crate) memory: Arc<dyn RingFull>,
+    /// Attached I/O regions.
+    pub(crate) io: Arc<IoRegions>,
+    /// Interrupt routing and the APIC bus.
+    pub(crate) irq: Arc<IrqShared>,
 }
 
 /// Harvests the VM's dirty rings when a vCPU's ring is full (implemented by
@@ -110,18 +126,32 @@ impl Vcpu {
         id: u32,
         fd: VcpuFd,
         mmap_size: usize,
-        gate: Arc<PauseGate>,
-        memory: Arc<dyn RingFull>,
-        io: Arc<IoRegions>,
+        links: VcpuLinks,
+        config: VcpuConfig,
     ) -> Result<Self, VcpuError> {
         crate::sys::kick::install_handler().map_err(VcpuError::Signal)?;
         let run = Arc::new(RunArea::map(fd.as_raw_fd(), mmap_size).map_err(|source| VcpuError::MapRun { id, source })?);
         let kick = KickShared::new(run.clone());
-        gate.register(&kick);
+        links.gate.register(&kick);
         let mut fd = fd;
         // Without the ring page, posted MMIO writes simply exit.
         let coalesced = fd.map_coalesced_mmio_ring().is_ok();
-        Ok(Self { id, fd, run, kick, tracers: Vec::new(), trace: TraceState::default(), gate, memory, io, coalesced })
+        let vcpu = Self {
+            id,
+            fd,
+            run,
+            kick,
+            tracers: Vec::new(),
+            trace: TraceState::default(),
+            links,
+            coalesced,
+            lint: Arc::default(),
+            hidden_lapic: config.lapic == Lapic::Hidden,
+        };
+        if vcpu.hidden_lapic {
+            vcpu.hide_lapic()?;
+        }
+        Ok(vcpu)
     }
 
     /// The vCPU's id (its APIC id).
@@ -159,18 +189,21 @@ impl Vcpu {
         let exit = loop {
             // Held while inside KVM_RUN: a memory-map change takes it
             // exclusively, after kicking every vCPU out.
-            let gate = self.gate.enter();
+            let gate = self.links.gate.enter();
             self.kick.enter();
             let data = if string_in { Some(run.string_data.as_slice()) } else { None };
-            let result = self.run.run(&self.fd, completion, data, run.interrupt_window_requested());
+            let want_window = self.deliver_lints(run)?;
+            let window = run.interrupt_window_requested() || want_window;
+            let result = self.run.run(&self.fd, completion, data, window);
+            run.flags = self.run.flags();
             self.kick.leave();
             drop(gate);
             // A completion is consumed by the first KVM_RUN, kicked or not.
             completion = Completion::None;
             string_in = false;
-            if self.coalesced && self.io.coalescing() {
+            if self.coalesced && self.links.io.coalescing() {
                 let fd = &mut self.fd;
-                self.io.drain_coalesced(|| {
+                self.links.io.drain_coalesced(|| {
                     let e = fd.coalesced_mmio_read().ok().flatten()?;
                     Some((e.phys_addr, e.len.min(8) as u8, u64::from_le_bytes(e.data)))
                 });
@@ -182,21 +215,30 @@ impl Vcpu {
                 Ok(false) => continue,
                 Err(source) => return Err(VcpuError::Run { id: self.id, source }),
             };
+            match exit {
+                // Opened for a LINT0 interrupt nkvm is holding, not for the caller.
+                Exit::InterruptWindow if !run.interrupt_window_requested() => {
+                    run.flags = self.run.flags();
+                    continue;
+                }
+                Exit::IoapicEoi { vector } if self.links.irq.eoi(vector) => continue,
+                _ => {}
+            }
             let Some((space, addr, size, write)) = io_access(&exit) else {
                 if let Exit::Unknown { reason: kvm_bindings::KVM_EXIT_DIRTY_RING_FULL } = exit {
                     // The dirty ring is full: move it to the bitmaps, go on.
-                    self.memory.ring_full().map_err(|source| VcpuError::Run { id: self.id, source })?;
+                    self.links.memory.ring_full().map_err(|source| VcpuError::Run { id: self.id, source })?;
                     continue;
                 }
                 break exit;
             };
-            if self.io.is_empty() {
+            if self.links.io.is_empty() {
                 break exit;
             }
             let exited = entered.map(|_| Instant::now());
-            let Some(served) = self.io.access(space, addr, size, write) else {
+            let Some(served) = self.links.io.access(space, addr, size, write) else {
                 // Not ours: the caller handles it, after every posted write.
-                self.io.flush_posted(None);
+                self.links.io.flush_posted(None);
                 break exit;
             };
             if write.is_none() {
@@ -277,8 +319,13 @@ impl Vcpu {
 
     /// Sets the CPUID the guest sees (start from
     /// [`Hypervisor::supported_cpuid`](crate::Hypervisor::supported_cpuid)).
+    /// With a hidden local APIC, the APIC and x2APIC bits are cleared.
     pub fn set_cpuid(&self, cpuid: &Cpuid) -> Result<(), VcpuError> {
-        self.fd.set_cpuid2(cpuid).map_err(|source| self.err("KVM_SET_CPUID2", source))
+        let mut cpuid = cpuid.clone();
+        if self.hidden_lapic {
+            crate::irq::mask_apic(&mut cpuid);
+        }
+        self.fd.set_cpuid2(&cpuid).map_err(|source| self.err("KVM_SET_CPUID2", source))
     }
 
     /// The CPUID set on this vCPU.
@@ -315,6 +362,14 @@ impl Vcpu {
         self.fd.set_xcrs(&xcrs).map_err(|source| self.err("KVM_SET_XCRS", source))
     }
 
+    /// Makes the vCPU runnable now. With in-kernel local APICs, KVM keeps
+    /// application processors waiting for INIT/SIPI; a VMM that places a
+    /// vCPU at an entry point itself wants it to run.
+    pub fn make_runnable(&self) -> Result<(), VcpuError> {
+        let state = kvm_bindings::kvm_mp_state { mp_state: kvm_bindings::KVM_MP_STATE_RUNNABLE };
+        self.fd.set_mp_state(state).map_err(|source| self.err("KVM_SET_MP_STATE", source))
+    }
+
     /// Reads pending exception/interrupt/NMI state.
     pub fn events(&self) -> Result<VcpuEvents, VcpuError> {
         self.fd.get_vcpu_events().map_err(|source| self.err("KVM_GET_VCPU_EVENTS", source))
@@ -332,7 +387,7 @@ impl Vcpu {
         Ok((t.valid != 0).then_some(t.physical_address))
     }
 
-    fn err(&self, op: &'static str, source: kvm_ioctls::Error) -> VcpuError {
+    pub(crate) fn err(&self, op: &'static str, source: kvm_ioctls::Error) -> VcpuError {
         VcpuError::Kvm { id: self.id, op, source }
     }
 }

@@ -13,6 +13,7 @@ use kvm_ioctls::VmFd;
 
 use crate::dirty::{DirtyLogMode, DirtyPages, PageBitmap};
 use crate::io::{IoHandler, IoRange, IoRegionError, IoRegions, Ordering, RegionFailure, RegionId, SocketOptions};
+use crate::irq::VcpuConfig;
 use crate::memory::{Backing, MemoryError, MemoryMap, Region, PAGE_SIZE};
 use crate::pause::PauseGate;
 use crate::sys::ring::{reset_dirty_rings, DirtyRing};
@@ -105,7 +106,8 @@ impl Default for VmConfig {
 /// # Ok::<(), Box<dyn std::error::Error>>(())
 /// ```
 pub struct Vm {
-    pub(crate) fd: VmFd,
+    pub(crate) fd: Arc<VmFd>,
+    pub(crate) irq: Arc<crate::irq::IrqShared>,
     config: VmConfig,
     vcpu_mmap_size: usize,
     max_slots: u32,
@@ -250,7 +252,8 @@ impl Vm {
             fd.enable_cap(&cap).is_ok()
         };
         let vm = Self {
-            fd,
+            fd: Arc::new(fd),
+            irq: Arc::default(),
             config: config.clone(),
             vcpu_mmap_size: hv.vcpu_mmap_size,
             max_slots: caps.max_memory_slots,
@@ -537,8 +540,13 @@ impl Vm {
         self.io.failures()
     }
 
-    /// Creates vCPU `id` (in `0..config.vcpus`).
+    /// Creates vCPU `id` (in `0..config.vcpus`) with a visible local APIC.
     pub fn create_vcpu(&self, id: u32) -> Result<Vcpu, VmError> {
+        self.create_vcpu_with(id, VcpuConfig::default())
+    }
+
+    /// Creates vCPU `id` with `config` (e.g. a hidden local APIC).
+    pub fn create_vcpu_with(&self, id: u32, config: VcpuConfig) -> Result<Vcpu, VmError> {
         if id >= self.config.vcpus {
             return Err(VmError::BadVcpuId { id, count: self.config.vcpus });
         }
@@ -551,7 +559,15 @@ impl Vm {
         // The vCPU keeps the slot table (and so every backing the guest can
         // reach) alive for as long as it can run, even if the Vm is dropped
         // first; it also harvests the rings when its own fills.
-        Ok(Vcpu::new(id, fd, self.vcpu_mmap_size, self.gate.clone(), self.shared.clone(), self.io.clone())?)
+        let links = crate::vcpu::VcpuLinks {
+            gate: self.gate.clone(),
+            memory: self.shared.clone(),
+            io: self.io.clone(),
+            irq: self.irq.clone(),
+        };
+        let vcpu = Vcpu::new(id, fd, self.vcpu_mmap_size, links, config)?;
+        self.irq.register(id, vcpu.lint());
+        Ok(vcpu)
     }
 }
 

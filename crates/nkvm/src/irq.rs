@@ -1,0 +1,455 @@
+//! Interrupts: MSIs and their routes, irqfd and ioeventfd, LINT0/LINT1 of a
+//! vCPU, and the APIC bus that carries interrupt messages from an IOAPIC or
+//! PIC model (in this process or another) to the in-kernel local APICs.
+//!
+//! Local APICs always live in KVM (split irqchip: set
+//! [`VmConfig::split_irqchip`](crate::VmConfig::split_irqchip)); the IOAPIC
+//! and PIC are device models. A vCPU can hide its local APIC
+//! ([`Lapic::Hidden`]): it is then an APIC-less core, driven through
+//! [`Lint::raise_lint0`] (an ExtINT vector, delivered when the guest can
+//! take it) and [`Lint::nmi`] (LINT1).
+
+use std::collections::{BTreeMap, VecDeque};
+use std::os::unix::net::UnixStream;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+
+use kvm_bindings::{kvm_irq_routing_entry, kvm_irq_routing_msi, kvm_msi, KVM_IRQ_ROUTING_MSI};
+use nkvm_wire::apic::{DeliveryMode, DestinationMode, EoiMessage, InterruptMessage, TriggerMode};
+
+use crate::kick::KickShared;
+
+/// The first GSI free for the caller's MSI routes; GSIs below it are kept
+/// for level-triggered IOAPIC routes, which KVM needs to report EOIs.
+pub const FIRST_USER_GSI: u32 = 24;
+
+/// An x86 MSI: the address/data pair a device writes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub struct MsiMessage {
+    /// Address (0xfee0_0000 | destination << 12 | flags).
+    pub address: u64,
+    /// Data (vector, delivery mode, trigger).
+    pub data: u32,
+}
+
+impl MsiMessage {
+    /// A fixed, edge-triggered MSI of `vector` to the APIC with id `dest`.
+    pub fn fixed(dest: u8, vector: u8) -> Self {
+        Self { address: 0xfee0_0000 | (u64::from(dest) << 12), data: u32::from(vector) }
+    }
+
+    /// The MSI that carries an APIC-bus interrupt message.
+    pub fn from_interrupt(m: &InterruptMessage) -> Self {
+        let mut address = 0xfee0_0000 | (u64::from(m.destination & 0xff) << 12);
+        if m.destination_mode == DestinationMode::Logical {
+            address |= 1 << 2;
+        }
+        if m.delivery_mode == DeliveryMode::LowestPriority {
+            address |= 1 << 3;
+        }
+        let mode: u32 = match m.delivery_mode {
+            DeliveryMode::Fixed => 0,
+            DeliveryMode::LowestPriority => 1,
+            DeliveryMode::Smi => 2,
+            DeliveryMode::Nmi => 4,
+            DeliveryMode::Init => 5,
+            DeliveryMode::ExtInt => 7,
+        };
+        let mut data = u32::from(m.vector) | (mode << 8);
+        if m.trigger_mode == TriggerMode::Level {
+            data |= 1 << 15;
+            if m.level {
+                data |= 1 << 14;
+            }
+        } else {
+            data |= 1 << 14;
+        }
+        Self { address, data }
+    }
+
+    pub(crate) fn to_kvm(self) -> kvm_msi {
+        kvm_msi {
+            address_lo: self.address as u32,
+            address_hi: (self.address >> 32) as u32,
+            data: self.data,
+            ..Default::default()
+        }
+    }
+
+    fn vector(&self) -> u8 {
+        self.data as u8
+    }
+}
+
+/// Whether a vCPU's local APIC is visible to the guest.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub enum Lapic {
+    /// CPUID reports an APIC and it is enabled.
+    #[default]
+    Visible,
+    /// CPUID reports no APIC and the APIC is disabled: an APIC-less core,
+    /// whose LINT0 (ExtINT) and LINT1 (NMI) the VMM drives.
+    Hidden,
+}
+
+/// Per-vCPU configuration.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct VcpuConfig {
+    /// Visible or hidden local APIC.
+    pub lapic: Lapic,
+}
+
+/// Errors from the interrupt APIs.
+#[derive(Debug, thiserror::Error)]
+pub enum IrqError {
+    /// The VM has no in-kernel local APICs.
+    #[error("{0} needs the split irqchip (VmConfig::split_irqchip = true)")]
+    NeedsIrqchip(&'static str),
+    /// A GSI reserved for IOAPIC routes.
+    #[error("GSI {0} is reserved for IOAPIC routes; use {FIRST_USER_GSI} or above")]
+    ReservedGsi(u32),
+    /// A KVM ioctl failed.
+    #[error("{op} failed")]
+    Kvm {
+        /// Which.
+        op: &'static str,
+        /// The kernel's error.
+        #[source]
+        source: kvm_ioctls::Error,
+    },
+    /// The APIC-bus handshake failed.
+    #[error("the APIC-bus peer failed the handshake")]
+    Handshake(#[source] nkvm_wire::WireError),
+    /// An APIC bus is already attached.
+    #[error("an APIC bus is already attached to this VM")]
+    BusAttached,
+    /// Socket setup failed.
+    #[error("cannot set up the APIC-bus socket")]
+    Socket(#[source] std::io::Error),
+}
+
+/// The GSI routing table: the caller's MSI routes and the level-triggered
+/// IOAPIC routes the APIC bus installs so that KVM reports their EOIs.
+#[derive(Debug, Default)]
+pub(crate) struct Routes {
+    table: BTreeMap<u32, MsiMessage>,
+}
+
+impl Routes {
+    pub(crate) fn set(&mut self, gsi: u32, msi: Option<MsiMessage>) {
+        match msi {
+            Some(m) => self.table.insert(gsi, m),
+            None => self.table.remove(&gsi),
+        };
+    }
+
+    /// A GSI below [`FIRST_USER_GSI`] routing `msi`, allocating one if needed.
+    pub(crate) fn level_slot(&mut self, msi: MsiMessage) -> Option<(u32, bool)> {
+        if let Some((&gsi, _)) = self.table.range(..FIRST_USER_GSI).find(|(_, m)| m.vector() == msi.vector()) {
+            let changed = self.table[&gsi] != msi;
+            self.table.insert(gsi, msi);
+            return Some((gsi, changed));
+        }
+        let free = (0..FIRST_USER_GSI).find(|g| !self.table.contains_key(g))?;
+        self.table.insert(free, msi);
+        Some((free, true))
+    }
+
+    pub(crate) fn to_kvm(&self) -> Result<kvm_bindings::KvmIrqRouting, IrqError> {
+        let entries: Vec<kvm_irq_routing_entry> = self
+            .table
+            .iter()
+            .map(|(&gsi, m)| {
+                let mut e = kvm_irq_routing_entry { gsi, type_: KVM_IRQ_ROUTING_MSI, ..Default::default() };
+                e.u.msi = kvm_irq_routing_msi {
+                    address_lo: m.address as u32,
+                    address_hi: (m.address >> 32) as u32,
+                    data: m.data,
+                    ..Default::default()
+                };
+                e
+            })
+            .collect();
+        kvm_bindings::KvmIrqRouting::from_entries(&entries)
+            .map_err(|_| IrqError::Kvm { op: "KVM_SET_GSI_ROUTING", source: kvm_ioctls::Error::new(libc::E2BIG) })
+    }
+}
+
+/// LINT0/LINT1 requests for one vCPU, taken by `enter_guest`.
+#[derive(Debug, Default)]
+pub(crate) struct LintState {
+    pub(crate) extint: Mutex<VecDeque<u8>>,
+    pub(crate) nmi: AtomicBool,
+    pub(crate) any: AtomicBool,
+}
+
+/// Drives a vCPU's LINT0 and LINT1 from any thread.
+#[derive(Debug, Clone)]
+pub struct Lint {
+    pub(crate) state: Arc<LintState>,
+    pub(crate) kick: Arc<KickShared>,
+}
+
+impl Lint {
+    /// Raises LINT0 with an ExtINT `vector` (what an 8259 would supply):
+    /// delivered as soon as the guest can take an interrupt.
+    pub fn raise_lint0(&self, vector: u8) {
+        self.state.extint.lock().unwrap_or_else(|p| p.into_inner()).push_back(vector);
+        self.state.any.store(true, Ordering::SeqCst);
+        self.kick.kick();
+    }
+
+    /// Raises LINT1: a non-maskable interrupt.
+    pub fn nmi(&self) {
+        self.state.nmi.store(true, Ordering::SeqCst);
+        self.state.any.store(true, Ordering::SeqCst);
+        self.kick.kick();
+    }
+}
+
+/// The VM end of an APIC bus: where local APICs send EOIs.
+#[derive(Debug)]
+pub(crate) struct ApicBusEnd {
+    pub(crate) writer: Mutex<UnixStream>,
+    pub(crate) failure: Mutex<Option<String>>,
+    pub(crate) alive: AtomicBool,
+}
+
+impl ApicBusEnd {
+    /// Broadcasts an EOI for `vector` to the IOAPIC side.
+    pub(crate) fn eoi(&self, vector: u8) {
+        if !self.alive.load(Ordering::SeqCst) {
+            return;
+        }
+        let frame = EoiMessage { vector }.encode();
+        let mut w = self.writer.lock().unwrap_or_else(|p| p.into_inner());
+        if let Err(e) = std::io::Write::write_all(&mut *w, &frame) {
+            self.fail(format!("sending an EOI failed: {e}"));
+        }
+    }
+
+    pub(crate) fn fail(&self, reason: String) {
+        log::error!("APIC bus: {reason}");
+        self.alive.store(false, Ordering::SeqCst);
+        *self.failure.lock().unwrap_or_else(|p| p.into_inner()) = Some(reason);
+    }
+}
+
+/// Interrupt state a VM shares with its vCPUs and its APIC-bus thread.
+#[derive(Debug, Default)]
+pub(crate) struct IrqShared {
+    routes: Mutex<Routes>,
+    bus: std::sync::RwLock<Option<Arc<ApicBusEnd>>>,
+    lints: Mutex<Vec<(u32, Lint)>>,
+}
+
+impl IrqShared {
+    pub(crate) fn register(&self, id: u32, lint: Lint) {
+        self.lints.lock().unwrap_or_else(|p| p.into_inner()).push((id, lint));
+    }
+
+    fn lint(&self, id: u32) -> Option<Lint> {
+        self.lints.lock().unwrap_or_else(|p| p.into_inner()).iter().find(|(i, _)| *i == id).map(|(_, l)| l.clone())
+    }
+
+    /// Sends an EOI to the APIC bus; false if no bus is attached.
+    pub(crate) fn eoi(&self, vector: u8) -> bool {
+        match &*self.bus.read().unwrap_or_else(|p| p.into_inner()) {
+            Some(bus) => {
+                bus.eoi(vector);
+                true
+            }
+            None => false,
+        }
+    }
+}
+
+/// Clears the APIC (leaf 1 EDX bit 9) and x2APIC (leaf 1 ECX bit 21) bits.
+pub(crate) fn mask_apic(cpuid: &mut crate::Cpuid) {
+    for e in cpuid.as_mut_slice().iter_mut().filter(|e| e.function == 1) {
+        e.edx &= !(1 << 9);
+        e.ecx &= !(1 << 21);
+    }
+}
+
+const MSR_IA32_APICBASE: u32 = 0x1b;
+
+impl crate::Vcpu {
+    /// A handle that raises this vCPU's LINT0 (ExtINT) and LINT1 (NMI) from
+    /// any thread.
+    pub fn lint(&self) -> Lint {
+        Lint { state: self.lint.clone(), kick: self.kick.clone() }
+    }
+
+    /// Disables the local APIC (APIC base MSR without its enable bit).
+    pub(crate) fn hide_lapic(&self) -> Result<(), crate::VcpuError> {
+        let base = 0xfee0_0000u64 | if self.id() == 0 { 1 << 8 } else { 0 };
+        self.set_msrs(&[(MSR_IA32_APICBASE, base)])?;
+        Ok(())
+    }
+
+    /// Injects pending LINT1/LINT0 requests; returns whether an interrupt
+    /// window is needed for a held ExtINT.
+    pub(crate) fn deliver_lints(&self, run: &crate::RunState) -> Result<bool, crate::VcpuError> {
+        if !self.lint.any.load(Ordering::SeqCst) {
+            return Ok(false);
+        }
+        if self.lint.nmi.swap(false, Ordering::SeqCst) {
+            self.fd.nmi().map_err(|source| self.err("KVM_NMI", source))?;
+        }
+        let mut queue = self.lint.extint.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(&vector) = queue.front() {
+            if run.ready_for_interrupt_injection() {
+                crate::sys::irq::interrupt(&self.fd, vector)
+                    .map_err(|source| crate::VcpuError::Run { id: self.id(), source })?;
+                queue.pop_front();
+            }
+        }
+        let want = !queue.is_empty();
+        self.lint.any.store(want, Ordering::SeqCst);
+        Ok(want)
+    }
+}
+
+impl crate::Vm {
+    fn need_irqchip(&self, what: &'static str) -> Result<(), IrqError> {
+        if self.config().split_irqchip {
+            Ok(())
+        } else {
+            Err(IrqError::NeedsIrqchip(what))
+        }
+    }
+
+    /// Delivers an MSI to the local APICs now (`KVM_SIGNAL_MSI`).
+    pub fn signal_msi(&self, msi: MsiMessage) -> Result<(), IrqError> {
+        self.need_irqchip("an MSI")?;
+        self.fd.signal_msi(msi.to_kvm()).map_err(|source| IrqError::Kvm { op: "KVM_SIGNAL_MSI", source })?;
+        Ok(())
+    }
+
+    /// Routes `gsi` (>= [`FIRST_USER_GSI`]) to `msi`, or removes the route.
+    pub fn set_msi_route(&self, gsi: u32, msi: Option<MsiMessage>) -> Result<(), IrqError> {
+        self.need_irqchip("an MSI route")?;
+        if gsi < FIRST_USER_GSI {
+            return Err(IrqError::ReservedGsi(gsi));
+        }
+        let mut routes = self.irq.routes.lock().unwrap_or_else(|p| p.into_inner());
+        routes.set(gsi, msi);
+        self.fd.set_gsi_routing(&routes.to_kvm()?).map_err(|source| IrqError::Kvm { op: "KVM_SET_GSI_ROUTING", source })
+    }
+
+    /// A write to `eventfd` raises `gsi` with no exit to user space (irqfd).
+    pub fn irqfd(&self, gsi: u32, eventfd: &vmm_sys_util::eventfd::EventFd) -> Result<(), IrqError> {
+        self.need_irqchip("irqfd")?;
+        self.fd.register_irqfd(eventfd, gsi).map_err(|source| IrqError::Kvm { op: "KVM_IRQFD", source })
+    }
+
+    /// Removes an irqfd.
+    pub fn remove_irqfd(&self, gsi: u32, eventfd: &vmm_sys_util::eventfd::EventFd) -> Result<(), IrqError> {
+        self.fd.unregister_irqfd(eventfd, gsi).map_err(|source| IrqError::Kvm { op: "KVM_IRQFD(deassign)", source })
+    }
+
+    /// A guest write to `addr` (any size, any value) signals `eventfd` in the
+    /// kernel, with no exit to user space (ioeventfd).
+    pub fn ioeventfd(
+        &self,
+        space: crate::IoSpace,
+        addr: u64,
+        datamatch: Option<u32>,
+        eventfd: &vmm_sys_util::eventfd::EventFd,
+    ) -> Result<(), IrqError> {
+        let addr = match space {
+            crate::IoSpace::Mmio => kvm_ioctls::IoEventAddress::Mmio(addr),
+            crate::IoSpace::Pio => kvm_ioctls::IoEventAddress::Pio(addr),
+        };
+        let r = match datamatch {
+            Some(value) => self.fd.register_ioevent(eventfd, &addr, value),
+            None => self.fd.register_ioevent(eventfd, &addr, kvm_ioctls::NoDatamatch),
+        };
+        r.map_err(|source| IrqError::Kvm { op: "KVM_IOEVENTFD", source })
+    }
+
+    /// Connects the local APICs to an IOAPIC/PIC model at the other end of
+    /// `socket` (APIC-bus protocol, `docs/wire-format.md`): interrupt
+    /// messages from it are delivered to the vCPUs, EOIs of level-triggered
+    /// vectors are sent back. A thread serves the socket; if the peer dies or
+    /// sends garbage, the bus is dropped and [`apic_bus_failure`](Self::apic_bus_failure)
+    /// says why.
+    pub fn attach_apic_bus(&self, socket: UnixStream) -> Result<(), IrqError> {
+        self.need_irqchip("an APIC bus")?;
+        let mut bus = self.irq.bus.write().unwrap_or_else(|p| p.into_inner());
+        if bus.as_ref().is_some_and(|b| b.alive.load(Ordering::SeqCst)) {
+            return Err(IrqError::BusAttached);
+        }
+        let mut reader = socket.try_clone().map_err(IrqError::Socket)?;
+        let mut writer = socket;
+        nkvm_wire::apic::vm_handshake(&mut reader, &mut writer, 1, nkvm_wire::handshake::VersionRange::CURRENT)
+            .map_err(IrqError::Handshake)?;
+        let end = Arc::new(ApicBusEnd {
+            writer: Mutex::new(writer),
+            failure: Mutex::new(None),
+            alive: AtomicBool::new(true),
+        });
+        *bus = Some(end.clone());
+        let (fd, irq) = (self.fd.clone(), self.irq.clone());
+        std::thread::Builder::new()
+            .name("nkvm-apic-bus".into())
+            .spawn(move || serve_bus(&mut reader, &fd, &irq, &end))
+            .map_err(IrqError::Socket)?;
+        Ok(())
+    }
+
+    /// Why the APIC bus was dropped, if it was.
+    pub fn apic_bus_failure(&self) -> Option<String> {
+        let bus = self.irq.bus.read().unwrap_or_else(|p| p.into_inner());
+        bus.as_ref().and_then(|b| b.failure.lock().unwrap_or_else(|p| p.into_inner()).clone())
+    }
+}
+
+/// The APIC-bus thread: interrupt messages in, delivered to the vCPUs.
+fn serve_bus(reader: &mut UnixStream, fd: &kvm_ioctls::VmFd, irq: &IrqShared, end: &ApicBusEnd) {
+    use nkvm_wire::apic::{read_frame, ApicFrame};
+    loop {
+        let message = match read_frame(reader) {
+            Ok(Some(ApicFrame::Interrupt(m))) => m,
+            Ok(Some(other)) => return end.fail(format!("unexpected {other:?} from the APIC-bus peer")),
+            Ok(None) => return end.fail("the APIC-bus peer closed the connection".into()),
+            Err(e) => return end.fail(format!("malformed APIC-bus message: {e}")),
+        };
+        if let Err(e) = deliver(fd, irq, &message) {
+            log::warn!("APIC bus: cannot deliver {message:?}: {e}");
+        }
+    }
+}
+
+fn deliver(fd: &kvm_ioctls::VmFd, irq: &IrqShared, m: &InterruptMessage) -> Result<(), IrqError> {
+    match m.delivery_mode {
+        DeliveryMode::ExtInt => {
+            if let Some(lint) = irq.lint(m.destination) {
+                lint.raise_lint0(m.vector);
+            }
+            return Ok(());
+        }
+        DeliveryMode::Nmi if m.destination_mode == DestinationMode::Physical => {
+            if let Some(lint) = irq.lint(m.destination) {
+                lint.nmi();
+                return Ok(());
+            }
+        }
+        _ => {}
+    }
+    if m.trigger_mode == TriggerMode::Level && !m.level {
+        return Ok(()); // a deassert: nothing travels on a real APIC bus
+    }
+    let msi = MsiMessage::from_interrupt(m);
+    if m.trigger_mode == TriggerMode::Level {
+        // KVM reports EOIs only for vectors an IOAPIC-range route carries.
+        let mut routes = irq.routes.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some((_, true)) = routes.level_slot(msi) {
+            fd.set_gsi_routing(&routes.to_kvm()?)
+                .map_err(|source| IrqError::Kvm { op: "KVM_SET_GSI_ROUTING", source })?;
+        }
+    }
+    fd.signal_msi(msi.to_kvm()).map_err(|source| IrqError::Kvm { op: "KVM_SIGNAL_MSI", source })?;
+    Ok(())
+}

@@ -1,0 +1,374 @@
+//! Interrupts with real guests: MSI through irqfd and KVM_SIGNAL_MSI to the
+//! right vCPU, ioeventfd without an exit, an APIC-less core driven through
+//! LINT0/LINT1, and an IOAPIC model on the APIC-bus socket (edge, level with
+//! EOI and re-delivery), plus a bus peer that lies or dies.
+
+mod common;
+
+use std::io::Write;
+use std::os::unix::net::UnixStream;
+use std::sync::mpsc::{self, Receiver};
+use std::sync::{Arc, Mutex};
+use std::thread::{self, JoinHandle};
+use std::time::{Duration, Instant};
+
+use common::*;
+use iced_x86::code_asm::*;
+use nkvm::io::IoRange;
+use nkvm::irq::MsiMessage;
+use nkvm::{Exit, GuestAddress, IoSpace, Lapic, RunState, Vcpu, VcpuConfig, Vm, VmConfig};
+use nkvm_devices::ioapic::Ioapic;
+use nkvm_devices::{ApicBusSink, IoDevice};
+use nkvm_wire::apic::{ApicFrame, InterruptMessage};
+use vmm_sys_util::eventfd::EventFd;
+
+const IDT: u64 = 0x7000;
+const IDTR: u64 = 0x6ff0;
+const HANDLERS: u64 = 0x3_0000;
+const VECTORS: [u8; 6] = [2, 0x30, 0x40, 0x41, 0x50, 0x51];
+const REPORT: u16 = 0x70;
+const READY: u16 = 0x71;
+
+fn irq_vm(vcpus: u32) -> Vm {
+    vm_with(VmConfig { vcpus, memory: 16 << 20, split_irqchip: true, ..Default::default() })
+}
+
+/// Installs an IDT whose handlers report their vector on port 0x70 and,
+/// with a visible APIC, write the local APIC's EOI register.
+fn install_idt(vm: &Vm, eoi: bool) {
+    let mut idt = vec![0u8; 256 * 16];
+    for v in VECTORS {
+        let at = HANDLERS + u64::from(v) * 0x40;
+        let code = assemble(64, at, |a| {
+            a.push(rax).unwrap();
+            a.mov(eax, u32::from(v)).unwrap();
+            a.out(u32::from(REPORT), eax).unwrap();
+            if eoi {
+                a.mov(rax, 0xfee0_00b0u64).unwrap();
+                a.mov(dword_ptr(rax), 0).unwrap();
+            }
+            a.pop(rax).unwrap();
+            a.iretq().unwrap();
+        });
+        vm.write_memory(GuestAddress(at), &code).unwrap();
+        let gate = &mut idt[usize::from(v) * 16..usize::from(v) * 16 + 16];
+        gate[0..2].copy_from_slice(&(at as u16).to_le_bytes());
+        gate[2..4].copy_from_slice(&0x08u16.to_le_bytes());
+        gate[5] = 0x8e;
+        gate[6..8].copy_from_slice(&((at >> 16) as u16).to_le_bytes());
+        gate[8..12].copy_from_slice(&((at >> 32) as u32).to_le_bytes());
+    }
+    vm.write_memory(GuestAddress(IDT), &idt).unwrap();
+    let mut idtr = [0u8; 10];
+    idtr[0..2].copy_from_slice(&(256u16 * 16 - 1).to_le_bytes());
+    idtr[2..10].copy_from_slice(&IDT.to_le_bytes());
+    vm.write_memory(GuestAddress(IDTR), &idtr).unwrap();
+}
+
+/// lidt; (enable the local APIC); `before`; report ready; sti; hlt forever.
+fn waiting_guest(vm: &Vm, id: u32, config: VcpuConfig, before: impl FnOnce(&mut CodeAssembler)) -> Vcpu {
+    let code_at = LONG_MODE_ENTRY + 0x1000 * u64::from(id);
+    let code = assemble(64, code_at, |a| {
+        a.mov(rax, IDTR).unwrap();
+        a.lidt(ptr(rax)).unwrap();
+        if config.lapic == Lapic::Visible {
+            a.mov(rax, 0xfee0_00f0u64).unwrap(); // spurious-interrupt vector register
+            a.mov(dword_ptr(rax), 0x1ff).unwrap();
+        }
+        before(a);
+        a.mov(eax, id).unwrap();
+        a.out(u32::from(READY), eax).unwrap();
+        a.sti().unwrap();
+        let mut idle = a.create_label();
+        a.set_label(&mut idle).unwrap();
+        a.hlt().unwrap();
+        a.jmp(idle).unwrap();
+    });
+    vm.write_memory(GuestAddress(code_at), &code).unwrap();
+    let lm = nkvm::LongMode::install(&vm.memory(), GuestAddress(LONG_MODE_TABLES)).unwrap();
+    let vcpu = vm.create_vcpu_with(id, config).unwrap();
+    vcpu.set_cpuid(&hypervisor().supported_cpuid().unwrap()).unwrap();
+    vcpu.set_long_mode(&lm, GuestAddress(code_at), GuestAddress(LONG_MODE_STACK - 0x1_0000 * u64::from(id))).unwrap();
+    vcpu
+}
+
+/// Runs a vCPU on a thread, forwarding its exits until kicked.
+struct Running {
+    exits: Receiver<Exit>,
+    kicker: nkvm::Kicker,
+    thread: Option<JoinHandle<()>>,
+}
+
+impl Running {
+    fn start(mut vcpu: Vcpu) -> Running {
+        let (tx, exits) = mpsc::channel();
+        let kicker = vcpu.kicker();
+        let thread = thread::spawn(move || {
+            let mut run = RunState::new();
+            loop {
+                let exit = vcpu.enter_guest(&mut run).expect("enter_guest");
+                if let Exit::MmioRead { .. } | Exit::IoIn { .. } = exit {
+                    run.complete_read(0);
+                }
+                let stop = matches!(exit, Exit::Kicked | Exit::Shutdown | Exit::InternalError(_));
+                if tx.send(exit).is_err() || stop {
+                    return;
+                }
+            }
+        });
+        Running { exits, kicker, thread: Some(thread) }
+    }
+
+    /// The next exit (ignoring ones `skip` accepts), within 10 s.
+    fn next(&self) -> Exit {
+        self.exits.recv_timeout(Duration::from_secs(10)).expect("the guest did not exit in time")
+    }
+
+    fn expect_report(&self, vector: u8) {
+        assert_eq!(self.next(), Exit::IoOut { port: REPORT, size: 4, data: u64::from(vector) });
+    }
+
+    fn expect_ready(&self) {
+        assert!(matches!(self.next(), Exit::IoOut { port: READY, .. }));
+    }
+
+    fn quiet_for(&self, d: Duration) -> bool {
+        self.exits.recv_timeout(d).is_err()
+    }
+}
+
+impl Drop for Running {
+    fn drop(&mut self) {
+        self.kicker.kick();
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+    }
+}
+
+#[test]
+fn msi_through_irqfd_reaches_the_guest_handler() {
+    let vm = irq_vm(1);
+    install_idt(&vm, true);
+    let run = Running::start(waiting_guest(&vm, 0, VcpuConfig::default(), |_| {}));
+    run.expect_ready();
+    let evt = EventFd::new(0).unwrap();
+    vm.set_msi_route(30, Some(MsiMessage::fixed(0, 0x40))).unwrap();
+    vm.irqfd(30, &evt).unwrap();
+    assert!(run.quiet_for(Duration::from_millis(50)), "nothing happens before the eventfd is written");
+    evt.write(1).unwrap();
+    run.expect_report(0x40);
+    evt.write(1).unwrap();
+    run.expect_report(0x40);
+}
+
+#[test]
+fn signal_msi_reaches_the_addressed_vcpu_only() {
+    let vm = irq_vm(2);
+    install_idt(&vm, true);
+    let run0 = Running::start(waiting_guest(&vm, 0, VcpuConfig::default(), |_| {}));
+    let run1 = Running::start(waiting_guest(&vm, 1, VcpuConfig::default(), |_| {}));
+    run0.expect_ready();
+    run1.expect_ready();
+    vm.signal_msi(MsiMessage::fixed(1, 0x41)).unwrap();
+    run1.expect_report(0x41);
+    assert!(run0.quiet_for(Duration::from_millis(100)), "vCPU 0 took an MSI addressed to vCPU 1");
+    vm.signal_msi(MsiMessage::fixed(0, 0x40)).unwrap();
+    run0.expect_report(0x40);
+}
+
+#[test]
+fn msi_routes_reject_gsis_kept_for_the_ioapic_and_need_the_irqchip() {
+    let vm = irq_vm(1);
+    let err = vm.set_msi_route(3, Some(MsiMessage::fixed(0, 0x40))).unwrap_err();
+    assert!(err.to_string().contains("GSI 3 is reserved"), "{err}");
+    let plain = vm_with(VmConfig { vcpus: 1, memory: 16 << 20, ..Default::default() });
+    let err = plain.signal_msi(MsiMessage::fixed(0, 0x40)).unwrap_err();
+    assert!(err.to_string().contains("split irqchip"), "{err}");
+}
+
+#[test]
+fn ioeventfd_fires_on_a_guest_write_without_an_exit() {
+    #[derive(Clone, Default)]
+    struct Seen(Arc<Mutex<Vec<Exit>>>);
+    impl nkvm::Tracer for Seen {
+        fn on_exit(&mut self, r: &nkvm::ExitRecord) {
+            self.0.lock().unwrap().push(r.exit);
+        }
+    }
+    let vm = vm();
+    let evt = EventFd::new(libc::EFD_NONBLOCK).unwrap();
+    vm.ioeventfd(IoSpace::Mmio, MMIO_BASE, None, &evt).unwrap();
+    let mut vcpu = long_mode_guest(&vm, 0, |a| {
+        a.mov(rbx, MMIO_BASE).unwrap();
+        for i in 0..3 {
+            a.mov(dword_ptr(rbx), i).unwrap();
+        }
+        a.mov(dword_ptr(rbx + 8), 9).unwrap(); // not the ioeventfd address: exits
+        a.hlt().unwrap();
+    });
+    let seen = Seen::default();
+    vcpu.add_tracer(Box::new(seen.clone()));
+    let exits = run_to_hlt(&mut vcpu, |_| 0);
+    assert_eq!(exits, vec![Exit::MmioWrite { addr: GuestAddress(MMIO_BASE + 8), size: 4, data: 9 }]);
+    assert_eq!(evt.read().unwrap(), 3, "three guest writes, three signals");
+    drop(vcpu);
+    let traced = seen.0.lock().unwrap();
+    assert!(
+        !traced.iter().any(|e| matches!(e, Exit::MmioWrite { addr, .. } if addr.0 == MMIO_BASE)),
+        "the trace shows no exit for the ioeventfd writes: {traced:?}"
+    );
+}
+
+#[test]
+fn a_hidden_apic_core_takes_lint0_interrupts_and_lint1_nmis() {
+    let vm = irq_vm(1);
+    install_idt(&vm, false);
+    let hidden = VcpuConfig { lapic: Lapic::Hidden };
+    let vcpu = waiting_guest(&vm, 0, hidden, |a| {
+        a.mov(eax, 1).unwrap();
+        a.cpuid().unwrap();
+        a.mov(eax, edx).unwrap();
+        a.out(0x72, eax).unwrap();
+    });
+    let lint = vcpu.lint();
+    let run = Running::start(vcpu);
+    match run.next() {
+        Exit::IoOut { port: 0x72, data, .. } => assert_eq!(data & (1 << 9), 0, "CPUID.1:EDX.APIC must be clear"),
+        other => panic!("expected the CPUID report, got {other}"),
+    }
+    run.expect_ready();
+    lint.raise_lint0(0x30);
+    run.expect_report(0x30);
+    lint.nmi();
+    run.expect_report(2);
+    lint.raise_lint0(0x51);
+    run.expect_report(0x51);
+}
+
+/// The IOAPIC model of nkvm-devices at the other end of an APIC-bus socket,
+/// its registers attached to the VM as an in-process MMIO handler.
+struct BusSink(Arc<Mutex<UnixStream>>);
+
+impl ApicBusSink for BusSink {
+    fn send(&mut self, message: InterruptMessage) {
+        let _ = self.0.lock().unwrap().write_all(&message.encode());
+    }
+}
+
+struct IoapicRegs(Arc<Mutex<Ioapic<BusSink>>>);
+
+impl nkvm::IoHandler for IoapicRegs {
+    fn read(&mut self, offset: u64, data: &mut [u8]) {
+        self.0.lock().unwrap().read(offset, data);
+    }
+    fn write(&mut self, offset: u64, data: &[u8]) {
+        self.0.lock().unwrap().write(offset, data);
+    }
+}
+
+fn ioapic_on_bus(vm: &Vm) -> Arc<Mutex<Ioapic<BusSink>>> {
+    let (vm_end, dev_end) = UnixStream::pair().unwrap();
+    let dev = thread::spawn(move || {
+        let mut r = dev_end.try_clone().unwrap();
+        let mut w = dev_end;
+        nkvm_wire::apic::device_handshake(&mut r, &mut w, nkvm_wire::handshake::VersionRange::CURRENT).unwrap();
+        (r, w)
+    });
+    vm.attach_apic_bus(vm_end).unwrap();
+    let (mut reader, writer) = dev.join().unwrap();
+    let ioapic = Arc::new(Mutex::new(Ioapic::new(BusSink(Arc::new(Mutex::new(writer))))));
+    vm.attach_handler(IoRange::mmio(0xfec0_0000, 0x100), Box::new(IoapicRegs(ioapic.clone()))).unwrap();
+    let eoi_target = ioapic.clone();
+    thread::spawn(move || {
+        while let Ok(Some(ApicFrame::Eoi(e))) = nkvm_wire::apic::read_frame(&mut reader) {
+            eoi_target.lock().unwrap().end_of_interrupt(e.vector);
+        }
+    });
+    ioapic
+}
+
+/// Guest code programming IOAPIC pin `pin` to `vector` (level or edge) for APIC 0.
+fn program_pin(a: &mut CodeAssembler, pin: u32, vector: u32, level: bool) {
+    a.mov(rbx, 0xfec0_0000u64).unwrap();
+    a.mov(dword_ptr(rbx), 0x10 + 2 * pin).unwrap();
+    a.mov(dword_ptr(rbx + 0x10), vector | if level { 1 << 15 } else { 0 }).unwrap();
+    a.mov(dword_ptr(rbx), 0x11 + 2 * pin).unwrap();
+    a.mov(dword_ptr(rbx + 0x10), 0).unwrap();
+}
+
+#[test]
+fn ioapic_on_the_apic_bus_delivers_edge_and_level_with_eoi() {
+    let vm = irq_vm(1);
+    install_idt(&vm, true);
+    let ioapic = ioapic_on_bus(&vm);
+    let run = Running::start(waiting_guest(&vm, 0, VcpuConfig::default(), |a| {
+        program_pin(a, 4, 0x40, false);
+        program_pin(a, 5, 0x50, true);
+    }));
+    run.expect_ready();
+    // Edge: one pulse, one interrupt.
+    ioapic.lock().unwrap().set_irq(4, true);
+    ioapic.lock().unwrap().set_irq(4, false);
+    run.expect_report(0x40);
+    // Level: while the line stays asserted, every EOI brings it back.
+    ioapic.lock().unwrap().set_irq(5, true);
+    run.expect_report(0x50);
+    run.expect_report(0x50);
+    ioapic.lock().unwrap().set_irq(5, false);
+    // At most one more (already in flight) once the line drops.
+    let deadline = Instant::now() + Duration::from_millis(300);
+    let mut extra = 0;
+    while let Ok(e) = run.exits.recv_timeout(deadline.saturating_duration_since(Instant::now())) {
+        assert_eq!(e, Exit::IoOut { port: REPORT, size: 4, data: 0x50 });
+        extra += 1;
+    }
+    assert!(extra <= 1, "{extra} deliveries after the line dropped");
+    assert_eq!(vm.apic_bus_failure(), None);
+}
+
+fn wait_for_failure(vm: &Vm) -> String {
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        if let Some(f) = vm.apic_bus_failure() {
+            return f;
+        }
+        assert!(Instant::now() < deadline, "the bad APIC-bus peer was never reported");
+        thread::sleep(Duration::from_millis(10));
+    }
+}
+
+#[test]
+fn a_bad_or_dead_apic_bus_peer_is_reported_not_hung_on() {
+    for garbage in [true, false] {
+        let vm = irq_vm(1);
+        let (vm_end, dev_end) = UnixStream::pair().unwrap();
+        let dev = thread::spawn(move || {
+            let mut r = dev_end.try_clone().unwrap();
+            let mut w = dev_end;
+            nkvm_wire::apic::device_handshake(&mut r, &mut w, nkvm_wire::handshake::VersionRange::CURRENT).unwrap();
+            if garbage {
+                w.write_all(&[0x5a; 48]).unwrap();
+            }
+            // Dropping the socket closes it.
+        });
+        vm.attach_apic_bus(vm_end).unwrap();
+        dev.join().unwrap();
+        let failure = wait_for_failure(&vm);
+        if garbage {
+            assert!(failure.contains("malformed"), "{failure}");
+        } else {
+            assert!(failure.contains("closed"), "{failure}");
+        }
+        // A new bus can replace the dead one.
+        let (vm_end, dev_end) = UnixStream::pair().unwrap();
+        let dev = thread::spawn(move || {
+            let mut r = dev_end.try_clone().unwrap();
+            let mut w = dev_end;
+            nkvm_wire::apic::device_handshake(&mut r, &mut w, nkvm_wire::handshake::VersionRange::CURRENT).unwrap();
+            (r, w)
+        });
+        vm.attach_apic_bus(vm_end).unwrap();
+        drop(dev.join().unwrap());
+    }
+}
