@@ -372,3 +372,77 @@ fn a_bad_or_dead_apic_bus_peer_is_reported_not_hung_on() {
         drop(dev.join().unwrap());
     }
 }
+
+/// An nkvm-devices model as an in-process handler.
+struct Dev<D>(D);
+
+impl<D: IoDevice> nkvm::IoHandler for Dev<D> {
+    fn read(&mut self, offset: u64, data: &mut [u8]) {
+        self.0.read(offset, data);
+    }
+    fn write(&mut self, offset: u64, data: &[u8]) {
+        self.0.write(offset, data);
+    }
+}
+
+#[test]
+fn a_pic_drives_an_apic_less_core_through_lint0_in_virtual_wire_mode() {
+    use nkvm_devices::pic::{Pic, SharedPic};
+    let vm = irq_vm(1);
+    install_idt(&vm, false);
+    let pic = SharedPic::new(Pic::new());
+    vm.attach_handler(IoRange::pio(0x20, 2), Box::new(Dev(pic.master_port()))).unwrap();
+    vm.attach_handler(IoRange::pio(0xa0, 2), Box::new(Dev(pic.slave_port()))).unwrap();
+    // The guest programs the 8259s (vectors 0x50.. and 0x58..), unmasks
+    // IRQ 1, and reports ready with interrupts still off for a while.
+    let vcpu = waiting_guest(&vm, 0, VcpuConfig { lapic: Lapic::Hidden }, |a| {
+        for (port, value) in [
+            (0x20u32, 0x11u32),
+            (0x21, 0x50),
+            (0x21, 0x04),
+            (0x21, 0x01),
+            (0xa0, 0x11),
+            (0xa1, 0x58),
+            (0xa1, 0x02),
+            (0xa1, 0x01),
+            (0x21, 0xfd),
+            (0xa1, 0xff),
+        ] {
+            a.mov(al, value).unwrap();
+            a.out(port, al).unwrap();
+        }
+    });
+    let lint = vcpu.lint();
+    // Handler for vector 0x51 reports and sends the PIC a non-specific EOI.
+    let at = HANDLERS + 0x51 * 0x40;
+    vm.write_memory(
+        GuestAddress(at),
+        &assemble(64, at, |a| {
+            a.push(rax).unwrap();
+            a.mov(eax, 0x51u32).unwrap();
+            a.out(u32::from(REPORT), eax).unwrap();
+            a.mov(al, 0x20).unwrap();
+            a.out(0x20u32, al).unwrap();
+            a.pop(rax).unwrap();
+            a.iretq().unwrap();
+        }),
+    )
+    .unwrap();
+    let run = Running::start(vcpu);
+    run.expect_ready();
+    // The INTA cycle: the 8259 names the vector, LINT0 carries it as ExtINT.
+    let raise = |pic: &SharedPic| {
+        let mut p = pic.lock();
+        p.set_irq(1, true);
+        assert!(p.has_interrupt(), "{p:?}");
+        let vector = p.acknowledge();
+        p.set_irq(1, false);
+        assert_eq!(vector, 0x51);
+        lint.raise_lint0(vector);
+    };
+    raise(&pic);
+    run.expect_report(0x51);
+    raise(&pic);
+    run.expect_report(0x51);
+    assert!(!pic.lock().has_interrupt());
+}
