@@ -74,6 +74,9 @@ pub enum DeviceModel {
     Test,
     /// A 16550 UART whose output goes to this process's stdout.
     Serial,
+    /// An IOAPIC: registers on --socket, interrupt messages and EOIs on
+    /// --apic-bus, input pins on --pins (a write of 1/0 at offset N sets pin N).
+    Ioapic,
 }
 
 /// `nkvm device`.
@@ -92,4 +95,10 @@ pub struct DeviceArgs {
     /// The name used in the log (default: the model).
     #[arg(long)]
     pub name: Option<String>,
+    /// IOAPIC only: listen here for the APIC-bus connection.
+    #[arg(long, required_if_eq("model", "ioapic"))]
+    pub apic_bus: Option<std::path::PathBuf>,
+    /// IOAPIC only: listen here for the pin-control connection.
+    #[arg(long, required_if_eq("model", "ioapic"))]
+    pub pins: Option<std::path::PathBuf>,
 }

@@ -14,7 +14,7 @@ use nkvm_devices::IoDevice;
 use crate::cli::{DeviceArgs, DeviceModel};
 
 /// How long the device polls for the next request before it blocks.
-const SPIN: std::time::Duration = std::time::Duration::from_micros(200);
+pub(crate) const SPIN: std::time::Duration = std::time::Duration::from_micros(200);
 
 /// Errors of the device process.
 #[derive(Debug, thiserror::Error)]
@@ -75,6 +75,9 @@ impl<D: IoDevice> IoDevice for Logged<D> {
 
 /// Serves one connection on `args.socket`, then exits.
 pub fn run(args: &DeviceArgs) -> Result<ExitCode, Box<dyn std::error::Error>> {
+    if let (DeviceModel::Ioapic, Some(bus), Some(pins)) = (args.model, &args.apic_bus, &args.pins) {
+        return crate::ioapic_process::run(&args.socket, bus, pins);
+    }
     let path = args.socket.display().to_string();
     let _ = std::fs::remove_file(&args.socket);
     let listener =
@@ -82,6 +85,8 @@ pub fn run(args: &DeviceArgs) -> Result<ExitCode, Box<dyn std::error::Error>> {
     let model: Box<dyn IoDevice> = match args.model {
         DeviceModel::Test => Box::new(TestDevice::new()),
         DeviceModel::Serial => Box::new(Serial::new(Box::new(|_level: bool| {}), io::stdout())),
+        // Checked above; clap requires --apic-bus and --pins with it.
+        DeviceModel::Ioapic => return Err("the ioapic model needs --apic-bus and --pins".into()),
     };
     let mut device: Box<dyn IoDevice> = match &args.log {
         Some(log) => {

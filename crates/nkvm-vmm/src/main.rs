@@ -9,6 +9,7 @@ mod caps;
 mod cli;
 mod device;
 mod devices;
+mod ioapic_process;
 mod machine;
 mod size;
 

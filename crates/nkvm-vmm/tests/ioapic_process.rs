@@ -1,0 +1,169 @@
+//! The IOAPIC in its own process (`nkvm device --model ioapic`), on the APIC
+//! bus: a real guest programs a redirection entry over MMIO, a device in
+//! another process drives the pin, the handler runs; level-triggered pins
+//! come back after EOI while asserted; a dead IOAPIC process is reported.
+
+use std::os::unix::net::UnixStream;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command};
+use std::sync::mpsc;
+use std::time::{Duration, Instant};
+
+use iced_x86::code_asm::*;
+use nkvm::io::{IoRange, Ordering};
+use nkvm::{Exit, GuestAddress, Hypervisor, LongMode, RunState, Vm, VmConfig};
+use nkvm_wire::ioregion::{AccessSize, Client, RegionInfo, Space};
+
+const ENTRY: u64 = 0x10_0000;
+const IDT: u64 = 0x7000;
+const HANDLER: u64 = 0x3_0000;
+const REPORT: u32 = 0x70;
+
+fn connect(path: &Path) -> UnixStream {
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        match UnixStream::connect(path) {
+            Ok(s) => return s,
+            Err(_) if Instant::now() < deadline => std::thread::sleep(Duration::from_millis(10)),
+            Err(e) => panic!("{} never listened: {e}", path.display()),
+        }
+    }
+}
+
+struct IoapicProcess {
+    child: Child,
+    dir: PathBuf,
+}
+
+impl IoapicProcess {
+    fn spawn(tag: &str) -> IoapicProcess {
+        let dir = std::env::temp_dir().join(format!("nkvm-ioapic-{tag}-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let child = Command::new(env!("CARGO_BIN_EXE_nkvm"))
+            .args(["device", "--model", "ioapic", "--socket"])
+            .arg(dir.join("regs"))
+            .arg("--apic-bus")
+            .arg(dir.join("bus"))
+            .arg("--pins")
+            .arg(dir.join("pins"))
+            .spawn()
+            .expect("spawn the IOAPIC process");
+        IoapicProcess { child, dir }
+    }
+}
+
+impl Drop for IoapicProcess {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}
+
+/// A guest with an IDT whose vector-0x50 handler reports and EOIs, that
+/// programs IOAPIC pin 5 (level) to vector 0x50 and waits with `hlt`.
+fn guest(vm: &Vm) -> nkvm::Vcpu {
+    let handler = {
+        let mut a = CodeAssembler::new(64).unwrap();
+        a.push(rax).unwrap();
+        a.mov(eax, 0x50u32).unwrap();
+        a.out(REPORT, eax).unwrap();
+        a.mov(rax, 0xfee0_00b0u64).unwrap();
+        a.mov(dword_ptr(rax), 0).unwrap();
+        a.pop(rax).unwrap();
+        a.iretq().unwrap();
+        a.assemble(HANDLER).unwrap()
+    };
+    vm.write_memory(GuestAddress(HANDLER), &handler).unwrap();
+    let mut gate = [0u8; 16];
+    gate[0..2].copy_from_slice(&(HANDLER as u16).to_le_bytes());
+    gate[2..4].copy_from_slice(&0x08u16.to_le_bytes());
+    gate[5] = 0x8e;
+    gate[6..8].copy_from_slice(&((HANDLER >> 16) as u16).to_le_bytes());
+    vm.write_memory(GuestAddress(IDT + 0x50 * 16), &gate).unwrap();
+    let mut idtr = [0u8; 10];
+    idtr[0..2].copy_from_slice(&4095u16.to_le_bytes());
+    idtr[2..10].copy_from_slice(&IDT.to_le_bytes());
+    vm.write_memory(GuestAddress(0x6ff0), &idtr).unwrap();
+    let mut a = CodeAssembler::new(64).unwrap();
+    a.mov(rax, 0x6ff0u64).unwrap();
+    a.lidt(ptr(rax)).unwrap();
+    a.mov(rax, 0xfee0_00f0u64).unwrap();
+    a.mov(dword_ptr(rax), 0x1ff).unwrap();
+    a.mov(rbx, 0xfec0_0000u64).unwrap();
+    a.mov(dword_ptr(rbx), 0x10 + 2 * 5).unwrap();
+    a.mov(dword_ptr(rbx + 0x10), 0x50 | (1 << 15)).unwrap();
+    a.mov(dword_ptr(rbx), 0x11 + 2 * 5).unwrap();
+    a.mov(dword_ptr(rbx + 0x10), 0).unwrap();
+    a.mov(dword_ptr(rbx), 1).unwrap(); // read the version register back
+    a.mov(eax, dword_ptr(rbx + 0x10)).unwrap();
+    a.out(0x71u32, eax).unwrap();
+    a.sti().unwrap();
+    let mut idle = a.create_label();
+    a.set_label(&mut idle).unwrap();
+    a.hlt().unwrap();
+    a.jmp(idle).unwrap();
+    vm.write_memory(GuestAddress(ENTRY), &a.assemble(ENTRY).unwrap()).unwrap();
+    let lm = LongMode::install(&vm.memory(), GuestAddress(0x2_0000)).unwrap();
+    let vcpu = vm.create_vcpu(0).unwrap();
+    vcpu.set_cpuid(&Hypervisor::open().unwrap().supported_cpuid().unwrap()).unwrap();
+    vcpu.set_long_mode(&lm, GuestAddress(ENTRY), GuestAddress(0x9_0000)).unwrap();
+    vcpu
+}
+
+#[test]
+fn an_ioapic_in_another_process_delivers_level_interrupts_with_eoi_and_its_death_is_reported() {
+    let hv = Hypervisor::open().expect("/dev/kvm");
+    let vm = Vm::new(&hv, &VmConfig { vcpus: 1, memory: 16 << 20, split_irqchip: true, ..Default::default() }).unwrap();
+    let mut ioapic = IoapicProcess::spawn("level");
+    vm.attach_region(IoRange::mmio(0xfec0_0000, 0x100), connect(&ioapic.dir.join("regs")), Ordering::Sync).unwrap();
+    vm.attach_apic_bus(connect(&ioapic.dir.join("bus"))).unwrap();
+    // A "device" in this process drives pin 5 over the pin socket.
+    let region = RegionInfo { id: 1, space: Space::Mmio, base: 0, len: 24 };
+    let mut pins = Client::over(connect(&ioapic.dir.join("pins")), region).unwrap();
+
+    let mut vcpu = guest(&vm);
+    let kicker = vcpu.kicker();
+    let (tx, rx) = mpsc::channel();
+    let runner = std::thread::spawn(move || {
+        let mut run = RunState::new();
+        loop {
+            let exit = vcpu.enter_guest(&mut run).unwrap();
+            if let Exit::MmioRead { .. } | Exit::IoIn { .. } = exit {
+                run.complete_read(0);
+            }
+            if tx.send(exit).is_err() || exit == Exit::Kicked {
+                return;
+            }
+        }
+    });
+    let next = || rx.recv_timeout(Duration::from_secs(10)).expect("no exit in time");
+    match next() {
+        Exit::IoOut { port: 0x71, data, .. } => assert_eq!(data & 0xff, 0x20, "IOAPIC version register"),
+        other => panic!("expected the version report, got {other}"),
+    }
+    pins.write(5, AccessSize::Byte, 1).unwrap();
+    let report = Exit::IoOut { port: REPORT as u16, size: 4, data: 0x50 };
+    assert_eq!(next(), report);
+    assert_eq!(next(), report, "still asserted after EOI: delivered again");
+    pins.write(5, AccessSize::Byte, 0).unwrap();
+    let mut extra = 0;
+    while let Ok(e) = rx.recv_timeout(Duration::from_millis(300)) {
+        assert_eq!(e, report);
+        extra += 1;
+    }
+    assert!(extra <= 1, "{extra} deliveries after the line dropped");
+    assert_eq!(vm.apic_bus_failure(), None);
+
+    // The IOAPIC process dies: the bus is reported, the VM does not hang.
+    ioapic.child.kill().unwrap();
+    ioapic.child.wait().unwrap();
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while vm.apic_bus_failure().is_none() {
+        assert!(Instant::now() < deadline, "the dead IOAPIC was never reported");
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    assert!(vm.apic_bus_failure().unwrap().contains("closed"), "{:?}", vm.apic_bus_failure());
+    kicker.kick();
+    runner.join().unwrap();
+}
