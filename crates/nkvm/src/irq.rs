@@ -210,7 +210,7 @@ impl Lint {
 /// The VM end of an APIC bus: where local APICs send EOIs.
 #[derive(Debug)]
 pub(crate) struct ApicBusEnd {
-    pub(crate) writer: Mutex<UnixStream>,
+    pub(crate) writer: Mutex<nkvm_wire::spin::SpinStream>,
     pub(crate) failure: Mutex<Option<String>>,
     pub(crate) alive: AtomicBool,
 }
@@ -385,6 +385,11 @@ impl crate::Vm {
         let mut writer = socket;
         nkvm_wire::apic::vm_handshake(&mut reader, &mut writer, 1, nkvm_wire::handshake::VersionRange::CURRENT)
             .map_err(IrqError::Handshake)?;
+        drop(writer);
+        // After each message, poll briefly before blocking: interrupts come
+        // in bursts, and a wake-up costs ~40 us on a nested host.
+        let (mut reader, writer) = nkvm_wire::spin::SpinStream::pair(reader, std::time::Duration::from_micros(50))
+            .map_err(IrqError::Socket)?;
         let end = Arc::new(ApicBusEnd {
             writer: Mutex::new(writer),
             failure: Mutex::new(None),
@@ -407,7 +412,7 @@ impl crate::Vm {
 }
 
 /// The APIC-bus thread: interrupt messages in, delivered to the vCPUs.
-fn serve_bus(reader: &mut UnixStream, fd: &kvm_ioctls::VmFd, irq: &IrqShared, end: &ApicBusEnd) {
+fn serve_bus(reader: &mut nkvm_wire::spin::SpinStream, fd: &kvm_ioctls::VmFd, irq: &IrqShared, end: &ApicBusEnd) {
     use nkvm_wire::apic::{read_frame, ApicFrame};
     loop {
         let message = match read_frame(reader) {
