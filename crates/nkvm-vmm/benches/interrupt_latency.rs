@@ -84,11 +84,7 @@ fn start_guest(hv: &Hypervisor, vm: &Vm, program_ioapic: bool) -> (mpsc::Receive
         let mut run = RunState::new();
         loop {
             match vcpu.enter_guest(&mut run).unwrap() {
-                Exit::IoOut { port: 0x70 | 0x71, .. } => {
-                    if tx.send(Instant::now()).is_err() {
-                        return;
-                    }
-                }
+                Exit::IoOut { port: 0x70 | 0x71, .. } if tx.send(Instant::now()).is_err() => return,
                 Exit::Kicked => return,
                 Exit::MmioRead { .. } | Exit::IoIn { .. } => run.complete_read(0),
                 _ => {}
