@@ -77,6 +77,9 @@ pub enum DeviceModel {
     /// An IOAPIC: registers on --socket, interrupt messages and EOIs on
     /// --apic-bus, input pins on --pins (a write of 1/0 at offset N sets pin N).
     Ioapic,
+    /// A dual 8259: master registers on --socket, slave on --slave, input
+    /// lines on --pins, INTR as ExtINT messages on --apic-bus.
+    Pic,
 }
 
 /// `nkvm device`.
@@ -95,10 +98,13 @@ pub struct DeviceArgs {
     /// The name used in the log (default: the model).
     #[arg(long)]
     pub name: Option<String>,
-    /// IOAPIC only: listen here for the APIC-bus connection.
-    #[arg(long, required_if_eq("model", "ioapic"))]
+    /// IOAPIC and PIC: listen here for the APIC-bus connection.
+    #[arg(long, required_if_eq_any([("model", "ioapic"), ("model", "pic")]))]
     pub apic_bus: Option<std::path::PathBuf>,
-    /// IOAPIC only: listen here for the pin-control connection.
-    #[arg(long, required_if_eq("model", "ioapic"))]
+    /// IOAPIC and PIC: listen here for the pin-control connection.
+    #[arg(long, required_if_eq_any([("model", "ioapic"), ("model", "pic")]))]
     pub pins: Option<std::path::PathBuf>,
+    /// PIC only: listen here for the slave's register connection.
+    #[arg(long, required_if_eq("model", "pic"))]
+    pub slave: Option<std::path::PathBuf>,
 }

@@ -75,8 +75,13 @@ impl<D: IoDevice> IoDevice for Logged<D> {
 
 /// Serves one connection on `args.socket`, then exits.
 pub fn run(args: &DeviceArgs) -> Result<ExitCode, Box<dyn std::error::Error>> {
-    if let (DeviceModel::Ioapic, Some(bus), Some(pins)) = (args.model, &args.apic_bus, &args.pins) {
-        return crate::ioapic_process::run(&args.socket, bus, pins);
+    match (args.model, &args.apic_bus, &args.pins, &args.slave) {
+        (DeviceModel::Ioapic, Some(bus), Some(pins), _) => return crate::ioapic_process::run(&args.socket, bus, pins),
+        (DeviceModel::Pic, Some(bus), Some(pins), Some(slave)) => {
+            let paths = crate::pic_process::PicSockets { master: &args.socket, slave, bus, pins };
+            return crate::pic_process::run(&paths);
+        }
+        _ => {}
     }
     let path = args.socket.display().to_string();
     let _ = std::fs::remove_file(&args.socket);
@@ -86,7 +91,9 @@ pub fn run(args: &DeviceArgs) -> Result<ExitCode, Box<dyn std::error::Error>> {
         DeviceModel::Test => Box::new(TestDevice::new()),
         DeviceModel::Serial => Box::new(Serial::new(Box::new(|_level: bool| {}), io::stdout())),
         // Checked above; clap requires --apic-bus and --pins with it.
-        DeviceModel::Ioapic => return Err("the ioapic model needs --apic-bus and --pins".into()),
+        DeviceModel::Ioapic | DeviceModel::Pic => {
+            return Err("the ioapic and pic models need --apic-bus and --pins (and --slave for pic)".into())
+        }
     };
     let mut device: Box<dyn IoDevice> = match &args.log {
         Some(log) => {

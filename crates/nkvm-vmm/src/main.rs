@@ -5,12 +5,14 @@
 //! powers the machine off.
 
 mod builtin;
+mod bus_process;
 mod caps;
 mod cli;
 mod device;
 mod devices;
 mod ioapic_process;
 mod machine;
+mod pic_process;
 mod size;
 
 use std::process::ExitCode;

@@ -315,6 +315,25 @@ impl Vm {
     /// folded into its backing's bitmap before the slot is deleted, so no
     /// vCPU sees a half-applied map and no dirty bit is lost. A change that
     /// only adds regions does not pause anybody.
+    ///
+    /// # Example: a framebuffer BAR the guest moves
+    ///
+    /// ```no_run
+    /// use nkvm::{Backing, GuestAddress, MemoryMap, Region};
+    /// # fn f(vm: &nkvm::Vm) -> Result<(), Box<dyn std::error::Error>> {
+    /// let ram = Region::new(GuestAddress(0), vm.ram(), 0, vm.ram().len());
+    /// let vram = Backing::new("vram", 16 << 20)?;
+    /// let with_bar_at = |bar: u64| -> Result<MemoryMap, nkvm::MemoryError> {
+    ///     MemoryMap::new(vec![ram.clone(), Region::new(GuestAddress(bar), &vram, 0, 16 << 20).dirty_logged()])
+    /// };
+    /// vm.set_memory_map(with_bar_at(0xe000_0000)?)?;
+    /// // The guest reprograms the BAR: one call; the pixels it drew at the
+    /// // old address are still reported dirty afterwards.
+    /// vm.set_memory_map(with_bar_at(0xd000_0000)?)?;
+    /// vm.sync_dirty_log()?;
+    /// let dirty = vm.collect_dirty(GuestAddress(0xd000_0000), 16 << 20, 4096)?;
+    /// # let _ = dirty; Ok(()) }
+    /// ```
     pub fn set_memory_map(&self, map: MemoryMap) -> Result<(), VmError> {
         if map.regions().len() > self.max_slots as usize {
             return Err(MemoryError::TooManyRegions { count: map.regions().len(), max: self.max_slots }.into());

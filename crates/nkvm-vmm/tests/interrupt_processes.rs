@@ -1,7 +1,9 @@
-//! The IOAPIC in its own process (`nkvm device --model ioapic`), on the APIC
-//! bus: a real guest programs a redirection entry over MMIO, a device in
-//! another process drives the pin, the handler runs; level-triggered pins
-//! come back after EOI while asserted; a dead IOAPIC process is reported.
+//! Interrupt controllers in their own processes, on the APIC bus. The IOAPIC
+//! (`nkvm device --model ioapic`): a real guest programs a redirection entry
+//! over MMIO, a device in another process drives the pin, the handler runs;
+//! level-triggered pins come back after EOI while asserted; a dead IOAPIC
+//! process is reported. The dual 8259 (`--model pic`): an APIC-less guest
+//! programs it over PIO and takes its interrupts through LINT0.
 
 use std::os::unix::net::UnixStream;
 use std::path::{Path, PathBuf};
@@ -30,29 +32,31 @@ fn connect(path: &Path) -> UnixStream {
     }
 }
 
-struct IoapicProcess {
+struct ControllerProcess {
     child: Child,
     dir: PathBuf,
 }
 
-impl IoapicProcess {
-    fn spawn(tag: &str) -> IoapicProcess {
-        let dir = std::env::temp_dir().join(format!("nkvm-ioapic-{tag}-{}", std::process::id()));
+impl ControllerProcess {
+    fn spawn(model: &str) -> ControllerProcess {
+        let dir = std::env::temp_dir().join(format!("nkvm-{model}-{}", std::process::id()));
         std::fs::create_dir_all(&dir).unwrap();
-        let child = Command::new(env!("CARGO_BIN_EXE_nkvm"))
-            .args(["device", "--model", "ioapic", "--socket"])
+        let mut cmd = Command::new(env!("CARGO_BIN_EXE_nkvm"));
+        cmd.args(["device", "--model", model, "--socket"])
             .arg(dir.join("regs"))
             .arg("--apic-bus")
             .arg(dir.join("bus"))
             .arg("--pins")
-            .arg(dir.join("pins"))
-            .spawn()
-            .expect("spawn the IOAPIC process");
-        IoapicProcess { child, dir }
+            .arg(dir.join("pins"));
+        if model == "pic" {
+            cmd.arg("--slave").arg(dir.join("slave"));
+        }
+        let child = cmd.spawn().expect("spawn the controller process");
+        ControllerProcess { child, dir }
     }
 }
 
-impl Drop for IoapicProcess {
+impl Drop for ControllerProcess {
     fn drop(&mut self) {
         let _ = self.child.kill();
         let _ = self.child.wait();
@@ -115,7 +119,7 @@ fn guest(vm: &Vm) -> nkvm::Vcpu {
 fn an_ioapic_in_another_process_delivers_level_interrupts_with_eoi_and_its_death_is_reported() {
     let hv = Hypervisor::open().expect("/dev/kvm");
     let vm = Vm::new(&hv, &VmConfig { vcpus: 1, memory: 16 << 20, split_irqchip: true, ..Default::default() }).unwrap();
-    let mut ioapic = IoapicProcess::spawn("level");
+    let mut ioapic = ControllerProcess::spawn("ioapic");
     vm.attach_region(IoRange::mmio(0xfec0_0000, 0x100), connect(&ioapic.dir.join("regs")), Ordering::Sync).unwrap();
     vm.attach_apic_bus(connect(&ioapic.dir.join("bus"))).unwrap();
     // A "device" in this process drives pin 5 over the pin socket.
@@ -164,6 +168,96 @@ fn an_ioapic_in_another_process_delivers_level_interrupts_with_eoi_and_its_death
         std::thread::sleep(Duration::from_millis(10));
     }
     assert!(vm.apic_bus_failure().unwrap().contains("closed"), "{:?}", vm.apic_bus_failure());
+    kicker.kick();
+    runner.join().unwrap();
+}
+
+#[test]
+fn a_pic_in_another_process_drives_an_apic_less_core_through_lint0() {
+    let hv = Hypervisor::open().expect("/dev/kvm");
+    let vm = Vm::new(&hv, &VmConfig { vcpus: 1, memory: 16 << 20, split_irqchip: true, ..Default::default() }).unwrap();
+    let pic = ControllerProcess::spawn("pic");
+    vm.attach_region(IoRange::pio(0x20, 2), connect(&pic.dir.join("regs")), Ordering::Sync).unwrap();
+    vm.attach_region(IoRange::pio(0xa0, 2), connect(&pic.dir.join("slave")), Ordering::Sync).unwrap();
+    vm.attach_apic_bus(connect(&pic.dir.join("bus"))).unwrap();
+    let region = RegionInfo { id: 1, space: Space::Pio, base: 0, len: 16 };
+    let mut lines = Client::over(connect(&pic.dir.join("pins")), region).unwrap();
+
+    // Vector 0x51 (IRQ 1 at base 0x50): report, EOI the 8259, return.
+    let handler = {
+        let mut a = CodeAssembler::new(64).unwrap();
+        a.push(rax).unwrap();
+        a.mov(eax, 0x51u32).unwrap();
+        a.out(REPORT, eax).unwrap();
+        a.mov(al, 0x20).unwrap();
+        a.out(0x20u32, al).unwrap();
+        a.pop(rax).unwrap();
+        a.iretq().unwrap();
+        a.assemble(HANDLER).unwrap()
+    };
+    vm.write_memory(GuestAddress(HANDLER), &handler).unwrap();
+    let mut gate = [0u8; 16];
+    gate[0..2].copy_from_slice(&(HANDLER as u16).to_le_bytes());
+    gate[2..4].copy_from_slice(&0x08u16.to_le_bytes());
+    gate[5] = 0x8e;
+    gate[6..8].copy_from_slice(&((HANDLER >> 16) as u16).to_le_bytes());
+    vm.write_memory(GuestAddress(IDT + 0x51 * 16), &gate).unwrap();
+    let mut idtr = [0u8; 10];
+    idtr[0..2].copy_from_slice(&4095u16.to_le_bytes());
+    idtr[2..10].copy_from_slice(&IDT.to_le_bytes());
+    vm.write_memory(GuestAddress(0x6ff0), &idtr).unwrap();
+    let mut a = CodeAssembler::new(64).unwrap();
+    a.mov(rax, 0x6ff0u64).unwrap();
+    a.lidt(ptr(rax)).unwrap();
+    for (port, value) in [
+        (0x20u32, 0x11u32),
+        (0x21, 0x50),
+        (0x21, 0x04),
+        (0x21, 0x01),
+        (0xa0, 0x11),
+        (0xa1, 0x58),
+        (0xa1, 0x02),
+        (0xa1, 0x01),
+        (0x21, 0xfd),
+        (0xa1, 0xff),
+    ] {
+        a.mov(al, value).unwrap();
+        a.out(port, al).unwrap();
+    }
+    a.out(0x71u32, al).unwrap();
+    a.sti().unwrap();
+    let mut idle = a.create_label();
+    a.set_label(&mut idle).unwrap();
+    a.hlt().unwrap();
+    a.jmp(idle).unwrap();
+    vm.write_memory(GuestAddress(ENTRY), &a.assemble(ENTRY).unwrap()).unwrap();
+    let lm = LongMode::install(&vm.memory(), GuestAddress(0x2_0000)).unwrap();
+    let mut vcpu = vm.create_vcpu_with(0, nkvm::VcpuConfig { lapic: nkvm::Lapic::Hidden }).unwrap();
+    vcpu.set_cpuid(&hv.supported_cpuid().unwrap()).unwrap();
+    vcpu.set_long_mode(&lm, GuestAddress(ENTRY), GuestAddress(0x9_0000)).unwrap();
+    let kicker = vcpu.kicker();
+    let (tx, rx) = mpsc::channel();
+    let runner = std::thread::spawn(move || {
+        let mut run = RunState::new();
+        loop {
+            let exit = vcpu.enter_guest(&mut run).unwrap();
+            if let Exit::MmioRead { .. } | Exit::IoIn { .. } = exit {
+                run.complete_read(0);
+            }
+            if tx.send(exit).is_err() || exit == Exit::Kicked {
+                return;
+            }
+        }
+    });
+    let next = || rx.recv_timeout(Duration::from_secs(10)).expect("no exit in time");
+    assert!(matches!(next(), Exit::IoOut { port: 0x71, .. }), "the guest programmed the PIC");
+    let report = Exit::IoOut { port: REPORT as u16, size: 4, data: 0x51 };
+    for _ in 0..3 {
+        lines.write(1, AccessSize::Byte, 1).unwrap();
+        assert_eq!(next(), report);
+        lines.write(1, AccessSize::Byte, 0).unwrap();
+    }
+    assert_eq!(vm.apic_bus_failure(), None);
     kicker.kick();
     runner.join().unwrap();
 }
