@@ -51,11 +51,29 @@ pub struct RunArgs {
     /// behind an I/O-region socket, instead of in the VMM.
     #[arg(long)]
     pub device_process: bool,
+    /// Boot this Linux kernel (bzImage) instead of the built-in guest.
+    #[arg(long)]
+    pub kernel: Option<std::path::PathBuf>,
+    /// An initramfs for --kernel.
+    #[arg(long, requires = "kernel")]
+    pub initrd: Option<std::path::PathBuf>,
+    /// The kernel command line for --kernel.
+    #[arg(long, default_value = "console=ttyS0 earlyprintk=serial,ttyS0,115200 reboot=k panic=-1")]
+    pub cmdline: String,
 }
 
 impl Default for RunArgs {
     fn default() -> Self {
-        Self { cpus: 2, memory: 64 << 20, trace: false, stats: false, device_process: false }
+        Self {
+            cpus: 2,
+            memory: 64 << 20,
+            trace: false,
+            stats: false,
+            device_process: false,
+            kernel: None,
+            initrd: None,
+            cmdline: String::new(),
+        }
     }
 }
 

@@ -18,6 +18,7 @@ use nkvm_devices::test_device::{TestDevice, TEST_DEVICE_SIZE};
 use crate::builtin;
 use crate::cli::{DeviceModel, RunArgs};
 use crate::devices::{DeviceProcess, InProcess};
+use crate::linux::{self, LinuxBoot};
 
 /// Why the VMM could not run the VM.
 #[derive(Debug, thiserror::Error)]
@@ -37,6 +38,9 @@ pub enum MachineError {
     /// Assembling the built-in guest failed.
     #[error("cannot assemble the built-in guest: {0}")]
     Assemble(String),
+    /// The kernel could not be loaded.
+    #[error(transparent)]
+    Linux(#[from] linux::LinuxError),
     /// Attaching a device failed.
     #[error(transparent)]
     Attach(#[from] nkvm::IoRegionError),
@@ -68,7 +72,58 @@ struct Shared {
 
 /// Boots the built-in guest per `args` and returns the process exit code.
 pub fn run(args: &RunArgs) -> Result<ExitCode, Box<dyn std::error::Error>> {
-    Ok(run_builtin(args)?)
+    match &args.kernel {
+        Some(kernel) => {
+            let boot = LinuxBoot { kernel: kernel.clone(), initrd: args.initrd.clone(), cmdline: args.cmdline.clone() };
+            Ok(run_linux(args, &boot)?)
+        }
+        None => Ok(run_builtin(args)?),
+    }
+}
+
+/// Boots a Linux kernel: split irqchip (APs wait for the guest's
+/// INIT/SIPI in KVM), the 16550 on 0x3f8, the PM1a power-off port.
+fn run_linux(args: &RunArgs, boot: &LinuxBoot) -> Result<ExitCode, MachineError> {
+    let hv = Hypervisor::open()?;
+    let config = VmConfig { vcpus: args.cpus, memory: args.memory, split_irqchip: true, ..Default::default() };
+    let vm = Arc::new(Vm::new(&hv, &config)?);
+    let entry = linux::load(&vm, boot)?;
+    let long_mode = LongMode::install(&vm.memory(), GuestAddress(linux::TABLES))?;
+    let com1 = IoRange::pio(builtin::COM1, 8);
+    let _processes = if args.device_process {
+        vec![DeviceProcess::attach(&vm, DeviceModel::Serial, com1, Ordering::Sync)?]
+    } else {
+        let serial = Serial::new(Box::new(|_level: bool| {}), io::stdout());
+        vm.attach_handler(com1, Box::new(InProcess(serial)))?;
+        Vec::new()
+    };
+    let mut cpuid = hv.supported_cpuid()?;
+    let masked = linux::mask_unrunnable(&mut cpuid);
+    if !masked.is_empty() {
+        eprintln!("nkvm: CPUID: hiding {} (this host cannot run them in a guest)", masked.join(", "));
+    }
+    let stats = ExitStats::new();
+    let mut vcpus = Vec::new();
+    for id in 0..args.cpus {
+        let mut vcpu = vm.create_vcpu(id)?;
+        vcpu.set_cpuid(&cpuid)?;
+        if id == 0 {
+            vcpu.set_long_mode(&long_mode, entry.rip, GuestAddress(linux::BOOT_STACK))?;
+            let mut regs = vcpu.regs()?;
+            regs.rsi = entry.zero_page.0;
+            vcpu.set_regs(&regs)?;
+        }
+        if args.trace {
+            vcpu.add_tracer(Box::new(LineTracer::new(io::stderr())));
+        }
+        if args.stats {
+            vcpu.add_tracer(stats.tracer());
+        }
+        vcpus.push(vcpu);
+    }
+    let shared = Arc::new(Shared { stop: AtomicBool::new(false) });
+    let outcome = run_vcpus(vcpus, &vm, &shared)?;
+    finish(args, &stats, outcome)
 }
 
 fn run_builtin(args: &RunArgs) -> Result<ExitCode, MachineError> {
@@ -115,6 +170,11 @@ fn run_builtin(args: &RunArgs) -> Result<ExitCode, MachineError> {
     }
 
     let outcome = run_vcpus(vcpus, &vm, &shared)?;
+    finish(args, &stats, outcome)
+}
+
+/// Prints the statistics and turns the outcome into the exit code.
+fn finish(args: &RunArgs, stats: &ExitStats, outcome: Outcome) -> Result<ExitCode, MachineError> {
     if args.stats {
         eprint!("{}", stats.render());
     }
@@ -198,6 +258,12 @@ fn vcpu_loop(mut vcpu: Vcpu, vm: &Vm, shared: &Shared) -> Outcome {
             }
             Exit::Hlt => return Outcome::Halted,
             Exit::Kicked | Exit::InterruptWindow => {}
+            // Instructions KVM cannot emulate on this host: complete them in
+            // user space (or inject the right exception) and go on.
+            Exit::InternalError(e) if e.is_emulation_failure() => match nkvm::emulate::complete(&vcpu, &e) {
+                Ok(done) => log::debug!("vCPU {}: {done:?}", vcpu.id()),
+                Err(err) => return Outcome::Failed(format!("vCPU {}: {err}", vcpu.id())),
+            },
             Exit::Shutdown => return Outcome::Failed(format!("vCPU {} triple-faulted{}", vcpu.id(), at_rip(&vcpu))),
             other => return Outcome::Failed(format!("vCPU {}: {other}{}", vcpu.id(), at_rip(&vcpu))),
         }

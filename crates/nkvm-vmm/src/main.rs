@@ -11,6 +11,7 @@ mod cli;
 mod device;
 mod devices;
 mod ioapic_process;
+mod linux;
 mod machine;
 mod pic_process;
 mod size;

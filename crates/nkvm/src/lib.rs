@@ -45,6 +45,7 @@
 
 mod address;
 pub mod dirty;
+pub mod emulate;
 pub mod exit;
 pub mod hypervisor;
 pub mod io;

@@ -1,0 +1,193 @@
+//! Loading a Linux kernel (bzImage, 64-bit boot protocol) with its command
+//! line, initramfs, zero page and e820 map into guest memory.
+
+use std::fs::File;
+use std::path::{Path, PathBuf};
+
+use linux_loader::bootparam::boot_params;
+use linux_loader::cmdline::Cmdline;
+use linux_loader::loader::bzimage::BzImage;
+use linux_loader::loader::{load_cmdline, KernelLoader};
+use nkvm::{GuestAddress, Vm};
+use vm_memory::{Bytes, FileOffset, GuestMemoryMmap};
+
+/// Where the zero page (`struct boot_params`) goes.
+pub const ZERO_PAGE: u64 = 0x7000;
+/// Where the command line goes.
+pub const CMDLINE: u64 = 0x2_0000;
+const CMDLINE_MAX: usize = 4096;
+/// Where the long-mode tables go (7 pages).
+pub const TABLES: u64 = 0x3_0000;
+/// Start of the boot stack (grows down).
+pub const BOOT_STACK: u64 = 0x8ff0;
+const HIMEM: u64 = 0x10_0000;
+const E820_RAM: u32 = 1;
+const E820_RESERVED: u32 = 2;
+
+/// What to boot.
+#[derive(Debug, Clone)]
+pub struct LinuxBoot {
+    /// The bzImage.
+    pub kernel: PathBuf,
+    /// An initramfs, if any.
+    pub initrd: Option<PathBuf>,
+    /// The kernel command line.
+    pub cmdline: String,
+}
+
+/// Where the vCPU starts.
+#[derive(Debug, Clone, Copy)]
+pub struct Entry {
+    /// 64-bit entry point (kernel load address + 0x200).
+    pub rip: GuestAddress,
+    /// The zero page, passed in RSI.
+    pub zero_page: GuestAddress,
+}
+
+/// Errors loading Linux.
+#[derive(Debug, thiserror::Error)]
+pub enum LinuxError {
+    /// A file could not be opened or read.
+    #[error("cannot read {path}")]
+    Read {
+        /// The file.
+        path: String,
+        /// The OS error.
+        #[source]
+        source: std::io::Error,
+    },
+    /// The kernel image is not a loadable bzImage.
+    #[error("{path} is not a loadable bzImage ({reason})")]
+    BadKernel {
+        /// The file.
+        path: String,
+        /// Why.
+        reason: String,
+    },
+    /// The command line is too long or malformed.
+    #[error("bad kernel command line: {0}")]
+    Cmdline(String),
+    /// Guest memory could not be prepared.
+    #[error("guest memory: {0}")]
+    Memory(String),
+    /// The initramfs does not fit.
+    #[error("the initramfs ({size} bytes) does not fit below {limit:#x}; give the VM more memory")]
+    InitrdTooBig {
+        /// Its size.
+        size: u64,
+        /// The limit.
+        limit: u64,
+    },
+}
+
+fn read_err(path: &Path) -> impl FnOnce(std::io::Error) -> LinuxError + '_ {
+    move |source| LinuxError::Read { path: path.display().to_string(), source }
+}
+
+/// Loads `boot` into `vm`'s RAM and returns where to start.
+pub fn load(vm: &Vm, boot: &LinuxBoot) -> Result<Entry, LinuxError> {
+    // A vm-memory view of the same memfd (a second shared mapping), for
+    // linux-loader.
+    let map = vm.memory();
+    let ranges: Vec<(vm_memory::GuestAddress, usize, Option<FileOffset>)> = map
+        .regions()
+        .iter()
+        .map(|r| {
+            let file = r.backing.file().try_clone().map_err(|e| LinuxError::Memory(e.to_string()))?;
+            Ok((vm_memory::GuestAddress(r.gpa.0), r.len as usize, Some(FileOffset::new(file, r.offset))))
+        })
+        .collect::<Result<_, LinuxError>>()?;
+    let gm: GuestMemoryMmap =
+        GuestMemoryMmap::from_ranges_with_files(ranges).map_err(|e| LinuxError::Memory(e.to_string()))?;
+
+    let mut kernel = File::open(&boot.kernel).map_err(read_err(&boot.kernel))?;
+    let loaded = BzImage::load(&gm, None, &mut kernel, Some(vm_memory::GuestAddress(HIMEM)))
+        .map_err(|e| LinuxError::BadKernel { path: boot.kernel.display().to_string(), reason: e.to_string() })?;
+    let mut params = boot_params::default();
+    params.hdr = loaded.setup_header.ok_or_else(|| LinuxError::BadKernel {
+        path: boot.kernel.display().to_string(),
+        reason: "no setup header".into(),
+    })?;
+
+    let mut cmdline = Cmdline::new(CMDLINE_MAX).map_err(|e| LinuxError::Cmdline(e.to_string()))?;
+    cmdline.insert_str(&boot.cmdline).map_err(|e| LinuxError::Cmdline(e.to_string()))?;
+    load_cmdline(&gm, vm_memory::GuestAddress(CMDLINE), &cmdline).map_err(|e| LinuxError::Cmdline(e.to_string()))?;
+    params.hdr.type_of_loader = 0xff;
+    params.hdr.cmd_line_ptr = CMDLINE as u32;
+    params.hdr.cmdline_size = boot.cmdline.len() as u32 + 1;
+    params.hdr.loadflags |= 0x80; // CAN_USE_HEAP
+    params.hdr.heap_end_ptr = 0xfe00;
+
+    let low_end = map.regions().first().map(|r| r.end()).unwrap_or(0);
+    if let Some(initrd) = &boot.initrd {
+        let data = std::fs::read(initrd).map_err(read_err(initrd))?;
+        let limit = low_end.min(0x3800_0000);
+        let size = data.len() as u64;
+        let at = limit.checked_sub(size).map(|a| a & !0xfff).filter(|&a| a >= loaded.kernel_end.max(HIMEM));
+        let at = at.ok_or(LinuxError::InitrdTooBig { size, limit })?;
+        vm.write_memory(GuestAddress(at), &data).map_err(|e| LinuxError::Memory(e.to_string()))?;
+        params.hdr.ramdisk_image = at as u32;
+        params.hdr.ramdisk_size = size as u32;
+    }
+
+    let mut e820 =
+        vec![(0u64, 0x9fc00u64, E820_RAM), (0x9fc00, 0x400, E820_RESERVED), (0xf0000, 0x10000, E820_RESERVED)];
+    for r in map.regions() {
+        let start = r.gpa.0.max(HIMEM);
+        if r.end() > start {
+            e820.push((start, r.end() - start, E820_RAM));
+        }
+    }
+    for (i, &(addr, size, kind)) in e820.iter().enumerate() {
+        params.e820_table[i].addr = addr;
+        params.e820_table[i].size = size;
+        params.e820_table[i].r#type = kind;
+    }
+    params.e820_entries = e820.len() as u8;
+    gm.write_obj(params, vm_memory::GuestAddress(ZERO_PAGE)).map_err(|e| LinuxError::Memory(e.to_string()))?;
+    Ok(Entry { rip: GuestAddress(loaded.kernel_load.0 + 0x200), zero_page: GuestAddress(ZERO_PAGE) })
+}
+
+/// Clears CPUID features whose instructions KVM on this nested host fails
+/// to run in a guest (they come back as emulation failures): CX16
+/// (`cmpxchg16b`), XSAVE/OSXSAVE (`xrstor`) and the AVX family that needs
+/// XSAVE. Returns the names of what it hid.
+pub fn mask_unrunnable(cpuid: &mut nkvm::Cpuid) -> Vec<&'static str> {
+    let mut hidden = Vec::new();
+    for e in cpuid.as_mut_slice().iter_mut() {
+        match e.function {
+            1 => {
+                for (bit, name) in [
+                    (13, "cx16"),
+                    (23, "popcnt"),
+                    (26, "xsave"),
+                    (27, "osxsave"),
+                    (28, "avx"),
+                    (12, "fma"),
+                    (29, "f16c"),
+                ] {
+                    if e.ecx & (1 << bit) != 0 {
+                        e.ecx &= !(1 << bit);
+                        hidden.push(name);
+                    }
+                }
+            }
+            7 if e.index == 0 => {
+                for (bit, name) in [(5, "avx2"), (16, "avx512f")] {
+                    if e.ebx & (1 << bit) != 0 {
+                        e.ebx &= !(1 << bit);
+                        hidden.push(name);
+                    }
+                }
+            }
+            0xd => {
+                e.eax = 0;
+                e.ebx = 0;
+                e.ecx = 0;
+                e.edx = 0;
+            }
+            _ => {}
+        }
+    }
+    hidden
+}
