@@ -103,11 +103,11 @@ pub fn load(vm: &Vm, boot: &LinuxBoot) -> Result<Entry, LinuxError> {
     let mut kernel = File::open(&boot.kernel).map_err(read_err(&boot.kernel))?;
     let loaded = BzImage::load(&gm, None, &mut kernel, Some(vm_memory::GuestAddress(HIMEM)))
         .map_err(|e| LinuxError::BadKernel { path: boot.kernel.display().to_string(), reason: e.to_string() })?;
-    let mut params = boot_params::default();
-    params.hdr = loaded.setup_header.ok_or_else(|| LinuxError::BadKernel {
+    let hdr = loaded.setup_header.ok_or_else(|| LinuxError::BadKernel {
         path: boot.kernel.display().to_string(),
         reason: "no setup header".into(),
     })?;
+    let mut params = boot_params { hdr, ..Default::default() };
 
     let mut cmdline = Cmdline::new(CMDLINE_MAX).map_err(|e| LinuxError::Cmdline(e.to_string()))?;
     cmdline.insert_str(&boot.cmdline).map_err(|e| LinuxError::Cmdline(e.to_string()))?;
