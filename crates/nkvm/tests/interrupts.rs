@@ -431,10 +431,16 @@ fn a_pic_drives_an_apic_less_core_through_lint0_in_virtual_wire_mode() {
     let run = Running::start(vcpu);
     run.expect_ready();
     // The INTA cycle: the 8259 names the vector, LINT0 carries it as ExtINT.
+    // The guest's EOI to the 8259 may land just after its report: until
+    // it does, the new request waits in the IRR (as on real hardware).
     let raise = |pic: &SharedPic| {
+        pic.lock().set_irq(1, true);
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while !pic.lock().has_interrupt() {
+            assert!(Instant::now() < deadline, "the 8259 never raised INTR: {:?}", *pic.lock());
+            thread::sleep(Duration::from_millis(1));
+        }
         let mut p = pic.lock();
-        p.set_irq(1, true);
-        assert!(p.has_interrupt(), "{p:?}");
         let vector = p.acknowledge();
         p.set_irq(1, false);
         assert_eq!(vector, 0x51);
