@@ -260,7 +260,7 @@ fn vcpu_loop(mut vcpu: Vcpu, vm: &Vm, shared: &Shared) -> Outcome {
             Exit::Kicked | Exit::InterruptWindow => {}
             // Instructions KVM cannot emulate on this host: complete them in
             // user space (or inject the right exception) and go on.
-            Exit::InternalError(e) if e.is_emulation_failure() => match nkvm::emulate::complete(&vcpu, &e) {
+            Exit::InternalError(e) if e.is_emulation_failure() => match nkvm::emulate::complete(&vcpu, vm, &e) {
                 Ok(done) => log::debug!("vCPU {}: {done:?}", vcpu.id()),
                 Err(err) => return Outcome::Failed(format!("vCPU {}: {err}", vcpu.id())),
             },

@@ -224,6 +224,24 @@ impl Backing {
         })
     }
 
+    /// One atomic 128-bit compare-exchange at `offset` (16-byte aligned), the
+    /// host side of a guest's `lock cmpxchg16b`: if the 16 bytes equal
+    /// `current` they become `new`. Returns `Ok(current)` when it swapped,
+    /// `Err(found)` when it did not.
+    pub fn compare_exchange_u128(
+        &self,
+        offset: u64,
+        current: u128,
+        new: u128,
+    ) -> Result<Result<u128, u128>, MemoryError> {
+        let off = usize::try_from(offset).ok();
+        off.and_then(|o| self.inner.map.compare_exchange_u128(o, current, new)).ok_or(MemoryError::OutOfBounds {
+            offset,
+            len: 16,
+            backing_len: self.len(),
+        })
+    }
+
     /// Whether two handles are the same object.
     pub fn same_object(&self, other: &Backing) -> bool {
         Arc::ptr_eq(&self.inner, &other.inner)

@@ -69,6 +69,11 @@ pub type Regs = kvm_regs;
 pub type Sregs = kvm_sregs;
 /// FPU state (`struct kvm_fpu`).
 pub type Fpu = kvm_fpu;
+
+/// MXCSR's index in the XSAVE legacy area, in 32-bit words (byte 24).
+const MXCSR_WORD: usize = 6;
+/// The low half of XSTATE_BV in the XSAVE header, in 32-bit words (byte 512).
+const XSTATE_BV_WORD: usize = 128;
 /// Pending exceptions, interrupts and NMIs (`struct kvm_vcpu_events`).
 pub type VcpuEvents = kvm_vcpu_events;
 
@@ -315,6 +320,24 @@ impl Vcpu {
     /// Writes the FPU state.
     pub fn set_fpu(&self, fpu: &Fpu) -> Result<(), VcpuError> {
         self.fd.set_fpu(fpu).map_err(|source| self.err("KVM_SET_FPU", source))
+    }
+
+    /// Reads MXCSR, the SSE control and status register (from the XSAVE
+    /// image: `KVM_GET_FPU` does not carry it on every host).
+    pub fn mxcsr(&self) -> Result<u32, VcpuError> {
+        let xsave = self.fd.get_xsave().map_err(|source| self.err("KVM_GET_XSAVE", source))?;
+        Ok(xsave.region[MXCSR_WORD])
+    }
+
+    /// Writes MXCSR (through the XSAVE image).
+    pub fn set_mxcsr(&self, mxcsr: u32) -> Result<(), VcpuError> {
+        let mut xsave = self.fd.get_xsave().map_err(|source| self.err("KVM_GET_XSAVE", source))?;
+        xsave.region[MXCSR_WORD] = mxcsr;
+        // The kernel takes MXCSR from the image only when the header says
+        // the SSE state is present (XSTATE_BV bit 1, byte 512); the XMM
+        // registers in the image are the ones just read.
+        xsave.region[XSTATE_BV_WORD] |= 1 << 1;
+        crate::sys::xsave::set_xsave(&self.fd, &xsave).map_err(|source| self.err("KVM_SET_XSAVE", source))
     }
 
     /// Sets the CPUID the guest sees (start from

@@ -304,6 +304,28 @@ impl Vm {
         self.memory().read(gpa, buf)
     }
 
+    /// Records that `len` bytes at `gpa` were written on the guest's behalf
+    /// (by an emulated instruction or a device model writing guest RAM in
+    /// this process): the pages are marked dirty in their backing's bitmap
+    /// if the region is dirty-logged, so migration does not miss them.
+    pub fn mark_dirty(&self, gpa: GuestAddress, len: u64) {
+        if len == 0 {
+            return;
+        }
+        let mut state = self.shared.state.lock().unwrap_or_else(|p| p.into_inner());
+        let MapState { installed, bitmaps, .. } = &mut *state;
+        let end = gpa.0.saturating_add(len);
+        let first = installed.partition_point(|(r, _)| r.end() <= gpa.0);
+        for (region, _) in installed[first..].iter().take_while(|(r, _)| r.gpa.0 < end) {
+            if let Some(bitmap) = bitmaps.get_mut(&region.backing.id()).filter(|_| region.dirty_log) {
+                let lo = gpa.0.max(region.gpa.0) - region.gpa.0 + region.offset;
+                let hi = end.min(region.end()) - region.gpa.0 + region.offset;
+                let first_page = lo / PAGE_SIZE;
+                bitmap.set_range(first_page, hi.div_ceil(PAGE_SIZE) - first_page);
+            }
+        }
+    }
+
     /// Replaces the whole guest physical memory map with `map`, atomically
     /// as far as any vCPU can tell.
     ///

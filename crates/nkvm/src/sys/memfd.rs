@@ -100,6 +100,25 @@ impl SharedMapping {
         unsafe { std::ptr::copy_nonoverlapping(buf.as_ptr(), self.ptr.as_ptr().add(offset), buf.len()) };
         Some(())
     }
+
+    /// One atomic 128-bit compare-exchange at `offset` (16-byte aligned),
+    /// as the guest's `lock cmpxchg16b` would do it: if the 16 bytes equal
+    /// `current`, they become `new`. Returns `Ok(current)` on success, or
+    /// `Err(actual)` with what is there. `None` if the range is outside the
+    /// mapping, misaligned, or the host CPU lacks `cmpxchg16b`.
+    pub(crate) fn compare_exchange_u128(&self, offset: usize, current: u128, new: u128) -> Option<Result<u128, u128>> {
+        let end = offset.checked_add(16)?;
+        if end > self.len || offset % 16 != 0 || !std::arch::is_x86_feature_detected!("cmpxchg16b") {
+            return None;
+        }
+        // SAFETY: offset..offset+16 lies inside the mapping and the address is
+        // 16-byte aligned (mmap returns page-aligned memory; offset % 16 == 0),
+        // as cmpxchg16b requires; the CPU supports the instruction (checked
+        // above). The guest may write the same bytes concurrently: that is
+        // exactly what the locked instruction arbitrates.
+        let actual = unsafe { cmpxchg16b_at(self.ptr.as_ptr().add(offset).cast::<u128>(), current, new) };
+        Some(if actual == current { Ok(actual) } else { Err(actual) })
+    }
 }
 
 impl Drop for SharedMapping {
@@ -107,4 +126,34 @@ impl Drop for SharedMapping {
         // SAFETY: ptr/len describe the mapping created in `map`, unmapped exactly once.
         unsafe { libc::munmap(self.ptr.as_ptr().cast(), self.len) };
     }
+}
+
+/// `lock cmpxchg16b` on `dst`; returns the value found there.
+///
+/// Inline assembly rather than `core::arch::x86_64::cmpxchg16b`, which
+/// unoptimized builds lower to a libatomic call that Rust does not link.
+///
+/// # Safety
+///
+/// `dst` must be valid for reads and writes of 16 bytes, 16-byte aligned,
+/// and the CPU must support `cmpxchg16b`.
+unsafe fn cmpxchg16b_at(dst: *mut u128, current: u128, new: u128) -> u128 {
+    let (found_lo, found_hi): (u64, u64);
+    // SAFETY: the caller guarantees a valid, aligned 16-byte location and CPU
+    // support. RBX is reserved by the compiler, so the new low half is
+    // swapped into it for the instruction and the original restored after.
+    unsafe {
+        std::arch::asm!(
+            "xchg {new_lo}, rbx",
+            "lock cmpxchg16b xmmword ptr [{dst}]",
+            "mov rbx, {new_lo}",
+            dst = in(reg) dst,
+            new_lo = inout(reg) new as u64 => _,
+            inout("rax") current as u64 => found_lo,
+            inout("rdx") (current >> 64) as u64 => found_hi,
+            in("rcx") (new >> 64) as u64,
+            options(nostack),
+        );
+    }
+    u128::from(found_lo) | (u128::from(found_hi) << 64)
 }

@@ -12,3 +12,4 @@ pub(crate) mod memfd;
 pub(crate) mod ring;
 pub(crate) mod run;
 pub(crate) mod slot;
+pub(crate) mod xsave;

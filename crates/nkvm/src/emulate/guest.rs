@@ -1,0 +1,118 @@
+//! Guest memory as an emulated instruction sees it: linear addresses of
+//! memory operands, translated through the guest's page tables
+//! (`KVM_TRANSLATE`) and accessed in the VM's memory map.
+
+use iced_x86::{Instruction, Register};
+
+use super::regs::gpr;
+use super::EmulateError;
+use crate::{GuestAddress, Regs, Sregs, Vcpu, Vm, PAGE_SIZE};
+
+/// Why a guest access did not happen: the fault the CPU would raise.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(super) enum Fault {
+    /// #PF at `addr` (the error code says not-present, write, user).
+    Page { addr: u64, error_code: u32 },
+    /// #GP(0): a misaligned operand that must be aligned, or a reserved bit.
+    General,
+}
+
+/// Reads and writes guest-virtual memory for one instruction.
+pub(super) struct GuestMemory<'a> {
+    pub(super) vcpu: &'a Vcpu,
+    pub(super) vm: &'a Vm,
+    /// The privilege level (CS.RPL of the SS/CS pair: SS.DPL).
+    pub(super) cpl: u8,
+}
+
+const PF_WRITE: u32 = 1 << 1;
+const PF_USER: u32 = 1 << 2;
+
+impl GuestMemory<'_> {
+    /// The linear address of memory operand `op` of `insn`: base + index *
+    /// scale + displacement (RIP-relative already resolved by the decoder),
+    /// plus the FS or GS base when the instruction names that segment.
+    pub(super) fn operand_address(insn: &Instruction, op: u32, regs: &Regs, sregs: &Sregs) -> Option<u64> {
+        insn.virtual_address(op, 0, |reg, _, _| match reg {
+            Register::FS => Some(sregs.fs.base),
+            Register::GS => Some(sregs.gs.base),
+            Register::ES | Register::CS | Register::SS | Register::DS => Some(0),
+            r => gpr(regs, r),
+        })
+    }
+
+    /// The guest-physical address of `gva`, or the #PF the access takes.
+    fn translate(&self, gva: u64, write: bool) -> Result<Result<u64, Fault>, EmulateError> {
+        Ok(match self.vcpu.translate(gva)? {
+            Some(gpa) => Ok(gpa),
+            None => {
+                let error_code = if write { PF_WRITE } else { 0 } | if self.cpl == 3 { PF_USER } else { 0 };
+                Err(Fault::Page { addr: gva, error_code })
+            }
+        })
+    }
+
+    /// Reads `buf.len()` bytes at `gva`, page by page.
+    pub(super) fn read(&self, gva: u64, buf: &mut [u8]) -> Result<Result<(), Fault>, EmulateError> {
+        let mut done = 0;
+        while done < buf.len() {
+            let at = gva.wrapping_add(done as u64);
+            let n = (PAGE_SIZE - at % PAGE_SIZE).min((buf.len() - done) as u64) as usize;
+            let gpa = match self.translate(at, false)? {
+                Ok(gpa) => gpa,
+                Err(fault) => return Ok(Err(fault)),
+            };
+            self.vm.read_memory(GuestAddress(gpa), &mut buf[done..done + n]).map_err(EmulateError::Memory)?;
+            done += n;
+        }
+        Ok(Ok(()))
+    }
+
+    /// Writes `data` at `gva`, page by page, after checking every page is
+    /// mapped (so a fault leaves memory untouched), and marks it dirty.
+    pub(super) fn write(&self, gva: u64, data: &[u8]) -> Result<Result<(), Fault>, EmulateError> {
+        let mut pieces = Vec::new();
+        let mut done = 0;
+        while done < data.len() {
+            let at = gva.wrapping_add(done as u64);
+            let n = (PAGE_SIZE - at % PAGE_SIZE).min((data.len() - done) as u64) as usize;
+            match self.translate(at, true)? {
+                Ok(gpa) => pieces.push((gpa, done, n)),
+                Err(fault) => return Ok(Err(fault)),
+            }
+            done += n;
+        }
+        for (gpa, start, n) in pieces {
+            self.vm.write_memory(GuestAddress(gpa), &data[start..start + n]).map_err(EmulateError::Memory)?;
+            self.vm.mark_dirty(GuestAddress(gpa), n as u64);
+        }
+        Ok(Ok(()))
+    }
+
+    /// One atomic 128-bit compare-exchange at `gva` (16-byte aligned, so on
+    /// one page) on the host mapping of guest RAM.
+    pub(super) fn compare_exchange_u128(
+        &self,
+        gva: u64,
+        current: u128,
+        new: u128,
+    ) -> Result<Result<Result<u128, u128>, Fault>, EmulateError> {
+        if gva % 16 != 0 {
+            return Ok(Err(Fault::General));
+        }
+        let gpa = match self.translate(gva, true)? {
+            Ok(gpa) => gpa,
+            Err(fault) => return Ok(Err(fault)),
+        };
+        let map = self.vm.memory();
+        let region = map
+            .find(GuestAddress(gpa))
+            .ok_or(EmulateError::Memory(crate::MemoryError::Unmapped { addr: GuestAddress(gpa), len: 16 }))?;
+        let offset = region.offset + (gpa - region.gpa.0);
+        let result = region.backing.compare_exchange_u128(offset, current, new).map_err(EmulateError::Memory)?;
+        if result.is_ok() {
+            self.vm.mark_dirty(GuestAddress(gpa), 16);
+        }
+        Ok(Ok(result))
+    }
+}
