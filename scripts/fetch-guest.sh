@@ -12,7 +12,7 @@ die() { echo "fetch-guest: error: $*" >&2; exit 1; }
 
 command -v apt-get >/dev/null || die "apt-get is needed (a Debian or Ubuntu host)"
 missing=()
-for tool in cpio:cpio gzip:gzip xz:xz-utils zstd:zstd dpkg-deb:dpkg depmod:kmod; do
+for tool in cpio:cpio gzip:gzip xz:xz-utils zstd:zstd lz4:lz4 dpkg-deb:dpkg depmod:kmod; do
   command -v "${tool%%:*}" >/dev/null || missing+=("${tool#*:}")
 done
 if ! apt-cache show linux-image-cloud-amd64 >/dev/null 2>&1 || [ ${#missing[@]} -gt 0 ]; then
@@ -45,6 +45,30 @@ if [ ! -f "$unpacked/boot/vmlinuz-$kver" ]; then
   for deb in "$kpkg"_*.deb busybox-static_*.deb; do dpkg-deb -x "$deb" "$unpacked"; done
 fi
 cp "$unpacked/boot/vmlinuz-$kver" "$out/bzImage"
+# The uncompressed ELF vmlinux, cut out of the bzImage's payload (boot
+# protocol >= 2.08: payload_offset at 0x248, payload_length at 0x24c, after
+# the (setup_sects + 1) * 512 bytes of real-mode setup). Booting it skips the
+# decompressor, which runs slowly at low addresses on nested hosts.
+if [ ! -s "$out/vmlinux" ] || [ "$out/vmlinux" -ot "$out/bzImage" ]; then
+  u8() { od -An -tu1 -j "$1" -N1 "$out/bzImage" | tr -d ' '; }
+  u32() { od -An -tu4 -j "$1" -N4 "$out/bzImage" | tr -d ' '; }
+  sects=$(u8 $((0x1f1))); [ "$sects" -eq 0 ] && sects=4
+  start=$(( (sects + 1) * 512 + $(u32 $((0x248))) ))
+  len=$(u32 $((0x24c)))
+  magic=$(od -An -tx1 -j "$start" -N4 "$out/bzImage" | tr -d ' ')
+  case "$magic" in
+    02214c18) unpack="lz4 -dc" ;;
+    fd377a58) unpack="xz -dc" ;;
+    28b52ffd) unpack="zstd -qdc" ;;
+    1f8b*) unpack="gzip -dc" ;;
+    *) die "unknown bzImage payload compression (magic $magic)" ;;
+  esac
+  # lz4's legacy frame has no end marker: it reports the trailing size
+  # word as garbage after writing everything; the ELF check below decides.
+  tail -c +$((start + 1)) "$out/bzImage" | head -c "$len" | $unpack > "$out/vmlinux" 2>/dev/null || true
+  [ "$(od -An -tx1 -N4 "$out/vmlinux" | tr -d ' ')" = 7f454c46 ] || die "could not extract vmlinux from the bzImage"
+fi
+
 # The package ships no modules.dep (depmod runs at install): make one.
 modroot="$unpacked/lib/modules/$kver"
 [ -f "$modroot/modules.dep" ] || depmod -b "$unpacked" "$kver" || die "depmod failed"
@@ -94,6 +118,6 @@ rm -f "$disk"
 truncate -s 8M "$disk"
 printf 'NKVM-DISK-TEST' | dd of="$disk" conv=notrunc status=none
 
-say "kernel $kver: $out/bzImage ($(stat -c %s "$out/bzImage") bytes)"
+say "kernel $kver: $out/bzImage ($(stat -c %s "$out/bzImage") bytes), $out/vmlinux ($(stat -c %s "$out/vmlinux") bytes)"
 say "initramfs: $out/initramfs.cpio.gz ($(stat -c %s "$out/initramfs.cpio.gz") bytes; modules: $(tr '\n' ' ' < "$initrd/lib/modules/load-order"))"
 say "disk: $disk"
