@@ -57,27 +57,56 @@ impl PageBitmap {
 
     pub(crate) fn set(&mut self, page: u64) {
         if page < self.pages {
-            let w = (page / 64) as usize;
-            self.words[w] |= 1 << (page % 64);
+            self.or_word((page / 64) as usize, 1 << (page % 64));
+        }
+    }
+
+    /// The bits of word `w` that are pages of this bitmap.
+    fn valid(&self, w: usize) -> u64 {
+        let first = w as u64 * 64;
+        match self.pages.saturating_sub(first) {
+            0 => 0,
+            n if n >= 64 => u64::MAX,
+            n => (1 << n) - 1,
+        }
+    }
+
+    /// ORs `bits` into word `w` (bits past the last page are dropped).
+    fn or_word(&mut self, w: usize, bits: u64) {
+        let bits = bits & self.valid(w);
+        if bits != 0 {
+            self.words[w] |= bits;
             self.summary[w / 64] |= 1 << (w % 64);
         }
     }
 
-    /// Sets `count` pages from `first`.
+    /// Sets `count` pages from `first`, a word at a time.
     pub(crate) fn set_range(&mut self, first: u64, count: u64) {
-        for page in first..first.saturating_add(count).min(self.pages) {
-            self.set(page);
+        let end = first.saturating_add(count).min(self.pages);
+        let mut page = first;
+        while page < end {
+            let w = (page / 64) as usize;
+            let lo = page % 64;
+            let n = (64 - lo).min(end - page);
+            let bits = if n == 64 { u64::MAX } else { ((1u64 << n) - 1) << lo };
+            self.or_word(w, bits);
+            page += n;
         }
     }
 
-    /// ORs `bits` (bit i = page `first + i`) into the bitmap.
+    /// ORs `bits` (bit i = page `first + i`) into the bitmap, a word at a
+    /// time (shifted when `first` is not a multiple of 64).
     pub(crate) fn or_bits(&mut self, first: u64, bits: &[u64]) {
-        for (i, &word) in bits.iter().enumerate() {
-            let mut word = word;
-            while word != 0 {
-                let b = word.trailing_zeros() as u64;
-                word &= word - 1;
-                self.set(first + i as u64 * 64 + b);
+        let base = (first / 64) as usize;
+        let shift = first % 64;
+        let nwords = self.words.len();
+        for (i, &word) in bits.iter().enumerate().filter(|(_, w)| **w != 0) {
+            let w = base + i;
+            if w < nwords {
+                self.or_word(w, word << shift);
+            }
+            if shift != 0 && w + 1 < nwords {
+                self.or_word(w + 1, word >> (64 - shift));
             }
         }
     }
@@ -89,6 +118,8 @@ impl PageBitmap {
 
     /// Takes (clears and returns) up to `max` set pages in `start..end`, in
     /// order; returns the page to resume from if the budget ran out first.
+    /// Skips clean stretches 4096 pages at a time (the summary) and takes
+    /// whole words at once, so the cost follows the dirty pages returned.
     pub(crate) fn take(&mut self, start: u64, end: u64, max: usize, out: &mut Vec<u64>) -> Option<u64> {
         let end = end.min(self.pages);
         let mut page = start;
@@ -99,26 +130,38 @@ impl PageBitmap {
                 page = ((w / 64 + 1) * 64 * 64) as u64;
                 continue;
             }
-            let word = self.words[w] & (u64::MAX << (page % 64));
+            let word_base = w as u64 * 64;
+            let mut word = self.words[w] & (u64::MAX << (page % 64));
+            if end - word_base < 64 {
+                word &= (1u64 << (end - word_base)) - 1;
+            }
             if word == 0 {
-                page = (w as u64 + 1) * 64;
+                page = word_base + 64;
                 continue;
             }
-            let p = w as u64 * 64 + u64::from(word.trailing_zeros());
-            if p >= end {
-                break;
+            let mut taken = 0u64;
+            while word != 0 {
+                let p = word_base + u64::from(word.trailing_zeros());
+                if out.len() >= max {
+                    self.clear_bits(w, taken);
+                    return Some(p);
+                }
+                out.push(p);
+                let bit = word & word.wrapping_neg();
+                taken |= bit;
+                word ^= bit;
             }
-            if out.len() >= max {
-                return Some(p);
-            }
-            out.push(p);
-            self.words[w] &= !(1 << (p % 64));
-            if self.words[w] == 0 {
-                self.summary[w / 64] &= !(1 << (w % 64));
-            }
-            page = p + 1;
+            self.clear_bits(w, taken);
+            page = word_base + 64;
         }
         None
+    }
+
+    fn clear_bits(&mut self, w: usize, bits: u64) {
+        self.words[w] &= !bits;
+        if self.words[w] == 0 {
+            self.summary[w / 64] &= !(1 << (w % 64));
+        }
     }
 }
 
@@ -154,5 +197,19 @@ mod tests {
         let mut out = Vec::new();
         b.take(0, 256, 10, &mut out);
         assert_eq!(out, vec![64, 66, 191]);
+    }
+
+    #[test]
+    fn word_level_updates_match_page_by_page() {
+        let mut words = PageBitmap::new(200);
+        words.or_bits(37, &[u64::MAX, 0x8000_0000_0000_0001, u64::MAX, u64::MAX]);
+        words.set_range(190, 50);
+        let mut pages = Vec::new();
+        words.take(0, 1 << 20, usize::MAX, &mut pages);
+        let mut expected: Vec<u64> = (37..101).chain([101, 164]).chain(165..200).collect();
+        expected.sort_unstable();
+        expected.dedup();
+        assert_eq!(pages, expected);
+        assert!(!words.get(5) && words.summary.iter().all(|&s| s == 0), "all taken");
     }
 }
