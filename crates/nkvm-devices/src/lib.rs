@@ -13,6 +13,8 @@
 //! | dual 8259 PIC | [`pic`] | ports 0x20-0x21, 0xa0-0xa1, 0x4d0-0x4d1 |
 //! | ACPI PM1a control, i8042 reset | [`power`] | 2 ports, port 0x64 |
 //! | test device | [`test_device`] | 0x40 bytes |
+//! | PCI bus 0, host bridge | [`pci`] | ports 0xcf8-0xcff |
+//! | virtio-pci block, console | [`virtio`] | one memory BAR each, MSI-X |
 //!
 //! ```
 //! use nkvm_devices::bus::IoBus;
@@ -28,10 +30,12 @@
 
 pub mod bus;
 pub mod ioapic;
+pub mod pci;
 pub mod pic;
 pub mod power;
 pub mod serial;
 pub mod serve;
 pub mod test_device;
+pub mod virtio;
 
 pub use bus::{ApicBusSink, BusError, IoBus, IoDevice, IrqLine};

@@ -1,0 +1,96 @@
+//! virtio 1.x devices behind the modern virtio-pci transport.
+//!
+//! A device model implements [`VirtioDevice`]: its type, features,
+//! configuration bytes, and what to do with the buffers the driver makes
+//! available on a queue. [`VirtioPci`] puts it on PCI: the header
+//! (vendor 0x1af4, device 0x1040 + type, revision 1), the virtio
+//! capabilities (common, notify, ISR, device configuration) in one memory
+//! BAR, MSI-X with its table and PBA in the same BAR, feature negotiation
+//! and the device-status state machine. Queues are `virtio-queue` split
+//! virtqueues over guest memory reached through `vm-memory`, so every guest
+//! address is bounds-checked against guest RAM.
+//!
+//! | file | what |
+//! |---|---|
+//! | [`pci`] | the virtio-pci transport ([`VirtioPci`]) |
+//! | [`common`] | the common configuration structure and device status |
+//! | [`block`] | virtio-blk on a raw image file |
+//! | [`console`] | virtio-console, one port, output to a writer |
+//!
+//! A driver that hands the device garbage (descriptors outside guest
+//! memory, a chain with no status byte, an available index running past the
+//! queue) gets a logged error and the device sets `DEVICE_NEEDS_RESET`; the
+//! VMM never panics and never writes outside guest RAM.
+
+pub mod block;
+pub mod common;
+pub mod console;
+pub mod pci;
+
+pub use block::{Block, BlockError};
+pub use console::Console;
+pub use pci::{VirtioPci, VirtioPciError};
+
+use virtio_queue::Queue;
+use vm_memory::GuestMemoryMmap;
+
+/// Guest memory as virtio devices see it.
+pub type GuestRam = GuestMemoryMmap<()>;
+
+/// Feature bit: virtio 1.x (modern) device.
+pub const VIRTIO_F_VERSION_1: u64 = 1 << virtio_bindings::virtio_config::VIRTIO_F_VERSION_1;
+/// Feature bit: indirect descriptor tables.
+pub const VIRTIO_RING_F_INDIRECT_DESC: u64 = 1 << virtio_bindings::virtio_ring::VIRTIO_RING_F_INDIRECT_DESC;
+
+/// Why a device stopped serving a queue. The transport logs it and sets
+/// `DEVICE_NEEDS_RESET`: the driver must reset the device.
+#[derive(Debug, thiserror::Error)]
+pub enum VirtioError {
+    /// The queue's rings could not be read or written (bad addresses, an
+    /// available index past the queue size, ...).
+    #[error("queue {queue}: {source}")]
+    Queue {
+        /// Queue index.
+        queue: usize,
+        /// What virtio-queue reported.
+        #[source]
+        source: virtio_queue::Error,
+    },
+    /// A descriptor chain the device cannot even answer (no writable status
+    /// byte, or one outside guest memory).
+    #[error("queue {queue}: descriptor chain at head {head}: {reason}")]
+    BadChain {
+        /// Queue index.
+        queue: usize,
+        /// Index of the chain's first descriptor.
+        head: u16,
+        /// What is wrong with it.
+        reason: String,
+    },
+}
+
+/// A virtio device model, independent of its transport.
+pub trait VirtioDevice: Send {
+    /// The virtio device type (`VIRTIO_ID_BLOCK`, `VIRTIO_ID_CONSOLE`, ...).
+    fn device_type(&self) -> u16;
+    /// The PCI class code to present (e.g. 0x018000 for a block device).
+    fn pci_class(&self) -> u32;
+    /// The maximum size of each queue; the slice's length is the number of queues.
+    fn queue_max_sizes(&self) -> &[u16];
+    /// Device feature bits; the transport adds `VIRTIO_F_VERSION_1`.
+    fn features(&self) -> u64;
+    /// The driver reads the device-specific configuration at `offset`.
+    fn read_config(&self, offset: u64, data: &mut [u8]);
+    /// The driver writes the device-specific configuration at `offset`.
+    fn write_config(&mut self, offset: u64, data: &[u8]);
+    /// The driver set `DRIVER_OK` having accepted `features`.
+    fn activate(&mut self, features: u64);
+    /// Serves the buffers available on queue `index`; returns whether any
+    /// used buffer was added (then the driver is interrupted if it wants).
+    fn process_queue(&mut self, index: usize, queue: &mut Queue, mem: &GuestRam) -> Result<bool, VirtioError>;
+    /// Back to the state before the driver touched it (status written 0).
+    fn reset(&mut self);
+}
+
+#[cfg(test)]
+pub(crate) mod testing;
