@@ -31,6 +31,10 @@ impl Default for Command {
     }
 }
 
+/// The default kernel command line (see `--cmdline`).
+pub const DEFAULT_CMDLINE: &str = "console=ttyS0 reboot=k panic=-1 noxsave cryptomgr.notests \
+clearcpuid=ssse3,sse4_1,sse4_2,avx,avx2,aes,pclmulqdq,sha_ni,avx512f";
+
 /// `nkvm run`.
 #[derive(Debug, Args, Clone)]
 pub struct RunArgs {
@@ -51,15 +55,29 @@ pub struct RunArgs {
     /// behind an I/O-region socket, instead of in the VMM.
     #[arg(long)]
     pub device_process: bool,
-    /// Boot this Linux kernel (bzImage) instead of the built-in guest.
+    /// Boot this Linux kernel instead of the built-in guest: a bzImage or an
+    /// uncompressed ELF vmlinux (faster to start: no decompressor), entered
+    /// at its 64-bit entry point with ACPI tables, the IOAPIC, PCI and the
+    /// 16550 console on ttyS0.
     #[arg(long)]
     pub kernel: Option<std::path::PathBuf>,
     /// An initramfs for --kernel.
     #[arg(long, requires = "kernel")]
     pub initrd: Option<std::path::PathBuf>,
-    /// The kernel command line for --kernel.
-    #[arg(long, default_value = "console=ttyS0 earlyprintk=serial,ttyS0,115200 reboot=k panic=-1")]
+    /// The kernel command line for --kernel. The default also works around
+    /// nested `kvm_pvm` hosts, whose KVM cannot run some guest-kernel
+    /// instructions: `noxsave` (xrstor), `clearcpuid=...` (SSSE3 and later
+    /// SIMD in kernel crypto), `cryptomgr.notests` (minutes of self-tests in
+    /// an emulated kernel). `panic=-1` reboots on a panic; nkvm reports it.
+    #[arg(long, default_value = DEFAULT_CMDLINE)]
     pub cmdline: String,
+    /// A raw disk image for --kernel, presented as a virtio-blk PCI device
+    /// (Linux's /dev/vda).
+    #[arg(long, requires = "kernel")]
+    pub disk: Option<std::path::PathBuf>,
+    /// Present --disk read-only (writes fail with an I/O error).
+    #[arg(long, requires = "disk")]
+    pub disk_readonly: bool,
 }
 
 impl Default for RunArgs {
@@ -73,6 +91,8 @@ impl Default for RunArgs {
             kernel: None,
             initrd: None,
             cmdline: String::new(),
+            disk: None,
+            disk_readonly: false,
         }
     }
 }

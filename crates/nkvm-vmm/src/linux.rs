@@ -1,15 +1,15 @@
 //! Loading a Linux kernel (bzImage, 64-bit boot protocol) with its command
-//! line, initramfs, zero page and e820 map into guest memory.
+//! line, initramfs, zero page, e820 map and ACPI tables into guest memory.
 
-use std::fs::File;
 use std::path::{Path, PathBuf};
 
 use linux_loader::bootparam::boot_params;
 use linux_loader::cmdline::Cmdline;
-use linux_loader::loader::bzimage::BzImage;
-use linux_loader::loader::{load_cmdline, KernelLoader};
+use linux_loader::loader::load_cmdline;
 use nkvm::{GuestAddress, Vm};
 use vm_memory::{Bytes, FileOffset, GuestMemoryMmap};
+
+use crate::acpi;
 
 /// Where the zero page (`struct boot_params`) goes.
 pub const ZERO_PAGE: u64 = 0x7000;
@@ -56,8 +56,8 @@ pub enum LinuxError {
         #[source]
         source: std::io::Error,
     },
-    /// The kernel image is not a loadable bzImage.
-    #[error("{path} is not a loadable bzImage ({reason})")]
+    /// The kernel image is neither a loadable bzImage nor an ELF vmlinux.
+    #[error("{path} is not a loadable kernel (bzImage or ELF vmlinux): {reason}")]
     BadKernel {
         /// The file.
         path: String,
@@ -70,6 +70,18 @@ pub enum LinuxError {
     /// Guest memory could not be prepared.
     #[error("guest memory: {0}")]
     Memory(String),
+    /// RAM would overlap the PCI hole below 4 GiB, where BARs, the IOAPIC
+    /// and the local APICs live.
+    #[error("{memory} bytes of RAM reach into the PCI hole at {hole:#x}; give the VM at most {hole} bytes")]
+    MemoryOverlapsPciHole {
+        /// The RAM size asked for.
+        memory: u64,
+        /// Where the hole starts.
+        hole: u64,
+    },
+    /// The ACPI tables could not be built or written.
+    #[error(transparent)]
+    Acpi(#[from] acpi::AcpiError),
     /// The initramfs does not fit.
     #[error("the initramfs ({size} bytes) does not fit below {limit:#x}; give the VM more memory")]
     InitrdTooBig {
@@ -84,8 +96,9 @@ fn read_err(path: &Path) -> impl FnOnce(std::io::Error) -> LinuxError + '_ {
     move |source| LinuxError::Read { path: path.display().to_string(), source }
 }
 
-/// Loads `boot` into `vm`'s RAM and returns where to start.
-pub fn load(vm: &Vm, boot: &LinuxBoot) -> Result<Entry, LinuxError> {
+/// Loads `boot` into `vm`'s RAM, with ACPI tables describing `vcpus`
+/// vCPUs, and returns where to start.
+pub fn load(vm: &Vm, boot: &LinuxBoot, vcpus: u32) -> Result<Entry, LinuxError> {
     // A vm-memory view of the same memfd (a second shared mapping), for
     // linux-loader.
     let map = vm.memory();
@@ -100,14 +113,15 @@ pub fn load(vm: &Vm, boot: &LinuxBoot) -> Result<Entry, LinuxError> {
     let gm: GuestMemoryMmap =
         GuestMemoryMmap::from_ranges_with_files(ranges).map_err(|e| LinuxError::Memory(e.to_string()))?;
 
-    let mut kernel = File::open(&boot.kernel).map_err(read_err(&boot.kernel))?;
-    let loaded = BzImage::load(&gm, None, &mut kernel, Some(vm_memory::GuestAddress(HIMEM)))
-        .map_err(|e| LinuxError::BadKernel { path: boot.kernel.display().to_string(), reason: e.to_string() })?;
-    let hdr = loaded.setup_header.ok_or_else(|| LinuxError::BadKernel {
-        path: boot.kernel.display().to_string(),
-        reason: "no setup header".into(),
-    })?;
-    let mut params = boot_params { hdr, ..Default::default() };
+    let loaded = crate::kernel_image::load(&gm, &boot.kernel)?;
+    log::info!("{}: {:?} kernel, entry {:#x}", boot.kernel.display(), loaded.format, loaded.entry);
+    let hdr = loaded.header;
+    let ram_end = map.regions().iter().map(|r| r.end()).max().unwrap_or(0);
+    if ram_end > acpi::PCI_MMIO_START {
+        return Err(LinuxError::MemoryOverlapsPciHole { memory: ram_end, hole: acpi::PCI_MMIO_START });
+    }
+    let rsdp = acpi::install(vm, vcpus)?;
+    let mut params = boot_params { hdr, acpi_rsdp_addr: rsdp.0, ..Default::default() };
 
     let mut cmdline = Cmdline::new(CMDLINE_MAX).map_err(|e| LinuxError::Cmdline(e.to_string()))?;
     cmdline.insert_str(&boot.cmdline).map_err(|e| LinuxError::Cmdline(e.to_string()))?;
@@ -123,15 +137,16 @@ pub fn load(vm: &Vm, boot: &LinuxBoot) -> Result<Entry, LinuxError> {
         let data = std::fs::read(initrd).map_err(read_err(initrd))?;
         let limit = low_end.min(0x3800_0000);
         let size = data.len() as u64;
-        let at = limit.checked_sub(size).map(|a| a & !0xfff).filter(|&a| a >= loaded.kernel_end.max(HIMEM));
+        let at = limit.checked_sub(size).map(|a| a & !0xfff).filter(|&a| a >= loaded.end.max(HIMEM));
         let at = at.ok_or(LinuxError::InitrdTooBig { size, limit })?;
         vm.write_memory(GuestAddress(at), &data).map_err(|e| LinuxError::Memory(e.to_string()))?;
         params.hdr.ramdisk_image = at as u32;
         params.hdr.ramdisk_size = size as u32;
     }
 
-    let mut e820 =
-        vec![(0u64, 0x9fc00u64, E820_RAM), (0x9fc00, 0x400, E820_RESERVED), (0xf0000, 0x10000, E820_RESERVED)];
+    // The BIOS area holds the ACPI tables: reserved, as on a PC.
+    let bios = (acpi::BIOS_AREA_START, acpi::BIOS_AREA_END - acpi::BIOS_AREA_START, E820_RESERVED);
+    let mut e820 = vec![(0u64, 0x9fc00u64, E820_RAM), (0x9fc00, 0x400, E820_RESERVED), bios];
     for r in map.regions() {
         let start = r.gpa.0.max(HIMEM);
         if r.end() > start {
@@ -145,7 +160,20 @@ pub fn load(vm: &Vm, boot: &LinuxBoot) -> Result<Entry, LinuxError> {
     }
     params.e820_entries = e820.len() as u8;
     gm.write_obj(params, vm_memory::GuestAddress(ZERO_PAGE)).map_err(|e| LinuxError::Memory(e.to_string()))?;
-    Ok(Entry { rip: GuestAddress(loaded.kernel_load.0 + 0x200), zero_page: GuestAddress(ZERO_PAGE) })
+    Ok(Entry { rip: GuestAddress(loaded.entry), zero_page: GuestAddress(ZERO_PAGE) })
+}
+
+/// Gives vCPU `id` its own APIC ID in `cpuid` (leaf 1 EBX bits 31-24, the
+/// x2APIC ID in EDX of leaves 0xb and 0x1f): KVM's supported list says 0
+/// for every vCPU, and Linux checks each CPU's against the MADT.
+pub fn set_apic_id(cpuid: &mut nkvm::Cpuid, id: u32) {
+    for e in cpuid.as_mut_slice().iter_mut() {
+        match e.function {
+            1 => e.ebx = (e.ebx & 0x00ff_ffff) | (id << 24),
+            0xb | 0x1f => e.edx = id,
+            _ => {}
+        }
+    }
 }
 
 /// Clears CPUID features whose instructions KVM on this nested host fails

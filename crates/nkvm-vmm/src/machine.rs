@@ -15,9 +15,12 @@ use nkvm::{Exit, ExitStats, GuestAddress, Hypervisor, LineTracer, LongMode, RunS
 use nkvm_devices::serial::Serial;
 use nkvm_devices::test_device::{TestDevice, TEST_DEVICE_SIZE};
 
+use crate::acpi::{self, PlatformRequest};
 use crate::builtin;
 use crate::cli::{DeviceModel, RunArgs};
+use crate::console::{PanicWatch, WatchedConsole};
 use crate::devices::{DeviceProcess, InProcess};
+use crate::ioapic;
 use crate::linux::{self, LinuxBoot};
 
 /// Why the VMM could not run the VM.
@@ -50,6 +53,12 @@ pub enum MachineError {
     /// Starting a vCPU thread failed.
     #[error("cannot start a vCPU thread")]
     Thread(#[source] io::Error),
+    /// Attaching the IOAPIC failed.
+    #[error(transparent)]
+    Ioapic(#[from] ioapic::IoapicError),
+    /// Setting up the PCI devices failed.
+    #[error(transparent)]
+    Pci(#[from] crate::pci_devices::PciSetupError),
 }
 
 /// How one vCPU thread ended.
@@ -57,6 +66,8 @@ pub enum MachineError {
 enum Outcome {
     /// The guest asked to power off.
     PowerOff,
+    /// The guest asked to reset (reboot): the VMM ends, as for power-off.
+    Reset,
     /// The vCPU halted with interrupts off: it will never run again.
     Halted,
     /// The VMM stopped it.
@@ -82,18 +93,26 @@ pub fn run(args: &RunArgs) -> Result<ExitCode, Box<dyn std::error::Error>> {
 }
 
 /// Boots a Linux kernel: split irqchip (APs wait for the guest's
-/// INIT/SIPI in KVM), the 16550 on 0x3f8, the PM1a power-off port.
+/// INIT/SIPI in KVM), ACPI tables, the IOAPIC in this process, the 16550 on
+/// 0x3f8 (IRQ 4 on IOAPIC pin 4 when in process), the ACPI fixed ports.
 fn run_linux(args: &RunArgs, boot: &LinuxBoot) -> Result<ExitCode, MachineError> {
     let hv = Hypervisor::open()?;
     let config = VmConfig { vcpus: args.cpus, memory: args.memory, split_irqchip: true, ..Default::default() };
     let vm = Arc::new(Vm::new(&hv, &config)?);
-    let entry = linux::load(&vm, boot)?;
+    let entry = linux::load(&vm, boot, args.cpus)?;
     let long_mode = LongMode::install(&vm.memory(), GuestAddress(linux::TABLES))?;
+    let ioapic = ioapic::attach(&vm, acpi::IOAPIC_ADDR)?;
+    let pm1a_evt = IoRange::pio(acpi::PM1A_EVT, u16::from(acpi::PM1A_EVT_LEN));
+    vm.attach_handler(pm1a_evt, Box::new(InProcess(acpi::Pm1Event::default())))?;
+    let pci = crate::pci_devices::PciConfig { disk: args.disk.clone(), disk_read_only: args.disk_readonly };
+    crate::pci_devices::attach(&vm, &pci)?;
     let com1 = IoRange::pio(builtin::COM1, 8);
+    let panic = PanicWatch::default();
     let _processes = if args.device_process {
         vec![DeviceProcess::attach(&vm, DeviceModel::Serial, com1, Ordering::Sync)?]
     } else {
-        let serial = Serial::new(Box::new(|_level: bool| {}), io::stdout());
+        let console = WatchedConsole::new(io::stdout(), panic.clone());
+        let serial = Serial::new(ioapic.line(usize::from(acpi::COM1_IRQ)), console);
         vm.attach_handler(com1, Box::new(InProcess(serial)))?;
         Vec::new()
     };
@@ -106,7 +125,9 @@ fn run_linux(args: &RunArgs, boot: &LinuxBoot) -> Result<ExitCode, MachineError>
     let mut vcpus = Vec::new();
     for id in 0..args.cpus {
         let mut vcpu = vm.create_vcpu(id)?;
-        vcpu.set_cpuid(&cpuid)?;
+        let mut own = cpuid.clone();
+        linux::set_apic_id(&mut own, id);
+        vcpu.set_cpuid(&own)?;
         if id == 0 {
             vcpu.set_long_mode(&long_mode, entry.rip, GuestAddress(linux::BOOT_STACK))?;
             let mut regs = vcpu.regs()?;
@@ -123,6 +144,10 @@ fn run_linux(args: &RunArgs, boot: &LinuxBoot) -> Result<ExitCode, MachineError>
     }
     let shared = Arc::new(Shared { stop: AtomicBool::new(false) });
     let outcome = run_vcpus(vcpus, &vm, &shared)?;
+    // A kernel panic followed by the reboot `panic=-1` asks for is a failure.
+    if let (Outcome::Reset | Outcome::Halted, Some(why)) = (&outcome, panic.message()) {
+        return finish(args, &stats, Outcome::Failed(format!("the guest kernel panicked: {why}")));
+    }
     finish(args, &stats, outcome)
 }
 
@@ -181,6 +206,10 @@ fn finish(args: &RunArgs, stats: &ExitStats, outcome: Outcome) -> Result<ExitCod
     let _ = io::stdout().flush();
     Ok(match outcome {
         Outcome::PowerOff => ExitCode::SUCCESS,
+        Outcome::Reset => {
+            eprintln!("nkvm: guest reset");
+            ExitCode::SUCCESS
+        }
         Outcome::Failed(why) => {
             eprintln!("nkvm: guest stopped: {why}");
             ExitCode::from(1)
@@ -242,14 +271,15 @@ fn vcpu_loop(mut vcpu: Vcpu, vm: &Vm, shared: &Shared) -> Outcome {
             Err(e) => return Outcome::Failed(e.to_string()),
         };
         match exit {
-            Exit::IoOut { port, size, data } => {
-                if port == builtin::PM1A_CNT && size == 2 && data as u16 == builtin::PM1_POWER_OFF {
-                    return Outcome::PowerOff;
-                }
-                log::debug!("vCPU {}: write to unclaimed port {port:#x} ignored", vcpu.id());
-            }
-            // Nothing claims the address: reads see all ones, as on a real bus.
-            Exit::IoIn { .. } | Exit::MmioRead { .. } => run.complete_read(u64::MAX),
+            Exit::IoOut { port, size, data } => match acpi::port_write(port, size, data) {
+                Some(PlatformRequest::PowerOff) => return Outcome::PowerOff,
+                Some(PlatformRequest::Reset) => return Outcome::Reset,
+                None => log::debug!("vCPU {}: write to unclaimed port {port:#x} ignored", vcpu.id()),
+            },
+            // Nothing claims the address: reads see all ones, as on a real
+            // bus, except the ACPI fixed ports and the 8042 status.
+            Exit::IoIn { port, size } => run.complete_read(acpi::port_read(port, size).unwrap_or(u64::MAX)),
+            Exit::MmioRead { .. } => run.complete_read(u64::MAX),
             Exit::MmioWrite { addr, .. } => log::debug!("vCPU {}: write to unclaimed {addr} ignored", vcpu.id()),
             Exit::IoRegionFailed { id } => {
                 for f in vcpu_failures(vm, id) {

@@ -4,15 +4,20 @@
 //! greets over the 16550 serial port, vCPU 0 exercises an MMIO device and
 //! powers the machine off.
 
+mod acpi;
 mod builtin;
 mod bus_process;
 mod caps;
 mod cli;
+mod console;
 mod device;
 mod devices;
+mod ioapic;
 mod ioapic_process;
+mod kernel_image;
 mod linux;
 mod machine;
+mod pci_devices;
 mod pic_process;
 mod size;
 

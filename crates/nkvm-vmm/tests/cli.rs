@@ -99,3 +99,142 @@ fn device_process_boots_the_same_guest_with_devices_in_other_processes() {
     let stderr = text(&out.stderr);
     assert!(stderr.contains("io-out port=0x03f8 size=1 data=0x48"), "{stderr}");
 }
+
+/// A bzImage with no decompressor: one setup sector with the boot-protocol
+/// header, then a protected-mode part whose 64-bit entry (offset 0x200)
+/// runs `code`.
+fn tiny_bzimage(code: &[u8]) -> Vec<u8> {
+    let mut image = vec![0u8; 1024 + 0x200];
+    image[0x1f1] = 1; // setup_sects
+    image[0x1fe..0x200].copy_from_slice(&0xaa55u16.to_le_bytes());
+    image[0x202..0x206].copy_from_slice(b"HdrS");
+    image[0x206..0x208].copy_from_slice(&0x020fu16.to_le_bytes()); // version
+    image[0x211] = 1; // loadflags: LOADED_HIGH
+    image[0x214..0x218].copy_from_slice(&0x10_0000u32.to_le_bytes()); // code32_start
+    image.extend_from_slice(code);
+    image
+}
+
+/// Boots `code` as a kernel on 2 vCPUs; kills nkvm after 60 s (a guest
+/// waiting with `hlt` for an interrupt that never comes waits in KVM).
+fn run_tiny_kernel(name: &str, code: &[u8]) -> Output {
+    let path = std::env::temp_dir().join(format!("nkvm-tiny-{name}-{}", std::process::id()));
+    std::fs::write(&path, tiny_bzimage(code)).expect("write the tiny kernel");
+    let mut child = Command::new(env!("CARGO_BIN_EXE_nkvm"))
+        .args(["run", "--kernel", path.to_str().unwrap(), "--cpus", "2", "--memory", "64M"])
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .expect("run nkvm");
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(60);
+    while child.try_wait().expect("wait for nkvm").is_none() && std::time::Instant::now() < deadline {
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    }
+    let _ = child.kill();
+    let out = child.wait_with_output().expect("nkvm output");
+    let _ = std::fs::remove_file(&path);
+    out
+}
+
+/// 64-bit code at the tiny kernel's entry: `build`'s, then a `hlt` loop
+/// (the label `build` gets, to give up).
+fn assemble(
+    build: impl FnOnce(
+        &mut iced_x86::code_asm::CodeAssembler,
+        iced_x86::code_asm::CodeLabel,
+    ) -> Result<(), iced_x86::IcedError>,
+) -> Vec<u8> {
+    let mut a = iced_x86::code_asm::CodeAssembler::new(64).unwrap();
+    let mut hang = a.create_label();
+    build(&mut a, hang).unwrap();
+    a.set_label(&mut hang).unwrap();
+    a.hlt().unwrap();
+    a.jmp(hang).unwrap();
+    a.assemble(0x10_0200).unwrap()
+}
+
+#[test]
+fn a_kernel_that_pulse_resets_through_the_8042_ends_nkvm_with_success() {
+    use iced_x86::code_asm::*;
+    let code = assemble(|a, hang| {
+        a.in_(al, 0x64)?; // the 8042 status: its input buffer must be empty
+        a.test(al, 2)?;
+        a.jnz(hang)?;
+        a.mov(al, 0xfe)?; // pulse reset
+        a.out(0x64, al)
+    });
+    let out = run_tiny_kernel("reset", &code);
+    let stderr = text(&out.stderr);
+    assert!(out.status.success(), "status {:?}: {stderr}", out.status);
+    assert!(stderr.contains("nkvm: guest reset"), "{stderr}");
+}
+
+#[test]
+fn a_kernel_that_enters_s5_through_pm1a_control_powers_off() {
+    use iced_x86::code_asm::*;
+    // As ACPICA does: read PM1a control (SCI_EN set), add SLP_TYP 5 and SLP_EN.
+    let code = assemble(|a, _| {
+        a.mov(dx, 0x604)?;
+        a.in_(ax, dx)?;
+        a.or(ax, 0x3400)?;
+        a.out(dx, ax)
+    });
+    let out = run_tiny_kernel("poweroff", &code);
+    let stderr = text(&out.stderr);
+    assert!(out.status.success(), "status {:?}: {stderr}", out.status);
+    assert!(!stderr.contains("guest reset"), "{stderr}");
+}
+
+#[test]
+fn the_serial_interrupt_reaches_the_guest_through_ioapic_pin_4() {
+    use iced_x86::code_asm::*;
+    const IDT: u64 = 0x20_0000;
+    const VECTOR: u64 = 0x40;
+    let code = assemble(|a, hang| {
+        let mut handler = a.create_label();
+        // An IDT whose only gate, VECTOR, leads to `handler`.
+        a.lea(rax, ptr(handler))?;
+        a.mov(rdi, IDT + VECTOR * 16)?;
+        a.mov(word_ptr(rdi), ax)?;
+        a.mov(word_ptr(rdi + 2), 0x08)?;
+        a.mov(word_ptr(rdi + 4), 0x8e00)?;
+        a.shr(rax, 16)?;
+        a.mov(word_ptr(rdi + 6), ax)?;
+        a.shr(rax, 16)?;
+        a.mov(dword_ptr(rdi + 8), eax)?;
+        a.mov(rdi, IDT + 0x1000)?;
+        a.mov(word_ptr(rdi), 0xfff)?;
+        a.mov(rax, IDT)?;
+        a.mov(qword_ptr(rdi + 2), rax)?;
+        a.lidt(ptr(rdi))?;
+        a.mov(rax, 0xfee0_00f0u64)?; // enable the local APIC
+        a.mov(dword_ptr(rax), 0x1ff)?;
+        // IOAPIC pin 4: edge, active high, fixed, VECTOR, to APIC 0.
+        a.mov(rbx, 0xfec0_0000u64)?;
+        a.mov(dword_ptr(rbx), 0x11 + 2 * 4)?;
+        a.mov(dword_ptr(rbx + 0x10), 0)?;
+        a.mov(dword_ptr(rbx), 0x10 + 2 * 4)?;
+        a.mov(dword_ptr(rbx + 0x10), VECTOR as u32)?;
+        // COM1: OUT2, the transmitter-empty interrupt, one byte out.
+        a.mov(dx, 0x3fc)?;
+        a.mov(al, 0x08)?;
+        a.out(dx, al)?;
+        a.mov(dx, 0x3f9)?;
+        a.mov(al, 0x02)?;
+        a.out(dx, al)?;
+        a.mov(dx, 0x3f8)?;
+        a.mov(al, b'!' as u32)?;
+        a.out(dx, al)?;
+        a.sti()?;
+        a.jmp(hang)?;
+        // The interrupt arrived: power off.
+        a.set_label(&mut handler)?;
+        a.mov(dx, 0x604)?;
+        a.mov(ax, 0x3400)?;
+        a.out(dx, ax)
+    });
+    let out = run_tiny_kernel("serial-irq", &code);
+    let stderr = text(&out.stderr);
+    assert!(out.status.success(), "no interrupt within 60 s (status {:?}): {stderr}", out.status);
+    assert_eq!(text(&out.stdout), "!");
+}

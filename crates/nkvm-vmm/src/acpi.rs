@@ -1,0 +1,585 @@
+//! ACPI tables for a Linux guest, built with the `acpi_tables` crate and
+//! placed in the BIOS area below 1 MiB.
+//!
+//! Debian's kernel has no MP-table parser, so this is where it learns the
+//! machine: the MADT lists one local APIC per vCPU, the IOAPIC and the ISA
+//! interrupt overrides; the FADT names the PM1a registers (power-off through
+//! `\_S5`), the SCI and the reset register; the DSDT describes the PCI host
+//! bridge with its windows and COM1.
+//!
+//! | address | what |
+//! |---|---|
+//! | [`ACPI_START`] (0xe0000) | RSDP (revision 2), found by a scan of 0xe0000-0xfffff or through `boot_params.acpi_rsdp_addr` |
+//! | after it | DSDT, FACS, MADT, FADT, XSDT, each 16-byte aligned (FACS 64-byte) |
+//!
+//! The fixed hardware the tables announce: the PM1a event block (0x600) is
+//! a small device model ([`Pm1Event`]); PM1a control (0x604), the reset
+//! register (0xcf9) and the 8042's pulse-reset command (0x64, for
+//! `reboot=k`) are ports the vCPU loop serves itself ([`port_write`],
+//! [`port_read`]), since they stop the machine.
+
+use acpi_tables::aml;
+use acpi_tables::facs::FACS;
+use acpi_tables::fadt::{FADTBuilder, Flags};
+use acpi_tables::gas::{AccessSize, AddressSpace, GAS};
+use acpi_tables::madt::{EnabledStatus, IoApic, ProcessorLocalApic};
+use acpi_tables::rsdp::Rsdp;
+use acpi_tables::sdt::Sdt;
+use acpi_tables::xsdt::XSDT;
+use acpi_tables::Aml;
+use nkvm::{GuestAddress, Vm};
+use nkvm_devices::power::{I8042_CMD_RESET, I8042_COMMAND_PORT, PM1_SCI_EN, PM1_SLP_EN, PM1_SLP_TYP_SHIFT};
+use nkvm_devices::IoDevice;
+
+use crate::builtin;
+
+/// Where the tables start: the RSDP, 16-byte aligned inside the range Linux
+/// scans for it.
+pub const ACPI_START: u64 = 0x000e_0000;
+/// End (exclusive) of the area reserved for the tables.
+pub const ACPI_END: u64 = 0x000f_0000;
+/// Start of the BIOS area the e820 map reports reserved (the tables and
+/// what a BIOS would keep above them).
+pub const BIOS_AREA_START: u64 = ACPI_START;
+/// End (exclusive) of the BIOS area.
+pub const BIOS_AREA_END: u64 = 0x0010_0000;
+/// Start of the 32-bit PCI memory window the host bridge forwards (for
+/// BARs).
+pub const PCI_MMIO_START: u64 = 0xc000_0000;
+/// End (exclusive) of the 32-bit PCI memory window: the IOAPIC follows.
+pub const PCI_MMIO_END: u64 = 0xfec0_0000;
+/// The IOAPIC's register window.
+pub const IOAPIC_ADDR: u64 = 0xfec0_0000;
+/// The local APICs' register window.
+pub const LAPIC_ADDR: u32 = 0xfee0_0000;
+/// The SCI: ISA IRQ 9, level-triggered, active high.
+pub const SCI_IRQ: u8 = 9;
+/// COM1's ISA IRQ (and IOAPIC pin).
+pub const COM1_IRQ: u8 = 4;
+/// The PM1a event block (status, enable: 2 bytes each).
+pub const PM1A_EVT: u16 = 0x600;
+/// Length of the PM1a event block.
+pub const PM1A_EVT_LEN: u8 = 4;
+/// The reset register (the PIIX reset control port).
+pub const RESET_PORT: u16 = 0xcf9;
+/// The value the guest writes to [`RESET_PORT`] to reset.
+pub const RESET_VALUE: u8 = 0x06;
+/// `SLP_TYP` of `\_S5` (soft-off), as the PM1a control port expects it.
+pub const SLP_TYP_S5: u8 = 5;
+
+const OEM_ID: [u8; 6] = *b"NKVM  ";
+const OEM_REVISION: u32 = 1;
+/// MADT flag PCAT_COMPAT: a PC-compatible machine with ISA IRQs 0-15.
+/// Linux then assumes a dual 8259 without probing for it; this machine has
+/// none, so its writes to ports 0x20/0xa0 are ignored and reads see 0xff.
+const MADT_PCAT_COMPAT: u32 = 1;
+/// MADT structure types.
+const MADT_INTERRUPT_OVERRIDE: u8 = 2;
+const MADT_LOCAL_APIC_NMI: u8 = 4;
+/// MPS INTI flags: polarity (bits 0-1), trigger mode (bits 2-3).
+const INTI_ACTIVE_HIGH: u16 = 1;
+const INTI_EDGE: u16 = 1 << 2;
+const INTI_LEVEL: u16 = 3 << 2;
+/// IAPC_BOOT_ARCH: the machine has an 8042 (its reset command is used).
+const IAPC_BOOT_ARCH_8042: u16 = 1 << 1;
+/// The ACPI processor UID meaning "all processors" in a local APIC NMI entry.
+const ALL_PROCESSORS: u8 = 0xff;
+
+/// Errors building or placing the tables.
+#[derive(Debug, thiserror::Error)]
+pub enum AcpiError {
+    /// MADT local APIC entries hold 8-bit APIC IDs, and the IOAPIC takes the
+    /// ID after the last vCPU; zero vCPUs is no machine.
+    #[error("the MADT cannot describe {vcpus} vCPUs (1 to 254: APIC IDs are 8-bit and the IOAPIC takes the next)")]
+    TooManyVcpus {
+        /// The vCPU count asked for.
+        vcpus: u32,
+    },
+    /// The tables outgrew their area.
+    #[error("the ACPI tables ({size} bytes) do not fit in {ACPI_START:#x}..{ACPI_END:#x}")]
+    TooBig {
+        /// Their size.
+        size: usize,
+    },
+    /// Writing them to guest memory failed.
+    #[error("cannot write the ACPI tables to guest memory")]
+    Memory(#[source] nkvm::MemoryError),
+}
+
+/// The tables as one image to copy to [`ACPI_START`]; the RSDP is at its
+/// start.
+#[derive(Debug, Clone)]
+pub struct AcpiTables {
+    /// The bytes, starting with the RSDP.
+    pub image: Vec<u8>,
+}
+
+impl AcpiTables {
+    /// Builds the tables for a machine with `vcpus` vCPUs (APIC IDs
+    /// 0..vcpus, the IOAPIC taking ID `vcpus`).
+    pub fn build(vcpus: u32) -> Result<Self, AcpiError> {
+        let count = u8::try_from(vcpus).ok().filter(|&n| n > 0 && n < u8::MAX);
+        let count = count.ok_or(AcpiError::TooManyVcpus { vcpus })?;
+        let mut image = Image::default();
+        image.place(&vec![0; Rsdp::len()], 16); // the RSDP, written last
+        let dsdt = image.place(&to_bytes(&dsdt()), 16);
+        let facs = image.place(&to_bytes(&FACS::new()), 64);
+        let madt = image.place(madt(count).as_slice(), 16);
+        let fadt = image.place(&to_bytes(&fadt(dsdt, facs)), 16);
+        let mut xsdt = XSDT::new(OEM_ID, *b"NKVMXSDT", OEM_REVISION);
+        xsdt.add_entry(fadt);
+        xsdt.add_entry(madt);
+        let xsdt = image.place(&to_bytes(&xsdt), 16);
+        let rsdp = to_bytes(&Rsdp::new(OEM_ID, xsdt));
+        image.bytes[..rsdp.len()].copy_from_slice(&rsdp);
+        if ACPI_START + image.bytes.len() as u64 > ACPI_END {
+            return Err(AcpiError::TooBig { size: image.bytes.len() });
+        }
+        Ok(Self { image: image.bytes })
+    }
+
+    /// Where the RSDP is in guest memory.
+    pub fn rsdp(&self) -> GuestAddress {
+        GuestAddress(ACPI_START)
+    }
+}
+
+/// The PM1a event block: status (2 bytes at 0x600; write 1 to clear, and
+/// no event ever sets a bit) and enable (2 bytes at 0x602; holds what the
+/// guest writes, so ACPICA sees e.g. its global-lock enable stick).
+#[derive(Debug, Default)]
+pub struct Pm1Event {
+    enable: u16,
+}
+
+impl Pm1Event {
+    fn bytes(&self) -> [u8; PM1A_EVT_LEN as usize] {
+        let [lo, hi] = self.enable.to_le_bytes();
+        [0, 0, lo, hi]
+    }
+}
+
+impl IoDevice for Pm1Event {
+    fn read(&mut self, offset: u64, data: &mut [u8]) {
+        let block = self.bytes();
+        for (i, byte) in data.iter_mut().enumerate() {
+            let at = usize::try_from(offset).ok().and_then(|o| o.checked_add(i));
+            *byte = at.and_then(|a| block.get(a)).copied().unwrap_or(0);
+        }
+    }
+
+    fn write(&mut self, offset: u64, data: &[u8]) {
+        let mut block = self.bytes();
+        for (i, &byte) in data.iter().enumerate() {
+            let at = usize::try_from(offset).ok().and_then(|o| o.checked_add(i));
+            if let Some(slot) = at.filter(|&a| a >= 2).and_then(|a| block.get_mut(a)) {
+                *slot = byte;
+            }
+        }
+        self.enable = u16::from_le_bytes([block[2], block[3]]);
+    }
+}
+
+/// What a guest write to one of the fixed ports asks of the machine.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum PlatformRequest {
+    /// Soft-off: `SLP_EN` with `SLP_TYP` = [`SLP_TYP_S5`] in PM1a control.
+    PowerOff,
+    /// Reset: RST_CPU in the reset register, or the 8042's command 0xfe.
+    Reset,
+}
+
+/// The reset register's RST_CPU bit: setting it resets (bit 1 only chooses
+/// a hard or soft reset), so both 0x06 and Linux's 0x0e count.
+const RESET_RST_CPU: u64 = 1 << 2;
+
+/// What the guest's `out` of `data` (`size` bytes) to `port` asks of the
+/// machine, if the port is one of the fixed ones and the value an action.
+pub fn port_write(port: u16, size: u8, data: u64) -> Option<PlatformRequest> {
+    let pm1a_cnt = builtin::PM1A_CNT;
+    let control = match (port, size) {
+        (p, 2 | 4) if p == pm1a_cnt => Some(data as u16),
+        (p, 1) if p == pm1a_cnt + 1 => Some((data as u16) << 8),
+        _ => None,
+    };
+    if let Some(value) = control {
+        let sleep_type = (value >> PM1_SLP_TYP_SHIFT) & 7;
+        return (value & PM1_SLP_EN != 0 && sleep_type == u16::from(SLP_TYP_S5)).then_some(PlatformRequest::PowerOff);
+    }
+    match (port, size) {
+        (RESET_PORT, 1) if data & RESET_RST_CPU != 0 => Some(PlatformRequest::Reset),
+        (p, 1) if u64::from(p) == I8042_COMMAND_PORT && data as u8 == I8042_CMD_RESET => Some(PlatformRequest::Reset),
+        _ => None,
+    }
+}
+
+/// What the guest's `in` of `size` bytes from `port` reads, if the port is
+/// one of those [`port_write`] serves: PM1a control shows `SCI_EN` (always
+/// in ACPI mode), the 8042's status reads 0 (nothing to read, ready for a
+/// command), the reset register 0.
+pub fn port_read(port: u16, size: u8) -> Option<u64> {
+    let pm1a_cnt = builtin::PM1A_CNT;
+    let value = match port {
+        p if p == pm1a_cnt => u64::from(PM1_SCI_EN),
+        p if p == pm1a_cnt + 1 => 0,
+        RESET_PORT => 0,
+        p if u64::from(p) == I8042_COMMAND_PORT => 0,
+        _ => return None,
+    };
+    let bits = u32::from(size.min(8)) * 8;
+    Some(if bits >= 64 { value } else { value & ((1 << bits) - 1) })
+}
+
+/// Builds the tables for `vcpus` vCPUs, writes them to `vm`'s RAM at
+/// [`ACPI_START`] and returns the RSDP's address.
+pub fn install(vm: &Vm, vcpus: u32) -> Result<GuestAddress, AcpiError> {
+    let tables = AcpiTables::build(vcpus)?;
+    vm.write_memory(GuestAddress(ACPI_START), &tables.image).map_err(AcpiError::Memory)?;
+    Ok(tables.rsdp())
+}
+
+/// The tables laid out one after another from [`ACPI_START`].
+#[derive(Default)]
+struct Image {
+    bytes: Vec<u8>,
+}
+
+impl Image {
+    /// Appends `table` at the next `align`-byte boundary; returns its guest
+    /// address.
+    fn place(&mut self, table: &[u8], align: usize) -> u64 {
+        let at = self.bytes.len().next_multiple_of(align);
+        self.bytes.resize(at, 0);
+        self.bytes.extend_from_slice(table);
+        ACPI_START + at as u64
+    }
+}
+
+fn to_bytes(table: &dyn Aml) -> Vec<u8> {
+    let mut bytes = Vec::new();
+    table.to_aml_bytes(&mut bytes);
+    bytes
+}
+
+/// MADT (revision 5): local APICs 0..count, the IOAPIC (ID `count`, GSI
+/// base 0), IRQ0 on GSI 2, the SCI level-triggered, LINT1 as NMI everywhere.
+fn madt(count: u8) -> Sdt {
+    let mut madt = Sdt::new(*b"APIC", 44, 5, OEM_ID, *b"NKVMAPIC", OEM_REVISION);
+    madt.write_u32(36, LAPIC_ADDR);
+    madt.write_u32(40, MADT_PCAT_COMPAT);
+    for id in 0..count {
+        madt.append_slice(&to_bytes(&ProcessorLocalApic::new(id, id, EnabledStatus::Enabled)));
+    }
+    madt.append_slice(&to_bytes(&IoApic::new(count, IOAPIC_ADDR as u32, 0)));
+    madt.append_slice(&interrupt_override(0, 2, INTI_ACTIVE_HIGH | INTI_EDGE));
+    madt.append_slice(&interrupt_override(SCI_IRQ, u32::from(SCI_IRQ), INTI_ACTIVE_HIGH | INTI_LEVEL));
+    let [f0, f1] = (INTI_ACTIVE_HIGH | INTI_EDGE).to_le_bytes();
+    madt.append_slice(&[MADT_LOCAL_APIC_NMI, 6, ALL_PROCESSORS, f0, f1, 1]);
+    madt
+}
+
+/// An MADT interrupt source override of ISA `irq` (bus 0) to `gsi`.
+fn interrupt_override(irq: u8, gsi: u32, flags: u16) -> Vec<u8> {
+    let mut entry = vec![MADT_INTERRUPT_OVERRIDE, 10, 0, irq];
+    entry.extend_from_slice(&gsi.to_le_bytes());
+    entry.extend_from_slice(&flags.to_le_bytes());
+    entry
+}
+
+/// FADT (revision 6.5, not hardware-reduced): SCI 9, PM1a event and
+/// control blocks, no PM timer or GPEs, reset through 0xcf9, an 8042.
+fn fadt(dsdt: u64, facs: u64) -> acpi_tables::fadt::FADT {
+    let mut fadt = FADTBuilder::new(OEM_ID, *b"NKVMFACP", OEM_REVISION)
+        .dsdt_64(dsdt)
+        .firmware_ctrl_64(facs)
+        .flag(Flags::Wbinvd)
+        .flag(Flags::ProcC1)
+        // No fixed-feature power or sleep button.
+        .flag(Flags::PwrButton)
+        .flag(Flags::SlpButton)
+        .flag(Flags::ResetRegSup);
+    fadt.sci_int = u16::from(SCI_IRQ).into();
+    fadt.pm1a_evt_blk = u32::from(PM1A_EVT).into();
+    fadt.pm1_evt_len = PM1A_EVT_LEN;
+    fadt.pm1a_cnt_blk = u32::from(builtin::PM1A_CNT).into();
+    fadt.pm1_cnt_len = 2;
+    fadt.iapc_boot_arch = IAPC_BOOT_ARCH_8042.into();
+    fadt.reset_reg = GAS::new(AddressSpace::SystemIo, 8, 0, AccessSize::ByteAccess, u64::from(RESET_PORT));
+    fadt.reset_value = RESET_VALUE;
+    fadt.finalize()
+}
+
+/// DSDT: `\_S5`, the PCI host bridge `\_SB.PCI0` and COM1.
+fn dsdt() -> Sdt {
+    let mut body = Vec::new();
+    aml::Name::new("_S5_".into(), &aml::Package::new(vec![&SLP_TYP_S5, &SLP_TYP_S5, &aml::ZERO, &aml::ZERO]))
+        .to_aml_bytes(&mut body);
+    let pci_mmio = aml::AddressSpace::new_memory(
+        aml::AddressSpaceCacheable::NotCacheable,
+        true,
+        PCI_MMIO_START as u32,
+        (PCI_MMIO_END - 1) as u32,
+        None,
+    );
+    aml::Device::new(
+        "_SB_.PCI0".into(),
+        vec![
+            &aml::Name::new("_HID".into(), &aml::EISAName::new("PNP0A03")),
+            &aml::Name::new("_CID".into(), &aml::EISAName::new("PNP0A03")),
+            &aml::Name::new("_UID".into(), &aml::ZERO),
+            &aml::Name::new("_SEG".into(), &aml::ZERO),
+            &aml::Name::new("_BBN".into(), &aml::ZERO),
+            &aml::Name::new(
+                "_CRS".into(),
+                &aml::ResourceTemplate::new(vec![
+                    &aml::AddressSpace::new_bus_number(0u16, 0u16),
+                    &aml::IO::new(0xcf8, 0xcf8, 1, 8),
+                    &aml::AddressSpace::new_io(0u16, 0xcf7u16, None),
+                    &aml::AddressSpace::new_io(0xd00u16, 0xffffu16, None),
+                    &pci_mmio,
+                ]),
+            ),
+        ],
+    )
+    .to_aml_bytes(&mut body);
+    aml::Device::new(
+        "_SB_.COM1".into(),
+        vec![
+            &aml::Name::new("_HID".into(), &aml::EISAName::new("PNP0501")),
+            &aml::Name::new("_UID".into(), &aml::ZERO),
+            &aml::Name::new(
+                "_CRS".into(),
+                &aml::ResourceTemplate::new(vec![
+                    &aml::IO::new(builtin::COM1, builtin::COM1, 0, 8),
+                    &aml::Interrupt::new(true, true, false, false, u32::from(COM1_IRQ)),
+                ]),
+            ),
+        ],
+    )
+    .to_aml_bytes(&mut body);
+    let mut dsdt = Sdt::new(*b"DSDT", 36, 6, OEM_ID, *b"NKVMDSDT", OEM_REVISION);
+    dsdt.append_slice(&body);
+    dsdt
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn u16_at(b: &[u8], at: usize) -> u16 {
+        u16::from_le_bytes([b[at], b[at + 1]])
+    }
+
+    fn u32_at(b: &[u8], at: usize) -> u32 {
+        u32::from_le_bytes(b[at..at + 4].try_into().unwrap())
+    }
+
+    fn u64_at(b: &[u8], at: usize) -> u64 {
+        u64::from_le_bytes(b[at..at + 8].try_into().unwrap())
+    }
+
+    fn sum(b: &[u8]) -> u8 {
+        b.iter().fold(0u8, |a, &x| a.wrapping_add(x))
+    }
+
+    /// The table at guest address `addr`, with its length from its header
+    /// (the FACS has the same length field at offset 4).
+    fn table(t: &AcpiTables, addr: u64) -> &[u8] {
+        let at = usize::try_from(addr - ACPI_START).unwrap();
+        let len = u32_at(&t.image, at + 4) as usize;
+        &t.image[at..at + len]
+    }
+
+    fn xsdt_entries(t: &AcpiTables) -> Vec<u64> {
+        let xsdt = table(t, u64_at(&t.image, 24));
+        (36..xsdt.len()).step_by(8).map(|at| u64_at(xsdt, at)).collect()
+    }
+
+    fn find<'a>(t: &'a AcpiTables, signature: &[u8; 4]) -> &'a [u8] {
+        let addr = xsdt_entries(t).into_iter().find(|&a| &table(t, a)[..4] == signature);
+        table(t, addr.unwrap_or_else(|| panic!("no {} in the XSDT", String::from_utf8_lossy(signature))))
+    }
+
+    /// (type, bytes) of each MADT structure.
+    fn madt_entries(madt: &[u8]) -> Vec<(u8, &[u8])> {
+        let mut entries = Vec::new();
+        let mut at = 44;
+        while at < madt.len() {
+            let len = madt[at + 1] as usize;
+            entries.push((madt[at], &madt[at..at + len]));
+            at += len;
+        }
+        entries
+    }
+
+    #[test]
+    fn rsdp_v2_at_the_start_points_at_the_xsdt_and_both_checksums_hold() {
+        let t = AcpiTables::build(2).unwrap();
+        let rsdp = &t.image[..36];
+        assert_eq!(&rsdp[..8], b"RSD PTR ");
+        assert_eq!(rsdp[15], 2, "revision");
+        assert_eq!(u32_at(rsdp, 20), 36, "length");
+        assert_eq!(sum(&rsdp[..20]), 0);
+        assert_eq!(sum(rsdp), 0);
+        assert_eq!(t.rsdp(), GuestAddress(ACPI_START));
+        assert_eq!(&table(&t, u64_at(rsdp, 24))[..4], b"XSDT");
+    }
+
+    #[test]
+    fn every_table_has_a_zero_checksum_and_fits_its_area() {
+        for vcpus in [1, 2, 8, 254] {
+            let t = AcpiTables::build(vcpus).unwrap();
+            assert!(ACPI_START + t.image.len() as u64 <= ACPI_END);
+            let xsdt = table(&t, u64_at(&t.image, 24));
+            assert_eq!(sum(xsdt), 0, "XSDT");
+            let fadt = find(&t, b"FACP");
+            let dsdt = table(&t, u64_at(fadt, 140));
+            for tab in [find(&t, b"APIC"), fadt, dsdt] {
+                assert_eq!(sum(tab), 0, "{}", String::from_utf8_lossy(&tab[..4]));
+            }
+            assert_eq!(&dsdt[..4], b"DSDT");
+        }
+    }
+
+    #[test]
+    fn xsdt_lists_the_fadt_and_the_madt() {
+        let t = AcpiTables::build(2).unwrap();
+        let signatures: Vec<_> = xsdt_entries(&t).into_iter().map(|a| table(&t, a)[..4].to_vec()).collect();
+        assert_eq!(signatures, [b"FACP".to_vec(), b"APIC".to_vec()]);
+    }
+
+    #[test]
+    fn madt_has_one_enabled_local_apic_per_vcpu_then_the_ioapic_overrides_and_nmi() {
+        for vcpus in [1u8, 2, 5] {
+            let t = AcpiTables::build(u32::from(vcpus)).unwrap();
+            let madt = find(&t, b"APIC");
+            assert_eq!(u32_at(madt, 36), 0xfee0_0000);
+            assert_eq!(u32_at(madt, 40), 1, "PCAT_COMPAT");
+            let entries = madt_entries(madt);
+            let lapics: Vec<_> = entries.iter().filter(|(ty, _)| *ty == 0).collect();
+            assert_eq!(lapics.len(), usize::from(vcpus));
+            for (i, (_, e)) in lapics.iter().enumerate() {
+                assert_eq!((e[2], e[3]), (i as u8, i as u8), "processor UID, APIC ID");
+                assert_eq!(u32_at(e, 4), 1, "enabled");
+            }
+            let ioapics: Vec<_> = entries.iter().filter(|(ty, _)| *ty == 1).collect();
+            assert_eq!(ioapics.len(), 1);
+            let io = ioapics[0].1;
+            assert_eq!((io[2], u32_at(io, 4), u32_at(io, 8)), (vcpus, 0xfec0_0000, 0));
+            let overrides: Vec<_> =
+                entries.iter().filter(|(ty, _)| *ty == 2).map(|(_, e)| (e[3], u32_at(e, 4), u16_at(e, 8))).collect();
+            assert_eq!(overrides, [(0, 2, 0x5), (9, 9, 0xd)], "IRQ0 -> GSI2 edge; SCI level, active high");
+            let nmis: Vec<_> = entries.iter().filter(|(ty, _)| *ty == 4).collect();
+            assert_eq!(nmis.len(), 1);
+            assert_eq!((nmis[0].1[2], nmis[0].1[5]), (0xff, 1), "all processors, LINT1");
+        }
+    }
+
+    #[test]
+    fn fadt_holds_the_sci_pm1a_reset_and_dsdt_fields() {
+        let t = AcpiTables::build(2).unwrap();
+        let fadt = find(&t, b"FACP");
+        assert_eq!((fadt[8], fadt[131]), (6, 5), "revision 6.5");
+        assert_eq!(u16_at(fadt, 46), 9, "SCI_INT");
+        assert_eq!(u32_at(fadt, 48), 0, "no SMI_CMD: always in ACPI mode");
+        assert_eq!(u32_at(fadt, 56), 0x600, "PM1a_EVT_BLK");
+        assert_eq!(u32_at(fadt, 64), 0x604, "PM1a_CNT_BLK");
+        assert_eq!(u32_at(fadt, 76), 0, "no PM timer");
+        assert_eq!((fadt[88], fadt[89]), (4, 2), "PM1_EVT_LEN, PM1_CNT_LEN");
+        assert_eq!(u16_at(fadt, 109) & 2, 2, "IAPC_BOOT_ARCH: 8042");
+        let flags = u32_at(fadt, 112);
+        assert_ne!(flags & (1 << 10), 0, "RESET_REG_SUP");
+        assert_eq!(flags & (1 << 20), 0, "not HW_REDUCED");
+        // RESET_REG: system I/O, 8 bits, byte access, port 0xcf9.
+        assert_eq!(&fadt[116..120], &[1, 8, 0, 1]);
+        assert_eq!(u64_at(fadt, 120), 0xcf9);
+        assert_eq!(fadt[128], 0x06, "RESET_VALUE");
+        let facs = table(&t, u64_at(fadt, 132));
+        assert_eq!(&facs[..4], b"FACS");
+        assert_eq!(u64_at(fadt, 132) % 64, 0, "FACS alignment");
+        assert_eq!(&table(&t, u64_at(fadt, 140))[..4], b"DSDT");
+        assert_eq!(builtin::PM1_POWER_OFF, (u16::from(SLP_TYP_S5) << 10) | (1 << 13));
+    }
+
+    #[test]
+    fn dsdt_names_s5_the_pci_host_bridge_and_com1() {
+        let t = AcpiTables::build(1).unwrap();
+        let fadt = find(&t, b"FACP");
+        let dsdt = table(&t, u64_at(fadt, 140));
+        let has = |needle: &[u8]| dsdt.windows(needle.len()).any(|w| w == needle);
+        // Name(_S5_, Package(4) { 5, 5, 0, 0 })
+        assert!(has(&[0x08, b'_', b'S', b'5', b'_', 0x12, 0x08, 0x04, 0x0a, 0x05, 0x0a, 0x05, 0x00, 0x00]));
+        assert!(has(b"PCI0") && has(b"COM1"));
+        // EISA IDs: PNP0A03 and PNP0501 as compressed dwords.
+        assert!(has(&[0x0c, 0x41, 0xd0, 0x0a, 0x03]));
+        assert!(has(&[0x0c, 0x41, 0xd0, 0x05, 0x01]));
+        // The 32-bit memory window: min, max.
+        let mut window = 0xc000_0000u32.to_le_bytes().to_vec();
+        window.extend_from_slice(&0xfebf_ffffu32.to_le_bytes());
+        assert!(has(&window));
+        // PCI config ports: IO(Decode16, 0xcf8, 0xcf8, 1, 8).
+        assert!(has(&[0x47, 0x01, 0xf8, 0x0c, 0xf8, 0x0c, 0x01, 0x08]));
+    }
+
+    #[test]
+    fn s5_through_pm1a_control_powers_off_with_or_without_sci_en() {
+        // Linux reads SCI_EN back and keeps it in what it writes.
+        assert_eq!(port_read(0x604, 2), Some(1));
+        for value in [0x3400u64, 0x3401] {
+            assert_eq!(port_write(0x604, 2, value), Some(PlatformRequest::PowerOff), "{value:#x}");
+        }
+        assert_eq!(port_write(0x605, 1, 0x34), Some(PlatformRequest::PowerOff));
+        assert_eq!(port_write(0x604, 2, 0x1401), None, "SLP_TYP without SLP_EN");
+        assert_eq!(port_write(0x604, 2, 0x2c01), None, "S3 is not supported");
+        assert_eq!(port_write(0x600, 2, 0x8000), None, "clearing WAK_STS");
+    }
+
+    #[test]
+    fn reset_register_and_8042_pulse_reset() {
+        for value in [0x06, 0x0e] {
+            assert_eq!(port_write(0xcf9, 1, value), Some(PlatformRequest::Reset));
+        }
+        assert_eq!(port_write(0xcf9, 1, 0x02), None, "SYS_RST alone only selects the kind");
+        assert_eq!(port_write(0x64, 1, 0xfe), Some(PlatformRequest::Reset));
+        assert_eq!(port_write(0x64, 1, 0xaa), None);
+        assert_eq!(port_write(0x3f8, 1, 0xfe), None);
+        assert_eq!(port_read(0x64, 1), Some(0), "8042 input buffer empty");
+        assert_eq!(port_read(0xcf9, 1), Some(0));
+    }
+
+    #[test]
+    fn pm1a_event_status_reads_zero_and_enable_holds_what_is_written() {
+        let mut evt = Pm1Event::default();
+        let mut dword = [0xaa; 4];
+        evt.read(0, &mut dword);
+        assert_eq!(dword, [0; 4]);
+        evt.write(2, &0x0020u16.to_le_bytes()); // GBL_EN
+        evt.write(0, &0xffffu16.to_le_bytes()); // clearing status: no effect
+        let mut word = [0; 2];
+        evt.read(2, &mut word);
+        assert_eq!(u16::from_le_bytes(word), 0x0020);
+        evt.read(0, &mut dword);
+        assert_eq!(u32::from_le_bytes(dword), 0x0020_0000);
+        evt.write(3, &[0x01]);
+        evt.read(2, &mut word);
+        assert_eq!(u16::from_le_bytes(word), 0x0120);
+        evt.write(u64::MAX, &[1, 2]); // out of range: ignored
+        evt.read(u64::MAX, &mut word);
+        assert_eq!(word, [0, 0]);
+    }
+
+    #[test]
+    fn other_ports_are_not_ours() {
+        assert_eq!(port_read(0x605, 1), Some(0));
+        assert_eq!(port_read(0x600, 2), None, "the PM1a event block is a device");
+        assert_eq!(port_read(0x3f8, 1), None);
+        assert_eq!(port_read(0x606, 2), None);
+    }
+
+    #[test]
+    fn vcpu_counts_the_madt_cannot_express_are_refused() {
+        for vcpus in [0, 255, 1000] {
+            assert!(matches!(AcpiTables::build(vcpus), Err(AcpiError::TooManyVcpus { .. })), "{vcpus}");
+        }
+    }
+}

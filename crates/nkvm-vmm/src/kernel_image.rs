@@ -1,0 +1,84 @@
+//! The two kernel formats `nkvm run --kernel` takes: a bzImage (the
+//! compressed kernel a distribution ships) or an uncompressed ELF vmlinux,
+//! both entered at their 64-bit entry point.
+//!
+//! A vmlinux skips the decompressor, which matters on hosts where code at
+//! low addresses runs slowly (on the nested `kvm_pvm` host the bzImage's
+//! decompressor takes about a minute before the kernel prints a line).
+
+use std::fs::File;
+use std::io::Read;
+use std::path::Path;
+
+use linux_loader::bootparam::setup_header;
+use linux_loader::loader::bzimage::BzImage;
+use linux_loader::loader::elf::Elf;
+use linux_loader::loader::KernelLoader;
+use vm_memory::{GuestAddress, GuestMemoryMmap};
+
+use crate::linux::LinuxError;
+
+/// Where a bzImage's protected-mode kernel is loaded (1 MiB).
+const HIMEM: u64 = 0x10_0000;
+/// Offset of the 64-bit entry point in a bzImage's protected-mode kernel.
+const BZIMAGE_ENTRY_64: u64 = 0x200;
+/// The boot sector signature and "HdrS": what a boot loader fills in for
+/// a vmlinux, which has no setup header of its own.
+const BOOT_FLAG: u16 = 0xaa55;
+const HDRS: u32 = 0x5372_6448;
+/// The physical alignment the kernel is built for (CONFIG_PHYSICAL_ALIGN).
+const KERNEL_ALIGNMENT: u32 = 0x100_0000;
+
+/// Which format the file is.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum KernelFormat {
+    /// A compressed bzImage with its setup header.
+    BzImage,
+    /// An uncompressed ELF vmlinux.
+    Elf,
+}
+
+/// A kernel in guest memory.
+#[derive(Debug, Clone, Copy)]
+pub struct LoadedKernel {
+    /// The format it was in.
+    pub format: KernelFormat,
+    /// Its 64-bit entry point (guest physical).
+    pub entry: u64,
+    /// The first byte after it.
+    pub end: u64,
+    /// The setup header to put in the zero page.
+    pub header: setup_header,
+}
+
+/// Loads the kernel at `path` into `gm`, detecting its format.
+pub fn load(gm: &GuestMemoryMmap, path: &Path) -> Result<LoadedKernel, LinuxError> {
+    let bad = |reason: String| LinuxError::BadKernel { path: path.display().to_string(), reason };
+    let read = |source| LinuxError::Read { path: path.display().to_string(), source };
+    let mut file = File::open(path).map_err(read)?;
+    let mut magic = [0u8; 4];
+    file.read_exact(&mut magic).map_err(|_| bad("shorter than any kernel".into()))?;
+    if magic == *b"\x7fELF" {
+        let loaded = Elf::load(gm, None, &mut file, Some(GuestAddress(HIMEM))).map_err(|e| bad(e.to_string()))?;
+        let header = setup_header {
+            boot_flag: BOOT_FLAG,
+            header: HDRS,
+            kernel_alignment: KERNEL_ALIGNMENT,
+            ..Default::default()
+        };
+        return Ok(LoadedKernel {
+            format: KernelFormat::Elf,
+            entry: loaded.kernel_load.0,
+            end: loaded.kernel_end,
+            header,
+        });
+    }
+    let loaded = BzImage::load(gm, None, &mut file, Some(GuestAddress(HIMEM))).map_err(|e| bad(e.to_string()))?;
+    let header = loaded.setup_header.ok_or_else(|| bad("no setup header".into()))?;
+    Ok(LoadedKernel {
+        format: KernelFormat::BzImage,
+        entry: loaded.kernel_load.0 + BZIMAGE_ENTRY_64,
+        end: loaded.kernel_end,
+        header,
+    })
+}

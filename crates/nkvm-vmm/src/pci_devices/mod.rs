@@ -1,0 +1,282 @@
+//! The PCI side of a Linux VM: bus 0 behind ports 0xcf8-0xcff, a host
+//! bridge, and virtio-pci devices (a block device on `--disk`, a console on
+//! stdout), each with MSI-X through irqfd routes.
+//!
+//! The models are nkvm-devices state machines; this module only places
+//! them: the configuration ports as one in-process I/O handler, each BAR as
+//! an MMIO handler at the address the guest programs (moved when the guest
+//! reprograms it, dropped while memory decoding is off), each MSI-X vector
+//! as a GSI with an irqfd whose route follows the vector's table entry. A
+//! device raises a vector by writing its eventfd, so the same signalling
+//! works from another process.
+//!
+//! Queue notifications reach a worker thread per device through
+//! ioeventfds ([`notify`]), without an exit; writes the ioeventfds do not
+//! cover are served inline, in the vCPU thread.
+
+mod notify;
+
+use std::collections::HashMap;
+use std::io;
+use std::path::PathBuf;
+use std::sync::{Arc, Mutex, Weak};
+
+use nkvm::io::{IoHandler, IoRange};
+use nkvm::irq::FIRST_USER_GSI;
+use nkvm::{RegionId, Vm};
+use nkvm_devices::pci::{BarEvent, MsiMessage, MsiSink, PciBus, SharedPciDevice, PCI_CONFIG_PORT, PCI_CONFIG_PORTS};
+use nkvm_devices::virtio::pci::BAR_SIZE;
+use nkvm_devices::virtio::{Block, Console, GuestRam, VirtioDevice, VirtioPci};
+use nkvm_devices::IoDevice;
+use vm_memory::FileOffset;
+use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
+
+use self::notify::QueueNotifier;
+
+/// Start of the MMIO window the DSDT gives the PCI host bridge; BARs are
+/// assigned from here up.
+pub const PCI_MMIO_BASE: u64 = 0xc000_0000;
+/// End (exclusive) of that window: the IOAPIC is at 0xfec0_0000.
+pub const PCI_MMIO_END: u64 = 0xfec0_0000;
+
+/// What to put on the bus.
+#[derive(Debug, Clone, Default)]
+pub struct PciConfig {
+    /// A raw disk image for virtio-blk.
+    pub disk: Option<PathBuf>,
+    /// Present the disk read-only.
+    pub disk_read_only: bool,
+}
+
+/// Why the PCI devices could not be set up.
+#[derive(Debug, thiserror::Error)]
+pub enum PciSetupError {
+    /// The disk image could not be opened.
+    #[error(transparent)]
+    Disk(#[from] nkvm_devices::virtio::BlockError),
+    /// Guest RAM could not be mapped for the devices.
+    #[error("cannot map guest memory for the PCI devices: {0}")]
+    Memory(String),
+    /// A device could not be laid out.
+    #[error(transparent)]
+    Virtio(#[from] nkvm_devices::virtio::VirtioPciError),
+    /// The bus is full.
+    #[error(transparent)]
+    Bus(#[from] nkvm_devices::pci::PciBusError),
+    /// An eventfd could not be created.
+    #[error("cannot create an eventfd for MSI-X vector {vector}")]
+    EventFd {
+        /// The vector.
+        vector: u16,
+        /// The OS error.
+        #[source]
+        source: io::Error,
+    },
+    /// KVM refused an irqfd.
+    #[error(transparent)]
+    Irq(#[from] nkvm::irq::IrqError),
+    /// Attaching the configuration ports failed.
+    #[error(transparent)]
+    Attach(#[from] nkvm::IoRegionError),
+    /// The queue-notification worker could not be started.
+    #[error("cannot start a virtio queue worker")]
+    Worker(#[source] io::Error),
+    /// The MMIO window is exhausted.
+    #[error("no room for a {size:#x}-byte BAR in the PCI window {PCI_MMIO_BASE:#x}-{PCI_MMIO_END:#x}")]
+    WindowFull {
+        /// The BAR's size.
+        size: u64,
+    },
+}
+
+/// Builds the bus and its devices and attaches them to `vm`.
+pub fn attach(vm: &Arc<Vm>, config: &PciConfig) -> Result<(), PciSetupError> {
+    let mut builder = Builder {
+        vm: vm.clone(),
+        mem: guest_ram(vm)?,
+        bus: PciBus::new(),
+        next_gsi: FIRST_USER_GSI,
+        window: Window { next: PCI_MMIO_BASE },
+        notifiers: HashMap::new(),
+    };
+    if let Some(path) = &config.disk {
+        let block = Block::open(path, config.disk_read_only)?;
+        log::info!("virtio-blk: {} ({} sectors)", path.display(), block.capacity());
+        builder.add(block)?;
+    }
+    builder.add(Console::new(io::stdout()))?;
+    let Builder { bus, notifiers, .. } = builder;
+    let mut handler = ConfigPorts { bus, vm: Arc::downgrade(vm), regions: HashMap::new(), notifiers };
+    handler.apply_bar_events();
+    vm.attach_handler(IoRange::pio(PCI_CONFIG_PORT, PCI_CONFIG_PORTS), Box::new(handler))?;
+    Ok(())
+}
+
+/// A vm-memory view of the VM's RAM: a second mapping of the same memfd.
+fn guest_ram(vm: &Vm) -> Result<GuestRam, PciSetupError> {
+    let map = vm.memory();
+    let ranges = map
+        .regions()
+        .iter()
+        .map(|r| {
+            let file = r.backing.file().try_clone().map_err(|e| PciSetupError::Memory(e.to_string()))?;
+            Ok((vm_memory::GuestAddress(r.gpa.0), r.len as usize, Some(FileOffset::new(file, r.offset))))
+        })
+        .collect::<Result<Vec<_>, PciSetupError>>()?;
+    GuestRam::from_ranges_with_files(ranges).map_err(|e| PciSetupError::Memory(e.to_string()))
+}
+
+/// BAR addresses in the host bridge's window.
+struct Window {
+    next: u64,
+}
+
+impl Window {
+    fn take(&mut self, size: u64) -> Result<u64, PciSetupError> {
+        let at = self.next.next_multiple_of(size);
+        let end = at.checked_add(size).filter(|&e| e <= PCI_MMIO_END).ok_or(PciSetupError::WindowFull { size })?;
+        self.next = end;
+        Ok(at)
+    }
+}
+
+/// The bus being populated, and what each device takes from the machine.
+struct Builder {
+    vm: Arc<Vm>,
+    mem: GuestRam,
+    bus: PciBus,
+    /// Next GSI for an MSI route (those below are kept for the IOAPIC).
+    next_gsi: u32,
+    window: Window,
+    notifiers: HashMap<u8, QueueNotifier>,
+}
+
+impl Builder {
+    /// Puts `device` on the bus behind virtio-pci, with one irqfd per
+    /// vector and a notification worker.
+    fn add<D: VirtioDevice + 'static>(&mut self, device: D) -> Result<(), PciSetupError> {
+        let queues = device.queue_max_sizes().len();
+        let sink = IrqfdSink::new(&self.vm, queues as u16 + 1, &mut self.next_gsi)?;
+        let bar = self.window.take(BAR_SIZE)?;
+        let virtio = VirtioPci::new(device, self.mem.clone(), bar, Box::new(sink))?;
+        let shared: SharedPciDevice = Arc::new(Mutex::new(virtio));
+        let notifier = QueueNotifier::start(Arc::downgrade(&shared), queues).map_err(PciSetupError::Worker)?;
+        let slot = self.bus.add(shared)?;
+        self.notifiers.insert(slot, notifier);
+        log::info!("pci: 00:{slot:02x}.0 virtio, BAR0 at {bar:#x}");
+        Ok(())
+    }
+}
+
+/// MSI-X vectors as irqfds: vector N raises GSI `base + N`, whose MSI route
+/// follows the guest's table entry.
+struct IrqfdSink {
+    vm: Weak<Vm>,
+    vectors: Vec<(u32, EventFd)>,
+}
+
+impl IrqfdSink {
+    fn new(vm: &Arc<Vm>, count: u16, next_gsi: &mut u32) -> Result<Self, PciSetupError> {
+        let mut vectors = Vec::new();
+        for vector in 0..count {
+            let fd = EventFd::new(EFD_NONBLOCK).map_err(|source| PciSetupError::EventFd { vector, source })?;
+            let gsi = *next_gsi;
+            *next_gsi += 1;
+            vm.irqfd(gsi, &fd)?;
+            vectors.push((gsi, fd));
+        }
+        Ok(Self { vm: Arc::downgrade(vm), vectors })
+    }
+}
+
+impl MsiSink for IrqfdSink {
+    fn signal(&mut self, vector: u16) {
+        match self.vectors.get(usize::from(vector)) {
+            Some((gsi, fd)) => {
+                if let Err(e) = fd.write(1) {
+                    log::warn!("pci: MSI-X vector {vector} (GSI {gsi}) lost: {e}");
+                }
+            }
+            None => log::debug!("pci: MSI-X vector {vector} has no GSI"),
+        }
+    }
+
+    fn route(&mut self, vector: u16, message: Option<MsiMessage>) {
+        let (Some(vm), Some((gsi, _))) = (self.vm.upgrade(), self.vectors.get(usize::from(vector))) else { return };
+        let msi = message.map(|m| nkvm::MsiMessage { address: m.address, data: m.data });
+        if let Err(e) = vm.set_msi_route(*gsi, msi) {
+            log::error!("pci: cannot route MSI-X vector {vector} (GSI {gsi}) to {msi:?}: {e}");
+        }
+    }
+}
+
+/// Ports 0xcf8-0xcff: the bus, and the BAR regions it maps.
+struct ConfigPorts {
+    bus: PciBus,
+    vm: Weak<Vm>,
+    regions: HashMap<(u8, usize), RegionId>,
+    notifiers: HashMap<u8, QueueNotifier>,
+}
+
+impl ConfigPorts {
+    /// Moves BAR regions where the guest's configuration writes put them.
+    fn apply_bar_events(&mut self) {
+        let events = self.bus.take_bar_events();
+        let Some(vm) = self.vm.upgrade() else { return };
+        for event in events {
+            self.apply(&vm, event);
+        }
+    }
+
+    fn apply(&mut self, vm: &Vm, event: BarEvent) {
+        let BarEvent { slot, bar, new, .. } = event;
+        if let Some(id) = self.regions.remove(&(slot, bar)) {
+            if let Err(e) = vm.detach_region(id) {
+                log::warn!("pci: 00:{slot:02x}.0 BAR{bar}: cannot unmap: {e}");
+            }
+        }
+        let (Some(new), Some(device)) = (new, self.bus.device(slot)) else { return };
+        let range = IoRange::mmio(new.address, new.size);
+        if let (0, Some(notifier)) = (bar, self.notifiers.get_mut(&slot)) {
+            notifier.register(vm, new.address);
+        }
+        match vm.attach_handler(range, Box::new(BarRegion { device, bar })) {
+            Ok(id) => {
+                log::debug!("pci: 00:{slot:02x}.0 BAR{bar} at {range}");
+                self.regions.insert((slot, bar), id);
+            }
+            // The guest put it on top of something: it decodes nowhere.
+            Err(e) => log::warn!("pci: 00:{slot:02x}.0 BAR{bar}: cannot map at {range}: {e}"),
+        }
+    }
+}
+
+impl IoHandler for ConfigPorts {
+    fn read(&mut self, offset: u64, data: &mut [u8]) {
+        self.bus.read(offset, data);
+    }
+
+    fn write(&mut self, offset: u64, data: &[u8]) {
+        self.bus.write(offset, data);
+        self.apply_bar_events();
+    }
+}
+
+/// One BAR of one device, as an MMIO region.
+struct BarRegion {
+    device: SharedPciDevice,
+    bar: usize,
+}
+
+impl IoHandler for BarRegion {
+    fn read(&mut self, offset: u64, data: &mut [u8]) {
+        self.device.lock().unwrap_or_else(|e| e.into_inner()).bar_read(self.bar, offset, data);
+    }
+
+    fn write(&mut self, offset: u64, data: &[u8]) {
+        self.device.lock().unwrap_or_else(|e| e.into_inner()).bar_write(self.bar, offset, data);
+    }
+}
+
+#[cfg(test)]
+mod tests;
