@@ -16,7 +16,9 @@ pub struct Cli {
 /// The subcommands.
 #[derive(Debug, Subcommand)]
 pub enum Command {
-    /// Boot a VM (with no options: the small guest built into nkvm).
+    /// Boot a VM (with no options: the small guest built into nkvm). A
+    /// --kernel guest's serial console is the terminal: keystrokes go to
+    /// the guest, and Ctrl-A x ends it.
     Run(RunArgs),
     /// Print what this host's KVM can do.
     Caps(CapsArgs),

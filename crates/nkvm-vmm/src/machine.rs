@@ -7,7 +7,7 @@ use std::process::ExitCode;
 use std::sync::atomic::AtomicBool;
 use std::sync::atomic::Ordering::SeqCst;
 use std::sync::mpsc;
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 use std::thread;
 
 use nkvm::io::{IoRange, Ordering};
@@ -22,6 +22,7 @@ use crate::console::{PanicWatch, WatchedConsole};
 use crate::devices::{DeviceProcess, InProcess};
 use crate::ioapic;
 use crate::linux::{self, LinuxBoot};
+use crate::terminal::{self, RawMode, SerialRegion, SharedSerial};
 
 /// Why the VMM could not run the VM.
 #[derive(Debug, thiserror::Error)]
@@ -72,13 +73,28 @@ enum Outcome {
     Halted,
     /// The VMM stopped it.
     Stopped,
+    /// The user pressed the console's escape key.
+    Escaped,
     /// The guest or KVM failed.
     Failed(String),
 }
 
 /// What the vCPU threads share.
+#[derive(Default)]
 struct Shared {
     stop: AtomicBool,
+    /// The console's escape key ended the guest.
+    escaped: AtomicBool,
+    /// Filled by `run_vcpus`, for whoever must stop the vCPUs.
+    kickers: std::sync::Mutex<Vec<nkvm::Kicker>>,
+}
+
+impl Shared {
+    /// Stops every vCPU (they return `Outcome::Stopped`).
+    fn stop_all(&self) {
+        self.stop.store(true, SeqCst);
+        self.kickers.lock().unwrap_or_else(|p| p.into_inner()).iter().for_each(nkvm::Kicker::kick);
+    }
 }
 
 /// Boots the built-in guest per `args` and returns the process exit code.
@@ -108,12 +124,14 @@ fn run_linux(args: &RunArgs, boot: &LinuxBoot) -> Result<ExitCode, MachineError>
     crate::pci_devices::attach(&vm, &pci)?;
     let com1 = IoRange::pio(builtin::COM1, 8);
     let panic = PanicWatch::default();
+    let mut input = None;
     let _processes = if args.device_process {
         vec![DeviceProcess::attach(&vm, DeviceModel::Serial, com1, Ordering::Sync)?]
     } else {
         let console = WatchedConsole::new(io::stdout(), panic.clone());
-        let serial = Serial::new(ioapic.line(usize::from(acpi::COM1_IRQ)), console);
-        vm.attach_handler(com1, Box::new(InProcess(serial)))?;
+        let serial: SharedSerial = Arc::new(Mutex::new(Serial::new(ioapic.line(usize::from(acpi::COM1_IRQ)), console)));
+        vm.attach_handler(com1, Box::new(SerialRegion(serial.clone())))?;
+        input = Some(serial);
         Vec::new()
     };
     let mut cpuid = hv.supported_cpuid()?;
@@ -142,8 +160,22 @@ fn run_linux(args: &RunArgs, boot: &LinuxBoot) -> Result<ExitCode, MachineError>
         }
         vcpus.push(vcpu);
     }
-    let shared = Arc::new(Shared { stop: AtomicBool::new(false) });
-    let outcome = run_vcpus(vcpus, &vm, &shared)?;
+    let shared = Arc::new(Shared::default());
+    // The terminal goes back to canonical mode when `_raw` drops: on every
+    // return from here, error or not.
+    let _raw = input.as_ref().map(|_| RawMode::enter());
+    if let Some(serial) = input {
+        let stopper = shared.clone();
+        terminal::spawn_input(serial, move || {
+            stopper.escaped.store(true, SeqCst);
+            stopper.stop_all();
+        })
+        .map_err(MachineError::Thread)?;
+    }
+    let mut outcome = run_vcpus(vcpus, &vm, &shared)?;
+    if shared.escaped.load(SeqCst) {
+        outcome = Outcome::Escaped;
+    }
     // A kernel panic followed by the reboot `panic=-1` asks for is a failure.
     if let (Outcome::Reset | Outcome::Halted, Some(why)) = (&outcome, panic.message()) {
         return finish(args, &stats, Outcome::Failed(format!("the guest kernel panicked: {why}")));
@@ -172,7 +204,7 @@ fn run_builtin(args: &RunArgs) -> Result<ExitCode, MachineError> {
         vm.attach_handler(test, Box::new(InProcess(TestDevice::new())))?;
         Vec::new()
     };
-    let shared = Arc::new(Shared { stop: AtomicBool::new(false) });
+    let shared = Arc::new(Shared::default());
 
     let stats = ExitStats::new();
     let mut vcpus = Vec::new();
@@ -210,6 +242,10 @@ fn finish(args: &RunArgs, stats: &ExitStats, outcome: Outcome) -> Result<ExitCod
             eprintln!("nkvm: guest reset");
             ExitCode::SUCCESS
         }
+        Outcome::Escaped => {
+            eprintln!("\r\nnkvm: guest ended from the console ({})", terminal::ESCAPE);
+            ExitCode::SUCCESS
+        }
         Outcome::Failed(why) => {
             eprintln!("nkvm: guest stopped: {why}");
             ExitCode::from(1)
@@ -225,6 +261,7 @@ fn finish(args: &RunArgs, stats: &ExitStats, outcome: Outcome) -> Result<ExitCod
 /// kicks the others out) or all have halted. Returns the deciding outcome.
 fn run_vcpus(vcpus: Vec<Vcpu>, vm: &Arc<Vm>, shared: &Arc<Shared>) -> Result<Outcome, MachineError> {
     let kickers: Vec<_> = vcpus.iter().map(Vcpu::kicker).collect();
+    *shared.kickers.lock().unwrap_or_else(|p| p.into_inner()) = kickers.clone();
     let (tx, rx) = mpsc::channel();
     let mut handles = Vec::new();
     for vcpu in vcpus {

@@ -20,6 +20,7 @@ mod machine;
 mod pci_devices;
 mod pic_process;
 mod size;
+mod terminal;
 
 use std::process::ExitCode;
 

@@ -4,7 +4,7 @@
 use std::process::{Command, Output};
 
 fn nkvm(args: &[&str]) -> Output {
-    Command::new(env!("CARGO_BIN_EXE_nkvm")).args(args).output().expect("run nkvm")
+    Command::new(env!("CARGO_BIN_EXE_nkvm")).args(args).stdin(std::process::Stdio::null()).output().expect("run nkvm")
 }
 
 fn text(b: &[u8]) -> String {
@@ -122,6 +122,7 @@ fn run_tiny_kernel(name: &str, code: &[u8]) -> Output {
     std::fs::write(&path, tiny_bzimage(code)).expect("write the tiny kernel");
     let mut child = Command::new(env!("CARGO_BIN_EXE_nkvm"))
         .args(["run", "--kernel", path.to_str().unwrap(), "--cpus", "2", "--memory", "64M"])
+        .stdin(std::process::Stdio::null())
         .stdout(std::process::Stdio::piped())
         .stderr(std::process::Stdio::piped())
         .spawn()
@@ -237,4 +238,65 @@ fn the_serial_interrupt_reaches_the_guest_through_ioapic_pin_4() {
     let stderr = text(&out.stderr);
     assert!(out.status.success(), "no interrupt within 60 s (status {:?}): {stderr}", out.status);
     assert_eq!(text(&out.stdout), "!");
+}
+
+#[test]
+fn console_input_reaches_the_guest_and_ctrl_a_x_ends_it() {
+    use std::io::{Read, Write};
+    use std::sync::{Arc, Mutex};
+    use std::time::{Duration, Instant};
+
+    use iced_x86::code_asm::*;
+    // Echo every byte the 16550 receives (polling its line status).
+    let code = assemble(|a, _hang| {
+        let mut poll = a.create_label();
+        a.set_label(&mut poll)?;
+        a.mov(dx, 0x3fd)?;
+        a.in_(al, dx)?;
+        a.test(al, 1)?;
+        a.jz(poll)?;
+        a.mov(dx, 0x3f8)?;
+        a.in_(al, dx)?;
+        a.out(dx, al)?;
+        a.jmp(poll)
+    });
+    let path = std::env::temp_dir().join(format!("nkvm-tiny-echo-{}", std::process::id()));
+    std::fs::write(&path, tiny_bzimage(&code)).unwrap();
+    let mut child = Command::new(env!("CARGO_BIN_EXE_nkvm"))
+        .args(["run", "--kernel", path.to_str().unwrap(), "--cpus", "1", "--memory", "64M"])
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let echoed = Arc::new(Mutex::new(Vec::new()));
+    let mut stdout = child.stdout.take().unwrap();
+    let sink = echoed.clone();
+    let reader = std::thread::spawn(move || {
+        let mut buf = [0u8; 64];
+        while let Ok(n) = stdout.read(&mut buf) {
+            if n == 0 {
+                break;
+            }
+            sink.lock().unwrap().extend_from_slice(&buf[..n]);
+        }
+    });
+    let mut stdin = child.stdin.take().unwrap();
+    stdin.write_all(b"hi\x01\x01").unwrap();
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while echoed.lock().unwrap().len() < 3 && Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    stdin.write_all(b"\x01x").unwrap();
+    while child.try_wait().unwrap().is_none() && Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let _ = child.kill();
+    let out = child.wait_with_output().unwrap();
+    reader.join().unwrap();
+    let _ = std::fs::remove_file(&path);
+    let stderr = text(&out.stderr);
+    assert_eq!(*echoed.lock().unwrap(), b"hi\x01", "the guest echoes what was typed (Ctrl-A Ctrl-A is one Ctrl-A)");
+    assert!(out.status.success(), "Ctrl-A x must end nkvm with 0: {:?} {stderr}", out.status);
+    assert!(stderr.contains("guest ended from the console (Ctrl-A x)"), "{stderr}");
 }

@@ -29,6 +29,7 @@ fn guest_dir() -> PathBuf {
 fn nkvm_with_limit(args: &[&str], limit: Duration) -> (Output, bool) {
     let mut child = Command::new(env!("CARGO_BIN_EXE_nkvm"))
         .args(args)
+        .stdin(Stdio::null())
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
         .spawn()
@@ -149,7 +150,7 @@ fn bad_kernel_arguments_are_one_line_errors() {
         (vec!["run".into(), "--initrd".into(), "x".into()], "--kernel"),
     ];
     for (args, needle) in cases {
-        let out = Command::new(env!("CARGO_BIN_EXE_nkvm")).args(&args).output().unwrap();
+        let out = Command::new(env!("CARGO_BIN_EXE_nkvm")).args(&args).stdin(Stdio::null()).output().unwrap();
         let stderr = String::from_utf8_lossy(&out.stderr);
         assert!(!out.status.success(), "{args:?} succeeded");
         assert!(stderr.contains(needle), "{args:?}: {stderr}");

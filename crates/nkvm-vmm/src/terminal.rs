@@ -1,0 +1,146 @@
+//! The guest's serial console on the user's terminal: raw mode while the
+//! guest runs (restored on every way out of `nkvm run`), keystrokes to the
+//! guest's 16550, and the escape key.
+//!
+//! **Escape key: Ctrl-A then `x`** ends the guest (as in QEMU);
+//! Ctrl-A Ctrl-A sends one Ctrl-A to the guest.
+
+use std::io::{self, IsTerminal, Read};
+use std::sync::{Arc, Mutex};
+use std::thread;
+use std::time::Duration;
+
+use nkvm_devices::IoDevice;
+use vmm_sys_util::terminal::Terminal;
+
+/// The escape key, as the help text spells it.
+pub const ESCAPE: &str = "Ctrl-A x";
+const CTRL_A: u8 = 0x01;
+
+/// While alive, the terminal on stdin is in raw mode (no line editing, no
+/// echo, Ctrl-C goes to the guest); dropping it restores canonical mode.
+/// Does nothing when stdin is not a terminal.
+#[derive(Debug)]
+pub struct RawMode {
+    active: bool,
+}
+
+impl RawMode {
+    /// Puts the terminal on stdin in raw mode, if it is one.
+    pub fn enter() -> Self {
+        let stdin = io::stdin();
+        let active = stdin.is_terminal() && stdin.lock().set_raw_mode().is_ok();
+        Self { active }
+    }
+}
+
+impl Drop for RawMode {
+    fn drop(&mut self) {
+        if self.active {
+            let _ = io::stdin().lock().set_canon_mode();
+        }
+    }
+}
+
+/// What a keystroke means.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Key {
+    /// Send this byte to the guest.
+    Send(u8),
+    /// The escape sequence: end the guest.
+    Quit,
+    /// Nothing yet (the first half of an escape).
+    Pending,
+}
+
+/// Splits the input stream into guest bytes and the escape sequence.
+#[derive(Debug, Default)]
+pub struct EscapeDecoder {
+    after_ctrl_a: bool,
+}
+
+impl EscapeDecoder {
+    /// Feeds one input byte.
+    pub fn feed(&mut self, byte: u8) -> Key {
+        if std::mem::take(&mut self.after_ctrl_a) {
+            return match byte {
+                b'x' | b'X' => Key::Quit,
+                other => Key::Send(other),
+            };
+        }
+        if byte == CTRL_A {
+            self.after_ctrl_a = true;
+            return Key::Pending;
+        }
+        Key::Send(byte)
+    }
+}
+
+/// A 16550 shared between its I/O region (the vCPUs) and the input thread.
+pub type SharedSerial = Arc<Mutex<dyn SerialInput>>;
+
+/// The part of a UART the input thread needs.
+pub trait SerialInput: IoDevice {
+    /// Queues bytes for the guest; returns how many fit.
+    fn enqueue(&mut self, input: &[u8]) -> usize;
+}
+
+impl<W: io::Write + Send> SerialInput for nkvm_devices::serial::Serial<W> {
+    fn enqueue(&mut self, input: &[u8]) -> usize {
+        self.enqueue_input(input)
+    }
+}
+
+/// The I/O-region side of a [`SharedSerial`].
+pub struct SerialRegion(pub SharedSerial);
+
+impl nkvm::IoHandler for SerialRegion {
+    fn read(&mut self, offset: u64, data: &mut [u8]) {
+        self.0.lock().unwrap_or_else(|p| p.into_inner()).read(offset, data);
+    }
+
+    fn write(&mut self, offset: u64, data: &[u8]) {
+        self.0.lock().unwrap_or_else(|p| p.into_inner()).write(offset, data);
+    }
+}
+
+/// Starts the thread that reads stdin: bytes go to `serial` (waiting while
+/// its FIFO is full), the escape key calls `quit` once. The thread ends at
+/// end of input or after the escape.
+pub fn spawn_input(serial: SharedSerial, quit: impl FnOnce() + Send + 'static) -> io::Result<()> {
+    thread::Builder::new().name("console-input".into()).spawn(move || {
+        let mut decoder = EscapeDecoder::default();
+        let mut buf = [0u8; 64];
+        let mut stdin = io::stdin();
+        loop {
+            let n = match stdin.read(&mut buf) {
+                Ok(0) | Err(_) => return,
+                Ok(n) => n,
+            };
+            for &byte in &buf[..n] {
+                match decoder.feed(byte) {
+                    Key::Quit => return quit(),
+                    Key::Pending => {}
+                    Key::Send(b) => {
+                        while serial.lock().unwrap_or_else(|p| p.into_inner()).enqueue(&[b]) == 0 {
+                            thread::sleep(Duration::from_millis(5));
+                        }
+                    }
+                }
+            }
+        }
+    })?;
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn ctrl_a_x_quits_and_ctrl_a_ctrl_a_sends_one_ctrl_a() {
+        let mut d = EscapeDecoder::default();
+        let keys: Vec<Key> = b"a\x01\x01b\x01x".iter().map(|&b| d.feed(b)).collect();
+        assert_eq!(keys, [Key::Send(b'a'), Key::Pending, Key::Send(CTRL_A), Key::Send(b'b'), Key::Pending, Key::Quit]);
+    }
+}
