@@ -9,6 +9,9 @@ root=$(cd "$(dirname "$0")/.." && pwd)
 out=$(mkdir -p "${1:-$root/target/guest}" && cd "${1:-$root/target/guest}" && pwd)
 say() { echo "fetch-guest: $*"; }
 die() { echo "fetch-guest: error: $*" >&2; exit 1; }
+# One run at a time per output directory (parallel test binaries may all ask).
+exec 9>"$out/.lock"
+flock 9 || die "cannot lock $out/.lock"
 
 command -v apt-get >/dev/null || die "apt-get is needed (a Debian or Ubuntu host)"
 missing=()

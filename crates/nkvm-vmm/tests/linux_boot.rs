@@ -15,14 +15,20 @@ use std::process::{Command, Output, Stdio};
 use std::time::{Duration, Instant};
 
 fn guest_dir() -> PathBuf {
-    let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("../..");
-    let dir = root.join("target/guest");
-    if ["bzImage", "vmlinux", "initramfs.cpio.gz", "disk.img"].iter().any(|f| !dir.join(f).exists()) {
-        let status =
-            Command::new("bash").arg(root.join("scripts/fetch-guest.sh")).status().expect("run fetch-guest.sh");
-        assert!(status.success(), "scripts/fetch-guest.sh failed");
-    }
-    dir
+    // Both tests need the files: fetch them once, not in two racing runs.
+    static FETCHED: std::sync::OnceLock<PathBuf> = std::sync::OnceLock::new();
+    FETCHED
+        .get_or_init(|| {
+            let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("../..");
+            let dir = root.join("target/guest");
+            if ["bzImage", "vmlinux", "initramfs.cpio.gz", "disk.img"].iter().any(|f| !dir.join(f).exists()) {
+                let status =
+                    Command::new("bash").arg(root.join("scripts/fetch-guest.sh")).status().expect("run fetch-guest.sh");
+                assert!(status.success(), "scripts/fetch-guest.sh failed");
+            }
+            dir
+        })
+        .clone()
 }
 
 /// Runs nkvm, killing it after `limit`.
