@@ -16,6 +16,7 @@ qemu-system-x86; --install does it).
 
 import argparse
 import os
+import re
 import shutil
 import statistics
 import subprocess
@@ -31,6 +32,7 @@ RUN_INIT = "Run /init as init process"
 # nkvm's default command line (crates/nkvm-vmm/src/cli.rs), for every VMM: the same work.
 CMDLINE = ("console=ttyS0 reboot=k panic=-1 noxsave cryptomgr.notests "
            "clearcpuid=ssse3,sse4_1,sse4_2,avx,avx2,aes,pclmulqdq,sha_ni,avx512f")
+ANSI = re.compile(r"\x1b\[[0-9;?]*[a-zA-Z]|\x1bc")
 # What a VMM prints when the guest cannot go on.
 FATAL = ("KVM internal error", "emulation failure", "guest stopped", "Kernel panic", "triple fault")
 
@@ -56,7 +58,8 @@ def boot_once(argv, timeout):
 
     def reader():
         for line in proc.stdout:
-            state["tail"] = (state["tail"] + [line.rstrip()])[-5:]
+            line = ANSI.sub("", line)
+            state["tail"] = (state["tail"] + [line.rstrip()])[-40:]
             if RUN_INIT in line and state["run_init_at"] is None:
                 state["run_init_at"] = time.monotonic() - start
             if MARKER in line and state["marker_at"] is None:
@@ -83,6 +86,14 @@ def boot_once(argv, timeout):
     proc.wait()
     t.join(timeout=2)
     why = state["why"]
+    # QEMU follows "KVM internal error" with a register dump: name the RIP.
+    rip = [t.split()[0] for t in state["tail"] if t.startswith("RIP=")]
+    if why and rip:
+        why += f" at {rip[-1]}"
+        code = [t for t in state["tail"] if t.startswith("Code=") and "<" in t]
+        if code:
+            after = code[-1].split("<", 1)[1].replace(">", "").split()[:6]
+            why += f" (bytes {' '.join(after)})"
     if state["marker_at"] is None and why is None:
         why = "timeout" if time.monotonic() - start >= timeout else f"exited: {' / '.join(state['tail'][-2:])[:100]}"
     return state["marker_at"] is not None, state["marker_at"], state["run_init_at"], peak, why
@@ -119,12 +130,13 @@ def main():
     p.add_argument("--memory", type=int, default=512, help="guest RAM in MiB")
     p.add_argument("--install", action="store_true", help="apt-get install qemu-system-x86 if missing")
     p.add_argument("--both-images", action="store_true", help="boot nkvm from the bzImage too (slower start)")
+    p.add_argument("--only", default="", help="run only the VMMs whose name contains this (e.g. qemu)")
     args = p.parse_args()
     if args.install and not shutil.which("qemu-system-x86_64"):
         subprocess.run(["apt-get", "install", "-y", "-qq", "qemu-system-x86"], check=True,
                        stdout=subprocess.DEVNULL)
     rows = []
-    for name, argv in vmms(args):
+    for name, argv in [v for v in vmms(args) if args.only in v[0]]:
         times, kernel_times, peaks, reached, why = [], [], [], False, ""
         for i in range(args.runs):
             ok, secs, run_init, peak, reason = boot_once(argv, args.timeout)
