@@ -191,6 +191,11 @@ struct MapState {
     next_slot: u32,
     /// One bitmap per dirty-logged backing object, by backing id.
     bitmaps: HashMap<u64, PageBitmap>,
+    /// Scratch for `collect_dirty_into`: backing pages taken (kept for
+    /// its capacity).
+    taken: Vec<u64>,
+    /// Scratch for `rearm`: the bitmap handed to KVM_CLEAR_DIRTY_LOG.
+    rearm_bits: Vec<u64>,
 }
 
 impl fmt::Debug for Vm {
@@ -424,13 +429,45 @@ impl Vm {
     /// it was collected is reported again. Aliased pages are reported once,
     /// at the first address in the range that maps them.
     pub fn collect_dirty(&self, start: GuestAddress, len: u64, max_pages: usize) -> Result<DirtyPages, VmError> {
+        let mut out = DirtyPages::default();
+        self.collect_dirty_into(start, len, max_pages, &mut out)?;
+        Ok(out)
+    }
+
+    /// [`collect_dirty`](Self::collect_dirty) into `out` (cleared first),
+    /// reusing its allocation: a migration loop that passes the same
+    /// `DirtyPages` every round allocates nothing after the first one (and
+    /// takes no page faults on fresh memory, which are expensive nested).
+    ///
+    /// ```no_run
+    /// # fn f(vm: &nkvm::Vm) -> Result<(), nkvm::VmError> {
+    /// use nkvm::{DirtyPages, GuestAddress};
+    /// let mut dirty = DirtyPages::default();
+    /// vm.sync_dirty_log()?;
+    /// let mut cursor = Some(GuestAddress(0));
+    /// while let Some(start) = cursor {
+    ///     vm.collect_dirty_into(start, u64::MAX - start.0, 4096, &mut dirty)?;
+    ///     // ... send dirty.pages ...
+    ///     cursor = dirty.next;
+    /// }
+    /// # Ok(()) }
+    /// ```
+    pub fn collect_dirty_into(
+        &self,
+        start: GuestAddress,
+        len: u64,
+        max_pages: usize,
+        out: &mut DirtyPages,
+    ) -> Result<(), VmError> {
+        out.pages.clear();
+        out.next = None;
         let end = start.0.saturating_add(len);
         let mut state = self.shared.state.lock().unwrap_or_else(|p| p.into_inner());
-        let MapState { installed, bitmaps, .. } = &mut *state;
+        let MapState { installed, bitmaps, taken, rearm_bits, .. } = &mut *state;
         let first = installed.partition_point(|(r, _)| r.end() <= start.0);
-        let mut out = DirtyPages::default();
-        let mut taken = Vec::new();
-        let mut rearm: Vec<(u64, Vec<u64>)> = Vec::new();
+        // Backing pages taken, for all regions; `spans` says whose they are.
+        taken.clear();
+        let mut spans: Vec<(u64, usize, usize)> = Vec::new();
         for (region, _) in installed[first..].iter().take_while(|(r, _)| r.gpa.0 < end) {
             let Some(bitmap) = bitmaps.get_mut(&region.backing.id()).filter(|_| region.dirty_log) else {
                 continue;
@@ -438,12 +475,12 @@ impl Vm {
             let lo = start.0.max(region.gpa.0);
             let hi = end.min(region.end());
             let to_page = |gpa: u64| (gpa - region.gpa.0 + region.offset) / PAGE_SIZE;
+            let from = taken.len();
             let budget = max_pages - out.pages.len();
-            taken.clear();
-            let resume = bitmap.take(to_page(lo), to_page(hi + PAGE_SIZE - 1), budget, &mut taken);
+            let resume = bitmap.take(to_page(lo), to_page(hi + PAGE_SIZE - 1), from + budget, taken);
             let to_gpa = |page: u64| GuestAddress(region.gpa.0 + page * PAGE_SIZE - region.offset);
-            out.pages.extend(taken.iter().map(|&p| to_gpa(p)));
-            rearm.push((region.backing.id(), taken.clone()));
+            out.pages.extend(taken[from..].iter().map(|&p| to_gpa(p)));
+            spans.push((region.backing.id(), from, taken.len()));
             if let Some(p) = resume {
                 out.next = Some(to_gpa(p));
                 break;
@@ -454,18 +491,23 @@ impl Vm {
             }
         }
         if self.manual_protect && self.shared.ring_bytes == 0 {
-            for (backing, pages) in rearm.iter().filter(|(_, p)| !p.is_empty()) {
-                self.rearm(installed, *backing, pages)?;
+            for &(backing, from, to) in spans.iter().filter(|(_, from, to)| to > from) {
+                self.rearm(installed, backing, &taken[from..to], rearm_bits)?;
             }
         }
-        Ok(out)
+        Ok(())
     }
 
     /// Re-arms write tracking for backing pages `pages` (ascending) in every
     /// slot that maps them (aliases included): one `KVM_CLEAR_DIRTY_LOG` per
     /// slot, whose bitmap spans the returned pages.
-    fn rearm(&self, installed: &[(Region, u32)], backing: u64, pages: &[u64]) -> Result<(), VmError> {
-        let mut bits: Vec<u64> = Vec::new();
+    fn rearm(
+        &self,
+        installed: &[(Region, u32)],
+        backing: u64,
+        pages: &[u64],
+        bits: &mut Vec<u64>,
+    ) -> Result<(), VmError> {
         for (region, slot) in installed.iter().filter(|(r, _)| r.dirty_log && r.backing.id() == backing) {
             let first = region.offset / PAGE_SIZE;
             let count = region.len / PAGE_SIZE;
@@ -483,7 +525,7 @@ impl Vm {
                 bits[(rel / 64) as usize] |= 1 << (rel % 64);
             }
             let num = u32::try_from(num).unwrap_or(u32::MAX);
-            crate::sys::dirty::clear_dirty_log(&self.fd, *slot, base, num, &bits)
+            crate::sys::dirty::clear_dirty_log(&self.fd, *slot, base, num, bits)
                 .map_err(|source| VmError::ClearDirtyLog { slot: *slot, source })?;
         }
         Ok(())
