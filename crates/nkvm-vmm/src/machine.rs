@@ -22,6 +22,7 @@ use crate::console::{PanicWatch, WatchedConsole};
 use crate::devices::{DeviceProcess, InProcess};
 use crate::ioapic;
 use crate::linux::{self, LinuxBoot};
+use crate::pci_devices::{PciConfig, ResetHook};
 use crate::terminal::{self, RawMode, SerialRegion, SharedSerial};
 
 /// Why the VMM could not run the VM.
@@ -85,6 +86,8 @@ struct Shared {
     stop: AtomicBool,
     /// The console's escape key ended the guest.
     escaped: AtomicBool,
+    /// The guest reset the machine through a device (port 0xcf9).
+    reset: AtomicBool,
     /// Filled by `run_vcpus`, for whoever must stop the vCPUs.
     kickers: std::sync::Mutex<Vec<nkvm::Kicker>>,
 }
@@ -120,7 +123,13 @@ fn run_linux(args: &RunArgs, boot: &LinuxBoot) -> Result<ExitCode, MachineError>
     let ioapic = ioapic::attach(&vm, acpi::IOAPIC_ADDR)?;
     let pm1a_evt = IoRange::pio(acpi::PM1A_EVT, u16::from(acpi::PM1A_EVT_LEN));
     vm.attach_handler(pm1a_evt, Box::new(InProcess(acpi::Pm1Event::default())))?;
-    let pci = crate::pci_devices::PciConfig { disk: args.disk.clone(), disk_read_only: args.disk_readonly };
+    let shared = Arc::new(Shared::default());
+    let resetter = shared.clone();
+    let reset = ResetHook(Arc::new(move || {
+        resetter.reset.store(true, SeqCst);
+        resetter.stop_all();
+    }));
+    let pci = PciConfig { disk: args.disk.clone(), disk_read_only: args.disk_readonly, reset: Some(reset) };
     crate::pci_devices::attach(&vm, &pci)?;
     let com1 = IoRange::pio(builtin::COM1, 8);
     let panic = PanicWatch::default();
@@ -160,7 +169,6 @@ fn run_linux(args: &RunArgs, boot: &LinuxBoot) -> Result<ExitCode, MachineError>
         }
         vcpus.push(vcpu);
     }
-    let shared = Arc::new(Shared::default());
     // The terminal goes back to canonical mode when `_raw` drops: on every
     // return from here, error or not.
     let _raw = input.as_ref().map(|_| RawMode::enter());
@@ -175,6 +183,8 @@ fn run_linux(args: &RunArgs, boot: &LinuxBoot) -> Result<ExitCode, MachineError>
     let mut outcome = run_vcpus(vcpus, &vm, &shared)?;
     if shared.escaped.load(SeqCst) {
         outcome = Outcome::Escaped;
+    } else if shared.reset.load(SeqCst) {
+        outcome = Outcome::Reset;
     }
     // A kernel panic followed by the reboot `panic=-1` asks for is a failure.
     if let (Outcome::Reset | Outcome::Halted, Some(why)) = (&outcome, panic.message()) {

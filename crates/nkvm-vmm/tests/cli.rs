@@ -171,6 +171,25 @@ fn a_kernel_that_pulse_resets_through_the_8042_ends_nkvm_with_success() {
 }
 
 #[test]
+fn a_kernel_that_resets_through_the_acpi_reset_register_ends_nkvm_with_success() {
+    use iced_x86::code_asm::*;
+    // 0xcf9 shares its ports with PCI configuration: a dword at 0xcf8 is a
+    // config address, a byte at 0xcf9 with bit 2 set is a reset.
+    let code = assemble(|a, _hang| {
+        a.mov(dx, 0xcf8)?;
+        a.mov(eax, 0x8000_0000u32)?;
+        a.out(dx, eax)?;
+        a.mov(dx, 0xcf9)?;
+        a.mov(al, 0x06)?;
+        a.out(dx, al)
+    });
+    let out = run_tiny_kernel("reset-cf9", &code);
+    let stderr = text(&out.stderr);
+    assert!(out.status.success(), "status {:?}: {stderr}", out.status);
+    assert!(stderr.contains("nkvm: guest reset"), "{stderr}");
+}
+
+#[test]
 fn a_kernel_that_enters_s5_through_pm1a_control_powers_off() {
     use iced_x86::code_asm::*;
     // As ACPICA does: read PM1a control (SCI_EN set), add SLP_TYP 5 and SLP_EN.

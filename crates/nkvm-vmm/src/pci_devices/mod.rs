@@ -39,9 +39,22 @@ pub const PCI_MMIO_BASE: u64 = 0xc000_0000;
 /// End (exclusive) of that window: the IOAPIC is at 0xfec0_0000.
 pub const PCI_MMIO_END: u64 = 0xfec0_0000;
 
+/// Called when the guest writes the reset control register at 0xcf9 (the
+/// ACPI reset register, shared with the PCI configuration ports).
+#[derive(Clone)]
+pub struct ResetHook(pub Arc<dyn Fn() + Send + Sync>);
+
+impl std::fmt::Debug for ResetHook {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("ResetHook")
+    }
+}
+
 /// What to put on the bus.
 #[derive(Debug, Clone, Default)]
 pub struct PciConfig {
+    /// What a guest write of a reset (bit 2) to port 0xcf9 calls.
+    pub reset: Option<ResetHook>,
     /// A raw disk image for virtio-blk.
     pub disk: Option<PathBuf>,
     /// Present the disk read-only.
@@ -106,7 +119,8 @@ pub fn attach(vm: &Arc<Vm>, config: &PciConfig) -> Result<(), PciSetupError> {
     }
     builder.add(Console::new(io::stdout()))?;
     let Builder { bus, notifiers, .. } = builder;
-    let mut handler = ConfigPorts { bus, vm: Arc::downgrade(vm), regions: HashMap::new(), notifiers };
+    let mut handler =
+        ConfigPorts { bus, vm: Arc::downgrade(vm), regions: HashMap::new(), notifiers, reset: config.reset.clone() };
     handler.apply_bar_events();
     vm.attach_handler(IoRange::pio(PCI_CONFIG_PORT, PCI_CONFIG_PORTS), Box::new(handler))?;
     Ok(())
@@ -213,6 +227,7 @@ impl MsiSink for IrqfdSink {
 /// Ports 0xcf8-0xcff: the bus, and the BAR regions it maps.
 struct ConfigPorts {
     bus: PciBus,
+    reset: Option<ResetHook>,
     vm: Weak<Vm>,
     regions: HashMap<(u8, usize), RegionId>,
     notifiers: HashMap<u8, QueueNotifier>,
@@ -257,10 +272,24 @@ impl IoHandler for ConfigPorts {
     }
 
     fn write(&mut self, offset: u64, data: &[u8]) {
+        // A byte at 0xcf9 is the reset control register, not configuration.
+        if offset == RESET_CONTROL_OFFSET && data.len() == 1 {
+            if data[0] & RESET_CPU != 0 {
+                if let Some(reset) = &self.reset {
+                    (reset.0)();
+                }
+            }
+            return;
+        }
         self.bus.write(offset, data);
         self.apply_bar_events();
     }
 }
+
+/// 0xcf9 within the 0xcf8 ports.
+const RESET_CONTROL_OFFSET: u64 = 1;
+/// Reset control: "reset CPU" (0x06 and 0x0e both set it).
+const RESET_CPU: u8 = 1 << 2;
 
 /// One BAR of one device, as an MMIO region.
 struct BarRegion {

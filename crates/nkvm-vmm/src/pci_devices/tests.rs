@@ -160,7 +160,7 @@ fn a_guest_writes_the_disk_through_pci_and_gets_an_msix_interrupt() {
     let vm = Arc::new(
         Vm::new(&hv, &VmConfig { vcpus: 1, memory: 16 << 20, split_irqchip: true, ..Default::default() }).unwrap(),
     );
-    attach(&vm, &PciConfig { disk: Some(image.clone()), disk_read_only: false }).unwrap();
+    attach(&vm, &PciConfig { disk: Some(image.clone()), ..Default::default() }).unwrap();
     vm.write_memory(GuestAddress(ENTRY), &guest_code()).unwrap();
     install_idt(&vm);
     write_request(&vm);
