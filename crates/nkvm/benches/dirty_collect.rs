@@ -194,8 +194,9 @@ fn main() {
     let mut budget = Vec::new();
     for size in [GIB, 4 * GIB] {
         for (pct, stride_pages) in [(1u32, 100u64), (25, 4)] {
-            // NKVM_BENCH_CASE=1G25 (say) runs one scenario, for profiling.
-            if std::env::var("NKVM_BENCH_CASE").is_ok_and(|c| c != format!("{}G{pct}", size / GIB)) {
+            // NKVM_BENCH_CASE=1G25 (or a list: 1G1,4G1) runs only those scenarios.
+            let case = format!("{}G{pct}", size / GIB);
+            if std::env::var("NKVM_BENCH_CASE").is_ok_and(|c| !c.split(',').any(|c| c == case)) {
                 continue;
             }
             let stride = stride_pages * PAGE_SIZE;
