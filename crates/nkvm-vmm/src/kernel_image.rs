@@ -16,10 +16,8 @@ use linux_loader::loader::elf::Elf;
 use linux_loader::loader::KernelLoader;
 use vm_memory::{GuestAddress, GuestMemoryMmap};
 
-use crate::linux::LinuxError;
+use crate::linux::{LinuxError, HIMEM};
 
-/// Where a bzImage's protected-mode kernel is loaded (1 MiB).
-const HIMEM: u64 = 0x10_0000;
 /// Offset of the 64-bit entry point in a bzImage's protected-mode kernel.
 const BZIMAGE_ENTRY_64: u64 = 0x200;
 /// The boot sector signature and "HdrS": what a boot loader fills in for

@@ -20,7 +20,8 @@ const CMDLINE_MAX: usize = 4096;
 pub const TABLES: u64 = 0x3_0000;
 /// Start of the boot stack (grows down).
 pub const BOOT_STACK: u64 = 0x8ff0;
-const HIMEM: u64 = 0x10_0000;
+/// Where the protected-mode kernel goes and RAM above the BIOS area starts (1 MiB).
+pub(crate) const HIMEM: u64 = 0x10_0000;
 const E820_RAM: u32 = 1;
 const E820_RESERVED: u32 = 2;
 

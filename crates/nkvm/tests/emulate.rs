@@ -20,50 +20,25 @@ const HANDLER: u64 = 0x3_0000;
 fn int3_is_delivered_to_the_guest_as_a_breakpoint() {
     let vm = vm();
     // #BP handler: report the return address it was given, then return.
-    let handler = assemble(64, HANDLER, |a| {
+    install_handler(&vm, 3, |a| {
         a.mov(rax, qword_ptr(rsp)).unwrap();
         a.out(0x70u32, eax).unwrap();
         a.iretq().unwrap();
     });
-    vm.write_memory(GuestAddress(HANDLER), &handler).unwrap();
-    let mut gate = [0u8; 16];
-    gate[0..2].copy_from_slice(&(HANDLER as u16).to_le_bytes());
-    gate[2..4].copy_from_slice(&0x08u16.to_le_bytes());
-    gate[5] = 0x8e;
-    gate[6..8].copy_from_slice(&((HANDLER >> 16) as u16).to_le_bytes());
-    vm.write_memory(GuestAddress(IDT + 3 * 16), &gate).unwrap();
-    let mut idtr = [0u8; 10];
-    idtr[0..2].copy_from_slice(&4095u16.to_le_bytes());
-    idtr[2..10].copy_from_slice(&IDT.to_le_bytes());
-    vm.write_memory(GuestAddress(0x6ff0), &idtr).unwrap();
-    let mut after_int3 = 0;
     let mut vcpu = long_mode_guest(&vm, 0, |a| {
-        a.mov(rax, 0x6ff0u64).unwrap();
+        a.mov(rax, IDTR).unwrap();
         a.lidt(ptr(rax)).unwrap();
         a.int3().unwrap();
         a.mov(eax, 0x1234u32).unwrap();
         a.out(0x71u32, eax).unwrap();
         a.hlt().unwrap();
     });
-    // The int3 is 8 bytes in (mov rax, imm64 is 10; lidt [rax] is 3).
-    after_int3 += LONG_MODE_ENTRY + 10 + 3 + 1;
-    let mut run = RunState::new();
-    let mut reports = Vec::new();
-    let mut injected = 0;
-    loop {
-        match vcpu.enter_guest(&mut run).unwrap() {
-            Exit::InternalError(e) => {
-                let done = complete(&vcpu, &vm, &e).expect("int3 can be completed");
-                assert_eq!(done, Emulated::Injected { vector: 3, instruction: "int3".into() });
-                injected += 1;
-            }
-            Exit::IoOut { port, data, .. } => reports.push((port, data)),
-            Exit::Hlt => break,
-            other => panic!("unexpected {other}"),
-        }
-    }
+    // The int3 is 13 bytes in (mov rax, imm64 is 10; lidt [rax] is 3).
+    let after_int3 = LONG_MODE_ENTRY + 10 + 3 + 1;
+    let (reports, done) = run_completing(&vm, &mut vcpu);
     // On hosts that emulate int3 themselves, nothing needed completing.
-    eprintln!("int3 completions in user space: {injected}");
+    eprintln!("int3 completions in user space: {}", done.len());
+    assert!(done.iter().all(|d| *d == Emulated::Injected { vector: 3, instruction: "int3".into() }), "{done:?}");
     assert_eq!(reports, vec![(0x70, after_int3 & 0xffff_ffff), (0x71, 0x1234)]);
 }
 
@@ -101,18 +76,7 @@ fn popcnt_is_computed_with_its_flags() {
         a.out(0x71u32, eax).unwrap();
         a.hlt().unwrap();
     });
-    let mut run = RunState::new();
-    let mut reports = Vec::new();
-    loop {
-        match vcpu.enter_guest(&mut run).unwrap() {
-            Exit::InternalError(e) => {
-                complete(&vcpu, &vm, &e).expect("popcnt can be completed");
-            }
-            Exit::IoOut { port, data, .. } => reports.push((port, data)),
-            Exit::Hlt => break,
-            other => panic!("unexpected {other}"),
-        }
-    }
+    let (reports, _) = run_completing(&vm, &mut vcpu);
     assert_eq!(reports, vec![(0x70, 9), (0x71, 1)]);
 }
 
@@ -125,19 +89,8 @@ fn fwait_without_a_pending_x87_exception_just_continues() {
         a.out(0x70u32, eax).unwrap();
         a.hlt().unwrap();
     });
-    let mut run = RunState::new();
-    let mut reports = Vec::new();
-    loop {
-        match vcpu.enter_guest(&mut run).unwrap() {
-            Exit::InternalError(e) => {
-                let done = complete(&vcpu, &vm, &e).expect("wait can be completed");
-                assert_eq!(done, Emulated::Completed { instruction: "wait".into() });
-            }
-            Exit::IoOut { port, data, .. } => reports.push((port, data)),
-            Exit::Hlt => break,
-            other => panic!("unexpected {other}"),
-        }
-    }
+    let (reports, done) = run_completing(&vm, &mut vcpu);
+    assert!(done.iter().all(|d| *d == Emulated::Completed { instruction: "wait".into() }), "{done:?}");
     assert_eq!(reports, vec![(0x70, 7)]);
 }
 
