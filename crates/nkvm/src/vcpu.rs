@@ -111,7 +111,7 @@ pub(crate) struct VcpuLinks {
 /// Harvests the VM's dirty rings when a vCPU's ring is full (implemented by
 /// the VM's memory state, which the vCPU also keeps alive).
 pub(crate) trait RingFull: Send + Sync + fmt::Debug {
-    fn ring_full(&self) -> std::io::Result<()>;
+    fn ring_full(&self, vcpu: u32) -> std::io::Result<()>;
 }
 
 #[derive(Debug, Default)]
@@ -232,7 +232,7 @@ impl Vcpu {
             let Some((space, addr, size, write)) = io_access(&exit) else {
                 if let Exit::Unknown { reason: kvm_bindings::KVM_EXIT_DIRTY_RING_FULL } = exit {
                     // The dirty ring is full: move it to the bitmaps, go on.
-                    self.links.memory.ring_full().map_err(|source| VcpuError::Run { id: self.id, source })?;
+                    self.links.memory.ring_full(self.id).map_err(|source| VcpuError::Run { id: self.id, source })?;
                     continue;
                 }
                 break exit;

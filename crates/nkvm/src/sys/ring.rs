@@ -15,14 +15,39 @@ ioctl_io_nr!(KVM_RESET_DIRTY_RINGS, kvm_bindings::KVMIO, 0xc7);
 
 const GFN_DIRTY: u32 = 1;
 const GFN_RESET: u32 = 2;
+/// Entries below the ring size that KVM's soft limit is sure to be above
+/// (it keeps 64 plus the CPU's dirty-log buffer, at most 512, in reserve).
+const SOFT_LIMIT_MARGIN: u32 = 1024;
 
 /// One vCPU's dirty ring, mapped from its fd.
 #[derive(Debug)]
 pub(crate) struct DirtyRing {
     ptr: NonNull<kvm_dirty_gfn>,
     entries: u32,
+    cursor: Mutex<Cursor>,
+}
+
+/// Where the harvester is in the ring.
+#[derive(Debug, Default)]
+struct Cursor {
     /// Next entry to look at (the harvester's fetch index).
-    next: Mutex<u32>,
+    next: u32,
+    /// The ring overflowed: KVM pushed more entries than the ring holds
+    /// before it exited, so entries were overwritten and KVM's push index
+    /// is no longer where the harvester can find it. From then on the ring
+    /// is not read; its entries are only handed back when KVM stops the
+    /// vCPU for them (see [`DirtyRing::release_stale`]).
+    poisoned: bool,
+}
+
+/// What one harvest did.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub(crate) struct Harvest {
+    /// Entries the kernel published, handed to the callback.
+    pub(crate) published: usize,
+    /// The ring overflowed, in this harvest or before: its entries say
+    /// nothing reliable about which pages were written.
+    pub(crate) poisoned: bool,
 }
 
 // SAFETY: the ring is shared memory with the kernel; entries are handed over
@@ -53,7 +78,7 @@ impl DirtyRing {
         }
         let ptr = NonNull::new(ptr.cast::<kvm_dirty_gfn>()).ok_or_else(io::Error::last_os_error)?;
         let entries = bytes / std::mem::size_of::<kvm_dirty_gfn>() as u32;
-        Ok(Self { ptr, entries, next: Mutex::new(0) })
+        Ok(Self { ptr, entries, cursor: Mutex::new(Cursor::default()) })
     }
 
     /// Number of entries.
@@ -61,29 +86,67 @@ impl DirtyRing {
         self.entries
     }
 
+    /// The flags word of entry `index` (taken modulo the ring size).
+    fn flags(&self, index: u32) -> &AtomicU32 {
+        let idx = (index % self.entries) as usize;
+        // SAFETY: idx < entries, inside the mapping, which lives as long as
+        // `self`; `flags` is a u32 accessed only atomically by us (and by
+        // the kernel with matching barriers).
+        unsafe { AtomicU32::from_ptr(std::ptr::addr_of_mut!((*self.ptr.as_ptr().add(idx)).flags)) }
+    }
+
     /// Calls `f(slot, page_offset)` for every entry the kernel published
-    /// since the last harvest and marks them for reset. Returns the count.
-    pub(crate) fn harvest(&self, mut f: impl FnMut(u32, u64)) -> usize {
-        let mut next = self.next.lock().unwrap_or_else(|p| p.into_inner());
-        let mut n = 0;
+    /// since the last harvest and marks them for reset. A poisoned ring
+    /// (one that overflowed) is not read.
+    pub(crate) fn harvest(&self, mut f: impl FnMut(u32, u64)) -> Harvest {
+        let mut cursor = self.cursor.lock().unwrap_or_else(|p| p.into_inner());
+        let mut done = Harvest { published: 0, poisoned: cursor.poisoned };
+        if cursor.poisoned {
+            return done;
+        }
         loop {
-            let idx = (*next % self.entries) as usize;
-            // SAFETY: idx < entries, inside the mapping.
-            let entry = unsafe { self.ptr.as_ptr().add(idx) };
-            // SAFETY: `flags` is a u32 in the live mapping, accessed only
-            // atomically by us (and by the kernel with matching barriers).
-            let flags = unsafe { AtomicU32::from_ptr(std::ptr::addr_of_mut!((*entry).flags)) };
+            let flags = self.flags(cursor.next);
             if flags.load(Ordering::Acquire) & GFN_DIRTY == 0 {
                 break;
             }
-            // SAFETY: the acquire above makes the kernel's slot/offset visible.
-            let (slot, offset) = unsafe { ((*entry).slot, (*entry).offset) };
+            let idx = (cursor.next % self.entries) as usize;
+            // SAFETY: idx < entries, inside the mapping; the acquire above
+            // makes the kernel's slot/offset visible.
+            let (slot, offset) = unsafe {
+                let entry = self.ptr.as_ptr().add(idx);
+                ((*entry).slot, (*entry).offset)
+            };
             f(slot, offset);
             flags.store(GFN_RESET, Ordering::Release);
-            *next = next.wrapping_add(1);
-            n += 1;
+            cursor.next = cursor.next.wrapping_add(1);
+            done.published += 1;
         }
-        n
+        if done.published >= self.entries as usize {
+            // Every entry was dirty: KVM went past the ring's end before it
+            // exited (this nested host does), overwriting entries.
+            cursor.poisoned = true;
+            done.poisoned = true;
+        }
+        done
+    }
+
+    /// For a poisoned ring whose vCPU exited ring-full: KVM counts entries
+    /// in use that the harvester cannot tell apart. Hands back as many as
+    /// KVM is sure to count (fewer than its soft limit, which it is at when
+    /// it stops the vCPU, so its reset index never passes its push index),
+    /// unread, so that the vCPU can run again. Returns how many; 0 if the
+    /// ring is not poisoned.
+    pub(crate) fn release_stale(&self) -> u32 {
+        let mut cursor = self.cursor.lock().unwrap_or_else(|p| p.into_inner());
+        if !cursor.poisoned {
+            return 0;
+        }
+        let count = self.entries.saturating_sub(SOFT_LIMIT_MARGIN);
+        for i in 0..count {
+            self.flags(cursor.next.wrapping_add(i)).store(GFN_RESET, Ordering::Release);
+        }
+        cursor.next = cursor.next.wrapping_add(count);
+        count
     }
 }
 

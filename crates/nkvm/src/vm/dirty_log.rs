@@ -7,7 +7,7 @@ use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 
 use super::{MapState, Vm, VmError};
-use crate::dirty::{DirtyPages, PageBitmap};
+use crate::dirty::{low_bits, DirtyPages, PageBitmap};
 use crate::memory::{Region, PAGE_SIZE};
 use crate::sys::ring::{reset_dirty_rings, DirtyRing};
 use crate::GuestAddress;
@@ -19,53 +19,81 @@ pub(super) struct DirtyShared {
     pub(super) state: Mutex<MapState>,
     /// Ring size in bytes; 0 when dirty pages come from `KVM_GET_DIRTY_LOG`.
     pub(super) ring_bytes: u32,
-    pub(super) rings: Mutex<Vec<Arc<DirtyRing>>>,
+    /// Each vCPU's ring, by vCPU id.
+    pub(super) rings: Mutex<Vec<(u32, Arc<DirtyRing>)>>,
     /// A duplicate of the VM fd, for `KVM_RESET_DIRTY_RINGS`.
     pub(super) vm_file: std::fs::File,
 }
 
 impl DirtyShared {
     /// Moves every published ring entry into the bitmaps, then lets KVM
-    /// re-protect those pages.
-    pub(super) fn harvest_rings(&self, state: &mut MapState) -> std::io::Result<()> {
+    /// re-protect those pages. Returns how many entries were published.
+    pub(super) fn harvest_rings(&self, state: &mut MapState) -> std::io::Result<usize> {
         let rings = self.rings.lock().unwrap_or_else(|p| p.into_inner());
-        let MapState { installed, bitmaps, .. } = state;
-        let by_slot: HashMap<u32, &Region> = installed.iter().map(|(r, slot)| (*slot, r)).collect();
-        let mut total = 0;
-        let mut overflowed = false;
-        for ring in rings.iter() {
-            let n = ring.harvest(|slot, offset| {
-                if let Some(region) = by_slot.get(&(slot & 0xffff)) {
-                    if let Some(bitmap) = bitmaps.get_mut(&region.backing.id()) {
-                        bitmap.set(region.offset / PAGE_SIZE + offset);
-                    }
-                }
-            });
-            // A ring found completely full may have wrapped: KVM is meant to
-            // exit at its soft limit, but on this nested host (kvm_pvm) the
-            // exit can come late and entries are overwritten.
-            overflowed |= n >= ring.entries() as usize;
-            total += n;
+        let MapState { installed, bitmaps, ring_entries, .. } = state;
+        // Copy the entries out first: the kernel gets its slots back at
+        // once, and the bitmap updates below look a slot up only when it
+        // changes (entries come in runs), not once per page.
+        ring_entries.clear();
+        let mut poisoned = false;
+        for (id, ring) in rings.iter() {
+            let done = ring.harvest(|slot, offset| ring_entries.push((slot & 0xffff, offset)));
+            if done.published >= ring.entries() as usize {
+                log::warn!(
+                    "vCPU {id}'s dirty ring overflowed before KVM exited (a bug of this host): from now on every \
+                     sync reports all dirty-logged memory dirty; DirtyLogMode::Bitmap avoids this"
+                );
+            }
+            poisoned |= done.poisoned;
         }
-        if overflowed {
-            log::warn!("a dirty ring overflowed before KVM exited: reporting all dirty-logged memory as dirty");
+        let by_slot: HashMap<u32, &Region> = installed.iter().map(|(r, slot)| (*slot, r)).collect();
+        let mut current: Option<(u32, u64, Option<&mut PageBitmap>)> = None;
+        for &(slot, offset) in ring_entries.iter() {
+            if current.as_ref().is_none_or(|(s, ..)| *s != slot) {
+                current = Some(match by_slot.get(&slot) {
+                    Some(region) => (slot, region.offset / PAGE_SIZE, bitmaps.get_mut(&region.backing.id())),
+                    None => (slot, 0, None),
+                });
+            }
+            if let Some((_, first, Some(bitmap))) = current.as_mut() {
+                bitmap.set(*first + offset);
+            }
+        }
+        if poisoned {
+            // A ring overflowed, now or before: which pages its lost
+            // entries named is unknown, so report every page.
             for (region, _) in installed.iter().filter(|(r, _)| r.dirty_log) {
                 if let Some(bitmap) = bitmaps.get_mut(&region.backing.id()) {
                     bitmap.set_range(region.offset / PAGE_SIZE, region.len / PAGE_SIZE);
                 }
             }
         }
-        if total > 0 {
+        if !ring_entries.is_empty() {
             reset_dirty_rings(&self.vm_file)?;
         }
-        Ok(())
+        Ok(ring_entries.len())
     }
 }
 
 impl crate::vcpu::RingFull for DirtyShared {
-    fn ring_full(&self) -> std::io::Result<()> {
+    fn ring_full(&self, vcpu: u32) -> std::io::Result<()> {
         let mut state = self.state.lock().unwrap_or_else(|p| p.into_inner());
-        self.harvest_rings(&mut state)
+        if self.harvest_rings(&mut state)? > 0 {
+            return Ok(());
+        }
+        // Full, yet nothing published: the ring overflowed earlier and KVM
+        // still counts entries nkvm no longer reads. Hand them back (no page
+        // is lost: a poisoned ring makes every sync report all memory).
+        let rings = self.rings.lock().unwrap_or_else(|p| p.into_inner());
+        let released = rings.iter().find(|(id, _)| *id == vcpu).map_or(0, |(_, ring)| ring.release_stale());
+        if released == 0 {
+            return Err(std::io::Error::other(format!(
+                "vCPU {vcpu}'s dirty ring is full but holds no published entry; KVM and nkvm disagree \
+                 on its indices (use DirtyLogMode::Bitmap on this host)"
+            )));
+        }
+        log::debug!("vCPU {vcpu}: handed back {released} entries of its overflowed dirty ring");
+        reset_dirty_rings(&self.vm_file)
     }
 }
 
@@ -98,7 +126,7 @@ impl Vm {
     pub fn sync_dirty_log(&self) -> Result<(), VmError> {
         let mut state = self.shared.state.lock().unwrap_or_else(|p| p.into_inner());
         if self.shared.ring_bytes > 0 {
-            return self.shared.harvest_rings(&mut state).map_err(VmError::DirtyRing);
+            return self.shared.harvest_rings(&mut state).map(drop).map_err(VmError::DirtyRing);
         }
         let MapState { installed, bitmaps, .. } = &mut *state;
         for (region, slot) in installed.iter().filter(|(r, _)| r.dirty_log) {
@@ -150,7 +178,7 @@ impl Vm {
         let mut state = self.shared.state.lock().unwrap_or_else(|p| p.into_inner());
         let MapState { installed, bitmaps, taken, rearm_bits, .. } = &mut *state;
         let first = installed.partition_point(|(r, _)| r.end() <= start.0);
-        // Backing pages taken, for all regions; `spans` says whose they are.
+        // Backing words taken, for all regions; `spans` says whose they are.
         taken.clear();
         let mut spans: Vec<(u64, usize, usize)> = Vec::new();
         for (region, _) in installed[first..].iter().take_while(|(r, _)| r.gpa.0 < end) {
@@ -160,11 +188,22 @@ impl Vm {
             let lo = start.0.max(region.gpa.0);
             let hi = end.min(region.end());
             let to_page = |gpa: u64| (gpa - region.gpa.0 + region.offset) / PAGE_SIZE;
+            // Guest address of backing page 0 through this region (may wrap;
+            // only pages inside the region are ever added to it).
+            let origin = region.gpa.0.wrapping_sub(region.offset);
+            let to_gpa = |page: u64| GuestAddress(origin.wrapping_add(page * PAGE_SIZE));
             let from = taken.len();
             let budget = max_pages - out.pages.len();
-            let resume = bitmap.take(to_page(lo), to_page(hi + PAGE_SIZE - 1), from + budget, taken);
-            let to_gpa = |page: u64| GuestAddress(region.gpa.0 + page * PAGE_SIZE - region.offset);
-            out.pages.extend(taken[from..].iter().map(|&p| to_gpa(p)));
+            let pages = &mut out.pages;
+            let (_, resume) = bitmap.take(to_page(lo), to_page(hi + PAGE_SIZE - 1), budget, |w, mut bits| {
+                taken.push((w, bits));
+                let (base, before) = (w as u64 * 64, pages.len());
+                while bits != 0 {
+                    pages.push(to_gpa(base + u64::from(bits.trailing_zeros())));
+                    bits &= bits - 1;
+                }
+                pages.len() - before
+            });
             spans.push((region.backing.id(), from, taken.len()));
             if let Some(p) = resume {
                 out.next = Some(to_gpa(p));
@@ -183,35 +222,75 @@ impl Vm {
         Ok(())
     }
 
-    /// Re-arms write tracking for backing pages `pages` (ascending) in every
-    /// slot that maps them (aliases included): one `KVM_CLEAR_DIRTY_LOG` per
-    /// slot, whose bitmap spans the returned pages.
+    /// Re-arms write tracking for the backing pages in `words` ((word
+    /// index, bits), ascending) in every slot that maps them (aliases
+    /// included): one `KVM_CLEAR_DIRTY_LOG` per slot, whose bitmap spans the
+    /// returned pages and is built a word at a time in `bits`, which is all
+    /// zero between calls (so it is never cleared in full).
     fn rearm(
         &self,
         installed: &[(Region, u32)],
         backing: u64,
-        pages: &[u64],
+        words: &[(usize, u64)],
         bits: &mut Vec<u64>,
     ) -> Result<(), VmError> {
+        // Bits `a..b` of a word (a, b <= 64).
+        let span = |a: u64, b: u64| low_bits(b) & !low_bits(a);
         for (region, slot) in installed.iter().filter(|(r, _)| r.dirty_log && r.backing.id() == backing) {
             let first = region.offset / PAGE_SIZE;
             let count = region.len / PAGE_SIZE;
-            let inside = |p: &&u64| **p >= first && **p < first + count;
-            let (Some(&lo), Some(&hi)) = (pages.iter().find(inside), pages.iter().rev().find(inside)) else {
+            // The taken words this slot maps; only its first and last word
+            // can be partly outside it.
+            let (lo_w, hi_w) = ((first / 64) as usize, ((first + count - 1) / 64) as usize);
+            let sel = &words[words.partition_point(|&(w, _)| w < lo_w)..words.partition_point(|&(w, _)| w <= hi_w)];
+            let clip = |&(w, b): &(usize, u64)| {
+                let base = w as u64 * 64;
+                let inside = span(first.saturating_sub(base).min(64), (first + count).saturating_sub(base).min(64));
+                (w, if w == lo_w || w == hi_w { b & inside } else { b })
+            };
+            let (Some((w0, b0)), Some((w1, b1))) =
+                (sel.iter().map(clip).find(|c| c.1 != 0), sel.iter().rev().map(clip).find(|c| c.1 != 0))
+            else {
                 continue;
             };
+            let lo = w0 as u64 * 64 + u64::from(b0.trailing_zeros());
+            let hi = w1 as u64 * 64 + 63 - u64::from(b1.leading_zeros());
+            // KVM wants the first page a multiple of 64, and a multiple of
+            // 64 pages or a range ending at the slot's end.
             let base = (lo - first) & !63;
-            // KVM wants a multiple of 64 pages, or a range ending at the slot's end.
             let num = ((hi - first) - base + 1).next_multiple_of(64).min(count - base);
-            bits.clear();
-            bits.resize(num.div_ceil(64) as usize, 0);
-            for &p in pages.iter().filter(|p| inside(p)) {
-                let rel = p - first - base;
-                bits[(rel / 64) as usize] |= 1 << (rel % 64);
+            let nwords = num.div_ceil(64) as usize;
+            if bits.len() < nwords {
+                bits.resize(nwords, 0);
             }
-            let num = u32::try_from(num).unwrap_or(u32::MAX);
-            crate::sys::dirty::clear_dirty_log(&self.fd, *slot, base, num, bits)
-                .map_err(|source| VmError::ClearDirtyLog { slot: *slot, source })?;
+            // Backing page `origin + i` is bit i of the bitmap: backing word
+            // w lands in word w - word0, shifted right by `shift`, its low
+            // `shift` pages at the top of the word before.
+            let origin = first + base;
+            let (word0, shift) = ((origin / 64) as usize, origin % 64);
+            let placed = |w: usize, b: u64| {
+                let here = (w - word0, if shift == 0 { b } else { b >> shift });
+                let before = (shift != 0 && b << (64 - shift) != 0).then(|| (w - word0 - 1, b << (64 - shift)));
+                (here, before)
+            };
+            for (w, b) in sel.iter().map(clip).filter(|c| c.1 != 0) {
+                let ((i, x), before) = placed(w, b);
+                bits[i] |= x;
+                if let Some((i, x)) = before {
+                    bits[i] |= x;
+                }
+            }
+            let num32 = u32::try_from(num).unwrap_or(u32::MAX);
+            let cleared = crate::sys::dirty::clear_dirty_log(&self.fd, *slot, base, num32, &bits[..nwords]);
+            // Back to all zero, touching only the words set above.
+            for (w, b) in sel.iter().map(clip).filter(|c| c.1 != 0) {
+                let ((i, _), before) = placed(w, b);
+                bits[i] = 0;
+                if let Some((i, _)) = before {
+                    bits[i] = 0;
+                }
+            }
+            cleared.map_err(|source| VmError::ClearDirtyLog { slot: *slot, source })?;
         }
         Ok(())
     }

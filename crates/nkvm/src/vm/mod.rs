@@ -138,9 +138,11 @@ struct MapState {
     next_slot: u32,
     /// One bitmap per dirty-logged backing object, by backing id.
     bitmaps: HashMap<u64, PageBitmap>,
-    /// Scratch for `collect_dirty_into`: backing pages taken (kept for
-    /// its capacity).
-    taken: Vec<u64>,
+    /// Scratch for `collect_dirty_into`: the backing bitmap words taken,
+    /// as (word index, bits) (kept for its capacity).
+    taken: Vec<(usize, u64)>,
+    /// Scratch for the ring harvest: (slot, page offset) entries.
+    ring_entries: Vec<(u32, u64)>,
     /// Scratch for `rearm`: the bitmap handed to KVM_CLEAR_DIRTY_LOG.
     rearm_bits: Vec<u64>,
 }
@@ -426,7 +428,7 @@ impl Vm {
         if self.shared.ring_bytes > 0 {
             let ring = DirtyRing::map(std::os::fd::AsRawFd::as_raw_fd(&fd), self.shared.ring_bytes)
                 .map_err(VmError::DirtyRing)?;
-            self.shared.rings.lock().unwrap_or_else(|p| p.into_inner()).push(Arc::new(ring));
+            self.shared.rings.lock().unwrap_or_else(|p| p.into_inner()).push((id, Arc::new(ring)));
         }
         // The vCPU keeps the slot table (and so every backing the guest can
         // reach) alive for as long as it can run, even if the Vm is dropped
