@@ -244,9 +244,11 @@ impl Vm {
             let (lo_w, hi_w) = ((first / 64) as usize, ((first + count - 1) / 64) as usize);
             let sel = &words[words.partition_point(|&(w, _)| w < lo_w)..words.partition_point(|&(w, _)| w <= hi_w)];
             let clip = |&(w, b): &(usize, u64)| {
+                if w != lo_w && w != hi_w {
+                    return (w, b);
+                }
                 let base = w as u64 * 64;
-                let inside = span(first.saturating_sub(base).min(64), (first + count).saturating_sub(base).min(64));
-                (w, if w == lo_w || w == hi_w { b & inside } else { b })
+                (w, b & span(first.saturating_sub(base).min(64), (first + count).saturating_sub(base).min(64)))
             };
             let (Some((w0, b0)), Some((w1, b1))) =
                 (sel.iter().map(clip).find(|c| c.1 != 0), sel.iter().rev().map(clip).find(|c| c.1 != 0))
@@ -268,26 +270,35 @@ impl Vm {
             // `shift` pages at the top of the word before.
             let origin = first + base;
             let (word0, shift) = ((origin / 64) as usize, origin % 64);
-            let placed = |w: usize, b: u64| {
-                let here = (w - word0, if shift == 0 { b } else { b >> shift });
-                let before = (shift != 0 && b << (64 - shift) != 0).then(|| (w - word0 - 1, b << (64 - shift)));
-                (here, before)
-            };
-            for (w, b) in sel.iter().map(clip).filter(|c| c.1 != 0) {
-                let ((i, x), before) = placed(w, b);
-                bits[i] |= x;
-                if let Some((i, x)) = before {
-                    bits[i] |= x;
+            let words_in = sel.iter().map(clip).filter(|c| c.1 != 0);
+            if shift == 0 {
+                for (w, b) in words_in {
+                    bits[w - word0] |= b;
+                }
+            } else {
+                for (w, b) in words_in {
+                    if b >> shift != 0 {
+                        bits[w - word0] |= b >> shift;
+                    }
+                    if b << (64 - shift) != 0 {
+                        bits[w - word0 - 1] |= b << (64 - shift);
+                    }
                 }
             }
             let num32 = u32::try_from(num).unwrap_or(u32::MAX);
             let cleared = crate::sys::dirty::clear_dirty_log(&self.fd, *slot, base, num32, &bits[..nwords]);
-            // Back to all zero, touching only the words set above.
-            for (w, b) in sel.iter().map(clip).filter(|c| c.1 != 0) {
-                let ((i, _), before) = placed(w, b);
-                bits[i] = 0;
-                if let Some((i, _)) = before {
-                    bits[i] = 0;
+            // Back to all zero: in full when most words were used, else
+            // only the words that can have been set.
+            if sel.len() >= nwords / 8 {
+                bits[..nwords].fill(0);
+            } else {
+                for &(w, _) in sel {
+                    let i = w.wrapping_sub(word0);
+                    for j in [i, i.wrapping_sub(1)] {
+                        if let Some(word) = bits.get_mut(j) {
+                            *word = 0;
+                        }
+                    }
                 }
             }
             cleared.map_err(|source| VmError::ClearDirtyLog { slot: *slot, source })?;
