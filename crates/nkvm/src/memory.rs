@@ -330,9 +330,13 @@ impl Region {
 }
 
 /// A whole guest physical memory map: validated, sorted, non-overlapping regions.
+///
+/// Cheap to clone (the regions are shared), so a VMM can keep the maps it
+/// switches between and hand one to [`Vm::set_memory_map`](crate::Vm::set_memory_map)
+/// without copying or freeing hundreds of regions on every change.
 #[derive(Debug, Clone, Default)]
 pub struct MemoryMap {
-    regions: Vec<Region>,
+    regions: std::sync::Arc<[Region]>,
 }
 
 impl MemoryMap {
@@ -347,7 +351,7 @@ impl MemoryMap {
                 return Err(MemoryError::Overlap(pair[0].name(), pair[1].name()));
             }
         }
-        Ok(Self { regions })
+        Ok(Self { regions: regions.into() })
     }
 
     /// Plain RAM of `size` bytes from one backing: below 3 GiB at address 0,
