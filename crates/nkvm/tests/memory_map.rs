@@ -26,6 +26,11 @@ fn small_vm_with(dirty_log: DirtyLogMode) -> nkvm::Vm {
     vm_with(nkvm::VmConfig { vcpus: 2, memory: RAM, dirty_log, ..Default::default() })
 }
 
+/// Runs `test` with each dirty-log feed this host has.
+fn in_each_mode(test: impl Fn(DirtyLogMode)) {
+    modes().into_iter().for_each(test);
+}
+
 /// Both dirty-log feeds: the dirty ring (when the host has it) and bitmaps.
 fn modes() -> Vec<DirtyLogMode> {
     let mut modes = vec![DirtyLogMode::Bitmap];
@@ -76,9 +81,7 @@ fn bios_alias_is_seen_by_the_guest_at_both_addresses() {
 
 #[test]
 fn moved_region_keeps_its_bytes_and_its_dirty_bits() {
-    for mode in modes() {
-        moved_region_keeps_its_bytes_and_its_dirty_bits_in(mode);
-    }
+    in_each_mode(moved_region_keeps_its_bytes_and_its_dirty_bits_in);
 }
 
 fn moved_region_keeps_its_bytes_and_its_dirty_bits_in(mode: DirtyLogMode) {
@@ -112,9 +115,7 @@ fn moved_region_keeps_its_bytes_and_its_dirty_bits_in(mode: DirtyLogMode) {
 
 #[test]
 fn dirty_queries_by_range_and_budget_rearm_exactly_what_they_return() {
-    for mode in modes() {
-        dirty_queries_by_range_and_budget_rearm_exactly_what_they_return_in(mode);
-    }
+    in_each_mode(dirty_queries_by_range_and_budget_rearm_exactly_what_they_return_in);
 }
 
 fn dirty_queries_by_range_and_budget_rearm_exactly_what_they_return_in(mode: DirtyLogMode) {
@@ -171,9 +172,7 @@ fn dirty_queries_by_range_and_budget_rearm_exactly_what_they_return_in(mode: Dir
 /// dirty bit in KVM and is reported by the next sync.
 #[test]
 fn rearm_through_an_unaligned_alias_touches_only_returned_pages() {
-    for mode in modes() {
-        rearm_through_an_unaligned_alias_in(mode);
-    }
+    in_each_mode(rearm_through_an_unaligned_alias_in);
 }
 
 fn rearm_through_an_unaligned_alias_in(mode: DirtyLogMode) {
@@ -236,9 +235,7 @@ fn rearm_through_an_unaligned_alias_in(mode: DirtyLogMode) {
 /// guest memory at the end (no dirty page lost).
 #[test]
 fn map_swap_never_loses_dirty_pages_or_exits_on_mapped_memory() {
-    for mode in modes() {
-        map_swap_in(mode);
-    }
+    in_each_mode(map_swap_in);
 }
 
 fn map_swap_in(mode: DirtyLogMode) {
