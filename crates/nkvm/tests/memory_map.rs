@@ -26,6 +26,18 @@ fn small_vm_with(dirty_log: DirtyLogMode) -> nkvm::Vm {
     vm_with(nkvm::VmConfig { vcpus: 2, memory: RAM, dirty_log, ..Default::default() })
 }
 
+/// Guest code: writes a counter into each of `pages` pages from `base`.
+fn write_every_page(a: &mut CodeAssembler, base: u64, pages: u64) {
+    a.mov(rbx, base).unwrap();
+    a.mov(ecx, pages as u32).unwrap();
+    let mut again = a.create_label();
+    a.set_label(&mut again).unwrap();
+    a.mov(qword_ptr(rbx), rcx).unwrap();
+    a.add(rbx, PAGE_SIZE as i32).unwrap();
+    a.dec(ecx).unwrap();
+    a.jnz(again).unwrap();
+}
+
 /// Runs `test` with each dirty-log feed this host has.
 fn in_each_mode(test: impl Fn(DirtyLogMode)) {
     modes().into_iter().for_each(test);
@@ -172,59 +184,57 @@ fn dirty_queries_by_range_and_budget_rearm_exactly_what_they_return_in(mode: Dir
 /// dirty bit in KVM and is reported by the next sync.
 #[test]
 fn rearm_through_an_unaligned_alias_touches_only_returned_pages() {
-    in_each_mode(rearm_through_an_unaligned_alias_in);
-}
-
-fn rearm_through_an_unaligned_alias_in(mode: DirtyLogMode) {
-    let vm = small_vm_with(mode);
-    let mem = Backing::new("data", 0x100000).unwrap();
-    let (base, alias) = (0x100_0000u64, 0x180_0000u64);
-    // The alias maps backing pages 5..69 (its page i is backing page 5 + i).
-    vm.set_memory_map(
-        MemoryMap::new(vec![
-            ram_region(&vm),
-            Region::new(GuestAddress(base), &mem, 0, 0x100000).dirty_logged(),
-            Region::new(GuestAddress(alias), &mem, 5 * PAGE_SIZE, 64 * PAGE_SIZE).dirty_logged(),
-        ])
-        .unwrap(),
-    )
-    .unwrap();
-    let write = |a: &mut CodeAssembler, gpa: u64| {
-        a.mov(rbx, gpa).unwrap();
-        a.mov(qword_ptr(rbx), rcx).unwrap();
-    };
-    let page = |n: u64| GuestAddress(base + n * PAGE_SIZE);
-    let mut vcpu = long_mode_guest(&vm, 0, |a| {
-        // Phase 1, through the alias: backing pages 6, 7, 40, 68.
-        for p in [6u64, 7, 40, 68] {
-            write(a, alias + (p - 5) * PAGE_SIZE);
-        }
-        a.hlt().unwrap();
-        // Phase 2, after the sync: pages 9 (alias), 3 and 70 (not aliased).
-        write(a, alias + 4 * PAGE_SIZE);
-        write(a, base + 3 * PAGE_SIZE);
-        write(a, base + 70 * PAGE_SIZE);
-        a.hlt().unwrap();
-        // Phase 3: page 6 again, through the alias.
-        write(a, alias + PAGE_SIZE);
-        a.hlt().unwrap();
+    in_each_mode(|mode| {
+        let vm = small_vm_with(mode);
+        let mem = Backing::new("data", 0x100000).unwrap();
+        let (base, alias) = (0x100_0000u64, 0x180_0000u64);
+        // The alias maps backing pages 5..69 (its page i is backing page 5 + i).
+        vm.set_memory_map(
+            MemoryMap::new(vec![
+                ram_region(&vm),
+                Region::new(GuestAddress(base), &mem, 0, 0x100000).dirty_logged(),
+                Region::new(GuestAddress(alias), &mem, 5 * PAGE_SIZE, 64 * PAGE_SIZE).dirty_logged(),
+            ])
+            .unwrap(),
+        )
+        .unwrap();
+        let write = |a: &mut CodeAssembler, gpa: u64| {
+            a.mov(rbx, gpa).unwrap();
+            a.mov(qword_ptr(rbx), rcx).unwrap();
+        };
+        let page = |n: u64| GuestAddress(base + n * PAGE_SIZE);
+        let mut vcpu = long_mode_guest(&vm, 0, |a| {
+            // Phase 1, through the alias: backing pages 6, 7, 40, 68.
+            for p in [6u64, 7, 40, 68] {
+                write(a, alias + (p - 5) * PAGE_SIZE);
+            }
+            a.hlt().unwrap();
+            // Phase 2, after the sync: pages 9 (alias), 3 and 70 (not aliased).
+            write(a, alias + 4 * PAGE_SIZE);
+            write(a, base + 3 * PAGE_SIZE);
+            write(a, base + 70 * PAGE_SIZE);
+            a.hlt().unwrap();
+            // Phase 3: page 6 again, through the alias.
+            write(a, alias + PAGE_SIZE);
+            a.hlt().unwrap();
+        });
+        assert!(run_to_hlt(&mut vcpu, |_| 0).is_empty());
+        vm.sync_dirty_log().unwrap();
+        assert!(run_to_hlt(&mut vcpu, |_| 0).is_empty());
+        // Aliased pages are reported once, at the first address that maps them.
+        let d = vm.collect_dirty(GuestAddress(base), u64::MAX - base, usize::MAX).unwrap();
+        assert_eq!(d.pages, [6u64, 7, 40, 68].map(page), "{mode:?}: phase 1");
+        // The phase-2 writes came after the sync: the collection above must not
+        // have re-armed (and so dropped) them.
+        vm.sync_dirty_log().unwrap();
+        let d = vm.collect_dirty(GuestAddress(base), u64::MAX - base, usize::MAX).unwrap();
+        assert_eq!(d.pages, [3u64, 9, 70].map(page), "{mode:?}: phase 2");
+        // A returned page written again is reported again, whichever slot took the write.
+        assert!(run_to_hlt(&mut vcpu, |_| 0).is_empty());
+        vm.sync_dirty_log().unwrap();
+        let d = vm.collect_dirty(GuestAddress(base), u64::MAX - base, usize::MAX).unwrap();
+        assert_eq!(d.pages, vec![page(6)], "{mode:?}: phase 3");
     });
-    assert!(run_to_hlt(&mut vcpu, |_| 0).is_empty());
-    vm.sync_dirty_log().unwrap();
-    assert!(run_to_hlt(&mut vcpu, |_| 0).is_empty());
-    // Aliased pages are reported once, at the first address that maps them.
-    let d = vm.collect_dirty(GuestAddress(base), u64::MAX - base, usize::MAX).unwrap();
-    assert_eq!(d.pages, [6u64, 7, 40, 68].map(page), "{mode:?}: phase 1");
-    // The phase-2 writes came after the sync: the collection above must not
-    // have re-armed (and so dropped) them.
-    vm.sync_dirty_log().unwrap();
-    let d = vm.collect_dirty(GuestAddress(base), u64::MAX - base, usize::MAX).unwrap();
-    assert_eq!(d.pages, [3u64, 9, 70].map(page), "{mode:?}: phase 2");
-    // A returned page written again is reported again, whichever slot took the write.
-    assert!(run_to_hlt(&mut vcpu, |_| 0).is_empty());
-    vm.sync_dirty_log().unwrap();
-    let d = vm.collect_dirty(GuestAddress(base), u64::MAX - base, usize::MAX).unwrap();
-    assert_eq!(d.pages, vec![page(6)], "{mode:?}: phase 3");
 }
 
 /// Two vCPUs write a counter into every page of a region over and over
@@ -392,14 +402,7 @@ fn a_full_dirty_ring_is_harvested_without_losing_pages() {
     )
     .unwrap();
     let mut vcpu = long_mode_guest(&vm, 0, |a| {
-        a.mov(rbx, 0x100_0000u64).unwrap();
-        a.mov(ecx, PAGES as u32).unwrap();
-        let mut again = a.create_label();
-        a.set_label(&mut again).unwrap();
-        a.mov(qword_ptr(rbx), rcx).unwrap();
-        a.add(rbx, PAGE_SIZE as i32).unwrap();
-        a.dec(ecx).unwrap();
-        a.jnz(again).unwrap();
+        write_every_page(a, 0x100_0000, PAGES);
         a.hlt().unwrap();
     });
     assert!(run_to_hlt(&mut vcpu, |_| 0).is_empty());
@@ -441,14 +444,7 @@ fn an_overflowed_dirty_ring_recovers_and_keeps_reporting_writes() {
     .unwrap();
     let later = [3u64, 4, 1000, 70_000, PAGES - 1];
     let mut vcpu = long_mode_guest(&vm, 0, |a| {
-        a.mov(rbx, base).unwrap();
-        a.mov(ecx, PAGES as u32).unwrap();
-        let mut again = a.create_label();
-        a.set_label(&mut again).unwrap();
-        a.mov(qword_ptr(rbx), rcx).unwrap();
-        a.add(rbx, PAGE_SIZE as i32).unwrap();
-        a.dec(ecx).unwrap();
-        a.jnz(again).unwrap();
+        write_every_page(a, base, PAGES);
         a.hlt().unwrap();
         for _ in 0..2 {
             for p in later {
