@@ -358,15 +358,44 @@ impl crate::Vm {
         datamatch: Option<u32>,
         eventfd: &vmm_sys_util::eventfd::EventFd,
     ) -> Result<(), IrqError> {
+        self.ioevent(true, space, addr, datamatch, eventfd)
+    }
+
+    /// Undoes [`ioeventfd`](Self::ioeventfd) with the same arguments:
+    /// writes to `addr` exit to user space again (or reach whatever is
+    /// attached there). For a register that moves, as a PCI BAR does.
+    pub fn remove_ioeventfd(
+        &self,
+        space: crate::IoSpace,
+        addr: u64,
+        datamatch: Option<u32>,
+        eventfd: &vmm_sys_util::eventfd::EventFd,
+    ) -> Result<(), IrqError> {
+        self.ioevent(false, space, addr, datamatch, eventfd)
+    }
+
+    /// `KVM_IOEVENTFD`, assigning or deassigning.
+    fn ioevent(
+        &self,
+        assign: bool,
+        space: crate::IoSpace,
+        addr: u64,
+        datamatch: Option<u32>,
+        eventfd: &vmm_sys_util::eventfd::EventFd,
+    ) -> Result<(), IrqError> {
         let addr = match space {
             crate::IoSpace::Mmio => kvm_ioctls::IoEventAddress::Mmio(addr),
             crate::IoSpace::Pio => kvm_ioctls::IoEventAddress::Pio(addr),
         };
-        let r = match datamatch {
-            Some(value) => self.fd.register_ioevent(eventfd, &addr, value),
-            None => self.fd.register_ioevent(eventfd, &addr, kvm_ioctls::NoDatamatch),
+        let fd = &self.fd;
+        let r = match (assign, datamatch) {
+            (true, Some(value)) => fd.register_ioevent(eventfd, &addr, value),
+            (true, None) => fd.register_ioevent(eventfd, &addr, kvm_ioctls::NoDatamatch),
+            (false, Some(value)) => fd.unregister_ioevent(eventfd, &addr, value),
+            (false, None) => fd.unregister_ioevent(eventfd, &addr, kvm_ioctls::NoDatamatch),
         };
-        r.map_err(|source| IrqError::Kvm { op: "KVM_IOEVENTFD", source })
+        let op = if assign { "KVM_IOEVENTFD" } else { "KVM_IOEVENTFD(deassign)" };
+        r.map_err(|source| IrqError::Kvm { op, source })
     }
 
     /// Connects the local APICs to an IOAPIC/PIC model at the other end of

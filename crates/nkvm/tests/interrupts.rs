@@ -188,7 +188,7 @@ fn msi_routes_reject_gsis_kept_for_the_ioapic_and_need_the_irqchip() {
 }
 
 #[test]
-fn ioeventfd_fires_on_a_guest_write_without_an_exit() {
+fn ioeventfd_fires_on_a_guest_write_without_an_exit_until_removed() {
     #[derive(Clone, Default)]
     struct Seen(Arc<Mutex<Vec<Exit>>>);
     impl nkvm::Tracer for Seen {
@@ -206,18 +206,28 @@ fn ioeventfd_fires_on_a_guest_write_without_an_exit() {
         }
         a.mov(dword_ptr(rbx + 8), 9).unwrap(); // not the ioeventfd address: exits
         a.hlt().unwrap();
+        a.mov(dword_ptr(rbx), 7).unwrap(); // after the ioeventfd is removed: exits
+        a.hlt().unwrap();
     });
     let seen = Seen::default();
     vcpu.add_tracer(Box::new(seen.clone()));
     let exits = run_to_hlt(&mut vcpu, |_| 0);
     assert_eq!(exits, vec![Exit::MmioWrite { addr: GuestAddress(MMIO_BASE + 8), size: 4, data: 9 }]);
     assert_eq!(evt.read().unwrap(), 3, "three guest writes, three signals");
-    drop(vcpu);
-    let traced = seen.0.lock().unwrap();
-    assert!(
-        !traced.iter().any(|e| matches!(e, Exit::MmioWrite { addr, .. } if addr.0 == MMIO_BASE)),
-        "the trace shows no exit for the ioeventfd writes: {traced:?}"
-    );
+    {
+        let traced = seen.0.lock().unwrap();
+        assert!(
+            !traced.iter().any(|e| matches!(e, Exit::MmioWrite { addr, .. } if addr.0 == MMIO_BASE)),
+            "the trace shows no exit for the ioeventfd writes: {traced:?}"
+        );
+    }
+    // Removed (as when a BAR moves), the address exits again and the
+    // eventfd stays quiet; removing it twice is an error, not a no-op.
+    vm.remove_ioeventfd(IoSpace::Mmio, MMIO_BASE, None, &evt).unwrap();
+    let err = vm.remove_ioeventfd(IoSpace::Mmio, MMIO_BASE, None, &evt).unwrap_err();
+    assert!(err.to_string().contains("KVM_IOEVENTFD(deassign)"), "{err}");
+    assert_eq!(run_to_hlt(&mut vcpu, |_| 0), vec![Exit::MmioWrite { addr: GuestAddress(MMIO_BASE), size: 4, data: 7 }]);
+    assert!(evt.read().is_err(), "no signal after removal");
 }
 
 #[test]

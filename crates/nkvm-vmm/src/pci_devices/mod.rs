@@ -250,18 +250,23 @@ impl ConfigPorts {
                 log::warn!("pci: 00:{slot:02x}.0 BAR{bar}: cannot unmap: {e}");
             }
         }
+        if let (0, Some(notifier)) = (bar, self.notifiers.get_mut(&slot)) {
+            notifier.follow_bar(vm, new.map(|n| n.address));
+        }
         let (Some(new), Some(device)) = (new, self.bus.device(slot)) else { return };
         let range = IoRange::mmio(new.address, new.size);
-        if let (0, Some(notifier)) = (bar, self.notifiers.get_mut(&slot)) {
-            notifier.register(vm, new.address);
-        }
         match vm.attach_handler(range, Box::new(BarRegion { device, bar })) {
             Ok(id) => {
                 log::debug!("pci: 00:{slot:02x}.0 BAR{bar} at {range}");
                 self.regions.insert((slot, bar), id);
             }
             // The guest put it on top of something: it decodes nowhere.
-            Err(e) => log::warn!("pci: 00:{slot:02x}.0 BAR{bar}: cannot map at {range}: {e}"),
+            Err(e) => {
+                log::warn!("pci: 00:{slot:02x}.0 BAR{bar}: cannot map at {range}: {e}");
+                if let (0, Some(notifier)) = (bar, self.notifiers.get_mut(&slot)) {
+                    notifier.follow_bar(vm, None);
+                }
+            }
         }
     }
 }

@@ -2,10 +2,10 @@
 //! queue on the virtio notify register, and a worker thread per device that
 //! serves the queue when its eventfd fires, off the vCPU thread.
 //!
-//! The ioeventfds are registered where BAR0 first decodes. nkvm cannot
-//! unregister an ioeventfd, so if the guest later moves the BAR, the new
-//! location is served by the BAR's MMIO handler in the vCPU thread (the
-//! same model code) and the old registration stays behind.
+//! The ioeventfds follow BAR0: registered where it decodes, removed when
+//! the guest moves it or turns memory decoding off, registered again at
+//! the new address. Where one cannot be registered, the BAR's MMIO handler
+//! serves the notify register in the vCPU thread (the same model code).
 
 use std::io;
 use std::os::fd::AsRawFd;
@@ -26,7 +26,8 @@ const STOP: u64 = u64::MAX;
 pub(super) struct QueueNotifier {
     queues: Vec<EventFd>,
     stop: EventFd,
-    registered: bool,
+    /// Where BAR0's ioeventfds are registered (BAR0's address), if anywhere.
+    at: Option<u64>,
 }
 
 impl QueueNotifier {
@@ -41,24 +42,37 @@ impl QueueNotifier {
         epoll.ctl(ControlOperation::Add, stop.as_raw_fd(), EpollEvent::new(EventSet::IN, STOP))?;
         let worker_fds = fds.iter().map(EventFd::try_clone).collect::<io::Result<Vec<_>>>()?;
         thread::Builder::new().name("virtio-queues".into()).spawn(move || serve(&epoll, &worker_fds, &device))?;
-        Ok(Self { queues: fds, stop, registered: false })
+        Ok(Self { queues: fds, stop, at: None })
     }
 
-    /// Registers the ioeventfds for BAR0 at `bar` (the first time only).
-    pub(super) fn register(&mut self, vm: &Vm, bar: u64) {
-        if self.registered {
-            log::info!("pci: virtio BAR0 moved to {bar:#x}; its notifications now exit to the VMM");
+    /// Puts the ioeventfds where BAR0 now decodes (`None`: nowhere),
+    /// removing them from where it decoded before.
+    pub(super) fn follow_bar(&mut self, vm: &Vm, bar: Option<u64>) {
+        if self.at == bar {
             return;
         }
-        self.registered = true;
+        if let Some(old) = self.at.take() {
+            for (q, fd) in self.queues.iter().enumerate() {
+                if let Err(e) = vm.remove_ioeventfd(IoSpace::Mmio, notify_address(old, q), None, fd) {
+                    log::warn!("pci: queue {q}: cannot remove the ioeventfd at {:#x}: {e}", notify_address(old, q));
+                }
+            }
+        }
+        let Some(bar) = bar else { return };
+        self.at = Some(bar);
         for (q, fd) in self.queues.iter().enumerate() {
-            let addr = bar + NOTIFY_OFFSET + q as u64 * u64::from(NOTIFY_OFF_MULTIPLIER);
+            let addr = notify_address(bar, q);
             if let Err(e) = vm.ioeventfd(IoSpace::Mmio, addr, None, fd) {
                 // The MMIO handler still serves the register, with an exit.
                 log::warn!("pci: no ioeventfd for queue {q} at {addr:#x}: {e}");
             }
         }
     }
+}
+
+/// Queue `q`'s notify register when BAR0 is at `bar`.
+fn notify_address(bar: u64, q: usize) -> u64 {
+    bar + NOTIFY_OFFSET + q as u64 * u64::from(NOTIFY_OFF_MULTIPLIER)
 }
 
 impl Drop for QueueNotifier {

@@ -36,6 +36,8 @@ const REPORT: u16 = 0x70;
 /// Offset of the MSI-X capability: after the four virtio capabilities.
 const MSIX_CAP: u32 = 0x84;
 const BAR: u64 = PCI_MMIO_BASE;
+/// Where the moving-BAR test has the guest put BAR0 (aligned to its size).
+const MOVED_BAR: u64 = PCI_MMIO_BASE + 0x10_0000;
 
 /// One access of the guest's driver script.
 enum Op {
@@ -45,10 +47,15 @@ enum Op {
     Mmio(u64, u32, u32),
 }
 
-fn driver_script() -> Vec<Op> {
+/// The driver's accesses, with BAR0 moved to `bar` first if it is not
+/// where the VMM put it.
+fn driver_script(bar: u64) -> Vec<Op> {
     use Op::*;
-    vec![
-        Config(0x04, 0x6), // memory decoding, bus master
+    let mut script = vec![Config(0x04, 0x6)]; // memory decoding, bus master
+    if bar != BAR {
+        script.push(Config(0x10, bar as u32 | 0x4)); // BAR0, 64-bit memory
+    }
+    script.extend([
         Config(MSIX_CAP, 0x8000_0000),
         Mmio(0x4010, 4, 0xfee0_0000), // MSI-X entry 1 (queue 0): APIC 0, vector 0x40, unmasked
         Mmio(0x4014, 4, 0),
@@ -71,16 +78,17 @@ fn driver_script() -> Vec<Op> {
         Mmio(0x1c, 2, 1),   // queue enable
         Mmio(0x14, 1, 0xf), // DRIVER_OK
         Mmio(0x3000, 2, 0), // notify queue 0
-    ]
+    ]);
+    script
 }
 
-fn guest_code() -> Vec<u8> {
+fn guest_code(bar: u64) -> Vec<u8> {
     let mut a = CodeAssembler::new(64).unwrap();
     a.mov(rax, IDTR).unwrap();
     a.lidt(ptr(rax)).unwrap();
     a.mov(rax, 0xfee0_00f0u64).unwrap(); // local APIC on
     a.mov(dword_ptr(rax), 0x1ff).unwrap();
-    for op in driver_script() {
+    for op in driver_script(bar) {
         match op {
             Op::Config(register, value) => {
                 a.mov(eax, 0x8000_0000 | 1 << 11 | register).unwrap();
@@ -91,7 +99,7 @@ fn guest_code() -> Vec<u8> {
                 a.out(dx, eax).unwrap();
             }
             Op::Mmio(offset, size, value) => {
-                a.mov(rbx, BAR + offset).unwrap();
+                a.mov(rbx, bar + offset).unwrap();
                 a.mov(eax, value).unwrap();
                 match size {
                     1 => a.mov(byte_ptr(rbx), al).unwrap(),
@@ -152,16 +160,18 @@ fn write_request(vm: &Vm) {
     vm.write_memory(GuestAddress(STATUS), &[0xee]).unwrap();
 }
 
-#[test]
-fn a_guest_writes_the_disk_through_pci_and_gets_an_msix_interrupt() {
-    let image = std::env::temp_dir().join(format!("nkvm-pci-guest-test-{}.img", std::process::id()));
+/// Runs the driver script with BAR0 at `bar`: the guest writes sector 1
+/// through queue 0 and takes the MSI-X vector; checks the disk, the status
+/// byte and the used ring, and returns the VM.
+fn drive_a_disk_write(bar: u64) -> Arc<Vm> {
+    let image = std::env::temp_dir().join(format!("nkvm-pci-guest-test-{}-{bar:x}.img", std::process::id()));
     std::fs::write(&image, vec![0u8; 8 * 512]).unwrap();
     let hv = Hypervisor::open().expect("this test needs /dev/kvm");
     let vm = Arc::new(
         Vm::new(&hv, &VmConfig { vcpus: 1, memory: 16 << 20, split_irqchip: true, ..Default::default() }).unwrap(),
     );
     attach(&vm, &PciConfig { disk: Some(image.clone()), ..Default::default() }).unwrap();
-    vm.write_memory(GuestAddress(ENTRY), &guest_code()).unwrap();
+    vm.write_memory(GuestAddress(ENTRY), &guest_code(bar)).unwrap();
     install_idt(&vm);
     write_request(&vm);
     let lm = LongMode::install(&vm.memory(), GuestAddress(TABLES)).unwrap();
@@ -194,8 +204,30 @@ fn a_guest_writes_the_disk_through_pci_and_gets_an_msix_interrupt() {
     vm.memory().read(GuestAddress(USED), &mut used).unwrap();
     assert_eq!(u16::from_le_bytes([used[2], used[3]]), 1, "one used entry");
     assert_eq!(u32::from_le_bytes([used[8], used[9], used[10], used[11]]), 1, "status byte written");
-    // The notification went through the worker's ioeventfd: KVM already
-    // has one on queue 0's notify register.
+    vm
+}
+
+/// Whether KVM has an ioeventfd at `addr` (registering another one fails).
+fn has_ioeventfd(vm: &Vm, addr: u64) -> bool {
     let fd = vmm_sys_util::eventfd::EventFd::new(0).unwrap();
-    assert!(vm.ioeventfd(nkvm::IoSpace::Mmio, BAR + 0x3000, None, &fd).is_err());
+    let taken = vm.ioeventfd(nkvm::IoSpace::Mmio, addr, None, &fd).is_err();
+    if !taken {
+        vm.remove_ioeventfd(nkvm::IoSpace::Mmio, addr, None, &fd).unwrap();
+    }
+    taken
+}
+
+#[test]
+fn a_guest_writes_the_disk_through_pci_and_gets_an_msix_interrupt() {
+    let vm = drive_a_disk_write(BAR);
+    // The notification went through the worker's ioeventfd: KVM has one on
+    // queue 0's notify register.
+    assert!(has_ioeventfd(&vm, BAR + 0x3000));
+}
+
+#[test]
+fn a_moved_bar_takes_its_queue_notifications_along() {
+    let vm = drive_a_disk_write(MOVED_BAR);
+    assert!(has_ioeventfd(&vm, MOVED_BAR + 0x3000), "the ioeventfd moved with BAR0");
+    assert!(!has_ioeventfd(&vm, BAR + 0x3000), "and left nothing behind");
 }
