@@ -475,3 +475,31 @@ fn an_overflowed_dirty_ring_recovers_and_keeps_reporting_writes() {
         assert!(missing.is_empty(), "round {round}: writes after the overflow not reported: {missing:?}");
     }
 }
+
+/// A map with more regions than the host has memory slots is refused with
+/// both numbers in the message, before KVM is touched: the installed map
+/// stays as it was and the guest still reads it.
+#[test]
+fn a_map_beyond_the_slot_limit_is_refused_and_the_old_map_stays() {
+    let vm = small_vm();
+    let max = hypervisor().capabilities().max_memory_slots as u64;
+    let mem = Backing::new("many", (max + 1) * PAGE_SIZE).unwrap();
+    let base = 0x1_0000_0000u64;
+    let page = |i: u64| Region::new(GuestAddress(base + i * 2 * PAGE_SIZE), &mem, i * PAGE_SIZE, PAGE_SIZE);
+    let mut regions = vec![ram_region(&vm)];
+    regions.extend((0..max).map(page));
+    let err = vm.set_memory_map(MemoryMap::new(regions).unwrap()).unwrap_err();
+    let text = err.to_string();
+    assert!(
+        text.contains(&format!("{} regions", max + 1)) && text.contains(&format!("only {max} memory slots")),
+        "{text}"
+    );
+    assert_eq!(vm.memory().regions().len(), 1, "the RAM-only map is still installed");
+    vm.write_memory(GuestAddress(0x1000), &[0x5a]).unwrap();
+    let mut vcpu = long_mode_guest(&vm, 0, |a| {
+        a.mov(al, byte_ptr(0x1000)).unwrap();
+        a.out(0x10, al).unwrap();
+        a.hlt().unwrap();
+    });
+    assert_eq!(run_to_hlt(&mut vcpu, |_| 0), vec![Exit::IoOut { port: 0x10, size: 1, data: 0x5a }]);
+}
