@@ -111,11 +111,10 @@ impl SharedMapping {
         if end > self.len || offset % 16 != 0 || !std::arch::is_x86_feature_detected!("cmpxchg16b") {
             return None;
         }
-        // SAFETY: offset..offset+16 lies inside the mapping and the address is
-        // 16-byte aligned (mmap returns page-aligned memory; offset % 16 == 0),
-        // as cmpxchg16b requires; the CPU supports the instruction (checked
-        // above). The guest may write the same bytes concurrently: that is
-        // exactly what the locked instruction arbitrates.
+        // The guest may write the same bytes concurrently: that is exactly
+        // what the locked instruction arbitrates.
+        // SAFETY: offset..offset+16 is inside the mapping, 16-byte aligned (page-aligned mmap, offset % 16 == 0)
+        // as cmpxchg16b requires, and the CPU has the instruction (both checked above).
         let actual = unsafe { cmpxchg16b_at(self.ptr.as_ptr().add(offset).cast::<u128>(), current, new) };
         Some(if actual == current { Ok(actual) } else { Err(actual) })
     }

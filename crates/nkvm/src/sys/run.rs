@@ -106,11 +106,10 @@ impl RunArea {
         request_interrupt_window: bool,
     ) -> io::Result<bool> {
         let run = self.ptr.as_ptr();
-        // SAFETY: `run` points at the live kvm_run; only the thread owning the
-        // Vcpu (which holds `&mut Vcpu` while calling this) touches the non-atomic fields. The union member written
-        // matches the exit the kernel reported last (the caller derives the
-        // completion from that exit), and data_offset/count/size come from the
-        // kernel and were bounds-checked against `len` when the exit was decoded.
+        // The caller derives the completion from the exit the kernel reported
+        // last; data_offset/count/size were bounds-checked when it was decoded.
+        // SAFETY: `run` is the live kvm_run, touched only by the thread holding `&mut Vcpu`; the union member
+        // written matches the last exit, and every offset is inside the `len`-byte mapping (see above).
         unsafe {
             (*run).request_interrupt_window = u8::from(request_interrupt_window);
             match completion {
