@@ -31,10 +31,9 @@ pub(crate) struct RunArea {
     len: usize,
 }
 
-// SAFETY: the area is shared memory between this process and the kernel. The
-// only field touched from other threads is `immediate_exit`, always through an
-// `AtomicU8`; every other field is read and written by the thread that owns
-// the `Vcpu` (`&mut self` methods), never concurrently.
+// The area is shared memory between this process and the kernel.
+// SAFETY: only `immediate_exit` is touched from other threads, always through an `AtomicU8`; every other
+// field is read and written by the thread that owns the `Vcpu` (`&mut self` methods), never concurrently.
 unsafe impl Send for RunArea {}
 // SAFETY: see `Send`: shared access is limited to the atomic `immediate_exit`.
 unsafe impl Sync for RunArea {}
