@@ -79,16 +79,9 @@ fn guest(vm: &Vm) -> nkvm::Vcpu {
         a.assemble(HANDLER).unwrap()
     };
     vm.write_memory(GuestAddress(HANDLER), &handler).unwrap();
-    let mut gate = [0u8; 16];
-    gate[0..2].copy_from_slice(&(HANDLER as u16).to_le_bytes());
-    gate[2..4].copy_from_slice(&0x08u16.to_le_bytes());
-    gate[5] = 0x8e;
-    gate[6..8].copy_from_slice(&((HANDLER >> 16) as u16).to_le_bytes());
-    vm.write_memory(GuestAddress(IDT + 0x50 * 16), &gate).unwrap();
-    let mut idtr = [0u8; 10];
-    idtr[0..2].copy_from_slice(&4095u16.to_le_bytes());
-    idtr[2..10].copy_from_slice(&IDT.to_le_bytes());
-    vm.write_memory(GuestAddress(0x6ff0), &idtr).unwrap();
+    let idt = nkvm::Idt::new(GuestAddress(IDT));
+    idt.set_gate(&vm.memory(), 0x50, GuestAddress(HANDLER)).unwrap();
+    idt.write_idtr(&vm.memory(), GuestAddress(0x6ff0)).unwrap();
     let mut a = CodeAssembler::new(64).unwrap();
     a.mov(rax, 0x6ff0u64).unwrap();
     a.lidt(ptr(rax)).unwrap();
@@ -202,16 +195,9 @@ fn a_pic_in_another_process_drives_an_apic_less_core_through_lint0() {
         a.assemble(HANDLER).unwrap()
     };
     vm.write_memory(GuestAddress(HANDLER), &handler).unwrap();
-    let mut gate = [0u8; 16];
-    gate[0..2].copy_from_slice(&(HANDLER as u16).to_le_bytes());
-    gate[2..4].copy_from_slice(&0x08u16.to_le_bytes());
-    gate[5] = 0x8e;
-    gate[6..8].copy_from_slice(&((HANDLER >> 16) as u16).to_le_bytes());
-    vm.write_memory(GuestAddress(IDT + 0x51 * 16), &gate).unwrap();
-    let mut idtr = [0u8; 10];
-    idtr[0..2].copy_from_slice(&4095u16.to_le_bytes());
-    idtr[2..10].copy_from_slice(&IDT.to_le_bytes());
-    vm.write_memory(GuestAddress(0x6ff0), &idtr).unwrap();
+    let idt = nkvm::Idt::new(GuestAddress(IDT));
+    idt.set_gate(&vm.memory(), 0x51, GuestAddress(HANDLER)).unwrap();
+    idt.write_idtr(&vm.memory(), GuestAddress(0x6ff0)).unwrap();
     let mut a = CodeAssembler::new(64).unwrap();
     a.mov(rax, 0x6ff0u64).unwrap();
     a.lidt(ptr(rax)).unwrap();

@@ -68,7 +68,7 @@ pub use io::{IoHandler, IoRange, IoRegionError, IoSpace, RegionId};
 pub use irq::{Lapic, Lint, MsiMessage, VcpuConfig};
 pub use kick::Kicker;
 pub use memory::{Backing, MemoryError, MemoryMap, Region, PAGE_SIZE};
-pub use mode::LongMode;
+pub use mode::{Idt, LongMode};
 pub use run_state::RunState;
 pub use trace::{ExitRecord, ExitStats, LineTracer, Tracer};
 pub use vcpu::{Fpu, Regs, Sregs, Vcpu, VcpuError, VcpuEvents};

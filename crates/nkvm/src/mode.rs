@@ -2,7 +2,8 @@
 //!
 //! [`LongMode`] writes a GDT and identity-mapping page tables (the first
 //! 4 GiB, 2 MiB pages) into guest memory once; [`Vcpu::set_long_mode`] then
-//! points a vCPU at them with a given entry point and stack.
+//! points a vCPU at them with a given entry point and stack. [`Idt`] writes
+//! 64-bit interrupt gates for such a guest.
 
 use crate::memory::{MemoryError, MemoryMap};
 use crate::{GuestAddress, Vcpu, VcpuError};
@@ -70,6 +71,54 @@ impl LongMode {
     /// The PML4's address (the guest's CR3).
     pub fn pml4(&self) -> GuestAddress {
         GuestAddress(self.base.0 + 0x1000)
+    }
+}
+
+/// A 64-bit interrupt descriptor table in guest memory (256 gates of 16
+/// bytes at `base`), for guests started with [`LongMode`].
+///
+/// ```no_run
+/// # fn f(vm: &nkvm::Vm) -> Result<(), nkvm::MemoryError> {
+/// use nkvm::{GuestAddress, Idt};
+/// let idt = Idt::new(GuestAddress(0x7000));
+/// idt.set_gate(&vm.memory(), 0x40, GuestAddress(0x3_0000))?; // vector 0x40's handler
+/// idt.write_idtr(&vm.memory(), GuestAddress(0x6ff0))?; // the guest runs `lidt [0x6ff0]`
+/// # Ok(()) }
+/// ```
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Idt {
+    base: GuestAddress,
+}
+
+impl Idt {
+    /// Bytes of guest memory the table takes.
+    pub const SIZE: u64 = 256 * 16;
+
+    /// A table at `base` (nothing is written yet).
+    pub fn new(base: GuestAddress) -> Self {
+        Self { base }
+    }
+
+    /// Writes vector `vector`'s gate: a present, ring-0 interrupt gate to
+    /// `handler` in the long-mode code segment.
+    pub fn set_gate(&self, memory: &MemoryMap, vector: u8, handler: GuestAddress) -> Result<(), MemoryError> {
+        let h = handler.0;
+        let mut gate = [0u8; 16];
+        gate[0..2].copy_from_slice(&(h as u16).to_le_bytes());
+        gate[2..4].copy_from_slice(&CODE64_SELECTOR.to_le_bytes());
+        gate[5] = 0x8e; // present, DPL 0, 64-bit interrupt gate
+        gate[6..8].copy_from_slice(&((h >> 16) as u16).to_le_bytes());
+        gate[8..12].copy_from_slice(&((h >> 32) as u32).to_le_bytes());
+        memory.write(GuestAddress(self.base.0 + 16 * u64::from(vector)), &gate)
+    }
+
+    /// Writes the 10-byte IDTR image (limit, base) at `at`, for the
+    /// guest's `lidt`.
+    pub fn write_idtr(&self, memory: &MemoryMap, at: GuestAddress) -> Result<(), MemoryError> {
+        let mut idtr = [0u8; 10];
+        idtr[0..2].copy_from_slice(&((Self::SIZE - 1) as u16).to_le_bytes());
+        idtr[2..10].copy_from_slice(&self.base.0.to_le_bytes());
+        memory.write(at, &idtr)
     }
 }
 

@@ -305,14 +305,7 @@ const IDTR: u64 = 0x6ff0;
 fn install_handler(vm: &Vm, vector: u64, body: impl FnOnce(&mut iced_x86::code_asm::CodeAssembler)) {
     let at = HANDLER + 0x100 * vector;
     vm.write_memory(GuestAddress(at), &assemble(64, at, body)).unwrap();
-    let mut gate = [0u8; 16];
-    gate[0..2].copy_from_slice(&(at as u16).to_le_bytes());
-    gate[2..4].copy_from_slice(&0x08u16.to_le_bytes());
-    gate[5] = 0x8e;
-    gate[6..8].copy_from_slice(&((at >> 16) as u16).to_le_bytes());
-    vm.write_memory(GuestAddress(IDT + vector * 16), &gate).unwrap();
-    let mut idtr = [0u8; 10];
-    idtr[0..2].copy_from_slice(&4095u16.to_le_bytes());
-    idtr[2..10].copy_from_slice(&IDT.to_le_bytes());
-    vm.write_memory(GuestAddress(IDTR), &idtr).unwrap();
+    let idt = nkvm::Idt::new(GuestAddress(IDT));
+    idt.set_gate(&vm.memory(), vector as u8, GuestAddress(at)).unwrap();
+    idt.write_idtr(&vm.memory(), GuestAddress(IDTR)).unwrap();
 }

@@ -36,7 +36,7 @@ fn irq_vm(vcpus: u32) -> Vm {
 /// Installs an IDT whose handlers report their vector on port 0x70 and,
 /// with a visible APIC, write the local APIC's EOI register.
 fn install_idt(vm: &Vm, eoi: bool) {
-    let mut idt = vec![0u8; 256 * 16];
+    let idt = nkvm::Idt::new(GuestAddress(IDT));
     for v in VECTORS {
         let at = HANDLERS + u64::from(v) * 0x40;
         let code = assemble(64, at, |a| {
@@ -51,18 +51,9 @@ fn install_idt(vm: &Vm, eoi: bool) {
             a.iretq().unwrap();
         });
         vm.write_memory(GuestAddress(at), &code).unwrap();
-        let gate = &mut idt[usize::from(v) * 16..usize::from(v) * 16 + 16];
-        gate[0..2].copy_from_slice(&(at as u16).to_le_bytes());
-        gate[2..4].copy_from_slice(&0x08u16.to_le_bytes());
-        gate[5] = 0x8e;
-        gate[6..8].copy_from_slice(&((at >> 16) as u16).to_le_bytes());
-        gate[8..12].copy_from_slice(&((at >> 32) as u32).to_le_bytes());
+        idt.set_gate(&vm.memory(), v, GuestAddress(at)).unwrap();
     }
-    vm.write_memory(GuestAddress(IDT), &idt).unwrap();
-    let mut idtr = [0u8; 10];
-    idtr[0..2].copy_from_slice(&(256u16 * 16 - 1).to_le_bytes());
-    idtr[2..10].copy_from_slice(&IDT.to_le_bytes());
-    vm.write_memory(GuestAddress(IDTR), &idtr).unwrap();
+    idt.write_idtr(&vm.memory(), GuestAddress(IDTR)).unwrap();
 }
 
 /// lidt; (enable the local APIC); `before`; report ready; sti; hlt forever.

@@ -125,16 +125,9 @@ fn install_idt(vm: &Vm) {
     a.mov(dword_ptr(rax), 0).unwrap();
     a.iretq().unwrap();
     vm.write_memory(GuestAddress(HANDLER), &a.assemble(HANDLER).unwrap()).unwrap();
-    let mut gate = [0u8; 16];
-    gate[0..2].copy_from_slice(&(HANDLER as u16).to_le_bytes());
-    gate[2..4].copy_from_slice(&0x08u16.to_le_bytes());
-    gate[5] = 0x8e;
-    gate[6..8].copy_from_slice(&((HANDLER >> 16) as u16).to_le_bytes());
-    vm.write_memory(GuestAddress(IDT + 16 * u64::from(VECTOR)), &gate).unwrap();
-    let mut idtr = [0u8; 10];
-    idtr[0..2].copy_from_slice(&(256u16 * 16 - 1).to_le_bytes());
-    idtr[2..10].copy_from_slice(&IDT.to_le_bytes());
-    vm.write_memory(GuestAddress(IDTR), &idtr).unwrap();
+    let idt = nkvm::Idt::new(GuestAddress(IDT));
+    idt.set_gate(&vm.memory(), VECTOR, GuestAddress(HANDLER)).unwrap();
+    idt.write_idtr(&vm.memory(), GuestAddress(IDTR)).unwrap();
 }
 
 /// An OUT request for sector 1 on queue 0, made available.
