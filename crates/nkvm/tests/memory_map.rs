@@ -427,6 +427,8 @@ fn a_full_dirty_ring_is_harvested_without_losing_pages() {
 #[test]
 fn an_overflowed_dirty_ring_recovers_and_keeps_reporting_writes() {
     const PAGES: u64 = 3 * 65_536;
+    // A ring-full livelock would otherwise hang the test run.
+    const LIMIT: std::time::Duration = std::time::Duration::from_secs(120);
     if !modes().contains(&DirtyLogMode::Ring) {
         eprintln!("no dirty ring on this host; nothing to overflow");
         return;
@@ -466,10 +468,10 @@ fn an_overflowed_dirty_ring_recovers_and_keeps_reporting_writes() {
         }
         reported
     };
-    assert!(run_to_hlt(&mut vcpu, |_| 0).is_empty());
+    assert!(run_to_hlt_within(&mut vcpu, LIMIT).is_empty());
     assert_eq!(collect_all(), (0..PAGES).map(page).collect::<Vec<_>>(), "the first pass");
     for round in 0..2 {
-        assert!(run_to_hlt(&mut vcpu, |_| 0).is_empty());
+        assert!(run_to_hlt_within(&mut vcpu, LIMIT).is_empty());
         let reported = collect_all();
         let missing: Vec<_> = later.map(page).into_iter().filter(|p| !reported.contains(p)).collect();
         assert!(missing.is_empty(), "round {round}: writes after the overflow not reported: {missing:?}");

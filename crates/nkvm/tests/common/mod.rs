@@ -57,7 +57,26 @@ pub fn long_mode_guest(vm: &Vm, id: u32, body: impl FnOnce(&mut CodeAssembler)) 
     vcpu
 }
 
-/// Runs until `hlt`, collecting every other exit; completes reads with `read`.
+/// [`run_to_hlt`] with a deadline: a watchdog kicks the vCPU after
+/// `limit`, and a kick ends the test with a failure instead of a hang (for
+/// guests that could spin inside `enter_guest`).
+pub fn run_to_hlt_within(vcpu: &mut Vcpu, limit: std::time::Duration) -> Vec<Exit> {
+    let (done, finished) = std::sync::mpsc::channel::<()>();
+    let kicker = vcpu.kicker();
+    let watchdog = std::thread::spawn(move || {
+        if finished.recv_timeout(limit).is_err() {
+            kicker.kick();
+        }
+    });
+    let exits = run_to_hlt(vcpu, |_| 0);
+    let _ = done.send(());
+    watchdog.join().unwrap();
+    assert!(!exits.contains(&Exit::Kicked), "the guest did not reach hlt within {limit:?}: {exits:?}");
+    exits
+}
+
+/// Runs until `hlt` (or a kick, returned as the last exit), collecting
+/// every other exit; completes reads with `read`.
 pub fn run_to_hlt(vcpu: &mut Vcpu, mut read: impl FnMut(&Exit) -> u64) -> Vec<Exit> {
     let mut run = RunState::new();
     let mut exits = Vec::new();
@@ -65,6 +84,10 @@ pub fn run_to_hlt(vcpu: &mut Vcpu, mut read: impl FnMut(&Exit) -> u64) -> Vec<Ex
         let exit = vcpu.enter_guest(&mut run).expect("enter_guest");
         match exit {
             Exit::Hlt => return exits,
+            Exit::Kicked => {
+                exits.push(exit);
+                return exits;
+            }
             Exit::IoIn { .. } | Exit::MmioRead { .. } => run.complete_read(read(&exit)),
             Exit::Shutdown | Exit::InternalError(_) | Exit::FailEntry { .. } | Exit::Unknown { .. } => {
                 panic!("guest failed: {exit} after {exits:?}")
