@@ -1,9 +1,10 @@
 //! Power-off and reset: an ACPI PM1a control register and the i8042
 //! keyboard controller's reset command.
 //!
-//! Both devices report what the guest asked for as a [`PowerEvent`] on an
-//! `mpsc` channel; the VMM keeps the receiver and polls it (for instance with
-//! `try_recv` after each I/O exit) to stop or restart the VM.
+//! Both devices (and [`crate::debug_exit`]) report what the guest asked for
+//! as a [`PowerEvent`] on an `mpsc` channel; the VMM keeps the receiver and
+//! polls it (for instance with `try_recv` after each I/O exit) to stop or
+//! restart the VM.
 //!
 //! # PM1a control (`Pm1Control`, 2 ports)
 //!
@@ -50,9 +51,18 @@ pub enum PowerEvent {
     PowerOff,
     /// Reset the machine.
     Reset,
+    /// A test program asked to end the VM with a process exit status
+    /// (QEMU's isa-debug-exit, see [`crate::debug_exit`]): stop the VM and
+    /// exit the VMM process with `status`.
+    TestExit {
+        /// The exit status, `(value << 1) | 1` truncated to 8 bits.
+        status: u8,
+    },
 }
 
-fn report(events: &Sender<PowerEvent>, event: PowerEvent) {
+/// Send `event` to the VMM; a receiver that is gone is not an error (the
+/// VMM is already shutting down).
+pub(crate) fn report(events: &Sender<PowerEvent>, event: PowerEvent) {
     if events.send(event).is_err() {
         log::debug!("power: nobody listens for {event:?}");
     }
