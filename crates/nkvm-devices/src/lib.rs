@@ -13,6 +13,7 @@
 //! | dual 8259 PIC | [`pic`] | ports 0x20-0x21, 0xa0-0xa1, 0x4d0-0x4d1 |
 //! | ACPI PM1a control, i8042 reset | [`power`] | 2 ports, port 0x64 |
 //! | QEMU isa-debug-exit (test exit status) | [`debug_exit`] | ports 0xf4-0xf7 |
+//! | QEMU fw_cfg, legacy I/O (CPU count, RAM size) | [`fw_cfg`] | ports 0x510-0x511 |
 //! | test device | [`test_device`] | 0x40 bytes |
 //! | PCI bus 0, host bridge | [`pci`] | ports 0xcf8-0xcff |
 //! | virtio-pci block, console | [`virtio`] | one memory BAR each, MSI-X |
@@ -32,6 +33,7 @@
 mod bad_access;
 pub mod bus;
 pub mod debug_exit;
+pub mod fw_cfg;
 pub mod ioapic;
 pub mod pci;
 pub mod pic;
