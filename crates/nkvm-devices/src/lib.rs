@@ -14,6 +14,7 @@
 //! | ACPI PM1a control, i8042 reset | [`power`] | 2 ports, port 0x64 |
 //! | QEMU isa-debug-exit (test exit status) | [`debug_exit`] | ports 0xf4-0xf7 |
 //! | QEMU fw_cfg, legacy I/O (CPU count, RAM size) | [`fw_cfg`] | ports 0x510-0x511 |
+//! | QEMU pc-testdev: scratch, flush page, IRQ lines, I/O RAM | [`pc_testdev`] | ports 0xe0-0xeb, 0x2000-0x2017; MMIO 0xff00_0000 + 64 KiB |
 //! | test device | [`test_device`] | 0x40 bytes |
 //! | PCI bus 0, host bridge | [`pci`] | ports 0xcf8-0xcff |
 //! | virtio-pci block, console | [`virtio`] | one memory BAR each, MSI-X |
@@ -35,6 +36,7 @@ pub mod bus;
 pub mod debug_exit;
 pub mod fw_cfg;
 pub mod ioapic;
+pub mod pc_testdev;
 pub mod pci;
 pub mod pic;
 pub mod power;
