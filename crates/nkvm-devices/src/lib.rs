@@ -12,6 +12,7 @@
 //! | IOAPIC | [`ioapic`] | 0x100 bytes MMIO (e.g. 0xfec0_0000) |
 //! | dual 8259 PIC | [`pic`] | ports 0x20-0x21, 0xa0-0xa1, 0x4d0-0x4d1 |
 //! | ACPI PM1a control, i8042 reset | [`power`] | 2 ports, port 0x64 |
+//! | ACPI PM timer, 32 bits | [`pm_timer`] | 4 ports (FADT `PM_TMR_BLK`, e.g. 0x608) |
 //! | QEMU isa-debug-exit (test exit status) | [`debug_exit`] | ports 0xf4-0xf7 |
 //! | QEMU fw_cfg, legacy I/O (CPU count, RAM size) | [`fw_cfg`] | ports 0x510-0x511 |
 //! | QEMU pc-testdev: scratch, flush page, IRQ lines, I/O RAM | [`pc_testdev`] | ports 0xe0-0xeb, 0x2000-0x2017; MMIO 0xff00_0000 + 64 KiB |
@@ -39,6 +40,7 @@ pub mod ioapic;
 pub mod pc_testdev;
 pub mod pci;
 pub mod pic;
+pub mod pm_timer;
 pub mod power;
 pub mod serial;
 pub mod serve;
