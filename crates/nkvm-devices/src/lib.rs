@@ -9,6 +9,7 @@
 //! | model | file | region |
 //! |---|---|---|
 //! | 16550 UART | [`serial`] | 8 ports (e.g. 0x3f8) |
+//! | MC146818 RTC and CMOS RAM | [`cmos`] | ports 0x70-0x71 |
 //! | IOAPIC | [`ioapic`] | 0x100 bytes MMIO (e.g. 0xfec0_0000) |
 //! | dual 8259 PIC | [`pic`] | ports 0x20-0x21, 0xa0-0xa1, 0x4d0-0x4d1 |
 //! | ACPI PM1a control, i8042 reset | [`power`] | 2 ports, port 0x64 |
@@ -34,6 +35,7 @@
 
 mod bad_access;
 pub mod bus;
+pub mod cmos;
 pub mod debug_exit;
 pub mod fw_cfg;
 pub mod ioapic;
