@@ -1,10 +1,10 @@
 //! Power-off and reset: an ACPI PM1a control register and the i8042
 //! keyboard controller's reset command.
 //!
-//! Both devices (and [`crate::debug_exit`]) report what the guest asked for
-//! as a [`PowerEvent`] on an `mpsc` channel; the VMM keeps the receiver and
-//! polls it (for instance with `try_recv` after each I/O exit) to stop or
-//! restart the VM.
+//! Both devices (and [`crate::debug_exit`] and [`crate::port92`]) report
+//! what the guest asked for as a [`PowerEvent`] on an `mpsc` channel; the
+//! VMM keeps the receiver and polls it (for instance with `try_recv` after
+//! each I/O exit) to stop or restart the VM.
 //!
 //! # PM1a control (`Pm1Control`, 2 ports)
 //!
