@@ -1,4 +1,5 @@
-//! Starting a vCPU in real mode or 64-bit long mode.
+//! Starting a vCPU in real mode, flat 32-bit protected mode (the multiboot
+//! hand-over) or 64-bit long mode.
 //!
 //! [`LongMode`] writes a GDT and identity-mapping page tables (the first
 //! 4 GiB, 2 MiB pages) into guest memory once; [`Vcpu::set_long_mode`] then
@@ -163,6 +164,55 @@ impl Vcpu {
         sregs.efer |= EFER_LME | EFER_LMA;
         self.set_sregs(&sregs)?;
         let regs = crate::Regs { rip: entry.0, rsp: stack.0, rflags: 0x2, ..Default::default() };
+        self.set_regs(&regs)?;
+        self.make_runnable()
+    }
+
+    /// Puts the vCPU in 32-bit protected mode at `entry`, paging off, with
+    /// flat 4 GiB code (selector 0x08) and data (0x10) segments and
+    /// interrupts disabled: the state a multiboot loader hands a kernel
+    /// (which loads its own GDT before reloading a segment register). Sets
+    /// `eax` and `ebx` as the loader passes them, and makes the vCPU
+    /// runnable.
+    ///
+    /// ```no_run
+    /// # use nkvm::{GuestAddress, Hypervisor, Vm, VmConfig};
+    /// # let hv = Hypervisor::open()?;
+    /// # let vm = Vm::new(&hv, &VmConfig::default())?;
+    /// let vcpu = vm.create_vcpu(0)?;
+    /// vcpu.set_flat_protected_mode(GuestAddress(0x40_0000), 0x2bad_b002, 0x9000)?;
+    /// # Ok::<(), Box<dyn std::error::Error>>(())
+    /// ```
+    pub fn set_flat_protected_mode(&self, entry: GuestAddress, eax: u32, ebx: u32) -> Result<(), VcpuError> {
+        let mut sregs = self.sregs()?;
+        let code = kvm_bindings::kvm_segment {
+            base: 0,
+            limit: 0xffff_ffff,
+            selector: CODE64_SELECTOR,
+            type_: 0xb,
+            present: 1,
+            dpl: 0,
+            db: 1,
+            s: 1,
+            l: 0,
+            g: 1,
+            avl: 0,
+            unusable: 0,
+            padding: 0,
+        };
+        let data = kvm_bindings::kvm_segment { selector: DATA_SELECTOR, type_: 0x3, ..code };
+        sregs.cs = code;
+        sregs.ds = data;
+        sregs.es = data;
+        sregs.fs = data;
+        sregs.gs = data;
+        sregs.ss = data;
+        sregs.cr0 = CR0_PE | CR0_ET;
+        sregs.cr4 = 0;
+        sregs.efer = 0;
+        self.set_sregs(&sregs)?;
+        let regs =
+            crate::Regs { rip: entry.0, rax: u64::from(eax), rbx: u64::from(ebx), rflags: 0x2, ..Default::default() };
         self.set_regs(&regs)?;
         self.make_runnable()
     }
