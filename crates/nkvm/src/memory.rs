@@ -71,6 +71,15 @@ pub enum MemoryError {
         /// The backing object's size.
         backing_len: u64,
     },
+    /// The host could not drop its mapping of a guest page.
+    #[error("cannot drop the host mapping of guest page {gpa:#x}")]
+    DropHostMapping {
+        /// The page.
+        gpa: u64,
+        /// The OS error.
+        #[source]
+        source: std::io::Error,
+    },
     /// Two regions overlap in guest physical space.
     #[error("region {0} overlaps region {1}")]
     Overlap(RegionName, RegionName),
@@ -388,6 +397,23 @@ impl MemoryMap {
     pub fn write(&self, gpa: GuestAddress, buf: &[u8]) -> Result<(), MemoryError> {
         self.for_each_chunk(gpa, buf.len(), |region, off, start, n| {
             region.backing.write_at(off, &buf[start..start + n])
+        })
+    }
+
+    /// Makes the host forget its mapping of the guest page at `gpa` and
+    /// build it again on the next access: KVM invalidates the guest's view
+    /// of it (what QEMU's pc-testdev "flush page" port does for
+    /// kvm-unit-tests). The page's contents are kept.
+    pub fn drop_host_mapping(&self, gpa: GuestAddress) -> Result<(), MemoryError> {
+        let page = GuestAddress(gpa.0 & !0xfff);
+        self.for_each_chunk(page, 4096, |region, off, _, n| {
+            let unmapped = || MemoryError::OutOfBounds { offset: off, len: n, backing_len: region.backing.len() };
+            let at = usize::try_from(off).map_err(|_| unmapped())?;
+            match region.backing.inner.map.drop_host_pages(at, n) {
+                Some(Ok(())) => Ok(()),
+                Some(Err(source)) => Err(MemoryError::DropHostMapping { gpa: page.0, source }),
+                None => Err(unmapped()),
+            }
         })
     }
 

@@ -101,6 +101,23 @@ impl SharedMapping {
         Some(())
     }
 
+    /// Drops this process's page-table entries for the whole pages in
+    /// `offset..offset+len` (`MADV_DONTNEED`); the bytes stay in the memfd
+    /// and come back on the next touch. KVM's MMU notifier sees the pages
+    /// go, so the guest's mappings of them are rebuilt.
+    /// Returns `None` if the range is outside the mapping or not page aligned.
+    pub(crate) fn drop_host_pages(&self, offset: usize, len: usize) -> Option<io::Result<()>> {
+        let end = offset.checked_add(len)?;
+        if end > self.len || offset % 4096 != 0 || len % 4096 != 0 {
+            return None;
+        }
+        // SAFETY: offset..end lies inside this mapping (checked above) and is page
+        // aligned; MADV_DONTNEED on a MAP_SHARED file mapping only drops page-table
+        // entries, so the memory's contents and every pointer into it stay valid.
+        let rc = unsafe { libc::madvise(self.ptr.as_ptr().add(offset).cast(), len, libc::MADV_DONTNEED) };
+        Some(if rc == 0 { Ok(()) } else { Err(io::Error::last_os_error()) })
+    }
+
     /// One atomic 128-bit compare-exchange at `offset` (16-byte aligned),
     /// as the guest's `lock cmpxchg16b` would do it: if the 16 bytes equal
     /// `current`, they become `new`. Returns `Ok(current)` on success, or
