@@ -235,6 +235,11 @@ impl Vcpu {
                     self.links.memory.ring_full(self.id).map_err(|source| VcpuError::Run { id: self.id, source })?;
                     continue;
                 }
+                // `rep ins`/`rep outs` on an attached port: element by element.
+                if let Some(input) = self.serve_string(&exit, &mut run.string_data) {
+                    string_in = input;
+                    continue;
+                }
                 break exit;
             };
             if self.links.io.is_empty() {
@@ -272,6 +277,33 @@ impl Vcpu {
             self.trace.last = Some((exit, now - entered, now));
         }
         Ok(exit)
+    }
+
+    /// Serves a string I/O exit to a port an attached region claims, one
+    /// element at a time through `data` (the exit's bytes). Returns whether
+    /// the exit was an input (whose bytes KVM must take at the next entry),
+    /// or `None` if no region claims the port.
+    fn serve_string(&self, exit: &Exit, data: &mut [u8]) -> Option<bool> {
+        let (port, size, input) = match *exit {
+            Exit::IoInString { port, size, .. } => (port, size, true),
+            Exit::IoOutString { port, size, .. } => (port, size, false),
+            _ => return None,
+        };
+        let n = usize::from(size.clamp(1, 8));
+        let mut served_any = false;
+        for element in data.chunks_mut(n) {
+            let write = (!input).then(|| {
+                let mut bytes = [0u8; 8];
+                bytes[..element.len()].copy_from_slice(element);
+                u64::from_le_bytes(bytes)
+            });
+            let served = self.links.io.access(IoSpace::Pio, u64::from(port), size, write)?;
+            if input {
+                element.copy_from_slice(&served.value.to_le_bytes()[..element.len()]);
+            }
+            served_any = true;
+        }
+        served_any.then_some(input)
     }
 
     /// Reports one exit to every tracer.
