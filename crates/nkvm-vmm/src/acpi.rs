@@ -64,6 +64,10 @@ pub const PM1A_EVT_LEN: u8 = 4;
 pub const RESET_PORT: u16 = 0xcf9;
 /// The value the guest writes to [`RESET_PORT`] to reset.
 pub const RESET_VALUE: u8 = 0x06;
+/// The ACPI PM timer's port, where a machine has one.
+pub const PM_TIMER_PORT: u16 = 0x608;
+/// Length of the PM timer block.
+pub const PM_TIMER_LEN: u8 = 4;
 /// `SLP_TYP` of `\_S5` (soft-off), as the PM1a control port expects it.
 pub const SLP_TYP_S5: u8 = 5;
 
@@ -116,8 +120,9 @@ pub struct AcpiTables {
 
 impl AcpiTables {
     /// Builds the tables for a machine with `vcpus` vCPUs (APIC IDs
-    /// 0..vcpus, the IOAPIC taking ID `vcpus`).
-    pub fn build(vcpus: u32) -> Result<Self, AcpiError> {
+    /// 0..vcpus, the IOAPIC taking ID `vcpus`); with `pm_timer`, the FADT
+    /// names a 32-bit ACPI PM timer at that port.
+    pub fn build(vcpus: u32, pm_timer: Option<u16>) -> Result<Self, AcpiError> {
         let count = u8::try_from(vcpus).ok().filter(|&n| n > 0 && n < u8::MAX);
         let count = count.ok_or(AcpiError::TooManyVcpus { vcpus })?;
         let mut image = Image::default();
@@ -125,7 +130,7 @@ impl AcpiTables {
         let dsdt = image.place(&to_bytes(&dsdt()), 16);
         let facs = image.place(&to_bytes(&FACS::new()), 64);
         let madt = image.place(madt(count).as_slice(), 16);
-        let fadt = image.place(&to_bytes(&fadt(dsdt, facs)), 16);
+        let fadt = image.place(&to_bytes(&fadt(dsdt, facs, pm_timer)), 16);
         let mut xsdt = XSDT::new(OEM_ID, *b"NKVMXSDT", OEM_REVISION);
         xsdt.add_entry(fadt);
         xsdt.add_entry(madt);
@@ -230,10 +235,11 @@ pub fn port_read(port: u16, size: u8) -> Option<u64> {
     Some(if bits >= 64 { value } else { value & ((1 << bits) - 1) })
 }
 
-/// Builds the tables for `vcpus` vCPUs, writes them to `vm`'s RAM at
-/// [`ACPI_START`] and returns the RSDP's address.
-pub fn install(vm: &Vm, vcpus: u32) -> Result<GuestAddress, AcpiError> {
-    let tables = AcpiTables::build(vcpus)?;
+/// Builds the tables for `vcpus` vCPUs (and the PM timer at `pm_timer`),
+/// writes them to `vm`'s RAM at [`ACPI_START`] and returns the RSDP's
+/// address.
+pub fn install(vm: &Vm, vcpus: u32, pm_timer: Option<u16>) -> Result<GuestAddress, AcpiError> {
+    let tables = AcpiTables::build(vcpus, pm_timer)?;
     vm.write_memory(GuestAddress(ACPI_START), &tables.image).map_err(AcpiError::Memory)?;
     Ok(tables.rsdp())
 }
@@ -287,11 +293,12 @@ fn interrupt_override(irq: u8, gsi: u32, flags: u16) -> Vec<u8> {
 }
 
 /// FADT (revision 6.5, not hardware-reduced): SCI 9, PM1a event and
-/// control blocks, no PM timer or GPEs, reset through 0xcf9, an 8042.
-fn fadt(dsdt: u64, facs: u64) -> acpi_tables::fadt::FADT {
+/// control blocks, the PM timer if there is one (32 bits wide), no GPEs,
+/// reset through 0xcf9, an 8042.
+fn fadt(dsdt: u64, facs: u64, pm_timer: Option<u16>) -> acpi_tables::fadt::FADT {
     let mut fadt = FADTBuilder::new(OEM_ID, *b"NKVMFACP", OEM_REVISION)
         .dsdt_64(dsdt)
-        .firmware_ctrl_64(facs)
+        .firmware_ctrl_32(facs as u32)
         .flag(Flags::Wbinvd)
         .flag(Flags::ProcC1)
         // No fixed-feature power or sleep button.
@@ -306,6 +313,11 @@ fn fadt(dsdt: u64, facs: u64) -> acpi_tables::fadt::FADT {
     fadt.iapc_boot_arch = IAPC_BOOT_ARCH_8042.into();
     fadt.reset_reg = GAS::new(AddressSpace::SystemIo, 8, 0, AccessSize::ByteAccess, u64::from(RESET_PORT));
     fadt.reset_value = RESET_VALUE;
+    if let Some(port) = pm_timer {
+        fadt = fadt.flag(Flags::TmrValExt);
+        fadt.pm_tmr_blk = u32::from(port).into();
+        fadt.pm_tmr_len = PM_TIMER_LEN;
+    }
     fadt.finalize()
 }
 
@@ -414,7 +426,7 @@ mod tests {
 
     #[test]
     fn rsdp_v2_at_the_start_points_at_the_xsdt_and_both_checksums_hold() {
-        let t = AcpiTables::build(2).unwrap();
+        let t = AcpiTables::build(2, None).unwrap();
         let rsdp = &t.image[..36];
         assert_eq!(&rsdp[..8], b"RSD PTR ");
         assert_eq!(rsdp[15], 2, "revision");
@@ -428,7 +440,7 @@ mod tests {
     #[test]
     fn every_table_has_a_zero_checksum_and_fits_its_area() {
         for vcpus in [1, 2, 8, 254] {
-            let t = AcpiTables::build(vcpus).unwrap();
+            let t = AcpiTables::build(vcpus, None).unwrap();
             assert!(ACPI_START + t.image.len() as u64 <= ACPI_END);
             let xsdt = table(&t, u64_at(&t.image, 24));
             assert_eq!(sum(xsdt), 0, "XSDT");
@@ -443,7 +455,7 @@ mod tests {
 
     #[test]
     fn xsdt_lists_the_fadt_and_the_madt() {
-        let t = AcpiTables::build(2).unwrap();
+        let t = AcpiTables::build(2, None).unwrap();
         let signatures: Vec<_> = xsdt_entries(&t).into_iter().map(|a| table(&t, a)[..4].to_vec()).collect();
         assert_eq!(signatures, [b"FACP".to_vec(), b"APIC".to_vec()]);
     }
@@ -451,7 +463,7 @@ mod tests {
     #[test]
     fn madt_has_one_enabled_local_apic_per_vcpu_then_the_ioapic_overrides_and_nmi() {
         for vcpus in [1u8, 2, 5] {
-            let t = AcpiTables::build(u32::from(vcpus)).unwrap();
+            let t = AcpiTables::build(u32::from(vcpus), None).unwrap();
             let madt = find(&t, b"APIC");
             assert_eq!(u32_at(madt, 36), 0xfee0_0000);
             assert_eq!(u32_at(madt, 40), 1, "PCAT_COMPAT");
@@ -477,7 +489,7 @@ mod tests {
 
     #[test]
     fn fadt_holds_the_sci_pm1a_reset_and_dsdt_fields() {
-        let t = AcpiTables::build(2).unwrap();
+        let t = AcpiTables::build(2, None).unwrap();
         let fadt = find(&t, b"FACP");
         assert_eq!((fadt[8], fadt[131]), (6, 5), "revision 6.5");
         assert_eq!(u16_at(fadt, 46), 9, "SCI_INT");
@@ -494,16 +506,28 @@ mod tests {
         assert_eq!(&fadt[116..120], &[1, 8, 0, 1]);
         assert_eq!(u64_at(fadt, 120), 0xcf9);
         assert_eq!(fadt[128], 0x06, "RESET_VALUE");
-        let facs = table(&t, u64_at(fadt, 132));
+        // FIRMWARE_CTRL (32-bit: kvm-unit-tests read only that one), no X_FIRMWARE_CTRL.
+        let facs = table(&t, u32_at(fadt, 36).into());
+        assert_eq!(u64_at(fadt, 132), 0);
         assert_eq!(&facs[..4], b"FACS");
-        assert_eq!(u64_at(fadt, 132) % 64, 0, "FACS alignment");
+        assert_eq!(u32_at(fadt, 36) % 64, 0, "FACS alignment");
         assert_eq!(&table(&t, u64_at(fadt, 140))[..4], b"DSDT");
         assert_eq!(builtin::PM1_POWER_OFF, (u16::from(SLP_TYP_S5) << 10) | (1 << 13));
     }
 
     #[test]
+    fn fadt_names_a_32_bit_pm_timer_when_the_machine_has_one() {
+        let t = AcpiTables::build(1, Some(PM_TIMER_PORT)).unwrap();
+        let fadt = find(&t, b"FACP");
+        assert_eq!(u32_at(fadt, 76), 0x608, "PM_TMR_BLK");
+        assert_eq!(fadt[91], 4, "PM_TMR_LEN");
+        assert_ne!(u32_at(fadt, 112) & (1 << 8), 0, "TMR_VAL_EXT");
+        assert_eq!(sum(fadt), 0);
+    }
+
+    #[test]
     fn dsdt_names_s5_the_pci_host_bridge_and_com1() {
-        let t = AcpiTables::build(1).unwrap();
+        let t = AcpiTables::build(1, None).unwrap();
         let fadt = find(&t, b"FACP");
         let dsdt = table(&t, u64_at(fadt, 140));
         let has = |needle: &[u8]| dsdt.windows(needle.len()).any(|w| w == needle);
@@ -579,7 +603,7 @@ mod tests {
     #[test]
     fn vcpu_counts_the_madt_cannot_express_are_refused() {
         for vcpus in [0, 255, 1000] {
-            assert!(matches!(AcpiTables::build(vcpus), Err(AcpiError::TooManyVcpus { .. })), "{vcpus}");
+            assert!(matches!(AcpiTables::build(vcpus, None), Err(AcpiError::TooManyVcpus { .. })), "{vcpus}");
         }
     }
 }

@@ -121,7 +121,7 @@ pub fn load(vm: &Vm, boot: &LinuxBoot, vcpus: u32) -> Result<Entry, LinuxError> 
     if ram_end > acpi::PCI_MMIO_START {
         return Err(LinuxError::MemoryOverlapsPciHole { memory: ram_end, hole: acpi::PCI_MMIO_START });
     }
-    let rsdp = acpi::install(vm, vcpus)?;
+    let rsdp = acpi::install(vm, vcpus, None)?;
     let mut params = boot_params { hdr, acpi_rsdp_addr: rsdp.0, ..Default::default() };
 
     let mut cmdline = Cmdline::new(CMDLINE_MAX).map_err(|e| LinuxError::Cmdline(e.to_string()))?;

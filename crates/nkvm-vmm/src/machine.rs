@@ -12,6 +12,7 @@ use std::thread;
 
 use nkvm::io::{IoRange, Ordering};
 use nkvm::{Exit, ExitStats, GuestAddress, Hypervisor, LineTracer, LongMode, RunState, Vcpu, Vm, VmConfig};
+use nkvm_devices::power::PowerEvent;
 use nkvm_devices::serial::Serial;
 use nkvm_devices::test_device::{TestDevice, TEST_DEVICE_SIZE};
 
@@ -22,8 +23,10 @@ use crate::console::{PanicWatch, WatchedConsole};
 use crate::devices::{DeviceProcess, InProcess};
 use crate::ioapic;
 use crate::linux::{self, LinuxBoot};
+use crate::multiboot::{self, MultibootBoot};
 use crate::pci_devices::{PciConfig, ResetHook};
 use crate::terminal::{self, RawMode, SerialRegion, SharedSerial};
+use crate::testdev;
 
 /// Why the VMM could not run the VM.
 #[derive(Debug, thiserror::Error)]
@@ -61,6 +64,12 @@ pub enum MachineError {
     /// Setting up the PCI devices failed.
     #[error(transparent)]
     Pci(#[from] crate::pci_devices::PciSetupError),
+    /// The multiboot kernel could not be loaded.
+    #[error(transparent)]
+    Multiboot(#[from] multiboot::MultibootError),
+    /// The kvm-unit-tests platform devices could not be attached.
+    #[error(transparent)]
+    Testdev(#[from] testdev::TestdevError),
 }
 
 /// How one vCPU thread ended.
@@ -76,6 +85,9 @@ enum Outcome {
     Stopped,
     /// The user pressed the console's escape key.
     Escaped,
+    /// The guest wrote the test-exit port (kvm-unit-tests): end the
+    /// process with this status, `(value << 1) | 1` as QEMU's isa-debug-exit.
+    TestExit(u8),
     /// The guest or KVM failed.
     Failed(String),
 }
@@ -86,8 +98,10 @@ struct Shared {
     stop: AtomicBool,
     /// The console's escape key ended the guest.
     escaped: AtomicBool,
-    /// The guest reset the machine through a device (port 0xcf9).
+    /// The guest reset the machine through a device (port 0xcf9 or 0x92).
     reset: AtomicBool,
+    /// The guest wrote the test-exit port: the process status it asked for.
+    test_exit: Mutex<Option<u8>>,
     /// Filled by `run_vcpus`, for whoever must stop the vCPUs.
     kickers: std::sync::Mutex<Vec<nkvm::Kicker>>,
 }
@@ -100,37 +114,79 @@ impl Shared {
     }
 }
 
-/// Boots the built-in guest per `args` and returns the process exit code.
+/// Boots the guest `args` name (a Linux kernel, a multiboot kernel such as
+/// a kvm-unit-tests image, or the built-in guest) and returns the process
+/// exit code.
 pub fn run(args: &RunArgs) -> Result<ExitCode, Box<dyn std::error::Error>> {
-    match &args.kernel {
-        Some(kernel) => {
-            let boot = LinuxBoot { kernel: kernel.clone(), initrd: args.initrd.clone(), cmdline: args.cmdline.clone() };
-            Ok(run_linux(args, &boot)?)
-        }
-        None => Ok(run_builtin(args)?),
-    }
+    let Some(kernel) = &args.kernel else { return Ok(run_builtin(args)?) };
+    let boot = if multiboot::is_multiboot(&kernel_head(kernel)?) {
+        Boot::Multiboot
+    } else {
+        Boot::Linux(LinuxBoot { kernel: kernel.clone(), initrd: args.initrd.clone(), cmdline: args.cmdline.clone() })
+    };
+    Ok(run_kernel(args, &boot)?)
 }
 
-/// Boots a Linux kernel: split irqchip (APs wait for the guest's
-/// INIT/SIPI in KVM), ACPI tables, the IOAPIC in this process, the 16550 on
-/// 0x3f8 (IRQ 4 on IOAPIC pin 4 when in process), the ACPI fixed ports.
-fn run_linux(args: &RunArgs, boot: &LinuxBoot) -> Result<ExitCode, MachineError> {
+/// The first bytes of the kernel file, where a multiboot header would be.
+fn kernel_head(path: &std::path::Path) -> Result<Vec<u8>, MachineError> {
+    use std::io::Read;
+    let read = |source| linux::LinuxError::Read { path: path.display().to_string(), source };
+    let mut head = Vec::with_capacity(8192);
+    std::fs::File::open(path).map_err(read)?.take(8192).read_to_end(&mut head).map_err(read)?;
+    Ok(head)
+}
+
+/// What `--kernel` is.
+#[derive(Debug)]
+enum Boot {
+    /// A Linux bzImage or ELF vmlinux: entered in long mode with a zero page.
+    Linux(LinuxBoot),
+    /// A multiboot kernel (kvm-unit-tests): entered in 32-bit protected mode
+    /// on the PC that test suite expects (fw_cfg, the test-exit port,
+    /// pc-testdev, the PM timer, CMOS).
+    Multiboot,
+}
+
+/// Boots a kernel: split irqchip (APs wait for the guest's INIT/SIPI in
+/// KVM), ACPI tables, the IOAPIC in this process, the 16550 on 0x3f8 (IRQ 4
+/// on IOAPIC pin 4 when in process), the ACPI fixed ports; then what the
+/// kind of kernel needs.
+fn run_kernel(args: &RunArgs, boot: &Boot) -> Result<ExitCode, MachineError> {
     let hv = Hypervisor::open()?;
     let config = VmConfig { vcpus: args.cpus, memory: args.memory, split_irqchip: true, ..Default::default() };
     let vm = Arc::new(Vm::new(&hv, &config)?);
-    let entry = linux::load(&vm, boot, args.cpus)?;
-    let long_mode = LongMode::install(&vm.memory(), GuestAddress(linux::TABLES))?;
     let ioapic = ioapic::attach(&vm, acpi::IOAPIC_ADDR)?;
     let pm1a_evt = IoRange::pio(acpi::PM1A_EVT, u16::from(acpi::PM1A_EVT_LEN));
     vm.attach_handler(pm1a_evt, Box::new(InProcess(acpi::Pm1Event::default())))?;
     let shared = Arc::new(Shared::default());
-    let resetter = shared.clone();
-    let reset = ResetHook(Arc::new(move || {
-        resetter.reset.store(true, SeqCst);
-        resetter.stop_all();
-    }));
-    let pci = PciConfig { disk: args.disk.clone(), disk_read_only: args.disk_readonly, reset: Some(reset) };
-    crate::pci_devices::attach(&vm, &pci)?;
+    let mut cpuid = hv.supported_cpuid()?;
+    let start = match boot {
+        Boot::Linux(linux_boot) => {
+            let entry = linux::load(&vm, linux_boot, args.cpus)?;
+            let long_mode = LongMode::install(&vm.memory(), GuestAddress(linux::TABLES))?;
+            let resetter = shared.clone();
+            let reset = ResetHook(Arc::new(move || {
+                resetter.reset.store(true, SeqCst);
+                resetter.stop_all();
+            }));
+            let pci = PciConfig { disk: args.disk.clone(), disk_read_only: args.disk_readonly, reset: Some(reset) };
+            crate::pci_devices::attach(&vm, &pci)?;
+            let masked = linux::mask_unrunnable(&mut cpuid);
+            if !masked.is_empty() {
+                eprintln!("nkvm: CPUID: hiding {} (this host cannot run them in a guest)", masked.join(", "));
+            }
+            Start::Long { long_mode, entry }
+        }
+        Boot::Multiboot => {
+            let kernel = args.kernel.as_deref().unwrap_or(std::path::Path::new(""));
+            let mb = MultibootBoot { kernel, cmdline: &args.cmdline, module: args.initrd.as_deref() };
+            let entry = multiboot::load(&vm.memory(), &mb)?;
+            acpi::install(&vm, args.cpus, Some(acpi::PM_TIMER_PORT)).map_err(linux::LinuxError::Acpi)?;
+            let events = power_events(&shared)?;
+            testdev::attach(&vm, &ioapic, &testdev::Machine { cpus: args.cpus, memory: args.memory, events })?;
+            Start::Multiboot(entry)
+        }
+    };
     let com1 = IoRange::pio(builtin::COM1, 8);
     let panic = PanicWatch::default();
     let mut input = None;
@@ -143,11 +199,6 @@ fn run_linux(args: &RunArgs, boot: &LinuxBoot) -> Result<ExitCode, MachineError>
         input = Some(serial);
         Vec::new()
     };
-    let mut cpuid = hv.supported_cpuid()?;
-    let masked = linux::mask_unrunnable(&mut cpuid);
-    if !masked.is_empty() {
-        eprintln!("nkvm: CPUID: hiding {} (this host cannot run them in a guest)", masked.join(", "));
-    }
     let stats = ExitStats::new();
     let mut vcpus = Vec::new();
     for id in 0..args.cpus {
@@ -156,10 +207,7 @@ fn run_linux(args: &RunArgs, boot: &LinuxBoot) -> Result<ExitCode, MachineError>
         linux::set_apic_id(&mut own, id);
         vcpu.set_cpuid(&own)?;
         if id == 0 {
-            vcpu.set_long_mode(&long_mode, entry.rip, GuestAddress(linux::BOOT_STACK))?;
-            let mut regs = vcpu.regs()?;
-            regs.rsi = entry.zero_page.0;
-            vcpu.set_regs(&regs)?;
+            start.apply(&vcpu)?;
         }
         if args.trace {
             vcpu.add_tracer(Box::new(LineTracer::new(io::stderr())));
@@ -183,6 +231,8 @@ fn run_linux(args: &RunArgs, boot: &LinuxBoot) -> Result<ExitCode, MachineError>
     let mut outcome = run_vcpus(vcpus, &vm, &shared)?;
     if shared.escaped.load(SeqCst) {
         outcome = Outcome::Escaped;
+    } else if let Some(status) = *shared.test_exit.lock().unwrap_or_else(|p| p.into_inner()) {
+        outcome = Outcome::TestExit(status);
     } else if shared.reset.load(SeqCst) {
         outcome = Outcome::Reset;
     }
@@ -191,6 +241,56 @@ fn run_linux(args: &RunArgs, boot: &LinuxBoot) -> Result<ExitCode, MachineError>
         return finish(args, &stats, Outcome::Failed(format!("the guest kernel panicked: {why}")));
     }
     finish(args, &stats, outcome)
+}
+
+/// How the boot vCPU starts.
+enum Start {
+    /// Linux: long mode at the 64-bit entry, the zero page in `rsi`.
+    Long { long_mode: LongMode, entry: linux::Entry },
+    /// Multiboot: 32-bit protected mode, the magic in `eax`, the information in `ebx`.
+    Multiboot(multiboot::MultibootEntry),
+}
+
+impl Start {
+    fn apply(&self, vcpu: &Vcpu) -> Result<(), MachineError> {
+        match self {
+            Start::Long { long_mode, entry } => {
+                vcpu.set_long_mode(long_mode, entry.rip, GuestAddress(linux::BOOT_STACK))?;
+                let mut regs = vcpu.regs()?;
+                regs.rsi = entry.zero_page.0;
+                vcpu.set_regs(&regs)?;
+            }
+            Start::Multiboot(entry) => {
+                vcpu.set_flat_protected_mode(GuestAddress(entry.eip.into()), multiboot::BOOTLOADER_MAGIC, entry.info)?
+            }
+        }
+        Ok(())
+    }
+}
+
+/// Starts the thread that turns the platform devices' power events
+/// (the test-exit port, port 0x92's fast reset) into the machine stopping;
+/// returns the sender the devices report on.
+fn power_events(shared: &Arc<Shared>) -> Result<mpsc::Sender<PowerEvent>, MachineError> {
+    let (tx, rx) = mpsc::channel();
+    let shared = shared.clone();
+    thread::Builder::new()
+        .name("power-events".into())
+        .spawn(move || {
+            for event in rx {
+                match event {
+                    PowerEvent::TestExit { status } => {
+                        let mut exit = shared.test_exit.lock().unwrap_or_else(|p| p.into_inner());
+                        exit.get_or_insert(status);
+                    }
+                    PowerEvent::Reset => shared.reset.store(true, SeqCst),
+                    PowerEvent::PowerOff => {}
+                }
+                shared.stop_all();
+            }
+        })
+        .map_err(MachineError::Thread)?;
+    Ok(tx)
 }
 
 fn run_builtin(args: &RunArgs) -> Result<ExitCode, MachineError> {
@@ -256,6 +356,7 @@ fn finish(args: &RunArgs, stats: &ExitStats, outcome: Outcome) -> Result<ExitCod
             eprintln!("\r\nnkvm: guest ended from the console ({})", terminal::ESCAPE);
             ExitCode::SUCCESS
         }
+        Outcome::TestExit(status) => ExitCode::from(status),
         Outcome::Failed(why) => {
             eprintln!("nkvm: guest stopped: {why}");
             ExitCode::from(1)

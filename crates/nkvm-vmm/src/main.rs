@@ -17,10 +17,12 @@ mod ioapic_process;
 mod kernel_image;
 mod linux;
 mod machine;
+mod multiboot;
 mod pci_devices;
 mod pic_process;
 mod size;
 mod terminal;
+mod testdev;
 
 use std::process::ExitCode;
 

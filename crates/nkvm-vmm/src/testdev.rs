@@ -1,0 +1,101 @@
+//! The PC the kvm-unit-tests x86 suite expects around a multiboot kernel,
+//! as QEMU gives it with `-device pc-testdev -device isa-debug-exit`: each
+//! piece an `nkvm_devices` model on an nkvm I/O region.
+//!
+//! | ports / address | model |
+//! |---|---|
+//! | 0x70-0x71 | CMOS/RTC |
+//! | 0x92 | system control port A (A20, fast reset) |
+//! | 0xe0-0xeb | pc-testdev: scratch register, flush-page port |
+//! | 0xf4-0xf7 | isa-debug-exit: a write of `v` ends nkvm with status `(v << 1) \| 1` |
+//! | 0x4d0-0x4d1 | ELCR |
+//! | 0x510-0x511 | fw_cfg: CPU count, RAM size |
+//! | 0x608-0x60b | ACPI PM timer (named in the FADT) |
+//! | 0x2000-0x2017 | pc-testdev: 24 interrupt lines into the IOAPIC's pins |
+//! | 0xff00_0000 + 64 KiB | pc-testdev: RAM-like memory served by MMIO exits |
+
+use std::sync::mpsc::Sender;
+use std::sync::Arc;
+
+use nkvm::io::{IoHandler, IoRange};
+use nkvm::{GuestAddress, Vm};
+use nkvm_devices::cmos::{Cmos, CMOS_PORT, CMOS_SIZE};
+use nkvm_devices::debug_exit::{DebugExit, DEBUG_EXIT_PORT, DEBUG_EXIT_SIZE};
+use nkvm_devices::fw_cfg::{FwCfg, FwCfgConfig, FW_CFG_PORT, FW_CFG_SIZE};
+use nkvm_devices::pc_testdev::{
+    IoRam, TestdevIrqLines, TestdevPorts, IO_RAM_BASE, IO_RAM_SIZE, TESTDEV_IRQ_LINES_BASE, TESTDEV_IRQ_LINES_SIZE,
+    TESTDEV_IRQ_LINE_COUNT, TESTDEV_PORTS_BASE, TESTDEV_PORTS_SIZE,
+};
+use nkvm_devices::pic::{Pic, SharedPic};
+use nkvm_devices::pm_timer::{PmTimer, PM_TIMER_SIZE};
+use nkvm_devices::port92::{SystemControlA, SYSTEM_CONTROL_A_PORT, SYSTEM_CONTROL_A_SIZE};
+use nkvm_devices::power::PowerEvent;
+
+use crate::acpi;
+use crate::devices::InProcess;
+use crate::ioapic::IoapicPins;
+
+/// Errors attaching the platform devices.
+#[derive(Debug, thiserror::Error)]
+pub enum TestdevError {
+    /// A device's region could not be attached.
+    #[error(transparent)]
+    Attach(#[from] nkvm::IoRegionError),
+    /// A pc-testdev interrupt line could not be connected.
+    #[error("cannot connect a pc-testdev interrupt line")]
+    Line(#[source] nkvm_devices::pc_testdev::PcTestdevError),
+}
+
+/// What the devices need to know of the machine.
+#[derive(Debug)]
+pub struct Machine {
+    /// vCPUs (fw_cfg's CPU count: the suite waits for that many APs).
+    pub cpus: u32,
+    /// RAM in bytes (fw_cfg's RAM size).
+    pub memory: u64,
+    /// Where the test-exit port and the fast-reset bit report.
+    pub events: Sender<PowerEvent>,
+}
+
+/// Attaches every platform device of the kvm-unit-tests machine to `vm`;
+/// the pc-testdev interrupt lines drive `ioapic`'s pins of the same number.
+pub fn attach(vm: &Arc<Vm>, ioapic: &IoapicPins, machine: &Machine) -> Result<(), TestdevError> {
+    let pio = |port: u16, size: u64| IoRange::pio(port, size as u16);
+    let handler = |device: Box<dyn IoHandler>, range: IoRange| vm.attach_handler(range, device).map(|_| ());
+
+    let debug_exit = DebugExit::new(machine.events.clone());
+    handler(Box::new(InProcess(debug_exit)), pio(DEBUG_EXIT_PORT, DEBUG_EXIT_SIZE))?;
+    let cpus = u16::try_from(machine.cpus).unwrap_or(u16::MAX);
+    let fw_cfg = FwCfg::new(FwCfgConfig { cpus, ram_size: machine.memory, max_ram: 0 });
+    handler(Box::new(InProcess(fw_cfg)), pio(FW_CFG_PORT, FW_CFG_SIZE))?;
+    handler(Box::new(InProcess(PmTimer::new())), pio(acpi::PM_TIMER_PORT, PM_TIMER_SIZE))?;
+    handler(Box::new(InProcess(Cmos::new())), pio(CMOS_PORT, CMOS_SIZE))?;
+    let port92 = SystemControlA::new(machine.events.clone());
+    handler(Box::new(InProcess(port92)), pio(SYSTEM_CONTROL_A_PORT, SYSTEM_CONTROL_A_SIZE))?;
+
+    // The 8259s are there to be masked (every test does); their output is
+    // not wired: interrupts reach the vCPUs through the IOAPIC.
+    let pic = SharedPic::new(Pic::new());
+    handler(Box::new(InProcess(pic.master_port())), pio(0x20, 2))?;
+    handler(Box::new(InProcess(pic.slave_port())), pio(0xa0, 2))?;
+    handler(Box::new(InProcess(pic.elcr_port())), pio(0x4d0, 2))?;
+
+    // The flush-page port makes the host drop and rebuild its mapping of a
+    // page, so KVM invalidates the guest's view of it.
+    let memory_of = Arc::downgrade(vm);
+    let flush = Box::new(move |gpa: u64| {
+        if let Some(vm) = memory_of.upgrade() {
+            if let Err(e) = vm.memory().drop_host_mapping(GuestAddress(gpa)) {
+                log::warn!("pc-testdev: flush of page {gpa:#x}: {e}");
+            }
+        }
+    });
+    handler(Box::new(InProcess(TestdevPorts::new(flush))), pio(TESTDEV_PORTS_BASE, TESTDEV_PORTS_SIZE))?;
+    let mut lines = TestdevIrqLines::new();
+    for line in 0..TESTDEV_IRQ_LINE_COUNT {
+        lines.connect(line, ioapic.line(line)).map_err(TestdevError::Line)?;
+    }
+    handler(Box::new(InProcess(lines)), pio(TESTDEV_IRQ_LINES_BASE, TESTDEV_IRQ_LINES_SIZE))?;
+    handler(Box::new(InProcess(IoRam::new())), IoRange::mmio(IO_RAM_BASE, IO_RAM_SIZE))?;
+    Ok(())
+}
