@@ -366,6 +366,7 @@ def main():
         expected = [line.split("#")[0].strip() for line in PASS_LIST.read_text().splitlines()]
         expected = [e for e in expected if e and e in {t.name for t in tests}]
         broken = [e for e in expected if results[(e, "nkvm")].verdict != "PASS"]
+        print(f"kvm-unit-tests expected: {len(expected) - len(broken)} passed, {len(broken)} failed")
         if broken:
             for e in broken:
                 r = results[(e, "nkvm")]
