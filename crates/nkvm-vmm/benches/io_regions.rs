@@ -32,10 +32,15 @@ impl IoHandler for Handler {
 }
 
 fn setup(hv: &Hypervisor, write: bool, n: u32) -> (Vm, Vcpu) {
+    setup_at(hv, write, n, MMIO)
+}
+
+/// The guest loop accessing `target` (MMIO, or RAM for the floor).
+fn setup_at(hv: &Hypervisor, write: bool, n: u32, target: u64) -> (Vm, Vcpu) {
     let vm = Vm::new(hv, &VmConfig { vcpus: 1, memory: 16 << 20, ..Default::default() }).unwrap();
     let mut a = CodeAssembler::new(64).unwrap();
     let mut again = a.create_label();
-    a.mov(rbx, MMIO).unwrap();
+    a.mov(rbx, target).unwrap();
     a.mov(ecx, n).unwrap();
     a.set_label(&mut again).unwrap();
     if write {
@@ -130,6 +135,18 @@ fn main() {
     let exit_only = measure(&hv, n, rounds, false, |_| {});
     let sync_writes = measure(&hv, n, rounds, true, socket(Ordering::Sync));
     let posted_writes = measure(&hv, n, rounds, true, socket(Ordering::Posted));
+    // The floor: the same loop storing to RAM (no MMIO, no exit). On a host
+    // that runs this guest in KVM's instruction emulator, the loop itself
+    // costs about as much as an exit.
+    let mut floor = Vec::new();
+    for _ in 0..rounds {
+        let (_vm, mut vcpu) = setup_at(&hv, true, n, 0x20_0000);
+        let t = Instant::now();
+        run(&mut vcpu);
+        floor.push(t.elapsed().as_secs_f64() * 1e9 / f64::from(n));
+    }
+    floor.sort_by(|a, b| a.total_cmp(b));
+    let ram_writes = floor[floor.len() / 2];
     devices.borrow_mut().clear();
     println!("sync MMIO read, ns per access (median of {rounds} x {n}):");
     println!("  (a) in-process handler          {in_process:>8.0}");
@@ -144,5 +161,23 @@ fn main() {
     println!("MMIO writes to a device in another process, ns per write:");
     println!("  sync   {sync_writes:>8.0}");
     println!("  posted {posted_writes:>8.0}");
+    println!("  RAM    {ram_writes:>8.0}   (the same loop storing to RAM: the floor for a write that does not exit)");
     println!("  posted throughput = {:.1}x sync (target >= 5x)", sync_writes / posted_writes);
+    let (posted, remote) = (sync_writes / posted_writes, out_of_process / in_process);
+    println!(
+        "result|io_regions: posted / sync write throughput|{posted:.1}x ({posted_writes:.0} vs {sync_writes:.0} ns; RAM loop {ram_writes:.0} ns)|>= 5x|{}",
+        verdict(posted >= 5.0)
+    );
+    println!(
+        "result|io_regions: sync read, other process / in process|{remote:.2}x ({out_of_process:.0} vs {in_process:.0} ns)|<= 2.0x|{}",
+        verdict(remote <= 2.0)
+    );
+}
+
+fn verdict(met: bool) -> &'static str {
+    if met {
+        "met"
+    } else {
+        "not met"
+    }
 }

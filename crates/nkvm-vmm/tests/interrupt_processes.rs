@@ -129,7 +129,8 @@ fn an_ioapic_in_another_process_delivers_level_interrupts_with_eoi_and_its_death
             if let Exit::MmioRead { .. } | Exit::IoIn { .. } = exit {
                 run.complete_read(0);
             }
-            if tx.send(exit).is_err() || exit == Exit::Kicked {
+            let kicked = exit == Exit::Kicked;
+            if tx.send(exit).is_err() || kicked {
                 return;
             }
         }
@@ -236,7 +237,8 @@ fn a_pic_in_another_process_drives_an_apic_less_core_through_lint0() {
             if let Exit::MmioRead { .. } | Exit::IoIn { .. } = exit {
                 run.complete_read(0);
             }
-            if tx.send(exit).is_err() || exit == Exit::Kicked {
+            let kicked = exit == Exit::Kicked;
+            if tx.send(exit).is_err() || kicked {
                 return;
             }
         }

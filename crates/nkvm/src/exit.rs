@@ -10,7 +10,7 @@ use std::fmt;
 use crate::GuestAddress;
 
 /// One exit from the guest to the VMM.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Exit {
     /// `out` of `size` bytes (1, 2 or 4) to `port`; `data` holds the value.
     IoOut {
@@ -82,7 +82,7 @@ pub enum Exit {
     InterruptWindow,
     /// KVM could not continue; for emulation failures it carries the
     /// instruction bytes.
-    InternalError(InternalError),
+    InternalError(Box<InternalError>),
     /// The hardware refused to enter the guest.
     FailEntry {
         /// The hardware's entry-failure reason code.

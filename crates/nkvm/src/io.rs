@@ -230,6 +230,9 @@ pub(crate) struct Served {
 #[derive(Debug, Default)]
 pub(crate) struct IoRegions {
     regions: RwLock<Vec<Arc<Attached>>>,
+    /// Whether `regions` has any entry: read on every I/O exit without
+    /// taking the lock (updated under its write side).
+    attached: AtomicBool,
     next_id: AtomicU64,
     /// Cheap check on the exit path: any posted writes outstanding anywhere?
     any_posted: AtomicBool,
@@ -290,6 +293,7 @@ impl IoRegions {
         let id = RegionId(self.next_id.fetch_add(1, AtomicOrdering::Relaxed) + 1);
         let name = name.unwrap_or_else(|| range.to_string());
         let at = regions.partition_point(|r| (r.range.space as u8, r.range.base) < (range.space as u8, range.base));
+        self.attached.store(true, AtomicOrdering::SeqCst);
         regions.insert(
             at,
             Arc::new(Attached {
@@ -343,7 +347,9 @@ impl IoRegions {
         let region = {
             let mut regions = self.regions.write().unwrap_or_else(|p| p.into_inner());
             let at = regions.iter().position(|r| r.id == id).ok_or(IoRegionError::NotAttached(id))?;
-            regions.remove(at)
+            let region = regions.remove(at);
+            self.attached.store(!regions.is_empty(), AtomicOrdering::SeqCst);
+            region
         };
         // Writes the guest posted before the detach still reach the device.
         self.sync_region(&region);
@@ -356,7 +362,7 @@ impl IoRegions {
 
     /// Whether nothing is attached (the common fast path).
     pub(crate) fn is_empty(&self) -> bool {
-        self.regions.read().unwrap_or_else(|p| p.into_inner()).is_empty()
+        !self.attached.load(AtomicOrdering::SeqCst)
     }
 
     fn find(&self, space: IoSpace, addr: u64, size: u64) -> Option<Arc<Attached>> {

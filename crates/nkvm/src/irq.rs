@@ -207,24 +207,87 @@ impl Lint {
     }
 }
 
+/// Receives the local APICs' EOIs of level-triggered vectors on an APIC bus
+/// whose IOAPIC or PIC model lives in this process (see
+/// [`Vm::attach_apic_bus_in_process`](crate::Vm::attach_apic_bus_in_process)).
+pub trait EoiHandler: Send {
+    /// A local APIC ended the interrupt with `vector`. Called on the vCPU
+    /// thread that saw the EOI, before that vCPU re-enters the guest; it may
+    /// send on the [`ApicBus`] (a level line still asserted fires again).
+    fn end_of_interrupt(&mut self, vector: u8);
+}
+
+impl<F: FnMut(u8) + Send> EoiHandler for F {
+    fn end_of_interrupt(&mut self, vector: u8) {
+        self(vector)
+    }
+}
+
+/// The VM end of an APIC bus whose IOAPIC or PIC model lives in this
+/// process: the direct path. [`send`](Self::send) delivers an interrupt
+/// message to the local APICs at once, on the calling thread — no socket, no
+/// thread hop — exactly as the socket path delivers a message read from its
+/// peer (`docs/wire-format.md`); EOIs reach the model's [`EoiHandler`].
+#[derive(Debug, Clone)]
+pub struct ApicBus {
+    fd: Arc<kvm_ioctls::VmFd>,
+    irq: Arc<IrqShared>,
+}
+
+impl ApicBus {
+    /// Delivers one interrupt message (what an IOAPIC or PIC puts on the
+    /// bus): fixed, lowest-priority, NMI, INIT or SMI through
+    /// `KVM_SIGNAL_MSI`, ExtINT through the destination's LINT0. Messages
+    /// are delivered in the order they are sent.
+    pub fn send(&self, message: &InterruptMessage) -> Result<(), IrqError> {
+        deliver(&self.fd, &self.irq, message)
+    }
+}
+
+/// Where the VM end of an APIC bus sends EOIs.
+enum EoiPath {
+    /// To the peer, on the bus socket.
+    Socket(Mutex<nkvm_wire::spin::SpinStream>),
+    /// To a model in this process, by a call.
+    Direct(Mutex<Box<dyn EoiHandler>>),
+}
+
+impl std::fmt::Debug for EoiPath {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            EoiPath::Socket(_) => "Socket",
+            EoiPath::Direct(_) => "Direct",
+        })
+    }
+}
+
 /// The VM end of an APIC bus: where local APICs send EOIs.
 #[derive(Debug)]
 pub(crate) struct ApicBusEnd {
-    pub(crate) writer: Mutex<nkvm_wire::spin::SpinStream>,
+    eoi: EoiPath,
     pub(crate) failure: Mutex<Option<String>>,
     pub(crate) alive: AtomicBool,
 }
 
 impl ApicBusEnd {
+    fn new(eoi: EoiPath) -> Self {
+        Self { eoi, failure: Mutex::new(None), alive: AtomicBool::new(true) }
+    }
+
     /// Broadcasts an EOI for `vector` to the IOAPIC side.
     pub(crate) fn eoi(&self, vector: u8) {
         if !self.alive.load(Ordering::SeqCst) {
             return;
         }
-        let frame = EoiMessage { vector }.encode();
-        let mut w = self.writer.lock().unwrap_or_else(|p| p.into_inner());
-        if let Err(e) = std::io::Write::write_all(&mut *w, &frame) {
-            self.fail(format!("sending an EOI failed: {e}"));
+        match &self.eoi {
+            EoiPath::Socket(writer) => {
+                let frame = EoiMessage { vector }.encode();
+                let mut w = writer.lock().unwrap_or_else(|p| p.into_inner());
+                if let Err(e) = std::io::Write::write_all(&mut *w, &frame) {
+                    self.fail(format!("sending an EOI failed: {e}"));
+                }
+            }
+            EoiPath::Direct(handler) => handler.lock().unwrap_or_else(|p| p.into_inner()).end_of_interrupt(vector),
         }
     }
 
@@ -419,11 +482,7 @@ impl crate::Vm {
         // in bursts, and a wake-up costs ~40 us on a nested host.
         let (mut reader, writer) = nkvm_wire::spin::SpinStream::pair(reader, std::time::Duration::from_micros(50))
             .map_err(IrqError::Socket)?;
-        let end = Arc::new(ApicBusEnd {
-            writer: Mutex::new(writer),
-            failure: Mutex::new(None),
-            alive: AtomicBool::new(true),
-        });
+        let end = Arc::new(ApicBusEnd::new(EoiPath::Socket(Mutex::new(writer))));
         *bus = Some(end.clone());
         let (fd, irq) = (self.fd.clone(), self.irq.clone());
         std::thread::Builder::new()
@@ -431,6 +490,37 @@ impl crate::Vm {
             .spawn(move || serve_bus(&mut reader, &fd, &irq, &end))
             .map_err(IrqError::Socket)?;
         Ok(())
+    }
+
+    /// Connects the local APICs to an IOAPIC or PIC model in this process,
+    /// with no socket and no thread between them (the direct path of the
+    /// APIC bus): the model sends its interrupt messages through the
+    /// returned [`ApicBus`], and `eoi` receives the EOIs of level-triggered
+    /// vectors on the vCPU thread that saw them. The bus stays for the
+    /// VM's lifetime.
+    ///
+    /// ```no_run
+    /// # fn f(vm: &nkvm::Vm) -> Result<(), nkvm::irq::IrqError> {
+    /// use nkvm_wire::apic::{DeliveryMode, DestinationMode, InterruptMessage, TriggerMode};
+    /// let bus = vm.attach_apic_bus_in_process(Box::new(|vector: u8| println!("EOI {vector:#x}")))?;
+    /// bus.send(&InterruptMessage {
+    ///     destination: 0,
+    ///     destination_mode: DestinationMode::Physical,
+    ///     delivery_mode: DeliveryMode::Fixed,
+    ///     vector: 0x40,
+    ///     trigger_mode: TriggerMode::Edge,
+    ///     level: true,
+    /// })?;
+    /// # Ok(()) }
+    /// ```
+    pub fn attach_apic_bus_in_process(&self, eoi: Box<dyn EoiHandler>) -> Result<ApicBus, IrqError> {
+        self.need_irqchip("an APIC bus")?;
+        let mut bus = self.irq.bus.write().unwrap_or_else(|p| p.into_inner());
+        if bus.as_ref().is_some_and(|b| b.alive.load(Ordering::SeqCst)) {
+            return Err(IrqError::BusAttached);
+        }
+        *bus = Some(Arc::new(ApicBusEnd::new(EoiPath::Direct(Mutex::new(eoi)))));
+        Ok(ApicBus { fd: self.fd.clone(), irq: self.irq.clone() })
     }
 
     /// Why the APIC bus was dropped, if it was.

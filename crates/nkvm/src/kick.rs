@@ -1,9 +1,9 @@
 //! [`Kicker`]: make a vCPU leave the guest from another thread.
 
-use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::Arc;
 
-use crate::sys::kick::{current_thread, signal_thread};
+use crate::sys::kick::{current_thread, signal_thread, ThreadId};
 use crate::sys::run::RunArea;
 
 /// A handle that forces a vCPU out of the guest: its running (or next)
@@ -18,35 +18,58 @@ pub struct Kicker {
     shared: Arc<KickShared>,
 }
 
+/// Bit 0 of [`KickShared::state`]: the vCPU thread is inside `KVM_RUN` (or
+/// about to enter it).
+const IN_GUEST: u64 = 1;
+/// One kicker that may be signalling the vCPU thread (the bits above bit 0
+/// count them).
+const SIGNALLER: u64 = 2;
+
+/// The state a vCPU shares with its kickers, lock-free on the vCPU's side:
+/// entering and leaving the guest are one atomic read-modify-write each.
 #[derive(Debug)]
 pub(crate) struct KickShared {
     run: Arc<RunArea>,
-    thread: Mutex<InGuest>,
+    /// `IN_GUEST` plus `SIGNALLER` times the kickers between deciding to
+    /// signal and having signalled. Every change is a read-modify-write of
+    /// this one word, so a kicker and a leaving vCPU always agree on who was
+    /// first: either the kicker saw `IN_GUEST` clear (and sends nothing), or
+    /// the vCPU saw the kicker counted (and waits for its signal to be sent
+    /// before it may return — and its thread exit).
+    state: AtomicU64,
+    /// The vCPU thread while `IN_GUEST` is set (written before it is set).
+    thread: AtomicU64,
     /// Set by a [`Kicker`]: the caller asked for the vCPU back. A kick
     /// without it is the VM pausing its vCPUs, which `enter_guest` absorbs.
     user: AtomicBool,
 }
 
-#[derive(Debug, Default)]
-struct InGuest {
-    thread: Option<libc::pthread_t>,
-}
-
 impl KickShared {
     pub(crate) fn new(run: Arc<RunArea>) -> Arc<Self> {
-        Arc::new(Self { run, thread: Mutex::new(InGuest::default()), user: AtomicBool::new(false) })
+        Arc::new(Self { run, state: AtomicU64::new(0), thread: AtomicU64::new(0), user: AtomicBool::new(false) })
     }
 
     /// Marks the calling thread as inside `KVM_RUN`.
     pub(crate) fn enter(&self) {
-        self.thread.lock().unwrap_or_else(|p| p.into_inner()).thread = Some(current_thread());
+        self.thread.store(current_thread().0, Ordering::Relaxed);
+        self.state.fetch_or(IN_GUEST, Ordering::SeqCst);
     }
 
-    /// Marks the calling thread as out of `KVM_RUN`. Taking the lock waits
-    /// for a kick in flight, so no signal is ever sent to a thread that may
-    /// have exited.
+    /// Marks the calling thread as out of `KVM_RUN`. A kick in flight is
+    /// waited for, so no signal is ever sent to a thread that may have exited.
     pub(crate) fn leave(&self) {
-        self.thread.lock().unwrap_or_else(|p| p.into_inner()).thread = None;
+        let before = self.state.fetch_and(!IN_GUEST, Ordering::SeqCst);
+        if before >= SIGNALLER {
+            // Rare: a kicker saw us inside and is signalling (a few µs).
+            while self.state.load(Ordering::SeqCst) >= SIGNALLER {
+                std::thread::yield_now();
+            }
+        }
+    }
+
+    /// Whether the vCPU thread is inside (or entering) `KVM_RUN`.
+    pub(crate) fn in_guest(&self) -> bool {
+        self.state.load(Ordering::SeqCst) & IN_GUEST != 0
     }
 
     /// Consumes a pending kick; returns whether it came from a [`Kicker`].
@@ -57,13 +80,19 @@ impl KickShared {
 
     /// Forces the vCPU out of (or away from) `KVM_RUN`.
     pub(crate) fn kick(&self) {
+        // First the flag a vCPU about to enter sees, then the signal for one
+        // already inside.
         self.run.request_immediate_exit();
-        let guard = self.thread.lock().unwrap_or_else(|p| p.into_inner());
-        if let Some(thread) = guard.thread {
+        let before = self.state.fetch_add(SIGNALLER, Ordering::SeqCst);
+        if before & IN_GUEST != 0 {
+            // `thread` was stored before IN_GUEST was set (we read it after
+            // seeing the bit), and cannot change until this kicker is uncounted.
+            let thread = ThreadId(self.thread.load(Ordering::Relaxed));
             if let Err(e) = signal_thread(thread) {
                 log::warn!("cannot signal vCPU thread: {e}");
             }
         }
+        self.state.fetch_sub(SIGNALLER, Ordering::SeqCst);
     }
 }
 

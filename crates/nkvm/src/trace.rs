@@ -15,7 +15,7 @@ use std::time::Duration;
 use crate::Exit;
 
 /// One traced exit.
-#[derive(Debug, Clone, Copy)]
+#[derive(Debug, Clone)]
 pub struct ExitRecord {
     /// The vCPU's id.
     pub vcpu: u32,

@@ -194,15 +194,14 @@ impl Vcpu {
         let exit = loop {
             // Held while inside KVM_RUN: a memory-map change takes it
             // exclusively, after kicking every vCPU out.
-            let gate = self.links.gate.enter();
-            self.kick.enter();
+            // Also marks the thread inside for kickers; no lock on this path.
+            let inside = self.links.gate.enter(&self.kick);
             let data = if string_in { Some(run.string_data.as_slice()) } else { None };
             let want_window = self.deliver_lints(run)?;
             let window = run.interrupt_window_requested() || want_window;
             let result = self.run.run(&self.fd, completion, data, window);
             run.flags = self.run.flags();
-            self.kick.leave();
-            drop(gate);
+            drop(inside);
             // A completion is consumed by the first KVM_RUN, kicked or not.
             completion = Completion::None;
             string_in = false;
@@ -267,14 +266,14 @@ impl Vcpu {
                 break Exit::IoRegionFailed { id };
             }
         };
-        run.flags = self.run.flags();
+        // `run.flags` was copied out after the last KVM_RUN, in the loop.
         run.expect(&exit);
         if let Some(completion) = carry {
             run.carry(completion);
         }
         if let Some(entered) = entered {
             let now = Instant::now();
-            self.trace.last = Some((exit, now - entered, now));
+            self.trace.last = Some((exit.clone(), now - entered, now));
         }
         Ok(exit)
     }

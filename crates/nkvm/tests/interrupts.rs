@@ -1,7 +1,8 @@
 //! Interrupts with real guests: MSI through irqfd and KVM_SIGNAL_MSI to the
 //! right vCPU, ioeventfd without an exit, an APIC-less core driven through
-//! LINT0/LINT1, and an IOAPIC model on the APIC-bus socket (edge, level with
-//! EOI and re-delivery), plus a bus peer that lies or dies.
+//! LINT0/LINT1, and an IOAPIC model on the APIC-bus socket and on its
+//! in-process direct path (edge, level with EOI and re-delivery, order),
+//! plus a bus peer that lies or dies.
 
 mod common;
 
@@ -184,7 +185,7 @@ fn ioeventfd_fires_on_a_guest_write_without_an_exit_until_removed() {
     struct Seen(Arc<Mutex<Vec<Exit>>>);
     impl nkvm::Tracer for Seen {
         fn on_exit(&mut self, r: &nkvm::ExitRecord) {
-            self.0.lock().unwrap().push(r.exit);
+            self.0.lock().unwrap().push(r.exit.clone());
         }
     }
     let vm = vm();
@@ -257,9 +258,9 @@ impl ApicBusSink for BusSink {
     }
 }
 
-struct IoapicRegs(Arc<Mutex<Ioapic<BusSink>>>);
+struct IoapicRegs<S: ApicBusSink>(Arc<Mutex<Ioapic<S>>>);
 
-impl nkvm::IoHandler for IoapicRegs {
+impl<S: ApicBusSink> nkvm::IoHandler for IoapicRegs<S> {
     fn read(&mut self, offset: u64, data: &mut [u8]) {
         self.0.lock().unwrap().read(offset, data);
     }
@@ -298,12 +299,41 @@ fn program_pin(a: &mut CodeAssembler, pin: u32, vector: u32, level: bool) {
     a.mov(dword_ptr(rbx + 0x10), 0).unwrap();
 }
 
-#[test]
-fn ioapic_on_the_apic_bus_delivers_edge_and_level_with_eoi() {
-    let vm = irq_vm(1);
-    install_idt(&vm, true);
-    let ioapic = ioapic_on_bus(&vm);
-    let run = Running::start(waiting_guest(&vm, 0, VcpuConfig::default(), |a| {
+/// The IOAPIC model on the APIC bus's direct path: its messages go through
+/// [`nkvm::ApicBus::send`], the EOIs come back by a call (recorded here).
+struct DirectSink(nkvm::ApicBus);
+
+impl ApicBusSink for DirectSink {
+    fn send(&mut self, message: InterruptMessage) {
+        self.0.send(&message).unwrap();
+    }
+}
+
+type EoiLog = Arc<Mutex<Vec<u8>>>;
+type DirectIoapic = Arc<Mutex<Ioapic<DirectSink>>>;
+
+fn ioapic_in_process(vm: &Vm) -> (DirectIoapic, EoiLog) {
+    let target: Arc<Mutex<Option<DirectIoapic>>> = Arc::default();
+    let eois = EoiLog::default();
+    let (t, log) = (target.clone(), eois.clone());
+    let bus = vm
+        .attach_apic_bus_in_process(Box::new(move |vector: u8| {
+            log.lock().unwrap().push(vector);
+            if let Some(ioapic) = &*t.lock().unwrap() {
+                ioapic.lock().unwrap().end_of_interrupt(vector);
+            }
+        }))
+        .unwrap();
+    let ioapic = Arc::new(Mutex::new(Ioapic::new(DirectSink(bus))));
+    *target.lock().unwrap() = Some(ioapic.clone());
+    vm.attach_handler(IoRange::mmio(0xfec0_0000, 0x100), Box::new(IoapicRegs(ioapic.clone()))).unwrap();
+    (ioapic, eois)
+}
+
+/// Edge on pin 4 (vector 0x40), then level on pin 5 (0x50) held for two
+/// deliveries and dropped: what the IOAPIC tests check on either path.
+fn edge_then_level<S: ApicBusSink>(vm: &Vm, ioapic: &Mutex<Ioapic<S>>) {
+    let run = Running::start(waiting_guest(vm, 0, VcpuConfig::default(), |a| {
         program_pin(a, 4, 0x40, false);
         program_pin(a, 5, 0x50, true);
     }));
@@ -327,7 +357,57 @@ fn ioapic_on_the_apic_bus_delivers_edge_and_level_with_eoi() {
         extra += 1;
         assert!(Instant::now() < give_up, "the level interrupt kept coming after the line dropped ({extra})");
     }
+}
+
+#[test]
+fn ioapic_on_the_apic_bus_delivers_edge_and_level_with_eoi() {
+    let vm = irq_vm(1);
+    install_idt(&vm, true);
+    let ioapic = ioapic_on_bus(&vm);
+    edge_then_level(&vm, &ioapic);
     assert_eq!(vm.apic_bus_failure(), None);
+}
+
+#[test]
+fn in_process_apic_bus_delivers_and_eois_in_order_without_a_socket() {
+    let vm = irq_vm(1);
+    install_idt(&vm, true);
+    let (ioapic, eois) = ioapic_in_process(&vm);
+    edge_then_level(&vm, &ioapic);
+    // Only the level vector's EOIs travel the bus (KVM reports EOIs for
+    // level routes), one per delivery, none after the guest went quiet.
+    let eois = eois.lock().unwrap().clone();
+    assert!(eois.len() >= 2, "EOIs seen: {eois:x?}");
+    assert!(eois.iter().all(|&v| v == 0x50), "EOIs seen: {eois:x?}");
+    // A second bus is refused while this one lives.
+    assert!(matches!(vm.attach_apic_bus_in_process(Box::new(|_: u8| {})), Err(nkvm::irq::IrqError::BusAttached)));
+}
+
+#[test]
+fn in_process_apic_bus_delivers_each_edge_once_in_turn() {
+    // Edges on two pins, alternating: each reaches the guest once, in the
+    // order raised, with nothing left over.
+    let vm = irq_vm(1);
+    install_idt(&vm, true);
+    let (ioapic, _) = ioapic_in_process(&vm);
+    let run = Running::start(waiting_guest(&vm, 0, VcpuConfig::default(), |a| {
+        program_pin(a, 4, 0x40, false);
+        program_pin(a, 6, 0x41, false);
+    }));
+    run.expect_ready();
+    for _ in 0..20 {
+        let mut io = ioapic.lock().unwrap();
+        io.set_irq(4, true);
+        io.set_irq(4, false);
+        drop(io);
+        run.expect_report(0x40);
+        let mut io = ioapic.lock().unwrap();
+        io.set_irq(6, true);
+        io.set_irq(6, false);
+        drop(io);
+        run.expect_report(0x41);
+    }
+    assert!(run.quiet_for(Duration::from_millis(300)), "an edge was delivered twice");
 }
 
 fn wait_for_failure(vm: &Vm) -> String {

@@ -14,7 +14,7 @@ struct Recorder(Arc<Mutex<Vec<ExitRecord>>>);
 
 impl Tracer for Recorder {
     fn on_exit(&mut self, record: &ExitRecord) {
-        self.0.lock().unwrap().push(*record);
+        self.0.lock().unwrap().push(record.clone());
     }
 }
 

@@ -25,10 +25,16 @@ pub(crate) fn install_handler() -> std::io::Result<()> {
     result
 }
 
+/// A thread's pthread handle, in a form an `AtomicU64` can hold
+/// (`pthread_t` is an `unsigned long` on Linux).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) struct ThreadId(pub(crate) u64);
+
 /// The calling thread's pthread handle.
-pub(crate) fn current_thread() -> libc::pthread_t {
+pub(crate) fn current_thread() -> ThreadId {
     // SAFETY: pthread_self has no preconditions.
-    unsafe { libc::pthread_self() }
+    let thread = unsafe { libc::pthread_self() };
+    ThreadId(thread as u64)
 }
 
 /// Sends the kick signal to `thread`.
@@ -36,10 +42,10 @@ pub(crate) fn current_thread() -> libc::pthread_t {
 /// The caller must know that `thread` is alive (the kicker only signals a
 /// thread that is inside `enter_guest`, under the lock the vCPU takes before
 /// leaving it).
-pub(crate) fn signal_thread(thread: libc::pthread_t) -> std::io::Result<()> {
+pub(crate) fn signal_thread(thread: ThreadId) -> std::io::Result<()> {
     // SAFETY: `thread` is a live thread of this process (see above); sending a
     // signal with an installed handler has no other effect on memory.
-    let rc = unsafe { libc::pthread_kill(thread, kick_signal()) };
+    let rc = unsafe { libc::pthread_kill(thread.0 as libc::pthread_t, kick_signal()) };
     if rc != 0 {
         return Err(std::io::Error::from_raw_os_error(rc));
     }

@@ -243,7 +243,7 @@ impl RunArea {
                         let n = usize::from(err.ndata);
                         err.data[..n].copy_from_slice(&internal.data[..n]);
                     }
-                    Exit::InternalError(err)
+                    Exit::InternalError(Box::new(err))
                 }
                 reason => Exit::Unknown { reason },
             }
