@@ -57,22 +57,28 @@ pub struct RunArgs {
     /// behind an I/O-region socket, instead of in the VMM.
     #[arg(long)]
     pub device_process: bool,
-    /// Boot this Linux kernel instead of the built-in guest: a bzImage or an
+    /// Boot this kernel instead of the built-in guest: a Linux bzImage or
     /// uncompressed ELF vmlinux (faster to start: no decompressor), entered
     /// at its 64-bit entry point with ACPI tables, the IOAPIC, PCI and the
-    /// 16550 console on ttyS0.
+    /// 16550 console on ttyS0; or a multiboot kernel such as a
+    /// kvm-unit-tests `x86/*.flat`, entered in 32-bit protected mode on the
+    /// PC that suite expects (fw_cfg, pc-testdev, the test-exit port at
+    /// 0xf4: nkvm then exits with the suite's status, (v << 1) | 1).
     #[arg(long)]
     pub kernel: Option<std::path::PathBuf>,
-    /// An initramfs for --kernel.
+    /// An initramfs for a Linux --kernel; the one module for a multiboot
+    /// kernel (kvm-unit-tests read it as their environment, KEY=VALUE lines).
     #[arg(long, requires = "kernel")]
     pub initrd: Option<std::path::PathBuf>,
-    /// The kernel command line for --kernel. The default also works around
+    /// The kernel command line. For Linux the default also works around
     /// nested `kvm_pvm` hosts, whose KVM cannot run some guest-kernel
     /// instructions: `noxsave` (xrstor), `clearcpuid=...` (SSSE3 and later
     /// SIMD in kernel crypto), `cryptomgr.notests` (minutes of self-tests in
-    /// an emulated kernel). `panic=-1` reboots on a panic; nkvm reports it.
-    #[arg(long, default_value = DEFAULT_CMDLINE)]
-    pub cmdline: String,
+    /// an emulated kernel); `panic=-1` reboots on a panic, which nkvm
+    /// reports. A multiboot kernel gets its path, then this (default empty),
+    /// as QEMU's -append builds it.
+    #[arg(long)]
+    pub cmdline: Option<String>,
     /// A raw disk image for --kernel, presented as a virtio-blk PCI device
     /// (Linux's /dev/vda).
     #[arg(long, requires = "kernel")]
@@ -92,7 +98,7 @@ impl Default for RunArgs {
             device_process: false,
             kernel: None,
             initrd: None,
-            cmdline: String::new(),
+            cmdline: None,
             disk: None,
             disk_readonly: false,
         }

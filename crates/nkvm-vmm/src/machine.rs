@@ -18,7 +18,7 @@ use nkvm_devices::test_device::{TestDevice, TEST_DEVICE_SIZE};
 
 use crate::acpi::{self, PlatformRequest};
 use crate::builtin;
-use crate::cli::{DeviceModel, RunArgs};
+use crate::cli::{DeviceModel, RunArgs, DEFAULT_CMDLINE};
 use crate::console::{PanicWatch, WatchedConsole};
 use crate::devices::{DeviceProcess, InProcess};
 use crate::ioapic;
@@ -122,7 +122,11 @@ pub fn run(args: &RunArgs) -> Result<ExitCode, Box<dyn std::error::Error>> {
     let boot = if multiboot::is_multiboot(&kernel_head(kernel)?) {
         Boot::Multiboot
     } else {
-        Boot::Linux(LinuxBoot { kernel: kernel.clone(), initrd: args.initrd.clone(), cmdline: args.cmdline.clone() })
+        Boot::Linux(LinuxBoot {
+            kernel: kernel.clone(),
+            initrd: args.initrd.clone(),
+            cmdline: args.cmdline.clone().unwrap_or_else(|| DEFAULT_CMDLINE.to_string()),
+        })
     };
     Ok(run_kernel(args, &boot)?)
 }
@@ -179,7 +183,8 @@ fn run_kernel(args: &RunArgs, boot: &Boot) -> Result<ExitCode, MachineError> {
         }
         Boot::Multiboot => {
             let kernel = args.kernel.as_deref().unwrap_or(std::path::Path::new(""));
-            let mb = MultibootBoot { kernel, cmdline: &args.cmdline, module: args.initrd.as_deref() };
+            let cmdline = args.cmdline.as_deref().unwrap_or("");
+            let mb = MultibootBoot { kernel, cmdline, module: args.initrd.as_deref() };
             let entry = multiboot::load(&vm.memory(), &mb)?;
             acpi::install(&vm, args.cpus, Some(acpi::PM_TIMER_PORT)).map_err(linux::LinuxError::Acpi)?;
             let events = power_events(&shared)?;

@@ -505,3 +505,36 @@ fn a_map_beyond_the_slot_limit_is_refused_and_the_old_map_stays() {
     });
     assert_eq!(run_to_hlt(&mut vcpu, |_| 0), vec![Exit::IoOut { port: 0x10, size: 1, data: 0x5a }]);
 }
+
+#[test]
+fn dropping_the_host_mapping_of_a_page_keeps_its_bytes_for_guest_and_host() {
+    let vm = small_vm();
+    let page = GuestAddress(0x5000);
+    let mut vcpu = real_mode_guest(&vm, 0, |a| {
+        a.mov(word_ptr(0x5000), 0x1234).unwrap();
+        a.out(0x10, al).unwrap(); // the host drops the page's mapping here
+        a.mov(ax, word_ptr(0x5000)).unwrap();
+        a.out(0x11, ax).unwrap(); // what the guest reads back
+        a.mov(ax, word_ptr(0x5002)).unwrap();
+        a.out(0x12, ax).unwrap(); // what the host wrote after the drop
+        a.hlt().unwrap();
+    });
+    let mut run = RunState::new();
+    let mut seen = Vec::new();
+    loop {
+        match vcpu.enter_guest(&mut run).unwrap() {
+            Exit::IoOut { port: 0x10, .. } => {
+                vm.memory().drop_host_mapping(page).unwrap();
+                vm.write_memory(GuestAddress(0x5002), &0xbeefu16.to_le_bytes()).unwrap();
+            }
+            Exit::IoOut { port, data, .. } => seen.push((port, data as u16)),
+            Exit::Hlt => break,
+            other => panic!("unexpected {other}"),
+        }
+    }
+    assert_eq!(seen, [(0x11, 0x1234), (0x12, 0xbeef)]);
+    let mut host = [0u8; 2];
+    vm.read_memory(page, &mut host).unwrap();
+    assert_eq!(u16::from_le_bytes(host), 0x1234);
+    assert!(vm.memory().drop_host_mapping(GuestAddress(RAM + 0x1000)).is_err(), "unmapped address");
+}
