@@ -46,6 +46,9 @@ CPU_MODELS = {"qemu64", "max", "host", "kvm64"}
 # Features this machine has no way to give a guest (nested virtualisation, PMU
 # passthrough, reduced MAXPHYADDR): the test is not applicable.
 MISSING = {"svm", "vmx", "npt", "vmx-mbec", "hv_passthrough"}
+# Features `nkvm run --cpu-features=-NAME` can hide (crates/nkvm-vmm/src/cpu_features.rs).
+HIDEABLE = {"pcid", "x2apic", "tsc-deadline", "xsave", "rdrand", "invpcid", "smep", "smap", "umip", "pku",
+            "la57", "rdpid"}
 
 
 @dataclass
@@ -70,6 +73,7 @@ class Plan:
     initrd: str = ""
     not_applicable: str = ""
     cpu_features: list = field(default_factory=list)
+    hidden: list = field(default_factory=list)
 
 
 @dataclass
@@ -184,9 +188,11 @@ def plan(test):
                     p.not_applicable = f"-cpu {feat} (not available on this host)"
                     return p
                 if feat.startswith("-"):
-                    p.not_applicable = f"-cpu {feat} (nkvm cannot hide CPUID features on this host)"
-                    return p
-                if feat.startswith("+"):
+                    if name not in HIDEABLE:
+                        p.not_applicable = f"-cpu {feat} (nkvm cannot hide this feature)"
+                        return p
+                    p.hidden.append(name)
+                elif feat.startswith("+"):
                     p.cpu_features.append(name)
                 elif name not in ("migratable",):
                     p.not_applicable = f"-cpu {feat}"
@@ -258,6 +264,8 @@ def run_nkvm(nkvm, test, p, suite):
            "--memory", f"{p.memory_mib}M", "--cmdline", expand(test.args)]
     if p.initrd:
         cmd += ["--initrd", p.initrd]
+    if p.hidden:
+        cmd += ["--cpu-features=" + ",".join("-" + h for h in p.hidden)]
     return run(cmd, test.timeout, suite)
 
 

@@ -2,6 +2,7 @@
 
 use clap::{Args, Parser, Subcommand};
 
+use crate::cpu_features::HiddenFeatures;
 use crate::size::parse_size;
 
 /// nkvm: a VMM on the next-generation KVM API.
@@ -86,6 +87,10 @@ pub struct RunArgs {
     /// Present --disk read-only (writes fail with an I/O error).
     #[arg(long, requires = "disk")]
     pub disk_readonly: bool,
+    /// CPUID features to hide from a --kernel guest, QEMU's names with a
+    /// minus: `-x2apic,-pcid,-invpcid` (see `cpu_features.rs` for the list).
+    #[arg(long, value_parser = |s: &str| s.parse::<HiddenFeatures>(), default_value = "", allow_hyphen_values = true)]
+    pub cpu_features: HiddenFeatures,
 }
 
 impl Default for RunArgs {
@@ -101,6 +106,7 @@ impl Default for RunArgs {
             cmdline: None,
             disk: None,
             disk_readonly: false,
+            cpu_features: HiddenFeatures::default(),
         }
     }
 }

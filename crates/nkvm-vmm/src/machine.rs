@@ -192,6 +192,7 @@ fn run_kernel(args: &RunArgs, boot: &Boot) -> Result<ExitCode, MachineError> {
             Start::Multiboot(entry)
         }
     };
+    args.cpu_features.apply(&mut cpuid);
     let com1 = IoRange::pio(builtin::COM1, 8);
     let panic = PanicWatch::default();
     let mut input = None;

@@ -10,6 +10,7 @@ mod bus_process;
 mod caps;
 mod cli;
 mod console;
+mod cpu_features;
 mod device;
 mod devices;
 mod ioapic;
