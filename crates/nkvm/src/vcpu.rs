@@ -371,6 +371,35 @@ impl Vcpu {
         crate::sys::xsave::set_xsave(&self.fd, &xsave).map_err(|source| self.err("KVM_SET_XSAVE", source))
     }
 
+    /// The XSAVE area (`KVM_GET_XSAVE`): 4096 bytes in the standard
+    /// (non-compacted) format, XSTATE_BV at byte 512.
+    pub fn xsave(&self) -> Result<Vec<u8>, VcpuError> {
+        let xsave = self.fd.get_xsave().map_err(|source| self.err("KVM_GET_XSAVE", source))?;
+        Ok(xsave.region.iter().flat_map(|w| w.to_le_bytes()).collect())
+    }
+
+    /// Writes the XSAVE area (`KVM_SET_XSAVE`), an image such as
+    /// [`xsave`](Self::xsave) returns; bytes past 4096 are an error
+    /// (EINVAL).
+    pub fn set_xsave(&self, image: &[u8]) -> Result<(), VcpuError> {
+        let mut xsave = kvm_bindings::kvm_xsave::default();
+        if image.len() > 4 * xsave.region.len() {
+            return Err(self.err("KVM_SET_XSAVE", kvm_ioctls::Error::new(libc::EINVAL)));
+        }
+        for (word, bytes) in xsave.region.iter_mut().zip(image.chunks(4)) {
+            let mut b = [0u8; 4];
+            b[..bytes.len()].copy_from_slice(bytes);
+            *word = u32::from_le_bytes(b);
+        }
+        crate::sys::xsave::set_xsave(&self.fd, &xsave).map_err(|source| self.err("KVM_SET_XSAVE", source))
+    }
+
+    /// Extended control register XCR0 (`KVM_GET_XCRS`).
+    pub fn xcr0(&self) -> Result<u64, VcpuError> {
+        let xcrs = self.fd.get_xcrs().map_err(|source| self.err("KVM_GET_XCRS", source))?;
+        Ok(xcrs.xcrs[..xcrs.nr_xcrs as usize].iter().find(|x| x.xcr == 0).map_or(1, |x| x.value))
+    }
+
     /// Sets the CPUID the guest sees (start from
     /// [`Hypervisor::supported_cpuid`](crate::Hypervisor::supported_cpuid)).
     /// With a hidden local APIC, the APIC and x2APIC bits are cleared.

@@ -13,8 +13,12 @@ use crate::{GuestAddress, Regs, Sregs, Vcpu, Vm, PAGE_SIZE};
 pub(super) enum Fault {
     /// #PF at `addr` (the error code says not-present, write, user).
     Page { addr: u64, error_code: u32 },
-    /// #GP(0): a misaligned operand that must be aligned, or a reserved bit.
-    General,
+    /// #GP with this error code: 0 for a misaligned operand that must be
+    /// aligned or a reserved bit, the IDT error code for `int n`.
+    General(u32),
+    /// #NP with this error code: a gate or segment `int n` needs is not
+    /// present.
+    NotPresent(u32),
 }
 
 /// Reads and writes guest-virtual memory for one instruction.
@@ -98,7 +102,7 @@ impl GuestMemory<'_> {
         new: u128,
     ) -> Result<Result<Result<u128, u128>, Fault>, EmulateError> {
         if gva % 16 != 0 {
-            return Ok(Err(Fault::General));
+            return Ok(Err(Fault::General(0)));
         }
         let gpa = match self.translate(gva, true)? {
             Ok(gpa) => gpa,

@@ -13,12 +13,19 @@
 //!
 //! | instruction | what nkvm does |
 //! |---|---|
+//! | bytes that decode to no instruction (`movbe` with a register operand, ...) | injects #UD, RIP on the instruction |
 //! | `int3` | injects #BP (vector 3) with RIP after the `int3`, as the trap the CPU raises |
+//! | `int1` (`icebp`) / `into` | injects #DB / #OF (if RFLAGS.OF) with RIP after the instruction |
+//! | `int n` | delivers interrupt `n` through the guest's IDT with RIP after the `int`; #GP(`n*8+2`) past the IDT limit or for a gate DPL below CPL, #NP for a gate or code segment not present |
 //! | `wait`/`fwait` | #MF if the x87 status word has an unmasked exception pending (ES), else nothing |
 //! | `popcnt r, r/m` | computes it, sets ZF (other arithmetic flags cleared) |
+//! | `movbe r, m` / `movbe m, r` | 16/32/64-bit load or store with the bytes reversed |
 //! | `clac` / `stac` | clears / sets RFLAGS.AC |
 //! | `ldmxcsr m32` / `stmxcsr m32` | loads / stores MXCSR through the vCPU's XSAVE image; #GP(0) on reserved bits |
 //! | `[lock] cmpxchg16b m128` | one atomic 128-bit compare-exchange on the host mapping of guest RAM; ZF and RDX:RAX as the CPU sets them; #GP(0) if misaligned |
+//! | `xsave`, `xsaveopt`, `xsavec`, `xrstor` (and their `64` forms) | through the vCPU's XSAVE image ([`Vcpu::xsave`]), components laid out as the guest's CPUID leaf 0xd says; #UD without CR4.OSXSAVE, #GP(0) if not 64-byte aligned, for a malformed header or reserved MXCSR bits |
+//! | `xgetbv` / `xsetbv` | XCR0 (and XINUSE, ECX = 1) through `KVM_GET_XCRS`/`KVM_SET_XCRS`; #GP(0) for other ECX, at CPL > 0 or for a value KVM refuses |
+//! | `clflush` / `clflushopt` / `clwb` | nothing (guest RAM is coherent), but #PF on an unmapped address |
 //! | anything else | [`EmulateError::Unsupported`] |
 //!
 //! A memory operand on a page the guest has not mapped gets the #PF (with
@@ -44,8 +51,9 @@
 
 mod guest;
 mod regs;
+mod xsave;
 
-use iced_x86::{Decoder, DecoderOptions, Formatter, Instruction, Mnemonic, NasmFormatter, OpKind};
+use iced_x86::{Decoder, DecoderError, DecoderOptions, Formatter, Instruction, Mnemonic, NasmFormatter, OpKind};
 
 use self::guest::{Fault, GuestMemory};
 use self::regs::{gpr, mask, set_gpr, width};
@@ -119,6 +127,8 @@ enum Outcome {
     Fault(Fault),
     /// A trap or fault vector without error code, RIP already set.
     Vector(u8),
+    /// A software interrupt through the IDT (`int n`), RIP already set.
+    Interrupt(u8),
     /// Not handled.
     Unsupported,
 }
@@ -143,9 +153,21 @@ pub fn complete(vcpu: &Vcpu, vm: &Vm, failure: &InternalError) -> Result<Emulate
     };
     let rip = regs.rip;
     let unsupported = |instruction: String| EmulateError::Unsupported { rip, instruction, bytes: hex.clone() };
-    let Some((insn, text)) = decode_in(bitness, bytes, sregs.cs.base.wrapping_add(rip)) else {
-        return Err(unsupported("(invalid)".into()));
-    };
+    let mut decoder = Decoder::with_ip(bitness, bytes, sregs.cs.base.wrapping_add(rip), DecoderOptions::NONE);
+    let insn = decoder.decode();
+    match decoder.last_error() {
+        DecoderError::None => {}
+        // Bytes no CPU of this mode runs (such as `movbe` with a register
+        // operand): the CPU raises #UD, RIP on the instruction.
+        DecoderError::InvalidInstruction => {
+            inject(vcpu, 6, None)?;
+            return Ok(Emulated::Injected { vector: 6, instruction: "(invalid)".into() });
+        }
+        // KVM handed over fewer bytes than the instruction needs.
+        _ => return Err(unsupported("(truncated)".into())),
+    }
+    let mut text = String::new();
+    NasmFormatter::new().format(&insn, &mut text);
     let next_rip = rip.wrapping_add(insn.len() as u64);
     let mem = GuestMemory { vcpu, vm, cpl: (sregs.cs.selector & 3) as u8 };
     let outcome = match insn.mnemonic() {
@@ -153,6 +175,25 @@ pub fn complete(vcpu: &Vcpu, vm: &Vm, failure: &InternalError) -> Result<Emulate
             // A trap: the saved RIP is the next instruction.
             regs.rip = next_rip;
             Outcome::Vector(3)
+        }
+        Mnemonic::Int1 => {
+            // `icebp`: a #DB trap, like int3.
+            regs.rip = next_rip;
+            Outcome::Vector(1)
+        }
+        Mnemonic::Into => {
+            // #OF as a trap if RFLAGS.OF is set (64-bit mode decodes it as
+            // invalid, which is #UD above).
+            regs.rip = next_rip;
+            if regs.rflags & (1 << 11) != 0 {
+                Outcome::Vector(4)
+            } else {
+                Outcome::Done
+            }
+        }
+        Mnemonic::Int => {
+            regs.rip = next_rip;
+            software_interrupt(insn.immediate8(), &sregs, &mem)?
         }
         Mnemonic::Wait => {
             regs.rip = next_rip;
@@ -168,8 +209,30 @@ pub fn complete(vcpu: &Vcpu, vm: &Vm, failure: &InternalError) -> Result<Emulate
             Outcome::Done
         }
         Mnemonic::Popcnt => popcnt(&insn, &mut regs, &sregs, &mem)?,
+        Mnemonic::Movbe => movbe(&insn, &mut regs, &sregs, &mem)?,
         Mnemonic::Ldmxcsr | Mnemonic::Stmxcsr => mxcsr(&insn, &regs, &sregs, &mem)?,
         Mnemonic::Cmpxchg16b => cmpxchg16b(&insn, &mut regs, &sregs, &mem)?,
+        Mnemonic::Xsave
+        | Mnemonic::Xsave64
+        | Mnemonic::Xsaveopt
+        | Mnemonic::Xsaveopt64
+        | Mnemonic::Xsavec
+        | Mnemonic::Xsavec64
+        | Mnemonic::Xrstor
+        | Mnemonic::Xrstor64
+        | Mnemonic::Xgetbv
+        | Mnemonic::Xsetbv => xsave::complete(&insn, &mut regs, &sregs, &mem)?,
+        Mnemonic::Clflush | Mnemonic::Clflushopt | Mnemonic::Clwb => {
+            // Guest RAM is coherent: nothing to flush, but an unmapped
+            // address faults as a read would.
+            let Some(addr) = GuestMemory::operand_address(&insn, 0, &regs, &sregs) else {
+                return Err(unsupported(text));
+            };
+            match mem.read(addr, &mut [0u8; 1])? {
+                Ok(()) => Outcome::Done,
+                Err(fault) => Outcome::Fault(fault),
+            }
+        }
         _ => Outcome::Unsupported,
     };
     match outcome {
@@ -184,10 +247,19 @@ pub fn complete(vcpu: &Vcpu, vm: &Vm, failure: &InternalError) -> Result<Emulate
             inject(vcpu, vector, None)?;
             Ok(Emulated::Injected { vector, instruction: text })
         }
+        Outcome::Interrupt(vector) => {
+            vcpu.set_regs(&regs)?;
+            inject_interrupt(vcpu, vector)?;
+            Ok(Emulated::Injected { vector, instruction: text })
+        }
         // A fault: RIP stays on the instruction, registers unchanged.
-        Outcome::Fault(Fault::General) => {
-            inject(vcpu, 13, Some(0))?;
+        Outcome::Fault(Fault::General(code)) => {
+            inject(vcpu, 13, Some(code))?;
             Ok(Emulated::Injected { vector: 13, instruction: text })
+        }
+        Outcome::Fault(Fault::NotPresent(code)) => {
+            inject(vcpu, 11, Some(code))?;
+            Ok(Emulated::Injected { vector: 11, instruction: text })
         }
         Outcome::Fault(Fault::Page { addr, error_code }) => {
             let mut sregs = sregs;
@@ -230,6 +302,42 @@ fn popcnt(
     Ok(Outcome::Done)
 }
 
+/// `movbe r, m` and `movbe m, r` (16, 32 or 64 bits): a load or store
+/// with the bytes reversed. A 16-bit load keeps the register's upper bits,
+/// a 32-bit one clears them, as `mov` does.
+fn movbe(
+    insn: &Instruction,
+    regs: &mut crate::Regs,
+    sregs: &crate::Sregs,
+    mem: &GuestMemory<'_>,
+) -> Result<Outcome, EmulateError> {
+    let (reg, op) = match (insn.op0_kind(), insn.op1_kind()) {
+        (OpKind::Register, OpKind::Memory) => (insn.op0_register(), 1),
+        (OpKind::Memory, OpKind::Register) => (insn.op1_register(), 0),
+        _ => return Ok(Outcome::Unsupported),
+    };
+    let (Some(w), Some(addr)) = (width(reg), GuestMemory::operand_address(insn, op, regs, sregs)) else {
+        return Ok(Outcome::Unsupported);
+    };
+    let n = (w / 8) as usize;
+    if op == 1 {
+        let mut buf = [0u8; 8];
+        if let Err(fault) = mem.read(addr, &mut buf[..n])? {
+            return Ok(Outcome::Fault(fault));
+        }
+        buf[..n].reverse();
+        set_gpr(regs, reg, u64::from_le_bytes(buf));
+        return Ok(Outcome::Done);
+    }
+    let Some(value) = gpr(regs, reg) else { return Ok(Outcome::Unsupported) };
+    let mut buf = value.to_le_bytes();
+    buf[..n].reverse();
+    Ok(match mem.write(addr, &buf[..n])? {
+        Ok(()) => Outcome::Done,
+        Err(fault) => Outcome::Fault(fault),
+    })
+}
+
 /// MXCSR bits a guest may set (the FXSAVE MXCSR_MASK of current CPUs).
 const MXCSR_MASK: u32 = 0xffff;
 
@@ -253,7 +361,7 @@ fn mxcsr(
     }
     let value = u32::from_le_bytes(buf);
     if value & !MXCSR_MASK != 0 {
-        return Ok(Outcome::Fault(Fault::General));
+        return Ok(Outcome::Fault(Fault::General(0)));
     }
     mem.vcpu.set_mxcsr(value)?;
     Ok(Outcome::Done)
@@ -284,6 +392,47 @@ fn cmpxchg16b(
     Ok(Outcome::Done)
 }
 
+/// `int n` in protected or long mode: the checks the CPU makes before it
+/// delivers a software interrupt, done here because this host's delivery
+/// skips them — the gate must lie inside the IDT, have DPL >= CPL and be
+/// present (#GP / #NP with the IDT error code `n * 8 + 2`), and its code
+/// segment must be present (#NP with the selector). The delivery itself
+/// (stack switch, frame) is KVM's.
+fn software_interrupt(n: u8, sregs: &crate::Sregs, mem: &GuestMemory<'_>) -> Result<Outcome, EmulateError> {
+    if sregs.cr0 & 1 == 0 {
+        return Ok(Outcome::Interrupt(n));
+    }
+    let idt_error = u32::from(n) * 8 + 2;
+    let gate_size: u64 = if sregs.efer & (1 << 10) != 0 { 16 } else { 8 };
+    let offset = u64::from(n) * gate_size;
+    if offset + gate_size - 1 > u64::from(sregs.idt.limit) {
+        return Ok(Outcome::Fault(Fault::General(idt_error)));
+    }
+    let mut gate = [0u8; 8];
+    if let Err(fault) = mem.read(sregs.idt.base.wrapping_add(offset), &mut gate)? {
+        return Ok(Outcome::Fault(fault));
+    }
+    if (gate[5] >> 5) & 3 < mem.cpl {
+        return Ok(Outcome::Fault(Fault::General(idt_error)));
+    }
+    if gate[5] & 0x80 == 0 {
+        return Ok(Outcome::Fault(Fault::NotPresent(idt_error)));
+    }
+    let selector = u16::from_le_bytes([gate[2], gate[3]]);
+    let index = u64::from(selector & !7);
+    // A GDT code segment (an LDT one is left to KVM): its present bit.
+    if selector & 4 == 0 && index != 0 && index + 7 <= u64::from(sregs.gdt.limit) {
+        let mut descriptor = [0u8; 8];
+        if let Err(fault) = mem.read(sregs.gdt.base.wrapping_add(index), &mut descriptor)? {
+            return Ok(Outcome::Fault(fault));
+        }
+        if descriptor[5] & 0x80 == 0 {
+            return Ok(Outcome::Fault(Fault::NotPresent(u32::from(selector & 0xfffc))));
+        }
+    }
+    Ok(Outcome::Interrupt(n))
+}
+
 /// Injects exception `vector` on `vcpu`, with `error_code` if it has one.
 fn inject(vcpu: &Vcpu, vector: u8, error_code: Option<u32>) -> Result<(), VcpuError> {
     let mut events = vcpu.events()?;
@@ -291,6 +440,21 @@ fn inject(vcpu: &Vcpu, vector: u8, error_code: Option<u32>) -> Result<(), VcpuEr
     events.exception.nr = vector;
     events.exception.has_error_code = u8::from(error_code.is_some());
     events.exception.error_code = error_code.unwrap_or(0);
+    vcpu.set_events(&events)
+}
+
+/// Injects a software interrupt `vector` through the guest's IDT, RIP
+/// already past the `int n`. It goes in as an interrupt with `soft` clear:
+/// KVM then pushes the RIP as set, on every vendor, where `soft` would make
+/// VMX and real-mode delivery add an instruction length that
+/// `KVM_SET_VCPU_EVENTS` cannot carry. The gate's DPL check, the one thing
+/// that tells a software interrupt apart, is done before
+/// ([`software_interrupt`]).
+fn inject_interrupt(vcpu: &Vcpu, vector: u8) -> Result<(), VcpuError> {
+    let mut events = vcpu.events()?;
+    events.interrupt.injected = 1;
+    events.interrupt.nr = vector;
+    events.interrupt.soft = 0;
     vcpu.set_events(&events)
 }
 
