@@ -230,8 +230,11 @@ def interpret(status, out, timed_out, seconds):
         if m:
             cycles[m.group(1)] = int(m.group(2))
     r = Result("FAIL", seconds, len(fails), fails[0] if fails else "", cycles, out)
+    stopped = [line for line in out.splitlines() if line.startswith("nkvm: guest stopped")]
     if timed_out:
         r.verdict = "TIMEOUT"
+    elif stopped:
+        r.first_failure = stopped[0]
     elif status == 1:
         r.verdict = "PASS"
     elif status == 77:

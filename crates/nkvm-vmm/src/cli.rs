@@ -19,7 +19,10 @@ pub struct Cli {
 pub enum Command {
     /// Boot a VM (with no options: the small guest built into nkvm). A
     /// --kernel guest's serial console is the terminal: keystrokes go to
-    /// the guest, and Ctrl-A x ends it.
+    /// the guest, and Ctrl-A x ends it. Exit status: 0 when the guest powers
+    /// off or resets, 4 when it fails (triple fault, kernel panic, an exit
+    /// nkvm cannot handle), 2 when nkvm cannot run it, and the status a
+    /// kvm-unit-tests kernel writes to port 0xf4, (v << 1) | 1.
     Run(RunArgs),
     /// Print what this host's KVM can do.
     Caps(CapsArgs),

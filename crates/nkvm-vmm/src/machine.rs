@@ -72,6 +72,12 @@ pub enum MachineError {
     Testdev(#[from] testdev::TestdevError),
 }
 
+/// The exit status when the guest failed (a triple fault, an exit nkvm
+/// cannot handle, a kernel panic): even, so it never reads as a
+/// kvm-unit-tests status, which is always odd (`(v << 1) | 1`). nkvm's own
+/// errors (bad arguments, no KVM) exit with 2.
+pub const GUEST_FAILED: u8 = 4;
+
 /// How one vCPU thread ended.
 #[derive(Debug)]
 enum Outcome {
@@ -365,11 +371,11 @@ fn finish(args: &RunArgs, stats: &ExitStats, outcome: Outcome) -> Result<ExitCod
         Outcome::TestExit(status) => ExitCode::from(status),
         Outcome::Failed(why) => {
             eprintln!("nkvm: guest stopped: {why}");
-            ExitCode::from(1)
+            ExitCode::from(GUEST_FAILED)
         }
         Outcome::Halted | Outcome::Stopped => {
             eprintln!("nkvm: every vCPU halted without powering off");
-            ExitCode::from(1)
+            ExitCode::from(GUEST_FAILED)
         }
     })
 }

@@ -26,6 +26,7 @@
 //! | `xsave`, `xsaveopt`, `xsavec`, `xrstor` (and their `64` forms) | through the vCPU's XSAVE image ([`Vcpu::xsave`]), components laid out as the guest's CPUID leaf 0xd says; #UD without CR4.OSXSAVE, #GP(0) if not 64-byte aligned, for a malformed header or reserved MXCSR bits |
 //! | `xgetbv` / `xsetbv` | XCR0 (and XINUSE, ECX = 1) through `KVM_GET_XCRS`/`KVM_SET_XCRS`; #GP(0) for other ECX, at CPL > 0 or for a value KVM refuses |
 //! | `clflush` / `clflushopt` / `clwb` | nothing (guest RAM is coherent), but #PF on an unmapped address |
+//! | `invpcid r64, m128` | #UD without INVPCID in CPUID; #GP(0) on a bad type or descriptor; else a full guest TLB flush (`tlb.rs`) |
 //! | anything else | [`EmulateError::Unsupported`] |
 //!
 //! A memory operand on a page the guest has not mapped gets the #PF (with
@@ -51,6 +52,7 @@
 
 mod guest;
 mod regs;
+mod tlb;
 mod xsave;
 
 use iced_x86::{Decoder, DecoderError, DecoderOptions, Formatter, Instruction, Mnemonic, NasmFormatter, OpKind};
@@ -222,6 +224,7 @@ pub fn complete(vcpu: &Vcpu, vm: &Vm, failure: &InternalError) -> Result<Emulate
         | Mnemonic::Xrstor64
         | Mnemonic::Xgetbv
         | Mnemonic::Xsetbv => xsave::complete(&insn, &mut regs, &sregs, &mem)?,
+        Mnemonic::Invpcid => tlb::invpcid(vcpu, &insn, &regs, &sregs, &mem)?,
         Mnemonic::Clflush | Mnemonic::Clflushopt | Mnemonic::Clwb => {
             // Guest RAM is coherent: nothing to flush, but an unmapped
             // address faults as a read would.
