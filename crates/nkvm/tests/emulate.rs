@@ -596,3 +596,29 @@ fn invpcid_raises_invalid_opcode_without_cpuid_support_and_checks_its_type_with_
         assert_eq!(reports, expected, "type {kind}");
     }
 }
+
+#[test]
+fn mmx_moves_reach_general_registers_and_memory_through_the_x87_registers() {
+    let vm = vm();
+    let mut vcpu = long_mode_guest(&vm, 0, |a| {
+        a.fninit().unwrap();
+        a.mov(rax, 0x0102_0304_0506_0708u64).unwrap();
+        a.movq(mm0, rax).unwrap(); // register to MMX
+        a.mov(ecx, 0x9000u32).unwrap();
+        a.movq(qword_ptr(rcx), mm0).unwrap(); // MMX to memory
+        a.mov(rax, qword_ptr(rcx)).unwrap();
+        a.out(0x70u32, eax).unwrap();
+        a.shr(rax, 32).unwrap();
+        a.out(0x71u32, eax).unwrap();
+        a.mov(qword_ptr(rcx + 8), 0x1122_3344u32 as i32).unwrap();
+        a.movq(mm3, qword_ptr(rcx + 8)).unwrap(); // memory to MMX
+        a.movq(mm5, mm3).unwrap(); // MMX to MMX
+        a.movd(eax, mm5).unwrap(); // MMX to register (32 bits)
+        a.out(0x72u32, eax).unwrap();
+        a.emms().unwrap();
+        a.hlt().unwrap();
+    });
+    let (reports, done) = run_completing(&vm, &mut vcpu);
+    eprintln!("completed in user space: {done:?}");
+    assert_eq!(reports, vec![(0x70, 0x0506_0708), (0x71, 0x0102_0304), (0x72, 0x1122_3344)]);
+}

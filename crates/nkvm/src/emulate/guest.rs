@@ -66,10 +66,42 @@ impl GuestMemory<'_> {
                 Ok(gpa) => gpa,
                 Err(fault) => return Ok(Err(fault)),
             };
-            self.vm.read_memory(GuestAddress(gpa), &mut buf[done..done + n]).map_err(EmulateError::Memory)?;
+            self.read_physical(gpa, &mut buf[done..done + n])?;
             done += n;
         }
         Ok(Ok(()))
+    }
+
+    /// Reads guest-physical bytes: RAM, or an attached MMIO range (8 bytes
+    /// at a time) as the vCPU's own access would reach it.
+    fn read_physical(&self, gpa: u64, buf: &mut [u8]) -> Result<(), EmulateError> {
+        if self.vm.memory().find(GuestAddress(gpa)).is_some() {
+            return self.vm.read_memory(GuestAddress(gpa), buf).map_err(EmulateError::Memory);
+        }
+        for (i, chunk) in buf.chunks_mut(8).enumerate() {
+            let at = gpa + 8 * i as u64;
+            let value = self.vm.mmio_access(at, chunk.len() as u8, None).ok_or_else(|| unmapped(at, chunk.len()))?;
+            chunk.copy_from_slice(&value.to_le_bytes()[..chunk.len()]);
+        }
+        Ok(())
+    }
+
+    /// Writes guest-physical bytes: RAM (marked dirty) or an attached MMIO
+    /// range.
+    fn write_physical(&self, gpa: u64, data: &[u8]) -> Result<(), EmulateError> {
+        if self.vm.memory().find(GuestAddress(gpa)).is_some() {
+            self.vm.write_memory(GuestAddress(gpa), data).map_err(EmulateError::Memory)?;
+            self.vm.mark_dirty(GuestAddress(gpa), data.len() as u64);
+            return Ok(());
+        }
+        for (i, chunk) in data.chunks(8).enumerate() {
+            let at = gpa + 8 * i as u64;
+            let mut bytes = [0u8; 8];
+            bytes[..chunk.len()].copy_from_slice(chunk);
+            let value = u64::from_le_bytes(bytes);
+            self.vm.mmio_access(at, chunk.len() as u8, Some(value)).ok_or_else(|| unmapped(at, chunk.len()))?;
+        }
+        Ok(())
     }
 
     /// Writes `data` at `gva`, page by page, after checking every page is
@@ -87,8 +119,7 @@ impl GuestMemory<'_> {
             done += n;
         }
         for (gpa, start, n) in pieces {
-            self.vm.write_memory(GuestAddress(gpa), &data[start..start + n]).map_err(EmulateError::Memory)?;
-            self.vm.mark_dirty(GuestAddress(gpa), n as u64);
+            self.write_physical(gpa, &data[start..start + n])?;
         }
         Ok(Ok(()))
     }
@@ -119,4 +150,9 @@ impl GuestMemory<'_> {
         }
         Ok(Ok(result))
     }
+}
+
+/// The error for a guest-physical address neither RAM nor a device claims.
+fn unmapped(gpa: u64, len: usize) -> EmulateError {
+    EmulateError::Memory(crate::MemoryError::Unmapped { addr: GuestAddress(gpa), len })
 }

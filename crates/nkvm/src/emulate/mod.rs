@@ -26,6 +26,7 @@
 //! | `xsave`, `xsaveopt`, `xsavec`, `xrstor` (and their `64` forms) | through the vCPU's XSAVE image ([`Vcpu::xsave`]), components laid out as the guest's CPUID leaf 0xd says; #UD without CR4.OSXSAVE, #GP(0) if not 64-byte aligned, for a malformed header or reserved MXCSR bits |
 //! | `xgetbv` / `xsetbv` | XCR0 (and XINUSE, ECX = 1) through `KVM_GET_XCRS`/`KVM_SET_XCRS`; #GP(0) for other ECX, at CPL > 0 or for a value KVM refuses |
 //! | `clflush` / `clflushopt` / `clwb` | nothing (guest RAM is coherent), but #PF on an unmapped address |
+//! | `movd`/`movq` with an MMX register, `emms` | moves between MMX registers (the x87 registers), general registers and memory or device memory; #UD/#NM/#MF first (`mmx.rs`) |
 //! | `invpcid r64, m128` | #UD without INVPCID in CPUID; #GP(0) on a bad type or descriptor; else a full guest TLB flush (`tlb.rs`) |
 //! | anything else | [`EmulateError::Unsupported`] |
 //!
@@ -51,6 +52,7 @@
 //! ```
 
 mod guest;
+mod mmx;
 mod regs;
 mod tlb;
 mod xsave;
@@ -225,6 +227,10 @@ pub fn complete(vcpu: &Vcpu, vm: &Vm, failure: &InternalError) -> Result<Emulate
         | Mnemonic::Xgetbv
         | Mnemonic::Xsetbv => xsave::complete(&insn, &mut regs, &sregs, &mem)?,
         Mnemonic::Invpcid => tlb::invpcid(vcpu, &insn, &regs, &sregs, &mem)?,
+        Mnemonic::Emms => mmx::emms(vcpu, &sregs)?,
+        Mnemonic::Movd | Mnemonic::Movq if mmx::is_mmx_move(&insn) => {
+            mmx::complete(vcpu, &insn, &mut regs, &sregs, &mem)?
+        }
         Mnemonic::Clflush | Mnemonic::Clflushopt | Mnemonic::Clwb => {
             // Guest RAM is coherent: nothing to flush, but an unmapped
             // address faults as a read would.

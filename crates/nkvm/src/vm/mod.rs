@@ -414,6 +414,13 @@ impl Vm {
         self.io.failures()
     }
 
+    /// One access to an attached MMIO range at `gpa`, as a vCPU's exit
+    /// would make it (for instructions completed in user space whose
+    /// operand is device memory). `None` if no region claims it.
+    pub(crate) fn mmio_access(&self, gpa: u64, size: u8, write: Option<u64>) -> Option<u64> {
+        self.io.access(crate::io::IoSpace::Mmio, gpa, size, write).map(|served| served.value)
+    }
+
     /// Creates vCPU `id` (in `0..config.vcpus`) with a visible local APIC.
     pub fn create_vcpu(&self, id: u32) -> Result<Vcpu, VmError> {
         self.create_vcpu_with(id, VcpuConfig::default())
