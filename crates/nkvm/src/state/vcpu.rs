@@ -141,10 +141,7 @@ impl Vcpu {
             let lapic = kvm_lapic_state { regs: state.lapic.map(|b| b as _) };
             self.fd.set_lapic(&lapic).map_err(|e| kvm("KVM_SET_LAPIC", e))?;
         }
-        let accepted = self.set_msrs(&state.msrs)?;
-        if let Some(&(index, value)) = state.msrs.get(accepted) {
-            return Err(StateError::MsrRejected { id: state.id, index, value, accepted, total: state.msrs.len() });
-        }
+        self.write_msrs(&state.msrs)?;
         let mp_state = kvm_mp_state { mp_state: state.mp_state };
         self.fd.set_mp_state(mp_state).map_err(|e| kvm("KVM_SET_MP_STATE", e))?;
         self.set_events(&state.events)?;
@@ -168,6 +165,24 @@ impl Vcpu {
     /// Whether KVM holds a local APIC for this vCPU (split irqchip).
     fn has_lapic(&self) -> bool {
         self.links.lapic_in_kernel
+    }
+
+    /// Writes saved MSRs. KVM stops a batch at the first MSR it refuses;
+    /// one that already holds the saved value is passed over (KVM refuses
+    /// e.g. `MSR_KVM_ASYNC_PF_INT` without an in-kernel APIC, even its
+    /// reset value 0); any other refusal is an error.
+    fn write_msrs(&self, msrs: &[Msr]) -> Result<(), StateError> {
+        let mut done = 0;
+        while done < msrs.len() {
+            done += self.set_msrs(&msrs[done..])?;
+            let Some(&(index, value)) = msrs.get(done) else { break };
+            if self.msrs(&[index])? != [(index, value)] {
+                return Err(StateError::MsrRejected { id: self.id(), index, value, accepted: done, total: msrs.len() });
+            }
+            log::debug!("vCPU {}: MSR {index:#x} refused, but it holds the saved value {value:#x}", self.id());
+            done += 1;
+        }
+        Ok(())
     }
 
     /// Reads every saveable MSR; returns (values, indices that failed).
