@@ -39,6 +39,7 @@
 //! | [`kick`] | forcing a vCPU out from another thread |
 //! | [`trace`] | exit tracing and statistics |
 //! | [`mode`] | real-mode and long-mode start-up |
+//! | [`state`] | saved vCPU and VM state as values, and their byte format |
 //!
 //! All `unsafe` code lives in one private module (`sys`), each block with a
 //! `SAFETY:` note.
@@ -55,6 +56,7 @@ pub mod memory;
 pub mod mode;
 mod pause;
 pub mod run_state;
+pub mod state;
 mod sys;
 pub mod trace;
 pub mod vcpu;
@@ -70,6 +72,7 @@ pub use kick::Kicker;
 pub use memory::{Backing, MemoryError, MemoryMap, Region, PAGE_SIZE};
 pub use mode::{Idt, LongMode};
 pub use run_state::RunState;
+pub use state::{FormatError, StateError, VcpuState, VmState};
 pub use trace::{ExitRecord, ExitStats, LineTracer, Tracer};
 pub use vcpu::{Fpu, Regs, Sregs, Vcpu, VcpuError, VcpuEvents};
 pub use vm::{Vm, VmConfig, VmError};

@@ -86,7 +86,7 @@ pub struct Vcpu {
     pub(crate) kick: Arc<KickShared>,
     tracers: Vec<Box<dyn Tracer>>,
     trace: TraceState,
-    links: VcpuLinks,
+    pub(crate) links: VcpuLinks,
     /// The coalesced-MMIO ring page is mapped.
     coalesced: bool,
     /// LINT0/LINT1 requests from other threads.
@@ -106,6 +106,10 @@ pub(crate) struct VcpuLinks {
     pub(crate) io: Arc<IoRegions>,
     /// Interrupt routing and the APIC bus.
     pub(crate) irq: Arc<IrqShared>,
+    /// The MSRs `save_state` reads (KVM_GET_MSR_INDEX_LIST).
+    pub(crate) saveable_msrs: Arc<[u32]>,
+    /// KVM holds a local APIC for the vCPU (split irqchip).
+    pub(crate) lapic_in_kernel: bool,
 }
 
 /// Harvests the VM's dirty rings when a vCPU's ring is full (implemented by

@@ -122,6 +122,8 @@ pub struct Vm {
     manual_protect: bool,
     coalesced_mmio: bool,
     io: Arc<IoRegions>,
+    /// The MSRs a vCPU's saved state holds (KVM_GET_MSR_INDEX_LIST).
+    saveable_msrs: Arc<[u32]>,
 }
 
 /// Dirty-ring size nkvm asks for (per vCPU): 64Ki entries.
@@ -167,6 +169,8 @@ impl Vm {
             return Err(VmError::MissingCapability("a split irqchip (KVM_CAP_SPLIT_IRQCHIP)"));
         }
         let ram = Backing::new("nkvm-ram", config.memory)?;
+        let saveable_msrs =
+            hv.saveable_msrs().map_err(|source| VmError::Kvm { op: "KVM_GET_MSR_INDEX_LIST", source })?.into();
         let fd = hv.kvm.create_vm().map_err(|source| VmError::Kvm { op: "KVM_CREATE_VM", source })?;
         if config.split_irqchip {
             let mut cap = kvm_enable_cap { cap: KVM_CAP_SPLIT_IRQCHIP, ..Default::default() };
@@ -223,6 +227,7 @@ impl Vm {
             manual_protect,
             coalesced_mmio: caps.coalesced_mmio,
             io: Arc::new(IoRegions::default()),
+            saveable_msrs,
         };
         vm.set_memory_map(MemoryMap::ram(&ram)?)?;
         Ok(vm)
@@ -445,6 +450,8 @@ impl Vm {
             memory: self.shared.clone(),
             io: self.io.clone(),
             irq: self.irq.clone(),
+            saveable_msrs: self.saveable_msrs.clone(),
+            lapic_in_kernel: self.config.split_irqchip,
         };
         let vcpu = Vcpu::new(id, fd, self.vcpu_mmap_size, links, config)?;
         self.irq.register(id, vcpu.lint());

@@ -1,0 +1,444 @@
+//! [`VcpuState`]: everything KVM holds for one vCPU, and
+//! [`Vcpu::save_state`] / [`Vcpu::restore_state`].
+
+use kvm_bindings::{kvm_cpuid_entry2, kvm_debugregs, kvm_lapic_state, kvm_mp_state, kvm_xcrs, kvm_xsave, KVM_MAX_XCRS};
+
+use super::codec::{FormatError, Sections, StateKind, Writer};
+use super::fields::*;
+use super::StateError;
+use crate::vcpu::{Fpu, Regs, Sregs, VcpuEvents};
+use crate::{Cpuid, Exit, RunState, Vcpu};
+
+/// 32-bit words in KVM's XSAVE image (`struct kvm_xsave`, 4 KiB).
+pub const XSAVE_WORDS: usize = 1024;
+/// Bytes of the local APIC's register page (`struct kvm_lapic_state`).
+pub const LAPIC_BYTES: usize = 1024;
+/// At most this many CPUID entries in a state.
+const MAX_CPUID: u32 = 256;
+/// At most this many MSRs in a state.
+const MAX_MSRS: u32 = 4096;
+
+/// An MSR's index and value.
+pub type Msr = (u32, u64);
+
+/// Everything KVM holds for one vCPU, as a plain value.
+///
+/// Read with [`Vcpu::save_state`], written back with
+/// [`Vcpu::restore_state`], turned into bytes with [`encode`](Self::encode)
+/// and back with [`decode`](Self::decode) (`docs/state-format.md`).
+#[derive(Debug, Clone, PartialEq)]
+pub struct VcpuState {
+    /// The vCPU's id (its APIC id); restored only into the vCPU of the same id.
+    pub id: u32,
+    /// The CPUID the guest sees (`KVM_GET_CPUID2`), set first on restore:
+    /// which MSRs and XCR0 bits KVM accepts depends on it.
+    pub cpuid: Vec<kvm_cpuid_entry2>,
+    /// General-purpose registers, RIP, RFLAGS.
+    pub regs: Regs,
+    /// Segment, descriptor-table and control registers, EFER, APIC base.
+    pub sregs: Sregs,
+    /// x87/SSE state as `KVM_GET_FPU` reports it (the XSAVE image is authoritative).
+    pub fpu: Fpu,
+    /// The XSAVE image (`KVM_GET_XSAVE`): x87, SSE, AVX, ... with its header.
+    pub xsave: Box<[u32; XSAVE_WORDS]>,
+    /// Extended control registers as (index, value): XCR0.
+    pub xcrs: Vec<(u32, u64)>,
+    /// The saveable MSRs KVM could read, as (index, value), in KVM's order.
+    pub msrs: Vec<Msr>,
+    /// MSRs KVM lists as saveable whose read failed on this vCPU (not
+    /// restored; kept so a tool can say what was left out).
+    pub unreadable_msrs: Vec<u32>,
+    /// The local APIC's register page (`KVM_GET_LAPIC`); zero without one.
+    pub lapic: Box<[u8; LAPIC_BYTES]>,
+    /// Pending and injected exceptions, interrupts, NMIs, SMIs.
+    pub events: VcpuEvents,
+    /// `KVM_MP_STATE_*`: runnable, halted, waiting for INIT/SIPI, ...
+    pub mp_state: u32,
+    /// DR0–DR3, DR6, DR7.
+    pub debug_regs: kvm_debugregs,
+}
+
+impl Vcpu {
+    /// Saves everything KVM holds for this vCPU.
+    ///
+    /// First completes the exit the vCPU last returned (the `out` just
+    /// reported, the read completed in `run`, ...) with one `KVM_RUN` that
+    /// returns before the guest executes anything: KVM finishes an I/O
+    /// instruction only at the next entry, so a state read right after an
+    /// I/O exit would replay the instruction when restored. A read the
+    /// caller did not complete is an error.
+    ///
+    /// MSRs: every MSR in KVM's saveable list
+    /// ([`Hypervisor::saveable_msrs`](crate::Hypervisor::saveable_msrs))
+    /// that reads back; the others are listed in
+    /// [`VcpuState::unreadable_msrs`].
+    pub fn save_state(&mut self, run: &mut RunState) -> Result<VcpuState, StateError> {
+        self.settle(run)?;
+        let kvm = |op, source| self.err(op, source);
+        let xsave = self.fd.get_xsave().map_err(|e| kvm("KVM_GET_XSAVE", e))?;
+        let xcrs = self.fd.get_xcrs().map_err(|e| kvm("KVM_GET_XCRS", e))?;
+        let nr_xcrs = (xcrs.nr_xcrs as usize).min(xcrs.xcrs.len());
+        let lapic = if self.has_lapic() {
+            let l = self.fd.get_lapic().map_err(|e| kvm("KVM_GET_LAPIC", e))?;
+            Box::new(l.regs.map(|b| b as u8))
+        } else {
+            Box::new([0; LAPIC_BYTES])
+        };
+        let (msrs, unreadable_msrs) = self.read_msrs()?;
+        Ok(VcpuState {
+            id: self.id(),
+            cpuid: self.cpuid()?.as_slice().to_vec(),
+            regs: self.regs()?,
+            sregs: self.sregs()?,
+            fpu: self.fpu()?,
+            xsave: Box::new(xsave.region),
+            xcrs: xcrs.xcrs[..nr_xcrs].iter().map(|x| (x.xcr, x.value)).collect(),
+            msrs,
+            unreadable_msrs,
+            lapic,
+            events: self.events()?,
+            mp_state: self.fd.get_mp_state().map_err(|e| kvm("KVM_GET_MP_STATE", e))?.mp_state,
+            debug_regs: self.fd.get_debug_regs().map_err(|e| kvm("KVM_GET_DEBUGREGS", e))?,
+        })
+    }
+
+    /// Writes `state` into this vCPU (which has not run yet, or whose state
+    /// is to be replaced); the guest continues where the saved vCPU stopped.
+    ///
+    /// Order matters and is KVM's: CPUID (which MSRs and XCR0 bits are
+    /// valid), special registers (paging mode, EFER, APIC base — which
+    /// resets the local APIC), general registers, XCRs, FPU, then the XSAVE
+    /// image (authoritative for FPU/SSE, so it comes after `KVM_SET_FPU`),
+    /// debug registers, the local APIC (before the MSRs: KVM drops a TSC
+    /// deadline written while the APIC timer is not in deadline mode), the
+    /// MSRs, MP state, and last the vCPU events (which may carry a latched
+    /// INIT that KVM checks against the MP state).
+    pub fn restore_state(&mut self, state: &VcpuState) -> Result<(), StateError> {
+        if state.id != self.id() {
+            return Err(StateError::VcpuIdMismatch { state: state.id, vcpu: self.id() });
+        }
+        let kvm = |op, source| self.err(op, source);
+        let cpuid = Cpuid::from_entries(&state.cpuid)
+            .map_err(|_| StateError::TooManyCpuidEntries { id: state.id, count: state.cpuid.len() })?;
+        self.set_cpuid(&cpuid)?;
+        self.set_sregs(&state.sregs)?;
+        self.set_regs(&state.regs)?;
+        if !state.xcrs.is_empty() {
+            let mut xcrs =
+                kvm_xcrs { nr_xcrs: state.xcrs.len().min(KVM_MAX_XCRS as usize) as u32, ..Default::default() };
+            for (slot, &(xcr, value)) in xcrs.xcrs.iter_mut().zip(&state.xcrs) {
+                slot.xcr = xcr;
+                slot.value = value;
+            }
+            self.fd.set_xcrs(&xcrs).map_err(|e| kvm("KVM_SET_XCRS", e))?;
+        }
+        self.set_fpu(&state.fpu)?;
+        let mut xsave = kvm_xsave::default();
+        xsave.region = *state.xsave;
+        crate::sys::xsave::set_xsave(&self.fd, &xsave).map_err(|e| kvm("KVM_SET_XSAVE", e))?;
+        self.fd.set_debug_regs(&state.debug_regs).map_err(|e| kvm("KVM_SET_DEBUGREGS", e))?;
+        if self.has_lapic() {
+            let lapic = kvm_lapic_state { regs: state.lapic.map(|b| b as _) };
+            self.fd.set_lapic(&lapic).map_err(|e| kvm("KVM_SET_LAPIC", e))?;
+        }
+        self.write_msrs(&state.msrs)?;
+        let mp_state = kvm_mp_state { mp_state: state.mp_state };
+        self.fd.set_mp_state(mp_state).map_err(|e| kvm("KVM_SET_MP_STATE", e))?;
+        self.set_events(&state.events)?;
+        Ok(())
+    }
+
+    /// Completes the pending exit without running the guest: a kick makes
+    /// the next `KVM_RUN` return at once, after KVM finished the
+    /// instruction that exited.
+    fn settle(&mut self, run: &mut RunState) -> Result<(), StateError> {
+        self.kicker().kick();
+        match self.enter_guest(run)? {
+            Exit::Kicked => Ok(()),
+            // Completing the instruction needed user space again (a string
+            // I/O instruction's next element): the caller handles it. The
+            // kick stays pending, so the next entry returns at once.
+            exit => Err(StateError::NotSettled { id: self.id(), exit }),
+        }
+    }
+
+    /// Whether KVM holds a local APIC for this vCPU (split irqchip).
+    fn has_lapic(&self) -> bool {
+        self.links.lapic_in_kernel
+    }
+
+    /// Writes saved MSRs. KVM stops a batch at the first MSR it refuses;
+    /// one that already holds the saved value is passed over (KVM refuses
+    /// e.g. `MSR_KVM_ASYNC_PF_INT` without an in-kernel APIC, even its
+    /// reset value 0); any other refusal is an error.
+    fn write_msrs(&self, msrs: &[Msr]) -> Result<(), StateError> {
+        let mut done = 0;
+        while done < msrs.len() {
+            done += self.set_msrs(&msrs[done..])?;
+            let Some(&(index, value)) = msrs.get(done) else { break };
+            if self.msrs(&[index])? != [(index, value)] {
+                return Err(StateError::MsrRejected { id: self.id(), index, value, accepted: done, total: msrs.len() });
+            }
+            log::debug!("vCPU {}: MSR {index:#x} refused, but it holds the saved value {value:#x}", self.id());
+            done += 1;
+        }
+        Ok(())
+    }
+
+    /// Reads every saveable MSR; returns (values, indices that failed).
+    /// KVM stops a batch at the first MSR it cannot read, so the batch is
+    /// resumed after it.
+    fn read_msrs(&self) -> Result<(Vec<Msr>, Vec<u32>), StateError> {
+        let list = self.links.saveable_msrs.clone();
+        let (mut values, mut failed) = (Vec::with_capacity(list.len()), Vec::new());
+        let mut rest: &[u32] = &list;
+        while !rest.is_empty() {
+            let got = self.msrs(rest)?;
+            let n = got.len();
+            values.extend(got);
+            if let Some(&bad) = rest.get(n) {
+                failed.push(bad);
+                rest = &rest[n + 1..];
+            } else {
+                rest = &[];
+            }
+        }
+        if !failed.is_empty() {
+            log::debug!("vCPU {}: {} saveable MSRs do not read back: {failed:x?}", self.id(), failed.len());
+        }
+        Ok((values, failed))
+    }
+}
+
+/// Section tags of a vCPU state (`docs/state-format.md`).
+mod tag {
+    pub(super) const ID: u16 = 1;
+    pub(super) const CPUID: u16 = 2;
+    pub(super) const REGS: u16 = 3;
+    pub(super) const SREGS: u16 = 4;
+    pub(super) const FPU: u16 = 5;
+    pub(super) const XSAVE: u16 = 6;
+    pub(super) const XCRS: u16 = 7;
+    pub(super) const MSRS: u16 = 8;
+    pub(super) const UNREADABLE_MSRS: u16 = 9;
+    pub(super) const LAPIC: u16 = 10;
+    pub(super) const EVENTS: u16 = 11;
+    pub(super) const MP_STATE: u16 = 12;
+    pub(super) const DEBUG_REGS: u16 = 13;
+}
+
+const SECTIONS: &[(u16, &str)] = &[
+    (tag::ID, "id"),
+    (tag::CPUID, "cpuid"),
+    (tag::REGS, "regs"),
+    (tag::SREGS, "sregs"),
+    (tag::FPU, "fpu"),
+    (tag::XSAVE, "xsave"),
+    (tag::XCRS, "xcrs"),
+    (tag::MSRS, "msrs"),
+    (tag::UNREADABLE_MSRS, "unreadable_msrs"),
+    (tag::LAPIC, "lapic"),
+    (tag::EVENTS, "events"),
+    (tag::MP_STATE, "mp_state"),
+    (tag::DEBUG_REGS, "debug_regs"),
+];
+
+impl VcpuState {
+    /// The state as bytes (`docs/state-format.md`, kind 1).
+    pub fn encode(&self) -> Vec<u8> {
+        let mut w = Writer::new(StateKind::Vcpu);
+        w.section(tag::ID, |o| o.u32(self.id));
+        w.section(tag::CPUID, |o| {
+            o.u32(self.cpuid.len() as u32);
+            for e in &self.cpuid {
+                for v in [e.function, e.index, e.flags, e.eax, e.ebx, e.ecx, e.edx] {
+                    o.u32(v);
+                }
+            }
+        });
+        w.section(tag::REGS, |o| put_regs(o, &self.regs));
+        w.section(tag::SREGS, |o| put_sregs(o, &self.sregs));
+        w.section(tag::FPU, |o| put_fpu(o, &self.fpu));
+        w.section(tag::XSAVE, |o| self.xsave.iter().for_each(|&v| o.u32(v)));
+        w.section(tag::XCRS, |o| {
+            o.u32(self.xcrs.len() as u32);
+            for &(xcr, value) in &self.xcrs {
+                o.u32(xcr);
+                o.u64(value);
+            }
+        });
+        w.section(tag::MSRS, |o| {
+            o.u32(self.msrs.len() as u32);
+            for &(index, value) in &self.msrs {
+                o.u32(index);
+                o.u64(value);
+            }
+        });
+        w.section(tag::UNREADABLE_MSRS, |o| {
+            o.u32(self.unreadable_msrs.len() as u32);
+            self.unreadable_msrs.iter().for_each(|&i| o.u32(i));
+        });
+        w.section(tag::LAPIC, |o| o.bytes(&self.lapic[..]));
+        w.section(tag::EVENTS, |o| put_events(o, &self.events));
+        w.section(tag::MP_STATE, |o| o.u32(self.mp_state));
+        w.section(tag::DEBUG_REGS, |o| put_debugregs(o, &self.debug_regs));
+        w.finish()
+    }
+
+    /// Reads a state written by [`encode`](Self::encode), validating
+    /// everything: a truncated, altered or foreign blob is an error naming
+    /// the section and offset, never a panic.
+    pub fn decode(blob: &[u8]) -> Result<Self, FormatError> {
+        let s = Sections::open(blob, StateKind::Vcpu, SECTIONS)?;
+
+        let mut r = s.get(tag::ID);
+        let id = r.u32()?;
+        r.finish()?;
+
+        let mut r = s.get(tag::CPUID);
+        let n = r.count("count", MAX_CPUID, 7 * 4)?;
+        let mut cpuid = Vec::with_capacity(n);
+        for _ in 0..n {
+            let mut v = [0u32; 7];
+            for x in &mut v {
+                *x = r.u32()?;
+            }
+            let [function, index, flags, eax, ebx, ecx, edx] = v;
+            cpuid.push(kvm_cpuid_entry2 { function, index, flags, eax, ebx, ecx, edx, padding: [0; 3] });
+        }
+
+        let mut r = s.get(tag::REGS);
+        let regs = get_regs(&mut r)?;
+        r.finish()?;
+        let mut r = s.get(tag::SREGS);
+        let sregs = get_sregs(&mut r)?;
+        r.finish()?;
+        let mut r = s.get(tag::FPU);
+        let fpu = get_fpu(&mut r)?;
+        r.finish()?;
+
+        let mut r = s.get(tag::XSAVE);
+        let mut xsave = Box::new([0u32; XSAVE_WORDS]);
+        for w in xsave.iter_mut() {
+            *w = r.u32()?;
+        }
+        r.finish()?;
+
+        let mut r = s.get(tag::XCRS);
+        let n = r.count("count", KVM_MAX_XCRS, 12)?;
+        let mut xcrs = Vec::with_capacity(n);
+        for _ in 0..n {
+            xcrs.push((r.u32()?, r.u64()?));
+        }
+
+        let mut r = s.get(tag::MSRS);
+        let n = r.count("count", MAX_MSRS, 12)?;
+        let mut msrs = Vec::with_capacity(n);
+        for _ in 0..n {
+            msrs.push((r.u32()?, r.u64()?));
+        }
+
+        let mut r = s.get(tag::UNREADABLE_MSRS);
+        let n = r.count("count", MAX_MSRS, 4)?;
+        let mut unreadable_msrs = Vec::with_capacity(n);
+        for _ in 0..n {
+            unreadable_msrs.push(r.u32()?);
+        }
+
+        let mut r = s.get(tag::LAPIC);
+        let mut lapic = Box::new([0u8; LAPIC_BYTES]);
+        lapic.copy_from_slice(r.bytes(LAPIC_BYTES)?);
+        r.finish()?;
+
+        let mut r = s.get(tag::EVENTS);
+        let events = get_events(&mut r)?;
+        r.finish()?;
+
+        let mut r = s.get(tag::MP_STATE);
+        let at = r.offset();
+        let mp_state = r.u32()?;
+        if mp_state > kvm_bindings::KVM_MP_STATE_SUSPENDED {
+            return Err(r.invalid(at, "mp_state", u64::from(mp_state), "KVM_MP_STATE_* is 0..=10"));
+        }
+        r.finish()?;
+
+        let mut r = s.get(tag::DEBUG_REGS);
+        let debug_regs = get_debugregs(&mut r)?;
+        r.finish()?;
+
+        Ok(Self {
+            id,
+            cpuid,
+            regs,
+            sregs,
+            fpu,
+            xsave,
+            xcrs,
+            msrs,
+            unreadable_msrs,
+            lapic,
+            events,
+            mp_state,
+            debug_regs,
+        })
+    }
+}
+
+#[cfg(test)]
+pub(crate) mod tests {
+    use super::*;
+
+    /// A state with a distinct value in every field.
+    pub(crate) fn sample() -> VcpuState {
+        let mut n = 0u64;
+        let mut next = || {
+            n += 0x0101_0101_0101_0101;
+            n
+        };
+        let regs = Regs { rax: next(), rip: next(), rflags: 2, ..Default::default() };
+        let mut sregs = Sregs::default();
+        sregs.cs.base = next();
+        sregs.cs.selector = 8;
+        sregs.cs.l = 1;
+        sregs.ldt.unusable = 1;
+        sregs.idt.limit = 0xfff;
+        sregs.cr3 = next();
+        sregs.interrupt_bitmap[3] = next();
+        let mut fpu = Fpu { fcw: 0x37f, mxcsr: 0x1f80, ..Default::default() };
+        fpu.xmm[15][15] = 0xaa;
+        let mut events = VcpuEvents::default();
+        events.exception.nr = 14;
+        events.exception.error_code = 0xdead;
+        events.nmi.masked = 1;
+        events.flags = 0x1d;
+        events.exception_payload = next();
+        let mut debug_regs = kvm_debugregs::default();
+        debug_regs.db[2] = next();
+        debug_regs.dr7 = 0x400;
+        let mut xsave = Box::new([0u32; XSAVE_WORDS]);
+        xsave.iter_mut().enumerate().for_each(|(i, w)| *w = i as u32 * 7);
+        let mut lapic = Box::new([0u8; LAPIC_BYTES]);
+        lapic.iter_mut().enumerate().for_each(|(i, b)| *b = i as u8);
+        VcpuState {
+            id: 1,
+            cpuid: vec![kvm_cpuid_entry2 { function: 0x4000_0001, eax: 0x7ff, ..Default::default() }],
+            regs,
+            sregs,
+            fpu,
+            xsave,
+            xcrs: vec![(0, 7)],
+            msrs: vec![(0x10, next()), (0x4b56_4d01, next())],
+            unreadable_msrs: vec![0x3a],
+            lapic,
+            events,
+            mp_state: 3,
+            debug_regs,
+        }
+    }
+
+    #[test]
+    fn every_field_round_trips() {
+        let state = sample();
+        assert_eq!(VcpuState::decode(&state.encode()).unwrap(), state);
+    }
+}
