@@ -37,10 +37,6 @@ impl Default for Command {
     }
 }
 
-/// The default kernel command line (see `--cmdline`).
-pub const DEFAULT_CMDLINE: &str = "console=ttyS0 reboot=k panic=-1 noxsave cryptomgr.notests \
-clearcpuid=ssse3,sse4_1,sse4_2,avx,avx2,aes,pclmulqdq,sha_ni,avx512f";
-
 /// `nkvm run`.
 #[derive(Debug, Args, Clone)]
 pub struct RunArgs {
@@ -74,13 +70,11 @@ pub struct RunArgs {
     /// kernel (kvm-unit-tests read it as their environment, KEY=VALUE lines).
     #[arg(long, requires = "kernel")]
     pub initrd: Option<std::path::PathBuf>,
-    /// The kernel command line. For Linux the default also works around
-    /// nested `kvm_pvm` hosts, whose KVM cannot run some guest-kernel
-    /// instructions: `noxsave` (xrstor), `clearcpuid=...` (SSSE3 and later
-    /// SIMD in kernel crypto), `cryptomgr.notests` (minutes of self-tests in
-    /// an emulated kernel); `panic=-1` reboots on a panic, which nkvm
-    /// reports. A multiboot kernel gets its path, then this (default empty),
-    /// as QEMU's -append builds it.
+    /// The kernel command line. Linux's default is `console=ttyS0
+    /// reboot=k panic=-1` (`panic=-1` reboots on a panic, which nkvm
+    /// reports), and nkvm adds to any Linux command line the options this
+    /// kind of host needs (see --no-host-workarounds). A multiboot kernel
+    /// gets its path, then this (default empty), as QEMU's -append builds it.
     #[arg(long)]
     pub cmdline: Option<String>,
     /// A raw disk image for --kernel, presented as a virtio-blk PCI device
@@ -94,6 +88,11 @@ pub struct RunArgs {
     /// minus: `-x2apic,-pcid,-invpcid` (see `cpu_features.rs` for the list).
     #[arg(long, value_parser = |s: &str| s.parse::<HiddenFeatures>(), default_value = "", allow_hyphen_values = true)]
     pub cpu_features: HiddenFeatures,
+    /// Pass a Linux --cmdline as given. By default nkvm adds what a nested
+    /// `kvm_pvm` host needs and the line lacks: `noxsave`, `clearcpuid=` of
+    /// the SIMD past SSE2, `cryptomgr.notests` (and says so on stderr).
+    #[arg(long)]
+    pub no_host_workarounds: bool,
 }
 
 impl Default for RunArgs {
@@ -110,6 +109,7 @@ impl Default for RunArgs {
             disk: None,
             disk_readonly: false,
             cpu_features: HiddenFeatures::default(),
+            no_host_workarounds: false,
         }
     }
 }

@@ -18,7 +18,8 @@ use nkvm_devices::test_device::{TestDevice, TEST_DEVICE_SIZE};
 
 use crate::acpi::{self, PlatformRequest};
 use crate::builtin;
-use crate::cli::{DeviceModel, RunArgs, DEFAULT_CMDLINE};
+use crate::cli::{DeviceModel, RunArgs};
+use crate::cmdline;
 use crate::console::{PanicWatch, WatchedConsole};
 use crate::devices::{DeviceProcess, InProcess};
 use crate::ioapic;
@@ -128,13 +129,26 @@ pub fn run(args: &RunArgs) -> Result<ExitCode, Box<dyn std::error::Error>> {
     let boot = if multiboot::is_multiboot(&kernel_head(kernel)?) {
         Boot::Multiboot
     } else {
-        Boot::Linux(LinuxBoot {
-            kernel: kernel.clone(),
-            initrd: args.initrd.clone(),
-            cmdline: args.cmdline.clone().unwrap_or_else(|| DEFAULT_CMDLINE.to_string()),
-        })
+        Boot::Linux(LinuxBoot { kernel: kernel.clone(), initrd: args.initrd.clone(), cmdline: linux_cmdline(args) })
     };
     Ok(run_kernel(args, &boot)?)
+}
+
+/// The Linux command line: the user's (or the default) with the host
+/// work-arounds it lacks, unless `--no-host-workarounds`.
+fn linux_cmdline(args: &RunArgs) -> String {
+    let given = args.cmdline.as_deref().unwrap_or(cmdline::DEFAULT_CMDLINE);
+    if args.no_host_workarounds {
+        return given.to_string();
+    }
+    let (full, added) = cmdline::with_host_workarounds(given);
+    if !added.is_empty() && args.cmdline.is_some() {
+        eprintln!(
+            "nkvm: added to the kernel command line for this host: {} (--no-host-workarounds to pass it as given)",
+            added.join(" ")
+        );
+    }
+    full
 }
 
 /// The first bytes of the kernel file, where a multiboot header would be.

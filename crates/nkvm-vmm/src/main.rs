@@ -9,6 +9,7 @@ mod builtin;
 mod bus_process;
 mod caps;
 mod cli;
+mod cmdline;
 mod console;
 mod cpu_features;
 mod device;

@@ -75,6 +75,9 @@ fn the_stock_kernel_boots_on_two_vcpus_with_acpi_pci_and_virtio_to_its_init() {
         "2",
         "--disk",
         disk.to_str().unwrap(),
+        // A plain command line: nkvm adds what this host needs (noxsave, ...).
+        "--cmdline",
+        "console=ttyS0 panic=-1",
     ];
     let started = Instant::now();
     let (out, killed) = nkvm_with_limit(&args, Duration::from_secs(1800));
@@ -87,6 +90,8 @@ fn the_stock_kernel_boots_on_two_vcpus_with_acpi_pci_and_virtio_to_its_init() {
         started.elapsed()
     );
     assert!(!killed, "the boot did not finish within the limit");
+    assert!(stderr.contains("nkvm: added to the kernel command line for this host: noxsave"), "{stderr}");
+    assert!(stdout.contains("console=ttyS0 panic=-1 noxsave cryptomgr.notests clearcpuid="), "{tail}");
     // Everything up to init: the loader (ELF vmlinux), ACPI (RSDP, MADT
     // with both CPUs and the IOAPIC, DSDT with the PCI host bridge), SMP,
     // the PCI bus with both virtio-pci devices, the serial console.
