@@ -135,6 +135,12 @@ pub enum DeviceModel {
     /// A dual 8259: master registers on --socket, slave on --slave, input
     /// lines on --pins, INTR as ExtINT messages on --apic-bus.
     Pic,
+    /// The MC146818 RTC and CMOS RAM (ports 0x70-0x71).
+    Cmos,
+    /// The ACPI PM timer (4 ports).
+    PmTimer,
+    /// pc-testdev's 64 KiB of RAM-like device memory (kvm-unit-tests).
+    IoRam,
 }
 
 /// `nkvm device`.

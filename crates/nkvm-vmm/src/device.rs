@@ -6,6 +6,9 @@ use std::io::{self, Write};
 use std::os::unix::net::UnixListener;
 use std::process::ExitCode;
 
+use nkvm_devices::cmos::Cmos;
+use nkvm_devices::pc_testdev::IoRam;
+use nkvm_devices::pm_timer::PmTimer;
 use nkvm_devices::serial::Serial;
 use nkvm_devices::serve::Server;
 use nkvm_devices::test_device::TestDevice;
@@ -90,6 +93,9 @@ pub fn run(args: &DeviceArgs) -> Result<ExitCode, Box<dyn std::error::Error>> {
     let model: Box<dyn IoDevice> = match args.model {
         DeviceModel::Test => Box::new(TestDevice::new()),
         DeviceModel::Serial => Box::new(Serial::new(Box::new(|_level: bool| {}), io::stdout())),
+        DeviceModel::Cmos => Box::new(Cmos::new()),
+        DeviceModel::PmTimer => Box::new(PmTimer::new()),
+        DeviceModel::IoRam => Box::new(IoRam::new()),
         // Checked above; clap requires --apic-bus and --pins with it.
         DeviceModel::Ioapic | DeviceModel::Pic => {
             return Err("the ioapic and pic models need --apic-bus and --pins (and --slave for pic)".into())

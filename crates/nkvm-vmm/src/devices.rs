@@ -63,7 +63,9 @@ impl DeviceProcess {
     pub fn attach(vm: &Vm, model: DeviceModel, range: IoRange, ordering: Ordering) -> Result<Self, DeviceProcessError> {
         let exe = std::env::current_exe().map_err(|source| DeviceProcessError::Spawn { model, source })?;
         let socket = std::env::temp_dir().join(format!("nkvm-{}-{model:?}.sock", std::process::id()).to_lowercase());
-        let model_arg = format!("{model:?}").to_lowercase();
+        // The name `nkvm device --model` takes (clap's spelling: pm-timer).
+        let model_arg = clap::ValueEnum::to_possible_value(&model)
+            .map_or_else(|| format!("{model:?}").to_lowercase(), |v| v.get_name().to_string());
         let child = Command::new(exe)
             .args(["device", "--model", &model_arg, "--socket"])
             .arg(&socket)

@@ -184,6 +184,8 @@ fn run_kernel(args: &RunArgs, boot: &Boot) -> Result<ExitCode, MachineError> {
     vm.attach_handler(pm1a_evt, Box::new(InProcess(acpi::Pm1Event::default())))?;
     let shared = Arc::new(Shared::default());
     let mut cpuid = hv.supported_cpuid()?;
+    // Device processes end when this drops, after the vCPUs.
+    let mut processes = Vec::new();
     let start = match boot {
         Boot::Linux(linux_boot) => {
             let entry = linux::load(&vm, linux_boot, args.cpus)?;
@@ -208,7 +210,13 @@ fn run_kernel(args: &RunArgs, boot: &Boot) -> Result<ExitCode, MachineError> {
             let entry = multiboot::load(&vm.memory(), &mb)?;
             acpi::install(&vm, args.cpus, Some(acpi::PM_TIMER_PORT)).map_err(linux::LinuxError::Acpi)?;
             let events = power_events(&shared)?;
-            testdev::attach(&vm, &ioapic, &testdev::Machine { cpus: args.cpus, memory: args.memory, events })?;
+            let machine = testdev::Machine {
+                cpus: args.cpus,
+                memory: args.memory,
+                events,
+                device_processes: args.device_process,
+            };
+            processes = testdev::attach(&vm, &ioapic, &machine)?;
             Start::Multiboot(entry)
         }
     };
@@ -216,15 +224,14 @@ fn run_kernel(args: &RunArgs, boot: &Boot) -> Result<ExitCode, MachineError> {
     let com1 = IoRange::pio(builtin::COM1, 8);
     let panic = PanicWatch::default();
     let mut input = None;
-    let _processes = if args.device_process {
-        vec![DeviceProcess::attach(&vm, DeviceModel::Serial, com1, Ordering::Sync)?]
+    if args.device_process {
+        processes.push(DeviceProcess::attach(&vm, DeviceModel::Serial, com1, Ordering::Sync)?);
     } else {
         let console = WatchedConsole::new(io::stdout(), panic.clone());
         let serial: SharedSerial = Arc::new(Mutex::new(Serial::new(ioapic.line(usize::from(acpi::COM1_IRQ)), console)));
         vm.attach_handler(com1, Box::new(SerialRegion(serial.clone())))?;
         input = Some(serial);
-        Vec::new()
-    };
+    }
     let stats = ExitStats::new();
     let mut vcpus = Vec::new();
     for id in 0..args.cpus {

@@ -1,10 +1,13 @@
 //! The PC the kvm-unit-tests x86 suite expects around a multiboot kernel,
 //! as QEMU gives it with `-device pc-testdev -device isa-debug-exit`: each
-//! piece an `nkvm_devices` model on an nkvm I/O region.
+//! piece an `nkvm_devices` model on an nkvm I/O region. With
+//! `--device-process` the CMOS, the PM timer and the I/O RAM each run in
+//! their own process.
 //!
 //! | ports / address | model |
 //! |---|---|
 //! | 0x70-0x71 | CMOS/RTC |
+//! | 0x20-0x21, 0xa0-0xa1 | the 8259s (masked by every test; INTR not wired) |
 //! | 0x92 | system control port A (A20, fast reset) |
 //! | 0xe0-0xeb | pc-testdev: scratch register, flush-page port |
 //! | 0xf4-0xf7 | isa-debug-exit: a write of `v` ends nkvm with status `(v << 1) \| 1` |
@@ -17,7 +20,7 @@
 use std::sync::mpsc::Sender;
 use std::sync::Arc;
 
-use nkvm::io::{IoHandler, IoRange};
+use nkvm::io::{IoHandler, IoRange, Ordering};
 use nkvm::{GuestAddress, Vm};
 use nkvm_devices::cmos::{Cmos, CMOS_PORT, CMOS_SIZE};
 use nkvm_devices::debug_exit::{DebugExit, DEBUG_EXIT_PORT, DEBUG_EXIT_SIZE};
@@ -32,7 +35,8 @@ use nkvm_devices::port92::{SystemControlA, SYSTEM_CONTROL_A_PORT, SYSTEM_CONTROL
 use nkvm_devices::power::PowerEvent;
 
 use crate::acpi;
-use crate::devices::InProcess;
+use crate::cli::DeviceModel;
+use crate::devices::{DeviceProcess, InProcess};
 use crate::ioapic::IoapicPins;
 
 /// Errors attaching the platform devices.
@@ -41,6 +45,9 @@ pub enum TestdevError {
     /// A device's region could not be attached.
     #[error(transparent)]
     Attach(#[from] nkvm::IoRegionError),
+    /// A device process could not be started.
+    #[error(transparent)]
+    DeviceProcess(#[from] crate::devices::DeviceProcessError),
     /// A pc-testdev interrupt line could not be connected.
     #[error("cannot connect a pc-testdev interrupt line")]
     Line(#[source] nkvm_devices::pc_testdev::PcTestdevError),
@@ -55,11 +62,15 @@ pub struct Machine {
     pub memory: u64,
     /// Where the test-exit port and the fast-reset bit report.
     pub events: Sender<PowerEvent>,
+    /// Run the models that need nothing of the VMM (CMOS, the PM timer,
+    /// the I/O RAM) each in its own process (`nkvm device`).
+    pub device_processes: bool,
 }
 
 /// Attaches every platform device of the kvm-unit-tests machine to `vm`;
 /// the pc-testdev interrupt lines drive `ioapic`'s pins of the same number.
-pub fn attach(vm: &Arc<Vm>, ioapic: &IoapicPins, machine: &Machine) -> Result<(), TestdevError> {
+/// Returns the device processes it started (they end when dropped).
+pub fn attach(vm: &Arc<Vm>, ioapic: &IoapicPins, machine: &Machine) -> Result<Vec<DeviceProcess>, TestdevError> {
     let pio = |port: u16, size: u64| IoRange::pio(port, size as u16);
     let handler = |device: Box<dyn IoHandler>, range: IoRange| vm.attach_handler(range, device).map(|_| ());
 
@@ -68,8 +79,21 @@ pub fn attach(vm: &Arc<Vm>, ioapic: &IoapicPins, machine: &Machine) -> Result<()
     let cpus = u16::try_from(machine.cpus).unwrap_or(u16::MAX);
     let fw_cfg = FwCfg::new(FwCfgConfig { cpus, ram_size: machine.memory, max_ram: 0 });
     handler(Box::new(InProcess(fw_cfg)), pio(FW_CFG_PORT, FW_CFG_SIZE))?;
-    handler(Box::new(InProcess(PmTimer::new())), pio(acpi::PM_TIMER_PORT, PM_TIMER_SIZE))?;
-    handler(Box::new(InProcess(Cmos::new())), pio(CMOS_PORT, CMOS_SIZE))?;
+    let pm_timer = pio(acpi::PM_TIMER_PORT, PM_TIMER_SIZE);
+    let cmos = pio(CMOS_PORT, CMOS_SIZE);
+    let io_ram = IoRange::mmio(IO_RAM_BASE, IO_RAM_SIZE);
+    let mut processes = Vec::new();
+    if machine.device_processes {
+        for (model, range) in
+            [(DeviceModel::PmTimer, pm_timer), (DeviceModel::Cmos, cmos), (DeviceModel::IoRam, io_ram)]
+        {
+            processes.push(DeviceProcess::attach(vm, model, range, Ordering::Sync)?);
+        }
+    } else {
+        handler(Box::new(InProcess(PmTimer::new())), pm_timer)?;
+        handler(Box::new(InProcess(Cmos::new())), cmos)?;
+        handler(Box::new(InProcess(IoRam::new())), io_ram)?;
+    }
     let port92 = SystemControlA::new(machine.events.clone());
     handler(Box::new(InProcess(port92)), pio(SYSTEM_CONTROL_A_PORT, SYSTEM_CONTROL_A_SIZE))?;
 
@@ -96,6 +120,5 @@ pub fn attach(vm: &Arc<Vm>, ioapic: &IoapicPins, machine: &Machine) -> Result<()
         lines.connect(line, ioapic.line(line)).map_err(TestdevError::Line)?;
     }
     handler(Box::new(InProcess(lines)), pio(TESTDEV_IRQ_LINES_BASE, TESTDEV_IRQ_LINES_SIZE))?;
-    handler(Box::new(InProcess(IoRam::new())), IoRange::mmio(IO_RAM_BASE, IO_RAM_SIZE))?;
-    Ok(())
+    Ok(processes)
 }

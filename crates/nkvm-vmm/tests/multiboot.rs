@@ -14,6 +14,8 @@ const COM1: u16 = 0x3f8;
 /// Where the two messages sit, from [`LOAD`].
 const MSG_OK: u32 = 0x400;
 const MSG_BAD: u32 = MSG_OK + 16;
+const DEVICES_OK: u32 = MSG_OK + 32;
+const DEVICES_BAD: u32 = MSG_OK + 48;
 
 fn nkvm(args: &[&str]) -> Output {
     Command::new(env!("CARGO_BIN_EXE_nkvm")).args(args).stdin(Stdio::null()).output().expect("run nkvm")
@@ -52,6 +54,33 @@ fn guest() -> Vec<u8> {
     a.mov(esi, dword_ptr(edi)).unwrap();
     a.call(puts).unwrap();
     a.set_label(&mut no_module).unwrap();
+    // The platform devices: CMOS register D says its RAM is valid, the PM
+    // timer moves, the I/O RAM keeps what is written to it.
+    let mut devices_bad = a.create_label();
+    let mut devices_done = a.create_label();
+    a.mov(al, 0x0d).unwrap();
+    a.out(0x70, al).unwrap();
+    a.in_(al, 0x71).unwrap();
+    a.cmp(al, 0x80).unwrap();
+    a.jne(devices_bad).unwrap();
+    a.mov(dx, 0x608).unwrap();
+    a.in_(eax, dx).unwrap();
+    a.mov(ecx, eax).unwrap();
+    let mut spin = a.create_label();
+    a.set_label(&mut spin).unwrap();
+    a.in_(eax, dx).unwrap();
+    a.cmp(eax, ecx).unwrap();
+    a.je(spin).unwrap();
+    a.mov(dword_ptr(0xff00_0010u32), 0x1234_5678).unwrap();
+    a.mov(eax, dword_ptr(0xff00_0010u32)).unwrap();
+    a.cmp(eax, 0x1234_5678).unwrap();
+    a.jne(devices_bad).unwrap();
+    a.mov(esi, LOAD + DEVICES_OK).unwrap();
+    a.jmp(devices_done).unwrap();
+    a.set_label(&mut devices_bad).unwrap();
+    a.mov(esi, LOAD + DEVICES_BAD).unwrap();
+    a.set_label(&mut devices_done).unwrap();
+    a.call(puts).unwrap();
     // fw_cfg: select NB_CPUS (16-bit out to 0x510), read its low byte.
     a.mov(dx, 0x510u32 as i32).unwrap();
     a.mov(ax, 5).unwrap();
@@ -83,9 +112,13 @@ fn guest() -> Vec<u8> {
     a.ret().unwrap();
     let mut code = a.assemble(u64::from(LOAD)).unwrap();
     assert!(code.len() <= MSG_OK as usize);
-    code.resize(MSG_OK as usize, 0);
-    code.extend_from_slice(b"MAGIC OK\0\0\0\0\0\0\0");
-    code.extend_from_slice(b"MAGIC BAD\0");
+    for (at, text) in
+        [(MSG_OK, "MAGIC OK"), (MSG_BAD, "MAGIC BAD"), (DEVICES_OK, "DEVICES OK"), (DEVICES_BAD, "DEVICES BAD")]
+    {
+        code.resize(at as usize, 0);
+        code.extend_from_slice(text.as_bytes());
+        code.push(0);
+    }
     code
 }
 
@@ -157,6 +190,19 @@ fn a_multiboot_kernel_gets_the_magic_its_command_line_its_module_and_fw_cfg_and_
     assert!(stdout.contains(&format!("{} first second", kernel.display())), "argv[0] is the path: {stdout}");
     assert!(stdout.contains("NR_CPUS=3"), "the module's bytes: {stdout}");
     assert_eq!(out.status.code(), Some((3 << 1) | 1), "fw_cfg said 3 CPUs; stderr:\n{stderr}");
+}
+
+#[test]
+fn the_platform_devices_answer_in_process_and_in_device_processes() {
+    let kernel = write_temp("devices.flat", &elf32(&guest(), 0, 0));
+    for extra in [None, Some("--device-process")] {
+        let mut args = vec!["run", "--kernel", path_str(&kernel), "--cpus", "1", "--memory", "32M"];
+        args.extend(extra);
+        let out = nkvm(&args);
+        let stdout = text(&out.stdout);
+        assert!(stdout.contains("DEVICES OK"), "{extra:?}: stdout:\n{stdout}\nstderr:\n{}", text(&out.stderr));
+        assert_eq!(out.status.code(), Some(3), "{extra:?}");
+    }
 }
 
 #[test]
