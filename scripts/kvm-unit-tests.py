@@ -230,11 +230,18 @@ def interpret(status, out, timed_out, seconds):
         if m:
             cycles[m.group(1)] = int(m.group(2))
     r = Result("FAIL", seconds, len(fails), fails[0] if fails else "", cycles, out)
-    stopped = [line for line in out.splitlines() if line.startswith("nkvm: guest stopped")]
+    # The VMM's own last word when it, not the test, ended the run: nkvm
+    # stopping the guest, QEMU refusing its options (QEMU exits 1 then too,
+    # which would read as a pass).
+    vmm_errors = [
+        line
+        for line in out.splitlines()
+        if line.startswith(("nkvm: guest stopped", "qemu-system")) and ": warning:" not in line
+    ]
     if timed_out:
         r.verdict = "TIMEOUT"
-    elif stopped:
-        r.first_failure = stopped[0]
+    elif vmm_errors and status != 3:
+        r.first_failure = vmm_errors[0]
     elif status == 1:
         r.verdict = "PASS"
     elif status == 77:
@@ -317,7 +324,8 @@ def main():
     ap.add_argument("tests", nargs="*", help="only these tests (default: all)")
     ap.add_argument("--source", type=Path, default=DEFAULT_SOURCE, help="suite tarball, its folder, or a checkout")
     ap.add_argument("--nkvm", type=Path, help="the nkvm binary (default: cargo build --release)")
-    ap.add_argument("--qemu", nargs="?", const="qemu-system-x86_64", help="also run QEMU (binary name optional)")
+    ap.add_argument("--qemu", action="store_true", help="also run QEMU on the same binaries")
+    ap.add_argument("--qemu-binary", default="qemu-system-x86_64", help="the QEMU to run (default qemu-system-x86_64)")
     ap.add_argument("--jobs", type=int, default=2, help="tests run at once (default 2)")
     ap.add_argument("--check", action="store_true", help=f"exit 1 if a test listed in {PASS_LIST.name} does not pass")
     ap.add_argument("--logs", type=Path, default=REPO / "target" / "kvm-unit-tests-logs", help="one log per run")
@@ -329,8 +337,8 @@ def main():
         subprocess.run(["cargo", "build", "--release", "--quiet", "-p", "nkvm-vmm"], cwd=REPO, check=True)
         nkvm = REPO / "target" / "release" / "nkvm"
     nkvm = nkvm.resolve()
-    if args.qemu and shutil.which(args.qemu) is None:
-        sys.exit(f"kvm-unit-tests: --qemu: {args.qemu} is not installed (apt-get install qemu-system-x86)")
+    if args.qemu and shutil.which(args.qemu_binary) is None:
+        sys.exit(f"kvm-unit-tests: --qemu: {args.qemu_binary} is not installed (apt-get install qemu-system-x86)")
 
     tests = parse_cfg(suite / "x86" / "unittests.cfg")
     if args.tests:
@@ -350,12 +358,14 @@ def main():
 
     def job(t, vmm):
         p = plans[t.name]
+        if not (suite / "x86" / t.file).exists():
+            return Result("n/a", first_failure=f"x86/{t.file} is not built for x86_64")
         if p.not_applicable and vmm == "nkvm":
             return Result("n/a", first_failure=p.not_applicable)
         if vmm == "nkvm":
             r = run_nkvm(nkvm, t, p, suite)
         else:
-            r = run_qemu(args.qemu, t, p, suite)
+            r = run_qemu(args.qemu_binary, t, p, suite)
         (args.logs / f"{t.name}.{vmm}.log").write_text(r.log)
         return r
 

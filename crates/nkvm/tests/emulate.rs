@@ -622,3 +622,28 @@ fn mmx_moves_reach_general_registers_and_memory_through_the_x87_registers() {
     eprintln!("completed in user space: {done:?}");
     assert_eq!(reports, vec![(0x70, 0x0506_0708), (0x71, 0x0102_0304), (0x72, 0x1122_3344)]);
 }
+
+#[test]
+fn rdpru_raises_invalid_opcode_when_cpuid_lacks_it() {
+    let vm = vm();
+    install_handler(&vm, 6, |a| {
+        a.mov(rax, qword_ptr(rsp)).unwrap();
+        a.out(0x70u32, eax).unwrap();
+        a.add(qword_ptr(rsp), 3).unwrap();
+        a.iretq().unwrap();
+    });
+    let mut vcpu = long_mode_guest(&vm, 0, |a| {
+        a.mov(rax, IDTR).unwrap();
+        a.lidt(ptr(rax)).unwrap();
+        a.xor(ecx, ecx).unwrap();
+        a.db(&[0x0f, 0x01, 0xfd]).unwrap(); // rdpru
+        a.mov(eax, 0x600du32).unwrap();
+        a.out(0x71u32, eax).unwrap();
+        a.hlt().unwrap();
+    });
+    let offered = vcpu.cpuid().unwrap().as_slice().iter().any(|e| e.function == 0x8000_0008 && e.ebx & 1 << 4 != 0);
+    assert!(!offered, "KVM does not offer RDPRU to guests");
+    let (reports, done) = run_completing(&vm, &mut vcpu);
+    eprintln!("completed in user space: {done:?}");
+    assert_eq!(reports, vec![(0x70, LONG_MODE_ENTRY + 10 + 3 + 2), (0x71, 0x600d)]);
+}

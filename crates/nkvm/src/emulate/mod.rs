@@ -27,6 +27,7 @@
 //! | `xgetbv` / `xsetbv` | XCR0 (and XINUSE, ECX = 1) through `KVM_GET_XCRS`/`KVM_SET_XCRS`; #GP(0) for other ECX, at CPL > 0 or for a value KVM refuses |
 //! | `clflush` / `clflushopt` / `clwb` | nothing (guest RAM is coherent), but #PF on an unmapped address |
 //! | `movd`/`movq` with an MMX register, `emms` | moves between MMX registers (the x87 registers), general registers and memory or device memory; #UD/#NM/#MF first (`mmx.rs`) |
+//! | `rdpru` | #UD when the guest's CPUID lacks RDPRU |
 //! | `invpcid r64, m128` | #UD without INVPCID in CPUID; #GP(0) on a bad type or descriptor; else a full guest TLB flush (`tlb.rs`) |
 //! | anything else | [`EmulateError::Unsupported`] |
 //!
@@ -51,6 +52,7 @@
 //! # }
 //! ```
 
+mod features;
 mod guest;
 mod mmx;
 mod regs;
@@ -227,6 +229,9 @@ pub fn complete(vcpu: &Vcpu, vm: &Vm, failure: &InternalError) -> Result<Emulate
         | Mnemonic::Xgetbv
         | Mnemonic::Xsetbv => xsave::complete(&insn, &mut regs, &sregs, &mem)?,
         Mnemonic::Invpcid => tlb::invpcid(vcpu, &insn, &regs, &sregs, &mem)?,
+        // RDPRU (CPUID.80000008h:EBX bit 4) is never offered by KVM: #UD
+        // when the guest's CPUID lacks it, as the CPU raises.
+        Mnemonic::Rdpru if !features::guest_has(vcpu, 0x8000_0008, 0, features::Reg::Ebx, 4)? => Outcome::Vector(6),
         Mnemonic::Emms => mmx::emms(vcpu, &sregs)?,
         Mnemonic::Movd | Mnemonic::Movq if mmx::is_mmx_move(&insn) => {
             mmx::complete(vcpu, &insn, &mut regs, &sregs, &mem)?

@@ -10,6 +10,7 @@
 
 use iced_x86::{Instruction, OpKind};
 
+use super::features::{guest_has, Reg};
 use super::guest::{Fault, GuestMemory};
 use super::regs::gpr;
 use super::{EmulateError, Outcome};
@@ -17,14 +18,6 @@ use crate::{Regs, Sregs, Vcpu};
 
 const CR4_PGE: u64 = 1 << 7;
 const CR4_PCIDE: u64 = 1 << 17;
-/// CPUID.(EAX=7,ECX=0):EBX bit 10.
-const CPUID_INVPCID: u32 = 1 << 10;
-
-/// Whether the vCPU's CPUID offers INVPCID.
-fn has_invpcid(vcpu: &Vcpu) -> Result<bool, EmulateError> {
-    let cpuid = vcpu.cpuid()?;
-    Ok(cpuid.as_slice().iter().any(|e| e.function == 7 && e.index == 0 && e.ebx & CPUID_INVPCID != 0))
-}
 
 /// Completes `invpcid r64, m128`.
 pub(super) fn invpcid(
@@ -34,7 +27,8 @@ pub(super) fn invpcid(
     sregs: &Sregs,
     mem: &GuestMemory<'_>,
 ) -> Result<Outcome, EmulateError> {
-    if !has_invpcid(vcpu)? {
+    // CPUID.(EAX=7,ECX=0):EBX bit 10.
+    if !guest_has(vcpu, 7, 0, Reg::Ebx, 10)? {
         return Ok(Outcome::Vector(6));
     }
     if insn.op0_kind() != OpKind::Register || insn.op1_kind() != OpKind::Memory {
