@@ -70,6 +70,7 @@ fn driver_script(bar: u64) -> Vec<Op> {
         Mmio(0x4014, 4, 0),
         Mmio(0x4018, 4, u32::from(VECTOR)),
         Mmio(0x401c, 4, 0),
+        Mmio(0x14, 1, 0), // reset (a second run starts over)
         Mmio(0x14, 1, 1), // ACKNOWLEDGE
         Mmio(0x14, 1, 3), // DRIVER
         Mmio(0x08, 4, 1), // driver features 63:32: VERSION_1
@@ -191,17 +192,56 @@ fn test_image(name: &str) -> PathBuf {
     image
 }
 
-/// A guest running the driver script, stopped at its MSI-X report.
+/// A guest running the driver script.
 struct Guest {
     vm: Arc<Vm>,
     vcpu: nkvm::Vcpu,
     run: RunState,
+    long_mode: LongMode,
 }
 
 impl Guest {
+    /// A VM with the PCI devices and `disk`, its vCPU about to run the
+    /// driver script with BAR0 at `bar`.
+    fn boot(bar: u64, disk: Disk) -> Self {
+        let hv = Hypervisor::open().expect("this test needs /dev/kvm");
+        let config = VmConfig { vcpus: 1, memory: 16 << 20, split_irqchip: true, ..Default::default() };
+        let vm = Arc::new(Vm::new(&hv, &config).unwrap());
+        attach(&vm, &PciConfig { disk: Some(disk), ..Default::default() }).unwrap();
+        vm.write_memory(GuestAddress(ENTRY), &guest_code(bar)).unwrap();
+        install_idt(&vm);
+        let long_mode = LongMode::install(&vm.memory(), GuestAddress(TABLES)).unwrap();
+        let vcpu = vm.create_vcpu(0).unwrap();
+        vcpu.set_cpuid(&hv.supported_cpuid().unwrap()).unwrap();
+        let mut guest = Self { vm, vcpu, run: RunState::new(), long_mode };
+        guest.restart();
+        guest
+    }
+
+    /// Fresh requests and rings, and the vCPU back at the script's start
+    /// (which resets the device first).
+    fn restart(&mut self) {
+        self.vm.write_memory(GuestAddress(USED), &[0u8; 64]).unwrap();
+        write_requests(&self.vm);
+        self.vcpu.set_long_mode(&self.long_mode, GuestAddress(ENTRY), GuestAddress(STACK)).unwrap();
+    }
+
+    /// Runs the script to its MSI-X report and checks the two requests
+    /// (sector 1 written, sector 2 read) against `image`.
+    fn expect_disk_io(&mut self, image: &Path) {
+        let outcome = self.run_until_out(REPORT, Duration::from_secs(20), |_| true);
+        assert_eq!(outcome, Ok(u64::from(VECTOR)), "the guest should take the MSI-X vector");
+        check_disk_io(&self.vm, image);
+    }
+
     /// Runs until the guest writes a value `want` accepts to `port`; returns
     /// it, or the exit that came instead, or a timeout after `limit`.
     fn run_until_out(&mut self, port: u16, limit: Duration, want: impl Fn(u64) -> bool) -> Result<u64, String> {
+        self.run_until(limit, |p, data| p == port && want(data)).map(|(_, data)| data)
+    }
+
+    /// Runs until the guest makes an `out` that `want(port, data)` accepts.
+    fn run_until(&mut self, limit: Duration, want: impl Fn(u16, u64) -> bool) -> Result<(u16, u64), String> {
         let kicker = self.vcpu.kicker();
         let done = Arc::new(std::sync::atomic::AtomicBool::new(false));
         let watchdog = {
@@ -222,8 +262,8 @@ impl Guest {
             match self.vcpu.enter_guest(&mut self.run).unwrap() {
                 // A kick left over from an earlier call's watchdog.
                 Exit::Kicked if start.elapsed() < limit => {}
-                Exit::Kicked => break Err(format!("no write to port {port:#x} within {limit:?}")),
-                Exit::IoOut { port: p, data, .. } if p == port && want(data) => break Ok(data),
+                Exit::Kicked => break Err(format!("nothing the test waits for within {limit:?}")),
+                Exit::IoOut { port, data, .. } if want(port, data) => break Ok((port, data)),
                 Exit::IoOut { .. } | Exit::Hlt => {}
                 Exit::IoIn { .. } | Exit::MmioRead { .. } => self.run.complete_read(u64::MAX),
                 other => break Err(format!("{other:?}")),
@@ -240,32 +280,23 @@ impl Guest {
 /// and takes the MSI-X vector; checks the file, the read buffer, the status
 /// bytes and the used ring, and returns the running guest.
 fn drive_the_disk(bar: u64, disk: Disk, image: &Path) -> Guest {
-    let hv = Hypervisor::open().expect("this test needs /dev/kvm");
-    let vm = Arc::new(
-        Vm::new(&hv, &VmConfig { vcpus: 1, memory: 16 << 20, split_irqchip: true, ..Default::default() }).unwrap(),
-    );
-    attach(&vm, &PciConfig { disk: Some(disk), ..Default::default() }).unwrap();
-    vm.write_memory(GuestAddress(ENTRY), &guest_code(bar)).unwrap();
-    install_idt(&vm);
-    write_requests(&vm);
-    let lm = LongMode::install(&vm.memory(), GuestAddress(TABLES)).unwrap();
-    let vcpu = vm.create_vcpu(0).unwrap();
-    vcpu.set_cpuid(&hv.supported_cpuid().unwrap()).unwrap();
-    vcpu.set_long_mode(&lm, GuestAddress(ENTRY), GuestAddress(STACK)).unwrap();
-    let mut guest = Guest { vm, vcpu, run: RunState::new() };
-    let outcome = guest.run_until_out(REPORT, Duration::from_secs(20), |_| true);
-    assert_eq!(outcome, Ok(u64::from(VECTOR)), "the guest should take the MSI-X vector");
-    // A backend may complete the two requests one at a time: wait for both.
+    let mut guest = Guest::boot(bar, disk);
+    guest.expect_disk_io(image);
+    guest
+}
+
+/// Checks what the two requests did, once the backend has completed both
+/// (a vhost-user backend may signal before, or complete one at a time).
+fn check_disk_io(vm: &Vm, image: &Path) {
     let used_idx = |vm: &Vm| {
         let mut idx = [0u8; 2];
         vm.memory().read(GuestAddress(USED + 2), &mut idx).unwrap();
         u16::from_le_bytes(idx)
     };
     let start = Instant::now();
-    while used_idx(&guest.vm) < 2 && start.elapsed() < Duration::from_secs(10) {
+    while used_idx(vm) < 2 && start.elapsed() < Duration::from_secs(10) {
         std::thread::sleep(Duration::from_millis(5));
     }
-    let vm = &guest.vm;
     assert_eq!(used_idx(vm), 2, "two used entries");
     let disk = std::fs::read(image).unwrap();
     assert_eq!(&disk[512..525], b"NKVM-PCI-TEST", "the write is in the file");
@@ -285,7 +316,6 @@ fn drive_the_disk(bar: u64, disk: Disk, image: &Path) -> Guest {
         .collect();
     entries.sort_unstable();
     assert_eq!(entries, [(0, 1), (3, 513)], "chains 0 and 3, with the bytes written into them");
-    guest
 }
 
 /// Runs the driver script against nkvm's own block device.
@@ -384,6 +414,24 @@ fn a_guest_reads_and_writes_through_a_vhost_user_backend() {
     let failed = guest.run_until_out(STATUS_PORT, Duration::from_secs(10), |s| s & 0x40 != 0);
     assert_eq!(failed, Ok(0x4f), "DEVICE_NEEDS_RESET once the backend is gone");
     drop(daemon);
+    // A backend on the socket again: nkvm reconnects, and the guest's next
+    // reset and set-up hands it the queues. Until nkvm has reconnected the
+    // set-up fails (NEEDS_RESET again); then the guest tries again.
+    std::fs::write(&image, std::fs::read(test_image("vhost-user-2")).unwrap()).unwrap();
+    let _daemon = StorageDaemon::start(&image, &socket);
+    let start = Instant::now();
+    loop {
+        guest.restart();
+        let outcome = guest.run_until(Duration::from_secs(20), |port, data| {
+            port == REPORT || (port == STATUS_PORT && data & 0x40 != 0)
+        });
+        match outcome {
+            Ok((REPORT, _)) => break,
+            Ok(_) if start.elapsed() < Duration::from_secs(10) => std::thread::sleep(Duration::from_millis(100)),
+            other => panic!("the device never worked again after the backend came back: {other:?}"),
+        }
+    }
+    check_disk_io(&guest.vm, &image);
     let _ = std::fs::remove_file(&image);
 }
 
