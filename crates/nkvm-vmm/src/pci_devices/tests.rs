@@ -2,7 +2,8 @@
 //! through ports 0xcf8/0xcfc, the block device through its BAR (mapped where
 //! the BAR points once memory decoding is on), and gets the completion as an
 //! MSI-X interrupt through an irqfd route. The same guest drives nkvm's own
-//! block device and a vhost-user backend (qemu-storage-daemon).
+//! block device and a vhost-user backend (qemu-storage-daemon), which the
+//! test then kills and restarts.
 
 use std::path::Path;
 use std::process::{Child, Command, Stdio};
