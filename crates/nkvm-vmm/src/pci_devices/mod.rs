@@ -123,6 +123,9 @@ pub enum PciSetupError {
     /// The queue-notification worker could not be started.
     #[error("cannot start a virtio queue worker")]
     Worker(#[source] io::Error),
+    /// Read-only was asked of a disk nkvm does not serve.
+    #[error("--disk-readonly does not apply to a vhost-user disk: export it without writable=on instead")]
+    ReadOnlyVhostUser,
     /// The eventfds handed to a vhost-user backend could not be made.
     #[error("cannot create the queue and vector eventfds for a vhost-user backend")]
     Eventfds(#[source] io::Error),
@@ -152,7 +155,7 @@ pub fn attach(vm: &Arc<Vm>, config: &PciConfig) -> Result<(), PciSetupError> {
         }
         Some(Disk::VhostUser(socket)) => {
             if config.disk_read_only {
-                log::warn!("--disk-readonly: a vhost-user backend decides itself whether its disk is writable");
+                return Err(PciSetupError::ReadOnlyVhostUser);
             }
             let block = VhostUserBlock::connect(socket, builder.mem.clone())?;
             log::info!("virtio-blk: vhost-user backend at {} ({} sectors)", socket.display(), block.capacity());
