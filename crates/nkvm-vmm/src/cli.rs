@@ -78,9 +78,10 @@ pub struct RunArgs {
     #[arg(long)]
     pub cmdline: Option<String>,
     /// A raw disk image for --kernel, presented as a virtio-blk PCI device
-    /// (Linux's /dev/vda).
-    #[arg(long, requires = "kernel")]
-    pub disk: Option<std::path::PathBuf>,
+    /// (Linux's /dev/vda); or `vhost-user:SOCKET`, the same device served by
+    /// a vhost-user-blk backend listening there (qemu-storage-daemon, ...).
+    #[arg(long, requires = "kernel", value_parser = |s: &str| s.parse::<crate::pci_devices::Disk>())]
+    pub disk: Option<crate::pci_devices::Disk>,
     /// Present --disk read-only (writes fail with an I/O error).
     #[arg(long, requires = "disk")]
     pub disk_readonly: bool,

@@ -23,7 +23,7 @@ use virtio_queue::desc::split::Descriptor;
 use virtio_queue::{DescriptorChain, Queue, QueueOwnedT, QueueT, Reader, Writer};
 use vm_memory::{Address, Bytes};
 
-use super::{GuestRam, VirtioDevice, VirtioError, VIRTIO_RING_F_INDIRECT_DESC};
+use super::{Activation, GuestRam, VirtioDevice, VirtioError, VIRTIO_RING_F_INDIRECT_DESC};
 
 /// Bytes per sector, the unit of `capacity` and of request offsets.
 pub const SECTOR_SIZE: u64 = 512;
@@ -249,8 +249,9 @@ impl VirtioDevice for Block {
         log::debug!("virtio-blk: ignored config write of {} bytes at {offset:#x}", data.len());
     }
 
-    fn activate(&mut self, features: u64) {
-        log::debug!("virtio-blk {}: driver ready, features {features:#x}", self.path.display());
+    fn activate(&mut self, activation: &Activation<'_>) -> Result<(), VirtioError> {
+        log::debug!("virtio-blk {}: driver ready, features {:#x}", self.path.display(), activation.features);
+        Ok(())
     }
 
     fn process_queue(&mut self, index: usize, queue: &mut Queue, mem: &GuestRam) -> Result<bool, VirtioError> {

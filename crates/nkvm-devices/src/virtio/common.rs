@@ -142,6 +142,16 @@ impl CommonConfig {
         self.queues.get_mut(index)
     }
 
+    /// The queues as the driver set them up.
+    pub fn queues(&self) -> &[Queue] {
+        &self.queues
+    }
+
+    /// The MSI-X vector of each queue.
+    pub fn queue_vectors(&self) -> &[u16] {
+        &self.queue_vectors
+    }
+
     /// Number of queues.
     pub fn num_queues(&self) -> usize {
         self.queues.len()

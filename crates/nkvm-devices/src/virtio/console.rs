@@ -8,7 +8,7 @@ use std::io::{Read, Write};
 use virtio_bindings::virtio_ids::VIRTIO_ID_CONSOLE;
 use virtio_queue::{Queue, QueueOwnedT, QueueT, Reader};
 
-use super::{GuestRam, VirtioDevice, VirtioError};
+use super::{Activation, GuestRam, VirtioDevice, VirtioError};
 
 /// Size of each queue.
 pub const QUEUE_SIZE: u16 = 64;
@@ -102,7 +102,9 @@ impl<W: Write + Send> VirtioDevice for Console<W> {
         log::debug!("virtio-console: ignored config write of {} bytes at {offset:#x}", data.len());
     }
 
-    fn activate(&mut self, _features: u64) {}
+    fn activate(&mut self, _activation: &Activation<'_>) -> Result<(), VirtioError> {
+        Ok(())
+    }
 
     fn process_queue(&mut self, index: usize, queue: &mut Queue, mem: &GuestRam) -> Result<bool, VirtioError> {
         match index {

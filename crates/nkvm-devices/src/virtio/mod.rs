@@ -67,6 +67,20 @@ pub enum VirtioError {
         /// What is wrong with it.
         reason: String,
     },
+    /// The device's backend (another process) failed or went away.
+    #[error("the backend failed")]
+    Backend(#[source] Box<dyn std::error::Error + Send + Sync>),
+}
+
+/// What the driver set up by the time it set `DRIVER_OK`.
+#[derive(Debug, Clone, Copy)]
+pub struct Activation<'a> {
+    /// The features the driver accepted.
+    pub features: u64,
+    /// The queues, enabled or not, with their sizes and ring addresses.
+    pub queues: &'a [Queue],
+    /// The MSI-X vector of each queue (`common::NO_VECTOR`: none).
+    pub vectors: &'a [u16],
 }
 
 /// A virtio device model, independent of its transport.
@@ -83,8 +97,11 @@ pub trait VirtioDevice: Send {
     fn read_config(&self, offset: u64, data: &mut [u8]);
     /// The driver writes the device-specific configuration at `offset`.
     fn write_config(&mut self, offset: u64, data: &[u8]);
-    /// The driver set `DRIVER_OK` having accepted `features`.
-    fn activate(&mut self, features: u64);
+    /// The driver set `DRIVER_OK`: the features it accepted and the queues
+    /// as it set them up. A device whose data path lives elsewhere (a
+    /// vhost-user backend) hands the queues over here; an error marks the
+    /// device as needing a reset.
+    fn activate(&mut self, activation: &Activation<'_>) -> Result<(), VirtioError>;
     /// Serves the buffers available on queue `index`; returns whether any
     /// used buffer was added (then the driver is interrupted if it wants).
     fn process_queue(&mut self, index: usize, queue: &mut Queue, mem: &GuestRam) -> Result<bool, VirtioError>;

@@ -15,7 +15,7 @@
 use std::fmt;
 
 use super::common::{CommonConfig, CommonEvent, COMMON_CFG_SIZE, NO_VECTOR};
-use super::{GuestRam, VirtioDevice};
+use super::{Activation, GuestRam, VirtioDevice, VirtioError};
 use crate::pci::config::{ConfigError, ConfigSpace, MemoryBar, PciId};
 use crate::pci::msix::{MsiSink, Msix, MsixLayout};
 use crate::pci::PciDevice;
@@ -182,12 +182,16 @@ impl<D: VirtioDevice> VirtioPci<D> {
                     self.interrupt(self.common.queue_vector(index), ISR_QUEUE);
                 }
             }
-            Err(e) => {
-                log::error!("virtio device type {}: {e}; the device needs a reset", self.device.device_type());
-                self.common.set_needs_reset();
-                self.interrupt(self.common.config_vector(), ISR_CONFIG);
-            }
+            Err(e) => self.fail(&e),
         }
+    }
+
+    /// The device cannot go on (`why`): it sets `DEVICE_NEEDS_RESET` and
+    /// interrupts the driver with a configuration change.
+    pub fn fail(&mut self, why: &VirtioError) {
+        log::error!("virtio device type {}: {why}; the device needs a reset", self.device.device_type());
+        self.common.set_needs_reset();
+        self.interrupt(self.common.config_vector(), ISR_CONFIG);
     }
 
     fn interrupt(&mut self, vector: u16, isr: u8) {
@@ -225,7 +229,16 @@ impl<D: VirtioDevice> VirtioPci<D> {
                     self.isr = 0;
                     self.device.reset();
                 }
-                CommonEvent::DriverOk => self.device.activate(self.common.driver_features()),
+                CommonEvent::DriverOk => {
+                    let activation = Activation {
+                        features: self.common.driver_features(),
+                        queues: self.common.queues(),
+                        vectors: self.common.queue_vectors(),
+                    };
+                    if let Err(e) = self.device.activate(&activation) {
+                        self.fail(&e);
+                    }
+                }
             },
             o if (DEVICE_CFG_OFFSET..DEVICE_CFG_OFFSET + AREA).contains(&o) => {
                 self.device.write_config(o - DEVICE_CFG_OFFSET, data)

@@ -12,9 +12,12 @@
 //!
 //! Queue notifications reach a worker thread per device through
 //! ioeventfds ([`notify`]), without an exit; writes the ioeventfds do not
-//! cover are served inline, in the vCPU thread.
+//! cover are served inline, in the vCPU thread. A vhost-user disk
+//! ([`vhost_user`]) has no worker: its ioeventfds and its vectors' irqfds
+//! are handed to the backend.
 
 mod notify;
+pub mod vhost_user;
 
 use std::collections::HashMap;
 use std::io;
@@ -32,6 +35,7 @@ use vm_memory::FileOffset;
 use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 
 use self::notify::QueueNotifier;
+use self::vhost_user::VhostUserBlock;
 
 /// Start of the MMIO window the DSDT gives the PCI host bridge; BARs are
 /// assigned from here up.
@@ -50,13 +54,35 @@ impl std::fmt::Debug for ResetHook {
     }
 }
 
+/// Where a virtio-blk disk's data lives (`--disk`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Disk {
+    /// A raw image file, served in process: `--disk PATH`.
+    Image(PathBuf),
+    /// A vhost-user-blk backend listening on a Unix socket:
+    /// `--disk vhost-user:SOCKET`.
+    VhostUser(PathBuf),
+}
+
+impl std::str::FromStr for Disk {
+    type Err = String;
+
+    fn from_str(s: &str) -> Result<Self, String> {
+        match s.strip_prefix("vhost-user:") {
+            Some("") => Err("vhost-user: needs a socket path (vhost-user:/path/to/socket)".into()),
+            Some(socket) => Ok(Disk::VhostUser(socket.into())),
+            None => Ok(Disk::Image(s.into())),
+        }
+    }
+}
+
 /// What to put on the bus.
 #[derive(Debug, Clone, Default)]
 pub struct PciConfig {
     /// What a guest write of a reset (bit 2) to port 0xcf9 calls.
     pub reset: Option<ResetHook>,
-    /// A raw disk image for virtio-blk.
-    pub disk: Option<PathBuf>,
+    /// The disk for virtio-blk.
+    pub disk: Option<Disk>,
     /// Present the disk read-only.
     pub disk_read_only: bool,
 }
@@ -67,6 +93,9 @@ pub enum PciSetupError {
     /// The disk image could not be opened.
     #[error(transparent)]
     Disk(#[from] nkvm_devices::virtio::BlockError),
+    /// The vhost-user backend could not be used.
+    #[error(transparent)]
+    VhostUser(#[from] vhost_user::VhostUserError),
     /// Guest RAM could not be mapped for the devices.
     #[error("cannot map guest memory for the PCI devices: {0}")]
     Memory(String),
@@ -94,6 +123,12 @@ pub enum PciSetupError {
     /// The queue-notification worker could not be started.
     #[error("cannot start a virtio queue worker")]
     Worker(#[source] io::Error),
+    /// Read-only was asked of a disk nkvm does not serve.
+    #[error("--disk-readonly does not apply to a vhost-user disk: export it without writable=on instead")]
+    ReadOnlyVhostUser,
+    /// The eventfds handed to a vhost-user backend could not be made.
+    #[error("cannot create the queue and vector eventfds for a vhost-user backend")]
+    Eventfds(#[source] io::Error),
     /// The MMIO window is exhausted.
     #[error("no room for a {size:#x}-byte BAR in the PCI window {PCI_MMIO_BASE:#x}-{PCI_MMIO_END:#x}")]
     WindowFull {
@@ -112,10 +147,21 @@ pub fn attach(vm: &Arc<Vm>, config: &PciConfig) -> Result<(), PciSetupError> {
         window: Window { next: PCI_MMIO_BASE },
         notifiers: HashMap::new(),
     };
-    if let Some(path) = &config.disk {
-        let block = Block::open(path, config.disk_read_only)?;
-        log::info!("virtio-blk: {} ({} sectors)", path.display(), block.capacity());
-        builder.add(block)?;
+    match &config.disk {
+        Some(Disk::Image(path)) => {
+            let block = Block::open(path, config.disk_read_only)?;
+            log::info!("virtio-blk: {} ({} sectors)", path.display(), block.capacity());
+            builder.add(block)?;
+        }
+        Some(Disk::VhostUser(socket)) => {
+            if config.disk_read_only {
+                return Err(PciSetupError::ReadOnlyVhostUser);
+            }
+            let block = VhostUserBlock::connect(socket, builder.mem.clone())?;
+            log::info!("virtio-blk: vhost-user backend at {} ({} sectors)", socket.display(), block.capacity());
+            builder.add_vhost_user(block)?;
+        }
+        None => {}
     }
     builder.add(Console::new(io::stdout()))?;
     let Builder { bus, notifiers, .. } = builder;
@@ -154,6 +200,10 @@ impl Window {
     }
 }
 
+/// A device placed on the bus, as its own type (the bus holds it as a
+/// `SharedPciDevice`).
+type Placed<D> = Arc<Mutex<VirtioPci<D>>>;
+
 /// The bus being populated, and what each device takes from the machine.
 struct Builder {
     vm: Arc<Vm>,
@@ -171,14 +221,43 @@ impl Builder {
     fn add<D: VirtioDevice + 'static>(&mut self, device: D) -> Result<(), PciSetupError> {
         let queues = device.queue_max_sizes().len();
         let sink = IrqfdSink::new(&self.vm, queues as u16 + 1, &mut self.next_gsi)?;
-        let bar = self.window.take(BAR_SIZE)?;
-        let virtio = VirtioPci::new(device, self.mem.clone(), bar, Box::new(sink))?;
-        let shared: SharedPciDevice = Arc::new(Mutex::new(virtio));
+        let (virtio, slot) = self.place(device, sink)?;
+        let shared: SharedPciDevice = virtio;
         let notifier = QueueNotifier::start(Arc::downgrade(&shared), queues).map_err(PciSetupError::Worker)?;
-        let slot = self.bus.add(shared)?;
         self.notifiers.insert(slot, notifier);
-        log::info!("pci: 00:{slot:02x}.0 virtio, BAR0 at {bar:#x}");
         Ok(())
+    }
+
+    /// Puts a vhost-user device on the bus: its queues' ioeventfds and its
+    /// vectors' irqfds go to the backend, and no worker serves them here.
+    fn add_vhost_user(&mut self, mut device: VhostUserBlock) -> Result<(), PciSetupError> {
+        let queues = device.queue_max_sizes().len();
+        let sink = IrqfdSink::new(&self.vm, queues as u16 + 1, &mut self.next_gsi)?;
+        let notifier = QueueNotifier::without_worker(queues).map_err(PciSetupError::Eventfds)?;
+        let kicks = notifier.eventfds().iter().map(EventFd::try_clone).collect::<io::Result<Vec<_>>>();
+        let vectors = sink.vectors.iter().map(|(_, fd)| fd.try_clone()).collect::<io::Result<Vec<_>>>();
+        let fds = vhost_user::Eventfds {
+            kicks: kicks.map_err(PciSetupError::Eventfds)?,
+            vectors: vectors.map_err(PciSetupError::Eventfds)?,
+        };
+        device.set_eventfds(fds);
+        let (virtio, slot) = self.place(device, sink)?;
+        vhost_user::watch(&virtio).map_err(PciSetupError::Worker)?;
+        self.notifiers.insert(slot, notifier);
+        Ok(())
+    }
+
+    /// `device` behind virtio-pci on the next slot, BAR0 in the window.
+    fn place<D: VirtioDevice + 'static>(
+        &mut self,
+        device: D,
+        sink: IrqfdSink,
+    ) -> Result<(Placed<D>, u8), PciSetupError> {
+        let bar = self.window.take(BAR_SIZE)?;
+        let virtio = Arc::new(Mutex::new(VirtioPci::new(device, self.mem.clone(), bar, Box::new(sink))?));
+        let slot = self.bus.add(virtio.clone())?;
+        log::info!("pci: 00:{slot:02x}.0 virtio, BAR0 at {bar:#x}");
+        Ok((virtio, slot))
     }
 }
 

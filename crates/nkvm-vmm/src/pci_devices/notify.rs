@@ -45,6 +45,17 @@ impl QueueNotifier {
         Ok(Self { queues: fds, stop, at: None })
     }
 
+    /// The eventfds alone, served by someone else (a vhost-user backend).
+    pub(super) fn without_worker(queues: usize) -> io::Result<Self> {
+        let queues = (0..queues).map(|_| EventFd::new(EFD_NONBLOCK)).collect::<io::Result<Vec<_>>>()?;
+        Ok(Self { queues, stop: EventFd::new(EFD_NONBLOCK)?, at: None })
+    }
+
+    /// Queue N's eventfd.
+    pub(super) fn eventfds(&self) -> &[EventFd] {
+        &self.queues
+    }
+
     /// Puts the ioeventfds where BAR0 now decodes (`None`: nowhere),
     /// removing them from where it decoded before.
     pub(super) fn follow_bar(&mut self, vm: &Vm, bar: Option<u64>) {

@@ -1,9 +1,13 @@
 //! The PCI wiring with a real guest on /dev/kvm: the guest programs the bus
 //! through ports 0xcf8/0xcfc, the block device through its BAR (mapped where
 //! the BAR points once memory decoding is on), and gets the completion as an
-//! MSI-X interrupt through an irqfd route.
+//! MSI-X interrupt through an irqfd route. The same guest drives nkvm's own
+//! block device and a vhost-user backend (qemu-storage-daemon), which the
+//! test then kills and restarts.
 
-use std::time::Duration;
+use std::path::Path;
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
 
 use iced_x86::code_asm::*;
 use nkvm::{Exit, GuestAddress, Hypervisor, LongMode, RunState, Vm, VmConfig};
@@ -30,6 +34,12 @@ const USED: u64 = 0x20_2000;
 const HEADER: u64 = 0x21_0000;
 const DATA: u64 = 0x21_1000;
 const STATUS: u64 = 0x21_2000;
+/// The read request's header, buffer and status byte.
+const HEADER2: u64 = 0x21_3000;
+const DATA2: u64 = 0x21_4000;
+const STATUS2: u64 = 0x21_5000;
+/// The idle loop reports the device status byte here.
+const STATUS_PORT: u16 = 0x71;
 /// The vector the guest gives queue 0's MSI-X entry.
 const VECTOR: u8 = 0x40;
 const REPORT: u16 = 0x70;
@@ -61,6 +71,7 @@ fn driver_script(bar: u64) -> Vec<Op> {
         Mmio(0x4014, 4, 0),
         Mmio(0x4018, 4, u32::from(VECTOR)),
         Mmio(0x401c, 4, 0),
+        Mmio(0x14, 1, 0), // reset (a second run starts over)
         Mmio(0x14, 1, 1), // ACKNOWLEDGE
         Mmio(0x14, 1, 3), // DRIVER
         Mmio(0x08, 4, 1), // driver features 63:32: VERSION_1
@@ -110,9 +121,13 @@ fn guest_code(bar: u64) -> Vec<u8> {
         }
     }
     a.sti().unwrap();
+    // Idle, reporting the device status byte (DEVICE_NEEDS_RESET shows).
     let mut idle = a.create_label();
     a.set_label(&mut idle).unwrap();
-    a.hlt().unwrap();
+    a.mov(rbx, bar + 0x14).unwrap();
+    a.mov(al, byte_ptr(rbx)).unwrap();
+    a.out(u32::from(STATUS_PORT), al).unwrap();
+    a.pause().unwrap();
     a.jmp(idle).unwrap();
     a.assemble(ENTRY).unwrap()
 }
@@ -130,8 +145,9 @@ fn install_idt(vm: &Vm) {
     idt.write_idtr(&vm.memory(), GuestAddress(IDTR)).unwrap();
 }
 
-/// An OUT request for sector 1 on queue 0, made available.
-fn write_request(vm: &Vm) {
+/// An OUT request for sector 1 (chain 0) and an IN request for sector 2
+/// (chain 3) on queue 0, made available.
+fn write_requests(vm: &Vm) {
     let desc = |addr: u64, len: u32, flags: u16, next: u16| {
         let mut d = [0u8; 16];
         d[0..8].copy_from_slice(&addr.to_le_bytes());
@@ -140,9 +156,21 @@ fn write_request(vm: &Vm) {
         d[14..16].copy_from_slice(&next.to_le_bytes());
         d
     };
-    let table = [desc(HEADER, 16, 1, 1), desc(DATA, 512, 1, 2), desc(STATUS, 1, 2, 0)].concat();
+    let table = [
+        desc(HEADER, 16, 1, 1),
+        desc(DATA, 512, 1, 2),
+        desc(STATUS, 1, 2, 0),
+        desc(HEADER2, 16, 1, 4),
+        desc(DATA2, 512, 3, 5), // NEXT | WRITE
+        desc(STATUS2, 1, 2, 0),
+    ]
+    .concat();
     vm.write_memory(GuestAddress(DESC), &table).unwrap();
-    vm.write_memory(GuestAddress(AVAIL), &[0, 0, 1, 0, 0, 0]).unwrap(); // flags, idx 1, ring[0] = 0
+    vm.write_memory(GuestAddress(AVAIL), &[0, 0, 2, 0, 0, 0, 3, 0]).unwrap(); // flags, idx 2, ring 0, 3
+    let mut header2 = [0u8; 16];
+    header2[8] = 2; // VIRTIO_BLK_T_IN, sector 2
+    vm.write_memory(GuestAddress(HEADER2), &header2).unwrap();
+    vm.write_memory(GuestAddress(STATUS2), &[0xee]).unwrap();
     let mut header = [0u8; 16];
     header[0] = 1; // VIRTIO_BLK_T_OUT
     header[8] = 1; // sector 1
@@ -153,51 +181,150 @@ fn write_request(vm: &Vm) {
     vm.write_memory(GuestAddress(STATUS), &[0xee]).unwrap();
 }
 
-/// Runs the driver script with BAR0 at `bar`: the guest writes sector 1
-/// through queue 0 and takes the MSI-X vector; checks the disk, the status
-/// byte and the used ring, and returns the VM.
-fn drive_a_disk_write(bar: u64) -> Arc<Vm> {
-    let image = std::env::temp_dir().join(format!("nkvm-pci-guest-test-{}-{bar:x}.img", std::process::id()));
-    std::fs::write(&image, vec![0u8; 8 * 512]).unwrap();
-    let hv = Hypervisor::open().expect("this test needs /dev/kvm");
-    let vm = Arc::new(
-        Vm::new(&hv, &VmConfig { vcpus: 1, memory: 16 << 20, split_irqchip: true, ..Default::default() }).unwrap(),
-    );
-    attach(&vm, &PciConfig { disk: Some(image.clone()), ..Default::default() }).unwrap();
-    vm.write_memory(GuestAddress(ENTRY), &guest_code(bar)).unwrap();
-    install_idt(&vm);
-    write_request(&vm);
-    let lm = LongMode::install(&vm.memory(), GuestAddress(TABLES)).unwrap();
-    let mut vcpu = vm.create_vcpu(0).unwrap();
-    vcpu.set_cpuid(&hv.supported_cpuid().unwrap()).unwrap();
-    vcpu.set_long_mode(&lm, GuestAddress(ENTRY), GuestAddress(STACK)).unwrap();
-    let kicker = vcpu.kicker();
-    let watchdog = std::thread::spawn(move || {
-        std::thread::sleep(Duration::from_secs(20));
-        kicker.kick();
-    });
-    let mut run = RunState::new();
-    let outcome = loop {
-        match vcpu.enter_guest(&mut run).unwrap() {
-            Exit::IoOut { port: REPORT, data, .. } => break Ok(data),
-            Exit::IoIn { .. } | Exit::MmioRead { .. } => run.complete_read(u64::MAX),
-            Exit::Hlt => {}
-            other => break Err(other),
-        }
+/// What sector 2 of every test image holds: the guest's read returns it.
+const SECTOR_2: &[u8] = b"NKVM-FILE-SECTOR-2";
+
+/// A fresh 8-sector image whose sector 2 holds [`SECTOR_2`].
+fn test_image(name: &str) -> PathBuf {
+    let image = std::env::temp_dir().join(format!("nkvm-pci-guest-test-{}-{name}.img", std::process::id()));
+    let mut bytes = vec![0u8; 8 * 512];
+    bytes[1024..1024 + SECTOR_2.len()].copy_from_slice(SECTOR_2);
+    std::fs::write(&image, bytes).unwrap();
+    image
+}
+
+/// A guest running the driver script.
+struct Guest {
+    vm: Arc<Vm>,
+    vcpu: nkvm::Vcpu,
+    run: RunState,
+    long_mode: LongMode,
+}
+
+impl Guest {
+    /// A VM with the PCI devices and `disk`, its vCPU about to run the
+    /// driver script with BAR0 at `bar`.
+    fn boot(bar: u64, disk: Disk) -> Self {
+        let hv = Hypervisor::open().expect("this test needs /dev/kvm");
+        let config = VmConfig { vcpus: 1, memory: 16 << 20, split_irqchip: true, ..Default::default() };
+        let vm = Arc::new(Vm::new(&hv, &config).unwrap());
+        attach(&vm, &PciConfig { disk: Some(disk), ..Default::default() }).unwrap();
+        vm.write_memory(GuestAddress(ENTRY), &guest_code(bar)).unwrap();
+        install_idt(&vm);
+        let long_mode = LongMode::install(&vm.memory(), GuestAddress(TABLES)).unwrap();
+        let vcpu = vm.create_vcpu(0).unwrap();
+        vcpu.set_cpuid(&hv.supported_cpuid().unwrap()).unwrap();
+        let mut guest = Self { vm, vcpu, run: RunState::new(), long_mode };
+        guest.restart();
+        guest
+    }
+
+    /// Fresh requests and rings, and the vCPU back at the script's start
+    /// (which resets the device first).
+    fn restart(&mut self) {
+        self.vm.write_memory(GuestAddress(USED), &[0u8; 64]).unwrap();
+        write_requests(&self.vm);
+        self.vcpu.set_long_mode(&self.long_mode, GuestAddress(ENTRY), GuestAddress(STACK)).unwrap();
+    }
+
+    /// Runs the script to its MSI-X report and checks the two requests
+    /// (sector 1 written, sector 2 read) against `image`.
+    fn expect_disk_io(&mut self, image: &Path) {
+        let outcome = self.run_until_out(REPORT, Duration::from_secs(20), |_| true);
+        assert_eq!(outcome, Ok(u64::from(VECTOR)), "the guest should take the MSI-X vector");
+        check_disk_io(&self.vm, image);
+    }
+
+    /// Runs until the guest writes a value `want` accepts to `port`; returns
+    /// it, or the exit that came instead, or a timeout after `limit`.
+    fn run_until_out(&mut self, port: u16, limit: Duration, want: impl Fn(u64) -> bool) -> Result<u64, String> {
+        self.run_until(limit, |p, data| p == port && want(data)).map(|(_, data)| data)
+    }
+
+    /// Runs until the guest makes an `out` that `want(port, data)` accepts.
+    fn run_until(&mut self, limit: Duration, want: impl Fn(u16, u64) -> bool) -> Result<(u16, u64), String> {
+        let kicker = self.vcpu.kicker();
+        let done = Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let watchdog = {
+            let done = done.clone();
+            std::thread::spawn(move || {
+                let start = Instant::now();
+                while start.elapsed() < limit {
+                    if done.load(std::sync::atomic::Ordering::SeqCst) {
+                        return;
+                    }
+                    std::thread::sleep(Duration::from_millis(10));
+                }
+                kicker.kick();
+            })
+        };
+        let start = Instant::now();
+        let outcome = loop {
+            match self.vcpu.enter_guest(&mut self.run).unwrap() {
+                // A kick left over from an earlier call's watchdog.
+                Exit::Kicked if start.elapsed() < limit => {}
+                Exit::Kicked => break Err(format!("nothing the test waits for within {limit:?}")),
+                Exit::IoOut { port, data, .. } if want(port, data) => break Ok((port, data)),
+                Exit::IoOut { .. } | Exit::Hlt => {}
+                Exit::IoIn { .. } | Exit::MmioRead { .. } => self.run.complete_read(u64::MAX),
+                other => break Err(format!("{other:?}")),
+            }
+        };
+        done.store(true, std::sync::atomic::Ordering::SeqCst);
+        watchdog.join().unwrap();
+        outcome
+    }
+}
+
+/// Runs the driver script with BAR0 at `bar` against `disk`, whose data is
+/// in `image`: the guest writes sector 1 and reads sector 2 through queue 0
+/// and takes the MSI-X vector; checks the file, the read buffer, the status
+/// bytes and the used ring, and returns the running guest.
+fn drive_the_disk(bar: u64, disk: Disk, image: &Path) -> Guest {
+    let mut guest = Guest::boot(bar, disk);
+    guest.expect_disk_io(image);
+    guest
+}
+
+/// Checks what the two requests did, once the backend has completed both
+/// (a vhost-user backend may signal before, or complete one at a time).
+fn check_disk_io(vm: &Vm, image: &Path) {
+    let used_idx = |vm: &Vm| {
+        let mut idx = [0u8; 2];
+        vm.memory().read(GuestAddress(USED + 2), &mut idx).unwrap();
+        u16::from_le_bytes(idx)
     };
-    drop(watchdog);
-    let disk = std::fs::read(&image).unwrap();
-    let _ = std::fs::remove_file(&image);
-    assert_eq!(outcome, Ok(u64::from(VECTOR)), "the guest should take the MSI-X vector");
-    assert_eq!(&disk[512..525], b"NKVM-PCI-TEST");
-    let mut status = [0u8; 1];
-    vm.memory().read(GuestAddress(STATUS), &mut status).unwrap();
-    assert_eq!(status[0], 0, "VIRTIO_BLK_S_OK");
-    let mut used = [0u8; 12];
+    let start = Instant::now();
+    while used_idx(vm) < 2 && start.elapsed() < Duration::from_secs(10) {
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    assert_eq!(used_idx(vm), 2, "two used entries");
+    let disk = std::fs::read(image).unwrap();
+    assert_eq!(&disk[512..525], b"NKVM-PCI-TEST", "the write is in the file");
+    let mut read = [0u8; SECTOR_2.len()];
+    vm.memory().read(GuestAddress(DATA2), &mut read).unwrap();
+    assert_eq!(&read, SECTOR_2, "the read returned the file's bytes");
+    for status in [STATUS, STATUS2] {
+        let mut byte = [0u8; 1];
+        vm.memory().read(GuestAddress(status), &mut byte).unwrap();
+        assert_eq!(byte[0], 0, "VIRTIO_BLK_S_OK at {status:#x}");
+    }
+    let mut used = [0u8; 20];
     vm.memory().read(GuestAddress(USED), &mut used).unwrap();
-    assert_eq!(u16::from_le_bytes([used[2], used[3]]), 1, "one used entry");
-    assert_eq!(u32::from_le_bytes([used[8], used[9], used[10], used[11]]), 1, "status byte written");
-    vm
+    let mut entries: Vec<(u32, u32)> = used[4..]
+        .chunks(8)
+        .map(|e| (u32::from_le_bytes(e[0..4].try_into().unwrap()), u32::from_le_bytes(e[4..8].try_into().unwrap())))
+        .collect();
+    entries.sort_unstable();
+    assert_eq!(entries, [(0, 1), (3, 513)], "chains 0 and 3, with the bytes written into them");
+}
+
+/// Runs the driver script against nkvm's own block device.
+fn drive_a_disk_write(bar: u64) -> Arc<Vm> {
+    let image = test_image(&format!("{bar:x}"));
+    let guest = drive_the_disk(bar, Disk::Image(image.clone()), &image);
+    let _ = std::fs::remove_file(&image);
+    guest.vm
 }
 
 /// Whether KVM has an ioeventfd at `addr` (registering another one fails).
@@ -223,4 +350,113 @@ fn a_moved_bar_takes_its_queue_notifications_along() {
     let vm = drive_a_disk_write(MOVED_BAR);
     assert!(has_ioeventfd(&vm, MOVED_BAR + 0x3000), "the ioeventfd moved with BAR0");
     assert!(!has_ioeventfd(&vm, BAR + 0x3000), "and left nothing behind");
+}
+
+/// qemu-storage-daemon exporting an image as vhost-user-blk; killed on drop.
+struct StorageDaemon {
+    child: Child,
+    socket: PathBuf,
+}
+
+impl StorageDaemon {
+    fn start(image: &Path, socket: &Path) -> Self {
+        let _ = std::fs::remove_file(socket);
+        let child = Command::new("qemu-storage-daemon")
+            .arg("--blockdev")
+            .arg(format!("driver=file,node-name=d0,filename={}", image.display()))
+            .arg("--export")
+            .arg(format!(
+                "type=vhost-user-blk,id=e0,node-name=d0,addr.type=unix,addr.path={},writable=on",
+                socket.display()
+            ))
+            .stdin(Stdio::null())
+            .spawn()
+            .unwrap_or_else(|e| {
+                panic!("cannot run qemu-storage-daemon ({e}): install it with `apt-get install -y qemu-utils`")
+            });
+        let mut daemon = Self { child, socket: socket.to_path_buf() };
+        let start = Instant::now();
+        while !socket.exists() {
+            if let Ok(Some(status)) = daemon.child.try_wait() {
+                panic!("qemu-storage-daemon exited with {status} before listening on {}", socket.display());
+            }
+            assert!(start.elapsed() < Duration::from_secs(10), "qemu-storage-daemon never listened");
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        daemon
+    }
+
+    fn kill(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+impl Drop for StorageDaemon {
+    fn drop(&mut self) {
+        self.kill();
+        let _ = std::fs::remove_file(&self.socket);
+    }
+}
+
+#[test]
+fn a_guest_reads_and_writes_through_a_vhost_user_backend() {
+    let image = test_image("vhost-user");
+    let socket = image.with_extension("sock");
+    let mut daemon = StorageDaemon::start(&image, &socket);
+    let mut guest = drive_the_disk(BAR, Disk::VhostUser(socket.clone()), &image);
+    // The data path never came through nkvm: no worker, the backend read
+    // the kick from KVM's ioeventfd.
+    assert!(has_ioeventfd(&guest.vm, BAR + 0x3000));
+    let running = guest.run_until_out(STATUS_PORT, Duration::from_secs(10), |s| s == 0xf);
+    assert_eq!(running, Ok(0xf), "DRIVER_OK and nothing else");
+    // The backend goes away: the device fails, the VM goes on.
+    daemon.kill();
+    let failed = guest.run_until_out(STATUS_PORT, Duration::from_secs(10), |s| s & 0x40 != 0);
+    assert_eq!(failed, Ok(0x4f), "DEVICE_NEEDS_RESET once the backend is gone");
+    drop(daemon);
+    // A backend on the socket again: nkvm reconnects, and the guest's next
+    // reset and set-up hands it the queues. Until nkvm has reconnected the
+    // set-up fails (NEEDS_RESET again); then the guest tries again.
+    std::fs::write(&image, std::fs::read(test_image("vhost-user-2")).unwrap()).unwrap();
+    let _daemon = StorageDaemon::start(&image, &socket);
+    let start = Instant::now();
+    loop {
+        guest.restart();
+        let outcome = guest.run_until(Duration::from_secs(20), |port, data| {
+            port == REPORT || (port == STATUS_PORT && data & 0x40 != 0)
+        });
+        match outcome {
+            Ok((REPORT, _)) => break,
+            Ok(_) if start.elapsed() < Duration::from_secs(10) => std::thread::sleep(Duration::from_millis(100)),
+            other => panic!("the device never worked again after the backend came back: {other:?}"),
+        }
+    }
+    check_disk_io(&guest.vm, &image);
+    let _ = std::fs::remove_file(&image);
+}
+
+#[test]
+fn a_missing_vhost_user_socket_is_a_clear_error_naming_it() {
+    let hv = Hypervisor::open().expect("this test needs /dev/kvm");
+    let vm = Arc::new(Vm::new(&hv, &VmConfig { vcpus: 1, memory: 16 << 20, ..Default::default() }).unwrap());
+    let socket = std::env::temp_dir().join(format!("nkvm-no-such-backend-{}.sock", std::process::id()));
+    let err = attach(&vm, &PciConfig { disk: Some(Disk::VhostUser(socket.clone())), ..Default::default() })
+        .expect_err("no backend listens there");
+    let mut line = err.to_string();
+    let mut source = std::error::Error::source(&err);
+    while let Some(s) = source {
+        line.push_str(&format!(": {s}"));
+        source = s.source();
+    }
+    assert!(line.contains(&socket.display().to_string()), "{line}");
+    assert!(line.contains("vhost-user"), "{line}");
+    assert!(line.contains("No such file"), "{line}");
+}
+
+#[test]
+fn disk_specs_parse() {
+    assert_eq!("a.img".parse::<Disk>(), Ok(Disk::Image("a.img".into())));
+    assert_eq!("vhost-user:/run/d.sock".parse::<Disk>(), Ok(Disk::VhostUser("/run/d.sock".into())));
+    assert!("vhost-user:".parse::<Disk>().is_err());
 }
