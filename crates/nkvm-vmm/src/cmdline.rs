@@ -7,6 +7,7 @@
 //! | `noxsave` | the kernel's `xsaves`/`xrstors` context switches come back as emulation failures |
 //! | `clearcpuid=ssse3,...` | kernel SIMD (crypto, the RNG's blake2s) past SSE2 is not emulated |
 //! | `cryptomgr.notests` | minutes of crypto self-tests in a kernel that runs in KVM's emulator |
+//! | `initcall_blacklist=ftrace_check_for_weak_functions` | a worker that looks up every ftrace call site in kallsyms (~40k lookups): minutes of soft lockups in an emulated kernel, and init waits for it; it only matters once function tracing is turned on |
 //!
 //! `nkvm run --no-host-workarounds` passes the command line as given.
 

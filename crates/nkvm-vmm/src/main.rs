@@ -18,6 +18,7 @@ mod ioapic;
 mod ioapic_process;
 mod kernel_image;
 mod linux;
+mod logger;
 mod machine;
 mod multiboot;
 mod pci_devices;
@@ -34,6 +35,7 @@ use crate::cli::{Cli, Command};
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
+    logger::init();
     let result = match cli.command.unwrap_or_default() {
         Command::Run(args) => machine::run(&args),
         Command::Caps(args) => caps::print(&args),
