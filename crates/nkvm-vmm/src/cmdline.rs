@@ -16,8 +16,12 @@
 pub const DEFAULT_CMDLINE: &str = "console=ttyS0 reboot=k panic=-1";
 
 /// The options nkvm adds for this kind of host.
-pub const HOST_WORKAROUNDS: &[&str] =
-    &["noxsave", "cryptomgr.notests", "clearcpuid=ssse3,sse4_1,sse4_2,avx,avx2,aes,pclmulqdq,sha_ni,avx512f"];
+pub const HOST_WORKAROUNDS: &[&str] = &[
+    "noxsave",
+    "cryptomgr.notests",
+    "clearcpuid=ssse3,sse4_1,sse4_2,avx,avx2,aes,pclmulqdq,sha_ni,avx512f",
+    "initcall_blacklist=ftrace_check_for_weak_functions",
+];
 
 /// `cmdline` with every host work-around it does not already set (by
 /// option name, so a user's own `clearcpuid=...` wins), and the ones added.
