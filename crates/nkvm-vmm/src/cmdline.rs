@@ -53,8 +53,11 @@ mod tests {
     #[test]
     fn an_option_the_user_set_is_not_added_again() {
         let (full, added) = with_host_workarounds("console=ttyS0 clearcpuid=avx noxsave");
-        assert_eq!(added, ["cryptomgr.notests"]);
-        assert_eq!(full, "console=ttyS0 clearcpuid=avx noxsave cryptomgr.notests");
+        assert_eq!(added, ["cryptomgr.notests", "initcall_blacklist=ftrace_check_for_weak_functions"]);
+        assert_eq!(
+            full,
+            "console=ttyS0 clearcpuid=avx noxsave cryptomgr.notests initcall_blacklist=ftrace_check_for_weak_functions"
+        );
     }
 
     #[test]
