@@ -5,7 +5,7 @@ prints one row per test of x86/unittests.cfg, side by side.
     scripts/kvm-unit-tests.py                  # build the suite and nkvm, run every test
     scripts/kvm-unit-tests.py --qemu           # ... and QEMU on the same binaries
     scripts/kvm-unit-tests.py ioapic vmexit_cpuid   # only these tests
-    scripts/kvm-unit-tests.py --check          # exit 1 if a test in the pass list does not pass
+    scripts/kvm-unit-tests.py --check          # run the tests of the pass list; exit 1 if one does not pass
 
 The suite comes from ../shared/kvm-unit-tests/*.tar.gz beside the repository
 by default, or --source (a tarball or an upstream checkout). It is built in
@@ -327,7 +327,8 @@ def main():
     ap.add_argument("--qemu", action="store_true", help="also run QEMU on the same binaries")
     ap.add_argument("--qemu-binary", default="qemu-system-x86_64", help="the QEMU to run (default qemu-system-x86_64)")
     ap.add_argument("--jobs", type=int, default=2, help="tests run at once (default 2)")
-    ap.add_argument("--check", action="store_true", help=f"exit 1 if a test listed in {PASS_LIST.name} does not pass")
+    ap.add_argument("--check", action="store_true",
+                    help=f"run the tests listed in {PASS_LIST.name} (unless tests are named) and exit 1 if one does not pass")
     ap.add_argument("--logs", type=Path, default=REPO / "target" / "kvm-unit-tests-logs", help="one log per run")
     args = ap.parse_args()
 
@@ -341,6 +342,13 @@ def main():
         sys.exit(f"kvm-unit-tests: --qemu: {args.qemu_binary} is not installed (apt-get install qemu-system-x86)")
 
     tests = parse_cfg(suite / "x86" / "unittests.cfg")
+    expected = [line.split("#")[0].strip() for line in PASS_LIST.read_text().splitlines()]
+    expected = [e for e in expected if e]
+    unknown = set(expected) - {t.name for t in tests}
+    if unknown:
+        sys.exit(f"kvm-unit-tests: {PASS_LIST.name} names tests unittests.cfg lacks: {', '.join(sorted(unknown))}")
+    if args.check and not args.tests:
+        args.tests = expected
     if args.tests:
         unknown = set(args.tests) - {t.name for t in tests}
         if unknown:
@@ -384,8 +392,7 @@ def main():
 
     print_table(tests, results, bool(args.qemu))
     if args.check:
-        expected = [line.split("#")[0].strip() for line in PASS_LIST.read_text().splitlines()]
-        expected = [e for e in expected if e and e in {t.name for t in tests}]
+        expected = [e for e in expected if e in {t.name for t in tests}]
         broken = [e for e in expected if results[(e, "nkvm")].verdict != "PASS"]
         print(f"kvm-unit-tests expected: {len(expected) - len(broken)} passed, {len(broken)} failed")
         if broken:
