@@ -101,7 +101,7 @@ def boot_once(argv, timeout):
 
 def vmms(args):
     nkvm = os.path.join(ROOT, "target", "release", "nkvm")
-    initrd = os.path.join(GUEST, "initramfs.cpio.gz")
+    initrd = os.path.join(GUEST, "initramfs.cpio")
     mem = f"{args.memory}M"
     out = []
     for kernel in ("vmlinux", "bzImage") if args.both_images else ("vmlinux",):

@@ -21,7 +21,7 @@ fn guest_dir() -> PathBuf {
         .get_or_init(|| {
             let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("../..");
             let dir = root.join("target/guest");
-            if ["bzImage", "vmlinux", "initramfs.cpio.gz", "disk.img"].iter().any(|f| !dir.join(f).exists()) {
+            if ["bzImage", "vmlinux", "initramfs.cpio", "disk.img"].iter().any(|f| !dir.join(f).exists()) {
                 let status =
                     Command::new("bash").arg(root.join("scripts/fetch-guest.sh")).status().expect("run fetch-guest.sh");
                 assert!(status.success(), "scripts/fetch-guest.sh failed");
@@ -59,7 +59,7 @@ const GUEST_WROTE: &[u8] = b"NKVM-GUEST-WROTE-THIS";
 #[test]
 fn the_stock_kernel_boots_on_two_vcpus_with_acpi_pci_and_virtio_to_its_init() {
     let dir = guest_dir();
-    let (kernel, initrd) = (dir.join("vmlinux"), dir.join("initramfs.cpio.gz"));
+    let (kernel, initrd) = (dir.join("vmlinux"), dir.join("initramfs.cpio"));
     // A private copy of the disk: the guest writes it.
     let disk = std::env::temp_dir().join(format!("nkvm-linux-disk-{}.img", std::process::id()));
     std::fs::copy(dir.join("disk.img"), &disk).expect("copy the disk image");
