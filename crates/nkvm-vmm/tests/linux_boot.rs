@@ -80,7 +80,7 @@ fn the_stock_kernel_boots_on_two_vcpus_with_acpi_pci_and_virtio_to_its_init() {
         "console=ttyS0 panic=-1",
     ];
     let started = Instant::now();
-    let (out, killed) = nkvm_with_limit(&args, Duration::from_secs(1800));
+    let (out, killed) = nkvm_with_limit(&args, Duration::from_secs(2700));
     let stdout = String::from_utf8_lossy(&out.stdout);
     let stderr = String::from_utf8_lossy(&out.stderr);
     let tail: String =
