@@ -123,6 +123,34 @@ impl Idt {
     }
 }
 
+/// Flat 4 GiB ring-0 segments: code at [`CODE64_SELECTOR`] (64-bit with
+/// `long`, else 32-bit) and data at [`DATA_SELECTOR`] in every data
+/// segment register.
+fn set_flat_segments(sregs: &mut crate::Sregs, long: bool) {
+    let code = kvm_bindings::kvm_segment {
+        base: 0,
+        limit: 0xffff_ffff,
+        selector: CODE64_SELECTOR,
+        type_: 0xb,
+        present: 1,
+        dpl: 0,
+        db: u8::from(!long),
+        s: 1,
+        l: u8::from(long),
+        g: 1,
+        avl: 0,
+        unusable: 0,
+        padding: 0,
+    };
+    let data = kvm_bindings::kvm_segment { selector: DATA_SELECTOR, type_: 0x3, l: 0, db: 1, ..code };
+    sregs.cs = code;
+    sregs.ds = data;
+    sregs.es = data;
+    sregs.fs = data;
+    sregs.gs = data;
+    sregs.ss = data;
+}
+
 impl Vcpu {
     /// Puts the vCPU in 64-bit long mode at `entry` with stack pointer `stack`,
     /// using the tables of `long_mode`, and makes it runnable (an AP does not
@@ -134,28 +162,7 @@ impl Vcpu {
         stack: GuestAddress,
     ) -> Result<(), VcpuError> {
         let mut sregs = self.sregs()?;
-        let code = kvm_bindings::kvm_segment {
-            base: 0,
-            limit: 0xffff_ffff,
-            selector: CODE64_SELECTOR,
-            type_: 0xb,
-            present: 1,
-            dpl: 0,
-            db: 0,
-            s: 1,
-            l: 1,
-            g: 1,
-            avl: 0,
-            unusable: 0,
-            padding: 0,
-        };
-        let data = kvm_bindings::kvm_segment { selector: DATA_SELECTOR, type_: 0x3, l: 0, db: 1, ..code };
-        sregs.cs = code;
-        sregs.ds = data;
-        sregs.es = data;
-        sregs.fs = data;
-        sregs.gs = data;
-        sregs.ss = data;
+        set_flat_segments(&mut sregs, true);
         sregs.gdt.base = long_mode.gdt().0;
         sregs.gdt.limit = 3 * 8 - 1;
         sregs.cr3 = long_mode.pml4().0;
@@ -185,28 +192,7 @@ impl Vcpu {
     /// ```
     pub fn set_flat_protected_mode(&self, entry: GuestAddress, eax: u32, ebx: u32) -> Result<(), VcpuError> {
         let mut sregs = self.sregs()?;
-        let code = kvm_bindings::kvm_segment {
-            base: 0,
-            limit: 0xffff_ffff,
-            selector: CODE64_SELECTOR,
-            type_: 0xb,
-            present: 1,
-            dpl: 0,
-            db: 1,
-            s: 1,
-            l: 0,
-            g: 1,
-            avl: 0,
-            unusable: 0,
-            padding: 0,
-        };
-        let data = kvm_bindings::kvm_segment { selector: DATA_SELECTOR, type_: 0x3, ..code };
-        sregs.cs = code;
-        sregs.ds = data;
-        sregs.es = data;
-        sregs.fs = data;
-        sregs.gs = data;
-        sregs.ss = data;
+        set_flat_segments(&mut sregs, false);
         sregs.cr0 = CR0_PE | CR0_ET;
         sregs.cr4 = 0;
         sregs.efer = 0;

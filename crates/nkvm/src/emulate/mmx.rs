@@ -41,23 +41,33 @@ pub(super) fn is_mmx_move(insn: &Instruction) -> bool {
 
 /// Completes `emms`: every x87 tag empty (after the same checks).
 pub(super) fn emms(vcpu: &Vcpu, sregs: &Sregs) -> Result<Outcome, EmulateError> {
-    if sregs.cr0 & CR0_EM != 0 {
-        return Ok(Outcome::Vector(6));
-    }
-    if sregs.cr0 & CR0_TS != 0 {
-        return Ok(Outcome::Vector(7));
-    }
-    let mut image = vcpu.xsave()?;
-    if image.len() < XSTATE_BV + 8 {
-        return Ok(Outcome::Unsupported);
-    }
-    if u16::from_le_bytes([image[FSW], image[FSW + 1]]) & FSW_ES != 0 {
-        return Ok(Outcome::Vector(16));
-    }
+    let mut image = match mmx_state(vcpu, sregs)? {
+        Ok(image) => image,
+        Err(outcome) => return Ok(outcome),
+    };
     image[FTW] = 0;
     image[XSTATE_BV] |= XSTATE_X87;
     vcpu.set_xsave(&image)?;
     Ok(Outcome::Done)
+}
+
+/// The XSAVE image for an MMX instruction, or the exception it raises
+/// first: CR0.EM → #UD, CR0.TS → #NM, a pending x87 exception → #MF.
+fn mmx_state(vcpu: &Vcpu, sregs: &Sregs) -> Result<Result<Vec<u8>, Outcome>, EmulateError> {
+    if sregs.cr0 & CR0_EM != 0 {
+        return Ok(Err(Outcome::Vector(6)));
+    }
+    if sregs.cr0 & CR0_TS != 0 {
+        return Ok(Err(Outcome::Vector(7)));
+    }
+    let image = vcpu.xsave()?;
+    if image.len() < XSTATE_BV + 8 {
+        return Ok(Err(Outcome::Unsupported));
+    }
+    if u16::from_le_bytes([image[FSW], image[FSW + 1]]) & FSW_ES != 0 {
+        return Ok(Err(Outcome::Vector(16)));
+    }
+    Ok(Ok(image))
 }
 
 /// Completes a `movd`/`movq` with an MMX operand.
@@ -68,20 +78,11 @@ pub(super) fn complete(
     sregs: &Sregs,
     mem: &GuestMemory<'_>,
 ) -> Result<Outcome, EmulateError> {
-    if sregs.cr0 & CR0_EM != 0 {
-        return Ok(Outcome::Vector(6));
-    }
-    if sregs.cr0 & CR0_TS != 0 {
-        return Ok(Outcome::Vector(7));
-    }
-    let mut image = vcpu.xsave()?;
-    if image.len() < XSTATE_BV + 8 {
-        return Ok(Outcome::Unsupported);
-    }
+    let mut image = match mmx_state(vcpu, sregs)? {
+        Ok(image) => image,
+        Err(outcome) => return Ok(outcome),
+    };
     let fsw = u16::from_le_bytes([image[FSW], image[FSW + 1]]);
-    if fsw & FSW_ES != 0 {
-        return Ok(Outcome::Vector(16));
-    }
     let top = usize::from((fsw & FSW_TOP) >> 11);
     // Physical registers R0..R7 from the ST-ordered array.
     let mut phys = [[0u8; 16]; 8];
