@@ -3,6 +3,7 @@
 #![allow(dead_code, missing_docs)]
 
 use iced_x86::code_asm::CodeAssembler;
+use nkvm::emulate::{complete, Emulated};
 use nkvm::{Exit, GuestAddress, Hypervisor, LongMode, RunState, Vcpu, Vm, VmConfig};
 
 /// Where real-mode test code is loaded (CS=0, IP=REAL_MODE_ENTRY).
@@ -96,5 +97,37 @@ pub fn run_to_hlt(vcpu: &mut Vcpu, mut read: impl FnMut(&Exit) -> u64) -> Vec<Ex
         }
         exits.push(exit);
         assert!(exits.len() < 100_000, "guest never reached hlt");
+    }
+}
+
+/// Where the emulation tests' IDT lives.
+pub const IDT: u64 = 0x7000;
+/// Where the IDTR image for `lidt` lives.
+pub const IDTR: u64 = 0x6ff0;
+/// Where exception handlers go (0x100 bytes per vector).
+pub const HANDLER: u64 = 0x3_0000;
+
+/// Installs a 64-bit interrupt gate for `vector` whose handler is `body`,
+/// and the IDTR image at [`IDTR`] for the guest to `lidt`.
+pub fn install_handler(vm: &Vm, vector: u64, body: impl FnOnce(&mut iced_x86::code_asm::CodeAssembler)) {
+    let at = HANDLER + 0x100 * vector;
+    vm.write_memory(GuestAddress(at), &assemble(64, at, body)).unwrap();
+    let idt = nkvm::Idt::new(GuestAddress(IDT));
+    idt.set_gate(&vm.memory(), vector as u8, GuestAddress(at)).unwrap();
+    idt.write_idtr(&vm.memory(), GuestAddress(IDTR)).unwrap();
+}
+
+/// Runs `vcpu` to `hlt`, completing every emulation failure in user space;
+/// returns the port writes and what was completed.
+pub fn run_completing(vm: &Vm, vcpu: &mut Vcpu) -> (Vec<(u16, u64)>, Vec<Emulated>) {
+    let mut run = RunState::new();
+    let (mut reports, mut done) = (Vec::new(), Vec::new());
+    loop {
+        match vcpu.enter_guest(&mut run).unwrap() {
+            Exit::InternalError(e) => done.push(complete(vcpu, vm, &e).unwrap_or_else(|err| panic!("{err}"))),
+            Exit::IoOut { port, data, .. } => reports.push((port, data)),
+            Exit::Hlt => return (reports, done),
+            other => panic!("unexpected {other} after {reports:x?}"),
+        }
     }
 }
