@@ -317,6 +317,12 @@ impl Region {
             && self.backing.same_object(&other.backing)
     }
 
+    /// This region's [`RegionKey`].
+    pub(crate) fn key(&self) -> RegionKey {
+        let flags = u64::from(self.read_only) | (u64::from(self.dirty_log) << 1);
+        [self.gpa.0, self.len, self.offset, (self.backing.id() << 2) | flags]
+    }
+
     fn validate(&self) -> Result<(), MemoryError> {
         if self.len == 0 {
             return Err(MemoryError::Empty(self.name()));
@@ -346,7 +352,17 @@ impl Region {
 #[derive(Debug, Clone, Default)]
 pub struct MemoryMap {
     regions: std::sync::Arc<[Region]>,
+    /// Each region's [`RegionKey`], in the same order: what
+    /// [`Vm::set_memory_map`](crate::Vm::set_memory_map) compares, a few
+    /// words per region instead of the regions themselves.
+    keys: std::sync::Arc<[RegionKey]>,
 }
+
+/// A region's mapping as four words — guest address, length, offset and
+/// (backing id, read-only, dirty-log) — so that two regions have equal keys
+/// exactly when [`Region::same_mapping`] holds (backing ids are never
+/// reused). Slices of keys compare with `memcmp`.
+pub(crate) type RegionKey = [u64; 4];
 
 impl MemoryMap {
     /// Validates `regions` (alignment, bounds, no overlap) and sorts them by address.
@@ -360,7 +376,8 @@ impl MemoryMap {
                 return Err(MemoryError::Overlap(pair[0].name(), pair[1].name()));
             }
         }
-        Ok(Self { regions: regions.into() })
+        let keys = regions.iter().map(Region::key).collect();
+        Ok(Self { regions: regions.into(), keys })
     }
 
     /// Plain RAM of `size` bytes from one backing: below 3 GiB at address 0,
@@ -378,6 +395,11 @@ impl MemoryMap {
     /// The regions, sorted by guest physical address.
     pub fn regions(&self) -> &[Region] {
         &self.regions
+    }
+
+    /// The regions' keys, in the order of [`regions`](Self::regions).
+    pub(crate) fn keys(&self) -> &[RegionKey] {
+        &self.keys
     }
 
     /// The region containing `gpa`.

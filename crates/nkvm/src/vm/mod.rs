@@ -1,6 +1,7 @@
 //! [`Vm`]: one virtual machine, its memory map and its vCPUs. The dirty
 //! log kept in user memory is in `vm/dirty_log.rs`.
 
+mod diff;
 mod dirty_log;
 
 use std::collections::HashMap;
@@ -18,7 +19,7 @@ use self::dirty_log::DirtyShared;
 use crate::dirty::{DirtyLogMode, PageBitmap};
 use crate::io::{IoHandler, IoRange, IoRegionError, IoRegions, Ordering, RegionFailure, RegionId, SocketOptions};
 use crate::irq::VcpuConfig;
-use crate::memory::{Backing, MemoryError, MemoryMap, Region, PAGE_SIZE};
+use crate::memory::{Backing, MemoryError, MemoryMap, Region, RegionKey, PAGE_SIZE};
 use crate::pause::PauseGate;
 use crate::sys::ring::DirtyRing;
 use crate::vcpu::Vcpu;
@@ -136,6 +137,12 @@ const MIN_RING_BYTES: u32 = 1 << 16;
 struct MapState {
     /// Installed regions with their slot numbers, sorted by address.
     installed: Vec<(Region, u32)>,
+    /// The installed regions' keys, in the same order (what a new map is
+    /// compared with).
+    installed_keys: Vec<RegionKey>,
+    /// Scratch for `set_memory_map`: the (remove, add) indices of a change
+    /// (kept for their capacity: a change allocates nothing).
+    changes: (Vec<usize>, Vec<usize>),
     free_slots: Vec<u32>,
     next_slot: u32,
     /// One bitmap per dirty-logged backing object, by backing id.
@@ -298,7 +305,8 @@ impl Vm {
             return Err(MemoryError::TooManyRegions { count: map.regions().len(), max: self.max_slots }.into());
         }
         let mut state = self.shared.state.lock().unwrap_or_else(|p| p.into_inner());
-        let (remove, add) = diff(&state.installed, map.regions());
+        let (mut remove, mut add) = std::mem::take(&mut state.changes);
+        diff::diff(&state.installed_keys, map.keys(), &mut remove, &mut add);
         let paused = if remove.is_empty() { None } else { Some(self.gate.pause()) };
         let mut result = Ok(());
         if paused.is_some() && self.shared.ring_bytes > 0 {
@@ -309,6 +317,7 @@ impl Vm {
         }
         for &i in remove.iter().rev() {
             let (region, slot) = state.installed.remove(i);
+            state.installed_keys.remove(i);
             if region.dirty_log && self.shared.ring_bytes == 0 {
                 if let Err(e) = self.harvest_slot(&mut state.bitmaps, &region, slot) {
                     result = Err(e);
@@ -333,7 +342,9 @@ impl Vm {
             }
             let at = state.installed.partition_point(|(r, _)| r.gpa < region.gpa);
             state.installed.insert(at, (region.clone(), slot));
+            state.installed_keys.insert(at, map.keys()[j]);
         }
+        state.changes = (remove, add);
         *self.map.write().unwrap_or_else(|p| p.into_inner()) = Arc::new(map);
         drop(paused);
         result
@@ -457,44 +468,4 @@ impl Vm {
         self.irq.register(id, vcpu.lint());
         Ok(vcpu)
     }
-}
-
-/// Indices of installed regions to remove and of new regions to add, by a
-/// merge walk over both address-sorted lists: O(old + new), with only cheap
-/// comparisons for the regions that stay.
-fn diff(installed: &[(Region, u32)], new: &[Region]) -> (Vec<usize>, Vec<usize>) {
-    let (mut remove, mut add) = (Vec::new(), Vec::new());
-    let (mut i, mut j) = (0, 0);
-    while i < installed.len() || j < new.len() {
-        match (installed.get(i), new.get(j)) {
-            (Some((old, _)), Some(n)) if old.same_mapping(n) => {
-                i += 1;
-                j += 1;
-            }
-            (Some((old, _)), Some(n)) if old.gpa < n.gpa => {
-                remove.push(i);
-                i += 1;
-            }
-            (Some((old, _)), Some(n)) if n.gpa < old.gpa => {
-                add.push(j);
-                j += 1;
-            }
-            (Some(_), Some(_)) => {
-                remove.push(i);
-                add.push(j);
-                i += 1;
-                j += 1;
-            }
-            (Some(_), None) => {
-                remove.push(i);
-                i += 1;
-            }
-            (None, Some(_)) => {
-                add.push(j);
-                j += 1;
-            }
-            (None, None) => break,
-        }
-    }
-    (remove, add)
 }
