@@ -186,6 +186,7 @@ fn run_kernel(args: &RunArgs, boot: &Boot) -> Result<ExitCode, MachineError> {
     let mut cpuid = hv.supported_cpuid()?;
     // Device processes end when this drops, after the vCPUs.
     let mut processes = Vec::new();
+    let boot_lint = crate::firmware::BootLint::default();
     let start = match boot {
         Boot::Linux(linux_boot) => {
             let entry = linux::load(&vm, linux_boot, args.cpus)?;
@@ -215,6 +216,7 @@ fn run_kernel(args: &RunArgs, boot: &Boot) -> Result<ExitCode, MachineError> {
                 memory: args.memory,
                 events,
                 device_processes: args.device_process,
+                boot_lint: boot_lint.clone(),
             };
             processes = testdev::attach(&vm, &ioapic, &machine)?;
             Start::Multiboot(entry)
@@ -241,6 +243,7 @@ fn run_kernel(args: &RunArgs, boot: &Boot) -> Result<ExitCode, MachineError> {
         vcpu.set_cpuid(&own)?;
         if id == 0 {
             start.apply(&vcpu)?;
+            let _ = boot_lint.set(vcpu.lint());
         }
         if args.trace {
             vcpu.add_tracer(Box::new(LineTracer::new(io::stderr())));

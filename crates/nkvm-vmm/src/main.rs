@@ -14,6 +14,7 @@ mod console;
 mod cpu_features;
 mod device;
 mod devices;
+mod firmware;
 mod ioapic;
 mod ioapic_process;
 mod kernel_image;

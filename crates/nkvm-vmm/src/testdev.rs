@@ -7,7 +7,8 @@
 //! | ports / address | model |
 //! |---|---|
 //! | 0x70-0x71 | CMOS/RTC |
-//! | 0x20-0x21, 0xa0-0xa1 | the 8259s (masked by every test; INTR not wired) |
+//! | 0x20-0x21, 0xa0-0xa1 | the 8259s, initialised as a BIOS leaves them; INTR on the boot vCPU's LINT0 |
+//! | 0x40-0x43, 0x61 | the 8254 PIT (counter 0 at 18.2 Hz on IRQ 0) and its port 0x61 bits |
 //! | 0x92 | system control port A (A20, fast reset) |
 //! | 0xe0-0xeb | pc-testdev: scratch register, flush-page port |
 //! | 0xf4-0xf7 | isa-debug-exit: a write of `v` ends nkvm with status `(v << 1) \| 1` |
@@ -16,6 +17,7 @@
 //! | 0x608-0x60b | ACPI PM timer (named in the FADT) |
 //! | 0x2000-0x2017 | pc-testdev: 24 interrupt lines into the IOAPIC's pins |
 //! | 0xff00_0000 + 64 KiB | pc-testdev: RAM-like memory served by MMIO exits |
+//! | 0-0x3ff, 0xf0000-0xfffff | the real-mode IVT and its handlers ([`crate::firmware`]) |
 
 use std::sync::mpsc::Sender;
 use std::sync::Arc;
@@ -29,7 +31,7 @@ use nkvm_devices::pc_testdev::{
     IoRam, TestdevIrqLines, TestdevPorts, IO_RAM_BASE, IO_RAM_SIZE, TESTDEV_IRQ_LINES_BASE, TESTDEV_IRQ_LINES_SIZE,
     TESTDEV_IRQ_LINE_COUNT, TESTDEV_PORTS_BASE, TESTDEV_PORTS_SIZE,
 };
-use nkvm_devices::pic::{Pic, SharedPic};
+use nkvm_devices::pit::{Pit, PitWindow, SharedPit, PIT_IRQ, PIT_PORT, PIT_SIZE, SPEAKER_PORT, SPEAKER_SIZE};
 use nkvm_devices::pm_timer::{PmTimer, PM_TIMER_SIZE};
 use nkvm_devices::port92::{SystemControlA, SYSTEM_CONTROL_A_PORT, SYSTEM_CONTROL_A_SIZE};
 use nkvm_devices::power::PowerEvent;
@@ -37,6 +39,7 @@ use nkvm_devices::power::PowerEvent;
 use crate::acpi;
 use crate::cli::DeviceModel;
 use crate::devices::{DeviceProcess, InProcess};
+use crate::firmware::{self, BootLint};
 use crate::ioapic::IoapicPins;
 
 /// Errors attaching the platform devices.
@@ -51,6 +54,12 @@ pub enum TestdevError {
     /// A pc-testdev interrupt line could not be connected.
     #[error("cannot connect a pc-testdev interrupt line")]
     Line(#[source] nkvm_devices::pc_testdev::PcTestdevError),
+    /// The PIC's or the PIT's thread could not be started.
+    #[error("cannot start the {0} thread")]
+    Thread(&'static str, #[source] std::io::Error),
+    /// The real-mode IVT could not be written.
+    #[error("cannot write the real-mode interrupt vector table")]
+    Ivt(#[source] nkvm::MemoryError),
 }
 
 /// What the devices need to know of the machine.
@@ -65,6 +74,8 @@ pub struct Machine {
     /// Run the models that need nothing of the VMM (CMOS, the PM timer,
     /// the I/O RAM) each in its own process (`nkvm device`).
     pub device_processes: bool,
+    /// The boot vCPU's LINT0, where the 8259's INTR goes once it is set.
+    pub boot_lint: BootLint,
 }
 
 /// Attaches every platform device of the kvm-unit-tests machine to `vm`;
@@ -97,12 +108,32 @@ pub fn attach(vm: &Arc<Vm>, ioapic: &IoapicPins, machine: &Machine) -> Result<Ve
     let port92 = SystemControlA::new(machine.events.clone());
     handler(Box::new(InProcess(port92)), pio(SYSTEM_CONTROL_A_PORT, SYSTEM_CONTROL_A_SIZE))?;
 
-    // The 8259s are there to be masked (every test does); their output is
-    // not wired: interrupts reach the vCPUs through the IOAPIC.
-    let pic = SharedPic::new(Pic::new());
+    // The 8259s and the PIT as a BIOS leaves them (tests in protected or
+    // long mode mask the 8259s first thing; `realmode` waits for the tick).
+    let pic = firmware::pic_on_lint0(machine.boot_lint.clone()).map_err(|e| TestdevError::Thread("pic-inta", e))?;
+    firmware::init_pic(&pic);
     handler(Box::new(InProcess(pic.master_port())), pio(0x20, 2))?;
     handler(Box::new(InProcess(pic.slave_port())), pio(0xa0, 2))?;
     handler(Box::new(InProcess(pic.elcr_port())), pio(0x4d0, 2))?;
+    let irq0 = pic.clone();
+    let pit = SharedPit::new(Pit::new(Box::new(move |level: bool| irq0.lock().set_irq(PIT_IRQ, level))));
+    pit.lock().program(0, 3, 0);
+    let (writes, polls) = std::sync::mpsc::channel();
+    for (window, range) in
+        [(PitWindow::Counters, pio(PIT_PORT, PIT_SIZE)), (PitWindow::Speaker, pio(SPEAKER_PORT, SPEAKER_SIZE))]
+    {
+        let writes = writes.clone();
+        let port = pit.port(
+            window,
+            Box::new(move || {
+                let _ = writes.send(());
+            }),
+        );
+        handler(Box::new(InProcess(port)), range)?;
+    }
+    drop(writes);
+    firmware::spawn_pit_timer(pit, polls).map_err(|e| TestdevError::Thread("pit", e))?;
+    firmware::install_ivt(vm).map_err(TestdevError::Ivt)?;
 
     // The flush-page port makes the host drop and rebuild its mapping of a
     // page, so KVM invalidates the guest's view of it.
