@@ -25,6 +25,7 @@ mod multiboot;
 mod pci_devices;
 mod pic_process;
 mod size;
+mod sleep;
 mod terminal;
 mod testdev;
 

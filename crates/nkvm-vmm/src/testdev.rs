@@ -6,7 +6,7 @@
 //!
 //! | ports / address | model |
 //! |---|---|
-//! | 0x70-0x71 | CMOS/RTC |
+//! | 0x70-0x71 | CMOS/RTC (its alarm wakes the machine from S3, [`crate::sleep`]) |
 //! | 0x20-0x21, 0xa0-0xa1 | the 8259s, initialised as a BIOS leaves them; INTR on the boot vCPU's LINT0 |
 //! | 0x40-0x43, 0x61 | the 8254 PIT (counter 0 at 18.2 Hz on IRQ 0) and its port 0x61 bits |
 //! | 0x92 | system control port A (A20, fast reset) |
@@ -20,7 +20,7 @@
 //! | 0-0x3ff, 0xf0000-0xfffff | the real-mode IVT and its handlers ([`crate::firmware`]) |
 
 use std::sync::mpsc::Sender;
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 
 use nkvm::io::{IoHandler, IoRange, Ordering};
 use nkvm::{GuestAddress, Vm};
@@ -41,6 +41,7 @@ use crate::cli::DeviceModel;
 use crate::devices::{DeviceProcess, InProcess};
 use crate::firmware::{self, BootLint};
 use crate::ioapic::IoapicPins;
+use crate::sleep::WakeSource;
 
 /// Errors attaching the platform devices.
 #[derive(Debug, thiserror::Error)]
@@ -78,10 +79,25 @@ pub struct Machine {
     pub boot_lint: BootLint,
 }
 
+/// What [`attach`] set up that the VMM keeps.
+pub struct Platform {
+    /// The device processes it started (they end when dropped).
+    pub processes: Vec<DeviceProcess>,
+    /// The S3 wake event: how long until the RTC alarm goes off. Never,
+    /// when the CMOS runs in its own process (its alarm is not visible
+    /// to the VMM).
+    pub wake: WakeSource,
+}
+
+impl std::fmt::Debug for Platform {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Platform").field("processes", &self.processes).finish_non_exhaustive()
+    }
+}
+
 /// Attaches every platform device of the kvm-unit-tests machine to `vm`;
 /// the pc-testdev interrupt lines drive `ioapic`'s pins of the same number.
-/// Returns the device processes it started (they end when dropped).
-pub fn attach(vm: &Arc<Vm>, ioapic: &IoapicPins, machine: &Machine) -> Result<Vec<DeviceProcess>, TestdevError> {
+pub fn attach(vm: &Arc<Vm>, ioapic: &IoapicPins, machine: &Machine) -> Result<Platform, TestdevError> {
     let pio = |port: u16, size: u64| IoRange::pio(port, size as u16);
     let handler = |device: Box<dyn IoHandler>, range: IoRange| vm.attach_handler(range, device).map(|_| ());
 
@@ -94,15 +110,19 @@ pub fn attach(vm: &Arc<Vm>, ioapic: &IoapicPins, machine: &Machine) -> Result<Ve
     let cmos = pio(CMOS_PORT, CMOS_SIZE);
     let io_ram = IoRange::mmio(IO_RAM_BASE, IO_RAM_SIZE);
     let mut processes = Vec::new();
+    let wake: WakeSource;
     if machine.device_processes {
         for (model, range) in
             [(DeviceModel::PmTimer, pm_timer), (DeviceModel::Cmos, cmos), (DeviceModel::IoRam, io_ram)]
         {
             processes.push(DeviceProcess::attach(vm, model, range, Ordering::Sync)?);
         }
+        wake = Box::new(|| None);
     } else {
         handler(Box::new(InProcess(PmTimer::new())), pm_timer)?;
-        handler(Box::new(InProcess(Cmos::new())), cmos)?;
+        let rtc = Arc::new(Mutex::new(Cmos::new()));
+        handler(Box::new(InProcess(rtc.clone())), cmos)?;
+        wake = Box::new(move || rtc.lock().unwrap_or_else(|p| p.into_inner()).alarm_in());
         handler(Box::new(InProcess(IoRam::new())), io_ram)?;
     }
     let port92 = SystemControlA::new(machine.events.clone());
@@ -151,5 +171,5 @@ pub fn attach(vm: &Arc<Vm>, ioapic: &IoapicPins, machine: &Machine) -> Result<Ve
         lines.connect(line, ioapic.line(line)).map_err(TestdevError::Line)?;
     }
     handler(Box::new(InProcess(lines)), pio(TESTDEV_IRQ_LINES_BASE, TESTDEV_IRQ_LINES_SIZE))?;
-    Ok(processes)
+    Ok(Platform { processes, wake })
 }
