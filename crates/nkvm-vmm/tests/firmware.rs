@@ -1,6 +1,8 @@
 //! The BIOS state nkvm gives a multiboot kernel (kvm-unit-tests' machine),
 //! checked by tiny guests that go back to real mode as `realmode.flat`
-//! does: the IVT, the initialised 8259s and the PIT's 18.2 Hz tick.
+//! does: the IVT, the initialised 8259s and the PIT's 18.2 Hz tick; and
+//! ACPI S3 as `s3.flat` uses it: sleep through PM1a control, wake on the
+//! RTC alarm, resume in real mode at the FACS waking vector.
 
 mod common;
 
@@ -179,7 +181,7 @@ fn timer_checks(a: &mut CodeAssembler) {
 #[test]
 fn real_mode_gets_the_bios_ivt_and_the_pit_tick_through_the_8259() {
     let kernel = write_temp("timer.flat", &image(timer_checks));
-    let run = run_kernel(&kernel, &[], BOUND);
+    let run = run_kernel(&kernel, &["--cpus", "1"], BOUND);
     assert_eq!(run.status, Some((PASS << 1) | 1), "(code << 1) | 1; None = still halted at the bound\n{}", run.stderr);
 }
 
@@ -197,6 +199,110 @@ fn with_irq_0_masked_hlt_is_never_woken_by_the_timer() {
             out_code(a, 1);
         }),
     );
-    let run = run_kernel(&kernel, &[], Duration::from_secs(3));
+    let run = run_kernel(&kernel, &["--cpus", "1"], Duration::from_secs(3));
     assert_eq!(run.status, None, "a masked timer woke the guest\n{}", run.stderr);
+}
+
+/// Where the S3 guest's resume code is: real mode reaches it as
+/// `0x0880:0000`.
+const RESUME: u32 = LOAD + 0x800;
+/// A byte the guest sets before sleeping and reports after the wake.
+const MARKER: u32 = 0x600;
+const MARKER_BEFORE_SLEEP: i32 = 0x5a;
+/// What the guest writes if it ran on after asking to sleep.
+const MARKER_AFTER_SLEEP: i32 = 0x66;
+
+/// 32-bit: find the FACS (64-byte aligned in 0xe0000-0xfffff), point its
+/// waking vector at [`RESUME`], arm the RTC alarm for every second if
+/// `arm_alarm`, set the marker, write SLP_TYP 1 | SLP_EN to PM1a control;
+/// anything run after that overwrites the marker.
+fn s3_entry(arm_alarm: bool) -> Vec<u8> {
+    let mut a = CodeAssembler::new(32).unwrap();
+    let mut scan = a.create_label();
+    let mut found = a.create_label();
+    let mut not_found = a.create_label();
+    a.mov(esp, 0x7000).unwrap();
+    a.mov(esi, 0xe_0000).unwrap();
+    a.set_label(&mut scan).unwrap();
+    a.cmp(dword_ptr(esi), i32::from_le_bytes(*b"FACS")).unwrap();
+    a.je(found).unwrap();
+    a.add(esi, 64).unwrap();
+    a.cmp(esi, 0x10_0000).unwrap();
+    a.jb(scan).unwrap();
+    a.set_label(&mut not_found).unwrap();
+    a.mov(al, 2).unwrap();
+    a.out(0xf4, al).unwrap();
+    a.hlt().unwrap();
+    a.set_label(&mut found).unwrap();
+    a.mov(dword_ptr(esi + 12), RESUME as i32).unwrap();
+    if arm_alarm {
+        // Clear status C, every alarm byte "don't care", AIE on.
+        a.mov(al, 0x0c).unwrap();
+        a.out(0x70, al).unwrap();
+        a.in_(al, 0x71).unwrap();
+        for index in [1, 3, 5] {
+            a.mov(al, index).unwrap();
+            a.out(0x70, al).unwrap();
+            a.mov(al, 0xc0).unwrap();
+            a.out(0x71, al).unwrap();
+        }
+        a.mov(al, 0x0b).unwrap();
+        a.out(0x70, al).unwrap();
+        a.in_(al, 0x71).unwrap();
+        a.or(al, 0x20).unwrap();
+        a.out(0x71, al).unwrap();
+    }
+    a.mov(byte_ptr(MARKER), MARKER_BEFORE_SLEEP).unwrap();
+    a.mov(dx, 0x604).unwrap();
+    a.mov(ax, 0x2400).unwrap();
+    a.out(dx, ax).unwrap();
+    let mut ran_on = a.create_label();
+    a.set_label(&mut ran_on).unwrap();
+    a.mov(byte_ptr(MARKER), MARKER_AFTER_SLEEP).unwrap();
+    a.jmp(ran_on).unwrap();
+    a.assemble(u64::from(LOAD)).unwrap()
+}
+
+/// Real mode at `0x0880:0000`: report the marker on port 0xf4.
+fn s3_resume() -> Vec<u8> {
+    let mut a = CodeAssembler::new(16).unwrap();
+    a.xor(ax, ax).unwrap();
+    a.mov(ds, ax).unwrap();
+    a.mov(al, byte_ptr(MARKER)).unwrap();
+    a.out(0xf4, al).unwrap();
+    a.hlt().unwrap();
+    a.assemble(0).unwrap()
+}
+
+fn s3_image(arm_alarm: bool) -> Vec<u8> {
+    let mut code = s3_entry(arm_alarm);
+    let at = (RESUME - LOAD) as usize;
+    assert!(code.len() <= at);
+    code.resize(at, 0);
+    code.extend_from_slice(&s3_resume());
+    elf32(&code, LOAD)
+}
+
+#[test]
+fn s3_sleeps_at_once_and_the_rtc_alarm_resumes_vcpu_0_in_real_mode_at_the_waking_vector() {
+    let kernel = write_temp("s3.flat", &s3_image(true));
+    for cpus in ["1", "2"] {
+        let run = run_kernel(&kernel, &["--cpus", cpus], BOUND);
+        assert_eq!(
+            run.status,
+            Some((MARKER_BEFORE_SLEEP << 1) | 1),
+            "{cpus} vCPUs: {:#x} would mean the guest ran on after the PM1a write; None that it never woke\n{}",
+            (MARKER_AFTER_SLEEP << 1) | 1,
+            run.stderr
+        );
+        assert!(run.stderr.contains("S3: vCPU 0 resumes at 0880:0"), "{}", run.stderr);
+    }
+}
+
+#[test]
+fn without_a_wake_event_s3_sleeps_until_nkvm_is_stopped() {
+    let kernel = write_temp("s3-no-alarm.flat", &s3_image(false));
+    let run = run_kernel(&kernel, &["--cpus", "1"], Duration::from_secs(4));
+    assert_eq!(run.status, None, "the machine woke or ended with no alarm armed\n{}", run.stderr);
+    assert!(run.stderr.contains("S3: asleep") && !run.stderr.contains("resumes"), "{}", run.stderr);
 }

@@ -51,22 +51,30 @@ pub fn write_temp(name: &str, bytes: &[u8]) -> PathBuf {
 pub struct Run {
     /// The exit status, `None` when nkvm was killed at the bound.
     pub status: Option<i32>,
-    /// What it wrote to stderr.
+    /// What it wrote to stderr (with `NKVM_LOG=debug`).
     pub stderr: String,
 }
 
-/// Runs `nkvm run --kernel kernel extra...`; a guest still running after
+/// Runs `nkvm run --kernel kernel --memory 32M extra...`; a guest still running after
 /// `bound` is killed (the bound only keeps a broken guest from hanging the
 /// test: the guests here end in well under a second when they work).
 pub fn run_kernel(kernel: &std::path::Path, extra: &[&str], bound: Duration) -> Run {
     let mut child = Command::new(env!("CARGO_BIN_EXE_nkvm"))
-        .args(["run", "--kernel", kernel.to_str().unwrap(), "--cpus", "1", "--memory", "32M"])
+        .args(["run", "--kernel", kernel.to_str().unwrap(), "--memory", "32M"])
         .args(extra)
         .stdin(Stdio::null())
         .stdout(Stdio::null())
         .stderr(Stdio::piped())
+        .env("NKVM_LOG", "debug")
         .spawn()
         .expect("run nkvm");
+    // Drained as it comes, so a chatty nkvm never blocks on a full pipe.
+    let mut pipe = child.stderr.take().unwrap();
+    let reader = std::thread::spawn(move || {
+        let mut stderr = String::new();
+        let _ = pipe.read_to_string(&mut stderr);
+        stderr
+    });
     let start = Instant::now();
     let status = loop {
         if let Some(status) = child.try_wait().unwrap() {
@@ -79,7 +87,5 @@ pub fn run_kernel(kernel: &std::path::Path, extra: &[&str], bound: Duration) -> 
         }
         std::thread::sleep(Duration::from_millis(20));
     };
-    let mut stderr = String::new();
-    child.stderr.take().unwrap().read_to_string(&mut stderr).unwrap();
-    Run { status, stderr }
+    Run { status, stderr: reader.join().unwrap() }
 }
