@@ -103,7 +103,8 @@ pub fn pic_on_lint0(lint: BootLint) -> std::io::Result<SharedPic> {
     })));
     let inta = pic.clone();
     // INTR rises under the PIC's lock; the INTA cycle takes that lock, so it
-    // runs here. The thread ends with the PIC (its sender goes with it).
+    // runs here. The thread holds the PIC, whose INTR line holds the
+    // thread's sender: it lives as long as the process (one VM per `nkvm`).
     thread::Builder::new().name("pic-inta".into()).spawn(move || {
         for () in intr_rx {
             let vector = {
