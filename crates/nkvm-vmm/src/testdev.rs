@@ -128,9 +128,34 @@ pub fn attach(vm: &Arc<Vm>, ioapic: &IoapicPins, machine: &Machine) -> Result<Pl
     let port92 = SystemControlA::new(machine.events.clone());
     handler(Box::new(InProcess(port92)), pio(SYSTEM_CONTROL_A_PORT, SYSTEM_CONTROL_A_SIZE))?;
 
-    // The 8259s and the PIT as a BIOS leaves them (tests in protected or
-    // long mode mask the 8259s first thing; `realmode` waits for the tick).
-    let pic = firmware::pic_on_lint0(machine.boot_lint.clone()).map_err(|e| TestdevError::Thread("pic-inta", e))?;
+    attach_timer(vm, machine.boot_lint.clone())?;
+
+    // The flush-page port makes the host drop and rebuild its mapping of a
+    // page, so KVM invalidates the guest's view of it.
+    let memory_of = Arc::downgrade(vm);
+    let flush = Box::new(move |gpa: u64| {
+        if let Some(vm) = memory_of.upgrade() {
+            if let Err(e) = vm.memory().drop_host_mapping(GuestAddress(gpa)) {
+                log::warn!("pc-testdev: flush of page {gpa:#x}: {e}");
+            }
+        }
+    });
+    handler(Box::new(InProcess(TestdevPorts::new(flush))), pio(TESTDEV_PORTS_BASE, TESTDEV_PORTS_SIZE))?;
+    let mut lines = TestdevIrqLines::new();
+    for line in 0..TESTDEV_IRQ_LINE_COUNT {
+        lines.connect(line, ioapic.line(line)).map_err(TestdevError::Line)?;
+    }
+    handler(Box::new(InProcess(lines)), pio(TESTDEV_IRQ_LINES_BASE, TESTDEV_IRQ_LINES_SIZE))?;
+    Ok(Platform { processes, wake })
+}
+
+/// The 8259s (INTR on `boot_lint`) and the PIT, as a BIOS leaves them, and
+/// the real-mode IVT ([`crate::firmware`]). Tests in protected or long mode
+/// mask the 8259s first thing; `realmode` waits for the tick.
+fn attach_timer(vm: &Arc<Vm>, boot_lint: BootLint) -> Result<(), TestdevError> {
+    let pio = |port: u16, size: u64| IoRange::pio(port, size as u16);
+    let handler = |device: Box<dyn IoHandler>, range: IoRange| vm.attach_handler(range, device).map(|_| ());
+    let pic = firmware::pic_on_lint0(boot_lint).map_err(|e| TestdevError::Thread("pic-inta", e))?;
     firmware::init_pic(&pic);
     handler(Box::new(InProcess(pic.master_port())), pio(0x20, 2))?;
     handler(Box::new(InProcess(pic.slave_port())), pio(0xa0, 2))?;
@@ -154,22 +179,5 @@ pub fn attach(vm: &Arc<Vm>, ioapic: &IoapicPins, machine: &Machine) -> Result<Pl
     drop(writes);
     firmware::spawn_pit_timer(pit, polls).map_err(|e| TestdevError::Thread("pit", e))?;
     firmware::install_ivt(vm).map_err(TestdevError::Ivt)?;
-
-    // The flush-page port makes the host drop and rebuild its mapping of a
-    // page, so KVM invalidates the guest's view of it.
-    let memory_of = Arc::downgrade(vm);
-    let flush = Box::new(move |gpa: u64| {
-        if let Some(vm) = memory_of.upgrade() {
-            if let Err(e) = vm.memory().drop_host_mapping(GuestAddress(gpa)) {
-                log::warn!("pc-testdev: flush of page {gpa:#x}: {e}");
-            }
-        }
-    });
-    handler(Box::new(InProcess(TestdevPorts::new(flush))), pio(TESTDEV_PORTS_BASE, TESTDEV_PORTS_SIZE))?;
-    let mut lines = TestdevIrqLines::new();
-    for line in 0..TESTDEV_IRQ_LINE_COUNT {
-        lines.connect(line, ioapic.line(line)).map_err(TestdevError::Line)?;
-    }
-    handler(Box::new(InProcess(lines)), pio(TESTDEV_IRQ_LINES_BASE, TESTDEV_IRQ_LINES_SIZE))?;
-    Ok(Platform { processes, wake })
+    Ok(())
 }
