@@ -28,6 +28,10 @@
 //! timer thread does); edges missed between two polls are coalesced into
 //! one, as a late timer interrupt is on a PC.
 //!
+//! The bare [`Pit`] is the counters' window as an [`IoDevice`] (what
+//! `nkvm device --model pit` serves); [`SharedPit`] gives both windows and
+//! the poller one model.
+//!
 //! Not modelled: counter 1's DRAM refresh (its count runs, nothing listens),
 //! the speaker sound, BCD counting.
 
