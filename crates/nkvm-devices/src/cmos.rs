@@ -18,12 +18,12 @@
 //! | index | name | meaning |
 //! |---|---|---|
 //! | 0x00, 0x02, 0x04 | seconds, minutes, hours | current time |
-//! | 0x01, 0x03, 0x05 | alarm seconds, minutes, hours | plain storage (no alarm interrupt) |
+//! | 0x01, 0x03, 0x05 | alarm seconds, minutes, hours | the alarm time; 0xc0-0xff in a byte: don't care |
 //! | 0x06 | day of week | 1-7, Sunday = 1 |
 //! | 0x07, 0x08, 0x09 | day of month, month, year | current date; year modulo 100 |
 //! | 0x0a | status A | bit 7 `UIP` (read-only), bits 0-6 divider and rate, default 0x26 |
-//! | 0x0b | status B | bit 7 `SET`, bit 2 `DM` (1 = binary), bit 1 `24H`; default 0x02 |
-//! | 0x0c | status C | interrupt flags: always 0, read-only |
+//! | 0x0b | status B | bit 7 `SET`, bit 5 `AIE` (alarm interrupt enable), bit 2 `DM` (1 = binary), bit 1 `24H`; default 0x02 |
+//! | 0x0c | status C | interrupt flags, read-only, cleared by a read: bit 5 `AF` (the alarm went off since the last read), bit 7 `IRQF` (`AF` with `AIE`) |
 //! | 0x0d | status D | 0x80, `VRT` (RAM and time valid), read-only |
 //! | 0x0f | shutdown status | plain storage; [`Cmos::shutdown_status`] for the VMM's reset path |
 //! | 0x32 | century | current century (20 for 2026) |
@@ -43,8 +43,12 @@
 //! of each second, as in QEMU, so a guest waiting for an update cycle (the
 //! suite's `s3.c` does) sees one.
 //!
-//! Not modelled: periodic, alarm and update-ended interrupts (there is no
-//! IRQ 8 output; status C stays 0), QEMU's 0x37 alias of the century
+//! The alarm has no IRQ 8 output; it is a wake event: [`Cmos::alarm_in`]
+//! says when it next goes off while `AIE` is set, and a sleeping VMM
+//! (ACPI S3) wakes then, as the RTC alarm wakes a PC.
+//!
+//! Not modelled: periodic and update-ended interrupts and their flags, the
+//! alarm's IRQ 8 while running, QEMU's 0x37 alias of the century
 //! byte, and the BIOS contents of NVRAM (memory sizes, equipment byte),
 //! which nothing in kvm-unit-tests reads. Writes to status C and D, empty
 //! accesses and bytes past port 0x71 are logged and ignored (reading
@@ -56,8 +60,11 @@ use std::time::{Duration, SystemTime};
 use crate::bad_access::BadAccessLog;
 use crate::bus::IoDevice;
 
+mod alarm;
 mod calendar;
 mod format;
+
+use alarm::Alarm;
 
 use calendar::DateTime;
 use format::Format;
@@ -70,6 +77,12 @@ pub const CMOS_SIZE: u64 = 2;
 pub const CMOS_BYTES: usize = 128;
 /// CMOS index of the seconds register.
 pub const RTC_SECONDS: u8 = 0x00;
+/// CMOS index of the alarm seconds register.
+pub const RTC_SECONDS_ALARM: u8 = 0x01;
+/// CMOS index of the alarm minutes register.
+pub const RTC_MINUTES_ALARM: u8 = 0x03;
+/// CMOS index of the alarm hours register.
+pub const RTC_HOURS_ALARM: u8 = 0x05;
 /// CMOS index of the minutes register.
 pub const RTC_MINUTES: u8 = 0x02;
 /// CMOS index of the hours register.
@@ -102,6 +115,14 @@ pub const REG_A_DEFAULT: u8 = 0x26;
 pub const REG_B_SET: u8 = 0x80;
 /// Status B: update-ended interrupt enable (cleared while `SET` is set).
 pub const REG_B_UIE: u8 = 0x10;
+/// Status B: alarm interrupt enable.
+pub const REG_B_AIE: u8 = 0x20;
+/// Status C: an enabled interrupt's flag is set.
+pub const REG_C_IRQF: u8 = 0x80;
+/// Status C: the alarm went off.
+pub const REG_C_AF: u8 = 0x20;
+/// An alarm byte matching any value (any of 0xc0-0xff).
+pub const RTC_ALARM_DONT_CARE: u8 = 0xc0;
 /// Status B: data mode binary (clear: BCD).
 pub const REG_B_BINARY: u8 = 0x04;
 /// Status B: 24-hour mode (clear: 12-hour).
@@ -134,6 +155,9 @@ pub struct Cmos {
     clock: Box<dyn Fn() -> Duration + Send>,
     /// The guest's time minus the clock's, in seconds.
     offset: i64,
+    /// Guest time (seconds) of the last read of status C: the alarm flag
+    /// covers the seconds after it.
+    flags_since: i64,
     bad: BadAccessLog,
 }
 
@@ -168,7 +192,56 @@ impl Cmos {
         bytes[usize::from(RTC_REG_A)] = REG_A_DEFAULT;
         bytes[usize::from(RTC_REG_B)] = REG_B_DEFAULT;
         bytes[usize::from(RTC_REG_D)] = REG_D_VRT;
-        Self { index: 0, nmi_disabled: false, bytes, clock, offset: 0, bad: BadAccessLog::default() }
+        let mut cmos = Self {
+            index: 0,
+            nmi_disabled: false,
+            bytes,
+            clock,
+            offset: 0,
+            flags_since: 0,
+            bad: BadAccessLog::default(),
+        };
+        cmos.flags_since = cmos.guest_now().0;
+        cmos
+    }
+
+    /// How long until the alarm goes off, while `AIE` is set and the clock
+    /// runs: zero if it went off since status C was last read. `None`
+    /// when it cannot go off (interrupt disabled, clock held, an alarm
+    /// byte out of range).
+    pub fn alarm_in(&self) -> Option<Duration> {
+        if self.byte(RTC_REG_B) & REG_B_AIE == 0 || !self.running() {
+            return None;
+        }
+        let at = self.alarm().next_after(self.flags_since)?;
+        let (seconds, nanos) = self.guest_now();
+        if at <= seconds {
+            return Some(Duration::ZERO);
+        }
+        let whole = Duration::from_secs(u64::try_from(at - seconds).unwrap_or(u64::MAX));
+        Some(whole.saturating_sub(Duration::from_nanos(u64::from(nanos))))
+    }
+
+    fn alarm(&self) -> Alarm {
+        Alarm {
+            second: self.byte(RTC_SECONDS_ALARM),
+            minute: self.byte(RTC_MINUTES_ALARM),
+            hour: self.byte(RTC_HOURS_ALARM),
+            format: Format(self.byte(RTC_REG_B)),
+        }
+    }
+
+    /// Status C: the alarm flag for the seconds since the last read, which
+    /// this read clears.
+    fn read_flags(&mut self) -> u8 {
+        let now = self.guest_now().0;
+        let went_off = self.running() && self.alarm().went_off(self.flags_since, now);
+        self.flags_since = now;
+        match (went_off, self.byte(RTC_REG_B) & REG_B_AIE != 0) {
+            (false, _) => 0,
+            (true, false) => REG_C_AF,
+            (true, true) => REG_C_AF | REG_C_IRQF,
+        }
     }
 
     /// Whether the guest last wrote the index port with bit 7 (NMI
@@ -251,7 +324,7 @@ impl Cmos {
                 self.byte(index)
             }
             RTC_REG_A if self.update_in_progress() => self.byte(index) | REG_A_UIP,
-            RTC_REG_C => 0,
+            RTC_REG_C => self.read_flags(),
             RTC_REG_D => REG_D_VRT,
             _ => self.byte(index),
         }
@@ -342,228 +415,4 @@ impl IoDevice for Cmos {
 }
 
 #[cfg(test)]
-mod tests {
-    use std::sync::atomic::{AtomicU64, Ordering};
-    use std::sync::Arc;
-
-    use super::*;
-
-    /// 2026-06-26 13:45:07 UTC, a Friday.
-    const FRIDAY_AFTERNOON: u64 = 1_782_481_507;
-    const SECOND: u64 = NANOS_PER_SEC as u64;
-
-    /// An RTC whose clock reads the nanoseconds since the epoch in the cell.
-    fn cmos_at(seconds: u64) -> (Cmos, Arc<AtomicU64>) {
-        let now = Arc::new(AtomicU64::new(seconds * SECOND));
-        let clock = now.clone();
-        (Cmos::with_clock(Box::new(move || Duration::from_nanos(clock.load(Ordering::Relaxed)))), now)
-    }
-
-    fn rtc_in(cmos: &mut Cmos, index: u8) -> u8 {
-        cmos.write(0, &[index]);
-        let mut byte = [0u8];
-        cmos.read(1, &mut byte);
-        byte[0]
-    }
-
-    fn rtc_out(cmos: &mut Cmos, index: u8, value: u8) {
-        cmos.write(0, &[index]);
-        cmos.write(1, &[value]);
-    }
-
-    fn date_and_time(cmos: &mut Cmos) -> [u8; 8] {
-        TIME_REGISTERS.map(|index| rtc_in(cmos, index))
-    }
-
-    #[test]
-    fn reads_the_clock_in_bcd_24_hour() {
-        let (mut cmos, _) = cmos_at(FRIDAY_AFTERNOON);
-        // seconds, minutes, hours, weekday (Friday = 6), day, month, year, century
-        assert_eq!(date_and_time(&mut cmos), [0x07, 0x45, 0x13, 0x06, 0x26, 0x06, 0x26, 0x20]);
-    }
-
-    #[test]
-    fn binary_mode_when_status_b_says_so() {
-        let (mut cmos, _) = cmos_at(FRIDAY_AFTERNOON);
-        rtc_out(&mut cmos, RTC_REG_B, REG_B_24H | REG_B_BINARY);
-        assert_eq!(date_and_time(&mut cmos), [7, 45, 13, 6, 26, 6, 26, 20]);
-    }
-
-    #[test]
-    fn twelve_hour_mode_marks_pm_and_shows_midnight_as_12() {
-        let (mut cmos, now) = cmos_at(FRIDAY_AFTERNOON);
-        rtc_out(&mut cmos, RTC_REG_B, 0);
-        assert_eq!(rtc_in(&mut cmos, RTC_HOURS), 0x81, "1 PM, BCD");
-        rtc_out(&mut cmos, RTC_REG_B, REG_B_BINARY);
-        assert_eq!(rtc_in(&mut cmos, RTC_HOURS), 0x81, "1 PM, binary");
-        now.store(1_782_433_800 * SECOND, Ordering::Relaxed); // 00:30 the same day
-        assert_eq!(rtc_in(&mut cmos, RTC_HOURS), 12, "12 AM");
-        now.store((1_782_433_800 + 12 * 3600) * SECOND, Ordering::Relaxed);
-        assert_eq!(rtc_in(&mut cmos, RTC_HOURS), 0x80 | 12, "12 PM");
-    }
-
-    #[test]
-    fn the_time_follows_the_clock() {
-        let (mut cmos, now) = cmos_at(FRIDAY_AFTERNOON);
-        now.store((FRIDAY_AFTERNOON + 24 * 3600 + 53) * SECOND, Ordering::Relaxed);
-        assert_eq!(date_and_time(&mut cmos), [0x00, 0x46, 0x13, 0x07, 0x27, 0x06, 0x26, 0x20]);
-    }
-
-    #[test]
-    fn status_registers_start_as_on_a_pc() {
-        let (mut cmos, _) = cmos_at(FRIDAY_AFTERNOON);
-        assert_eq!(rtc_in(&mut cmos, RTC_REG_A), REG_A_DEFAULT);
-        assert_eq!(rtc_in(&mut cmos, RTC_REG_B), 0x02);
-        assert_eq!(rtc_in(&mut cmos, RTC_REG_C), 0);
-        assert_eq!(rtc_in(&mut cmos, RTC_REG_D), 0x80);
-    }
-
-    #[test]
-    fn uip_is_set_in_the_last_244_us_of_each_second() {
-        let (mut cmos, now) = cmos_at(FRIDAY_AFTERNOON);
-        let start = FRIDAY_AFTERNOON * SECOND;
-        now.store(start + u64::from(NANOS_PER_SEC - UIP_HOLD_NANOS) - 1, Ordering::Relaxed);
-        assert_eq!(rtc_in(&mut cmos, RTC_REG_A), REG_A_DEFAULT);
-        now.store(start + u64::from(NANOS_PER_SEC - UIP_HOLD_NANOS), Ordering::Relaxed);
-        assert_eq!(rtc_in(&mut cmos, RTC_REG_A), REG_A_DEFAULT | REG_A_UIP);
-        rtc_out(&mut cmos, RTC_REG_B, REG_B_DEFAULT | REG_B_SET);
-        assert_eq!(rtc_in(&mut cmos, RTC_REG_A), REG_A_DEFAULT, "no update cycle while stopped");
-    }
-
-    #[test]
-    fn s3_wait_for_an_update_cycle_ends() {
-        // s3.c: while (!(rtc_in(A) & UIP)); while (rtc_in(A) & UIP);
-        // with a clock moving 20 µs per reading.
-        let now = Arc::new(AtomicU64::new(FRIDAY_AFTERNOON * SECOND));
-        let clock = now.clone();
-        let mut cmos =
-            Cmos::with_clock(Box::new(move || Duration::from_nanos(clock.fetch_add(20_000, Ordering::Relaxed))));
-        let mut reads = 0;
-        while rtc_in(&mut cmos, RTC_REG_A) & REG_A_UIP == 0 {
-            reads += 1;
-            assert!(reads < 100_000, "UIP never rose");
-        }
-        while rtc_in(&mut cmos, RTC_REG_A) & REG_A_UIP != 0 {
-            reads += 1;
-            assert!(reads < 100_000, "UIP never fell");
-        }
-        assert_eq!(rtc_in(&mut cmos, RTC_SECONDS), 0x08, "just after the update to the next second");
-    }
-
-    #[test]
-    fn the_guest_sets_the_time_with_the_set_bit() {
-        let (mut cmos, now) = cmos_at(FRIDAY_AFTERNOON);
-        rtc_out(&mut cmos, RTC_REG_B, REG_B_DEFAULT | REG_B_SET);
-        // 1999-12-31 23:59:59, a Friday.
-        for (index, value) in TIME_REGISTERS.into_iter().zip([0x59, 0x59, 0x23, 0x06, 0x31, 0x12, 0x99, 0x19]) {
-            rtc_out(&mut cmos, index, value);
-        }
-        now.store((FRIDAY_AFTERNOON + 5) * SECOND, Ordering::Relaxed);
-        assert_eq!(rtc_in(&mut cmos, RTC_SECONDS), 0x59, "held while SET");
-        rtc_out(&mut cmos, RTC_REG_B, REG_B_DEFAULT);
-        assert_eq!(date_and_time(&mut cmos), [0x59, 0x59, 0x23, 0x06, 0x31, 0x12, 0x99, 0x19]);
-        now.store((FRIDAY_AFTERNOON + 6) * SECOND, Ordering::Relaxed);
-        // 2000-01-01 00:00:00, a Saturday.
-        assert_eq!(date_and_time(&mut cmos), [0x00, 0x00, 0x00, 0x07, 0x01, 0x01, 0x00, 0x20]);
-    }
-
-    #[test]
-    fn writing_one_register_while_running_changes_only_it() {
-        let (mut cmos, now) = cmos_at(FRIDAY_AFTERNOON);
-        rtc_out(&mut cmos, RTC_MINUTES, 0x00);
-        assert_eq!(date_and_time(&mut cmos), [0x07, 0x00, 0x13, 0x06, 0x26, 0x06, 0x26, 0x20]);
-        now.store((FRIDAY_AFTERNOON + 60) * SECOND, Ordering::Relaxed);
-        assert_eq!(rtc_in(&mut cmos, RTC_MINUTES), 0x01);
-        // A weekday write changes nothing: the weekday follows the date.
-        rtc_out(&mut cmos, RTC_DAY_OF_WEEK, 0x02);
-        assert_eq!(rtc_in(&mut cmos, RTC_DAY_OF_WEEK), 0x06);
-    }
-
-    #[test]
-    fn a_divider_reset_holds_the_clock() {
-        let (mut cmos, now) = cmos_at(FRIDAY_AFTERNOON);
-        rtc_out(&mut cmos, RTC_REG_A, 0x70);
-        now.store((FRIDAY_AFTERNOON + 30) * SECOND, Ordering::Relaxed);
-        assert_eq!(rtc_in(&mut cmos, RTC_SECONDS), 0x07);
-        rtc_out(&mut cmos, RTC_REG_A, REG_A_DEFAULT);
-        now.store((FRIDAY_AFTERNOON + 32) * SECOND, Ordering::Relaxed);
-        assert_eq!(rtc_in(&mut cmos, RTC_SECONDS), 0x09, "runs on from where it was held");
-    }
-
-    #[test]
-    fn status_bits_the_guest_cannot_set() {
-        let (mut cmos, _) = cmos_at(FRIDAY_AFTERNOON);
-        rtc_out(&mut cmos, RTC_REG_A, REG_A_UIP | REG_A_DEFAULT);
-        assert_eq!(rtc_in(&mut cmos, RTC_REG_A), REG_A_DEFAULT, "UIP is read-only");
-        rtc_out(&mut cmos, RTC_REG_B, REG_B_SET | REG_B_UIE | REG_B_24H);
-        assert_eq!(rtc_in(&mut cmos, RTC_REG_B), REG_B_SET | REG_B_24H, "SET clears UIE");
-        rtc_out(&mut cmos, RTC_REG_C, 0xff);
-        rtc_out(&mut cmos, RTC_REG_D, 0x00);
-        assert_eq!(rtc_in(&mut cmos, RTC_REG_C), 0);
-        assert_eq!(rtc_in(&mut cmos, RTC_REG_D), REG_D_VRT);
-    }
-
-    #[test]
-    fn index_port_keeps_nmi_disable_and_reads_0xff() {
-        // init.c: rtc_out(0x0f, 0x0a) sets the shutdown status for a warm reset.
-        let (mut cmos, _) = cmos_at(FRIDAY_AFTERNOON);
-        cmos.write(0, &[0x80 | CMOS_SHUTDOWN_STATUS]);
-        assert!(cmos.nmi_disabled());
-        cmos.write(1, &[0x0a]);
-        assert_eq!(cmos.shutdown_status(), 0x0a);
-        let mut byte = [0u8];
-        cmos.read(0, &mut byte);
-        assert_eq!(byte, [0xff]);
-        assert_eq!(rtc_in(&mut cmos, CMOS_SHUTDOWN_STATUS), 0x0a);
-        assert!(!cmos.nmi_disabled());
-    }
-
-    #[test]
-    fn the_rest_is_plain_nvram() {
-        let (mut cmos, _) = cmos_at(FRIDAY_AFTERNOON);
-        for index in [0x01, 0x03, 0x05, 0x0e, 0x10, 0x31, 0x33, 0x7f] {
-            assert_eq!(rtc_in(&mut cmos, index), 0);
-            rtc_out(&mut cmos, index, index ^ 0xa5);
-        }
-        for index in [0x01, 0x03, 0x05, 0x0e, 0x10, 0x31, 0x33, 0x7f] {
-            assert_eq!(rtc_in(&mut cmos, index), index ^ 0xa5);
-        }
-    }
-
-    #[test]
-    fn a_word_access_covers_index_then_data() {
-        let (mut cmos, _) = cmos_at(FRIDAY_AFTERNOON);
-        cmos.write(0, &[0x40, 0x77]);
-        assert_eq!(rtc_in(&mut cmos, 0x40), 0x77);
-        let mut word = [0u8; 2];
-        cmos.read(0, &mut word);
-        assert_eq!(word, [0xff, 0x77]);
-    }
-
-    #[test]
-    fn bad_accesses_and_garbage_time_are_harmless() {
-        let (mut cmos, _) = cmos_at(FRIDAY_AFTERNOON);
-        rtc_out(&mut cmos, 0x40, 0x11);
-        cmos.write(1, &[0x22, 0x33]); // the second byte is past port 0x71
-        cmos.write(CMOS_SIZE, &[0x44]);
-        cmos.write(u64::MAX, &[0x55, 0x66]);
-        cmos.write(1, &[]);
-        let mut data = [0u8; 3];
-        cmos.read(1, &mut data);
-        assert_eq!(data, [0x22, 0xff, 0xff]);
-        cmos.read(u64::MAX, &mut data);
-        assert_eq!(data, [0xff; 3]);
-        cmos.read(0, &mut []);
-        for index in TIME_REGISTERS {
-            rtc_out(&mut cmos, index, 0xff);
-        }
-        rtc_out(&mut cmos, RTC_REG_B, REG_B_BINARY);
-        rtc_out(&mut cmos, RTC_HOURS, 0xff);
-        date_and_time(&mut cmos);
-        let mut far = Cmos::with_clock(Box::new(|| Duration::MAX));
-        date_and_time(&mut far);
-        rtc_out(&mut far, RTC_YEAR, 0x30);
-        assert_eq!(rtc_in(&mut far, RTC_YEAR), 0x30);
-        assert!(format!("{far:?}").starts_with("Cmos"));
-    }
-}
+mod tests;

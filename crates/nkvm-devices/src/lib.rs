@@ -12,6 +12,7 @@
 //! | MC146818 RTC and CMOS RAM | [`cmos`] | ports 0x70-0x71 |
 //! | IOAPIC | [`ioapic`] | 0x100 bytes MMIO (e.g. 0xfec0_0000) |
 //! | dual 8259 PIC and its ELCR | [`pic`] | ports 0x20-0x21, 0xa0-0xa1, 0x4d0-0x4d1 |
+//! | 8254 PIT, speaker port bits | [`pit`] | ports 0x40-0x43, 0x61 |
 //! | System Control Port A (A20, fast reset) | [`port92`] | port 0x92 |
 //! | ACPI PM1a control, i8042 reset | [`power`] | 2 ports, port 0x64 |
 //! | ACPI PM timer, 32 bits | [`pm_timer`] | 4 ports (FADT `PM_TMR_BLK`, e.g. 0x608) |
@@ -43,6 +44,7 @@ pub mod ioapic;
 pub mod pc_testdev;
 pub mod pci;
 pub mod pic;
+pub mod pit;
 pub mod pm_timer;
 pub mod port92;
 pub mod power;

@@ -70,6 +70,13 @@ pub const PM_TIMER_PORT: u16 = 0x608;
 pub const PM_TIMER_LEN: u8 = 4;
 /// `SLP_TYP` of `\_S5` (soft-off), as the PM1a control port expects it.
 pub const SLP_TYP_S5: u8 = 5;
+/// `SLP_TYP` of `\_S3` (suspend to RAM) where the machine has it: 1, as in
+/// QEMU's DSDT (kvm-unit-tests' s3.c writes 0x2400 without reading `\_S3`).
+pub const SLP_TYP_S3: u8 = 1;
+/// Offset in the FACS of the 32-bit firmware waking vector.
+pub const FACS_WAKING_VECTOR: u64 = 12;
+/// Offset in the FACS of the 64-bit firmware waking vector (used when not 0).
+pub const FACS_X_WAKING_VECTOR: u64 = 24;
 
 const OEM_ID: [u8; 6] = *b"NKVM  ";
 const OEM_REVISION: u32 = 1;
@@ -116,6 +123,8 @@ pub enum AcpiError {
 pub struct AcpiTables {
     /// The bytes, starting with the RSDP.
     pub image: Vec<u8>,
+    /// Where the FACS (with the waking vector) is in guest memory.
+    pub facs: GuestAddress,
 }
 
 impl AcpiTables {
@@ -123,11 +132,21 @@ impl AcpiTables {
     /// 0..vcpus, the IOAPIC taking ID `vcpus`); with `pm_timer`, the FADT
     /// names a 32-bit ACPI PM timer at that port.
     pub fn build(vcpus: u32, pm_timer: Option<u16>) -> Result<Self, AcpiError> {
+        Self::build_with(vcpus, pm_timer, false)
+    }
+
+    /// Like [`build`](Self::build), and the DSDT names `\_S3` (sleep type
+    /// [`SLP_TYP_S3`]): for a machine that implements suspend to RAM.
+    pub fn with_s3(vcpus: u32, pm_timer: Option<u16>) -> Result<Self, AcpiError> {
+        Self::build_with(vcpus, pm_timer, true)
+    }
+
+    fn build_with(vcpus: u32, pm_timer: Option<u16>, s3: bool) -> Result<Self, AcpiError> {
         let count = u8::try_from(vcpus).ok().filter(|&n| n > 0 && n < u8::MAX);
         let count = count.ok_or(AcpiError::TooManyVcpus { vcpus })?;
         let mut image = Image::default();
         image.place(&vec![0; Rsdp::len()], 16); // the RSDP, written last
-        let dsdt = image.place(&to_bytes(&dsdt()), 16);
+        let dsdt = image.place(&to_bytes(&dsdt(s3)), 16);
         let facs = image.place(&to_bytes(&FACS::new()), 64);
         let madt = image.place(madt(count).as_slice(), 16);
         let fadt = image.place(&to_bytes(&fadt(dsdt, facs, pm_timer)), 16);
@@ -140,7 +159,7 @@ impl AcpiTables {
         if ACPI_START + image.bytes.len() as u64 > ACPI_END {
             return Err(AcpiError::TooBig { size: image.bytes.len() });
         }
-        Ok(Self { image: image.bytes })
+        Ok(Self { image: image.bytes, facs: GuestAddress(facs) })
     }
 
     /// Where the RSDP is in guest memory.
@@ -190,6 +209,8 @@ impl IoDevice for Pm1Event {
 pub enum PlatformRequest {
     /// Soft-off: `SLP_EN` with `SLP_TYP` = [`SLP_TYP_S5`] in PM1a control.
     PowerOff,
+    /// Suspend to RAM: `SLP_EN` with `SLP_TYP` = [`SLP_TYP_S3`].
+    Sleep,
     /// Reset: RST_CPU in the reset register, or the 8042's command 0xfe.
     Reset,
 }
@@ -208,8 +229,14 @@ pub fn port_write(port: u16, size: u8, data: u64) -> Option<PlatformRequest> {
         _ => None,
     };
     if let Some(value) = control {
-        let sleep_type = (value >> PM1_SLP_TYP_SHIFT) & 7;
-        return (value & PM1_SLP_EN != 0 && sleep_type == u16::from(SLP_TYP_S5)).then_some(PlatformRequest::PowerOff);
+        if value & PM1_SLP_EN == 0 {
+            return None;
+        }
+        return match ((value >> PM1_SLP_TYP_SHIFT) & 7) as u8 {
+            SLP_TYP_S5 => Some(PlatformRequest::PowerOff),
+            SLP_TYP_S3 => Some(PlatformRequest::Sleep),
+            _ => None,
+        };
     }
     match (port, size) {
         (RESET_PORT, 1) if data & RESET_RST_CPU != 0 => Some(PlatformRequest::Reset),
@@ -240,8 +267,13 @@ pub fn port_read(port: u16, size: u8) -> Option<u64> {
 /// address.
 pub fn install(vm: &Vm, vcpus: u32, pm_timer: Option<u16>) -> Result<GuestAddress, AcpiError> {
     let tables = AcpiTables::build(vcpus, pm_timer)?;
-    vm.write_memory(GuestAddress(ACPI_START), &tables.image).map_err(AcpiError::Memory)?;
+    install_tables(vm, &tables)?;
     Ok(tables.rsdp())
+}
+
+/// Writes `tables` to `vm`'s RAM at [`ACPI_START`].
+pub fn install_tables(vm: &Vm, tables: &AcpiTables) -> Result<(), AcpiError> {
+    vm.write_memory(GuestAddress(ACPI_START), &tables.image).map_err(AcpiError::Memory)
 }
 
 /// The tables laid out one after another from [`ACPI_START`].
@@ -321,9 +353,14 @@ fn fadt(dsdt: u64, facs: u64, pm_timer: Option<u16>) -> acpi_tables::fadt::FADT 
     fadt.finalize()
 }
 
-/// DSDT: `\_S5`, the PCI host bridge `\_SB.PCI0` and COM1.
-fn dsdt() -> Sdt {
+/// DSDT: `\_S5` (and `\_S3` with `s3`), the PCI host bridge `\_SB.PCI0`
+/// and COM1.
+fn dsdt(s3: bool) -> Sdt {
     let mut body = Vec::new();
+    if s3 {
+        aml::Name::new("_S3_".into(), &aml::Package::new(vec![&SLP_TYP_S3, &SLP_TYP_S3, &aml::ZERO, &aml::ZERO]))
+            .to_aml_bytes(&mut body);
+    }
     aml::Name::new("_S5_".into(), &aml::Package::new(vec![&SLP_TYP_S5, &SLP_TYP_S5, &aml::ZERO, &aml::ZERO]))
         .to_aml_bytes(&mut body);
     let pci_mmio = aml::AddressSpace::new_memory(

@@ -142,6 +142,9 @@ pub enum DeviceModel {
     PmTimer,
     /// pc-testdev's 64 KiB of RAM-like device memory (kvm-unit-tests).
     IoRam,
+    /// The 8254 PIT's counters and control port (ports 0x40-0x43); its
+    /// IRQ 0 output is not connected in a device process.
+    Pit,
 }
 
 /// `nkvm device`.

@@ -26,6 +26,7 @@ use crate::ioapic;
 use crate::linux::{self, LinuxBoot};
 use crate::multiboot::{self, MultibootBoot};
 use crate::pci_devices::{PciConfig, ResetHook};
+use crate::sleep::{Parked, Sleep, SleepError};
 use crate::terminal::{self, RawMode, SerialRegion, SharedSerial};
 use crate::testdev;
 
@@ -71,6 +72,9 @@ pub enum MachineError {
     /// The kvm-unit-tests platform devices could not be attached.
     #[error(transparent)]
     Testdev(#[from] testdev::TestdevError),
+    /// S3 could not be set up.
+    #[error(transparent)]
+    Sleep(#[from] SleepError),
 }
 
 /// The exit status when the guest failed (a triple fault, an exit nkvm
@@ -111,12 +115,19 @@ struct Shared {
     test_exit: Mutex<Option<u8>>,
     /// Filled by `run_vcpus`, for whoever must stop the vCPUs.
     kickers: std::sync::Mutex<Vec<nkvm::Kicker>>,
+    /// ACPI S3, on a machine that has it (the multiboot one).
+    sleep: std::sync::OnceLock<Sleep>,
 }
 
 impl Shared {
     /// Stops every vCPU (they return `Outcome::Stopped`).
     fn stop_all(&self) {
         self.stop.store(true, SeqCst);
+        self.kick_all();
+    }
+
+    /// Makes every vCPU leave the guest.
+    fn kick_all(&self) {
         self.kickers.lock().unwrap_or_else(|p| p.into_inner()).iter().for_each(nkvm::Kicker::kick);
     }
 }
@@ -186,6 +197,7 @@ fn run_kernel(args: &RunArgs, boot: &Boot) -> Result<ExitCode, MachineError> {
     let mut cpuid = hv.supported_cpuid()?;
     // Device processes end when this drops, after the vCPUs.
     let mut processes = Vec::new();
+    let boot_lint = crate::firmware::BootLint::default();
     let start = match boot {
         Boot::Linux(linux_boot) => {
             let entry = linux::load(&vm, linux_boot, args.cpus)?;
@@ -208,15 +220,20 @@ fn run_kernel(args: &RunArgs, boot: &Boot) -> Result<ExitCode, MachineError> {
             let cmdline = args.cmdline.as_deref().unwrap_or("");
             let mb = MultibootBoot { kernel, cmdline, module: args.initrd.as_deref() };
             let entry = multiboot::load(&vm.memory(), &mb)?;
-            acpi::install(&vm, args.cpus, Some(acpi::PM_TIMER_PORT)).map_err(linux::LinuxError::Acpi)?;
+            let tables =
+                acpi::AcpiTables::with_s3(args.cpus, Some(acpi::PM_TIMER_PORT)).map_err(linux::LinuxError::Acpi)?;
+            acpi::install_tables(&vm, &tables).map_err(linux::LinuxError::Acpi)?;
             let events = power_events(&shared)?;
             let machine = testdev::Machine {
                 cpus: args.cpus,
                 memory: args.memory,
                 events,
                 device_processes: args.device_process,
+                boot_lint: boot_lint.clone(),
             };
-            processes = testdev::attach(&vm, &ioapic, &machine)?;
+            let platform = testdev::attach(&vm, &ioapic, &machine)?;
+            processes = platform.processes;
+            let _ = shared.sleep.set(Sleep::new(tables.facs, platform.wake));
             Start::Multiboot(entry)
         }
     };
@@ -239,8 +256,12 @@ fn run_kernel(args: &RunArgs, boot: &Boot) -> Result<ExitCode, MachineError> {
         let mut own = cpuid.clone();
         linux::set_apic_id(&mut own, id);
         vcpu.set_cpuid(&own)?;
+        if let Some(sleep) = shared.sleep.get() {
+            sleep.remember(&mut vcpu)?;
+        }
         if id == 0 {
             start.apply(&vcpu)?;
+            let _ = boot_lint.set(vcpu.lint());
         }
         if args.trace {
             vcpu.add_tracer(Box::new(LineTracer::new(io::stderr())));
@@ -455,6 +476,10 @@ fn vcpu_loop(mut vcpu: Vcpu, vm: &Vm, shared: &Shared) -> Outcome {
             Exit::IoOut { port, size, data } => match acpi::port_write(port, size, data) {
                 Some(PlatformRequest::PowerOff) => return Outcome::PowerOff,
                 Some(PlatformRequest::Reset) => return Outcome::Reset,
+                Some(PlatformRequest::Sleep) => match shared.sleep.get() {
+                    Some(sleep) => sleep.request(|| shared.kick_all()),
+                    None => log::warn!("vCPU {}: S3 requested, but this machine has no S3; ignored", vcpu.id()),
+                },
                 None => log::debug!("vCPU {}: write to unclaimed port {port:#x} ignored", vcpu.id()),
             },
             // Nothing claims the address: reads see all ones, as on a real
@@ -468,6 +493,16 @@ fn vcpu_loop(mut vcpu: Vcpu, vm: &Vm, shared: &Shared) -> Outcome {
                 }
             }
             Exit::Hlt => return Outcome::Halted,
+            // S3: the kick that asked every vCPU to park came back after
+            // KVM completed the exit before it (the PM1a write included).
+            Exit::Kicked if shared.sleep.get().is_some_and(Sleep::requested) => {
+                let Some(sleep) = shared.sleep.get() else { continue };
+                match sleep.park(&mut vcpu, vm, &shared.stop) {
+                    Ok(Parked::Woken) => run = RunState::new(),
+                    Ok(Parked::Stopped) => return Outcome::Stopped,
+                    Err(e) => return Outcome::Failed(e.to_string()),
+                }
+            }
             Exit::Kicked | Exit::InterruptWindow => {}
             // Instructions KVM cannot emulate on this host: complete them in
             // user space (or inject the right exception) and go on.

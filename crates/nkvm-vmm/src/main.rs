@@ -14,6 +14,7 @@ mod console;
 mod cpu_features;
 mod device;
 mod devices;
+mod firmware;
 mod ioapic;
 mod ioapic_process;
 mod kernel_image;
@@ -24,6 +25,7 @@ mod multiboot;
 mod pci_devices;
 mod pic_process;
 mod size;
+mod sleep;
 mod terminal;
 mod testdev;
 

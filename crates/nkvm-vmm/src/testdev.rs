@@ -6,8 +6,9 @@
 //!
 //! | ports / address | model |
 //! |---|---|
-//! | 0x70-0x71 | CMOS/RTC |
-//! | 0x20-0x21, 0xa0-0xa1 | the 8259s (masked by every test; INTR not wired) |
+//! | 0x70-0x71 | CMOS/RTC (its alarm wakes the machine from S3, [`crate::sleep`]) |
+//! | 0x20-0x21, 0xa0-0xa1 | the 8259s, initialised as a BIOS leaves them; INTR on the boot vCPU's LINT0 |
+//! | 0x40-0x43, 0x61 | the 8254 PIT (counter 0 at 18.2 Hz on IRQ 0) and its port 0x61 bits |
 //! | 0x92 | system control port A (A20, fast reset) |
 //! | 0xe0-0xeb | pc-testdev: scratch register, flush-page port |
 //! | 0xf4-0xf7 | isa-debug-exit: a write of `v` ends nkvm with status `(v << 1) \| 1` |
@@ -16,9 +17,10 @@
 //! | 0x608-0x60b | ACPI PM timer (named in the FADT) |
 //! | 0x2000-0x2017 | pc-testdev: 24 interrupt lines into the IOAPIC's pins |
 //! | 0xff00_0000 + 64 KiB | pc-testdev: RAM-like memory served by MMIO exits |
+//! | 0-0x3ff, 0xf0000-0xfffff | the real-mode IVT and its handlers ([`crate::firmware`]) |
 
 use std::sync::mpsc::Sender;
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 
 use nkvm::io::{IoHandler, IoRange, Ordering};
 use nkvm::{GuestAddress, Vm};
@@ -29,7 +31,7 @@ use nkvm_devices::pc_testdev::{
     IoRam, TestdevIrqLines, TestdevPorts, IO_RAM_BASE, IO_RAM_SIZE, TESTDEV_IRQ_LINES_BASE, TESTDEV_IRQ_LINES_SIZE,
     TESTDEV_IRQ_LINE_COUNT, TESTDEV_PORTS_BASE, TESTDEV_PORTS_SIZE,
 };
-use nkvm_devices::pic::{Pic, SharedPic};
+use nkvm_devices::pit::{Pit, PitWindow, SharedPit, PIT_IRQ, PIT_PORT, PIT_SIZE, SPEAKER_PORT, SPEAKER_SIZE};
 use nkvm_devices::pm_timer::{PmTimer, PM_TIMER_SIZE};
 use nkvm_devices::port92::{SystemControlA, SYSTEM_CONTROL_A_PORT, SYSTEM_CONTROL_A_SIZE};
 use nkvm_devices::power::PowerEvent;
@@ -37,7 +39,9 @@ use nkvm_devices::power::PowerEvent;
 use crate::acpi;
 use crate::cli::DeviceModel;
 use crate::devices::{DeviceProcess, InProcess};
+use crate::firmware::{self, BootLint};
 use crate::ioapic::IoapicPins;
+use crate::sleep::WakeSource;
 
 /// Errors attaching the platform devices.
 #[derive(Debug, thiserror::Error)]
@@ -51,6 +55,12 @@ pub enum TestdevError {
     /// A pc-testdev interrupt line could not be connected.
     #[error("cannot connect a pc-testdev interrupt line")]
     Line(#[source] nkvm_devices::pc_testdev::PcTestdevError),
+    /// The PIC's or the PIT's thread could not be started.
+    #[error("cannot start the {0} thread")]
+    Thread(&'static str, #[source] std::io::Error),
+    /// The real-mode IVT could not be written.
+    #[error("cannot write the real-mode interrupt vector table")]
+    Ivt(#[source] nkvm::MemoryError),
 }
 
 /// What the devices need to know of the machine.
@@ -65,12 +75,29 @@ pub struct Machine {
     /// Run the models that need nothing of the VMM (CMOS, the PM timer,
     /// the I/O RAM) each in its own process (`nkvm device`).
     pub device_processes: bool,
+    /// The boot vCPU's LINT0, where the 8259's INTR goes once it is set.
+    pub boot_lint: BootLint,
+}
+
+/// What [`attach`] set up that the VMM keeps.
+pub struct Platform {
+    /// The device processes it started (they end when dropped).
+    pub processes: Vec<DeviceProcess>,
+    /// The S3 wake event: how long until the RTC alarm goes off. Never,
+    /// when the CMOS runs in its own process (its alarm is not visible
+    /// to the VMM).
+    pub wake: WakeSource,
+}
+
+impl std::fmt::Debug for Platform {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Platform").field("processes", &self.processes).finish_non_exhaustive()
+    }
 }
 
 /// Attaches every platform device of the kvm-unit-tests machine to `vm`;
 /// the pc-testdev interrupt lines drive `ioapic`'s pins of the same number.
-/// Returns the device processes it started (they end when dropped).
-pub fn attach(vm: &Arc<Vm>, ioapic: &IoapicPins, machine: &Machine) -> Result<Vec<DeviceProcess>, TestdevError> {
+pub fn attach(vm: &Arc<Vm>, ioapic: &IoapicPins, machine: &Machine) -> Result<Platform, TestdevError> {
     let pio = |port: u16, size: u64| IoRange::pio(port, size as u16);
     let handler = |device: Box<dyn IoHandler>, range: IoRange| vm.attach_handler(range, device).map(|_| ());
 
@@ -83,26 +110,25 @@ pub fn attach(vm: &Arc<Vm>, ioapic: &IoapicPins, machine: &Machine) -> Result<Ve
     let cmos = pio(CMOS_PORT, CMOS_SIZE);
     let io_ram = IoRange::mmio(IO_RAM_BASE, IO_RAM_SIZE);
     let mut processes = Vec::new();
+    let wake: WakeSource;
     if machine.device_processes {
         for (model, range) in
             [(DeviceModel::PmTimer, pm_timer), (DeviceModel::Cmos, cmos), (DeviceModel::IoRam, io_ram)]
         {
             processes.push(DeviceProcess::attach(vm, model, range, Ordering::Sync)?);
         }
+        wake = Box::new(|| None);
     } else {
         handler(Box::new(InProcess(PmTimer::new())), pm_timer)?;
-        handler(Box::new(InProcess(Cmos::new())), cmos)?;
+        let rtc = Arc::new(Mutex::new(Cmos::new()));
+        handler(Box::new(InProcess(rtc.clone())), cmos)?;
+        wake = Box::new(move || rtc.lock().unwrap_or_else(|p| p.into_inner()).alarm_in());
         handler(Box::new(InProcess(IoRam::new())), io_ram)?;
     }
     let port92 = SystemControlA::new(machine.events.clone());
     handler(Box::new(InProcess(port92)), pio(SYSTEM_CONTROL_A_PORT, SYSTEM_CONTROL_A_SIZE))?;
 
-    // The 8259s are there to be masked (every test does); their output is
-    // not wired: interrupts reach the vCPUs through the IOAPIC.
-    let pic = SharedPic::new(Pic::new());
-    handler(Box::new(InProcess(pic.master_port())), pio(0x20, 2))?;
-    handler(Box::new(InProcess(pic.slave_port())), pio(0xa0, 2))?;
-    handler(Box::new(InProcess(pic.elcr_port())), pio(0x4d0, 2))?;
+    attach_timer(vm, machine.boot_lint.clone())?;
 
     // The flush-page port makes the host drop and rebuild its mapping of a
     // page, so KVM invalidates the guest's view of it.
@@ -120,5 +146,38 @@ pub fn attach(vm: &Arc<Vm>, ioapic: &IoapicPins, machine: &Machine) -> Result<Ve
         lines.connect(line, ioapic.line(line)).map_err(TestdevError::Line)?;
     }
     handler(Box::new(InProcess(lines)), pio(TESTDEV_IRQ_LINES_BASE, TESTDEV_IRQ_LINES_SIZE))?;
-    Ok(processes)
+    Ok(Platform { processes, wake })
+}
+
+/// The 8259s (INTR on `boot_lint`) and the PIT, as a BIOS leaves them, and
+/// the real-mode IVT ([`crate::firmware`]). Tests in protected or long mode
+/// mask the 8259s first thing; `realmode` waits for the tick.
+fn attach_timer(vm: &Arc<Vm>, boot_lint: BootLint) -> Result<(), TestdevError> {
+    let pio = |port: u16, size: u64| IoRange::pio(port, size as u16);
+    let handler = |device: Box<dyn IoHandler>, range: IoRange| vm.attach_handler(range, device).map(|_| ());
+    let pic = firmware::pic_on_lint0(boot_lint).map_err(|e| TestdevError::Thread("pic-inta", e))?;
+    firmware::init_pic(&pic);
+    handler(Box::new(InProcess(pic.master_port())), pio(0x20, 2))?;
+    handler(Box::new(InProcess(pic.slave_port())), pio(0xa0, 2))?;
+    handler(Box::new(InProcess(pic.elcr_port())), pio(0x4d0, 2))?;
+    let irq0 = pic.clone();
+    let pit = SharedPit::new(Pit::new(Box::new(move |level: bool| irq0.lock().set_irq(PIT_IRQ, level))));
+    pit.lock().program(0, 3, 0);
+    let (writes, polls) = std::sync::mpsc::channel();
+    for (window, range) in
+        [(PitWindow::Counters, pio(PIT_PORT, PIT_SIZE)), (PitWindow::Speaker, pio(SPEAKER_PORT, SPEAKER_SIZE))]
+    {
+        let writes = writes.clone();
+        let port = pit.port(
+            window,
+            Box::new(move || {
+                let _ = writes.send(());
+            }),
+        );
+        handler(Box::new(InProcess(port)), range)?;
+    }
+    drop(writes);
+    firmware::spawn_pit_timer(pit, polls).map_err(|e| TestdevError::Thread("pit", e))?;
+    firmware::install_ivt(vm).map_err(TestdevError::Ivt)?;
+    Ok(())
 }

@@ -178,7 +178,8 @@ fn s5_through_pm1a_control_powers_off_with_or_without_sci_en() {
     }
     assert_eq!(port_write(0x605, 1, 0x34), Some(PlatformRequest::PowerOff));
     assert_eq!(port_write(0x604, 2, 0x1401), None, "SLP_TYP without SLP_EN");
-    assert_eq!(port_write(0x604, 2, 0x2c01), None, "S3 is not supported");
+    assert_eq!(port_write(0x604, 2, 0x2c01), None, "sleep type 3 is no state of this machine");
+    assert_eq!(port_write(0x604, 2, 0x0401), None, "S3's type without SLP_EN");
     assert_eq!(port_write(0x600, 2, 0x8000), None, "clearing WAK_STS");
 }
 
@@ -228,5 +229,31 @@ fn other_ports_are_not_ours() {
 fn vcpu_counts_the_madt_cannot_express_are_refused() {
     for vcpus in [0, 255, 1000] {
         assert!(matches!(AcpiTables::build(vcpus, None), Err(AcpiError::TooManyVcpus { .. })), "{vcpus}");
+    }
+}
+
+#[test]
+fn s3_through_pm1a_control_is_a_sleep_request() {
+    // What kvm-unit-tests' s3.c writes, and the same with SCI_EN kept.
+    for value in [0x2400u64, 0x2401] {
+        assert_eq!(port_write(0x604, 2, value), Some(PlatformRequest::Sleep), "{value:#x}");
+    }
+    assert_eq!(port_write(0x605, 1, 0x24), Some(PlatformRequest::Sleep));
+}
+
+#[test]
+fn only_a_machine_with_s3_names_it_and_the_facs_has_the_waking_vector() {
+    // Name(_S3_, Package(4) { One, One, Zero, Zero })
+    let name_s3 = [0x08, b'_', b'S', b'3', b'_', 0x12, 0x06, 0x04, 0x01, 0x01, 0x00, 0x00];
+    for (tables, named) in [(AcpiTables::with_s3(1, None).unwrap(), true), (AcpiTables::build(1, None).unwrap(), false)]
+    {
+        let fadt = find(&tables, b"FACP");
+        let dsdt = table(&tables, u64_at(fadt, 140));
+        assert_eq!(dsdt.windows(name_s3.len()).any(|w| w == name_s3), named);
+        assert_eq!(u64::from(u32_at(fadt, 36)), tables.facs.0, "the FADT's FIRMWARE_CTRL");
+        let facs = table(&tables, tables.facs.0);
+        assert_eq!(&facs[..4], b"FACS");
+        assert_eq!(u32_at(facs, FACS_WAKING_VECTOR as usize), 0);
+        assert_eq!(u64_at(facs, FACS_X_WAKING_VECTOR as usize), 0);
     }
 }

@@ -1,0 +1,171 @@
+//! What a PC BIOS leaves behind when it hands a multiboot kernel the CPU,
+//! for the kvm-unit-tests machine (QEMU + SeaBIOS `-kernel`): tests such as
+//! `realmode` go back to real mode and rely on it. Not set up for Linux
+//! boots, which start in long mode and program the timer and 8259s
+//! themselves.
+//!
+//! | what | state, as SeaBIOS leaves it |
+//! |---|---|
+//! | 8259s | initialised: ICW4 8086 mode, vectors 0x08-0x0f (master) and 0x70-0x77 (slave), all masked but IRQ 0 (timer) and IRQ 2 (cascade) |
+//! | 8254 counter 0 | mode 3, count 0: IRQ 0 at 18.2 Hz |
+//! | real-mode IVT (0-0x3ff) | vectors 0x08-0x0f: a handler that sends the master a non-specific EOI; 0x70-0x77: the slave and master; the rest: `iret` |
+//! | handlers | in the BIOS segment 0xf000 (0xf0000-0xfffff, free RAM on this machine), the `iret` at SeaBIOS's 0xf000:0xff53 |
+//!
+//! The 8259's INTR goes to the boot vCPU's LINT0 (virtual-wire mode, which
+//! KVM's local APIC reset state selects): on a rising INTR a thread runs the
+//! INTA cycle and queues the vector on that LINT0 ([`nkvm::Lint`]), which
+//! delivers it when the guest can take it. The PIT is polled by a thread of
+//! its own ([`spawn_pit_timer`]).
+
+use std::sync::mpsc::{self, Receiver, RecvTimeoutError};
+use std::sync::{Arc, OnceLock};
+use std::thread;
+use std::time::Duration;
+
+use nkvm::{GuestAddress, Lint, MemoryError, Vm};
+use nkvm_devices::pic::{Pic, SharedPic};
+use nkvm_devices::pit::SharedPit;
+use nkvm_devices::IoDevice;
+
+/// The BIOS code segment the IVT's handlers live in.
+pub const BIOS_SEGMENT: u16 = 0xf000;
+/// The offset of the bare `iret` handler (SeaBIOS's `entry_iret_official`).
+pub const IRET_OFFSET: u16 = 0xff53;
+/// The offset of the master's EOI handler (vectors 0x08-0x0f).
+pub const MASTER_HANDLER_OFFSET: u16 = 0xfe00;
+/// The offset of the slave's EOI handler (vectors 0x70-0x77).
+pub const SLAVE_HANDLER_OFFSET: u16 = 0xfe10;
+/// The master 8259's first vector.
+pub const MASTER_VECTOR_BASE: u8 = 0x08;
+/// The slave 8259's first vector.
+pub const SLAVE_VECTOR_BASE: u8 = 0x70;
+/// The master's interrupt mask: only IRQ 0 (timer) and IRQ 2 (cascade) open.
+pub const MASTER_MASK: u8 = !0b101;
+/// The slave's interrupt mask: all masked.
+pub const SLAVE_MASK: u8 = 0xff;
+
+/// `push ax; mov al, 0x20; out 0x20, al; pop ax; iret`.
+const MASTER_HANDLER: [u8; 7] = [0x50, 0xb0, 0x20, 0xe6, 0x20, 0x58, 0xcf];
+/// `push ax; mov al, 0x20; out 0xa0, al; out 0x20, al; pop ax; iret`.
+const SLAVE_HANDLER: [u8; 9] = [0x50, 0xb0, 0x20, 0xe6, 0xa0, 0xe6, 0x20, 0x58, 0xcf];
+const IRET: u8 = 0xcf;
+
+/// The real-mode IVT the table describes, as 256 far pointers.
+pub fn ivt() -> Vec<u8> {
+    (0..=255u8)
+        .flat_map(|vector| {
+            let offset = match vector {
+                v if v & !7 == MASTER_VECTOR_BASE => MASTER_HANDLER_OFFSET,
+                v if v & !7 == SLAVE_VECTOR_BASE => SLAVE_HANDLER_OFFSET,
+                _ => IRET_OFFSET,
+            };
+            (u32::from(offset) | (u32::from(BIOS_SEGMENT) << 16)).to_le_bytes()
+        })
+        .collect()
+}
+
+/// Writes the IVT at 0 and its handlers in the BIOS segment.
+pub fn install_ivt(vm: &Vm) -> Result<(), MemoryError> {
+    let at = |offset: u16| GuestAddress((u64::from(BIOS_SEGMENT) << 4) + u64::from(offset));
+    vm.write_memory(GuestAddress(0), &ivt())?;
+    vm.write_memory(at(MASTER_HANDLER_OFFSET), &MASTER_HANDLER)?;
+    vm.write_memory(at(SLAVE_HANDLER_OFFSET), &SLAVE_HANDLER)?;
+    vm.write_memory(at(IRET_OFFSET), &[IRET])
+}
+
+/// Initialises both 8259s as the BIOS does (through their ports, as a BIOS
+/// would): edge-triggered, cascaded, 8086 mode, the vectors and masks above.
+pub fn init_pic(pic: &SharedPic) {
+    let (mut master, mut slave) = (pic.master_port(), pic.slave_port());
+    master.write(0, &[0x11]);
+    slave.write(0, &[0x11]);
+    master.write(1, &[MASTER_VECTOR_BASE]);
+    slave.write(1, &[SLAVE_VECTOR_BASE]);
+    master.write(1, &[0x04]);
+    slave.write(1, &[0x02]);
+    master.write(1, &[0x01]);
+    slave.write(1, &[0x01]);
+    master.write(1, &[MASTER_MASK]);
+    slave.write(1, &[SLAVE_MASK]);
+}
+
+/// The boot vCPU's LINT0, filled in once that vCPU exists.
+pub type BootLint = Arc<OnceLock<Lint>>;
+
+/// A dual 8259 whose INTR feeds `lint` (once set): on each rising INTR a
+/// thread acknowledges the PIC and queues the vector on LINT0.
+pub fn pic_on_lint0(lint: BootLint) -> std::io::Result<SharedPic> {
+    let (intr_tx, intr_rx) = mpsc::channel::<()>();
+    let pic = SharedPic::new(Pic::with_intr_line(Box::new(move |level: bool| {
+        if level {
+            let _ = intr_tx.send(());
+        }
+    })));
+    let inta = pic.clone();
+    // INTR rises under the PIC's lock; the INTA cycle takes that lock, so it
+    // runs here. The thread holds the PIC, whose INTR line holds the
+    // thread's sender: it lives as long as the process (one VM per `nkvm`).
+    thread::Builder::new().name("pic-inta".into()).spawn(move || {
+        for () in intr_rx {
+            let vector = {
+                let mut p = inta.lock();
+                if !p.has_interrupt() {
+                    continue;
+                }
+                p.acknowledge()
+            };
+            match lint.get() {
+                Some(lint) => lint.raise_lint0(vector),
+                None => log::debug!("pic: vector {vector:#x} before the boot vCPU exists, dropped"),
+            }
+        }
+    })?;
+    Ok(pic)
+}
+
+/// Polls `pit` at the times it asks for, and again whenever `writes`
+/// receives (a guest write reprogrammed it); ends when every sender of
+/// `writes` is gone (the PIT's ports were dropped with the VM).
+pub fn spawn_pit_timer(pit: SharedPit, writes: Receiver<()>) -> std::io::Result<()> {
+    const IDLE: Duration = Duration::from_secs(3600);
+    thread::Builder::new().name("pit".into()).spawn(move || loop {
+        let wait = pit.lock().poll().unwrap_or(IDLE);
+        match writes.recv_timeout(wait) {
+            Ok(()) | Err(RecvTimeoutError::Timeout) => {}
+            Err(RecvTimeoutError::Disconnected) => return,
+        }
+    })?;
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_ivt_points_timer_and_slave_vectors_at_eoi_handlers() {
+        let ivt = ivt();
+        assert_eq!(ivt.len(), 1024);
+        let entry = |v: usize| u32::from_le_bytes(ivt[v * 4..v * 4 + 4].try_into().unwrap());
+        assert_eq!(entry(8), 0xf000_fe00);
+        assert_eq!(entry(0x0f), 0xf000_fe00);
+        assert_eq!(entry(0x70), 0xf000_fe10);
+        assert_eq!(entry(0x77), 0xf000_fe10);
+        assert_eq!(entry(0x10), 0xf000_ff53);
+        assert_eq!(entry(0x78), 0xf000_ff53);
+        assert_eq!(entry(0), 0xf000_ff53);
+    }
+
+    #[test]
+    fn the_initialised_pic_delivers_only_the_timer() {
+        let pic = SharedPic::new(Pic::new());
+        init_pic(&pic);
+        let mut p = pic.lock();
+        p.set_irq(1, true);
+        p.set_irq(8, true);
+        assert!(!p.has_interrupt(), "IRQ 1 and the slave are masked");
+        p.set_irq(0, true);
+        assert!(p.has_interrupt());
+        assert_eq!(p.acknowledge(), MASTER_VECTOR_BASE);
+    }
+}

@@ -1,0 +1,271 @@
+//! ACPI S3, suspend to RAM, on the kvm-unit-tests machine.
+//!
+//! The guest writes `SLP_EN` with `SLP_TYP` = [`acpi::SLP_TYP_S3`] to PM1a
+//! control ([`acpi::PlatformRequest::Sleep`]); the vCPU that wrote asks
+//! every vCPU to stop ([`Sleep::request`]) and each parks in
+//! [`Sleep::park`], its thread blocked (no guest runs, nothing spins). RAM
+//! and the devices keep their state, as they do in S3.
+//!
+//! The wake event is the RTC alarm ([`nkvm_devices::cmos::Cmos::alarm_in`],
+//! status B `AIE` set): vCPU 0's thread sleeps until it goes off. Without
+//! one the machine sleeps until nkvm is stopped, as a PC with no wake
+//! source does. Then, as a reset does, every vCPU gets back the state it
+//! had when created (KVM's reset state, saved by [`Sleep::remember`]):
+//! the application processors wait for INIT/SIPI again, and the boot
+//! processor starts in real mode at the FACS's waking vector — the 64-bit
+//! `X_Firmware_Waking_Vector` if not 0, else the 32-bit one — with
+//! `CS = vector >> 4` and `IP = vector & 0xf` (ACPI 6.5, 5.2.10).
+//!
+//! Not modelled: PM1 status bits (`WAK_STS`, `RTC_STS`) after the wake,
+//! `RTC_EN` gating the alarm as a wake event, the FACS's waking-vector
+//! flags (64-bit or protected-mode wake), S1, S2 and S4.
+
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicBool, Ordering::SeqCst};
+use std::sync::{Condvar, Mutex, MutexGuard};
+use std::time::Duration;
+
+use nkvm::{GuestAddress, RunState, Vcpu, VcpuState, Vm};
+
+use crate::acpi;
+
+/// How often a parked thread looks at the stop flag.
+const STOP_POLL: Duration = Duration::from_millis(100);
+
+/// Errors of a sleep or a wake.
+#[derive(Debug, thiserror::Error)]
+pub enum SleepError {
+    /// Saving a vCPU's reset state failed.
+    #[error("cannot save vCPU {id}'s reset state for S3 resume")]
+    Save {
+        /// The vCPU.
+        id: u32,
+        /// Why.
+        #[source]
+        source: nkvm::StateError,
+    },
+    /// No reset state was saved for this vCPU.
+    #[error("vCPU {0} has no saved reset state; S3 resume cannot reset it")]
+    NoResetState(u32),
+    /// Putting a vCPU back in its reset state failed.
+    #[error("cannot reset vCPU {id} on S3 resume")]
+    Restore {
+        /// The vCPU.
+        id: u32,
+        /// Why.
+        #[source]
+        source: nkvm::StateError,
+    },
+    /// Placing the boot vCPU at the waking vector failed.
+    #[error("cannot start vCPU 0 at the waking vector {vector:#x}")]
+    Vector {
+        /// The vector.
+        vector: u64,
+        /// Why.
+        #[source]
+        source: nkvm::VcpuError,
+    },
+    /// The FACS could not be read.
+    #[error("cannot read the FACS waking vector at {0}")]
+    Facs(GuestAddress, #[source] nkvm::MemoryError),
+    /// A waking vector real mode cannot reach.
+    #[error("the waking vector {0:#x} is above 1 MiB; a real-mode wake cannot reach it")]
+    VectorTooHigh(u64),
+}
+
+/// How a parked vCPU came back.
+#[derive(Debug, PartialEq, Eq)]
+pub enum Parked {
+    /// The machine woke; the vCPU is reset and may run.
+    Woken,
+    /// nkvm is stopping the VM: end the vCPU's thread.
+    Stopped,
+}
+
+/// What tells the boot vCPU how long until the wake event, if any.
+pub type WakeSource = Box<dyn Fn() -> Option<Duration> + Send + Sync>;
+
+#[derive(Debug, Default)]
+struct Rendezvous {
+    /// Wakes so far: a parked application processor waits for the next.
+    wakes: u64,
+    /// Application processors parked in this sleep.
+    parked: u32,
+    /// Of those, the ones that have reset themselves after the wake.
+    resumed: u32,
+}
+
+/// The S3 state of a machine; see the [module documentation](self).
+pub struct Sleep {
+    asleep: AtomicBool,
+    rendezvous: Mutex<Rendezvous>,
+    changed: Condvar,
+    reset_states: Mutex<HashMap<u32, VcpuState>>,
+    facs: GuestAddress,
+    wake: WakeSource,
+}
+
+impl std::fmt::Debug for Sleep {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Sleep").field("asleep", &self.asleep).field("facs", &self.facs).finish_non_exhaustive()
+    }
+}
+
+impl Sleep {
+    /// S3 for a machine whose FACS is at `facs`, woken when `wake` says.
+    pub fn new(facs: GuestAddress, wake: WakeSource) -> Self {
+        Self {
+            asleep: AtomicBool::new(false),
+            rendezvous: Mutex::default(),
+            changed: Condvar::new(),
+            reset_states: Mutex::default(),
+            facs,
+            wake,
+        }
+    }
+
+    fn rendezvous(&self) -> MutexGuard<'_, Rendezvous> {
+        self.rendezvous.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Saves `vcpu`'s state as its reset state: call it once the vCPU is
+    /// created and has its CPUID, before it is placed at an entry point.
+    pub fn remember(&self, vcpu: &mut Vcpu) -> Result<(), SleepError> {
+        let id = vcpu.id();
+        let state = vcpu.save_state(&mut RunState::new()).map_err(|source| SleepError::Save { id, source })?;
+        self.reset_states.lock().unwrap_or_else(|p| p.into_inner()).insert(id, state);
+        Ok(())
+    }
+
+    /// The guest asked for S3: every vCPU is to park (`kick_all` makes them
+    /// leave the guest and look at [`requested`](Self::requested)).
+    pub fn request(&self, kick_all: impl FnOnce()) {
+        self.asleep.store(true, SeqCst);
+        kick_all();
+    }
+
+    /// Whether the vCPUs must park.
+    pub fn requested(&self) -> bool {
+        self.asleep.load(SeqCst)
+    }
+
+    /// Parks the calling vCPU until the machine wakes, then resets it (vCPU
+    /// 0 to the waking vector). Returns early with [`Parked::Stopped`]
+    /// when `stop` is set.
+    pub fn park(&self, vcpu: &mut Vcpu, vm: &Vm, stop: &AtomicBool) -> Result<Parked, SleepError> {
+        if vcpu.id() == 0 {
+            self.park_boot_vcpu(vcpu, vm, stop)
+        } else {
+            self.park_application_processor(vcpu, stop)
+        }
+    }
+
+    fn park_application_processor(&self, vcpu: &mut Vcpu, stop: &AtomicBool) -> Result<Parked, SleepError> {
+        let mut r = self.rendezvous();
+        if !self.requested() {
+            return Ok(Parked::Woken); // came too late: the machine is awake
+        }
+        r.parked += 1;
+        let sleeping_through = r.wakes;
+        while r.wakes == sleeping_through {
+            if stop.load(SeqCst) {
+                return Ok(Parked::Stopped);
+            }
+            r = self.changed.wait_timeout(r, STOP_POLL).unwrap_or_else(|p| p.into_inner()).0;
+        }
+        drop(r);
+        let reset = self.reset(vcpu);
+        self.rendezvous().resumed += 1;
+        self.changed.notify_all();
+        reset.map(|()| Parked::Woken)
+    }
+
+    fn park_boot_vcpu(&self, vcpu: &mut Vcpu, vm: &Vm, stop: &AtomicBool) -> Result<Parked, SleepError> {
+        log::debug!("S3: asleep");
+        let mut r = self.rendezvous();
+        loop {
+            if stop.load(SeqCst) {
+                return Ok(Parked::Stopped);
+            }
+            let wait = match (self.wake)() {
+                Some(d) if d.is_zero() => break,
+                Some(d) => d.min(STOP_POLL),
+                None => STOP_POLL,
+            };
+            r = self.changed.wait_timeout(r, wait).unwrap_or_else(|p| p.into_inner()).0;
+        }
+        log::debug!("S3: the RTC alarm wakes the machine");
+        // Wake: release the parked application processors and let them
+        // reset before vCPU 0 runs (it may send them INIT/SIPI at once).
+        r.wakes += 1;
+        self.asleep.store(false, SeqCst);
+        self.changed.notify_all();
+        while r.resumed < r.parked {
+            if stop.load(SeqCst) {
+                return Ok(Parked::Stopped);
+            }
+            r = self.changed.wait_timeout(r, STOP_POLL).unwrap_or_else(|p| p.into_inner()).0;
+        }
+        r.parked = 0;
+        r.resumed = 0;
+        drop(r);
+        let vector = self.waking_vector(vm)?;
+        if vector >= 0x10_0000 {
+            return Err(SleepError::VectorTooHigh(vector));
+        }
+        self.reset(vcpu)?;
+        vcpu.set_real_mode((vector >> 4) as u16, (vector & 0xf) as u16)
+            .map_err(|source| SleepError::Vector { vector, source })?;
+        log::debug!("S3: vCPU 0 resumes at {:04x}:{:x}", vector >> 4, vector & 0xf);
+        Ok(Parked::Woken)
+    }
+
+    fn reset(&self, vcpu: &mut Vcpu) -> Result<(), SleepError> {
+        let id = vcpu.id();
+        let states = self.reset_states.lock().unwrap_or_else(|p| p.into_inner());
+        let state = states.get(&id).ok_or(SleepError::NoResetState(id))?;
+        vcpu.restore_state(state).map_err(|source| SleepError::Restore { id, source })
+    }
+
+    /// The FACS's waking vector: the 64-bit one if set, else the 32-bit one.
+    fn waking_vector(&self, vm: &Vm) -> Result<u64, SleepError> {
+        let read = |offset: u64, buf: &mut [u8]| {
+            let at = GuestAddress(self.facs.0 + offset);
+            vm.read_memory(at, buf).map_err(|e| SleepError::Facs(at, e))
+        };
+        let mut x = [0u8; 8];
+        read(acpi::FACS_X_WAKING_VECTOR, &mut x)?;
+        let mut v = [0u8; 4];
+        read(acpi::FACS_WAKING_VECTOR, &mut v)?;
+        Ok(waking_vector(u64::from_le_bytes(x), u32::from_le_bytes(v)))
+    }
+}
+
+/// The vector ACPI says to wake at: `x` if not 0, else `legacy`.
+pub fn waking_vector(x: u64, legacy: u32) -> u64 {
+    if x != 0 {
+        x
+    } else {
+        u64::from(legacy)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_64_bit_vector_wins_when_set() {
+        assert_eq!(waking_vector(0, 0x1000), 0x1000);
+        assert_eq!(waking_vector(0x9_f000, 0x1000), 0x9_f000);
+    }
+
+    #[test]
+    fn a_request_is_seen_until_the_wake() {
+        let sleep = Sleep::new(GuestAddress(0xe_0040), Box::new(|| None));
+        assert!(!sleep.requested());
+        let mut kicked = false;
+        sleep.request(|| kicked = true);
+        assert!(kicked && sleep.requested());
+    }
+}
