@@ -46,6 +46,8 @@ CPU_MODELS = {"qemu64", "max", "host", "kvm64"}
 # Features this machine has no way to give a guest (nested virtualisation, PMU
 # passthrough, reduced MAXPHYADDR): the test is not applicable.
 MISSING = {"svm", "vmx", "npt", "vmx-mbec", "hv_passthrough"}
+# -cpu ...,vendor= strings and `nkvm run --cpu-vendor`'s names for them.
+VENDORS = {"GenuineIntel": "intel", "AuthenticAMD": "amd"}
 # Features `nkvm run --cpu-features=-NAME` can hide (crates/nkvm-vmm/src/cpu_features.rs).
 HIDEABLE = {"pcid", "x2apic", "tsc-deadline", "xsave", "rdrand", "invpcid", "smep", "smap", "umip", "pku",
             "la57", "rdpid"}
@@ -74,6 +76,7 @@ class Plan:
     not_applicable: str = ""
     cpu_features: list = field(default_factory=list)
     hidden: list = field(default_factory=list)
+    vendor: str = ""
 
 
 @dataclass
@@ -162,6 +165,10 @@ def plan(test):
     i = 0
     while i < len(words):
         opt = words[i]
+        if opt == "-enable-kvm":
+            # nkvm always runs on KVM: a flag with no value.
+            i += 1
+            continue
         val = words[i + 1] if i + 1 < len(words) else ""
         i += 2
         if opt == "-m":
@@ -182,8 +189,15 @@ def plan(test):
             for feat in parts[1:]:
                 name = feat.lstrip("+-").split("=")[0]
                 if feat.startswith("vendor="):
-                    p.not_applicable = f"-cpu {feat}"
-                    return p
+                    vendor = VENDORS.get(feat.split("=", 1)[1])
+                    if vendor is None:
+                        p.not_applicable = f"-cpu {feat}"
+                        return p
+                    p.vendor = vendor
+                    continue
+                if feat == "host-phys-bits":
+                    # nkvm always gives the guest the host's MAXPHYADDR.
+                    continue
                 if name in MISSING or "phys-bits" in name:
                     p.not_applicable = f"-cpu {feat} (not available on this host)"
                     return p
@@ -276,6 +290,8 @@ def run_nkvm(nkvm, test, p, suite):
         cmd += ["--initrd", p.initrd]
     if p.hidden:
         cmd += ["--cpu-features=" + ",".join("-" + h for h in p.hidden)]
+    if p.vendor:
+        cmd += ["--cpu-vendor", p.vendor]
     return run(cmd, test.timeout, suite)
 
 

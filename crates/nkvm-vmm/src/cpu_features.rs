@@ -4,6 +4,8 @@
 //!
 //! Only hiding is offered: a bit KVM does not support cannot be given, and
 //! a guest that sees a feature the vCPU lacks fails in ways no test wants.
+//!
+//! `--cpu-vendor intel|amd`: the vendor string CPUID reports ([`CpuVendor`]).
 
 use std::str::FromStr;
 
@@ -72,6 +74,45 @@ impl HiddenFeatures {
     }
 }
 
+/// The CPU vendor the guest's CPUID names (`--cpu-vendor`), as QEMU's
+/// `-cpu ...,vendor=` does.
+///
+/// Only the vendor string changes: leaf 0 and leaf 0x8000_0000 (EBX, EDX,
+/// ECX), not the family/model or any feature bit. KVM reads the string back
+/// from the vCPU's CPUID and follows the named vendor where the two differ
+/// architecturally: on an AMD host, a guest that says `GenuineIntel` keeps
+/// the upper halves of `SYSENTER_ESP`/`SYSENTER_EIP` (AMD drops them) and
+/// gets Intel's `SYSENTER`/`SYSCALL` emulation in compatibility mode.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum CpuVendor {
+    /// `GenuineIntel`.
+    Intel,
+    /// `AuthenticAMD`.
+    Amd,
+}
+
+impl CpuVendor {
+    /// The 12-byte vendor string.
+    pub fn name(self) -> &'static [u8; 12] {
+        match self {
+            CpuVendor::Intel => b"GenuineIntel",
+            CpuVendor::Amd => b"AuthenticAMD",
+        }
+    }
+
+    /// Writes the vendor string into leaves 0 and 0x8000_0000 of `cpuid`
+    /// (EBX, EDX, ECX hold bytes 0-3, 4-7, 8-11).
+    pub fn apply(self, cpuid: &mut nkvm::Cpuid) {
+        let name = self.name();
+        let word = |i: usize| u32::from_le_bytes([name[i], name[i + 1], name[i + 2], name[i + 3]]);
+        for e in cpuid.as_mut_slice().iter_mut().filter(|e| e.function == 0 || e.function == 0x8000_0000) {
+            e.ebx = word(0);
+            e.edx = word(4);
+            e.ecx = word(8);
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -95,5 +136,29 @@ mod tests {
         "-x2apic,-invpcid".parse::<HiddenFeatures>().unwrap().apply(&mut cpuid);
         assert_eq!(cpuid.as_slice()[0].ecx, !(1 << 21));
         assert_eq!(cpuid.as_slice()[1].ebx, !(1 << 10));
+    }
+
+    #[test]
+    fn vendor_rewrites_both_vendor_leaves_and_nothing_else() {
+        let mut cpuid = nkvm::Cpuid::new(3).unwrap();
+        let entries = cpuid.as_mut_slice();
+        entries[0].function = 0;
+        entries[0].eax = 0x10;
+        entries[1].function = 0x8000_0000;
+        entries[1].eax = 0x8000_0021;
+        entries[2].function = 1;
+        entries[2].ebx = 0x1234;
+        CpuVendor::Intel.apply(&mut cpuid);
+        for e in &cpuid.as_slice()[..2] {
+            let mut name = Vec::new();
+            for word in [e.ebx, e.edx, e.ecx] {
+                name.extend_from_slice(&word.to_le_bytes());
+            }
+            assert_eq!(name, b"GenuineIntel");
+        }
+        assert_eq!((cpuid.as_slice()[0].eax, cpuid.as_slice()[1].eax), (0x10, 0x8000_0021));
+        assert_eq!(cpuid.as_slice()[2].ebx, 0x1234);
+        CpuVendor::Amd.apply(&mut cpuid);
+        assert_eq!(cpuid.as_slice()[0].ebx.to_le_bytes(), *b"Auth");
     }
 }

@@ -221,6 +221,9 @@ fn run_kernel(args: &RunArgs, boot: &Boot) -> Result<ExitCode, MachineError> {
         }
     };
     args.cpu_features.apply(&mut cpuid);
+    if let Some(vendor) = args.cpu_vendor {
+        vendor.apply(&mut cpuid);
+    }
     let com1 = IoRange::pio(builtin::COM1, 8);
     let panic = PanicWatch::default();
     let mut input = None;
