@@ -224,6 +224,14 @@ fn run_kernel(args: &RunArgs, boot: &Boot) -> Result<ExitCode, MachineError> {
     if let Some(vendor) = args.cpu_vendor {
         vendor.apply(&mut cpuid);
     }
+    // KVM lets a guest touch some MSRs its CPUID does not offer; a real CPU
+    // raises #GP (kvm-unit-tests' msr test checks it).
+    match vm.deny_msrs(&crate::cpu_features::msrs_cpuid_lacks(&cpuid)) {
+        Err(nkvm::VmError::MissingCapability(what)) => {
+            eprintln!("nkvm: warning: this host's KVM lacks {what}: the guest can reach MSRs its CPUID does not offer")
+        }
+        other => other?,
+    }
     let com1 = IoRange::pio(builtin::COM1, 8);
     let panic = PanicWatch::default();
     let mut input = None;
