@@ -45,7 +45,7 @@ DEFAULT_TIMEOUT = 90
 CPU_MODELS = {"qemu64", "max", "host", "kvm64"}
 # Features this machine has no way to give a guest (nested virtualisation, PMU
 # passthrough, reduced MAXPHYADDR): the test is not applicable.
-MISSING = {"svm", "vmx", "npt", "vmx-mbec", "hv_passthrough"}
+MISSING = {"svm", "vmx", "npt", "vmx-mbec"}
 # -cpu ...,vendor= strings and `nkvm run --cpu-vendor`'s names for them.
 VENDORS = {"GenuineIntel": "intel", "AuthenticAMD": "amd"}
 # Features `nkvm run --cpu-features=-NAME` can hide (crates/nkvm-vmm/src/cpu_features.rs).
@@ -77,6 +77,7 @@ class Plan:
     cpu_features: list = field(default_factory=list)
     hidden: list = field(default_factory=list)
     vendor: str = ""
+    hyperv: bool = False
 
 
 @dataclass
@@ -195,6 +196,9 @@ def plan(test):
                         return p
                     p.vendor = vendor
                     continue
+                if feat == "hv_passthrough":
+                    p.hyperv = True
+                    continue
                 if feat == "host-phys-bits":
                     # nkvm always gives the guest the host's MAXPHYADDR.
                     continue
@@ -292,6 +296,8 @@ def run_nkvm(nkvm, test, p, suite):
         cmd += ["--cpu-features=" + ",".join("-" + h for h in p.hidden)]
     if p.vendor:
         cmd += ["--cpu-vendor", p.vendor]
+    if p.hyperv:
+        cmd.append("--hyperv")
     return run(cmd, test.timeout, suite)
 
 

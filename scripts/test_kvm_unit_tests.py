@@ -32,6 +32,11 @@ class PlanTest(unittest.TestCase):
         self.assertEqual(plan("-cpu qemu64,vendor=AuthenticAMD").vendor, "amd")
         self.assertIn("vendor=HygonGenuine", plan("-cpu max,vendor=HygonGenuine").not_applicable)
 
+    def test_hv_passthrough_asks_nkvm_for_hyperv(self):
+        p = plan("-cpu host,hv_passthrough")
+        self.assertEqual((p.not_applicable, p.hyperv), ("", True))
+        self.assertIn("-device hyperv-testdev", plan("-cpu host,hv_passthrough -device hyperv-testdev").not_applicable)
+
     def test_hidden_features_and_unhideable_ones(self):
         self.assertEqual(plan("-cpu max,-x2apic,-pcid").hidden, ["x2apic", "pcid"])
         self.assertIn("cannot hide", plan("-cpu max,-avx2").not_applicable)

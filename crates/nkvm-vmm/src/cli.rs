@@ -93,6 +93,12 @@ pub struct RunArgs {
     /// 0x8000_0000), as QEMU's `-cpu ...,vendor=`; default: this host's.
     #[arg(long, value_enum)]
     pub cpu_vendor: Option<CpuVendor>,
+    /// Offer a --kernel guest the Hyper-V enlightenments this host's KVM
+    /// emulates (QEMU's `-cpu ...,hv_passthrough`): Hyper-V's CPUID leaves
+    /// at 0x4000_0000 (KVM's move to 0x4000_0100) and the SynIC on every
+    /// vCPU (reference counter, TSC page, synthetic timers, hypercalls).
+    #[arg(long)]
+    pub hyperv: bool,
     /// Pass a Linux --cmdline as given. By default nkvm adds what a nested
     /// `kvm_pvm` host needs and the line lacks: `noxsave`, `clearcpuid=` of
     /// the SIMD past SSE2, `cryptomgr.notests` (and says so on stderr).
@@ -115,6 +121,7 @@ impl Default for RunArgs {
             disk_readonly: false,
             cpu_features: HiddenFeatures::default(),
             cpu_vendor: None,
+            hyperv: false,
             no_host_workarounds: false,
         }
     }

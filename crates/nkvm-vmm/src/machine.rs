@@ -224,6 +224,9 @@ fn run_kernel(args: &RunArgs, boot: &Boot) -> Result<ExitCode, MachineError> {
     if let Some(vendor) = args.cpu_vendor {
         vendor.apply(&mut cpuid);
     }
+    if args.hyperv {
+        cpuid = nkvm::hyperv::with_hyperv(&cpuid, &hv.supported_hv_cpuid()?);
+    }
     // KVM lets a guest touch some MSRs its CPUID does not offer; a real CPU
     // raises #GP (kvm-unit-tests' msr test checks it).
     match vm.deny_msrs(&crate::cpu_features::msrs_cpuid_lacks(&cpuid)) {
@@ -250,6 +253,9 @@ fn run_kernel(args: &RunArgs, boot: &Boot) -> Result<ExitCode, MachineError> {
         let mut own = cpuid.clone();
         linux::set_apic_id(&mut own, id);
         vcpu.set_cpuid(&own)?;
+        if args.hyperv {
+            vcpu.enable_hyperv_synic()?;
+        }
         if id == 0 {
             start.apply(&vcpu)?;
         }
