@@ -11,8 +11,11 @@ The suite comes from ../shared/kvm-unit-tests/*.tar.gz beside the repository
 by default, or --source (a tarball or an upstream checkout). It is built in
 target/kvm-unit-tests (gcc, make). Each test runs with its `smp`,
 `test_args`, `timeout` and the `qemu_params` nkvm can honour: `-m`, `-smp`,
-`-initrd`; a `-cpu` model or feature nkvm cannot give, a special machine or
-device, an i386-only or manual-only test is "n/a" with the reason.
+`-initrd`, `-enable-kvm` (nkvm always is KVM), and of `-cpu`: `-FEATURE`
+(`--cpu-features`), `vendor=` (`--cpu-vendor`), `hv_passthrough`
+(`--hyperv`) and `host-phys-bits` (what nkvm gives anyway); a `-cpu` model or
+feature nkvm cannot give, a special machine or device, an i386-only or
+manual-only test is "n/a" with the reason.
 
 Results follow the suite's own rules (scripts/arch-run.bash): a test ends by
 writing its status to port 0xf4 and the VMM exits with (status << 1) | 1, so
