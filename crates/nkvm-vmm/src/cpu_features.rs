@@ -81,11 +81,12 @@ impl HiddenFeatures {
 /// `-cpu ...,vendor=` does.
 ///
 /// Only the vendor string changes: leaf 0 and leaf 0x8000_0000 (EBX, EDX,
-/// ECX), not the family/model or any feature bit. KVM reads the string back
-/// from the vCPU's CPUID and follows the named vendor where the two differ
-/// architecturally: on an AMD host, a guest that says `GenuineIntel` keeps
-/// the upper halves of `SYSENTER_ESP`/`SYSENTER_EIP` (AMD drops them) and
-/// gets Intel's `SYSENTER`/`SYSCALL` emulation in compatibility mode.
+/// ECX), not the family/model or any feature bit. Upstream KVM reads the
+/// string back from the vCPU's CPUID and follows the named vendor where the
+/// two differ architecturally: on an AMD host, a guest that says
+/// `GenuineIntel` keeps the upper halves of `SYSENTER_ESP`/`SYSENTER_EIP`
+/// (AMD drops them). On this project's nested `kvm_pvm` host they are kept
+/// either way (kvm-unit-tests' `msr` passes its SYSENTER checks with both).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
 pub enum CpuVendor {
     /// `GenuineIntel`.
