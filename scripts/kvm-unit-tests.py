@@ -11,8 +11,11 @@ The suite comes from ../shared/kvm-unit-tests/*.tar.gz beside the repository
 by default, or --source (a tarball or an upstream checkout). It is built in
 target/kvm-unit-tests (gcc, make). Each test runs with its `smp`,
 `test_args`, `timeout` and the `qemu_params` nkvm can honour: `-m`, `-smp`,
-`-initrd`; a `-cpu` model or feature nkvm cannot give, a special machine or
-device, an i386-only or manual-only test is "n/a" with the reason.
+`-initrd`, `-enable-kvm` (nkvm always is KVM), and of `-cpu`: `-FEATURE`
+(`--cpu-features`), `vendor=` (`--cpu-vendor`), `hv_passthrough`
+(`--hyperv`) and `host-phys-bits` (what nkvm gives anyway); a `-cpu` model or
+feature nkvm cannot give, a special machine or device, an i386-only or
+manual-only test is "n/a" with the reason.
 
 Results follow the suite's own rules (scripts/arch-run.bash): a test ends by
 writing its status to port 0xf4 and the VMM exits with (status << 1) | 1, so
@@ -45,7 +48,9 @@ DEFAULT_TIMEOUT = 90
 CPU_MODELS = {"qemu64", "max", "host", "kvm64"}
 # Features this machine has no way to give a guest (nested virtualisation, PMU
 # passthrough, reduced MAXPHYADDR): the test is not applicable.
-MISSING = {"svm", "vmx", "npt", "vmx-mbec", "hv_passthrough"}
+MISSING = {"svm", "vmx", "npt", "vmx-mbec"}
+# -cpu ...,vendor= strings and `nkvm run --cpu-vendor`'s names for them.
+VENDORS = {"GenuineIntel": "intel", "AuthenticAMD": "amd"}
 # Features `nkvm run --cpu-features=-NAME` can hide (crates/nkvm-vmm/src/cpu_features.rs).
 HIDEABLE = {"pcid", "x2apic", "tsc-deadline", "xsave", "rdrand", "invpcid", "smep", "smap", "umip", "pku",
             "la57", "rdpid"}
@@ -74,6 +79,8 @@ class Plan:
     not_applicable: str = ""
     cpu_features: list = field(default_factory=list)
     hidden: list = field(default_factory=list)
+    vendor: str = ""
+    hyperv: bool = False
 
 
 @dataclass
@@ -162,6 +169,10 @@ def plan(test):
     i = 0
     while i < len(words):
         opt = words[i]
+        if opt == "-enable-kvm":
+            # nkvm always runs on KVM: a flag with no value.
+            i += 1
+            continue
         val = words[i + 1] if i + 1 < len(words) else ""
         i += 2
         if opt == "-m":
@@ -182,8 +193,18 @@ def plan(test):
             for feat in parts[1:]:
                 name = feat.lstrip("+-").split("=")[0]
                 if feat.startswith("vendor="):
-                    p.not_applicable = f"-cpu {feat}"
-                    return p
+                    vendor = VENDORS.get(feat.split("=", 1)[1])
+                    if vendor is None:
+                        p.not_applicable = f"-cpu {feat}"
+                        return p
+                    p.vendor = vendor
+                    continue
+                if feat == "hv_passthrough":
+                    p.hyperv = True
+                    continue
+                if feat == "host-phys-bits":
+                    # nkvm always gives the guest the host's MAXPHYADDR.
+                    continue
                 if name in MISSING or "phys-bits" in name:
                     p.not_applicable = f"-cpu {feat} (not available on this host)"
                     return p
@@ -276,6 +297,10 @@ def run_nkvm(nkvm, test, p, suite):
         cmd += ["--initrd", p.initrd]
     if p.hidden:
         cmd += ["--cpu-features=" + ",".join("-" + h for h in p.hidden)]
+    if p.vendor:
+        cmd += ["--cpu-vendor", p.vendor]
+    if p.hyperv:
+        cmd.append("--hyperv")
     return run(cmd, test.timeout, suite)
 
 

@@ -2,7 +2,7 @@
 
 use clap::{Args, Parser, Subcommand};
 
-use crate::cpu_features::HiddenFeatures;
+use crate::cpu_features::{CpuVendor, HiddenFeatures};
 use crate::size::parse_size;
 
 /// nkvm: a VMM on the next-generation KVM API.
@@ -89,6 +89,16 @@ pub struct RunArgs {
     /// minus: `-x2apic,-pcid,-invpcid` (see `cpu_features.rs` for the list).
     #[arg(long, value_parser = |s: &str| s.parse::<HiddenFeatures>(), default_value = "", allow_hyphen_values = true)]
     pub cpu_features: HiddenFeatures,
+    /// The CPU vendor a --kernel guest's CPUID names (leaves 0 and
+    /// 0x8000_0000), as QEMU's `-cpu ...,vendor=`; default: this host's.
+    #[arg(long, value_enum)]
+    pub cpu_vendor: Option<CpuVendor>,
+    /// Offer a --kernel guest the Hyper-V enlightenments this host's KVM
+    /// emulates (QEMU's `-cpu ...,hv_passthrough`): Hyper-V's CPUID leaves
+    /// at 0x4000_0000 (KVM's move to 0x4000_0100) and the SynIC on every
+    /// vCPU (reference counter, TSC page, synthetic timers, hypercalls).
+    #[arg(long)]
+    pub hyperv: bool,
     /// Pass a Linux --cmdline as given. By default nkvm adds what a nested
     /// `kvm_pvm` host needs and the line lacks: `noxsave`, `clearcpuid=` of
     /// the SIMD past SSE2, `cryptomgr.notests` (and says so on stderr).
@@ -110,6 +120,8 @@ impl Default for RunArgs {
             disk: None,
             disk_readonly: false,
             cpu_features: HiddenFeatures::default(),
+            cpu_vendor: None,
+            hyperv: false,
             no_host_workarounds: false,
         }
     }

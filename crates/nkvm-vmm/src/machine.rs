@@ -21,6 +21,7 @@ use crate::builtin;
 use crate::cli::{DeviceModel, RunArgs};
 use crate::cmdline;
 use crate::console::{PanicWatch, WatchedConsole};
+use crate::cpu_features;
 use crate::devices::{DeviceProcess, InProcess};
 use crate::ioapic;
 use crate::linux::{self, LinuxBoot};
@@ -238,6 +239,12 @@ fn run_kernel(args: &RunArgs, boot: &Boot) -> Result<ExitCode, MachineError> {
         }
     };
     args.cpu_features.apply(&mut cpuid);
+    if let Some(vendor) = args.cpu_vendor {
+        vendor.apply(&mut cpuid);
+    }
+    if args.hyperv {
+        cpuid = nkvm::hyperv::with_hyperv(&cpuid, &hv.supported_hv_cpuid()?);
+    }
     let com1 = IoRange::pio(builtin::COM1, 8);
     let panic = PanicWatch::default();
     let mut input = None;
@@ -256,6 +263,9 @@ fn run_kernel(args: &RunArgs, boot: &Boot) -> Result<ExitCode, MachineError> {
         let mut own = cpuid.clone();
         linux::set_apic_id(&mut own, id);
         vcpu.set_cpuid(&own)?;
+        if args.hyperv {
+            vcpu.enable_hyperv_synic()?;
+        }
         if let Some(sleep) = shared.sleep.get() {
             sleep.remember(&mut vcpu)?;
         }
@@ -270,6 +280,20 @@ fn run_kernel(args: &RunArgs, boot: &Boot) -> Result<ExitCode, MachineError> {
             vcpu.add_tracer(stats.tracer());
         }
         vcpus.push(vcpu);
+    }
+    // KVM lets a guest touch some MSRs its CPUID does not offer; a real CPU
+    // raises #GP (kvm-unit-tests' msr test checks it). The CPUID is the one
+    // KVM reports for the vCPU: on this host some leaves are not what
+    // KVM_SET_CPUID2 set, and the guest reads KVM's (docs/architecture.md).
+    if let Some(first) = vcpus.first() {
+        match vm.deny_msrs(&cpu_features::msrs_cpuid_lacks(&first.cpuid()?)) {
+            Err(nkvm::VmError::MissingCapability(what)) => {
+                eprintln!(
+                    "nkvm: warning: this host's KVM lacks {what}: the guest can reach MSRs its CPUID does not offer"
+                )
+            }
+            other => other?,
+        }
     }
     // The terminal goes back to canonical mode when `_raw` drops: on every
     // return from here, error or not.

@@ -8,7 +8,7 @@ use std::path::{Path, PathBuf};
 use kvm_bindings::{
     KVM_CAP_COALESCED_MMIO, KVM_CAP_COALESCED_PIO, KVM_CAP_DIRTY_LOG_RING, KVM_CAP_DIRTY_LOG_RING_ACQ_REL,
     KVM_CAP_IOEVENTFD, KVM_CAP_IRQFD, KVM_CAP_MANUAL_DIRTY_LOG_PROTECT2, KVM_CAP_MAX_VCPUS, KVM_CAP_NR_MEMSLOTS,
-    KVM_CAP_SPLIT_IRQCHIP,
+    KVM_CAP_SPLIT_IRQCHIP, KVM_CAP_SYS_HYPERV_CPUID, KVM_CAP_X86_MSR_FILTER,
 };
 use kvm_ioctls::Kvm;
 
@@ -46,6 +46,14 @@ pub enum HypervisorError {
     /// `KVM_GET_SUPPORTED_CPUID` failed.
     #[error("KVM_GET_SUPPORTED_CPUID failed")]
     Cpuid(#[source] kvm_ioctls::Error),
+    /// This host's KVM does not report its Hyper-V leaves on `/dev/kvm`.
+    #[error(
+        "this host's KVM cannot list its Hyper-V enlightenments (no KVM_CAP_SYS_HYPERV_CPUID{0}): run without Hyper-V"
+    )]
+    NoHyperv(&'static str),
+    /// `KVM_GET_SUPPORTED_HV_CPUID` failed.
+    #[error("KVM_GET_SUPPORTED_HV_CPUID failed")]
+    HvCpuid(#[source] kvm_ioctls::Error),
 }
 
 /// What this host's KVM supports, probed once at [`Hypervisor::open`].
@@ -75,6 +83,11 @@ pub struct Capabilities {
     pub ioeventfd: bool,
     /// `KVM_IRQFD`.
     pub irqfd: bool,
+    /// The MSR filter ([`Vm::deny_msrs`](crate::Vm::deny_msrs); `KVM_CAP_X86_MSR_FILTER`).
+    pub msr_filter: bool,
+    /// Hyper-V enlightenments listed on `/dev/kvm`
+    /// ([`crate::hyperv`]; `KVM_CAP_SYS_HYPERV_CPUID`).
+    pub hyperv: bool,
 }
 
 impl Capabilities {
@@ -93,6 +106,8 @@ impl Capabilities {
             ("coalesced_pio", self.coalesced_pio.to_string()),
             ("ioeventfd", self.ioeventfd.to_string()),
             ("irqfd", self.irqfd.to_string()),
+            ("msr_filter", self.msr_filter.to_string()),
+            ("hyperv", self.hyperv.to_string()),
         ]
     }
 }
@@ -166,6 +181,8 @@ impl Hypervisor {
             coalesced_pio: cap(KVM_CAP_COALESCED_PIO) > 0,
             ioeventfd: cap(KVM_CAP_IOEVENTFD) > 0,
             irqfd: cap(KVM_CAP_IRQFD) > 0,
+            msr_filter: cap(KVM_CAP_X86_MSR_FILTER) > 0,
+            hyperv: cap(KVM_CAP_SYS_HYPERV_CPUID) > 0,
         };
         Ok(Self { kvm, caps, vcpu_mmap_size })
     }

@@ -33,6 +33,7 @@
 //! | module | holds |
 //! |---|---|
 //! | [`hypervisor`] | `/dev/kvm`, the capability probe |
+//! | [`hyperv`] | Hyper-V enlightenments: CPUID leaves, SynIC |
 //! | [`vm`] | a VM, its memory map, vCPU creation |
 //! | [`memory`] | backing objects, regions, the memory map value |
 //! | [`vcpu`], [`run_state`], [`exit`] | `enter_guest`, the caller-owned state, the exits |
@@ -48,6 +49,7 @@ mod address;
 pub mod dirty;
 pub mod emulate;
 pub mod exit;
+pub mod hyperv;
 pub mod hypervisor;
 pub mod io;
 pub mod irq;

@@ -27,7 +27,7 @@ fn capabilities_are_probed() {
     assert!(caps.max_vcpus >= 1);
     assert!(caps.max_memory_slots >= 32);
     assert!(caps.ioeventfd && caps.irqfd, "{caps:?}");
-    assert_eq!(caps.rows().len(), 12);
+    assert_eq!(caps.rows().len(), 14);
 }
 
 #[test]

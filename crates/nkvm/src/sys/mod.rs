@@ -6,6 +6,7 @@
 //! top of `kvm-ioctls` and these wrappers.
 
 pub(crate) mod dirty;
+pub(crate) mod hyperv;
 pub(crate) mod irq;
 pub(crate) mod kick;
 pub(crate) mod memfd;

@@ -1,8 +1,10 @@
 //! [`Vm`]: one virtual machine, its memory map and its vCPUs. The dirty
-//! log kept in user memory is in `vm/dirty_log.rs`.
+//! log kept in user memory is in `vm/dirty_log.rs`; the MSR filter in
+//! `vm/msr_filter.rs`.
 
 mod diff;
 mod dirty_log;
+mod msr_filter;
 
 use std::collections::HashMap;
 use std::fmt;
@@ -50,6 +52,14 @@ pub enum VmError {
     /// The config needs a capability the host lacks.
     #[error("this VM needs {0}, which this host's KVM does not offer")]
     MissingCapability(&'static str),
+    /// The MSRs to deny spread over more filter ranges than KVM takes.
+    #[error("the MSRs to deny need {ranges} filter ranges of 12288 MSRs, KVM takes at most {max}: deny fewer or closer MSRs")]
+    TooManyMsrRanges {
+        /// Ranges the list needs.
+        ranges: usize,
+        /// `KVM_MSR_FILTER_MAX_RANGES`.
+        max: u32,
+    },
     /// Guest memory could not be set up.
     #[error(transparent)]
     Memory(#[from] MemoryError),
