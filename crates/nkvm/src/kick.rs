@@ -42,11 +42,20 @@ pub(crate) struct KickShared {
     /// Set by a [`Kicker`]: the caller asked for the vCPU back. A kick
     /// without it is the VM pausing its vCPUs, which `enter_guest` absorbs.
     user: AtomicBool,
+    /// Set by the EOI watch: the vCPU should look whether KVM holds an EOI
+    /// back while it is halted (`eoi_watch`).
+    poke: AtomicBool,
 }
 
 impl KickShared {
     pub(crate) fn new(run: Arc<RunArea>) -> Arc<Self> {
-        Arc::new(Self { run, state: AtomicU64::new(0), thread: AtomicU64::new(0), user: AtomicBool::new(false) })
+        Arc::new(Self {
+            run,
+            state: AtomicU64::new(0),
+            thread: AtomicU64::new(0),
+            user: AtomicBool::new(false),
+            poke: AtomicBool::new(false),
+        })
     }
 
     /// Marks the calling thread as inside `KVM_RUN`.
@@ -76,6 +85,17 @@ impl KickShared {
     pub(crate) fn take(&self) -> bool {
         self.run.take_immediate_exit();
         self.user.swap(false, Ordering::SeqCst)
+    }
+
+    /// Kicks the vCPU to look whether KVM holds an EOI back (`eoi_watch`).
+    pub(crate) fn poke(&self) {
+        self.poke.store(true, Ordering::SeqCst);
+        self.kick();
+    }
+
+    /// Consumes a pending poke.
+    pub(crate) fn take_poke(&self) -> bool {
+        self.poke.swap(false, Ordering::SeqCst)
     }
 
     /// Forces the vCPU out of (or away from) `KVM_RUN`.

@@ -47,6 +47,7 @@
 mod address;
 pub mod dirty;
 pub mod emulate;
+mod eoi_watch;
 pub mod exit;
 pub mod hypervisor;
 pub mod io;
