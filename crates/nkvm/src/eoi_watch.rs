@@ -12,12 +12,17 @@
 //!
 //! nkvm therefore watches the level-triggered vectors it delivered: one
 //! whose EOI has not come back within [`STALE`] gets every vCPU poked. A
-//! poked vCPU that KVM reports halted is made runnable and entered once
+//! poked vCPU that KVM reports halted, whose local APIC holds such a vector
+//! neither requested (IRR) nor in service (ISR) — so its EOI was made and
+//! is held — is made runnable and entered once
 //! with its kick signal already pending: KVM handles the held requests (the
 //! EOI exits to user space and goes to the IOAPIC model) and returns before
 //! running a guest instruction; the vCPU is then put back to `HALTED`
-//! unless KVM queued an interrupt meanwhile, so the guest sees its `hlt`
-//! end only by an interrupt. Nothing of this touches an entry that no one
+//! unless KVM took an interrupt from the local APIC meanwhile, so the guest
+//! sees its `hlt` end only by an interrupt. (When the signal cancels the
+//! entry, this host re-queues the last interrupt it ever injected; that
+//! stale event is dropped, recognised by the in-service register being
+//! unchanged.) Nothing of this touches an entry that no one
 //! poked: the cost is one lock per level-triggered delivery and per EOI.
 
 use std::collections::BTreeMap;
@@ -69,10 +74,15 @@ impl EoiWatch {
         self.outstanding.lock().unwrap_or_else(|p| p.into_inner()).remove(&vector);
     }
 
+    /// The vectors waiting for their EOI.
+    pub(crate) fn outstanding(&self) -> Vec<u8> {
+        self.outstanding.lock().unwrap_or_else(|p| p.into_inner()).keys().copied().collect()
+    }
+
     /// Whether `vector` waits for its EOI (for tests).
     #[cfg(test)]
     fn waiting(&self, vector: u8) -> bool {
-        self.outstanding.lock().unwrap_or_else(|p| p.into_inner()).contains_key(&vector)
+        self.outstanding().contains(&vector)
     }
 
     /// If a vector has waited [`STALE`], restarts every clock and returns
@@ -117,6 +127,14 @@ impl Vcpu {
         if mp.mp_state != KVM_MP_STATE_HALTED {
             return Ok(None);
         }
+        let (irr, isr) = self.irr_isr()?;
+        let pending = |regs: &[u32; 8], v: u8| regs[usize::from(v / 32)] & (1 << (v % 32)) != 0;
+        let held = self.links.irq.eoi_watch.outstanding().into_iter().any(|v| !pending(&irr, v) && !pending(&isr, v));
+        if !held {
+            // Every outstanding vector is still requested or in service:
+            // its EOI is not held back, it has not happened yet.
+            return Ok(None);
+        }
         self.set_mp(KVM_MP_STATE_RUNNABLE)?;
         let inside = self.links.gate.enter(&self.kick);
         let result =
@@ -130,10 +148,32 @@ impl Vcpu {
             }
             other => other,
         };
-        if other.is_none() && self.events()?.interrupt.injected == 0 {
+        if other.is_some() {
+            return Ok(other);
+        }
+        let mut events = self.events()?;
+        if events.interrupt.injected != 0 && !exited && self.irr_isr()?.1 == isr {
+            // The entry was cancelled by the signal, and this host then
+            // re-queues the last interrupt it injected, long delivered and
+            // not taken from the local APIC now (the ISR did not change):
+            // entering would deliver it a second time.
+            events.interrupt.injected = 0;
+            self.set_events(&events)?;
+        }
+        if events.interrupt.injected == 0 {
             self.set_mp(KVM_MP_STATE_HALTED)?;
         }
-        Ok(other)
+        Ok(None)
+    }
+
+    /// The local APIC's interrupt-request and in-service registers (eight
+    /// 32-bit words each).
+    fn irr_isr(&self) -> Result<([u32; 8], [u32; 8]), VcpuError> {
+        let lapic = self.fd.get_lapic().map_err(|source| self.err("KVM_GET_LAPIC", source))?;
+        let reg = |base: usize| -> [u32; 8] {
+            std::array::from_fn(|i| u32::from_le_bytes(std::array::from_fn(|b| lapic.regs[base + 0x10 * i + b] as u8)))
+        };
+        Ok((reg(0x200), reg(0x100)))
     }
 
     fn set_mp(&self, mp_state: u32) -> Result<(), VcpuError> {
