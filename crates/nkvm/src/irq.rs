@@ -317,11 +317,11 @@ impl IrqShared {
         self.lints.lock().unwrap_or_else(|p| p.into_inner()).iter().find(|(i, _)| *i == id).map(|(_, l)| l.clone())
     }
 
-    /// Kicks every vCPU to look whether KVM holds an EOI back from it
-    /// (see `eoi_watch`).
+    /// Kicks every halted vCPU to look whether KVM holds an EOI back from
+    /// it (see `eoi_watch`).
     pub(crate) fn poke_all(&self) {
         for (_, lint) in self.lints.lock().unwrap_or_else(|p| p.into_inner()).iter() {
-            lint.kick.poke();
+            lint.kick.poke_if_halted();
         }
     }
 

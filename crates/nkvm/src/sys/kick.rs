@@ -41,6 +41,12 @@ pub(crate) fn current_thread() -> ThreadId {
     ThreadId(thread as u64)
 }
 
+/// The calling thread's kernel thread id.
+pub(crate) fn current_tid() -> i32 {
+    // SAFETY: gettid has no preconditions.
+    unsafe { libc::gettid() }
+}
+
 /// Sends the kick signal to `thread`.
 ///
 /// The caller must know that `thread` is alive (the kicker only signals a
