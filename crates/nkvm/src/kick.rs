@@ -65,8 +65,10 @@ impl KickShared {
     /// Marks the calling thread as inside `KVM_RUN`.
     pub(crate) fn enter(&self) {
         let me = current_thread().0;
-        // A syscall only when the vCPU moved to another thread.
-        if self.thread.swap(me, Ordering::Relaxed) != me {
+        // A plain load per entry; a store and a syscall only when the vCPU
+        // moved to another thread.
+        if self.thread.load(Ordering::Relaxed) != me {
+            self.thread.store(me, Ordering::Relaxed);
             self.tid.store(current_tid(), Ordering::Relaxed);
         }
         self.state.fetch_or(IN_GUEST, Ordering::SeqCst);
