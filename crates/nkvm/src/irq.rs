@@ -304,6 +304,8 @@ pub(crate) struct IrqShared {
     routes: Mutex<Routes>,
     bus: std::sync::RwLock<Option<Arc<ApicBusEnd>>>,
     lints: Mutex<Vec<(u32, Lint)>>,
+    /// Level-triggered vectors waiting for their EOI.
+    pub(crate) eoi_watch: crate::eoi_watch::EoiWatch,
 }
 
 impl IrqShared {
@@ -315,8 +317,17 @@ impl IrqShared {
         self.lints.lock().unwrap_or_else(|p| p.into_inner()).iter().find(|(i, _)| *i == id).map(|(_, l)| l.clone())
     }
 
+    /// Kicks every halted vCPU to look whether KVM holds an EOI back from
+    /// it (see `eoi_watch`).
+    pub(crate) fn poke_all(&self) {
+        for (_, lint) in self.lints.lock().unwrap_or_else(|p| p.into_inner()).iter() {
+            lint.kick.poke_if_halted();
+        }
+    }
+
     /// Sends an EOI to the APIC bus; false if no bus is attached.
     pub(crate) fn eoi(&self, vector: u8) -> bool {
+        self.eoi_watch.ended(vector);
         match &*self.bus.read().unwrap_or_else(|p| p.into_inner()) {
             Some(bus) => {
                 bus.eoi(vector);
@@ -531,7 +542,7 @@ impl crate::Vm {
 }
 
 /// The APIC-bus thread: interrupt messages in, delivered to the vCPUs.
-fn serve_bus(reader: &mut nkvm_wire::spin::SpinStream, fd: &kvm_ioctls::VmFd, irq: &IrqShared, end: &ApicBusEnd) {
+fn serve_bus(reader: &mut nkvm_wire::spin::SpinStream, fd: &kvm_ioctls::VmFd, irq: &Arc<IrqShared>, end: &ApicBusEnd) {
     use nkvm_wire::apic::{read_frame, ApicFrame};
     loop {
         let message = match read_frame(reader) {
@@ -546,7 +557,7 @@ fn serve_bus(reader: &mut nkvm_wire::spin::SpinStream, fd: &kvm_ioctls::VmFd, ir
     }
 }
 
-fn deliver(fd: &kvm_ioctls::VmFd, irq: &IrqShared, m: &InterruptMessage) -> Result<(), IrqError> {
+fn deliver(fd: &kvm_ioctls::VmFd, irq: &Arc<IrqShared>, m: &InterruptMessage) -> Result<(), IrqError> {
     match m.delivery_mode {
         DeliveryMode::ExtInt => {
             if let Some(lint) = irq.lint(m.destination) {
@@ -573,6 +584,8 @@ fn deliver(fd: &kvm_ioctls::VmFd, irq: &IrqShared, m: &InterruptMessage) -> Resu
             fd.set_gsi_routing(&routes.to_kvm()?)
                 .map_err(|source| IrqError::Kvm { op: "KVM_SET_GSI_ROUTING", source })?;
         }
+        drop(routes);
+        irq.eoi_watch.sent(irq, m.vector);
     }
     fd.signal_msi(msi.to_kvm()).map_err(|source| IrqError::Kvm { op: "KVM_SIGNAL_MSI", source })?;
     Ok(())

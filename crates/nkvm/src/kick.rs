@@ -1,9 +1,9 @@
 //! [`Kicker`]: make a vCPU leave the guest from another thread.
 
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicI32, AtomicU64, Ordering};
 use std::sync::Arc;
 
-use crate::sys::kick::{current_thread, signal_thread, ThreadId};
+use crate::sys::kick::{current_thread, current_tid, signal_thread, ThreadId};
 use crate::sys::run::RunArea;
 
 /// A handle that forces a vCPU out of the guest: its running (or next)
@@ -42,16 +42,35 @@ pub(crate) struct KickShared {
     /// Set by a [`Kicker`]: the caller asked for the vCPU back. A kick
     /// without it is the VM pausing its vCPUs, which `enter_guest` absorbs.
     user: AtomicBool,
+    /// Set by the EOI watch: the vCPU should look whether KVM holds an EOI
+    /// back while it is halted (`eoi_watch`).
+    poke: AtomicBool,
+    /// The kernel thread id of the thread that last entered (0: none yet),
+    /// for the EOI watch to see whether it sleeps in a halt.
+    tid: AtomicI32,
 }
 
 impl KickShared {
     pub(crate) fn new(run: Arc<RunArea>) -> Arc<Self> {
-        Arc::new(Self { run, state: AtomicU64::new(0), thread: AtomicU64::new(0), user: AtomicBool::new(false) })
+        Arc::new(Self {
+            run,
+            state: AtomicU64::new(0),
+            thread: AtomicU64::new(0),
+            user: AtomicBool::new(false),
+            poke: AtomicBool::new(false),
+            tid: AtomicI32::new(0),
+        })
     }
 
     /// Marks the calling thread as inside `KVM_RUN`.
     pub(crate) fn enter(&self) {
-        self.thread.store(current_thread().0, Ordering::Relaxed);
+        let me = current_thread().0;
+        // A plain load per entry; a store and a syscall only when the vCPU
+        // moved to another thread.
+        if self.thread.load(Ordering::Relaxed) != me {
+            self.thread.store(me, Ordering::Relaxed);
+            self.tid.store(current_tid(), Ordering::Relaxed);
+        }
         self.state.fetch_or(IN_GUEST, Ordering::SeqCst);
     }
 
@@ -76,6 +95,35 @@ impl KickShared {
     pub(crate) fn take(&self) -> bool {
         self.run.take_immediate_exit();
         self.user.swap(false, Ordering::SeqCst)
+    }
+
+    /// Pokes the vCPU if its thread sleeps in KVM's halt (its wchan is
+    /// `kvm_vcpu_block` or `kvm_vcpu_halt`), or if that cannot be read; a
+    /// vCPU running guest code is left alone: on this host a kicked entry
+    /// can deliver the last injected interrupt a second time.
+    pub(crate) fn poke_if_halted(&self) {
+        let tid = self.tid.load(Ordering::Relaxed);
+        if tid == 0 || !self.in_guest() {
+            return;
+        }
+        let halted = match std::fs::read_to_string(format!("/proc/self/task/{tid}/wchan")) {
+            Ok(wchan) => wchan.starts_with("kvm_vcpu_block") || wchan.starts_with("kvm_vcpu_halt"),
+            Err(_) => true,
+        };
+        if halted {
+            self.poke();
+        }
+    }
+
+    /// Kicks the vCPU to look whether KVM holds an EOI back (`eoi_watch`).
+    pub(crate) fn poke(&self) {
+        self.poke.store(true, Ordering::SeqCst);
+        self.kick();
+    }
+
+    /// Consumes a pending poke.
+    pub(crate) fn take_poke(&self) -> bool {
+        self.poke.swap(false, Ordering::SeqCst)
     }
 
     /// Forces the vCPU out of (or away from) `KVM_RUN`.

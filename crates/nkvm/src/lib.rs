@@ -48,6 +48,7 @@
 mod address;
 pub mod dirty;
 pub mod emulate;
+mod eoi_watch;
 pub mod exit;
 pub mod hyperv;
 pub mod hypervisor;

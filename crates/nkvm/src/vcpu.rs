@@ -82,7 +82,7 @@ pub type VcpuEvents = kvm_vcpu_events;
 pub struct Vcpu {
     id: u32,
     pub(crate) fd: VcpuFd,
-    run: Arc<RunArea>,
+    pub(crate) run: Arc<RunArea>,
     pub(crate) kick: Arc<KickShared>,
     tracers: Vec<Box<dyn Tracer>>,
     trace: TraceState,
@@ -218,9 +218,20 @@ impl Vcpu {
             }
             let exit = match result {
                 Ok(true) => self.run.decode(&mut run.string_data),
-                Ok(false) if self.kick.take() => break Exit::Kicked,
-                // Paused for a memory-map change: enter again once it is done.
-                Ok(false) => continue,
+                Ok(false) => {
+                    let user = self.kick.take();
+                    // The EOI watch's poke (rare: an EOI overdue).
+                    if self.kick.take_poke() {
+                        if let Some(exit) = self.unstick_halt()? {
+                            break exit;
+                        }
+                    }
+                    if user {
+                        break Exit::Kicked;
+                    }
+                    // Paused for a memory-map change: enter again once it is done.
+                    continue;
+                }
                 Err(source) => return Err(VcpuError::Run { id: self.id, source }),
             };
             match exit {

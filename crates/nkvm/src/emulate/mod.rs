@@ -27,9 +27,13 @@
 //! | `xgetbv` / `xsetbv` | XCR0 (and XINUSE, ECX = 1) through `KVM_GET_XCRS`/`KVM_SET_XCRS`; #GP(0) for other ECX, at CPL > 0 or for a value KVM refuses |
 //! | `clflush` / `clflushopt` / `clwb` | nothing (guest RAM is coherent), but #PF on an unmapped address |
 //! | `movd`/`movq` with an MMX register, `emms` | moves between MMX registers (the x87 registers), general registers and memory or device memory; #UD/#NM/#MF first (`mmx.rs`) |
+//! | `vzeroall` / `vzeroupper`, `vmovdqa`/`vmovdqu`/`vmovaps`/`vmovups`/`vmovapd`/`vmovupd`/`vmovntdq`/`vmovntdqa` between XMM/YMM registers and memory | through the XSAVE image (XMM in the legacy area, upper halves in YMM_Hi128; a VEX.128 write zeroes the upper half); #UD without CR4.OSXSAVE or XCR0.AVX, #NM with CR0.TS, #GP(0) for a misaligned aligned move (`avx.rs`) |
 //! | `rdpru` | #UD when the guest's CPUID lacks RDPRU |
 //! | `invpcid r64, m128` | #UD without INVPCID in CPUID; #GP(0) on a bad type or descriptor; else a full guest TLB flush (`tlb.rs`) |
 //! | anything else | [`EmulateError::Unsupported`] |
+//!
+//! An instruction that crosses a page boundary, of which KVM hands over only
+//! the first bytes, is read whole from guest memory.
 //!
 //! A memory operand on a page the guest has not mapped gets the #PF (with
 //! CR2 and the error code) the CPU would raise; writes are recorded in the
@@ -52,6 +56,7 @@
 //! # }
 //! ```
 
+mod avx;
 mod features;
 mod guest;
 mod mmx;
@@ -125,6 +130,18 @@ pub fn decode(bytes: &[u8], rip: u64) -> Option<(Instruction, String)> {
     decode_in(64, bytes, rip)
 }
 
+/// Up to 15 instruction bytes at `pc`, as many as can be read (more than
+/// the `have` KVM gave), or `None` if no more can be.
+fn fetch(mem: &GuestMemory<'_>, pc: u64, have: usize) -> Result<Option<Vec<u8>>, EmulateError> {
+    for len in (have + 1..=15).rev() {
+        let mut buf = vec![0u8; len];
+        if mem.read(pc, &mut buf)?.is_ok() {
+            return Ok(Some(buf));
+        }
+    }
+    Ok(None)
+}
+
 /// What one instruction does, before it is applied.
 enum Outcome {
     /// Registers changed (RIP is advanced by the caller).
@@ -159,9 +176,22 @@ pub fn complete(vcpu: &Vcpu, vm: &Vm, failure: &InternalError) -> Result<Emulate
     };
     let rip = regs.rip;
     let unsupported = |instruction: String| EmulateError::Unsupported { rip, instruction, bytes: hex.clone() };
-    let mut decoder = Decoder::with_ip(bitness, bytes, sregs.cs.base.wrapping_add(rip), DecoderOptions::NONE);
-    let insn = decoder.decode();
-    match decoder.last_error() {
+    let pc = sregs.cs.base.wrapping_add(rip);
+    let mem = GuestMemory { vcpu, vm, cpl: (sregs.cs.selector & 3) as u8 };
+    let decode = |bytes: &[u8]| {
+        let mut decoder = Decoder::with_ip(bitness, bytes, pc, DecoderOptions::NONE);
+        let insn = decoder.decode();
+        (insn, decoder.last_error())
+    };
+    let (mut insn, mut error) = decode(bytes);
+    if error == DecoderError::NoMoreBytes {
+        // KVM handed over fewer bytes than the instruction needs (it stops
+        // at a page boundary): fetch them from guest memory.
+        if let Some(fetched) = fetch(&mem, pc, bytes.len())? {
+            (insn, error) = decode(&fetched);
+        }
+    }
+    match error {
         DecoderError::None => {}
         // Bytes no CPU of this mode runs (such as `movbe` with a register
         // operand): the CPU raises #UD, RIP on the instruction.
@@ -175,7 +205,6 @@ pub fn complete(vcpu: &Vcpu, vm: &Vm, failure: &InternalError) -> Result<Emulate
     let mut text = String::new();
     NasmFormatter::new().format(&insn, &mut text);
     let next_rip = rip.wrapping_add(insn.len() as u64);
-    let mem = GuestMemory { vcpu, vm, cpl: (sregs.cs.selector & 3) as u8 };
     let outcome = match insn.mnemonic() {
         Mnemonic::Int3 => {
             // A trap: the saved RIP is the next instruction.
@@ -236,6 +265,7 @@ pub fn complete(vcpu: &Vcpu, vm: &Vm, failure: &InternalError) -> Result<Emulate
         Mnemonic::Movd | Mnemonic::Movq if mmx::is_mmx_move(&insn) => {
             mmx::complete(vcpu, &insn, &mut regs, &sregs, &mem)?
         }
+        _ if avx::handles(&insn) => avx::complete(vcpu, &insn, &regs, &sregs, &mem)?,
         Mnemonic::Clflush | Mnemonic::Clflushopt | Mnemonic::Clwb => {
             // Guest RAM is coherent: nothing to flush, but an unmapped
             // address faults as a read would.

@@ -1,0 +1,206 @@
+//! EOIs of level-triggered interrupts that KVM holds back on a halted vCPU.
+//!
+//! With a split irqchip, KVM reports the EOI of a level-triggered IOAPIC
+//! vector as an exit to user space (`KVM_EXIT_IOAPIC_EOI`), from a request it
+//! handles the next time it enters the guest. On a host that runs CPL-0 guest
+//! code in KVM's instruction emulator (`kvm_pvm`), the emulator carries on
+//! past the guest's EOI without entering anew, so the request waits for the
+//! guest's next exit. If the guest's next act is `hlt`, the vCPU sleeps with
+//! the EOI still held: the IOAPIC never learns it, never re-delivers a line
+//! still asserted, and the guest halts for good (kvm-unit-tests' `ioapic`,
+//! "retriggered level interrupts").
+//!
+//! nkvm therefore watches the level-triggered vectors it delivered: one
+//! whose EOI has not come back within [`STALE`] gets every vCPU poked. A
+//! poked vCPU that KVM reports halted, whose local APIC holds such a vector
+//! neither requested (IRR) nor in service (ISR) — so its EOI was made and
+//! is held — is made runnable and entered once
+//! with its kick signal already pending: KVM handles the held requests (the
+//! EOI exits to user space and goes to the IOAPIC model) and returns before
+//! running a guest instruction; the vCPU is then put back to `HALTED`
+//! unless KVM took an interrupt from the local APIC meanwhile, so the guest
+//! sees its `hlt` end only by an interrupt. (When the signal cancels the
+//! entry, this host re-queues the last interrupt it ever injected; that
+//! stale event is dropped, recognised by the in-service register being
+//! unchanged.) Nothing of this touches an entry that no one
+//! poked: the cost is one lock per level-triggered delivery and per EOI.
+
+use std::collections::BTreeMap;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Condvar, Mutex, Weak};
+use std::time::{Duration, Instant};
+
+use kvm_bindings::{kvm_mp_state, KVM_MP_STATE_HALTED, KVM_MP_STATE_RUNNABLE};
+
+use crate::irq::IrqShared;
+use crate::sys::run::Completion;
+use crate::{Exit, Vcpu, VcpuError};
+
+/// How long a level-triggered vector may wait for its EOI before the vCPUs
+/// are poked (and again after each poke while it still waits).
+pub(crate) const STALE: Duration = Duration::from_millis(10);
+
+/// How long the watching thread sleeps when nothing is outstanding before it
+/// looks whether its VM is gone.
+const IDLE: Duration = Duration::from_millis(200);
+
+/// The level-triggered vectors delivered and not yet EOIed, and when each
+/// was last delivered (or its vCPUs last poked).
+#[derive(Debug, Default)]
+pub(crate) struct EoiWatch {
+    outstanding: Mutex<BTreeMap<u8, Instant>>,
+    wake: Condvar,
+    started: AtomicBool,
+}
+
+impl EoiWatch {
+    /// A level-triggered `vector` was delivered; starts the watching thread
+    /// on first use.
+    pub(crate) fn sent(&self, irq: &Arc<IrqShared>, vector: u8) {
+        self.outstanding.lock().unwrap_or_else(|p| p.into_inner()).insert(vector, Instant::now());
+        if !self.started.swap(true, Ordering::SeqCst) {
+            let irq = Arc::downgrade(irq);
+            let spawned = std::thread::Builder::new().name("nkvm-eoi-watch".into()).spawn(move || watch(&irq));
+            if let Err(e) = spawned {
+                log::warn!("cannot start the EOI watch thread: {e}");
+                self.started.store(false, Ordering::SeqCst);
+            }
+        }
+        self.wake.notify_one();
+    }
+
+    /// The EOI of `vector` arrived.
+    pub(crate) fn ended(&self, vector: u8) {
+        self.outstanding.lock().unwrap_or_else(|p| p.into_inner()).remove(&vector);
+    }
+
+    /// The vectors waiting for their EOI.
+    pub(crate) fn outstanding(&self) -> Vec<u8> {
+        self.outstanding.lock().unwrap_or_else(|p| p.into_inner()).keys().copied().collect()
+    }
+
+    /// Whether `vector` waits for its EOI (for tests).
+    #[cfg(test)]
+    fn waiting(&self, vector: u8) -> bool {
+        self.outstanding().contains(&vector)
+    }
+
+    /// If a vector has waited [`STALE`], restarts every clock and returns
+    /// `None` (poke now); otherwise how long until the oldest is stale, or
+    /// [`IDLE`] after a wait when nothing is outstanding.
+    fn due(&self) -> Option<Duration> {
+        let mut outstanding = self.outstanding.lock().unwrap_or_else(|p| p.into_inner());
+        let Some(oldest) = outstanding.values().min().copied() else {
+            let _ = self.wake.wait_timeout(outstanding, IDLE);
+            return Some(Duration::ZERO);
+        };
+        let waited = oldest.elapsed();
+        if waited < STALE {
+            return Some(STALE - waited);
+        }
+        let now = Instant::now();
+        outstanding.values_mut().for_each(|t| *t = now);
+        None
+    }
+}
+
+/// The watching thread: lives as long as the VM's interrupt state.
+fn watch(irq: &Weak<IrqShared>) {
+    loop {
+        let Some(shared) = irq.upgrade() else { return };
+        match shared.eoi_watch.due() {
+            None => shared.poke_all(),
+            Some(wait) => {
+                drop(shared);
+                std::thread::sleep(wait);
+            }
+        }
+    }
+}
+
+impl Vcpu {
+    /// After a poke: if KVM has the vCPU halted, lets KVM handle its held
+    /// requests without running the guest (see the module docs). Returns an
+    /// exit other than the IOAPIC EOI, should the entry produce one.
+    pub(crate) fn unstick_halt(&mut self) -> Result<Option<Exit>, VcpuError> {
+        let mp = self.fd.get_mp_state().map_err(|source| self.err("KVM_GET_MP_STATE", source))?;
+        if mp.mp_state != KVM_MP_STATE_HALTED {
+            return Ok(None);
+        }
+        let (irr, isr) = self.irr_isr()?;
+        let pending = |regs: &[u32; 8], v: u8| regs[usize::from(v / 32)] & (1 << (v % 32)) != 0;
+        let held = self.links.irq.eoi_watch.outstanding().into_iter().any(|v| !pending(&irr, v) && !pending(&isr, v));
+        if !held {
+            // Every outstanding vector is still requested or in service:
+            // its EOI is not held back, it has not happened yet.
+            return Ok(None);
+        }
+        self.set_mp(KVM_MP_STATE_RUNNABLE)?;
+        let inside = self.links.gate.enter(&self.kick);
+        let result =
+            crate::sys::kick::run_with_kick_pending(&self.fd, || self.run.run(&self.fd, Completion::None, None, false));
+        drop(inside);
+        let exited = result.and_then(|r| r).map_err(|source| VcpuError::Run { id: self.id(), source })?;
+        let other = match exited.then(|| self.run.decode(&mut Vec::new())) {
+            Some(Exit::IoapicEoi { vector }) => {
+                self.links.irq.eoi(vector);
+                None
+            }
+            other => other,
+        };
+        if other.is_some() {
+            return Ok(other);
+        }
+        let mut events = self.events()?;
+        if events.interrupt.injected != 0 && !exited && self.irr_isr()?.1 == isr {
+            // The entry was cancelled by the signal, and this host then
+            // re-queues the last interrupt it injected, long delivered and
+            // not taken from the local APIC now (the ISR did not change):
+            // entering would deliver it a second time.
+            events.interrupt.injected = 0;
+            self.set_events(&events)?;
+        }
+        if events.interrupt.injected == 0 {
+            self.set_mp(KVM_MP_STATE_HALTED)?;
+        }
+        Ok(None)
+    }
+
+    /// The local APIC's interrupt-request and in-service registers (eight
+    /// 32-bit words each).
+    fn irr_isr(&self) -> Result<([u32; 8], [u32; 8]), VcpuError> {
+        let lapic = self.fd.get_lapic().map_err(|source| self.err("KVM_GET_LAPIC", source))?;
+        let reg = |base: usize| -> [u32; 8] {
+            std::array::from_fn(|i| u32::from_le_bytes(std::array::from_fn(|b| lapic.regs[base + 0x10 * i + b] as u8)))
+        };
+        Ok((reg(0x200), reg(0x100)))
+    }
+
+    fn set_mp(&self, mp_state: u32) -> Result<(), VcpuError> {
+        self.fd.set_mp_state(kvm_mp_state { mp_state }).map_err(|source| self.err("KVM_SET_MP_STATE", source))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_vector_waits_from_delivery_to_its_eoi() {
+        let irq = Arc::new(IrqShared::default());
+        irq.eoi_watch.sent(&irq, 0x9a);
+        assert!(irq.eoi_watch.waiting(0x9a));
+        assert!(!irq.eoi_watch.waiting(0x9b));
+        irq.eoi_watch.ended(0x9a);
+        assert!(!irq.eoi_watch.waiting(0x9a));
+    }
+
+    #[test]
+    fn a_stale_vector_is_due_once_then_its_clock_restarts() {
+        let watch = EoiWatch::default();
+        watch.outstanding.lock().unwrap().insert(0x40, Instant::now() - STALE);
+        assert_eq!(watch.due(), None, "waited STALE: poke now");
+        let next = watch.due().expect("just poked: not due again at once");
+        assert!(next > Duration::ZERO && next <= STALE);
+    }
+}

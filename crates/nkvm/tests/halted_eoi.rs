@@ -1,0 +1,150 @@
+//! A level-triggered interrupt whose handler's EOI is followed by `hlt`
+//! with no exit between them is delivered again while its line stays
+//! asserted: on hosts that run CPL-0 code in KVM's emulator, KVM holds
+//! such an EOI back from the halted vCPU, and nkvm's EOI watch gets it out
+//! (kvm-unit-tests' `ioapic`, "retriggered level interrupts").
+
+mod common;
+
+use std::sync::{Arc, Mutex, OnceLock};
+use std::time::Duration;
+
+use common::*;
+use iced_x86::code_asm::*;
+use nkvm::{ApicBus, Exit, GuestAddress, RunState, Vm, VmConfig};
+use nkvm_devices::ioapic::{Ioapic, INDEX_REDIRECTION_TABLE, REG_IOREGSEL, REG_IOWIN};
+use nkvm_devices::{ApicBusSink, IoDevice};
+use nkvm_wire::apic::InterruptMessage;
+
+const PIN: usize = 14;
+const VECTOR: u32 = 0x9a;
+/// The guest asks for the IOAPIC pin to be raised (value 1) or lowered (0).
+const LINE: u16 = 0x72;
+/// The guest is done; the value is how often the handler ran.
+const DONE: u16 = 0x74;
+/// The handler's counter.
+const COUNT: u64 = 0x5000;
+
+struct Sink(ApicBus);
+
+impl ApicBusSink for Sink {
+    fn send(&mut self, message: InterruptMessage) {
+        self.0.send(&message).unwrap();
+    }
+}
+
+type SharedIoapic = Arc<Mutex<Ioapic<Sink>>>;
+
+/// An IOAPIC on the in-process APIC bus, `PIN` level-triggered to `VECTOR`
+/// for APIC 0.
+fn ioapic(vm: &Vm) -> SharedIoapic {
+    let target: Arc<OnceLock<SharedIoapic>> = Arc::default();
+    let t = target.clone();
+    let bus = vm
+        .attach_apic_bus_in_process(Box::new(move |vector: u8| {
+            if let Some(io) = t.get() {
+                io.lock().unwrap().end_of_interrupt(vector);
+            }
+        }))
+        .unwrap();
+    let ioapic = Arc::new(Mutex::new(Ioapic::new(Sink(bus))));
+    let _ = target.set(ioapic.clone());
+    let mut io = ioapic.lock().unwrap();
+    let low = u32::from(INDEX_REDIRECTION_TABLE) + 2 * PIN as u32;
+    for (index, value) in [(low, VECTOR | 1 << 15), (low + 1, 0)] {
+        io.write(REG_IOREGSEL, &index.to_le_bytes());
+        io.write(REG_IOWIN, &value.to_le_bytes());
+    }
+    drop(io);
+    ioapic
+}
+
+/// The loop of kvm-unit-tests' `test_ioapic_level_retrigger`: with
+/// interrupts off, raise the line; then `sti; hlt; cli` until the handler
+/// has run twice. The handler counts, lowers the line on its second run,
+/// and EOIs; nothing between its EOI and the next `hlt` exits.
+fn retrigger_guest(vm: &Vm) -> nkvm::Vcpu {
+    install_handler(vm, u64::from(VECTOR), |a| {
+        a.push(rax).unwrap();
+        a.mov(rax, COUNT).unwrap();
+        a.inc(dword_ptr(rax)).unwrap();
+        a.cmp(dword_ptr(rax), 2).unwrap();
+        let mut eoi = a.create_label();
+        a.jne(eoi).unwrap();
+        a.mov(eax, 0).unwrap();
+        a.out(u32::from(LINE), eax).unwrap();
+        a.set_label(&mut eoi).unwrap();
+        a.mov(rax, 0xfee0_00b0u64).unwrap();
+        a.mov(dword_ptr(rax), 0).unwrap();
+        a.pop(rax).unwrap();
+        a.iretq().unwrap();
+    });
+    let vcpu = long_mode_guest(vm, 0, |a| {
+        a.mov(rax, IDTR).unwrap();
+        a.lidt(ptr(rax)).unwrap();
+        a.mov(rax, 0xfee0_00f0u64).unwrap();
+        a.mov(dword_ptr(rax), 0x1ff).unwrap();
+        a.cli().unwrap();
+        a.mov(eax, 1).unwrap();
+        a.out(u32::from(LINE), eax).unwrap();
+        a.mov(rbx, COUNT).unwrap();
+        let mut again = a.create_label();
+        let mut done = a.create_label();
+        a.set_label(&mut again).unwrap();
+        a.cmp(dword_ptr(rbx), 2).unwrap();
+        a.jae(done).unwrap();
+        a.sti().unwrap();
+        a.hlt().unwrap();
+        a.cli().unwrap();
+        a.jmp(again).unwrap();
+        a.set_label(&mut done).unwrap();
+        a.mov(eax, dword_ptr(rbx)).unwrap();
+        a.out(u32::from(DONE), eax).unwrap();
+        a.hlt().unwrap();
+    });
+    vcpu.set_cpuid(&hypervisor().supported_cpuid().unwrap()).unwrap();
+    vcpu
+}
+
+#[test]
+fn an_eoi_followed_by_hlt_still_retriggers_an_asserted_level_line() {
+    let vm = vm_with(VmConfig { vcpus: 1, memory: 16 << 20, split_irqchip: true, ..Default::default() });
+    vm.write_memory(GuestAddress(COUNT), &[0; 4]).unwrap();
+    let ioapic = ioapic(&vm);
+    let mut vcpu = retrigger_guest(&vm);
+    // A watchdog turns a hang into a failure.
+    let kicker = vcpu.kicker();
+    let (stop, stopped) = std::sync::mpsc::channel::<()>();
+    let watchdog = std::thread::spawn(move || {
+        if stopped.recv_timeout(Duration::from_secs(20)).is_err() {
+            kicker.kick();
+        }
+    });
+    let mut run = RunState::new();
+    let outcome = loop {
+        match vcpu.enter_guest(&mut run).unwrap() {
+            Exit::IoOut { port: LINE, data, .. } => ioapic.lock().unwrap().set_irq(PIN, data != 0),
+            Exit::IoOut { port: DONE, data, .. } => break Ok(data),
+            other => break Err(other),
+        }
+    };
+    let _ = stop.send(());
+    watchdog.join().unwrap();
+    let mut count = [0u8; 4];
+    vm.read_memory(GuestAddress(COUNT), &mut count).unwrap();
+    assert_eq!(outcome, Ok(2), "the handler ran {} times; the EOI never reached the IOAPIC", u32::from_le_bytes(count));
+    // The last EOI, too, reaches the IOAPIC while the guest sits in its
+    // final `hlt` (it may still be held when the guest reports done).
+    let kicker = vcpu.kicker();
+    let io = ioapic.clone();
+    let waiter = std::thread::spawn(move || {
+        let deadline = std::time::Instant::now() + Duration::from_secs(10);
+        while io.lock().unwrap().entry(PIN).unwrap().remote_irr() && std::time::Instant::now() < deadline {
+            std::thread::sleep(Duration::from_millis(5));
+        }
+        kicker.kick();
+    });
+    assert_eq!(vcpu.enter_guest(&mut run).unwrap(), Exit::Kicked);
+    waiter.join().unwrap();
+    assert!(!ioapic.lock().unwrap().entry(PIN).unwrap().remote_irr(), "the last EOI never reached the IOAPIC");
+}
