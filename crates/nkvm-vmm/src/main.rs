@@ -23,9 +23,11 @@ mod machine;
 mod multiboot;
 mod pci_devices;
 mod pic_process;
+mod sandbox;
 mod size;
 mod terminal;
 mod testdev;
+mod virtio_process;
 
 use std::process::ExitCode;
 

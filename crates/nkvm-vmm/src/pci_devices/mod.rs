@@ -14,8 +14,12 @@
 //! ioeventfds ([`notify`]), without an exit; writes the ioeventfds do not
 //! cover are served inline, in the vCPU thread. A vhost-user disk
 //! ([`vhost_user`]) has no worker: its ioeventfds and its vectors' irqfds
-//! are handed to the backend.
+//! are handed to the backend. With `--device-process` an image disk is
+//! served the same way by nkvm's own sandboxed backend, `nkvm device
+//! --model virtio-blk` ([`device_process`]), which nkvm restarts when it
+//! dies.
 
+pub mod device_process;
 mod notify;
 pub mod vhost_user;
 
@@ -85,6 +89,19 @@ pub struct PciConfig {
     pub disk: Option<Disk>,
     /// Present the disk read-only.
     pub disk_read_only: bool,
+    /// Serve an image disk in a device process started from this
+    /// executable (nkvm: `nkvm device --model virtio-blk`), not in the VMM.
+    pub device_process: Option<PathBuf>,
+    /// Environment added to the device process's (tests use it to make the
+    /// model misbehave: [`crate::virtio_process::FORBIDDEN_CALL_ENV`]).
+    pub device_process_env: Vec<(String, String)>,
+}
+
+/// What [`attach`] started that a caller may watch.
+#[derive(Debug, Default)]
+pub struct Attached {
+    /// The virtio-blk device process's record, if the disk is served by one.
+    pub block_process: Option<Arc<Mutex<device_process::ProcessLog>>>,
 }
 
 /// Why the PCI devices could not be set up.
@@ -93,6 +110,12 @@ pub enum PciSetupError {
     /// The disk image could not be opened.
     #[error(transparent)]
     Disk(#[from] nkvm_devices::virtio::BlockError),
+    /// nkvm's own executable, which the device process runs, is not found.
+    #[error("cannot find nkvm's own executable to start the disk's device process")]
+    Exe(#[source] io::Error),
+    /// The disk's device process could not be started.
+    #[error(transparent)]
+    DeviceProcess(#[from] device_process::DeviceProcessError),
     /// The vhost-user backend could not be used.
     #[error(transparent)]
     VhostUser(#[from] vhost_user::VhostUserError),
@@ -138,7 +161,7 @@ pub enum PciSetupError {
 }
 
 /// Builds the bus and its devices and attaches them to `vm`.
-pub fn attach(vm: &Arc<Vm>, config: &PciConfig) -> Result<(), PciSetupError> {
+pub fn attach(vm: &Arc<Vm>, config: &PciConfig) -> Result<Attached, PciSetupError> {
     let mut builder = Builder {
         vm: vm.clone(),
         mem: guest_ram(vm)?,
@@ -147,7 +170,22 @@ pub fn attach(vm: &Arc<Vm>, config: &PciConfig) -> Result<(), PciSetupError> {
         window: Window { next: PCI_MMIO_BASE },
         notifiers: HashMap::new(),
     };
+    let mut attached = Attached::default();
     match &config.disk {
+        Some(Disk::Image(path)) if config.device_process.is_some() => {
+            let spec = device_process::ProcessSpec {
+                exe: config.device_process.clone().unwrap_or_default(),
+                disk: path.clone(),
+                read_only: config.disk_read_only,
+                socket: unique_socket(),
+                env: config.device_process_env.clone(),
+            };
+            let process = device_process::BlockProcess::spawn(spec)?;
+            let block = VhostUserBlock::connect_process(process, builder.mem.clone())?;
+            log::info!("virtio-blk: {} in a device process ({} sectors)", path.display(), block.capacity());
+            attached.block_process = block.process_log();
+            builder.add_vhost_user(block)?;
+        }
         Some(Disk::Image(path)) => {
             let block = Block::open(path, config.disk_read_only)?;
             log::info!("virtio-blk: {} ({} sectors)", path.display(), block.capacity());
@@ -169,7 +207,14 @@ pub fn attach(vm: &Arc<Vm>, config: &PciConfig) -> Result<(), PciSetupError> {
         ConfigPorts { bus, vm: Arc::downgrade(vm), regions: HashMap::new(), notifiers, reset: config.reset.clone() };
     handler.apply_bar_events();
     vm.attach_handler(IoRange::pio(PCI_CONFIG_PORT, PCI_CONFIG_PORTS), Box::new(handler))?;
-    Ok(())
+    Ok(attached)
+}
+
+/// A socket path no other VM of this process uses.
+fn unique_socket() -> PathBuf {
+    static NEXT: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
+    let n = NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    std::env::temp_dir().join(format!("nkvm-{}-virtio-blk-{n}.sock", std::process::id()))
 }
 
 /// A vm-memory view of the VM's RAM: a second mapping of the same memfd.

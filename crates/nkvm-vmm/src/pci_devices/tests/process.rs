@@ -1,0 +1,197 @@
+//! The same guests against virtio-blk in an nkvm device process (`nkvm
+//! device --model virtio-blk`): the guest-visible behaviour, the sandbox,
+//! and the restart after a SIGKILL in the middle of a stream of writes.
+//!
+//! The process is the `nkvm` binary beside this test binary (cargo builds
+//! it for `cargo test -p nkvm-vmm`).
+
+use std::sync::Mutex;
+
+use super::*;
+use crate::pci_devices::device_process::ProcessLog;
+use crate::pci_devices::vhost_user::MAX_RESTARTS;
+use crate::virtio_process::FORBIDDEN_CALL_ENV;
+
+/// The `nkvm` executable cargo built beside the test binary.
+fn nkvm_exe() -> PathBuf {
+    let exe = std::env::current_exe().unwrap();
+    let nkvm = exe.parent().and_then(Path::parent).unwrap().join("nkvm");
+    assert!(nkvm.exists(), "{} is missing: run the tests with `cargo test -p nkvm-vmm`", nkvm.display());
+    nkvm
+}
+
+/// PCI devices with `image` served by a device process.
+fn in_a_process(image: &Path) -> PciConfig {
+    PciConfig { disk: Some(Disk::Image(image.into())), device_process: Some(nkvm_exe()), ..Default::default() }
+}
+
+fn log_of(attached: &Attached) -> Arc<Mutex<ProcessLog>> {
+    attached.block_process.clone().expect("the disk is served by a device process")
+}
+
+/// A line of /proc/PID/status.
+fn proc_status(pid: u32, field: &str) -> String {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
+    status.lines().find_map(|l| l.strip_prefix(field)).map(|v| v.trim().to_string()).unwrap_or_default()
+}
+
+#[test]
+fn a_guest_reads_and_writes_through_a_device_process() {
+    for bar in [BAR, MOVED_BAR] {
+        let image = test_image(&format!("process-{bar:x}"));
+        let (mut guest, attached) = Guest::boot_with(&in_a_process(&image), &guest_code(bar));
+        guest.expect_disk_io(&image);
+        // The kick went from KVM's ioeventfd to the process, no worker here.
+        assert!(has_ioeventfd(&guest.vm, bar + 0x3000));
+        let running = guest.run_until_out(STATUS_PORT, Duration::from_secs(10), |s| s == 0xf);
+        assert_eq!(running, Ok(0xf), "DRIVER_OK and nothing else");
+        let pid = log_of(&attached).lock().unwrap().pid;
+        assert_eq!(proc_status(pid, "Seccomp:"), "2", "the process runs under a seccomp filter");
+        assert_eq!(proc_status(pid, "NoNewPrivs:"), "1");
+        // Its descriptors: stdio, the image, the connection, guest RAM's
+        // memfd, kick, call and the backend's own eventfds and epolls.
+        let fds = std::fs::read_dir(format!("/proc/{pid}/fd")).unwrap().count();
+        assert!(fds < 20, "the process holds {fds} descriptors");
+        let _ = std::fs::remove_file(&image);
+    }
+}
+
+#[test]
+fn a_forbidden_system_call_kills_the_process_and_is_reported_by_name() {
+    let image = test_image("forbidden");
+    let mut config = in_a_process(&image);
+    config.device_process_env = vec![(FORBIDDEN_CALL_ENV.into(), "1".into())];
+    let (mut guest, attached) = Guest::boot_with(&config, &guest_code(BAR));
+    // Each process dies on its first request (or on the kick already
+    // pending when the driver hands it the queue, which fails the set-up):
+    // the guest sees DEVICE_NEEDS_RESET, resets and sets the device up
+    // again, until the restarts are spent and the device has failed.
+    let log = log_of(&attached);
+    for _ in 0..2 * (MAX_RESTARTS + 2) {
+        let outcome = guest.run_until(Duration::from_secs(60), |port, data| {
+            port == REPORT || (port == STATUS_PORT && data & 0x40 != 0)
+        });
+        assert!(outcome.is_ok(), "the VM goes on: {outcome:?}");
+        if log.lock().unwrap().failed {
+            break;
+        }
+        guest.restart();
+    }
+    // Given up on: the next set-up fails at once, the VM still runs.
+    guest.restart();
+    let failed = guest.run_until_out(STATUS_PORT, Duration::from_secs(60), |s| s & 0x40 != 0);
+    assert_eq!(failed, Ok(0x4f), "DEVICE_NEEDS_RESET once the restarts are spent");
+    let log = log.lock().unwrap();
+    assert!(log.failed);
+    assert_eq!(log.restarts, MAX_RESTARTS);
+    assert_eq!(log.deaths.len() as u32, log.restarts + 1);
+    for death in &log.deaths {
+        assert_eq!(death.signal, Some(libc::SIGSYS), "{death}");
+        assert_eq!(death.forbidden_call, Some(libc::SYS_socket), "{death}");
+        let line = death.to_string();
+        assert!(line.contains(&format!("forbidden system call {} (socket)", libc::SYS_socket)), "{line}");
+    }
+    let _ = std::fs::remove_file(&image);
+}
+
+/// Where the stream guest reports "request i submitted".
+const SUBMITTED: u16 = 0x72;
+/// Where it reports that every request completed.
+const DONE: u16 = 0x73;
+/// Requests in the stream.
+const STREAM: u64 = 48;
+/// What sector i holds after the stream: this ORed with i.
+const STREAM_MAGIC: u64 = 0x4e4b_564d_0000_0000;
+
+/// The driver script, then one write of sector i per request, queue depth
+/// 1: header and data filled in, the available index moved, the queue
+/// notified, i reported on [`SUBMITTED`], the used index awaited.
+fn stream_code(bar: u64) -> Vec<u8> {
+    let mut a = CodeAssembler::new(64).unwrap();
+    emit_driver_script(&mut a, bar);
+    let mut next = a.create_label();
+    let mut wait = a.create_label();
+    a.xor(r12, r12).unwrap();
+    a.set_label(&mut next).unwrap();
+    a.mov(rbx, HEADER).unwrap();
+    a.mov(dword_ptr(rbx), 1).unwrap(); // VIRTIO_BLK_T_OUT
+    a.mov(qword_ptr(rbx + 8), r12).unwrap(); // sector i
+    a.mov(rax, STREAM_MAGIC).unwrap();
+    a.or(rax, r12).unwrap();
+    a.mov(rbx, DATA).unwrap();
+    a.mov(qword_ptr(rbx), rax).unwrap();
+    a.mov(rbx, STATUS).unwrap();
+    a.mov(byte_ptr(rbx), 0xee).unwrap();
+    a.lea(rax, qword_ptr(r12 + 1)).unwrap();
+    a.mov(rbx, AVAIL + 2).unwrap();
+    a.mov(word_ptr(rbx), ax).unwrap(); // avail.idx = i + 1 (every ring slot holds head 0)
+    a.mov(rbx, bar + 0x3000).unwrap();
+    a.mov(word_ptr(rbx), 0).unwrap(); // notify queue 0
+    a.mov(eax, r12d).unwrap();
+    a.out(u32::from(SUBMITTED), eax).unwrap();
+    a.lea(rdx, qword_ptr(r12 + 1)).unwrap();
+    a.set_label(&mut wait).unwrap();
+    a.pause().unwrap();
+    a.mov(rbx, USED + 2).unwrap();
+    a.movzx(eax, word_ptr(rbx)).unwrap();
+    a.cmp(ax, dx).unwrap();
+    a.jne(wait).unwrap();
+    a.inc(r12).unwrap();
+    a.cmp(r12, STREAM as i32).unwrap();
+    a.jb(next).unwrap();
+    a.mov(eax, 1).unwrap();
+    a.out(u32::from(DONE), eax).unwrap();
+    let mut idle = a.create_label();
+    a.set_label(&mut idle).unwrap();
+    a.hlt().unwrap();
+    a.jmp(idle).unwrap();
+    a.assemble(ENTRY).unwrap()
+}
+
+/// Chain 0 (header, data, status) and empty rings for the stream.
+fn stream_rings(vm: &Vm) {
+    let desc = |addr: u64, len: u32, flags: u16, next: u16| {
+        let mut d = [0u8; 16];
+        d[0..8].copy_from_slice(&addr.to_le_bytes());
+        d[8..12].copy_from_slice(&len.to_le_bytes());
+        d[12..14].copy_from_slice(&flags.to_le_bytes());
+        d[14..16].copy_from_slice(&next.to_le_bytes());
+        d
+    };
+    let table = [desc(HEADER, 16, 1, 1), desc(DATA, 512, 1, 2), desc(STATUS, 1, 2, 0)].concat();
+    vm.write_memory(GuestAddress(DESC), &table).unwrap();
+    vm.write_memory(GuestAddress(AVAIL), &[0u8; 64]).unwrap();
+    vm.write_memory(GuestAddress(USED), &[0u8; 256]).unwrap();
+    vm.write_memory(GuestAddress(DATA), &[0u8; 512]).unwrap();
+}
+
+#[test]
+fn a_device_process_killed_mid_stream_is_restarted_and_no_completed_write_is_lost() {
+    let image = std::env::temp_dir().join(format!("nkvm-pci-stream-{}.img", std::process::id()));
+    std::fs::write(&image, vec![0u8; (STREAM as usize + 8) * 512]).unwrap();
+    let (mut guest, attached) = Guest::boot_with(&in_a_process(&image), &stream_code(BAR));
+    stream_rings(&guest.vm);
+    let log = log_of(&attached);
+    let first_pid = log.lock().unwrap().pid;
+    // Request 10 is on its way to the process: kill it.
+    let submitted = guest.run_until_out(SUBMITTED, Duration::from_secs(60), |i| i == 10);
+    assert_eq!(submitted, Ok(10));
+    let killed = Command::new("kill").args(["-KILL", &first_pid.to_string()]).status().unwrap();
+    assert!(killed.success());
+    // The VM goes on; the guest finishes its stream on the new process.
+    let done = guest.run_until_out(DONE, Duration::from_secs(120), |_| true);
+    assert_eq!(done, Ok(1), "the guest saw every request complete");
+    let disk = std::fs::read(&image).unwrap();
+    for i in 0..STREAM as usize {
+        let sector = u64::from_le_bytes(disk[i * 512..i * 512 + 8].try_into().unwrap());
+        assert_eq!(sector, STREAM_MAGIC | i as u64, "sector {i} holds the guest's write");
+    }
+    let log = log.lock().unwrap();
+    assert_eq!(log.restarts, 1);
+    assert_eq!(log.deaths.len(), 1);
+    assert_eq!(log.deaths[0].pid, first_pid);
+    assert_eq!(log.deaths[0].signal, Some(libc::SIGKILL));
+    assert_ne!(log.pid, first_pid, "a new process serves the disk");
+    assert!(!log.failed);
+    let _ = std::fs::remove_file(&image);
+}
