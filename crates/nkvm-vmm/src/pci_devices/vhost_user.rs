@@ -35,7 +35,7 @@
 //! new backend the queues. When the backend is nkvm's own device process
 //! ([`super::device_process`]) the watcher instead restarts it at once and
 //! hands the new process the queues where the guest's used rings are,
-//! without the guest noticing ([`watch`]).
+//! without the guest noticing ([`mod@watch`]).
 
 use std::io;
 use std::os::unix::net::UnixStream;
