@@ -14,6 +14,7 @@ use nkvm::{Exit, GuestAddress, Hypervisor, LongMode, RunState, Vm, VmConfig};
 
 use super::*;
 
+mod bench;
 mod process;
 
 #[test]

@@ -13,7 +13,7 @@ use crate::pci_devices::vhost_user::MAX_RESTARTS;
 use crate::virtio_process::FORBIDDEN_CALL_ENV;
 
 /// The `nkvm` executable cargo built beside the test binary.
-fn nkvm_exe() -> PathBuf {
+pub(super) fn nkvm_exe() -> PathBuf {
     let exe = std::env::current_exe().unwrap();
     let nkvm = exe.parent().and_then(Path::parent).unwrap().join("nkvm");
     assert!(nkvm.exists(), "{} is missing: run the tests with `cargo test -p nkvm-vmm`", nkvm.display());
@@ -21,7 +21,7 @@ fn nkvm_exe() -> PathBuf {
 }
 
 /// PCI devices with `image` served by a device process.
-fn in_a_process(image: &Path) -> PciConfig {
+pub(super) fn in_a_process(image: &Path) -> PciConfig {
     PciConfig { disk: Some(Disk::Image(image.into())), device_process: Some(nkvm_exe()), ..Default::default() }
 }
 
