@@ -146,6 +146,9 @@ pub enum DeviceModel {
     /// virtio-blk on --disk, as a sandboxed vhost-user-blk backend on
     /// --socket (what `nkvm run --device-process --disk IMAGE` starts).
     VirtioBlk,
+    /// virtio-console (one port, output to stdout), as a sandboxed
+    /// vhost-user backend on --socket.
+    VirtioConsole,
 }
 
 /// `nkvm device`.

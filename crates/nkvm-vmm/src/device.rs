@@ -84,7 +84,7 @@ pub fn run(args: &DeviceArgs) -> Result<ExitCode, Box<dyn std::error::Error>> {
             let paths = crate::pic_process::PicSockets { master: &args.socket, slave, bus, pins };
             return crate::pic_process::run(&paths);
         }
-        (DeviceModel::VirtioBlk, ..) => return crate::virtio_process::run(args),
+        (DeviceModel::VirtioBlk | DeviceModel::VirtioConsole, ..) => return crate::virtio_process::run(args),
         _ => {}
     }
     let path = args.socket.display().to_string();
@@ -98,7 +98,7 @@ pub fn run(args: &DeviceArgs) -> Result<ExitCode, Box<dyn std::error::Error>> {
         DeviceModel::PmTimer => Box::new(PmTimer::new()),
         DeviceModel::IoRam => Box::new(IoRam::new()),
         // Checked above; clap requires --apic-bus and --pins with it.
-        DeviceModel::Ioapic | DeviceModel::Pic | DeviceModel::VirtioBlk => {
+        DeviceModel::Ioapic | DeviceModel::Pic | DeviceModel::VirtioBlk | DeviceModel::VirtioConsole => {
             return Err("the ioapic and pic models need --apic-bus and --pins (and --slave for pic)".into())
         }
     };

@@ -206,6 +206,7 @@ fn run_kernel(args: &RunArgs, boot: &Boot) -> Result<ExitCode, MachineError> {
                 reset: Some(reset),
                 device_process,
                 device_process_env: Vec::new(),
+                device_process_stdout: None,
             };
             crate::pci_devices::attach(&vm, &pci)?;
             let masked = linux::mask_unrunnable(&mut cpuid);

@@ -35,9 +35,10 @@ pub enum SandboxError {
     CloseFds(#[source] std::io::Error),
 }
 
-/// The system calls a virtio-blk device process makes once it serves the
-/// VMM's connection, each with why.
-pub const VIRTIO_BLK_CALLS: &[(i64, &str)] = &[
+/// The system calls every virtio device process (a vhost-user backend)
+/// makes once it serves the VMM's connection, each with why: the
+/// virtio-console filter.
+pub const VHOST_USER_CALLS: &[(i64, &str)] = &[
     // The vhost-user socket: messages with descriptors, accept of the
     // one connection, shutdown when the VMM goes away.
     (libc::SYS_accept4, "accepts the VMM's connection"),
@@ -47,17 +48,9 @@ pub const VIRTIO_BLK_CALLS: &[(i64, &str)] = &[
     (libc::SYS_sendto, "vhost-user replies without descriptors"),
     (libc::SYS_recvfrom, "vhost-user payloads"),
     (libc::SYS_shutdown, "the connection ends"),
-    // The disk image.
-    (libc::SYS_pread64, "reads of the image"),
-    (libc::SYS_pwrite64, "writes of the image"),
-    (libc::SYS_preadv, "vectored reads of the image"),
-    (libc::SYS_pwritev, "vectored writes of the image"),
-    (libc::SYS_lseek, "the image's size"),
-    (libc::SYS_fsync, "VIRTIO_BLK_T_FLUSH"),
-    (libc::SYS_fdatasync, "VIRTIO_BLK_T_FLUSH"),
     // Eventfds (kick, call, exit) and the worker's epoll.
     (libc::SYS_read, "kick eventfds"),
-    (libc::SYS_write, "call eventfds (irqfds), stderr"),
+    (libc::SYS_write, "call eventfds (irqfds), stderr, the console's output"),
     (libc::SYS_epoll_create1, "the queue worker's epoll"),
     (libc::SYS_epoll_ctl, "kick eventfds in and out of the epoll"),
     (libc::SYS_epoll_wait, "the queue worker waits"),
@@ -99,6 +92,17 @@ pub const VIRTIO_BLK_CALLS: &[(i64, &str)] = &[
     (libc::SYS_exit_group, "the process ends"),
 ];
 
+/// What virtio-blk adds to [`VHOST_USER_CALLS`]: the image.
+pub const IMAGE_CALLS: &[(i64, &str)] = &[
+    (libc::SYS_pread64, "reads of the image"),
+    (libc::SYS_pwrite64, "writes of the image"),
+    (libc::SYS_preadv, "vectored reads of the image"),
+    (libc::SYS_pwritev, "vectored writes of the image"),
+    (libc::SYS_lseek, "the image's size"),
+    (libc::SYS_fsync, "VIRTIO_BLK_T_FLUSH"),
+    (libc::SYS_fdatasync, "VIRTIO_BLK_T_FLUSH"),
+];
+
 /// Closes every descriptor above stderr: the process keeps only what it
 /// opens itself from here on.
 pub fn close_inherited_fds() -> Result<(), SandboxError> {
@@ -112,9 +116,11 @@ pub fn close_inherited_fds() -> Result<(), SandboxError> {
     Ok(())
 }
 
-/// Builds the filter allowing `calls`; any other call traps (`SIGSYS`).
-pub fn build_filter(calls: &[(i64, &str)]) -> Result<BpfProgram, SandboxError> {
-    let rules: BTreeMap<i64, Vec<seccompiler::SeccompRule>> = calls.iter().map(|(nr, _)| (*nr, vec![])).collect();
+/// Builds the filter allowing the calls of `lists`; any other call traps
+/// (`SIGSYS`).
+pub fn build_filter(lists: &[&[(i64, &str)]]) -> Result<BpfProgram, SandboxError> {
+    let rules: BTreeMap<i64, Vec<seccompiler::SeccompRule>> =
+        lists.iter().flat_map(|calls| calls.iter()).map(|(nr, _)| (*nr, vec![])).collect();
     let filter = SeccompFilter::new(rules, SeccompAction::Trap, SeccompAction::Allow, TargetArch::x86_64)
         .map_err(|e| SandboxError::Build(e.into()))?;
     filter.try_into().map_err(|e: seccompiler::BackendError| SandboxError::Build(e.into()))
@@ -123,8 +129,8 @@ pub fn build_filter(calls: &[(i64, &str)]) -> Result<BpfProgram, SandboxError> {
 /// Enters the sandbox on this thread (and every thread it starts later):
 /// installs the `SIGSYS` reporter, then `no_new_privs` and the filter
 /// (`seccompiler::apply_filter` sets `no_new_privs` first).
-pub fn enter(calls: &[(i64, &str)]) -> Result<(), SandboxError> {
-    let program = build_filter(calls)?;
+pub fn enter(lists: &[&[(i64, &str)]]) -> Result<(), SandboxError> {
+    let program = build_filter(lists)?;
     vmm_sys_util::signal::register_signal_handler(libc::SIGSYS, on_sigsys).map_err(SandboxError::Handler)?;
     seccompiler::apply_filter(&program).map_err(SandboxError::Install)
 }
@@ -284,8 +290,8 @@ mod tests {
 
     #[test]
     fn the_filter_builds_and_names_its_calls() {
-        assert!(!build_filter(VIRTIO_BLK_CALLS).unwrap().is_empty());
-        for (nr, why) in VIRTIO_BLK_CALLS {
+        assert!(!build_filter(&[VHOST_USER_CALLS, IMAGE_CALLS]).unwrap().is_empty());
+        for (nr, why) in VHOST_USER_CALLS.iter().chain(IMAGE_CALLS) {
             assert!(syscall_name(*nr).is_some(), "{nr} ({why}) has a name");
         }
         assert_eq!(syscall_name(libc::SYS_socket), Some("socket"));

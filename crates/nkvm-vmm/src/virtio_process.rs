@@ -1,6 +1,7 @@
-//! `nkvm device --model virtio-blk`: nkvm's virtio-blk model
-//! ([`nkvm_devices::virtio::Block`]) in its own sandboxed process, serving
-//! the VMM's queues as a vhost-user-blk backend (rust-vmm's
+//! `nkvm device --model virtio-blk|virtio-console`: nkvm's virtio-blk or
+//! virtio-console model ([`nkvm_devices::virtio::Block`],
+//! [`nkvm_devices::virtio::Console`]) in its own sandboxed process,
+//! serving the VMM's queues as a vhost-user backend (rust-vmm's
 //! `vhost-user-backend`).
 //!
 //! The VMM keeps the guest-visible transport (PCI configuration space, the
@@ -12,7 +13,7 @@
 //! the guest's requests reach this process from KVM and its completions
 //! reach the guest through KVM: the data path never crosses the VMM.
 //!
-//! Start-up: close every inherited descriptor, open the image, bind the
+//! Start-up: close every inherited descriptor, open the image (virtio-blk), bind the
 //! socket, enter the sandbox ([`crate::sandbox`]); only then start the
 //! threads and accept the VMM, so guest RAM is only ever mapped inside it.
 
@@ -21,14 +22,14 @@ use std::os::unix::net::UnixListener;
 use std::process::ExitCode;
 use std::sync::{Arc, Mutex};
 
-use nkvm_devices::virtio::{Block, GuestRam, VirtioDevice, VIRTIO_F_VERSION_1};
+use nkvm_devices::virtio::{Block, Console, GuestRam, VirtioDevice, VIRTIO_F_VERSION_1};
 use vhost::vhost_user::message::{VhostUserProtocolFeatures, VhostUserVirtioFeatures};
 use vhost::vhost_user::Listener;
 use vhost_user_backend::{VhostUserBackendMut, VhostUserDaemon, VringRwLock, VringT};
 use vm_memory::{GuestAddressSpace, GuestMemoryAtomic};
 use vmm_sys_util::epoll::EventSet;
 
-use crate::cli::DeviceArgs;
+use crate::cli::{DeviceArgs, DeviceModel};
 use crate::sandbox;
 
 /// Set in a device process's environment, it makes a forbidden system call
@@ -36,7 +37,7 @@ use crate::sandbox;
 /// sandbox kills it and that nkvm names the call.
 pub const FORBIDDEN_CALL_ENV: &str = "NKVM_DEVICE_TEST_FORBIDDEN_CALL";
 
-/// Why the virtio-blk device process stopped.
+/// Why a virtio device process stopped.
 #[derive(Debug, thiserror::Error)]
 pub enum VirtioProcessError {
     /// `--disk` is missing.
@@ -65,28 +66,28 @@ pub enum VirtioProcessError {
 /// The guest RAM the VMM handed over, as vhost-user-backend keeps it.
 type Ram = GuestMemoryAtomic<GuestRam>;
 
-/// The block model as a vhost-user backend.
-struct BlockBackend {
-    block: Block,
+/// A virtio model as a vhost-user backend.
+struct ModelBackend<D> {
+    model: D,
     mem: Ram,
     /// Make a forbidden call on the first request (tests only).
     forbidden_call: bool,
 }
 
-impl VhostUserBackendMut for BlockBackend {
+impl<D: VirtioDevice + Sync> VhostUserBackendMut for ModelBackend<D> {
     type Bitmap = ();
     type Vring = VringRwLock<Ram>;
 
     fn num_queues(&self) -> usize {
-        self.block.queue_max_sizes().len()
+        self.model.queue_max_sizes().len()
     }
 
     fn max_queue_size(&self) -> usize {
-        self.block.queue_max_sizes().iter().copied().max().map_or(0, usize::from)
+        self.model.queue_max_sizes().iter().copied().max().map_or(0, usize::from)
     }
 
     fn features(&self) -> u64 {
-        self.block.features() | VIRTIO_F_VERSION_1 | VhostUserVirtioFeatures::PROTOCOL_FEATURES.bits()
+        self.model.features() | VIRTIO_F_VERSION_1 | VhostUserVirtioFeatures::PROTOCOL_FEATURES.bits()
     }
 
     fn protocol_features(&self) -> VhostUserProtocolFeatures {
@@ -97,7 +98,7 @@ impl VhostUserBackendMut for BlockBackend {
 
     fn get_config(&self, offset: u32, size: u32) -> Vec<u8> {
         let mut bytes = vec![0u8; size as usize];
-        self.block.read_config(u64::from(offset), &mut bytes);
+        self.model.read_config(u64::from(offset), &mut bytes);
         bytes
     }
 
@@ -110,13 +111,13 @@ impl VhostUserBackendMut for BlockBackend {
         let index = usize::from(event);
         let Some(vring) = vrings.get(index) else { return Ok(()) };
         if self.forbidden_call {
-            // A socket: nothing a block device needs. The sandbox kills the
+            // A socket: nothing a block device or console needs. The sandbox kills the
             // process here.
             let _ = std::net::UdpSocket::bind("127.0.0.1:0");
         }
         let mem = self.mem.memory();
         let mut state = vring.get_mut();
-        let used = self.block.process_queue(index, state.get_queue_mut(), &mem).map_err(io::Error::other)?;
+        let used = self.model.process_queue(index, state.get_queue_mut(), &mem).map_err(io::Error::other)?;
         if used {
             state.signal_used_queue()?;
         }
@@ -127,8 +128,21 @@ impl VhostUserBackendMut for BlockBackend {
 /// Serves one VMM connection on `args.socket`, then exits.
 pub fn run(args: &DeviceArgs) -> Result<ExitCode, Box<dyn std::error::Error>> {
     sandbox::close_inherited_fds()?;
+    if args.model == DeviceModel::VirtioConsole {
+        return serve(args, Console::new(io::stdout()), &[sandbox::VHOST_USER_CALLS]);
+    }
     let disk = args.disk.as_ref().ok_or(VirtioProcessError::NoDisk)?;
     let block = Block::open(disk, args.read_only).map_err(VirtioProcessError::Disk)?;
+    serve(args, block, &[sandbox::VHOST_USER_CALLS, sandbox::IMAGE_CALLS])
+}
+
+/// Binds the socket, enters the sandbox allowing `calls`, and serves
+/// `model` to the VMM.
+fn serve<D: VirtioDevice + Sync + 'static>(
+    args: &DeviceArgs,
+    model: D,
+    calls: &[&[(i64, &str)]],
+) -> Result<ExitCode, Box<dyn std::error::Error>> {
     let forbidden_call = std::env::var_os(FORBIDDEN_CALL_ENV).is_some();
     let _ = std::fs::remove_file(&args.socket);
     let listener = UnixListener::bind(&args.socket)
@@ -136,11 +150,11 @@ pub fn run(args: &DeviceArgs) -> Result<ExitCode, Box<dyn std::error::Error>> {
     // A Listener made from a std listener has no path to unlink on drop:
     // the sandbox does not allow unlink, the VMM removes the file.
     let mut listener = Listener::from(listener);
-    sandbox::enter(sandbox::VIRTIO_BLK_CALLS).map_err(VirtioProcessError::Sandbox)?;
-    let backend = Arc::new(Mutex::new(BlockBackend { block, mem: Ram::new(GuestRam::new()), forbidden_call }));
+    sandbox::enter(calls).map_err(VirtioProcessError::Sandbox)?;
+    let backend = Arc::new(Mutex::new(ModelBackend { model, mem: Ram::new(GuestRam::new()), forbidden_call }));
     let daemon_err = |e: vhost_user_backend::Error| VirtioProcessError::Daemon(e.to_string());
-    let mut daemon =
-        VhostUserDaemon::new("virtio-blk".into(), backend, Ram::new(GuestRam::new())).map_err(daemon_err)?;
+    let name = format!("{:?}", args.model).to_lowercase();
+    let mut daemon = VhostUserDaemon::new(name, backend, Ram::new(GuestRam::new())).map_err(daemon_err)?;
     daemon.start(&mut listener).map_err(daemon_err)?;
     match daemon.wait() {
         // The VMM hung up: the VM is gone or replaced this process.

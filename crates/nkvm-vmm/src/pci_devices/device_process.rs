@@ -1,6 +1,7 @@
-//! The VMM's side of a virtio-blk device process (`nkvm run
-//! --device-process --disk IMAGE`): starting `nkvm device --model
-//! virtio-blk`, reading what it says on stderr, and telling how it died.
+//! The VMM's side of a virtio device process (`nkvm run --device-process`:
+//! virtio-blk with `--disk IMAGE`, virtio-console): starting `nkvm device
+//! --model virtio-blk|virtio-console`, reading what it says on stderr, and
+//! telling how it died.
 //!
 //! The process is a vhost-user-blk backend; [`super::vhost_user`] speaks to
 //! it as to any other, and its watcher notices the socket hang up the
@@ -28,8 +29,10 @@ const START_TIMEOUT: Duration = Duration::from_secs(10);
 #[derive(Debug, thiserror::Error)]
 pub enum DeviceProcessError {
     /// The executable could not be run.
-    #[error("cannot start the virtio-blk device process {}", exe.display())]
+    #[error("cannot start the {model} device process {}", exe.display())]
     Spawn {
+        /// The model.
+        model: &'static str,
         /// The executable (nkvm itself).
         exe: PathBuf,
         /// The OS error.
@@ -37,7 +40,7 @@ pub enum DeviceProcessError {
         source: std::io::Error,
     },
     /// It exited before it listened.
-    #[error("the virtio-blk device process exited before it listened on {}: {death}", socket.display())]
+    #[error("the device process exited before it listened on {}: {death}", socket.display())]
     Died {
         /// Its socket.
         socket: PathBuf,
@@ -45,8 +48,10 @@ pub enum DeviceProcessError {
         death: Death,
     },
     /// It never listened.
-    #[error("the virtio-blk device process did not listen on {} within {START_TIMEOUT:?}", socket.display())]
+    #[error("the {model} device process did not listen on {} within {START_TIMEOUT:?}", socket.display())]
     NoSocket {
+        /// The model.
+        model: &'static str,
         /// Its socket.
         socket: PathBuf,
     },
@@ -55,6 +60,8 @@ pub enum DeviceProcessError {
 /// How a device process ended.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Death {
+    /// Its model (`virtio-blk`).
+    pub model: &'static str,
     /// Its process id.
     pub pid: u32,
     /// The signal that killed it, if one did.
@@ -67,7 +74,7 @@ pub struct Death {
 
 impl std::fmt::Display for Death {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        write!(f, "the virtio-blk device process (pid {}) ", self.pid)?;
+        write!(f, "the {} device process (pid {}) ", self.model, self.pid)?;
         match (self.forbidden_call, self.signal, self.code) {
             (Some(nr), _, _) => {
                 let name = syscall_name(nr).unwrap_or("unknown");
@@ -97,14 +104,18 @@ fn signal_name(signal: i32) -> &'static str {
 pub struct ProcessSpec {
     /// The executable: nkvm itself.
     pub exe: PathBuf,
-    /// The image.
-    pub disk: PathBuf,
+    /// The model (`nkvm device --model`): `virtio-blk`, `virtio-console`.
+    pub model: &'static str,
+    /// The image (virtio-blk).
+    pub disk: Option<PathBuf>,
     /// Present it read-only.
     pub read_only: bool,
     /// The socket the process listens on.
     pub socket: PathBuf,
     /// Environment added to the process's.
     pub env: Vec<(String, String)>,
+    /// Where its stdout goes (a console's output), if not to the VMM's.
+    pub stdout: Option<PathBuf>,
 }
 
 /// What tests and the log learn about a device process over its life.
@@ -120,9 +131,9 @@ pub struct ProcessLog {
     pub failed: bool,
 }
 
-/// A running virtio-blk device process; killed when dropped.
+/// A running virtio device process; killed when dropped.
 #[derive(Debug)]
-pub struct BlockProcess {
+pub struct VirtioProcess {
     spec: ProcessSpec,
     child: Child,
     /// Forwards the child's stderr and catches the sandbox's line.
@@ -135,7 +146,7 @@ pub struct BlockProcess {
     pub log: Arc<Mutex<ProcessLog>>,
 }
 
-impl BlockProcess {
+impl VirtioProcess {
     /// Starts the process and waits until it listens on `spec.socket`.
     pub fn spawn(spec: ProcessSpec) -> Result<Self, DeviceProcessError> {
         let (child, stderr) = start(&spec)?;
@@ -160,7 +171,7 @@ impl BlockProcess {
         let status = self.child.wait();
         // Its stderr is closed now: the forwarder has read every line.
         let forbidden_call = self.stderr.take().and_then(|h| h.join().ok()).flatten();
-        let death = death(self.child.id(), status.ok(), forbidden_call);
+        let death = death(self.spec.model, self.child.id(), status.ok(), forbidden_call);
         if self.started.elapsed() >= STABLE_AFTER {
             self.in_a_row = 0;
         }
@@ -182,7 +193,7 @@ impl BlockProcess {
     }
 }
 
-impl Drop for BlockProcess {
+impl Drop for VirtioProcess {
     fn drop(&mut self) {
         let _ = self.child.kill();
         let _ = self.child.wait();
@@ -190,40 +201,48 @@ impl Drop for BlockProcess {
     }
 }
 
-fn death(pid: u32, status: Option<ExitStatus>, forbidden_call: Option<i64>) -> Death {
+fn death(model: &'static str, pid: u32, status: Option<ExitStatus>, forbidden_call: Option<i64>) -> Death {
     let signal = status.and_then(|s| s.signal());
     let code = status.and_then(|s| s.code());
     // The line counts only if the sandbox's signal is what ended it.
     let forbidden_call = forbidden_call.filter(|_| signal == Some(libc::SIGSYS));
-    Death { pid, signal, code, forbidden_call }
+    Death { model, pid, signal, code, forbidden_call }
 }
 
-/// Starts `nkvm device --model virtio-blk` and waits for its socket.
+/// Starts `nkvm device --model MODEL` and waits for its socket.
 fn start(spec: &ProcessSpec) -> Result<(Child, JoinHandle<Option<i64>>), DeviceProcessError> {
     let _ = std::fs::remove_file(&spec.socket);
+    let spawn_err = |source| DeviceProcessError::Spawn { model: spec.model, exe: spec.exe.clone(), source };
     let mut command = Command::new(&spec.exe);
-    command.args(["device", "--model", "virtio-blk", "--socket"]).arg(&spec.socket).arg("--disk").arg(&spec.disk);
+    command.args(["device", "--model", spec.model, "--socket"]).arg(&spec.socket);
+    if let Some(disk) = &spec.disk {
+        command.arg("--disk").arg(disk);
+    }
     if spec.read_only {
         command.arg("--read-only");
+    }
+    if let Some(path) = &spec.stdout {
+        let file = std::fs::OpenOptions::new().create(true).append(true).open(path).map_err(spawn_err)?;
+        command.stdout(file);
     }
     let mut child = command
         .envs(spec.env.iter().map(|(k, v)| (k, v)))
         .stdin(Stdio::null())
         .stderr(Stdio::piped())
         .spawn()
-        .map_err(|source| DeviceProcessError::Spawn { exe: spec.exe.clone(), source })?;
+        .map_err(spawn_err)?;
     let stderr = child.stderr.take().map(forward_stderr);
     let deadline = Instant::now() + START_TIMEOUT;
     while !spec.socket.exists() {
         if let Ok(Some(status)) = child.try_wait() {
             let forbidden = stderr.and_then(|h| h.join().ok()).flatten();
-            let death = death(child.id(), Some(status), forbidden);
+            let death = death(spec.model, child.id(), Some(status), forbidden);
             return Err(DeviceProcessError::Died { socket: spec.socket.clone(), death });
         }
         if Instant::now() > deadline {
             let _ = child.kill();
             let _ = child.wait();
-            return Err(DeviceProcessError::NoSocket { socket: spec.socket.clone() });
+            return Err(DeviceProcessError::NoSocket { model: spec.model, socket: spec.socket.clone() });
         }
         thread::sleep(Duration::from_millis(2));
     }
@@ -258,7 +277,13 @@ mod tests {
 
     #[test]
     fn a_death_names_the_signal_or_the_forbidden_call() {
-        let sys = Death { pid: 7, signal: Some(libc::SIGSYS), code: None, forbidden_call: Some(libc::SYS_socket) };
+        let sys = Death {
+            model: "virtio-blk",
+            pid: 7,
+            signal: Some(libc::SIGSYS),
+            code: None,
+            forbidden_call: Some(libc::SYS_socket),
+        };
         assert_eq!(
             sys.to_string(),
             format!(
@@ -266,7 +291,7 @@ mod tests {
                 libc::SYS_socket
             )
         );
-        let kill = death(8, Some(ExitStatus::from_raw(libc::SIGKILL)), Some(41));
+        let kill = death("virtio-blk", 8, Some(ExitStatus::from_raw(libc::SIGKILL)), Some(41));
         assert_eq!(kill.forbidden_call, None, "a line without the sandbox's signal does not count");
         assert!(kill.to_string().ends_with("was killed by signal 9 (SIGKILL)"), "{kill}");
     }

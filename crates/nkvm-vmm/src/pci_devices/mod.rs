@@ -39,7 +39,7 @@ use vm_memory::FileOffset;
 use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 
 use self::notify::QueueNotifier;
-use self::vhost_user::VhostUserBlock;
+use self::vhost_user::VhostUserDevice;
 
 /// Start of the MMIO window the DSDT gives the PCI host bridge; BARs are
 /// assigned from here up.
@@ -95,6 +95,9 @@ pub struct PciConfig {
     /// Environment added to the device process's (tests use it to make the
     /// model misbehave: [`crate::virtio_process::FORBIDDEN_CALL_ENV`]).
     pub device_process_env: Vec<(String, String)>,
+    /// Where the device processes' stdout goes (the console's output), if
+    /// not to the VMM's.
+    pub device_process_stdout: Option<PathBuf>,
 }
 
 /// What [`attach`] started that a caller may watch.
@@ -102,6 +105,23 @@ pub struct PciConfig {
 pub struct Attached {
     /// The virtio-blk device process's record, if the disk is served by one.
     pub block_process: Option<Arc<Mutex<device_process::ProcessLog>>>,
+    /// The virtio-console device process's record, if there is one.
+    pub console_process: Option<Arc<Mutex<device_process::ProcessLog>>>,
+}
+
+impl PciConfig {
+    /// How to start the device process serving `model`.
+    fn process_spec(&self, model: &'static str, disk: Option<PathBuf>) -> device_process::ProcessSpec {
+        device_process::ProcessSpec {
+            exe: self.device_process.clone().unwrap_or_default(),
+            model,
+            read_only: disk.is_some() && self.disk_read_only,
+            disk,
+            socket: unique_socket(model),
+            env: self.device_process_env.clone(),
+            stdout: self.device_process_stdout.clone(),
+        }
+    }
 }
 
 /// Why the PCI devices could not be set up.
@@ -173,15 +193,9 @@ pub fn attach(vm: &Arc<Vm>, config: &PciConfig) -> Result<Attached, PciSetupErro
     let mut attached = Attached::default();
     match &config.disk {
         Some(Disk::Image(path)) if config.device_process.is_some() => {
-            let spec = device_process::ProcessSpec {
-                exe: config.device_process.clone().unwrap_or_default(),
-                disk: path.clone(),
-                read_only: config.disk_read_only,
-                socket: unique_socket(),
-                env: config.device_process_env.clone(),
-            };
-            let process = device_process::BlockProcess::spawn(spec)?;
-            let block = VhostUserBlock::connect_process(process, builder.mem.clone())?;
+            let spec = config.process_spec(vhost_user::BLOCK.name, Some(path.clone()));
+            let process = device_process::VirtioProcess::spawn(spec)?;
+            let block = VhostUserDevice::connect_process(process, vhost_user::BLOCK, builder.mem.clone())?;
             log::info!("virtio-blk: {} in a device process ({} sectors)", path.display(), block.capacity());
             attached.block_process = block.process_log();
             builder.add_vhost_user(block)?;
@@ -195,13 +209,20 @@ pub fn attach(vm: &Arc<Vm>, config: &PciConfig) -> Result<Attached, PciSetupErro
             if config.disk_read_only {
                 return Err(PciSetupError::ReadOnlyVhostUser);
             }
-            let block = VhostUserBlock::connect(socket, builder.mem.clone())?;
+            let block = VhostUserDevice::connect(socket, vhost_user::BLOCK, builder.mem.clone())?;
             log::info!("virtio-blk: vhost-user backend at {} ({} sectors)", socket.display(), block.capacity());
             builder.add_vhost_user(block)?;
         }
         None => {}
     }
-    builder.add(Console::new(io::stdout()))?;
+    if config.device_process.is_some() {
+        let process = device_process::VirtioProcess::spawn(config.process_spec(vhost_user::CONSOLE.name, None))?;
+        let console = VhostUserDevice::connect_process(process, vhost_user::CONSOLE, builder.mem.clone())?;
+        attached.console_process = console.process_log();
+        builder.add_vhost_user(console)?;
+    } else {
+        builder.add(Console::new(io::stdout()))?;
+    }
     let Builder { bus, notifiers, .. } = builder;
     let mut handler =
         ConfigPorts { bus, vm: Arc::downgrade(vm), regions: HashMap::new(), notifiers, reset: config.reset.clone() };
@@ -211,10 +232,10 @@ pub fn attach(vm: &Arc<Vm>, config: &PciConfig) -> Result<Attached, PciSetupErro
 }
 
 /// A socket path no other VM of this process uses.
-fn unique_socket() -> PathBuf {
+fn unique_socket(model: &str) -> PathBuf {
     static NEXT: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
     let n = NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-    std::env::temp_dir().join(format!("nkvm-{}-virtio-blk-{n}.sock", std::process::id()))
+    std::env::temp_dir().join(format!("nkvm-{}-{model}-{n}.sock", std::process::id()))
 }
 
 /// A vm-memory view of the VM's RAM: a second mapping of the same memfd.
@@ -275,7 +296,7 @@ impl Builder {
 
     /// Puts a vhost-user device on the bus: its queues' ioeventfds and its
     /// vectors' irqfds go to the backend, and no worker serves them here.
-    fn add_vhost_user(&mut self, mut device: VhostUserBlock) -> Result<(), PciSetupError> {
+    fn add_vhost_user(&mut self, mut device: VhostUserDevice) -> Result<(), PciSetupError> {
         let queues = device.queue_max_sizes().len();
         let sink = IrqfdSink::new(&self.vm, queues as u16 + 1, &mut self.next_gsi)?;
         let notifier = QueueNotifier::without_worker(queues).map_err(PciSetupError::Eventfds)?;

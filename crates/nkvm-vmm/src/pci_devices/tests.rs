@@ -113,11 +113,16 @@ fn guest_code(bar: u64) -> Vec<u8> {
 
 /// The IDT, the local APIC and the driver script, as guest code.
 fn emit_driver_script(a: &mut CodeAssembler, bar: u64) {
+    emit_ops(a, bar, driver_script(bar));
+}
+
+/// The IDT, the local APIC and `ops`, as guest code.
+fn emit_ops(a: &mut CodeAssembler, bar: u64, ops: Vec<Op>) {
     a.mov(rax, IDTR).unwrap();
     a.lidt(ptr(rax)).unwrap();
     a.mov(rax, 0xfee0_00f0u64).unwrap(); // local APIC on
     a.mov(dword_ptr(rax), 0x1ff).unwrap();
-    for op in driver_script(bar) {
+    for op in ops {
         match op {
             Op::Config(register, value) => {
                 a.mov(eax, 0x8000_0000 | 1 << 11 | register).unwrap();

@@ -54,18 +54,9 @@ use vhost::{VhostBackend, VhostUserMemoryRegionInfo, VringConfigData};
 use virtio_queue::{Queue, QueueT};
 use vm_memory::{Bytes, GuestAddress, GuestMemoryBackend};
 
-use super::device_process::{BlockProcess, ProcessLog};
+use super::device_process::{ProcessLog, VirtioProcess};
 use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 
-/// `VIRTIO_ID_BLOCK`.
-const VIRTIO_ID_BLOCK: u16 = 2;
-/// PCI class: mass storage, other.
-const CLASS_STORAGE_OTHER: u32 = 0x01_80_00;
-/// The queue size nkvm offers the driver; qemu-storage-daemon takes up to 1024.
-const QUEUE_MAX_SIZE: u16 = 256;
-/// Bytes of `struct virtio_blk_config` read from the backend (up to and
-/// including the write-zeroes fields).
-const BLK_CONFIG_SIZE: u32 = 60;
 /// How long one request on the socket may take before the backend counts
 /// as stuck.
 const SOCKET_TIMEOUT: Duration = Duration::from_secs(5);
@@ -73,12 +64,6 @@ const SOCKET_TIMEOUT: Duration = Duration::from_secs(5);
 const CONNECT_RETRIES: u32 = 5;
 /// `VIRTIO_F_VERSION_1`.
 const VERSION_1: u64 = 1 << 32;
-/// Feature bits passed from the backend to the driver: the device-specific
-/// ones (0-23), `VIRTIO_RING_F_INDIRECT_DESC` and `VIRTIO_RING_F_EVENT_IDX`
-/// — both between the driver and the backend, the transport is not
-/// involved — but not `VIRTIO_BLK_F_MQ` (one queue) nor
-/// `VIRTIO_BLK_F_CONFIG_WCE` (configuration writes are not passed on).
-const PASSED_FEATURES: u64 = (0x00ff_ffff | 1 << 28 | 1 << 29) & !(1 << 12 | 1 << 11);
 
 /// Why a vhost-user backend could not be used.
 #[derive(Debug, thiserror::Error)]
@@ -148,7 +133,7 @@ struct Session {
 impl Session {
     /// Connects to `socket` and asks the backend what it offers: owner,
     /// features, protocol features (`CONFIG`), the block configuration.
-    fn open(socket: &Path) -> Result<Self, VhostUserError> {
+    fn open(socket: &Path, kind: &DeviceKind) -> Result<Self, VhostUserError> {
         let path = socket.to_path_buf();
         let connect_err = |source| VhostUserError::Connect { socket: path.clone(), source };
         // A backend that has bound its socket but not yet listened refuses
@@ -165,7 +150,8 @@ impl Session {
         };
         stream.set_read_timeout(Some(SOCKET_TIMEOUT)).map_err(connect_err)?;
         stream.set_write_timeout(Some(SOCKET_TIMEOUT)).map_err(connect_err)?;
-        let mut frontend = Frontend::from_stream(stream, 1);
+        // The frontend refuses queue indexes past the number it is given.
+        let mut frontend = Frontend::from_stream(stream, kind.queue_max_sizes.len() as u64);
         let req = |request: &'static str| {
             let socket = path.clone();
             move |source| VhostUserError::Request { socket, request, source }
@@ -194,9 +180,9 @@ impl Session {
         if reply_ack {
             frontend.set_hdr_flags(VhostUserHeaderFlag::NEED_REPLY);
         }
-        let empty = vec![0u8; BLK_CONFIG_SIZE as usize];
+        let empty = vec![0u8; kind.config_size as usize];
         let (_, config) = frontend
-            .get_config(0, BLK_CONFIG_SIZE, VhostUserConfigFlags::empty(), &empty)
+            .get_config(0, kind.config_size, VhostUserConfigFlags::empty(), &empty)
             .map_err(req("GET_CONFIG"))?;
         Ok(Self { frontend, backend_features, config, reply_ack })
     }
@@ -240,18 +226,19 @@ impl Ring {
     }
 }
 
-/// virtio-blk served by a vhost-user backend.
-pub struct VhostUserBlock {
+/// A virtio device (block, console) served by a vhost-user backend.
+pub struct VhostUserDevice {
+    kind: DeviceKind,
     socket: PathBuf,
     frontend: Frontend,
     mem: GuestRam,
     /// What the backend offers (virtio features).
     backend_features: u64,
-    /// `struct virtio_blk_config` as the backend gave it.
+    /// The device's configuration (`struct virtio_blk_config`, ...) as the
+    /// backend gave it.
     config: Vec<u8>,
     /// The backend acknowledges each set-up message.
     reply_ack: bool,
-    queue_max_sizes: [u16; 1],
     fds: Option<Eventfds>,
     /// Written when the device is dropped: stops the watcher.
     stop: EventFd,
@@ -260,14 +247,15 @@ pub struct VhostUserBlock {
     /// The backend hung up or stopped answering.
     gone: bool,
     /// The backend is nkvm's own device process, restarted when it dies.
-    process: Option<BlockProcess>,
+    process: Option<VirtioProcess>,
     /// The driver's set-up since the last reset.
     saved: Option<Saved>,
 }
 
-impl std::fmt::Debug for VhostUserBlock {
+impl std::fmt::Debug for VhostUserDevice {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("VhostUserBlock")
+        f.debug_struct("VhostUserDevice")
+            .field("kind", &self.kind.name)
             .field("socket", &self.socket)
             .field("backend_features", &format_args!("{:#x}", self.backend_features))
             .field("started", &self.started)
@@ -276,22 +264,22 @@ impl std::fmt::Debug for VhostUserBlock {
     }
 }
 
-impl VhostUserBlock {
+impl VhostUserDevice {
     /// Connects to the backend at `socket` and learns what it offers;
     /// `mem` is the VMM's mapping of guest RAM, whose memfd and addresses
     /// the backend is given.
-    pub fn connect(socket: &Path, mem: GuestRam) -> Result<Self, VhostUserError> {
-        let Session { frontend, backend_features, config, reply_ack } = Session::open(socket)?;
+    pub fn connect(socket: &Path, kind: DeviceKind, mem: GuestRam) -> Result<Self, VhostUserError> {
+        let Session { frontend, backend_features, config, reply_ack } = Session::open(socket, &kind)?;
         let stop =
             EventFd::new(EFD_NONBLOCK).map_err(|source| VhostUserError::Connect { socket: socket.into(), source })?;
         Ok(Self {
+            kind,
             socket: socket.to_path_buf(),
             frontend,
             mem,
             backend_features,
             config,
             reply_ack,
-            queue_max_sizes: [QUEUE_MAX_SIZE],
             fds: None,
             stop,
             started: Vec::new(),
@@ -301,16 +289,15 @@ impl VhostUserBlock {
         })
     }
 
-    /// Connects to nkvm's own device process `process` (a vhost-user-blk
-    /// backend), which this device restarts when it dies.
-    pub fn connect_process(process: BlockProcess, mem: GuestRam) -> Result<Self, VhostUserError> {
-        let mut block = Self::connect(process.socket(), mem)?;
+    /// Connects to nkvm's own device process `process` (a vhost-user
+    /// backend serving `kind`), which this device restarts when it dies.
+    pub fn connect_process(process: VirtioProcess, kind: DeviceKind, mem: GuestRam) -> Result<Self, VhostUserError> {
+        let mut device = Self::connect(process.socket(), kind, mem)?;
         // The process is listening and connected: its socket file has done
         // its work (the sandbox does not let the process unlink it).
         let _ = std::fs::remove_file(process.socket());
-        block.queue_max_sizes = [nkvm_devices::virtio::block::QUEUE_SIZE];
-        block.process = Some(process);
-        Ok(block)
+        device.process = Some(process);
+        Ok(device)
     }
 
     /// The device process's record (pid, deaths, restarts), if nkvm runs
@@ -340,7 +327,8 @@ impl VhostUserBlock {
     /// A backend answers on the socket again: the next activation (after
     /// the driver resets the device) hands it the queues.
     fn reconnected(&mut self, session: Session) {
-        if session.backend_features & PASSED_FEATURES != self.backend_features & PASSED_FEATURES {
+        let passed = self.kind.passed_features;
+        if session.backend_features & passed != self.backend_features & passed {
             log::warn!("vhost-user {}: the new backend offers other features", self.socket.display());
         }
         self.frontend = session.frontend;
@@ -473,21 +461,21 @@ impl VhostUserBlock {
     }
 }
 
-impl VirtioDevice for VhostUserBlock {
+impl VirtioDevice for VhostUserDevice {
     fn device_type(&self) -> u16 {
-        VIRTIO_ID_BLOCK
+        self.kind.device_type
     }
 
     fn pci_class(&self) -> u32 {
-        CLASS_STORAGE_OTHER
+        self.kind.pci_class
     }
 
     fn queue_max_sizes(&self) -> &[u16] {
-        &self.queue_max_sizes
+        self.kind.queue_max_sizes
     }
 
     fn features(&self) -> u64 {
-        self.backend_features & PASSED_FEATURES
+        self.backend_features & self.kind.passed_features
     }
 
     fn read_config(&self, offset: u64, data: &mut [u8]) {
@@ -502,12 +490,16 @@ impl VirtioDevice for VhostUserBlock {
     }
 
     fn write_config(&mut self, offset: u64, data: &[u8]) {
-        log::debug!("vhost-user-blk: ignored config write of {} bytes at {offset:#x}", data.len());
+        log::debug!("vhost-user {}: ignored config write of {} bytes at {offset:#x}", self.kind.name, data.len());
     }
 
     fn activate(&mut self, activation: &Activation<'_>) -> Result<(), VirtioError> {
         self.start(activation).map_err(|e| {
-            eprintln!("nkvm: virtio-blk: {e}; the device has failed");
+            eprintln!(
+                "nkvm: {}: {e}: {}; the device has failed",
+                self.kind.name,
+                std::error::Error::source(&e).map(ToString::to_string).unwrap_or_default()
+            );
             VirtioError::Backend(Box::new(e))
         })
     }
@@ -531,13 +523,16 @@ impl VirtioDevice for VhostUserBlock {
     }
 }
 
-impl Drop for VhostUserBlock {
+impl Drop for VhostUserDevice {
     fn drop(&mut self) {
         let _ = self.stop.write(1);
     }
 }
 
+mod kind;
 mod watch;
+
+pub use self::kind::{DeviceKind, BLOCK, CONSOLE};
 
 pub(super) use self::watch::watch;
 #[cfg(test)]

@@ -195,3 +195,70 @@ fn a_device_process_killed_mid_stream_is_restarted_and_no_completed_write_is_los
     assert!(!log.failed);
     let _ = std::fs::remove_file(&image);
 }
+
+/// The console's transmit queue set up (no disk: the console is 00:01.0),
+/// one buffer sent, its completion awaited, then [`DONE`].
+fn console_code() -> Vec<u8> {
+    use Op::*;
+    let ops = vec![
+        Config(0x04, 0x6),
+        Mmio(0x14, 1, 0),
+        Mmio(0x14, 1, 1),
+        Mmio(0x14, 1, 3),
+        Mmio(0x08, 4, 1),
+        Mmio(0x0c, 4, 1), // VERSION_1
+        Mmio(0x14, 1, 0xb),
+        Mmio(0x16, 2, 1), // queue 1: transmit
+        Mmio(0x18, 2, 16),
+        Mmio(0x20, 4, DESC as u32),
+        Mmio(0x24, 4, 0),
+        Mmio(0x28, 4, AVAIL as u32),
+        Mmio(0x2c, 4, 0),
+        Mmio(0x30, 4, USED as u32),
+        Mmio(0x34, 4, 0),
+        Mmio(0x1c, 2, 1),
+        Mmio(0x14, 1, 0xf),
+        Mmio(0x3004, 2, 1), // notify queue 1
+    ];
+    let mut a = CodeAssembler::new(64).unwrap();
+    emit_ops(&mut a, BAR, ops);
+    let mut wait = a.create_label();
+    a.mov(rbx, USED + 2).unwrap();
+    a.set_label(&mut wait).unwrap();
+    a.pause().unwrap();
+    a.movzx(eax, word_ptr(rbx)).unwrap();
+    a.cmp(eax, 1).unwrap();
+    a.jne(wait).unwrap();
+    a.out(u32::from(DONE), eax).unwrap();
+    let mut idle = a.create_label();
+    a.set_label(&mut idle).unwrap();
+    a.hlt().unwrap();
+    a.jmp(idle).unwrap();
+    a.assemble(ENTRY).unwrap()
+}
+
+#[test]
+fn a_guest_writes_to_a_console_in_a_device_process() {
+    const TEXT: &[u8] = b"hello from a sandboxed virtio-console\n";
+    let output = std::env::temp_dir().join(format!("nkvm-console-{}.out", std::process::id()));
+    let _ = std::fs::remove_file(&output);
+    let config = PciConfig {
+        device_process: Some(nkvm_exe()),
+        device_process_stdout: Some(output.clone()),
+        ..Default::default()
+    };
+    let (mut guest, attached) = Guest::boot_with(&config, &console_code());
+    let mut desc = [0u8; 16];
+    desc[0..8].copy_from_slice(&DATA.to_le_bytes());
+    desc[8..12].copy_from_slice(&(TEXT.len() as u32).to_le_bytes());
+    guest.vm.write_memory(GuestAddress(DESC), &desc).unwrap();
+    guest.vm.write_memory(GuestAddress(DATA), TEXT).unwrap();
+    guest.vm.write_memory(GuestAddress(AVAIL), &[0, 0, 1, 0, 0, 0]).unwrap(); // idx 1, ring[0] = 0
+    guest.vm.write_memory(GuestAddress(USED), &[0u8; 64]).unwrap();
+    let done = guest.run_until_out(DONE, Duration::from_secs(60), |_| true);
+    assert_eq!(done, Ok(1), "the console completed the buffer");
+    assert_eq!(std::fs::read(&output).unwrap(), TEXT, "the process wrote the guest's bytes");
+    let pid = attached.console_process.expect("the console is served by a device process").lock().unwrap().pid;
+    assert_eq!(proc_status(pid, "Seccomp:"), "2");
+    let _ = std::fs::remove_file(&output);
+}

@@ -16,7 +16,7 @@ use std::time::Duration;
 use nkvm_devices::virtio::{VirtioError, VirtioPci};
 use vmm_sys_util::epoll::{ControlOperation, Epoll, EpollEvent, EventSet};
 
-use super::{Session, VhostUserBlock, VhostUserError};
+use super::{DeviceKind, Session, VhostUserDevice, VhostUserError};
 
 /// Restarts in a row after which a device process is given up on (a
 /// process that served a while starts the count again: see
@@ -34,14 +34,14 @@ const RECONNECT_PERIOD: Duration = Duration::from_millis(200);
 /// naming the socket and marks the device failed (`DEVICE_NEEDS_RESET`) —
 /// and then tries the socket until a backend answers again, which it
 /// reports; the guest gets the new backend when it resets the device.
-pub(in crate::pci_devices) fn watch(device: &Arc<Mutex<VirtioPci<VhostUserBlock>>>) -> io::Result<()> {
+pub(in crate::pci_devices) fn watch(device: &Arc<Mutex<VirtioPci<VhostUserDevice>>>) -> io::Result<()> {
     let epoll = Epoll::new()?;
-    let (stop, socket) = {
+    let (stop, socket, kind) = {
         let pci = device.lock().unwrap_or_else(|e| e.into_inner());
-        (pci.device().stop.try_clone()?, pci.device().socket.clone())
+        (pci.device().stop.try_clone()?, pci.device().socket.clone(), pci.device().kind)
     };
     epoll.ctl(ControlOperation::Add, stop.as_raw_fd(), EpollEvent::new(EventSet::IN, STOP))?;
-    let watcher = Watcher { epoll, device: Arc::downgrade(device), socket };
+    let watcher = Watcher { epoll, device: Arc::downgrade(device), socket, kind };
     watcher.follow(&device.lock().unwrap_or_else(|e| e.into_inner()))?;
     thread::Builder::new().name("vhost-user-watch".into()).spawn(move || watcher.run())?;
     Ok(())
@@ -50,13 +50,14 @@ pub(in crate::pci_devices) fn watch(device: &Arc<Mutex<VirtioPci<VhostUserBlock>
 /// The watcher thread's state.
 struct Watcher {
     epoll: Epoll,
-    device: Weak<Mutex<VirtioPci<VhostUserBlock>>>,
+    device: Weak<Mutex<VirtioPci<VhostUserDevice>>>,
     socket: PathBuf,
+    kind: DeviceKind,
 }
 
 impl Watcher {
     /// Watches the device's current connection for a hang-up.
-    fn follow(&self, pci: &VirtioPci<VhostUserBlock>) -> io::Result<()> {
+    fn follow(&self, pci: &VirtioPci<VhostUserDevice>) -> io::Result<()> {
         let hangup = EventSet::HANG_UP | EventSet::READ_HANG_UP | EventSet::ERROR;
         let fd = pci.device().frontend.as_raw_fd();
         self.epoll.ctl(ControlOperation::Add, fd, EpollEvent::new(hangup, SOCKET))
@@ -81,14 +82,15 @@ impl Watcher {
     /// The device process died: reaps it, reports it, starts another and
     /// hands it the queues. Returns whether a process serves the device
     /// again (false: the device has failed for good).
-    fn restart(&self, pci: &mut VirtioPci<VhostUserBlock>) -> bool {
+    fn restart(&self, pci: &mut VirtioPci<VhostUserDevice>) -> bool {
         loop {
             let Some(process) = pci.device_mut().process.as_mut() else { return false };
             let death = process.reap();
             if process.in_a_row > MAX_RESTARTS {
                 eprintln!(
-                    "nkvm: virtio-blk: {death}; given up after {MAX_RESTARTS} restarts in a row: \
-                     the device has failed, the VM goes on"
+                    "nkvm: {}: {death}; given up after {MAX_RESTARTS} restarts in a row: \
+                     the device has failed, the VM goes on",
+                    self.kind.name
                 );
                 process.log.lock().unwrap_or_else(|e| e.into_inner()).failed = true;
                 let gone = VhostUserError::Gone { socket: self.socket.clone() };
@@ -96,20 +98,23 @@ impl Watcher {
                 pci.fail(&VirtioError::Backend(Box::new(gone)));
                 return false;
             }
-            eprintln!("nkvm: virtio-blk: {death}; restarting it ({} of {MAX_RESTARTS} in a row)", process.in_a_row);
+            eprintln!(
+                "nkvm: {}: {death}; restarting it ({} of {MAX_RESTARTS} in a row)",
+                self.kind.name, process.in_a_row
+            );
             match self.start_again(pci) {
                 Ok(()) => return true,
-                Err(e) => eprintln!("nkvm: virtio-blk: the restarted device process failed: {e}"),
+                Err(e) => eprintln!("nkvm: {}: the restarted device process failed: {e}", self.kind.name),
             }
         }
     }
 
     /// A new process, the start-up handshake, the driver's queues.
-    fn start_again(&self, pci: &mut VirtioPci<VhostUserBlock>) -> Result<(), Box<dyn std::error::Error>> {
+    fn start_again(&self, pci: &mut VirtioPci<VhostUserDevice>) -> Result<(), Box<dyn std::error::Error>> {
         let block = pci.device_mut();
         let Some(process) = block.process.as_mut() else { return Err("no device process".into()) };
         process.respawn()?;
-        let session = Session::open(&self.socket)?;
+        let session = Session::open(&self.socket, &self.kind)?;
         let _ = std::fs::remove_file(&self.socket);
         block.reconnected(session);
         block.started.clear();
@@ -140,7 +145,7 @@ impl Watcher {
                     return;
                 }
                 let gone = VhostUserError::Gone { socket: self.socket.clone() };
-                eprintln!("nkvm: virtio-blk: {gone}; the device has failed, the VM goes on");
+                eprintln!("nkvm: {}: {gone}; the device has failed, the VM goes on", self.kind.name);
                 pci.device_mut().mark_gone();
                 pci.fail(&VirtioError::Backend(Box::new(gone)));
             }
@@ -149,7 +154,7 @@ impl Watcher {
                 if self.wait(RECONNECT_PERIOD.as_millis() as i32).is_none() {
                     return;
                 }
-                let Ok(session) = Session::open(&self.socket) else { continue };
+                let Ok(session) = Session::open(&self.socket, &self.kind) else { continue };
                 let Some(device) = self.device.upgrade() else { return };
                 let mut pci = device.lock().unwrap_or_else(|e| e.into_inner());
                 pci.device_mut().reconnected(session);
@@ -157,7 +162,8 @@ impl Watcher {
                     log::error!("vhost-user {}: cannot watch the new connection: {e}", self.socket.display());
                 }
                 eprintln!(
-                    "nkvm: virtio-blk: vhost-user backend at {} is back; the device works again once the guest resets it",
+                    "nkvm: {}: vhost-user backend at {} is back; the device works again once the guest resets it",
+                    self.kind.name,
                     self.socket.display()
                 );
                 break;
