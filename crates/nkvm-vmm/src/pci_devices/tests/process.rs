@@ -262,3 +262,17 @@ fn a_guest_writes_to_a_console_in_a_device_process() {
     assert_eq!(proc_status(pid, "Seccomp:"), "2");
     let _ = std::fs::remove_file(&output);
 }
+
+#[test]
+fn a_device_process_that_cannot_start_is_a_clear_error_naming_it() {
+    let hv = Hypervisor::open().expect("this test needs /dev/kvm");
+    let vm = Arc::new(Vm::new(&hv, &VmConfig { vcpus: 1, memory: 16 << 20, ..Default::default() }).unwrap());
+    let image = test_image("no-exe");
+    let exe = std::env::temp_dir().join("nkvm-no-such-executable");
+    let config = PciConfig { device_process: Some(exe.clone()), ..in_a_process(&image) };
+    let err = attach(&vm, &config).expect_err("there is no such executable");
+    let line = err.to_string();
+    assert!(line.contains("virtio-blk device process"), "{line}");
+    assert!(line.contains(&exe.display().to_string()), "{line}");
+    let _ = std::fs::remove_file(&image);
+}
