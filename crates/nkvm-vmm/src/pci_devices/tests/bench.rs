@@ -1,15 +1,17 @@
 //! A benchmark, not a check (ignored by default): a guest driving
-//! virtio-blk with 4 KiB writes then 4 KiB reads at queue depth 1, with the
-//! device in the VMM, in an nkvm device process, and behind
+//! virtio-blk with 4 KiB writes then 4 KiB reads at queue depth 1 and 32,
+//! with the device in the VMM, in an nkvm device process, and behind
 //! qemu-storage-daemon over vhost-user. It prints IOPS and the median
-//! latency of each, and the ratios to in-process. Run it with
+//! latency of each (at depth 32: of a batch of 32 requests, submitted with
+//! one notify and awaited together), and the ratios to in-process. Run it
+//! with
 //!
 //! ```text
 //! cargo test --release -p nkvm-vmm --bin nkvm -- --ignored --nocapture virtio_blk_qd1
 //! ```
 //!
-//! The guest timestamps each request with `rdtsc` (submit, completion)
-//! into its memory; the host converts ticks to time with the ticks and the
+//! The guest timestamps each batch with `rdtsc` (submit, completion) into
+//! its memory; the host converts ticks to time with the ticks and the
 //! wall time between the guest's first submit and its last completion.
 
 use std::time::Instant;
@@ -24,11 +26,17 @@ const FINISHED: u16 = 0x75;
 /// The guest's timestamps: (submit, completion) per request.
 const TIMES: u64 = 0x40_0000;
 /// Requests per run.
-const REQUESTS: u64 = 2000;
+const REQUESTS: u64 = 2048;
 /// Bytes per request.
 const BLOCK: u32 = 4096;
-/// Distinct 4 KiB blocks the requests walk through.
-const BLOCKS: u64 = 256;
+/// The queue size the benchmark's driver sets (room for 32 chains of 3).
+const QUEUE: u16 = 128;
+/// Request headers, one per slot of a batch.
+const HEADERS: u64 = 0x48_0000;
+/// Status bytes, one per slot.
+const STATUSES: u64 = 0x48_1000;
+/// Data buffers, 4 KiB per slot.
+const BUFFERS: u64 = 0x50_0000;
 
 /// `VIRTIO_BLK_T_OUT` (write) or `VIRTIO_BLK_T_IN` (read).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -37,45 +45,46 @@ enum Direction {
     Read,
 }
 
-/// The driver script, then [`REQUESTS`] requests one at a time, each
-/// timestamped before its notify and after its completion.
-fn bench_code(bar: u64, direction: Direction) -> Vec<u8> {
+/// The driver script (queue size [`QUEUE`]), then [`REQUESTS`] requests in
+/// batches of `depth`: each batch made available with one move of the
+/// available index and one notify, awaited on the used index, and
+/// timestamped before the notify and after the last completion. The
+/// descriptors, headers and ring slots are laid out by [`bench_rings`].
+fn bench_code(bar: u64, depth: u64) -> Vec<u8> {
     let mut a = CodeAssembler::new(64).unwrap();
-    emit_driver_script(&mut a, bar);
+    let ops = driver_script(bar)
+        .into_iter()
+        .map(|op| match op {
+            Op::Mmio(0x18, 2, _) => Op::Mmio(0x18, 2, u32::from(QUEUE)),
+            other => other,
+        })
+        .collect();
+    emit_ops(&mut a, bar, ops);
     let mut next = a.create_label();
     let mut wait = a.create_label();
     a.out(u32::from(START), eax).unwrap();
-    a.xor(r12, r12).unwrap();
+    a.xor(r12, r12).unwrap(); // requests made available so far
     a.mov(r13, TIMES).unwrap();
     a.set_label(&mut next).unwrap();
-    a.mov(rbx, HEADER).unwrap();
-    a.mov(dword_ptr(rbx), u32::from(direction == Direction::Write)).unwrap();
-    a.mov(rax, r12).unwrap();
-    a.and(rax, (BLOCKS - 1) as i32).unwrap();
-    a.shl(rax, 3).unwrap(); // 8 sectors a block
-    a.mov(qword_ptr(rbx + 8), rax).unwrap();
-    a.lea(rax, qword_ptr(r12 + 1)).unwrap();
-    a.mov(rbx, AVAIL + 2).unwrap();
+    a.add(r12, depth as i32).unwrap();
     a.rdtsc().unwrap();
     a.shl(rdx, 32).unwrap();
     a.or(rax, rdx).unwrap();
     a.mov(qword_ptr(r13), rax).unwrap();
-    a.lea(rax, qword_ptr(r12 + 1)).unwrap();
-    a.mov(word_ptr(rbx), ax).unwrap(); // avail.idx = i + 1
+    a.mov(rbx, AVAIL + 2).unwrap();
+    a.mov(word_ptr(rbx), r12w).unwrap(); // avail.idx += depth
     a.mov(rbx, bar + 0x3000).unwrap();
     a.mov(word_ptr(rbx), 0).unwrap(); // notify queue 0
-    a.lea(r14, qword_ptr(r12 + 1)).unwrap();
     a.mov(rbx, USED + 2).unwrap();
     a.set_label(&mut wait).unwrap();
     a.movzx(eax, word_ptr(rbx)).unwrap();
-    a.cmp(ax, r14w).unwrap();
+    a.cmp(ax, r12w).unwrap();
     a.jne(wait).unwrap();
     a.rdtsc().unwrap();
     a.shl(rdx, 32).unwrap();
     a.or(rax, rdx).unwrap();
     a.mov(qword_ptr(r13 + 8), rax).unwrap();
     a.add(r13, 16).unwrap();
-    a.inc(r12).unwrap();
     a.cmp(r12, REQUESTS as i32).unwrap();
     a.jb(next).unwrap();
     a.out(u32::from(FINISHED), eax).unwrap();
@@ -86,8 +95,10 @@ fn bench_code(bar: u64, direction: Direction) -> Vec<u8> {
     a.assemble(ENTRY).unwrap()
 }
 
-/// Chain 0 for one 4 KiB request in `direction`, empty rings.
-fn bench_rings(vm: &Vm, direction: Direction) {
+/// One chain of 3 descriptors per slot of a batch (slot k: header k for
+/// 4 KiB block k in `direction`, buffer k, status k), every ring slot
+/// naming the chain its position in the batch uses, empty rings.
+fn bench_rings(vm: &Vm, direction: Direction, depth: u64) {
     let desc = |addr: u64, len: u32, flags: u16, next: u16| {
         let mut d = [0u8; 16];
         d[0..8].copy_from_slice(&addr.to_le_bytes());
@@ -97,11 +108,26 @@ fn bench_rings(vm: &Vm, direction: Direction) {
         d
     };
     let data_flags = if direction == Direction::Read { 3 } else { 1 }; // NEXT (| WRITE)
-    let table = [desc(HEADER, 16, 1, 1), desc(DATA, BLOCK, data_flags, 2), desc(STATUS, 1, 2, 0)].concat();
+    let mut table = Vec::new();
+    for k in 0..depth {
+        let first = (3 * k) as u16;
+        table.extend(desc(HEADERS + 16 * k, 16, 1, first + 1));
+        table.extend(desc(BUFFERS + u64::from(BLOCK) * k, BLOCK, data_flags, first + 2));
+        table.extend(desc(STATUSES + k, 1, 2, 0));
+        let mut header = [0u8; 16];
+        header[0] = u8::from(direction == Direction::Write);
+        header[8..16].copy_from_slice(&(8 * k).to_le_bytes());
+        vm.write_memory(GuestAddress(HEADERS + 16 * k), &header).unwrap();
+    }
     vm.write_memory(GuestAddress(DESC), &table).unwrap();
-    vm.write_memory(GuestAddress(AVAIL), &[0u8; 64]).unwrap();
-    vm.write_memory(GuestAddress(USED), &[0u8; 256]).unwrap();
-    vm.write_memory(GuestAddress(DATA), &[0x5a; BLOCK as usize]).unwrap();
+    let mut avail = vec![0u8; 4 + 2 * usize::from(QUEUE)];
+    for slot in 0..u64::from(QUEUE) {
+        let head = (3 * (slot % depth)) as u16;
+        avail[4 + 2 * slot as usize..6 + 2 * slot as usize].copy_from_slice(&head.to_le_bytes());
+    }
+    vm.write_memory(GuestAddress(AVAIL), &avail).unwrap();
+    vm.write_memory(GuestAddress(USED), &vec![0u8; 4 + 8 * usize::from(QUEUE)]).unwrap();
+    vm.write_memory(GuestAddress(BUFFERS), &vec![0x5a; (BLOCK as u64 * depth) as usize]).unwrap();
 }
 
 /// One run's figures.
@@ -111,16 +137,17 @@ struct Figures {
     median_us: f64,
 }
 
-/// Runs [`REQUESTS`] requests in `direction` against the disk `config` asks for.
-fn measure(config: &PciConfig, direction: Direction) -> Figures {
-    let (mut guest, _attached) = Guest::boot_with(config, &bench_code(BAR, direction));
-    bench_rings(&guest.vm, direction);
+/// Runs [`REQUESTS`] requests in `direction`, `depth` at a time, against
+/// the disk `config` asks for.
+fn measure(config: &PciConfig, direction: Direction, depth: u64) -> Figures {
+    let (mut guest, _attached) = Guest::boot_with(config, &bench_code(BAR, depth));
+    bench_rings(&guest.vm, direction, depth);
     assert!(guest.run_until_out(START, Duration::from_secs(60), |_| true).is_ok());
     let start = Instant::now();
     let done = guest.run_until_out(FINISHED, Duration::from_secs(600), |_| true);
     let wall = start.elapsed();
     assert!(done.is_ok(), "the guest finished its requests: {done:?}");
-    let mut times = vec![0u8; REQUESTS as usize * 16];
+    let mut times = vec![0u8; (REQUESTS / depth) as usize * 16];
     guest.vm.memory().read(GuestAddress(TIMES), &mut times).unwrap();
     let stamps: Vec<(u64, u64)> = times
         .chunks(16)
@@ -138,7 +165,7 @@ fn measure(config: &PciConfig, direction: Direction) -> Figures {
 fn virtio_blk_qd1_in_process_vs_device_process_vs_vhost_user() {
     let _ = nkvm_exe();
     let image = std::env::temp_dir().join(format!("nkvm-bench-{}.img", std::process::id()));
-    std::fs::write(&image, vec![0u8; (BLOCKS * u64::from(BLOCK)) as usize]).unwrap();
+    std::fs::write(&image, vec![0u8; 64 * BLOCK as usize]).unwrap();
     let socket = image.with_extension("sock");
     let _daemon = StorageDaemon::start(&image, &socket);
     let setups = [
@@ -149,14 +176,17 @@ fn virtio_blk_qd1_in_process_vs_device_process_vs_vhost_user() {
             PciConfig { disk: Some(Disk::VhostUser(socket.clone())), ..Default::default() },
         ),
     ];
-    println!("virtio-blk, 4 KiB, queue depth 1, {REQUESTS} requests per run");
-    println!("{:<34} {:>6} {:>10} {:>12} {:>8}", "device", "op", "IOPS", "median µs", "ratio");
-    for direction in [Direction::Write, Direction::Read] {
-        let mut base = None;
-        for (name, config) in &setups {
-            let f = measure(config, direction);
-            let ratio = f.iops / *base.get_or_insert(f.iops);
-            println!("{name:<34} {:>6} {:>10.0} {:>12.1} {ratio:>7.2}x", format!("{direction:?}"), f.iops, f.median_us);
+    println!("virtio-blk, 4 KiB, {REQUESTS} requests per run; median µs: of a request (QD1), of a batch (QD32)");
+    println!("{:<34} {:>6} {:>4} {:>10} {:>12} {:>8}", "device", "op", "QD", "IOPS", "median µs", "ratio");
+    for depth in [1, 32] {
+        for direction in [Direction::Write, Direction::Read] {
+            let mut base = None;
+            for (name, config) in &setups {
+                let f = measure(config, direction, depth);
+                let ratio = f.iops / *base.get_or_insert(f.iops);
+                let op = format!("{direction:?}");
+                println!("{name:<34} {op:>6} {depth:>4} {:>10.0} {:>12.1} {ratio:>7.2}x", f.iops, f.median_us);
+            }
         }
     }
     let _ = std::fs::remove_file(&image);
