@@ -319,3 +319,25 @@ fn console_input_reaches_the_guest_and_ctrl_a_x_ends_it() {
     assert!(out.status.success(), "Ctrl-A x must end nkvm with 0: {:?} {stderr}", out.status);
     assert!(stderr.contains("guest ended from the console (Ctrl-A x)"), "{stderr}");
 }
+
+#[test]
+fn a_virtio_blk_device_process_needs_a_disk_and_names_a_missing_one() {
+    let socket = std::env::temp_dir().join(format!("nkvm-cli-virtio-blk-{}.sock", std::process::id()));
+    let out = nkvm(&["device", "--model", "virtio-blk", "--socket", socket.to_str().unwrap()]);
+    assert!(!out.status.success());
+    assert!(text(&out.stderr).contains("--disk"), "{}", text(&out.stderr));
+    let missing = std::env::temp_dir().join("nkvm-no-such-image.img");
+    let out = nkvm(&[
+        "device",
+        "--model",
+        "virtio-blk",
+        "--socket",
+        socket.to_str().unwrap(),
+        "--disk",
+        missing.to_str().unwrap(),
+    ]);
+    assert_eq!(out.status.code(), Some(2), "{}", text(&out.stderr));
+    let stderr = text(&out.stderr);
+    assert!(stderr.contains(&missing.display().to_string()), "{stderr}");
+    assert_eq!(stderr.lines().count(), 1, "one line: {stderr}");
+}
