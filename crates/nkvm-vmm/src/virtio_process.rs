@@ -156,6 +156,8 @@ fn serve<D: VirtioDevice + Sync + 'static>(
     let name = format!("{:?}", args.model).to_lowercase();
     let mut daemon = VhostUserDaemon::new(name, backend, Ram::new(GuestRam::new())).map_err(daemon_err)?;
     daemon.start(&mut listener).map_err(daemon_err)?;
+    // One connection is all it serves: the listening socket goes.
+    drop(listener);
     match daemon.wait() {
         // The VMM hung up: the VM is gone or replaced this process.
         Ok(()) | Err(vhost_user_backend::Error::HandleRequest(_)) => Ok(ExitCode::SUCCESS),

@@ -221,9 +221,12 @@ fn start(spec: &ProcessSpec) -> Result<(Child, JoinHandle<Option<i64>>), DeviceP
     if spec.read_only {
         command.arg("--read-only");
     }
+    // Only a console writes to stdout; the others get none.
     if let Some(path) = &spec.stdout {
         let file = std::fs::OpenOptions::new().create(true).append(true).open(path).map_err(spawn_err)?;
         command.stdout(file);
+    } else if spec.model != super::vhost_user::CONSOLE.name {
+        command.stdout(Stdio::null());
     }
     let mut child = command
         .envs(spec.env.iter().map(|(k, v)| (k, v)))
