@@ -276,3 +276,33 @@ fn a_device_process_that_cannot_start_is_a_clear_error_naming_it() {
     assert!(line.contains(&exe.display().to_string()), "{line}");
     let _ = std::fs::remove_file(&image);
 }
+
+#[test]
+fn a_read_only_disk_in_a_device_process_fails_writes_and_serves_reads() {
+    let image = test_image("read-only");
+    let config = PciConfig { disk_read_only: true, ..in_a_process(&image) };
+    let (mut guest, _attached) = Guest::boot_with(&config, &guest_code(BAR));
+    let outcome = guest.run_until_out(REPORT, Duration::from_secs(60), |_| true);
+    assert_eq!(outcome, Ok(u64::from(VECTOR)), "the guest should take the MSI-X vector");
+    let start = Instant::now();
+    let used_idx = |vm: &Vm| {
+        let mut idx = [0u8; 2];
+        vm.memory().read(GuestAddress(USED + 2), &mut idx).unwrap();
+        u16::from_le_bytes(idx)
+    };
+    while used_idx(&guest.vm) < 2 && start.elapsed() < Duration::from_secs(10) {
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    let status = |at: u64| {
+        let mut byte = [0u8; 1];
+        guest.vm.memory().read(GuestAddress(at), &mut byte).unwrap();
+        byte[0]
+    };
+    assert_eq!(status(STATUS), 1, "the write completes with VIRTIO_BLK_S_IOERR");
+    assert_eq!(status(STATUS2), 0, "the read completes with VIRTIO_BLK_S_OK");
+    let mut read = [0u8; SECTOR_2.len()];
+    guest.vm.memory().read(GuestAddress(DATA2), &mut read).unwrap();
+    assert_eq!(&read, SECTOR_2);
+    assert!(std::fs::read(&image).unwrap()[512..1024].iter().all(|&b| b == 0), "sector 1 untouched");
+    let _ = std::fs::remove_file(&image);
+}
