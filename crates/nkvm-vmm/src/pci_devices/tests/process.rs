@@ -238,7 +238,7 @@ fn console_code() -> Vec<u8> {
 }
 
 #[test]
-fn a_guest_writes_to_a_console_in_a_device_process() {
+fn a_guest_writes_to_a_console_in_a_device_process_and_its_successor() {
     const TEXT: &[u8] = b"hello from a sandboxed virtio-console\n";
     let output = std::env::temp_dir().join(format!("nkvm-console-{}.out", std::process::id()));
     let _ = std::fs::remove_file(&output);
@@ -258,8 +258,34 @@ fn a_guest_writes_to_a_console_in_a_device_process() {
     let done = guest.run_until_out(DONE, Duration::from_secs(60), |_| true);
     assert_eq!(done, Ok(1), "the console completed the buffer");
     assert_eq!(std::fs::read(&output).unwrap(), TEXT, "the process wrote the guest's bytes");
-    let pid = attached.console_process.expect("the console is served by a device process").lock().unwrap().pid;
+    let log = attached.console_process.expect("the console is served by a device process");
+    let pid = log.lock().unwrap().pid;
     assert_eq!(proc_status(pid, "Seccomp:"), "2");
+    // A second buffer made available without a notify, then the process
+    // killed: its successor takes the queue at used.idx 1, is kicked, and
+    // sends it.
+    const MORE: &[u8] = b"and again from its successor\n";
+    let mut desc = [0u8; 16];
+    desc[0..8].copy_from_slice(&DATA2.to_le_bytes());
+    desc[8..12].copy_from_slice(&(MORE.len() as u32).to_le_bytes());
+    guest.vm.write_memory(GuestAddress(DESC + 16), &desc).unwrap();
+    guest.vm.write_memory(GuestAddress(DATA2), MORE).unwrap();
+    guest.vm.write_memory(GuestAddress(AVAIL + 6), &1u16.to_le_bytes()).unwrap(); // ring[1] = 1
+    guest.vm.write_memory(GuestAddress(AVAIL + 2), &2u16.to_le_bytes()).unwrap(); // idx 2
+    assert!(Command::new("kill").args(["-KILL", &pid.to_string()]).status().unwrap().success());
+    let start = Instant::now();
+    let used_idx = || {
+        let mut idx = [0u8; 2];
+        guest.vm.memory().read(GuestAddress(USED + 2), &mut idx).unwrap();
+        u16::from_le_bytes(idx)
+    };
+    while used_idx() < 2 && start.elapsed() < Duration::from_secs(30) {
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    assert_eq!(used_idx(), 2, "the restarted console completed the second buffer");
+    assert_eq!(std::fs::read(&output).unwrap(), [TEXT, MORE].concat());
+    let log = log.lock().unwrap();
+    assert_eq!((log.restarts, log.deaths[0].signal), (1, Some(libc::SIGKILL)));
     let _ = std::fs::remove_file(&output);
 }
 
