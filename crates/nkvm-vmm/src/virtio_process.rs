@@ -158,9 +158,16 @@ fn serve<D: VirtioDevice + Sync + 'static>(
     daemon.start(&mut listener).map_err(daemon_err)?;
     // One connection is all it serves: the listening socket goes.
     drop(listener);
-    match daemon.wait() {
+    let code = match daemon.wait() {
         // The VMM hung up: the VM is gone or replaced this process.
-        Ok(()) | Err(vhost_user_backend::Error::HandleRequest(_)) => Ok(ExitCode::SUCCESS),
-        Err(e) => Err(daemon_err(e).into()),
-    }
+        Ok(()) | Err(vhost_user_backend::Error::HandleRequest(_)) => 0,
+        Err(e) => {
+            eprintln!("nkvm: {}", daemon_err(e));
+            2
+        }
+    };
+    // Exit here, without dropping the daemon: its queue thread waits for an
+    // exit event this backend does not provide, and dropping the daemon
+    // joins that thread, so the process would outlive its VMM.
+    std::process::exit(code)
 }
