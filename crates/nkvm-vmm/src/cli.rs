@@ -54,7 +54,8 @@ pub struct RunArgs {
     #[arg(long)]
     pub stats: bool,
     /// Run each device model (serial, test device) in its own process,
-    /// behind an I/O-region socket, instead of in the VMM.
+    /// behind an I/O-region socket, instead of in the VMM; and a --disk
+    /// image's virtio-blk in a sandboxed, restartable process of its own.
     #[arg(long)]
     pub device_process: bool,
     /// Boot this kernel instead of the built-in guest: a Linux bzImage or
@@ -157,6 +158,12 @@ pub enum DeviceModel {
     /// The 8254 PIT's counters and control port (ports 0x40-0x43); its
     /// IRQ 0 output is not connected in a device process.
     Pit,
+    /// virtio-blk on --disk, as a sandboxed vhost-user-blk backend on
+    /// --socket (what `nkvm run --device-process --disk IMAGE` starts).
+    VirtioBlk,
+    /// virtio-console (one port, output to stdout), as a sandboxed
+    /// vhost-user backend on --socket.
+    VirtioConsole,
 }
 
 /// `nkvm device`.
@@ -184,4 +191,10 @@ pub struct DeviceArgs {
     /// PIC only: listen here for the slave's register connection.
     #[arg(long, required_if_eq("model", "pic"))]
     pub slave: Option<std::path::PathBuf>,
+    /// virtio-blk only: the raw image.
+    #[arg(long, required_if_eq("model", "virtio-blk"))]
+    pub disk: Option<std::path::PathBuf>,
+    /// virtio-blk only: present the image read-only.
+    #[arg(long, requires = "disk")]
+    pub read_only: bool,
 }

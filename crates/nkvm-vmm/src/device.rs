@@ -85,6 +85,7 @@ pub fn run(args: &DeviceArgs) -> Result<ExitCode, Box<dyn std::error::Error>> {
             let paths = crate::pic_process::PicSockets { master: &args.socket, slave, bus, pins };
             return crate::pic_process::run(&paths);
         }
+        (DeviceModel::VirtioBlk | DeviceModel::VirtioConsole, ..) => return crate::virtio_process::run(args),
         _ => {}
     }
     let path = args.socket.display().to_string();
@@ -102,7 +103,7 @@ pub fn run(args: &DeviceArgs) -> Result<ExitCode, Box<dyn std::error::Error>> {
         // in process, where counter 0 drives the 8259's IRQ 0.
         DeviceModel::Pit => Box::new(Pit::new(Box::new(|_level: bool| {}))),
         // Checked above; clap requires --apic-bus and --pins with it.
-        DeviceModel::Ioapic | DeviceModel::Pic => {
+        DeviceModel::Ioapic | DeviceModel::Pic | DeviceModel::VirtioBlk | DeviceModel::VirtioConsole => {
             return Err("the ioapic and pic models need --apic-bus and --pins (and --slave for pic)".into())
         }
     };

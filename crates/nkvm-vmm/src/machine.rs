@@ -208,7 +208,19 @@ fn run_kernel(args: &RunArgs, boot: &Boot) -> Result<ExitCode, MachineError> {
                 resetter.reset.store(true, SeqCst);
                 resetter.stop_all();
             }));
-            let pci = PciConfig { disk: args.disk.clone(), disk_read_only: args.disk_readonly, reset: Some(reset) };
+            let device_process = if args.device_process {
+                Some(std::env::current_exe().map_err(crate::pci_devices::PciSetupError::Exe)?)
+            } else {
+                None
+            };
+            let pci = PciConfig {
+                disk: args.disk.clone(),
+                disk_read_only: args.disk_readonly,
+                reset: Some(reset),
+                device_process,
+                device_process_env: Vec::new(),
+                device_process_stdout: None,
+            };
             crate::pci_devices::attach(&vm, &pci)?;
             let masked = linux::mask_unrunnable(&mut cpuid);
             if !masked.is_empty() {

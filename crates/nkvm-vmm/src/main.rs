@@ -24,10 +24,12 @@ mod machine;
 mod multiboot;
 mod pci_devices;
 mod pic_process;
+mod sandbox;
 mod size;
 mod sleep;
 mod terminal;
 mod testdev;
+mod virtio_process;
 
 use std::process::ExitCode;
 

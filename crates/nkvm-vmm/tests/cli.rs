@@ -319,3 +319,64 @@ fn console_input_reaches_the_guest_and_ctrl_a_x_ends_it() {
     assert!(out.status.success(), "Ctrl-A x must end nkvm with 0: {:?} {stderr}", out.status);
     assert!(stderr.contains("guest ended from the console (Ctrl-A x)"), "{stderr}");
 }
+
+#[test]
+fn a_virtio_blk_device_process_needs_a_disk_and_names_a_missing_one() {
+    let socket = std::env::temp_dir().join(format!("nkvm-cli-virtio-blk-{}.sock", std::process::id()));
+    let out = nkvm(&["device", "--model", "virtio-blk", "--socket", socket.to_str().unwrap()]);
+    assert!(!out.status.success());
+    assert!(text(&out.stderr).contains("--disk"), "{}", text(&out.stderr));
+    let missing = std::env::temp_dir().join("nkvm-no-such-image.img");
+    let out = nkvm(&[
+        "device",
+        "--model",
+        "virtio-blk",
+        "--socket",
+        socket.to_str().unwrap(),
+        "--disk",
+        missing.to_str().unwrap(),
+    ]);
+    assert_eq!(out.status.code(), Some(2), "{}", text(&out.stderr));
+    let stderr = text(&out.stderr);
+    assert!(stderr.contains(&missing.display().to_string()), "{stderr}");
+    assert_eq!(stderr.lines().count(), 1, "one line: {stderr}");
+}
+
+#[test]
+fn a_virtio_device_process_exits_when_its_vmm_hangs_up() {
+    for model in ["virtio-console", "virtio-blk"] {
+        let dir = std::env::temp_dir();
+        let socket = dir.join(format!("nkvm-cli-hangup-{}-{model}.sock", std::process::id()));
+        let image = dir.join(format!("nkvm-cli-hangup-{}.img", std::process::id()));
+        std::fs::write(&image, [0u8; 4096]).unwrap();
+        let mut child = Command::new(env!("CARGO_BIN_EXE_nkvm"))
+            .args(["device", "--model", model, "--socket", socket.to_str().unwrap()])
+            .args(if model == "virtio-blk" { vec!["--disk", image.to_str().unwrap()] } else { vec![] })
+            .stdin(std::process::Stdio::null())
+            .spawn()
+            .unwrap();
+        let start = std::time::Instant::now();
+        let stream = loop {
+            match std::os::unix::net::UnixStream::connect(&socket) {
+                Ok(s) => break s,
+                Err(e) if start.elapsed() > std::time::Duration::from_secs(10) => panic!("{model} never listened: {e}"),
+                Err(_) => std::thread::sleep(std::time::Duration::from_millis(5)),
+            }
+        };
+        drop(stream);
+        let status = loop {
+            if let Some(status) = child.try_wait().unwrap() {
+                break Some(status);
+            }
+            if start.elapsed() > std::time::Duration::from_secs(30) {
+                let _ = child.kill();
+                let _ = child.wait();
+                break None;
+            }
+            std::thread::sleep(std::time::Duration::from_millis(5));
+        };
+        let _ = std::fs::remove_file(&socket);
+        let _ = std::fs::remove_file(&image);
+        assert!(status.is_some_and(|s| s.success()), "{model}: the process outlived its VMM ({status:?})");
+    }
+}

@@ -14,8 +14,12 @@
 //! ioeventfds ([`notify`]), without an exit; writes the ioeventfds do not
 //! cover are served inline, in the vCPU thread. A vhost-user disk
 //! ([`vhost_user`]) has no worker: its ioeventfds and its vectors' irqfds
-//! are handed to the backend.
+//! are handed to the backend. With `--device-process` an image disk is
+//! served the same way by nkvm's own sandboxed backend, `nkvm device
+//! --model virtio-blk` ([`device_process`]), which nkvm restarts when it
+//! dies.
 
+pub mod device_process;
 mod notify;
 pub mod vhost_user;
 
@@ -35,7 +39,7 @@ use vm_memory::FileOffset;
 use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 
 use self::notify::QueueNotifier;
-use self::vhost_user::VhostUserBlock;
+use self::vhost_user::VhostUserDevice;
 
 /// Start of the MMIO window the DSDT gives the PCI host bridge; BARs are
 /// assigned from here up.
@@ -85,6 +89,39 @@ pub struct PciConfig {
     pub disk: Option<Disk>,
     /// Present the disk read-only.
     pub disk_read_only: bool,
+    /// Serve an image disk in a device process started from this
+    /// executable (nkvm: `nkvm device --model virtio-blk`), not in the VMM.
+    pub device_process: Option<PathBuf>,
+    /// Environment added to the device process's (tests use it to make the
+    /// model misbehave: [`crate::virtio_process::FORBIDDEN_CALL_ENV`]).
+    pub device_process_env: Vec<(String, String)>,
+    /// Where the device processes' stdout goes (the console's output), if
+    /// not to the VMM's.
+    pub device_process_stdout: Option<PathBuf>,
+}
+
+/// What [`attach`] started that a caller may watch.
+#[derive(Debug, Default)]
+pub struct Attached {
+    /// The virtio-blk device process's record, if the disk is served by one.
+    pub block_process: Option<Arc<Mutex<device_process::ProcessLog>>>,
+    /// The virtio-console device process's record, if there is one.
+    pub console_process: Option<Arc<Mutex<device_process::ProcessLog>>>,
+}
+
+impl PciConfig {
+    /// How to start the device process serving `model`.
+    fn process_spec(&self, model: &'static str, disk: Option<PathBuf>) -> device_process::ProcessSpec {
+        device_process::ProcessSpec {
+            exe: self.device_process.clone().unwrap_or_default(),
+            model,
+            read_only: disk.is_some() && self.disk_read_only,
+            disk,
+            socket: unique_socket(model),
+            env: self.device_process_env.clone(),
+            stdout: self.device_process_stdout.clone(),
+        }
+    }
 }
 
 /// Why the PCI devices could not be set up.
@@ -93,6 +130,12 @@ pub enum PciSetupError {
     /// The disk image could not be opened.
     #[error(transparent)]
     Disk(#[from] nkvm_devices::virtio::BlockError),
+    /// nkvm's own executable, which the device process runs, is not found.
+    #[error("cannot find nkvm's own executable to start the disk's device process")]
+    Exe(#[source] io::Error),
+    /// The disk's device process could not be started.
+    #[error(transparent)]
+    DeviceProcess(#[from] device_process::DeviceProcessError),
     /// The vhost-user backend could not be used.
     #[error(transparent)]
     VhostUser(#[from] vhost_user::VhostUserError),
@@ -138,7 +181,7 @@ pub enum PciSetupError {
 }
 
 /// Builds the bus and its devices and attaches them to `vm`.
-pub fn attach(vm: &Arc<Vm>, config: &PciConfig) -> Result<(), PciSetupError> {
+pub fn attach(vm: &Arc<Vm>, config: &PciConfig) -> Result<Attached, PciSetupError> {
     let mut builder = Builder {
         vm: vm.clone(),
         mem: guest_ram(vm)?,
@@ -147,7 +190,16 @@ pub fn attach(vm: &Arc<Vm>, config: &PciConfig) -> Result<(), PciSetupError> {
         window: Window { next: PCI_MMIO_BASE },
         notifiers: HashMap::new(),
     };
+    let mut attached = Attached::default();
     match &config.disk {
+        Some(Disk::Image(path)) if config.device_process.is_some() => {
+            let spec = config.process_spec(vhost_user::BLOCK.name, Some(path.clone()));
+            let process = device_process::VirtioProcess::spawn(spec)?;
+            let block = VhostUserDevice::connect_process(process, vhost_user::BLOCK, builder.mem.clone())?;
+            log::info!("virtio-blk: {} in a device process ({} sectors)", path.display(), block.capacity());
+            attached.block_process = block.process_log();
+            builder.add_vhost_user(block)?;
+        }
         Some(Disk::Image(path)) => {
             let block = Block::open(path, config.disk_read_only)?;
             log::info!("virtio-blk: {} ({} sectors)", path.display(), block.capacity());
@@ -157,19 +209,33 @@ pub fn attach(vm: &Arc<Vm>, config: &PciConfig) -> Result<(), PciSetupError> {
             if config.disk_read_only {
                 return Err(PciSetupError::ReadOnlyVhostUser);
             }
-            let block = VhostUserBlock::connect(socket, builder.mem.clone())?;
+            let block = VhostUserDevice::connect(socket, vhost_user::BLOCK, builder.mem.clone())?;
             log::info!("virtio-blk: vhost-user backend at {} ({} sectors)", socket.display(), block.capacity());
             builder.add_vhost_user(block)?;
         }
         None => {}
     }
-    builder.add(Console::new(io::stdout()))?;
+    if config.device_process.is_some() {
+        let process = device_process::VirtioProcess::spawn(config.process_spec(vhost_user::CONSOLE.name, None))?;
+        let console = VhostUserDevice::connect_process(process, vhost_user::CONSOLE, builder.mem.clone())?;
+        attached.console_process = console.process_log();
+        builder.add_vhost_user(console)?;
+    } else {
+        builder.add(Console::new(io::stdout()))?;
+    }
     let Builder { bus, notifiers, .. } = builder;
     let mut handler =
         ConfigPorts { bus, vm: Arc::downgrade(vm), regions: HashMap::new(), notifiers, reset: config.reset.clone() };
     handler.apply_bar_events();
     vm.attach_handler(IoRange::pio(PCI_CONFIG_PORT, PCI_CONFIG_PORTS), Box::new(handler))?;
-    Ok(())
+    Ok(attached)
+}
+
+/// A socket path no other VM of this process uses.
+fn unique_socket(model: &str) -> PathBuf {
+    static NEXT: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
+    let n = NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    std::env::temp_dir().join(format!("nkvm-{}-{model}-{n}.sock", std::process::id()))
 }
 
 /// A vm-memory view of the VM's RAM: a second mapping of the same memfd.
@@ -230,7 +296,7 @@ impl Builder {
 
     /// Puts a vhost-user device on the bus: its queues' ioeventfds and its
     /// vectors' irqfds go to the backend, and no worker serves them here.
-    fn add_vhost_user(&mut self, mut device: VhostUserBlock) -> Result<(), PciSetupError> {
+    fn add_vhost_user(&mut self, mut device: VhostUserDevice) -> Result<(), PciSetupError> {
         let queues = device.queue_max_sizes().len();
         let sink = IrqfdSink::new(&self.vm, queues as u16 + 1, &mut self.next_gsi)?;
         let notifier = QueueNotifier::without_worker(queues).map_err(PciSetupError::Eventfds)?;

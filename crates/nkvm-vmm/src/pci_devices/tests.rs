@@ -14,6 +14,9 @@ use nkvm::{Exit, GuestAddress, Hypervisor, LongMode, RunState, Vm, VmConfig};
 
 use super::*;
 
+mod bench;
+mod process;
+
 #[test]
 fn bars_are_aligned_in_the_window_and_the_window_ends() {
     let mut w = Window { next: PCI_MMIO_BASE + 0x10 };
@@ -95,11 +98,31 @@ fn driver_script(bar: u64) -> Vec<Op> {
 
 fn guest_code(bar: u64) -> Vec<u8> {
     let mut a = CodeAssembler::new(64).unwrap();
+    emit_driver_script(&mut a, bar);
+    a.sti().unwrap();
+    // Idle, reporting the device status byte (DEVICE_NEEDS_RESET shows).
+    let mut idle = a.create_label();
+    a.set_label(&mut idle).unwrap();
+    a.mov(rbx, bar + 0x14).unwrap();
+    a.mov(al, byte_ptr(rbx)).unwrap();
+    a.out(u32::from(STATUS_PORT), al).unwrap();
+    a.pause().unwrap();
+    a.jmp(idle).unwrap();
+    a.assemble(ENTRY).unwrap()
+}
+
+/// The IDT, the local APIC and the driver script, as guest code.
+fn emit_driver_script(a: &mut CodeAssembler, bar: u64) {
+    emit_ops(a, bar, driver_script(bar));
+}
+
+/// The IDT, the local APIC and `ops`, as guest code.
+fn emit_ops(a: &mut CodeAssembler, bar: u64, ops: Vec<Op>) {
     a.mov(rax, IDTR).unwrap();
     a.lidt(ptr(rax)).unwrap();
     a.mov(rax, 0xfee0_00f0u64).unwrap(); // local APIC on
     a.mov(dword_ptr(rax), 0x1ff).unwrap();
-    for op in driver_script(bar) {
+    for op in ops {
         match op {
             Op::Config(register, value) => {
                 a.mov(eax, 0x8000_0000 | 1 << 11 | register).unwrap();
@@ -120,16 +143,6 @@ fn guest_code(bar: u64) -> Vec<u8> {
             }
         }
     }
-    a.sti().unwrap();
-    // Idle, reporting the device status byte (DEVICE_NEEDS_RESET shows).
-    let mut idle = a.create_label();
-    a.set_label(&mut idle).unwrap();
-    a.mov(rbx, bar + 0x14).unwrap();
-    a.mov(al, byte_ptr(rbx)).unwrap();
-    a.out(u32::from(STATUS_PORT), al).unwrap();
-    a.pause().unwrap();
-    a.jmp(idle).unwrap();
-    a.assemble(ENTRY).unwrap()
 }
 
 fn install_idt(vm: &Vm) {
@@ -205,18 +218,24 @@ impl Guest {
     /// A VM with the PCI devices and `disk`, its vCPU about to run the
     /// driver script with BAR0 at `bar`.
     fn boot(bar: u64, disk: Disk) -> Self {
+        Self::boot_with(&PciConfig { disk: Some(disk), ..Default::default() }, &guest_code(bar)).0
+    }
+
+    /// A VM with the PCI devices `config` asks for, its vCPU about to run
+    /// `code`; and what `attach` started.
+    fn boot_with(config: &PciConfig, code: &[u8]) -> (Self, Attached) {
         let hv = Hypervisor::open().expect("this test needs /dev/kvm");
-        let config = VmConfig { vcpus: 1, memory: 16 << 20, split_irqchip: true, ..Default::default() };
-        let vm = Arc::new(Vm::new(&hv, &config).unwrap());
-        attach(&vm, &PciConfig { disk: Some(disk), ..Default::default() }).unwrap();
-        vm.write_memory(GuestAddress(ENTRY), &guest_code(bar)).unwrap();
+        let vm_config = VmConfig { vcpus: 1, memory: 16 << 20, split_irqchip: true, ..Default::default() };
+        let vm = Arc::new(Vm::new(&hv, &vm_config).unwrap());
+        let attached = attach(&vm, config).unwrap();
+        vm.write_memory(GuestAddress(ENTRY), code).unwrap();
         install_idt(&vm);
         let long_mode = LongMode::install(&vm.memory(), GuestAddress(TABLES)).unwrap();
         let vcpu = vm.create_vcpu(0).unwrap();
         vcpu.set_cpuid(&hv.supported_cpuid().unwrap()).unwrap();
         let mut guest = Self { vm, vcpu, run: RunState::new(), long_mode };
         guest.restart();
-        guest
+        (guest, attached)
     }
 
     /// Fresh requests and rings, and the vCPU back at the script's start

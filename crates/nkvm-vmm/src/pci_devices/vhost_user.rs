@@ -3,7 +3,7 @@
 //! vhost-user-blk export.
 //!
 //! The guest-visible transport stays nkvm's: configuration space, common
-//! configuration, MSI-X table ([`VirtioPci`]). Only the queues go to the
+//! configuration, MSI-X table ([`nkvm_devices::virtio::VirtioPci`]). Only the queues go to the
 //! backend, spoken to with rust-vmm's `vhost` crate (frontend side):
 //!
 //! - at start-up: `SET_OWNER`, `GET_FEATURES` (the backend must offer
@@ -32,37 +32,31 @@
 //! `DEVICE_NEEDS_RESET`. The VM lives on. The watcher then tries the
 //! socket every 200 ms; when a backend answers it redoes the start-up
 //! handshake and says so, and the driver's next reset and set-up hand the
-//! new backend the queues.
+//! new backend the queues. When the backend is nkvm's own device process
+//! ([`super::device_process`]) the watcher instead restarts it at once and
+//! hands the new process the queues where the guest's used rings are,
+//! without the guest noticing ([`mod@watch`]).
 
 use std::io;
-use std::os::fd::AsRawFd;
 use std::os::unix::net::UnixStream;
 use std::path::{Path, PathBuf};
-use std::sync::{Arc, Mutex, Weak};
+use std::sync::{Arc, Mutex};
 use std::thread;
 use std::time::Duration;
 
 use nkvm_devices::virtio::common::NO_VECTOR;
-use nkvm_devices::virtio::{Activation, GuestRam, VirtioDevice, VirtioError, VirtioPci};
+use nkvm_devices::virtio::{Activation, GuestRam, VirtioDevice, VirtioError};
 use vhost::vhost_user::message::{
     VhostUserConfigFlags, VhostUserHeaderFlag, VhostUserProtocolFeatures, VhostUserVirtioFeatures,
 };
 use vhost::vhost_user::{Frontend, VhostUserFrontend};
 use vhost::{VhostBackend, VhostUserMemoryRegionInfo, VringConfigData};
 use virtio_queue::{Queue, QueueT};
-use vm_memory::{GuestAddress, GuestMemoryBackend};
-use vmm_sys_util::epoll::{ControlOperation, Epoll, EpollEvent, EventSet};
+use vm_memory::{Bytes, GuestAddress, GuestMemoryBackend};
+
+use super::device_process::{ProcessLog, VirtioProcess};
 use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 
-/// `VIRTIO_ID_BLOCK`.
-const VIRTIO_ID_BLOCK: u16 = 2;
-/// PCI class: mass storage, other.
-const CLASS_STORAGE_OTHER: u32 = 0x01_80_00;
-/// The queue size nkvm offers the driver; qemu-storage-daemon takes up to 1024.
-const QUEUE_MAX_SIZE: u16 = 256;
-/// Bytes of `struct virtio_blk_config` read from the backend (up to and
-/// including the write-zeroes fields).
-const BLK_CONFIG_SIZE: u32 = 60;
 /// How long one request on the socket may take before the backend counts
 /// as stuck.
 const SOCKET_TIMEOUT: Duration = Duration::from_secs(5);
@@ -70,12 +64,6 @@ const SOCKET_TIMEOUT: Duration = Duration::from_secs(5);
 const CONNECT_RETRIES: u32 = 5;
 /// `VIRTIO_F_VERSION_1`.
 const VERSION_1: u64 = 1 << 32;
-/// Feature bits passed from the backend to the driver: the device-specific
-/// ones (0-23), `VIRTIO_RING_F_INDIRECT_DESC` and `VIRTIO_RING_F_EVENT_IDX`
-/// — both between the driver and the backend, the transport is not
-/// involved — but not `VIRTIO_BLK_F_MQ` (one queue) nor
-/// `VIRTIO_BLK_F_CONFIG_WCE` (configuration writes are not passed on).
-const PASSED_FEATURES: u64 = (0x00ff_ffff | 1 << 28 | 1 << 29) & !(1 << 12 | 1 << 11);
 
 /// Why a vhost-user backend could not be used.
 #[derive(Debug, thiserror::Error)]
@@ -145,7 +133,7 @@ struct Session {
 impl Session {
     /// Connects to `socket` and asks the backend what it offers: owner,
     /// features, protocol features (`CONFIG`), the block configuration.
-    fn open(socket: &Path) -> Result<Self, VhostUserError> {
+    fn open(socket: &Path, kind: &DeviceKind) -> Result<Self, VhostUserError> {
         let path = socket.to_path_buf();
         let connect_err = |source| VhostUserError::Connect { socket: path.clone(), source };
         // A backend that has bound its socket but not yet listened refuses
@@ -162,7 +150,8 @@ impl Session {
         };
         stream.set_read_timeout(Some(SOCKET_TIMEOUT)).map_err(connect_err)?;
         stream.set_write_timeout(Some(SOCKET_TIMEOUT)).map_err(connect_err)?;
-        let mut frontend = Frontend::from_stream(stream, 1);
+        // The frontend refuses queue indexes past the number it is given.
+        let mut frontend = Frontend::from_stream(stream, kind.queue_max_sizes.len() as u64);
         let req = |request: &'static str| {
             let socket = path.clone();
             move |source| VhostUserError::Request { socket, request, source }
@@ -191,26 +180,65 @@ impl Session {
         if reply_ack {
             frontend.set_hdr_flags(VhostUserHeaderFlag::NEED_REPLY);
         }
-        let empty = vec![0u8; BLK_CONFIG_SIZE as usize];
+        let empty = vec![0u8; kind.config_size as usize];
         let (_, config) = frontend
-            .get_config(0, BLK_CONFIG_SIZE, VhostUserConfigFlags::empty(), &empty)
+            .get_config(0, kind.config_size, VhostUserConfigFlags::empty(), &empty)
             .map_err(req("GET_CONFIG"))?;
         Ok(Self { frontend, backend_features, config, reply_ack })
     }
 }
 
-/// virtio-blk served by a vhost-user backend.
-pub struct VhostUserBlock {
+/// What the driver set up at `DRIVER_OK`, kept to hand a restarted device
+/// process the same queues.
+#[derive(Debug, Clone)]
+struct Saved {
+    features: u64,
+    rings: Vec<Ring>,
+}
+
+/// One enabled queue as the driver set it up.
+#[derive(Debug, Clone, Copy)]
+struct Ring {
+    index: usize,
+    size: u16,
+    max_size: u16,
+    desc: u64,
+    avail: u64,
+    used: u64,
+    vector: u16,
+}
+
+impl Ring {
+    /// The enabled queues of `activation`.
+    fn enabled(activation: &Activation<'_>) -> Vec<Ring> {
+        let queues = activation.queues.iter().enumerate().filter(|(_, q)| q.ready());
+        queues
+            .map(|(index, q)| Ring {
+                index,
+                size: q.size(),
+                max_size: q.max_size(),
+                desc: q.desc_table(),
+                avail: q.avail_ring(),
+                used: q.used_ring(),
+                vector: activation.vectors.get(index).copied().unwrap_or(NO_VECTOR),
+            })
+            .collect()
+    }
+}
+
+/// A virtio device (block, console) served by a vhost-user backend.
+pub struct VhostUserDevice {
+    kind: DeviceKind,
     socket: PathBuf,
     frontend: Frontend,
     mem: GuestRam,
     /// What the backend offers (virtio features).
     backend_features: u64,
-    /// `struct virtio_blk_config` as the backend gave it.
+    /// The device's configuration (`struct virtio_blk_config`, ...) as the
+    /// backend gave it.
     config: Vec<u8>,
     /// The backend acknowledges each set-up message.
     reply_ack: bool,
-    queue_max_sizes: [u16; 1],
     fds: Option<Eventfds>,
     /// Written when the device is dropped: stops the watcher.
     stop: EventFd,
@@ -218,11 +246,16 @@ pub struct VhostUserBlock {
     started: Vec<usize>,
     /// The backend hung up or stopped answering.
     gone: bool,
+    /// The backend is nkvm's own device process, restarted when it dies.
+    process: Option<VirtioProcess>,
+    /// The driver's set-up since the last reset.
+    saved: Option<Saved>,
 }
 
-impl std::fmt::Debug for VhostUserBlock {
+impl std::fmt::Debug for VhostUserDevice {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("VhostUserBlock")
+        f.debug_struct("VhostUserDevice")
+            .field("kind", &self.kind.name)
             .field("socket", &self.socket)
             .field("backend_features", &format_args!("{:#x}", self.backend_features))
             .field("started", &self.started)
@@ -231,27 +264,46 @@ impl std::fmt::Debug for VhostUserBlock {
     }
 }
 
-impl VhostUserBlock {
+impl VhostUserDevice {
     /// Connects to the backend at `socket` and learns what it offers;
     /// `mem` is the VMM's mapping of guest RAM, whose memfd and addresses
     /// the backend is given.
-    pub fn connect(socket: &Path, mem: GuestRam) -> Result<Self, VhostUserError> {
-        let Session { frontend, backend_features, config, reply_ack } = Session::open(socket)?;
+    pub fn connect(socket: &Path, kind: DeviceKind, mem: GuestRam) -> Result<Self, VhostUserError> {
+        let Session { frontend, backend_features, config, reply_ack } = Session::open(socket, &kind)?;
         let stop =
             EventFd::new(EFD_NONBLOCK).map_err(|source| VhostUserError::Connect { socket: socket.into(), source })?;
         Ok(Self {
+            kind,
             socket: socket.to_path_buf(),
             frontend,
             mem,
             backend_features,
             config,
             reply_ack,
-            queue_max_sizes: [QUEUE_MAX_SIZE],
             fds: None,
             stop,
             started: Vec::new(),
             gone: false,
+            process: None,
+            saved: None,
         })
+    }
+
+    /// Connects to nkvm's own device process `process` (a vhost-user
+    /// backend serving `kind`), which this device restarts when it dies.
+    pub fn connect_process(process: VirtioProcess, kind: DeviceKind, mem: GuestRam) -> Result<Self, VhostUserError> {
+        let mut device = Self::connect(process.socket(), kind, mem)?;
+        // The process is listening and connected: its socket file has done
+        // its work (the sandbox does not let the process unlink it).
+        let _ = std::fs::remove_file(process.socket());
+        device.process = Some(process);
+        Ok(device)
+    }
+
+    /// The device process's record (pid, deaths, restarts), if nkvm runs
+    /// the backend.
+    pub fn process_log(&self) -> Option<Arc<Mutex<ProcessLog>>> {
+        self.process.as_ref().map(|p| p.log.clone())
     }
 
     /// Capacity in 512-byte sectors, as the backend reports it.
@@ -275,7 +327,8 @@ impl VhostUserBlock {
     /// A backend answers on the socket again: the next activation (after
     /// the driver resets the device) hands it the queues.
     fn reconnected(&mut self, session: Session) {
-        if session.backend_features & PASSED_FEATURES != self.backend_features & PASSED_FEATURES {
+        let passed = self.kind.passed_features;
+        if session.backend_features & passed != self.backend_features & passed {
             log::warn!("vhost-user {}: the new backend offers other features", self.socket.display());
         }
         self.frontend = session.frontend;
@@ -302,7 +355,46 @@ impl VhostUserBlock {
         if self.gone {
             return Err(VhostUserError::Gone { socket: self.socket.clone() });
         }
-        let features = activation.features | VhostUserVirtioFeatures::PROTOCOL_FEATURES.bits();
+        let saved = Saved { features: activation.features, rings: Ring::enabled(activation) };
+        self.hand_over(&saved, |_| Ok(0))?;
+        self.saved = Some(saved);
+        Ok(())
+    }
+
+    /// A restarted device process takes the queues where the guest's used
+    /// rings say they are: every request not yet completed is served again
+    /// (the model completes requests in order, so the used index is where
+    /// the first unfinished one sits in the available ring). Then each
+    /// queue is kicked (the guest's kicks to the dead process may be lost)
+    /// and each vector raised (so may a completion's interrupt).
+    fn resume(&mut self) -> Result<(), VhostUserError> {
+        let Some(saved) = self.saved.clone() else { return Ok(()) };
+        let mem = self.mem.clone();
+        self.hand_over(&saved, |ring| {
+            mem.read_obj::<u16>(GuestAddress(ring.used + 2))
+                .map_err(|_| VhostUserError::RingAddress { queue: ring.index, gpa: ring.used })
+        })?;
+        if let Some(fds) = &self.fds {
+            for ring in &saved.rings {
+                if let Some(kick) = fds.kicks.get(ring.index) {
+                    let _ = kick.write(1);
+                }
+                if let Some(call) = fds.vectors.get(usize::from(ring.vector)) {
+                    let _ = call.write(1);
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// Features, memory table and each enabled queue to the backend, the
+    /// queue starting at the index `base` gives.
+    fn hand_over(
+        &mut self,
+        saved: &Saved,
+        base: impl Fn(&Ring) -> Result<u16, VhostUserError>,
+    ) -> Result<(), VhostUserError> {
+        let features = saved.features | VhostUserVirtioFeatures::PROTOCOL_FEATURES.bits();
         self.frontend.set_features(features).map_err(self.request_err("SET_FEATURES"))?;
         let regions = self
             .mem
@@ -311,12 +403,9 @@ impl VhostUserBlock {
             .collect::<Result<Vec<_>, _>>()
             .map_err(self.request_err("SET_MEM_TABLE"))?;
         self.frontend.set_mem_table(&regions).map_err(self.request_err("SET_MEM_TABLE"))?;
-        for (index, queue) in activation.queues.iter().enumerate() {
-            if queue.ready() {
-                let vector = activation.vectors.get(index).copied().unwrap_or(NO_VECTOR);
-                self.start_queue(index, queue, vector)?;
-                self.started.push(index);
-            }
+        for ring in &saved.rings {
+            self.start_queue(ring, base(ring)?)?;
+            self.started.push(ring.index);
         }
         if !self.reply_ack {
             // A request with a reply: the backend has carried out every
@@ -327,18 +416,19 @@ impl VhostUserBlock {
         Ok(())
     }
 
-    fn start_queue(&mut self, index: usize, queue: &Queue, vector: u16) -> Result<(), VhostUserError> {
+    fn start_queue(&mut self, queue: &Ring, base: u16) -> Result<(), VhostUserError> {
+        let Ring { index, vector, .. } = *queue;
         let ring = VringConfigData {
-            queue_max_size: queue.max_size(),
-            queue_size: queue.size(),
+            queue_max_size: queue.max_size,
+            queue_size: queue.size,
             flags: 0,
-            desc_table_addr: self.host_address(index, queue.desc_table())?,
-            used_ring_addr: self.host_address(index, queue.used_ring())?,
-            avail_ring_addr: self.host_address(index, queue.avail_ring())?,
+            desc_table_addr: self.host_address(index, queue.desc)?,
+            used_ring_addr: self.host_address(index, queue.used)?,
+            avail_ring_addr: self.host_address(index, queue.avail)?,
             log_addr: None,
         };
-        self.frontend.set_vring_num(index, queue.size()).map_err(self.request_err("SET_VRING_NUM"))?;
-        self.frontend.set_vring_base(index, 0).map_err(self.request_err("SET_VRING_BASE"))?;
+        self.frontend.set_vring_num(index, queue.size).map_err(self.request_err("SET_VRING_NUM"))?;
+        self.frontend.set_vring_base(index, base).map_err(self.request_err("SET_VRING_BASE"))?;
         self.frontend.set_vring_addr(index, &ring).map_err(self.request_err("SET_VRING_ADDR"))?;
         let Some(fds) = &self.fds else { return Ok(()) };
         // The call eventfd before the kick: a backend starts serving the
@@ -365,27 +455,27 @@ impl VhostUserBlock {
         log::debug!(
             "vhost-user {}: queue {index} started, size {}, vector {vector}",
             self.socket.display(),
-            queue.size()
+            queue.size
         );
         Ok(())
     }
 }
 
-impl VirtioDevice for VhostUserBlock {
+impl VirtioDevice for VhostUserDevice {
     fn device_type(&self) -> u16 {
-        VIRTIO_ID_BLOCK
+        self.kind.device_type
     }
 
     fn pci_class(&self) -> u32 {
-        CLASS_STORAGE_OTHER
+        self.kind.pci_class
     }
 
     fn queue_max_sizes(&self) -> &[u16] {
-        &self.queue_max_sizes
+        self.kind.queue_max_sizes
     }
 
     fn features(&self) -> u64 {
-        self.backend_features & PASSED_FEATURES
+        self.backend_features & self.kind.passed_features
     }
 
     fn read_config(&self, offset: u64, data: &mut [u8]) {
@@ -400,12 +490,16 @@ impl VirtioDevice for VhostUserBlock {
     }
 
     fn write_config(&mut self, offset: u64, data: &[u8]) {
-        log::debug!("vhost-user-blk: ignored config write of {} bytes at {offset:#x}", data.len());
+        log::debug!("vhost-user {}: ignored config write of {} bytes at {offset:#x}", self.kind.name, data.len());
     }
 
     fn activate(&mut self, activation: &Activation<'_>) -> Result<(), VirtioError> {
         self.start(activation).map_err(|e| {
-            eprintln!("nkvm: virtio-blk: {e}; the device has failed");
+            eprintln!(
+                "nkvm: {}: {e}: {}; the device has failed",
+                self.kind.name,
+                std::error::Error::source(&e).map(ToString::to_string).unwrap_or_default()
+            );
             VirtioError::Backend(Box::new(e))
         })
     }
@@ -420,6 +514,7 @@ impl VirtioDevice for VhostUserBlock {
     }
 
     fn reset(&mut self) {
+        self.saved = None;
         for index in std::mem::take(&mut self.started) {
             if let Err(e) = self.frontend.get_vring_base(index) {
                 log::warn!("vhost-user {}: stopping queue {index}: {e}", self.socket.display());
@@ -428,103 +523,17 @@ impl VirtioDevice for VhostUserBlock {
     }
 }
 
-impl Drop for VhostUserBlock {
+impl Drop for VhostUserDevice {
     fn drop(&mut self) {
         let _ = self.stop.write(1);
     }
 }
 
-/// The epoll token of the socket.
-const SOCKET: u64 = 0;
-/// The epoll token of the stop eventfd.
-const STOP: u64 = 1;
-/// How often the watcher tries the socket again once the backend is gone.
-const RECONNECT_PERIOD: Duration = Duration::from_millis(200);
+mod kind;
+mod watch;
 
-/// Starts a thread that notices the backend hanging up — it logs a line
-/// naming the socket and marks the device failed (`DEVICE_NEEDS_RESET`) —
-/// and then tries the socket until a backend answers again, which it
-/// reports; the guest gets the new backend when it resets the device.
-pub(super) fn watch(device: &Arc<Mutex<VirtioPci<VhostUserBlock>>>) -> io::Result<()> {
-    let epoll = Epoll::new()?;
-    let (stop, socket) = {
-        let pci = device.lock().unwrap_or_else(|e| e.into_inner());
-        (pci.device().stop.try_clone()?, pci.device().socket.clone())
-    };
-    epoll.ctl(ControlOperation::Add, stop.as_raw_fd(), EpollEvent::new(EventSet::IN, STOP))?;
-    let watcher = Watcher { epoll, device: Arc::downgrade(device), socket };
-    watcher.follow(&device.lock().unwrap_or_else(|e| e.into_inner()))?;
-    thread::Builder::new().name("vhost-user-watch".into()).spawn(move || watcher.run())?;
-    Ok(())
-}
+pub use self::kind::{DeviceKind, BLOCK, CONSOLE};
 
-/// The watcher thread's state.
-struct Watcher {
-    epoll: Epoll,
-    device: Weak<Mutex<VirtioPci<VhostUserBlock>>>,
-    socket: PathBuf,
-}
-
-impl Watcher {
-    /// Watches the device's current connection for a hang-up.
-    fn follow(&self, pci: &VirtioPci<VhostUserBlock>) -> io::Result<()> {
-        let hangup = EventSet::HANG_UP | EventSet::READ_HANG_UP | EventSet::ERROR;
-        let fd = pci.device().frontend.as_raw_fd();
-        self.epoll.ctl(ControlOperation::Add, fd, EpollEvent::new(hangup, SOCKET))
-    }
-
-    /// Waits up to `timeout_ms` (-1: for ever); `None` when told to stop.
-    fn wait(&self, timeout_ms: i32) -> Option<bool> {
-        let mut events = [EpollEvent::default(); 2];
-        loop {
-            return match self.epoll.wait(timeout_ms, &mut events) {
-                Ok(n) if events[..n].iter().any(|e| e.data() == STOP) => None,
-                Ok(n) => Some(n > 0),
-                Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
-                Err(e) => {
-                    log::error!("vhost-user {}: the watcher stops: {e}", self.socket.display());
-                    None
-                }
-            };
-        }
-    }
-
-    fn run(self) {
-        loop {
-            // Connected: wait for the hang-up.
-            match self.wait(-1) {
-                None => return,
-                Some(false) => continue,
-                Some(true) => {}
-            }
-            {
-                let Some(device) = self.device.upgrade() else { return };
-                let mut pci = device.lock().unwrap_or_else(|e| e.into_inner());
-                let fd = pci.device().frontend.as_raw_fd();
-                let _ = self.epoll.ctl(ControlOperation::Delete, fd, EpollEvent::default());
-                let gone = VhostUserError::Gone { socket: self.socket.clone() };
-                eprintln!("nkvm: virtio-blk: {gone}; the device has failed, the VM goes on");
-                pci.device_mut().mark_gone();
-                pci.fail(&VirtioError::Backend(Box::new(gone)));
-            }
-            // Gone: try the socket until a backend answers.
-            loop {
-                if self.wait(RECONNECT_PERIOD.as_millis() as i32).is_none() {
-                    return;
-                }
-                let Ok(session) = Session::open(&self.socket) else { continue };
-                let Some(device) = self.device.upgrade() else { return };
-                let mut pci = device.lock().unwrap_or_else(|e| e.into_inner());
-                pci.device_mut().reconnected(session);
-                if let Err(e) = self.follow(&pci) {
-                    log::error!("vhost-user {}: cannot watch the new connection: {e}", self.socket.display());
-                }
-                eprintln!(
-                    "nkvm: virtio-blk: vhost-user backend at {} is back; the device works again once the guest resets it",
-                    self.socket.display()
-                );
-                break;
-            }
-        }
-    }
-}
+pub(super) use self::watch::watch;
+#[cfg(test)]
+pub(super) use self::watch::MAX_RESTARTS;

@@ -1,0 +1,173 @@
+//! `nkvm device --model virtio-blk|virtio-console`: nkvm's virtio-blk or
+//! virtio-console model ([`nkvm_devices::virtio::Block`],
+//! [`nkvm_devices::virtio::Console`]) in its own sandboxed process,
+//! serving the VMM's queues as a vhost-user backend (rust-vmm's
+//! `vhost-user-backend`).
+//!
+//! The VMM keeps the guest-visible transport (PCI configuration space, the
+//! common configuration, the MSI-X table) and hands this process, over
+//! SCM_RIGHTS on the vhost-user socket, guest RAM's memfd, each queue's
+//! notify ioeventfd (kick) and its MSI-X vector's irqfd (call), with the
+//! rings' addresses and sizes when the driver sets `DRIVER_OK` — or, after
+//! a restart, the ring indexes the guest's used ring holds. From then on
+//! the guest's requests reach this process from KVM and its completions
+//! reach the guest through KVM: the data path never crosses the VMM.
+//!
+//! Start-up: close every inherited descriptor, open the image (virtio-blk), bind the
+//! socket, enter the sandbox ([`crate::sandbox`]); only then start the
+//! threads and accept the VMM, so guest RAM is only ever mapped inside it.
+
+use std::io;
+use std::os::unix::net::UnixListener;
+use std::process::ExitCode;
+use std::sync::{Arc, Mutex};
+
+use nkvm_devices::virtio::{Block, Console, GuestRam, VirtioDevice, VIRTIO_F_VERSION_1};
+use vhost::vhost_user::message::{VhostUserProtocolFeatures, VhostUserVirtioFeatures};
+use vhost::vhost_user::Listener;
+use vhost_user_backend::{VhostUserBackendMut, VhostUserDaemon, VringRwLock, VringT};
+use vm_memory::{GuestAddressSpace, GuestMemoryAtomic};
+use vmm_sys_util::epoll::EventSet;
+
+use crate::cli::{DeviceArgs, DeviceModel};
+use crate::sandbox;
+
+/// Set in a device process's environment, it makes a forbidden system call
+/// (`socket`) when it first serves a queue: how the tests check that the
+/// sandbox kills it and that nkvm names the call.
+pub const FORBIDDEN_CALL_ENV: &str = "NKVM_DEVICE_TEST_FORBIDDEN_CALL";
+
+/// Why a virtio device process stopped.
+#[derive(Debug, thiserror::Error)]
+pub enum VirtioProcessError {
+    /// `--disk` is missing.
+    #[error("--model virtio-blk needs --disk IMAGE")]
+    NoDisk,
+    /// The image could not be opened.
+    #[error(transparent)]
+    Disk(#[from] nkvm_devices::virtio::BlockError),
+    /// The socket could not be bound.
+    #[error("cannot listen on {path}")]
+    Listen {
+        /// The socket path.
+        path: String,
+        /// The OS error.
+        #[source]
+        source: io::Error,
+    },
+    /// The sandbox could not be entered.
+    #[error(transparent)]
+    Sandbox(#[from] sandbox::SandboxError),
+    /// The vhost-user daemon failed.
+    #[error("the vhost-user backend failed: {0}")]
+    Daemon(String),
+}
+
+/// The guest RAM the VMM handed over, as vhost-user-backend keeps it.
+type Ram = GuestMemoryAtomic<GuestRam>;
+
+/// A virtio model as a vhost-user backend.
+struct ModelBackend<D> {
+    model: D,
+    mem: Ram,
+    /// Make a forbidden call on the first request (tests only).
+    forbidden_call: bool,
+}
+
+impl<D: VirtioDevice + Sync> VhostUserBackendMut for ModelBackend<D> {
+    type Bitmap = ();
+    type Vring = VringRwLock<Ram>;
+
+    fn num_queues(&self) -> usize {
+        self.model.queue_max_sizes().len()
+    }
+
+    fn max_queue_size(&self) -> usize {
+        self.model.queue_max_sizes().iter().copied().max().map_or(0, usize::from)
+    }
+
+    fn features(&self) -> u64 {
+        self.model.features() | VIRTIO_F_VERSION_1 | VhostUserVirtioFeatures::PROTOCOL_FEATURES.bits()
+    }
+
+    fn protocol_features(&self) -> VhostUserProtocolFeatures {
+        VhostUserProtocolFeatures::CONFIG | VhostUserProtocolFeatures::REPLY_ACK
+    }
+
+    fn set_event_idx(&mut self, _enabled: bool) {}
+
+    fn get_config(&self, offset: u32, size: u32) -> Vec<u8> {
+        let mut bytes = vec![0u8; size as usize];
+        self.model.read_config(u64::from(offset), &mut bytes);
+        bytes
+    }
+
+    fn update_memory(&mut self, mem: Ram) -> io::Result<()> {
+        self.mem = mem;
+        Ok(())
+    }
+
+    fn handle_event(&mut self, event: u16, _set: EventSet, vrings: &[Self::Vring], _thread: usize) -> io::Result<()> {
+        let index = usize::from(event);
+        let Some(vring) = vrings.get(index) else { return Ok(()) };
+        if self.forbidden_call {
+            // A socket: nothing a block device or console needs. The sandbox kills the
+            // process here.
+            let _ = std::net::UdpSocket::bind("127.0.0.1:0");
+        }
+        let mem = self.mem.memory();
+        let mut state = vring.get_mut();
+        let used = self.model.process_queue(index, state.get_queue_mut(), &mem).map_err(io::Error::other)?;
+        if used {
+            state.signal_used_queue()?;
+        }
+        Ok(())
+    }
+}
+
+/// Serves one VMM connection on `args.socket`, then exits.
+pub fn run(args: &DeviceArgs) -> Result<ExitCode, Box<dyn std::error::Error>> {
+    sandbox::close_inherited_fds()?;
+    if args.model == DeviceModel::VirtioConsole {
+        return serve(args, Console::new(io::stdout()), &[sandbox::VHOST_USER_CALLS]);
+    }
+    let disk = args.disk.as_ref().ok_or(VirtioProcessError::NoDisk)?;
+    let block = Block::open(disk, args.read_only).map_err(VirtioProcessError::Disk)?;
+    serve(args, block, &[sandbox::VHOST_USER_CALLS, sandbox::IMAGE_CALLS])
+}
+
+/// Binds the socket, enters the sandbox allowing `calls`, and serves
+/// `model` to the VMM.
+fn serve<D: VirtioDevice + Sync + 'static>(
+    args: &DeviceArgs,
+    model: D,
+    calls: &[&[(i64, &str)]],
+) -> Result<ExitCode, Box<dyn std::error::Error>> {
+    let forbidden_call = std::env::var_os(FORBIDDEN_CALL_ENV).is_some();
+    let _ = std::fs::remove_file(&args.socket);
+    let listener = UnixListener::bind(&args.socket)
+        .map_err(|source| VirtioProcessError::Listen { path: args.socket.display().to_string(), source })?;
+    // A Listener made from a std listener has no path to unlink on drop:
+    // the sandbox does not allow unlink, the VMM removes the file.
+    let mut listener = Listener::from(listener);
+    sandbox::enter(calls).map_err(VirtioProcessError::Sandbox)?;
+    let backend = Arc::new(Mutex::new(ModelBackend { model, mem: Ram::new(GuestRam::new()), forbidden_call }));
+    let daemon_err = |e: vhost_user_backend::Error| VirtioProcessError::Daemon(e.to_string());
+    let name = format!("{:?}", args.model).to_lowercase();
+    let mut daemon = VhostUserDaemon::new(name, backend, Ram::new(GuestRam::new())).map_err(daemon_err)?;
+    daemon.start(&mut listener).map_err(daemon_err)?;
+    // One connection is all it serves: the listening socket goes.
+    drop(listener);
+    let code = match daemon.wait() {
+        // The VMM hung up: the VM is gone or replaced this process.
+        Ok(()) | Err(vhost_user_backend::Error::HandleRequest(_)) => 0,
+        Err(e) => {
+            eprintln!("nkvm: {}", daemon_err(e));
+            2
+        }
+    };
+    // Exit here, without dropping the daemon: its queue thread waits for an
+    // exit event this backend does not provide, and dropping the daemon
+    // joins that thread, so the process would outlive its VMM.
+    std::process::exit(code)
+}
