@@ -184,6 +184,29 @@ impl Backing {
         Ok(Self { inner: Arc::new(BackingInner { id, name: name.to_string(), map }) })
     }
 
+    /// Maps a file copy-on-write, for example a snapshot's memory file: the
+    /// guest sees its bytes, and its writes stay in this process (the file
+    /// is never changed, so the snapshot can be restored again). Nothing is
+    /// copied up front: a page is read from the file when first touched, so
+    /// the cost does not grow with `size`. The file is shorter than `size`:
+    /// touching past its end faults, so check its length first.
+    ///
+    /// [`file`](Self::file) is then the original file, which does not see
+    /// the guest's writes: do not hand it to a device process.
+    pub fn from_file_private(name: &str, file: File, size: u64) -> Result<Self, MemoryError> {
+        let len = usize::try_from(size).map_err(|_| MemoryError::BadSize(size))?;
+        if size == 0 || size % PAGE_SIZE != 0 {
+            return Err(MemoryError::BadSize(size));
+        }
+        let map = SharedMapping::map_private(file, len).map_err(|source| MemoryError::Create {
+            name: name.to_string(),
+            size,
+            source,
+        })?;
+        let id = NEXT_BACKING_ID.fetch_add(1, Ordering::Relaxed);
+        Ok(Self { inner: Arc::new(BackingInner { id, name: name.to_string(), map }) })
+    }
+
     /// A process-unique id (stable for the life of the object).
     pub fn id(&self) -> u64 {
         self.inner.id

@@ -41,17 +41,29 @@ impl SharedMapping {
 
     /// Maps an existing memory file (for example a memfd received from the VMM).
     pub(crate) fn map(file: File, len: usize) -> io::Result<Self> {
+        Self::map_with(file, len, libc::MAP_SHARED)
+    }
+
+    /// Maps a file copy-on-write (`MAP_PRIVATE`): reads see the file, writes
+    /// stay in this process and never reach the file. Pages are read from
+    /// the file when first touched, so the cost does not grow with `len`.
+    pub(crate) fn map_private(file: File, len: usize) -> io::Result<Self> {
+        Self::map_with(file, len, libc::MAP_PRIVATE)
+    }
+
+    fn map_with(file: File, len: usize, kind: libc::c_int) -> io::Result<Self> {
         if len == 0 {
             return Err(io::Error::from(io::ErrorKind::InvalidInput));
         }
-        // SAFETY: we ask for a fresh shared mapping of `len` bytes of `file`; the
-        // kernel picks the address and checks the fd. The result is checked below.
+        // SAFETY: we ask for a fresh shared or private mapping of `len` bytes of
+        // `file`; the kernel picks the address and checks the fd. The result is
+        // checked below.
         let ptr = unsafe {
             libc::mmap(
                 std::ptr::null_mut(),
                 len,
                 libc::PROT_READ | libc::PROT_WRITE,
-                libc::MAP_SHARED | libc::MAP_NORESERVE,
+                kind | libc::MAP_NORESERVE,
                 file.as_raw_fd(),
                 0,
             )
