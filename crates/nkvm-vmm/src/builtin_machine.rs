@@ -105,7 +105,7 @@ const DEVICE_NAMES: [&str; 2] = ["serial", "test-device"];
 
 impl Devices {
     /// Attaches fresh models to `vm`.
-    fn attach(vm: &Vm) -> Result<Self, MachineError> {
+    pub fn attach(vm: &Vm) -> Result<Self, MachineError> {
         let serial = Arc::new(Mutex::new(Serial::new(Box::new(|_level: bool| {}), io::stdout())));
         let test = Arc::new(Mutex::new(TestDevice::new()));
         vm.attach_handler(IoRange::pio(builtin::COM1, 8), Box::new(SharedDevice(serial.clone())))?;

@@ -193,7 +193,8 @@ fn io_err<'a>(path: &'a Path, op: &'static str) -> impl FnOnce(io::Error) -> Sna
 }
 
 /// Writes a snapshot directory (created if needed; files in it replaced):
-/// `machine.json`, the state files and the guest memory. Zero pages are
+/// `machine.json`, the state files and the guest memory. Only the parts of
+/// RAM that hold data are read ([`Backing::data_ranges`]); zero pages are
 /// left as holes, so the memory file is sparse.
 pub fn write(dir: &Path, state: &MachineState, ram: &Backing) -> Result<(), SnapshotError> {
     std::fs::create_dir_all(dir).map_err(io_err(dir, "creating the directory"))?;
@@ -212,20 +213,22 @@ pub fn write(dir: &Path, state: &MachineState, ram: &Backing) -> Result<(), Snap
     let path = dir.join(MEMORY_FILE);
     let file = File::create(&path).map_err(io_err(&path, "create"))?;
     let mut chunk = vec![0u8; 1 << 20];
-    let mut offset = 0;
-    while offset < ram.len() {
-        let n = chunk.len().min((ram.len() - offset) as usize);
-        ram.read_at(offset, &mut chunk[..n]).map_err(|e| SnapshotError::Io {
-            path: path.display().to_string(),
-            op: "reading guest memory",
-            source: io::Error::other(e),
-        })?;
-        for (i, page) in chunk[..n].chunks(4096).enumerate() {
-            if page.iter().any(|&b| b != 0) {
-                file.write_all_at(page, offset + 4096 * i as u64).map_err(io_err(&path, "write"))?;
+    for (start, end) in ram.data_ranges() {
+        let mut offset = start;
+        while offset < end {
+            let n = chunk.len().min((end - offset) as usize);
+            ram.read_at(offset, &mut chunk[..n]).map_err(|e| SnapshotError::Io {
+                path: path.display().to_string(),
+                op: "reading guest memory",
+                source: io::Error::other(e),
+            })?;
+            for (i, page) in chunk[..n].chunks(4096).enumerate() {
+                if page.iter().any(|&b| b != 0) {
+                    file.write_all_at(page, offset + 4096 * i as u64).map_err(io_err(&path, "write"))?;
+                }
             }
+            offset += n as u64;
         }
-        offset += n as u64;
     }
     file.set_len(ram.len()).map_err(io_err(&path, "set_len"))?;
     // The configuration last: a directory without it is not a snapshot.

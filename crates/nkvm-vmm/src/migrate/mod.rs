@@ -223,8 +223,16 @@ pub struct MigrationStatus {
     pub downtime_target_ms: u64,
     /// Total time, ms (when done or failed).
     pub total_ms: f64,
-    /// Time the guest was paused, ms (when done or failed).
+    /// Time the guest was paused, ms (when done or failed): from asking the
+    /// vCPUs to park to the destination's answer.
     pub downtime_ms: f64,
+    /// Of the downtime: parking the vCPUs (each saves its state), ms.
+    pub park_ms: f64,
+    /// Of the downtime: pages sent while paused.
+    pub switchover_pages: u64,
+    /// Of the downtime: from `END` sent to the answer (the destination
+    /// restoring), ms.
+    pub answer_ms: f64,
     /// Why it failed.
     pub error: Option<String>,
 }
@@ -257,6 +265,9 @@ impl MigrationStatus {
             "downtime_target_ms": self.downtime_target_ms,
             "total_ms": self.total_ms,
             "downtime_ms": self.downtime_ms,
+            "park_ms": self.park_ms,
+            "switchover_pages": self.switchover_pages,
+            "answer_ms": self.answer_ms,
             "error": self.error,
         })
     }

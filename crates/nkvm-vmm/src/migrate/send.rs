@@ -59,12 +59,16 @@ pub fn start(running: Arc<Running>, to: Endpoint, options: MigrateOptions) -> Re
             Ok(()) => {
                 status.phase = Phase::Done;
                 eprintln!(
-                    "nkvm: migrated to {to} in {:.1} ms ({} rounds, {} pages, {:.1} MB), downtime {:.1} ms",
+                    "nkvm: migrated to {to} in {:.1} ms ({} rounds, {} pages, {:.1} MB), downtime {:.1} ms \
+                     (parking the vCPUs {:.1} ms, {} pages while paused, the destination's answer {:.1} ms)",
                     status.total_ms,
                     status.rounds,
                     status.pages,
                     status.bytes as f64 / 1e6,
-                    status.downtime_ms
+                    status.downtime_ms,
+                    status.park_ms,
+                    status.switchover_pages,
+                    status.answer_ms,
                 );
                 drop(status);
                 running.shared.migrated(&to.to_string());
@@ -118,13 +122,17 @@ impl Sender<'_> {
         let mut out = BufWriter::with_capacity(1 << 20, conn);
         let result = self.precopy_and_switch(&mut out, options);
         if result.is_err() {
-            // No dirty bit is lost: what was taken goes back.
-            for &gpa in &self.collected {
-                self.vm().mark_dirty(gpa, PAGE as u64);
-            }
-            self.collected.clear();
+            self.put_back();
         }
         result
+    }
+
+    /// No dirty bit is lost: the pages taken and not delivered go back.
+    fn put_back(&mut self) {
+        for &gpa in &self.collected {
+            self.vm().mark_dirty(gpa, PAGE as u64);
+        }
+        self.collected.clear();
     }
 
     fn precopy_and_switch(&mut self, out: &mut BufWriter<Conn>, options: &MigrateOptions) -> Result<(), MigrateError> {
@@ -170,29 +178,35 @@ impl Sender<'_> {
         vec!["serial", "test-device"]
     }
 
-    /// Round 0: every non-zero page (the destination's memory starts zero).
+    /// Round 1: every non-zero page (the destination's memory starts
+    /// zero); only the parts of RAM that hold data are read.
     fn full_copy(&mut self, out: &mut BufWriter<Conn>) -> Result<(), MigrateError> {
         let map = self.vm().memory();
         let mut chunk = vec![0u8; PAGE * 64];
         let mut batch = PageBatch::default();
         for region in map.regions() {
-            let mut offset = 0;
-            while offset < region.len {
-                let n = chunk.len().min((region.len - offset) as usize);
-                let gpa = region.gpa.0 + offset;
-                map.read(GuestAddress(gpa), &mut chunk[..n]).map_err(MigrateError::Memory)?;
-                for (i, page) in chunk[..n].chunks(PAGE).enumerate() {
-                    if page.iter().any(|&b| b != 0) {
-                        batch.push(gpa + (i * PAGE) as u64, page);
-                        self.pages += 1;
-                        if batch.len() == PAGES_PER_RECORD {
-                            self.bytes += batch.flush(out).map_err(|e| MigrateError::link("sending memory", e))?;
+            for (start, end) in region.backing.data_ranges() {
+                // The part of [start, end) of the backing this region maps.
+                let lo = start.max(region.offset);
+                let hi = end.min(region.offset + region.len);
+                let mut offset = lo;
+                while offset < hi {
+                    let n = chunk.len().min((hi - offset) as usize);
+                    let gpa = region.gpa.0 + (offset - region.offset);
+                    map.read(GuestAddress(gpa), &mut chunk[..n]).map_err(MigrateError::Memory)?;
+                    for (i, page) in chunk[..n].chunks(PAGE).enumerate() {
+                        if page.iter().any(|&b| b != 0) {
+                            batch.push(gpa + (i * PAGE) as u64, page);
+                            self.pages += 1;
+                            if batch.len() == PAGES_PER_RECORD {
+                                self.bytes += batch.flush(out).map_err(|e| MigrateError::link("sending memory", e))?;
+                            }
                         }
                     }
+                    offset += n as u64;
                 }
-                offset += n as u64;
+                self.update(|_| {});
             }
-            self.update(|_| {});
         }
         self.bytes += batch.flush(out).map_err(|e| MigrateError::link("sending memory", e))?;
         Ok(())
@@ -246,6 +260,8 @@ impl Sender<'_> {
         self.update(|s| s.phase = Phase::SwitchOver);
         let paused = Instant::now();
         let vcpus = self.running.pause()?;
+        let park = paused.elapsed().as_secs_f64() * 1e3;
+        self.update(|s| s.park_ms = park);
         let result = self.send_rest(out, dirty, &vcpus);
         let downtime = paused.elapsed().as_secs_f64() * 1e3;
         self.update(|s| s.downtime_ms = downtime);
@@ -262,7 +278,8 @@ impl Sender<'_> {
         vcpus: &[nkvm::state::VcpuState],
     ) -> Result<(), MigrateError> {
         let link = |e| MigrateError::link("sending the final state", e);
-        self.send_dirty(out, dirty)?;
+        let last = self.send_dirty(out, dirty)?;
+        self.update(|s| s.switchover_pages = last);
         let state = self.running.machine_state(vcpus)?;
         stream::write_record(out, RecordType::VmState, &state.vm).map_err(link)?;
         for blob in &state.vcpus {
@@ -276,10 +293,13 @@ impl Sender<'_> {
         }
         stream::write_record(out, RecordType::End, &[]).map_err(link)?;
         out.flush().map_err(link)?;
+        let ended = Instant::now();
         let conn = out.get_mut();
         conn.set_read_timeout(Some(ANSWER_TIMEOUT)).map_err(|e| MigrateError::link("waiting for the answer", e))?;
         let mut answers = RecordReader::new(conn);
         let (kind, payload, at) = answers.next()?;
+        let answer = ended.elapsed().as_secs_f64() * 1e3;
+        self.update(|s| s.answer_ms = answer);
         match kind {
             RecordType::Resumed => Ok(()),
             RecordType::Failed => Err(MigrateError::Refused(String::from_utf8_lossy(payload).into_owned())),
@@ -299,4 +319,40 @@ fn start_dirty_log(vm: &Vm) -> Result<(), MigrateError> {
     let regions = map.regions().iter().map(|r| r.clone().dirty_logged()).collect();
     let map = MemoryMap::new(regions).map_err(MigrateError::Memory)?;
     vm.set_memory_map(map).map_err(MigrateError::DirtyLog)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::builtin_machine::Devices;
+    use crate::machine::Shared;
+    use crate::snapshot::MachineConfig;
+
+    #[test]
+    fn a_failed_round_puts_its_pages_back_into_the_dirty_log() {
+        let hv = nkvm::Hypervisor::open().unwrap();
+        let vm = Arc::new(Vm::new(&hv, &nkvm::VmConfig { vcpus: 1, memory: 4 << 20, ..Default::default() }).unwrap());
+        let devices = Devices::attach(&vm).unwrap();
+        let config = MachineConfig { cpus: 1, memory: 4 << 20 };
+        let running = Running::new(vm.clone(), Arc::new(Shared::new(1)), devices, config);
+        start_dirty_log(&vm).unwrap();
+        let written: Vec<u64> = (0..300).map(|i| 0x1000 * (3 * i + 1)).collect();
+        for &gpa in &written {
+            vm.mark_dirty(GuestAddress(gpa), 8);
+        }
+        let mut sender = Sender { running: &running, bytes: 0, pages: 0, start: Instant::now(), collected: Vec::new() };
+        let mut dirty = DirtyPages::default();
+        // The link breaks while the round's pages are being sent.
+        let failed = sender.collect(&mut dirty, |_, _| Err(MigrateError::Refused("link down".into())));
+        assert!(failed.is_err());
+        // The round took every page out of the log...
+        assert_eq!(sender.collected.len(), written.len());
+        sender.put_back();
+        // ... and the failure put them all back.
+        vm.sync_dirty_log().unwrap();
+        let again = vm.collect_dirty(GuestAddress(0), 4 << 20, 4096).unwrap();
+        assert_eq!(again.pages.iter().map(|g| g.0).collect::<Vec<_>>(), written);
+        let empty = vm.collect_dirty(GuestAddress(0), 4 << 20, 4096).unwrap();
+        assert!(empty.pages.is_empty(), "collected once, then gone: {:?}", empty.pages.len());
+    }
 }
