@@ -182,8 +182,11 @@ pub fn run(args: &RunArgs) -> Result<ExitCode, Box<dyn std::error::Error>> {
         eprintln!("nkvm: restored {} in {:.1} ms", dir.display(), start.elapsed().as_secs_f64() * 1e3);
     }
     let stats = ExitStats::new();
-    let outcome = machine::run_vcpus(with_tracers(vcpus, args, &stats), &vm, &running.shared)?;
-    Ok(machine::finish(args, &stats, outcome)?)
+    let outcome = machine::run_vcpus(with_tracers(vcpus, args, &stats), &vm, &running.shared);
+    if let Some(path) = &args.api_socket {
+        let _ = std::fs::remove_file(path);
+    }
+    Ok(machine::finish(args, &stats, outcome?)?)
 }
 
 /// Devices, vCPUs and the shared state of a fresh or a saved machine.
