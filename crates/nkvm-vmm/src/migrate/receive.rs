@@ -1,7 +1,7 @@
 //! The destination's side: `nkvm run --incoming ADDR` waits for one
 //! source, builds the machine its configuration describes, fills the
 //! memory and collects the states; the caller restores them and then
-//! [`confirm`](Incoming::confirm)s, after which the source ends.
+//! [`confirm`](Answer::confirm)s, after which the source ends.
 
 use std::time::Duration;
 

@@ -260,6 +260,32 @@ mod tests {
     }
 
     #[test]
+    fn pseudo_random_records_never_panic() {
+        // A small deterministic fuzz of the record and page decoders.
+        let mut batch = PageBatch::default();
+        batch.push(0x2000, &[9u8; PAGE]);
+        batch.push(0x3000, &[0u8; PAGE]);
+        let mut good = Vec::new();
+        batch.flush(&mut good).unwrap();
+        let mut x = 0x2545_f491_4f6c_dd1du64;
+        for _ in 0..3000 {
+            let mut blob = good.clone();
+            for _ in 0..(x % 8) {
+                x ^= x << 13;
+                x ^= x >> 7;
+                x ^= x << 17;
+                let at = (x as usize) % blob.len();
+                blob[at] = (x >> 40) as u8;
+            }
+            blob.truncate(blob.len() - (x % 3) as usize * 100);
+            let mut r = RecordReader::new(&blob[..]);
+            if let Ok((RecordType::Pages, payload, at)) = r.next() {
+                let _ = parse_pages(payload, at);
+            }
+        }
+    }
+
+    #[test]
     fn truncated_streams_are_link_errors_not_panics() {
         let mut out = Vec::new();
         write_record(&mut out, RecordType::Config, b"{}").unwrap();
