@@ -67,7 +67,8 @@ pub enum CtlCommand {
     Migrate {
         /// The destination.
         to: String,
-        /// Switch over when the rest is expected to take at most this long.
+        /// Switch over when the rest is expected to take at most this long
+        /// (0: only after --max-rounds).
         #[arg(long, default_value_t = 50)]
         downtime_ms: u64,
         /// Switch over after this many rounds regardless.

@@ -95,6 +95,22 @@ fn a_destination_that_dies_mid_stream_leaves_the_source_running_and_a_second_mig
     let seen = passes(&src.stdout()).len();
     src.wait_passes(seen, 2);
 
+    // A real destination killed (SIGKILL) in the middle of pre-copy: a
+    // zero downtime target keeps the rounds going until it dies.
+    let port = free_port();
+    let addr = format!("tcp:127.0.0.1:{port}");
+    let mut dest = destination(&addr, &dir.join("killed.sock"));
+    let started = ctl(&api, &["migrate", &addr, "--downtime-ms", "0", "--max-rounds", "1000"]);
+    assert_eq!(started["ok"], true);
+    let info = wait_rounds(&api, 3);
+    assert_eq!(info["migration"]["phase"], "precopy", "{info}");
+    assert!(info["migration"]["pages"].as_u64().unwrap() > 0, "{info}");
+    dest.kill();
+    let info = wait_phase(&api, "failed");
+    assert_eq!(info["state"], "running", "{info}");
+    let seen = passes(&src.stdout()).len();
+    src.wait_passes(seen, 2);
+
     // A destination that takes everything and dies before answering: the
     // source was paused waiting for the answer and resumes.
     let listener = TcpListener::bind("127.0.0.1:0").unwrap();
@@ -127,6 +143,19 @@ fn wait_phase(api: &Path, phase: &str) -> serde_json::Value {
         }
         assert!(start.elapsed().as_secs() < 300, "{info}");
         std::thread::sleep(std::time::Duration::from_millis(20));
+    }
+}
+
+/// Polls `info` until the migration has done `rounds` rounds.
+fn wait_rounds(api: &Path, rounds: u64) -> serde_json::Value {
+    let start = std::time::Instant::now();
+    loop {
+        let info = ctl(api, &["info"]);
+        if info["migration"]["rounds"].as_u64().unwrap_or(0) >= rounds {
+            return info;
+        }
+        assert!(start.elapsed().as_secs() < 300, "{info}");
+        std::thread::sleep(std::time::Duration::from_millis(5));
     }
 }
 

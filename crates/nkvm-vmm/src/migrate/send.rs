@@ -17,7 +17,8 @@ use crate::running::Running;
 /// How a migration converges.
 #[derive(Debug, Clone, Copy)]
 pub struct MigrateOptions {
-    /// Switch over once the rest is expected to take at most this long.
+    /// Switch over once the rest is expected to take at most this long
+    /// (zero: only after `max_rounds`).
     pub downtime: Duration,
     /// Switch over after this many rounds after the full copy regardless.
     pub max_rounds: u32,
@@ -167,7 +168,9 @@ impl Sender<'_> {
                 s.last_round_pages = sent;
                 s.expected_downtime_ms = expected * 1e3;
             });
-            if expected <= options.downtime.as_secs_f64() || round > options.max_rounds {
+            // A zero target never converges: only the round limit ends pre-copy.
+            let converged = !options.downtime.is_zero() && expected <= options.downtime.as_secs_f64();
+            if converged || round > options.max_rounds {
                 break;
             }
         }
