@@ -173,6 +173,11 @@ impl Sender<'_> {
             if converged || round > options.max_rounds {
                 break;
             }
+            if sent == 0 {
+                // Nothing dirty yet (only with a zero target): give the
+                // guest time to run rather than spinning on an empty log.
+                std::thread::sleep(Duration::from_millis(1));
+            }
         }
         self.switch_over(out, &mut dirty)
     }
