@@ -117,7 +117,9 @@ fn dispatch(line: &str, running: &Arc<Running>) -> Value {
 /// `nkvm ctl`: sends one request, prints the answer; with `wait`, for a
 /// migration, polls `info` until it ends (or the source process has).
 pub fn ctl(socket: &Path, request: Value, wait: bool) -> Result<std::process::ExitCode, Box<dyn std::error::Error>> {
-    let answer = ask(socket, &request)?;
+    let answer = ask(socket, &request).map_err(|e| {
+        format!("cannot reach an nkvm at {} (is `nkvm run --api-socket` running?): {e}", socket.display())
+    })?;
     println!("{answer}");
     if answer.get("ok") != Some(&Value::Bool(true)) {
         return Ok(std::process::ExitCode::from(1));

@@ -113,3 +113,54 @@ fn refuses_damaged_snapshots(dir: &std::path::Path, snap: &std::path::Path) {
     );
     damaged("no-vm-state", &|d| std::fs::remove_file(d.join("vm.state")).unwrap(), "vm.state: read failed");
 }
+
+#[test]
+fn the_api_answers_bad_requests_with_errors_and_ctl_fails_cleanly() {
+    use std::io::{BufRead, BufReader, Write};
+    let dir = scratch("api");
+    let img = image(&dir);
+    let api = dir.join("api.sock");
+    let mut vmm =
+        Vmm::run(&["--image", img.to_str().unwrap(), "--memory", "16M", "--api-socket", api.to_str().unwrap()]);
+    vmm.wait_passes(0, 1);
+    let conn = std::os::unix::net::UnixStream::connect(&api).unwrap();
+    let mut lines = BufReader::new(conn.try_clone().unwrap()).lines();
+    let mut ask = |request: &str| -> serde_json::Value {
+        writeln!(&conn, "{request}").unwrap();
+        serde_json::from_str(&lines.next().unwrap().unwrap()).unwrap()
+    };
+    for (request, expect) in [
+        ("hello", "not a JSON object"),
+        (r#"{"command":"reboot"}"#, "unknown command \"reboot\""),
+        (r#"{"command":"snapshot"}"#, "snapshot needs \"dir\""),
+        (r#"{"command":"snapshot","dir":"/proc/nkvm-snap"}"#, "/proc/nkvm-snap: creating the directory failed"),
+        (r#"{"command":"migrate","to":"ftp:x"}"#, "bad migration address \"ftp:x\""),
+        (r#"{"command":"migrate","to":"tcp:127.0.0.1:1"}"#, ""),
+    ] {
+        let answer = ask(request);
+        if expect.is_empty() {
+            continue;
+        }
+        assert_eq!(answer["ok"], false, "{request}: {answer}");
+        assert!(answer["error"].as_str().unwrap().contains(expect), "{request}: {answer}");
+    }
+    // The refused connection shows in `info`, and the guest runs on.
+    let start = std::time::Instant::now();
+    let info = loop {
+        let info = ask(r#"{"command":"info"}"#);
+        if info["migration"]["phase"] == "failed" || start.elapsed().as_secs() > 60 {
+            break info;
+        }
+        std::thread::sleep(std::time::Duration::from_millis(10));
+    };
+    assert!(info["migration"]["error"].as_str().unwrap().contains("cannot connect to tcp:127.0.0.1:1"), "{info}");
+    assert_eq!(info["state"], "running");
+    vmm.kill();
+
+    let out = pattern_guest::nkvm().args(["ctl", "--api-socket", "/nonexistent/nkvm.sock", "info"]).output().unwrap();
+    assert_eq!(out.status.code(), Some(2));
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(stderr.starts_with("nkvm: cannot reach an nkvm at /nonexistent/nkvm.sock"), "{stderr}");
+    assert_eq!(stderr.lines().count(), 1, "{stderr}");
+    let _ = std::fs::remove_dir_all(&dir);
+}
