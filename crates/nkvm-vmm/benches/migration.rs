@@ -36,7 +36,7 @@ fn main() {
     println!("{:<46} {:>9} {:>8} {:>16} {:>6} {:>8}", "guest", "snapshot", "restore", "migrate", "rounds", "MB sent");
     println!("{:<46} {:>9} {:>8} {:>16} {:>6} {:>8}", "", "ms", "ms", "ms (downtime)", "", "");
     figures(&dir, "idle, 512 MiB, 2 vCPUs", &spin, "512M", Probe::None);
-    for delay in [9, 0] {
+    for delay in [150, 40, 0] {
         let path = dir.join(format!("dirty-{delay}.bin"));
         std::fs::write(&path, dirtier(delay)).unwrap();
         figures(&dir, "dirtying, 512 MiB, 2 vCPUs", &path, "512M", Probe::Dots);
@@ -148,10 +148,13 @@ fn figures(dir: &Path, name: &str, image: &Path, memory: &str, probe: Probe) {
     let restore: Vec<f64> = (0..RUNS)
         .map(|_| {
             let mut r = Vmm::run(&["--restore", snap.to_str().unwrap()]);
-            r.wait_for("the restore line", |_, err| err.contains("restored"));
-            let line = r.stderr();
+            // The whole line: stderr is unbuffered, a line can arrive in pieces.
+            let restored = |err: &str| err.lines().find(|l| l.starts_with("nkvm: restored") && l.ends_with(" ms"));
+            r.wait_for("the restore line", |_, err| err.contains('\n') && restored(err).is_some());
+            let stderr = r.stderr();
             r.kill();
-            let ms = line.split(" in ").nth(1).and_then(|s| s.split(' ').next()).unwrap();
+            let line = restored(&stderr).unwrap();
+            let ms = line.rsplit(" in ").next().and_then(|s| s.split(' ').next()).unwrap();
             ms.parse().unwrap()
         })
         .collect();
