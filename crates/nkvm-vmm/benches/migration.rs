@@ -102,6 +102,11 @@ fn dirtier(delay: u32) -> Vec<u8> {
     a.assemble(0x10_0000).unwrap()
 }
 
+/// The `nkvm: restored DIR in N ms` line, once it is whole.
+fn restored(stderr: &str) -> Option<&str> {
+    stderr.lines().find(|l| l.starts_with("nkvm: restored") && l.ends_with(" ms"))
+}
+
 fn median(mut v: Vec<f64>) -> f64 {
     v.sort_by(|a, b| a.total_cmp(b));
     v[v.len() / 2]
@@ -149,7 +154,6 @@ fn figures(dir: &Path, name: &str, image: &Path, memory: &str, probe: Probe) {
         .map(|_| {
             let mut r = Vmm::run(&["--restore", snap.to_str().unwrap()]);
             // The whole line: stderr is unbuffered, a line can arrive in pieces.
-            let restored = |err: &str| err.lines().find(|l| l.starts_with("nkvm: restored") && l.ends_with(" ms"));
             r.wait_for("the restore line", |_, err| err.contains('\n') && restored(err).is_some());
             let stderr = r.stderr();
             r.kill();
