@@ -22,6 +22,8 @@ use nkvm_wire::apic::{DeliveryMode, DestinationMode, InterruptMessage, TriggerMo
 
 use crate::bus::{le_value, put_le_value, ApicBusSink, IoDevice};
 
+mod snapshot;
+
 /// Number of input pins.
 pub const IOAPIC_PINS: usize = 24;
 /// Size of the register region in bytes.

@@ -50,7 +50,9 @@ pub mod port92;
 pub mod power;
 pub mod serial;
 pub mod serve;
+pub mod snapshot;
 pub mod test_device;
 pub mod virtio;
 
 pub use bus::{ApicBusSink, BusError, IoBus, IoDevice, IrqLine};
+pub use snapshot::{Snapshot, SnapshotError};

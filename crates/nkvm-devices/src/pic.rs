@@ -22,6 +22,7 @@ use std::sync::{Arc, Mutex, MutexGuard};
 use crate::bus::{IoDevice, IrqLine};
 
 mod chip;
+mod snapshot;
 
 use chip::Chip;
 

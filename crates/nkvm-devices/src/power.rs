@@ -60,6 +60,8 @@ pub enum PowerEvent {
     },
 }
 
+mod snapshot;
+
 /// Send `event` to the VMM; a receiver that is gone is not an error (the
 /// VMM is already shutting down).
 pub(crate) fn report(events: &Sender<PowerEvent>, event: PowerEvent) {

@@ -13,6 +13,7 @@
 use std::convert::Infallible;
 use std::fmt;
 use std::io::Write;
+use std::sync::{Arc, Mutex};
 
 use vm_superio::serial::{Error as SuperioError, NoEvents};
 use vm_superio::Trigger;
@@ -40,21 +41,32 @@ pub const LSR_THR_EMPTY: u8 = 0x20;
 /// LSR bit: transmitter idle.
 pub const LSR_IDLE: u8 = 0x40;
 
-/// Adapts an [`IrqLine`] to vm-superio's interrupt trigger.
-struct IrqTrigger(Box<dyn IrqLine>);
+mod snapshot;
+
+/// Adapts an [`IrqLine`] to vm-superio's interrupt trigger; shared, so a
+/// UART rebuilt from saved state keeps the line.
+#[derive(Clone)]
+struct IrqTrigger(Arc<Mutex<Box<dyn IrqLine>>>);
 
 impl Trigger for IrqTrigger {
     type E = Infallible;
 
     fn trigger(&self) -> Result<(), Infallible> {
-        self.0.pulse();
+        self.0.lock().unwrap_or_else(|p| p.into_inner()).pulse();
         Ok(())
     }
 }
 
+/// vm-superio's UART, transmitting into a buffer the model drains into
+/// its output after each access (so the UART can be rebuilt from saved
+/// state without giving the output up).
+type Uart = vm_superio::Serial<IrqTrigger, NoEvents, Vec<u8>>;
+
 /// The 16550A UART; `W` receives the bytes the guest transmits.
 pub struct Serial<W: Write + Send> {
-    uart: vm_superio::Serial<IrqTrigger, NoEvents, W>,
+    uart: Uart,
+    irq: IrqTrigger,
+    out: W,
 }
 
 impl<W: Write + Send> fmt::Debug for Serial<W> {
@@ -67,7 +79,8 @@ impl<W: Write + Send> Serial<W> {
     /// A UART in its reset state, writing guest output to `out` and
     /// pulsing `irq` on each interrupt.
     pub fn new(irq: Box<dyn IrqLine>, out: W) -> Self {
-        Self { uart: vm_superio::Serial::new(IrqTrigger(irq), out) }
+        let irq = IrqTrigger(Arc::new(Mutex::new(irq)));
+        Self { uart: vm_superio::Serial::new(irq.clone(), Vec::new()), irq, out }
     }
 
     /// Queue bytes for the guest to read; returns how many fit in the
@@ -91,17 +104,30 @@ impl<W: Write + Send> Serial<W> {
 
     /// The output sink.
     pub fn output(&self) -> &W {
-        self.uart.writer()
+        &self.out
     }
 
     /// The output sink, mutably (e.g. to drain a buffer).
     pub fn output_mut(&mut self) -> &mut W {
-        self.uart.writer_mut()
+        &mut self.out
     }
 
     /// Consume the UART and return its output sink.
     pub fn into_output(self) -> W {
-        self.uart.into_writer()
+        self.out
+    }
+
+    /// Moves what the UART transmitted to the output; an output that
+    /// fails loses the bytes (the guest cannot be blocked).
+    fn drain(&mut self) {
+        let sent = self.uart.writer_mut();
+        if sent.is_empty() {
+            return;
+        }
+        if let Err(e) = self.out.write_all(sent).and_then(|()| self.out.flush()) {
+            log::debug!("serial: {} output bytes lost: {e}", sent.len());
+        }
+        sent.clear();
     }
 }
 
@@ -120,9 +146,9 @@ impl<W: Write + Send> IoDevice for Serial<W> {
         match (u8::try_from(offset), data) {
             (Ok(reg), [byte]) if offset < SERIAL_SIZE => {
                 if let Err(e) = self.uart.write(reg, *byte) {
-                    // The guest cannot be blocked: the byte is lost.
-                    log::debug!("serial: output byte lost: {e}");
+                    log::debug!("serial: write failed: {e}");
                 }
+                self.drain();
             }
             _ => log::debug!("serial: ignored write of {} bytes at {offset:#x}", data.len()),
         }

@@ -41,6 +41,8 @@ pub const MAX_LOG_ENTRIES: usize = 1 << 16;
 
 const SCRATCH_COUNT: usize = 4;
 
+mod snapshot;
+
 /// One access seen by the [`TestDevice`].
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Access {

@@ -29,6 +29,55 @@ pub enum Command {
     /// Run one device model in this process, serving an I/O-region socket
     /// (the other end of `attach_region`); see docs/wire-format.md.
     Device(DeviceArgs),
+    /// Drive a running nkvm through its --api-socket: pause, resume,
+    /// snapshot, migrate, info (one JSON answer on stdout).
+    Ctl(CtlArgs),
+}
+
+/// `nkvm ctl`.
+#[derive(Debug, Args, Clone)]
+pub struct CtlArgs {
+    /// The socket `nkvm run --api-socket` serves.
+    #[arg(long)]
+    pub api_socket: std::path::PathBuf,
+    /// What to do.
+    #[command(subcommand)]
+    pub command: CtlCommand,
+}
+
+/// `nkvm ctl` commands.
+#[derive(Debug, Subcommand, Clone)]
+pub enum CtlCommand {
+    /// State, configuration and migration progress (rounds, pages, MB/s,
+    /// expected downtime).
+    Info,
+    /// Pause every vCPU (each completes its current exit first).
+    Pause,
+    /// Resume the vCPUs.
+    Resume,
+    /// Write a snapshot directory (the guest pauses while it is written,
+    /// then runs on unless it was paused).
+    Snapshot {
+        /// The directory (created if needed).
+        dir: std::path::PathBuf,
+    },
+    /// Migrate the guest to an `nkvm run --incoming` there: tcp:HOST:PORT
+    /// or unix:PATH. The source ends when the destination runs the guest,
+    /// and runs on if the migration fails.
+    Migrate {
+        /// The destination.
+        to: String,
+        /// Switch over when the rest is expected to take at most this long
+        /// (0: only after --max-rounds).
+        #[arg(long, default_value_t = 50)]
+        downtime_ms: u64,
+        /// Switch over after this many rounds regardless.
+        #[arg(long, default_value_t = 30)]
+        max_rounds: u32,
+        /// Wait until the migration ends; exit 1 if it failed.
+        #[arg(long)]
+        wait: bool,
+    },
 }
 
 impl Default for Command {
@@ -105,6 +154,25 @@ pub struct RunArgs {
     /// the SIMD past SSE2, `cryptomgr.notests` (and says so on stderr).
     #[arg(long)]
     pub no_host_workarounds: bool,
+    /// Run this raw 64-bit image on the built-in guest's machine instead of
+    /// the built-in guest: loaded at 0x100000 and entered there in long
+    /// mode by every vCPU, its id in rdi and the vCPU count in rbp, stacks
+    /// 16 KiB apart below 0xf0000 (identity-mapped 1 GiB pages from 0).
+    #[arg(long, conflicts_with = "kernel")]
+    pub image: Option<std::path::PathBuf>,
+    /// Serve a JSON API on this Unix socket (`nkvm ctl`): pause, resume,
+    /// snapshot, migrate, info. The built-in machine only (no --kernel).
+    #[arg(long, conflicts_with = "kernel")]
+    pub api_socket: Option<std::path::PathBuf>,
+    /// Resume the snapshot in this directory (written by `nkvm ctl
+    /// snapshot`); its memory file is mapped copy-on-write, not copied.
+    /// --cpus and --memory come from the snapshot.
+    #[arg(long, conflicts_with_all = ["kernel", "image", "incoming"])]
+    pub restore: Option<std::path::PathBuf>,
+    /// Wait for a migration on tcp:HOST:PORT or unix:PATH and run the
+    /// guest it brings (its configuration travels in the stream).
+    #[arg(long, conflicts_with_all = ["kernel", "image"])]
+    pub incoming: Option<String>,
 }
 
 impl Default for RunArgs {
@@ -124,6 +192,10 @@ impl Default for RunArgs {
             cpu_vendor: None,
             hyperv: false,
             no_host_workarounds: false,
+            image: None,
+            api_socket: None,
+            restore: None,
+            incoming: None,
         }
     }
 }

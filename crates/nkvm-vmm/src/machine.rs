@@ -14,13 +14,13 @@ use nkvm::io::{IoRange, Ordering};
 use nkvm::{Exit, ExitStats, GuestAddress, Hypervisor, LineTracer, LongMode, RunState, Vcpu, Vm, VmConfig};
 use nkvm_devices::power::PowerEvent;
 use nkvm_devices::serial::Serial;
-use nkvm_devices::test_device::{TestDevice, TEST_DEVICE_SIZE};
 
 use crate::acpi::{self, PlatformRequest};
 use crate::builtin;
 use crate::cli::{DeviceModel, RunArgs};
 use crate::cmdline;
 use crate::console::{PanicWatch, WatchedConsole};
+use crate::control::Control;
 use crate::cpu_features;
 use crate::devices::{DeviceProcess, InProcess};
 use crate::ioapic;
@@ -86,7 +86,7 @@ pub const GUEST_FAILED: u8 = 4;
 
 /// How one vCPU thread ended.
 #[derive(Debug)]
-enum Outcome {
+pub(crate) enum Outcome {
     /// The guest asked to power off.
     PowerOff,
     /// The guest asked to reset (reboot): the VMM ends, as for power-off.
@@ -102,11 +102,12 @@ enum Outcome {
     TestExit(u8),
     /// The guest or KVM failed.
     Failed(String),
+    /// The guest moved to another nkvm (a migration completed).
+    Migrated(String),
 }
 
 /// What the vCPU threads share.
-#[derive(Default)]
-struct Shared {
+pub(crate) struct Shared {
     stop: AtomicBool,
     /// The console's escape key ended the guest.
     escaped: AtomicBool,
@@ -118,18 +119,43 @@ struct Shared {
     kickers: std::sync::Mutex<Vec<nkvm::Kicker>>,
     /// ACPI S3, on a machine that has it (the multiboot one).
     sleep: std::sync::OnceLock<Sleep>,
+    /// Pausing and resuming the vCPUs (the API socket, migration).
+    pub(crate) control: Control,
+    /// Set when the guest has moved away: where to.
+    migrated: Mutex<Option<String>>,
 }
 
 impl Shared {
+    /// State for `cpus` vCPUs.
+    pub(crate) fn new(cpus: u32) -> Self {
+        Self {
+            stop: AtomicBool::new(false),
+            escaped: AtomicBool::new(false),
+            reset: AtomicBool::new(false),
+            test_exit: Mutex::new(None),
+            kickers: Mutex::new(Vec::new()),
+            sleep: std::sync::OnceLock::new(),
+            control: Control::new(cpus),
+            migrated: Mutex::new(None),
+        }
+    }
+
     /// Stops every vCPU (they return `Outcome::Stopped`).
-    fn stop_all(&self) {
+    pub(crate) fn stop_all(&self) {
         self.stop.store(true, SeqCst);
+        self.control.stop();
         self.kick_all();
     }
 
-    /// Makes every vCPU leave the guest.
-    fn kick_all(&self) {
+    /// Kicks every vCPU out of the guest (to see a pause or a stop, or S3).
+    pub(crate) fn kick_all(&self) {
         self.kickers.lock().unwrap_or_else(|p| p.into_inner()).iter().for_each(nkvm::Kicker::kick);
+    }
+
+    /// The guest now runs elsewhere: stop here, and say where it went.
+    pub(crate) fn migrated(&self, to: &str) {
+        *self.migrated.lock().unwrap_or_else(|p| p.into_inner()) = Some(to.to_string());
+        self.stop_all();
     }
 }
 
@@ -137,7 +163,12 @@ impl Shared {
 /// a kvm-unit-tests image, or the built-in guest) and returns the process
 /// exit code.
 pub fn run(args: &RunArgs) -> Result<ExitCode, Box<dyn std::error::Error>> {
-    let Some(kernel) = &args.kernel else { return Ok(run_builtin(args)?) };
+    let Some(kernel) = &args.kernel else { return crate::builtin_machine::run(args) };
+    if args.api_socket.is_some() {
+        return Err("--api-socket serves the built-in machine (the built-in guest, --image, --restore, --incoming); \
+                    a --kernel machine cannot be snapshotted or migrated yet"
+            .into());
+    }
     let boot = if multiboot::is_multiboot(&kernel_head(kernel)?) {
         Boot::Multiboot
     } else {
@@ -194,7 +225,7 @@ fn run_kernel(args: &RunArgs, boot: &Boot) -> Result<ExitCode, MachineError> {
     let ioapic = ioapic::attach(&vm, acpi::IOAPIC_ADDR)?;
     let pm1a_evt = IoRange::pio(acpi::PM1A_EVT, u16::from(acpi::PM1A_EVT_LEN));
     vm.attach_handler(pm1a_evt, Box::new(InProcess(acpi::Pm1Event::default())))?;
-    let shared = Arc::new(Shared::default());
+    let shared = Arc::new(Shared::new(args.cpus));
     let mut cpuid = hv.supported_cpuid()?;
     // Device processes end when this drops, after the vCPUs.
     let mut processes = Vec::new();
@@ -383,55 +414,8 @@ fn power_events(shared: &Arc<Shared>) -> Result<mpsc::Sender<PowerEvent>, Machin
     Ok(tx)
 }
 
-fn run_builtin(args: &RunArgs) -> Result<ExitCode, MachineError> {
-    let hv = Hypervisor::open()?;
-    let vm = Arc::new(Vm::new(&hv, &VmConfig { vcpus: args.cpus, memory: args.memory, ..Default::default() })?);
-    let code = builtin::assemble().map_err(|e| MachineError::Assemble(e.to_string()))?;
-    vm.write_memory(GuestAddress(builtin::ENTRY), &code)?;
-    let long_mode = LongMode::install(&vm.memory(), GuestAddress(builtin::TABLES))?;
-
-    // The same models either in this process or each in its own.
-    let com1 = IoRange::pio(builtin::COM1, 8);
-    let test = IoRange::mmio(builtin::TEST_DEVICE, TEST_DEVICE_SIZE);
-    let _processes = if args.device_process {
-        vec![
-            DeviceProcess::attach(&vm, DeviceModel::Serial, com1, Ordering::Sync)?,
-            DeviceProcess::attach(&vm, DeviceModel::Test, test, Ordering::Sync)?,
-        ]
-    } else {
-        let serial = Serial::new(Box::new(|_level: bool| {}), io::stdout());
-        vm.attach_handler(com1, Box::new(InProcess(serial)))?;
-        vm.attach_handler(test, Box::new(InProcess(TestDevice::new())))?;
-        Vec::new()
-    };
-    let shared = Arc::new(Shared::default());
-
-    let stats = ExitStats::new();
-    let mut vcpus = Vec::new();
-    for id in 0..args.cpus {
-        let mut vcpu = vm.create_vcpu(id)?;
-        vcpu.set_cpuid(&hv.supported_cpuid()?)?;
-        let stack = builtin::STACK_TOP - 0x4000 * u64::from(id);
-        vcpu.set_long_mode(&long_mode, GuestAddress(builtin::ENTRY), GuestAddress(stack))?;
-        let mut regs = vcpu.regs()?;
-        regs.rdi = u64::from(id);
-        regs.rbp = u64::from(args.cpus);
-        vcpu.set_regs(&regs)?;
-        if args.trace {
-            vcpu.add_tracer(Box::new(LineTracer::new(io::stderr())));
-        }
-        if args.stats {
-            vcpu.add_tracer(stats.tracer());
-        }
-        vcpus.push(vcpu);
-    }
-
-    let outcome = run_vcpus(vcpus, &vm, &shared)?;
-    finish(args, &stats, outcome)
-}
-
 /// Prints the statistics and turns the outcome into the exit code.
-fn finish(args: &RunArgs, stats: &ExitStats, outcome: Outcome) -> Result<ExitCode, MachineError> {
+pub(crate) fn finish(args: &RunArgs, stats: &ExitStats, outcome: Outcome) -> Result<ExitCode, MachineError> {
     if args.stats {
         eprint!("{}", stats.render());
     }
@@ -447,6 +431,10 @@ fn finish(args: &RunArgs, stats: &ExitStats, outcome: Outcome) -> Result<ExitCod
             ExitCode::SUCCESS
         }
         Outcome::TestExit(status) => ExitCode::from(status),
+        Outcome::Migrated(to) => {
+            eprintln!("nkvm: the guest migrated to {to}; this process ends");
+            ExitCode::SUCCESS
+        }
         Outcome::Failed(why) => {
             eprintln!("nkvm: guest stopped: {why}");
             ExitCode::from(GUEST_FAILED)
@@ -460,7 +448,7 @@ fn finish(args: &RunArgs, stats: &ExitStats, outcome: Outcome) -> Result<ExitCod
 
 /// Runs every vCPU on its own thread until one powers off or fails (then
 /// kicks the others out) or all have halted. Returns the deciding outcome.
-fn run_vcpus(vcpus: Vec<Vcpu>, vm: &Arc<Vm>, shared: &Arc<Shared>) -> Result<Outcome, MachineError> {
+pub(crate) fn run_vcpus(vcpus: Vec<Vcpu>, vm: &Arc<Vm>, shared: &Arc<Shared>) -> Result<Outcome, MachineError> {
     let kickers: Vec<_> = vcpus.iter().map(Vcpu::kicker).collect();
     *shared.kickers.lock().unwrap_or_else(|p| p.into_inner()) = kickers.clone();
     let (tx, rx) = mpsc::channel();
@@ -472,7 +460,9 @@ fn run_vcpus(vcpus: Vec<Vcpu>, vm: &Arc<Vm>, shared: &Arc<Shared>) -> Result<Out
         let handle = thread::Builder::new()
             .name(format!("vcpu{}", vcpu.id()))
             .spawn(move || {
+                let id = vcpu.id();
                 let outcome = vcpu_loop(vcpu, &vm, &shared);
+                shared.control.gone(id);
                 let _ = tx.send(outcome);
             })
             .map_err(MachineError::Thread)?;
@@ -495,18 +485,44 @@ fn run_vcpus(vcpus: Vec<Vcpu>, vm: &Arc<Vm>, shared: &Arc<Shared>) -> Result<Out
     for h in handles {
         let _ = h.join();
     }
+    if let Some(to) = shared.migrated.lock().unwrap_or_else(|p| p.into_inner()).take() {
+        return Ok(Outcome::Migrated(to));
+    }
     Ok(decided.unwrap_or(Outcome::Halted))
 }
 
 fn vcpu_loop(mut vcpu: Vcpu, vm: &Vm, shared: &Shared) -> Outcome {
     let mut run = RunState::new();
+    // An exit that saving the state for a pause ran into (a string I/O
+    // instruction's next element): handled before entering again.
+    let mut pending = None;
     loop {
         if shared.stop.load(SeqCst) {
             return Outcome::Stopped;
         }
-        let exit = match vcpu.enter_guest(&mut run) {
-            Ok(exit) => exit,
-            Err(e) => return Outcome::Failed(e.to_string()),
+        if pending.is_none() && shared.control.pause_wanted() {
+            match vcpu.save_state(&mut run) {
+                Ok(state) => {
+                    if !shared.control.park(vcpu.id(), Ok(state)) {
+                        return Outcome::Stopped;
+                    }
+                    continue;
+                }
+                Err(nkvm::state::StateError::NotSettled { exit, .. }) => pending = Some(exit),
+                Err(e) => {
+                    if !shared.control.park(vcpu.id(), Err(e.to_string())) {
+                        return Outcome::Stopped;
+                    }
+                    continue;
+                }
+            }
+        }
+        let exit = match pending.take() {
+            Some(exit) => exit,
+            None => match vcpu.enter_guest(&mut run) {
+                Ok(exit) => exit,
+                Err(e) => return Outcome::Failed(e.to_string()),
+            },
         };
         match exit {
             Exit::IoOut { port, size, data } => match acpi::port_write(port, size, data) {

@@ -5,12 +5,15 @@
 //! powers the machine off.
 
 mod acpi;
+mod api;
 mod builtin;
+mod builtin_machine;
 mod bus_process;
 mod caps;
 mod cli;
 mod cmdline;
 mod console;
+mod control;
 mod cpu_features;
 mod device;
 mod devices;
@@ -21,12 +24,15 @@ mod kernel_image;
 mod linux;
 mod logger;
 mod machine;
+mod migrate;
 mod multiboot;
 mod pci_devices;
 mod pic_process;
+mod running;
 mod sandbox;
 mod size;
 mod sleep;
+mod snapshot;
 mod terminal;
 mod testdev;
 mod virtio_process;
@@ -37,6 +43,25 @@ use clap::Parser;
 
 use crate::cli::{Cli, Command};
 
+/// `nkvm ctl`: one request on the API socket.
+fn ctl(args: &cli::CtlArgs) -> Result<ExitCode, Box<dyn std::error::Error>> {
+    use cli::CtlCommand;
+    use serde_json::json;
+    let (request, wait) = match &args.command {
+        CtlCommand::Info => (json!({ "command": "info" }), false),
+        CtlCommand::Pause => (json!({ "command": "pause" }), false),
+        CtlCommand::Resume => (json!({ "command": "resume" }), false),
+        CtlCommand::Snapshot { dir } => {
+            let dir = std::path::absolute(dir)?;
+            (json!({ "command": "snapshot", "dir": dir }), false)
+        }
+        CtlCommand::Migrate { to, downtime_ms, max_rounds, wait } => {
+            (json!({ "command": "migrate", "to": to, "downtime_ms": downtime_ms, "max_rounds": max_rounds }), *wait)
+        }
+    };
+    api::ctl(&args.api_socket, request, wait)
+}
+
 fn main() -> ExitCode {
     let cli = Cli::parse();
     logger::init();
@@ -44,6 +69,7 @@ fn main() -> ExitCode {
         Command::Run(args) => machine::run(&args),
         Command::Caps(args) => caps::print(&args),
         Command::Device(args) => device::run(&args),
+        Command::Ctl(args) => ctl(&args),
     };
     match result {
         Ok(code) => code,

@@ -184,6 +184,39 @@ impl Backing {
         Ok(Self { inner: Arc::new(BackingInner { id, name: name.to_string(), map }) })
     }
 
+    /// Maps a file copy-on-write, for example a snapshot's memory file: the
+    /// guest sees its bytes, and its writes stay in this process (the file
+    /// is never changed, so the snapshot can be restored again). Nothing is
+    /// copied up front: a page is read from the file when first touched, so
+    /// the cost does not grow with `size`. The file is shorter than `size`:
+    /// touching past its end faults, so check its length first.
+    ///
+    /// [`file`](Self::file) is then the original file, which does not see
+    /// the guest's writes: do not hand it to a device process.
+    pub fn from_file_private(name: &str, file: File, size: u64) -> Result<Self, MemoryError> {
+        let len = usize::try_from(size).map_err(|_| MemoryError::BadSize(size))?;
+        if size == 0 || size % PAGE_SIZE != 0 {
+            return Err(MemoryError::BadSize(size));
+        }
+        let map = SharedMapping::map_private(file, len).map_err(|source| MemoryError::Create {
+            name: name.to_string(),
+            size,
+            source,
+        })?;
+        let id = NEXT_BACKING_ID.fetch_add(1, Ordering::Relaxed);
+        Ok(Self { inner: Arc::new(BackingInner { id, name: name.to_string(), map }) })
+    }
+
+    /// The byte ranges `[start, end)` of the object that may hold non-zero
+    /// data, ascending; everything outside them reads as zero. For a memfd
+    /// these are the pages ever written (`SEEK_DATA`/`SEEK_HOLE`), so a
+    /// snapshot or a migration's first copy costs what the guest used,
+    /// not its size; for a copy-on-write mapping
+    /// ([`from_file_private`](Self::from_file_private)) it is the whole object.
+    pub fn data_ranges(&self) -> Vec<(u64, u64)> {
+        self.inner.map.data_ranges()
+    }
+
     /// A process-unique id (stable for the life of the object).
     pub fn id(&self) -> u64 {
         self.inner.id
@@ -461,6 +494,26 @@ impl MemoryMap {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn data_ranges_skip_what_was_never_written_and_a_private_map_is_whole() {
+        let b = Backing::new("t", 64 << 20).unwrap();
+        assert!(b.data_ranges().is_empty());
+        b.write_at(0x5000, &[1]).unwrap();
+        b.write_at(40 << 20, &[2]).unwrap();
+        let ranges = b.data_ranges();
+        assert!(ranges.iter().any(|&(s, e)| s <= 0x5000 && 0x5000 < e), "{ranges:x?}");
+        assert!(ranges.iter().any(|&(s, e)| s <= 40 << 20 && 40 << 20 < e), "{ranges:x?}");
+        assert!(ranges.iter().map(|(s, e)| e - s).sum::<u64>() < 8 << 20, "{ranges:x?}");
+        let private = Backing::from_file_private("p", b.file().try_clone().unwrap(), 64 << 20).unwrap();
+        assert_eq!(private.data_ranges(), [(0, 64 << 20)]);
+        let mut byte = [0u8];
+        private.read_at(40 << 20, &mut byte).unwrap();
+        assert_eq!(byte, [2]);
+        private.write_at(40 << 20, &[3]).unwrap();
+        b.read_at(40 << 20, &mut byte).unwrap();
+        assert_eq!(byte, [2], "a private mapping's writes stay out of the file");
+    }
 
     #[test]
     fn overlapping_regions_are_named() {

@@ -130,6 +130,8 @@ pub enum ConfigError {
     },
 }
 
+mod snapshot;
+
 /// The configuration space of one function.
 #[derive(Clone)]
 pub struct ConfigSpace {

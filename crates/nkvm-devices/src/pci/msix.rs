@@ -44,6 +44,8 @@ pub trait MsiSink: Send {
     fn route(&mut self, vector: u16, message: Option<MsiMessage>);
 }
 
+mod snapshot;
+
 /// A table entry as the guest sees it.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 struct Entry {

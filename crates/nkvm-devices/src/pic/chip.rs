@@ -3,6 +3,7 @@
 //! port windows are in the parent module.
 
 use super::CASCADE_IRQ;
+use crate::snapshot::{SnapshotError, StateReader, StateWriter};
 
 /// Where a chip is in its ICW1-ICW4 initialisation sequence.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
@@ -41,6 +42,66 @@ pub(super) struct Chip {
 }
 
 impl Chip {
+    /// Writes every field, for the PIC's snapshot.
+    pub(super) fn save(&self, out: &mut StateWriter) {
+        for b in [self.irr, self.isr, self.imr, self.lines, self.elcr, self.vector_base, self.top_priority] {
+            out.u8(b);
+        }
+        out.u8(self.init as u8);
+        for f in [
+            self.all_level,
+            self.needs_icw4,
+            self.single,
+            self.auto_eoi,
+            self.rotate_on_auto_eoi,
+            self.special_mask,
+            self.special_fully_nested,
+            self.read_isr,
+            self.poll,
+        ] {
+            out.bool(f);
+        }
+    }
+
+    /// Reads what [`save`](Self::save) wrote, for the chip `is_master` says.
+    pub(super) fn load(is_master: bool, input: &mut StateReader<'_>) -> Result<Self, SnapshotError> {
+        let (irr, isr, imr, lines) = (input.u8("IRR")?, input.u8("ISR")?, input.u8("IMR")?, input.u8("lines")?);
+        let (elcr, vector_base) = (input.u8("ELCR")?, input.u8("vector base")?);
+        let at = input.offset();
+        let top_priority = input.u8("top priority")?;
+        if top_priority > 7 {
+            return Err(input.invalid("top priority", top_priority.into(), at, "an input 0-7"));
+        }
+        let at = input.offset();
+        let init = match input.u8("init step")? {
+            0 => Init::Ready,
+            1 => Init::Icw2,
+            2 => Init::Icw3,
+            3 => Init::Icw4,
+            v => return Err(input.invalid("init step", v.into(), at, "0-3 (ready, ICW2, ICW3, ICW4)")),
+        };
+        Ok(Self {
+            is_master,
+            irr,
+            isr,
+            imr,
+            lines,
+            elcr,
+            vector_base,
+            top_priority,
+            init,
+            all_level: input.bool("LTIM")?,
+            needs_icw4: input.bool("IC4")?,
+            single: input.bool("SNGL")?,
+            auto_eoi: input.bool("AEOI")?,
+            rotate_on_auto_eoi: input.bool("rotate on AEOI")?,
+            special_mask: input.bool("special mask")?,
+            special_fully_nested: input.bool("SFNM")?,
+            read_isr: input.bool("read ISR")?,
+            poll: input.bool("poll")?,
+        })
+    }
+
     pub(super) fn new(is_master: bool) -> Self {
         Self { is_master, ..Self::default() }
     }

@@ -14,6 +14,8 @@ pub(crate) struct SharedMapping {
     file: File,
     ptr: NonNull<u8>,
     len: usize,
+    /// `MAP_PRIVATE`: the file does not see writes through the mapping.
+    private: bool,
 }
 
 // SAFETY: the mapping is plain shared memory owned by this value until drop;
@@ -41,17 +43,29 @@ impl SharedMapping {
 
     /// Maps an existing memory file (for example a memfd received from the VMM).
     pub(crate) fn map(file: File, len: usize) -> io::Result<Self> {
+        Self::map_with(file, len, libc::MAP_SHARED)
+    }
+
+    /// Maps a file copy-on-write (`MAP_PRIVATE`): reads see the file, writes
+    /// stay in this process and never reach the file. Pages are read from
+    /// the file when first touched, so the cost does not grow with `len`.
+    pub(crate) fn map_private(file: File, len: usize) -> io::Result<Self> {
+        Self::map_with(file, len, libc::MAP_PRIVATE)
+    }
+
+    fn map_with(file: File, len: usize, kind: libc::c_int) -> io::Result<Self> {
         if len == 0 {
             return Err(io::Error::from(io::ErrorKind::InvalidInput));
         }
-        // SAFETY: we ask for a fresh shared mapping of `len` bytes of `file`; the
-        // kernel picks the address and checks the fd. The result is checked below.
+        // SAFETY: we ask for a fresh shared or private mapping of `len` bytes of
+        // `file`; the kernel picks the address and checks the fd. The result is
+        // checked below.
         let ptr = unsafe {
             libc::mmap(
                 std::ptr::null_mut(),
                 len,
                 libc::PROT_READ | libc::PROT_WRITE,
-                libc::MAP_SHARED | libc::MAP_NORESERVE,
+                kind | libc::MAP_NORESERVE,
                 file.as_raw_fd(),
                 0,
             )
@@ -60,7 +74,46 @@ impl SharedMapping {
             return Err(io::Error::last_os_error());
         }
         let ptr = NonNull::new(ptr.cast::<u8>()).ok_or_else(io::Error::last_os_error)?;
-        Ok(Self { file, ptr, len })
+        Ok(Self { file, ptr, len, private: kind == libc::MAP_PRIVATE })
+    }
+
+    /// The byte ranges `[start, end)` of the mapping that may hold data,
+    /// ascending; the rest is holes, which read as zero. Found with
+    /// `lseek(SEEK_DATA/SEEK_HOLE)` on a shared mapping's file; a private
+    /// mapping (whose writes the file does not see), or a file system
+    /// without hole support, is one range.
+    pub(crate) fn data_ranges(&self) -> Vec<(u64, u64)> {
+        let len = self.len as u64;
+        let whole = vec![(0, len)];
+        if self.private {
+            return whole;
+        }
+        let fd = self.file.as_raw_fd();
+        let seek = |offset: u64, whence| {
+            // SAFETY: lseek only reads the fd (owned by `self.file`, open for
+            // the call) and moves its offset, which nothing else here uses
+            // (every read and write goes through the mapping).
+            let r = unsafe { libc::lseek(fd, offset as libc::off_t, whence) };
+            u64::try_from(r).ok()
+        };
+        let mut ranges = Vec::new();
+        let mut at = 0;
+        while at < len {
+            let Some(start) = seek(at, libc::SEEK_DATA) else {
+                // ENXIO: no data past `at`. Anything else: no hole support.
+                if io::Error::last_os_error().raw_os_error() == Some(libc::ENXIO) {
+                    break;
+                }
+                return whole;
+            };
+            let Some(end) = seek(start, libc::SEEK_HOLE) else { return whole };
+            if start >= len {
+                break;
+            }
+            ranges.push((start, end.min(len)));
+            at = end;
+        }
+        ranges
     }
 
     pub(crate) fn file(&self) -> &File {

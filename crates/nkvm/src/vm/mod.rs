@@ -49,6 +49,14 @@ pub enum VmError {
         /// The VM's vCPU count.
         count: u32,
     },
+    /// The RAM object given to [`Vm::with_ram`] is not `config.memory` long.
+    #[error("the RAM object is {ram} bytes but the configuration says {memory}")]
+    RamSize {
+        /// The object's size.
+        ram: u64,
+        /// `config.memory`.
+        memory: u64,
+    },
     /// The config needs a capability the host lacks.
     #[error("this VM needs {0}, which this host's KVM does not offer")]
     MissingCapability(&'static str),
@@ -175,9 +183,22 @@ impl fmt::Debug for Vm {
 impl Vm {
     /// Creates a VM with `config.memory` bytes of RAM and room for `config.vcpus` vCPUs.
     pub fn new(hv: &Hypervisor, config: &VmConfig) -> Result<Self, VmError> {
+        if config.vcpus == 0 {
+            return Err(VmError::NoVcpus);
+        }
+        Self::with_ram(hv, config, Backing::new("nkvm-ram", config.memory)?)
+    }
+
+    /// Creates a VM whose RAM is `ram` (of `config.memory` bytes) instead of
+    /// a new zero-filled object: for example a snapshot's memory file mapped
+    /// with [`Backing::from_file_private`], so a restore copies nothing.
+    pub fn with_ram(hv: &Hypervisor, config: &VmConfig, ram: Backing) -> Result<Self, VmError> {
         let caps = hv.capabilities();
         if config.vcpus == 0 {
             return Err(VmError::NoVcpus);
+        }
+        if ram.len() != config.memory {
+            return Err(VmError::RamSize { ram: ram.len(), memory: config.memory });
         }
         if config.vcpus > caps.max_vcpus {
             return Err(VmError::TooManyVcpus { requested: config.vcpus, max: caps.max_vcpus });
@@ -185,7 +206,6 @@ impl Vm {
         if config.split_irqchip && !caps.split_irqchip {
             return Err(VmError::MissingCapability("a split irqchip (KVM_CAP_SPLIT_IRQCHIP)"));
         }
-        let ram = Backing::new("nkvm-ram", config.memory)?;
         let saveable_msrs =
             hv.saveable_msrs().map_err(|source| VmError::Kvm { op: "KVM_GET_MSR_INDEX_LIST", source })?.into();
         let fd = hv.kvm.create_vm().map_err(|source| VmError::Kvm { op: "KVM_CREATE_VM", source })?;

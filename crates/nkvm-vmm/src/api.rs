@@ -1,0 +1,160 @@
+//! The API socket (`nkvm run --api-socket PATH`): one JSON object per
+//! line in, one per line out (`docs/migration.md`, "API"). Commands:
+//! `info`, `pause`, `resume`, `snapshot` (`dir`), `migrate` (`to`,
+//! optional `downtime_ms`, `max_rounds`).
+
+use std::io::{self, BufRead, BufReader, Write};
+use std::os::unix::net::{UnixListener, UnixStream};
+use std::path::Path;
+use std::sync::Arc;
+use std::time::Duration;
+
+use serde_json::{json, Value};
+
+use crate::migrate::send::{self, MigrateOptions};
+use crate::running::{Running, RunningError};
+
+/// Serves `path` on a thread of its own for as long as the process lives.
+pub fn serve(path: &Path, running: Arc<Running>) -> io::Result<()> {
+    let _ = std::fs::remove_file(path);
+    let listener = UnixListener::bind(path)?;
+    std::thread::Builder::new().name("api".into()).spawn(move || {
+        for conn in listener.incoming().flatten() {
+            let running = running.clone();
+            let spawned = std::thread::Builder::new().name("api-conn".into()).spawn(move || {
+                if let Err(e) = handle(conn, &running) {
+                    log::debug!("api connection: {e}");
+                }
+            });
+            if let Err(e) = spawned {
+                log::warn!("api: cannot serve a connection: {e}");
+            }
+        }
+    })?;
+    Ok(())
+}
+
+fn handle(conn: UnixStream, running: &Arc<Running>) -> io::Result<()> {
+    let mut out = conn.try_clone()?;
+    for line in BufReader::new(conn).lines() {
+        let line = line?;
+        if line.trim().is_empty() {
+            continue;
+        }
+        let answer = dispatch(&line, running);
+        writeln!(out, "{answer}")?;
+    }
+    Ok(())
+}
+
+fn error(msg: impl std::fmt::Display) -> Value {
+    json!({ "ok": false, "error": msg.to_string() })
+}
+
+fn chain(e: &dyn std::error::Error) -> String {
+    let mut msg = e.to_string();
+    let mut source = e.source();
+    while let Some(s) = source {
+        msg.push_str(&format!(": {s}"));
+        source = s.source();
+    }
+    msg
+}
+
+/// Runs one request, returns the answer.
+fn dispatch(line: &str, running: &Arc<Running>) -> Value {
+    let request: Value = match serde_json::from_str(line) {
+        Ok(v) => v,
+        Err(e) => return error(format!("not a JSON object: {e}")),
+    };
+    let command = request.get("command").and_then(Value::as_str).unwrap_or("");
+    let busy = || error(RunningError::Migrating);
+    match command {
+        "info" => {
+            let mut info = running.info();
+            info["ok"] = Value::Bool(true);
+            info
+        }
+        "pause" if running.migrating() => busy(),
+        "pause" => match running.pause() {
+            Ok(_) => json!({ "ok": true }),
+            Err(e) => error(chain(&e)),
+        },
+        "resume" if running.migrating() => busy(),
+        "resume" => {
+            running.resume();
+            json!({ "ok": true })
+        }
+        "snapshot" => {
+            let Some(dir) = request.get("dir").and_then(Value::as_str) else {
+                return error("snapshot needs \"dir\"");
+            };
+            match running.snapshot(Path::new(dir)) {
+                Ok(paused) => json!({ "ok": true, "paused_ms": paused.as_secs_f64() * 1e3 }),
+                Err(e) => error(chain(&e)),
+            }
+        }
+        "migrate" => {
+            let Some(to) = request.get("to").and_then(Value::as_str) else {
+                return error("migrate needs \"to\": tcp:HOST:PORT or unix:PATH");
+            };
+            let mut options = MigrateOptions::default();
+            if let Some(ms) = request.get("downtime_ms").and_then(Value::as_u64) {
+                options.downtime = Duration::from_millis(ms);
+            }
+            if let Some(n) = request.get("max_rounds").and_then(Value::as_u64) {
+                options.max_rounds = n.min(1000) as u32;
+            }
+            match to.parse().and_then(|to| send::start(running.clone(), to, options)) {
+                Ok(()) => json!({ "ok": true }),
+                Err(e) => error(chain(&e)),
+            }
+        }
+        other => error(format!("unknown command {other:?}; commands: info, pause, resume, snapshot, migrate")),
+    }
+}
+
+/// `nkvm ctl`: sends one request, prints the answer; with `wait`, for a
+/// migration, polls `info` until it ends (or the source process has).
+pub fn ctl(socket: &Path, request: Value, wait: bool) -> Result<std::process::ExitCode, Box<dyn std::error::Error>> {
+    let answer = ask(socket, &request).map_err(|e| {
+        format!("cannot reach an nkvm at {} (is `nkvm run --api-socket` running?): {e}", socket.display())
+    })?;
+    println!("{answer}");
+    if answer.get("ok") != Some(&Value::Bool(true)) {
+        return Ok(std::process::ExitCode::from(1));
+    }
+    if !wait {
+        return Ok(std::process::ExitCode::SUCCESS);
+    }
+    loop {
+        std::thread::sleep(Duration::from_millis(20));
+        let Ok(info) = ask(socket, &json!({ "command": "info" })) else {
+            // The source ends right after the destination took the guest.
+            println!("{}", json!({ "ok": true, "phase": "done", "note": "the source process has ended" }));
+            return Ok(std::process::ExitCode::SUCCESS);
+        };
+        match info["migration"]["phase"].as_str() {
+            Some("done") => {
+                println!("{info}");
+                return Ok(std::process::ExitCode::SUCCESS);
+            }
+            Some("failed") => {
+                println!("{info}");
+                return Ok(std::process::ExitCode::from(1));
+            }
+            _ => {}
+        }
+    }
+}
+
+fn ask(socket: &Path, request: &Value) -> io::Result<Value> {
+    let mut conn = UnixStream::connect(socket)?;
+    writeln!(conn, "{request}")?;
+    let mut line = String::new();
+    BufReader::new(conn).read_line(&mut line)?;
+    if line.is_empty() {
+        return Err(io::Error::new(io::ErrorKind::UnexpectedEof, "the VMM closed the API socket"));
+    }
+    serde_json::from_str(&line).map_err(io::Error::other)
+}

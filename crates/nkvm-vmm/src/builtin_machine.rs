@@ -1,0 +1,279 @@
+//! The built-in guest's machine: RAM, the 16550 on 0x3f8, the test device,
+//! the ACPI power-off port; no irqchip. It runs the built-in guest, a raw
+//! `--image`, a snapshot (`--restore`) or a migrated guest (`--incoming`),
+//! and it is the machine that snapshots and migrates.
+
+use std::io;
+use std::process::ExitCode;
+use std::sync::{Arc, Mutex};
+use std::time::Instant;
+
+use nkvm::io::{IoHandler, IoRange, Ordering};
+use nkvm::{ExitStats, GuestAddress, Hypervisor, LineTracer, LongMode, Vm, VmConfig};
+use nkvm_devices::serial::Serial;
+use nkvm_devices::test_device::{TestDevice, TEST_DEVICE_SIZE};
+use nkvm_devices::{IoDevice, Snapshot};
+
+use crate::builtin;
+use crate::cli::{DeviceModel, RunArgs};
+use crate::devices::DeviceProcess;
+use crate::machine::{self, MachineError, Shared};
+use crate::migrate::receive;
+use crate::running::Running;
+use crate::snapshot::{self, DecodedState, MachineConfig};
+
+/// Why a saved machine could not be brought back.
+#[derive(Debug, thiserror::Error)]
+pub enum RestoreError {
+    /// The snapshot or stream was refused.
+    #[error(transparent)]
+    Snapshot(#[from] snapshot::SnapshotError),
+    /// A device's state was refused.
+    #[error("device {name}: bad state")]
+    Device {
+        /// The device.
+        name: String,
+        /// What is wrong.
+        #[source]
+        source: nkvm_devices::SnapshotError,
+    },
+    /// The saved machine has a device this machine lacks, or lacks one it has.
+    #[error("the saved machine's devices are {found:?}; this machine has {expected:?}")]
+    DeviceSet {
+        /// Names in the saved state.
+        found: Vec<String>,
+        /// Names here.
+        expected: Vec<&'static str>,
+    },
+    /// KVM refused the VM or a vCPU state.
+    #[error(transparent)]
+    State(#[from] nkvm::state::StateError),
+    /// Reading the image failed.
+    #[error("cannot read the guest image {path}")]
+    Image {
+        /// The file.
+        path: String,
+        /// The OS error.
+        #[source]
+        source: io::Error,
+    },
+    /// Setting the machine up failed.
+    #[error(transparent)]
+    Machine(#[from] MachineError),
+    /// Receiving a migration failed.
+    #[error(transparent)]
+    Incoming(#[from] crate::migrate::MigrateError),
+    /// The API socket could not be served.
+    #[error("cannot serve the API socket {path}")]
+    Api {
+        /// The socket path.
+        path: String,
+        /// The OS error.
+        #[source]
+        source: io::Error,
+    },
+}
+
+/// An nkvm-devices model shared between its I/O region and the VMM (which
+/// saves and restores it).
+struct SharedDevice<D>(Arc<Mutex<D>>);
+
+impl<D: IoDevice + Send> IoHandler for SharedDevice<D> {
+    fn read(&mut self, offset: u64, data: &mut [u8]) {
+        self.0.lock().unwrap_or_else(|p| p.into_inner()).read(offset, data);
+    }
+
+    fn write(&mut self, offset: u64, data: &[u8]) {
+        self.0.lock().unwrap_or_else(|p| p.into_inner()).write(offset, data);
+    }
+}
+
+/// The machine's device models whose state is saved.
+pub struct Devices {
+    serial: Arc<Mutex<Serial<io::Stdout>>>,
+    test: Arc<Mutex<TestDevice>>,
+}
+
+impl std::fmt::Debug for Devices {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Devices").finish_non_exhaustive()
+    }
+}
+
+/// The saved devices' names, as snapshots and streams hold them.
+const DEVICE_NAMES: [&str; 2] = ["serial", "test-device"];
+
+impl Devices {
+    /// Attaches fresh models to `vm`.
+    pub fn attach(vm: &Vm) -> Result<Self, MachineError> {
+        let serial = Arc::new(Mutex::new(Serial::new(Box::new(|_level: bool| {}), io::stdout())));
+        let test = Arc::new(Mutex::new(TestDevice::new()));
+        vm.attach_handler(IoRange::pio(builtin::COM1, 8), Box::new(SharedDevice(serial.clone())))?;
+        vm.attach_handler(IoRange::mmio(builtin::TEST_DEVICE, TEST_DEVICE_SIZE), Box::new(SharedDevice(test.clone())))?;
+        Ok(Self { serial, test })
+    }
+
+    /// Every model's state blob, by name.
+    pub fn snapshot(&self) -> Vec<(String, Vec<u8>)> {
+        let serial = self.serial.lock().unwrap_or_else(|p| p.into_inner()).snapshot();
+        let test = self.test.lock().unwrap_or_else(|p| p.into_inner()).snapshot();
+        vec![(DEVICE_NAMES[0].into(), serial), (DEVICE_NAMES[1].into(), test)]
+    }
+
+    /// Restores every model from `blobs` (exactly this machine's set).
+    fn restore(&self, blobs: &[(String, Vec<u8>)]) -> Result<(), RestoreError> {
+        let mut found: Vec<String> = blobs.iter().map(|(n, _)| n.clone()).collect();
+        found.sort();
+        if found != DEVICE_NAMES {
+            return Err(RestoreError::DeviceSet { found, expected: DEVICE_NAMES.to_vec() });
+        }
+        for (name, blob) in blobs {
+            let err = |source| RestoreError::Device { name: name.clone(), source };
+            match name.as_str() {
+                "serial" => self.serial.lock().unwrap_or_else(|p| p.into_inner()).restore(blob).map_err(err)?,
+                _ => self.test.lock().unwrap_or_else(|p| p.into_inner()).restore(blob).map_err(err)?,
+            }
+        }
+        Ok(())
+    }
+}
+
+/// Runs the machine as `args` say and returns the exit code.
+pub fn run(args: &RunArgs) -> Result<ExitCode, Box<dyn std::error::Error>> {
+    let hv = Hypervisor::open()?;
+    if args.device_process {
+        return Ok(run_device_processes(&hv, args)?);
+    }
+    let start = Instant::now();
+    let mut incoming = None;
+    let (vm, saved) = if let Some(dir) = &args.restore {
+        let loaded = snapshot::read(dir)?;
+        let decoded = loaded.state.decode(&dir.display().to_string())?;
+        let vm = Vm::with_ram(&hv, &decoded.vm.config(), loaded.ram).map_err(MachineError::from)?;
+        (vm, Some(decoded))
+    } else if let Some(uri) = &args.incoming {
+        let received = receive::accept(&hv, uri)?;
+        let (vm, decoded, conn) = received.into_parts();
+        incoming = Some(conn);
+        (vm, Some(decoded))
+    } else {
+        let config = VmConfig { vcpus: args.cpus, memory: args.memory, ..Default::default() };
+        (Vm::new(&hv, &config).map_err(MachineError::from)?, None)
+    };
+    let vm = Arc::new(vm);
+    let result = prepare(&hv, &vm, args, saved.as_ref());
+    let (vcpus, running) = match (result, incoming.as_mut()) {
+        (Ok(ready), _) => ready,
+        (Err(e), Some(conn)) => {
+            conn.refuse(&e.to_string());
+            return Err(e.into());
+        }
+        (Err(e), None) => return Err(e.into()),
+    };
+    let running = Arc::new(running);
+    if let Some(path) = &args.api_socket {
+        crate::api::serve(path, running.clone())
+            .map_err(|source| RestoreError::Api { path: path.display().to_string(), source })?;
+    }
+    if let Some(conn) = incoming {
+        conn.confirm()?;
+        eprintln!("nkvm: migration received; the guest resumes here");
+    } else if let Some(dir) = &args.restore {
+        eprintln!("nkvm: restored {} in {:.1} ms", dir.display(), start.elapsed().as_secs_f64() * 1e3);
+    }
+    let stats = ExitStats::new();
+    let outcome = machine::run_vcpus(with_tracers(vcpus, args, &stats), &vm, &running.shared);
+    if let Some(path) = &args.api_socket {
+        let _ = std::fs::remove_file(path);
+    }
+    Ok(machine::finish(args, &stats, outcome?)?)
+}
+
+/// Devices, vCPUs and the shared state of a fresh or a saved machine.
+fn prepare(
+    hv: &Hypervisor,
+    vm: &Arc<Vm>,
+    args: &RunArgs,
+    saved: Option<&DecodedState>,
+) -> Result<(Vec<nkvm::Vcpu>, Running), RestoreError> {
+    let devices = Devices::attach(vm)?;
+    let config = VmConfig { vcpus: vm.config().vcpus, memory: vm.config().memory, ..Default::default() };
+    let machine_config = MachineConfig { cpus: config.vcpus, memory: config.memory };
+    let mut vcpus = Vec::new();
+    if let Some(saved) = saved {
+        vm.restore_state(&saved.vm)?;
+        devices.restore(&saved.devices)?;
+        for state in &saved.vcpus {
+            let mut vcpu = vm.create_vcpu(state.id).map_err(nkvm::state::StateError::from)?;
+            vcpu.restore_state(state)?;
+            vcpus.push(vcpu);
+        }
+    } else {
+        load_guest(vm, args)?;
+        vcpus = boot_vcpus(hv, vm)?;
+    }
+    let shared = Arc::new(Shared::new(config.vcpus));
+    Ok((vcpus, Running::new(vm.clone(), shared, devices, machine_config)))
+}
+
+/// Creates the vCPUs of a fresh machine: long mode at [`builtin::ENTRY`],
+/// the id in `rdi`, the count in `rbp`, stacks 16 KiB apart.
+fn boot_vcpus(hv: &Hypervisor, vm: &Vm) -> Result<Vec<nkvm::Vcpu>, MachineError> {
+    let long_mode = LongMode::install(&vm.memory(), GuestAddress(builtin::TABLES))?;
+    let cpuid = hv.supported_cpuid()?;
+    let cpus = vm.config().vcpus;
+    let mut vcpus = Vec::new();
+    for id in 0..cpus {
+        let vcpu = vm.create_vcpu(id)?;
+        vcpu.set_cpuid(&cpuid)?;
+        let stack = builtin::STACK_TOP - 0x4000 * u64::from(id);
+        vcpu.set_long_mode(&long_mode, GuestAddress(builtin::ENTRY), GuestAddress(stack))?;
+        let mut regs = vcpu.regs()?;
+        regs.rdi = u64::from(id);
+        regs.rbp = u64::from(cpus);
+        vcpu.set_regs(&regs)?;
+        vcpus.push(vcpu);
+    }
+    Ok(vcpus)
+}
+
+/// Writes the built-in guest, or the `--image`, at [`builtin::ENTRY`].
+fn load_guest(vm: &Vm, args: &RunArgs) -> Result<(), RestoreError> {
+    let code = match &args.image {
+        Some(path) => {
+            std::fs::read(path).map_err(|source| RestoreError::Image { path: path.display().to_string(), source })?
+        }
+        None => builtin::assemble().map_err(|e| MachineError::Assemble(e.to_string()))?,
+    };
+    Ok(vm.write_memory(GuestAddress(builtin::ENTRY), &code).map_err(MachineError::from)?)
+}
+
+fn with_tracers(mut vcpus: Vec<nkvm::Vcpu>, args: &RunArgs, stats: &ExitStats) -> Vec<nkvm::Vcpu> {
+    for vcpu in &mut vcpus {
+        if args.trace {
+            vcpu.add_tracer(Box::new(LineTracer::new(io::stderr())));
+        }
+        if args.stats {
+            vcpu.add_tracer(stats.tracer());
+        }
+    }
+    vcpus
+}
+
+/// The built-in guest with each device model in its own process (no
+/// snapshot or migration: the models' state is in the other processes).
+fn run_device_processes(hv: &Hypervisor, args: &RunArgs) -> Result<ExitCode, MachineError> {
+    let vm = Arc::new(Vm::new(hv, &VmConfig { vcpus: args.cpus, memory: args.memory, ..Default::default() })?);
+    let com1 = IoRange::pio(builtin::COM1, 8);
+    let test = IoRange::mmio(builtin::TEST_DEVICE, TEST_DEVICE_SIZE);
+    let _processes = [
+        DeviceProcess::attach(&vm, DeviceModel::Serial, com1, Ordering::Sync)?,
+        DeviceProcess::attach(&vm, DeviceModel::Test, test, Ordering::Sync)?,
+    ];
+    load_guest(&vm, args).map_err(|e| MachineError::Assemble(e.to_string()))?;
+    let vcpus = boot_vcpus(hv, &vm)?;
+    let shared = Arc::new(Shared::new(args.cpus));
+    let stats = ExitStats::new();
+    let outcome = machine::run_vcpus(with_tracers(vcpus, args, &stats), &vm, &shared)?;
+    machine::finish(args, &stats, outcome)
+}

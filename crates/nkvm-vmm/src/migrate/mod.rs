@@ -1,0 +1,289 @@
+//! Live migration: pre-copy rounds over the dirty log while the guest
+//! runs, then a short pause to send the rest and every state; the
+//! destination (`nkvm run --incoming`) resumes the guest and says so.
+//! The byte format is in [`stream`] and `docs/migration.md`.
+
+pub mod receive;
+pub mod send;
+pub mod stream;
+
+use std::io::{self, Read, Write};
+use std::net::{TcpListener, TcpStream};
+use std::os::unix::net::{UnixListener, UnixStream};
+use std::time::Duration;
+
+use serde_json::{json, Value};
+
+/// Why a migration failed (on either side).
+#[derive(Debug, thiserror::Error)]
+pub enum MigrateError {
+    /// The address is not `tcp:HOST:PORT` or `unix:PATH`.
+    #[error("bad migration address {0:?}: use tcp:HOST:PORT or unix:PATH")]
+    BadAddress(String),
+    /// Connecting, listening or accepting failed.
+    #[error("cannot {op} {addr}")]
+    Connect {
+        /// What was tried.
+        op: &'static str,
+        /// The address.
+        addr: String,
+        /// The OS error.
+        #[source]
+        source: io::Error,
+    },
+    /// The link broke (the peer died, the connection dropped, a timeout).
+    #[error("the migration link failed while {doing}")]
+    Link {
+        /// What was being done.
+        doing: &'static str,
+        /// The OS error.
+        #[source]
+        source: io::Error,
+    },
+    /// The peer sent something this nkvm does not accept.
+    #[error("bad migration stream at offset {offset}: {why}")]
+    Stream {
+        /// Offset in the stream.
+        offset: u64,
+        /// What is wrong.
+        why: String,
+    },
+    /// The destination refused the guest.
+    #[error("the destination refused the guest: {0}")]
+    Refused(String),
+    /// The machine could not be paused or its state saved.
+    #[error(transparent)]
+    Running(#[from] crate::running::RunningError),
+    /// The dirty log failed.
+    #[error("dirty log")]
+    DirtyLog(#[source] nkvm::VmError),
+    /// Guest memory could not be read or written.
+    #[error("guest memory")]
+    Memory(#[source] nkvm::MemoryError),
+    /// The received machine could not be created.
+    #[error("cannot create the received machine")]
+    Vm(#[source] nkvm::VmError),
+    /// The received state was refused.
+    #[error(transparent)]
+    State(#[from] crate::snapshot::SnapshotError),
+}
+
+impl MigrateError {
+    pub(crate) fn link(doing: &'static str, source: io::Error) -> Self {
+        Self::Link { doing, source }
+    }
+}
+
+/// Where a migration goes: `tcp:HOST:PORT` or `unix:PATH`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Endpoint {
+    /// A TCP address (`HOST:PORT`).
+    Tcp(String),
+    /// A Unix socket path.
+    Unix(String),
+}
+
+impl std::str::FromStr for Endpoint {
+    type Err = MigrateError;
+
+    fn from_str(s: &str) -> Result<Self, MigrateError> {
+        match s.split_once(':') {
+            Some(("tcp", addr)) if addr.contains(':') => Ok(Self::Tcp(addr.to_string())),
+            Some(("unix", path)) if !path.is_empty() => Ok(Self::Unix(path.to_string())),
+            _ => Err(MigrateError::BadAddress(s.to_string())),
+        }
+    }
+}
+
+impl std::fmt::Display for Endpoint {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Self::Tcp(a) => write!(f, "tcp:{a}"),
+            Self::Unix(p) => write!(f, "unix:{p}"),
+        }
+    }
+}
+
+/// One migration connection.
+#[derive(Debug)]
+pub enum Conn {
+    /// Over TCP (Nagle off).
+    Tcp(TcpStream),
+    /// Over a Unix socket.
+    Unix(UnixStream),
+}
+
+impl Endpoint {
+    /// Connects to a listening destination.
+    pub fn connect(&self) -> Result<Conn, MigrateError> {
+        let err = |source| MigrateError::Connect { op: "connect to", addr: self.to_string(), source };
+        Ok(match self {
+            Self::Tcp(a) => {
+                let s = TcpStream::connect(a).map_err(err)?;
+                s.set_nodelay(true).map_err(err)?;
+                Conn::Tcp(s)
+            }
+            Self::Unix(p) => Conn::Unix(UnixStream::connect(p).map_err(err)?),
+        })
+    }
+
+    /// Listens and accepts one connection.
+    pub fn accept(&self) -> Result<Conn, MigrateError> {
+        let err = |op| move |source| MigrateError::Connect { op, addr: self.to_string(), source };
+        Ok(match self {
+            Self::Tcp(a) => {
+                let (s, _) = TcpListener::bind(a).map_err(err("listen on"))?.accept().map_err(err("accept on"))?;
+                s.set_nodelay(true).map_err(err("configure"))?;
+                Conn::Tcp(s)
+            }
+            Self::Unix(p) => {
+                let _ = std::fs::remove_file(p);
+                let listener = UnixListener::bind(p).map_err(err("listen on"))?;
+                let (s, _) = listener.accept().map_err(err("accept on"))?;
+                let _ = std::fs::remove_file(p);
+                Conn::Unix(s)
+            }
+        })
+    }
+}
+
+impl Conn {
+    /// Bounds the wait for the peer's answer.
+    pub fn set_read_timeout(&self, t: Option<Duration>) -> io::Result<()> {
+        match self {
+            Self::Tcp(s) => s.set_read_timeout(t),
+            Self::Unix(s) => s.set_read_timeout(t),
+        }
+    }
+}
+
+impl Read for Conn {
+    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+        match self {
+            Self::Tcp(s) => s.read(buf),
+            Self::Unix(s) => s.read(buf),
+        }
+    }
+}
+
+impl Write for Conn {
+    fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
+        match self {
+            Self::Tcp(s) => s.write(buf),
+            Self::Unix(s) => s.write(buf),
+        }
+    }
+
+    fn flush(&mut self) -> io::Result<()> {
+        match self {
+            Self::Tcp(s) => s.flush(),
+            Self::Unix(s) => s.flush(),
+        }
+    }
+}
+
+/// Where a migration is.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub enum Phase {
+    /// None started.
+    #[default]
+    None,
+    /// Connecting to the destination.
+    Connecting,
+    /// Sending memory while the guest runs.
+    PreCopy,
+    /// The guest is paused; the rest and the state are being sent.
+    SwitchOver,
+    /// The destination runs the guest.
+    Done,
+    /// Failed; the guest runs on here.
+    Failed,
+}
+
+/// A migration's progress, as `info` shows it.
+#[derive(Debug, Clone, Default)]
+pub struct MigrationStatus {
+    /// Where it is.
+    pub phase: Phase,
+    /// The destination.
+    pub to: String,
+    /// Completed pre-copy rounds (round 0 is the full copy).
+    pub rounds: u32,
+    /// Pages sent so far (zero pages included).
+    pub pages: u64,
+    /// Bytes on the link so far.
+    pub bytes: u64,
+    /// Link throughput so far, MB/s.
+    pub mb_per_s: f64,
+    /// Pages found dirty in the last round.
+    pub last_round_pages: u64,
+    /// What the pause would cost now, by the last round's size and the throughput, ms.
+    pub expected_downtime_ms: f64,
+    /// The downtime target, ms.
+    pub downtime_target_ms: u64,
+    /// Total time, ms (when done or failed).
+    pub total_ms: f64,
+    /// Time the guest was paused, ms (when done or failed): from asking the
+    /// vCPUs to park to the destination's answer.
+    pub downtime_ms: f64,
+    /// Of the downtime: parking the vCPUs (each saves its state), ms.
+    pub park_ms: f64,
+    /// Of the downtime: pages sent while paused.
+    pub switchover_pages: u64,
+    /// Of the downtime: from `END` sent to the answer (the destination
+    /// restoring), ms.
+    pub answer_ms: f64,
+    /// Why it failed.
+    pub error: Option<String>,
+}
+
+impl MigrationStatus {
+    /// Whether it is between start and end.
+    pub fn active(&self) -> bool {
+        matches!(self.phase, Phase::Connecting | Phase::PreCopy | Phase::SwitchOver)
+    }
+
+    /// The status as `info` shows it.
+    pub fn to_json(&self) -> Value {
+        let phase = match self.phase {
+            Phase::None => "none",
+            Phase::Connecting => "connecting",
+            Phase::PreCopy => "precopy",
+            Phase::SwitchOver => "switchover",
+            Phase::Done => "done",
+            Phase::Failed => "failed",
+        };
+        json!({
+            "phase": phase,
+            "to": self.to,
+            "rounds": self.rounds,
+            "pages": self.pages,
+            "bytes": self.bytes,
+            "mb_per_s": self.mb_per_s,
+            "last_round_pages": self.last_round_pages,
+            "expected_downtime_ms": self.expected_downtime_ms,
+            "downtime_target_ms": self.downtime_target_ms,
+            "total_ms": self.total_ms,
+            "downtime_ms": self.downtime_ms,
+            "park_ms": self.park_ms,
+            "switchover_pages": self.switchover_pages,
+            "answer_ms": self.answer_ms,
+            "error": self.error,
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn addresses_parse_or_are_refused() {
+        assert_eq!("tcp:127.0.0.1:4444".parse::<Endpoint>().unwrap(), Endpoint::Tcp("127.0.0.1:4444".into()));
+        assert_eq!("unix:/tmp/m.sock".parse::<Endpoint>().unwrap(), Endpoint::Unix("/tmp/m.sock".into()));
+        for bad in ["tcp:4444", "udp:1.2.3.4:5", "unix:", "/tmp/x"] {
+            let err = bad.parse::<Endpoint>().unwrap_err().to_string();
+            assert!(err.contains("tcp:HOST:PORT or unix:PATH"), "{err}");
+        }
+    }
+}

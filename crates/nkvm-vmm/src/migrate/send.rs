@@ -1,0 +1,366 @@
+//! The source's side: connect, copy all memory while the guest runs, then
+//! rounds of what the dirty log collected until the rest fits the downtime
+//! target (or the round limit); pause, send the rest and every state, and
+//! wait for the destination's answer. On any failure the pages collected
+//! and not confirmed go back into the dirty log and the guest runs on.
+
+use std::io::{BufWriter, Write};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use nkvm::{DirtyPages, GuestAddress, MemoryMap, Vm};
+
+use super::stream::{self, PageBatch, RecordReader, RecordType, PAGE, PAGES_PER_RECORD};
+use super::{Conn, Endpoint, MigrateError, MigrationStatus, Phase};
+use crate::running::Running;
+
+/// How a migration converges.
+#[derive(Debug, Clone, Copy)]
+pub struct MigrateOptions {
+    /// Switch over once the rest is expected to take at most this long
+    /// (zero: only after `max_rounds`).
+    pub downtime: Duration,
+    /// Switch over after this many rounds after the full copy regardless.
+    pub max_rounds: u32,
+}
+
+impl Default for MigrateOptions {
+    fn default() -> Self {
+        Self { downtime: Duration::from_millis(50), max_rounds: 30 }
+    }
+}
+
+/// Pages collected per `collect_dirty` call.
+const COLLECT_BUDGET: usize = 4096;
+/// How long the source waits, paused, for the destination's answer.
+const ANSWER_TIMEOUT: Duration = Duration::from_secs(30);
+
+/// Starts migrating `running` to `to` on a thread of its own; progress is
+/// in `running.migration`. On success the source machine stops.
+pub fn start(running: Arc<Running>, to: Endpoint, options: MigrateOptions) -> Result<(), MigrateError> {
+    {
+        let mut status = running.migration.lock().unwrap_or_else(|p| p.into_inner());
+        if status.active() {
+            return Err(MigrateError::Refused("a migration is already in progress".into()));
+        }
+        *status = MigrationStatus {
+            phase: Phase::Connecting,
+            to: to.to_string(),
+            downtime_target_ms: options.downtime.as_millis() as u64,
+            ..Default::default()
+        };
+    }
+    let spawned = std::thread::Builder::new().name("migrate".into()).spawn(move || {
+        let start = Instant::now();
+        let mut sender = Sender { running: &running, bytes: 0, pages: 0, start, collected: Vec::new() };
+        let result = sender.migrate(&to, &options);
+        let mut status = running.migration.lock().unwrap_or_else(|p| p.into_inner());
+        status.total_ms = start.elapsed().as_secs_f64() * 1e3;
+        match result {
+            Ok(()) => {
+                status.phase = Phase::Done;
+                eprintln!(
+                    "nkvm: migrated to {to} in {:.1} ms ({} rounds, {} pages, {:.1} MB), downtime {:.1} ms \
+                     (parking the vCPUs {:.1} ms, {} pages while paused, the destination's answer {:.1} ms)",
+                    status.total_ms,
+                    status.rounds,
+                    status.pages,
+                    status.bytes as f64 / 1e6,
+                    status.downtime_ms,
+                    status.park_ms,
+                    status.switchover_pages,
+                    status.answer_ms,
+                );
+                drop(status);
+                running.shared.migrated(&to.to_string());
+            }
+            Err(e) => {
+                eprintln!("nkvm: migration to {to} failed, the guest runs on here: {}", chain(&e));
+                status.phase = Phase::Failed;
+                status.error = Some(chain(&e));
+            }
+        }
+    });
+    spawned.map(drop).map_err(|e| MigrateError::link("starting the migration thread", e))
+}
+
+/// An error and its causes on one line.
+fn chain(e: &dyn std::error::Error) -> String {
+    let mut msg = e.to_string();
+    let mut source = e.source();
+    while let Some(s) = source {
+        msg.push_str(&format!(": {s}"));
+        source = s.source();
+    }
+    msg
+}
+
+struct Sender<'a> {
+    running: &'a Running,
+    bytes: u64,
+    pages: u64,
+    start: Instant,
+    /// Pages taken from the dirty log and not yet confirmed by the
+    /// destination: put back if the migration fails.
+    collected: Vec<GuestAddress>,
+}
+
+impl Sender<'_> {
+    fn vm(&self) -> &Vm {
+        &self.running.vm
+    }
+
+    fn update(&self, f: impl FnOnce(&mut MigrationStatus)) {
+        let mut status = self.running.migration.lock().unwrap_or_else(|p| p.into_inner());
+        status.pages = self.pages;
+        status.bytes = self.bytes;
+        status.mb_per_s = self.bytes as f64 / 1e6 / self.start.elapsed().as_secs_f64().max(1e-6);
+        f(&mut status);
+    }
+
+    fn migrate(&mut self, to: &Endpoint, options: &MigrateOptions) -> Result<(), MigrateError> {
+        let conn = to.connect()?;
+        let mut out = BufWriter::with_capacity(1 << 20, conn);
+        let result = self.precopy_and_switch(&mut out, options);
+        if result.is_err() {
+            self.put_back();
+        }
+        result
+    }
+
+    /// No dirty bit is lost: the pages taken and not delivered go back.
+    fn put_back(&mut self) {
+        for &gpa in &self.collected {
+            self.vm().mark_dirty(gpa, PAGE as u64);
+        }
+        self.collected.clear();
+    }
+
+    fn precopy_and_switch(&mut self, out: &mut BufWriter<Conn>, options: &MigrateOptions) -> Result<(), MigrateError> {
+        let link = |e| MigrateError::link("sending", e);
+        out.write_all(&stream::header()).map_err(link)?;
+        let config = self.running.config.to_json(&self.device_names());
+        stream::write_record(out, RecordType::Config, config.as_bytes()).map_err(link)?;
+        start_dirty_log(self.vm())?;
+        // The log now sees every write: forget what it held before.
+        self.vm().sync_dirty_log().map_err(MigrateError::DirtyLog)?;
+        let mut dirty = DirtyPages::default();
+        self.collect(&mut dirty, |_, _| Ok(()))?;
+        self.collected.clear();
+        self.update(|s| s.phase = Phase::PreCopy);
+        self.full_copy(out)?;
+        self.update(|s| s.rounds = 1);
+        let mut round = 1;
+        loop {
+            let round_start = Instant::now();
+            let before = self.bytes;
+            let sent = self.send_dirty(out, &mut dirty)?;
+            out.flush().map_err(link)?;
+            // The round is on the wire: its pages are the destination's.
+            self.collected.clear();
+            let elapsed = round_start.elapsed().as_secs_f64().max(1e-6);
+            let rate =
+                ((self.bytes - before) as f64 / elapsed).max(self.bytes as f64 / self.start.elapsed().as_secs_f64());
+            let expected = (sent * (PAGE as u64 + 8)) as f64 / rate.max(1.0);
+            round += 1;
+            self.update(|s| {
+                s.rounds = round;
+                s.last_round_pages = sent;
+                s.expected_downtime_ms = expected * 1e3;
+            });
+            // A zero target never converges: only the round limit ends pre-copy.
+            let converged = !options.downtime.is_zero() && expected <= options.downtime.as_secs_f64();
+            if converged || round > options.max_rounds {
+                break;
+            }
+            if sent == 0 {
+                // Nothing dirty yet (only with a zero target): give the
+                // guest time to run rather than spinning on an empty log.
+                std::thread::sleep(Duration::from_millis(1));
+            }
+        }
+        self.switch_over(out, &mut dirty)
+    }
+
+    fn device_names(&self) -> Vec<&'static str> {
+        vec!["serial", "test-device"]
+    }
+
+    /// Round 1: every non-zero page (the destination's memory starts
+    /// zero); only the parts of RAM that hold data are read.
+    fn full_copy(&mut self, out: &mut BufWriter<Conn>) -> Result<(), MigrateError> {
+        let map = self.vm().memory();
+        let mut chunk = vec![0u8; PAGE * 64];
+        let mut batch = PageBatch::default();
+        for region in map.regions() {
+            for (start, end) in region.backing.data_ranges() {
+                // The part of [start, end) of the backing this region maps.
+                let lo = start.max(region.offset);
+                let hi = end.min(region.offset + region.len);
+                let mut offset = lo;
+                while offset < hi {
+                    let n = chunk.len().min((hi - offset) as usize);
+                    let gpa = region.gpa.0 + (offset - region.offset);
+                    map.read(GuestAddress(gpa), &mut chunk[..n]).map_err(MigrateError::Memory)?;
+                    for (i, page) in chunk[..n].chunks(PAGE).enumerate() {
+                        if page.iter().any(|&b| b != 0) {
+                            batch.push(gpa + (i * PAGE) as u64, page);
+                            self.pages += 1;
+                            if batch.len() == PAGES_PER_RECORD {
+                                self.bytes += batch.flush(out).map_err(|e| MigrateError::link("sending memory", e))?;
+                            }
+                        }
+                    }
+                    offset += n as u64;
+                }
+                self.update(|_| {});
+            }
+        }
+        self.bytes += batch.flush(out).map_err(|e| MigrateError::link("sending memory", e))?;
+        Ok(())
+    }
+
+    /// Takes every dirty page from the log and hands it to `each` (with
+    /// its data); the pages stay in `collected` until confirmed.
+    fn collect(
+        &mut self,
+        dirty: &mut DirtyPages,
+        mut each: impl FnMut(&mut Self, &[GuestAddress]) -> Result<(), MigrateError>,
+    ) -> Result<u64, MigrateError> {
+        self.vm().sync_dirty_log().map_err(MigrateError::DirtyLog)?;
+        let mut cursor = Some(GuestAddress(0));
+        let mut count = 0;
+        while let Some(start) = cursor {
+            self.vm()
+                .collect_dirty_into(start, u64::MAX - start.0, COLLECT_BUDGET, dirty)
+                .map_err(MigrateError::DirtyLog)?;
+            self.collected.extend_from_slice(&dirty.pages);
+            count += dirty.pages.len() as u64;
+            each(self, &dirty.pages)?;
+            cursor = dirty.next;
+        }
+        Ok(count)
+    }
+
+    /// One round: every page the log collected, with its current data.
+    fn send_dirty(&mut self, out: &mut BufWriter<Conn>, dirty: &mut DirtyPages) -> Result<u64, MigrateError> {
+        let map: Arc<MemoryMap> = self.vm().memory();
+        let mut page = vec![0u8; PAGE];
+        let mut batch = PageBatch::default();
+        let count = self.collect(dirty, |me, pages| {
+            for &gpa in pages {
+                map.read(gpa, &mut page).map_err(MigrateError::Memory)?;
+                batch.push(gpa.0, &page);
+                me.pages += 1;
+                if batch.len() == PAGES_PER_RECORD {
+                    me.bytes += batch.flush(out).map_err(|e| MigrateError::link("sending memory", e))?;
+                }
+            }
+            Ok(())
+        })?;
+        self.bytes += batch.flush(out).map_err(|e| MigrateError::link("sending memory", e))?;
+        Ok(count)
+    }
+
+    /// Pauses the guest, sends the rest and every state, waits for the
+    /// answer; resumes the guest here unless the destination took it.
+    fn switch_over(&mut self, out: &mut BufWriter<Conn>, dirty: &mut DirtyPages) -> Result<(), MigrateError> {
+        self.update(|s| s.phase = Phase::SwitchOver);
+        let paused = Instant::now();
+        let vcpus = self.running.pause()?;
+        let park = paused.elapsed().as_secs_f64() * 1e3;
+        self.update(|s| s.park_ms = park);
+        let result = self.send_rest(out, dirty, &vcpus);
+        let downtime = paused.elapsed().as_secs_f64() * 1e3;
+        self.update(|s| s.downtime_ms = downtime);
+        if result.is_err() {
+            self.running.resume();
+        }
+        result
+    }
+
+    fn send_rest(
+        &mut self,
+        out: &mut BufWriter<Conn>,
+        dirty: &mut DirtyPages,
+        vcpus: &[nkvm::state::VcpuState],
+    ) -> Result<(), MigrateError> {
+        let link = |e| MigrateError::link("sending the final state", e);
+        let last = self.send_dirty(out, dirty)?;
+        self.update(|s| s.switchover_pages = last);
+        let state = self.running.machine_state(vcpus)?;
+        stream::write_record(out, RecordType::VmState, &state.vm).map_err(link)?;
+        for blob in &state.vcpus {
+            stream::write_record(out, RecordType::VcpuState, blob).map_err(link)?;
+        }
+        for (name, blob) in &state.devices {
+            let mut payload = vec![name.len() as u8];
+            payload.extend_from_slice(name.as_bytes());
+            payload.extend_from_slice(blob);
+            stream::write_record(out, RecordType::DeviceState, &payload).map_err(link)?;
+        }
+        stream::write_record(out, RecordType::End, &[]).map_err(link)?;
+        out.flush().map_err(link)?;
+        let ended = Instant::now();
+        let conn = out.get_mut();
+        conn.set_read_timeout(Some(ANSWER_TIMEOUT)).map_err(|e| MigrateError::link("waiting for the answer", e))?;
+        let mut answers = RecordReader::new(conn);
+        let (kind, payload, at) = answers.next()?;
+        let answer = ended.elapsed().as_secs_f64() * 1e3;
+        self.update(|s| s.answer_ms = answer);
+        match kind {
+            RecordType::Resumed => Ok(()),
+            RecordType::Failed => Err(MigrateError::Refused(String::from_utf8_lossy(payload).into_owned())),
+            other => Err(MigrateError::Stream { offset: at, why: format!("expected the answer, got {other:?}") }),
+        }
+    }
+}
+
+/// Turns dirty logging on for every RAM region (one map change; the vCPUs
+/// pause only for the slot flag updates). It stays on after the
+/// migration: a failed one leaves its collected pages in the log.
+fn start_dirty_log(vm: &Vm) -> Result<(), MigrateError> {
+    let map = vm.memory();
+    if map.regions().iter().all(|r| r.dirty_log) {
+        return Ok(());
+    }
+    let regions = map.regions().iter().map(|r| r.clone().dirty_logged()).collect();
+    let map = MemoryMap::new(regions).map_err(MigrateError::Memory)?;
+    vm.set_memory_map(map).map_err(MigrateError::DirtyLog)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::builtin_machine::Devices;
+    use crate::machine::Shared;
+    use crate::snapshot::MachineConfig;
+
+    #[test]
+    fn a_failed_round_puts_its_pages_back_into_the_dirty_log() {
+        let hv = nkvm::Hypervisor::open().unwrap();
+        let vm = Arc::new(Vm::new(&hv, &nkvm::VmConfig { vcpus: 1, memory: 4 << 20, ..Default::default() }).unwrap());
+        let devices = Devices::attach(&vm).unwrap();
+        let config = MachineConfig { cpus: 1, memory: 4 << 20 };
+        let running = Running::new(vm.clone(), Arc::new(Shared::new(1)), devices, config);
+        start_dirty_log(&vm).unwrap();
+        let written: Vec<u64> = (0..300).map(|i| 0x1000 * (3 * i + 1)).collect();
+        for &gpa in &written {
+            vm.mark_dirty(GuestAddress(gpa), 8);
+        }
+        let mut sender = Sender { running: &running, bytes: 0, pages: 0, start: Instant::now(), collected: Vec::new() };
+        let mut dirty = DirtyPages::default();
+        // The link breaks while the round's pages are being sent.
+        let failed = sender.collect(&mut dirty, |_, _| Err(MigrateError::Refused("link down".into())));
+        assert!(failed.is_err());
+        // The round took every page out of the log...
+        assert_eq!(sender.collected.len(), written.len());
+        sender.put_back();
+        // ... and the failure put them all back.
+        vm.sync_dirty_log().unwrap();
+        let again = vm.collect_dirty(GuestAddress(0), 4 << 20, 4096).unwrap();
+        assert_eq!(again.pages.iter().map(|g| g.0).collect::<Vec<_>>(), written);
+        let empty = vm.collect_dirty(GuestAddress(0), 4 << 20, 4096).unwrap();
+        assert!(empty.pages.is_empty(), "collected once, then gone: {:?}", empty.pages.len());
+    }
+}

@@ -1,0 +1,118 @@
+//! [`Running`]: a machine whose vCPUs run, as the API socket and a
+//! migration act on it: pause, resume, its state as values, a snapshot.
+
+use std::path::Path;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use nkvm::state::VcpuState;
+use nkvm::Vm;
+use serde_json::{json, Value};
+
+use crate::builtin_machine::Devices;
+use crate::control::ControlError;
+use crate::machine::Shared;
+use crate::migrate::MigrationStatus;
+use crate::snapshot::{self, MachineConfig, MachineState, SnapshotError};
+
+/// Why an operation on a running machine failed.
+#[derive(Debug, thiserror::Error)]
+pub enum RunningError {
+    /// The vCPUs could not be paused.
+    #[error(transparent)]
+    Pause(#[from] ControlError),
+    /// Saving the VM's state failed.
+    #[error("cannot save the VM state")]
+    SaveVm(#[source] nkvm::state::StateError),
+    /// Writing the snapshot failed.
+    #[error(transparent)]
+    Snapshot(#[from] SnapshotError),
+    /// A migration is running; pause, resume and snapshot wait for it.
+    #[error("a migration is in progress")]
+    Migrating,
+}
+
+/// A running machine, shared by its API server and migrations.
+#[derive(Debug)]
+pub struct Running {
+    /// The VM.
+    pub vm: Arc<Vm>,
+    /// What the vCPU threads share (the pause gate among it).
+    pub shared: Arc<Shared>,
+    /// The device models whose state travels.
+    pub devices: Devices,
+    /// What the machine was built from.
+    pub config: MachineConfig,
+    /// The last (or current) migration's progress.
+    pub migration: Mutex<MigrationStatus>,
+}
+
+impl std::fmt::Debug for Shared {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Shared").finish_non_exhaustive()
+    }
+}
+
+impl Running {
+    /// A handle on the machine.
+    pub fn new(vm: Arc<Vm>, shared: Arc<Shared>, devices: Devices, config: MachineConfig) -> Self {
+        Self { vm, shared, devices, config, migration: Mutex::new(MigrationStatus::default()) }
+    }
+
+    /// Whether a migration is between its start and its end.
+    pub fn migrating(&self) -> bool {
+        self.migration.lock().unwrap_or_else(|p| p.into_inner()).active()
+    }
+
+    /// Pauses every vCPU (each completes its exit and saves its state);
+    /// returns the states. Pausing a paused machine returns the same states.
+    pub fn pause(&self) -> Result<Vec<VcpuState>, RunningError> {
+        Ok(self.shared.control.pause(|| self.shared.kick_all())?)
+    }
+
+    /// Lets the vCPUs run on.
+    pub fn resume(&self) {
+        self.shared.control.resume();
+    }
+
+    /// The machine's state besides RAM, with the vCPUs paused in `vcpus`.
+    pub fn machine_state(&self, vcpus: &[VcpuState]) -> Result<MachineState, RunningError> {
+        let vm = self.vm.save_state().map_err(RunningError::SaveVm)?.encode();
+        Ok(MachineState {
+            config: self.config.clone(),
+            vm,
+            vcpus: vcpus.iter().map(VcpuState::encode).collect(),
+            devices: self.devices.snapshot(),
+        })
+    }
+
+    /// Writes a snapshot to `dir`: pauses (if running), saves, resumes (if
+    /// it was running). Returns how long the vCPUs were paused for it.
+    pub fn snapshot(&self, dir: &Path) -> Result<Duration, RunningError> {
+        if self.migrating() {
+            return Err(RunningError::Migrating);
+        }
+        let was_paused = self.shared.control.is_paused();
+        let start = Instant::now();
+        let result = self.pause().and_then(|vcpus| {
+            let state = self.machine_state(&vcpus)?;
+            Ok(snapshot::write(dir, &state, self.vm.ram())?)
+        });
+        if !was_paused {
+            self.resume();
+        }
+        result.map(|()| start.elapsed())
+    }
+
+    /// What `info` reports.
+    pub fn info(&self) -> Value {
+        let state = if self.shared.control.is_paused() { "paused" } else { "running" };
+        let migration = self.migration.lock().unwrap_or_else(|p| p.into_inner()).to_json();
+        json!({
+            "state": state,
+            "cpus": self.config.cpus,
+            "memory": self.config.memory,
+            "migration": migration,
+        })
+    }
+}

@@ -1,0 +1,193 @@
+//! Live migration between two `nkvm` processes over loopback TCP and Unix
+//! sockets, with the pattern guest (tests/pattern_guest) checking its own
+//! memory on 2 vCPUs; a destination that dies mid-stream; bad streams.
+
+mod pattern_guest;
+
+use std::io::{Read, Write};
+use std::net::TcpListener;
+use std::path::Path;
+
+use pattern_guest::{check_console, check_memory, ctl, image, passes, scratch, Vmm};
+
+fn free_port() -> u16 {
+    TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
+}
+
+fn source(dir: &Path, api: &Path) -> Vmm {
+    let img = image(dir);
+    Vmm::run(&[
+        "--cpus",
+        "2",
+        "--memory",
+        "16M",
+        "--image",
+        img.to_str().unwrap(),
+        "--api-socket",
+        api.to_str().unwrap(),
+    ])
+}
+
+/// Starts `nkvm run --incoming ADDR --api-socket API` and waits until it listens.
+fn destination(addr: &str, api: &Path) -> Vmm {
+    let mut dest = Vmm::run(&["--incoming", addr, "--api-socket", api.to_str().unwrap()]);
+    dest.wait_for("the destination to listen", |_, err| err.contains("waiting for a migration"));
+    dest
+}
+
+/// Migrates `src` to a fresh destination at `addr` and checks the guest
+/// there: memory as the guest wrote it, the console continued with no
+/// line lost, the source ended. Returns the source's summary line.
+fn migrate_and_check(dir: &Path, src: &mut Vmm, src_api: &Path, addr: &str, before: &str) -> String {
+    let dest_api = dir.join("dest.sock");
+    let mut dest = destination(addr, &dest_api);
+    assert_eq!(ctl(src_api, &["migrate", addr])["ok"], true);
+    assert!(src.wait_exit(), "the source ends with success: {}", src.stderr());
+    let summary = src.stderr().lines().find(|l| l.contains("migrated to")).unwrap_or_default().to_string();
+    assert!(!summary.is_empty(), "{}", src.stderr());
+    dest.wait_for("the guest to resume", |_, err| err.contains("the guest resumes here"));
+    let from_source = before.to_string() + &src.stdout()[before.len()..];
+    dest.wait_passes(0, 3);
+    ctl(&dest_api, &["pause"]);
+    let snap = dir.join("dest-snap");
+    ctl(&dest_api, &["snapshot", snap.to_str().unwrap()]);
+    let gens = check_memory(&std::fs::read(snap.join("memory")).unwrap());
+    let console = from_source.clone() + &dest.stdout();
+    let p = check_console(&console);
+    assert!(p.len() >= passes(&from_source).len() + 3);
+    assert!(gens[0] >= p.last().unwrap().0, "{gens:?} {p:?}");
+    dest.kill();
+    summary
+}
+
+#[test]
+fn live_migration_over_tcp_keeps_every_write_and_the_console() {
+    let dir = scratch("migrate-tcp");
+    let api = dir.join("src.sock");
+    let mut src = source(&dir, &api);
+    src.wait_passes(0, 3);
+    let addr = format!("tcp:127.0.0.1:{}", free_port());
+    let summary = migrate_and_check(&dir, &mut src, &api, &addr, "");
+    eprintln!("{summary}");
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+#[test]
+fn a_destination_that_dies_mid_stream_leaves_the_source_running_and_a_second_migration_succeeds() {
+    let dir = scratch("migrate-fail");
+    let api = dir.join("src.sock");
+    let mut src = source(&dir, &api);
+    src.wait_passes(0, 2);
+
+    // A destination that takes 1 MiB of the stream and dies.
+    let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = format!("tcp:{}", listener.local_addr().unwrap());
+    let dying = std::thread::spawn(move || {
+        let (mut conn, _) = listener.accept().unwrap();
+        let mut buf = vec![0u8; 1 << 20];
+        conn.read_exact(&mut buf).unwrap();
+    });
+    assert_eq!(ctl(&api, &["migrate", &addr])["ok"], true);
+    dying.join().unwrap();
+    let info = wait_phase(&api, "failed");
+    assert!(info["migration"]["error"].as_str().unwrap().contains("link failed"), "{info}");
+    assert_eq!(info["state"], "running");
+    let seen = passes(&src.stdout()).len();
+    src.wait_passes(seen, 2);
+
+    // A real destination killed (SIGKILL) in the middle of pre-copy: a
+    // zero downtime target keeps the rounds going until it dies.
+    let port = free_port();
+    let addr = format!("tcp:127.0.0.1:{port}");
+    let mut dest = destination(&addr, &dir.join("killed.sock"));
+    let started = ctl(&api, &["migrate", &addr, "--downtime-ms", "0", "--max-rounds", "1000"]);
+    assert_eq!(started["ok"], true);
+    let info = wait_rounds(&api, 3);
+    assert_eq!(info["migration"]["phase"], "precopy", "{info}");
+    assert!(info["migration"]["pages"].as_u64().unwrap() > 0, "{info}");
+    dest.kill();
+    let info = wait_phase(&api, "failed");
+    assert_eq!(info["state"], "running", "{info}");
+    let seen = passes(&src.stdout()).len();
+    src.wait_passes(seen, 2);
+
+    // A destination that takes everything and dies before answering: the
+    // source was paused waiting for the answer and resumes.
+    let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = format!("tcp:{}", listener.local_addr().unwrap());
+    let silent = std::thread::spawn(move || {
+        let (mut conn, _) = listener.accept().unwrap();
+        read_until_end(&mut conn);
+    });
+    assert_eq!(ctl(&api, &["migrate", &addr])["ok"], true);
+    silent.join().unwrap();
+    let info = wait_phase(&api, "failed");
+    assert_eq!(info["migration"]["rounds"].as_u64().map(|r| r >= 1), Some(true), "{info}");
+    let seen = passes(&src.stdout()).len();
+    src.wait_passes(seen, 2);
+
+    // The second real attempt, over a Unix socket, succeeds.
+    let before = src.stdout();
+    let addr = format!("unix:{}", dir.join("mig.sock").display());
+    migrate_and_check(&dir, &mut src, &api, &addr, &before);
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+/// Polls `info` until the migration reaches `phase`.
+fn wait_phase(api: &Path, phase: &str) -> serde_json::Value {
+    let start = std::time::Instant::now();
+    loop {
+        let info = ctl(api, &["info"]);
+        if info["migration"]["phase"] == phase {
+            return info;
+        }
+        assert!(start.elapsed().as_secs() < 300, "{info}");
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    }
+}
+
+/// Polls `info` until the migration has done `rounds` rounds.
+fn wait_rounds(api: &Path, rounds: u64) -> serde_json::Value {
+    let start = std::time::Instant::now();
+    loop {
+        let info = ctl(api, &["info"]);
+        if info["migration"]["rounds"].as_u64().unwrap_or(0) >= rounds {
+            return info;
+        }
+        assert!(start.elapsed().as_secs() < 300, "{info}");
+        std::thread::sleep(std::time::Duration::from_millis(5));
+    }
+}
+
+/// Reads a migration stream up to its END record (type 6).
+fn read_until_end(conn: &mut impl Read) {
+    let mut header = [0u8; 16];
+    conn.read_exact(&mut header).unwrap();
+    assert_eq!(&header[..8], b"NKVMMIG\0");
+    loop {
+        let mut head = [0u8; 5];
+        conn.read_exact(&mut head).unwrap();
+        let len = u32::from_le_bytes(head[1..].try_into().unwrap());
+        let mut payload = vec![0u8; len as usize];
+        conn.read_exact(&mut payload).unwrap();
+        if head[0] == 6 {
+            return;
+        }
+    }
+}
+
+#[test]
+fn a_bad_stream_is_refused_with_an_error() {
+    let dir = scratch("migrate-bad");
+    let port = free_port();
+    let mut dest = destination(&format!("tcp:127.0.0.1:{port}"), &dir.join("d.sock"));
+    let mut conn = std::net::TcpStream::connect(("127.0.0.1", port)).unwrap();
+    conn.write_all(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n").unwrap();
+    let mut answer = Vec::new();
+    let _ = conn.read_to_end(&mut answer);
+    assert_eq!(answer.first(), Some(&0x81), "a FAILED answer: {answer:?}");
+    assert!(String::from_utf8_lossy(&answer).contains("not an nkvm migration stream"));
+    assert!(!dest.wait_exit());
+    assert!(dest.stderr().contains("not an nkvm migration stream"), "{}", dest.stderr());
+    let _ = std::fs::remove_dir_all(&dir);
+}
