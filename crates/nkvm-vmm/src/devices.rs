@@ -4,7 +4,7 @@
 
 use std::os::unix::net::UnixStream;
 use std::path::PathBuf;
-use std::process::{Child, Command};
+use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
 use nkvm::io::{IoHandler, IoRange, Ordering, SocketOptions};
@@ -12,6 +12,7 @@ use nkvm::Vm;
 use nkvm_devices::IoDevice;
 
 use crate::cli::DeviceModel;
+use crate::console::{PanicWatch, WatchedConsole};
 
 /// An nkvm-devices model as an in-process nkvm handler.
 pub struct InProcess<D>(pub D);
@@ -56,22 +57,56 @@ pub enum DeviceProcessError {
 pub struct DeviceProcess {
     child: Child,
     socket: PathBuf,
+    /// The thread copying the child's output through a [`WatchedConsole`]
+    /// (a serial console): joined on drop, after the child ends, so every
+    /// line it wrote has been seen.
+    console: Option<std::thread::JoinHandle<()>>,
 }
 
 impl DeviceProcess {
     /// Starts `nkvm device --model MODEL` and attaches its socket to `range`.
     pub fn attach(vm: &Vm, model: DeviceModel, range: IoRange, ordering: Ordering) -> Result<Self, DeviceProcessError> {
+        Self::start(vm, model, range, ordering, None)
+    }
+
+    /// Starts the 16550 in its own process, its output (the guest's
+    /// console) copied to this process's stdout through a
+    /// [`WatchedConsole`], so a guest kernel's panic is seen as it is with
+    /// the serial port in process.
+    pub fn attach_console(vm: &Vm, range: IoRange, watch: PanicWatch) -> Result<Self, DeviceProcessError> {
+        Self::start(vm, DeviceModel::Serial, range, Ordering::Sync, Some(watch))
+    }
+
+    fn start(
+        vm: &Vm,
+        model: DeviceModel,
+        range: IoRange,
+        ordering: Ordering,
+        watch: Option<PanicWatch>,
+    ) -> Result<Self, DeviceProcessError> {
         let exe = std::env::current_exe().map_err(|source| DeviceProcessError::Spawn { model, source })?;
         let socket = std::env::temp_dir().join(format!("nkvm-{}-{model:?}.sock", std::process::id()).to_lowercase());
         // The name `nkvm device --model` takes (clap's spelling: pm-timer).
         let model_arg = clap::ValueEnum::to_possible_value(&model)
             .map_or_else(|| format!("{model:?}").to_lowercase(), |v| v.get_name().to_string());
-        let child = Command::new(exe)
-            .args(["device", "--model", &model_arg, "--socket"])
-            .arg(&socket)
-            .spawn()
-            .map_err(|source| DeviceProcessError::Spawn { model, source })?;
-        let process = DeviceProcess { child, socket };
+        let mut command = Command::new(exe);
+        command.args(["device", "--model", &model_arg, "--socket"]).arg(&socket);
+        if watch.is_some() {
+            command.stdout(Stdio::piped());
+        }
+        let mut child = command.spawn().map_err(|source| DeviceProcessError::Spawn { model, source })?;
+        let console = match (watch, child.stdout.take()) {
+            (Some(watch), Some(mut output)) => {
+                let copy = std::thread::Builder::new().name("console".into()).spawn(move || {
+                    let mut console = WatchedConsole::new(std::io::stdout(), watch);
+                    // Ends at EOF, when the child has ended.
+                    let _ = std::io::copy(&mut output, &mut console);
+                });
+                Some(copy.map_err(|source| DeviceProcessError::Spawn { model, source })?)
+            }
+            _ => None,
+        };
+        let process = DeviceProcess { child, socket, console };
         let deadline = Instant::now() + Duration::from_secs(10);
         let stream = loop {
             match UnixStream::connect(&process.socket) {
@@ -93,6 +128,9 @@ impl Drop for DeviceProcess {
     fn drop(&mut self) {
         let _ = self.child.kill();
         let _ = self.child.wait();
+        if let Some(console) = self.console.take() {
+            let _ = console.join();
+        }
         let _ = std::fs::remove_file(&self.socket);
     }
 }

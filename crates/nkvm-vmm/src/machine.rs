@@ -10,14 +10,14 @@ use std::sync::mpsc;
 use std::sync::{Arc, Mutex};
 use std::thread;
 
-use nkvm::io::{IoRange, Ordering};
+use nkvm::io::IoRange;
 use nkvm::{Exit, ExitStats, GuestAddress, Hypervisor, LineTracer, LongMode, RunState, Vcpu, Vm, VmConfig};
 use nkvm_devices::power::PowerEvent;
 use nkvm_devices::serial::Serial;
 
 use crate::acpi::{self, PlatformRequest};
 use crate::builtin;
-use crate::cli::{DeviceModel, RunArgs};
+use crate::cli::RunArgs;
 use crate::cmdline;
 use crate::console::{PanicWatch, WatchedConsole};
 use crate::control::Control;
@@ -292,7 +292,7 @@ fn run_kernel(args: &RunArgs, boot: &Boot) -> Result<ExitCode, MachineError> {
     let panic = PanicWatch::default();
     let mut input = None;
     if args.device_process {
-        processes.push(DeviceProcess::attach(&vm, DeviceModel::Serial, com1, Ordering::Sync)?);
+        processes.push(DeviceProcess::attach_console(&vm, com1, panic.clone())?);
     } else {
         let console = WatchedConsole::new(io::stdout(), panic.clone());
         let serial: SharedSerial = Arc::new(Mutex::new(Serial::new(ioapic.line(usize::from(acpi::COM1_IRQ)), console)));
@@ -350,6 +350,9 @@ fn run_kernel(args: &RunArgs, boot: &Boot) -> Result<ExitCode, MachineError> {
         .map_err(MachineError::Thread)?;
     }
     let mut outcome = run_vcpus(vcpus, &vm, &shared)?;
+    // The vCPUs are done: end the device processes now, which also lets a
+    // console process's last lines reach the panic watch.
+    drop(std::mem::take(&mut processes));
     if shared.escaped.load(SeqCst) {
         outcome = Outcome::Escaped;
     } else if let Some(status) = *shared.test_exit.lock().unwrap_or_else(|p| p.into_inner()) {
