@@ -298,7 +298,7 @@ impl Builder {
     /// vectors' irqfds go to the backend, and no worker serves them here.
     fn add_vhost_user(&mut self, mut device: VhostUserDevice) -> Result<(), PciSetupError> {
         let queues = device.queue_max_sizes().len();
-        let sink = IrqfdSink::new(&self.vm, queues as u16 + 1, &mut self.next_gsi)?;
+        let sink = IrqfdSink::external(&self.vm, queues as u16 + 1, &mut self.next_gsi)?;
         let notifier = QueueNotifier::without_worker(queues).map_err(PciSetupError::Eventfds)?;
         let kicks = notifier.eventfds().iter().map(EventFd::try_clone).collect::<io::Result<Vec<_>>>();
         let vectors = sink.vectors.iter().map(|(_, fd)| fd.try_clone()).collect::<io::Result<Vec<_>>>();
@@ -329,9 +329,21 @@ impl Builder {
 
 /// MSI-X vectors as irqfds: vector N raises GSI `base + N`, whose MSI route
 /// follows the guest's table entry.
+///
+/// A vector's irqfd raises nothing while the vector is masked (its route is
+/// gone). An in-process device signals through [`Msix`](nkvm_devices::pci::msix),
+/// which keeps the pending bit; a vhost-user backend (a device process or a
+/// foreign one) writes the irqfd itself, so nobody can tell whether it
+/// signalled while masked. For those (`external`) the sink raises the vector
+/// once when it is unmasked: at worst one spurious interrupt, which virtio
+/// drivers take as "nothing new in the used ring", never a lost one.
 struct IrqfdSink {
     vm: Weak<Vm>,
     vectors: Vec<(u32, EventFd)>,
+    /// Whether each vector has a route now.
+    routed: Vec<bool>,
+    /// A backend writes the irqfds directly.
+    external: bool,
 }
 
 impl IrqfdSink {
@@ -344,7 +356,13 @@ impl IrqfdSink {
             vm.irqfd(gsi, &fd)?;
             vectors.push((gsi, fd));
         }
-        Ok(Self { vm: Arc::downgrade(vm), vectors })
+        let routed = vec![false; vectors.len()];
+        Ok(Self { vm: Arc::downgrade(vm), vectors, routed, external: false })
+    }
+
+    /// The same, for vectors a vhost-user backend raises directly.
+    fn external(vm: &Arc<Vm>, count: u16, next_gsi: &mut u32) -> Result<Self, PciSetupError> {
+        Ok(Self { external: true, ..Self::new(vm, count, next_gsi)? })
     }
 }
 
@@ -365,6 +383,12 @@ impl MsiSink for IrqfdSink {
         let msi = message.map(|m| nkvm::MsiMessage { address: m.address, data: m.data });
         if let Err(e) = vm.set_msi_route(*gsi, msi) {
             log::error!("pci: cannot route MSI-X vector {vector} (GSI {gsi}) to {msi:?}: {e}");
+            return;
+        }
+        let was = std::mem::replace(&mut self.routed[usize::from(vector)], msi.is_some());
+        if self.external && msi.is_some() && !was {
+            // The backend may have signalled while the vector had no route.
+            self.signal(vector);
         }
     }
 }
