@@ -177,10 +177,19 @@ pub fn set_apic_id(cpuid: &mut nkvm::Cpuid, id: u32) {
     }
 }
 
+/// KVM paravirtual features (leaf 0x4000_0001 EAX) a guest uses through a
+/// hypercall: PV_UNHALT (spinlock kicks), PV_SEND_IPI, PV_SCHED_YIELD and
+/// HC_MAP_GPA_RANGE.
+const HYPERCALL_FEATURES: [(u32, &str); 4] =
+    [(7, "kvm-pv-unhalt"), (11, "kvm-pv-ipi"), (13, "kvm-pv-sched-yield"), (16, "kvm-hc-map-gpa-range")];
+
 /// Clears CPUID features whose instructions KVM on this nested host fails
 /// to run in a guest (they come back as emulation failures): CX16
 /// (`cmpxchg16b`), XSAVE/OSXSAVE (`xrstor`) and the AVX family that needs
-/// XSAVE. Returns the names of what it hid.
+/// XSAVE; and the KVM paravirtual features that make hypercalls, which this
+/// host cannot complete (`vmcall` never returns, and KVM's emulator
+/// "fixes" a `vmmcall` by writing the kernel's read-only text, a fatal #PF
+/// in the guest's spinlock kick). Returns the names of what it hid.
 pub fn mask_unrunnable(cpuid: &mut nkvm::Cpuid) -> Vec<&'static str> {
     let mut hidden = Vec::new();
     for e in cpuid.as_mut_slice().iter_mut() {
@@ -215,8 +224,36 @@ pub fn mask_unrunnable(cpuid: &mut nkvm::Cpuid) -> Vec<&'static str> {
                 e.ecx = 0;
                 e.edx = 0;
             }
+            0x4000_0001 => {
+                for (bit, name) in HYPERCALL_FEATURES {
+                    if e.eax & (1 << bit) != 0 {
+                        e.eax &= !(1 << bit);
+                        hidden.push(name);
+                    }
+                }
+            }
             _ => {}
         }
     }
     hidden
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_hypercall_features_and_the_unrunnable_instructions_are_hidden() {
+        let mut cpuid = nkvm::Cpuid::new(2).unwrap();
+        let entries = cpuid.as_mut_slice();
+        entries[0].function = 1;
+        entries[0].ecx = 1 << 13 | 1;
+        entries[1].function = 0x4000_0001;
+        entries[1].eax = u32::MAX;
+        let hidden = mask_unrunnable(&mut cpuid);
+        assert_eq!(hidden, ["cx16", "kvm-pv-unhalt", "kvm-pv-ipi", "kvm-pv-sched-yield", "kvm-hc-map-gpa-range"]);
+        let e = cpuid.as_slice();
+        assert_eq!(e[0].ecx, 1, "SSE3 stays");
+        assert_eq!(e[1].eax, !(1 << 7 | 1 << 11 | 1 << 13 | 1 << 16), "the clock and the other PV features stay");
+    }
 }
