@@ -29,12 +29,24 @@ impl DirtySource for RamWrites {
             let start = region.start_addr().0;
             let mapping: &MmapRegion<_> = region;
             // One bit per host page, 4 KiB on x86-64 as nkvm's pages are.
+            // Runs of set bits go to `mark` as one range each.
+            let mut run: Option<(u64, u64)> = None;
             for (w, mut bits) in mapping.bitmap().get_and_reset().into_iter().enumerate() {
                 while bits != 0 {
                     let page = w as u64 * 64 + u64::from(bits.trailing_zeros());
                     bits &= bits - 1;
-                    mark(GuestAddress(start + page * PAGE_SIZE), PAGE_SIZE);
+                    run = match run {
+                        Some((first, n)) if first + n == page => Some((first, n + 1)),
+                        Some((first, n)) => {
+                            mark(GuestAddress(start + first * PAGE_SIZE), n * PAGE_SIZE);
+                            Some((page, 1))
+                        }
+                        None => Some((page, 1)),
+                    };
                 }
+            }
+            if let Some((first, n)) = run {
+                mark(GuestAddress(start + first * PAGE_SIZE), n * PAGE_SIZE);
             }
         }
     }
