@@ -26,7 +26,9 @@ use nkvm_devices::virtio::{Block, Console, GuestRam, VirtioDevice, VIRTIO_F_VERS
 use vhost::vhost_user::message::{VhostUserProtocolFeatures, VhostUserVirtioFeatures};
 use vhost::vhost_user::Listener;
 use vhost_user_backend::{VhostUserBackendMut, VhostUserDaemon, VringRwLock, VringT};
-use vm_memory::{GuestAddressSpace, GuestMemoryAtomic};
+use vm_memory::{
+    FileOffset, GuestAddressSpace, GuestMemoryAtomic, GuestMemoryBackend, GuestMemoryMmap, GuestMemoryRegion,
+};
 use vmm_sys_util::epoll::EventSet;
 
 use crate::cli::{DeviceArgs, DeviceModel};
@@ -64,12 +66,32 @@ pub enum VirtioProcessError {
 }
 
 /// The guest RAM the VMM handed over, as vhost-user-backend keeps it.
-type Ram = GuestMemoryAtomic<GuestRam>;
+///
+/// Without a bitmap: pages a device process writes do not reach the VMM's
+/// dirty log yet. vhost-user's own log (`VHOST_USER_SET_LOG_BASE`, a
+/// shared bitmap the backend marks and the VMM folds into
+/// `Vm::mark_dirty`) is the way to get them there.
+type Ram = GuestMemoryAtomic<GuestMemoryMmap<()>>;
+
+/// A second mapping of the regions in `mem`, as the device models take
+/// guest memory (with a write bitmap nobody reads in this process).
+fn model_view(mem: &GuestMemoryMmap<()>) -> io::Result<GuestRam> {
+    let ranges = mem
+        .iter()
+        .map(|r| {
+            let file = r.file_offset().ok_or_else(|| io::Error::other("a guest memory region without a file"))?;
+            let file = FileOffset::new(file.file().try_clone()?, file.start());
+            Ok((r.start_addr(), r.len() as usize, Some(file)))
+        })
+        .collect::<io::Result<Vec<_>>>()?;
+    GuestRam::from_ranges_with_files(ranges).map_err(io::Error::other)
+}
 
 /// A virtio model as a vhost-user backend.
 struct ModelBackend<D> {
     model: D,
-    mem: Ram,
+    /// The models' view of `Ram`, remapped on every memory update.
+    mem: GuestRam,
     /// Make a forbidden call on the first request (tests only).
     forbidden_call: bool,
 }
@@ -103,7 +125,7 @@ impl<D: VirtioDevice + Sync> VhostUserBackendMut for ModelBackend<D> {
     }
 
     fn update_memory(&mut self, mem: Ram) -> io::Result<()> {
-        self.mem = mem;
+        self.mem = model_view(&mem.memory())?;
         Ok(())
     }
 
@@ -115,9 +137,8 @@ impl<D: VirtioDevice + Sync> VhostUserBackendMut for ModelBackend<D> {
             // process here.
             let _ = std::net::UdpSocket::bind("127.0.0.1:0");
         }
-        let mem = self.mem.memory();
         let mut state = vring.get_mut();
-        let used = self.model.process_queue(index, state.get_queue_mut(), &mem).map_err(io::Error::other)?;
+        let used = self.model.process_queue(index, state.get_queue_mut(), &self.mem).map_err(io::Error::other)?;
         if used {
             state.signal_used_queue()?;
         }
@@ -151,10 +172,10 @@ fn serve<D: VirtioDevice + Sync + 'static>(
     // the sandbox does not allow unlink, the VMM removes the file.
     let mut listener = Listener::from(listener);
     sandbox::enter(calls).map_err(VirtioProcessError::Sandbox)?;
-    let backend = Arc::new(Mutex::new(ModelBackend { model, mem: Ram::new(GuestRam::new()), forbidden_call }));
+    let backend = Arc::new(Mutex::new(ModelBackend { model, mem: GuestRam::new(), forbidden_call }));
     let daemon_err = |e: vhost_user_backend::Error| VirtioProcessError::Daemon(e.to_string());
     let name = format!("{:?}", args.model).to_lowercase();
-    let mut daemon = VhostUserDaemon::new(name, backend, Ram::new(GuestRam::new())).map_err(daemon_err)?;
+    let mut daemon = VhostUserDaemon::new(name, backend, Ram::new(GuestMemoryMmap::new())).map_err(daemon_err)?;
     daemon.start(&mut listener).map_err(daemon_err)?;
     // One connection is all it serves: the listening socket goes.
     drop(listener);

@@ -232,6 +232,21 @@ pub(crate) fn low_bits(n: u64) -> u64 {
     }
 }
 
+/// Pages written into guest memory by something other than the guest's
+/// vCPUs (a device model writing through its own mapping of guest RAM),
+/// recorded by that writer and drained into the VM's dirty log by
+/// [`Vm::sync_dirty_log`](crate::Vm::sync_dirty_log); see
+/// [`Vm::add_dirty_source`](crate::Vm::add_dirty_source).
+///
+/// A writer should record cheaply (an atomic bit set per page written) and
+/// clear a record only inside [`drain`](Self::drain), as it hands it over:
+/// then no write is lost between two syncs.
+pub trait DirtySource: Send + Sync + std::fmt::Debug {
+    /// Calls `mark(gpa, len)` for every range written since the last call,
+    /// clearing the record as it goes.
+    fn drain(&self, mark: &mut dyn FnMut(GuestAddress, u64));
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -66,7 +66,7 @@ pub mod vcpu;
 pub mod vm;
 
 pub use address::GuestAddress;
-pub use dirty::{DirtyLogMode, DirtyPages};
+pub use dirty::{DirtyLogMode, DirtyPages, DirtySource};
 pub use exit::{Exit, InternalError, SystemEvent};
 pub use hypervisor::{Capabilities, Hypervisor, HypervisorError};
 pub use io::{IoHandler, IoRange, IoRegionError, IoSpace, RegionId};

@@ -538,3 +538,46 @@ fn dropping_the_host_mapping_of_a_page_keeps_its_bytes_for_guest_and_host() {
     assert_eq!(u16::from_le_bytes(host), 0x1234);
     assert!(vm.memory().drop_host_mapping(GuestAddress(RAM + 0x1000)).is_err(), "unmapped address");
 }
+
+/// Pages written by someone other than the guest, recorded by that writer.
+#[derive(Debug, Default)]
+struct Writes(std::sync::Mutex<Vec<(GuestAddress, u64)>>);
+
+impl nkvm::DirtySource for Writes {
+    fn drain(&self, mark: &mut dyn FnMut(GuestAddress, u64)) {
+        for (gpa, len) in self.0.lock().unwrap().drain(..) {
+            mark(gpa, len);
+        }
+    }
+}
+
+/// A `DirtySource`'s pages land in the same log as the guest's own writes,
+/// at the next sync and not before; ranges outside dirty-logged regions are
+/// ignored.
+#[test]
+fn a_dirty_source_feeds_the_same_log_as_the_guest() {
+    in_each_mode(|mode| {
+        let vm = small_vm_with(mode);
+        let mem = Backing::new("data", 0x100000).unwrap();
+        let base = 0x100_0000u64;
+        let regions = vec![ram_region(&vm), Region::new(GuestAddress(base), &mem, 0, 0x100000).dirty_logged()];
+        vm.set_memory_map(MemoryMap::new(regions).unwrap()).unwrap();
+        let writes = Arc::new(Writes::default());
+        vm.add_dirty_source(writes.clone());
+        let page = |n: u64| GuestAddress(base + n * PAGE_SIZE);
+        let mut vcpu = long_mode_guest(&vm, 0, |a| {
+            a.mov(rbx, page(3).0).unwrap();
+            a.mov(qword_ptr(rbx), rcx).unwrap();
+            a.hlt().unwrap();
+        });
+        assert!(run_to_hlt(&mut vcpu, |_| 0).is_empty());
+        // A device wrote pages 5 and 6 (one write across both), and RAM,
+        // which is not dirty-logged.
+        writes.0.lock().unwrap().extend([(GuestAddress(page(5).0 + PAGE_SIZE - 8), 16), (GuestAddress(0x1000), 8)]);
+        assert!(vm.collect_dirty(page(0), 0x100000, 100).unwrap().pages.is_empty(), "not before the sync");
+        vm.sync_dirty_log().unwrap();
+        assert_eq!(vm.collect_dirty(GuestAddress(0), base + 0x100000, 100).unwrap().pages, [page(3), page(5), page(6)]);
+        vm.sync_dirty_log().unwrap();
+        assert!(vm.collect_dirty(GuestAddress(0), base + 0x100000, 100).unwrap().pages.is_empty(), "drained once");
+    });
+}

@@ -32,10 +32,15 @@ pub use console::Console;
 pub use pci::{VirtioPci, VirtioPciError};
 
 use virtio_queue::Queue;
+use vm_memory::bitmap::AtomicBitmap;
 use vm_memory::GuestMemoryMmap;
 
-/// Guest memory as virtio devices see it.
-pub type GuestRam = GuestMemoryMmap<()>;
+/// Guest memory as virtio devices see it. Every write made through it
+/// (data buffers, used-ring entries written by `virtio-queue`) sets a bit
+/// per page in its region's [`AtomicBitmap`], one atomic OR per write, so a
+/// VMM can fold those pages into its dirty log; the bits are reset only by
+/// whoever drains them (`AtomicBitmap::get_and_reset`).
+pub type GuestRam = GuestMemoryMmap<AtomicBitmap>;
 
 /// Feature bit: virtio 1.x (modern) device.
 pub const VIRTIO_F_VERSION_1: u64 = 1 << virtio_bindings::virtio_config::VIRTIO_F_VERSION_1;

@@ -20,6 +20,7 @@
 //! dies.
 
 pub mod device_process;
+mod dirty;
 mod notify;
 pub mod vhost_user;
 
@@ -190,6 +191,7 @@ pub fn attach(vm: &Arc<Vm>, config: &PciConfig) -> Result<Attached, PciSetupErro
         window: Window { next: PCI_MMIO_BASE },
         notifiers: HashMap::new(),
     };
+    vm.add_dirty_source(Arc::new(dirty::RamWrites(builder.mem.clone())));
     let mut attached = Attached::default();
     match &config.disk {
         Some(Disk::Image(path)) if config.device_process.is_some() => {

@@ -479,3 +479,36 @@ fn disk_specs_parse() {
     assert_eq!("vhost-user:/run/d.sock".parse::<Disk>(), Ok(Disk::VhostUser("/run/d.sock".into())));
     assert!("vhost-user:".parse::<Disk>().is_err());
 }
+
+/// Pages the in-process block device writes (the read's data buffer, the
+/// used ring) reach the VM's dirty log, through the write bitmap of its
+/// guest-RAM mapping; pages it only reads do not.
+#[test]
+fn pages_the_block_device_writes_land_in_the_dirty_log() {
+    let image = test_image("dirty");
+    let mut guest = Guest::boot(BAR, Disk::Image(image.clone()));
+    let map = guest.vm.memory();
+    let logged = map.regions().iter().map(|r| r.clone().dirty_logged()).collect();
+    guest.vm.set_memory_map(nkvm::MemoryMap::new(logged).unwrap()).unwrap();
+    let ram = guest.vm.memory().regions().iter().map(|r| r.end()).max().unwrap();
+    let dirty = |vm: &Vm| {
+        vm.sync_dirty_log().unwrap();
+        let pages = vm.collect_dirty(GuestAddress(0), ram, usize::MAX).unwrap();
+        assert!(pages.next.is_none());
+        pages.pages.into_iter().map(|g| g.0).collect::<Vec<_>>()
+    };
+    // What the test itself wrote (code, tables, requests) is collected here.
+    dirty(&guest.vm);
+    assert!(dirty(&guest.vm).is_empty(), "nothing written since the last collection");
+    guest.expect_disk_io(&image);
+    let _ = std::fs::remove_file(&image);
+    let pages = dirty(&guest.vm);
+    for (what, gpa) in [("the read's data buffer", DATA2), ("its status byte", STATUS2), ("the used ring", USED)] {
+        assert!(pages.contains(&gpa), "{what} at {gpa:#x} is not in the dirty log: {pages:x?}");
+    }
+    for (what, gpa) in [("the descriptor table", DESC), ("the available ring", AVAIL), ("the write's data", DATA)] {
+        assert!(!pages.contains(&gpa), "{what} at {gpa:#x} was only read, yet is in the dirty log");
+    }
+    // Drained once: the device's bits were cleared as they were folded in.
+    assert!(!dirty(&guest.vm).contains(&USED), "the used ring reported twice");
+}

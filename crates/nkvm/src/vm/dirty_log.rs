@@ -7,7 +7,7 @@ use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 
 use super::{MapState, Vm, VmError};
-use crate::dirty::{low_bits, DirtyPages, PageBitmap};
+use crate::dirty::{low_bits, DirtyPages, DirtySource, PageBitmap};
 use crate::memory::{Region, PAGE_SIZE};
 use crate::sys::ring::{reset_dirty_rings, DirtyRing};
 use crate::GuestAddress;
@@ -23,6 +23,8 @@ pub(super) struct DirtyShared {
     pub(super) rings: Mutex<Vec<(u32, Arc<DirtyRing>)>>,
     /// A duplicate of the VM fd, for `KVM_RESET_DIRTY_RINGS`.
     pub(super) vm_file: std::fs::File,
+    /// Other writers of guest memory, drained on every sync.
+    pub(super) sources: Mutex<Vec<Arc<dyn DirtySource>>>,
 }
 
 impl DirtyShared {
@@ -120,10 +122,29 @@ impl Vm {
         }
     }
 
-    /// Folds KVM's dirty log of every dirty-logged slot into the bitmaps
-    /// kept in user memory (one per backing object). Call it before
+    /// Adds a writer of guest memory whose writes
+    /// [`sync_dirty_log`](Self::sync_dirty_log) folds into this VM's dirty
+    /// log, next to the guest's own: for example a VMM's in-process virtio
+    /// devices, writing through a vm-memory mapping with an
+    /// `AtomicBitmap`. Ranges outside dirty-logged regions are ignored.
+    pub fn add_dirty_source(&self, source: Arc<dyn DirtySource>) {
+        self.shared.sources.lock().unwrap_or_else(|p| p.into_inner()).push(source);
+    }
+
+    /// Moves every [`DirtySource`]'s pages into the bitmaps.
+    fn drain_dirty_sources(&self) {
+        let sources = self.shared.sources.lock().unwrap_or_else(|p| p.into_inner());
+        for source in sources.iter() {
+            source.drain(&mut |gpa, len| self.mark_dirty(gpa, len));
+        }
+    }
+
+    /// Folds KVM's dirty log of every dirty-logged slot, and the pages of
+    /// every [`DirtySource`], into the bitmaps kept in user memory (one per
+    /// backing object). Call it before
     /// [`collect_dirty`](Self::collect_dirty) to see the latest writes.
     pub fn sync_dirty_log(&self) -> Result<(), VmError> {
+        self.drain_dirty_sources();
         let mut state = self.shared.state.lock().unwrap_or_else(|p| p.into_inner());
         if self.shared.ring_bytes > 0 {
             return self.shared.harvest_rings(&mut state).map(drop).map_err(VmError::DirtyRing);

@@ -259,6 +259,7 @@ impl Vm {
                 ring_bytes,
                 rings: Mutex::new(Vec::new()),
                 vm_file,
+                sources: Mutex::new(Vec::new()),
             }),
             gate: PauseGate::new(),
             manual_protect,

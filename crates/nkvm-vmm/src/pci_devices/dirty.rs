@@ -1,0 +1,53 @@
+//! Pages the in-process virtio devices write into guest RAM, handed to the
+//! VM's dirty log.
+//!
+//! The devices reach guest RAM through a vm-memory mapping of the RAM memfd
+//! ([`GuestRam`]), not through the guest's page tables, so KVM never sees
+//! those writes. Every write through that mapping — a virtio-blk read's data
+//! buffer, a console input buffer, a used-ring entry `virtio-queue` writes —
+//! sets one bit per page in its region's `AtomicBitmap` (an atomic OR).
+//! [`RamWrites`] drains those bits into nkvm's log on every
+//! [`Vm::sync_dirty_log`](nkvm::Vm::sync_dirty_log); a bit is cleared only
+//! there, by an atomic swap, so no write between two syncs is lost.
+//!
+//! Devices in a device process (vhost-user) write through their own mapping
+//! and are not covered: vhost-user's log (`VHOST_USER_SET_LOG_BASE`, a
+//! bitmap shared with the backend) would be the way to bring theirs in.
+
+use nkvm::{DirtySource, GuestAddress, PAGE_SIZE};
+use nkvm_devices::virtio::GuestRam;
+use vm_memory::{GuestMemoryBackend, GuestMemoryRegion, MmapRegion};
+
+/// The write bitmaps of the in-process devices' view of guest RAM, as a
+/// [`DirtySource`] of the VM.
+#[derive(Debug)]
+pub struct RamWrites(pub GuestRam);
+
+impl DirtySource for RamWrites {
+    fn drain(&self, mark: &mut dyn FnMut(GuestAddress, u64)) {
+        for region in self.0.iter() {
+            let start = region.start_addr().0;
+            let mapping: &MmapRegion<_> = region;
+            // One bit per host page, 4 KiB on x86-64 as nkvm's pages are.
+            // Runs of set bits go to `mark` as one range each.
+            let mut run: Option<(u64, u64)> = None;
+            for (w, mut bits) in mapping.bitmap().get_and_reset().into_iter().enumerate() {
+                while bits != 0 {
+                    let page = w as u64 * 64 + u64::from(bits.trailing_zeros());
+                    bits &= bits - 1;
+                    run = match run {
+                        Some((first, n)) if first + n == page => Some((first, n + 1)),
+                        Some((first, n)) => {
+                            mark(GuestAddress(start + first * PAGE_SIZE), n * PAGE_SIZE);
+                            Some((page, 1))
+                        }
+                        None => Some((page, 1)),
+                    };
+                }
+            }
+            if let Some((first, n)) = run {
+                mark(GuestAddress(start + first * PAGE_SIZE), n * PAGE_SIZE);
+            }
+        }
+    }
+}
