@@ -168,10 +168,10 @@ extern "C" fn on_sigsys(_signal: libc::c_int, info: *mut libc::siginfo_t, _conte
     }
     line[at] = b'\n';
     at += 1;
-    // SAFETY: write, signal and raise are async-signal-safe; `line` is a
-    // live buffer of at least `at` bytes. With SIGSYS back to its default
-    // action and raised (blocked while this handler runs), the process
-    // dies of it as soon as the handler returns.
+    // With SIGSYS back to its default action and raised (blocked while
+    // this handler runs), the process dies of it as soon as the handler
+    // returns.
+    // SAFETY: write, signal and raise are async-signal-safe; `line` is a live buffer of at least `at` bytes.
     unsafe {
         libc::write(libc::STDERR_FILENO, line.as_ptr().cast(), at);
         libc::signal(libc::SIGSYS, libc::SIG_DFL);

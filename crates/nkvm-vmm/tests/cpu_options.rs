@@ -3,9 +3,13 @@
 //! reports what it finds through the test-exit port, so nkvm's exit status
 //! is `(value << 1) | 1`.
 
+#[allow(dead_code)] // this test runs nkvm itself, not through run_kernel
+mod common;
+
 use std::path::PathBuf;
 use std::process::{Command, Output, Stdio};
 
+use common::{elf32, write_temp};
 use iced_x86::code_asm::*;
 
 const LOAD: u32 = 0x40_0000;
@@ -24,44 +28,11 @@ fn nkvm(args: &[&str]) -> Output {
     Command::new(env!("CARGO_BIN_EXE_nkvm")).args(args).stdin(Stdio::null()).output().expect("run nkvm")
 }
 
-/// An ELF32 multiboot kernel holding `code` at [`LOAD`].
-fn elf32(code: &[u8]) -> Vec<u8> {
-    const CODE_AT: usize = 0x100;
-    let mut img = vec![0u8; CODE_AT];
-    let put16 = |img: &mut Vec<u8>, at: usize, v: u16| img[at..at + 2].copy_from_slice(&v.to_le_bytes());
-    let put32 = |img: &mut Vec<u8>, at: usize, v: u32| img[at..at + 4].copy_from_slice(&v.to_le_bytes());
-    img[..7].copy_from_slice(b"\x7fELF\x01\x01\x01");
-    put16(&mut img, 16, 2); // ET_EXEC
-    put16(&mut img, 18, 3); // EM_386
-    put32(&mut img, 24, LOAD); // entry
-    put32(&mut img, 28, 52); // phoff
-    put16(&mut img, 40, 52); // ehsize
-    put16(&mut img, 42, 32); // phentsize
-    put16(&mut img, 44, 1); // phnum
-    put32(&mut img, 52, 1); // PT_LOAD
-    put32(&mut img, 56, CODE_AT as u32);
-    put32(&mut img, 60, LOAD);
-    put32(&mut img, 64, LOAD);
-    put32(&mut img, 68, code.len() as u32);
-    put32(&mut img, 72, code.len() as u32);
-    put32(&mut img, 76, 7); // RWX
-    let magic = 0x1bad_b002u32;
-    put32(&mut img, 0x80, magic);
-    put32(&mut img, 0x84, 0);
-    put32(&mut img, 0x88, 0u32.wrapping_sub(magic));
-    img.extend_from_slice(code);
-    img
-}
-
 fn kernel(name: &str, body: impl FnOnce(&mut CodeAssembler)) -> PathBuf {
     let mut a = CodeAssembler::new(32).unwrap();
     body(&mut a);
     let code = a.assemble(u64::from(LOAD)).unwrap();
-    let dir = std::env::temp_dir().join(format!("nkvm-cpu-options-{}", std::process::id()));
-    std::fs::create_dir_all(&dir).unwrap();
-    let path = dir.join(name);
-    std::fs::write(&path, elf32(&code)).unwrap();
-    path
+    write_temp(name, &elf32(&code, LOAD))
 }
 
 /// Writes `status` to the test-exit port (ends the VM).
