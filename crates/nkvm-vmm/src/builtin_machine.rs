@@ -12,7 +12,7 @@ use nkvm::io::{IoHandler, IoRange, Ordering};
 use nkvm::{ExitStats, GuestAddress, Hypervisor, LineTracer, LongMode, Vm, VmConfig};
 use nkvm_devices::serial::Serial;
 use nkvm_devices::test_device::{TestDevice, TEST_DEVICE_SIZE};
-use nkvm_devices::{IoDevice, Snapshot};
+use nkvm_devices::IoDevice;
 
 use crate::builtin;
 use crate::cli::{DeviceModel, RunArgs};
@@ -20,6 +20,7 @@ use crate::devices::DeviceProcess;
 use crate::machine::{self, MachineError, Shared};
 use crate::migrate::receive;
 use crate::running::Running;
+use crate::saved::{LoadError, SavedDevices};
 use crate::snapshot::{self, DecodedState, MachineConfig};
 
 /// Why a saved machine could not be brought back.
@@ -28,23 +29,9 @@ pub enum RestoreError {
     /// The snapshot or stream was refused.
     #[error(transparent)]
     Snapshot(#[from] snapshot::SnapshotError),
-    /// A device's state was refused.
-    #[error("device {name}: bad state")]
-    Device {
-        /// The device.
-        name: String,
-        /// What is wrong.
-        #[source]
-        source: nkvm_devices::SnapshotError,
-    },
-    /// The saved machine has a device this machine lacks, or lacks one it has.
-    #[error("the saved machine's devices are {found:?}; this machine has {expected:?}")]
-    DeviceSet {
-        /// Names in the saved state.
-        found: Vec<String>,
-        /// Names here.
-        expected: Vec<&'static str>,
-    },
+    /// The saved devices do not fit this machine's, or one refused its state.
+    #[error(transparent)]
+    Devices(#[from] LoadError),
     /// KVM refused the VM or a vCPU state.
     #[error(transparent)]
     State(#[from] nkvm::state::StateError),
@@ -88,54 +75,20 @@ impl<D: IoDevice + Send> IoHandler for SharedDevice<D> {
     }
 }
 
-/// The machine's device models whose state is saved.
-pub struct Devices {
-    serial: Arc<Mutex<Serial<io::Stdout>>>,
-    test: Arc<Mutex<TestDevice>>,
-}
-
-impl std::fmt::Debug for Devices {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Devices").finish_non_exhaustive()
-    }
-}
-
 /// The saved devices' names, as snapshots and streams hold them.
-const DEVICE_NAMES: [&str; 2] = ["serial", "test-device"];
+const SERIAL: &str = "serial";
+const TEST_DEVICE: &str = "test-device";
 
-impl Devices {
-    /// Attaches fresh models to `vm`.
-    pub fn attach(vm: &Vm) -> Result<Self, MachineError> {
-        let serial = Arc::new(Mutex::new(Serial::new(Box::new(|_level: bool| {}), io::stdout())));
-        let test = Arc::new(Mutex::new(TestDevice::new()));
-        vm.attach_handler(IoRange::pio(builtin::COM1, 8), Box::new(SharedDevice(serial.clone())))?;
-        vm.attach_handler(IoRange::mmio(builtin::TEST_DEVICE, TEST_DEVICE_SIZE), Box::new(SharedDevice(test.clone())))?;
-        Ok(Self { serial, test })
-    }
-
-    /// Every model's state blob, by name.
-    pub fn snapshot(&self) -> Vec<(String, Vec<u8>)> {
-        let serial = self.serial.lock().unwrap_or_else(|p| p.into_inner()).snapshot();
-        let test = self.test.lock().unwrap_or_else(|p| p.into_inner()).snapshot();
-        vec![(DEVICE_NAMES[0].into(), serial), (DEVICE_NAMES[1].into(), test)]
-    }
-
-    /// Restores every model from `blobs` (exactly this machine's set).
-    fn restore(&self, blobs: &[(String, Vec<u8>)]) -> Result<(), RestoreError> {
-        let mut found: Vec<String> = blobs.iter().map(|(n, _)| n.clone()).collect();
-        found.sort();
-        if found != DEVICE_NAMES {
-            return Err(RestoreError::DeviceSet { found, expected: DEVICE_NAMES.to_vec() });
-        }
-        for (name, blob) in blobs {
-            let err = |source| RestoreError::Device { name: name.clone(), source };
-            match name.as_str() {
-                "serial" => self.serial.lock().unwrap_or_else(|p| p.into_inner()).restore(blob).map_err(err)?,
-                _ => self.test.lock().unwrap_or_else(|p| p.into_inner()).restore(blob).map_err(err)?,
-            }
-        }
-        Ok(())
-    }
+/// Attaches fresh models to `vm`; returns them as the machine's saved set.
+pub fn attach_devices(vm: &Vm) -> Result<SavedDevices, MachineError> {
+    let serial = Arc::new(Mutex::new(Serial::new(Box::new(|_level: bool| {}), io::stdout())));
+    let test = Arc::new(Mutex::new(TestDevice::new()));
+    vm.attach_handler(IoRange::pio(builtin::COM1, 8), Box::new(SharedDevice(serial.clone())))?;
+    vm.attach_handler(IoRange::mmio(builtin::TEST_DEVICE, TEST_DEVICE_SIZE), Box::new(SharedDevice(test.clone())))?;
+    let mut saved = SavedDevices::default();
+    saved.add_shared(SERIAL, serial);
+    saved.add_shared(TEST_DEVICE, test);
+    Ok(saved)
 }
 
 /// Runs the machine as `args` say and returns the exit code.
@@ -196,13 +149,13 @@ fn prepare(
     args: &RunArgs,
     saved: Option<&DecodedState>,
 ) -> Result<(Vec<nkvm::Vcpu>, Running), RestoreError> {
-    let devices = Devices::attach(vm)?;
+    let devices = attach_devices(vm)?;
     let config = VmConfig { vcpus: vm.config().vcpus, memory: vm.config().memory, ..Default::default() };
     let machine_config = MachineConfig { cpus: config.vcpus, memory: config.memory };
     let mut vcpus = Vec::new();
     if let Some(saved) = saved {
         vm.restore_state(&saved.vm)?;
-        devices.restore(&saved.devices)?;
+        devices.restore_all(&saved.devices)?;
         for state in &saved.vcpus {
             let mut vcpu = vm.create_vcpu(state.id).map_err(nkvm::state::StateError::from)?;
             vcpu.restore_state(state)?;

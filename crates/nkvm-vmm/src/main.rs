@@ -30,6 +30,7 @@ mod pci_devices;
 mod pic_process;
 mod running;
 mod sandbox;
+mod saved;
 mod size;
 mod sleep;
 mod snapshot;

@@ -9,10 +9,10 @@ use nkvm::state::VcpuState;
 use nkvm::Vm;
 use serde_json::{json, Value};
 
-use crate::builtin_machine::Devices;
 use crate::control::ControlError;
 use crate::machine::Shared;
 use crate::migrate::MigrationStatus;
+use crate::saved::{SaveError, SavedDevices};
 use crate::snapshot::{self, MachineConfig, MachineState, SnapshotError};
 
 /// Why an operation on a running machine failed.
@@ -27,6 +27,9 @@ pub enum RunningError {
     /// Writing the snapshot failed.
     #[error(transparent)]
     Snapshot(#[from] SnapshotError),
+    /// A device's state could not be taken.
+    #[error(transparent)]
+    Save(#[from] SaveError),
     /// A migration is running; pause, resume and snapshot wait for it.
     #[error("a migration is in progress")]
     Migrating,
@@ -40,7 +43,7 @@ pub struct Running {
     /// What the vCPU threads share (the pause gate among it).
     pub shared: Arc<Shared>,
     /// The device models whose state travels.
-    pub devices: Devices,
+    pub devices: SavedDevices,
     /// What the machine was built from.
     pub config: MachineConfig,
     /// The last (or current) migration's progress.
@@ -55,7 +58,7 @@ impl std::fmt::Debug for Shared {
 
 impl Running {
     /// A handle on the machine.
-    pub fn new(vm: Arc<Vm>, shared: Arc<Shared>, devices: Devices, config: MachineConfig) -> Self {
+    pub fn new(vm: Arc<Vm>, shared: Arc<Shared>, devices: SavedDevices, config: MachineConfig) -> Self {
         Self { vm, shared, devices, config, migration: Mutex::new(MigrationStatus::default()) }
     }
 
@@ -82,7 +85,7 @@ impl Running {
             config: self.config.clone(),
             vm,
             vcpus: vcpus.iter().map(VcpuState::encode).collect(),
-            devices: self.devices.snapshot(),
+            devices: self.devices.save_all()?,
         })
     }
 

@@ -332,7 +332,7 @@ fn start_dirty_log(vm: &Vm) -> Result<(), MigrateError> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::builtin_machine::Devices;
+    use crate::builtin_machine::attach_devices;
     use crate::machine::Shared;
     use crate::snapshot::MachineConfig;
 
@@ -340,7 +340,7 @@ mod tests {
     fn a_failed_round_puts_its_pages_back_into_the_dirty_log() {
         let hv = nkvm::Hypervisor::open().unwrap();
         let vm = Arc::new(Vm::new(&hv, &nkvm::VmConfig { vcpus: 1, memory: 4 << 20, ..Default::default() }).unwrap());
-        let devices = Devices::attach(&vm).unwrap();
+        let devices = attach_devices(&vm).unwrap();
         let config = MachineConfig { cpus: 1, memory: 4 << 20 };
         let running = Running::new(vm.clone(), Arc::new(Shared::new(1)), devices, config);
         start_dirty_log(&vm).unwrap();
