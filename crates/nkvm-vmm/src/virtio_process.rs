@@ -16,6 +16,18 @@
 //! Start-up: close every inherited descriptor, open the image (virtio-blk), bind the
 //! socket, enter the sandbox ([`crate::sandbox`]); only then start the
 //! threads and accept the VMM, so guest RAM is only ever mapped inside it.
+//!
+//! Dirty logging: the process offers `VHOST_USER_PROTOCOL_F_LOG_SHMFD` and
+//! `VHOST_F_LOG_ALL`. vhost-user-backend maps the log the VMM hands over
+//! with `SET_LOG_BASE` and attaches it to each region of its guest memory
+//! (`BitmapMmapRegion`), but the models write through their own view
+//! ([`GuestRam`], whose `AtomicBitmap` records every page written: data
+//! buffers and used-ring entries alike). So after each batch of requests,
+//! while `VHOST_F_LOG_ALL` is on and before the guest is signalled, the
+//! backend moves the pages that view recorded into the shared log
+//! ([`ModelBackend::log_writes`]). The batch runs under the backend's lock,
+//! which `GET_VRING_BASE` also takes: once the VMM has stopped a queue,
+//! every page written for it is in the log.
 
 use std::io;
 use std::os::unix::net::UnixListener;
@@ -25,9 +37,12 @@ use std::sync::{Arc, Mutex};
 use nkvm_devices::virtio::{Block, Console, GuestRam, VirtioDevice, VIRTIO_F_VERSION_1};
 use vhost::vhost_user::message::{VhostUserProtocolFeatures, VhostUserVirtioFeatures};
 use vhost::vhost_user::Listener;
+use vhost_user_backend::bitmap::BitmapMmapRegion;
 use vhost_user_backend::{VhostUserBackendMut, VhostUserDaemon, VringRwLock, VringT};
+use vm_memory::bitmap::Bitmap;
 use vm_memory::{
     FileOffset, GuestAddressSpace, GuestMemoryAtomic, GuestMemoryBackend, GuestMemoryMmap, GuestMemoryRegion,
+    MmapRegion,
 };
 use vmm_sys_util::epoll::EventSet;
 
@@ -65,17 +80,18 @@ pub enum VirtioProcessError {
     Daemon(String),
 }
 
-/// The guest RAM the VMM handed over, as vhost-user-backend keeps it.
-///
-/// Without a bitmap: pages a device process writes do not reach the VMM's
-/// dirty log yet. vhost-user's own log (`VHOST_USER_SET_LOG_BASE`, a
-/// shared bitmap the backend marks and the VMM folds into
-/// `Vm::mark_dirty`) is the way to get them there.
-type Ram = GuestMemoryAtomic<GuestMemoryMmap<()>>;
+/// `VHOST_F_LOG_ALL`: log the pages written into guest memory.
+const LOG_ALL: u64 = 1 << 26;
+/// The page size of the models' write bitmap (the host's, 4 KiB on x86-64).
+const PAGE: u64 = 4096;
+
+/// The guest RAM the VMM handed over, as vhost-user-backend keeps it: each
+/// region's bitmap is the VMM's shared dirty log once `SET_LOG_BASE` came.
+type Ram = GuestMemoryAtomic<GuestMemoryMmap<BitmapMmapRegion>>;
 
 /// A second mapping of the regions in `mem`, as the device models take
-/// guest memory (with a write bitmap nobody reads in this process).
-fn model_view(mem: &GuestMemoryMmap<()>) -> io::Result<GuestRam> {
+/// guest memory (with a write bitmap [`ModelBackend::log_writes`] reads).
+fn model_view(mem: &GuestMemoryMmap<BitmapMmapRegion>) -> io::Result<GuestRam> {
     let ranges = mem
         .iter()
         .map(|r| {
@@ -92,12 +108,40 @@ struct ModelBackend<D> {
     model: D,
     /// The models' view of `Ram`, remapped on every memory update.
     mem: GuestRam,
+    /// Guest RAM as vhost-user-backend keeps it, whose region bitmaps are
+    /// the VMM's dirty log.
+    ram: Option<Ram>,
+    /// The VMM asked for the pages written to be logged (`VHOST_F_LOG_ALL`).
+    log_all: bool,
     /// Make a forbidden call on the first request (tests only).
     forbidden_call: bool,
 }
 
+impl<D> ModelBackend<D> {
+    /// Moves the pages the models wrote since the last call, as their
+    /// view's write bitmaps recorded them, into the VMM's dirty log (the
+    /// bitmaps of `ram`'s regions: a no-op until `SET_LOG_BASE`).
+    fn log_writes(&self) {
+        let Some(ram) = &self.ram else { return };
+        let ram = ram.memory();
+        for view in self.mem.iter() {
+            let Some(region) = ram.find_region(view.start_addr()) else { continue };
+            // Both views map the same regions: the page offsets agree.
+            let base = view.start_addr().0 - region.start_addr().0;
+            let mapping: &MmapRegion<_> = view;
+            for (w, mut bits) in mapping.bitmap().get_and_reset().into_iter().enumerate() {
+                while bits != 0 {
+                    let page = w as u64 * 64 + u64::from(bits.trailing_zeros());
+                    bits &= bits - 1;
+                    region.bitmap().mark_dirty((base + page * PAGE) as usize, PAGE as usize);
+                }
+            }
+        }
+    }
+}
+
 impl<D: VirtioDevice + Sync> VhostUserBackendMut for ModelBackend<D> {
-    type Bitmap = ();
+    type Bitmap = BitmapMmapRegion;
     type Vring = VringRwLock<Ram>;
 
     fn num_queues(&self) -> usize {
@@ -109,11 +153,15 @@ impl<D: VirtioDevice + Sync> VhostUserBackendMut for ModelBackend<D> {
     }
 
     fn features(&self) -> u64 {
-        self.model.features() | VIRTIO_F_VERSION_1 | VhostUserVirtioFeatures::PROTOCOL_FEATURES.bits()
+        self.model.features() | VIRTIO_F_VERSION_1 | VhostUserVirtioFeatures::PROTOCOL_FEATURES.bits() | LOG_ALL
+    }
+
+    fn acked_features(&mut self, features: u64) {
+        self.log_all = features & LOG_ALL != 0;
     }
 
     fn protocol_features(&self) -> VhostUserProtocolFeatures {
-        VhostUserProtocolFeatures::CONFIG | VhostUserProtocolFeatures::REPLY_ACK
+        VhostUserProtocolFeatures::CONFIG | VhostUserProtocolFeatures::REPLY_ACK | VhostUserProtocolFeatures::LOG_SHMFD
     }
 
     fn set_event_idx(&mut self, _enabled: bool) {}
@@ -125,7 +173,12 @@ impl<D: VirtioDevice + Sync> VhostUserBackendMut for ModelBackend<D> {
     }
 
     fn update_memory(&mut self, mem: Ram) -> io::Result<()> {
+        // Pages written through the old view are logged before it goes.
+        if self.log_all {
+            self.log_writes();
+        }
         self.mem = model_view(&mem.memory())?;
+        self.ram = Some(mem);
         Ok(())
     }
 
@@ -138,8 +191,13 @@ impl<D: VirtioDevice + Sync> VhostUserBackendMut for ModelBackend<D> {
             let _ = std::net::UdpSocket::bind("127.0.0.1:0");
         }
         let mut state = vring.get_mut();
-        let used = self.model.process_queue(index, state.get_queue_mut(), &self.mem).map_err(io::Error::other)?;
-        if used {
+        let used = self.model.process_queue(index, state.get_queue_mut(), &self.mem);
+        // Logged even when the batch failed part-way: what it wrote stays
+        // written.
+        if self.log_all {
+            self.log_writes();
+        }
+        if used.map_err(io::Error::other)? {
             state.signal_used_queue()?;
         }
         Ok(())
@@ -172,7 +230,8 @@ fn serve<D: VirtioDevice + Sync + 'static>(
     // the sandbox does not allow unlink, the VMM removes the file.
     let mut listener = Listener::from(listener);
     sandbox::enter(calls).map_err(VirtioProcessError::Sandbox)?;
-    let backend = Arc::new(Mutex::new(ModelBackend { model, mem: GuestRam::new(), forbidden_call }));
+    let backend =
+        Arc::new(Mutex::new(ModelBackend { model, mem: GuestRam::new(), ram: None, log_all: false, forbidden_call }));
     let daemon_err = |e: vhost_user_backend::Error| VirtioProcessError::Daemon(e.to_string());
     let name = format!("{:?}", args.model).to_lowercase();
     let mut daemon = VhostUserDaemon::new(name, backend, Ram::new(GuestMemoryMmap::new())).map_err(daemon_err)?;

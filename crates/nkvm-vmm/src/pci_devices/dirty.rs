@@ -10,9 +10,10 @@
 //! [`Vm::sync_dirty_log`](nkvm::Vm::sync_dirty_log); a bit is cleared only
 //! there, by an atomic swap, so no write between two syncs is lost.
 //!
-//! Devices in a device process (vhost-user) write through their own mapping
-//! and are not covered: vhost-user's log (`VHOST_USER_SET_LOG_BASE`, a
-//! bitmap shared with the backend) would be the way to bring theirs in.
+//! Devices in a device process, and any other vhost-user backend, write
+//! through their own mapping: their pages come in through vhost-user's
+//! log, a bitmap shared with the backend
+//! ([`SharedLog`](super::vhost_user::SharedLog), `VHOST_USER_SET_LOG_BASE`).
 
 use nkvm::{DirtySource, GuestAddress, PAGE_SIZE};
 use nkvm_devices::virtio::GuestRam;
@@ -26,28 +27,33 @@ pub struct RamWrites(pub GuestRam);
 impl DirtySource for RamWrites {
     fn drain(&self, mark: &mut dyn FnMut(GuestAddress, u64)) {
         for region in self.0.iter() {
-            let start = region.start_addr().0;
             let mapping: &MmapRegion<_> = region;
             // One bit per host page, 4 KiB on x86-64 as nkvm's pages are.
-            // Runs of set bits go to `mark` as one range each.
-            let mut run: Option<(u64, u64)> = None;
-            for (w, mut bits) in mapping.bitmap().get_and_reset().into_iter().enumerate() {
-                while bits != 0 {
-                    let page = w as u64 * 64 + u64::from(bits.trailing_zeros());
-                    bits &= bits - 1;
-                    run = match run {
-                        Some((first, n)) if first + n == page => Some((first, n + 1)),
-                        Some((first, n)) => {
-                            mark(GuestAddress(start + first * PAGE_SIZE), n * PAGE_SIZE);
-                            Some((page, 1))
-                        }
-                        None => Some((page, 1)),
-                    };
-                }
-            }
-            if let Some((first, n)) = run {
-                mark(GuestAddress(start + first * PAGE_SIZE), n * PAGE_SIZE);
-            }
+            mark_words(region.start_addr().0, mapping.bitmap().get_and_reset().into_iter(), mark);
         }
+    }
+}
+
+/// Hands the set bits of `words` to `mark`, a run of consecutive pages as
+/// one range: bit `i` of word `w` is the page `64 * w + i` pages above
+/// `start`.
+pub(super) fn mark_words(start: u64, words: impl Iterator<Item = u64>, mark: &mut dyn FnMut(GuestAddress, u64)) {
+    let mut run: Option<(u64, u64)> = None;
+    for (w, mut bits) in words.enumerate() {
+        while bits != 0 {
+            let page = w as u64 * 64 + u64::from(bits.trailing_zeros());
+            bits &= bits - 1;
+            run = match run {
+                Some((first, n)) if first + n == page => Some((first, n + 1)),
+                Some((first, n)) => {
+                    mark(GuestAddress(start + first * PAGE_SIZE), n * PAGE_SIZE);
+                    Some((page, 1))
+                }
+                None => Some((page, 1)),
+            };
+        }
+    }
+    if let Some((first, n)) = run {
+        mark(GuestAddress(start + first * PAGE_SIZE), n * PAGE_SIZE);
     }
 }

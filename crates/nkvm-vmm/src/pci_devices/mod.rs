@@ -309,6 +309,8 @@ impl Builder {
             vectors: vectors.map_err(PciSetupError::Eventfds)?,
         };
         device.set_eventfds(fds);
+        // The pages the backend writes, into the VM's dirty log.
+        self.vm.add_dirty_source(device.dirty_log());
         let (virtio, slot) = self.place(device, sink)?;
         vhost_user::watch(&virtio).map_err(PciSetupError::Worker)?;
         self.notifiers.insert(slot, notifier);

@@ -15,6 +15,7 @@ use nkvm::{Exit, GuestAddress, Hypervisor, LongMode, RunState, Vm, VmConfig};
 use super::*;
 
 mod bench;
+mod dirty_log;
 mod process;
 
 #[test]

@@ -9,14 +9,18 @@
 //! - at start-up: `SET_OWNER`, `GET_FEATURES` (the backend must offer
 //!   `VIRTIO_F_VERSION_1` and `VHOST_USER_F_PROTOCOL_FEATURES`),
 //!   `GET/SET_PROTOCOL_FEATURES` (`CONFIG`, and `REPLY_ACK` if offered:
-//!   then every set-up message waits for the backend's acknowledgement),
-//!   and `GET_CONFIG` for the `virtio_blk_config` the guest reads
-//!   (capacity, ...);
+//!   then every set-up message waits for the backend's acknowledgement;
+//!   `LOG_SHMFD` if offered), and `GET_CONFIG` for the `virtio_blk_config`
+//!   the guest reads (capacity, ...);
 //! - when the driver sets `DRIVER_OK` ([`VirtioDevice::activate`]):
-//!   `SET_FEATURES` (the driver's, plus protocol features), `SET_MEM_TABLE`
-//!   (guest RAM's memfd, with the addresses of the VMM's own mapping of it),
-//!   and per enabled queue `SET_VRING_NUM`, `SET_VRING_BASE` 0,
-//!   `SET_VRING_ADDR` (ring addresses translated to that mapping),
+//!   `SET_FEATURES` (the driver's, plus protocol features, plus
+//!   `VHOST_F_LOG_ALL` when the backend logs), `SET_MEM_TABLE` (guest RAM's
+//!   memfd, with the addresses of the VMM's own mapping of it),
+//!   `SET_LOG_BASE` (the dirty log's memfd, [`mod@shared_log`]) when the backend
+//!   logs, and per enabled queue `SET_VRING_NUM`, `SET_VRING_BASE` 0,
+//!   `SET_VRING_ADDR` (ring addresses translated to that mapping; with
+//!   `VHOST_VRING_F_LOG` and the used ring's guest-physical address as
+//!   `log_guest_addr` when the backend logs),
 //!   `SET_VRING_CALL` (the eventfd of the queue's MSI-X vector: an irqfd),
 //!   `SET_VRING_KICK` (the eventfd KVM signals on the queue's notify
 //!   register: an ioeventfd, moved with BAR0), `SET_VRING_ENABLE` — all
@@ -36,6 +40,19 @@
 //! ([`super::device_process`]) the watcher instead restarts it at once and
 //! hands the new process the queues where the guest's used rings are,
 //! without the guest noticing ([`mod@watch`]).
+//!
+//! Dirty logging: a backend that offers `VHOST_USER_PROTOCOL_F_LOG_SHMFD`
+//! and `VHOST_F_LOG_ALL` logs every page it writes from `DRIVER_OK` on, in a
+//! log shared with nkvm ([`SharedLog`]) that the VM drains into its own on
+//! every sync: always on, whether or not anyone collects the VM's log, at
+//! the cost of one atomic bit set per page the backend writes. The log
+//! outlives connections: a restarted device process or a backend that
+//! reconnects is handed the same one (at every set-up, right after
+//! `SET_MEM_TABLE`, whose new mapping a backend may attach the log to). A
+//! backend that does not offer both is used all the same, with one warning
+//! — the pages it writes are then missing from the VM's dirty log, and a
+//! migration or snapshot taken while it runs may miss them
+//! ([`VhostUserDevice::logs_writes`]).
 
 use std::io;
 use std::os::unix::net::UnixStream;
@@ -54,6 +71,7 @@ use vhost::{VhostBackend, VhostUserMemoryRegionInfo, VringConfigData};
 use virtio_queue::{Queue, QueueT};
 use vm_memory::{Bytes, GuestAddress, GuestMemoryBackend};
 
+use self::shared_log::set_log_base;
 use super::device_process::{ProcessLog, VirtioProcess};
 use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 
@@ -64,6 +82,10 @@ const SOCKET_TIMEOUT: Duration = Duration::from_secs(5);
 const CONNECT_RETRIES: u32 = 5;
 /// `VIRTIO_F_VERSION_1`.
 const VERSION_1: u64 = 1 << 32;
+/// `VHOST_F_LOG_ALL`: the backend logs the pages it writes.
+const LOG_ALL: u64 = 1 << 26;
+/// `VHOST_VRING_F_LOG` in `SET_VRING_ADDR`: log the used ring's writes.
+const VRING_F_LOG: u32 = 1;
 
 /// Why a vhost-user backend could not be used.
 #[derive(Debug, thiserror::Error)]
@@ -110,6 +132,15 @@ pub enum VhostUserError {
         /// The guest physical address.
         gpa: u64,
     },
+    /// The dirty log could not be made or handed to the backend.
+    #[error("vhost-user backend at {}: dirty log", socket.display())]
+    Log {
+        /// The socket.
+        socket: PathBuf,
+        /// What went wrong.
+        #[source]
+        source: shared_log::LogError,
+    },
 }
 
 /// The eventfds a vhost-user device hands the backend.
@@ -124,10 +155,15 @@ pub(super) struct Eventfds {
 /// A connection to a backend after the start-up handshake.
 struct Session {
     frontend: Frontend,
+    /// A clone of the frontend's connection, for the messages sent without
+    /// the `vhost` crate (`SET_LOG_BASE`).
+    raw: UnixStream,
     backend_features: u64,
     config: Vec<u8>,
     /// Set-up messages are acknowledged.
     reply_ack: bool,
+    /// `VHOST_USER_PROTOCOL_F_LOG_SHMFD` was negotiated.
+    log_shmfd: bool,
 }
 
 impl Session {
@@ -150,6 +186,7 @@ impl Session {
         };
         stream.set_read_timeout(Some(SOCKET_TIMEOUT)).map_err(connect_err)?;
         stream.set_write_timeout(Some(SOCKET_TIMEOUT)).map_err(connect_err)?;
+        let raw = stream.try_clone().map_err(connect_err)?;
         // The frontend refuses queue indexes past the number it is given.
         let mut frontend = Frontend::from_stream(stream, kind.queue_max_sizes.len() as u64);
         let req = |request: &'static str| {
@@ -176,6 +213,11 @@ impl Session {
         if reply_ack {
             wanted |= VhostUserProtocolFeatures::REPLY_ACK;
         }
+        // The dirty log, shared through a memfd.
+        let log_shmfd = protocol.contains(VhostUserProtocolFeatures::LOG_SHMFD);
+        if log_shmfd {
+            wanted |= VhostUserProtocolFeatures::LOG_SHMFD;
+        }
         frontend.set_protocol_features(wanted).map_err(req("SET_PROTOCOL_FEATURES"))?;
         if reply_ack {
             frontend.set_hdr_flags(VhostUserHeaderFlag::NEED_REPLY);
@@ -184,7 +226,12 @@ impl Session {
         let (_, config) = frontend
             .get_config(0, kind.config_size, VhostUserConfigFlags::empty(), &empty)
             .map_err(req("GET_CONFIG"))?;
-        Ok(Self { frontend, backend_features, config, reply_ack })
+        Ok(Self { frontend, raw, backend_features, config, reply_ack, log_shmfd })
+    }
+
+    /// The backend can log the pages it writes into a shared log.
+    fn logs_writes(&self) -> bool {
+        self.log_shmfd && self.backend_features & LOG_ALL != 0
     }
 }
 
@@ -231,6 +278,8 @@ pub struct VhostUserDevice {
     kind: DeviceKind,
     socket: PathBuf,
     frontend: Frontend,
+    /// A clone of the frontend's connection ([`Session::raw`]).
+    raw: UnixStream,
     mem: GuestRam,
     /// What the backend offers (virtio features).
     backend_features: u64,
@@ -239,6 +288,12 @@ pub struct VhostUserDevice {
     config: Vec<u8>,
     /// The backend acknowledges each set-up message.
     reply_ack: bool,
+    /// The backend logs the pages it writes into `log`.
+    logs_writes: bool,
+    /// The dirty log shared with every backend this device connects to.
+    log: Arc<SharedLog>,
+    /// A backend that does not log has been warned about.
+    warned: bool,
     fds: Option<Eventfds>,
     /// Written when the device is dropped: stops the watcher.
     stop: EventFd,
@@ -260,6 +315,7 @@ impl std::fmt::Debug for VhostUserDevice {
             .field("backend_features", &format_args!("{:#x}", self.backend_features))
             .field("started", &self.started)
             .field("gone", &self.gone)
+            .field("logs_writes", &self.logs_writes)
             .finish_non_exhaustive()
     }
 }
@@ -269,24 +325,65 @@ impl VhostUserDevice {
     /// `mem` is the VMM's mapping of guest RAM, whose memfd and addresses
     /// the backend is given.
     pub fn connect(socket: &Path, kind: DeviceKind, mem: GuestRam) -> Result<Self, VhostUserError> {
-        let Session { frontend, backend_features, config, reply_ack } = Session::open(socket, &kind)?;
+        let session = Session::open(socket, &kind)?;
+        let logs_writes = session.logs_writes();
+        let Session { frontend, raw, backend_features, config, reply_ack, .. } = session;
         let stop =
             EventFd::new(EFD_NONBLOCK).map_err(|source| VhostUserError::Connect { socket: socket.into(), source })?;
-        Ok(Self {
+        let ram_end = mem.last_addr().0.saturating_add(1);
+        let log = SharedLog::new(ram_end).map_err(|source| VhostUserError::Log { socket: socket.into(), source })?;
+        let mut device = Self {
             kind,
             socket: socket.to_path_buf(),
             frontend,
+            raw,
             mem,
             backend_features,
             config,
             reply_ack,
+            logs_writes,
+            log: Arc::new(log),
+            warned: false,
             fds: None,
             stop,
             started: Vec::new(),
             gone: false,
             process: None,
             saved: None,
-        })
+        };
+        device.warn_if_unlogged();
+        Ok(device)
+    }
+
+    /// Whether the backend logs the pages it writes into guest RAM (it
+    /// offers `VHOST_USER_PROTOCOL_F_LOG_SHMFD` and `VHOST_F_LOG_ALL`), so
+    /// they reach the VM's dirty log through [`dirty_log`](Self::dirty_log).
+    /// When it does not, a snapshot or migration taken while the device
+    /// runs may miss pages it wrote.
+    #[allow(dead_code)] // for the saved-state registry (`cannot_save`), and tests
+    pub fn logs_writes(&self) -> bool {
+        self.logs_writes
+    }
+
+    /// The log the backend marks the pages it writes in: a
+    /// [`nkvm::DirtySource`] to add to the VM
+    /// ([`nkvm::Vm::add_dirty_source`]).
+    pub fn dirty_log(&self) -> Arc<SharedLog> {
+        self.log.clone()
+    }
+
+    /// Warns, once per device, that the backend's writes are not logged.
+    fn warn_if_unlogged(&mut self) {
+        if !self.logs_writes && !self.warned {
+            self.warned = true;
+            log::warn!(
+                "vhost-user {} ({}): the backend does not offer VHOST_USER_PROTOCOL_F_LOG_SHMFD and \
+                 VHOST_F_LOG_ALL: pages it writes into guest RAM are not in the VM's dirty log, so a \
+                 snapshot or migration taken while it runs may miss them",
+                self.socket.display(),
+                self.kind.name
+            );
+        }
     }
 
     /// Connects to nkvm's own device process `process` (a vhost-user
@@ -331,11 +428,14 @@ impl VhostUserDevice {
         if session.backend_features & passed != self.backend_features & passed {
             log::warn!("vhost-user {}: the new backend offers other features", self.socket.display());
         }
+        self.logs_writes = session.logs_writes();
         self.frontend = session.frontend;
+        self.raw = session.raw;
         self.backend_features = session.backend_features;
         self.config = session.config;
         self.reply_ack = session.reply_ack;
         self.gone = false;
+        self.warn_if_unlogged();
     }
 
     fn request_err(&self, request: &'static str) -> impl FnOnce(vhost::Error) -> VhostUserError {
@@ -394,7 +494,10 @@ impl VhostUserDevice {
         saved: &Saved,
         base: impl Fn(&Ring) -> Result<u16, VhostUserError>,
     ) -> Result<(), VhostUserError> {
-        let features = saved.features | VhostUserVirtioFeatures::PROTOCOL_FEATURES.bits();
+        let mut features = saved.features | VhostUserVirtioFeatures::PROTOCOL_FEATURES.bits();
+        if self.logs_writes {
+            features |= LOG_ALL;
+        }
         self.frontend.set_features(features).map_err(self.request_err("SET_FEATURES"))?;
         let regions = self
             .mem
@@ -403,6 +506,13 @@ impl VhostUserDevice {
             .collect::<Result<Vec<_>, _>>()
             .map_err(self.request_err("SET_MEM_TABLE"))?;
         self.frontend.set_mem_table(&regions).map_err(self.request_err("SET_MEM_TABLE"))?;
+        if self.logs_writes {
+            // After the memory table: a backend may tie the log to the
+            // regions it has mapped (vhost-user-backend does), so a new
+            // table needs the log again.
+            set_log_base(&self.raw, &self.log)
+                .map_err(|source| VhostUserError::Log { socket: self.socket.clone(), source })?;
+        }
         for ring in &saved.rings {
             self.start_queue(ring, base(ring)?)?;
             self.started.push(ring.index);
@@ -421,11 +531,13 @@ impl VhostUserDevice {
         let ring = VringConfigData {
             queue_max_size: queue.max_size,
             queue_size: queue.size,
-            flags: 0,
+            // The used ring's writes are logged at its guest-physical
+            // address.
+            flags: if self.logs_writes { VRING_F_LOG } else { 0 },
             desc_table_addr: self.host_address(index, queue.desc)?,
             used_ring_addr: self.host_address(index, queue.used)?,
             avail_ring_addr: self.host_address(index, queue.avail)?,
-            log_addr: None,
+            log_addr: self.logs_writes.then_some(queue.used),
         };
         self.frontend.set_vring_num(index, queue.size).map_err(self.request_err("SET_VRING_NUM"))?;
         self.frontend.set_vring_base(index, base).map_err(self.request_err("SET_VRING_BASE"))?;
@@ -530,9 +642,11 @@ impl Drop for VhostUserDevice {
 }
 
 mod kind;
+mod shared_log;
 mod watch;
 
 pub use self::kind::{DeviceKind, BLOCK, CONSOLE};
+pub use self::shared_log::SharedLog;
 
 pub(super) use self::watch::watch;
 #[cfg(test)]
