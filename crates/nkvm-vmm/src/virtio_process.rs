@@ -18,16 +18,11 @@
 //! threads and accept the VMM, so guest RAM is only ever mapped inside it.
 //!
 //! Dirty logging: the process offers `VHOST_USER_PROTOCOL_F_LOG_SHMFD` and
-//! `VHOST_F_LOG_ALL`. vhost-user-backend maps the log the VMM hands over
-//! with `SET_LOG_BASE` and attaches it to each region of its guest memory
-//! (`BitmapMmapRegion`), but the models write through their own view
-//! ([`GuestRam`], whose `AtomicBitmap` records every page written: data
-//! buffers and used-ring entries alike). So after each batch of requests,
-//! while `VHOST_F_LOG_ALL` is on and before the guest is signalled, the
-//! backend moves the pages that view recorded into the shared log
-//! ([`ModelBackend::log_writes`]). The batch runs under the backend's lock,
-//! which `GET_VRING_BASE` also takes: once the VMM has stopped a queue,
-//! every page written for it is in the log.
+//! `VHOST_F_LOG_ALL`, and while the VMM has `VHOST_F_LOG_ALL` on it marks
+//! every page a batch of requests wrote in the log the VMM shares
+//! ([`mod@dirty`]) before it signals the guest. The batch runs under the
+//! backend's lock, which `GET_VRING_BASE` also takes: once the VMM has
+//! stopped a queue, every page written for it is in the log.
 
 use std::io;
 use std::os::unix::net::UnixListener;
@@ -39,15 +34,16 @@ use vhost::vhost_user::message::{VhostUserProtocolFeatures, VhostUserVirtioFeatu
 use vhost::vhost_user::Listener;
 use vhost_user_backend::bitmap::BitmapMmapRegion;
 use vhost_user_backend::{VhostUserBackendMut, VhostUserDaemon, VringRwLock, VringT};
-use vm_memory::bitmap::Bitmap;
 use vm_memory::{
     FileOffset, GuestAddressSpace, GuestMemoryAtomic, GuestMemoryBackend, GuestMemoryMmap, GuestMemoryRegion,
-    MmapRegion,
 };
 use vmm_sys_util::epoll::EventSet;
 
+use self::dirty::{mark_in, view_writes, BatchWrites};
 use crate::cli::{DeviceArgs, DeviceModel};
 use crate::sandbox;
+
+mod dirty;
 
 /// Set in a device process's environment, it makes a forbidden system call
 /// (`socket`) when it first serves a queue: how the tests check that the
@@ -82,15 +78,13 @@ pub enum VirtioProcessError {
 
 /// `VHOST_F_LOG_ALL`: log the pages written into guest memory.
 const LOG_ALL: u64 = 1 << 26;
-/// The page size of the models' write bitmap (the host's, 4 KiB on x86-64).
-const PAGE: u64 = 4096;
 
 /// The guest RAM the VMM handed over, as vhost-user-backend keeps it: each
 /// region's bitmap is the VMM's shared dirty log once `SET_LOG_BASE` came.
 type Ram = GuestMemoryAtomic<GuestMemoryMmap<BitmapMmapRegion>>;
 
 /// A second mapping of the regions in `mem`, as the device models take
-/// guest memory (with a write bitmap [`ModelBackend::log_writes`] reads).
+/// guest memory (with a write bitmap [`view_writes`] reads).
 fn model_view(mem: &GuestMemoryMmap<BitmapMmapRegion>) -> io::Result<GuestRam> {
     let ranges = mem
         .iter()
@@ -115,29 +109,6 @@ struct ModelBackend<D> {
     log_all: bool,
     /// Make a forbidden call on the first request (tests only).
     forbidden_call: bool,
-}
-
-impl<D> ModelBackend<D> {
-    /// Moves the pages the models wrote since the last call, as their
-    /// view's write bitmaps recorded them, into the VMM's dirty log (the
-    /// bitmaps of `ram`'s regions: a no-op until `SET_LOG_BASE`).
-    fn log_writes(&self) {
-        let Some(ram) = &self.ram else { return };
-        let ram = ram.memory();
-        for view in self.mem.iter() {
-            let Some(region) = ram.find_region(view.start_addr()) else { continue };
-            // Both views map the same regions: the page offsets agree.
-            let base = view.start_addr().0 - region.start_addr().0;
-            let mapping: &MmapRegion<_> = view;
-            for (w, mut bits) in mapping.bitmap().get_and_reset().into_iter().enumerate() {
-                while bits != 0 {
-                    let page = w as u64 * 64 + u64::from(bits.trailing_zeros());
-                    bits &= bits - 1;
-                    region.bitmap().mark_dirty((base + page * PAGE) as usize, PAGE as usize);
-                }
-            }
-        }
-    }
 }
 
 impl<D: VirtioDevice + Sync> VhostUserBackendMut for ModelBackend<D> {
@@ -174,8 +145,9 @@ impl<D: VirtioDevice + Sync> VhostUserBackendMut for ModelBackend<D> {
 
     fn update_memory(&mut self, mem: Ram) -> io::Result<()> {
         // Pages written through the old view are logged before it goes.
-        if self.log_all {
-            self.log_writes();
+        if let (true, Some(ram)) = (self.log_all, &self.ram) {
+            let ram = ram.memory();
+            view_writes(&self.mem, &mut |gpa, len| mark_in(&ram, gpa, len));
         }
         self.mem = model_view(&mem.memory())?;
         self.ram = Some(mem);
@@ -191,11 +163,14 @@ impl<D: VirtioDevice + Sync> VhostUserBackendMut for ModelBackend<D> {
             let _ = std::net::UdpSocket::bind("127.0.0.1:0");
         }
         let mut state = vring.get_mut();
-        let used = self.model.process_queue(index, state.get_queue_mut(), &self.mem);
+        let queue = state.get_queue_mut();
+        let batch = self.log_all.then(|| BatchWrites::before(queue, &self.mem));
+        let used = self.model.process_queue(index, queue, &self.mem);
         // Logged even when the batch failed part-way: what it wrote stays
         // written.
-        if self.log_all {
-            self.log_writes();
+        if let (Some(batch), Some(ram)) = (batch, &self.ram) {
+            let ram = ram.memory();
+            batch.log(queue, &self.mem, &mut |gpa, len| mark_in(&ram, gpa, len));
         }
         if used.map_err(io::Error::other)? {
             state.signal_used_queue()?;
