@@ -61,9 +61,10 @@ pub const VHOST_USER_CALLS: &[(i64, &str)] = &[
     (libc::SYS_fstat, "the size of guest RAM's memfd"),
     (libc::SYS_newfstatat, "the size of guest RAM's memfd"),
     (libc::SYS_statx, "the size of guest RAM's memfd"),
-    // Guest RAM: the memfd mapped, unmapped when the table changes.
-    (libc::SYS_mmap, "maps guest RAM from the memfd; the allocator"),
-    (libc::SYS_munmap, "unmaps an old memory table; the allocator"),
+    // Guest RAM: the memfd mapped, unmapped when the table changes; the
+    // VMM's dirty log (SET_LOG_BASE) likewise.
+    (libc::SYS_mmap, "maps guest RAM and the dirty log from their memfds; the allocator"),
+    (libc::SYS_munmap, "unmaps an old memory table or dirty log; the allocator"),
     (libc::SYS_mprotect, "thread stacks' guard pages"),
     (libc::SYS_madvise, "the allocator"),
     (libc::SYS_mremap, "the allocator"),

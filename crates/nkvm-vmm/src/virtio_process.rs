@@ -49,6 +49,10 @@ mod dirty;
 /// (`socket`) when it first serves a queue: how the tests check that the
 /// sandbox kills it and that nkvm names the call.
 pub const FORBIDDEN_CALL_ENV: &str = "NKVM_DEVICE_TEST_FORBIDDEN_CALL";
+/// Set in a device process's environment, it offers neither
+/// `VHOST_USER_PROTOCOL_F_LOG_SHMFD` nor `VHOST_F_LOG_ALL`, as a backend
+/// without dirty logging would: how the tests check the VMM's side of that.
+pub const NO_DIRTY_LOG_ENV: &str = "NKVM_DEVICE_TEST_NO_DIRTY_LOG";
 
 /// Why a virtio device process stopped.
 #[derive(Debug, thiserror::Error)]
@@ -109,6 +113,8 @@ struct ModelBackend<D> {
     log_all: bool,
     /// Make a forbidden call on the first request (tests only).
     forbidden_call: bool,
+    /// Offer no dirty logging (tests only).
+    no_dirty_log: bool,
 }
 
 impl<D: VirtioDevice + Sync> VhostUserBackendMut for ModelBackend<D> {
@@ -124,7 +130,8 @@ impl<D: VirtioDevice + Sync> VhostUserBackendMut for ModelBackend<D> {
     }
 
     fn features(&self) -> u64 {
-        self.model.features() | VIRTIO_F_VERSION_1 | VhostUserVirtioFeatures::PROTOCOL_FEATURES.bits() | LOG_ALL
+        let log_all = if self.no_dirty_log { 0 } else { LOG_ALL };
+        self.model.features() | VIRTIO_F_VERSION_1 | VhostUserVirtioFeatures::PROTOCOL_FEATURES.bits() | log_all
     }
 
     fn acked_features(&mut self, features: u64) {
@@ -132,7 +139,11 @@ impl<D: VirtioDevice + Sync> VhostUserBackendMut for ModelBackend<D> {
     }
 
     fn protocol_features(&self) -> VhostUserProtocolFeatures {
-        VhostUserProtocolFeatures::CONFIG | VhostUserProtocolFeatures::REPLY_ACK | VhostUserProtocolFeatures::LOG_SHMFD
+        let features = VhostUserProtocolFeatures::CONFIG | VhostUserProtocolFeatures::REPLY_ACK;
+        if self.no_dirty_log {
+            return features;
+        }
+        features | VhostUserProtocolFeatures::LOG_SHMFD
     }
 
     fn set_event_idx(&mut self, _enabled: bool) {}
@@ -198,6 +209,7 @@ fn serve<D: VirtioDevice + Sync + 'static>(
     calls: &[&[(i64, &str)]],
 ) -> Result<ExitCode, Box<dyn std::error::Error>> {
     let forbidden_call = std::env::var_os(FORBIDDEN_CALL_ENV).is_some();
+    let no_dirty_log = std::env::var_os(NO_DIRTY_LOG_ENV).is_some();
     let _ = std::fs::remove_file(&args.socket);
     let listener = UnixListener::bind(&args.socket)
         .map_err(|source| VirtioProcessError::Listen { path: args.socket.display().to_string(), source })?;
@@ -205,8 +217,14 @@ fn serve<D: VirtioDevice + Sync + 'static>(
     // the sandbox does not allow unlink, the VMM removes the file.
     let mut listener = Listener::from(listener);
     sandbox::enter(calls).map_err(VirtioProcessError::Sandbox)?;
-    let backend =
-        Arc::new(Mutex::new(ModelBackend { model, mem: GuestRam::new(), ram: None, log_all: false, forbidden_call }));
+    let backend = Arc::new(Mutex::new(ModelBackend {
+        model,
+        mem: GuestRam::new(),
+        ram: None,
+        log_all: false,
+        forbidden_call,
+        no_dirty_log,
+    }));
     let daemon_err = |e: vhost_user_backend::Error| VirtioProcessError::Daemon(e.to_string());
     let name = format!("{:?}", args.model).to_lowercase();
     let mut daemon = VhostUserDaemon::new(name, backend, Ram::new(GuestMemoryMmap::new())).map_err(daemon_err)?;

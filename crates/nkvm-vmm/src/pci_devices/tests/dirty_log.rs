@@ -10,7 +10,8 @@ use std::sync::Mutex;
 
 use super::process::in_a_process;
 use super::*;
-use crate::pci_devices::device_process::ProcessLog;
+use crate::pci_devices::device_process::{ProcessLog, VirtioProcess};
+use crate::virtio_process::NO_DIRTY_LOG_ENV;
 
 /// Pages a read request makes the device write, with what they are.
 const WRITTEN: [(&str, u64); 3] =
@@ -125,6 +126,57 @@ fn a_restarted_device_process_logs_into_the_same_log() {
     check_disk_io(&guest.vm, &image);
     for (what, gpa) in ONLY_READ {
         assert!(!pages.contains(&gpa), "{what} at {gpa:#x} was only read, yet is in the dirty log");
+    }
+    let _ = std::fs::remove_file(&image);
+}
+
+/// A vhost-user-blk device connected to the backend at `socket`, over the
+/// RAM of a fresh VM.
+fn connect(socket: &Path) -> VhostUserDevice {
+    let hv = Hypervisor::open().expect("this test needs /dev/kvm");
+    let vm = Vm::new(&hv, &VmConfig { vcpus: 1, memory: 16 << 20, ..Default::default() }).unwrap();
+    VhostUserDevice::connect(socket, vhost_user::BLOCK, guest_ram(&vm).unwrap()).unwrap()
+}
+
+/// nkvm's device process for `image`, with `env`.
+fn device_process(image: &Path, env: Vec<(String, String)>) -> VhostUserDevice {
+    let config = PciConfig { device_process_env: env, ..in_a_process(image) };
+    let process = VirtioProcess::spawn(config.process_spec(vhost_user::BLOCK.name, Some(image.into()))).unwrap();
+    let hv = Hypervisor::open().expect("this test needs /dev/kvm");
+    let vm = Vm::new(&hv, &VmConfig { vcpus: 1, memory: 16 << 20, ..Default::default() }).unwrap();
+    VhostUserDevice::connect_process(process, vhost_user::BLOCK, guest_ram(&vm).unwrap()).unwrap()
+}
+
+#[test]
+fn backends_that_offer_a_shared_log_log_their_writes_and_others_do_not() {
+    let image = test_image("dirty-offers");
+    let socket = image.with_extension("sock");
+    let _daemon = StorageDaemon::start(&image, &socket);
+    let qsd = connect(&socket);
+    // What qemu-storage-daemon offers, for the record (`--nocapture`).
+    eprintln!("qemu-storage-daemon: {qsd:?}");
+    assert!(qsd.logs_writes(), "qemu-storage-daemon offers LOG_SHMFD and VHOST_F_LOG_ALL: {qsd:?}");
+    assert!(device_process(&image, Vec::new()).logs_writes(), "nkvm's device process offers both");
+    let without = device_process(&image, vec![(NO_DIRTY_LOG_ENV.into(), "1".into())]);
+    assert!(!without.logs_writes(), "a backend offering neither: {without:?}");
+    let _ = std::fs::remove_file(&image);
+}
+
+/// A backend without dirty logging serves the guest all the same (nkvm
+/// warns once); the pages it writes are then missing from the VM's dirty
+/// log, as `VhostUserDevice::logs_writes` says.
+#[test]
+fn a_backend_without_a_shared_log_serves_the_guest_but_its_writes_are_not_logged() {
+    let image = test_image("dirty-unlogged");
+    let mut config = in_a_process(&image);
+    config.device_process_env = vec![(NO_DIRTY_LOG_ENV.into(), "1".into())];
+    let (mut guest, _attached) = Guest::boot_with(&config, &guest_code(BAR));
+    start_dirty_log(&guest.vm);
+    collect(&guest.vm);
+    guest.expect_disk_io(&image);
+    let pages = collect(&guest.vm);
+    for (what, gpa) in WRITTEN {
+        assert!(!pages.contains(&gpa), "{what} at {gpa:#x} is logged, yet the backend was given no log");
     }
     let _ = std::fs::remove_file(&image);
 }
