@@ -58,30 +58,20 @@ use std::io;
 use std::os::unix::net::UnixStream;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
-use std::thread;
-use std::time::Duration;
 
 use nkvm_devices::virtio::common::NO_VECTOR;
 use nkvm_devices::virtio::{Activation, GuestRam, VirtioDevice, VirtioError};
-use vhost::vhost_user::message::{
-    VhostUserConfigFlags, VhostUserHeaderFlag, VhostUserProtocolFeatures, VhostUserVirtioFeatures,
-};
+use vhost::vhost_user::message::VhostUserVirtioFeatures;
 use vhost::vhost_user::{Frontend, VhostUserFrontend};
 use vhost::{VhostBackend, VhostUserMemoryRegionInfo, VringConfigData};
 use virtio_queue::{Queue, QueueT};
 use vm_memory::{Bytes, GuestAddress, GuestMemoryBackend};
 
+use self::session::Session;
 use self::shared_log::set_log_base;
 use super::device_process::{ProcessLog, VirtioProcess};
 use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 
-/// How long one request on the socket may take before the backend counts
-/// as stuck.
-const SOCKET_TIMEOUT: Duration = Duration::from_secs(5);
-/// Connection attempts 100 ms apart while the socket refuses.
-const CONNECT_RETRIES: u32 = 5;
-/// `VIRTIO_F_VERSION_1`.
-const VERSION_1: u64 = 1 << 32;
 /// `VHOST_F_LOG_ALL`: the backend logs the pages it writes.
 const LOG_ALL: u64 = 1 << 26;
 /// `VHOST_VRING_F_LOG` in `SET_VRING_ADDR`: log the used ring's writes.
@@ -150,89 +140,6 @@ pub(super) struct Eventfds {
     pub kicks: Vec<EventFd>,
     /// MSI-X vector N's irqfd.
     pub vectors: Vec<EventFd>,
-}
-
-/// A connection to a backend after the start-up handshake.
-struct Session {
-    frontend: Frontend,
-    /// A clone of the frontend's connection, for the messages sent without
-    /// the `vhost` crate (`SET_LOG_BASE`).
-    raw: UnixStream,
-    backend_features: u64,
-    config: Vec<u8>,
-    /// Set-up messages are acknowledged.
-    reply_ack: bool,
-    /// `VHOST_USER_PROTOCOL_F_LOG_SHMFD` was negotiated.
-    log_shmfd: bool,
-}
-
-impl Session {
-    /// Connects to `socket` and asks the backend what it offers: owner,
-    /// features, protocol features (`CONFIG`), the block configuration.
-    fn open(socket: &Path, kind: &DeviceKind) -> Result<Self, VhostUserError> {
-        let path = socket.to_path_buf();
-        let connect_err = |source| VhostUserError::Connect { socket: path.clone(), source };
-        // A backend that has bound its socket but not yet listened refuses
-        // for a moment (the vhost crate's own connect retries too).
-        let mut tries = 0;
-        let stream = loop {
-            match UnixStream::connect(socket) {
-                Err(e) if e.kind() == io::ErrorKind::ConnectionRefused && tries < CONNECT_RETRIES => {
-                    tries += 1;
-                    thread::sleep(Duration::from_millis(100));
-                }
-                other => break other.map_err(connect_err)?,
-            }
-        };
-        stream.set_read_timeout(Some(SOCKET_TIMEOUT)).map_err(connect_err)?;
-        stream.set_write_timeout(Some(SOCKET_TIMEOUT)).map_err(connect_err)?;
-        let raw = stream.try_clone().map_err(connect_err)?;
-        // The frontend refuses queue indexes past the number it is given.
-        let mut frontend = Frontend::from_stream(stream, kind.queue_max_sizes.len() as u64);
-        let req = |request: &'static str| {
-            let socket = path.clone();
-            move |source| VhostUserError::Request { socket, request, source }
-        };
-        let missing = |what: &'static str| VhostUserError::Missing { socket: path.clone(), what };
-        frontend.set_owner().map_err(req("SET_OWNER"))?;
-        let backend_features = frontend.get_features().map_err(req("GET_FEATURES"))?;
-        if backend_features & VERSION_1 == 0 {
-            return Err(missing("VIRTIO_F_VERSION_1"));
-        }
-        if backend_features & VhostUserVirtioFeatures::PROTOCOL_FEATURES.bits() == 0 {
-            return Err(missing("VHOST_USER_F_PROTOCOL_FEATURES"));
-        }
-        let protocol = frontend.get_protocol_features().map_err(req("GET_PROTOCOL_FEATURES"))?;
-        if !protocol.contains(VhostUserProtocolFeatures::CONFIG) {
-            return Err(missing("VHOST_USER_PROTOCOL_F_CONFIG"));
-        }
-        // REPLY_ACK, where offered, makes every set-up message wait for the
-        // backend to have carried it out (and report a failure).
-        let reply_ack = protocol.contains(VhostUserProtocolFeatures::REPLY_ACK);
-        let mut wanted = VhostUserProtocolFeatures::CONFIG;
-        if reply_ack {
-            wanted |= VhostUserProtocolFeatures::REPLY_ACK;
-        }
-        // The dirty log, shared through a memfd.
-        let log_shmfd = protocol.contains(VhostUserProtocolFeatures::LOG_SHMFD);
-        if log_shmfd {
-            wanted |= VhostUserProtocolFeatures::LOG_SHMFD;
-        }
-        frontend.set_protocol_features(wanted).map_err(req("SET_PROTOCOL_FEATURES"))?;
-        if reply_ack {
-            frontend.set_hdr_flags(VhostUserHeaderFlag::NEED_REPLY);
-        }
-        let empty = vec![0u8; kind.config_size as usize];
-        let (_, config) = frontend
-            .get_config(0, kind.config_size, VhostUserConfigFlags::empty(), &empty)
-            .map_err(req("GET_CONFIG"))?;
-        Ok(Self { frontend, raw, backend_features, config, reply_ack, log_shmfd })
-    }
-
-    /// The backend can log the pages it writes into a shared log.
-    fn logs_writes(&self) -> bool {
-        self.log_shmfd && self.backend_features & LOG_ALL != 0
-    }
 }
 
 /// What the driver set up at `DRIVER_OK`, kept to hand a restarted device
@@ -642,6 +549,7 @@ impl Drop for VhostUserDevice {
 }
 
 mod kind;
+mod session;
 mod shared_log;
 mod watch;
 
