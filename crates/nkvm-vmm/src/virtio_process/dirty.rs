@@ -11,7 +11,10 @@
 //! made available (on a copy of the queue: nothing is consumed), and after
 //! it marks those ranges and the used ring — after, so no write can fall
 //! behind a collection of its page. That costs a few descriptor reads per
-//! request, whatever the size of guest RAM.
+//! request, whatever the size of guest RAM. (A driver that rewrites a
+//! descriptor it has made available, which virtio forbids, can make the
+//! device write a page the walk did not see: only that guest's own memory
+//! is then missing from its log.)
 //!
 //! The driver may make more chains available while the batch runs, and
 //! the model may take them. Those were not walked, and walking them after
