@@ -180,3 +180,40 @@ fn a_backend_without_a_shared_log_serves_the_guest_but_its_writes_are_not_logged
     }
     let _ = std::fs::remove_file(&image);
 }
+
+/// qemu-storage-daemon goes away and comes back: the guest's next set-up
+/// hands the new one the same log, and what it writes is logged.
+#[test]
+fn a_vhost_user_backend_that_comes_back_logs_into_the_same_log() {
+    let image = test_image("dirty-qsd-back");
+    let socket = image.with_extension("sock");
+    let mut daemon = StorageDaemon::start(&image, &socket);
+    let config = PciConfig { disk: Some(Disk::VhostUser(socket.clone())), ..Default::default() };
+    let (mut guest, _attached) = device_writes_are_logged(&config, &image);
+    daemon.kill();
+    let failed = guest.run_until_out(STATUS_PORT, Duration::from_secs(10), |s| s & 0x40 != 0);
+    assert_eq!(failed, Ok(0x4f), "DEVICE_NEEDS_RESET once the backend is gone");
+    drop(daemon);
+    let _daemon = StorageDaemon::start(&image, &socket);
+    // Until nkvm has reconnected, the set-up fails; the guest tries again.
+    let start = Instant::now();
+    loop {
+        guest.restart();
+        // What the test wrote (fresh requests, the rings) goes here.
+        collect(&guest.vm);
+        let outcome = guest.run_until(Duration::from_secs(20), |port, data| {
+            port == REPORT || (port == STATUS_PORT && data & 0x40 != 0)
+        });
+        match outcome {
+            Ok((REPORT, _)) => break,
+            Ok(_) if start.elapsed() < Duration::from_secs(10) => std::thread::sleep(Duration::from_millis(100)),
+            other => panic!("the device never worked again after the backend came back: {other:?}"),
+        }
+    }
+    check_disk_io(&guest.vm, &image);
+    let pages = collect_until(&guest.vm, &WRITTEN);
+    for (what, gpa) in ONLY_READ {
+        assert!(!pages.contains(&gpa), "{what} at {gpa:#x} was only read, yet is in the dirty log");
+    }
+    let _ = std::fs::remove_file(&image);
+}
