@@ -16,8 +16,16 @@
 //! INTA cycle and queues the vector on that LINT0 ([`nkvm::Lint`]), which
 //! delivers it when the guest can take it. The PIT is polled by a thread of
 //! its own ([`spawn_pit_timer`]).
+//!
+//! Both threads follow a restored state ([`SavedPic`], [`SavedPit`]): the
+//! PIC's restore raises INTR again if the saved one was up, and the PIT's
+//! restore wakes its thread, which polls the restored counters and re-arms
+//! on their next edge. On a machine being restored, the INTA cycle can be
+//! held until the PIC's state is in ([`SavedPic::hold`]), so a tick of the
+//! fresh machine's PIT never reaches the restored guest.
 
-use std::sync::mpsc::{self, Receiver, RecvTimeoutError};
+use std::sync::atomic::{AtomicBool, Ordering::SeqCst};
+use std::sync::mpsc::{self, Receiver, RecvTimeoutError, Sender};
 use std::sync::{Arc, OnceLock};
 use std::thread;
 use std::time::Duration;
@@ -25,7 +33,9 @@ use std::time::Duration;
 use nkvm::{GuestAddress, Lint, MemoryError, Vm};
 use nkvm_devices::pic::{Pic, SharedPic};
 use nkvm_devices::pit::SharedPit;
-use nkvm_devices::IoDevice;
+use nkvm_devices::{IoDevice, Snapshot};
+
+use crate::saved::{LoadError, SavedDevice};
 
 /// The BIOS code segment the IVT's handlers live in.
 pub const BIOS_SEGMENT: u16 = 0xf000;
@@ -93,8 +103,9 @@ pub fn init_pic(pic: &SharedPic) {
 pub type BootLint = Arc<OnceLock<Lint>>;
 
 /// A dual 8259 whose INTR feeds `lint` (once set): on each rising INTR a
-/// thread acknowledges the PIC and queues the vector on LINT0.
-pub fn pic_on_lint0(lint: BootLint) -> std::io::Result<SharedPic> {
+/// thread acknowledges the PIC and queues the vector on LINT0 — unless
+/// `hold` is set, when INTR stays pending until the PIC's next change.
+pub fn pic_on_lint0(lint: BootLint, hold: Arc<AtomicBool>) -> std::io::Result<SharedPic> {
     let (intr_tx, intr_rx) = mpsc::channel::<()>();
     let pic = SharedPic::new(Pic::with_intr_line(Box::new(move |level: bool| {
         if level {
@@ -109,7 +120,7 @@ pub fn pic_on_lint0(lint: BootLint) -> std::io::Result<SharedPic> {
         for () in intr_rx {
             let vector = {
                 let mut p = inta.lock();
-                if !p.has_interrupt() {
+                if hold.load(SeqCst) || !p.has_interrupt() {
                     continue;
                 }
                 p.acknowledge()
@@ -121,6 +132,64 @@ pub fn pic_on_lint0(lint: BootLint) -> std::io::Result<SharedPic> {
         }
     })?;
     Ok(pic)
+}
+
+/// The 8259 pair as a saved device: the model's state, and on restore the
+/// INTA thread let go (see [`SavedPic::hold`]).
+#[derive(Debug)]
+pub struct SavedPic {
+    /// The PIC.
+    pub pic: SharedPic,
+    /// The INTA thread's hold flag ([`pic_on_lint0`]).
+    pub hold: Arc<AtomicBool>,
+}
+
+#[allow(dead_code)] // through Platform::hold_interrupts_until_restored (issue 13)
+impl SavedPic {
+    /// Holds the INTA cycle until the PIC's state is restored: what the
+    /// fresh machine's devices raise before then queues nothing on LINT0.
+    pub fn hold(&self) {
+        self.hold.store(true, SeqCst);
+    }
+}
+
+impl SavedDevice for SavedPic {
+    fn save(&self) -> Result<Vec<u8>, String> {
+        Ok(self.pic.lock().snapshot())
+    }
+
+    fn restore(&self, name: &str, blob: &[u8]) -> Result<(), LoadError> {
+        let mut pic = self.pic.lock();
+        let restored = pic.restore(blob).map_err(|source| LoadError::Device { name: name.to_string(), source });
+        // Under the lock: the INTA thread, woken by the restored INTR (or a
+        // tick held back), sees the restored PIC and no hold.
+        if restored.is_ok() {
+            self.hold.store(false, SeqCst);
+        }
+        restored
+    }
+}
+
+/// The PIT as a saved device; a restore wakes its timer thread, which
+/// polls the restored counters and sleeps until their next edge.
+#[derive(Debug)]
+pub struct SavedPit {
+    /// The PIT.
+    pub pit: SharedPit,
+    /// Wakes the thread [`spawn_pit_timer`] started.
+    pub poke: Sender<()>,
+}
+
+impl SavedDevice for SavedPit {
+    fn save(&self) -> Result<Vec<u8>, String> {
+        Ok(self.pit.lock().snapshot())
+    }
+
+    fn restore(&self, name: &str, blob: &[u8]) -> Result<(), LoadError> {
+        self.pit.lock().restore(blob).map_err(|source| LoadError::Device { name: name.to_string(), source })?;
+        let _ = self.poke.send(());
+        Ok(())
+    }
 }
 
 /// Polls `pit` at the times it asks for, and again whenever `writes`
@@ -167,5 +236,29 @@ mod tests {
         p.set_irq(0, true);
         assert!(p.has_interrupt());
         assert_eq!(p.acknowledge(), MASTER_VECTOR_BASE);
+    }
+
+    #[test]
+    fn a_held_inta_cycle_waits_for_the_restored_pic() {
+        let hold = Arc::new(AtomicBool::new(true));
+        let pic = pic_on_lint0(BootLint::default(), hold.clone()).unwrap();
+        init_pic(&pic);
+        let saved = SavedPic { pic: pic.clone(), hold };
+        // The saved machine: the timer's request up, not yet acknowledged.
+        let source = SharedPic::new(Pic::new());
+        init_pic(&source);
+        source.lock().set_irq(0, true);
+        let blob = source.lock().snapshot();
+        // The fresh machine's own tick, while held: left pending.
+        pic.lock().set_irq(0, true);
+        thread::sleep(Duration::from_millis(50));
+        assert!(pic.lock().has_interrupt(), "the held INTA cycle acknowledged a request");
+        saved.restore("pic", &blob).unwrap();
+        let start = std::time::Instant::now();
+        while pic.lock().has_interrupt() {
+            assert!(start.elapsed() < Duration::from_secs(10), "the restored request was never acknowledged");
+            thread::sleep(Duration::from_millis(1));
+        }
+        assert!(saved.restore("pic", &blob[..blob.len() - 1]).is_err());
     }
 }
