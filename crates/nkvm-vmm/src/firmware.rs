@@ -20,9 +20,10 @@
 //! Both threads follow a restored state ([`SavedPic`], [`SavedPit`]): the
 //! PIC's restore raises INTR again if the saved one was up, and the PIT's
 //! restore wakes its thread, which polls the restored counters and re-arms
-//! on their next edge. On a machine being restored, the INTA cycle can be
-//! held until the PIC's state is in ([`SavedPic::hold`]), so a tick of the
-//! fresh machine's PIT never reaches the restored guest.
+//! on their next edge. No INTA cycle runs before the boot vCPU exists, so a
+//! machine restored before its vCPUs are created neither loses a restored
+//! request nor delivers a tick of its fresh PIT; one restored after, can
+//! hold the INTA cycle until the PIC's state is in ([`SavedPic::hold`]).
 
 use std::sync::atomic::{AtomicBool, Ordering::SeqCst};
 use std::sync::mpsc::{self, Receiver, RecvTimeoutError, Sender};
@@ -102,9 +103,14 @@ pub fn init_pic(pic: &SharedPic) {
 /// The boot vCPU's LINT0, filled in once that vCPU exists.
 pub type BootLint = Arc<OnceLock<Lint>>;
 
-/// A dual 8259 whose INTR feeds `lint` (once set): on each rising INTR a
-/// thread acknowledges the PIC and queues the vector on LINT0 — unless
-/// `hold` is set, when INTR stays pending until the PIC's next change.
+/// How often the INTA thread looks again at an INTR it left pending.
+const INTA_RETRY: Duration = Duration::from_millis(10);
+
+/// A dual 8259 whose INTR feeds `lint`: on each rising INTR a thread
+/// acknowledges the PIC and queues the vector on LINT0. Until the boot
+/// vCPU exists (`lint` is set), and while `hold` is set, INTR is left
+/// pending (nothing is acknowledged, so no vector is lost with its ISR bit
+/// set) and looked at again every [`INTA_RETRY`].
 pub fn pic_on_lint0(lint: BootLint, hold: Arc<AtomicBool>) -> std::io::Result<SharedPic> {
     let (intr_tx, intr_rx) = mpsc::channel::<()>();
     let pic = SharedPic::new(Pic::with_intr_line(Box::new(move |level: bool| {
@@ -117,17 +123,26 @@ pub fn pic_on_lint0(lint: BootLint, hold: Arc<AtomicBool>) -> std::io::Result<Sh
     // runs here. The thread holds the PIC, whose INTR line holds the
     // thread's sender: it lives as long as the process (one VM per `nkvm`).
     thread::Builder::new().name("pic-inta".into()).spawn(move || {
-        for () in intr_rx {
-            let vector = {
-                let mut p = inta.lock();
-                if hold.load(SeqCst) || !p.has_interrupt() {
-                    continue;
-                }
-                p.acknowledge()
+        let mut pending = false;
+        loop {
+            let woke = if pending {
+                intr_rx.recv_timeout(INTA_RETRY)
+            } else {
+                intr_rx.recv().map_err(|_| RecvTimeoutError::Disconnected)
             };
-            match lint.get() {
-                Some(lint) => lint.raise_lint0(vector),
-                None => log::debug!("pic: vector {vector:#x} before the boot vCPU exists, dropped"),
+            if woke == Err(RecvTimeoutError::Disconnected) {
+                return;
+            }
+            let mut p = inta.lock();
+            let (Some(lint), false) = (lint.get(), hold.load(SeqCst)) else {
+                pending = p.has_interrupt();
+                continue;
+            };
+            pending = false;
+            if p.has_interrupt() {
+                let vector = p.acknowledge();
+                drop(p);
+                lint.raise_lint0(vector);
             }
         }
     })?;
@@ -239,9 +254,9 @@ mod tests {
     }
 
     #[test]
-    fn a_held_inta_cycle_waits_for_the_restored_pic() {
-        let hold = Arc::new(AtomicBool::new(true));
-        let pic = pic_on_lint0(BootLint::default(), hold.clone()).unwrap();
+    fn no_inta_cycle_runs_while_held_or_before_the_boot_vcpu_exists() {
+        let (lint, hold) = (BootLint::default(), Arc::new(AtomicBool::new(true)));
+        let pic = pic_on_lint0(lint.clone(), hold.clone()).unwrap();
         init_pic(&pic);
         let saved = SavedPic { pic: pic.clone(), hold };
         // The saved machine: the timer's request up, not yet acknowledged.
@@ -254,6 +269,12 @@ mod tests {
         thread::sleep(Duration::from_millis(50));
         assert!(pic.lock().has_interrupt(), "the held INTA cycle acknowledged a request");
         saved.restore("pic", &blob).unwrap();
+        thread::sleep(Duration::from_millis(50));
+        assert!(pic.lock().has_interrupt(), "acknowledged with no boot vCPU to take the vector");
+        let hv = nkvm::Hypervisor::open().expect("this test needs /dev/kvm");
+        let vm = Vm::new(&hv, &nkvm::VmConfig { vcpus: 1, memory: 1 << 20, ..Default::default() }).unwrap();
+        let vcpu = vm.create_vcpu(0).unwrap();
+        let _ = lint.set(vcpu.lint());
         let start = std::time::Instant::now();
         while pic.lock().has_interrupt() {
             assert!(start.elapsed() < Duration::from_secs(10), "the restored request was never acknowledged");

@@ -182,10 +182,11 @@ impl Platform {
         saved.add("acpi-s3", m.s3.clone());
     }
 
-    /// On a machine about to be restored, before its vCPUs are created:
-    /// the 8259's INTA cycle waits until the `pic` state is restored, so
-    /// what the fresh machine's PIT raises meanwhile queues nothing on the
-    /// boot vCPU's LINT0.
+    /// On a machine about to be restored whose vCPUs are created before
+    /// the restore: the 8259's INTA cycle waits until the `pic` state is
+    /// restored, so what the fresh machine's PIT raises meanwhile queues
+    /// nothing on the boot vCPU's LINT0. (Without vCPUs, no INTA cycle runs
+    /// anyway: this is only needed when they exist first.)
     pub fn hold_interrupts_until_restored(&self) {
         self.models.pic.hold();
     }
