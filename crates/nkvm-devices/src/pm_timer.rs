@@ -8,7 +8,7 @@
 //!
 //! | offset | access | meaning |
 //! |---|---|---|
-//! | 0-3 | R, 32 bits | `TMR_VAL`: ticks since the device was made, modulo 2^32 |
+//! | 0-3 | R, 32 bits | `TMR_VAL`: ticks since the device was made (on from the count, after a restore), modulo 2^32 |
 //!
 //! The counter is 32 bits wide, so the VMM's FADT must set `TMR_VAL_EXT`
 //! (bit 8 of `Flags`) to tell the guest. QEMU's timer is 24 bits
@@ -37,6 +37,8 @@
 //! (time between the save and the restore does not count, and the counter
 //! never runs backwards, modulo its 32-bit wrap). Clones share the restored
 //! count as they share the origin.
+//!
+//! Body (`acpi-pm-timer`), format version 1: u32 count, little-endian.
 
 use std::fmt;
 use std::sync::atomic::{AtomicU32, Ordering};

@@ -4,6 +4,11 @@
 //! the host clock, the start of the alarm flag's window (the last status C
 //! read) and the guest time at the save.
 //!
+//! Body, format version 1 (little-endian): u8 index (0-0x7f), u8 NMI
+//! disable (0/1), the 128 CMOS bytes (status A's bit 7 clear), i64 guest
+//! offset from the host clock (s), i64 guest time of the last status C read
+//! (s since the epoch), i64 guest time at the save (s since the epoch).
+//!
 //! # The guest clock across a restore
 //!
 //! The RTC keeps following the host's UTC clock with the guest's own

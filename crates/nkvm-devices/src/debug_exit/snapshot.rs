@@ -2,6 +2,8 @@
 //! reports at once), so its body is empty; the blob still carries the name
 //! and a version, so a machine's device set is checked whole and a later
 //! format can add fields.
+//!
+//! Body, format version 1: empty.
 
 use super::DebugExit;
 use crate::snapshot::{Snapshot, SnapshotError, StateReader, StateWriter};

@@ -4,6 +4,10 @@
 //! configuration. They are saved all the same, so that a blob from a
 //! machine with another CPU count or RAM size is refused (naming the
 //! item) instead of the guest reading a configuration that changed under it.
+//!
+//! Body, format version 1 (little-endian): u16 selected key (0xffff: none),
+//! u32 read position, u8 item count, then per item u16 key, u32 length and
+//! the bytes.
 
 use super::{FwCfg, FW_CFG_ID, FW_CFG_MAX_CPUS, FW_CFG_MAX_RAM, FW_CFG_NB_CPUS, FW_CFG_RAM_SIZE, FW_CFG_SIGNATURE};
 use crate::snapshot::{Snapshot, SnapshotError, StateReader, StateWriter};

@@ -9,6 +9,11 @@
 //! - [`IoRam`]: the 64 KiB, as the 256-byte chunks that hold a nonzero
 //!   byte (a chunk count, then each chunk's index and bytes, indexes
 //!   rising), so an untouched I/O RAM costs a few bytes.
+//!
+//! Bodies, format version 1 (little-endian): `pc-testdev-ports` u32 scratch;
+//! `pc-testdev-irq-lines` u32 levels (bit `n` = line `n`, bits 24-31 zero);
+//! `pc-testdev-ioram` u16 chunk count (at most 256), then per chunk u8 index
+//! (rising) and its 256 bytes.
 
 use super::{IoRam, TestdevIrqLines, TestdevPorts, IO_RAM_SIZE, TESTDEV_IRQ_LINE_COUNT};
 use crate::snapshot::{Snapshot, SnapshotError, StateReader, StateWriter};

@@ -5,6 +5,15 @@
 //! counter goes on from the count it had. The IRQ line is not driven by a
 //! restore; the next [`Pit::poll`] raises an edge that was due and not yet
 //! raised, and says when the next one is.
+//!
+//! Body, format version 1 (little-endian, 98 bytes): u64 PIT time (ticks of
+//! 1.193182 MHz, below 2^62); three counters of 27 bytes each: u8 mode
+//! (0-7), u8 access (1-3), u8 BCD, u8 + u8 pending low byte (present flag,
+//! value), u32 reload (1-65536), u8 + u64 load time (present flag, ticks, no
+//! later than the PIT time), u8 gate, u8 + u16 count latch, u8 latch's high
+//! byte next, u8 + u8 status latch, u8 live count's high byte next, u8 null
+//! count; then u8 port 0x61 bits (0-1 only), u64 counter 0 edges raised
+//! since its load (at most as many as it made).
 
 use super::counter::Counter;
 use super::{nanos_to_ticks, Pit, SPEAKER_DATA, SPEAKER_GATE2};
@@ -148,6 +157,13 @@ mod tests {
         copy.read_window(PitWindow::Speaker, 0, &mut port61);
         assert_eq!(port61[0] & (SPEAKER_GATE2 | SPEAKER_DATA), SPEAKER_GATE2 | SPEAKER_DATA);
         refuses_damage(&blob, || pit_at(0).0);
+    }
+
+    #[test]
+    fn the_body_is_98_bytes_as_documented() {
+        let mut w = StateWriter::default();
+        pit_at(0).0.save_body(&mut w);
+        assert_eq!(w.into_bytes().len(), 98);
     }
 
     #[test]

@@ -2,6 +2,8 @@
 //! reset bit and the bits kept for read-back). A restore reports no reset,
 //! even with bit 0 set: that is not a rising edge of the bit. The event
 //! channel stays the one the restored port was built with.
+//!
+//! Body, format version 1: u8 register.
 
 use super::SystemControlA;
 use crate::snapshot::{Snapshot, SnapshotError, StateReader, StateWriter};
