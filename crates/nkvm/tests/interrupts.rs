@@ -535,3 +535,31 @@ fn a_pic_drives_an_apic_less_core_through_lint0_in_virtual_wire_mode() {
     run.expect_report(0x51);
     assert!(!pic.lock().has_interrupt());
 }
+
+#[test]
+fn a_lint0_vector_the_guest_has_not_taken_travels_with_the_saved_state() {
+    // The guest reports READY with IF=0; a vector raised on LINT0 then waits
+    // for its `sti`. Saved at that moment, it must be in the state, and a
+    // vCPU restored from it on another VM must take it.
+    let vm = irq_vm(1);
+    install_idt(&vm, false);
+    let hidden = VcpuConfig { lapic: Lapic::Hidden };
+    let mut vcpu = waiting_guest(&vm, 0, hidden, |_| {});
+    let mut run = RunState::new();
+    assert!(matches!(vcpu.enter_guest(&mut run).unwrap(), Exit::IoOut { port: READY, .. }));
+    vcpu.lint().raise_lint0(0x30);
+    let state = vcpu.save_state(&mut run).unwrap();
+    assert_eq!(state.pending_lint, nkvm::state::PendingLint { extint: vec![0x30], nmi: false });
+    let blob = state.encode();
+    drop(vcpu);
+
+    let copy = irq_vm(1);
+    let mut ram = vec![0u8; vm.config().memory as usize];
+    vm.read_memory(GuestAddress(0), &mut ram).unwrap();
+    copy.write_memory(GuestAddress(0), &ram).unwrap();
+    let mut restored = copy.create_vcpu_with(0, hidden).unwrap();
+    restored.restore_state(&nkvm::state::VcpuState::decode(&blob).unwrap()).unwrap();
+    let run = Running::start(restored);
+    run.expect_report(0x30);
+    assert!(run.quiet_for(Duration::from_millis(200)), "the vector is taken once");
+}

@@ -301,6 +301,7 @@ impl<'a> Reader<'a> {
 pub(crate) struct Sections<'a> {
     found: Vec<(u16, usize, &'a [u8])>,
     known: &'static [(u16, &'static str)],
+    optional: &'static [(u16, &'static str)],
 }
 
 impl<'a> Sections<'a> {
@@ -311,6 +312,18 @@ impl<'a> Sections<'a> {
         blob: &'a [u8],
         kind: StateKind,
         known: &'static [(u16, &'static str)],
+    ) -> Result<Self, FormatError> {
+        Self::open_with_optional(blob, kind, known, &[])
+    }
+
+    /// [`open`](Self::open), also accepting the `optional` sections: ones a
+    /// writer leaves out when they would be empty, so a state without them
+    /// reads the same as one from before they existed.
+    pub(crate) fn open_with_optional(
+        blob: &'a [u8],
+        kind: StateKind,
+        known: &'static [(u16, &'static str)],
+        optional: &'static [(u16, &'static str)],
     ) -> Result<Self, FormatError> {
         let mut header = Reader::new(blob, 0, "header");
         let magic: [u8; 4] = header.array()?;
@@ -341,7 +354,7 @@ impl<'a> Sections<'a> {
         while body.remaining() > 0 {
             let at = body.offset();
             let tag = body.u16()?;
-            let Some(&(_, name)) = known.iter().find(|(t, _)| *t == tag) else {
+            let Some(&(_, name)) = known.iter().chain(optional).find(|(t, _)| *t == tag) else {
                 return Err(FormatError::UnknownSection { tag, offset: at });
             };
             if found.last().is_some_and(|&(last, _, _)| last >= tag) {
@@ -364,7 +377,14 @@ impl<'a> Sections<'a> {
         if let Some(&(tag, section)) = known.iter().find(|(t, _)| !found.iter().any(|(f, _, _)| f == t)) {
             return Err(FormatError::MissingSection { section, tag });
         }
-        Ok(Self { found, known })
+        Ok(Self { found, known, optional })
+    }
+
+    /// A reader over optional section `tag`'s payload, if the blob has it.
+    pub(crate) fn get_optional(&self, tag: u16) -> Option<Reader<'a>> {
+        let name = self.optional.iter().find(|(t, _)| *t == tag).map_or("?", |(_, n)| n);
+        let &(_, at, payload) = self.found.iter().find(|(t, _, _)| *t == tag)?;
+        Some(Reader::new(payload, at, name))
     }
 
     /// A reader over section `tag`'s payload.

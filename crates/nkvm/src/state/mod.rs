@@ -39,7 +39,7 @@ mod vcpu;
 mod vm;
 
 pub use codec::{FormatError, StateKind, FORMAT_VERSION, MAGIC};
-pub use vcpu::{Msr, VcpuState, LAPIC_BYTES, XSAVE_WORDS};
+pub use vcpu::{Msr, PendingLint, VcpuState, LAPIC_BYTES, XSAVE_WORDS};
 pub use vm::VmState;
 
 use crate::{Exit, Hypervisor, VcpuError, VmError};

@@ -125,6 +125,22 @@ fn a_list_count_that_disagrees_with_the_section_length_is_refused() {
 }
 
 #[test]
+fn a_bad_pending_lint_section_is_named() {
+    let mut state = sample();
+    state.pending_lint = crate::state::PendingLint { extint: vec![0x30], nmi: false };
+    let mut blob = state.encode();
+    let at = find_section(&blob, 14);
+    blob[at + 8] = 2;
+    reseal(&mut blob);
+    let err = VcpuState::decode(&blob).unwrap_err().to_string();
+    assert!(err.contains("nmi"), "{err}");
+    let mut blob = state.encode();
+    blob[at + 9..at + 13].copy_from_slice(&5u32.to_le_bytes());
+    reseal(&mut blob);
+    assert!(VcpuState::decode(&blob).is_err(), "a count past the section's end");
+}
+
+#[test]
 fn sections_have_the_documented_sizes() {
     // docs/state-format.md, the vCPU sections' payload lengths.
     let state = sample();

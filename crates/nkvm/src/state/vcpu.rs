@@ -56,6 +56,27 @@ pub struct VcpuState {
     pub mp_state: u32,
     /// DR0–DR3, DR6, DR7.
     pub debug_regs: kvm_debugregs,
+    /// LINT0/LINT1 requests raised through [`Lint`](crate::irq::Lint) that
+    /// the guest had not taken yet (an 8259's vector waits for IF=1): on
+    /// restore they wait again, so an interrupt an 8259 already
+    /// acknowledged is not lost with its in-service bit left set.
+    pub pending_lint: PendingLint,
+}
+
+/// LINT requests raised but not yet delivered, as saved in a [`VcpuState`].
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct PendingLint {
+    /// ExtINT vectors queued on LINT0, oldest first.
+    pub extint: Vec<u8>,
+    /// An NMI raised on LINT1.
+    pub nmi: bool,
+}
+
+impl PendingLint {
+    /// Whether nothing is pending.
+    pub fn is_empty(&self) -> bool {
+        self.extint.is_empty() && !self.nmi
+    }
 }
 
 impl Vcpu {
@@ -74,6 +95,10 @@ impl Vcpu {
     /// [`VcpuState::unreadable_msrs`].
     pub fn save_state(&mut self, run: &mut RunState) -> Result<VcpuState, StateError> {
         self.settle(run)?;
+        let pending_lint = PendingLint {
+            extint: self.lint.extint.lock().unwrap_or_else(|p| p.into_inner()).iter().copied().collect(),
+            nmi: self.lint.nmi.load(std::sync::atomic::Ordering::SeqCst),
+        };
         let kvm = |op, source| self.err(op, source);
         let xsave = self.fd.get_xsave().map_err(|e| kvm("KVM_GET_XSAVE", e))?;
         let xcrs = self.fd.get_xcrs().map_err(|e| kvm("KVM_GET_XCRS", e))?;
@@ -99,6 +124,7 @@ impl Vcpu {
             events: self.events()?,
             mp_state: self.fd.get_mp_state().map_err(|e| kvm("KVM_GET_MP_STATE", e))?.mp_state,
             debug_regs: self.fd.get_debug_regs().map_err(|e| kvm("KVM_GET_DEBUGREGS", e))?,
+            pending_lint,
         })
     }
 
@@ -145,6 +171,7 @@ impl Vcpu {
         let mp_state = kvm_mp_state { mp_state: state.mp_state };
         self.fd.set_mp_state(mp_state).map_err(|e| kvm("KVM_SET_MP_STATE", e))?;
         self.set_events(&state.events)?;
+        self.requeue_lints(&state.pending_lint);
         Ok(())
     }
 
@@ -160,6 +187,17 @@ impl Vcpu {
             // kick stays pending, so the next entry returns at once.
             exit => Err(StateError::NotSettled { id: self.id(), exit }),
         }
+    }
+
+    /// Puts saved LINT requests back in the queue `enter_guest` delivers
+    /// from (replacing what it held).
+    fn requeue_lints(&self, pending: &PendingLint) {
+        use std::sync::atomic::Ordering::SeqCst;
+        let mut queue = self.lint.extint.lock().unwrap_or_else(|p| p.into_inner());
+        queue.clear();
+        queue.extend(pending.extint.iter().copied());
+        self.lint.nmi.store(pending.nmi, SeqCst);
+        self.lint.any.store(!pending.is_empty(), SeqCst);
     }
 
     /// Whether KVM holds a local APIC for this vCPU (split irqchip).
@@ -225,7 +263,13 @@ mod tag {
     pub(super) const EVENTS: u16 = 11;
     pub(super) const MP_STATE: u16 = 12;
     pub(super) const DEBUG_REGS: u16 = 13;
+    pub(super) const PENDING_LINT: u16 = 14;
 }
+
+/// Sections written only when not empty.
+const OPTIONAL: &[(u16, &str)] = &[(tag::PENDING_LINT, "pending_lint")];
+/// At most this many queued ExtINT vectors in a state.
+const MAX_EXTINT: u32 = 4096;
 
 const SECTIONS: &[(u16, &str)] = &[
     (tag::ID, "id"),
@@ -282,6 +326,13 @@ impl VcpuState {
         w.section(tag::EVENTS, |o| put_events(o, &self.events));
         w.section(tag::MP_STATE, |o| o.u32(self.mp_state));
         w.section(tag::DEBUG_REGS, |o| put_debugregs(o, &self.debug_regs));
+        if !self.pending_lint.is_empty() {
+            w.section(tag::PENDING_LINT, |o| {
+                o.u8(u8::from(self.pending_lint.nmi));
+                o.u32(self.pending_lint.extint.len() as u32);
+                o.bytes(&self.pending_lint.extint);
+            });
+        }
         w.finish()
     }
 
@@ -289,7 +340,7 @@ impl VcpuState {
     /// everything: a truncated, altered or foreign blob is an error naming
     /// the section and offset, never a panic.
     pub fn decode(blob: &[u8]) -> Result<Self, FormatError> {
-        let s = Sections::open(blob, StateKind::Vcpu, SECTIONS)?;
+        let s = Sections::open_with_optional(blob, StateKind::Vcpu, SECTIONS, OPTIONAL)?;
 
         let mut r = s.get(tag::ID);
         let id = r.u32()?;
@@ -366,6 +417,19 @@ impl VcpuState {
         let debug_regs = get_debugregs(&mut r)?;
         r.finish()?;
 
+        let mut pending_lint = PendingLint::default();
+        if let Some(mut r) = s.get_optional(tag::PENDING_LINT) {
+            let at = r.offset();
+            pending_lint.nmi = match r.u8()? {
+                0 => false,
+                1 => true,
+                v => return Err(r.invalid(at, "nmi", u64::from(v), "0 or 1")),
+            };
+            let n = r.count("count", MAX_EXTINT, 1)?;
+            pending_lint.extint = r.bytes(n)?.to_vec();
+            r.finish()?;
+        }
+
         Ok(Self {
             id,
             cpuid,
@@ -380,6 +444,7 @@ impl VcpuState {
             events,
             mp_state,
             debug_regs,
+            pending_lint,
         })
     }
 }
@@ -433,6 +498,7 @@ pub(crate) mod tests {
             events,
             mp_state: 3,
             debug_regs,
+            pending_lint: PendingLint::default(),
         }
     }
 
@@ -440,5 +506,17 @@ pub(crate) mod tests {
     fn every_field_round_trips() {
         let state = sample();
         assert_eq!(VcpuState::decode(&state.encode()).unwrap(), state);
+    }
+
+    #[test]
+    fn pending_lints_travel_in_a_section_written_only_when_needed() {
+        let plain = sample();
+        let mut with = sample();
+        with.pending_lint = PendingLint { extint: vec![0x30, 0x31], nmi: true };
+        let blob = with.encode();
+        // Section header (8), nmi (1), count (4), the vectors.
+        assert_eq!(blob.len(), plain.encode().len() + 8 + 1 + 4 + 2);
+        assert_eq!(VcpuState::decode(&blob).unwrap(), with);
+        assert_eq!(VcpuState::decode(&plain.encode()).unwrap().pending_lint, PendingLint::default());
     }
 }
