@@ -157,10 +157,8 @@ fn linux_parts(parts: &Parts<'_>, shared: &Arc<Shared>, devices: &mut SavedDevic
         resetter.stop_all();
     }));
     let (disk, disk_read_only) = match (&parts.config.kind, parts.saved) {
-        (MachineKind::Linux { disk: Some(disk) }, Some(_)) => {
-            disk.check()?;
-            (Some(Disk::Image(disk.path.clone())), disk.read_only)
-        }
+        // Checked when the machine came in (`MachineConfig::check_disk`).
+        (MachineKind::Linux { disk: Some(disk) }, Some(_)) => (Some(Disk::Image(disk.path.clone())), disk.read_only),
         _ => (args.disk.clone(), args.disk_readonly),
     };
     if let Some(Disk::VhostUser(socket)) = &disk {

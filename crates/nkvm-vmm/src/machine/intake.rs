@@ -104,6 +104,7 @@ pub fn take(hv: &Hypervisor, args: &RunArgs) -> Result<Option<Resumed>, RestoreE
     let since = Instant::now();
     if let Some(dir) = &args.restore {
         let loaded = snapshot::read(dir)?;
+        loaded.state.config.check_disk()?;
         let state = loaded.state.decode(&dir.display().to_string())?;
         let vm = Vm::with_ram(hv, &state.config.vm_config(), loaded.ram).map_err(MachineError::from)?;
         return Ok(Some(Resumed { vm, state, answer: None, since }));

@@ -73,6 +73,8 @@ fn receive(hv: &Hypervisor, reader: &mut RecordReader<Conn>) -> Result<(Vm, Deco
     let text = std::str::from_utf8(payload)
         .map_err(|_| MigrateError::Stream { offset: at, why: "the configuration is not UTF-8".into() })?;
     let (config, _) = MachineConfig::from_json(text, "the migration stream's configuration")?;
+    // Refused before any memory is sent: the source runs on.
+    config.check_disk()?;
     let vm = Vm::new(hv, &config.vm_config()).map_err(MigrateError::Vm)?;
     let memory = vm.memory();
     let zero = [0u8; stream::PAGE];

@@ -104,6 +104,15 @@ impl MachineConfig {
         VmConfig { vcpus: self.cpus, memory: self.memory, split_irqchip: self.split_irqchip(), ..Default::default() }
     }
 
+    /// Checks that the machine's disk, if it has one, is at its path and of
+    /// its size: a machine is refused before anything of it is built.
+    pub fn check_disk(&self) -> Result<(), SnapshotError> {
+        match &self.kind {
+            MachineKind::Linux { disk: Some(disk) } => disk.check(),
+            _ => Ok(()),
+        }
+    }
+
     /// The configuration as `machine.json` holds it.
     pub fn to_json(&self, devices: &[&str]) -> String {
         let vcpus: Vec<String> = (0..self.cpus).map(vcpu_file).collect();
