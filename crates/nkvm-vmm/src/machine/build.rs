@@ -161,12 +161,6 @@ fn linux_parts(parts: &Parts<'_>, shared: &Arc<Shared>, devices: &mut SavedDevic
         (MachineKind::Linux { disk: Some(disk) }, Some(_)) => (Some(Disk::Image(disk.path.clone())), disk.read_only),
         _ => (args.disk.clone(), args.disk_readonly),
     };
-    if let Some(Disk::VhostUser(socket)) = &disk {
-        devices.cannot_save(format!(
-            "the disk is served by the vhost-user backend on {}, whose queue state nkvm cannot take",
-            socket.display()
-        ));
-    }
     let device_process = if args.device_process && parts.saved.is_none() {
         Some(std::env::current_exe().map_err(crate::pci_devices::PciSetupError::Exe)?)
     } else {
@@ -180,8 +174,9 @@ fn linux_parts(parts: &Parts<'_>, shared: &Arc<Shared>, devices: &mut SavedDevic
         device_process_env: Vec::new(),
         device_process_stdout: None,
     };
-    let _attached = crate::pci_devices::attach(vm, &pci)?;
-    devices.cannot_save("the PCI devices (virtio) cannot be saved by this nkvm yet");
+    // The bus and each in-process virtio device; a device served by a
+    // device process or a vhost-user backend registers why it cannot be.
+    crate::pci_devices::attach(vm, &pci)?.register_saved(devices);
     Ok(kind)
 }
 
