@@ -208,7 +208,7 @@ impl Sender<'_> {
                     let gpa = region.gpa.0 + (offset - region.offset);
                     map.read(GuestAddress(gpa), &mut chunk[..n]).map_err(MigrateError::Memory)?;
                     for (i, page) in chunk[..n].chunks(PAGE).enumerate() {
-                        if page.iter().any(|&b| b != 0) {
+                        if crate::snapshot::holds_data(page) {
                             batch.push(gpa + (i * PAGE) as u64, page);
                             self.pages += 1;
                             if batch.len() == PAGES_PER_RECORD {

@@ -148,6 +148,13 @@ impl MachineState {
     }
 }
 
+/// Whether a page (at most 4096 bytes) holds anything but zeros. A slice
+/// comparison (`memcmp`), fast even in a debug build, unlike a byte loop.
+pub fn holds_data(page: &[u8]) -> bool {
+    static ZEROS: [u8; 4096] = [0; 4096];
+    page != &ZEROS[..page.len().min(ZEROS.len())]
+}
+
 fn io_err<'a>(path: &'a Path, op: &'static str) -> impl FnOnce(io::Error) -> SnapshotError + 'a {
     move |source| SnapshotError::Io { path: path.display().to_string(), op, source }
 }
@@ -183,7 +190,7 @@ pub fn write(dir: &Path, state: &MachineState, ram: &Backing) -> Result<(), Snap
                 source: io::Error::other(e),
             })?;
             for (i, page) in chunk[..n].chunks(4096).enumerate() {
-                if page.iter().any(|&b| b != 0) {
+                if holds_data(page) {
                     file.write_all_at(page, offset + 4096 * i as u64).map_err(io_err(&path, "write"))?;
                 }
             }
