@@ -130,7 +130,6 @@ fn ctl_answer(socket: &Path, args: &[&str]) -> (bool, serde_json::Value) {
 }
 
 #[test]
-#[ignore = "until the multiboot platform registers its saved devices (platsnap)"]
 fn a_multiboot_guest_snapshotted_mid_run_restores_and_counts_on() {
     let dir = scratch("kernel-snapshot");
     let kernel = counting_guest(&dir);
@@ -162,7 +161,6 @@ fn a_multiboot_guest_snapshotted_mid_run_restores_and_counts_on() {
 }
 
 #[test]
-#[ignore = "until the multiboot platform registers its saved devices (platsnap)"]
 fn a_multiboot_guest_migrates_over_tcp_mid_run_and_counts_on() {
     let dir = scratch("kernel-migration");
     let kernel = counting_guest(&dir);

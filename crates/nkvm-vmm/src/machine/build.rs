@@ -218,10 +218,8 @@ fn multiboot_parts(
     if let Some(saved) = firmware {
         put_back(vm, saved)?;
     }
-    if !platform.processes.is_empty() {
-        devices.cannot_save("the CMOS, the PM timer and the I/O RAM run in device processes (--device-process)");
-    }
-    devices.cannot_save("the multiboot platform devices cannot be saved by this nkvm yet");
+    // Every in-process model; with device processes, why it cannot be saved.
+    platform.register_saved(devices);
     let _ = shared.sleep.set(Sleep::new(tables.facs, platform.wake));
     processes.extend(platform.processes);
     Ok(kind)
