@@ -102,7 +102,6 @@ fn tail(text: &str) -> String {
 }
 
 #[test]
-#[ignore = "until the PCI devices register their saved state (pcisnap)"]
 fn a_linux_guest_migrated_during_its_boot_continues_to_init_on_the_destination() {
     let dir = guest_dir();
     let (kernel, initrd) = (dir.join("vmlinux"), dir.join("initramfs.cpio"));
