@@ -1,6 +1,6 @@
 //! The `--kernel` machines (a Linux kernel, or a multiboot kernel such as
 //! a kvm-unit-tests image), booted fresh or brought back from a snapshot
-//! or a migration: [`build`](super::build) puts the machine together, this
+//! or a migration: [`super::build`] puts the machine together, this
 //! runs it behind the API socket and turns how it ended into an exit code.
 
 use std::path::Path;
