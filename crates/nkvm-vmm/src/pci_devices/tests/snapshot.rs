@@ -173,6 +173,39 @@ fn a_restored_machine_serves_pending_and_new_requests_with_msix_interrupts() {
 }
 
 #[test]
+fn a_bar_whose_memory_decoding_is_off_is_mapped_nowhere_after_the_restore() {
+    let image = test_image("snapshot-decoding-off");
+    let config = PciConfig { disk: Some(Disk::Image(image.clone())), ..Default::default() };
+    let (mut guest, attached) = Guest::boot_with(&config, &guest_code(MOVED_BAR));
+    guest.expect_disk_io(&image);
+    // The guest's driver turns memory decoding off (bus master stays on).
+    let ports = attached.saved.ports.clone().unwrap();
+    {
+        let mut ports = ports.lock().unwrap();
+        ports.bus.config_write(1, nkvm_devices::pci::config::COMMAND, &[0x4, 0]);
+        ports.apply_bar_events();
+    }
+    assert!(!has_ioeventfd(&guest.vm, MOVED_BAR + 0x3000));
+    let mut saved = SavedDevices::default();
+    attached.register_saved(&mut saved);
+    let blobs = saved.save_all().unwrap();
+
+    let (dest, attached) = second_machine(&config);
+    let mut saved = SavedDevices::default();
+    attached.register_saved(&mut saved);
+    saved.restore_all(&blobs).unwrap();
+    let ports = attached.saved.ports.clone().unwrap();
+    let mut bar0 = [0u8; 4];
+    ports.lock().unwrap().bus.config_read(1, 0x10, &mut bar0);
+    assert_eq!(u32::from_le_bytes(bar0), MOVED_BAR as u32 | 0x4, "BAR0 holds the address the guest gave it");
+    assert!(ports.lock().unwrap().regions.keys().all(|&(slot, _)| slot != 1), "no BAR region for the disk");
+    for bar in [BAR, MOVED_BAR] {
+        assert!(!has_ioeventfd(&dest.vm, bar + 0x3000), "no queue ioeventfd at {bar:#x}");
+    }
+    let _ = std::fs::remove_file(&image);
+}
+
+#[test]
 fn a_disk_of_another_size_is_refused_naming_both_sizes() {
     let image = test_image("snapshot-size");
     let config = PciConfig { disk: Some(Disk::Image(image.clone())), ..Default::default() };
