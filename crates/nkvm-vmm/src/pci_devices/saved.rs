@@ -2,14 +2,18 @@
 //! virtio-pci device as a [`SavedDevice`], one blob per PCI function.
 //!
 //! Saving takes the device's lock, the lock its queue worker holds while it
-//! serves a request, so the state never shows a request half done. A
-//! restore (on a machine attached with the same [`PciConfig`](super::PciConfig),
-//! before its vCPUs run) takes the blob, then re-does what the state implies:
-//! the MSI-X routes (the model tells its irqfd sink every unmasked vector
-//! again), the BAR regions and their queue ioeventfds where the restored
-//! configuration space decodes them (none while memory decoding is off),
-//! and one kick of every enabled queue, so a request the guest made
-//! available before the save is served (a spurious kick finds nothing).
+//! serves a request, so the state never shows a request half done; then
+//! serves what the driver made available on each enabled queue (a kick the
+//! worker took but had not served yet would otherwise be served after the
+//! save, behind the copy's back) and takes the blob. A restore (on a
+//! machine attached with the same [`PciConfig`](super::PciConfig), its
+//! vCPUs' state restored, before they run) takes the blob, then re-does
+//! what the state implies: the MSI-X routes (the model tells its irqfd sink
+//! every unmasked vector again; masked ones stay unrouted), the BAR regions
+//! and their queue ioeventfds where the restored configuration space
+//! decodes them (none while memory decoding is off), and one kick of every
+//! enabled queue, served at once, with one interrupt per enabled queue (a
+//! spurious kick or interrupt finds nothing new).
 //!
 //! A device served elsewhere (a device process, a vhost-user backend) keeps
 //! its queue state out of nkvm's reach: the machine registers why instead,
@@ -29,31 +33,28 @@ pub(super) const BUS_NAME: &str = "pci-bus";
 
 /// A virtio-pci device as a snapshot sees it, whatever its model.
 pub(super) trait Saveable: Send {
-    /// The state as one blob.
-    fn save(&self) -> Vec<u8>;
-    /// Takes a blob back.
+    /// Serves what is available, then the state as one blob.
+    fn save(&mut self) -> Vec<u8>;
+    /// Takes a blob back, then serves and interrupts each enabled queue.
     fn load(&mut self, blob: &[u8]) -> Result<(), SnapshotError>;
     /// The model's name in its blob (`virtio-pci-blk`, ...).
     fn name(&self) -> &'static str;
-    /// The queues the driver enabled on a running device.
-    fn enabled_queues(&self) -> Vec<usize>;
 }
 
 impl<D: VirtioDevice + Snapshot> Saveable for VirtioPci<D> {
-    fn save(&self) -> Vec<u8> {
+    fn save(&mut self) -> Vec<u8> {
+        self.drain();
         self.snapshot()
     }
 
     fn load(&mut self, blob: &[u8]) -> Result<(), SnapshotError> {
-        self.restore(blob)
+        self.restore(blob)?;
+        self.resume();
+        Ok(())
     }
 
     fn name(&self) -> &'static str {
         self.snapshot_name()
-    }
-
-    fn enabled_queues(&self) -> Vec<usize> {
-        VirtioPci::enabled_queues(self)
     }
 }
 
@@ -84,6 +85,11 @@ impl Attached {
     /// model and slot: `virtio-pci-blk@00:01.0`), in that order; a device
     /// served by a device process or a vhost-user backend registers why it
     /// cannot be saved instead.
+    ///
+    /// Order for the machine: save these (`save_all`, vCPUs paused) before
+    /// it collects the last dirty pages or copies RAM, since saving serves
+    /// what is available and writes guest memory; restore them after the
+    /// vCPUs' state, since restoring interrupts the driver.
     #[allow(dead_code)] // until machine.rs registers its PCI devices
     pub fn register_saved(&self, saved: &mut SavedDevices) {
         if let Some(ports) = &self.saved.ports {
@@ -136,21 +142,10 @@ impl SavedDevice for SavedVirtio {
     }
 
     fn restore(&self, name: &str, blob: &[u8]) -> Result<(), LoadError> {
-        let queues = {
-            let mut device = lock(&self.device);
-            device.load(blob).map_err(|source| LoadError::Device { name: name.to_string(), source })?;
-            device.enabled_queues()
-        };
+        lock(&self.device).load(blob).map_err(|source| LoadError::Device { name: name.to_string(), source })?;
         let mut ports = lock(&self.ports);
         ports.bus.rescan();
         ports.apply_bar_events();
-        if let Some(notifier) = ports.notifiers.get(&self.slot) {
-            for q in queues {
-                if let Some(Err(e)) = notifier.eventfds().get(q).map(|fd| fd.write(1)) {
-                    log::warn!("pci: {name}: cannot kick queue {q} after the restore: {e}");
-                }
-            }
-        }
         Ok(())
     }
 }

@@ -168,11 +168,12 @@ mod tests {
         assert_eq!(copy.enabled_queues(), vec![0]);
         let route = MsiMessage { address: 0xfee0_0000, data: 0x31 };
         assert!(sink.take().contains(&SinkEvent::Route(1, Some(route))), "queue 0's vector is routed again");
-        // The read made available before the save, then one more write.
-        for (dev, sink) in [(&mut orig.dev, &orig.sink), (&mut copy, &sink)] {
-            notify(dev, 0);
-            assert_eq!(sink.take(), vec![SinkEvent::Signal(1)]);
-        }
+        // The read made available before the save: the original serves it
+        // when notified, the copy when it resumes; one interrupt each.
+        notify(&mut orig.dev, 0);
+        copy.resume();
+        assert_eq!(orig.sink.take(), vec![SinkEvent::Signal(1)]);
+        assert_eq!(sink.take(), vec![SinkEvent::Signal(1)]);
         assert_eq!(outcome(&orig.driver), outcome(&driver));
         let (status, data, used) = outcome(&driver);
         assert_eq!((status, data.iter().all(|&b| b == 0xab), used.len()), (0, true, 2));
@@ -184,6 +185,24 @@ mod tests {
         assert_eq!(outcome(&orig.driver), outcome(&driver));
         assert_eq!(orig.image.contents(), image.contents());
         assert_eq!(orig.dev.snapshot(), copy.snapshot(), "the two devices are in the same state");
+    }
+
+    #[test]
+    fn drain_serves_what_is_available_and_resume_interrupts_each_enabled_queue_once() {
+        let mut s = running();
+        s.dev.drain();
+        assert_eq!(s.driver.used(0).len(), 2, "the read made available was served");
+        assert_eq!(s.sink.take(), vec![SinkEvent::Signal(1)]);
+        s.dev.drain();
+        assert!(s.sink.take().is_empty(), "nothing more to serve, no interrupt");
+        s.dev.resume();
+        assert_eq!(s.sink.take(), vec![SinkEvent::Signal(1)], "resume interrupts even with nothing new");
+        assert_eq!(s.driver.used(0).len(), 2);
+        // A device the driver has not started serves and signals nothing.
+        let mut idle = block(&s.image, ram(), &s.sink);
+        idle.drain();
+        idle.resume();
+        assert!(s.sink.take().is_empty());
     }
 
     #[test]

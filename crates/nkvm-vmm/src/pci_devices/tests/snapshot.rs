@@ -1,25 +1,30 @@
 //! Snapshot and restore of the PCI side with a real guest: the guest moves
 //! BAR0, brings virtio-blk to DRIVER_OK and gets two requests served; the
 //! machine is saved (vCPU, VM clock, RAM, the PCI devices) and restored
-//! into a second VM attached with the same [`PciConfig`]; there a request
-//! made available before the save and one the guest notifies after the
-//! restore both complete, with their MSI-X interrupts.
+//! into a second VM attached with the same [`PciConfig`]. A request made
+//! available before the save is served by the save; one found in the
+//! copy's RAM, by the restore; one the guest notifies after the restore,
+//! through the moved BAR's ioeventfd; each with its MSI-X interrupt.
 
 use super::*;
 use crate::saved::SavedDevices;
 
 /// The guest polls this byte; non-zero: notify queue 0 once (and clear it).
 const FLAG: u64 = 0x21_6000;
-/// Request 3 (made available before the save, never notified there): IN of
+/// Request 3 (made available before the save, never notified): IN of
 /// sector 1 into DATA3.
 const HEADER3: u64 = 0x21_7000;
 const DATA3: u64 = 0x21_8000;
 const STATUS3: u64 = 0x21_9000;
-/// Request 4 (notified by the guest after the restore): OUT of sector 3.
+/// Request 4 (found in the restored RAM, never notified): IN of sector 2.
 const HEADER4: u64 = 0x21_a000;
 const DATA4: u64 = 0x21_b000;
 const STATUS4: u64 = 0x21_c000;
-/// What request 4 writes.
+/// Request 5 (notified by the guest after the restore): OUT of sector 3.
+const HEADER5: u64 = 0x21_d000;
+const DATA5: u64 = 0x21_e000;
+const STATUS5: u64 = 0x21_f000;
+/// What request 5 writes.
 const AFTER: &[u8] = b"WRITTEN-AFTER-THE-RESTORE";
 /// Guest RAM of these VMs.
 const RAM: usize = 16 << 20;
@@ -120,12 +125,15 @@ fn run_and_save(config: &PciConfig, image: &Path) -> Saved {
     attached.register_saved(&mut saved);
     assert_eq!(saved.names(), ["pci-bus", "virtio-pci-blk@00:01.0", "virtio-pci-console@00:02.0"]);
     let devices = saved.save_all().unwrap();
+    // Saving served what was available: the state and RAM agree.
+    assert_eq!(used_entry(&guest.vm, 3, 2), (3, (6, 513)), "request 3 served by the save, in used slot 2");
+    assert_eq!(&read(&guest.vm, DATA3, 13), b"NKVM-PCI-TEST", "the sector the guest wrote");
     let vcpu = guest.vcpu.save_state(&mut guest.run).unwrap();
     Saved { devices, vcpu, vm: guest.vm.save_state().unwrap(), ram: read(&guest.vm, 0, RAM) }
 }
 
 #[test]
-fn a_restored_machine_serves_the_pending_and_the_next_request_with_msix_interrupts() {
+fn a_restored_machine_serves_pending_and_new_requests_with_msix_interrupts() {
     let image = test_image("snapshot");
     let config = PciConfig { disk: Some(Disk::Image(image.clone())), ..Default::default() };
     let state = run_and_save(&config, &image);
@@ -134,30 +142,66 @@ fn a_restored_machine_serves_the_pending_and_the_next_request_with_msix_interrup
     guest.vm.write_memory(GuestAddress(0), &state.ram).unwrap();
     guest.vm.restore_state(&state.vm).unwrap();
     guest.vcpu.restore_state(&state.vcpu).unwrap();
+    make_available(&guest.vm, 9, 0, 2, (HEADER4, DATA4, STATUS4));
     let mut saved = SavedDevices::default();
     attached.register_saved(&mut saved);
     saved.restore_all(&state.devices).unwrap();
+    // The restore kicked the queue: request 4 is served already.
+    assert_eq!(used_entry(&guest.vm, 4, 3), (4, (9, 513)), "request 4 served by the restore, in used slot 3");
+    assert_eq!(read(&guest.vm, STATUS4, 1), [0], "VIRTIO_BLK_S_OK");
+    assert_eq!(&read(&guest.vm, DATA4, SECTOR_2.len()), SECTOR_2);
     // BAR0 decodes where the guest moved it, with its queue ioeventfds.
     assert!(has_ioeventfd(&guest.vm, MOVED_BAR + 0x3000), "queue 0's ioeventfd follows the restored BAR0");
     assert!(!has_ioeventfd(&guest.vm, BAR + 0x3000), "and none is left where attach first put it");
 
-    // Request 3 was served by the restore's kick; its MSI-X vector reaches
-    // the guest's handler. The guest reads the device status through BAR0.
+    // Its MSI-X vector (and request 3's, raised on the old machine as it
+    // saved) reaches the guest's handler on the first run. Then the guest
+    // reads the device status through BAR0 where it moved it.
     assert_eq!(guest.run_until_out(REPORT, Duration::from_secs(20), |_| true), Ok(u64::from(VECTOR)));
-    assert_eq!(used_entry(&guest.vm, 3, 2), (3, (6, 513)), "request 3 in used slot 2");
-    assert_eq!(read(&guest.vm, STATUS3, 1), [0], "VIRTIO_BLK_S_OK");
-    assert_eq!(&read(&guest.vm, DATA3, 13), b"NKVM-PCI-TEST", "the sector the source machine wrote");
     assert_eq!(guest.run_until_out(STATUS_PORT, Duration::from_secs(10), |s| s == 0xf), Ok(0xf));
 
-    // Request 4: the guest notifies it on the restored machine.
-    make_available(&guest.vm, 9, 1, 3, (HEADER4, DATA4, STATUS4));
-    guest.vm.write_memory(GuestAddress(DATA4), AFTER).unwrap();
+    // Request 5: the guest notifies it on the restored machine.
+    make_available(&guest.vm, 12, 1, 3, (HEADER5, DATA5, STATUS5));
+    guest.vm.write_memory(GuestAddress(DATA5), AFTER).unwrap();
     guest.vm.write_memory(GuestAddress(FLAG), &[1]).unwrap();
     assert_eq!(guest.run_until_out(REPORT, Duration::from_secs(20), |_| true), Ok(u64::from(VECTOR)));
-    assert_eq!(used_entry(&guest.vm, 4, 3), (4, (9, 1)), "request 4 in used slot 3");
-    assert_eq!(read(&guest.vm, STATUS4, 1), [0], "VIRTIO_BLK_S_OK");
+    assert_eq!(used_entry(&guest.vm, 5, 4), (5, (12, 1)), "request 5 in used slot 4");
+    assert_eq!(read(&guest.vm, STATUS5, 1), [0], "VIRTIO_BLK_S_OK");
     assert_eq!(&std::fs::read(&image).unwrap()[3 * 512..3 * 512 + AFTER.len()], AFTER);
     drop(attached);
+    let _ = std::fs::remove_file(&image);
+}
+
+#[test]
+fn a_bar_whose_memory_decoding_is_off_is_mapped_nowhere_after_the_restore() {
+    let image = test_image("snapshot-decoding-off");
+    let config = PciConfig { disk: Some(Disk::Image(image.clone())), ..Default::default() };
+    let (mut guest, attached) = Guest::boot_with(&config, &guest_code(MOVED_BAR));
+    guest.expect_disk_io(&image);
+    // The guest's driver turns memory decoding off (bus master stays on).
+    let ports = attached.saved.ports.clone().unwrap();
+    {
+        let mut ports = ports.lock().unwrap();
+        ports.bus.config_write(1, nkvm_devices::pci::config::COMMAND, &[0x4, 0]);
+        ports.apply_bar_events();
+    }
+    assert!(!has_ioeventfd(&guest.vm, MOVED_BAR + 0x3000));
+    let mut saved = SavedDevices::default();
+    attached.register_saved(&mut saved);
+    let blobs = saved.save_all().unwrap();
+
+    let (dest, attached) = second_machine(&config);
+    let mut saved = SavedDevices::default();
+    attached.register_saved(&mut saved);
+    saved.restore_all(&blobs).unwrap();
+    let ports = attached.saved.ports.clone().unwrap();
+    let mut bar0 = [0u8; 4];
+    ports.lock().unwrap().bus.config_read(1, 0x10, &mut bar0);
+    assert_eq!(u32::from_le_bytes(bar0), MOVED_BAR as u32 | 0x4, "BAR0 holds the address the guest gave it");
+    assert!(ports.lock().unwrap().regions.keys().all(|&(slot, _)| slot != 1), "no BAR region for the disk");
+    for bar in [BAR, MOVED_BAR] {
+        assert!(!has_ioeventfd(&dest.vm, bar + 0x3000), "no queue ioeventfd at {bar:#x}");
+    }
     let _ = std::fs::remove_file(&image);
 }
 
