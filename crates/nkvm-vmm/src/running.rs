@@ -79,13 +79,16 @@ impl Running {
     }
 
     /// The machine's state besides RAM, with the vCPUs paused in `vcpus`.
+    /// The devices first: saving a virtio device serves what its driver
+    /// made available, which writes guest memory; take RAM after this.
     pub fn machine_state(&self, vcpus: &[VcpuState]) -> Result<MachineState, RunningError> {
+        let devices = self.devices.save_all()?;
         let vm = self.vm.save_state().map_err(RunningError::SaveVm)?.encode();
         Ok(MachineState {
             config: self.config.clone(),
             vm,
             vcpus: vcpus.iter().map(VcpuState::encode).collect(),
-            devices: self.devices.save_all()?,
+            devices,
         })
     }
 

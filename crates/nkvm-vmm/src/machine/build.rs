@@ -8,8 +8,8 @@
 //!
 //! A fresh machine loads its kernel and places vCPU 0 at its entry. A saved
 //! one loads nothing (the kernel, its ACPI tables and boot information are
-//! in the saved RAM): it restores the VM state, then the devices, then each
-//! vCPU's state (its CPUID among it).
+//! in the saved RAM): it restores the VM state, then each vCPU's state (its
+//! CPUID among it), then the devices, before any vCPU runs.
 
 use std::io;
 use std::sync::atomic::Ordering::SeqCst;
@@ -129,9 +129,14 @@ pub(super) fn build(parts: &Parts<'_>) -> Result<Built, MachineError> {
     let (input, panic) = console(parts, &ioapic, &mut devices, &mut processes)?;
     if let Some(saved) = parts.saved {
         vm.restore_state(&saved.vm)?;
-        devices.restore_all(&saved.devices)?;
     }
     let vcpus = create_vcpus(parts, &shared, &kind, &boot_lint)?;
+    // The devices after the vCPUs (which do not run yet): a restored
+    // device may raise an interrupt (a virtio device interrupts its driver
+    // once per queue), which a local APIC restored afterwards would lose.
+    if let Some(saved) = parts.saved {
+        devices.restore_all(&saved.devices)?;
+    }
     deny_msrs(vm, &vcpus)?;
     Ok(Built { vcpus, devices, shared, processes, input, panic })
 }
@@ -217,6 +222,9 @@ fn multiboot_parts(
     let platform = testdev::attach(vm, ioapic, &machine)?;
     if let Some(saved) = firmware {
         put_back(vm, saved)?;
+        // The vCPUs (vCPU 0's LINT0 among them) exist before the devices
+        // are restored: no INTA cycle until the 8259's state is back.
+        platform.hold_interrupts_until_restored();
     }
     // Every in-process model; with device processes, why it cannot be saved.
     platform.register_saved(devices);

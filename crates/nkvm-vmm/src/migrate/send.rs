@@ -291,9 +291,12 @@ impl Sender<'_> {
         vcpus: &[nkvm::state::VcpuState],
     ) -> Result<(), MigrateError> {
         let link = |e| MigrateError::link("sending the final state", e);
+        // The devices' state first: saving a virtio device serves what its
+        // driver made available, which writes guest memory (and the dirty
+        // log) that the last pages must then carry.
+        let state = self.running.machine_state(vcpus)?;
         let last = self.send_dirty(out, dirty)?;
         self.update(|s| s.switchover_pages = last);
-        let state = self.running.machine_state(vcpus)?;
         stream::write_record(out, RecordType::VmState, &state.vm).map_err(link)?;
         for blob in &state.vcpus {
             stream::write_record(out, RecordType::VcpuState, blob).map_err(link)?;
