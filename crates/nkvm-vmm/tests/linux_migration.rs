@@ -24,7 +24,7 @@ const LIMIT: Duration = Duration::from_secs(3600);
 /// no virtqueue is live before `Run /init`: on this host user space never
 /// runs (docs/architecture.md), so the PCI configuration state, BARs and
 /// MSI-X tables travel, the queues do not get exercised here.
-const QUEUES_LIVE: &str = "pci 0000:00:02.0: [1af4:1043]";
+const PCI_ENUMERATED: &str = "pci 0000:00:02.0: [1af4:1043]";
 
 fn guest_dir() -> PathBuf {
     let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("../..");
@@ -143,8 +143,8 @@ fn a_linux_guest_migrated_during_its_boot_continues_to_init_on_the_destination()
         "the destination never listened: {}",
         dest.stderr()
     );
-    let probed = src.wait_for(deadline, |out, _| out.contains(QUEUES_LIVE));
-    assert!(probed, "the source never got to {QUEUES_LIVE:?}:\n{}\n{}", tail(&src.stdout()), src.stderr());
+    let probed = src.wait_for(deadline, |out, _| out.contains(PCI_ENUMERATED));
+    assert!(probed, "the source never got to {PCI_ENUMERATED:?}:\n{}\n{}", tail(&src.stdout()), src.stderr());
     let at = started.elapsed();
     let out = Command::new(env!("CARGO_BIN_EXE_nkvm"))
         .args(["ctl", "--api-socket", api.to_str().unwrap(), "migrate", &addr, "--wait"])
@@ -161,7 +161,7 @@ fn a_linux_guest_migrated_during_its_boot_continues_to_init_on_the_destination()
     let reached = dest.wait_for(deadline, |out, _| out.contains("Run /init as init process"));
     let after = dest.stdout();
     eprintln!(
-        "migrated at {at:?} (after {QUEUES_LIVE:?}); {}\nthe destination after {:?}:\n{}\nstderr:\n{}",
+        "migrated at {at:?} (after {PCI_ENUMERATED:?}); {}\nthe destination after {:?}:\n{}\nstderr:\n{}",
         src.stderr().lines().find(|l| l.contains("migrated to")).unwrap_or_default(),
         started.elapsed(),
         tail(&after),
@@ -170,6 +170,6 @@ fn a_linux_guest_migrated_during_its_boot_continues_to_init_on_the_destination()
     assert!(reached, "the destination never printed \"Run /init as init process\"");
     // The boot went on where it stopped: no kernel message is printed twice.
     assert!(!after.contains("Linux version"), "the destination rebooted the guest:\n{}", tail(&after));
-    assert!(!after.contains(QUEUES_LIVE), "the destination enumerated PCI again:\n{}", tail(&after));
+    assert!(!after.contains(PCI_ENUMERATED), "the destination enumerated PCI again:\n{}", tail(&after));
     let _ = std::fs::remove_dir_all(&scratch);
 }
