@@ -79,13 +79,16 @@ impl Running {
     }
 
     /// The machine's state besides RAM, with the vCPUs paused in `vcpus`.
+    /// The devices first: saving a virtio device serves what its driver
+    /// made available, which writes guest memory; take RAM after this.
     pub fn machine_state(&self, vcpus: &[VcpuState]) -> Result<MachineState, RunningError> {
+        let devices = self.devices.save_all()?;
         let vm = self.vm.save_state().map_err(RunningError::SaveVm)?.encode();
         Ok(MachineState {
             config: self.config.clone(),
             vm,
             vcpus: vcpus.iter().map(VcpuState::encode).collect(),
-            devices: self.devices.save_all()?,
+            devices,
         })
     }
 
@@ -95,6 +98,8 @@ impl Running {
         if self.migrating() {
             return Err(RunningError::Migrating);
         }
+        // Refused before the guest pauses for it.
+        self.devices.saveable()?;
         let was_paused = self.shared.control.is_paused();
         let start = Instant::now();
         let result = self.pause().and_then(|vcpus| {
@@ -113,6 +118,7 @@ impl Running {
         let migration = self.migration.lock().unwrap_or_else(|p| p.into_inner()).to_json();
         json!({
             "state": state,
+            "kind": self.config.kind.name(),
             "cpus": self.config.cpus,
             "memory": self.config.memory,
             "migration": migration,

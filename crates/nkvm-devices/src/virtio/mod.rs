@@ -17,6 +17,14 @@
 //! | [`block`] | virtio-blk on a raw image file |
 //! | [`console`] | virtio-console, one port, output to a writer |
 //!
+//! A [`VirtioPci`] over a model that is a [`Snapshot`](crate::Snapshot)
+//! (both [`Block`] and [`Console`] are) is one too: one blob per PCI
+//! function, holding its configuration space, MSI-X state, negotiation,
+//! every queue's position and the model's own blob (`pci/snapshot.rs`).
+//! [`VirtioPci::drain`] and [`VirtioPci::resume`] are what a VMM calls
+//! around it: serve what is available before saving, serve and interrupt
+//! once after restoring.
+//!
 //! A driver that hands the device garbage (descriptors outside guest
 //! memory, a chain with no status byte, an available index running past the
 //! queue) gets a logged error and the device sets `DEVICE_NEEDS_RESET`; the

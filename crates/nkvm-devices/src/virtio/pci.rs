@@ -20,6 +20,8 @@ use crate::pci::config::{ConfigError, ConfigSpace, MemoryBar, PciId};
 use crate::pci::msix::{MsiSink, Msix, MsixLayout};
 use crate::pci::PciDevice;
 
+mod snapshot;
+
 /// Vendor ID of virtio devices.
 pub const VIRTIO_PCI_VENDOR: u16 = 0x1af4;
 /// Device ID of a modern virtio device is this plus its type.
@@ -160,29 +162,75 @@ impl<D: VirtioDevice> VirtioPci<D> {
         self.common.status()
     }
 
+    /// The queues the driver enabled, while the device runs (`DRIVER_OK`
+    /// and not broken): those [`drain`](Self::drain) and
+    /// [`resume`](Self::resume) serve.
+    pub fn enabled_queues(&self) -> Vec<usize> {
+        if !self.common.running() {
+            return Vec::new();
+        }
+        let queues = self.common.queues().iter().enumerate();
+        queues.filter(|(_, q)| virtio_queue::QueueT::ready(*q)).map(|(i, _)| i).collect()
+    }
+
+    /// Serves every buffer the driver made available on an enabled queue,
+    /// as a notification of each would. Called before the state is saved
+    /// (with the vCPUs paused and the device's lock held), so the state
+    /// holds no request the driver made available that a worker would serve
+    /// after the save (lost to the copy, or done twice).
+    pub fn drain(&mut self) {
+        for q in self.enabled_queues() {
+            self.notify_queue(q);
+        }
+    }
+
+    /// What a restored device does before the vCPUs run: serves what is
+    /// available on each enabled queue, then interrupts the driver once per
+    /// enabled queue (the one serving raised, or one of its own). The old
+    /// machine may have raised an interrupt that did not travel; a spurious
+    /// one finds nothing new in the used ring, which virtio drivers take in
+    /// their stride. Call it once the vCPUs' local APICs are restored: an
+    /// interrupt delivered before would be overwritten.
+    pub fn resume(&mut self) {
+        for q in self.enabled_queues() {
+            if !self.serve(q) {
+                self.interrupt(self.common.queue_vector(q), ISR_QUEUE);
+            }
+        }
+    }
+
     /// The driver notified queue `index` (or a worker polls it): serve it
     /// and interrupt the driver if buffers were used.
     pub fn notify_queue(&mut self, index: usize) {
+        self.serve(index);
+    }
+
+    /// Serves queue `index`; returns whether the driver was interrupted.
+    fn serve(&mut self, index: usize) -> bool {
         if !self.common.running() {
             log::debug!("virtio: notify of queue {index} while the device is not running; ignored");
-            return;
+            return false;
         }
         let Some(queue) = self.common.queue_mut(index) else {
             log::debug!("virtio: notify of queue {index} which does not exist; ignored");
-            return;
+            return false;
         };
         if !virtio_queue::QueueT::ready(queue) {
-            return;
+            return false;
         }
         match self.device.process_queue(index, queue, &self.mem) {
-            Ok(false) => {}
+            Ok(false) => false,
             Ok(true) => {
                 let wanted = virtio_queue::QueueT::needs_notification(queue, &self.mem).unwrap_or(true);
                 if wanted {
                     self.interrupt(self.common.queue_vector(index), ISR_QUEUE);
                 }
+                wanted
             }
-            Err(e) => self.fail(&e),
+            Err(e) => {
+                self.fail(&e);
+                true
+            }
         }
     }
 

@@ -257,3 +257,24 @@ fn only_a_machine_with_s3_names_it_and_the_facs_has_the_waking_vector() {
         assert_eq!(u64_at(facs, FACS_X_WAKING_VECTOR as usize), 0);
     }
 }
+
+#[test]
+fn the_pm1_event_enable_register_round_trips_and_a_damaged_blob_is_refused() {
+    use nkvm_devices::Snapshot;
+    let mut evt = Pm1Event::default();
+    evt.write(2, &0x0120u16.to_le_bytes());
+    let blob = evt.snapshot();
+    let mut back = Pm1Event::default();
+    back.restore(&blob).unwrap();
+    let mut read = [0u8; 4];
+    back.read(0, &mut read);
+    assert_eq!(read, [0, 0, 0x20, 0x01]);
+    for cut in 0..blob.len() {
+        assert!(Pm1Event::default().restore(&blob[..cut]).is_err(), "cut at {cut}");
+    }
+    let mut flipped = blob.clone();
+    let body = flipped.len() - 5;
+    flipped[body] ^= 1;
+    let err = back.restore(&flipped).unwrap_err().to_string();
+    assert!(err.contains("checksum") || err.contains("CRC"), "{err}");
+}
