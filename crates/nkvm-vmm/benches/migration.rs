@@ -107,6 +107,18 @@ pub fn mb_per_s(ticks_per_s: f64, pages: u32) -> f64 {
     ticks_per_s * f64::from(pages) * 4096.0 / 1e6
 }
 
+/// A row with the guest's dirtying rate before any migration, measured
+/// from its console over 2 s (and printed).
+pub fn steady_row(p: &process::Proc, image: &Image) -> Row {
+    let ticks = process::tick_rate(p, Duration::from_secs(2));
+    let row = Row { dirtied_mb_s: mb_per_s(ticks, image.pages), ..Row::default() };
+    println!(
+        "  {ticks:.0} ticks/s before migrating: {:.1} MB/s dirtied ({} pages a tick)",
+        row.dirtied_mb_s, image.pages
+    );
+    row
+}
+
 /// The host's TSC rate, Hz (a KVM guest's TSC runs at it unless scaled).
 fn tsc_hz() -> f64 {
     let read = || {
@@ -124,13 +136,39 @@ fn write(dir: &Path, name: &str, bytes: &[u8], pages: u32, kind: Kind) -> Image 
     Image { path, pages, kind }
 }
 
+/// Pages a tick for a row's target rate (MB/s).
+fn pages_for(rate: f64) -> u32 {
+    let per_ms = (rate * 1e6 / 4096.0 / 1000.0).round() as u32;
+    per_ms / guest::UNROLL * guest::UNROLL
+}
+
+/// `-- --write-images DIR`: only write the guests (the ELF for QEMU and
+/// `nkvm run --kernel`, the raw image for `nkvm run --image`), to run them
+/// by hand.
+fn write_images(dir: &Path, tick_cycles: u32) {
+    std::fs::create_dir_all(dir).unwrap();
+    for (_, rate) in ROWS {
+        let t = Ticker { tick_cycles, pages: pages_for(rate) };
+        for (name, bytes) in [("elf", t.multiboot_elf()), ("bin", t.builtin_image())] {
+            let path = dir.join(format!("ticker-{}.{name}", t.pages));
+            std::fs::write(&path, bytes).unwrap();
+            println!("{}", path.display());
+        }
+    }
+}
+
 fn main() {
-    let dir = std::env::temp_dir().join(format!("nkvm-bench-migration-{}", std::process::id()));
-    let _ = std::fs::remove_dir_all(&dir);
-    std::fs::create_dir_all(&dir).unwrap();
     let hz = tsc_hz();
     let tick_cycles = (hz / 1000.0) as u32;
     println!("TSC {:.0} MHz; the guest ticks every {tick_cycles} cycles (1 ms)", hz / 1e6);
+    let args: Vec<String> = std::env::args().collect();
+    if let Some(at) = args.iter().position(|a| a == "--write-images") {
+        let dir = args.get(at + 1).expect("--write-images DIR");
+        return write_images(Path::new(dir), tick_cycles);
+    }
+    let dir = std::env::temp_dir().join(format!("nkvm-bench-migration-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir).unwrap();
     let probe = write(&dir, "probe.elf", &Ticker { tick_cycles, pages: 0 }.multiboot_elf(), 0, Kind::Multiboot);
     let nkvm_kind = match nkvm::kernel_machines_migrate(&dir, &probe) {
         Ok(()) => Kind::Multiboot,
@@ -147,7 +185,7 @@ fn main() {
     let mut rows: Vec<(&str, f64, Row, Row, Image, Image)> = Vec::new();
     let mut snaps = (SnapRestore::default(), SnapRestore::default());
     for (i, (name, rate)) in ROWS.into_iter().enumerate() {
-        let pages = (rate * 1e6 / 4096.0 / 1000.0).round() as u32;
+        let pages = pages_for(rate);
         let t = Ticker { tick_cycles, pages };
         let elf = write(&dir, &format!("ticker-{pages}.elf"), &t.multiboot_elf(), pages, Kind::Multiboot);
         let nkvm_image = match nkvm_kind {

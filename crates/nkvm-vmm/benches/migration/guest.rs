@@ -11,7 +11,7 @@
 //! Each tick the guest writes `'@' + (tick & 31)` (a rotating printable
 //! byte, so a lost or repeated tick shows) and stores the tick number into
 //! the first dword of the next `pages` pages of [`DIRTY_START`,
-//! [`DIRTY_END`]), wrapping. The tick deadline advances by `tick_cycles`;
+//! [`DIRTY_END`]), wrapping, [`UNROLL`] pages a loop turn. The tick deadline advances by `tick_cycles`;
 //! a deadline more than one tick late or early (the TSC jumped across a
 //! migration) is reset to now + one tick, so the guest never bursts to
 //! catch up and never stalls on a clock that went back.
@@ -28,13 +28,17 @@ pub const MULTIBOOT_LOAD: u32 = 0x40_0000;
 /// Where `nkvm run --image` loads a raw image.
 pub const IMAGE_LOAD: u64 = 0x10_0000;
 const COM1: u16 = 0x3f8;
+/// Pages stored to per turn of the dirtying loop; `pages` is rounded up
+/// to a multiple of it.
+pub const UNROLL: u32 = 4;
 
 /// What a guest image does.
 #[derive(Clone, Copy, Debug)]
 pub struct Ticker {
     /// TSC cycles per tick.
     pub tick_cycles: u32,
-    /// Pages stored to per tick (0: the guest only ticks).
+    /// Pages stored to per tick (0: the guest only ticks), a multiple of
+    /// [`UNROLL`].
     pub pages: u32,
 }
 
@@ -108,10 +112,14 @@ impl Ticker {
         a.mov(edx, u32::from(COM1))?;
         a.out(dx, al)?;
         if self.pages > 0 {
-            a.mov(ecx, self.pages)?;
+            // UNROLL pages a turn: the guest runs in KVM's instruction
+            // emulator here, so instructions per page set the top rate.
+            a.mov(ecx, self.pages.div_ceil(UNROLL))?;
             a.set_label(&mut dirty)?;
-            a.mov(dword_ptr(edi), esi)?;
-            a.add(edi, 4096)?;
+            for i in 0..UNROLL {
+                a.mov(dword_ptr(edi + i * 4096), esi)?;
+            }
+            a.add(edi, UNROLL * 4096)?;
             a.cmp(edi, DIRTY_END)?;
             a.jb(no_wrap)?;
             a.mov(edi, DIRTY_START)?;

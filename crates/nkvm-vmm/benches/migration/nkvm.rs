@@ -9,8 +9,8 @@ use std::time::{Duration, Instant};
 use serde_json::Value;
 
 use super::figures::{median, Migration, Row, SnapRestore};
-use super::process::{switch, tick_rate, Proc};
-use super::{free_port, mb_per_s, Image, SETTLE_TICKS};
+use super::process::{switch, Proc};
+use super::{free_port, steady_row, Image, SETTLE_TICKS};
 
 fn nkvm() -> Command {
     Command::new(env!("CARGO_BIN_EXE_nkvm"))
@@ -71,8 +71,7 @@ fn parse_migrated(stderr: &str) -> Option<Migration> {
 pub fn measure(dir: &Path, image: &Image, runs: usize, snapshots: bool) -> (Row, Option<SnapRestore>) {
     let mut vm = Vm::boot(image, dir.join("nkvm-0.sock"));
     vm.proc.wait_ticks(SETTLE_TICKS);
-    let mut row =
-        Row { dirtied_mb_s: mb_per_s(tick_rate(&vm.proc, Duration::from_secs(2)), image.pages), ..Row::default() };
+    let mut row = steady_row(&vm.proc, image);
     let snap = snapshots.then(|| snapshot_restore(dir, &vm, runs));
     for i in 1..=runs {
         let addr = format!("tcp:127.0.0.1:{}", free_port());
@@ -131,8 +130,9 @@ fn restored_ms(stderr: &str) -> Option<f64> {
     line.rsplit(" in ").next()?.split(' ').next()?.parse().ok()
 }
 
-/// Whether `nkvm run --kernel IMAGE --api-socket` runs (a `--kernel`
-/// machine that can be migrated); the refusal's words if not.
+/// Whether a `--kernel` machine can be migrated: `nkvm run --kernel IMAGE
+/// --api-socket` runs and `nkvm ctl snapshot` takes its state; the
+/// refusal's words if not.
 pub fn kernel_machines_migrate(dir: &Path, image: &Image) -> Result<(), String> {
     let api = dir.join("probe.sock");
     let mut cmd = nkvm();
@@ -142,8 +142,20 @@ pub fn kernel_machines_migrate(dir: &Path, image: &Image) -> Result<(), String> 
     let start = Instant::now();
     while start.elapsed() < Duration::from_secs(30) {
         if api.exists() {
+            // Taking its state is what migration needs too.
+            let snap = dir.join("probe-snap");
+            let out = nkvm().arg("ctl").arg("--api-socket").arg(&api).arg("snapshot").arg(&snap).output();
             proc.kill();
-            return Ok(());
+            let _ = std::fs::remove_dir_all(&snap);
+            let out = out.map_err(|e| format!("nkvm ctl: {e}"))?;
+            return match out.status.success() {
+                true => Ok(()),
+                false => Err(format!(
+                    "its snapshot is refused: {}{}",
+                    String::from_utf8_lossy(&out.stdout).trim(),
+                    String::from_utf8_lossy(&out.stderr).trim()
+                )),
+            };
         }
         if let Some(code) = proc.exit_code() {
             std::thread::sleep(Duration::from_millis(100));

@@ -13,6 +13,7 @@ use super::guest::next_tick_byte;
 const BOUND: Duration = Duration::from_secs(120);
 
 /// A running VMM (nkvm or QEMU); killed when dropped.
+#[derive(Debug)]
 pub struct Proc {
     name: String,
     child: Child,

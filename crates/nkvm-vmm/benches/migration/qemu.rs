@@ -10,9 +10,9 @@ use std::time::{Duration, Instant};
 use serde_json::{json, Value};
 
 use super::figures::{median, Migration, Row, SnapRestore};
-use super::process::{switch, tick_rate, Proc};
+use super::process::{switch, Proc};
 use super::qmp::Qmp;
-use super::{free_port, mb_per_s, Image, SETTLE_TICKS};
+use super::{free_port, steady_row, Image, SETTLE_TICKS};
 
 /// The binary.
 pub const QEMU: &str = "qemu-system-x86_64";
@@ -107,8 +107,7 @@ fn summary(info: &Value) -> String {
 pub fn measure(dir: &Path, image: &Image, runs: usize, snapshots: bool) -> (Row, Option<SnapRestore>) {
     let mut vm = Vm::start(image, dir.join("qemu-0.qmp"), None);
     vm.proc.wait_ticks(SETTLE_TICKS);
-    let mut row =
-        Row { dirtied_mb_s: mb_per_s(tick_rate(&vm.proc, Duration::from_secs(2)), image.pages), ..Row::default() };
+    let mut row = steady_row(&vm.proc, image);
     let snap = snapshots.then(|| snapshot_restore(dir, image, &mut vm, runs));
     for i in 1..=runs {
         let addr = format!("tcp:127.0.0.1:{}", free_port());
