@@ -74,20 +74,56 @@ pub fn measure(dir: &Path, image: &Image, runs: usize, snapshots: bool) -> (Row,
     let mut row = steady_row(&vm.proc, image);
     let snap = snapshots.then(|| snapshot_restore(dir, &vm, runs));
     for i in 1..=runs {
-        let addr = format!("tcp:127.0.0.1:{}", free_port());
-        let mut dest = Vm::incoming(&addr, dir.join(format!("nkvm-{i}.sock")));
-        ctl(&vm.api, &["migrate", &addr]);
-        assert!(vm.proc.wait_exit(), "the nkvm source failed:\n{}", vm.proc.stderr());
-        let stderr = vm.proc.stderr();
-        let mut m = parse_migrated(&stderr).unwrap_or_else(|| panic!("no migration line:\n{stderr}"));
-        dest.proc.wait_for("the guest to resume", |p| p.stderr().contains("resumes here"));
-        dest.proc.wait_ticks(SETTLE_TICKS);
-        m.switch = switch(&vm.proc.console(), &dest.proc.console());
-        println!("  nkvm run {i}: {}", stderr.lines().find(|l| l.contains("migrated to")).unwrap_or_default());
-        row.runs.push(m);
-        vm = dest;
+        match migrate(dir, &mut vm, i) {
+            Ok((m, dest)) => {
+                row.runs.push(m);
+                vm = dest;
+            }
+            Err(why) => {
+                println!("  nkvm run {i} failed: {why}");
+                row.skipped = Some(format!("migration {i} failed"));
+                break;
+            }
+        }
     }
     (row, snap)
+}
+
+/// Migrates `vm` to a new `nkvm run --incoming` (migration `i`): its
+/// figures and the destination, now running the guest.
+fn migrate(dir: &Path, vm: &mut Vm, i: usize) -> Result<(Migration, Vm), String> {
+    let addr = format!("tcp:127.0.0.1:{}", free_port());
+    let mut dest = Vm::incoming(&addr, dir.join(format!("nkvm-{i}.sock")));
+    let out = nkvm().arg("ctl").arg("--api-socket").arg(&vm.api).args(["migrate", &addr]).output();
+    let out = out.map_err(|e| format!("nkvm ctl: {e}"))?;
+    if !out.status.success() {
+        return Err(format!("nkvm ctl migrate: {}", String::from_utf8_lossy(&out.stdout).trim()));
+    }
+    // The source ends once the destination has the guest, or says why not.
+    let start = Instant::now();
+    loop {
+        if vm.proc.stderr().contains("failed, the guest runs on here") {
+            return Err(vm.proc.stderr());
+        }
+        if let Some(code) = vm.proc.exit_code() {
+            std::thread::sleep(Duration::from_millis(100));
+            if code != Some(0) {
+                return Err(format!("the source ended with {code:?}:\n{}", vm.proc.stderr()));
+            }
+            break;
+        }
+        if start.elapsed() > Duration::from_secs(120) {
+            return Err(format!("the migration did not end in 120 s:\n{}", vm.proc.stderr()));
+        }
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    let stderr = vm.proc.stderr();
+    let mut m = parse_migrated(&stderr).ok_or_else(|| format!("no migration line:\n{stderr}"))?;
+    println!("  nkvm run {i}: {}", stderr.lines().find(|l| l.contains("migrated to")).unwrap_or_default());
+    dest.proc.wait_until("the guest to resume", |p| p.stderr().contains("resumes here"))?;
+    dest.proc.wait_until("the guest's console", |p| p.console_len() >= SETTLE_TICKS)?;
+    m.switch = switch(&vm.proc.console(), &dest.proc.console());
+    Ok((m, dest))
 }
 
 /// `nkvm ctl snapshot` (the guest's pause) and `nkvm run --restore` (its

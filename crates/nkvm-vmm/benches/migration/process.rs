@@ -72,37 +72,35 @@ impl Proc {
     /// Waits until `done(self)`; panics with its output if it ends first or
     /// after [`BOUND`].
     pub fn wait_for(&mut self, what: &str, done: impl Fn(&Self) -> bool) {
+        if let Err(e) = self.wait_until(what, done) {
+            panic!("{e}");
+        }
+    }
+
+    /// Waits until `done(self)`; an error with its stderr if it ends first
+    /// or after [`BOUND`].
+    pub fn wait_until(&mut self, what: &str, done: impl Fn(&Self) -> bool) -> Result<(), String> {
         let start = Instant::now();
         while !done(self) {
             if let Some(status) = self.child.try_wait().unwrap() {
                 std::thread::sleep(Duration::from_millis(100));
                 if done(self) {
-                    return;
+                    return Ok(());
                 }
-                panic!("{} ended ({status}) before {what}:\n{}", self.name, self.stderr());
+                return Err(format!("{} ended ({status}) before {what}:\n{}", self.name, self.stderr()));
             }
-            assert!(start.elapsed() < BOUND, "{}: no {what} in {BOUND:?}:\n{}", self.name, self.stderr());
+            if start.elapsed() > BOUND {
+                return Err(format!("{}: no {what} in {BOUND:?}:\n{}", self.name, self.stderr()));
+            }
             std::thread::sleep(Duration::from_millis(5));
         }
+        Ok(())
     }
 
     /// Waits for `n` more console bytes than there are now.
     pub fn wait_ticks(&mut self, n: usize) {
         let after = self.console_len() + n;
         self.wait_for("console bytes", |p| p.console_len() >= after);
-    }
-
-    /// Waits for the process to end; returns whether it succeeded.
-    pub fn wait_exit(&mut self) -> bool {
-        let start = Instant::now();
-        loop {
-            if let Some(status) = self.child.try_wait().unwrap() {
-                std::thread::sleep(Duration::from_millis(100));
-                return status.success();
-            }
-            assert!(start.elapsed() < BOUND, "{} did not end:\n{}", self.name, self.stderr());
-            std::thread::sleep(Duration::from_millis(10));
-        }
     }
 
     /// Its exit status, if it has ended.

@@ -19,7 +19,7 @@ fn line(row: &str, vmm: &str, image: &Image, r: &Row) {
         }
     }
     println!(
-        "{row:<10} {vmm:<5} {:<32} {:>7.1} {:>7.1} {:>10.1} {:>8.1} {:>6.0} {:>7.1} {:>7}{}",
+        "{row:<10} {vmm:<5} {:<32} {:>7.1} {:>7.1} {:>10.1} {:>8.1} {:>6.0} {:>7.2} {:>7}{}",
         image.describe(),
         r.dirtied_mb_s,
         r.total_ms(),
