@@ -6,10 +6,10 @@
 //!
 //! The guest (migration/guest.rs) is a 512 MiB, 2-vCPU machine whose BSP
 //! ticks every millisecond of its TSC: one byte on COM1 per tick, then a
-//! store to each of a fixed number of pages (0, 12 or 49 pages per tick:
+//! store to each of a fixed number of pages (0, 12 or 48 pages per tick:
 //! idle, ~50 and ~200 MB/s of dirtying). QEMU boots it as a multiboot
-//! ELF32 (`-kernel`); nkvm boots the same ELF with `--kernel` when its
-//! `--kernel` machines take `--api-socket`, otherwise the same loop
+//! ELF32 (`-kernel`); nkvm boots the same ELF with `--kernel` when a
+//! `--kernel` machine's state can be taken (`nkvm ctl snapshot`), otherwise the same loop
 //! assembled for its built-in machine (`--image`), and the table says
 //! which guest each column ran.
 //!
@@ -17,8 +17,11 @@
 //! console bytes as they arrive from the source's and the destination's
 //! stdout; the gap from the source's last byte to the destination's first
 //! is the guest-visible downtime (within one tick, 1 ms, plus pipe and
-//! scheduling latency). Beside it, each VMM's own report: nkvm's
-//! `migrated to ... downtime` line, QEMU's `query-migrate`
+//! scheduling latency). The guest's own TSC is not used for it: a VMM
+//! that sets the destination's TSC to the saved value (QEMU writes the
+//! TSC MSR back) hides the downtime from the guest's clock, so only a
+//! clock outside both processes sees the same thing for both. Beside it,
+//! each VMM's own report: nkvm's `migrated to ... downtime` line, QEMU's `query-migrate`
 //! (`total-time`, `downtime`, `ram.dirty-sync-count`, `ram.transferred`).
 //!
 //! Targets (issue 13): nkvm's total time and downtime at or below QEMU's
