@@ -47,6 +47,11 @@
 //! says when it next goes off while `AIE` is set, and a sleeping VMM
 //! (ACPI S3) wakes then, as the RTC alarm wakes a PC.
 //!
+//! The state saves and restores ([`Snapshot`](crate::Snapshot)); how the
+//! guest's clock goes on after a restore is in the snapshot module's
+//! documentation: it follows the host's UTC time with the guest's offset,
+//! and never goes back.
+//!
 //! Not modelled: periodic and update-ended interrupts and their flags, the
 //! alarm's IRQ 8 while running, QEMU's 0x37 alias of the century
 //! byte, and the BIOS contents of NVRAM (memory sizes, equipment byte),
@@ -63,6 +68,7 @@ use crate::bus::IoDevice;
 mod alarm;
 mod calendar;
 mod format;
+mod snapshot;
 
 use alarm::Alarm;
 

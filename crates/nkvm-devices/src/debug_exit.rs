@@ -35,6 +35,8 @@ use crate::bad_access::BadAccessLog;
 use crate::bus::{le_value, IoDevice};
 use crate::power::{report, PowerEvent};
 
+mod snapshot;
+
 /// The port kvm-unit-tests writes its exit code to.
 pub const DEBUG_EXIT_PORT: u16 = 0xf4;
 /// Size of the device's region in ports.

@@ -42,6 +42,8 @@ use std::fmt;
 use crate::bad_access::BadAccessLog;
 use crate::bus::{le_value, IoDevice};
 
+mod snapshot;
+
 /// The selector port; the data port is the next one.
 pub const FW_CFG_PORT: u16 = 0x510;
 /// Size of the device's region in ports (selector and data).

@@ -64,6 +64,7 @@ use crate::bus::{le_value, IoDevice};
 
 mod io_ram;
 mod irq_lines;
+mod snapshot;
 
 pub use io_ram::IoRam;
 pub use irq_lines::{PcTestdevError, TestdevIrqLines};

@@ -32,6 +32,15 @@
 //! `nkvm device --model pit` serves); [`SharedPit`] gives both windows and
 //! the poller one model.
 //!
+//! The state saves and restores ([`Snapshot`](crate::Snapshot)): each
+//! counter's mode, access state, latches, reload, gate and the time its
+//! count was loaded, the port 0x61 bits and the edges already raised. The
+//! restored PIT's time line goes on from the saved instant on the
+//! restoring host's clock, so every counter counts on from the count it had
+//! (time between the save and the restore does not count). The poller must
+//! [`poll`](Pit::poll) again after a restore: the next edge is the
+//! restored counter's.
+//!
 //! Not modelled: counter 1's DRAM refresh (its count runs, nothing listens),
 //! the speaker sound, BCD counting.
 
@@ -42,6 +51,7 @@ use std::time::{Duration, Instant};
 use crate::bus::{IoDevice, IrqLine};
 
 mod counter;
+mod snapshot;
 
 use counter::Counter;
 
@@ -87,6 +97,9 @@ pub struct Pit {
     irq: Box<dyn IrqLine>,
     /// Counter 0's output edges already signalled since its last load.
     edges_signalled: u64,
+    /// Added to the clock's ticks (wrapping): a restore sets it so the
+    /// PIT's time line goes on from the saved instant.
+    base: u64,
 }
 
 impl fmt::Debug for Pit {
@@ -116,11 +129,13 @@ impl Pit {
             clock,
             irq,
             edges_signalled: 0,
+            base: 0,
         }
     }
 
+    /// Now, in PIT ticks on the model's time line.
     fn now_ticks(&self) -> u64 {
-        nanos_to_ticks((self.clock)())
+        nanos_to_ticks((self.clock)()).wrapping_add(self.base)
     }
 
     /// Signals counter 0's output edges that have passed (at most one pulse

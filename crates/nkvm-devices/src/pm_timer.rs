@@ -8,7 +8,7 @@
 //!
 //! | offset | access | meaning |
 //! |---|---|---|
-//! | 0-3 | R, 32 bits | `TMR_VAL`: ticks since the device was made, modulo 2^32 |
+//! | 0-3 | R, 32 bits | `TMR_VAL`: ticks since the device was made (on from the count, after a restore), modulo 2^32 |
 //!
 //! The counter is 32 bits wide, so the VMM's FADT must set `TMR_VAL_EXT`
 //! (bit 8 of `Flags`) to tell the guest. QEMU's timer is 24 bits
@@ -29,8 +29,19 @@
 //! clock, for tests. A read costs one clock reading and integer
 //! arithmetic: no allocation, no lock. The device is `Clone`, and clones
 //! share the clock's origin, so each vCPU can own one and never contend.
+//!
+//! # Snapshot
+//!
+//! The saved state is the count ([`Snapshot`](crate::Snapshot)); a restore
+//! makes the counter go on from that value on the restoring host's clock
+//! (time between the save and the restore does not count, and the counter
+//! never runs backwards, modulo its 32-bit wrap). Clones share the restored
+//! count as they share the origin.
+//!
+//! Body (`acpi-pm-timer`), format version 1: u32 count, little-endian.
 
 use std::fmt;
+use std::sync::atomic::{AtomicU32, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -67,6 +78,9 @@ impl Clock {
 #[derive(Clone)]
 pub struct PmTimer {
     clock: Clock,
+    /// Added to the clock's ticks (modulo 2^32): moves the count to the
+    /// restored one. Shared by clones.
+    adjust: Arc<AtomicU32>,
     bad: BadAccessLog,
 }
 
@@ -89,20 +103,46 @@ impl Default for PmTimer {
 impl PmTimer {
     /// A timer counting from now, on the host's monotonic clock.
     pub fn new() -> Self {
-        Self { clock: Clock::Host(Instant::now()), bad: BadAccessLog::default() }
+        Self { clock: Clock::Host(Instant::now()), adjust: Arc::default(), bad: BadAccessLog::default() }
     }
 
     /// A timer reading `clock`, the time elapsed since any fixed origin
     /// (the count is 0 where `clock` returns zero). `clock` should not go
     /// back; it is shared by the timer's clones, hence `Sync`.
     pub fn with_clock(clock: Box<dyn Fn() -> Duration + Send + Sync>) -> Self {
-        Self { clock: Clock::Injected(Arc::from(clock)), bad: BadAccessLog::default() }
+        Self { clock: Clock::Injected(Arc::from(clock)), adjust: Arc::default(), bad: BadAccessLog::default() }
     }
 
     /// The counter now: ticks of [`PM_TIMER_HZ`] since the origin, modulo
     /// 2^32.
     pub fn count(&self) -> u32 {
-        ticks(self.clock.elapsed())
+        ticks(self.clock.elapsed()).wrapping_add(self.adjust.load(Ordering::Relaxed))
+    }
+
+    /// Makes the counter read `count` now, and count on from there (for
+    /// every clone).
+    fn continue_from(&self, count: u32) {
+        self.adjust.store(count.wrapping_sub(ticks(self.clock.elapsed())), Ordering::Relaxed);
+    }
+}
+
+impl crate::Snapshot for PmTimer {
+    fn snapshot_name(&self) -> &'static str {
+        "acpi-pm-timer"
+    }
+
+    fn snapshot_version(&self) -> u16 {
+        1
+    }
+
+    fn save_body(&self, out: &mut crate::snapshot::StateWriter) {
+        out.u32(self.count());
+    }
+
+    fn load_body(&mut self, input: &mut crate::snapshot::StateReader<'_>) -> Result<(), crate::SnapshotError> {
+        let count = input.u32("count")?;
+        self.continue_from(count);
+        Ok(())
     }
 }
 
@@ -232,6 +272,27 @@ mod tests {
         now.store(6 * NANOS_PER_SEC, Ordering::Relaxed);
         assert_eq!(timer.count(), clone.count());
         assert_eq!(clone.count(), 6 * 3_579_545);
+    }
+
+    #[test]
+    fn a_restored_timer_counts_on_from_the_saved_count() {
+        use crate::Snapshot;
+        let (timer, now) = timer_at(10 * NANOS_PER_SEC);
+        let blob = timer.snapshot();
+        // The restoring machine's clock is behind: the count must not go back.
+        let (mut copy, later) = timer_at(NANOS_PER_SEC);
+        let clone = copy.clone();
+        copy.restore(&blob).unwrap();
+        assert_eq!(inl(&mut copy), 10 * 3_579_545);
+        later.store(2 * NANOS_PER_SEC, Ordering::Relaxed);
+        assert_eq!(inl(&mut copy), 11 * 3_579_545);
+        assert_eq!(clone.count(), 11 * 3_579_545, "clones share the restored count");
+        // Near the wrap, it wraps as it did.
+        now.store(1_199 * NANOS_PER_SEC, Ordering::Relaxed);
+        copy.restore(&timer.snapshot()).unwrap();
+        later.store(3 * NANOS_PER_SEC, Ordering::Relaxed);
+        assert_eq!(inl(&mut copy), ticks(Duration::from_secs(1_200)));
+        crate::snapshot::check::refuses_damage(&timer.snapshot(), || timer_at(0).0);
     }
 
     #[test]

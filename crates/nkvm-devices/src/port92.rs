@@ -30,6 +30,8 @@ use crate::bad_access::BadAccessLog;
 use crate::bus::IoDevice;
 use crate::power::{report, PowerEvent};
 
+mod snapshot;
+
 /// The port.
 pub const SYSTEM_CONTROL_A_PORT: u16 = 0x92;
 /// Size of the device's region in ports.

@@ -114,6 +114,19 @@ pub enum SnapshotError {
         /// What is allowed.
         expected: &'static str,
     },
+    /// The state is of a device set up differently from the one restored
+    /// into (another disk size, another read-only setting...).
+    #[error("{device} state: {field} is {saved} in the saved state but {here} on this machine")]
+    Mismatch {
+        /// The model.
+        device: &'static str,
+        /// What differs.
+        field: &'static str,
+        /// The value in the blob.
+        saved: u64,
+        /// The value of the device restored into.
+        here: u64,
+    },
     /// The body holds more bytes than the model reads.
     #[error("{device} state: {count} unread bytes at the end of the body")]
     TrailingBytes {
@@ -321,6 +334,19 @@ impl<'a> StateReader<'a> {
     /// An [`SnapshotError::Invalid`] for `field` read at `offset`.
     pub fn invalid(&self, field: &'static str, value: u64, offset: usize, expected: &'static str) -> SnapshotError {
         SnapshotError::Invalid { device: self.device, field, value, offset, expected }
+    }
+
+    /// A [`SnapshotError::Mismatch`]: `field` is `saved` in the blob but
+    /// `here` on the device restored into.
+    pub fn mismatch(&self, field: &'static str, saved: u64, here: u64) -> SnapshotError {
+        SnapshotError::Mismatch { device: self.device, field, saved, here }
+    }
+
+    /// A [`SnapshotError::TrailingBytes`] if bytes are left unread: a model
+    /// that changes itself in steps (one nested blob, then another) checks
+    /// this before its first step, so trailing bytes change nothing.
+    pub fn expect_end(&self) -> Result<(), SnapshotError> {
+        self.finish()
     }
 
     /// A reader over a bare body, for models' unit tests.

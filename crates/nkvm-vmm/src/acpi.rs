@@ -204,6 +204,29 @@ impl IoDevice for Pm1Event {
     }
 }
 
+/// The enable register is the PM1a event block's only state.
+impl nkvm_devices::Snapshot for Pm1Event {
+    fn snapshot_name(&self) -> &'static str {
+        "acpi-pm1-event"
+    }
+
+    fn snapshot_version(&self) -> u16 {
+        1
+    }
+
+    fn save_body(&self, out: &mut nkvm_devices::snapshot::StateWriter) {
+        out.u16(self.enable);
+    }
+
+    fn load_body(
+        &mut self,
+        input: &mut nkvm_devices::snapshot::StateReader<'_>,
+    ) -> Result<(), nkvm_devices::SnapshotError> {
+        self.enable = input.u16("PM1 enable")?;
+        Ok(())
+    }
+}
+
 /// What a guest write to one of the fixed ports asks of the machine.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum PlatformRequest {

@@ -17,49 +17,11 @@ use nkvm_devices::IoDevice;
 use crate::builtin;
 use crate::cli::{DeviceModel, RunArgs};
 use crate::devices::DeviceProcess;
+use crate::machine::intake::{RestoreError, Resumed};
 use crate::machine::{self, MachineError, Shared};
-use crate::migrate::receive;
 use crate::running::Running;
-use crate::saved::{LoadError, SavedDevices};
-use crate::snapshot::{self, DecodedState, MachineConfig};
-
-/// Why a saved machine could not be brought back.
-#[derive(Debug, thiserror::Error)]
-pub enum RestoreError {
-    /// The snapshot or stream was refused.
-    #[error(transparent)]
-    Snapshot(#[from] snapshot::SnapshotError),
-    /// The saved devices do not fit this machine's, or one refused its state.
-    #[error(transparent)]
-    Devices(#[from] LoadError),
-    /// KVM refused the VM or a vCPU state.
-    #[error(transparent)]
-    State(#[from] nkvm::state::StateError),
-    /// Reading the image failed.
-    #[error("cannot read the guest image {path}")]
-    Image {
-        /// The file.
-        path: String,
-        /// The OS error.
-        #[source]
-        source: io::Error,
-    },
-    /// Setting the machine up failed.
-    #[error(transparent)]
-    Machine(#[from] MachineError),
-    /// Receiving a migration failed.
-    #[error(transparent)]
-    Incoming(#[from] crate::migrate::MigrateError),
-    /// The API socket could not be served.
-    #[error("cannot serve the API socket {path}")]
-    Api {
-        /// The socket path.
-        path: String,
-        /// The OS error.
-        #[source]
-        source: io::Error,
-    },
-}
+use crate::saved::SavedDevices;
+use crate::snapshot::{DecodedState, MachineConfig};
 
 /// An nkvm-devices model shared between its I/O region and the VMM (which
 /// saves and restores it).
@@ -91,49 +53,33 @@ pub fn attach_devices(vm: &Vm) -> Result<SavedDevices, MachineError> {
     Ok(saved)
 }
 
-/// Runs the machine as `args` say and returns the exit code.
-pub fn run(args: &RunArgs) -> Result<ExitCode, Box<dyn std::error::Error>> {
-    let hv = Hypervisor::open()?;
-    if args.device_process {
-        return Ok(run_device_processes(&hv, args)?);
+/// Runs the machine as `args` say, or the saved one `resumed` brings, and
+/// returns the exit code.
+pub fn run(hv: &Hypervisor, args: &RunArgs, resumed: Option<Resumed>) -> Result<ExitCode, Box<dyn std::error::Error>> {
+    if args.device_process && resumed.is_none() {
+        return Ok(run_device_processes(hv, args)?);
     }
-    let start = Instant::now();
-    let mut incoming = None;
-    let (vm, saved) = if let Some(dir) = &args.restore {
-        let loaded = snapshot::read(dir)?;
-        let decoded = loaded.state.decode(&dir.display().to_string())?;
-        let vm = Vm::with_ram(&hv, &decoded.vm.config(), loaded.ram).map_err(MachineError::from)?;
-        (vm, Some(decoded))
-    } else if let Some(uri) = &args.incoming {
-        let received = receive::accept(&hv, uri)?;
-        let (vm, decoded, conn) = received.into_parts();
-        incoming = Some(conn);
-        (vm, Some(decoded))
-    } else {
-        let config = VmConfig { vcpus: args.cpus, memory: args.memory, ..Default::default() };
-        (Vm::new(&hv, &config).map_err(MachineError::from)?, None)
+    let (vm, saved, mut answer, since) = match resumed {
+        Some(r) => (r.vm, Some(r.state), r.answer, r.since),
+        None => {
+            let config = VmConfig { vcpus: args.cpus, memory: args.memory, ..Default::default() };
+            (Vm::new(hv, &config).map_err(MachineError::from)?, None, None, Instant::now())
+        }
     };
     let vm = Arc::new(vm);
-    let result = prepare(&hv, &vm, args, saved.as_ref());
-    let (vcpus, running) = match (result, incoming.as_mut()) {
-        (Ok(ready), _) => ready,
-        (Err(e), Some(conn)) => {
-            conn.refuse(&e.to_string());
+    let (vcpus, running) = match prepare(hv, &vm, args, saved.as_ref()) {
+        Ok(ready) => ready,
+        Err(e) => {
+            Resumed::refuse(answer.as_mut(), &e);
             return Err(e.into());
         }
-        (Err(e), None) => return Err(e.into()),
     };
     let running = Arc::new(running);
     if let Some(path) = &args.api_socket {
         crate::api::serve(path, running.clone())
             .map_err(|source| RestoreError::Api { path: path.display().to_string(), source })?;
     }
-    if let Some(conn) = incoming {
-        conn.confirm()?;
-        eprintln!("nkvm: migration received; the guest resumes here");
-    } else if let Some(dir) = &args.restore {
-        eprintln!("nkvm: restored {} in {:.1} ms", dir.display(), start.elapsed().as_secs_f64() * 1e3);
-    }
+    Resumed::announce(answer, args, since)?;
     let stats = ExitStats::new();
     let outcome = machine::run_vcpus(with_tracers(vcpus, args, &stats), &vm, &running.shared);
     if let Some(path) = &args.api_socket {
@@ -150,8 +96,7 @@ fn prepare(
     saved: Option<&DecodedState>,
 ) -> Result<(Vec<nkvm::Vcpu>, Running), RestoreError> {
     let devices = attach_devices(vm)?;
-    let config = VmConfig { vcpus: vm.config().vcpus, memory: vm.config().memory, ..Default::default() };
-    let machine_config = MachineConfig { cpus: config.vcpus, memory: config.memory };
+    let machine_config = MachineConfig::builtin(vm.config().vcpus, vm.config().memory);
     let mut vcpus = Vec::new();
     if let Some(saved) = saved {
         vm.restore_state(&saved.vm)?;
@@ -165,7 +110,7 @@ fn prepare(
         load_guest(vm, args)?;
         vcpus = boot_vcpus(hv, vm)?;
     }
-    let shared = Arc::new(Shared::new(config.vcpus));
+    let shared = Arc::new(Shared::new(machine_config.cpus));
     Ok((vcpus, Running::new(vm.clone(), shared, devices, machine_config)))
 }
 

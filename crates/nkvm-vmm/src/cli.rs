@@ -161,16 +161,20 @@ pub struct RunArgs {
     #[arg(long, conflicts_with = "kernel")]
     pub image: Option<std::path::PathBuf>,
     /// Serve a JSON API on this Unix socket (`nkvm ctl`): pause, resume,
-    /// snapshot, migrate, info. The built-in machine only (no --kernel).
-    #[arg(long, conflicts_with = "kernel")]
+    /// snapshot, migrate, info. Any machine; one with a part nkvm cannot
+    /// save (`--device-process`, a vhost-user disk) refuses snapshot and
+    /// migrate, saying which part, and runs on.
+    #[arg(long)]
     pub api_socket: Option<std::path::PathBuf>,
     /// Resume the snapshot in this directory (written by `nkvm ctl
     /// snapshot`); its memory file is mapped copy-on-write, not copied.
-    /// --cpus and --memory come from the snapshot.
+    /// The machine (kind, --cpus, --memory, the disk, --hyperv) comes from
+    /// the snapshot; a disk must be at the same path, of the same size.
     #[arg(long, conflicts_with_all = ["kernel", "image", "incoming"])]
     pub restore: Option<std::path::PathBuf>,
     /// Wait for a migration on tcp:HOST:PORT or unix:PATH and run the
-    /// guest it brings (its configuration travels in the stream).
+    /// guest it brings (its configuration travels in the stream; a disk
+    /// must be reachable at the same path, as shared storage would be).
     #[arg(long, conflicts_with_all = ["kernel", "image"])]
     pub incoming: Option<String>,
 }

@@ -16,8 +16,17 @@
 //! INTA cycle and queues the vector on that LINT0 ([`nkvm::Lint`]), which
 //! delivers it when the guest can take it. The PIT is polled by a thread of
 //! its own ([`spawn_pit_timer`]).
+//!
+//! Both threads follow a restored state ([`SavedPic`], [`SavedPit`]): the
+//! PIC's restore raises INTR again if the saved one was up, and the PIT's
+//! restore wakes its thread, which polls the restored counters and re-arms
+//! on their next edge. No INTA cycle runs before the boot vCPU exists, so a
+//! machine restored before its vCPUs are created neither loses a restored
+//! request nor delivers a tick of its fresh PIT; one restored after, can
+//! hold the INTA cycle until the PIC's state is in ([`SavedPic::hold`]).
 
-use std::sync::mpsc::{self, Receiver, RecvTimeoutError};
+use std::sync::atomic::{AtomicBool, Ordering::SeqCst};
+use std::sync::mpsc::{self, Receiver, RecvTimeoutError, Sender};
 use std::sync::{Arc, OnceLock};
 use std::thread;
 use std::time::Duration;
@@ -25,7 +34,9 @@ use std::time::Duration;
 use nkvm::{GuestAddress, Lint, MemoryError, Vm};
 use nkvm_devices::pic::{Pic, SharedPic};
 use nkvm_devices::pit::SharedPit;
-use nkvm_devices::IoDevice;
+use nkvm_devices::{IoDevice, Snapshot};
+
+use crate::saved::{LoadError, SavedDevice};
 
 /// The BIOS code segment the IVT's handlers live in.
 pub const BIOS_SEGMENT: u16 = 0xf000;
@@ -92,9 +103,15 @@ pub fn init_pic(pic: &SharedPic) {
 /// The boot vCPU's LINT0, filled in once that vCPU exists.
 pub type BootLint = Arc<OnceLock<Lint>>;
 
-/// A dual 8259 whose INTR feeds `lint` (once set): on each rising INTR a
-/// thread acknowledges the PIC and queues the vector on LINT0.
-pub fn pic_on_lint0(lint: BootLint) -> std::io::Result<SharedPic> {
+/// How often the INTA thread looks again at an INTR it left pending.
+const INTA_RETRY: Duration = Duration::from_millis(10);
+
+/// A dual 8259 whose INTR feeds `lint`: on each rising INTR a thread
+/// acknowledges the PIC and queues the vector on LINT0. Until the boot
+/// vCPU exists (`lint` is set), and while `hold` is set, INTR is left
+/// pending (nothing is acknowledged, so no vector is lost with its ISR bit
+/// set) and looked at again every [`INTA_RETRY`].
+pub fn pic_on_lint0(lint: BootLint, hold: Arc<AtomicBool>) -> std::io::Result<SharedPic> {
     let (intr_tx, intr_rx) = mpsc::channel::<()>();
     let pic = SharedPic::new(Pic::with_intr_line(Box::new(move |level: bool| {
         if level {
@@ -106,21 +123,88 @@ pub fn pic_on_lint0(lint: BootLint) -> std::io::Result<SharedPic> {
     // runs here. The thread holds the PIC, whose INTR line holds the
     // thread's sender: it lives as long as the process (one VM per `nkvm`).
     thread::Builder::new().name("pic-inta".into()).spawn(move || {
-        for () in intr_rx {
-            let vector = {
-                let mut p = inta.lock();
-                if !p.has_interrupt() {
-                    continue;
-                }
-                p.acknowledge()
+        let mut pending = false;
+        loop {
+            let woke = if pending {
+                intr_rx.recv_timeout(INTA_RETRY)
+            } else {
+                intr_rx.recv().map_err(|_| RecvTimeoutError::Disconnected)
             };
-            match lint.get() {
-                Some(lint) => lint.raise_lint0(vector),
-                None => log::debug!("pic: vector {vector:#x} before the boot vCPU exists, dropped"),
+            if woke == Err(RecvTimeoutError::Disconnected) {
+                return;
+            }
+            let mut p = inta.lock();
+            let (Some(lint), false) = (lint.get(), hold.load(SeqCst)) else {
+                pending = p.has_interrupt();
+                continue;
+            };
+            pending = false;
+            if p.has_interrupt() {
+                let vector = p.acknowledge();
+                drop(p);
+                lint.raise_lint0(vector);
             }
         }
     })?;
     Ok(pic)
+}
+
+/// The 8259 pair as a saved device: the model's state, and on restore the
+/// INTA thread let go (see [`SavedPic::hold`]).
+#[derive(Debug)]
+pub struct SavedPic {
+    /// The PIC.
+    pub pic: SharedPic,
+    /// The INTA thread's hold flag ([`pic_on_lint0`]).
+    pub hold: Arc<AtomicBool>,
+}
+
+#[allow(dead_code)] // through Platform::hold_interrupts_until_restored (issue 13)
+impl SavedPic {
+    /// Holds the INTA cycle until the PIC's state is restored: what the
+    /// fresh machine's devices raise before then queues nothing on LINT0.
+    pub fn hold(&self) {
+        self.hold.store(true, SeqCst);
+    }
+}
+
+impl SavedDevice for SavedPic {
+    fn save(&self) -> Result<Vec<u8>, String> {
+        Ok(self.pic.lock().snapshot())
+    }
+
+    fn restore(&self, name: &str, blob: &[u8]) -> Result<(), LoadError> {
+        let mut pic = self.pic.lock();
+        let restored = pic.restore(blob).map_err(|source| LoadError::Device { name: name.to_string(), source });
+        // Under the lock: the INTA thread, woken by the restored INTR (or a
+        // tick held back), sees the restored PIC and no hold.
+        if restored.is_ok() {
+            self.hold.store(false, SeqCst);
+        }
+        restored
+    }
+}
+
+/// The PIT as a saved device; a restore wakes its timer thread, which
+/// polls the restored counters and sleeps until their next edge.
+#[derive(Debug)]
+pub struct SavedPit {
+    /// The PIT.
+    pub pit: SharedPit,
+    /// Wakes the thread [`spawn_pit_timer`] started.
+    pub poke: Sender<()>,
+}
+
+impl SavedDevice for SavedPit {
+    fn save(&self) -> Result<Vec<u8>, String> {
+        Ok(self.pit.lock().snapshot())
+    }
+
+    fn restore(&self, name: &str, blob: &[u8]) -> Result<(), LoadError> {
+        self.pit.lock().restore(blob).map_err(|source| LoadError::Device { name: name.to_string(), source })?;
+        let _ = self.poke.send(());
+        Ok(())
+    }
 }
 
 /// Polls `pit` at the times it asks for, and again whenever `writes`
@@ -167,5 +251,35 @@ mod tests {
         p.set_irq(0, true);
         assert!(p.has_interrupt());
         assert_eq!(p.acknowledge(), MASTER_VECTOR_BASE);
+    }
+
+    #[test]
+    fn no_inta_cycle_runs_while_held_or_before_the_boot_vcpu_exists() {
+        let (lint, hold) = (BootLint::default(), Arc::new(AtomicBool::new(true)));
+        let pic = pic_on_lint0(lint.clone(), hold.clone()).unwrap();
+        init_pic(&pic);
+        let saved = SavedPic { pic: pic.clone(), hold };
+        // The saved machine: the timer's request up, not yet acknowledged.
+        let source = SharedPic::new(Pic::new());
+        init_pic(&source);
+        source.lock().set_irq(0, true);
+        let blob = source.lock().snapshot();
+        // The fresh machine's own tick, while held: left pending.
+        pic.lock().set_irq(0, true);
+        thread::sleep(Duration::from_millis(50));
+        assert!(pic.lock().has_interrupt(), "the held INTA cycle acknowledged a request");
+        saved.restore("pic", &blob).unwrap();
+        thread::sleep(Duration::from_millis(50));
+        assert!(pic.lock().has_interrupt(), "acknowledged with no boot vCPU to take the vector");
+        let hv = nkvm::Hypervisor::open().expect("this test needs /dev/kvm");
+        let vm = Vm::new(&hv, &nkvm::VmConfig { vcpus: 1, memory: 1 << 20, ..Default::default() }).unwrap();
+        let vcpu = vm.create_vcpu(0).unwrap();
+        let _ = lint.set(vcpu.lint());
+        let start = std::time::Instant::now();
+        while pic.lock().has_interrupt() {
+            assert!(start.elapsed() < Duration::from_secs(10), "the restored request was never acknowledged");
+            thread::sleep(Duration::from_millis(1));
+        }
+        assert!(saved.restore("pic", &blob[..blob.len() - 1]).is_err());
     }
 }

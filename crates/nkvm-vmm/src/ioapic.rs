@@ -52,6 +52,12 @@ impl std::fmt::Debug for IoapicPins {
 }
 
 impl IoapicPins {
+    /// The model itself, for the machine's saved devices (it implements
+    /// `nkvm_devices::Snapshot`).
+    pub fn shared(&self) -> Arc<Mutex<impl nkvm_devices::Snapshot + Send + 'static>> {
+        self.0.clone()
+    }
+
     /// An interrupt line driving `pin` (for a device model's `IrqLine`).
     pub fn line(&self, pin: usize) -> Box<dyn IrqLine> {
         let ioapic = self.0.clone();

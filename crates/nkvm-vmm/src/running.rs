@@ -95,6 +95,8 @@ impl Running {
         if self.migrating() {
             return Err(RunningError::Migrating);
         }
+        // Refused before the guest pauses for it.
+        self.devices.saveable()?;
         let was_paused = self.shared.control.is_paused();
         let start = Instant::now();
         let result = self.pause().and_then(|vcpus| {
@@ -113,6 +115,7 @@ impl Running {
         let migration = self.migration.lock().unwrap_or_else(|p| p.into_inner()).to_json();
         json!({
             "state": state,
+            "kind": self.config.kind.name(),
             "cpus": self.config.cpus,
             "memory": self.config.memory,
             "migration": migration,

@@ -16,18 +16,27 @@
 //! `X_Firmware_Waking_Vector` if not 0, else the 32-bit one — with
 //! `CS = vector >> 4` and `IP = vector & 0xf` (ACPI 6.5, 5.2.10).
 //!
+//! A machine in S3 cannot be saved: from the guest's request to the wake,
+//! [`WakeSource::guard`], registered with the machine's saved devices as
+//! `"acpi-s3"`, refuses to save (its vCPU threads are parked here, not in
+//! a state a snapshot can take). Awake, it saves a small blob saying so,
+//! and a restore takes only that.
+//!
 //! Not modelled: PM1 status bits (`WAK_STS`, `RTC_STS`) after the wake,
 //! `RTC_EN` gating the alarm as a wake event, the FACS's waking-vector
 //! flags (64-bit or protected-mode wake), S1, S2 and S4.
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicBool, Ordering::SeqCst};
-use std::sync::{Condvar, Mutex, MutexGuard};
+use std::sync::{Arc, Condvar, Mutex, MutexGuard};
 use std::time::Duration;
 
 use nkvm::{GuestAddress, RunState, Vcpu, VcpuState, Vm};
+use nkvm_devices::snapshot::{StateReader, StateWriter};
+use nkvm_devices::{Snapshot, SnapshotError};
 
 use crate::acpi;
+use crate::saved::{LoadError, SavedDevice};
 
 /// How often a parked thread looks at the stop flag.
 const STOP_POLL: Duration = Duration::from_millis(100);
@@ -82,8 +91,81 @@ pub enum Parked {
     Stopped,
 }
 
-/// What tells the boot vCPU how long until the wake event, if any.
-pub type WakeSource = Box<dyn Fn() -> Option<Duration> + Send + Sync>;
+/// What tells the boot vCPU how long until the wake event, if any; and
+/// the machine's "asleep" flag, which its [`guard`](Self::guard) reads.
+pub struct WakeSource {
+    alarm: Box<dyn Fn() -> Option<Duration> + Send + Sync>,
+    asleep: Arc<AtomicBool>,
+}
+
+impl std::fmt::Debug for WakeSource {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("WakeSource").field("asleep", &self.asleep).finish_non_exhaustive()
+    }
+}
+
+impl WakeSource {
+    /// A wake event `alarm` says the time to (`None`: none set).
+    pub fn new(alarm: Box<dyn Fn() -> Option<Duration> + Send + Sync>) -> Self {
+        Self { alarm, asleep: Arc::default() }
+    }
+
+    /// No wake event: a sleeping machine sleeps until nkvm is stopped.
+    pub fn never() -> Self {
+        Self::new(Box::new(|| None))
+    }
+
+    /// The saved-device entry that refuses to save the machine while it
+    /// is asleep (see the [module documentation](self)).
+    pub fn guard(&self) -> S3Guard {
+        S3Guard(self.asleep.clone())
+    }
+}
+
+/// Refuses to save a machine parked in S3; see [`WakeSource::guard`].
+#[derive(Debug)]
+pub struct S3Guard(Arc<AtomicBool>);
+
+/// What an awake machine's `"acpi-s3"` blob holds: that it was awake.
+struct Awake(bool);
+
+impl Snapshot for Awake {
+    fn snapshot_name(&self) -> &'static str {
+        "acpi-s3"
+    }
+
+    fn snapshot_version(&self) -> u16 {
+        1
+    }
+
+    fn save_body(&self, out: &mut StateWriter) {
+        out.bool(!self.0);
+    }
+
+    fn load_body(&mut self, input: &mut StateReader<'_>) -> Result<(), SnapshotError> {
+        let at = input.offset();
+        if input.bool("asleep")? {
+            return Err(input.invalid("asleep", 1, at, "0: a machine asleep in S3 is never saved"));
+        }
+        self.0 = true;
+        Ok(())
+    }
+}
+
+impl SavedDevice for S3Guard {
+    fn save(&self) -> Result<Vec<u8>, String> {
+        if self.0.load(SeqCst) {
+            return Err("the guest is asleep in ACPI S3; a sleeping machine cannot be saved (save it awake, \
+                        e.g. after its RTC alarm wakes it)"
+                .into());
+        }
+        Ok(Awake(true).snapshot())
+    }
+
+    fn restore(&self, name: &str, blob: &[u8]) -> Result<(), LoadError> {
+        Awake(false).restore(blob).map_err(|source| LoadError::Device { name: name.to_string(), source })
+    }
+}
 
 #[derive(Debug, Default)]
 struct Rendezvous {
@@ -97,12 +179,13 @@ struct Rendezvous {
 
 /// The S3 state of a machine; see the [module documentation](self).
 pub struct Sleep {
-    asleep: AtomicBool,
+    /// Shared with the [`WakeSource`]'s guard.
+    asleep: Arc<AtomicBool>,
     rendezvous: Mutex<Rendezvous>,
     changed: Condvar,
     reset_states: Mutex<HashMap<u32, VcpuState>>,
     facs: GuestAddress,
-    wake: WakeSource,
+    wake: Box<dyn Fn() -> Option<Duration> + Send + Sync>,
 }
 
 impl std::fmt::Debug for Sleep {
@@ -115,12 +198,12 @@ impl Sleep {
     /// S3 for a machine whose FACS is at `facs`, woken when `wake` says.
     pub fn new(facs: GuestAddress, wake: WakeSource) -> Self {
         Self {
-            asleep: AtomicBool::new(false),
+            asleep: wake.asleep,
             rendezvous: Mutex::default(),
             changed: Condvar::new(),
             reset_states: Mutex::default(),
             facs,
-            wake,
+            wake: wake.alarm,
         }
     }
 
@@ -262,10 +345,32 @@ mod tests {
 
     #[test]
     fn a_request_is_seen_until_the_wake() {
-        let sleep = Sleep::new(GuestAddress(0xe_0040), Box::new(|| None));
+        let sleep = Sleep::new(GuestAddress(0xe_0040), WakeSource::never());
         assert!(!sleep.requested());
         let mut kicked = false;
         sleep.request(|| kicked = true);
         assert!(kicked && sleep.requested());
+    }
+
+    #[test]
+    fn a_sleeping_machine_refuses_to_save_and_an_awake_one_round_trips() {
+        let wake = WakeSource::never();
+        let guard = wake.guard();
+        let blob = guard.save().unwrap();
+        guard.restore("acpi-s3", &blob).unwrap();
+        let sleep = Sleep::new(GuestAddress(0xe_0040), wake);
+        sleep.request(|| {});
+        let err = guard.save().unwrap_err();
+        assert!(err.contains("asleep in ACPI S3"), "{err}");
+        // A blob claiming sleep (built by hand: nkvm never writes one).
+        let mut forged = blob.clone();
+        let crc_at = forged.len() - 4;
+        forged[crc_at - 1] = 1;
+        let crc = nkvm_devices::snapshot::crc32(&forged[..crc_at]);
+        forged[crc_at..].copy_from_slice(&crc.to_le_bytes());
+        let err = guard.restore("acpi-s3", &forged).unwrap_err();
+        let cause = std::error::Error::source(&err).unwrap().to_string();
+        assert!(cause.contains("asleep = 0x1"), "{cause}");
+        assert!(guard.restore("acpi-s3", &blob[..blob.len() - 1]).is_err());
     }
 }

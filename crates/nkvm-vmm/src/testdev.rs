@@ -18,7 +18,37 @@
 //! | 0x2000-0x2017 | pc-testdev: 24 interrupt lines into the IOAPIC's pins |
 //! | 0xff00_0000 + 64 KiB | pc-testdev: RAM-like memory served by MMIO exits |
 //! | 0-0x3ff, 0xf0000-0xfffff | the real-mode IVT and its handlers ([`crate::firmware`]) |
+//!
+//! # Saved state
+//!
+//! [`Platform::register_saved`] hands every in-process model to the
+//! machine's [`SavedDevices`], under these names and in this order (no
+//! restore needs a later one: fw_cfg first, so a machine configured
+//! differently is refused before anything is touched; the PIC before the
+//! PIT, which may raise a tick that was due):
+//!
+//! | name | model |
+//! |---|---|
+//! | `fw-cfg` | fw_cfg (refuses another CPU count or RAM size) |
+//! | `pic` | the 8259 pair and its ELCR (restoring it lets the INTA thread go, [`firmware::SavedPic`]) |
+//! | `pit` | the 8254 and port 0x61 (its thread re-arms on the restored counter, [`firmware::SavedPit`]) |
+//! | `cmos` | CMOS/RTC and its alarm |
+//! | `pm-timer` | the ACPI PM timer |
+//! | `pc-testdev-ioram` | the I/O RAM |
+//! | `port92` | system control port A |
+//! | `isa-debug-exit` | isa-debug-exit (no state) |
+//! | `pc-testdev-ports` | the scratch register |
+//! | `pc-testdev-irq-lines` | the interrupt lines' levels |
+//! | `acpi-s3` | refuses to save while the machine sleeps in S3 ([`crate::sleep`]) |
+//!
+//! With `--device-process`, the CMOS, the PM timer and the I/O RAM live in
+//! device processes whose state nkvm cannot take: they are not registered,
+//! and the machine registers why it cannot be saved instead. The boot
+//! vCPU's LINT0 wiring ([`BootLint`]) and the real-mode IVT are not state
+//! of these models: the machine builder sets them up again (the IVT is in
+//! guest RAM, which travels on its own).
 
+use std::sync::atomic::AtomicBool;
 use std::sync::mpsc::Sender;
 use std::sync::{Arc, Mutex};
 
@@ -39,9 +69,10 @@ use nkvm_devices::power::PowerEvent;
 use crate::acpi;
 use crate::cli::DeviceModel;
 use crate::devices::{DeviceProcess, InProcess};
-use crate::firmware::{self, BootLint};
+use crate::firmware::{self, BootLint, SavedPic, SavedPit};
 use crate::ioapic::IoapicPins;
-use crate::sleep::WakeSource;
+use crate::saved::SavedDevices;
+use crate::sleep::{S3Guard, WakeSource};
 
 /// Errors attaching the platform devices.
 #[derive(Debug, thiserror::Error)]
@@ -87,11 +118,77 @@ pub struct Platform {
     /// when the CMOS runs in its own process (its alarm is not visible
     /// to the VMM).
     pub wake: WakeSource,
+    /// The models whose state a snapshot takes.
+    #[allow(dead_code)] // read by register_saved, which machine.rs calls once the kernel machines save (issue 13)
+    models: Models,
+}
+
+/// The in-process models, shared with the I/O regions that serve them.
+#[allow(dead_code)] // read by register_saved, which machine.rs calls once the kernel machines save (issue 13)
+struct Models {
+    pic: Arc<SavedPic>,
+    pit: Arc<SavedPit>,
+    /// The CMOS, the PM timer and the I/O RAM, unless they run in device
+    /// processes.
+    local: Option<LocalModels>,
+    port92: Arc<Mutex<SystemControlA>>,
+    fw_cfg: Arc<Mutex<FwCfg>>,
+    debug_exit: Arc<Mutex<DebugExit>>,
+    testdev_ports: Arc<Mutex<TestdevPorts>>,
+    irq_lines: Arc<Mutex<TestdevIrqLines>>,
+    s3: Arc<S3Guard>,
+}
+
+/// The models `--device-process` moves out of the VMM.
+#[allow(dead_code)] // read by register_saved, which machine.rs calls once the kernel machines save (issue 13)
+struct LocalModels {
+    cmos: Arc<Mutex<Cmos>>,
+    /// A clone of the attached timer: clones share their count.
+    pm_timer: Arc<Mutex<PmTimer>>,
+    io_ram: Arc<Mutex<IoRam>>,
 }
 
 impl std::fmt::Debug for Platform {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("Platform").field("processes", &self.processes).finish_non_exhaustive()
+    }
+}
+
+#[allow(dead_code)] // machine.rs calls these once the kernel machines save (issue 13)
+impl Platform {
+    /// Registers every in-process model with `saved`, under the names and
+    /// in the order of the [module documentation](self); with device
+    /// processes, registers why the machine cannot be saved.
+    pub fn register_saved(&self, saved: &mut SavedDevices) {
+        let m = &self.models;
+        saved.add_shared("fw-cfg", m.fw_cfg.clone());
+        saved.add("pic", m.pic.clone());
+        saved.add("pit", m.pit.clone());
+        match &m.local {
+            Some(local) => {
+                saved.add_shared("cmos", local.cmos.clone());
+                saved.add_shared("pm-timer", local.pm_timer.clone());
+                saved.add_shared("pc-testdev-ioram", local.io_ram.clone());
+            }
+            None => saved.cannot_save(
+                "the CMOS, the PM timer and pc-testdev's I/O RAM run in device processes (--device-process), \
+                 whose state nkvm cannot take; run without --device-process to save this machine",
+            ),
+        }
+        saved.add_shared("port92", m.port92.clone());
+        saved.add_shared("isa-debug-exit", m.debug_exit.clone());
+        saved.add_shared("pc-testdev-ports", m.testdev_ports.clone());
+        saved.add_shared("pc-testdev-irq-lines", m.irq_lines.clone());
+        saved.add("acpi-s3", m.s3.clone());
+    }
+
+    /// On a machine about to be restored whose vCPUs are created before
+    /// the restore: the 8259's INTA cycle waits until the `pic` state is
+    /// restored, so what the fresh machine's PIT raises meanwhile queues
+    /// nothing on the boot vCPU's LINT0. (Without vCPUs, no INTA cycle runs
+    /// anyway: this is only needed when they exist first.)
+    pub fn hold_interrupts_until_restored(&self) {
+        self.models.pic.hold();
     }
 }
 
@@ -101,34 +198,39 @@ pub fn attach(vm: &Arc<Vm>, ioapic: &IoapicPins, machine: &Machine) -> Result<Pl
     let pio = |port: u16, size: u64| IoRange::pio(port, size as u16);
     let handler = |device: Box<dyn IoHandler>, range: IoRange| vm.attach_handler(range, device).map(|_| ());
 
-    let debug_exit = DebugExit::new(machine.events.clone());
-    handler(Box::new(InProcess(debug_exit)), pio(DEBUG_EXIT_PORT, DEBUG_EXIT_SIZE))?;
+    let debug_exit = Arc::new(Mutex::new(DebugExit::new(machine.events.clone())));
+    handler(Box::new(InProcess(debug_exit.clone())), pio(DEBUG_EXIT_PORT, DEBUG_EXIT_SIZE))?;
     let cpus = u16::try_from(machine.cpus).unwrap_or(u16::MAX);
-    let fw_cfg = FwCfg::new(FwCfgConfig { cpus, ram_size: machine.memory, max_ram: 0 });
-    handler(Box::new(InProcess(fw_cfg)), pio(FW_CFG_PORT, FW_CFG_SIZE))?;
+    let fw_cfg = Arc::new(Mutex::new(FwCfg::new(FwCfgConfig { cpus, ram_size: machine.memory, max_ram: 0 })));
+    handler(Box::new(InProcess(fw_cfg.clone())), pio(FW_CFG_PORT, FW_CFG_SIZE))?;
     let pm_timer = pio(acpi::PM_TIMER_PORT, PM_TIMER_SIZE);
     let cmos = pio(CMOS_PORT, CMOS_SIZE);
     let io_ram = IoRange::mmio(IO_RAM_BASE, IO_RAM_SIZE);
     let mut processes = Vec::new();
     let wake: WakeSource;
-    if machine.device_processes {
+    let local = if machine.device_processes {
         for (model, range) in
             [(DeviceModel::PmTimer, pm_timer), (DeviceModel::Cmos, cmos), (DeviceModel::IoRam, io_ram)]
         {
             processes.push(DeviceProcess::attach(vm, model, range, Ordering::Sync)?);
         }
-        wake = Box::new(|| None);
+        wake = WakeSource::never();
+        None
     } else {
-        handler(Box::new(InProcess(PmTimer::new())), pm_timer)?;
+        let timer = PmTimer::new();
+        handler(Box::new(InProcess(timer.clone())), pm_timer)?;
         let rtc = Arc::new(Mutex::new(Cmos::new()));
         handler(Box::new(InProcess(rtc.clone())), cmos)?;
-        wake = Box::new(move || rtc.lock().unwrap_or_else(|p| p.into_inner()).alarm_in());
-        handler(Box::new(InProcess(IoRam::new())), io_ram)?;
-    }
-    let port92 = SystemControlA::new(machine.events.clone());
-    handler(Box::new(InProcess(port92)), pio(SYSTEM_CONTROL_A_PORT, SYSTEM_CONTROL_A_SIZE))?;
+        let alarm = rtc.clone();
+        wake = WakeSource::new(Box::new(move || alarm.lock().unwrap_or_else(|p| p.into_inner()).alarm_in()));
+        let ram = Arc::new(Mutex::new(IoRam::new()));
+        handler(Box::new(InProcess(ram.clone())), io_ram)?;
+        Some(LocalModels { cmos: rtc, pm_timer: Arc::new(Mutex::new(timer)), io_ram: ram })
+    };
+    let port92 = Arc::new(Mutex::new(SystemControlA::new(machine.events.clone())));
+    handler(Box::new(InProcess(port92.clone())), pio(SYSTEM_CONTROL_A_PORT, SYSTEM_CONTROL_A_SIZE))?;
 
-    attach_timer(vm, machine.boot_lint.clone())?;
+    let (pic, pit) = attach_timer(vm, machine.boot_lint.clone())?;
 
     // The flush-page port makes the host drop and rebuild its mapping of a
     // page, so KVM invalidates the guest's view of it.
@@ -140,22 +242,27 @@ pub fn attach(vm: &Arc<Vm>, ioapic: &IoapicPins, machine: &Machine) -> Result<Pl
             }
         }
     });
-    handler(Box::new(InProcess(TestdevPorts::new(flush))), pio(TESTDEV_PORTS_BASE, TESTDEV_PORTS_SIZE))?;
+    let testdev_ports = Arc::new(Mutex::new(TestdevPorts::new(flush)));
+    handler(Box::new(InProcess(testdev_ports.clone())), pio(TESTDEV_PORTS_BASE, TESTDEV_PORTS_SIZE))?;
     let mut lines = TestdevIrqLines::new();
     for line in 0..TESTDEV_IRQ_LINE_COUNT {
         lines.connect(line, ioapic.line(line)).map_err(TestdevError::Line)?;
     }
-    handler(Box::new(InProcess(lines)), pio(TESTDEV_IRQ_LINES_BASE, TESTDEV_IRQ_LINES_SIZE))?;
-    Ok(Platform { processes, wake })
+    let irq_lines = Arc::new(Mutex::new(lines));
+    handler(Box::new(InProcess(irq_lines.clone())), pio(TESTDEV_IRQ_LINES_BASE, TESTDEV_IRQ_LINES_SIZE))?;
+    let s3 = Arc::new(wake.guard());
+    let models = Models { pic, pit, local, port92, fw_cfg, debug_exit, testdev_ports, irq_lines, s3 };
+    Ok(Platform { processes, wake, models })
 }
 
 /// The 8259s (INTR on `boot_lint`) and the PIT, as a BIOS leaves them, and
 /// the real-mode IVT ([`crate::firmware`]). Tests in protected or long mode
 /// mask the 8259s first thing; `realmode` waits for the tick.
-fn attach_timer(vm: &Arc<Vm>, boot_lint: BootLint) -> Result<(), TestdevError> {
+fn attach_timer(vm: &Arc<Vm>, boot_lint: BootLint) -> Result<(Arc<SavedPic>, Arc<SavedPit>), TestdevError> {
     let pio = |port: u16, size: u64| IoRange::pio(port, size as u16);
     let handler = |device: Box<dyn IoHandler>, range: IoRange| vm.attach_handler(range, device).map(|_| ());
-    let pic = firmware::pic_on_lint0(boot_lint).map_err(|e| TestdevError::Thread("pic-inta", e))?;
+    let hold = Arc::new(AtomicBool::new(false));
+    let pic = firmware::pic_on_lint0(boot_lint, hold.clone()).map_err(|e| TestdevError::Thread("pic-inta", e))?;
     firmware::init_pic(&pic);
     handler(Box::new(InProcess(pic.master_port())), pio(0x20, 2))?;
     handler(Box::new(InProcess(pic.slave_port())), pio(0xa0, 2))?;
@@ -176,8 +283,10 @@ fn attach_timer(vm: &Arc<Vm>, boot_lint: BootLint) -> Result<(), TestdevError> {
         );
         handler(Box::new(InProcess(port)), range)?;
     }
-    drop(writes);
-    firmware::spawn_pit_timer(pit, polls).map_err(|e| TestdevError::Thread("pit", e))?;
+    firmware::spawn_pit_timer(pit.clone(), polls).map_err(|e| TestdevError::Thread("pit", e))?;
     firmware::install_ivt(vm).map_err(TestdevError::Ivt)?;
-    Ok(())
+    Ok((Arc::new(SavedPic { pic, hold }), Arc::new(SavedPit { pit, poke: writes })))
 }
+
+#[cfg(test)]
+mod tests;

@@ -98,9 +98,9 @@ fn refuses_damaged_snapshots(dir: &std::path::Path, snap: &std::path::Path) {
         "newer-format",
         &|d| {
             let text = std::fs::read_to_string(d.join("machine.json")).unwrap();
-            std::fs::write(d.join("machine.json"), text.replace("\"format\": 1", "\"format\": 7")).unwrap();
+            std::fs::write(d.join("machine.json"), text.replace("\"format\": 2", "\"format\": 7")).unwrap();
         },
-        "snapshot format 7; this nkvm reads format 1",
+        "snapshot format 7; this nkvm reads formats 1 to 2",
     );
     damaged(
         "bad-serial",

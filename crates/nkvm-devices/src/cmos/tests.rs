@@ -4,29 +4,29 @@ use std::sync::Arc;
 use super::*;
 
 /// 2026-06-26 13:45:07 UTC, a Friday.
-const FRIDAY_AFTERNOON: u64 = 1_782_481_507;
-const SECOND: u64 = NANOS_PER_SEC as u64;
+pub(super) const FRIDAY_AFTERNOON: u64 = 1_782_481_507;
+pub(super) const SECOND: u64 = NANOS_PER_SEC as u64;
 
 /// An RTC whose clock reads the nanoseconds since the epoch in the cell.
-fn cmos_at(seconds: u64) -> (Cmos, Arc<AtomicU64>) {
+pub(super) fn cmos_at(seconds: u64) -> (Cmos, Arc<AtomicU64>) {
     let now = Arc::new(AtomicU64::new(seconds * SECOND));
     let clock = now.clone();
     (Cmos::with_clock(Box::new(move || Duration::from_nanos(clock.load(Ordering::Relaxed)))), now)
 }
 
-fn rtc_in(cmos: &mut Cmos, index: u8) -> u8 {
+pub(super) fn rtc_in(cmos: &mut Cmos, index: u8) -> u8 {
     cmos.write(0, &[index]);
     let mut byte = [0u8];
     cmos.read(1, &mut byte);
     byte[0]
 }
 
-fn rtc_out(cmos: &mut Cmos, index: u8, value: u8) {
+pub(super) fn rtc_out(cmos: &mut Cmos, index: u8, value: u8) {
     cmos.write(0, &[index]);
     cmos.write(1, &[value]);
 }
 
-fn date_and_time(cmos: &mut Cmos) -> [u8; 8] {
+pub(super) fn date_and_time(cmos: &mut Cmos) -> [u8; 8] {
     TIME_REGISTERS.map(|index| rtc_in(cmos, index))
 }
 

@@ -13,7 +13,7 @@ const NAME: &str = "pc-testdev ioram";
 /// pc-testdev's MMIO-backed RAM; see the [module documentation](super).
 #[derive(Clone)]
 pub struct IoRam {
-    bytes: Vec<u8>,
+    pub(super) bytes: Vec<u8>,
     bad: BadAccessLog,
 }
 

@@ -24,6 +24,9 @@ pub enum PcTestdevError {
 /// pc-testdev's 24 interrupt lines; see the [module documentation](super).
 pub struct TestdevIrqLines {
     lines: Vec<Option<Box<dyn IrqLine>>>,
+    /// The level the guest last wrote to each connected line, bit `n` for
+    /// line `n`: not readable by the guest, kept for snapshots.
+    pub(super) levels: u32,
     bad: BadAccessLog,
 }
 
@@ -43,7 +46,7 @@ impl Default for TestdevIrqLines {
 impl TestdevIrqLines {
     /// Lines with nothing connected: writes to them are logged and ignored.
     pub fn new() -> Self {
-        Self { lines: (0..TESTDEV_IRQ_LINE_COUNT).map(|_| None).collect(), bad: BadAccessLog::default() }
+        Self { lines: (0..TESTDEV_IRQ_LINE_COUNT).map(|_| None).collect(), levels: 0, bad: BadAccessLog::default() }
     }
 
     /// Drive `irq` from line `line` (port `0x2000 + line`), replacing what
@@ -56,6 +59,12 @@ impl TestdevIrqLines {
         let slot = self.lines.get_mut(line).ok_or(PcTestdevError::LineOutOfRange { line })?;
         *slot = Some(irq);
         Ok(())
+    }
+
+    /// The level the guest last wrote to each connected line, bit `n` for
+    /// line `n` (the guest reads 0 whatever the level).
+    pub fn levels(&self) -> u32 {
+        self.levels
     }
 }
 
@@ -78,9 +87,12 @@ impl IoDevice for TestdevIrqLines {
         }
         for (i, &byte) in data.iter().enumerate() {
             let line = offset.checked_add(i as u64).and_then(|port| usize::try_from(port).ok());
-            match line.and_then(|n| self.lines.get(n)) {
-                Some(Some(irq)) => irq.set_level(byte != 0),
-                Some(None) => {
+            match line.and_then(|n| Some((n, self.lines.get(n)?))) {
+                Some((n, Some(irq))) => {
+                    irq.set_level(byte != 0);
+                    self.levels = (self.levels & !(1 << n)) | (u32::from(byte != 0) << n);
+                }
+                Some((_, None)) => {
                     self.bad.log(NAME, format_args!("write {byte:#x} to unconnected line {}", offset + i as u64))
                 }
                 None => self.bad.write(NAME, offset.wrapping_add(i as u64), &[byte]),

@@ -18,6 +18,8 @@ use super::config::{BarMapping, BAR_COUNT};
 use super::device::{HostBridge, PciDevice, SharedPciDevice};
 use crate::bus::IoDevice;
 
+mod snapshot;
+
 /// The first port of the configuration mechanism.
 pub const PCI_CONFIG_PORT: u16 = 0xcf8;
 /// Ports it decodes (0xcf8-0xcff).
@@ -27,6 +29,9 @@ pub const SLOTS: usize = 32;
 
 /// Config address register: enable bit.
 const ADDRESS_ENABLE: u32 = 1 << 31;
+/// Config address register: the bits it keeps (enable, bus, device,
+/// function, register).
+const ADDRESS_MASK: u32 = 0x80ff_fffc;
 
 /// A BAR started, stopped, or moved decoding.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -147,6 +152,16 @@ impl PciBus {
         self.refresh(slot);
     }
 
+    /// Compares where every device's BARs decode with what was recorded
+    /// and records a [`BarEvent`] for each difference: after the devices'
+    /// configuration spaces were restored (not written through the bus),
+    /// the owner moves the regions with [`take_bar_events`](Self::take_bar_events).
+    pub fn rescan(&mut self) {
+        for slot in 0..SLOTS as u8 {
+            self.refresh(slot);
+        }
+    }
+
     /// Compares where the BARs of `slot` decode with what was recorded.
     fn refresh(&mut self, slot: u8) {
         let Some(s) = self.slots.get_mut(usize::from(slot)).and_then(Option::as_mut) else { return };
@@ -184,7 +199,7 @@ impl IoDevice for PciBus {
 
     fn write(&mut self, offset: u64, data: &[u8]) {
         match (offset, data) {
-            (0, &[a, b, c, d]) => self.address = u32::from_le_bytes([a, b, c, d]) & 0x80ff_fffc,
+            (0, &[a, b, c, d]) => self.address = u32::from_le_bytes([a, b, c, d]) & ADDRESS_MASK,
             (4..=7, _) => {
                 if let Some((slot, register)) = self.selected() {
                     self.config_write(slot, register + (offset as usize - 4), data);

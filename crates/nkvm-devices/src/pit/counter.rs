@@ -1,6 +1,8 @@
 //! One 8254 counter: its mode, access state, latches and count, computed
 //! from PIT ticks (1.193182 MHz) elapsed since the count was loaded.
 
+use crate::snapshot::{SnapshotError, StateReader, StateWriter};
+
 /// Access mode 1: low byte only.
 const ACCESS_LOW: u8 = 1;
 /// Access mode 2: high byte only.
@@ -227,4 +229,85 @@ impl Counter {
         }
         self.gate = level;
     }
+}
+
+/// An optional value in a blob: a presence byte, then the value (zero when absent).
+fn save_option<T: Copy + Default>(out: &mut StateWriter, value: Option<T>, put: fn(&mut StateWriter, T)) {
+    out.bool(value.is_some());
+    put(out, value.unwrap_or_default());
+}
+
+impl Counter {
+    /// Writes the counter's fields; `loaded_at` is on the PIT's time line.
+    pub(super) fn save(&self, out: &mut StateWriter) {
+        out.u8(self.mode);
+        out.u8(self.access);
+        out.bool(self.bcd);
+        save_option(out, self.pending_low, StateWriter::u8);
+        out.u32(self.reload as u32);
+        save_option(out, self.loaded_at, StateWriter::u64);
+        out.bool(self.gate);
+        save_option(out, self.count_latch.map(|(v, _)| v), StateWriter::u16);
+        out.bool(self.count_latch.is_some_and(|(_, high)| high));
+        save_option(out, self.status_latch, StateWriter::u8);
+        out.bool(self.read_high_next);
+        out.bool(self.null_count);
+    }
+
+    /// Reads what [`save`](Self::save) wrote, checking every field; a count
+    /// must have been loaded no later than `now`.
+    pub(super) fn from_saved(input: &mut StateReader<'_>, now: u64) -> Result<Self, SnapshotError> {
+        let at = input.offset();
+        let mode = input.u8("mode")?;
+        if mode > 7 {
+            return Err(input.invalid("mode", mode.into(), at, "0-7"));
+        }
+        let at = input.offset();
+        let access = input.u8("access")?;
+        if !(ACCESS_LOW..=ACCESS_WORD).contains(&access) {
+            return Err(input.invalid("access", access.into(), at, "1 (low), 2 (high) or 3 (word)"));
+        }
+        let bcd = input.bool("BCD")?;
+        let pending_low = load_option(input, "pending low byte", StateReader::u8)?;
+        let at = input.offset();
+        let reload = u64::from(input.u32("reload")?);
+        if !(1..=0x1_0000).contains(&reload) {
+            return Err(input.invalid("reload", reload, at, "1-65536"));
+        }
+        let at = input.offset();
+        let loaded_at = load_option(input, "loaded at", StateReader::u64)?;
+        if let Some(t) = loaded_at.filter(|&t| t > now) {
+            return Err(input.invalid("loaded at", t, at + 1, "no later than the saved time"));
+        }
+        let gate = input.bool("gate")?;
+        let latched = load_option(input, "count latch", StateReader::u16)?;
+        let high_next = input.bool("count latch high byte next")?;
+        let status_latch = load_option(input, "status latch", StateReader::u8)?;
+        let read_high_next = input.bool("read high byte next")?;
+        let null_count = input.bool("null count")?;
+        Ok(Self {
+            mode,
+            access,
+            bcd,
+            pending_low,
+            reload,
+            loaded_at,
+            gate,
+            count_latch: latched.map(|v| (v, high_next)),
+            status_latch,
+            read_high_next,
+            null_count,
+        })
+    }
+}
+
+/// Reads what [`save_option`] wrote.
+fn load_option<'a, T>(
+    input: &mut StateReader<'a>,
+    field: &'static str,
+    get: fn(&mut StateReader<'a>, &'static str) -> Result<T, SnapshotError>,
+) -> Result<Option<T>, SnapshotError> {
+    let present = input.bool(field)?;
+    let value = get(input, field)?;
+    Ok(present.then_some(value))
 }

@@ -25,6 +25,8 @@ use vm_memory::{Address, Bytes};
 
 use super::{Activation, GuestRam, VirtioDevice, VirtioError, VIRTIO_RING_F_INDIRECT_DESC};
 
+mod snapshot;
+
 /// Bytes per sector, the unit of `capacity` and of request offsets.
 pub const SECTOR_SIZE: u64 = 512;
 /// Size of the request queue.

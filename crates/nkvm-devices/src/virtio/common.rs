@@ -9,6 +9,8 @@ use virtio_queue::{Queue, QueueT};
 
 use super::VIRTIO_F_VERSION_1;
 
+mod snapshot;
+
 /// Size of the structure (virtio 1.0 layout).
 pub const COMMON_CFG_SIZE: u64 = 0x38;
 /// "No MSI-X vector" for `msix_config` and `queue_msix_vector`.

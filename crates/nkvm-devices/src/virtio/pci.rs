@@ -20,6 +20,8 @@ use crate::pci::config::{ConfigError, ConfigSpace, MemoryBar, PciId};
 use crate::pci::msix::{MsiSink, Msix, MsixLayout};
 use crate::pci::PciDevice;
 
+mod snapshot;
+
 /// Vendor ID of virtio devices.
 pub const VIRTIO_PCI_VENDOR: u16 = 0x1af4;
 /// Device ID of a modern virtio device is this plus its type.
@@ -158,6 +160,17 @@ impl<D: VirtioDevice> VirtioPci<D> {
     /// The device status byte (`DEVICE_NEEDS_RESET` set once broken).
     pub fn status(&self) -> u8 {
         self.common.status()
+    }
+
+    /// The queues the driver enabled, while the device runs (`DRIVER_OK`
+    /// and not broken): after a restore, the VMM kicks each once so that
+    /// buffers made available before the save are served.
+    pub fn enabled_queues(&self) -> Vec<usize> {
+        if !self.common.running() {
+            return Vec::new();
+        }
+        let queues = self.common.queues().iter().enumerate();
+        queues.filter(|(_, q)| virtio_queue::QueueT::ready(*q)).map(|(i, _)| i).collect()
     }
 
     /// The driver notified queue `index` (or a worker polls it): serve it

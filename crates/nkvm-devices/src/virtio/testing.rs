@@ -107,6 +107,12 @@ impl Driver {
         Self { mem, sizes: vec![size; n as usize], next_desc: vec![0; n as usize], avail_idx: vec![0; n as usize] }
     }
 
+    /// The same driver (where its next descriptor and available entry go)
+    /// over `mem`: a copy of its memory, for a restored device.
+    pub(crate) fn on(&self, mem: GuestRam) -> Self {
+        Self { mem, sizes: self.sizes.clone(), next_desc: self.next_desc.clone(), avail_idx: self.avail_idx.clone() }
+    }
+
     /// Puts a chain of (address, length, flags) descriptors on queue `q`
     /// and makes it available; returns its head index.
     pub(crate) fn add_chain(&mut self, q: u16, descs: &[(u64, u32, u16)]) -> u16 {

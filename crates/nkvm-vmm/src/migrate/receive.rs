@@ -5,7 +5,7 @@
 
 use std::time::Duration;
 
-use nkvm::{GuestAddress, Hypervisor, Vm, VmConfig};
+use nkvm::{GuestAddress, Hypervisor, Vm};
 
 use super::stream::{self, RecordReader, RecordType};
 use super::{Conn, Endpoint, MigrateError};
@@ -73,8 +73,9 @@ fn receive(hv: &Hypervisor, reader: &mut RecordReader<Conn>) -> Result<(Vm, Deco
     let text = std::str::from_utf8(payload)
         .map_err(|_| MigrateError::Stream { offset: at, why: "the configuration is not UTF-8".into() })?;
     let (config, _) = MachineConfig::from_json(text, "the migration stream's configuration")?;
-    let vm_config = VmConfig { vcpus: config.cpus, memory: config.memory, ..Default::default() };
-    let vm = Vm::new(hv, &vm_config).map_err(MigrateError::Vm)?;
+    // Refused before any memory is sent: the source runs on.
+    config.check_disk()?;
+    let vm = Vm::new(hv, &config.vm_config()).map_err(MigrateError::Vm)?;
     let memory = vm.memory();
     let zero = [0u8; stream::PAGE];
     let mut state = MachineState { config, vm: Vec::new(), vcpus: Vec::new(), devices: Vec::new() };

@@ -38,6 +38,9 @@ const ANSWER_TIMEOUT: Duration = Duration::from_secs(30);
 /// Starts migrating `running` to `to` on a thread of its own; progress is
 /// in `running.migration`. On success the source machine stops.
 pub fn start(running: Arc<Running>, to: Endpoint, options: MigrateOptions) -> Result<(), MigrateError> {
+    // A machine with a part nkvm cannot save is refused before anything
+    // is sent: the guest never pauses for it.
+    running.devices.saveable().map_err(crate::running::RunningError::from)?;
     {
         let mut status = running.migration.lock().unwrap_or_else(|p| p.into_inner());
         if status.active() {
@@ -139,7 +142,9 @@ impl Sender<'_> {
     fn precopy_and_switch(&mut self, out: &mut BufWriter<Conn>, options: &MigrateOptions) -> Result<(), MigrateError> {
         let link = |e| MigrateError::link("sending", e);
         out.write_all(&stream::header()).map_err(link)?;
-        let config = self.running.config.to_json(&self.device_names());
+        let names = self.device_names();
+        let names: Vec<&str> = names.iter().map(String::as_str).collect();
+        let config = self.running.config.to_json(&names);
         stream::write_record(out, RecordType::Config, config.as_bytes()).map_err(link)?;
         start_dirty_log(self.vm())?;
         // The log now sees every write: forget what it held before.
@@ -182,8 +187,8 @@ impl Sender<'_> {
         self.switch_over(out, &mut dirty)
     }
 
-    fn device_names(&self) -> Vec<&'static str> {
-        vec!["serial", "test-device"]
+    fn device_names(&self) -> Vec<String> {
+        self.running.devices.names()
     }
 
     /// Round 1: every non-zero page (the destination's memory starts
@@ -203,7 +208,7 @@ impl Sender<'_> {
                     let gpa = region.gpa.0 + (offset - region.offset);
                     map.read(GuestAddress(gpa), &mut chunk[..n]).map_err(MigrateError::Memory)?;
                     for (i, page) in chunk[..n].chunks(PAGE).enumerate() {
-                        if page.iter().any(|&b| b != 0) {
+                        if crate::snapshot::holds_data(page) {
                             batch.push(gpa + (i * PAGE) as u64, page);
                             self.pages += 1;
                             if batch.len() == PAGES_PER_RECORD {
@@ -341,7 +346,7 @@ mod tests {
         let hv = nkvm::Hypervisor::open().unwrap();
         let vm = Arc::new(Vm::new(&hv, &nkvm::VmConfig { vcpus: 1, memory: 4 << 20, ..Default::default() }).unwrap());
         let devices = attach_devices(&vm).unwrap();
-        let config = MachineConfig { cpus: 1, memory: 4 << 20 };
+        let config = MachineConfig::builtin(1, 4 << 20);
         let running = Running::new(vm.clone(), Arc::new(Shared::new(1)), devices, config);
         start_dirty_log(&vm).unwrap();
         let written: Vec<u64> = (0..300).map(|i| 0x1000 * (3 * i + 1)).collect();

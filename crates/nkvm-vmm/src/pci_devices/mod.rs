@@ -18,10 +18,17 @@
 //! served the same way by nkvm's own sandboxed backend, `nkvm device
 //! --model virtio-blk` ([`device_process`]), which nkvm restarts when it
 //! dies.
+//!
+//! [`Attached::register_saved`] hands the bus and the in-process devices to
+//! a machine's snapshot ([`saved`]): one blob per PCI function, and on
+//! restore the BAR regions, MSI-X routes and queue workers the state
+//! implies. Devices served by another process make the machine unsaveable,
+//! with the reason.
 
 pub mod device_process;
 mod dirty;
 mod notify;
+mod saved;
 pub mod vhost_user;
 
 use std::collections::HashMap;
@@ -35,11 +42,12 @@ use nkvm::{RegionId, Vm};
 use nkvm_devices::pci::{BarEvent, MsiMessage, MsiSink, PciBus, SharedPciDevice, PCI_CONFIG_PORT, PCI_CONFIG_PORTS};
 use nkvm_devices::virtio::pci::BAR_SIZE;
 use nkvm_devices::virtio::{Block, Console, GuestRam, VirtioDevice, VirtioPci};
-use nkvm_devices::IoDevice;
+use nkvm_devices::{IoDevice, Snapshot};
 use vm_memory::FileOffset;
 use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 
 use self::notify::QueueNotifier;
+use self::saved::{SavedParts, SavedVirtio};
 use self::vhost_user::VhostUserDevice;
 
 /// Start of the MMIO window the DSDT gives the PCI host bridge; BARs are
@@ -108,6 +116,9 @@ pub struct Attached {
     pub block_process: Option<Arc<Mutex<device_process::ProcessLog>>>,
     /// The virtio-console device process's record, if there is one.
     pub console_process: Option<Arc<Mutex<device_process::ProcessLog>>>,
+    /// The bus and the in-process devices whose state a snapshot takes,
+    /// and why the others cannot be saved ([`Attached::register_saved`]).
+    saved: SavedParts,
 }
 
 impl PciConfig {
@@ -190,11 +201,18 @@ pub fn attach(vm: &Arc<Vm>, config: &PciConfig) -> Result<Attached, PciSetupErro
         next_gsi: FIRST_USER_GSI,
         window: Window { next: PCI_MMIO_BASE },
         notifiers: HashMap::new(),
+        saved: Vec::new(),
     };
     vm.add_dirty_source(Arc::new(dirty::RamWrites(builder.mem.clone())));
     let mut attached = Attached::default();
+    let unsaveable = &mut attached.saved.unsaveable;
     match &config.disk {
         Some(Disk::Image(path)) if config.device_process.is_some() => {
+            unsaveable.push(format!(
+                "the disk {} is served by a device process (--device-process): its queue state lives in that \
+                 process; snapshot and migration need the disk served in process (run without --device-process)",
+                path.display()
+            ));
             let spec = config.process_spec(vhost_user::BLOCK.name, Some(path.clone()));
             let process = device_process::VirtioProcess::spawn(spec)?;
             let block = VhostUserDevice::connect_process(process, vhost_user::BLOCK, builder.mem.clone())?;
@@ -211,6 +229,11 @@ pub fn attach(vm: &Arc<Vm>, config: &PciConfig) -> Result<Attached, PciSetupErro
             if config.disk_read_only {
                 return Err(PciSetupError::ReadOnlyVhostUser);
             }
+            unsaveable.push(format!(
+                "the disk is served by a vhost-user backend (--disk vhost-user:{}): its queue state lives in the \
+                 backend; snapshot and migration need an in-process disk (--disk IMAGE)",
+                socket.display()
+            ));
             let block = VhostUserDevice::connect(socket, vhost_user::BLOCK, builder.mem.clone())?;
             log::info!("virtio-blk: vhost-user backend at {} ({} sectors)", socket.display(), block.capacity());
             builder.add_vhost_user(block)?;
@@ -218,6 +241,11 @@ pub fn attach(vm: &Arc<Vm>, config: &PciConfig) -> Result<Attached, PciSetupErro
         None => {}
     }
     if config.device_process.is_some() {
+        attached.saved.unsaveable.push(
+            "the console is served by a device process (--device-process): its queue state lives in that \
+             process; snapshot and migration need the console served in process (run without --device-process)"
+                .into(),
+        );
         let process = device_process::VirtioProcess::spawn(config.process_spec(vhost_user::CONSOLE.name, None))?;
         let console = VhostUserDevice::connect_process(process, vhost_user::CONSOLE, builder.mem.clone())?;
         attached.console_process = console.process_log();
@@ -225,11 +253,15 @@ pub fn attach(vm: &Arc<Vm>, config: &PciConfig) -> Result<Attached, PciSetupErro
     } else {
         builder.add(Console::new(io::stdout()))?;
     }
-    let Builder { bus, notifiers, .. } = builder;
-    let mut handler =
+    let Builder { bus, notifiers, saved, .. } = builder;
+    let mut ports =
         ConfigPorts { bus, vm: Arc::downgrade(vm), regions: HashMap::new(), notifiers, reset: config.reset.clone() };
-    handler.apply_bar_events();
-    vm.attach_handler(IoRange::pio(PCI_CONFIG_PORT, PCI_CONFIG_PORTS), Box::new(handler))?;
+    ports.apply_bar_events();
+    let ports = Arc::new(Mutex::new(ports));
+    vm.attach_handler(IoRange::pio(PCI_CONFIG_PORT, PCI_CONFIG_PORTS), Box::new(SharedPorts(ports.clone())))?;
+    attached.saved.devices =
+        saved.into_iter().map(|(slot, device)| SavedVirtio { slot, device, ports: ports.clone() }).collect();
+    attached.saved.ports = Some(ports);
     Ok(attached)
 }
 
@@ -281,15 +313,18 @@ struct Builder {
     next_gsi: u32,
     window: Window,
     notifiers: HashMap<u8, QueueNotifier>,
+    /// The in-process devices, by slot, as a snapshot sees them.
+    saved: Vec<(u8, saved::SharedSaveable)>,
 }
 
 impl Builder {
     /// Puts `device` on the bus behind virtio-pci, with one irqfd per
     /// vector and a notification worker.
-    fn add<D: VirtioDevice + 'static>(&mut self, device: D) -> Result<(), PciSetupError> {
+    fn add<D: VirtioDevice + Snapshot + 'static>(&mut self, device: D) -> Result<(), PciSetupError> {
         let queues = device.queue_max_sizes().len();
         let sink = IrqfdSink::new(&self.vm, queues as u16 + 1, &mut self.next_gsi)?;
         let (virtio, slot) = self.place(device, sink)?;
+        self.saved.push((slot, virtio.clone()));
         let shared: SharedPciDevice = virtio;
         let notifier = QueueNotifier::start(Arc::downgrade(&shared), queues).map_err(PciSetupError::Worker)?;
         self.notifiers.insert(slot, notifier);
@@ -459,6 +494,20 @@ impl IoHandler for ConfigPorts {
         }
         self.bus.write(offset, data);
         self.apply_bar_events();
+    }
+}
+
+/// The configuration ports as the VM's handler; a snapshot restore reaches
+/// the same [`ConfigPorts`] to move the BAR regions.
+struct SharedPorts(Arc<Mutex<ConfigPorts>>);
+
+impl IoHandler for SharedPorts {
+    fn read(&mut self, offset: u64, data: &mut [u8]) {
+        self.0.lock().unwrap_or_else(|e| e.into_inner()).read(offset, data);
+    }
+
+    fn write(&mut self, offset: u64, data: &[u8]) {
+        self.0.lock().unwrap_or_else(|e| e.into_inner()).write(offset, data);
     }
 }
 

@@ -16,6 +16,7 @@ use super::*;
 
 mod bench;
 mod process;
+mod snapshot;
 
 #[test]
 fn bars_are_aligned_in_the_window_and_the_window_ends() {

@@ -9,25 +9,15 @@ use std::path::{Path, PathBuf};
 
 use nkvm::state::{FormatError, VcpuState, VmState};
 use nkvm::Backing;
-use serde_json::{json, Value};
 
-/// The snapshot directory format this nkvm writes and reads
-/// (`machine.json`'s `"format"`).
-pub const SNAPSHOT_FORMAT: u64 = 1;
+mod config;
+
+pub use config::{DiskConfig, MachineConfig, MachineKind};
+
 /// The configuration file in a snapshot directory.
 pub const MACHINE_FILE: &str = "machine.json";
 /// The guest memory file in a snapshot directory.
 pub const MEMORY_FILE: &str = "memory";
-
-/// What a machine is built from: enough for another nkvm to create the
-/// same machine (the guest code is in its memory).
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct MachineConfig {
-    /// vCPUs.
-    pub cpus: u32,
-    /// Guest RAM in bytes.
-    pub memory: u64,
-}
 
 /// Why a snapshot or a machine state was refused or could not be written.
 #[derive(Debug, thiserror::Error)]
@@ -70,6 +60,16 @@ pub enum SnapshotError {
         /// `memory` in the configuration.
         expected: u64,
     },
+    /// The saved machine's disk image is not the one it had.
+    #[error("{path} is {found} bytes but the saved machine's disk was {expected} bytes: not the same disk")]
+    DiskSize {
+        /// The image.
+        path: String,
+        /// Its size now.
+        found: u64,
+        /// Its size when saved.
+        expected: u64,
+    },
     /// Mapping the memory file failed.
     #[error("cannot map {path}")]
     Map {
@@ -81,59 +81,11 @@ pub enum SnapshotError {
     },
 }
 
-impl MachineConfig {
-    /// The configuration as `machine.json` holds it.
-    pub fn to_json(&self, devices: &[&str]) -> String {
-        let vcpus: Vec<String> = (0..self.cpus).map(vcpu_file).collect();
-        let devices: serde_json::Map<String, Value> =
-            devices.iter().map(|d| ((*d).to_string(), Value::from(device_file(d)))).collect();
-        let v = json!({
-            "format": SNAPSHOT_FORMAT,
-            "kind": "builtin",
-            "cpus": self.cpus,
-            "memory": self.memory,
-            "memory_file": MEMORY_FILE,
-            "vm": "vm.state",
-            "vcpus": vcpus,
-            "devices": devices,
-        });
-        format!("{v:#}\n")
-    }
-
-    /// Reads `machine.json` text (`origin` names it in errors); returns the
-    /// configuration and the device names it lists.
-    pub fn from_json(text: &str, origin: &str) -> Result<(Self, Vec<String>), SnapshotError> {
-        let bad = |why: String| SnapshotError::Config { path: origin.to_string(), why };
-        let v: Value = serde_json::from_str(text).map_err(|e| bad(format!("not valid JSON: {e}")))?;
-        let num = |key: &str| v.get(key).and_then(Value::as_u64).ok_or_else(|| bad(format!("no number \"{key}\"")));
-        let format = num("format")?;
-        if format != SNAPSHOT_FORMAT {
-            return Err(bad(format!("snapshot format {format}; this nkvm reads format {SNAPSHOT_FORMAT}")));
-        }
-        match v.get("kind").and_then(Value::as_str) {
-            Some("builtin") => {}
-            other => return Err(bad(format!("machine kind {other:?}; this nkvm restores \"builtin\" machines"))),
-        }
-        let cpus = num("cpus")?;
-        let cpus = u32::try_from(cpus).ok().filter(|&c| (1..=1024).contains(&c));
-        let cpus = cpus.ok_or_else(|| bad("\"cpus\" must be 1-1024".into()))?;
-        let memory = num("memory")?;
-        if memory == 0 || memory % 4096 != 0 {
-            return Err(bad(format!("\"memory\" = {memory} is not a non-zero multiple of 4096")));
-        }
-        let devices = match v.get("devices").and_then(Value::as_object) {
-            Some(map) => map.keys().cloned().collect(),
-            None => return Err(bad("no \"devices\" object".into())),
-        };
-        Ok((Self { cpus, memory }, devices))
-    }
-}
-
-fn vcpu_file(id: u32) -> String {
+pub(crate) fn vcpu_file(id: u32) -> String {
     format!("vcpu-{id}.state")
 }
 
-fn device_file(name: &str) -> String {
+pub(crate) fn device_file(name: &str) -> String {
     format!("device-{name}.state")
 }
 
@@ -153,6 +105,8 @@ pub struct MachineState {
 /// A [`MachineState`] decoded and checked against its configuration.
 #[derive(Debug)]
 pub struct DecodedState {
+    /// The configuration.
+    pub config: MachineConfig,
     /// The VM's state.
     pub vm: VmState,
     /// The vCPUs' states, by id.
@@ -167,10 +121,16 @@ impl MachineState {
         let state_err = |what: String| move |source| SnapshotError::State { path: what, source };
         let vm = VmState::decode(&self.vm).map_err(state_err(format!("{origin}: vm.state")))?;
         let bad = |why: String| SnapshotError::Config { path: origin.to_string(), why };
-        if vm.vcpus != self.config.cpus || vm.memory != self.config.memory {
+        let c = &self.config;
+        if vm.vcpus != c.cpus || vm.memory != c.memory || vm.split_irqchip != c.split_irqchip() {
             return Err(bad(format!(
-                "the VM state is of {} vCPUs and {} bytes, the configuration says {} and {}",
-                vm.vcpus, vm.memory, self.config.cpus, self.config.memory
+                "the VM state is of {} vCPUs, {} bytes, split irqchip {}; the configuration says {}, {}, {}",
+                vm.vcpus,
+                vm.memory,
+                vm.split_irqchip,
+                c.cpus,
+                c.memory,
+                c.split_irqchip()
             )));
         }
         if self.vcpus.len() != self.config.cpus as usize {
@@ -184,8 +144,15 @@ impl MachineState {
             }
             vcpus.push(state);
         }
-        Ok(DecodedState { vm, vcpus, devices: self.devices.clone() })
+        Ok(DecodedState { config: self.config.clone(), vm, vcpus, devices: self.devices.clone() })
     }
+}
+
+/// Whether a page (at most 4096 bytes) holds anything but zeros. A slice
+/// comparison (`memcmp`), fast even in a debug build, unlike a byte loop.
+pub fn holds_data(page: &[u8]) -> bool {
+    static ZEROS: [u8; 4096] = [0; 4096];
+    page != &ZEROS[..page.len().min(ZEROS.len())]
 }
 
 fn io_err<'a>(path: &'a Path, op: &'static str) -> impl FnOnce(io::Error) -> SnapshotError + 'a {
@@ -223,7 +190,7 @@ pub fn write(dir: &Path, state: &MachineState, ram: &Backing) -> Result<(), Snap
                 source: io::Error::other(e),
             })?;
             for (i, page) in chunk[..n].chunks(4096).enumerate() {
-                if page.iter().any(|&b| b != 0) {
+                if holds_data(page) {
                     file.write_all_at(page, offset + 4096 * i as u64).map_err(io_err(&path, "write"))?;
                 }
             }
@@ -269,31 +236,4 @@ pub fn read(dir: &Path) -> Result<Loaded, SnapshotError> {
     let ram = Backing::from_file_private("nkvm-ram", file, config.memory)
         .map_err(|source| SnapshotError::Map { path: path.display().to_string(), source })?;
     Ok(Loaded { state: MachineState { config, vm, vcpus, devices }, ram })
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn machine_json_round_trips() {
-        let c = MachineConfig { cpus: 2, memory: 16 << 20 };
-        let text = c.to_json(&["serial", "test-device"]);
-        let (back, devices) = MachineConfig::from_json(&text, "m").unwrap();
-        assert_eq!(back, c);
-        assert_eq!(devices, ["serial", "test-device"]);
-    }
-
-    #[test]
-    fn a_newer_format_and_a_bad_config_are_named() {
-        let c = MachineConfig { cpus: 2, memory: 16 << 20 };
-        let text = c.to_json(&[]).replace("\"format\": 1", "\"format\": 2");
-        let err = MachineConfig::from_json(&text, "m").unwrap_err().to_string();
-        assert!(err.contains("snapshot format 2; this nkvm reads format 1"), "{err}");
-        let text = c.to_json(&[]).replace("\"memory\": 16777216", "\"memory\": 12345");
-        let err = MachineConfig::from_json(&text, "m").unwrap_err().to_string();
-        assert!(err.contains("\"memory\" = 12345"), "{err}");
-        let err = MachineConfig::from_json("{", "m").unwrap_err().to_string();
-        assert!(err.contains("not valid JSON"), "{err}");
-    }
 }

@@ -1,0 +1,220 @@
+//! Snapshot and restore of the PCI side with a real guest: the guest moves
+//! BAR0, brings virtio-blk to DRIVER_OK and gets two requests served; the
+//! machine is saved (vCPU, VM clock, RAM, the PCI devices) and restored
+//! into a second VM attached with the same [`PciConfig`]; there a request
+//! made available before the save and one the guest notifies after the
+//! restore both complete, with their MSI-X interrupts.
+
+use super::*;
+use crate::saved::SavedDevices;
+
+/// The guest polls this byte; non-zero: notify queue 0 once (and clear it).
+const FLAG: u64 = 0x21_6000;
+/// Request 3 (made available before the save, never notified there): IN of
+/// sector 1 into DATA3.
+const HEADER3: u64 = 0x21_7000;
+const DATA3: u64 = 0x21_8000;
+const STATUS3: u64 = 0x21_9000;
+/// Request 4 (notified by the guest after the restore): OUT of sector 3.
+const HEADER4: u64 = 0x21_a000;
+const DATA4: u64 = 0x21_b000;
+const STATUS4: u64 = 0x21_c000;
+/// What request 4 writes.
+const AFTER: &[u8] = b"WRITTEN-AFTER-THE-RESTORE";
+/// Guest RAM of these VMs.
+const RAM: usize = 16 << 20;
+
+/// The driver script with BAR0 at `bar`, then an idle loop that reports
+/// the device status and notifies queue 0 whenever the test sets [`FLAG`].
+fn guest_code(bar: u64) -> Vec<u8> {
+    let mut a = CodeAssembler::new(64).unwrap();
+    emit_driver_script(&mut a, bar);
+    a.sti().unwrap();
+    let mut idle = a.create_label();
+    a.set_label(&mut idle).unwrap();
+    a.mov(rbx, bar + 0x14).unwrap();
+    a.mov(al, byte_ptr(rbx)).unwrap();
+    a.out(u32::from(STATUS_PORT), al).unwrap();
+    a.pause().unwrap();
+    a.mov(rbx, FLAG).unwrap();
+    a.mov(al, byte_ptr(rbx)).unwrap();
+    a.test(al, al).unwrap();
+    a.jz(idle).unwrap();
+    a.mov(byte_ptr(rbx), 0).unwrap();
+    a.mov(rbx, bar + 0x3000).unwrap();
+    a.xor(eax, eax).unwrap();
+    a.mov(word_ptr(rbx), ax).unwrap();
+    a.jmp(idle).unwrap();
+    a.assemble(ENTRY).unwrap()
+}
+
+/// Makes a request of `type_` on `sector` available as chain `head`
+/// (header, 512-byte data buffer, status), in avail slot `head / 3`.
+fn make_available(vm: &Vm, head: u16, type_: u8, sector: u8, (header, data, status): (u64, u64, u64)) {
+    let data_flags: u16 = if type_ == 0 { 3 } else { 1 }; // IN: NEXT | WRITE
+    let mut table = Vec::new();
+    for (addr, len, flags, next) in
+        [(header, 16u32, 1u16, head + 1), (data, 512, data_flags, head + 2), (status, 1, 2, 0)]
+    {
+        table.extend_from_slice(&addr.to_le_bytes());
+        table.extend_from_slice(&len.to_le_bytes());
+        table.extend_from_slice(&flags.to_le_bytes());
+        table.extend_from_slice(&next.to_le_bytes());
+    }
+    vm.write_memory(GuestAddress(DESC + 16 * u64::from(head)), &table).unwrap();
+    let mut h = [0u8; 16];
+    h[0] = type_;
+    h[8] = sector;
+    vm.write_memory(GuestAddress(header), &h).unwrap();
+    vm.write_memory(GuestAddress(status), &[0xee]).unwrap();
+    let slot = u64::from(head / 3);
+    vm.write_memory(GuestAddress(AVAIL + 4 + 2 * slot), &head.to_le_bytes()).unwrap();
+    vm.write_memory(GuestAddress(AVAIL + 2), &(head / 3 + 1).to_le_bytes()).unwrap();
+}
+
+fn read(vm: &Vm, gpa: u64, len: usize) -> Vec<u8> {
+    let mut buf = vec![0u8; len];
+    vm.memory().read(GuestAddress(gpa), &mut buf).unwrap();
+    buf
+}
+
+/// The used ring's index and its entry `n` (id, len), once the device has
+/// written `want` entries (the worker serves off the vCPU thread).
+fn used_entry(vm: &Vm, want: u16, n: u64) -> (u16, (u32, u32)) {
+    let idx = |vm: &Vm| u16::from_le_bytes(read(vm, USED + 2, 2).try_into().unwrap());
+    let start = Instant::now();
+    while idx(vm) < want && start.elapsed() < Duration::from_secs(10) {
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    let e = read(vm, USED + 4 + 8 * n, 8);
+    (idx(vm), (u32::from_le_bytes(e[..4].try_into().unwrap()), u32::from_le_bytes(e[4..].try_into().unwrap())))
+}
+
+/// A VM for the second machine: same size, same PCI devices, a vCPU that
+/// has not run.
+fn second_machine(config: &PciConfig) -> (Guest, Attached) {
+    let hv = Hypervisor::open().expect("this test needs /dev/kvm");
+    let vm_config = VmConfig { vcpus: 1, memory: RAM as u64, split_irqchip: true, ..Default::default() };
+    let vm = Arc::new(Vm::new(&hv, &vm_config).unwrap());
+    let attached = attach(&vm, config).unwrap();
+    let long_mode = LongMode::install(&vm.memory(), GuestAddress(TABLES)).unwrap();
+    let vcpu = vm.create_vcpu(0).unwrap();
+    (Guest { vm, vcpu, run: RunState::new(), long_mode }, attached)
+}
+
+/// The source machine after the driver script, paused in its idle loop
+/// with request 3 available: its device blobs, vCPU and VM state, RAM.
+struct Saved {
+    devices: Vec<(String, Vec<u8>)>,
+    vcpu: nkvm::state::VcpuState,
+    vm: nkvm::state::VmState,
+    ram: Vec<u8>,
+}
+
+fn run_and_save(config: &PciConfig, image: &Path) -> Saved {
+    let (mut guest, attached) = Guest::boot_with(config, &guest_code(MOVED_BAR));
+    guest.expect_disk_io(image);
+    assert_eq!(guest.run_until_out(STATUS_PORT, Duration::from_secs(10), |s| s == 0xf), Ok(0xf));
+    make_available(&guest.vm, 6, 0, 1, (HEADER3, DATA3, STATUS3));
+    let mut saved = SavedDevices::default();
+    attached.register_saved(&mut saved);
+    assert_eq!(saved.names(), ["pci-bus", "virtio-pci-blk@00:01.0", "virtio-pci-console@00:02.0"]);
+    let devices = saved.save_all().unwrap();
+    let vcpu = guest.vcpu.save_state(&mut guest.run).unwrap();
+    Saved { devices, vcpu, vm: guest.vm.save_state().unwrap(), ram: read(&guest.vm, 0, RAM) }
+}
+
+#[test]
+fn a_restored_machine_serves_the_pending_and_the_next_request_with_msix_interrupts() {
+    let image = test_image("snapshot");
+    let config = PciConfig { disk: Some(Disk::Image(image.clone())), ..Default::default() };
+    let state = run_and_save(&config, &image);
+
+    let (mut guest, attached) = second_machine(&config);
+    guest.vm.write_memory(GuestAddress(0), &state.ram).unwrap();
+    guest.vm.restore_state(&state.vm).unwrap();
+    guest.vcpu.restore_state(&state.vcpu).unwrap();
+    let mut saved = SavedDevices::default();
+    attached.register_saved(&mut saved);
+    saved.restore_all(&state.devices).unwrap();
+    // BAR0 decodes where the guest moved it, with its queue ioeventfds.
+    assert!(has_ioeventfd(&guest.vm, MOVED_BAR + 0x3000), "queue 0's ioeventfd follows the restored BAR0");
+    assert!(!has_ioeventfd(&guest.vm, BAR + 0x3000), "and none is left where attach first put it");
+
+    // Request 3 was served by the restore's kick; its MSI-X vector reaches
+    // the guest's handler. The guest reads the device status through BAR0.
+    assert_eq!(guest.run_until_out(REPORT, Duration::from_secs(20), |_| true), Ok(u64::from(VECTOR)));
+    assert_eq!(used_entry(&guest.vm, 3, 2), (3, (6, 513)), "request 3 in used slot 2");
+    assert_eq!(read(&guest.vm, STATUS3, 1), [0], "VIRTIO_BLK_S_OK");
+    assert_eq!(&read(&guest.vm, DATA3, 13), b"NKVM-PCI-TEST", "the sector the source machine wrote");
+    assert_eq!(guest.run_until_out(STATUS_PORT, Duration::from_secs(10), |s| s == 0xf), Ok(0xf));
+
+    // Request 4: the guest notifies it on the restored machine.
+    make_available(&guest.vm, 9, 1, 3, (HEADER4, DATA4, STATUS4));
+    guest.vm.write_memory(GuestAddress(DATA4), AFTER).unwrap();
+    guest.vm.write_memory(GuestAddress(FLAG), &[1]).unwrap();
+    assert_eq!(guest.run_until_out(REPORT, Duration::from_secs(20), |_| true), Ok(u64::from(VECTOR)));
+    assert_eq!(used_entry(&guest.vm, 4, 3), (4, (9, 1)), "request 4 in used slot 3");
+    assert_eq!(read(&guest.vm, STATUS4, 1), [0], "VIRTIO_BLK_S_OK");
+    assert_eq!(&std::fs::read(&image).unwrap()[3 * 512..3 * 512 + AFTER.len()], AFTER);
+    drop(attached);
+    let _ = std::fs::remove_file(&image);
+}
+
+#[test]
+fn a_disk_of_another_size_is_refused_naming_both_sizes() {
+    let image = test_image("snapshot-size");
+    let config = PciConfig { disk: Some(Disk::Image(image.clone())), ..Default::default() };
+    let state = run_and_save(&config, &image);
+    std::fs::write(&image, vec![0u8; 16 * 512]).unwrap();
+    let (_guest, attached) = second_machine(&config);
+    let mut saved = SavedDevices::default();
+    attached.register_saved(&mut saved);
+    let err = saved.restore_all(&state.devices).unwrap_err();
+    let mut line = err.to_string();
+    let mut source = std::error::Error::source(&err);
+    while let Some(s) = source {
+        line.push_str(&format!(": {s}"));
+        source = s.source();
+    }
+    assert_eq!(
+        line,
+        "device virtio-pci-blk@00:01.0: bad state: virtio-blk state: the disk's capacity in 512-byte sectors is 8 \
+         in the saved state but 16 on this machine"
+    );
+    let _ = std::fs::remove_file(&image);
+}
+
+/// The reason `save_all` gives for a machine attached with `config`.
+fn unsaveable(config: &PciConfig) -> String {
+    let hv = Hypervisor::open().expect("this test needs /dev/kvm");
+    let vm = Arc::new(
+        Vm::new(&hv, &VmConfig { vcpus: 1, memory: RAM as u64, split_irqchip: true, ..Default::default() }).unwrap(),
+    );
+    let attached = attach(&vm, config).unwrap();
+    let mut saved = SavedDevices::default();
+    attached.register_saved(&mut saved);
+    saved.save_all().expect_err("the machine cannot be saved").to_string()
+}
+
+#[test]
+fn a_disk_served_elsewhere_cannot_be_saved_and_the_error_says_why() {
+    let image = test_image("snapshot-process");
+    let err = unsaveable(&process::in_a_process(&image));
+    assert!(err.starts_with("this machine cannot be saved: the disk "), "{err}");
+    assert!(err.contains("is served by a device process (--device-process)"), "{err}");
+    assert!(err.contains("run without --device-process"), "{err}");
+
+    let socket = image.with_extension("sock");
+    let _daemon = StorageDaemon::start(&image, &socket);
+    let err = unsaveable(&PciConfig { disk: Some(Disk::VhostUser(socket.clone())), ..Default::default() });
+    assert_eq!(
+        err,
+        format!(
+            "this machine cannot be saved: the disk is served by a vhost-user backend (--disk vhost-user:{}): its \
+             queue state lives in the backend; snapshot and migration need an in-process disk (--disk IMAGE)",
+            socket.display()
+        )
+    );
+    let _ = std::fs::remove_file(&image);
+}
