@@ -63,6 +63,12 @@ impl Vm {
         loop {
             let info = self.qmp.execute("query-migrate", json!({}));
             match info["status"].as_str() {
+                // QEMU 7.2 can show `completed` before it has stored the
+                // totals (a run answered total-time 0, downtime 0): ask
+                // again until they are there.
+                Some("completed") if info["total-time"].as_u64() == Some(0) && start.elapsed() < GIVE_UP => {
+                    std::thread::sleep(Duration::from_millis(10))
+                }
                 Some("completed" | "failed" | "cancelled") => return info,
                 _ if start.elapsed() > GIVE_UP => {
                     self.qmp.execute("migrate_cancel", json!({}));
