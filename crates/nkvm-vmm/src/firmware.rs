@@ -159,7 +159,6 @@ pub struct SavedPic {
     pub hold: Arc<AtomicBool>,
 }
 
-#[allow(dead_code)] // through Platform::hold_interrupts_until_restored (issue 13)
 impl SavedPic {
     /// Holds the INTA cycle until the PIC's state is restored: what the
     /// fresh machine's devices raise before then queues nothing on LINT0.

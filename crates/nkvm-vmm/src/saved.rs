@@ -106,7 +106,6 @@ impl SavedDevices {
 
     /// Records that part of the machine cannot be saved, and why: saving
     /// then fails with this reason.
-    #[allow(dead_code)] // until the kernel machines register their parts
     pub fn cannot_save(&mut self, why: impl Into<String>) {
         self.unsaveable.push(why.into());
     }

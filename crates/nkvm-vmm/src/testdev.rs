@@ -119,12 +119,10 @@ pub struct Platform {
     /// to the VMM).
     pub wake: WakeSource,
     /// The models whose state a snapshot takes.
-    #[allow(dead_code)] // read by register_saved, which machine.rs calls once the kernel machines save (issue 13)
     models: Models,
 }
 
 /// The in-process models, shared with the I/O regions that serve them.
-#[allow(dead_code)] // read by register_saved, which machine.rs calls once the kernel machines save (issue 13)
 struct Models {
     pic: Arc<SavedPic>,
     pit: Arc<SavedPit>,
@@ -140,7 +138,6 @@ struct Models {
 }
 
 /// The models `--device-process` moves out of the VMM.
-#[allow(dead_code)] // read by register_saved, which machine.rs calls once the kernel machines save (issue 13)
 struct LocalModels {
     cmos: Arc<Mutex<Cmos>>,
     /// A clone of the attached timer: clones share their count.
@@ -154,7 +151,6 @@ impl std::fmt::Debug for Platform {
     }
 }
 
-#[allow(dead_code)] // machine.rs calls these once the kernel machines save (issue 13)
 impl Platform {
     /// Registers every in-process model with `saved`, under the names and
     /// in the order of the [module documentation](self); with device

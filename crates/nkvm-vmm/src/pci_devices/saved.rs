@@ -90,7 +90,6 @@ impl Attached {
     /// it collects the last dirty pages or copies RAM, since saving serves
     /// what is available and writes guest memory; restore them after the
     /// vCPUs' state, since restoring interrupts the driver.
-    #[allow(dead_code)] // until machine.rs registers its PCI devices
     pub fn register_saved(&self, saved: &mut SavedDevices) {
         if let Some(ports) = &self.saved.ports {
             saved.add(BUS_NAME, Arc::new(SavedBus(ports.clone())));
