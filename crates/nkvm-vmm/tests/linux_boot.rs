@@ -10,9 +10,6 @@
 //! (docs/architecture.md, "Host quirks").
 //! Bad input to `--kernel` and friends gets one clear line.
 
-#[path = "linux_boot/migration.rs"]
-mod migration;
-
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output, Stdio};
 use std::time::{Duration, Instant};
