@@ -19,7 +19,7 @@ jobs=${CARGO_BUILD_JOBS:-1}
 logs=$CARGO_TARGET_DIR/bench-all
 benches=("$@")
 if [ ${#benches[@]} -eq 0 ]; then
-    benches=(exit_roundtrip io_regions interrupt_latency dirty_collect dirty_stall map_replace)
+    benches=(exit_roundtrip io_regions interrupt_latency dirty_collect dirty_stall map_replace dirty_log_toggle)
 fi
 
 package() {

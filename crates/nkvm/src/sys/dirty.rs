@@ -1,11 +1,43 @@
-//! `KVM_CLEAR_DIRTY_LOG`, which kvm-ioctls lacks.
+//! `KVM_CLEAR_DIRTY_LOG`, which kvm-ioctls lacks, and `KVM_GET_DIRTY_LOG`
+//! into a buffer kept across calls (kvm-ioctls allocates one per call).
 
-use kvm_bindings::kvm_clear_dirty_log;
+use kvm_bindings::{kvm_clear_dirty_log, kvm_dirty_log};
 use kvm_ioctls::VmFd;
 use vmm_sys_util::ioctl::ioctl_with_ref;
-use vmm_sys_util::ioctl_iowr_nr;
+use vmm_sys_util::{ioctl_iow_nr, ioctl_iowr_nr};
 
 ioctl_iowr_nr!(KVM_CLEAR_DIRTY_LOG, kvm_bindings::KVMIO, 0xc0, kvm_clear_dirty_log);
+ioctl_iow_nr!(KVM_GET_DIRTY_LOG, kvm_bindings::KVMIO, 0x42, kvm_dirty_log);
+
+/// Copies KVM's dirty log of `slot`, whose length is `pages` pages, into
+/// the first `ceil(pages / 64)` words of `bitmap` (grown if need be; its
+/// allocation is reused, so a sync of a large slot takes no page faults on a
+/// fresh buffer) and returns them. Bit i is page i of the slot. Without
+/// manual protection this also clears KVM's log and write-protects the
+/// pages it reports.
+pub(crate) fn get_dirty_log_into<'a>(
+    vm: &VmFd,
+    slot: u32,
+    pages: u64,
+    bitmap: &'a mut Vec<u64>,
+) -> std::io::Result<&'a [u64]> {
+    let words = usize::try_from(pages.div_ceil(64)).map_err(|_| std::io::ErrorKind::InvalidInput)?;
+    // The kernel overwrites the words, but none may be left uninitialized.
+    if bitmap.len() < words {
+        bitmap.resize(words, 0);
+    }
+    let mut arg = kvm_dirty_log { slot, ..Default::default() };
+    arg.__bindgen_anon_1.dirty_bitmap = bitmap.as_mut_ptr().cast();
+    // SAFETY: the kernel writes the slot's log, ceil(npages / 64) words
+    // (KVM rounds the bitmap to whole longs), into `bitmap`, which holds
+    // that many for a slot of `pages` pages (the caller passes the length
+    // it installed the slot with) and lives for the call.
+    let rc = unsafe { ioctl_with_ref(vm, KVM_GET_DIRTY_LOG(), &arg) };
+    if rc < 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    Ok(&bitmap[..words])
+}
 
 /// Clears (and write-protects again) the pages of `slot` whose bits are set
 /// in `bitmap`, which covers `num_pages` pages from `first_page` (a multiple

@@ -8,7 +8,7 @@ use std::sync::{Arc, Mutex};
 
 use super::{MapState, Vm, VmError};
 use crate::dirty::{low_bits, DirtyPages, DirtySource, PageBitmap};
-use crate::memory::{Region, PAGE_SIZE};
+use crate::memory::{Region, RegionKey, PAGE_SIZE};
 use crate::sys::ring::{reset_dirty_rings, DirtyRing};
 use crate::GuestAddress;
 
@@ -99,7 +99,92 @@ impl crate::vcpu::RingFull for DirtyShared {
     }
 }
 
+/// Moves out of `remove` and `add` (indices into `installed` and `new`,
+/// ascending; both sorted by address) the pairs that map the same memory
+/// the same way except for dirty logging, into `toggles` as (installed,
+/// new) pairs, ascending.
+pub(super) fn split_toggles(
+    installed: &[(Region, u32)],
+    new: &[Region],
+    remove: &mut Vec<usize>,
+    add: &mut Vec<usize>,
+    toggles: &mut Vec<(usize, usize)>,
+) {
+    toggles.clear();
+    // The keys are what the diff compares (the same host mapping, the same
+    // flags); equal once both are logged, and one is not: only the log differs.
+    let only_log_differs = |old: &Region, new: &Region| {
+        old.dirty_log != new.dirty_log && old.clone().dirty_logged().key() == new.clone().dirty_logged().key()
+    };
+    let mut next = 0;
+    remove.retain(|&i| {
+        let old = &installed[i].0;
+        while add.get(next).is_some_and(|&j| new[j].gpa < old.gpa) {
+            next += 1;
+        }
+        match add.get(next) {
+            Some(&j) if only_log_differs(old, &new[j]) => {
+                toggles.push((i, j));
+                next += 1;
+                false
+            }
+            _ => true,
+        }
+    });
+    let mut t = 0;
+    add.retain(|&j| {
+        let paired = toggles.get(t).is_some_and(|&(_, tj)| tj == j);
+        t += usize::from(paired);
+        !paired
+    });
+}
+
 impl Vm {
+    /// Turns the dirty logging of installed region `i` on or off in place:
+    /// the same slot, only its flags change, so KVM keeps the slot's
+    /// mappings (only the write protection changes), and no vCPU is paused.
+    /// A log that stops is harvested first. A write racing with the stop,
+    /// between the harvest and the flags change, may go unreported: it is
+    /// as if it came just after the stop, when nothing is reported either
+    /// (through this slot; an alias still logged reports what is written
+    /// through itself). So a stop never holds the vCPUs for KVM's walk over
+    /// the slot.
+    pub(super) fn toggle_logging(
+        &self,
+        state: &mut MapState,
+        i: usize,
+        region: &Region,
+        key: RegionKey,
+    ) -> Result<(), VmError> {
+        let MapState { installed, installed_keys, bitmaps, harvest_bits, .. } = state;
+        let slot = installed[i].1;
+        let mut result = Ok(());
+        if !region.dirty_log && self.shared.ring_bytes == 0 {
+            result = self.harvest_slot(bitmaps, harvest_bits, &installed[i].0, slot);
+        }
+        self.install_slot(slot, region, false)?;
+        if region.dirty_log {
+            self.log_starts(bitmaps, region);
+        }
+        installed[i] = (region.clone(), slot);
+        installed_keys[i] = key;
+        result
+    }
+
+    /// A slot of `region` was installed with dirty logging: its backing
+    /// gets a bitmap, and with [`DirtyLogStart::AllDirty`] where KVM does
+    /// not start the log all set, the region's pages are marked here (a
+    /// word per 64 pages).
+    ///
+    /// [`DirtyLogStart::AllDirty`]: crate::DirtyLogStart::AllDirty
+    pub(super) fn log_starts(&self, bitmaps: &mut HashMap<u64, PageBitmap>, region: &Region) {
+        let pages = region.backing.len() / PAGE_SIZE;
+        let bitmap = bitmaps.entry(region.backing.id()).or_insert_with(|| PageBitmap::new(pages));
+        if self.mark_all_at_start {
+            bitmap.set_range(region.offset / PAGE_SIZE, region.len / PAGE_SIZE);
+        }
+    }
+
     /// Records that `len` bytes at `gpa` were written on the guest's behalf
     /// (by an emulated instruction or a device model writing guest RAM in
     /// this process): the pages are marked dirty in their backing's bitmap
@@ -149,9 +234,9 @@ impl Vm {
         if self.shared.ring_bytes > 0 {
             return self.shared.harvest_rings(&mut state).map(drop).map_err(VmError::DirtyRing);
         }
-        let MapState { installed, bitmaps, .. } = &mut *state;
+        let MapState { installed, bitmaps, harvest_bits, .. } = &mut *state;
         for (region, slot) in installed.iter().filter(|(r, _)| r.dirty_log) {
-            self.harvest_slot(bitmaps, region, *slot)?;
+            self.harvest_slot(bitmaps, harvest_bits, region, *slot)?;
         }
         Ok(())
     }
@@ -327,20 +412,47 @@ impl Vm {
         Ok(())
     }
 
-    /// Reads KVM's dirty log of `slot` into the bitmap of `region`'s backing.
+    /// Reads KVM's dirty log of `slot` into the bitmap of `region`'s
+    /// backing, through `scratch` (kept by the caller across calls).
     pub(super) fn harvest_slot(
         &self,
         bitmaps: &mut HashMap<u64, PageBitmap>,
+        scratch: &mut Vec<u64>,
         region: &Region,
         slot: u32,
     ) -> Result<(), VmError> {
-        let bits = self
-            .fd
-            .get_dirty_log(slot, region.len as usize)
-            .map_err(|source| VmError::Kvm { op: "KVM_GET_DIRTY_LOG", source })?;
+        let bits =
+            crate::sys::dirty::get_dirty_log_into(&self.fd, slot, region.len / PAGE_SIZE, scratch).map_err(|e| {
+                VmError::Kvm { op: "KVM_GET_DIRTY_LOG", source: kvm_ioctls::Error::new(e.raw_os_error().unwrap_or(0)) }
+            })?;
         if let Some(bitmap) = bitmaps.get_mut(&region.backing.id()) {
-            bitmap.or_bits(region.offset / PAGE_SIZE, &bits);
+            bitmap.or_bits(region.offset / PAGE_SIZE, bits);
         }
         Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::memory::Backing;
+
+    #[test]
+    fn a_region_whose_log_alone_changes_is_toggled_not_replaced() {
+        let mem = Backing::new("t", 0x40_0000).unwrap();
+        let r = |gpa: u64, offset: u64| Region::new(GuestAddress(gpa), &mem, offset, 0x10_0000);
+        let installed: Vec<(Region, u32)> =
+            vec![(r(0, 0), 0), (r(0x10_0000, 0x10_0000).dirty_logged(), 1), (r(0x20_0000, 0x20_0000), 2)];
+        // Region 0 starts logging, region 1 stops, region 2 moves (and logs).
+        let new = [r(0, 0).dirty_logged(), r(0x10_0000, 0x10_0000), r(0x30_0000, 0x20_0000).dirty_logged()];
+        let (mut remove, mut add, mut toggles) = (vec![0, 1, 2], vec![0, 1, 2], vec![(9, 9)]);
+        split_toggles(&installed, &new, &mut remove, &mut add, &mut toggles);
+        assert_eq!(toggles, [(0, 0), (1, 1)]);
+        assert_eq!((remove, add), (vec![2], vec![2]));
+        // Same address, another offset: a real replacement.
+        let new = [r(0, 0x10_0000).dirty_logged()];
+        let (mut remove, mut add) = (vec![0], vec![0]);
+        split_toggles(&installed[..1], &new, &mut remove, &mut add, &mut toggles);
+        assert_eq!((remove, add, toggles), (vec![0], vec![0], vec![]));
     }
 }

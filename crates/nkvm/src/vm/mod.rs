@@ -13,15 +13,16 @@ use std::sync::{Arc, Mutex, RwLock};
 
 use kvm_bindings::{
     kvm_enable_cap, kvm_userspace_memory_region, KVM_CAP_DIRTY_LOG_RING_ACQ_REL, KVM_CAP_MANUAL_DIRTY_LOG_PROTECT2,
-    KVM_CAP_SPLIT_IRQCHIP, KVM_MEM_LOG_DIRTY_PAGES, KVM_MEM_READONLY,
+    KVM_CAP_SPLIT_IRQCHIP, KVM_DIRTY_LOG_INITIALLY_SET, KVM_DIRTY_LOG_MANUAL_PROTECT_ENABLE, KVM_MEM_LOG_DIRTY_PAGES,
+    KVM_MEM_READONLY,
 };
 use kvm_ioctls::VmFd;
 
 use self::dirty_log::DirtyShared;
-use crate::dirty::{DirtyLogMode, PageBitmap};
+use crate::dirty::{DirtyLogMode, DirtyLogStart, PageBitmap};
 use crate::io::{IoHandler, IoRange, IoRegionError, IoRegions, Ordering, RegionFailure, RegionId, SocketOptions};
 use crate::irq::VcpuConfig;
-use crate::memory::{Backing, MemoryError, MemoryMap, Region, RegionKey, PAGE_SIZE};
+use crate::memory::{Backing, MemoryError, MemoryMap, Region, RegionKey};
 use crate::pause::PauseGate;
 use crate::sys::ring::DirtyRing;
 use crate::vcpu::Vcpu;
@@ -111,11 +112,21 @@ pub struct VmConfig {
     /// Where dirty pages come from: KVM's dirty ring when the host has it
     /// (`Auto`), or `KVM_GET_DIRTY_LOG` bitmaps.
     pub dirty_log: DirtyLogMode,
+    /// Whether a region's pages start clean or dirty when its logging
+    /// starts (dirty: KVM write-protects nothing at the start, so it costs
+    /// next to nothing at any guest size).
+    pub dirty_log_start: DirtyLogStart,
 }
 
 impl Default for VmConfig {
     fn default() -> Self {
-        Self { vcpus: 1, memory: 64 << 20, split_irqchip: false, dirty_log: DirtyLogMode::Auto }
+        Self {
+            vcpus: 1,
+            memory: 64 << 20,
+            split_irqchip: false,
+            dirty_log: DirtyLogMode::Auto,
+            dirty_log_start: DirtyLogStart::Clean,
+        }
     }
 }
 
@@ -139,6 +150,9 @@ pub struct Vm {
     shared: Arc<DirtyShared>,
     gate: Arc<PauseGate>,
     manual_protect: bool,
+    /// nkvm marks every page of a region dirty when its logging starts
+    /// ([`DirtyLogStart::AllDirty`] where KVM cannot do it).
+    mark_all_at_start: bool,
     coalesced_mmio: bool,
     io: Arc<IoRegions>,
     /// The MSRs a vCPU's saved state holds (KVM_GET_MSR_INDEX_LIST).
@@ -161,6 +175,9 @@ struct MapState {
     /// Scratch for `set_memory_map`: the (remove, add) indices of a change
     /// (kept for their capacity: a change allocates nothing).
     changes: (Vec<usize>, Vec<usize>),
+    /// Scratch for `set_memory_map`: (installed, new) index pairs of regions
+    /// whose dirty logging alone changes.
+    toggles: Vec<(usize, usize)>,
     free_slots: Vec<u32>,
     next_slot: u32,
     /// One bitmap per dirty-logged backing object, by backing id.
@@ -172,6 +189,8 @@ struct MapState {
     ring_entries: Vec<(u32, u64)>,
     /// Scratch for `rearm`: the bitmap handed to KVM_CLEAR_DIRTY_LOG.
     rearm_bits: Vec<u64>,
+    /// Scratch for `harvest_slot`: the bitmap KVM_GET_DIRTY_LOG fills.
+    harvest_bits: Vec<u64>,
 }
 
 impl fmt::Debug for Vm {
@@ -241,10 +260,20 @@ impl Vm {
         let vm_file = crate::sys::ring::dup_fd(std::os::fd::AsRawFd::as_raw_fd(&fd)).map_err(VmError::DirtyRing)?;
         // Manual protection lets collect_dirty re-arm exactly the pages it
         // returns; without it, sync_dirty_log re-arms everything it reads.
-        let manual_protect = ring_bytes == 0 && caps.manual_dirty_log_protect && {
+        // With INITIALLY_SET, KVM starts a slot's log all dirty and
+        // write-protects nothing at the start (the re-arming does it).
+        let all_dirty = config.dirty_log_start == DirtyLogStart::AllDirty;
+        let manual = |flags: u32| {
             let mut cap = kvm_enable_cap { cap: KVM_CAP_MANUAL_DIRTY_LOG_PROTECT2, ..Default::default() };
-            cap.args[0] = 1; // KVM_DIRTY_LOG_MANUAL_PROTECT_ENABLE
+            cap.args[0] = u64::from(flags);
             fd.enable_cap(&cap).is_ok()
+        };
+        let (manual_protect, initially_set) = if ring_bytes > 0 || !caps.manual_dirty_log_protect {
+            (false, false)
+        } else if all_dirty && manual(KVM_DIRTY_LOG_MANUAL_PROTECT_ENABLE | KVM_DIRTY_LOG_INITIALLY_SET) {
+            (true, true)
+        } else {
+            (manual(KVM_DIRTY_LOG_MANUAL_PROTECT_ENABLE), false)
         };
         let vm = Self {
             fd: Arc::new(fd),
@@ -263,6 +292,7 @@ impl Vm {
             }),
             gate: PauseGate::new(),
             manual_protect,
+            mark_all_at_start: all_dirty && !initially_set,
             coalesced_mmio: caps.coalesced_mmio,
             io: Arc::new(IoRegions::default()),
             saveable_msrs,
@@ -313,6 +343,15 @@ impl Vm {
     /// vCPU sees a half-applied map and no dirty bit is lost. A change that
     /// only adds regions does not pause anybody.
     ///
+    /// A region that stays where it is and only starts or stops being
+    /// [`dirty_logged`](Region::dirty_logged) keeps its slot: only the
+    /// slot's flags change, so KVM keeps its mappings of it. Starting a log
+    /// pauses nobody; with [`DirtyLogStart::AllDirty`] it also costs next to
+    /// nothing at any region size (see [`VmConfig::dirty_log_start`]).
+    /// Stopping one harvests its last dirty bits first and pauses nobody
+    /// either (KVM's own work on a stop, a walk over the slot's pages, still
+    /// follows the slot's size, but no vCPU waits for it).
+    ///
     /// # Example: a framebuffer BAR the guest moves
     ///
     /// ```no_run
@@ -337,7 +376,14 @@ impl Vm {
         }
         let mut state = self.shared.state.lock().unwrap_or_else(|p| p.into_inner());
         let (mut remove, mut add) = std::mem::take(&mut state.changes);
+        let mut toggles = std::mem::take(&mut state.toggles);
         diff::diff(&state.installed_keys, map.keys(), &mut remove, &mut add);
+        // Starting or stopping a region's log changes only its slot's
+        // flags: KVM keeps the slot and its mappings (a delete would drop
+        // every mapping of the VM and cost more with the slot's size).
+        dirty_log::split_toggles(&state.installed, map.regions(), &mut remove, &mut add, &mut toggles);
+        // A deleted slot is harvested first and no vCPU may write in
+        // between. A toggle needs no pause (see `toggle_logging`).
         let paused = if remove.is_empty() { None } else { Some(self.gate.pause()) };
         let mut result = Ok(());
         if paused.is_some() && self.shared.ring_bytes > 0 {
@@ -346,11 +392,17 @@ impl Vm {
                 result = Err(VmError::DirtyRing(source));
             }
         }
+        for &(i, j) in &toggles {
+            if let Err(e) = self.toggle_logging(&mut state, i, &map.regions()[j], map.keys()[j]) {
+                result = Err(e);
+            }
+        }
         for &i in remove.iter().rev() {
             let (region, slot) = state.installed.remove(i);
             state.installed_keys.remove(i);
             if region.dirty_log && self.shared.ring_bytes == 0 {
-                if let Err(e) = self.harvest_slot(&mut state.bitmaps, &region, slot) {
+                let MapState { bitmaps, harvest_bits, .. } = &mut *state;
+                if let Err(e) = self.harvest_slot(bitmaps, harvest_bits, &region, slot) {
                     result = Err(e);
                 }
             }
@@ -368,14 +420,14 @@ impl Vm {
             };
             self.install_slot(slot, region, false)?;
             if region.dirty_log {
-                let pages = region.backing.len() / PAGE_SIZE;
-                state.bitmaps.entry(region.backing.id()).or_insert_with(|| PageBitmap::new(pages));
+                self.log_starts(&mut state.bitmaps, region);
             }
             let at = state.installed.partition_point(|(r, _)| r.gpa < region.gpa);
             state.installed.insert(at, (region.clone(), slot));
             state.installed_keys.insert(at, map.keys()[j]);
         }
         state.changes = (remove, add);
+        state.toggles = toggles;
         *self.map.write().unwrap_or_else(|p| p.into_inner()) = Arc::new(map);
         drop(paused);
         result
