@@ -36,6 +36,7 @@
 //! | [`hyperv`] | Hyper-V enlightenments: CPUID leaves, SynIC |
 //! | [`vm`] | a VM, its memory map, vCPU creation |
 //! | [`memory`] | backing objects, regions, the memory map value |
+//! | [`ram_view`] | guest RAM as a vm-memory `GuestMemoryMmap`, for in-process devices |
 //! | [`vcpu`], [`run_state`], [`exit`] | `enter_guest`, the caller-owned state, the exits |
 //! | [`kick`] | forcing a vCPU out from another thread |
 //! | [`trace`] | exit tracing and statistics |
@@ -50,6 +51,7 @@ pub mod dirty;
 pub mod emulate;
 mod eoi_watch;
 pub mod exit;
+pub mod gather;
 pub mod hyperv;
 pub mod hypervisor;
 pub mod io;
@@ -58,6 +60,7 @@ pub mod kick;
 pub mod memory;
 pub mod mode;
 mod pause;
+pub mod ram_view;
 pub mod run_state;
 pub mod state;
 mod sys;
@@ -66,7 +69,7 @@ pub mod vcpu;
 pub mod vm;
 
 pub use address::GuestAddress;
-pub use dirty::{DirtyLogMode, DirtyPages, DirtySource};
+pub use dirty::{DirtyLogMode, DirtyLogStart, DirtyPages, DirtySource};
 pub use exit::{Exit, InternalError, SystemEvent};
 pub use hypervisor::{Capabilities, Hypervisor, HypervisorError};
 pub use io::{IoHandler, IoRange, IoRegionError, IoSpace, RegionId};

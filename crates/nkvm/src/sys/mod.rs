@@ -10,6 +10,7 @@ pub(crate) mod hyperv;
 pub(crate) mod irq;
 pub(crate) mod kick;
 pub(crate) mod memfd;
+pub(crate) mod ram_view;
 pub(crate) mod ring;
 pub(crate) mod run;
 pub(crate) mod slot;
