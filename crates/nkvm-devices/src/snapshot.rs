@@ -375,6 +375,34 @@ pub fn crc32(data: &[u8]) -> u32 {
     !crc
 }
 
+/// Implements [`Snapshot`] for a device that holds no state (each access
+/// acts at once): an empty body at format version 1. The blob still
+/// carries the name and version, so a machine's device set is checked
+/// whole and a later format can add fields.
+macro_rules! stateless_snapshot {
+    ($ty:ty, $name:literal) => {
+        impl $crate::snapshot::Snapshot for $ty {
+            fn snapshot_name(&self) -> &'static str {
+                $name
+            }
+
+            fn snapshot_version(&self) -> u16 {
+                1
+            }
+
+            fn save_body(&self, _out: &mut $crate::snapshot::StateWriter) {}
+
+            fn load_body(
+                &mut self,
+                _input: &mut $crate::snapshot::StateReader<'_>,
+            ) -> Result<(), $crate::snapshot::SnapshotError> {
+                Ok(())
+            }
+        }
+    };
+}
+pub(crate) use stateless_snapshot;
+
 /// Test helpers every model's snapshot tests share: a blob survives a
 /// round trip, and every truncation, every flipped byte and a wrong
 /// version are refused without a panic and without changing the device.

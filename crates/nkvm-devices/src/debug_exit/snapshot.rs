@@ -6,23 +6,9 @@
 //! Body, format version 1: empty.
 
 use super::DebugExit;
-use crate::snapshot::{Snapshot, SnapshotError, StateReader, StateWriter};
+use crate::snapshot::stateless_snapshot;
 
-impl Snapshot for DebugExit {
-    fn snapshot_name(&self) -> &'static str {
-        "isa-debug-exit"
-    }
-
-    fn snapshot_version(&self) -> u16 {
-        1
-    }
-
-    fn save_body(&self, _out: &mut StateWriter) {}
-
-    fn load_body(&mut self, _input: &mut StateReader<'_>) -> Result<(), SnapshotError> {
-        Ok(())
-    }
-}
+stateless_snapshot!(DebugExit, "isa-debug-exit");
 
 #[cfg(test)]
 mod tests {
@@ -30,6 +16,7 @@ mod tests {
 
     use super::*;
     use crate::power::PowerEvent;
+    use crate::snapshot::Snapshot;
     use crate::IoDevice;
 
     #[test]

@@ -3,7 +3,7 @@
 
 use super::{I8042, PM1_SLP_EN};
 use crate::power::Pm1Control;
-use crate::snapshot::{Snapshot, SnapshotError, StateReader, StateWriter};
+use crate::snapshot::{stateless_snapshot, Snapshot, SnapshotError, StateReader, StateWriter};
 
 impl Snapshot for Pm1Control {
     fn snapshot_name(&self) -> &'static str {
@@ -29,21 +29,7 @@ impl Snapshot for Pm1Control {
     }
 }
 
-impl Snapshot for I8042 {
-    fn snapshot_name(&self) -> &'static str {
-        "i8042-reset"
-    }
-
-    fn snapshot_version(&self) -> u16 {
-        1
-    }
-
-    fn save_body(&self, _out: &mut StateWriter) {}
-
-    fn load_body(&mut self, _input: &mut StateReader<'_>) -> Result<(), SnapshotError> {
-        Ok(())
-    }
-}
+stateless_snapshot!(I8042, "i8042-reset");
 
 #[cfg(test)]
 mod tests {
