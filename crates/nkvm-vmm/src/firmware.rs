@@ -140,8 +140,9 @@ pub fn pic_on_lint0(lint: BootLint, hold: Arc<AtomicBool>) -> std::io::Result<Sh
             };
             pending = false;
             if p.has_interrupt() {
+                // Queued under the PIC's lock: whoever sets `hold` under it
+                // knows every vector acknowledged so far is on LINT0.
                 let vector = p.acknowledge();
-                drop(p);
                 lint.raise_lint0(vector);
             }
         }
@@ -170,6 +171,21 @@ impl SavedPic {
 impl SavedDevice for SavedPic {
     fn save(&self) -> Result<Vec<u8>, String> {
         Ok(self.pic.lock().snapshot())
+    }
+
+    /// Held under the PIC's lock: a vector acknowledged before is on
+    /// LINT0 already (the boot vCPU's saved state carries it), and none is
+    /// acknowledged after, so none is lost with its in-service bit set.
+    fn pause(&self) {
+        let _pic = self.pic.lock();
+        self.hold.store(true, SeqCst);
+    }
+
+    /// Let go: an INTR left pending meanwhile is acknowledged within
+    /// [`INTA_RETRY`].
+    fn resume(&self) {
+        let _pic = self.pic.lock();
+        self.hold.store(false, SeqCst);
     }
 
     fn restore(&self, name: &str, blob: &[u8]) -> Result<(), LoadError> {
@@ -250,6 +266,30 @@ mod tests {
         p.set_irq(0, true);
         assert!(p.has_interrupt());
         assert_eq!(p.acknowledge(), MASTER_VECTOR_BASE);
+    }
+
+    #[test]
+    fn a_pic_paused_for_a_save_acknowledges_nothing_until_resumed() {
+        let (lint, hold) = (BootLint::default(), Arc::new(AtomicBool::new(false)));
+        let pic = pic_on_lint0(lint.clone(), hold.clone()).unwrap();
+        init_pic(&pic);
+        let hv = nkvm::Hypervisor::open().expect("this test needs /dev/kvm");
+        let vm = Vm::new(&hv, &nkvm::VmConfig { vcpus: 1, memory: 1 << 20, ..Default::default() }).unwrap();
+        let vcpu = vm.create_vcpu(0).unwrap();
+        let _ = lint.set(vcpu.lint());
+        let saved = SavedPic { pic: pic.clone(), hold };
+        saved.pause();
+        // A tick while the vCPUs are paused for a save: left pending in
+        // the 8259, so its state (saved after the vCPUs') still has it.
+        pic.lock().set_irq(0, true);
+        thread::sleep(Duration::from_millis(50));
+        assert!(pic.lock().has_interrupt(), "acknowledged while paused for a save");
+        saved.resume();
+        let start = std::time::Instant::now();
+        while pic.lock().has_interrupt() {
+            assert!(start.elapsed() < Duration::from_secs(10), "never acknowledged after the resume");
+            thread::sleep(Duration::from_millis(1));
+        }
     }
 
     #[test]

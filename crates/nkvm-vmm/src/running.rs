@@ -70,12 +70,19 @@ impl Running {
     /// Pauses every vCPU (each completes its exit and saves its state);
     /// returns the states. Pausing a paused machine returns the same states.
     pub fn pause(&self) -> Result<Vec<VcpuState>, RunningError> {
-        Ok(self.shared.control.pause(|| self.shared.kick_all())?)
+        // The devices first: nothing reaches a vCPU after its state is taken.
+        self.devices.pause_all();
+        let paused = self.shared.control.pause(|| self.shared.kick_all());
+        if paused.is_err() {
+            self.devices.resume_all();
+        }
+        Ok(paused?)
     }
 
     /// Lets the vCPUs run on.
     pub fn resume(&self) {
         self.shared.control.resume();
+        self.devices.resume_all();
     }
 
     /// The machine's state besides RAM, with the vCPUs paused in `vcpus`.

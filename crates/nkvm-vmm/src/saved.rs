@@ -65,6 +65,12 @@ pub trait SavedDevice: Send + Sync {
     /// Takes `blob` back (and re-does whatever the state implies: BARs,
     /// routes, queue workers).
     fn restore(&self, name: &str, blob: &[u8]) -> Result<(), LoadError>;
+    /// The vCPUs are about to pause for a save: hand them nothing from
+    /// now on that their saved state could miss (the 8259 holds its INTA
+    /// cycle). Most devices have nothing to do.
+    fn pause(&self) {}
+    /// The vCPUs run on here: undo [`pause`](Self::pause).
+    fn resume(&self) {}
 }
 
 /// Any [`Snapshot`] model shared behind a mutex is a [`SavedDevice`].
@@ -113,6 +119,16 @@ impl SavedDevices {
     /// The registered names, in registration order.
     pub fn names(&self) -> Vec<String> {
         self.entries.iter().map(|(n, _)| n.clone()).collect()
+    }
+
+    /// Tells every device the vCPUs are about to pause for a save.
+    pub fn pause_all(&self) {
+        self.entries.iter().for_each(|(_, d)| d.pause());
+    }
+
+    /// Tells every device the vCPUs run on.
+    pub fn resume_all(&self) {
+        self.entries.iter().for_each(|(_, d)| d.resume());
     }
 
     /// Whether the machine can be saved (no [`Self::cannot_save`] reason).
