@@ -133,6 +133,71 @@ fn a_destination_that_dies_mid_stream_leaves_the_source_running_and_a_second_mig
     let _ = std::fs::remove_dir_all(&dir);
 }
 
+/// The link drops at the commit: a proxy between the source and a real
+/// destination forwards everything but the source's `GO` (type 7), and
+/// cuts both sides there. The destination never heard `GO`, so it must not
+/// run the guest; the source sent it, so it cannot know: it keeps the guest
+/// paused ("in-doubt") until the operator resumes it, and a later
+/// migration still works.
+#[test]
+fn a_link_lost_at_the_commit_never_runs_the_guest_twice() {
+    let dir = scratch("migrate-commit");
+    let api = dir.join("src.sock");
+    let mut src = source(&dir, &api);
+    src.wait_passes(0, 2);
+    let dest_addr = format!("tcp:127.0.0.1:{}", free_port());
+    let mut dest = destination(&dest_addr, &dir.join("dest.sock"));
+    let proxy = TcpListener::bind("127.0.0.1:0").unwrap();
+    let proxy_addr = format!("tcp:{}", proxy.local_addr().unwrap());
+    let dest_port = dest_addr.rsplit(':').next().unwrap().to_string();
+    let cut = std::thread::spawn(move || {
+        let (mut from_src, _) = proxy.accept().unwrap();
+        let mut to_dest = std::net::TcpStream::connect(format!("127.0.0.1:{dest_port}")).unwrap();
+        let (mut back_from, mut back_to) = (to_dest.try_clone().unwrap(), from_src.try_clone().unwrap());
+        std::thread::spawn(move || std::io::copy(&mut back_from, &mut back_to));
+        let mut header = [0u8; 16];
+        from_src.read_exact(&mut header).unwrap();
+        to_dest.write_all(&header).unwrap();
+        loop {
+            let mut head = [0u8; 5];
+            from_src.read_exact(&mut head).unwrap();
+            if head[0] == 7 {
+                // GO: never delivered.
+                let _ = to_dest.shutdown(std::net::Shutdown::Both);
+                let _ = from_src.shutdown(std::net::Shutdown::Both);
+                return;
+            }
+            let mut payload = vec![0u8; u32::from_le_bytes(head[1..].try_into().unwrap()) as usize];
+            from_src.read_exact(&mut payload).unwrap();
+            to_dest.write_all(&head).unwrap();
+            to_dest.write_all(&payload).unwrap();
+        }
+    });
+    assert_eq!(ctl(&api, &["migrate", &proxy_addr])["ok"], true);
+    cut.join().unwrap();
+    // The destination was ready and never told to run: it ends, unrun.
+    assert!(!dest.wait_exit(), "the destination must fail: {}", dest.stderr());
+    assert!(dest.stderr().contains("GO") || dest.stderr().contains("link failed"), "{}", dest.stderr());
+    assert!(!dest.stderr().contains("the guest resumes here"), "{}", dest.stderr());
+    assert!(dest.stdout().is_empty(), "the guest never ran there: {:?}", dest.stdout());
+    // The source cannot know: paused, in doubt, and it says what to do.
+    let info = wait_phase(&api, "in-doubt");
+    assert_eq!(info["state"], "paused", "{info}");
+    assert!(info["migration"]["error"].as_str().unwrap().contains("nkvm ctl resume"), "{info}");
+    let quiet = src.stdout().len();
+    std::thread::sleep(std::time::Duration::from_millis(300));
+    assert_eq!(src.stdout().len(), quiet, "a guest in doubt stays paused");
+    // The operator knows the destination is gone: resume here.
+    assert_eq!(ctl(&api, &["resume"])["ok"], true);
+    let seen = passes(&src.stdout()).len();
+    src.wait_passes(seen, 2);
+    // And a migration after it completes.
+    let before = src.stdout();
+    let addr = format!("tcp:127.0.0.1:{}", free_port());
+    migrate_and_check(&dir, &mut src, &api, &addr, &before);
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
 /// Polls `info` until the migration reaches `phase`.
 fn wait_phase(api: &Path, phase: &str) -> serde_json::Value {
     let start = std::time::Instant::now();

@@ -51,6 +51,13 @@ pub enum MigrateError {
     /// The destination refused the guest.
     #[error("the destination refused the guest: {0}")]
     Refused(String),
+    /// The destination was told to run the guest and did not confirm it:
+    /// it may be running it. The source keeps the guest paused.
+    #[error(
+        "the destination was told to run the guest but did not confirm it ({0}); the guest stays paused here \
+         so that it never runs in two places: if the destination is not running it, `nkvm ctl resume` runs it here"
+    )]
+    InDoubt(String),
     /// The machine could not be paused or its state saved.
     #[error(transparent)]
     Running(#[from] crate::running::RunningError),
@@ -157,6 +164,15 @@ impl Conn {
     }
 }
 
+impl std::os::fd::AsFd for Conn {
+    fn as_fd(&self) -> std::os::fd::BorrowedFd<'_> {
+        match self {
+            Self::Tcp(s) => s.as_fd(),
+            Self::Unix(s) => s.as_fd(),
+        }
+    }
+}
+
 impl Read for Conn {
     fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
         match self {
@@ -198,6 +214,9 @@ pub enum Phase {
     Done,
     /// Failed; the guest runs on here.
     Failed,
+    /// The destination was told to run the guest and did not confirm it;
+    /// the guest stays paused here until an operator resumes it.
+    InDoubt,
 }
 
 /// A migration's progress, as `info` shows it.
@@ -233,6 +252,11 @@ pub struct MigrationStatus {
     /// Of the downtime: from `END` sent to the answer (the destination
     /// restoring), ms.
     pub answer_ms: f64,
+    /// Starting the dirty log (one memory-map change of the slots' flags), ms.
+    pub log_start_ms: f64,
+    /// Draining what the started log held, which arms KVM's write
+    /// protection in budgets while the guest runs, ms.
+    pub log_arm_ms: f64,
     /// Why it failed.
     pub error: Option<String>,
 }
@@ -252,6 +276,7 @@ impl MigrationStatus {
             Phase::SwitchOver => "switchover",
             Phase::Done => "done",
             Phase::Failed => "failed",
+            Phase::InDoubt => "in-doubt",
         };
         json!({
             "phase": phase,
@@ -268,6 +293,8 @@ impl MigrationStatus {
             "park_ms": self.park_ms,
             "switchover_pages": self.switchover_pages,
             "answer_ms": self.answer_ms,
+            "log_start_ms": self.log_start_ms,
+            "log_arm_ms": self.log_arm_ms,
             "error": self.error,
         })
     }

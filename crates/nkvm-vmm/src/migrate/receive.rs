@@ -1,7 +1,11 @@
 //! The destination's side: `nkvm run --incoming ADDR` waits for one
-//! source, builds the machine its configuration describes, fills the
-//! memory and collects the states; the caller restores them and then
-//! [`confirm`](Answer::confirm)s, after which the source ends.
+//! source and takes its configuration ([`start`]: the VM is created, and
+//! the caller builds the machine around it while the source still sends),
+//! then fills the memory and collects the states ([`Arriving::finish`]);
+//! the caller restores them and then
+//! [`confirm`](Answer::confirm)s: `READY`, then the source's `GO`, and
+//! only then does the guest run here (docs/migration.md, the two-step
+//! commit).
 
 use std::time::Duration;
 
@@ -11,23 +15,31 @@ use super::stream::{self, RecordReader, RecordType};
 use super::{Conn, Endpoint, MigrateError};
 use crate::snapshot::{DecodedState, MachineConfig, MachineState};
 
-/// A received guest, not yet running.
-#[derive(Debug)]
-pub struct Incoming {
-    vm: Vm,
-    state: DecodedState,
-    conn: Answer,
-}
-
 /// The link back to the source, for the one answer.
 #[derive(Debug)]
 pub struct Answer(Conn);
 
 impl Answer {
-    /// Tells the source the guest runs here now (it then ends).
+    /// Tells the source the guest is restored here and waits for its word
+    /// to run it (`READY`, then `GO`); only then may the guest run here.
+    /// An error means the source never said so: the guest must not run
+    /// here (the source resumes it, or keeps it paused if in doubt).
     pub fn confirm(mut self) -> Result<(), MigrateError> {
-        stream::write_record(&mut self.0, RecordType::Resumed, &[])
-            .map_err(|e| MigrateError::link("confirming to the source", e))
+        stream::write_record(&mut self.0, RecordType::Ready, &[])
+            .map_err(|e| MigrateError::link("telling the source the guest is ready", e))?;
+        self.0.set_read_timeout(Some(GO_TIMEOUT)).map_err(|e| MigrateError::link("waiting for the source", e))?;
+        let mut reader = RecordReader::new(&mut self.0);
+        match reader.next()? {
+            (RecordType::Go, _, _) => {}
+            (other, _, at) => {
+                return Err(MigrateError::Stream { offset: at, why: format!("expected GO, got {other:?}") });
+            }
+        }
+        // The guest is ours now, whether or not the source hears it.
+        if let Err(e) = stream::write_record(&mut self.0, RecordType::Running, &[]) {
+            log::warn!("could not tell the source the guest runs here: {e}");
+        }
+        Ok(())
     }
 
     /// Tells the source the guest was refused (it then resumes it).
@@ -38,33 +50,67 @@ impl Answer {
     }
 }
 
-impl Incoming {
-    /// The VM (memory filled), the decoded states, and the answer link.
-    pub fn into_parts(self) -> (Vm, DecodedState, Answer) {
-        (self.vm, self.state, self.conn)
+/// How long a destination that is ready waits for the source's `GO`.
+const GO_TIMEOUT: Duration = Duration::from_secs(30);
+
+/// A migration whose configuration has come (its VM is created) while its
+/// memory and state are still on the way: the machine can be built around
+/// the VM meanwhile, off the guest's downtime, then [`finish`](Self::finish)
+/// takes the rest.
+#[derive(Debug)]
+pub struct Arriving {
+    reader: RecordReader<Conn>,
+    config: MachineConfig,
+}
+
+impl Arriving {
+    /// The machine the source runs.
+    pub fn config(&self) -> &MachineConfig {
+        &self.config
+    }
+
+    /// Receives the rest into `vm` (the one [`start`] created) up to
+    /// `END`; returns the decoded states and the link for the answer. An
+    /// error has been answered with `FAILED` already.
+    pub fn finish(self, vm: &Vm) -> Result<(DecodedState, Answer), MigrateError> {
+        let Self { mut reader, config } = self;
+        let received = receive_rest(vm, &mut reader, config);
+        let mut answer = Answer(reader.into_inner());
+        match received {
+            Ok(state) => Ok((state, answer)),
+            Err(e) => {
+                answer.refuse(&e.to_string());
+                Err(e)
+            }
+        }
+    }
+
+    /// Tells the source the guest cannot be taken here (it runs on there).
+    pub fn refuse(self, why: &str) {
+        Answer(self.reader.into_inner()).refuse(why);
     }
 }
 
-/// Waits on `addr` for one migration and receives it.
-pub fn accept(hv: &Hypervisor, addr: &str) -> Result<Incoming, MigrateError> {
+/// Waits on `addr` for one migration and receives its configuration:
+/// returns the VM it describes (memory zero) and what is still arriving.
+/// An error has been answered with `FAILED` already.
+pub fn start(hv: &Hypervisor, addr: &str) -> Result<(Vm, Arriving), MigrateError> {
     let endpoint: Endpoint = addr.parse()?;
     eprintln!("nkvm: waiting for a migration on {endpoint}");
     let conn = endpoint.accept()?;
     // A source that stops sending for this long is gone.
     conn.set_read_timeout(Some(Duration::from_secs(60))).map_err(|e| MigrateError::link("configuring", e))?;
     let mut reader = RecordReader::new(conn);
-    let received = receive(hv, &mut reader);
-    let mut answer = Answer(reader.into_inner());
-    match received {
-        Ok((vm, state)) => Ok(Incoming { vm, state, conn: answer }),
+    match receive_config(hv, &mut reader) {
+        Ok((vm, config)) => Ok((vm, Arriving { reader, config })),
         Err(e) => {
-            answer.refuse(&e.to_string());
+            Answer(reader.into_inner()).refuse(&e.to_string());
             Err(e)
         }
     }
 }
 
-fn receive(hv: &Hypervisor, reader: &mut RecordReader<Conn>) -> Result<(Vm, DecodedState), MigrateError> {
+fn receive_config(hv: &Hypervisor, reader: &mut RecordReader<Conn>) -> Result<(Vm, MachineConfig), MigrateError> {
     stream::read_header(reader.get_mut())?;
     let (kind, payload, at) = reader.next()?;
     if kind != RecordType::Config {
@@ -76,6 +122,10 @@ fn receive(hv: &Hypervisor, reader: &mut RecordReader<Conn>) -> Result<(Vm, Deco
     // Refused before any memory is sent: the source runs on.
     config.check_disk()?;
     let vm = Vm::new(hv, &config.vm_config()).map_err(MigrateError::Vm)?;
+    Ok((vm, config))
+}
+
+fn receive_rest(vm: &Vm, reader: &mut RecordReader<Conn>, config: MachineConfig) -> Result<DecodedState, MigrateError> {
     let memory = vm.memory();
     let zero = [0u8; stream::PAGE];
     let mut state = MachineState { config, vm: Vec::new(), vcpus: Vec::new(), devices: Vec::new() };
@@ -84,10 +134,15 @@ fn receive(hv: &Hypervisor, reader: &mut RecordReader<Conn>) -> Result<(Vm, Deco
         let bad = |why: String| MigrateError::Stream { offset: at, why };
         match kind {
             RecordType::Pages => {
-                for (gpa, data) in stream::parse_pages(payload, at)? {
-                    memory
-                        .write(GuestAddress(gpa), data.unwrap_or(&zero))
-                        .map_err(|e| bad(format!("page {gpa:#x} is outside guest memory ({e})")))?;
+                let pages = stream::parse_pages(payload, at)?;
+                // Each run of adjacent pages in one write through the
+                // memory file: the fresh RAM is not faulted in page by page.
+                for run in pages.chunk_by(|a, b| b.0 == a.0 + stream::PAGE as u64) {
+                    let start = run[0].0;
+                    let bufs: Vec<&[u8]> = run.iter().map(|(_, data)| data.unwrap_or(&zero)).collect();
+                    memory.fill(GuestAddress(start), &bufs).map_err(|e| {
+                        bad(format!("pages {start:#x}+{:#x} are outside guest memory ({e})", bufs.len() * stream::PAGE))
+                    })?;
                 }
             }
             RecordType::VmState => state.vm = payload.to_vec(),
@@ -102,6 +157,5 @@ fn receive(hv: &Hypervisor, reader: &mut RecordReader<Conn>) -> Result<(Vm, Deco
             other => return Err(bad(format!("unexpected {other:?} record"))),
         }
     }
-    let decoded = state.decode("the migration stream")?;
-    Ok((vm, decoded))
+    Ok(state.decode("the migration stream")?)
 }

@@ -5,6 +5,7 @@
 //! and not confirmed go back into the dirty log and the guest runs on.
 
 use std::io::{BufWriter, Write};
+use std::os::fd::AsFd;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -64,7 +65,8 @@ pub fn start(running: Arc<Running>, to: Endpoint, options: MigrateOptions) -> Re
                 status.phase = Phase::Done;
                 eprintln!(
                     "nkvm: migrated to {to} in {:.1} ms ({} rounds, {} pages, {:.1} MB), downtime {:.1} ms \
-                     (parking the vCPUs {:.1} ms, {} pages while paused, the destination's answer {:.1} ms)",
+                     (parking the vCPUs {:.1} ms, {} pages while paused, the destination's answer {:.1} ms); \
+                     the dirty log started in {:.2} ms and was armed in {:.1} ms while the guest ran",
                     status.total_ms,
                     status.rounds,
                     status.pages,
@@ -73,9 +75,16 @@ pub fn start(running: Arc<Running>, to: Endpoint, options: MigrateOptions) -> Re
                     status.park_ms,
                     status.switchover_pages,
                     status.answer_ms,
+                    status.log_start_ms,
+                    status.log_arm_ms,
                 );
                 drop(status);
                 running.shared.migrated(&to.to_string());
+            }
+            Err(e @ MigrateError::InDoubt(_)) => {
+                eprintln!("nkvm: migration to {to}: {}", chain(&e));
+                status.phase = Phase::InDoubt;
+                status.error = Some(chain(&e));
             }
             Err(e) => {
                 eprintln!("nkvm: migration to {to} failed, the guest runs on here: {}", chain(&e));
@@ -146,12 +155,22 @@ impl Sender<'_> {
         let names: Vec<&str> = names.iter().map(String::as_str).collect();
         let config = self.running.config.to_json(&names);
         stream::write_record(out, RecordType::Config, config.as_bytes()).map_err(link)?;
+        let started = Instant::now();
         start_dirty_log(self.vm())?;
-        // The log now sees every write: forget what it held before.
+        let log_start = started.elapsed().as_secs_f64() * 1e3;
+        // The log now sees every write: forget what it held before. A log
+        // started all-dirty (MIGRATION_LOG_START) holds every page, and this
+        // drain arms KVM's write protection in budgets of pages, so the
+        // start itself costs the same at any guest size.
         self.vm().sync_dirty_log().map_err(MigrateError::DirtyLog)?;
         let mut dirty = DirtyPages::default();
         self.collect(&mut dirty, |_, _| Ok(()))?;
         self.collected.clear();
+        let log_arm = started.elapsed().as_secs_f64() * 1e3 - log_start;
+        self.update(|s| {
+            s.log_start_ms = log_start;
+            s.log_arm_ms = log_arm;
+        });
         self.update(|s| s.phase = Phase::PreCopy);
         self.full_copy(out)?;
         self.update(|s| s.rounds = 1);
@@ -192,10 +211,9 @@ impl Sender<'_> {
     }
 
     /// Round 1: every non-zero page (the destination's memory starts
-    /// zero); only the parts of RAM that hold data are read.
+    /// zero); only the parts of RAM that hold data are looked at.
     fn full_copy(&mut self, out: &mut BufWriter<Conn>) -> Result<(), MigrateError> {
         let map = self.vm().memory();
-        let mut chunk = vec![0u8; PAGE * 64];
         let mut batch = PageBatch::default();
         for region in map.regions() {
             for (start, end) in region.backing.data_ranges() {
@@ -204,24 +222,19 @@ impl Sender<'_> {
                 let hi = end.min(region.offset + region.len);
                 let mut offset = lo;
                 while offset < hi {
-                    let n = chunk.len().min((hi - offset) as usize);
-                    let gpa = region.gpa.0 + (offset - region.offset);
-                    map.read(GuestAddress(gpa), &mut chunk[..n]).map_err(MigrateError::Memory)?;
-                    for (i, page) in chunk[..n].chunks(PAGE).enumerate() {
-                        if crate::snapshot::holds_data(page) {
-                            batch.push(gpa + (i * PAGE) as u64, page);
-                            self.pages += 1;
-                            if batch.len() == PAGES_PER_RECORD {
-                                self.bytes += batch.flush(out).map_err(|e| MigrateError::link("sending memory", e))?;
-                            }
+                    let gpa = GuestAddress(region.gpa.0 + (offset - region.offset));
+                    if batch.push_data(&map, gpa.0).map_err(MigrateError::Memory)? {
+                        self.pages += 1;
+                        if batch.len() == PAGES_PER_RECORD {
+                            self.bytes += send_batch(&mut batch, &map, out)?;
                         }
                     }
-                    offset += n as u64;
+                    offset += PAGE as u64;
                 }
                 self.update(|_| {});
             }
         }
-        self.bytes += batch.flush(out).map_err(|e| MigrateError::link("sending memory", e))?;
+        self.bytes += send_batch(&mut batch, &map, out)?;
         Ok(())
     }
 
@@ -250,20 +263,18 @@ impl Sender<'_> {
     /// One round: every page the log collected, with its current data.
     fn send_dirty(&mut self, out: &mut BufWriter<Conn>, dirty: &mut DirtyPages) -> Result<u64, MigrateError> {
         let map: Arc<MemoryMap> = self.vm().memory();
-        let mut page = vec![0u8; PAGE];
         let mut batch = PageBatch::default();
         let count = self.collect(dirty, |me, pages| {
             for &gpa in pages {
-                map.read(gpa, &mut page).map_err(MigrateError::Memory)?;
-                batch.push(gpa.0, &page);
+                batch.push(&map, gpa.0).map_err(MigrateError::Memory)?;
                 me.pages += 1;
                 if batch.len() == PAGES_PER_RECORD {
-                    me.bytes += batch.flush(out).map_err(|e| MigrateError::link("sending memory", e))?;
+                    me.bytes += send_batch(&mut batch, &map, out)?;
                 }
             }
             Ok(())
         })?;
-        self.bytes += batch.flush(out).map_err(|e| MigrateError::link("sending memory", e))?;
+        self.bytes += send_batch(&mut batch, &map, out)?;
         Ok(count)
     }
 
@@ -278,8 +289,11 @@ impl Sender<'_> {
         let result = self.send_rest(out, dirty, &vcpus);
         let downtime = paused.elapsed().as_secs_f64() * 1e3;
         self.update(|s| s.downtime_ms = downtime);
-        if result.is_err() {
-            self.running.resume();
+        match &result {
+            // Told to run the guest: it may run there, so never here too.
+            Err(MigrateError::InDoubt(_)) => {}
+            Err(_) => self.running.resume(),
+            Ok(()) => {}
         }
         result
     }
@@ -312,16 +326,41 @@ impl Sender<'_> {
         let ended = Instant::now();
         let conn = out.get_mut();
         conn.set_read_timeout(Some(ANSWER_TIMEOUT)).map_err(|e| MigrateError::link("waiting for the answer", e))?;
-        let mut answers = RecordReader::new(conn);
-        let (kind, payload, at) = answers.next()?;
+        let (kind, payload, at) = RecordReader::new(&mut *conn).next().map(|(k, p, a)| (k, p.to_vec(), a))?;
+        match kind {
+            RecordType::Ready => {}
+            RecordType::Failed => return Err(MigrateError::Refused(String::from_utf8_lossy(&payload).into_owned())),
+            other => {
+                return Err(MigrateError::Stream { offset: at, why: format!("expected the answer, got {other:?}") })
+            }
+        }
+        // The commit: a GO the link refused never reached the destination,
+        // which then never runs the guest (resumed here). A GO written may
+        // have reached it: from here on the guest is never resumed here by
+        // itself, whatever happens to the link.
+        stream::write_record(conn, RecordType::Go, &[])
+            .map_err(|e| MigrateError::link("telling the destination to run the guest", e))?;
         let answer = ended.elapsed().as_secs_f64() * 1e3;
         self.update(|s| s.answer_ms = answer);
-        match kind {
-            RecordType::Resumed => Ok(()),
-            RecordType::Failed => Err(MigrateError::Refused(String::from_utf8_lossy(payload).into_owned())),
-            other => Err(MigrateError::Stream { offset: at, why: format!("expected the answer, got {other:?}") }),
+        match RecordReader::new(&mut *conn).next() {
+            Ok((RecordType::Running, _, _)) => Ok(()),
+            Ok((other, _, _)) => Err(MigrateError::InDoubt(format!("it answered {other:?}"))),
+            Err(e) => Err(MigrateError::InDoubt(chain(&e))),
         }
     }
+}
+
+/// Sends `batch` as one record, its pages straight from guest memory,
+/// after whatever `out` holds; returns the bytes sent.
+fn send_batch(batch: &mut PageBatch, map: &MemoryMap, out: &mut BufWriter<Conn>) -> Result<u64, MigrateError> {
+    if batch.len() == 0 {
+        return Ok(0);
+    }
+    out.flush().map_err(|e| MigrateError::link("sending memory", e))?;
+    batch.flush(map, out.get_ref().as_fd()).map_err(|e| match e {
+        nkvm::MemoryError::Gather { source } => MigrateError::link("sending memory", source),
+        other => MigrateError::Memory(other),
+    })
 }
 
 /// Turns dirty logging on for every RAM region (one map change; the vCPUs

@@ -4,13 +4,17 @@
 //! [`MAX_RECORD`] whatever the peer sends.
 
 use std::io::{self, Read, Write};
+use std::os::fd::BorrowedFd;
+
+use nkvm::gather::Piece;
+use nkvm::{GuestAddress, MemoryError, MemoryMap};
 
 use super::MigrateError;
 
 /// The stream's first eight bytes.
 pub const STREAM_MAGIC: [u8; 8] = *b"NKVMMIG\0";
 /// The stream format version this nkvm speaks.
-pub const STREAM_VERSION: u16 = 1;
+pub const STREAM_VERSION: u16 = 2;
 /// Guest page size in the stream.
 pub const PAGE: usize = 4096;
 /// The largest record a peer may send (a page batch of 1024 pages fits).
@@ -36,10 +40,15 @@ pub enum RecordType {
     DeviceState = 5,
     /// Everything is sent; the source is paused, waiting for the answer.
     End = 6,
-    /// Destination → source: restored, the guest runs here now.
-    Resumed = 0x80,
+    /// Source → destination, after `Ready`: run the guest; the source
+    /// will never resume it.
+    Go = 7,
+    /// Destination → source: restored, waiting for `Go`.
+    Ready = 0x80,
     /// Destination → source: refused; UTF-8 reason.
     Failed = 0x81,
+    /// Destination → source, after `Go`: the guest runs here.
+    Running = 0x82,
 }
 
 impl RecordType {
@@ -51,8 +60,10 @@ impl RecordType {
             4 => Self::VcpuState,
             5 => Self::DeviceState,
             6 => Self::End,
-            0x80 => Self::Resumed,
+            7 => Self::Go,
+            0x80 => Self::Ready,
             0x81 => Self::Failed,
+            0x82 => Self::Running,
             _ => return None,
         })
     }
@@ -178,45 +189,63 @@ pub fn parse_pages(payload: &[u8], at: u64) -> Result<Vec<PageEntry<'_>>, Migrat
     Ok(pages)
 }
 
-/// Builds `PAGES` payloads.
+/// Builds `PAGES` records whose page data goes from guest memory to the
+/// link without a copy in user space ([`MemoryMap::write_gather`]).
 #[derive(Debug, Default)]
 pub struct PageBatch {
-    buf: Vec<u8>,
-    count: u32,
+    /// Each page's entry word: its address, with [`ZERO_PAGE`] when all zero.
+    entries: Vec<[u8; 8]>,
 }
 
 impl PageBatch {
-    /// Adds one page (sent as a zero page when it is all zero).
-    pub fn push(&mut self, gpa: u64, data: &[u8]) {
-        if self.buf.is_empty() {
-            self.buf.extend_from_slice(&[0; 4]);
-        }
-        if data.iter().all(|&b| b == 0) {
-            self.buf.extend_from_slice(&(gpa | ZERO_PAGE).to_le_bytes());
-        } else {
-            self.buf.extend_from_slice(&gpa.to_le_bytes());
-            self.buf.extend_from_slice(data);
-        }
-        self.count += 1;
+    /// Adds the guest page at `gpa`: a zero page as a flag, any other by
+    /// reference (its bytes are read when the record is sent).
+    pub fn push(&mut self, map: &MemoryMap, gpa: u64) -> Result<(), MemoryError> {
+        let zero = map.is_zero(GuestAddress(gpa), PAGE)?;
+        self.entries.push((gpa | if zero { ZERO_PAGE } else { 0 }).to_le_bytes());
+        Ok(())
     }
 
-    /// Pages in the batch.
+    /// Adds the guest page at `gpa` unless it is all zero (memory the
+    /// destination has not filled yet is zero); returns whether it did.
+    pub fn push_data(&mut self, map: &MemoryMap, gpa: u64) -> Result<bool, MemoryError> {
+        if map.is_zero(GuestAddress(gpa), PAGE)? {
+            return Ok(false);
+        }
+        self.entries.push(gpa.to_le_bytes());
+        Ok(true)
+    }
+
+    /// Pages added since the last flush.
     pub fn len(&self) -> usize {
-        self.count as usize
+        self.entries.len()
     }
 
-    /// Writes the batch as one record (if not empty) and empties it;
-    /// returns the bytes written.
-    pub fn flush(&mut self, w: &mut impl Write) -> io::Result<u64> {
-        if self.count == 0 {
+    /// Writes the record to `out` (nothing when empty); returns its size.
+    /// Pages the guest changed since [`push`](Self::push) are sent as they
+    /// are now (their dirty bit sends them again); a page that was zero
+    /// stays a flag.
+    pub fn flush(&mut self, map: &MemoryMap, out: BorrowedFd<'_>) -> Result<u64, MemoryError> {
+        if self.entries.is_empty() {
             return Ok(0);
         }
-        self.buf[..4].copy_from_slice(&self.count.to_le_bytes());
-        write_record(w, RecordType::Pages, &self.buf)?;
-        let n = 5 + self.buf.len() as u64;
-        self.buf.clear();
-        self.count = 0;
-        Ok(n)
+        let with_data = self.entries.iter().filter(|e| e[0] & ZERO_PAGE as u8 == 0).count();
+        let len = 4 + 8 * self.entries.len() + PAGE * with_data;
+        let mut head = [0u8; 9];
+        head[0] = RecordType::Pages as u8;
+        head[1..5].copy_from_slice(&(len as u32).to_le_bytes());
+        head[5..].copy_from_slice(&(self.entries.len() as u32).to_le_bytes());
+        let mut pieces = Vec::with_capacity(1 + 2 * self.entries.len());
+        pieces.push(Piece::Bytes(&head));
+        for entry in &self.entries {
+            pieces.push(Piece::Bytes(entry));
+            if entry[0] & ZERO_PAGE as u8 == 0 {
+                pieces.push(Piece::Guest(GuestAddress(u64::from_le_bytes(*entry)), PAGE));
+            }
+        }
+        let sent = map.write_gather(out, &pieces)?;
+        self.entries.clear();
+        Ok(sent)
     }
 }
 
@@ -224,20 +253,37 @@ impl PageBatch {
 mod tests {
     use super::*;
 
+    /// A record of `pages` (address, fill byte; 0 is a zero page) as
+    /// `PageBatch` sends it from a small guest memory.
+    fn record_of(pages: &[(u64, u8)]) -> Vec<u8> {
+        use std::io::Read;
+        use std::os::fd::AsFd;
+        let ram = nkvm::Backing::new("t", 1 << 20).unwrap();
+        let map = MemoryMap::ram(&ram).unwrap();
+        let mut batch = PageBatch::default();
+        for &(gpa, byte) in pages {
+            map.write(GuestAddress(gpa), &[byte; PAGE]).unwrap();
+            batch.push(&map, gpa).unwrap();
+        }
+        let (mut rx, tx) = std::os::unix::net::UnixStream::pair().unwrap();
+        let sent = batch.flush(&map, tx.as_fd()).unwrap();
+        assert_eq!(batch.len(), 0);
+        drop(tx);
+        let mut out = Vec::new();
+        rx.read_to_end(&mut out).unwrap();
+        assert_eq!(sent, out.len() as u64);
+        out
+    }
+
     #[test]
     fn pages_round_trip_with_zero_pages_sent_as_flags() {
-        let mut batch = PageBatch::default();
-        let data = [7u8; PAGE];
-        batch.push(0x1000, &data);
-        batch.push(0x5000, &[0u8; PAGE]);
-        let mut out = Vec::new();
-        assert_eq!(batch.flush(&mut out).unwrap(), out.len() as u64);
+        let out = record_of(&[(0x1000, 7), (0x5000, 0)]);
         assert_eq!(out.len(), 5 + 4 + 8 + PAGE + 8);
         let mut r = RecordReader::new(&out[..]);
         let (kind, payload, _) = r.next().unwrap();
         assert_eq!(kind, RecordType::Pages);
         let pages = parse_pages(payload, 0).unwrap();
-        assert_eq!(pages, vec![(0x1000, Some(&data[..])), (0x5000, None)]);
+        assert_eq!(pages, vec![(0x1000, Some(&[7u8; PAGE][..])), (0x5000, None)]);
     }
 
     #[test]
@@ -262,11 +308,7 @@ mod tests {
     #[test]
     fn pseudo_random_records_never_panic() {
         // A small deterministic fuzz of the record and page decoders.
-        let mut batch = PageBatch::default();
-        batch.push(0x2000, &[9u8; PAGE]);
-        batch.push(0x3000, &[0u8; PAGE]);
-        let mut good = Vec::new();
-        batch.flush(&mut good).unwrap();
+        let good = record_of(&[(0x2000, 9), (0x3000, 0)]);
         let mut x = 0x2545_f491_4f6c_dd1du64;
         for _ in 0..3000 {
             let mut blob = good.clone();
