@@ -62,7 +62,12 @@ pub fn run(hv: &Hypervisor, args: &RunArgs, resumed: Option<Resumed>) -> Result<
     let (vm, saved, mut answer, since) = match resumed {
         Some(r) => (r.vm, Some(r.state), r.answer, r.since),
         None => {
-            let config = VmConfig { vcpus: args.cpus, memory: args.memory, ..Default::default() };
+            let config = VmConfig {
+                vcpus: args.cpus,
+                memory: args.memory,
+                dirty_log_start: crate::snapshot::MIGRATION_LOG_START,
+                ..Default::default()
+            };
             (Vm::new(hv, &config).map_err(MachineError::from)?, None, None, Instant::now())
         }
     };

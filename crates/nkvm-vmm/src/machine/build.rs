@@ -8,8 +8,10 @@
 //!
 //! A fresh machine loads its kernel and places vCPU 0 at its entry. A saved
 //! one loads nothing (the kernel, its ACPI tables and boot information are
-//! in the saved RAM): it restores the VM state, then each vCPU's state (its
-//! CPUID among it), then the devices, before any vCPU runs.
+//! in the saved RAM) and [`build`] leaves its vCPUs blank; [`restore`] then
+//! puts back the VM state, each vCPU's state (its CPUID among it), then the
+//! devices, before any vCPU runs. Between the two a migration's memory and
+//! state arrive: the machine is built while the source still runs.
 
 use std::io;
 use std::sync::atomic::Ordering::SeqCst;
@@ -53,8 +55,9 @@ pub(super) struct Parts<'a> {
     pub args: &'a RunArgs,
     /// The kernel of a fresh boot.
     pub boot: Option<&'a Boot>,
-    /// The state of a saved machine.
-    pub saved: Option<&'a DecodedState>,
+    /// A saved machine (a snapshot, a migration): load nothing, and leave
+    /// the vCPUs for [`restore`].
+    pub restoring: bool,
     /// Where `--stats` counts exits.
     pub stats: &'a ExitStats,
 }
@@ -127,18 +130,48 @@ pub(super) fn build(parts: &Parts<'_>) -> Result<Built, MachineError> {
         MachineKind::Builtin => return Err(MachineError::NotAKernelMachine),
     };
     let (input, panic) = console(parts, &ioapic, &mut devices, &mut processes)?;
-    if let Some(saved) = parts.saved {
-        vm.restore_state(&saved.vm)?;
-    }
     let vcpus = create_vcpus(parts, &shared, &kind, &boot_lint)?;
-    // The devices after the vCPUs (which do not run yet): a restored
-    // device may raise an interrupt (a virtio device interrupts its driver
-    // once per queue), which a local APIC restored afterwards would lose.
-    if let Some(saved) = parts.saved {
-        devices.restore_all(&saved.devices)?;
+    if !parts.restoring {
+        deny_msrs(vm, &vcpus)?;
     }
-    deny_msrs(vm, &vcpus)?;
     Ok(Built { vcpus, devices, shared, processes, input, panic })
+}
+
+/// Puts `saved` into the machine [`build`] made for it: the VM state (the
+/// clock), each vCPU's (CPUID first; then S3's reset state is taken and,
+/// with `hyperv`, the SynIC enabled; then the rest), then the devices. The
+/// devices come after the vCPUs (which do not run yet): a restored device
+/// may raise an interrupt (a virtio device interrupts its driver once per
+/// queue), which a local APIC restored afterwards would lose.
+pub(super) fn restore(parts: &Parts<'_>, built: &mut Built, saved: &DecodedState) -> Result<(), MachineError> {
+    parts.vm.restore_state(&saved.vm)?;
+    // One state per vCPU (`MachineState::decode` checked the count).
+    for (id, (vcpu, state)) in built.vcpus.iter_mut().zip(&saved.vcpus).enumerate() {
+        let cpuid = nkvm::Cpuid::from_entries(&state.cpuid)
+            .map_err(|_| nkvm::state::StateError::TooManyCpuidEntries { id: id as u32, count: state.cpuid.len() })?;
+        configure_vcpu(vcpu, &cpuid, parts.config, &built.shared)?;
+        vcpu.restore_state(state)?;
+    }
+    built.devices.restore_all(&saved.devices)?;
+    deny_msrs(parts.vm, &built.vcpus)
+}
+
+/// A vCPU's CPUID, then what is taken or enabled after it: S3's reset
+/// state, the SynIC (`hyperv`).
+fn configure_vcpu(
+    vcpu: &mut Vcpu,
+    cpuid: &nkvm::Cpuid,
+    config: &MachineConfig,
+    shared: &Shared,
+) -> Result<(), MachineError> {
+    vcpu.set_cpuid(cpuid)?;
+    if config.hyperv {
+        vcpu.enable_hyperv_synic()?;
+    }
+    if let Some(sleep) = shared.sleep.get() {
+        sleep.remember(vcpu)?;
+    }
+    Ok(())
 }
 
 /// Linux: the kernel loaded (fresh), PCI with virtio-console and the disk.
@@ -161,12 +194,12 @@ fn linux_parts(parts: &Parts<'_>, shared: &Arc<Shared>, devices: &mut SavedDevic
         resetter.reset.store(true, SeqCst);
         resetter.stop_all();
     }));
-    let (disk, disk_read_only) = match (&parts.config.kind, parts.saved) {
+    let (disk, disk_read_only) = match (&parts.config.kind, parts.restoring) {
         // Checked when the machine came in (`MachineConfig::check_disk`).
-        (MachineKind::Linux { disk: Some(disk) }, Some(_)) => (Some(Disk::Image(disk.path.clone())), disk.read_only),
+        (MachineKind::Linux { disk: Some(disk) }, true) => (Some(Disk::Image(disk.path.clone())), disk.read_only),
         _ => (args.disk.clone(), args.disk_readonly),
     };
-    let device_process = if args.device_process && parts.saved.is_none() {
+    let device_process = if args.device_process && !parts.restoring {
         Some(std::env::current_exe().map_err(crate::pci_devices::PciSetupError::Exe)?)
     } else {
         None
@@ -213,12 +246,12 @@ fn multiboot_parts(
         cpus: config.cpus,
         memory: config.memory,
         events,
-        device_processes: args.device_process && parts.saved.is_none(),
+        device_processes: args.device_process && !parts.restoring,
         boot_lint: boot_lint.clone(),
     };
     // Attaching writes the BIOS's real-mode IVT and handlers; a saved
     // guest's own copy of that memory is what it must find.
-    let firmware = parts.saved.map(|_| firmware_memory(vm)).transpose()?;
+    let firmware = parts.restoring.then(|| firmware_memory(vm)).transpose()?;
     let platform = testdev::attach(vm, ioapic, &machine)?;
     if let Some(saved) = firmware {
         put_back(vm, saved)?;
@@ -264,7 +297,7 @@ fn console(
 ) -> Result<(Option<SharedSerial>, PanicWatch), MachineError> {
     let com1 = IoRange::pio(builtin::COM1, 8);
     let panic = PanicWatch::default();
-    if parts.args.device_process && parts.saved.is_none() {
+    if parts.args.device_process && !parts.restoring {
         processes.push(DeviceProcess::attach_console(parts.vm, com1, panic.clone())?);
         devices.cannot_save("the 16550 console runs in a device process (--device-process)");
         return Ok((None, panic));
@@ -278,9 +311,9 @@ fn console(
 }
 
 /// Creates the vCPUs: a fresh machine's with the CPUID `kind` says (plus
-/// the user's changes) and vCPU 0 at the entry; a saved machine's with
-/// their saved state. Either way with S3's reset state, the SynIC
-/// (`--hyperv`), vCPU 0's LINT0 for the 8259, and the tracers.
+/// the user's changes), S3's reset state, the SynIC (`--hyperv`) and vCPU 0
+/// at the entry; a saved machine's blank, for [`restore`]. Either way with
+/// vCPU 0's LINT0 for the 8259 and the tracers.
 fn create_vcpus(
     parts: &Parts<'_>,
     shared: &Shared,
@@ -305,32 +338,19 @@ fn create_vcpus(
     let mut vcpus = Vec::new();
     for id in 0..config.cpus {
         let mut vcpu = parts.vm.create_vcpu(id)?;
-        let saved = parts.saved.and_then(|s| s.vcpus.get(id as usize));
-        let own = match (saved, &cpuid) {
-            (Some(state), _) => nkvm::Cpuid::from_entries(&state.cpuid)
-                .map_err(|_| nkvm::state::StateError::TooManyCpuidEntries { id, count: state.cpuid.len() })?,
-            (None, Some(cpuid)) => {
-                let mut own = cpuid.clone();
-                linux::set_apic_id(&mut own, id);
-                own
-            }
-            (None, None) => parts.hv.supported_cpuid()?,
-        };
-        vcpu.set_cpuid(&own)?;
-        if config.hyperv {
-            vcpu.enable_hyperv_synic()?;
-        }
-        if let Some(sleep) = shared.sleep.get() {
-            sleep.remember(&mut vcpu)?;
-        }
-        match saved {
-            Some(state) => vcpu.restore_state(state)?,
-            None if id == 0 => {
-                if let Some(start) = &kind.start {
-                    start.apply(&vcpu)?;
+        if !parts.restoring {
+            let own = match &cpuid {
+                Some(cpuid) => {
+                    let mut own = cpuid.clone();
+                    linux::set_apic_id(&mut own, id);
+                    own
                 }
+                None => parts.hv.supported_cpuid()?,
+            };
+            configure_vcpu(&mut vcpu, &own, config, shared)?;
+            if let (0, Some(start)) = (id, &kind.start) {
+                start.apply(&vcpu)?;
             }
-            None => {}
         }
         if id == 0 {
             let _ = boot_lint.set(vcpu.lint());

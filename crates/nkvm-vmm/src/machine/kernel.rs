@@ -12,7 +12,7 @@ use std::time::Instant;
 use nkvm::{ExitStats, Hypervisor, Vm};
 
 use super::build::{self, Built, Parts};
-use super::intake::{RestoreError, Resumed};
+use super::intake::{self, Arriving, RestoreError, Resumed};
 use super::{finish, run_vcpus, MachineError, Outcome};
 use crate::cli::RunArgs;
 use crate::cmdline;
@@ -28,8 +28,11 @@ use crate::terminal::{self, RawMode};
 pub(super) enum Source {
     /// `--kernel`, booted now.
     Boot,
-    /// A snapshot or a migration of a `--kernel` machine.
+    /// A snapshot of a `--kernel` machine.
     Saved(Box<Resumed>),
+    /// A migration of one: the machine is built while its memory and state
+    /// still arrive, then they are put in.
+    Arriving(Box<Arriving>),
 }
 
 /// What `--kernel` is.
@@ -45,7 +48,7 @@ pub(super) enum Boot {
 
 /// Builds and runs a `--kernel` machine; returns the process exit code.
 pub(super) fn run(hv: &Hypervisor, args: &RunArgs, source: Source) -> Result<ExitCode, Box<dyn std::error::Error>> {
-    let (vm, saved, mut answer, since, boot) = match source {
+    let (vm, saved, arriving, since, boot) = match source {
         Source::Boot => {
             let boot = boot_of(args)?;
             let config = fresh_config(args, &boot);
@@ -54,13 +57,18 @@ pub(super) fn run(hv: &Hypervisor, args: &RunArgs, source: Source) -> Result<Exi
         }
         Source::Saved(r) => {
             let r = *r;
-            (r.vm, Some(r.state), r.answer, r.since, None)
+            (r.vm, Some((r.state, r.answer)), None, r.since, None)
+        }
+        Source::Arriving(a) => {
+            let a = *a;
+            (a.vm, None, Some(a.stream), a.since, None)
         }
     };
-    let config = match (&boot, &saved) {
-        (Some((_, config)), _) => config.clone(),
-        (None, Some(state)) => state.config.clone(),
-        (None, None) => return Err("neither a kernel to boot nor a saved machine".into()),
+    let config = match (&boot, &saved, &arriving) {
+        (Some((_, config)), _, _) => config.clone(),
+        (None, Some((state, _)), _) => state.config.clone(),
+        (None, None, Some(stream)) => stream.config().clone(),
+        (None, None, None) => return Err("neither a kernel to boot nor a saved machine".into()),
     };
     let vm = Arc::new(vm);
     let stats = ExitStats::new();
@@ -70,10 +78,33 @@ pub(super) fn run(hv: &Hypervisor, args: &RunArgs, source: Source) -> Result<Exi
         config: &config,
         args,
         boot: boot.as_ref().map(|(b, _)| b),
-        saved: saved.as_ref(),
+        restoring: boot.is_none(),
         stats: &stats,
     };
-    let built = match build::build(&parts) {
+    let built = build::build(&parts);
+    let (state, mut answer) = match (saved, arriving) {
+        (Some((state, answer)), _) => (Some(state), answer),
+        // A migration's memory and state, into the machine built meanwhile
+        // (an error here has been answered already).
+        (None, Some(stream)) => match &built {
+            Ok(_) => {
+                let (state, answer) = stream.finish(&vm).map_err(RestoreError::from)?;
+                (Some(state), Some(answer))
+            }
+            Err(e) => {
+                stream.refuse(&intake::chain(e));
+                (None, None)
+            }
+        },
+        (None, None) => (None, None),
+    };
+    let restored = built.and_then(|mut built| {
+        if let Some(state) = &state {
+            build::restore(&parts, &mut built, state)?;
+        }
+        Ok(built)
+    });
+    let built = match restored {
         Ok(built) => built,
         Err(e) => {
             Resumed::refuse(answer.as_mut(), &e);

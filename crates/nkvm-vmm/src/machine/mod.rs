@@ -28,6 +28,7 @@ use crate::sleep::{Sleep, SleepError};
 use crate::snapshot::MachineKind;
 use crate::terminal;
 use crate::testdev;
+use intake::Intake;
 
 pub(crate) use vcpus::run_vcpus;
 
@@ -177,10 +178,15 @@ impl Shared {
 pub fn run(args: &RunArgs) -> Result<ExitCode, Box<dyn std::error::Error>> {
     let hv = Hypervisor::open()?;
     match intake::take(&hv, args)? {
-        Some(resumed) if resumed.state.config.kind == MachineKind::Builtin => {
+        // The built-in machine is built once everything has come.
+        Some(Intake::Arriving(a)) if a.stream.config().kind == MachineKind::Builtin => {
+            crate::builtin_machine::run(&hv, args, Some(a.finish()?))
+        }
+        Some(Intake::Arriving(a)) => kernel::run(&hv, args, kernel::Source::Arriving(Box::new(a))),
+        Some(Intake::Saved(resumed)) if resumed.state.config.kind == MachineKind::Builtin => {
             crate::builtin_machine::run(&hv, args, Some(resumed))
         }
-        Some(resumed) => kernel::run(&hv, args, kernel::Source::Saved(Box::new(resumed))),
+        Some(Intake::Saved(resumed)) => kernel::run(&hv, args, kernel::Source::Saved(Box::new(resumed))),
         None if args.kernel.is_some() => kernel::run(&hv, args, kernel::Source::Boot),
         None => crate::builtin_machine::run(&hv, args, None),
     }

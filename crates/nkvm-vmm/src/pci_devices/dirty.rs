@@ -1,9 +1,9 @@
 //! Pages the in-process virtio devices write into guest RAM, handed to the
 //! VM's dirty log.
 //!
-//! The devices reach guest RAM through a vm-memory mapping of the RAM memfd
-//! ([`GuestRam`]), not through the guest's page tables, so KVM never sees
-//! those writes. Every write through that mapping — a virtio-blk read's data
+//! The devices reach guest RAM through a vm-memory view of the VM's own
+//! mapping of it ([`GuestRam`], made by [`nkvm::ram_view::RamView`]), not
+//! through the guest's page tables, so KVM never sees those writes. Every write through that mapping — a virtio-blk read's data
 //! buffer, a console input buffer, a used-ring entry `virtio-queue` writes —
 //! sets one bit per page in its region's `AtomicBitmap` (an atomic OR).
 //! [`RamWrites`] drains those bits into nkvm's log on every
@@ -15,18 +15,30 @@
 //! log, a bitmap shared with the backend
 //! ([`SharedLog`](super::vhost_user::SharedLog), `VHOST_USER_SET_LOG_BASE`).
 
+use nkvm::ram_view::RamKeeper;
 use nkvm::{DirtySource, GuestAddress, PAGE_SIZE};
 use nkvm_devices::virtio::GuestRam;
 use vm_memory::{GuestMemoryBackend, GuestMemoryRegion, MmapRegion};
 
 /// The write bitmaps of the in-process devices' view of guest RAM, as a
-/// [`DirtySource`] of the VM.
+/// [`DirtySource`] of the VM; the keeper keeps the view's memory mapped
+/// while this clone of it lives.
 #[derive(Debug)]
-pub struct RamWrites(pub GuestRam);
+pub struct RamWrites {
+    ram: GuestRam,
+    _keeper: RamKeeper,
+}
+
+impl RamWrites {
+    /// The bitmaps of `ram`, which `keeper` keeps mapped.
+    pub fn new(ram: GuestRam, keeper: RamKeeper) -> Self {
+        Self { ram, _keeper: keeper }
+    }
+}
 
 impl DirtySource for RamWrites {
     fn drain(&self, mark: &mut dyn FnMut(GuestAddress, u64)) {
-        for region in self.0.iter() {
+        for region in self.ram.iter() {
             let mapping: &MmapRegion<_> = region;
             // One bit per host page, 4 KiB on x86-64 as nkvm's pages are.
             mark_words(region.start_addr().0, mapping.bitmap().get_and_reset().into_iter(), mark);

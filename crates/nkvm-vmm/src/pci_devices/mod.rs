@@ -38,12 +38,12 @@ use std::sync::{Arc, Mutex, Weak};
 
 use nkvm::io::{IoHandler, IoRange};
 use nkvm::irq::FIRST_USER_GSI;
+use nkvm::ram_view::{RamKeeper, RamView};
 use nkvm::{RegionId, Vm};
 use nkvm_devices::pci::{BarEvent, MsiMessage, MsiSink, PciBus, SharedPciDevice, PCI_CONFIG_PORT, PCI_CONFIG_PORTS};
 use nkvm_devices::virtio::pci::BAR_SIZE;
 use nkvm_devices::virtio::{Block, Console, GuestRam, VirtioDevice, VirtioPci};
 use nkvm_devices::{IoDevice, Snapshot};
-use vm_memory::FileOffset;
 use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 
 use self::notify::QueueNotifier;
@@ -194,16 +194,29 @@ pub enum PciSetupError {
 
 /// Builds the bus and its devices and attaches them to `vm`.
 pub fn attach(vm: &Arc<Vm>, config: &PciConfig) -> Result<Attached, PciSetupError> {
+    // SAFETY: `keeper` goes beside every clone of `mem`: in the builder,
+    // in `RamWrites`, and in each device's sink (see `guest_ram`).
+    let (mem, keeper) = unsafe { guest_ram(vm)? };
+    if config.device_process.is_some() || matches!(config.disk, Some(Disk::VhostUser(_))) {
+        if let Some(r) = vm.memory().regions().iter().find(|r| r.backing.is_copy_on_write()) {
+            return Err(PciSetupError::Memory(format!(
+                "guest memory {} is a copy-on-write mapping of a file (a restored snapshot), which a device \
+                 process or vhost-user backend cannot map; serve the devices in process",
+                r.name()
+            )));
+        }
+    }
     let mut builder = Builder {
         vm: vm.clone(),
-        mem: guest_ram(vm)?,
+        mem,
+        keeper,
         bus: PciBus::new(),
         next_gsi: FIRST_USER_GSI,
         window: Window { next: PCI_MMIO_BASE },
         notifiers: HashMap::new(),
         saved: Vec::new(),
     };
-    vm.add_dirty_source(Arc::new(dirty::RamWrites(builder.mem.clone())));
+    vm.add_dirty_source(Arc::new(dirty::RamWrites::new(builder.mem.clone(), builder.keeper.clone())));
     let mut attached = Attached::default();
     let unsaveable = &mut attached.saved.unsaveable;
     match &config.disk {
@@ -272,18 +285,31 @@ fn unique_socket(model: &str) -> PathBuf {
     std::env::temp_dir().join(format!("nkvm-{}-{model}-{n}.sock", std::process::id()))
 }
 
-/// A vm-memory view of the VM's RAM: a second mapping of the same memfd.
-fn guest_ram(vm: &Vm) -> Result<GuestRam, PciSetupError> {
-    let map = vm.memory();
-    let ranges = map
-        .regions()
-        .iter()
-        .map(|r| {
-            let file = r.backing.file().try_clone().map_err(|e| PciSetupError::Memory(e.to_string()))?;
-            Ok((vm_memory::GuestAddress(r.gpa.0), r.len as usize, Some(FileOffset::new(file, r.offset))))
-        })
-        .collect::<Result<Vec<_>, PciSetupError>>()?;
-    GuestRam::from_ranges_with_files(ranges).map_err(|e| PciSetupError::Memory(e.to_string()))
+/// The in-process devices' view of the VM's RAM: the VM's own mapping
+/// ([`RamView`]), so a device reads and writes exactly the guest's bytes
+/// whether the RAM is a memfd or a copy-on-write mapping of a restored
+/// snapshot (whose file a second mapping would see instead, and write).
+/// A memfd region carries its file, for the vhost-user backends.
+///
+/// The memory stays mapped only while the returned [`RamKeeper`] (or the
+/// VM's map) holds the backings. In [`attach`], every holder of the memory
+/// holds a keeper beside it: the [`Builder`], [`dirty::RamWrites`], and
+/// each device, through its [`IrqfdSink`] (which `VirtioPci` owns for its
+/// whole life, beside the memory; a vhost-user device's own copy lives
+/// inside the same `VirtioPci`). A worker thread reaches a device only
+/// through the device's `Arc`, so it holds the keeper too.
+///
+/// # Safety
+///
+/// The memory, and every clone of it, may be used only while the keeper
+/// (or a clone) is alive: keep one in every owner of a clone.
+unsafe fn guest_ram(vm: &Vm) -> Result<(GuestRam, RamKeeper), PciSetupError> {
+    let view = RamView::new(&vm.memory()).map_err(|e| PciSetupError::Memory(e.to_string()))?;
+    let keeper = view.keeper();
+    // SAFETY: this function's contract passes `RamView::memory`'s to the
+    // caller, with the keeper.
+    let mem = unsafe { view.memory() };
+    Ok((mem, keeper))
 }
 
 /// BAR addresses in the host bridge's window.
@@ -308,6 +334,8 @@ type Placed<D> = Arc<Mutex<VirtioPci<D>>>;
 struct Builder {
     vm: Arc<Vm>,
     mem: GuestRam,
+    /// Keeps `mem` mapped ([`guest_ram`]); each device's sink gets a clone.
+    keeper: RamKeeper,
     bus: PciBus,
     /// Next GSI for an MSI route (those below are kept for the IOAPIC).
     next_gsi: u32,
@@ -322,7 +350,7 @@ impl Builder {
     /// vector and a notification worker.
     fn add<D: VirtioDevice + Snapshot + 'static>(&mut self, device: D) -> Result<(), PciSetupError> {
         let queues = device.queue_max_sizes().len();
-        let sink = IrqfdSink::new(&self.vm, queues as u16 + 1, &mut self.next_gsi)?;
+        let sink = IrqfdSink::new(&self.vm, queues as u16 + 1, &mut self.next_gsi, self.keeper.clone())?;
         let (virtio, slot) = self.place(device, sink)?;
         self.saved.push((slot, virtio.clone()));
         let shared: SharedPciDevice = virtio;
@@ -335,7 +363,7 @@ impl Builder {
     /// vectors' irqfds go to the backend, and no worker serves them here.
     fn add_vhost_user(&mut self, mut device: VhostUserDevice) -> Result<(), PciSetupError> {
         let queues = device.queue_max_sizes().len();
-        let sink = IrqfdSink::external(&self.vm, queues as u16 + 1, &mut self.next_gsi)?;
+        let sink = IrqfdSink::external(&self.vm, queues as u16 + 1, &mut self.next_gsi, self.keeper.clone())?;
         let notifier = QueueNotifier::without_worker(queues).map_err(PciSetupError::Eventfds)?;
         let kicks = notifier.eventfds().iter().map(EventFd::try_clone).collect::<io::Result<Vec<_>>>();
         let vectors = sink.vectors.iter().map(|(_, fd)| fd.try_clone()).collect::<io::Result<Vec<_>>>();
@@ -383,10 +411,14 @@ struct IrqfdSink {
     routed: Vec<bool>,
     /// A backend writes the irqfds directly.
     external: bool,
+    /// Keeps the device's view of guest RAM mapped ([`guest_ram`]): the
+    /// sink is the part of a `VirtioPci` the VMM supplies, owned by it, as
+    /// its memory is, for its whole life, so the two cannot part.
+    _ram: RamKeeper,
 }
 
 impl IrqfdSink {
-    fn new(vm: &Arc<Vm>, count: u16, next_gsi: &mut u32) -> Result<Self, PciSetupError> {
+    fn new(vm: &Arc<Vm>, count: u16, next_gsi: &mut u32, ram: RamKeeper) -> Result<Self, PciSetupError> {
         let mut vectors = Vec::new();
         for vector in 0..count {
             let fd = EventFd::new(EFD_NONBLOCK).map_err(|source| PciSetupError::EventFd { vector, source })?;
@@ -396,12 +428,12 @@ impl IrqfdSink {
             vectors.push((gsi, fd));
         }
         let routed = vec![false; vectors.len()];
-        Ok(Self { vm: Arc::downgrade(vm), vectors, routed, external: false })
+        Ok(Self { vm: Arc::downgrade(vm), vectors, routed, external: false, _ram: ram })
     }
 
     /// The same, for vectors a vhost-user backend raises directly.
-    fn external(vm: &Arc<Vm>, count: u16, next_gsi: &mut u32) -> Result<Self, PciSetupError> {
-        Ok(Self { external: true, ..Self::new(vm, count, next_gsi)? })
+    fn external(vm: &Arc<Vm>, count: u16, next_gsi: &mut u32, ram: RamKeeper) -> Result<Self, PciSetupError> {
+        Ok(Self { external: true, ..Self::new(vm, count, next_gsi, ram)? })
     }
 }
 

@@ -267,7 +267,7 @@ impl VhostUserDevice {
     /// they reach the VM's dirty log through [`dirty_log`](Self::dirty_log).
     /// When it does not, a snapshot or migration taken while the device
     /// runs may miss pages it wrote.
-    #[allow(dead_code)] // for the saved-state registry (`cannot_save`), and tests
+    #[cfg(test)]
     pub fn logs_writes(&self) -> bool {
         self.logs_writes
     }

@@ -12,6 +12,12 @@ use serde_json::{json, Value};
 
 use super::{device_file, vcpu_file, SnapshotError, MEMORY_FILE};
 
+/// How the VMM's machines start their dirty log (a migration starts it):
+/// every page dirty, so the start costs the same at any guest size and
+/// write protection is armed in budgets as the migration drains the log
+/// before its first copy (`nkvm::DirtyLogStart::AllDirty`).
+pub const MIGRATION_LOG_START: nkvm::DirtyLogStart = nkvm::DirtyLogStart::AllDirty;
+
 /// The snapshot directory format this nkvm writes (`machine.json`'s
 /// `"format"`). Format 1 (the built-in machine only, no `"split_irqchip"`
 /// or `"hyperv"`) is still read.
@@ -101,7 +107,13 @@ impl MachineConfig {
 
     /// The VM to create for it.
     pub fn vm_config(&self) -> VmConfig {
-        VmConfig { vcpus: self.cpus, memory: self.memory, split_irqchip: self.split_irqchip(), ..Default::default() }
+        VmConfig {
+            vcpus: self.cpus,
+            memory: self.memory,
+            split_irqchip: self.split_irqchip(),
+            dirty_log_start: MIGRATION_LOG_START,
+            ..Default::default()
+        }
     }
 
     /// Checks that the machine's disk, if it has one, is at its path and of

@@ -12,7 +12,7 @@ use nkvm::Backing;
 
 mod config;
 
-pub use config::{DiskConfig, MachineConfig, MachineKind};
+pub use config::{DiskConfig, MachineConfig, MachineKind, MIGRATION_LOG_START};
 
 /// The configuration file in a snapshot directory.
 pub const MACHINE_FILE: &str = "machine.json";

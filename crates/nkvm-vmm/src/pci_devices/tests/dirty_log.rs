@@ -131,20 +131,25 @@ fn a_restarted_device_process_logs_into_the_same_log() {
 }
 
 /// A vhost-user-blk device connected to the backend at `socket`, over the
-/// RAM of a fresh VM.
-fn connect(socket: &Path) -> VhostUserDevice {
+/// RAM of a fresh VM, and what keeps that RAM mapped.
+fn connect(socket: &Path) -> (VhostUserDevice, RamKeeper) {
     let hv = Hypervisor::open().expect("this test needs /dev/kvm");
     let vm = Vm::new(&hv, &VmConfig { vcpus: 1, memory: 16 << 20, ..Default::default() }).unwrap();
-    VhostUserDevice::connect(socket, vhost_user::BLOCK, guest_ram(&vm).unwrap()).unwrap()
+    // SAFETY: the keeper is handed back beside the device.
+    let (mem, keeper) = unsafe { guest_ram(&vm).unwrap() };
+    (VhostUserDevice::connect(socket, vhost_user::BLOCK, mem).unwrap(), keeper)
 }
 
-/// nkvm's device process for `image`, with `env`.
-fn device_process(image: &Path, env: Vec<(String, String)>) -> VhostUserDevice {
+/// nkvm's device process for `image`, with `env`, and what keeps the RAM
+/// it is given mapped.
+fn device_process(image: &Path, env: Vec<(String, String)>) -> (VhostUserDevice, RamKeeper) {
     let config = PciConfig { device_process_env: env, ..in_a_process(image) };
     let process = VirtioProcess::spawn(config.process_spec(vhost_user::BLOCK.name, Some(image.into()))).unwrap();
     let hv = Hypervisor::open().expect("this test needs /dev/kvm");
     let vm = Vm::new(&hv, &VmConfig { vcpus: 1, memory: 16 << 20, ..Default::default() }).unwrap();
-    VhostUserDevice::connect_process(process, vhost_user::BLOCK, guest_ram(&vm).unwrap()).unwrap()
+    // SAFETY: the keeper is handed back beside the device.
+    let (mem, keeper) = unsafe { guest_ram(&vm).unwrap() };
+    (VhostUserDevice::connect_process(process, vhost_user::BLOCK, mem).unwrap(), keeper)
 }
 
 #[test]
@@ -152,12 +157,12 @@ fn backends_that_offer_a_shared_log_log_their_writes_and_others_do_not() {
     let image = test_image("dirty-offers");
     let socket = image.with_extension("sock");
     let _daemon = StorageDaemon::start(&image, &socket);
-    let qsd = connect(&socket);
+    let (qsd, _ram) = connect(&socket);
     // What qemu-storage-daemon offers, for the record (`--nocapture`).
     eprintln!("qemu-storage-daemon: {qsd:?}");
     assert!(qsd.logs_writes(), "qemu-storage-daemon offers LOG_SHMFD and VHOST_F_LOG_ALL: {qsd:?}");
-    assert!(device_process(&image, Vec::new()).logs_writes(), "nkvm's device process offers both");
-    let without = device_process(&image, vec![(NO_DIRTY_LOG_ENV.into(), "1".into())]);
+    assert!(device_process(&image, Vec::new()).0.logs_writes(), "nkvm's device process offers both");
+    let (without, _ram) = device_process(&image, vec![(NO_DIRTY_LOG_ENV.into(), "1".into())]);
     assert!(!without.logs_writes(), "a backend offering neither: {without:?}");
     let _ = std::fs::remove_file(&image);
 }

@@ -262,3 +262,109 @@ fn a_disk_served_elsewhere_cannot_be_saved_and_the_error_says_why() {
     );
     let _ = std::fs::remove_file(&image);
 }
+
+/// `state.ram` as a snapshot's memory file in `dir`, opened as a restore
+/// opens it but writable, so that a write through a mapping of the file
+/// would land in it (the restore must never make one) and the byte-for-byte
+/// check after the run can see it.
+fn memory_file(state: &Saved, name: &str) -> (PathBuf, std::fs::File) {
+    let path = std::env::temp_dir().join(format!("nkvm-pci-snapshot-memory-{}-{name}", std::process::id()));
+    std::fs::write(&path, &state.ram).unwrap();
+    let file = std::fs::OpenOptions::new().read(true).write(true).open(&path).unwrap();
+    (path, file)
+}
+
+/// A machine like [`second_machine`], its RAM the snapshot's memory file
+/// mapped copy-on-write, as `nkvm run --restore` maps it.
+fn mapped_machine(config: &PciConfig, file: std::fs::File) -> (Guest, Attached) {
+    let hv = Hypervisor::open().expect("this test needs /dev/kvm");
+    let vm_config = VmConfig { vcpus: 1, memory: RAM as u64, split_irqchip: true, ..Default::default() };
+    let ram = nkvm::Backing::from_file_private("snapshot", file, RAM as u64).unwrap();
+    let vm = Arc::new(Vm::with_ram(&hv, &vm_config, ram).unwrap());
+    assert!(vm.memory().regions().iter().all(|r| r.backing.is_copy_on_write()));
+    let attached = attach(&vm, config).unwrap();
+    // The page tables are in the snapshot already: this rewrites the same bytes.
+    let long_mode = LongMode::install(&vm.memory(), GuestAddress(TABLES)).unwrap();
+    let vcpu = vm.create_vcpu(0).unwrap();
+    (Guest { vm, vcpu, run: RunState::new(), long_mode }, attached)
+}
+
+/// Every page of the VM, as KVM's dirty log has it since the last call.
+fn dirty_pages(vm: &Vm) -> Vec<u64> {
+    vm.sync_dirty_log().unwrap();
+    let pages = vm.collect_dirty(GuestAddress(0), RAM as u64, usize::MAX).unwrap();
+    pages.pages.into_iter().map(|g| g.0).collect()
+}
+
+/// The restore maps the snapshot's memory file copy-on-write and the
+/// in-process virtio-blk serves the guest through that very mapping: what
+/// it writes (a read's data, the status byte, the used ring) the guest
+/// reads and the dirty log holds, what the guest writes (an OUT request's
+/// data) it reads, and the file stays as the snapshot wrote it, so the same
+/// snapshot restores again, to the same result. A device view that mapped
+/// the file a second time would see neither the guest's writes nor show it
+/// its own, and would write the snapshot.
+#[test]
+fn a_restore_from_a_mapped_memory_file_serves_the_disk_through_the_guests_own_pages() {
+    let image = test_image("snapshot-mapped");
+    let config = PciConfig { disk: Some(Disk::Image(image.clone())), ..Default::default() };
+    let state = run_and_save(&config, &image);
+    let (path, file) = memory_file(&state, "mapped");
+    for round in ["first", "second"] {
+        let (mut guest, attached) = mapped_machine(&config, file.try_clone().unwrap());
+        guest.vm.restore_state(&state.vm).unwrap();
+        guest.vcpu.restore_state(&state.vcpu).unwrap();
+        let logged = guest.vm.memory().regions().iter().map(|r| r.clone().dirty_logged()).collect();
+        guest.vm.set_memory_map(nkvm::MemoryMap::new(logged).unwrap()).unwrap();
+        // Request 4 goes into the guest's (copy-on-write) pages only.
+        make_available(&guest.vm, 9, 0, 2, (HEADER4, DATA4, STATUS4));
+        dirty_pages(&guest.vm);
+        let mut saved = SavedDevices::default();
+        attached.register_saved(&mut saved);
+        saved.restore_all(&state.devices).unwrap();
+        // The device found it there and answered into the guest's pages.
+        assert_eq!(used_entry(&guest.vm, 4, 3), (4, (9, 513)), "{round} restore: request 4 served");
+        assert_eq!(read(&guest.vm, STATUS4, 1), [0], "{round} restore: VIRTIO_BLK_S_OK");
+        assert_eq!(&read(&guest.vm, DATA4, SECTOR_2.len()), SECTOR_2, "{round} restore: the sector read");
+        let pages = dirty_pages(&guest.vm);
+        for (what, gpa) in [("the read's data buffer", DATA4), ("its status byte", STATUS4), ("the used ring", USED)] {
+            assert!(pages.contains(&gpa), "{round} restore: {what} at {gpa:#x} not in the dirty log: {pages:x?}");
+        }
+        assert_eq!(guest.run_until_out(REPORT, Duration::from_secs(20), |_| true), Ok(u64::from(VECTOR)));
+
+        // Request 5: data the guest wrote after the restore reaches the disk.
+        let after = format!("{round}-{}", std::str::from_utf8(AFTER).unwrap());
+        make_available(&guest.vm, 12, 1, 3, (HEADER5, DATA5, STATUS5));
+        guest.vm.write_memory(GuestAddress(DATA5), after.as_bytes()).unwrap();
+        guest.vm.write_memory(GuestAddress(FLAG), &[1]).unwrap();
+        assert_eq!(guest.run_until_out(REPORT, Duration::from_secs(20), |_| true), Ok(u64::from(VECTOR)));
+        assert_eq!(used_entry(&guest.vm, 5, 4), (5, (12, 1)), "{round} restore: request 5 served");
+        assert_eq!(read(&guest.vm, STATUS5, 1), [0], "{round} restore: VIRTIO_BLK_S_OK");
+        let disk = std::fs::read(&image).unwrap();
+        assert_eq!(&disk[3 * 512..3 * 512 + after.len()], after.as_bytes(), "{round} restore: the guest's data");
+        drop((guest, attached));
+        assert!(std::fs::read(&path).unwrap() == state.ram, "{round} restore: the memory file was written");
+    }
+    let _ = std::fs::remove_file(&path);
+    let _ = std::fs::remove_file(&image);
+}
+
+/// A device process maps guest RAM through its file: a restored machine's
+/// copy-on-write RAM has none to give it, and `attach` says so.
+#[test]
+fn a_device_process_is_refused_copy_on_write_ram() {
+    let image = test_image("snapshot-mapped-process");
+    let path = image.with_extension("ram");
+    std::fs::write(&path, vec![0u8; RAM]).unwrap();
+    let file = std::fs::File::open(&path).unwrap();
+    let hv = Hypervisor::open().expect("this test needs /dev/kvm");
+    let vm_config = VmConfig { vcpus: 1, memory: RAM as u64, split_irqchip: true, ..Default::default() };
+    let ram = nkvm::Backing::from_file_private("snapshot", file, RAM as u64).unwrap();
+    let vm = Arc::new(Vm::with_ram(&hv, &vm_config, ram).unwrap());
+    let err = attach(&vm, &process::in_a_process(&image)).expect_err("no file to hand the device process");
+    let msg = err.to_string();
+    assert!(msg.contains("copy-on-write mapping of a file (a restored snapshot)"), "{msg}");
+    assert!(msg.contains("serve the devices in process"), "{msg}");
+    let _ = std::fs::remove_file(&path);
+    let _ = std::fs::remove_file(&image);
+}
