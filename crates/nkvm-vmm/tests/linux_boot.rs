@@ -10,26 +10,10 @@
 //! (docs/architecture.md, "Host quirks").
 //! Bad input to `--kernel` and friends gets one clear line.
 
-use std::path::{Path, PathBuf};
+mod linux_guest;
+
 use std::process::{Command, Output, Stdio};
 use std::time::{Duration, Instant};
-
-fn guest_dir() -> PathBuf {
-    // Both tests need the files: fetch them once, not in two racing runs.
-    static FETCHED: std::sync::OnceLock<PathBuf> = std::sync::OnceLock::new();
-    FETCHED
-        .get_or_init(|| {
-            let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("../..");
-            let dir = root.join("target/guest");
-            if ["bzImage", "vmlinux", "initramfs.cpio", "disk.img"].iter().any(|f| !dir.join(f).exists()) {
-                let status =
-                    Command::new("bash").arg(root.join("scripts/fetch-guest.sh")).status().expect("run fetch-guest.sh");
-                assert!(status.success(), "scripts/fetch-guest.sh failed");
-            }
-            dir
-        })
-        .clone()
-}
 
 /// Runs nkvm, killing it after `limit`.
 fn nkvm_with_limit(args: &[&str], limit: Duration) -> (Output, bool) {
@@ -58,33 +42,16 @@ const GUEST_WROTE: &[u8] = b"NKVM-GUEST-WROTE-THIS";
 
 #[test]
 fn the_stock_kernel_boots_on_two_vcpus_with_acpi_pci_and_virtio_to_its_init() {
-    let dir = guest_dir();
-    let (kernel, initrd) = (dir.join("vmlinux"), dir.join("initramfs.cpio"));
     // A private copy of the disk: the guest writes it.
     let disk = std::env::temp_dir().join(format!("nkvm-linux-disk-{}.img", std::process::id()));
-    std::fs::copy(dir.join("disk.img"), &disk).expect("copy the disk image");
-    let args = [
-        "run",
-        "--kernel",
-        kernel.to_str().unwrap(),
-        "--initrd",
-        initrd.to_str().unwrap(),
-        "--memory",
-        "512M",
-        "--cpus",
-        "2",
-        "--disk",
-        disk.to_str().unwrap(),
-        // A plain command line: nkvm adds what this host needs (noxsave, ...).
-        "--cmdline",
-        "console=ttyS0 panic=-1",
-    ];
+    linux_guest::copy_disk(&disk);
+    let args: Vec<String> = std::iter::once("run".to_string()).chain(linux_guest::run_args(&disk)).collect();
+    let args: Vec<&str> = args.iter().map(String::as_str).collect();
     let started = Instant::now();
     let (out, killed) = nkvm_with_limit(&args, Duration::from_secs(2700));
     let stdout = String::from_utf8_lossy(&out.stdout);
     let stderr = String::from_utf8_lossy(&out.stderr);
-    let tail: String =
-        stdout.lines().rev().take(25).collect::<Vec<_>>().into_iter().rev().collect::<Vec<_>>().join("\n");
+    let tail = linux_guest::tail(&stdout);
     eprintln!(
         "boot took {:?}; killed by the time limit: {killed}\nlast lines:\n{tail}\nstderr:\n{stderr}",
         started.elapsed()
@@ -141,7 +108,7 @@ fn bad_kernel_arguments_are_one_line_errors() {
     let mut elf = b"\x7fELF".to_vec();
     elf.resize(8192, 0);
     std::fs::write(&bad_elf, elf).unwrap();
-    let kernel = guest_dir().join("vmlinux").display().to_string();
+    let kernel = linux_guest::guest_dir().join("vmlinux").display().to_string();
     let cases: Vec<(Vec<String>, &str)> = vec![
         (vec!["run".into(), "--kernel".into(), "/nonexistent/bzImage".into()], "cannot read /nonexistent/bzImage"),
         (vec!["run".into(), "--kernel".into(), junk.display().to_string()], "is not a loadable kernel"),

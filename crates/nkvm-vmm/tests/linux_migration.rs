@@ -10,9 +10,10 @@
 //! beside it: two emulated boots at once on the 2-CPU CI host failed the
 //! boot test once.
 
+mod linux_guest;
+
 use std::io::Read;
 use std::net::TcpListener;
-use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -27,16 +28,6 @@ const LIMIT: Duration = Duration::from_secs(3600);
 /// runs (docs/architecture.md), so the PCI configuration state, BARs and
 /// MSI-X tables travel, the queues do not get exercised here.
 const PCI_ENUMERATED: &str = "pci 0000:00:02.0: [1af4:1043]";
-
-fn guest_dir() -> PathBuf {
-    let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("../..");
-    let dir = root.join("target/guest");
-    if ["vmlinux", "initramfs.cpio", "disk.img"].iter().any(|f| !dir.join(f).exists()) {
-        let status = Command::new("bash").arg(root.join("scripts/fetch-guest.sh")).status().expect("fetch-guest.sh");
-        assert!(status.success(), "scripts/fetch-guest.sh failed");
-    }
-    dir
-}
 
 /// An `nkvm run` whose stdout and stderr are collected as they come.
 struct Nkvm {
@@ -102,43 +93,23 @@ impl Drop for Nkvm {
     }
 }
 
-fn tail(text: &str) -> String {
-    let lines: Vec<&str> = text.lines().collect();
-    lines[lines.len().saturating_sub(25)..].join("\n")
-}
-
 #[test]
 fn a_linux_guest_migrated_during_its_boot_continues_to_init_on_the_destination() {
-    let dir = guest_dir();
-    let (kernel, initrd) = (dir.join("vmlinux"), dir.join("initramfs.cpio"));
     let scratch = std::env::temp_dir().join(format!("nkvm-linux-migration-{}", std::process::id()));
     let _ = std::fs::remove_dir_all(&scratch);
     std::fs::create_dir_all(&scratch).unwrap();
     // A private copy of the disk (the guest writes it), at one path both
     // sides reach, as shared storage would be.
     let disk = scratch.join("disk.img");
-    std::fs::copy(dir.join("disk.img"), &disk).expect("copy the disk image");
+    linux_guest::copy_disk(&disk);
     let api = scratch.join("src.sock");
     let port = TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
     let addr = format!("tcp:127.0.0.1:{port}");
     let started = Instant::now();
     let deadline = started + LIMIT;
-    let mut src = Nkvm::run(&[
-        "--kernel",
-        kernel.to_str().unwrap(),
-        "--initrd",
-        initrd.to_str().unwrap(),
-        "--memory",
-        "512M",
-        "--cpus",
-        "2",
-        "--disk",
-        disk.to_str().unwrap(),
-        "--cmdline",
-        "console=ttyS0 panic=-1",
-        "--api-socket",
-        api.to_str().unwrap(),
-    ]);
+    let mut args = linux_guest::run_args(&disk);
+    args.extend(["--api-socket".to_string(), api.to_str().unwrap().to_string()]);
+    let mut src = Nkvm::run(&args.iter().map(String::as_str).collect::<Vec<_>>());
     let mut dest = Nkvm::run(&["--incoming", &addr]);
     assert!(
         dest.wait_for(deadline, |_, err| err.contains("waiting for a migration")),
@@ -146,7 +117,12 @@ fn a_linux_guest_migrated_during_its_boot_continues_to_init_on_the_destination()
         dest.stderr()
     );
     let probed = src.wait_for(deadline, |out, _| out.contains(PCI_ENUMERATED));
-    assert!(probed, "the source never got to {PCI_ENUMERATED:?}:\n{}\n{}", tail(&src.stdout()), src.stderr());
+    assert!(
+        probed,
+        "the source never got to {PCI_ENUMERATED:?}:\n{}\n{}",
+        linux_guest::tail(&src.stdout()),
+        src.stderr()
+    );
     let at = started.elapsed();
     let out = Command::new(env!("CARGO_BIN_EXE_nkvm"))
         .args(["ctl", "--api-socket", api.to_str().unwrap(), "migrate", &addr, "--wait"])
@@ -157,7 +133,11 @@ fn a_linux_guest_migrated_during_its_boot_continues_to_init_on_the_destination()
     let src_ended = src.wait_for(deadline, |_, err| err.contains("this process ends"));
     assert!(src_ended, "the source did not end after the migration: {}", src.stderr());
     let before = src.stdout();
-    assert!(!before.contains("Run /init as init process"), "migrated too late to prove anything:\n{}", tail(&before));
+    assert!(
+        !before.contains("Run /init as init process"),
+        "migrated too late to prove anything:\n{}",
+        linux_guest::tail(&before)
+    );
     let resumed = dest.wait_for(deadline, |_, err| err.contains("the guest resumes here"));
     assert!(resumed, "the destination did not take the guest: {}", dest.stderr());
     let reached = dest.wait_for(deadline, |out, _| out.contains("Run /init as init process"));
@@ -166,12 +146,12 @@ fn a_linux_guest_migrated_during_its_boot_continues_to_init_on_the_destination()
         "migrated at {at:?} (after {PCI_ENUMERATED:?}); {}\nthe destination after {:?}:\n{}\nstderr:\n{}",
         src.stderr().lines().find(|l| l.contains("migrated to")).unwrap_or_default(),
         started.elapsed(),
-        tail(&after),
+        linux_guest::tail(&after),
         dest.stderr()
     );
     assert!(reached, "the destination never printed \"Run /init as init process\"");
     // The boot went on where it stopped: no kernel message is printed twice.
-    assert!(!after.contains("Linux version"), "the destination rebooted the guest:\n{}", tail(&after));
-    assert!(!after.contains(PCI_ENUMERATED), "the destination enumerated PCI again:\n{}", tail(&after));
+    assert!(!after.contains("Linux version"), "the destination rebooted the guest:\n{}", linux_guest::tail(&after));
+    assert!(!after.contains(PCI_ENUMERATED), "the destination enumerated PCI again:\n{}", linux_guest::tail(&after));
     let _ = std::fs::remove_dir_all(&scratch);
 }

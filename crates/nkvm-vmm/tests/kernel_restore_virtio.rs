@@ -1,0 +1,343 @@
+//! `nkvm run --restore` of a `--kernel` bzImage machine (the Linux kind:
+//! PCI, virtio) maps the snapshot's memory file copy-on-write, and its
+//! in-process virtio-blk serves the guest through that mapping.
+//!
+//! A tiny bzImage (no Linux: a few dozen instructions) brings virtio-blk
+//! to DRIVER_OK with one read request in its descriptor table, says
+//! `ready` and waits for a byte on the 16550. It is snapshotted there.
+//! Each restore is sent a byte: the guest then makes the request available
+//! (written into its copy-on-write pages only), notifies the queue, waits
+//! for the used ring and prints the sector the device read into its
+//! memory. The snapshot restores twice to the same output, and its memory
+//! file is unchanged byte for byte.
+
+mod pattern_guest;
+
+use std::io::{Read, Write};
+use std::path::Path;
+use std::process::{Child, Command, Stdio};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use iced_x86::code_asm::*;
+use pattern_guest::{ctl, scratch};
+
+/// Where the 64-bit entry of the tiny bzImage runs.
+const ENTRY: u64 = 0x10_0200;
+/// The queue, the request and its buffers (free RAM at 32 MiB).
+const DESC: u64 = 0x200_0000;
+const AVAIL: u64 = 0x200_1000;
+const USED: u64 = 0x200_2000;
+const HEADER: u64 = 0x200_3000;
+const DATA: u64 = 0x200_4000;
+const STATUS: u64 = 0x200_5000;
+/// What sector 0 of the disk holds; the guest prints it after the restore.
+const SECTOR: &[u8] = b"SECTOR-0-OF-THE-DISK";
+const COM1: u16 = 0x3f8;
+
+/// A PCI configuration write to 00:01.0 (the disk).
+fn config_write(a: &mut CodeAssembler, register: u32, value: u32) -> Result<(), IcedError> {
+    a.mov(eax, 0x8000_0000 | 1 << 11 | register)?;
+    a.mov(dx, 0xcf8u32)?;
+    a.out(dx, eax)?;
+    a.mov(eax, value)?;
+    a.mov(dx, 0xcfcu32)?;
+    a.out(dx, eax)
+}
+
+/// `text` on the 16550.
+fn print(a: &mut CodeAssembler, text: &[u8]) -> Result<(), IcedError> {
+    a.mov(dx, u32::from(COM1))?;
+    for &b in text {
+        a.mov(al, u32::from(b))?;
+        a.out(dx, al)?;
+    }
+    Ok(())
+}
+
+/// A descriptor: address, length, flags, next.
+fn descriptor(a: &mut CodeAssembler, n: u64, addr: u64, len: u32, flags: u16, next: u16) -> Result<(), IcedError> {
+    a.mov(rdi, DESC + 16 * n)?;
+    a.mov(rax, addr)?;
+    a.mov(qword_ptr(rdi), rax)?;
+    a.mov(dword_ptr(rdi + 8), len)?;
+    a.mov(word_ptr(rdi + 12), u32::from(flags))?;
+    a.mov(word_ptr(rdi + 14), u32::from(next))
+}
+
+/// The guest (see the module documentation).
+fn guest() -> Result<Vec<u8>, IcedError> {
+    let mut a = CodeAssembler::new(64)?;
+    // BAR0, where the VMM put it (64-bit memory BAR: the low dword, flags off).
+    config_write(&mut a, 0x04, 0x6)?; // memory decoding, bus master
+    a.mov(eax, 0x8000_0000u32 | 1 << 11 | 0x10)?;
+    a.mov(dx, 0xcf8u32)?;
+    a.out(dx, eax)?;
+    a.mov(dx, 0xcfcu32)?;
+    a.in_(eax, dx)?;
+    a.and(eax, 0xffff_fff0u32)?;
+    a.mov(ebx, eax)?; // rbx: BAR0 (below 4 GiB)
+                      // The request: IN of sector 0 (header, 512-byte buffer, status).
+    a.mov(rdi, HEADER)?;
+    a.mov(qword_ptr(rdi), 0)?; // VIRTIO_BLK_T_IN
+    a.mov(qword_ptr(rdi + 8), 0)?; // sector 0
+    descriptor(&mut a, 0, HEADER, 16, 1, 1)?;
+    descriptor(&mut a, 1, DATA, 512, 3, 2)?; // NEXT | WRITE
+    descriptor(&mut a, 2, STATUS, 1, 2, 0)?; // WRITE
+    a.mov(rdi, AVAIL)?;
+    a.mov(dword_ptr(rdi), 0)?; // flags, idx 0: nothing available yet
+    a.mov(word_ptr(rdi + 4), 0)?; // ring[0]: chain 0
+    a.mov(rdi, STATUS)?;
+    a.mov(byte_ptr(rdi), 0xee)?;
+    // The device to DRIVER_OK, queue 0 of 16 at the addresses above.
+    for (offset, size, value) in [
+        (0x14u32, 1u8, 0u32), // reset
+        (0x14, 1, 1),         // ACKNOWLEDGE
+        (0x14, 1, 3),         // DRIVER
+        (0x08, 4, 1),         // driver features 63:32: VERSION_1
+        (0x0c, 4, 1),
+        (0x14, 1, 0xb), // FEATURES_OK
+        (0x16, 2, 0),   // queue 0
+        (0x18, 2, 16),
+        (0x20, 4, DESC as u32),
+        (0x24, 4, 0),
+        (0x28, 4, AVAIL as u32),
+        (0x2c, 4, 0),
+        (0x30, 4, USED as u32),
+        (0x34, 4, 0),
+        (0x1c, 2, 1),   // queue enable
+        (0x14, 1, 0xf), // DRIVER_OK
+    ] {
+        a.mov(eax, value)?;
+        match size {
+            1 => a.mov(byte_ptr(rbx + offset as i32), al)?,
+            2 => a.mov(word_ptr(rbx + offset as i32), ax)?,
+            _ => a.mov(dword_ptr(rbx + offset as i32), eax)?,
+        }
+    }
+    print(&mut a, b"ready\n")?;
+    // Wait for a byte on the 16550 (the snapshot is taken here).
+    let mut poll = a.create_label();
+    a.set_label(&mut poll)?;
+    a.mov(dx, u32::from(COM1) + 5)?;
+    a.in_(al, dx)?;
+    a.test(al, 1)?;
+    a.jz(poll)?;
+    a.mov(dx, u32::from(COM1))?;
+    a.in_(al, dx)?;
+    // Make chain 0 available (idx 1) and notify queue 0.
+    a.mov(rdi, AVAIL)?;
+    a.mov(word_ptr(rdi + 2), 1)?;
+    a.xor(eax, eax)?;
+    a.mov(word_ptr(rbx + 0x3000), ax)?;
+    // Wait for the used ring, then print the status byte and the sector.
+    let mut wait = a.create_label();
+    a.set_label(&mut wait)?;
+    a.mov(rdi, USED)?;
+    a.mov(ax, word_ptr(rdi + 2))?;
+    a.cmp(ax, 1)?;
+    a.jb(wait)?;
+    print(&mut a, b"status ")?;
+    a.mov(rdi, STATUS)?;
+    a.mov(al, byte_ptr(rdi))?;
+    a.add(al, b'0' as i32)?;
+    a.out(dx, al)?;
+    print(&mut a, b" read ")?;
+    a.mov(rsi, DATA)?;
+    a.mov(ecx, SECTOR.len() as u32)?;
+    let mut byte = a.create_label();
+    a.set_label(&mut byte)?;
+    a.mov(al, byte_ptr(rsi))?;
+    a.out(dx, al)?;
+    a.inc(rsi)?;
+    a.dec(ecx)?;
+    a.jnz(byte)?;
+    print(&mut a, b"\n")?;
+    let mut hang = a.create_label();
+    a.set_label(&mut hang)?;
+    a.cli()?;
+    a.hlt()?;
+    a.jmp(hang)?;
+    a.assemble(ENTRY)
+}
+
+/// A bzImage with no decompressor: one setup sector with the boot-protocol
+/// header, then a protected-mode part whose 64-bit entry (offset 0x200)
+/// runs `code`.
+fn tiny_bzimage(code: &[u8]) -> Vec<u8> {
+    let mut image = vec![0u8; 1024 + 0x200];
+    image[0x1f1] = 1; // setup_sects
+    image[0x1fe..0x200].copy_from_slice(&0xaa55u16.to_le_bytes());
+    image[0x202..0x206].copy_from_slice(b"HdrS");
+    image[0x206..0x208].copy_from_slice(&0x020fu16.to_le_bytes()); // version
+    image[0x211] = 1; // loadflags: LOADED_HIGH
+    image[0x214..0x218].copy_from_slice(&0x10_0000u32.to_le_bytes()); // code32_start
+    image.extend_from_slice(code);
+    image
+}
+
+/// `nkvm run ARGS...` with its stdin a pipe and its stdout and stderr collected.
+struct Running {
+    child: Child,
+    stdout: Arc<Mutex<String>>,
+    stderr: Arc<Mutex<String>>,
+}
+
+/// Collects what `from` says into a shared string, on a thread.
+fn collect(mut from: impl Read + Send + 'static) -> Arc<Mutex<String>> {
+    let text = Arc::new(Mutex::new(String::new()));
+    let sink = text.clone();
+    std::thread::spawn(move || {
+        let mut chunk = [0u8; 4096];
+        while let Ok(n @ 1..) = from.read(&mut chunk) {
+            sink.lock().unwrap().push_str(&String::from_utf8_lossy(&chunk[..n]));
+        }
+    });
+    text
+}
+
+impl Running {
+    fn start(args: &[&str]) -> Self {
+        let mut child = Command::new(env!("CARGO_BIN_EXE_nkvm"))
+            .arg("run")
+            .args(args)
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap();
+        let stdout = collect(child.stdout.take().unwrap());
+        let stderr = collect(child.stderr.take().unwrap());
+        Self { child, stdout, stderr }
+    }
+
+    /// Waits until the console (or, with `on_stderr`, stderr) holds
+    /// `text`; fails after 5 minutes (the guest runs under the host's
+    /// instruction emulator) or if nkvm ends.
+    fn wait_on(&mut self, text: &str, on_stderr: bool) {
+        let start = Instant::now();
+        let said = |me: &Self| if on_stderr { me.stderr() } else { me.stdout.lock().unwrap().clone() };
+        while !said(self).contains(text) {
+            if let Some(status) = self.child.try_wait().unwrap() {
+                std::thread::sleep(Duration::from_millis(100));
+                panic!("nkvm ended ({status}) before {text:?}: {}\n{}", self.stdout.lock().unwrap(), self.stderr());
+            }
+            assert!(start.elapsed() < Duration::from_secs(300), "no {text:?}: {}", said(self));
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    fn wait_for(&mut self, text: &str) {
+        self.wait_on(text, false)
+    }
+
+    fn stderr(&self) -> String {
+        self.stderr.lock().unwrap().clone()
+    }
+
+    /// Types `bytes` on the guest's console.
+    fn type_(&mut self, bytes: &[u8]) {
+        self.child.stdin.as_mut().unwrap().write_all(bytes).unwrap();
+    }
+
+    /// Kills it; returns what it said on stderr.
+    fn kill(mut self) -> String {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+        std::thread::sleep(Duration::from_millis(50));
+        self.stderr()
+    }
+}
+
+/// The restored guest's console once it has been sent a byte: the status
+/// of its request and the sector it read.
+fn restore_and_read(snap: &Path) -> String {
+    let mut restored = Running::start(&["--restore", snap.to_str().unwrap()]);
+    restored.type_(b"g");
+    restored.wait_for("read ");
+    restored.wait_for("\n");
+    let console = restored.stdout.lock().unwrap().clone();
+    let stderr = restored.kill();
+    eprintln!("{}", stderr.lines().find(|l| l.contains("restored")).unwrap_or("no restore line"));
+    assert!(stderr.contains("nkvm: restored"), "{stderr}");
+    console
+}
+
+/// The tiny guest and its disk in `dir`, started with an API socket
+/// there; returns it once it is ready, and the API socket's path.
+fn start_ready(dir: &Path) -> (Running, std::path::PathBuf) {
+    let kernel = dir.join("tiny.bzImage");
+    std::fs::write(&kernel, tiny_bzimage(&guest().unwrap())).unwrap();
+    let disk = dir.join("disk.img");
+    let mut sectors = vec![0u8; 8 * 512];
+    sectors[..SECTOR.len()].copy_from_slice(SECTOR);
+    std::fs::write(&disk, &sectors).unwrap();
+    let api = dir.join("api.sock");
+    let mut source = Running::start(&[
+        "--kernel",
+        kernel.to_str().unwrap(),
+        "--memory",
+        "64M",
+        "--disk",
+        disk.to_str().unwrap(),
+        "--api-socket",
+        api.to_str().unwrap(),
+    ]);
+    source.wait_for("ready\n");
+    (source, api)
+}
+
+/// What the guest prints once its request is served.
+fn served() -> String {
+    format!("status 0 read {}\n", std::str::from_utf8(SECTOR).unwrap())
+}
+
+#[test]
+fn a_restored_kernel_machines_virtio_disk_writes_the_guests_mapped_memory_and_not_the_snapshot() {
+    let dir = scratch("kernel-restore-virtio");
+    let (source, api) = start_ready(&dir);
+    let snap = dir.join("snap");
+    assert_eq!(ctl(&api, &["pause"])["ok"], true);
+    let answer = ctl(&api, &["snapshot", snap.to_str().unwrap()]);
+    assert_eq!(answer["ok"], true, "{answer}");
+    drop(source.kill());
+    let machine = std::fs::read_to_string(snap.join("machine.json")).unwrap();
+    assert!(machine.contains("\"kind\": \"linux\""), "a --kernel bzImage machine: {machine}");
+    let memory = std::fs::read(snap.join("memory")).unwrap();
+
+    for round in ["first", "second"] {
+        let console = restore_and_read(&snap);
+        let want = served();
+        assert!(console.ends_with(&want), "{round} restore: the guest saw {console:?}, not {want:?}");
+        assert!(std::fs::read(snap.join("memory")).unwrap() == memory, "{round} restore wrote the memory file");
+    }
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+/// The same machine migrated live (the guest polls its 16550) to a
+/// destination that builds it while the memory arrives: there the virtio
+/// disk, restored with its queue, serves the request the guest makes
+/// after the move, into pages the destination wrote through its memory
+/// file.
+#[test]
+fn a_kernel_machine_migrated_live_serves_its_virtio_disk_on_the_destination() {
+    let dir = scratch("kernel-migrate-virtio");
+    let (mut source, api) = start_ready(&dir);
+    let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
+    let addr = format!("tcp:127.0.0.1:{port}");
+    let mut dest = Running::start(&["--incoming", &addr]);
+    dest.wait_on("waiting for a migration", true);
+    let answer = ctl(&api, &["migrate", &addr]);
+    assert_eq!(answer["ok"], true, "{answer}");
+    source.wait_on("this process ends", true);
+    dest.wait_on("the guest resumes here", true);
+    dest.type_(b"g");
+    dest.wait_for("read ");
+    dest.wait_for("\n");
+    let console = dest.stdout.lock().unwrap().clone();
+    assert!(console.ends_with(&served()), "the destination's guest saw {console:?}");
+    assert!(!console.contains("ready"), "the guest started again on the destination: {console:?}");
+    drop(dest.kill());
+    drop(source.kill());
+    let _ = std::fs::remove_dir_all(&dir);
+}
