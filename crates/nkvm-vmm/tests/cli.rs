@@ -1,7 +1,11 @@
 //! The `nkvm` binary, run as a user would: the built-in guest boots on
 //! /dev/kvm, tracing and statistics print, bad input gets one clear line.
 
+mod common;
+
 use std::process::{Command, Output};
+
+use common::tiny_bzimage;
 
 fn nkvm(args: &[&str]) -> Output {
     Command::new(env!("CARGO_BIN_EXE_nkvm")).args(args).stdin(std::process::Stdio::null()).output().expect("run nkvm")
@@ -98,21 +102,6 @@ fn device_process_boots_the_same_guest_with_devices_in_other_processes() {
     // The serial and test device accesses still appear in the trace.
     let stderr = text(&out.stderr);
     assert!(stderr.contains("io-out port=0x03f8 size=1 data=0x48"), "{stderr}");
-}
-
-/// A bzImage with no decompressor: one setup sector with the boot-protocol
-/// header, then a protected-mode part whose 64-bit entry (offset 0x200)
-/// runs `code`.
-fn tiny_bzimage(code: &[u8]) -> Vec<u8> {
-    let mut image = vec![0u8; 1024 + 0x200];
-    image[0x1f1] = 1; // setup_sects
-    image[0x1fe..0x200].copy_from_slice(&0xaa55u16.to_le_bytes());
-    image[0x202..0x206].copy_from_slice(b"HdrS");
-    image[0x206..0x208].copy_from_slice(&0x020fu16.to_le_bytes()); // version
-    image[0x211] = 1; // loadflags: LOADED_HIGH
-    image[0x214..0x218].copy_from_slice(&0x10_0000u32.to_le_bytes()); // code32_start
-    image.extend_from_slice(code);
-    image
 }
 
 /// Boots `code` as a kernel on 2 vCPUs; kills nkvm after 60 s (a guest

@@ -3,7 +3,6 @@
 //! reports what it finds through the test-exit port, so nkvm's exit status
 //! is `(value << 1) | 1`.
 
-#[allow(dead_code)] // this test runs nkvm itself, not through run_kernel
 mod common;
 
 use std::path::PathBuf;

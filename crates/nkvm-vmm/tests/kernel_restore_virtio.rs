@@ -11,16 +11,14 @@
 //! memory. The snapshot restores twice to the same output, and its memory
 //! file is unchanged byte for byte.
 
-mod pattern_guest;
+mod common;
+mod nkvm_process;
 
-use std::io::{Read, Write};
 use std::path::Path;
-use std::process::{Child, Command, Stdio};
-use std::sync::{Arc, Mutex};
-use std::time::{Duration, Instant};
 
+use common::tiny_bzimage;
 use iced_x86::code_asm::*;
-use pattern_guest::{ctl, scratch};
+use nkvm_process::{ctl, scratch, Vmm};
 
 /// Where the 64-bit entry of the tiny bzImage runs.
 const ENTRY: u64 = 0x10_0200;
@@ -161,103 +159,16 @@ fn guest() -> Result<Vec<u8>, IcedError> {
     a.assemble(ENTRY)
 }
 
-/// A bzImage with no decompressor: one setup sector with the boot-protocol
-/// header, then a protected-mode part whose 64-bit entry (offset 0x200)
-/// runs `code`.
-fn tiny_bzimage(code: &[u8]) -> Vec<u8> {
-    let mut image = vec![0u8; 1024 + 0x200];
-    image[0x1f1] = 1; // setup_sects
-    image[0x1fe..0x200].copy_from_slice(&0xaa55u16.to_le_bytes());
-    image[0x202..0x206].copy_from_slice(b"HdrS");
-    image[0x206..0x208].copy_from_slice(&0x020fu16.to_le_bytes()); // version
-    image[0x211] = 1; // loadflags: LOADED_HIGH
-    image[0x214..0x218].copy_from_slice(&0x10_0000u32.to_le_bytes()); // code32_start
-    image.extend_from_slice(code);
-    image
-}
-
-/// `nkvm run ARGS...` with its stdin a pipe and its stdout and stderr collected.
-struct Running {
-    child: Child,
-    stdout: Arc<Mutex<String>>,
-    stderr: Arc<Mutex<String>>,
-}
-
-/// Collects what `from` says into a shared string, on a thread.
-fn collect(mut from: impl Read + Send + 'static) -> Arc<Mutex<String>> {
-    let text = Arc::new(Mutex::new(String::new()));
-    let sink = text.clone();
-    std::thread::spawn(move || {
-        let mut chunk = [0u8; 4096];
-        while let Ok(n @ 1..) = from.read(&mut chunk) {
-            sink.lock().unwrap().push_str(&String::from_utf8_lossy(&chunk[..n]));
-        }
-    });
-    text
-}
-
-impl Running {
-    fn start(args: &[&str]) -> Self {
-        let mut child = Command::new(env!("CARGO_BIN_EXE_nkvm"))
-            .arg("run")
-            .args(args)
-            .stdin(Stdio::piped())
-            .stdout(Stdio::piped())
-            .stderr(Stdio::piped())
-            .spawn()
-            .unwrap();
-        let stdout = collect(child.stdout.take().unwrap());
-        let stderr = collect(child.stderr.take().unwrap());
-        Self { child, stdout, stderr }
-    }
-
-    /// Waits until the console (or, with `on_stderr`, stderr) holds
-    /// `text`; fails after 5 minutes (the guest runs under the host's
-    /// instruction emulator) or if nkvm ends.
-    fn wait_on(&mut self, text: &str, on_stderr: bool) {
-        let start = Instant::now();
-        let said = |me: &Self| if on_stderr { me.stderr() } else { me.stdout.lock().unwrap().clone() };
-        while !said(self).contains(text) {
-            if let Some(status) = self.child.try_wait().unwrap() {
-                std::thread::sleep(Duration::from_millis(100));
-                panic!("nkvm ended ({status}) before {text:?}: {}\n{}", self.stdout.lock().unwrap(), self.stderr());
-            }
-            assert!(start.elapsed() < Duration::from_secs(300), "no {text:?}: {}", said(self));
-            std::thread::sleep(Duration::from_millis(20));
-        }
-    }
-
-    fn wait_for(&mut self, text: &str) {
-        self.wait_on(text, false)
-    }
-
-    fn stderr(&self) -> String {
-        self.stderr.lock().unwrap().clone()
-    }
-
-    /// Types `bytes` on the guest's console.
-    fn type_(&mut self, bytes: &[u8]) {
-        self.child.stdin.as_mut().unwrap().write_all(bytes).unwrap();
-    }
-
-    /// Kills it; returns what it said on stderr.
-    fn kill(mut self) -> String {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-        std::thread::sleep(Duration::from_millis(50));
-        self.stderr()
-    }
-}
-
 /// The restored guest's console once it has been sent a byte: the status
 /// of its request and the sector it read.
 fn restore_and_read(snap: &Path) -> String {
-    let mut restored = Running::start(&["--restore", snap.to_str().unwrap()]);
+    let mut restored = Vmm::run(&["--restore", snap.to_str().unwrap()]);
     restored.type_(b"g");
-    restored.wait_for("read ");
-    restored.wait_for("\n");
-    let console = restored.stdout.lock().unwrap().clone();
-    let stderr = restored.kill();
+    restored.wait_console("read ");
+    restored.wait_console("\n");
+    let console = restored.stdout();
+    restored.kill();
+    let stderr = restored.stderr();
     eprintln!("{}", stderr.lines().find(|l| l.contains("restored")).unwrap_or("no restore line"));
     assert!(stderr.contains("nkvm: restored"), "{stderr}");
     console
@@ -265,7 +176,7 @@ fn restore_and_read(snap: &Path) -> String {
 
 /// The tiny guest and its disk in `dir`, started with an API socket
 /// there; returns it once it is ready, and the API socket's path.
-fn start_ready(dir: &Path) -> (Running, std::path::PathBuf) {
+fn start_ready(dir: &Path) -> (Vmm, std::path::PathBuf) {
     let kernel = dir.join("tiny.bzImage");
     std::fs::write(&kernel, tiny_bzimage(&guest().unwrap())).unwrap();
     let disk = dir.join("disk.img");
@@ -273,7 +184,7 @@ fn start_ready(dir: &Path) -> (Running, std::path::PathBuf) {
     sectors[..SECTOR.len()].copy_from_slice(SECTOR);
     std::fs::write(&disk, &sectors).unwrap();
     let api = dir.join("api.sock");
-    let mut source = Running::start(&[
+    let mut source = Vmm::run(&[
         "--kernel",
         kernel.to_str().unwrap(),
         "--memory",
@@ -283,7 +194,7 @@ fn start_ready(dir: &Path) -> (Running, std::path::PathBuf) {
         "--api-socket",
         api.to_str().unwrap(),
     ]);
-    source.wait_for("ready\n");
+    source.wait_console("ready\n");
     (source, api)
 }
 
@@ -300,7 +211,7 @@ fn a_restored_kernel_machines_virtio_disk_writes_the_guests_mapped_memory_and_no
     assert_eq!(ctl(&api, &["pause"])["ok"], true);
     let answer = ctl(&api, &["snapshot", snap.to_str().unwrap()]);
     assert_eq!(answer["ok"], true, "{answer}");
-    drop(source.kill());
+    drop(source);
     let machine = std::fs::read_to_string(snap.join("machine.json")).unwrap();
     assert!(machine.contains("\"kind\": \"linux\""), "a --kernel bzImage machine: {machine}");
     let memory = std::fs::read(snap.join("memory")).unwrap();
@@ -325,19 +236,19 @@ fn a_kernel_machine_migrated_live_serves_its_virtio_disk_on_the_destination() {
     let (mut source, api) = start_ready(&dir);
     let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
     let addr = format!("tcp:127.0.0.1:{port}");
-    let mut dest = Running::start(&["--incoming", &addr]);
-    dest.wait_on("waiting for a migration", true);
+    let mut dest = Vmm::run(&["--incoming", &addr]);
+    dest.wait_stderr("waiting for a migration");
     let answer = ctl(&api, &["migrate", &addr]);
     assert_eq!(answer["ok"], true, "{answer}");
-    source.wait_on("this process ends", true);
-    dest.wait_on("the guest resumes here", true);
+    source.wait_stderr("this process ends");
+    dest.wait_stderr("the guest resumes here");
     dest.type_(b"g");
-    dest.wait_for("read ");
-    dest.wait_for("\n");
-    let console = dest.stdout.lock().unwrap().clone();
+    dest.wait_console("read ");
+    dest.wait_console("\n");
+    let console = dest.stdout();
     assert!(console.ends_with(&served()), "the destination's guest saw {console:?}");
     assert!(!console.contains("ready"), "the guest started again on the destination: {console:?}");
-    drop(dest.kill());
-    drop(source.kill());
+    drop(dest);
+    drop(source);
     let _ = std::fs::remove_dir_all(&dir);
 }

@@ -7,15 +7,15 @@
 //! with a part nkvm cannot save refuses, saying which, and runs on; a
 //! saved machine whose disk is missing or another size is refused.
 
-#[allow(dead_code)]
 mod common;
+mod nkvm_process;
 mod pattern_guest;
 
 use std::net::TcpListener;
 use std::path::{Path, PathBuf};
 
 use iced_x86::code_asm::*;
-use pattern_guest::{ctl, nkvm, scratch, Vmm};
+use nkvm_process::{ctl, nkvm, scratch, Vmm};
 
 const LOAD: u32 = 0x40_0000;
 const COM1: u16 = 0x3f8;

@@ -11,12 +11,13 @@
 //! boot test once.
 
 mod linux_guest;
+mod nkvm_process;
 
-use std::io::Read;
 use std::net::TcpListener;
-use std::process::{Child, Command, Stdio};
-use std::sync::{Arc, Mutex};
+use std::process::Command;
 use std::time::{Duration, Instant};
+
+use nkvm_process::Vmm;
 
 /// A boot here takes up to ~20 minutes; the bound only keeps a broken
 /// guest from hanging CI.
@@ -28,70 +29,6 @@ const LIMIT: Duration = Duration::from_secs(3600);
 /// runs (docs/architecture.md), so the PCI configuration state, BARs and
 /// MSI-X tables travel, the queues do not get exercised here.
 const PCI_ENUMERATED: &str = "pci 0000:00:02.0: [1af4:1043]";
-
-/// An `nkvm run` whose stdout and stderr are collected as they come.
-struct Nkvm {
-    child: Child,
-    stdout: Arc<Mutex<String>>,
-    stderr: Arc<Mutex<String>>,
-}
-
-impl Nkvm {
-    fn run(args: &[&str]) -> Self {
-        let mut child = Command::new(env!("CARGO_BIN_EXE_nkvm"))
-            .arg("run")
-            .args(args)
-            .stdin(Stdio::null())
-            .stdout(Stdio::piped())
-            .stderr(Stdio::piped())
-            .spawn()
-            .expect("spawn nkvm");
-        let collect = |mut r: Box<dyn Read + Send>| {
-            let buf = Arc::new(Mutex::new(String::new()));
-            let b = buf.clone();
-            std::thread::spawn(move || {
-                let mut chunk = [0u8; 4096];
-                while let Ok(n @ 1..) = r.read(&mut chunk) {
-                    b.lock().unwrap().push_str(&String::from_utf8_lossy(&chunk[..n]));
-                }
-            });
-            buf
-        };
-        let stdout = collect(Box::new(child.stdout.take().unwrap()));
-        let stderr = collect(Box::new(child.stderr.take().unwrap()));
-        Self { child, stdout, stderr }
-    }
-
-    fn stdout(&self) -> String {
-        self.stdout.lock().unwrap().clone()
-    }
-
-    fn stderr(&self) -> String {
-        self.stderr.lock().unwrap().clone()
-    }
-
-    /// Waits until `done(stdout, stderr)`, or the process ends, or the
-    /// deadline; returns whether `done` held.
-    fn wait_for(&mut self, deadline: Instant, done: impl Fn(&str, &str) -> bool) -> bool {
-        loop {
-            if done(&self.stdout(), &self.stderr()) {
-                return true;
-            }
-            if self.child.try_wait().unwrap().is_some() || Instant::now() > deadline {
-                std::thread::sleep(Duration::from_millis(300));
-                return done(&self.stdout(), &self.stderr());
-            }
-            std::thread::sleep(Duration::from_millis(100));
-        }
-    }
-}
-
-impl Drop for Nkvm {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
 
 #[test]
 fn a_linux_guest_migrated_during_its_boot_continues_to_init_on_the_destination() {
@@ -109,14 +46,14 @@ fn a_linux_guest_migrated_during_its_boot_continues_to_init_on_the_destination()
     let deadline = started + LIMIT;
     let mut args = linux_guest::run_args(&disk);
     args.extend(["--api-socket".to_string(), api.to_str().unwrap().to_string()]);
-    let mut src = Nkvm::run(&args.iter().map(String::as_str).collect::<Vec<_>>());
-    let mut dest = Nkvm::run(&["--incoming", &addr]);
+    let mut src = Vmm::run(&args.iter().map(String::as_str).collect::<Vec<_>>());
+    let mut dest = Vmm::run(&["--incoming", &addr]);
     assert!(
-        dest.wait_for(deadline, |_, err| err.contains("waiting for a migration")),
+        dest.wait_until(deadline, |_, err| err.contains("waiting for a migration")),
         "the destination never listened: {}",
         dest.stderr()
     );
-    let probed = src.wait_for(deadline, |out, _| out.contains(PCI_ENUMERATED));
+    let probed = src.wait_until(deadline, |out, _| out.contains(PCI_ENUMERATED));
     assert!(
         probed,
         "the source never got to {PCI_ENUMERATED:?}:\n{}\n{}",
@@ -130,7 +67,7 @@ fn a_linux_guest_migrated_during_its_boot_continues_to_init_on_the_destination()
         .unwrap();
     let answer = String::from_utf8_lossy(&out.stdout).into_owned();
     assert!(out.status.success(), "migrate: {answer}\n{}\n{}", src.stderr(), dest.stderr());
-    let src_ended = src.wait_for(deadline, |_, err| err.contains("this process ends"));
+    let src_ended = src.wait_until(deadline, |_, err| err.contains("this process ends"));
     assert!(src_ended, "the source did not end after the migration: {}", src.stderr());
     let before = src.stdout();
     assert!(
@@ -138,9 +75,9 @@ fn a_linux_guest_migrated_during_its_boot_continues_to_init_on_the_destination()
         "migrated too late to prove anything:\n{}",
         linux_guest::tail(&before)
     );
-    let resumed = dest.wait_for(deadline, |_, err| err.contains("the guest resumes here"));
+    let resumed = dest.wait_until(deadline, |_, err| err.contains("the guest resumes here"));
     assert!(resumed, "the destination did not take the guest: {}", dest.stderr());
-    let reached = dest.wait_for(deadline, |out, _| out.contains("Run /init as init process"));
+    let reached = dest.wait_until(deadline, |out, _| out.contains("Run /init as init process"));
     let after = dest.stdout();
     eprintln!(
         "migrated at {at:?} (after {PCI_ENUMERATED:?}); {}\nthe destination after {:?}:\n{}\nstderr:\n{}",

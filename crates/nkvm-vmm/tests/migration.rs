@@ -2,13 +2,15 @@
 //! sockets, with the pattern guest (tests/pattern_guest) checking its own
 //! memory on 2 vCPUs; a destination that dies mid-stream; bad streams.
 
+mod nkvm_process;
 mod pattern_guest;
 
 use std::io::{Read, Write};
 use std::net::TcpListener;
 use std::path::Path;
 
-use pattern_guest::{check_console, check_memory, ctl, image, passes, scratch, Vmm};
+use nkvm_process::{ctl, scratch, Vmm};
+use pattern_guest::{check_console, check_memory, image, passes};
 
 fn free_port() -> u16 {
     TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()

@@ -2,9 +2,11 @@
 //! `nkvm ctl snapshot` and `nkvm run --restore`, with the pattern guest
 //! (tests/pattern_guest) checking its own memory on 2 vCPUs.
 
+mod nkvm_process;
 mod pattern_guest;
 
-use pattern_guest::{check_console, check_memory, ctl, image, passes, scratch, Vmm, MEMORY};
+use nkvm_process::{ctl, scratch, Vmm};
+use pattern_guest::{check_console, check_memory, image, passes, MEMORY};
 
 #[test]
 fn a_snapshot_restores_in_a_new_process_with_memory_and_console_intact() {
@@ -66,7 +68,7 @@ fn refuses_damaged_snapshots(dir: &std::path::Path, snap: &std::path::Path) {
             std::fs::copy(entry.path(), copy.join(entry.file_name())).unwrap();
         }
         damage(&copy);
-        let out = pattern_guest::nkvm().args(["run", "--restore", copy.to_str().unwrap()]).output().unwrap();
+        let out = nkvm_process::nkvm().args(["run", "--restore", copy.to_str().unwrap()]).output().unwrap();
         let stderr = String::from_utf8_lossy(&out.stderr);
         assert_eq!(out.status.code(), Some(2), "{name}: {stderr}");
         assert!(stderr.contains(expect), "{name}: expected {expect:?} in {stderr}");
@@ -157,7 +159,7 @@ fn the_api_answers_bad_requests_with_errors_and_ctl_fails_cleanly() {
     assert_eq!(info["state"], "running");
     vmm.kill();
 
-    let out = pattern_guest::nkvm().args(["ctl", "--api-socket", "/nonexistent/nkvm.sock", "info"]).output().unwrap();
+    let out = nkvm_process::nkvm().args(["ctl", "--api-socket", "/nonexistent/nkvm.sock", "info"]).output().unwrap();
     assert_eq!(out.status.code(), Some(2));
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert!(stderr.starts_with("nkvm: cannot reach an nkvm at /nonexistent/nkvm.sock"), "{stderr}");

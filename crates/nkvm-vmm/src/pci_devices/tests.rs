@@ -441,20 +441,29 @@ fn a_guest_reads_and_writes_through_a_vhost_user_backend() {
     // set-up fails (NEEDS_RESET again); then the guest tries again.
     std::fs::write(&image, std::fs::read(test_image("vhost-user-2")).unwrap()).unwrap();
     let _daemon = StorageDaemon::start(&image, &socket);
+    until_reconnected(&mut guest, |_| {});
+    check_disk_io(&guest.vm, &image);
+    let _ = std::fs::remove_file(&image);
+}
+
+/// Restarts the guest's device set-up until the disk reports again (its
+/// backend came back and nkvm reconnected; until then the set-up fails
+/// with NEEDS_RESET); `before_each` runs after each restart. Fails the
+/// test after 10 s.
+fn until_reconnected(guest: &mut Guest, mut before_each: impl FnMut(&Guest)) {
     let start = Instant::now();
     loop {
         guest.restart();
+        before_each(guest);
         let outcome = guest.run_until(Duration::from_secs(20), |port, data| {
             port == REPORT || (port == STATUS_PORT && data & 0x40 != 0)
         });
         match outcome {
-            Ok((REPORT, _)) => break,
+            Ok((REPORT, _)) => return,
             Ok(_) if start.elapsed() < Duration::from_secs(10) => std::thread::sleep(Duration::from_millis(100)),
             other => panic!("the device never worked again after the backend came back: {other:?}"),
         }
     }
-    check_disk_io(&guest.vm, &image);
-    let _ = std::fs::remove_file(&image);
 }
 
 #[test]

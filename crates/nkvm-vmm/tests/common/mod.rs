@@ -1,5 +1,7 @@
-//! What the multiboot guest tests share: an ELF32 wrapper for assembled
-//! code, temporary files, and running `nkvm` with a bound.
+//! What the tiny-kernel tests share: ELF32 (multiboot) and bzImage
+//! wrappers for assembled code, temporary files, and running `nkvm` with a
+//! bound.
+#![allow(dead_code)] // each test binary uses a part
 
 use std::io::Read;
 use std::path::PathBuf;
@@ -35,6 +37,21 @@ pub fn elf32(code: &[u8], load: u32) -> Vec<u8> {
     put32(&mut img, 0x88, 0u32.wrapping_sub(magic));
     img.extend_from_slice(code);
     img
+}
+
+/// A bzImage with no decompressor: one setup sector with the boot-protocol
+/// header, then a protected-mode part whose 64-bit entry (offset 0x200)
+/// runs `code`.
+pub fn tiny_bzimage(code: &[u8]) -> Vec<u8> {
+    let mut image = vec![0u8; 1024 + 0x200];
+    image[0x1f1] = 1; // setup_sects
+    image[0x1fe..0x200].copy_from_slice(&0xaa55u16.to_le_bytes());
+    image[0x202..0x206].copy_from_slice(b"HdrS");
+    image[0x206..0x208].copy_from_slice(&0x020fu16.to_le_bytes()); // version
+    image[0x211] = 1; // loadflags: LOADED_HIGH
+    image[0x214..0x218].copy_from_slice(&0x10_0000u32.to_le_bytes()); // code32_start
+    image.extend_from_slice(code);
+    image
 }
 
 /// Writes `bytes` to a file of this test process's temporary directory.

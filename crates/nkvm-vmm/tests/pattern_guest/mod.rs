@@ -1,5 +1,5 @@
-//! A guest for the snapshot and migration tests, and the helpers that run
-//! `nkvm` around it.
+//! A guest for the snapshot and migration tests, and how to read what it
+//! leaves (`nkvm_process` runs `nkvm` around it).
 //!
 //! Each of two vCPUs owns half of the RAM above 2 MiB and sweeps it in
 //! passes: pass G writes `G << 32 | id << 24 | page` into the first qword
@@ -11,13 +11,11 @@
 //! so a lost or repeated console line shows, and E counts lost writes.
 #![allow(dead_code)]
 
-use std::io::Read;
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
-use std::sync::{Arc, Mutex};
-use std::time::{Duration, Instant};
 
 use iced_x86::code_asm::*;
+
+use crate::nkvm_process::Vmm;
 
 /// Guest RAM.
 pub const MEMORY: u64 = 16 << 20;
@@ -177,14 +175,6 @@ pub fn image(dir: &Path) -> PathBuf {
     path
 }
 
-/// A fresh directory for one test.
-pub fn scratch(name: &str) -> PathBuf {
-    let dir = std::env::temp_dir().join(format!("nkvm-test-{name}-{}", std::process::id()));
-    let _ = std::fs::remove_dir_all(&dir);
-    std::fs::create_dir_all(&dir).unwrap();
-    dir
-}
-
 /// The passes seen on a console: (G0, G1, errors) per line.
 pub fn passes(console: &str) -> Vec<(u64, u64, u64)> {
     console
@@ -247,116 +237,10 @@ pub fn check_memory(ram: &[u8]) -> [u64; 2] {
     gens
 }
 
-/// The `nkvm` binary.
-pub fn nkvm() -> Command {
-    let mut c = Command::new(env!("CARGO_BIN_EXE_nkvm"));
-    c.stdin(Stdio::null());
-    c
-}
-
-/// `nkvm ctl --api-socket SOCKET ARGS...`: the JSON answer (asserts success).
-pub fn ctl(socket: &Path, args: &[&str]) -> serde_json::Value {
-    let out = nkvm().arg("ctl").arg("--api-socket").arg(socket).args(args).output().unwrap();
-    let text = String::from_utf8_lossy(&out.stdout).into_owned();
-    assert!(out.status.success(), "nkvm ctl {args:?}: {text}{}", String::from_utf8_lossy(&out.stderr));
-    serde_json::from_str(text.lines().next().unwrap_or("")).unwrap()
-}
-
-/// A running `nkvm`, its output collected; killed when dropped.
-pub struct Vmm {
-    child: Child,
-    stdout: Arc<Mutex<String>>,
-    stderr: Arc<Mutex<String>>,
-}
-
-/// How long any one wait may take before the test fails (the guest is
-/// slow under the nested host's instruction emulator, and the machine is
-/// shared).
-const BOUND: Duration = Duration::from_secs(300);
-
+/// Waits on the pattern guest.
 impl Vmm {
-    /// Starts `nkvm run ARGS...`.
-    pub fn run(args: &[&str]) -> Self {
-        let mut child = nkvm().arg("run").args(args).stdout(Stdio::piped()).stderr(Stdio::piped()).spawn().unwrap();
-        let collect = |mut r: Box<dyn Read + Send>| {
-            let buf = Arc::new(Mutex::new(String::new()));
-            let b = buf.clone();
-            std::thread::spawn(move || {
-                let mut chunk = [0u8; 4096];
-                while let Ok(n) = r.read(&mut chunk) {
-                    if n == 0 {
-                        break;
-                    }
-                    b.lock().unwrap().push_str(&String::from_utf8_lossy(&chunk[..n]));
-                }
-            });
-            buf
-        };
-        let stdout = collect(Box::new(child.stdout.take().unwrap()));
-        let stderr = collect(Box::new(child.stderr.take().unwrap()));
-        Self { child, stdout, stderr }
-    }
-
-    /// What it printed on stdout (the guest console) so far.
-    pub fn stdout(&self) -> String {
-        self.stdout.lock().unwrap().clone()
-    }
-
-    /// What it printed on stderr so far.
-    pub fn stderr(&self) -> String {
-        self.stderr.lock().unwrap().clone()
-    }
-
-    /// Waits until `done(stdout, stderr)`; fails the test if the process
-    /// ends first or after [`BOUND`].
-    pub fn wait_for(&mut self, what: &str, done: impl Fn(&str, &str) -> bool) {
-        let start = Instant::now();
-        loop {
-            if done(&self.stdout(), &self.stderr()) {
-                return;
-            }
-            if let Some(status) = self.child.try_wait().unwrap() {
-                std::thread::sleep(Duration::from_millis(100));
-                if done(&self.stdout(), &self.stderr()) {
-                    return;
-                }
-                panic!("nkvm ended ({status}) before {what}:\n{}\n{}", self.stdout(), self.stderr());
-            }
-            assert!(start.elapsed() < BOUND, "no {what} in {BOUND:?}:\n{}\n{}", self.stdout(), self.stderr());
-            std::thread::sleep(Duration::from_millis(20));
-        }
-    }
-
     /// Waits for `n` more pass lines than `after` on the console.
     pub fn wait_passes(&mut self, after: usize, n: usize) {
         self.wait_for(&format!("{n} passes"), |out, _| passes(out).len() >= after + n);
-    }
-
-    /// Waits for the process to end; returns its success.
-    pub fn wait_exit(&mut self) -> bool {
-        let start = Instant::now();
-        loop {
-            if let Some(status) = self.child.try_wait().unwrap() {
-                // Let the readers drain the pipes.
-                std::thread::sleep(Duration::from_millis(200));
-                return status.success();
-            }
-            assert!(start.elapsed() < BOUND, "nkvm did not end:\n{}", self.stderr());
-            std::thread::sleep(Duration::from_millis(20));
-        }
-    }
-
-    /// Kills it now and waits.
-    pub fn kill(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-        std::thread::sleep(Duration::from_millis(200));
-    }
-}
-
-impl Drop for Vmm {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
     }
 }

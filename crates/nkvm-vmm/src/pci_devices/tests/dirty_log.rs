@@ -201,20 +201,10 @@ fn a_vhost_user_backend_that_comes_back_logs_into_the_same_log() {
     drop(daemon);
     let _daemon = StorageDaemon::start(&image, &socket);
     // Until nkvm has reconnected, the set-up fails; the guest tries again.
-    let start = Instant::now();
-    loop {
-        guest.restart();
-        // What the test wrote (fresh requests, the rings) goes here.
+    // What the test wrote at each restart (fresh requests, the rings) goes here.
+    until_reconnected(&mut guest, |guest| {
         collect(&guest.vm);
-        let outcome = guest.run_until(Duration::from_secs(20), |port, data| {
-            port == REPORT || (port == STATUS_PORT && data & 0x40 != 0)
-        });
-        match outcome {
-            Ok((REPORT, _)) => break,
-            Ok(_) if start.elapsed() < Duration::from_secs(10) => std::thread::sleep(Duration::from_millis(100)),
-            other => panic!("the device never worked again after the backend came back: {other:?}"),
-        }
-    }
+    });
     check_disk_io(&guest.vm, &image);
     let pages = collect_until(&guest.vm, &WRITTEN);
     for (what, gpa) in ONLY_READ {
