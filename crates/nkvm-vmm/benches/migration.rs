@@ -30,7 +30,6 @@
 //! Run: `cargo bench -p nkvm-vmm --bench migration`. Without
 //! `qemu-system-x86_64` the QEMU column is skipped with a note.
 
-#[allow(dead_code)]
 #[path = "../tests/common/mod.rs"]
 mod common;
 #[path = "migration/figures.rs"]
