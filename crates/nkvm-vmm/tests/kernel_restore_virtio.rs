@@ -252,3 +252,33 @@ fn a_kernel_machine_migrated_live_serves_its_virtio_disk_on_the_destination() {
     drop(source);
     let _ = std::fs::remove_dir_all(&dir);
 }
+
+/// A destination that cannot open the machine's disk refuses the guest as
+/// soon as the configuration arrives, while the source is still sending
+/// memory: the source names the destination's reason (not a broken link),
+/// and its guest runs on and is served by its disk.
+#[test]
+fn a_destination_without_the_disk_refuses_and_the_source_says_why() {
+    let dir = scratch("kernel-migrate-no-disk");
+    let (mut source, api) = start_ready(&dir);
+    // The source has the disk open; at the same path the destination finds none.
+    std::fs::rename(dir.join("disk.img"), dir.join("moved.img")).unwrap();
+    let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
+    let addr = format!("tcp:127.0.0.1:{port}");
+    let mut dest = Vmm::run(&["--incoming", &addr]);
+    dest.wait_stderr("waiting for a migration");
+    let answer = ctl(&api, &["migrate", &addr]);
+    assert_eq!(answer["ok"], true, "{answer}");
+    source.wait_stderr("the guest runs on here");
+    let said = source.stderr();
+    let line = said.lines().find(|l| l.contains("the guest runs on here")).unwrap();
+    assert!(
+        line.contains("the destination refused the guest") && line.contains("disk.img"),
+        "the source does not say why: {line}"
+    );
+    assert!(!dest.wait_exit(), "the destination took a guest without its disk: {}", dest.stderr());
+    source.type_(b"g");
+    source.wait_console("read ");
+    source.wait_console(&served());
+    let _ = std::fs::remove_dir_all(&dir);
+}

@@ -137,7 +137,13 @@ impl Sender<'_> {
         if result.is_err() {
             self.put_back();
         }
-        result
+        match result {
+            // A destination that refuses the guest mid-stream says why in
+            // a FAILED record before it closes: that, not the broken pipe
+            // it causes here, is the cause to report.
+            Err(e @ MigrateError::Link { .. }) => Err(early_refusal(out.get_mut()).unwrap_or(e)),
+            other => other,
+        }
     }
 
     /// No dirty bit is lost: the pages taken and not delivered go back.
@@ -347,6 +353,20 @@ impl Sender<'_> {
             Ok((other, _, _)) => Err(MigrateError::InDoubt(format!("it answered {other:?}"))),
             Err(e) => Err(MigrateError::InDoubt(chain(&e))),
         }
+    }
+}
+
+/// How long a source whose link broke looks for the destination's reason.
+const REFUSAL_WAIT: Duration = Duration::from_secs(1);
+
+/// The destination's FAILED record, if one is waiting on `conn` (it is
+/// read before the connection's reset: the kernel hands over what arrived
+/// before it).
+fn early_refusal(conn: &mut Conn) -> Option<MigrateError> {
+    conn.set_read_timeout(Some(REFUSAL_WAIT)).ok()?;
+    match RecordReader::new(conn).next() {
+        Ok((RecordType::Failed, why, _)) => Some(MigrateError::Refused(String::from_utf8_lossy(why).into_owned())),
+        _ => None,
     }
 }
 
