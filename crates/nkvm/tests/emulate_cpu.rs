@@ -1,6 +1,7 @@
 //! Instructions that depend on the guest's CPUID or on the x87/MMX state,
 //! completed in user space with real guests: `invpcid` (#UD without CPUID
-//! support, #GP on a bad type), MMX moves and `emms`, `rdpru` (#UD).
+//! support, #GP on a bad type), MMX moves and `emms`, `rdpru` (#UD),
+//! `verr`/`verw` (ZF from the GDT descriptor).
 
 mod common;
 
@@ -118,4 +119,55 @@ fn rdpru_raises_invalid_opcode_when_cpuid_lacks_it() {
     let (reports, done) = run_completing(&vm, &mut vcpu);
     eprintln!("completed in user space: {done:?}");
     assert_eq!(reports, vec![(0x70, LONG_MODE_ENTRY + 10 + 3 + 2), (0x71, 0x600d)]);
+}
+
+/// `verw` / `verr` on the selectors of the long-mode GDT (null, 64-bit
+/// code 0x08, data 0x10, limit 0x17): ZF says whether the segment could be
+/// written / read from CPL 0. A stock kernel runs `verw [mem]` before
+/// `hlt` on Intel hosts with MDS-class bugs, where this host's KVM cannot
+/// emulate it; on any host the flags must come out as the CPU sets them.
+#[test]
+fn verw_and_verr_set_zf_as_the_gdt_descriptor_allows() {
+    let vm = vm();
+    // (instruction, selector): the guest reports ZF on port 0x70 + i.
+    let cases: [(bool, u16, u64); 8] = [
+        (true, 0x10, 1),  // writable data
+        (true, 0x08, 0),  // code is never writable
+        (true, 0x00, 0),  // null
+        (true, 0x18, 0),  // past the GDT's limit
+        (true, 0x13, 0),  // RPL 3 above the data segment's DPL 0
+        (false, 0x08, 1), // readable code
+        (false, 0x10, 1), // data is always readable
+        (false, 0x00, 0),
+    ];
+    let mut vcpu = long_mode_guest(&vm, 0, |a| {
+        for (i, &(write, selector, _)) in cases.iter().enumerate() {
+            a.mov(eax, 0x9000u32).unwrap();
+            a.mov(word_ptr(rax), u32::from(selector)).unwrap();
+            // Set ZF to the opposite of what is expected first, so a
+            // flag left as it was shows.
+            a.mov(ecx, 1u32).unwrap();
+            a.test(ecx, ecx).unwrap();
+            if write {
+                a.verw(word_ptr(rax)).unwrap();
+            } else {
+                a.verr(word_ptr(rax)).unwrap();
+            }
+            a.setz(al).unwrap();
+            a.movzx(eax, al).unwrap();
+            a.out(0x70 + i as u32, eax).unwrap();
+        }
+        // The register form.
+        a.mov(ecx, 0x10u32).unwrap();
+        a.verw(cx).unwrap();
+        a.setz(al).unwrap();
+        a.movzx(eax, al).unwrap();
+        a.out(0x7fu32, eax).unwrap();
+        a.hlt().unwrap();
+    });
+    let (reports, done) = run_completing(&vm, &mut vcpu);
+    eprintln!("completed in user space: {done:?}");
+    let mut expected: Vec<(u16, u64)> = cases.iter().enumerate().map(|(i, c)| (0x70 + i as u16, c.2)).collect();
+    expected.push((0x7f, 1));
+    assert_eq!(reports, expected);
 }

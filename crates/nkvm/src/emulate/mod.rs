@@ -28,6 +28,7 @@
 //! | `clflush` / `clflushopt` / `clwb` | nothing (guest RAM is coherent), but #PF on an unmapped address |
 //! | `movd`/`movq` with an MMX register, `emms` | moves between MMX registers (the x87 registers), general registers and memory or device memory; #UD/#NM/#MF first (`mmx.rs`) |
 //! | `vzeroall` / `vzeroupper`, `vmovdqa`/`vmovdqu`/`vmovaps`/`vmovups`/`vmovapd`/`vmovupd`/`vmovntdq`/`vmovntdqa` between XMM/YMM registers and memory | through the XSAVE image (XMM in the legacy area, upper halves in YMM_Hi128; a VEX.128 write zeroes the upper half); #UD without CR4.OSXSAVE or XCR0.AVX, #NM with CR0.TS, #GP(0) for a misaligned aligned move (`avx.rs`) |
+//! | `verr` / `verw` | ZF as the GDT/LDT descriptor the selector names allows a read / write at this CPL and RPL (a stock kernel's `verw` before `hlt` on Intel parts with MDS-class bugs); #UD in real and virtual-8086 mode (`segment.rs`) |
 //! | `rdpru` | #UD when the guest's CPUID lacks RDPRU |
 //! | `invpcid r64, m128` | #UD without INVPCID in CPUID; #GP(0) on a bad type or descriptor; else a full guest TLB flush (`tlb.rs`) |
 //! | anything else | [`EmulateError::Unsupported`] |
@@ -61,6 +62,7 @@ mod features;
 mod guest;
 mod mmx;
 mod regs;
+mod segment;
 mod tlb;
 mod xsave;
 
@@ -258,6 +260,7 @@ pub fn complete(vcpu: &Vcpu, vm: &Vm, failure: &InternalError) -> Result<Emulate
         | Mnemonic::Xgetbv
         | Mnemonic::Xsetbv => xsave::complete(&insn, &mut regs, &sregs, &mem)?,
         Mnemonic::Invpcid => tlb::invpcid(vcpu, &insn, &regs, &sregs, &mem)?,
+        Mnemonic::Verr | Mnemonic::Verw => segment::verify(&insn, &mut regs, &sregs, &mem)?,
         // RDPRU (CPUID.80000008h:EBX bit 4) is never offered by KVM: #UD
         // when the guest's CPUID lacks it, as the CPU raises.
         Mnemonic::Rdpru if !features::guest_has(vcpu, 0x8000_0008, 0, features::Reg::Ebx, 4)? => Outcome::Vector(6),
