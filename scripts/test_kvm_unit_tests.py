@@ -45,6 +45,18 @@ class PlanTest(unittest.TestCase):
         self.assertIn("+vmx", plan("-cpu max,+vmx").not_applicable)
         self.assertIn("-device", plan("-device intel-iommu").not_applicable)
 
+    def test_a_pass_list_excuses_a_test_only_on_the_vendor_it_names(self):
+        text = "# comment\nsmptest\nla57 not-on=GenuineIntel  # the host's cause\n\n"
+        self.assertEqual(kut.parse_pass_list(text, "GenuineIntel"), (["smptest"], ["la57"]))
+        self.assertEqual(kut.parse_pass_list(text, "AuthenticAMD"), (["smptest", "la57"], []))
+        with self.assertRaises(ValueError):
+            kut.parse_pass_list("la57 only-on=AuthenticAMD\n", "GenuineIntel")
+
+    def test_the_committed_pass_list_parses(self):
+        expected, excused = kut.parse_pass_list(kut.PASS_LIST.read_text(), "GenuineIntel")
+        self.assertIn("la57", excused)
+        self.assertGreater(len(expected), 20)
+
 
 if __name__ == "__main__":
     unittest.main()
