@@ -198,6 +198,18 @@ fn start_ready(dir: &Path) -> (Vmm, std::path::PathBuf) {
     (source, api)
 }
 
+/// Starts `nkvm run --incoming` on a free loopback port and asks the
+/// source behind `api` to migrate there; returns the destination.
+fn migrate_to_a_new_destination(api: &Path) -> Vmm {
+    let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
+    let addr = format!("tcp:127.0.0.1:{port}");
+    let mut dest = Vmm::run(&["--incoming", &addr]);
+    dest.wait_stderr("waiting for a migration");
+    let answer = ctl(api, &["migrate", &addr]);
+    assert_eq!(answer["ok"], true, "{answer}");
+    dest
+}
+
 /// What the guest prints once its request is served.
 fn served() -> String {
     format!("status 0 read {}\n", std::str::from_utf8(SECTOR).unwrap())
@@ -234,12 +246,7 @@ fn a_restored_kernel_machines_virtio_disk_writes_the_guests_mapped_memory_and_no
 fn a_kernel_machine_migrated_live_serves_its_virtio_disk_on_the_destination() {
     let dir = scratch("kernel-migrate-virtio");
     let (mut source, api) = start_ready(&dir);
-    let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
-    let addr = format!("tcp:127.0.0.1:{port}");
-    let mut dest = Vmm::run(&["--incoming", &addr]);
-    dest.wait_stderr("waiting for a migration");
-    let answer = ctl(&api, &["migrate", &addr]);
-    assert_eq!(answer["ok"], true, "{answer}");
+    let mut dest = migrate_to_a_new_destination(&api);
     source.wait_stderr("this process ends");
     dest.wait_stderr("the guest resumes here");
     dest.type_(b"g");
@@ -263,12 +270,7 @@ fn a_destination_without_the_disk_refuses_and_the_source_says_why() {
     let (mut source, api) = start_ready(&dir);
     // The source has the disk open; at the same path the destination finds none.
     std::fs::rename(dir.join("disk.img"), dir.join("moved.img")).unwrap();
-    let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
-    let addr = format!("tcp:127.0.0.1:{port}");
-    let mut dest = Vmm::run(&["--incoming", &addr]);
-    dest.wait_stderr("waiting for a migration");
-    let answer = ctl(&api, &["migrate", &addr]);
-    assert_eq!(answer["ok"], true, "{answer}");
+    let mut dest = migrate_to_a_new_destination(&api);
     source.wait_stderr("the guest runs on here");
     let said = source.stderr();
     let line = said.lines().find(|l| l.contains("the guest runs on here")).unwrap();
