@@ -50,9 +50,3 @@ pub fn run_args(disk: &Path) -> Vec<String> {
 pub fn copy_disk(to: &Path) {
     std::fs::copy(guest_dir().join("disk.img"), to).expect("copy the disk image");
 }
-
-/// The last 25 lines of `text`.
-pub fn tail(text: &str) -> String {
-    let lines: Vec<&str> = text.lines().collect();
-    lines[lines.len().saturating_sub(25)..].join("\n")
-}

@@ -33,6 +33,12 @@ pub fn ctl(socket: &Path, args: &[&str]) -> serde_json::Value {
     serde_json::from_str(text.lines().next().unwrap_or("")).unwrap()
 }
 
+/// The last 25 lines of `text` (a console, for a failure message).
+pub fn tail(text: &str) -> String {
+    let lines: Vec<&str> = text.lines().collect();
+    lines[lines.len().saturating_sub(25)..].join("\n")
+}
+
 /// A running `nkvm run`: its stdin a pipe (the guest's console input), its
 /// stdout (the console) and stderr collected; killed when dropped.
 pub struct Vmm {
@@ -137,7 +143,10 @@ impl Vmm {
                 std::thread::sleep(Duration::from_millis(200));
                 return status.success();
             }
-            assert!(start.elapsed() < BOUND, "nkvm did not end:\n{}", self.stderr());
+            if start.elapsed() > BOUND {
+                let tail = tail(&self.stdout());
+                panic!("nkvm did not end in {BOUND:?}; the console's last lines:\n{tail}\nstderr:\n{}", self.stderr());
+            }
             std::thread::sleep(Duration::from_millis(20));
         }
     }
