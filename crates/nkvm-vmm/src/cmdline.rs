@@ -7,7 +7,9 @@
 //! | `noxsave` | the kernel's `xsaves`/`xrstors` context switches come back as emulation failures |
 //! | `clearcpuid=ssse3,...` | kernel SIMD (crypto, the RNG's blake2s) past SSE2 is not emulated |
 //! | `cryptomgr.notests` | minutes of crypto self-tests in a kernel that runs in KVM's emulator |
-//! | `initcall_blacklist=ftrace_check_for_weak_functions` | a worker that looks up every ftrace call site in kallsyms (~40k lookups): minutes of soft lockups in an emulated kernel, and init waits for it; it only matters once function tracing is turned on |
+//! | `initcall_blacklist=ftrace_check_for_weak_functions,...` | boot work that only tracing and BPF use, minutes each in an emulated kernel, with init waiting for it: `ftrace_check_for_weak_functions` looks up every ftrace call site in kallsyms (~40k lookups); `trace_eval_init` and `tracer_init_tracefs` rewrite every trace event's format and build tracefs (~4 min of a boot on the Intel host); `cubictcp_register`, `bpf_prog_test_run_init`, `bpf_key_sig_kfuncs_init`, `kfunc_init`, `bpf_rstat_kfunc_init` and `bpf_tcp_ca_kfunc_init` register BPF kfuncs, and the first of them to run parses and checks the kernel's whole BTF (3-4 min; blacklisting only some moves the parse to the next). The guest then has no tracefs events, BPF kfuncs or TCP CUBIC (Reno is the default) |
+//! | `nowatchdog` | the soft-lockup detector reports from its timer interrupt; in an emulated kernel one report over the 16550 console takes ~25 s, longer than the detector's threshold, so once a CPU is held up 20 s (a long initcall does that here) the reports follow one another and the interrupted task never runs again: a boot that never ends |
+//! | `rcupdate.rcu_cpu_stall_suppress=1` | RCU's CPU-stall warnings print from the scheduler tick, the same interrupt-context loop as the soft-lockup reports |
 //!
 //! `nkvm run --no-host-workarounds` passes the command line as given.
 
@@ -20,7 +22,11 @@ pub const HOST_WORKAROUNDS: &[&str] = &[
     "noxsave",
     "cryptomgr.notests",
     "clearcpuid=ssse3,sse4_1,sse4_2,avx,avx2,aes,pclmulqdq,sha_ni,avx512f",
-    "initcall_blacklist=ftrace_check_for_weak_functions",
+    "initcall_blacklist=ftrace_check_for_weak_functions,trace_eval_init,tracer_init_tracefs,\
+     cubictcp_register,bpf_prog_test_run_init,bpf_key_sig_kfuncs_init,kfunc_init,bpf_rstat_kfunc_init,\
+     bpf_tcp_ca_kfunc_init",
+    "nowatchdog",
+    "rcupdate.rcu_cpu_stall_suppress=1",
 ];
 
 /// `cmdline` with every host work-around it does not already set (by
@@ -53,11 +59,11 @@ mod tests {
     #[test]
     fn an_option_the_user_set_is_not_added_again() {
         let (full, added) = with_host_workarounds("console=ttyS0 clearcpuid=avx noxsave");
-        assert_eq!(added, ["cryptomgr.notests", "initcall_blacklist=ftrace_check_for_weak_functions"]);
-        assert_eq!(
-            full,
-            "console=ttyS0 clearcpuid=avx noxsave cryptomgr.notests initcall_blacklist=ftrace_check_for_weak_functions"
-        );
+        let rest: Vec<&str> =
+            HOST_WORKAROUNDS.iter().copied().filter(|w| !w.starts_with("clearcpuid=") && *w != "noxsave").collect();
+        assert_eq!(added, rest);
+        assert!(added.contains(&"nowatchdog"), "{added:?}");
+        assert_eq!(full, format!("console=ttyS0 clearcpuid=avx noxsave {}", rest.join(" ")));
     }
 
     #[test]
