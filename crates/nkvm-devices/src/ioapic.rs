@@ -206,6 +206,7 @@ impl<S: ApicBusSink> Ioapic<S> {
     /// every level-triggered entry with that vector, and deliver again any
     /// whose pin is still asserted.
     pub fn end_of_interrupt(&mut self, vector: u8) {
+        log::trace!("ioapic: EOI of vector {vector:#x}");
         for pin in 0..IOAPIC_PINS {
             let entry = self.table[pin];
             if entry.vector() != vector || !entry.remote_irr() {
@@ -235,6 +236,7 @@ impl<S: ApicBusSink> Ioapic<S> {
         if entry.is_level() {
             self.table[pin].0 |= REMOTE_IRR;
         }
+        log::trace!("ioapic: pin {pin} delivers vector {:#x} to {:#x}", entry.vector(), entry.destination());
         self.sink.send(InterruptMessage {
             destination: u32::from(entry.destination()),
             destination_mode: entry.destination_mode(),

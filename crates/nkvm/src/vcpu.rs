@@ -240,7 +240,12 @@ impl Vcpu {
                     run.flags = self.run.flags();
                     continue;
                 }
-                Exit::IoapicEoi { vector } if self.links.irq.eoi(vector) => continue,
+                Exit::IoapicEoi { vector } => {
+                    log::trace!("vcpu {}: KVM reports the EOI of {vector:#x}", self.id);
+                    if self.links.irq.eoi(vector) {
+                        continue;
+                    }
+                }
                 _ => {}
             }
             let Some((space, addr, size, write)) = io_access(&exit) else {
