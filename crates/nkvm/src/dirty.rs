@@ -66,7 +66,9 @@ pub struct DirtyPages {
 }
 
 /// A two-level page bitmap: `words` has one bit per page, `summary` one bit
-/// per non-zero word of `words`.
+/// per word of `words` that may be non-zero (set for every non-zero word;
+/// a set bit over an empty word is cleared when [`take`](Self::take) meets
+/// it).
 #[derive(Debug, Clone)]
 pub(crate) struct PageBitmap {
     words: Vec<u64>,
@@ -172,6 +174,68 @@ impl PageBitmap {
         }
     }
 
+    /// Lets `fill` write the bits of `pages` pages from `first` straight
+    /// into the bitmap's words (bit i = page `first + i`), when that saves
+    /// [`or_bits`](Self::or_bits)' pass over a copy: `first` is a multiple
+    /// of 64, the words lie inside the bitmap and every one of them is clean
+    /// (as after a collection took everything). Bits past the `pages` are
+    /// dropped. The summary marks every word of the stretch as possibly
+    /// dirty, without a pass over them: [`take`](Self::take) reads only the
+    /// words it walks and clears the marks of those it finds empty, so a
+    /// budgeted query after a large sync costs what it returns. Returns
+    /// `None`, having called nothing, when the words do not qualify; the
+    /// caller then ORs.
+    pub(crate) fn fill_clean<E>(
+        &mut self,
+        first: u64,
+        pages: u64,
+        fill: impl FnOnce(&mut [u64]) -> Result<(), E>,
+    ) -> Option<Result<(), E>> {
+        if first % 64 != 0 || pages == 0 || first.checked_add(pages)? > self.pages {
+            return None;
+        }
+        let base = usize::try_from(first / 64).ok()?;
+        let n = usize::try_from(pages.div_ceil(64)).ok()?;
+        if !self.clean(base, n) {
+            return None;
+        }
+        if let Err(e) = fill(&mut self.words[base..base + n]) {
+            // Nothing may be half-written into a clean stretch.
+            self.words[base..base + n].fill(0);
+            return Some(Err(e));
+        }
+        self.words[base + n - 1] &= low_bits(pages - (n as u64 - 1) * 64);
+        self.mark_words(base, n);
+        Some(Ok(()))
+    }
+
+    /// Whether the summary says words `base..base + n` are all zero.
+    fn clean(&self, base: usize, n: usize) -> bool {
+        let mut w = base;
+        let end = base + n;
+        while w < end {
+            let stop = ((w / 64 + 1) * 64).min(end);
+            let mask = (u64::MAX << (w % 64)) & low_bits((stop - (w / 64) * 64) as u64);
+            if self.summary[w / 64] & mask != 0 {
+                return false;
+            }
+            w = stop;
+        }
+        true
+    }
+
+    /// Sets the summary bits of words `base..base + n`, a summary word at a
+    /// time.
+    fn mark_words(&mut self, base: usize, n: usize) {
+        let mut w = base;
+        let end = base + n;
+        while w < end {
+            let stop = ((w / 64 + 1) * 64).min(end);
+            self.summary[w / 64] |= (u64::MAX << (w % 64)) & low_bits((stop - (w / 64) * 64) as u64);
+            w = stop;
+        }
+    }
+
     #[cfg(test)]
     pub(crate) fn get(&self, page: u64) -> bool {
         page < self.pages && self.words[(page / 64) as usize] & (1 << (page % 64)) != 0
@@ -214,6 +278,11 @@ impl PageBitmap {
                 dirty_words ^= bit;
                 let w = sw * 64 + bit.trailing_zeros() as usize;
                 let mut word = self.words[w];
+                if word == 0 {
+                    // Marked by a direct fill (`fill_clean`) and empty.
+                    emptied |= bit;
+                    continue;
+                }
                 if w == first_w {
                     word &= u64::MAX << (start % 64);
                 }
@@ -357,6 +426,91 @@ mod tests {
             assert_eq!(fast.words, slow.words, "first page {first}");
             assert_eq!(fast.summary, slow.summary, "first page {first}");
         }
+    }
+
+    /// Pseudo-random sparse words, a third of them zero.
+    fn sparse_words(n: usize) -> Vec<u64> {
+        let mut x = 0x2545_f491_4f6c_dd1du64;
+        (0..n)
+            .map(|_| {
+                x ^= x << 13;
+                x ^= x >> 7;
+                x ^= x << 17;
+                if x % 3 == 0 {
+                    0
+                } else {
+                    x & (x >> 11)
+                }
+            })
+            .collect()
+    }
+
+    #[test]
+    fn a_log_written_into_clean_words_is_what_or_bits_would_make() {
+        let bits = sparse_words(300);
+        // Aligned starts inside and across summary words; a slot whose last
+        // word is partial (its extra bits must be dropped).
+        for (first, pages) in
+            [(0u64, 300 * 64u64), (64 * 5, 300 * 64 - 40), (64 * 63, 300 * 64), (64 * 64, 299 * 64 + 1)]
+        {
+            let total = first + 300 * 64 + 64;
+            let mut direct = PageBitmap::new(total);
+            // A dirty word outside the slot stays as it is.
+            direct.set(total - 1);
+            let mut ored = direct.clone();
+            let n = pages.div_ceil(64) as usize;
+            let done = direct.fill_clean(first, pages, |words| {
+                assert_eq!(words.len(), n);
+                words.copy_from_slice(&bits[..n]);
+                Ok::<(), ()>(())
+            });
+            assert_eq!(done, Some(Ok(())), "first page {first}");
+            let mut slot_bits = bits[..n].to_vec();
+            slot_bits[n - 1] &= low_bits(pages - (n as u64 - 1) * 64);
+            ored.or_bits(first, &slot_bits);
+            assert_eq!(direct.words, ored.words, "first page {first}");
+            // The same pages come out, in budgeted queries and in one.
+            let mut again = direct.clone();
+            let all = take(&mut ored, 0, total, usize::MAX).0;
+            assert_eq!(take(&mut direct, 0, total, usize::MAX).0, all, "first page {first}");
+            let mut pieces = Vec::new();
+            let mut cursor = Some(0);
+            while let Some(start) = cursor {
+                let (pages, _, next) = take(&mut again, start, total, 100);
+                pieces.extend(pages);
+                cursor = next;
+            }
+            assert_eq!(pieces, all, "first page {first}, 100 at a time");
+            // Every mark of an empty word is gone once everything is taken.
+            assert!(direct.summary.iter().all(|&s| s == 0), "first page {first}");
+        }
+    }
+
+    #[test]
+    fn a_log_is_not_written_over_dirty_unaligned_or_outside_words() {
+        let mut b = PageBitmap::new(64 * 200);
+        b.set(64 * 100 + 3);
+        let never = |_: &mut [u64]| -> Result<(), ()> { panic!("must not be called") };
+        assert_eq!(b.fill_clean(64 * 90, 64 * 20, never), None, "a dirty word in the range");
+        assert_eq!(b.fill_clean(17, 64, never), None, "not word-aligned");
+        assert_eq!(b.fill_clean(64 * 190, 64 * 20, never), None, "past the bitmap");
+        // Taking the page makes the range clean again.
+        let (pages, _, _) = take(&mut b, 0, 64 * 200, usize::MAX);
+        assert_eq!(pages, [64 * 100 + 3]);
+        let fill = |w: &mut [u64]| -> Result<(), ()> {
+            w[0] = 1;
+            Ok(())
+        };
+        assert_eq!(b.fill_clean(64 * 90, 64 * 20, fill), Some(Ok(())));
+        assert!(b.get(64 * 90));
+        // A failed fill leaves nothing behind.
+        let mut b = PageBitmap::new(64 * 4);
+        let failing = |w: &mut [u64]| {
+            w.fill(u64::MAX);
+            Err("KVM_GET_DIRTY_LOG failed")
+        };
+        assert_eq!(b.fill_clean(0, 64 * 4, failing), Some(Err("KVM_GET_DIRTY_LOG failed")));
+        assert_eq!(take(&mut b, 0, 64 * 4, usize::MAX).0, Vec::<u64>::new());
     }
 
     #[test]

@@ -26,17 +26,29 @@ pub(crate) fn get_dirty_log_into<'a>(
     if bitmap.len() < words {
         bitmap.resize(words, 0);
     }
+    get_dirty_log(vm, slot, pages, &mut bitmap[..words])?;
+    Ok(&bitmap[..words])
+}
+
+/// Copies KVM's dirty log of `slot`, whose length is `pages` pages, into
+/// `words`, which must hold exactly `ceil(pages / 64)` words (an error
+/// otherwise): bit i is page i of the slot; bits past the last page are 0.
+pub(crate) fn get_dirty_log(vm: &VmFd, slot: u32, pages: u64, words: &mut [u64]) -> std::io::Result<()> {
+    if words.len() as u64 != pages.div_ceil(64) {
+        return Err(std::io::Error::from(std::io::ErrorKind::InvalidInput));
+    }
     let mut arg = kvm_dirty_log { slot, ..Default::default() };
-    arg.__bindgen_anon_1.dirty_bitmap = bitmap.as_mut_ptr().cast();
+    arg.__bindgen_anon_1.dirty_bitmap = words.as_mut_ptr().cast();
     // SAFETY: the kernel writes the slot's log, ceil(npages / 64) words
-    // (KVM rounds the bitmap to whole longs), into `bitmap`, which holds
-    // that many for a slot of `pages` pages (the caller passes the length
-    // it installed the slot with) and lives for the call.
+    // (KVM rounds the bitmap to whole longs), into `words`, which holds
+    // exactly that many for a slot of `pages` pages (checked above; the
+    // caller passes the length it installed the slot with) and lives for
+    // the call.
     let rc = unsafe { ioctl_with_ref(vm, KVM_GET_DIRTY_LOG(), &arg) };
     if rc < 0 {
         return Err(std::io::Error::last_os_error());
     }
-    Ok(&bitmap[..words])
+    Ok(())
 }
 
 /// Clears (and write-protects again) the pages of `slot` whose bits are set
