@@ -402,19 +402,7 @@ mod tests {
     fn or_bits_matches_setting_each_page() {
         // Pseudo-random sparse words, ORed at word offsets that do and do
         // not line up with a summary word, and at a page offset.
-        let mut x = 0x9e37_79b9_7f4a_7c15u64;
-        let bits: Vec<u64> = (0..300)
-            .map(|_| {
-                x ^= x << 13;
-                x ^= x >> 7;
-                x ^= x << 17;
-                if x % 3 == 0 {
-                    0
-                } else {
-                    x & (x >> 11)
-                }
-            })
-            .collect();
+        let bits = sparse_words(0x9e37_79b9_7f4a_7c15, 300);
         for first in [0u64, 64 * 5, 64 * 63, 64 * 64, 17] {
             let pages = first + 300 * 64 - 40;
             let mut fast = PageBitmap::new(pages);
@@ -428,9 +416,9 @@ mod tests {
         }
     }
 
-    /// Pseudo-random sparse words, a third of them zero.
-    fn sparse_words(n: usize) -> Vec<u64> {
-        let mut x = 0x2545_f491_4f6c_dd1du64;
+    /// Pseudo-random sparse words (xorshift from `seed`), a third of them zero.
+    fn sparse_words(seed: u64, n: usize) -> Vec<u64> {
+        let mut x = seed;
         (0..n)
             .map(|_| {
                 x ^= x << 13;
@@ -447,7 +435,7 @@ mod tests {
 
     #[test]
     fn a_log_written_into_clean_words_is_what_or_bits_would_make() {
-        let bits = sparse_words(300);
+        let bits = sparse_words(0x2545_f491_4f6c_dd1d, 300);
         // Aligned starts inside and across summary words; a slot whose last
         // word is partial (its extra bits must be dropped).
         for (first, pages) in
