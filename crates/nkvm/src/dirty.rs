@@ -211,28 +211,13 @@ impl PageBitmap {
 
     /// Whether the summary says words `base..base + n` are all zero.
     fn clean(&self, base: usize, n: usize) -> bool {
-        let mut w = base;
-        let end = base + n;
-        while w < end {
-            let stop = ((w / 64 + 1) * 64).min(end);
-            let mask = (u64::MAX << (w % 64)) & low_bits((stop - (w / 64) * 64) as u64);
-            if self.summary[w / 64] & mask != 0 {
-                return false;
-            }
-            w = stop;
-        }
-        true
+        summary_spans(base, n).all(|(sw, bits)| self.summary[sw] & bits == 0)
     }
 
-    /// Sets the summary bits of words `base..base + n`, a summary word at a
-    /// time.
+    /// Sets the summary bits of words `base..base + n`.
     fn mark_words(&mut self, base: usize, n: usize) {
-        let mut w = base;
-        let end = base + n;
-        while w < end {
-            let stop = ((w / 64 + 1) * 64).min(end);
-            self.summary[w / 64] |= (u64::MAX << (w % 64)) & low_bits((stop - (w / 64) * 64) as u64);
-            w = stop;
+        for (sw, bits) in summary_spans(base, n) {
+            self.summary[sw] |= bits;
         }
     }
 
@@ -320,6 +305,22 @@ impl PageBitmap {
         }
         (count, None)
     }
+}
+
+/// The summary words that cover words `base..base + n`, each with the bits
+/// of those words in it.
+fn summary_spans(base: usize, n: usize) -> impl Iterator<Item = (usize, u64)> {
+    let end = base + n;
+    let mut w = base;
+    std::iter::from_fn(move || {
+        (w < end).then(|| {
+            let sw = w / 64;
+            let stop = ((sw + 1) * 64).min(end);
+            let bits = (u64::MAX << (w % 64)) & low_bits((stop - sw * 64) as u64);
+            w = stop;
+            (sw, bits)
+        })
+    })
 }
 
 /// The lowest `n` bits set (`n` <= 64).
