@@ -426,23 +426,22 @@ impl Vm {
             source: kvm_ioctls::Error::new(e.raw_os_error().unwrap_or(0)),
         };
         let pages = region.len / PAGE_SIZE;
-        let bitmap = bitmaps.get_mut(&region.backing.id());
-        if let Some(bitmap) = bitmap {
+        let first = region.offset / PAGE_SIZE;
+        if let Some(bitmap) = bitmaps.get_mut(&region.backing.id()) {
             // Where the bitmap is clean (a collection took everything), KVM
             // writes its log straight into it: one pass over memory fewer.
-            let direct = bitmap.fill_clean(region.offset / PAGE_SIZE, pages, |words| {
-                crate::sys::dirty::get_dirty_log(&self.fd, slot, pages, words)
-            });
+            let direct =
+                bitmap.fill_clean(first, pages, |words| crate::sys::dirty::get_dirty_log(&self.fd, slot, pages, words));
             if let Some(result) = direct {
                 return result.map_err(failed);
             }
-            let bits = crate::sys::dirty::get_dirty_log_into(&self.fd, slot, pages, scratch).map_err(failed)?;
-            bitmap.or_bits(region.offset / PAGE_SIZE, bits);
-            return Ok(());
         }
-        // No bitmap for the backing: the log is still taken (and, without
-        // manual protection, cleared) as before.
-        crate::sys::dirty::get_dirty_log_into(&self.fd, slot, pages, scratch).map_err(failed)?;
+        // Through the kept buffer, ORed in; with no bitmap for the backing
+        // the log is still taken (and, without manual protection, cleared).
+        let bits = crate::sys::dirty::get_dirty_log_into(&self.fd, slot, pages, scratch).map_err(failed)?;
+        if let Some(bitmap) = bitmaps.get_mut(&region.backing.id()) {
+            bitmap.or_bits(first, bits);
+        }
         Ok(())
     }
 }
