@@ -120,6 +120,35 @@ pub trait VirtioDevice: Send {
     fn process_queue(&mut self, index: usize, queue: &mut Queue, mem: &GuestRam) -> Result<bool, VirtioError>;
     /// Back to the state before the driver touched it (status written 0).
     fn reset(&mut self);
+    /// The vCPUs are paused for a save. A device whose queues are served
+    /// elsewhere (a vhost-user backend) stops them here, waits until every
+    /// request it took is completed, and reports how far each queue got;
+    /// they stay stopped until [`resume_after_save`](Self::resume_after_save).
+    /// A device whose queues are the transport's (the default) has nothing
+    /// to report: the transport's own positions are the state.
+    ///
+    /// # Errors
+    ///
+    /// [`VirtioError::Backend`] if the queues cannot be stopped or drained:
+    /// the save fails and the machine runs on.
+    fn stop_for_save(&mut self, _mem: &GuestRam) -> Result<Vec<QueueProgress>, VirtioError> {
+        Ok(Vec::new())
+    }
+    /// The machine runs on after a save: restarts what
+    /// [`stop_for_save`](Self::stop_for_save) stopped. Nothing by default.
+    fn resume_after_save(&mut self) {}
+}
+
+/// How far a device got on one queue, as [`VirtioDevice::stop_for_save`]
+/// reports it: virtio-queue's `next_avail` and `next_used`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct QueueProgress {
+    /// The queue's index.
+    pub index: usize,
+    /// The next available-ring entry the device would take.
+    pub next_avail: u16,
+    /// The used ring's index: entries the device has completed.
+    pub next_used: u16,
 }
 
 #[cfg(test)]

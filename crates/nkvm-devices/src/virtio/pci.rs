@@ -184,6 +184,34 @@ impl<D: VirtioDevice> VirtioPci<D> {
         }
     }
 
+    /// Readies the state for a save (vCPUs paused, the device's lock held):
+    /// serves what is available ([`drain`](Self::drain)), then lets a device
+    /// whose queues are served elsewhere stop them and takes its positions
+    /// into the transport's queues ([`VirtioDevice::stop_for_save`]), so the
+    /// saved state is the one an in-process model of the same device would
+    /// have saved.
+    ///
+    /// # Errors
+    ///
+    /// The device's, if its queues cannot be stopped: nothing is saved and
+    /// [`resume_after_save`](Self::resume_after_save) restarts them.
+    pub fn prepare_save(&mut self) -> Result<(), VirtioError> {
+        self.drain();
+        for p in self.device.stop_for_save(&self.mem)? {
+            if let Some(queue) = self.common.queue_mut(p.index) {
+                virtio_queue::QueueT::set_next_avail(queue, p.next_avail);
+                virtio_queue::QueueT::set_next_used(queue, p.next_used);
+            }
+        }
+        Ok(())
+    }
+
+    /// The machine runs on after a save (or a failed one): the device
+    /// restarts what [`prepare_save`](Self::prepare_save) stopped.
+    pub fn resume_after_save(&mut self) {
+        self.device.resume_after_save();
+    }
+
     /// What a restored device does before the vCPUs run: serves what is
     /// available on each enabled queue, then interrupts the driver once per
     /// enabled queue (the one serving raised, or one of its own). The old

@@ -22,8 +22,9 @@
 //! [`Attached::register_saved`] hands the bus and the in-process devices to
 //! a machine's snapshot ([`saved`]): one blob per PCI function, and on
 //! restore the BAR regions, MSI-X routes and queue workers the state
-//! implies. Devices served by another process make the machine unsaveable,
-//! with the reason.
+//! implies. Devices in nkvm's device processes are saved through their
+//! transport (the machine restores them in process); a foreign vhost-user
+//! backend makes the machine unsaveable, with the reason.
 
 pub mod device_process;
 mod dirty;
@@ -218,14 +219,8 @@ pub fn attach(vm: &Arc<Vm>, config: &PciConfig) -> Result<Attached, PciSetupErro
     };
     vm.add_dirty_source(Arc::new(dirty::RamWrites::new(builder.mem.clone(), builder.keeper.clone())));
     let mut attached = Attached::default();
-    let unsaveable = &mut attached.saved.unsaveable;
     match &config.disk {
         Some(Disk::Image(path)) if config.device_process.is_some() => {
-            unsaveable.push(format!(
-                "the disk {} is served by a device process (--device-process): its queue state lives in that \
-                 process; snapshot and migration need the disk served in process (run without --device-process)",
-                path.display()
-            ));
             let spec = config.process_spec(vhost_user::BLOCK.name, Some(path.clone()));
             let process = device_process::VirtioProcess::spawn(spec)?;
             let block = VhostUserDevice::connect_process(process, vhost_user::BLOCK, builder.mem.clone())?;
@@ -242,7 +237,7 @@ pub fn attach(vm: &Arc<Vm>, config: &PciConfig) -> Result<Attached, PciSetupErro
             if config.disk_read_only {
                 return Err(PciSetupError::ReadOnlyVhostUser);
             }
-            unsaveable.push(format!(
+            attached.saved.unsaveable.push(format!(
                 "the disk is served by a vhost-user backend (--disk vhost-user:{}): its queue state lives in the \
                  backend; snapshot and migration need an in-process disk (--disk IMAGE)",
                 socket.display()
@@ -254,11 +249,6 @@ pub fn attach(vm: &Arc<Vm>, config: &PciConfig) -> Result<Attached, PciSetupErro
         None => {}
     }
     if config.device_process.is_some() {
-        attached.saved.unsaveable.push(
-            "the console is served by a device process (--device-process): its queue state lives in that \
-             process; snapshot and migration need the console served in process (run without --device-process)"
-                .into(),
-        );
         let process = device_process::VirtioProcess::spawn(config.process_spec(vhost_user::CONSOLE.name, None))?;
         let console = VhostUserDevice::connect_process(process, vhost_user::CONSOLE, builder.mem.clone())?;
         attached.console_process = console.process_log();
@@ -374,7 +364,13 @@ impl Builder {
         device.set_eventfds(fds);
         // The pages the backend writes, into the VM's dirty log.
         self.vm.add_dirty_source(device.dirty_log());
+        // nkvm's own device process saves through the transport; a
+        // foreign backend's machine registered why it cannot be saved.
+        let saveable = device.process_log().is_some();
         let (virtio, slot) = self.place(device, sink)?;
+        if saveable {
+            self.saved.push((slot, virtio.clone()));
+        }
         vhost_user::watch(&virtio).map_err(PciSetupError::Worker)?;
         self.notifiers.insert(slot, notifier);
         Ok(())

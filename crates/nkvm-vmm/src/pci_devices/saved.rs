@@ -15,8 +15,15 @@
 //! enabled queue, served at once, with one interrupt per enabled queue (a
 //! spurious kick or interrupt finds nothing new).
 //!
-//! A device served elsewhere (a device process, a vhost-user backend) keeps
-//! its queue state out of nkvm's reach: the machine registers why instead,
+//! A device served by nkvm's own device process saves the same blob: the
+//! VMM holds its transport, and saving stops the process's queues
+//! (`GET_VRING_BASE`), waits until every request it took is completed and
+//! takes the queue positions into the transport
+//! ([`VirtioDevice::stop_for_save`](nkvm_devices::virtio::VirtioDevice::stop_for_save)),
+//! so the machine restores with the device in process; if it runs on
+//! instead, [`SavedDevice::resume`] hands the process its queues back. A
+//! foreign vhost-user backend keeps the disk's identity out of nkvm's reach
+//! (a restore could not find the disk): the machine registers why instead,
 //! and saving it fails with that reason.
 
 use std::fmt;
@@ -33,8 +40,11 @@ pub(super) const BUS_NAME: &str = "pci-bus";
 
 /// A virtio-pci device as a snapshot sees it, whatever its model.
 pub(super) trait Saveable: Send {
-    /// Serves what is available, then the state as one blob.
-    fn save(&mut self) -> Vec<u8>;
+    /// Serves what is available (a device served elsewhere: stops its
+    /// queues), then the state as one blob.
+    fn save(&mut self) -> Result<Vec<u8>, String>;
+    /// The machine runs on after a save: restarts what `save` stopped.
+    fn resume_after_save(&mut self);
     /// Takes a blob back, then serves and interrupts each enabled queue.
     fn load(&mut self, blob: &[u8]) -> Result<(), SnapshotError>;
     /// The model's name in its blob (`virtio-pci-blk`, ...).
@@ -42,9 +52,16 @@ pub(super) trait Saveable: Send {
 }
 
 impl<D: VirtioDevice + Snapshot> Saveable for VirtioPci<D> {
-    fn save(&mut self) -> Vec<u8> {
-        self.drain();
-        self.snapshot()
+    fn save(&mut self) -> Result<Vec<u8>, String> {
+        self.prepare_save().map_err(|e| match std::error::Error::source(&e) {
+            Some(cause) => format!("{e}: {cause}"),
+            None => e.to_string(),
+        })?;
+        Ok(self.snapshot())
+    }
+
+    fn resume_after_save(&mut self) {
+        VirtioPci::resume_after_save(self);
     }
 
     fn load(&mut self, blob: &[u8]) -> Result<(), SnapshotError> {
@@ -66,7 +83,7 @@ pub(super) type SharedSaveable = Arc<Mutex<dyn Saveable>>;
 pub(super) struct SavedParts {
     /// The configuration ports (bus, BAR regions, notifiers).
     pub(super) ports: Option<Arc<Mutex<ConfigPorts>>>,
-    /// The in-process devices.
+    /// The devices whose state nkvm can take.
     pub(super) devices: Vec<SavedVirtio>,
     /// Why the other devices cannot be saved.
     pub(super) unsaveable: Vec<String>,
@@ -82,9 +99,10 @@ impl fmt::Debug for SavedParts {
 impl Attached {
     /// Registers the PCI side with a machine's saved devices: the bus
     /// (`pci-bus`) and each in-process virtio-pci device (named after its
-    /// model and slot: `virtio-pci-blk@00:01.0`), in that order; a device
-    /// served by a device process or a vhost-user backend registers why it
-    /// cannot be saved instead.
+    /// model and slot: `virtio-pci-blk@00:01.0`), in that order, and each
+    /// device in an nkvm device process under the same name; a device
+    /// served by a foreign vhost-user backend registers why it cannot be
+    /// saved instead.
     ///
     /// Order for the machine: save these (`save_all`, vCPUs paused) before
     /// it collects the last dirty pages or copies RAM, since saving serves
@@ -137,7 +155,11 @@ impl SavedVirtio {
 impl SavedDevice for SavedVirtio {
     fn save(&self) -> Result<Vec<u8>, String> {
         // The worker holds this lock while it serves a request.
-        Ok(lock(&self.device).save())
+        lock(&self.device).save()
+    }
+
+    fn resume(&self) {
+        lock(&self.device).resume_after_save();
     }
 
     fn restore(&self, name: &str, blob: &[u8]) -> Result<(), LoadError> {

@@ -58,9 +58,12 @@ use std::io;
 use std::os::unix::net::UnixStream;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
 
+use nkvm_devices::snapshot::{StateReader, StateWriter};
 use nkvm_devices::virtio::common::NO_VECTOR;
-use nkvm_devices::virtio::{Activation, GuestRam, VirtioDevice, VirtioError};
+use nkvm_devices::virtio::{Activation, GuestRam, QueueProgress, VirtioDevice, VirtioError};
+use nkvm_devices::{Snapshot, SnapshotError};
 use vhost::vhost_user::message::VhostUserVirtioFeatures;
 use vhost::vhost_user::{Frontend, VhostUserFrontend};
 use vhost::{VhostBackend, VhostUserMemoryRegionInfo, VringConfigData};
@@ -74,8 +77,14 @@ use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 
 /// `VHOST_F_LOG_ALL`: the backend logs the pages it writes.
 const LOG_ALL: u64 = 1 << 26;
+/// `VIRTIO_BLK_F_RO`: the disk is read-only.
+const VIRTIO_BLK_F_RO: u64 = 1 << 5;
 /// `VHOST_VRING_F_LOG` in `SET_VRING_ADDR`: log the used ring's writes.
 const VRING_F_LOG: u32 = 1;
+
+/// How long a save waits for a backend to complete the requests it had
+/// taken when its queues stopped.
+pub const SAVE_DRAIN_TIMEOUT: Duration = Duration::from_secs(5);
 
 /// Why a vhost-user backend could not be used.
 #[derive(Debug, thiserror::Error)]
@@ -121,6 +130,21 @@ pub enum VhostUserError {
         queue: usize,
         /// The guest physical address.
         gpa: u64,
+    },
+    /// Saving stopped the queues, but the backend did not complete every
+    /// request it had taken within [`SAVE_DRAIN_TIMEOUT`].
+    #[error(
+        "vhost-user backend at {}: queue {queue} still had {pending} request(s) in flight {:?} after its queues \
+         stopped for a save; the save is given up and the machine runs on",
+        socket.display(), SAVE_DRAIN_TIMEOUT
+    )]
+    InFlight {
+        /// The socket.
+        socket: PathBuf,
+        /// The queue.
+        queue: usize,
+        /// Requests taken but not completed.
+        pending: u16,
     },
     /// The dirty log could not be made or handed to the backend.
     #[error("vhost-user backend at {}: dirty log", socket.display())]
@@ -212,6 +236,8 @@ pub struct VhostUserDevice {
     process: Option<VirtioProcess>,
     /// The driver's set-up since the last reset.
     saved: Option<Saved>,
+    /// A save stopped the queues; the machine running on restarts them.
+    stopped_for_save: bool,
 }
 
 impl std::fmt::Debug for VhostUserDevice {
@@ -257,6 +283,7 @@ impl VhostUserDevice {
             gone: false,
             process: None,
             saved: None,
+            stopped_for_save: false,
         };
         device.warn_if_unlogged();
         Ok(device)
@@ -433,6 +460,44 @@ impl VhostUserDevice {
         Ok(())
     }
 
+    /// Stops every started queue (`GET_VRING_BASE`: the next available
+    /// entry the backend would take), then waits until the guest's used
+    /// ring shows every request the backend took completed (nkvm's own
+    /// backend completes them before it answers; another may not). The
+    /// queues stay stopped until [`resume_after_save`](VirtioDevice::resume_after_save).
+    fn stop_queues(&mut self) -> Result<Vec<QueueProgress>, VhostUserError> {
+        let Some(saved) = self.saved.clone() else { return Ok(Vec::new()) };
+        if self.gone {
+            return Err(VhostUserError::Gone { socket: self.socket.clone() });
+        }
+        self.stopped_for_save = true;
+        let mut progress = Vec::new();
+        let started = std::mem::take(&mut self.started);
+        for ring in saved.rings.iter().filter(|r| started.contains(&r.index)) {
+            let base = self.frontend.get_vring_base(ring.index).map_err(self.request_err("GET_VRING_BASE"))?;
+            let next_avail = base as u16;
+            let used_idx = GuestAddress(ring.used + 2);
+            let deadline = Instant::now() + SAVE_DRAIN_TIMEOUT;
+            let next_used = loop {
+                let used = self
+                    .mem
+                    .read_obj::<u16>(used_idx)
+                    .map_err(|_| VhostUserError::RingAddress { queue: ring.index, gpa: ring.used })?;
+                if used == next_avail {
+                    break used;
+                }
+                if Instant::now() >= deadline {
+                    let pending = next_avail.wrapping_sub(used);
+                    return Err(VhostUserError::InFlight { socket: self.socket.clone(), queue: ring.index, pending });
+                }
+                std::thread::sleep(Duration::from_millis(1));
+            };
+            progress.push(QueueProgress { index: ring.index, next_avail, next_used });
+        }
+        log::debug!("vhost-user {}: queues stopped for a save at {progress:?}", self.socket.display());
+        Ok(progress)
+    }
+
     fn start_queue(&mut self, queue: &Ring, base: u16) -> Result<(), VhostUserError> {
         let Ring { index, vector, .. } = *queue;
         let ring = VringConfigData {
@@ -532,13 +597,58 @@ impl VirtioDevice for VhostUserDevice {
         Ok(false)
     }
 
+    fn stop_for_save(&mut self, _mem: &GuestRam) -> Result<Vec<QueueProgress>, VirtioError> {
+        self.stop_queues().map_err(|e| VirtioError::Backend(Box::new(e)))
+    }
+
+    fn resume_after_save(&mut self) {
+        if !std::mem::take(&mut self.stopped_for_save) {
+            return;
+        }
+        // Every request taken was completed, so the used rings hold the
+        // positions the queues stopped at: the restart's own hand-over.
+        if let Err(e) = self.resume() {
+            log::error!("vhost-user {}: restarting the queues after a save: {e}", self.socket.display());
+            self.mark_gone();
+        }
+    }
+
     fn reset(&mut self) {
+        self.stopped_for_save = false;
         self.saved = None;
         for index in std::mem::take(&mut self.started) {
             if let Err(e) = self.frontend.get_vring_base(index) {
                 log::warn!("vhost-user {}: stopping queue {index}: {e}", self.socket.display());
             }
         }
+    }
+}
+
+/// The device's state is the in-process model's of the same kind
+/// ([`nkvm_devices::virtio::Block`]: capacity and read-only;
+/// [`nkvm_devices::virtio::Console`]: nothing), so a machine saved with its
+/// devices in nkvm's device processes restores with them in process.
+impl Snapshot for VhostUserDevice {
+    fn snapshot_name(&self) -> &'static str {
+        self.kind.name
+    }
+
+    fn snapshot_version(&self) -> u16 {
+        1
+    }
+
+    fn save_body(&self, out: &mut StateWriter) {
+        if self.kind.device_type == BLOCK.device_type {
+            out.u64(self.capacity());
+            out.bool(self.backend_features & VIRTIO_BLK_F_RO != 0);
+        }
+    }
+
+    fn load_body(&mut self, _input: &mut StateReader<'_>) -> Result<(), SnapshotError> {
+        Err(SnapshotError::NotRestorable {
+            device: self.kind.name,
+            why: "a restored machine serves its virtio devices in process (restore without --device-process)",
+        })
     }
 }
 
