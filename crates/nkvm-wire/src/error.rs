@@ -187,6 +187,29 @@ pub enum WireError {
         /// The reply's operation.
         reply: Op,
     },
+    /// A state chunk out of place or malformed.
+    BadStateChunk {
+        /// The chunk's offset.
+        offset: u32,
+        /// The chunk's length.
+        len: u16,
+        /// The total it announces.
+        total: u32,
+        /// What is wrong.
+        reason: &'static str,
+    },
+    /// The device announced a state larger than the VM side takes.
+    StateTooLarge {
+        /// The announced length.
+        total: u32,
+    },
+    /// The device's model has no saved state.
+    NoDeviceState,
+    /// State transfer was asked of a connection whose version lacks it.
+    StateNotInVersion {
+        /// The version the two ends agreed on.
+        version: u16,
+    },
     /// A read reply's size differs from its request's.
     ReplySizeMismatch {
         /// The tag of both.
@@ -268,6 +291,20 @@ impl fmt::Display for WireError {
             ReplySizeMismatch { tag, request, reply } => {
                 write!(f, "reply for tag {tag:#x} is a {reply} read, but the request was a {request} read")
             }
+            BadStateChunk { offset, len, total, reason } => {
+                write!(f, "state chunk of {len} bytes at offset {offset} (total {total}): {reason}")
+            }
+            StateTooLarge { total } => write!(
+                f,
+                "a device state of {total} bytes is more than the {} nkvm takes",
+                crate::ioregion::state::MAX_STATE_LEN
+            ),
+            NoDeviceState => write!(f, "the device model has no saved state"),
+            StateNotInVersion { version } => write!(
+                f,
+                "the device speaks version {version} of the I/O-region protocol; state transfer needs version {}",
+                crate::ioregion::state::STATE_VERSION
+            ),
         }
     }
 }

@@ -23,8 +23,8 @@ use crate::{apic, ioregion};
 pub const MAGIC: [u8; 2] = *b"NK";
 /// Size of the frame header in bytes.
 pub const HEADER_LEN: usize = 8;
-/// Size of the largest frame of any protocol (an I/O-region hello).
-pub const MAX_FRAME_LEN: usize = 40;
+/// Size of the largest frame of any protocol (an I/O-region state chunk).
+pub const MAX_FRAME_LEN: usize = 56;
 
 /// Which protocol a socket speaks; every frame names it in its header, so a
 /// socket plugged into the wrong endpoint fails on its first frame.

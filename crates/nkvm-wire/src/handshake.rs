@@ -29,8 +29,11 @@ pub struct VersionRange {
 }
 
 impl VersionRange {
-    /// The one version this crate speaks today: 1.
+    /// The APIC-bus protocol's versions: 1.
     pub const CURRENT: VersionRange = VersionRange { min: 1, max: 1 };
+    /// The I/O-region protocol's versions: 1, and 2, which adds device
+    /// state transfer ([`crate::ioregion::state`]).
+    pub const IO_REGION: VersionRange = VersionRange { min: 1, max: 2 };
 
     /// Check that the range is non-empty and does not include version 0.
     ///

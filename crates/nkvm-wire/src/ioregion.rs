@@ -26,6 +26,7 @@ mod hello;
 mod in_flight;
 mod reply;
 mod request;
+pub mod state;
 #[cfg(test)]
 mod tests;
 
@@ -34,6 +35,7 @@ pub use hello::{device_handshake, vm_handshake, Handshake, Hello, RegionInfo};
 pub use in_flight::InFlight;
 pub use reply::Reply;
 pub use request::Request;
+pub use state::{StateAssembly, StateChunk, StateRequest};
 
 /// Frame type of [`Hello`] (VM side to device side).
 pub const FRAME_HELLO: u8 = 1;
@@ -41,14 +43,22 @@ pub const FRAME_HELLO: u8 = 1;
 pub const FRAME_REQUEST: u8 = 3;
 /// Frame type of [`Reply`] (device side to VM side).
 pub const FRAME_REPLY: u8 = 4;
+/// Frame type of [`StateRequest`] (VM side to device side; version 2).
+pub const FRAME_STATE_REQUEST: u8 = 5;
+/// Frame type of [`StateChunk`] (device side to VM side; version 2).
+pub const FRAME_STATE_CHUNK: u8 = 6;
 /// Payload length of [`Hello`].
 pub const HELLO_PAYLOAD_LEN: usize = 32;
 /// Payload length of [`Request`].
 pub const REQUEST_PAYLOAD_LEN: usize = 24;
 /// Payload length of [`Reply`].
 pub const REPLY_PAYLOAD_LEN: usize = 16;
-/// The largest payload of the protocol (a hello's).
-pub const MAX_PAYLOAD_LEN: usize = HELLO_PAYLOAD_LEN;
+/// Payload length of [`StateRequest`].
+pub const STATE_REQUEST_PAYLOAD_LEN: usize = 8;
+/// Payload length of [`StateChunk`].
+pub const STATE_CHUNK_PAYLOAD_LEN: usize = 48;
+/// The largest payload of the protocol (a state chunk's).
+pub const MAX_PAYLOAD_LEN: usize = STATE_CHUNK_PAYLOAD_LEN;
 
 /// The payload length of an I/O-region frame type, or `None` if unknown.
 pub fn payload_len(frame_type: u8) -> Option<usize> {
@@ -57,6 +67,8 @@ pub fn payload_len(frame_type: u8) -> Option<usize> {
         FRAME_HELLO_ACK => Some(HELLO_ACK_PAYLOAD_LEN),
         FRAME_REQUEST => Some(REQUEST_PAYLOAD_LEN),
         FRAME_REPLY => Some(REPLY_PAYLOAD_LEN),
+        FRAME_STATE_REQUEST => Some(STATE_REQUEST_PAYLOAD_LEN),
+        FRAME_STATE_CHUNK => Some(STATE_CHUNK_PAYLOAD_LEN),
         _ => None,
     }
 }
@@ -68,6 +80,8 @@ pub fn frame_name(frame_type: u8) -> &'static str {
         FRAME_HELLO_ACK => "hello-ack",
         FRAME_REQUEST => "request",
         FRAME_REPLY => "reply",
+        FRAME_STATE_REQUEST => "state request",
+        FRAME_STATE_CHUNK => "state chunk",
         _ => "unknown",
     }
 }
@@ -227,6 +241,10 @@ pub enum IoFrame {
     Request(Request),
     /// The answer to a non-posted transaction (device side to VM side).
     Reply(Reply),
+    /// Asks for the device model's state (VM side to device side).
+    StateRequest(StateRequest),
+    /// A piece of the answer to a state request (device side to VM side).
+    StateChunk(StateChunk),
 }
 
 impl IoFrame {
@@ -237,6 +255,8 @@ impl IoFrame {
             IoFrame::HelloAck(_) => "hello-ack",
             IoFrame::Request(_) => "request",
             IoFrame::Reply(_) => "reply",
+            IoFrame::StateRequest(_) => "state request",
+            IoFrame::StateChunk(_) => "state chunk",
         }
     }
 
@@ -247,6 +267,8 @@ impl IoFrame {
             IoFrame::HelloAck(a) => FrameBytes::new(&a.encode(Protocol::IoRegion)),
             IoFrame::Request(r) => FrameBytes::new(&r.encode()),
             IoFrame::Reply(r) => FrameBytes::new(&r.encode()),
+            IoFrame::StateRequest(r) => FrameBytes::new(&r.encode()),
+            IoFrame::StateChunk(c) => FrameBytes::new(&c.encode()),
         }
     }
 
@@ -263,6 +285,8 @@ impl IoFrame {
             FRAME_HELLO_ACK => IoFrame::HelloAck(HelloAck::decode_payload(p)?),
             FRAME_REQUEST => IoFrame::Request(Request::decode_payload(p)?),
             FRAME_REPLY => IoFrame::Reply(Reply::decode_payload(p)?),
+            FRAME_STATE_REQUEST => IoFrame::StateRequest(StateRequest::decode_payload(p)?),
+            FRAME_STATE_CHUNK => IoFrame::StateChunk(StateChunk::decode_payload(p)?),
             frame_type => return Err(WireError::UnknownFrameType { protocol: Protocol::IoRegion, frame_type }),
         })
     }

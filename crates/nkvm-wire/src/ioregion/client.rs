@@ -52,14 +52,14 @@ impl Client<UnixStream, UnixStream> {
 }
 
 impl<R: Read, W: Write> Client<R, W> {
-    /// Handshake for `region`, offering [`VersionRange::CURRENT`].
+    /// Handshake for `region`, offering [`VersionRange::IO_REGION`].
     ///
     /// # Errors
     ///
     /// The errors of [`vm_handshake`].
     pub fn connect(mut reader: R, writer: W, region: RegionInfo) -> Result<Self, WireError> {
         let mut writer = BufWriter::new(writer);
-        let handshake = vm_handshake(&mut reader, &mut writer, region, VersionRange::CURRENT)?;
+        let handshake = vm_handshake(&mut reader, &mut writer, region, VersionRange::IO_REGION)?;
         Ok(Client { reader, writer, handshake, in_flight: InFlight::new() })
     }
 
@@ -116,6 +116,38 @@ impl<R: Read, W: Write> Client<R, W> {
     pub fn sync(&mut self) -> Result<(), WireError> {
         let tag = self.in_flight.next_tag();
         self.round_trip(Request::Sync { tag }).map(drop)
+    }
+
+    /// The device model's saved state (version 2): asked for in the stream,
+    /// so every write sent before (posted ones too) is served first; waits
+    /// for the whole answer.
+    ///
+    /// # Errors
+    ///
+    /// [`WireError::StateNotInVersion`] (nothing sent) on a version 1
+    /// connection, [`WireError::NoDeviceState`] if the model has none (the
+    /// connection stays usable), and otherwise the errors of a round trip
+    /// and of [`StateAssembly::push`](super::StateAssembly::push), after
+    /// which the connection is out of step and must be dropped.
+    pub fn save_state(&mut self) -> Result<Vec<u8>, WireError> {
+        if self.handshake.version < super::state::STATE_VERSION {
+            return Err(WireError::StateNotInVersion { version: self.handshake.version });
+        }
+        let tag = self.in_flight.next_tag();
+        write_frame(&mut self.writer, &IoFrame::StateRequest(super::StateRequest { tag }))?;
+        self.flush()?;
+        let mut assembly = super::StateAssembly::new(tag);
+        loop {
+            match read_frame(&mut self.reader)? {
+                Some(IoFrame::StateChunk(chunk)) => {
+                    if let Some(state) = assembly.push(&chunk)? {
+                        return Ok(state);
+                    }
+                }
+                Some(other) => return Err(WireError::UnexpectedFrame { expected: "state chunk", found: other.name() }),
+                None => return Err(WireError::ShortRead { got: 0, expected: super::StateChunk::FRAME_LEN }),
+            }
+        }
     }
 
     /// Send the queued posted writes now, without waiting for anything.

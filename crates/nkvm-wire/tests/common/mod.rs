@@ -4,7 +4,7 @@
 
 use nkvm_wire::apic::{self, ApicFrame, DeliveryMode, DestinationMode, EoiMessage, InterruptMessage, TriggerMode};
 use nkvm_wire::handshake::{HelloAck, VersionRange};
-use nkvm_wire::ioregion::{AccessSize, Hello, IoFrame, RegionInfo, Reply, Request, Space};
+use nkvm_wire::ioregion::{AccessSize, Hello, IoFrame, RegionInfo, Reply, Request, Space, StateChunk, StateRequest};
 use proptest::prelude::*;
 
 pub fn space() -> impl Strategy<Value = Space> {
@@ -68,7 +68,19 @@ pub fn io_frame() -> impl Strategy<Value = IoFrame> {
         hello_ack().prop_map(IoFrame::HelloAck),
         request().prop_map(IoFrame::Request),
         reply().prop_map(IoFrame::Reply),
+        any::<u32>().prop_map(|tag| IoFrame::StateRequest(StateRequest { tag })),
+        state_chunk().prop_map(IoFrame::StateChunk),
     ]
+}
+
+/// A well-formed chunk: a piece of a state of some total, or "no state".
+pub fn state_chunk() -> impl Strategy<Value = StateChunk> {
+    (any::<u32>(), prop::collection::vec(any::<u8>(), 0..200), any::<usize>(), any::<bool>()).prop_map(
+        |(tag, state, pick, none)| {
+            let chunks = StateChunk::split(tag, (!none).then_some(&state[..]));
+            chunks[pick % chunks.len()]
+        },
+    )
 }
 
 pub fn interrupt() -> impl Strategy<Value = InterruptMessage> {
