@@ -20,6 +20,12 @@ pub trait IoDevice: Send {
     fn read(&mut self, offset: u64, data: &mut [u8]);
     /// The guest writes `data` at `offset`.
     fn write(&mut self, offset: u64, data: &[u8]);
+    /// The model's saved state ([`Snapshot::snapshot`](crate::Snapshot::snapshot)),
+    /// for a device served behind a socket, whose VM side asks for it
+    /// ([`crate::serve`]); `None` (the default) for a model without one.
+    fn save_state(&self) -> Option<Vec<u8>> {
+        None
+    }
 }
 
 /// A boxed device (a trait object, say) is a device.
@@ -30,6 +36,10 @@ impl<D: IoDevice + ?Sized> IoDevice for Box<D> {
 
     fn write(&mut self, offset: u64, data: &[u8]) {
         (**self).write(offset, data);
+    }
+
+    fn save_state(&self) -> Option<Vec<u8>> {
+        (**self).save_state()
     }
 }
 
@@ -43,6 +53,10 @@ impl<D: IoDevice> IoDevice for Arc<Mutex<D>> {
 
     fn write(&mut self, offset: u64, data: &[u8]) {
         self.lock().unwrap_or_else(|e| e.into_inner()).write(offset, data);
+    }
+
+    fn save_state(&self) -> Option<Vec<u8>> {
+        self.lock().unwrap_or_else(|e| e.into_inner()).save_state()
     }
 }
 

@@ -396,6 +396,10 @@ impl Cmos {
 }
 
 impl IoDevice for Cmos {
+    fn save_state(&self) -> Option<Vec<u8>> {
+        Some(crate::Snapshot::snapshot(self))
+    }
+
     fn read(&mut self, offset: u64, data: &mut [u8]) {
         let mut bad = data.is_empty();
         for (i, byte) in data.iter_mut().enumerate() {

@@ -234,6 +234,10 @@ impl Pit {
 
 /// The counters' window (ports 0x40-0x43) of a bare [`Pit`].
 impl IoDevice for Pit {
+    fn save_state(&self) -> Option<Vec<u8>> {
+        Some(crate::Snapshot::snapshot(self))
+    }
+
     fn read(&mut self, offset: u64, data: &mut [u8]) {
         self.read_window(PitWindow::Counters, offset, data);
     }

@@ -155,6 +155,10 @@ fn ticks(elapsed: Duration) -> u32 {
 }
 
 impl IoDevice for PmTimer {
+    fn save_state(&self) -> Option<Vec<u8>> {
+        Some(crate::Snapshot::snapshot(self))
+    }
+
     fn read(&mut self, offset: u64, data: &mut [u8]) {
         let lanes = self.count().to_le_bytes();
         let mut bad = data.is_empty();

@@ -132,6 +132,10 @@ impl<W: Write + Send> Serial<W> {
 }
 
 impl<W: Write + Send> IoDevice for Serial<W> {
+    fn save_state(&self) -> Option<Vec<u8>> {
+        Some(crate::Snapshot::snapshot(self))
+    }
+
     fn read(&mut self, offset: u64, data: &mut [u8]) {
         match (u8::try_from(offset), data) {
             (Ok(reg), [byte]) if offset < SERIAL_SIZE => *byte = self.uart.read(reg),

@@ -33,7 +33,8 @@ use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::Path;
 
 use nkvm_wire::handshake::VersionRange;
-use nkvm_wire::ioregion::{self, device_handshake, Handshake, IoFrame, RegionInfo, Reply, Request};
+use nkvm_wire::ioregion::state::STATE_VERSION;
+use nkvm_wire::ioregion::{self, device_handshake, Handshake, IoFrame, RegionInfo, Reply, Request, StateChunk};
 use nkvm_wire::spin::SpinStream;
 use nkvm_wire::WireError;
 
@@ -56,6 +57,8 @@ pub struct ServeStats {
     pub posted_writes: u64,
     /// Sync barriers answered.
     pub syncs: u64,
+    /// State requests answered.
+    pub states: u64,
 }
 
 /// The device side of one I/O-region connection.
@@ -71,7 +74,7 @@ pub struct Server<R: Read, W: Write> {
 
 impl Server<UnixStream, UnixStream> {
     /// Handshake on a connected stream socket, speaking
-    /// [`VersionRange::CURRENT`].
+    /// [`VersionRange::IO_REGION`].
     ///
     /// # Errors
     ///
@@ -79,7 +82,7 @@ impl Server<UnixStream, UnixStream> {
     /// of [`Server::handshake`].
     pub fn over(stream: UnixStream) -> Result<Self, WireError> {
         let writer = stream.try_clone()?;
-        Server::handshake(stream, writer, VersionRange::CURRENT)
+        Server::handshake(stream, writer, VersionRange::IO_REGION)
     }
 
     /// Handshake on an inherited socket (e.g. one end of a socketpair the
@@ -125,7 +128,7 @@ impl Server<SpinStream, SpinStream> {
     pub fn accept_spinning(listener: &UnixListener, spin: std::time::Duration) -> Result<Self, WireError> {
         let (stream, _) = listener.accept()?;
         let (reader, writer) = SpinStream::pair(stream, spin)?;
-        Server::handshake(reader, writer, VersionRange::CURRENT)
+        Server::handshake(reader, writer, VersionRange::IO_REGION)
     }
 }
 
@@ -187,8 +190,22 @@ impl<R: Read, W: Write> Server<R, W> {
                 Ok(None) => break,
                 Err(e) => return Err(self.fail(e)),
             };
-            let IoFrame::Request(request) = frame else {
-                return Err(self.fail(WireError::UnexpectedFrame { expected: "request", found: frame.name() }));
+            let request = match frame {
+                IoFrame::Request(request) => request,
+                IoFrame::StateRequest(ask) if self.handshake.version >= STATE_VERSION => {
+                    // Everything before it in the stream is served: the state
+                    // holds every write the VM side sent.
+                    let state = device.save_state();
+                    for chunk in StateChunk::split(ask.tag, state.as_deref()) {
+                        self.pending.extend_from_slice(&chunk.encode());
+                    }
+                    self.stats.states += 1;
+                    continue;
+                }
+                IoFrame::StateRequest(_) => {
+                    return Err(self.fail(WireError::StateNotInVersion { version: self.handshake.version }))
+                }
+                other => return Err(self.fail(WireError::UnexpectedFrame { expected: "request", found: other.name() })),
             };
             match self.serve_request(request, device) {
                 Ok(Some(reply)) => self.pending.extend_from_slice(&reply.encode()),
@@ -298,6 +315,67 @@ mod tests {
             self.bytes[at..at + data.len()].copy_from_slice(data);
             self.log.push((true, offset, data.to_vec()));
         }
+
+        fn save_state(&self) -> Option<Vec<u8>> {
+            Some(self.bytes.repeat(3))
+        }
+    }
+
+    /// A device with no saved state.
+    struct Stateless;
+
+    impl IoDevice for Stateless {
+        fn read(&mut self, _offset: u64, data: &mut [u8]) {
+            data.fill(0);
+        }
+
+        fn write(&mut self, _offset: u64, _data: &[u8]) {}
+    }
+
+    #[test]
+    fn a_state_request_is_answered_after_the_writes_before_it() {
+        let (vm, server) = spawn_server();
+        let mut c = Client::over(vm, REGION).unwrap();
+        assert_eq!(c.handshake().version, 2);
+        c.post(0, AccessSize::Qword, 0x0807_0605_0403_0201).unwrap();
+        c.post(15, AccessSize::Byte, 0xee).unwrap();
+        let state = c.save_state().unwrap();
+        assert_eq!(state.len(), 48, "two chunks of 32 and 16 bytes");
+        assert_eq!(state[..8], [1, 2, 3, 4, 5, 6, 7, 8], "the posted writes are in the state");
+        assert_eq!(state[15], 0xee);
+        assert_eq!(c.read(15, AccessSize::Byte).unwrap(), 0xee, "the stream goes on after the state");
+        drop(c);
+        let (_, result) = server.join().unwrap();
+        assert_eq!(result.unwrap().states, 1);
+
+        // A model without state says so; the connection goes on.
+        let (vm, dev) = UnixStream::pair().unwrap();
+        let server = thread::spawn(move || serve(dev, &mut Stateless));
+        let mut c = Client::over(vm, REGION).unwrap();
+        assert_eq!(c.save_state().unwrap_err().to_string(), "the device model has no saved state");
+        assert_eq!(c.read(0, AccessSize::Byte).unwrap(), 0);
+        drop(c);
+        assert_eq!(server.join().unwrap().unwrap().states, 1);
+    }
+
+    #[test]
+    fn version_1_has_no_state_transfer_on_either_side() {
+        // A device speaking only version 1: the client does not ask.
+        let (vm, dev) = UnixStream::pair().unwrap();
+        let server = thread::spawn(move || {
+            let writer = dev.try_clone().unwrap();
+            Server::handshake(dev, writer, VersionRange::CURRENT).unwrap().serve(&mut Memory::default())
+        });
+        let mut c = Client::over(vm, REGION).unwrap();
+        let err = c.save_state().unwrap_err().to_string();
+        assert_eq!(err, "the device speaks version 1 of the I/O-region protocol; state transfer needs version 2");
+        drop(c);
+        assert_eq!(server.join().unwrap().unwrap().states, 0);
+
+        // A VM side that agreed on version 1 and asks all the same is dropped.
+        let request = nkvm_wire::ioregion::StateRequest { tag: 1 }.encode();
+        let (result, _) = serve_raw(&request);
+        assert!(matches!(result, Err(WireError::StateNotInVersion { version: 1 })), "{result:?}");
     }
 
     /// Serve a `Memory` on one end of a socketpair in a thread.
@@ -336,7 +414,7 @@ mod tests {
         });
         assert_eq!(vm_thread.join().unwrap(), 0x4433);
         let (memory, result) = server.join().unwrap();
-        assert_eq!(result.unwrap(), ServeStats { reads: 1, writes: 1, posted_writes: 3, syncs: 1 });
+        assert_eq!(result.unwrap(), ServeStats { reads: 1, writes: 1, posted_writes: 3, syncs: 1, states: 0 });
         assert_eq!(memory.bytes[..5], [0x11, 0x22, 0x33, 0x44, 0x55]);
         assert_eq!(memory.bytes[15], 0xff);
         let order: Vec<_> = memory.log.iter().map(|(w, off, _)| (*w, *off)).collect();
@@ -453,7 +531,7 @@ mod tests {
         });
         let mut server = Server::accept(&listener).unwrap();
         assert_eq!(*server.region(), REGION);
-        assert_eq!(server.version(), 1);
+        assert_eq!(server.version(), 2);
         let mut memory = Memory::default();
         let stats = server.serve(&mut memory).unwrap();
         assert_eq!(vm_thread.join().unwrap(), 0x42);

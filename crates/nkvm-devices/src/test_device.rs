@@ -159,6 +159,10 @@ fn size_mask(size: usize) -> u64 {
 }
 
 impl IoDevice for TestDevice {
+    fn save_state(&self) -> Option<Vec<u8>> {
+        Some(crate::Snapshot::snapshot(self))
+    }
+
     fn read(&mut self, offset: u64, data: &mut [u8]) {
         let size = data.len();
         match Self::locate(offset, size) {

@@ -49,6 +49,10 @@ impl IoRam {
 }
 
 impl IoDevice for IoRam {
+    fn save_state(&self) -> Option<Vec<u8>> {
+        Some(crate::Snapshot::snapshot(self))
+    }
+
     fn read(&mut self, offset: u64, data: &mut [u8]) {
         let range = self.inside(offset, data.len());
         let bad = data.is_empty() || range.len() < data.len();
