@@ -402,3 +402,52 @@ fn a_detached_region_exits_to_the_caller_again() {
     assert_eq!(vcpu.enter_guest(&mut run).unwrap(), Exit::IoOut { port: 0x10, size: 4, data: 7 });
     assert!(vm.detach_region(id).is_err());
 }
+
+#[test]
+fn a_device_process_state_holds_every_posted_write_and_a_dead_one_is_named() {
+    const WRITES: u64 = 500;
+    let dir = tempdir("state");
+    let dev = DeviceProcess::spawn(&dir, "a", None);
+    let vm = vm();
+    let id = vm.attach_region(IoRange::mmio(MMIO_A, 0x40), dev.connect(), Ordering::Posted).unwrap();
+    let local = vm.attach_handler(IoRange::pio(PIO, 4), Box::new(Nothing)).unwrap();
+    let mut vcpu = guest(&vm, |a| {
+        a.mov(rbx, MMIO_A).unwrap();
+        a.mov(ecx, 1u32).unwrap();
+        let mut again = a.create_label();
+        a.set_label(&mut again).unwrap();
+        a.mov(qword_ptr(rbx + SCRATCH0), rcx).unwrap();
+        a.inc(ecx).unwrap();
+        a.cmp(ecx, WRITES as u32).unwrap();
+        a.jbe(again).unwrap();
+    });
+    run(&mut vcpu);
+    // No read followed the posted writes: the state request is what
+    // brings them to the device first.
+    let state = vm.region_state(id).unwrap();
+    let mut copy = nkvm_devices::test_device::TestDevice::new();
+    nkvm_devices::Snapshot::restore(&mut copy, &state).unwrap();
+    assert_eq!(copy.scratch(0), Some(WRITES), "the last posted write is in the state");
+    assert_eq!(copy.writes(), WRITES, "and every one before it");
+
+    let err = vm.region_state(local).unwrap_err().to_string();
+    assert!(err.contains("served by a handler in this process"), "{err}");
+    drop(dev);
+    let err = vm.region_state(id).unwrap_err();
+    let text = format!("{err}: {}", std::error::Error::source(&err).map(ToString::to_string).unwrap_or_default());
+    assert!(text.starts_with("cannot take the state of the device of I/O region"), "{text}");
+    assert_eq!(vm.io_region_failures().len(), 1, "the region failed: {text}");
+    let err = vm.region_state(id).unwrap_err().to_string();
+    assert!(err.contains("failed earlier"), "{err}");
+}
+
+/// An in-process handler with nothing behind it.
+struct Nothing;
+
+impl nkvm::io::IoHandler for Nothing {
+    fn read(&mut self, _offset: u64, data: &mut [u8]) {
+        data.fill(0);
+    }
+
+    fn write(&mut self, _offset: u64, _data: &[u8]) {}
+}

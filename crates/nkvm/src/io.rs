@@ -182,6 +182,26 @@ pub enum IoRegionError {
     /// No region with that id.
     #[error("no attached I/O region {0}")]
     NotAttached(RegionId),
+    /// The region is served in this process, not behind a socket.
+    #[error("I/O region {0} is served by a handler in this process, which has no state to ask for")]
+    NotASocket(RegionId),
+    /// The region's device failed earlier; nothing is asked of it.
+    #[error("the device of I/O region {name} failed earlier ({reason})")]
+    Failed {
+        /// The region's name.
+        name: String,
+        /// Why it failed.
+        reason: String,
+    },
+    /// Asking the device for its state failed.
+    #[error("cannot take the state of the device of I/O region {name}")]
+    State {
+        /// The region's name.
+        name: String,
+        /// Why.
+        #[source]
+        source: WireError,
+    },
 }
 
 /// A region whose device failed.
@@ -356,6 +376,36 @@ impl IoRegions {
         Ok(())
     }
 
+    /// The saved state of the device behind socket region `id`, asked for
+    /// in its stream (after every write sent to it). An error of the
+    /// exchange itself leaves the stream out of step: the region fails, as
+    /// after a failed access. A device that has no state, or speaks only
+    /// version 1, is refused without harm.
+    pub(crate) fn state(&self, id: RegionId) -> Result<Vec<u8>, IoRegionError> {
+        let region = {
+            let regions = self.regions.read().unwrap_or_else(|p| p.into_inner());
+            regions.iter().find(|r| r.id == id).cloned().ok_or(IoRegionError::NotAttached(id))?
+        };
+        let Backend::Socket(client) = &region.backend else { return Err(IoRegionError::NotASocket(id)) };
+        let mut guard = client.lock().unwrap_or_else(|p| p.into_inner());
+        let Some(c) = guard.as_mut() else {
+            let reason = region.failure.lock().unwrap_or_else(|p| p.into_inner()).clone().unwrap_or_default();
+            return Err(IoRegionError::Failed { name: region.name.clone(), reason });
+        };
+        match c.save_state() {
+            Ok(state) => {
+                region.posted_pending.store(false, AtomicOrdering::SeqCst);
+                Ok(state)
+            }
+            Err(source) => {
+                if !matches!(source, WireError::NoDeviceState | WireError::StateNotInVersion { .. }) {
+                    self.fail(&region, &mut guard, &source);
+                }
+                Err(IoRegionError::State { name: region.name.clone(), source })
+            }
+        }
+    }
+
     pub(crate) fn failures(&self) -> Vec<RegionFailure> {
         self.failures.lock().unwrap_or_else(|p| p.into_inner()).clone()
     }
@@ -405,7 +455,7 @@ impl IoRegions {
             let mut client = client.lock().unwrap_or_else(|p| p.into_inner());
             if let Some(c) = client.as_mut() {
                 if let Err(e) = c.sync() {
-                    self.fail(r, &mut client, e);
+                    self.fail(r, &mut client, &e);
                 }
             }
             r.posted_pending.store(false, AtomicOrdering::SeqCst);
@@ -452,7 +502,7 @@ impl IoRegions {
                         Served { value, failed: None }
                     }
                     Err(e) => {
-                        self.fail(r, &mut guard, e);
+                        self.fail(r, &mut guard, &e);
                         Served { value: all_ones, failed: Some(r.id) }
                     }
                 }
@@ -460,9 +510,9 @@ impl IoRegions {
         }
     }
 
-    fn fail(&self, r: &Attached, client: &mut Option<Client<SpinStream, SpinStream>>, e: WireError) {
+    fn fail(&self, r: &Attached, client: &mut Option<Client<SpinStream, SpinStream>>, e: &WireError) {
         *client = None;
-        let reason = match &e {
+        let reason = match e {
             WireError::Io(io) if matches!(io.kind(), std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut) => {
                 "the device did not answer in time".to_string()
             }

@@ -493,6 +493,23 @@ impl Vm {
         self.io.attach_handler(range, handler)
     }
 
+    /// The saved state of the device model behind socket region `id` (for
+    /// an nkvm device process, its model's `nkvm_devices::Snapshot` blob),
+    /// asked for in the region's stream, so it holds every write the guest
+    /// made to it before. Call it with the vCPUs paused: their exits have
+    /// then forwarded every posted write KVM held in its coalesced ring.
+    ///
+    /// # Errors
+    ///
+    /// [`IoRegionError::NotAttached`], [`IoRegionError::NotASocket`] for a
+    /// handler in this process, [`IoRegionError::Failed`] if the device
+    /// failed before, [`IoRegionError::State`] if it has no state, speaks
+    /// only version 1 of the protocol, or the exchange fails (then the
+    /// region fails, as after a failed access).
+    pub fn region_state(&self, id: RegionId) -> Result<Vec<u8>, IoRegionError> {
+        self.io.state(id)
+    }
+
     /// Detaches a range (while vCPUs run, if need be); its posted writes are
     /// delivered first. Later accesses come back as exits.
     pub fn detach_region(&self, id: RegionId) -> Result<(), IoRegionError> {
