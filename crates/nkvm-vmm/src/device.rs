@@ -75,6 +75,9 @@ impl<D: IoDevice> IoDevice for Logged<D> {
         self.record('W', offset, data);
         self.inner.write(offset, data);
     }
+    fn save_state(&self) -> Option<Vec<u8>> {
+        self.inner.save_state()
+    }
 }
 
 /// Serves one connection on `args.socket`, then exits.

@@ -5,14 +5,16 @@
 use std::os::unix::net::UnixStream;
 use std::path::PathBuf;
 use std::process::{Child, Command, Stdio};
+use std::sync::{Arc, Weak};
 use std::time::{Duration, Instant};
 
-use nkvm::io::{IoHandler, IoRange, Ordering, SocketOptions};
+use nkvm::io::{IoHandler, IoRange, Ordering, RegionId, SocketOptions};
 use nkvm::Vm;
-use nkvm_devices::IoDevice;
+use nkvm_devices::{IoDevice, SnapshotError};
 
 use crate::cli::DeviceModel;
 use crate::console::{PanicWatch, WatchedConsole};
+use crate::saved::{LoadError, SavedDevice};
 
 /// An nkvm-devices model as an in-process nkvm handler.
 pub struct InProcess<D>(pub D);
@@ -57,6 +59,8 @@ pub enum DeviceProcessError {
 pub struct DeviceProcess {
     child: Child,
     socket: PathBuf,
+    /// The region its socket serves.
+    region: RegionId,
     /// The thread copying the child's output through a [`WatchedConsole`]
     /// (a serial console): joined on drop, after the child ends, so every
     /// line it wrote has been seen.
@@ -106,7 +110,7 @@ impl DeviceProcess {
             }
             _ => None,
         };
-        let process = DeviceProcess { child, socket, console };
+        let mut process = DeviceProcess { child, socket, console, region: RegionId(0) };
         let deadline = Instant::now() + Duration::from_secs(10);
         let stream = loop {
             match UnixStream::connect(&process.socket) {
@@ -119,8 +123,41 @@ impl DeviceProcess {
         };
         let options =
             SocketOptions { ordering, name: Some(format!("{model_arg} device process")), ..Default::default() };
-        vm.attach_region_with(range, stream, options)?;
+        process.region = vm.attach_region_with(range, stream, options)?;
         Ok(process)
+    }
+
+    /// The process's model as a machine's saved device: its state is asked
+    /// for over the region's socket ([`Vm::region_state`]), and a machine
+    /// restores it in process.
+    pub fn saved(&self, vm: &Arc<Vm>) -> Arc<dyn SavedDevice> {
+        Arc::new(ProcessState { vm: Arc::downgrade(vm), region: self.region })
+    }
+}
+
+/// A device process's model in a machine's saved devices.
+struct ProcessState {
+    vm: Weak<Vm>,
+    region: RegionId,
+}
+
+impl SavedDevice for ProcessState {
+    fn save(&self) -> Result<Vec<u8>, String> {
+        let vm = self.vm.upgrade().ok_or("the VM is gone")?;
+        vm.region_state(self.region).map_err(|e| match std::error::Error::source(&e) {
+            Some(cause) => format!("{e}: {cause}"),
+            None => e.to_string(),
+        })
+    }
+
+    fn restore(&self, name: &str, _blob: &[u8]) -> Result<(), LoadError> {
+        Err(LoadError::Device {
+            name: name.to_string(),
+            source: SnapshotError::NotRestorable {
+                device: "a device process",
+                why: "a restored machine serves its devices in process (restore without --device-process)",
+            },
+        })
     }
 }
 

@@ -42,8 +42,9 @@
 //! | `acpi-s3` | refuses to save while the machine sleeps in S3 ([`crate::sleep`]) |
 //!
 //! With `--device-process`, the CMOS, the PM timer and the I/O RAM live in
-//! device processes whose state nkvm cannot take: they are not registered,
-//! and the machine registers why it cannot be saved instead. The boot
+//! device processes: their states are registered under the same names and
+//! asked of the processes over their sockets ([`nkvm::Vm::region_state`]),
+//! and a restore serves them in process. The boot
 //! vCPU's LINT0 wiring ([`BootLint`]) and the real-mode IVT are not state
 //! of these models: the machine builder sets them up again (the IVT is in
 //! guest RAM, which travels on its own).
@@ -71,7 +72,7 @@ use crate::cli::DeviceModel;
 use crate::devices::{DeviceProcess, InProcess};
 use crate::firmware::{self, BootLint, SavedPic, SavedPit};
 use crate::ioapic::IoapicPins;
-use crate::saved::SavedDevices;
+use crate::saved::{SavedDevice, SavedDevices};
 use crate::sleep::{S3Guard, WakeSource};
 
 /// Errors attaching the platform devices.
@@ -126,9 +127,9 @@ pub struct Platform {
 struct Models {
     pic: Arc<SavedPic>,
     pit: Arc<SavedPit>,
-    /// The CMOS, the PM timer and the I/O RAM, unless they run in device
-    /// processes.
-    local: Option<LocalModels>,
+    /// The CMOS, the PM timer and the I/O RAM in process, or their device
+    /// processes' states.
+    local: Result<LocalModels, RemoteModels>,
     port92: Arc<Mutex<SystemControlA>>,
     fw_cfg: Arc<Mutex<FwCfg>>,
     debug_exit: Arc<Mutex<DebugExit>>,
@@ -136,6 +137,10 @@ struct Models {
     irq_lines: Arc<Mutex<TestdevIrqLines>>,
     s3: Arc<S3Guard>,
 }
+
+/// The CMOS, the PM timer and the I/O RAM in their device processes, by
+/// the name their state is saved under.
+type RemoteModels = Vec<(&'static str, Arc<dyn SavedDevice>)>;
 
 /// The models `--device-process` moves out of the VMM.
 struct LocalModels {
@@ -152,24 +157,22 @@ impl std::fmt::Debug for Platform {
 }
 
 impl Platform {
-    /// Registers every in-process model with `saved`, under the names and
-    /// in the order of the [module documentation](self); with device
-    /// processes, registers why the machine cannot be saved.
+    /// Registers every model with `saved`, under the names and in the
+    /// order of the [module documentation](self), those in device
+    /// processes included.
     pub fn register_saved(&self, saved: &mut SavedDevices) {
         let m = &self.models;
         saved.add_shared("fw-cfg", m.fw_cfg.clone());
         saved.add("pic", m.pic.clone());
         saved.add("pit", m.pit.clone());
         match &m.local {
-            Some(local) => {
+            Ok(local) => {
                 saved.add_shared("cmos", local.cmos.clone());
                 saved.add_shared("pm-timer", local.pm_timer.clone());
                 saved.add_shared("pc-testdev-ioram", local.io_ram.clone());
             }
-            None => saved.cannot_save(
-                "the CMOS, the PM timer and pc-testdev's I/O RAM run in device processes (--device-process), \
-                 whose state nkvm cannot take; run without --device-process to save this machine",
-            ),
+            // Asked of the processes over their sockets; restored in process.
+            Err(remote) => remote.iter().for_each(|(name, state)| saved.add(name, state.clone())),
         }
         saved.add_shared("port92", m.port92.clone());
         saved.add_shared("isa-debug-exit", m.debug_exit.clone());
@@ -205,13 +208,18 @@ pub fn attach(vm: &Arc<Vm>, ioapic: &IoapicPins, machine: &Machine) -> Result<Pl
     let mut processes = Vec::new();
     let wake: WakeSource;
     let local = if machine.device_processes {
-        for (model, range) in
-            [(DeviceModel::PmTimer, pm_timer), (DeviceModel::Cmos, cmos), (DeviceModel::IoRam, io_ram)]
-        {
-            processes.push(DeviceProcess::attach(vm, model, range, Ordering::Sync)?);
+        let mut remote = RemoteModels::new();
+        for (name, model, range) in [
+            ("cmos", DeviceModel::Cmos, cmos),
+            ("pm-timer", DeviceModel::PmTimer, pm_timer),
+            ("pc-testdev-ioram", DeviceModel::IoRam, io_ram),
+        ] {
+            let process = DeviceProcess::attach(vm, model, range, Ordering::Sync)?;
+            remote.push((name, process.saved(vm)));
+            processes.push(process);
         }
         wake = WakeSource::never();
-        None
+        Err(remote)
     } else {
         let timer = PmTimer::new();
         handler(Box::new(InProcess(timer.clone())), pm_timer)?;
@@ -221,7 +229,7 @@ pub fn attach(vm: &Arc<Vm>, ioapic: &IoapicPins, machine: &Machine) -> Result<Pl
         wake = WakeSource::new(Box::new(move || alarm.lock().unwrap_or_else(|p| p.into_inner()).alarm_in()));
         let ram = Arc::new(Mutex::new(IoRam::new()));
         handler(Box::new(InProcess(ram.clone())), io_ram)?;
-        Some(LocalModels { cmos: rtc, pm_timer: Arc::new(Mutex::new(timer)), io_ram: ram })
+        Ok(LocalModels { cmos: rtc, pm_timer: Arc::new(Mutex::new(timer)), io_ram: ram })
     };
     let port92 = Arc::new(Mutex::new(SystemControlA::new(machine.events.clone())));
     handler(Box::new(InProcess(port92.clone())), pio(SYSTEM_CONTROL_A_PORT, SYSTEM_CONTROL_A_SIZE))?;

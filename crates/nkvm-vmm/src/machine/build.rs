@@ -259,7 +259,7 @@ fn multiboot_parts(
         // are restored: no INTA cycle until the 8259's state is back.
         platform.hold_interrupts_until_restored();
     }
-    // Every in-process model; with device processes, why it cannot be saved.
+    // Every model, those in device processes included.
     platform.register_saved(devices);
     let _ = shared.sleep.set(Sleep::new(tables.facs, platform.wake));
     processes.extend(platform.processes);
@@ -287,8 +287,8 @@ fn put_back(vm: &Vm, saved: Vec<(u64, Vec<u8>)>) -> Result<(), MachineError> {
     Ok(())
 }
 
-/// The 16550 on 0x3f8: in process (its state travels) or in a device
-/// process (then the machine cannot be saved).
+/// The 16550 on 0x3f8: in process or in a device process (its state
+/// travels either way; a restore serves it in process).
 fn console(
     parts: &Parts<'_>,
     ioapic: &IoapicPins,
@@ -298,8 +298,10 @@ fn console(
     let com1 = IoRange::pio(builtin::COM1, 8);
     let panic = PanicWatch::default();
     if parts.args.device_process && !parts.restoring {
-        processes.push(DeviceProcess::attach_console(parts.vm, com1, panic.clone())?);
-        devices.cannot_save("the 16550 console runs in a device process (--device-process)");
+        let process = DeviceProcess::attach_console(parts.vm, com1, panic.clone())?;
+        // Its state is asked of the process; a restore serves it in process.
+        devices.add(SERIAL, process.saved(parts.vm));
+        processes.push(process);
         return Ok((None, panic));
     }
     let console = WatchedConsole::new(io::stdout(), panic.clone());
