@@ -9,7 +9,8 @@
 //! (written into its copy-on-write pages only), notifies the queue, waits
 //! for the used ring and prints the sector the device read into its
 //! memory. The snapshot restores twice to the same output, and its memory
-//! file is unchanged byte for byte.
+//! file is unchanged byte for byte. The machine also migrates live, with
+//! its devices in process or in device processes.
 
 mod common;
 mod nkvm_process;
@@ -175,8 +176,9 @@ fn restore_and_read(snap: &Path) -> String {
 }
 
 /// The tiny guest and its disk in `dir`, started with an API socket
-/// there; returns it once it is ready, and the API socket's path.
-fn start_ready(dir: &Path) -> (Vmm, std::path::PathBuf) {
+/// there and `extra`; returns it once it is ready, and the API socket's
+/// path.
+fn start_ready(dir: &Path, extra: &[&str]) -> (Vmm, std::path::PathBuf) {
     let kernel = dir.join("tiny.bzImage");
     std::fs::write(&kernel, tiny_bzimage(&guest().unwrap())).unwrap();
     let disk = dir.join("disk.img");
@@ -184,7 +186,7 @@ fn start_ready(dir: &Path) -> (Vmm, std::path::PathBuf) {
     sectors[..SECTOR.len()].copy_from_slice(SECTOR);
     std::fs::write(&disk, &sectors).unwrap();
     let api = dir.join("api.sock");
-    let mut source = Vmm::run(&[
+    let mut args = vec![
         "--kernel",
         kernel.to_str().unwrap(),
         "--memory",
@@ -193,7 +195,9 @@ fn start_ready(dir: &Path) -> (Vmm, std::path::PathBuf) {
         disk.to_str().unwrap(),
         "--api-socket",
         api.to_str().unwrap(),
-    ]);
+    ];
+    args.extend_from_slice(extra);
+    let mut source = Vmm::run(&args);
     source.wait_console("ready\n");
     (source, api)
 }
@@ -218,7 +222,7 @@ fn served() -> String {
 #[test]
 fn a_restored_kernel_machines_virtio_disk_writes_the_guests_mapped_memory_and_not_the_snapshot() {
     let dir = scratch("kernel-restore-virtio");
-    let (source, api) = start_ready(&dir);
+    let (source, api) = start_ready(&dir, &[]);
     let snap = dir.join("snap");
     assert_eq!(ctl(&api, &["pause"])["ok"], true);
     let answer = ctl(&api, &["snapshot", snap.to_str().unwrap()]);
@@ -245,7 +249,30 @@ fn a_restored_kernel_machines_virtio_disk_writes_the_guests_mapped_memory_and_no
 #[test]
 fn a_kernel_machine_migrated_live_serves_its_virtio_disk_on_the_destination() {
     let dir = scratch("kernel-migrate-virtio");
-    let (mut source, api) = start_ready(&dir);
+    let (mut source, api) = start_ready(&dir, &[]);
+    let mut dest = migrate_to_a_new_destination(&api);
+    source.wait_stderr("this process ends");
+    dest.wait_stderr("the guest resumes here");
+    dest.type_(b"g");
+    dest.wait_console("read ");
+    dest.wait_console("\n");
+    let console = dest.stdout();
+    assert!(console.ends_with(&served()), "the destination's guest saw {console:?}");
+    assert!(!console.contains("ready"), "the guest started again on the destination: {console:?}");
+    drop(dest);
+    drop(source);
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+/// The same machine with its 16550, virtio-blk and virtio-console in
+/// device processes: the migration takes their states from the processes
+/// (the disk's queue stopped where the driver left it), and the
+/// destination serves the request the guest makes after the move with its
+/// disk in process.
+#[test]
+fn a_kernel_machine_with_device_processes_migrates_and_serves_its_disk_in_process() {
+    let dir = scratch("kernel-migrate-device-process");
+    let (mut source, api) = start_ready(&dir, &["--device-process"]);
     let mut dest = migrate_to_a_new_destination(&api);
     source.wait_stderr("this process ends");
     dest.wait_stderr("the guest resumes here");
@@ -267,7 +294,7 @@ fn a_kernel_machine_migrated_live_serves_its_virtio_disk_on_the_destination() {
 #[test]
 fn a_destination_without_the_disk_refuses_and_the_source_says_why() {
     let dir = scratch("kernel-migrate-no-disk");
-    let (mut source, api) = start_ready(&dir);
+    let (mut source, api) = start_ready(&dir, &[]);
     // The source has the disk open; at the same path the destination finds none.
     std::fs::rename(dir.join("disk.img"), dir.join("moved.img")).unwrap();
     let mut dest = migrate_to_a_new_destination(&api);
