@@ -1,7 +1,10 @@
 //! The built-in guest's machine: RAM, the 16550 on 0x3f8, the test device,
 //! the ACPI power-off port; no irqchip. It runs the built-in guest, a raw
 //! `--image`, a snapshot (`--restore`) or a migrated guest (`--incoming`),
-//! and it is the machine that snapshots and migrates.
+//! and it is the machine that snapshots and migrates. With
+//! `--device-process` the 16550 and the test device run in their own
+//! processes (their states are asked of them; a restore runs them in
+//! process).
 
 use std::io;
 use std::process::ExitCode;
@@ -53,12 +56,25 @@ pub fn attach_devices(vm: &Vm) -> Result<SavedDevices, MachineError> {
     Ok(saved)
 }
 
+/// Starts the 16550 and the test device each in its own process, attached
+/// to `vm`; returns their states (asked of the processes) as the machine's
+/// saved set.
+fn attach_processes(vm: &Arc<Vm>, processes: &mut Vec<DeviceProcess>) -> Result<SavedDevices, MachineError> {
+    let mut saved = SavedDevices::default();
+    for (name, model, range) in [
+        (SERIAL, DeviceModel::Serial, IoRange::pio(builtin::COM1, 8)),
+        (TEST_DEVICE, DeviceModel::Test, IoRange::mmio(builtin::TEST_DEVICE, TEST_DEVICE_SIZE)),
+    ] {
+        let process = DeviceProcess::attach(vm, model, range, Ordering::Sync)?;
+        saved.add(name, process.saved(vm));
+        processes.push(process);
+    }
+    Ok(saved)
+}
+
 /// Runs the machine as `args` say, or the saved one `resumed` brings, and
 /// returns the exit code.
 pub fn run(hv: &Hypervisor, args: &RunArgs, resumed: Option<Resumed>) -> Result<ExitCode, Box<dyn std::error::Error>> {
-    if args.device_process && resumed.is_none() {
-        return Ok(run_device_processes(hv, args)?);
-    }
     let (vm, saved, mut answer, since) = match resumed {
         Some(r) => (r.vm, Some(r.state), r.answer, r.since),
         None => {
@@ -72,7 +88,9 @@ pub fn run(hv: &Hypervisor, args: &RunArgs, resumed: Option<Resumed>) -> Result<
         }
     };
     let vm = Arc::new(vm);
-    let (vcpus, running) = match prepare(hv, &vm, args, saved.as_ref()) {
+    // The device processes (with --device-process) end when dropped, after the vCPUs.
+    let mut processes = Vec::new();
+    let (vcpus, running) = match prepare(hv, &vm, args, saved.as_ref(), &mut processes) {
         Ok(ready) => ready,
         Err(e) => {
             Resumed::refuse(answer.as_mut(), &e);
@@ -93,14 +111,19 @@ pub fn run(hv: &Hypervisor, args: &RunArgs, resumed: Option<Resumed>) -> Result<
     Ok(machine::finish(args, &stats, outcome?)?)
 }
 
-/// Devices, vCPUs and the shared state of a fresh or a saved machine.
+/// Devices, vCPUs and the shared state of a fresh or a saved machine. A
+/// fresh one with `--device-process` runs each model in its own process
+/// (into `processes`), whose state a save asks of it; a saved machine runs
+/// them in process.
 fn prepare(
     hv: &Hypervisor,
     vm: &Arc<Vm>,
     args: &RunArgs,
     saved: Option<&DecodedState>,
+    processes: &mut Vec<DeviceProcess>,
 ) -> Result<(Vec<nkvm::Vcpu>, Running), RestoreError> {
-    let devices = attach_devices(vm)?;
+    let devices =
+        if args.device_process && saved.is_none() { attach_processes(vm, processes)? } else { attach_devices(vm)? };
     let machine_config = MachineConfig::builtin(vm.config().vcpus, vm.config().memory);
     let mut vcpus = Vec::new();
     if let Some(saved) = saved {
@@ -161,22 +184,4 @@ fn with_tracers(mut vcpus: Vec<nkvm::Vcpu>, args: &RunArgs, stats: &ExitStats) -
         }
     }
     vcpus
-}
-
-/// The built-in guest with each device model in its own process (no
-/// snapshot or migration: the models' state is in the other processes).
-fn run_device_processes(hv: &Hypervisor, args: &RunArgs) -> Result<ExitCode, MachineError> {
-    let vm = Arc::new(Vm::new(hv, &VmConfig { vcpus: args.cpus, memory: args.memory, ..Default::default() })?);
-    let com1 = IoRange::pio(builtin::COM1, 8);
-    let test = IoRange::mmio(builtin::TEST_DEVICE, TEST_DEVICE_SIZE);
-    let _processes = [
-        DeviceProcess::attach(&vm, DeviceModel::Serial, com1, Ordering::Sync)?,
-        DeviceProcess::attach(&vm, DeviceModel::Test, test, Ordering::Sync)?,
-    ];
-    load_guest(&vm, args).map_err(|e| MachineError::Assemble(e.to_string()))?;
-    let vcpus = boot_vcpus(hv, &vm)?;
-    let shared = Arc::new(Shared::new(args.cpus));
-    let stats = ExitStats::new();
-    let outcome = machine::run_vcpus(with_tracers(vcpus, args, &stats), &vm, &shared)?;
-    machine::finish(args, &stats, outcome)
 }

@@ -57,6 +57,46 @@ fn a_snapshot_restores_in_a_new_process_with_memory_and_console_intact() {
     let _ = std::fs::remove_dir_all(&dir);
 }
 
+/// The built-in machine with its 16550 and test device in device
+/// processes: their states are asked of the processes, and the snapshot
+/// restores with the devices in process, the guest's console and memory
+/// intact (the test device's counters travel with it).
+#[test]
+fn a_machine_with_device_processes_snapshots_and_restores_in_process() {
+    let dir = scratch("snapshot-device-process");
+    let img = image(&dir);
+    let (api, snap) = (dir.join("a.sock"), dir.join("snap"));
+    let mut source = Vmm::run(&[
+        "--cpus",
+        "2",
+        "--memory",
+        "16M",
+        "--image",
+        img.to_str().unwrap(),
+        "--device-process",
+        "--api-socket",
+        api.to_str().unwrap(),
+    ]);
+    source.wait_passes(0, 2);
+    assert_eq!(ctl(&api, &["pause"])["ok"], true);
+    let answer = ctl(&api, &["snapshot", snap.to_str().unwrap()]);
+    assert_eq!(answer["ok"], true, "{answer}");
+    // The serial process writes to the same stdout; give its last line time.
+    std::thread::sleep(std::time::Duration::from_millis(300));
+    source.kill();
+    let before = source.stdout();
+    let serial = std::fs::read(snap.join("device-serial.state")).unwrap();
+    assert!(serial.starts_with(b"NKVD"), "the 16550's state came from its process");
+    assert!(snap.join("device-test-device.state").exists());
+
+    let mut restored = Vmm::run(&["--restore", snap.to_str().unwrap()]);
+    restored.wait_passes(0, 2);
+    let p = check_console(&(before.clone() + &restored.stdout()));
+    assert!(p.len() >= passes(&before).len() + 2);
+    restored.kill();
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
 /// Every kind of damage gets one clear line and exit status 2.
 fn refuses_damaged_snapshots(dir: &std::path::Path, snap: &std::path::Path) {
     let damaged = |name: &str, damage: &dyn Fn(&std::path::Path), expect: &str| {
