@@ -99,6 +99,19 @@ impl Drop for DeviceProcess {
     }
 }
 
+/// Guest code: writes 1..=`writes` to the test device's scratch register
+/// 0 at [`MMIO_A`], leaving `rbx` at the region.
+fn posted_burst(a: &mut CodeAssembler, writes: u64) {
+    a.mov(rbx, MMIO_A).unwrap();
+    a.mov(ecx, 1u32).unwrap();
+    let mut again = a.create_label();
+    a.set_label(&mut again).unwrap();
+    a.mov(qword_ptr(rbx + SCRATCH0), rcx).unwrap();
+    a.inc(ecx).unwrap();
+    a.cmp(ecx, writes as u32).unwrap();
+    a.jbe(again).unwrap();
+}
+
 fn tempdir(name: &str) -> PathBuf {
     let dir = std::env::temp_dir().join(format!("nkvm-io-{name}-{}", std::process::id()));
     let _ = std::fs::remove_dir_all(&dir);
@@ -169,14 +182,7 @@ fn posted_writes_then_a_read_see_every_write_in_order() {
     let vm = vm();
     vm.attach_region(IoRange::mmio(MMIO_A, 0x40), dev.connect(), Ordering::Posted).unwrap();
     let mut vcpu = guest(&vm, |a| {
-        a.mov(rbx, MMIO_A).unwrap();
-        a.mov(ecx, 1u32).unwrap();
-        let mut again = a.create_label();
-        a.set_label(&mut again).unwrap();
-        a.mov(qword_ptr(rbx + SCRATCH0), rcx).unwrap();
-        a.inc(ecx).unwrap();
-        a.cmp(ecx, 100).unwrap();
-        a.jbe(again).unwrap();
+        posted_burst(a, 100);
         a.mov(rax, qword_ptr(rbx + WRITE_COUNT)).unwrap();
         a.out(0x10, eax).unwrap();
         a.mov(rax, qword_ptr(rbx + SCRATCH0)).unwrap();
@@ -216,14 +222,7 @@ fn a_burst_of_posted_writes_reaches_the_device_without_an_exit_per_write() {
     let vm = vm();
     vm.attach_region(IoRange::mmio(MMIO_A, 0x40), dev.connect(), Ordering::Posted).unwrap();
     let mut vcpu = guest(&vm, |a| {
-        a.mov(rbx, MMIO_A).unwrap();
-        a.mov(ecx, 1u32).unwrap();
-        let mut again = a.create_label();
-        a.set_label(&mut again).unwrap();
-        a.mov(qword_ptr(rbx + SCRATCH0), rcx).unwrap();
-        a.inc(ecx).unwrap();
-        a.cmp(ecx, WRITES as u32).unwrap();
-        a.jbe(again).unwrap();
+        posted_burst(a, WRITES);
         // A sync read flushes what is still queued before it is served.
         a.mov(rax, qword_ptr(rbx + WRITE_COUNT)).unwrap();
         a.out(0x10, eax).unwrap();
@@ -412,14 +411,7 @@ fn a_device_process_state_holds_every_posted_write_and_a_dead_one_is_named() {
     let id = vm.attach_region(IoRange::mmio(MMIO_A, 0x40), dev.connect(), Ordering::Posted).unwrap();
     let local = vm.attach_handler(IoRange::pio(PIO, 4), Box::new(Nothing)).unwrap();
     let mut vcpu = guest(&vm, |a| {
-        a.mov(rbx, MMIO_A).unwrap();
-        a.mov(ecx, 1u32).unwrap();
-        let mut again = a.create_label();
-        a.set_label(&mut again).unwrap();
-        a.mov(qword_ptr(rbx + SCRATCH0), rcx).unwrap();
-        a.inc(ecx).unwrap();
-        a.cmp(ecx, WRITES as u32).unwrap();
-        a.jbe(again).unwrap();
+        posted_burst(a, WRITES);
     });
     run(&mut vcpu);
     // No read followed the posted writes: the state request is what

@@ -13,16 +13,7 @@ fn a_snapshot_restores_in_a_new_process_with_memory_and_console_intact() {
     let dir = scratch("snapshot");
     let img = image(&dir);
     let (api, api2, snap, snap2) = (dir.join("a.sock"), dir.join("b.sock"), dir.join("snap"), dir.join("snap2"));
-    let mut source = Vmm::run(&[
-        "--cpus",
-        "2",
-        "--memory",
-        "16M",
-        "--image",
-        img.to_str().unwrap(),
-        "--api-socket",
-        api.to_str().unwrap(),
-    ]);
+    let mut source = pattern_source(&img, &api, &[]);
     source.wait_passes(0, 3);
     assert_eq!(ctl(&api, &["pause"])["ok"], true);
     assert_eq!(ctl(&api, &["info"])["state"], "paused");
@@ -66,17 +57,7 @@ fn a_machine_with_device_processes_snapshots_and_restores_in_process() {
     let dir = scratch("snapshot-device-process");
     let img = image(&dir);
     let (api, snap) = (dir.join("a.sock"), dir.join("snap"));
-    let mut source = Vmm::run(&[
-        "--cpus",
-        "2",
-        "--memory",
-        "16M",
-        "--image",
-        img.to_str().unwrap(),
-        "--device-process",
-        "--api-socket",
-        api.to_str().unwrap(),
-    ]);
+    let mut source = pattern_source(&img, &api, &["--device-process"]);
     source.wait_passes(0, 2);
     assert_eq!(ctl(&api, &["pause"])["ok"], true);
     let answer = ctl(&api, &["snapshot", snap.to_str().unwrap()]);
@@ -95,6 +76,14 @@ fn a_machine_with_device_processes_snapshots_and_restores_in_process() {
     assert!(p.len() >= passes(&before).len() + 2);
     restored.kill();
     let _ = std::fs::remove_dir_all(&dir);
+}
+
+/// The pattern guest `img` on 2 vCPUs, 16 MiB, its API on `api`, with `extra`.
+fn pattern_source(img: &std::path::Path, api: &std::path::Path, extra: &[&str]) -> Vmm {
+    let mut args = vec!["--cpus", "2", "--memory", "16M", "--image", img.to_str().unwrap()];
+    args.extend_from_slice(&["--api-socket", api.to_str().unwrap()]);
+    args.extend_from_slice(extra);
+    Vmm::run(&args)
 }
 
 /// Every kind of damage gets one clear line and exit status 2.
