@@ -105,7 +105,10 @@ pub struct RunArgs {
     /// Run each device model (serial, test device) in its own process,
     /// behind an I/O-region socket, instead of in the VMM; and a --disk
     /// image's virtio-blk in a sandboxed, restartable process of its own.
-    #[arg(long)]
+    /// Their states travel with snapshots and migrations; a restored or
+    /// received machine runs them in process (hence not with --restore or
+    /// --incoming).
+    #[arg(long, conflicts_with_all = ["restore", "incoming"])]
     pub device_process: bool,
     /// Boot this kernel instead of the built-in guest: a Linux bzImage or
     /// uncompressed ELF vmlinux (faster to start: no decompressor), entered
@@ -162,8 +165,8 @@ pub struct RunArgs {
     pub image: Option<std::path::PathBuf>,
     /// Serve a JSON API on this Unix socket (`nkvm ctl`): pause, resume,
     /// snapshot, migrate, info. Any machine; one with a part nkvm cannot
-    /// save (`--device-process`, a vhost-user disk) refuses snapshot and
-    /// migrate, saying which part, and runs on.
+    /// save (a vhost-user disk) refuses snapshot and migrate, saying which
+    /// part, and runs on.
     #[arg(long)]
     pub api_socket: Option<std::path::PathBuf>,
     /// Resume the snapshot in this directory (written by `nkvm ctl
