@@ -19,7 +19,7 @@
 //! VMM holds its transport, and saving stops the process's queues
 //! (`GET_VRING_BASE`), waits until every request it took is completed and
 //! takes the queue positions into the transport
-//! ([`VirtioDevice::stop_for_save`](nkvm_devices::virtio::VirtioDevice::stop_for_save)),
+//! ([`VirtioDevice::stop_for_save`]),
 //! so the machine restores with the device in process; if it runs on
 //! instead, [`SavedDevice::resume`] hands the process its queues back. A
 //! foreign vhost-user backend keeps the disk's identity out of nkvm's reach
