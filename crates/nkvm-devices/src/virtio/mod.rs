@@ -137,6 +137,14 @@ pub trait VirtioDevice: Send {
     /// The machine runs on after a save: restarts what
     /// [`stop_for_save`](Self::stop_for_save) stopped. Nothing by default.
     fn resume_after_save(&mut self) {}
+    /// The transport's state was restored with the driver past `DRIVER_OK`:
+    /// `activation` is what the driver had set up, each queue at the
+    /// position it was saved at. A device whose data path lives elsewhere
+    /// hands the queues over from there; an in-process model (the default)
+    /// has nothing to do. An error marks the device as needing a reset.
+    fn restored(&mut self, _activation: &Activation<'_>) -> Result<(), VirtioError> {
+        Ok(())
+    }
 }
 
 /// How far a device got on one queue, as [`VirtioDevice::stop_for_save`]

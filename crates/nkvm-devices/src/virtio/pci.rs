@@ -212,14 +212,26 @@ impl<D: VirtioDevice> VirtioPci<D> {
         self.device.resume_after_save();
     }
 
-    /// What a restored device does before the vCPUs run: serves what is
-    /// available on each enabled queue, then interrupts the driver once per
+    /// What a restored device does before the vCPUs run: lets a device
+    /// served elsewhere take its queues back ([`VirtioDevice::restored`]),
+    /// serves what is available on each enabled queue, then interrupts the driver once per
     /// enabled queue (the one serving raised, or one of its own). The old
     /// machine may have raised an interrupt that did not travel; a spurious
     /// one finds nothing new in the used ring, which virtio drivers take in
     /// their stride. Call it once the vCPUs' local APICs are restored: an
     /// interrupt delivered before would be overwritten.
     pub fn resume(&mut self) {
+        if self.common.running() {
+            let activation = Activation {
+                features: self.common.driver_features(),
+                queues: self.common.queues(),
+                vectors: self.common.queue_vectors(),
+            };
+            if let Err(e) = self.device.restored(&activation) {
+                self.fail(&e);
+                return;
+            }
+        }
         for q in self.enabled_queues() {
             if !self.serve(q) {
                 self.interrupt(self.common.queue_vector(q), ISR_QUEUE);
