@@ -165,8 +165,8 @@ pub struct RunArgs {
     pub image: Option<std::path::PathBuf>,
     /// Serve a JSON API on this Unix socket (`nkvm ctl`): pause, resume,
     /// snapshot, migrate, info. Any machine; one with a part nkvm cannot
-    /// save (a vhost-user disk) refuses snapshot and migrate, saying which
-    /// part, and runs on.
+    /// save (a vhost-user backend that does not log its writes) refuses
+    /// snapshot and migrate, saying which part, and runs on.
     #[arg(long)]
     pub api_socket: Option<std::path::PathBuf>,
     /// Resume the snapshot in this directory (written by `nkvm ctl

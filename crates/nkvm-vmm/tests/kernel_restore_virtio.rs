@@ -175,16 +175,27 @@ fn restore_and_read(snap: &Path) -> String {
     console
 }
 
-/// The tiny guest and its disk in `dir`, started with an API socket
-/// there and `extra`; returns it once it is ready, and the API socket's
-/// path.
-fn start_ready(dir: &Path, extra: &[&str]) -> (Vmm, std::path::PathBuf) {
-    let kernel = dir.join("tiny.bzImage");
-    std::fs::write(&kernel, tiny_bzimage(&guest().unwrap())).unwrap();
+/// The guest's disk image in `dir`: 8 sectors, [`SECTOR`] in the first.
+fn write_disk(dir: &Path) -> std::path::PathBuf {
     let disk = dir.join("disk.img");
     let mut sectors = vec![0u8; 8 * 512];
     sectors[..SECTOR.len()].copy_from_slice(SECTOR);
     std::fs::write(&disk, &sectors).unwrap();
+    disk
+}
+
+/// The tiny guest and its disk in `dir`, started with an API socket
+/// there and `extra`; returns it once it is ready, and the API socket's
+/// path.
+fn start_ready(dir: &Path, extra: &[&str]) -> (Vmm, std::path::PathBuf) {
+    let disk = write_disk(dir);
+    start_ready_on(dir, disk.to_str().unwrap(), extra)
+}
+
+/// The tiny guest with `--disk DISK`, as [`start_ready`].
+fn start_ready_on(dir: &Path, disk: &str, extra: &[&str]) -> (Vmm, std::path::PathBuf) {
+    let kernel = dir.join("tiny.bzImage");
+    std::fs::write(&kernel, tiny_bzimage(&guest().unwrap())).unwrap();
     let api = dir.join("api.sock");
     let mut args = vec![
         "--kernel",
@@ -192,7 +203,7 @@ fn start_ready(dir: &Path, extra: &[&str]) -> (Vmm, std::path::PathBuf) {
         "--memory",
         "64M",
         "--disk",
-        disk.to_str().unwrap(),
+        disk,
         "--api-socket",
         api.to_str().unwrap(),
     ];
@@ -265,8 +276,15 @@ fn a_kernel_machine_with_device_processes_migrates_and_serves_its_disk_in_proces
 /// destination serves the request the guest makes after the move.
 fn migrate_and_serve(name: &str, extra: &[&str]) {
     let dir = scratch(name);
-    let (mut source, api) = start_ready(&dir, extra);
-    let mut dest = migrate_to_a_new_destination(&api);
+    let (source, api) = start_ready(&dir, extra);
+    migrate_ready_and_serve(source, &api);
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+/// Migrates the ready guest `source` (its API on `api`) and checks that the
+/// destination serves the request the guest makes after the move.
+fn migrate_ready_and_serve(mut source: Vmm, api: &Path) {
+    let mut dest = migrate_to_a_new_destination(api);
     source.wait_stderr("this process ends");
     dest.wait_stderr("the guest resumes here");
     dest.type_(b"g");
@@ -277,6 +295,69 @@ fn migrate_and_serve(name: &str, extra: &[&str]) {
     assert!(!console.contains("ready"), "the guest started again on the destination: {console:?}");
     drop(dest);
     drop(source);
+}
+
+/// qemu-storage-daemon exporting `image` as vhost-user-blk on `socket`,
+/// with file locking off, so a second daemon can serve the same image as a
+/// second host on shared storage would. Killed when dropped.
+struct StorageDaemon(std::process::Child);
+
+impl StorageDaemon {
+    fn start(image: &Path, socket: &Path) -> Self {
+        let child = std::process::Command::new("qemu-storage-daemon")
+            .arg("--blockdev")
+            .arg(format!("driver=file,node-name=d0,filename={},locking=off", image.display()))
+            .arg("--export")
+            .arg(format!(
+                "type=vhost-user-blk,id=e0,node-name=d0,addr.type=unix,addr.path={},writable=on",
+                socket.display()
+            ))
+            .stdin(std::process::Stdio::null())
+            .spawn()
+            .unwrap_or_else(|e| panic!("cannot run qemu-storage-daemon ({e}): `apt-get install -y qemu-utils`"));
+        let daemon = Self(child);
+        let start = std::time::Instant::now();
+        while !socket.exists() {
+            assert!(start.elapsed() < std::time::Duration::from_secs(10), "qemu-storage-daemon never listened");
+            std::thread::sleep(std::time::Duration::from_millis(10));
+        }
+        daemon
+    }
+}
+
+impl Drop for StorageDaemon {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+/// The same machine with its disk behind qemu-storage-daemon: the backend's
+/// queue is stopped where the driver left it and travels as a position. The
+/// destination finds a backend at the same socket path (here a second
+/// daemon on the same image, bound after the first one's file is gone, as
+/// another host's would be), hands it the queue there, and it serves the
+/// request the guest makes after the move.
+#[test]
+fn a_kernel_machine_with_a_vhost_user_disk_migrates_to_the_backend_at_the_same_path() {
+    let dir = scratch("kernel-migrate-vhost-user");
+    let disk = write_disk(&dir);
+    let socket = dir.join("qsd.sock");
+    let first = StorageDaemon::start(&disk, &socket);
+    let (source, api) = start_ready_on(&dir, &format!("vhost-user:{}", socket.display()), &[]);
+    let snap = dir.join("snap");
+    let answer = ctl(&api, &["snapshot", snap.to_str().unwrap()]);
+    assert_eq!(answer["ok"], true, "{answer}");
+    let machine = std::fs::read_to_string(snap.join("machine.json")).unwrap();
+    assert!(machine.contains(&format!("\"vhost_user_disk\": {:?}", socket.display().to_string())), "{machine}");
+    std::fs::remove_file(&socket).unwrap();
+    let second = StorageDaemon::start(&disk, &socket);
+    migrate_ready_and_serve(source, &api);
+    // The snapshot restores onto the backend at that path too (its memory
+    // copied into shared memory the backend can map).
+    let console = restore_and_read(&snap);
+    assert!(console.ends_with(&served()), "the restored guest saw {console:?}");
+    drop((first, second));
     let _ = std::fs::remove_dir_all(&dir);
 }
 

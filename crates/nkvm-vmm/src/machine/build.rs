@@ -196,7 +196,8 @@ fn linux_parts(parts: &Parts<'_>, shared: &Arc<Shared>, devices: &mut SavedDevic
     }));
     let (disk, disk_read_only) = match (&parts.config.kind, parts.restoring) {
         // Checked when the machine came in (`MachineConfig::check_disk`).
-        (MachineKind::Linux { disk: Some(disk) }, true) => (Some(Disk::Image(disk.path.clone())), disk.read_only),
+        (MachineKind::Linux { disk: Some(disk), .. }, true) => (Some(Disk::Image(disk.path.clone())), disk.read_only),
+        (MachineKind::Linux { vhost_user: Some(socket), .. }, true) => (Some(Disk::VhostUser(socket.clone())), false),
         _ => (args.disk.clone(), args.disk_readonly),
     };
     let device_process = if args.device_process && !parts.restoring {

@@ -182,10 +182,13 @@ fn fresh_config(args: &RunArgs, boot: &Boot) -> MachineConfig {
                     size: std::fs::metadata(path).map(|m| m.len()).unwrap_or(0),
                     read_only: args.disk_readonly,
                 }),
-                // A vhost-user disk's machine cannot be saved (build says why).
                 Some(Disk::VhostUser(_)) | None => None,
             };
-            MachineKind::Linux { disk }
+            let vhost_user = match &args.disk {
+                Some(Disk::VhostUser(socket)) => Some(std::path::absolute(socket).unwrap_or_else(|_| socket.clone())),
+                _ => None,
+            };
+            MachineKind::Linux { disk, vhost_user }
         }
     };
     MachineConfig { cpus: args.cpus, memory: args.memory, kind, hyperv: args.hyperv }

@@ -216,6 +216,7 @@ pub fn attach(vm: &Arc<Vm>, config: &PciConfig) -> Result<Attached, PciSetupErro
         window: Window { next: PCI_MMIO_BASE },
         notifiers: HashMap::new(),
         saved: Vec::new(),
+        unlogged: Vec::new(),
     };
     vm.add_dirty_source(Arc::new(dirty::RamWrites::new(builder.mem.clone(), builder.keeper.clone())));
     let mut attached = Attached::default();
@@ -237,11 +238,6 @@ pub fn attach(vm: &Arc<Vm>, config: &PciConfig) -> Result<Attached, PciSetupErro
             if config.disk_read_only {
                 return Err(PciSetupError::ReadOnlyVhostUser);
             }
-            attached.saved.unsaveable.push(format!(
-                "the disk is served by a vhost-user backend (--disk vhost-user:{}): its queue state lives in the \
-                 backend; snapshot and migration need an in-process disk (--disk IMAGE)",
-                socket.display()
-            ));
             let block = VhostUserDevice::connect(socket, vhost_user::BLOCK, builder.mem.clone())?;
             log::info!("virtio-blk: vhost-user backend at {} ({} sectors)", socket.display(), block.capacity());
             builder.add_vhost_user(block)?;
@@ -256,7 +252,8 @@ pub fn attach(vm: &Arc<Vm>, config: &PciConfig) -> Result<Attached, PciSetupErro
     } else {
         builder.add(Console::new(io::stdout()))?;
     }
-    let Builder { bus, notifiers, saved, .. } = builder;
+    let Builder { bus, notifiers, saved, unlogged, .. } = builder;
+    attached.saved.unsaveable.extend(unlogged);
     let mut ports =
         ConfigPorts { bus, vm: Arc::downgrade(vm), regions: HashMap::new(), notifiers, reset: config.reset.clone() };
     ports.apply_bar_events();
@@ -331,8 +328,10 @@ struct Builder {
     next_gsi: u32,
     window: Window,
     notifiers: HashMap<u8, QueueNotifier>,
-    /// The in-process devices, by slot, as a snapshot sees them.
+    /// The devices, by slot, as a snapshot sees them.
     saved: Vec<(u8, saved::SharedSaveable)>,
+    /// Why a backend's device cannot be saved (it does not log its writes).
+    unlogged: Vec<String>,
 }
 
 impl Builder {
@@ -364,13 +363,19 @@ impl Builder {
         device.set_eventfds(fds);
         // The pages the backend writes, into the VM's dirty log.
         self.vm.add_dirty_source(device.dirty_log());
-        // nkvm's own device process saves through the transport; a
-        // foreign backend's machine registered why it cannot be saved.
-        let saveable = device.process_log().is_some();
-        let (virtio, slot) = self.place(device, sink)?;
-        if saveable {
-            self.saved.push((slot, virtio.clone()));
+        // Saved through the transport (its queues stopped, positions read);
+        // unless the backend's writes are missing from the dirty log, where
+        // a copy could miss them.
+        if !device.logs_writes() {
+            self.unlogged.push(format!(
+                "the {} backend at {} does not log the pages it writes (it offers neither \
+                 VHOST_USER_PROTOCOL_F_LOG_SHMFD nor VHOST_F_LOG_ALL), so a copy of the guest could miss them",
+                device.kind_name(),
+                device.socket().display()
+            ));
         }
+        let (virtio, slot) = self.place(device, sink)?;
+        self.saved.push((slot, virtio.clone()));
         vhost_user::watch(&virtio).map_err(PciSetupError::Worker)?;
         self.notifiers.insert(slot, notifier);
         Ok(())

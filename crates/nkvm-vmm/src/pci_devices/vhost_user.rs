@@ -26,7 +26,13 @@
 //!   register: an ioeventfd, moved with BAR0), `SET_VRING_ENABLE` — all
 //!   carried out before the guest runs on (acknowledged, or followed by a
 //!   request with a reply), so its first kick cannot overtake them;
-//! - on a device reset: `GET_VRING_BASE` per started queue, which stops it.
+//! - on a device reset: `GET_VRING_BASE` per started queue, which stops it;
+//! - on a save (vCPUs paused): `GET_VRING_BASE` per started queue, then a
+//!   wait until the used ring shows every request the backend took; the
+//!   positions go into the transport's state, and if the machine runs on
+//!   the queues are handed back at the used ring's positions; on a restore
+//!   (or a received migration) the queues are handed to the backend at
+//!   their saved positions (`SET_VRING_BASE`).
 //!
 //! The backend's data path then never crosses the VMM: the guest's kick
 //! reaches the backend through KVM, the backend's call reaches the guest
@@ -178,6 +184,9 @@ struct Saved {
 #[derive(Debug, Clone, Copy)]
 struct Ring {
     index: usize,
+    /// Where the transport's queue stands: 0 at `DRIVER_OK`, the saved
+    /// position after a restore.
+    next_avail: u16,
     size: u16,
     max_size: u16,
     desc: u64,
@@ -193,6 +202,7 @@ impl Ring {
         queues
             .map(|(index, q)| Ring {
                 index,
+                next_avail: q.next_avail(),
                 size: q.size(),
                 max_size: q.max_size(),
                 desc: q.desc_table(),
@@ -294,9 +304,18 @@ impl VhostUserDevice {
     /// they reach the VM's dirty log through [`dirty_log`](Self::dirty_log).
     /// When it does not, a snapshot or migration taken while the device
     /// runs may miss pages it wrote.
-    #[cfg(test)]
     pub fn logs_writes(&self) -> bool {
         self.logs_writes
+    }
+
+    /// The device's name in messages (`virtio-blk`, ...).
+    pub fn kind_name(&self) -> &'static str {
+        self.kind.name
+    }
+
+    /// The backend's socket.
+    pub fn socket(&self) -> &Path {
+        &self.socket
     }
 
     /// The log the backend marks the pages it writes in: a
@@ -390,7 +409,7 @@ impl VhostUserDevice {
             return Err(VhostUserError::Gone { socket: self.socket.clone() });
         }
         let saved = Saved { features: activation.features, rings: Ring::enabled(activation) };
-        self.hand_over(&saved, |_| Ok(0))?;
+        self.hand_over(&saved, |ring| Ok(ring.next_avail))?;
         self.saved = Some(saved);
         Ok(())
     }
@@ -597,6 +616,12 @@ impl VirtioDevice for VhostUserDevice {
         Ok(false)
     }
 
+    /// A restored transport: the backend takes each queue at its saved
+    /// position (`SET_VRING_BASE`), as at `DRIVER_OK`.
+    fn restored(&mut self, activation: &Activation<'_>) -> Result<(), VirtioError> {
+        self.activate(activation)
+    }
+
     fn stop_for_save(&mut self, _mem: &GuestRam) -> Result<Vec<QueueProgress>, VirtioError> {
         self.stop_queues().map_err(|e| VirtioError::Backend(Box::new(e)))
     }
@@ -627,7 +652,9 @@ impl VirtioDevice for VhostUserDevice {
 /// The device's state is the in-process model's of the same kind
 /// ([`nkvm_devices::virtio::Block`]: capacity and read-only;
 /// [`nkvm_devices::virtio::Console`]: nothing), so a machine saved with its
-/// devices in nkvm's device processes restores with them in process.
+/// devices in nkvm's device processes restores with them in process, and
+/// one whose disk is a foreign backend's restores onto a backend serving
+/// the same disk.
 impl Snapshot for VhostUserDevice {
     fn snapshot_name(&self) -> &'static str {
         self.kind.name
@@ -644,11 +671,24 @@ impl Snapshot for VhostUserDevice {
         }
     }
 
-    fn load_body(&mut self, _input: &mut StateReader<'_>) -> Result<(), SnapshotError> {
-        Err(SnapshotError::NotRestorable {
-            device: self.kind.name,
-            why: "a restored machine serves its virtio devices in process (restore without --device-process)",
-        })
+    /// The backend must serve the same disk: its capacity and read-only
+    /// setting are checked as the in-process model checks them. The queue
+    /// positions are the transport's; [`VirtioDevice::restored`] hands
+    /// them to the backend.
+    fn load_body(&mut self, input: &mut StateReader<'_>) -> Result<(), SnapshotError> {
+        if self.kind.device_type != BLOCK.device_type {
+            return Ok(());
+        }
+        let capacity = input.u64("capacity")?;
+        if capacity != self.capacity() {
+            return Err(input.mismatch("the disk's capacity in 512-byte sectors", capacity, self.capacity()));
+        }
+        let read_only = input.bool("read-only")?;
+        let here = self.backend_features & VIRTIO_BLK_F_RO != 0;
+        if read_only != here {
+            return Err(input.mismatch("read-only (1: yes)", read_only.into(), here.into()));
+        }
+        Ok(())
     }
 }
 

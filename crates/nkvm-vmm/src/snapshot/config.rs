@@ -36,8 +36,11 @@ pub enum MachineKind {
     /// The Linux PC: split irqchip, IOAPIC, the 16550, PCI with a
     /// virtio-console and, if it has one, a virtio-blk disk.
     Linux {
-        /// The virtio-blk disk, if any.
+        /// The virtio-blk disk image, if any.
         disk: Option<DiskConfig>,
+        /// The socket of the vhost-user backend serving the disk instead,
+        /// if any: a backend serving the same disk must listen there.
+        vhost_user: Option<PathBuf>,
     },
 }
 
@@ -120,7 +123,7 @@ impl MachineConfig {
     /// its size: a machine is refused before anything of it is built.
     pub fn check_disk(&self) -> Result<(), SnapshotError> {
         match &self.kind {
-            MachineKind::Linux { disk: Some(disk) } => disk.check(),
+            MachineKind::Linux { disk: Some(disk), .. } => disk.check(),
             _ => Ok(()),
         }
     }
@@ -142,11 +145,14 @@ impl MachineConfig {
             "vcpus": vcpus,
             "devices": devices,
         });
-        if let MachineKind::Linux { disk } = &self.kind {
+        if let MachineKind::Linux { disk, vhost_user } = &self.kind {
             v["disk"] = match disk {
                 Some(d) => json!({ "path": d.path, "size": d.size, "read_only": d.read_only }),
                 None => Value::Null,
             };
+            if let Some(socket) = vhost_user {
+                v["vhost_user_disk"] = json!(socket);
+            }
         }
         format!("{v:#}\n")
     }
@@ -167,7 +173,10 @@ impl MachineConfig {
         let kind = match (format, v.get("kind").and_then(Value::as_str)) {
             (_, Some("builtin")) => MachineKind::Builtin,
             (2.., Some("multiboot")) => MachineKind::Multiboot,
-            (2.., Some("linux")) => MachineKind::Linux { disk: disk_from_json(v.get("disk")).map_err(bad)? },
+            (2.., Some("linux")) => MachineKind::Linux {
+                disk: disk_from_json(v.get("disk")).map_err(bad)?,
+                vhost_user: vhost_user_from_json(v.get("vhost_user_disk")).map_err(bad)?,
+            },
             (_, other) => {
                 return Err(bad(format!(
                     "machine kind {other:?} in format {format}; this nkvm restores \"builtin\", \"multiboot\" and \
@@ -199,6 +208,18 @@ impl MachineConfig {
     }
 }
 
+/// A Linux machine's `"vhost_user_disk"`: absent or null, or the
+/// backend's socket (an absolute path).
+fn vhost_user_from_json(socket: Option<&Value>) -> Result<Option<PathBuf>, String> {
+    match socket {
+        None | Some(Value::Null) => Ok(None),
+        Some(s) => match s.as_str().filter(|p| p.starts_with('/')) {
+            Some(path) => Ok(Some(path.into())),
+            None => Err("\"vhost_user_disk\" must be null or an absolute socket path".into()),
+        },
+    }
+}
+
 /// A Linux machine's `"disk"`: null, or path, size and read-only.
 fn disk_from_json(disk: Option<&Value>) -> Result<Option<DiskConfig>, String> {
     let disk = match disk {
@@ -219,14 +240,19 @@ mod tests {
 
     fn linux() -> MachineConfig {
         let disk = DiskConfig { path: "/var/disk.img".into(), size: 1 << 20, read_only: true };
-        MachineConfig { cpus: 2, memory: 256 << 20, kind: MachineKind::Linux { disk: Some(disk) }, hyperv: true }
+        let kind = MachineKind::Linux { disk: Some(disk), vhost_user: None };
+        MachineConfig { cpus: 2, memory: 256 << 20, kind, hyperv: true }
     }
 
     #[test]
     fn machine_json_round_trips_for_every_kind() {
         let multiboot = MachineConfig { kind: MachineKind::Multiboot, ..MachineConfig::builtin(1, 32 << 20) };
-        let no_disk = MachineConfig { kind: MachineKind::Linux { disk: None }, ..linux() };
-        for c in [MachineConfig::builtin(2, 16 << 20), multiboot, linux(), no_disk] {
+        let no_disk = MachineConfig { kind: MachineKind::Linux { disk: None, vhost_user: None }, ..linux() };
+        let vhost_user = MachineConfig {
+            kind: MachineKind::Linux { disk: None, vhost_user: Some("/run/qsd.sock".into()) },
+            ..linux()
+        };
+        for c in [MachineConfig::builtin(2, 16 << 20), multiboot, linux(), no_disk, vhost_user] {
             let text = c.to_json(&["serial", "test-device"]);
             let (back, devices) = MachineConfig::from_json(&text, "m").unwrap();
             assert_eq!(back, c, "{text}");
@@ -262,6 +288,9 @@ mod tests {
         let text = linux().to_json(&[]).replace("/var/disk.img", "disk.img");
         let err = MachineConfig::from_json(&text, "m").unwrap_err().to_string();
         assert!(err.contains("\"disk\" needs an absolute \"path\""), "{err}");
+        let text = linux().to_json(&[]).replace("\"disk\": {", "\"vhost_user_disk\": \"qsd.sock\", \"disk\": {");
+        let err = MachineConfig::from_json(&text, "m").unwrap_err().to_string();
+        assert!(err.contains("\"vhost_user_disk\" must be null or an absolute socket path"), "{err}");
     }
 
     #[test]

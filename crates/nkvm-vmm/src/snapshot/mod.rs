@@ -233,7 +233,24 @@ pub fn read(dir: &Path) -> Result<Loaded, SnapshotError> {
     if found != config.memory {
         return Err(SnapshotError::MemorySize { path: path.display().to_string(), found, expected: config.memory });
     }
-    let ram = Backing::from_file_private("nkvm-ram", file, config.memory)
-        .map_err(|source| SnapshotError::Map { path: path.display().to_string(), source })?;
+    let ram = if matches!(config.kind, MachineKind::Linux { vhost_user: Some(_), .. }) {
+        // A vhost-user backend maps guest RAM itself, which a private
+        // mapping of the file would hide from it: this one machine kind
+        // copies its memory into a fresh memfd (the kernel copies,
+        // holes stay holes), at a cost that grows with what the guest used.
+        copied_ram(file, &path, config.memory)?
+    } else {
+        Backing::from_file_private("nkvm-ram", file, config.memory)
+            .map_err(|source| SnapshotError::Map { path: path.display().to_string(), source })?
+    };
     Ok(Loaded { state: MachineState { config, vm, vcpus, devices }, ram })
+}
+
+/// `file`'s `size` bytes in a new memfd backing.
+fn copied_ram(mut file: File, path: &Path, size: u64) -> Result<Backing, SnapshotError> {
+    let ram = Backing::new("nkvm-ram", size)
+        .map_err(|source| SnapshotError::Map { path: path.display().to_string(), source })?;
+    let mut to = ram.file();
+    io::copy(&mut file, &mut to).map_err(io_err(path, "copy into guest RAM"))?;
+    Ok(ram)
 }
