@@ -36,8 +36,10 @@
 //!
 //! The backend's data path then never crosses the VMM: the guest's kick
 //! reaches the backend through KVM, the backend's call reaches the guest
-//! through KVM. The socket has a timeout, so a stuck backend cannot hang a
-//! vCPU; a backend that goes away (its socket hangs up) is noticed by a
+//! through KVM. Every run of requests has a deadline (10 s) after which
+//! the socket is shut down ([`session::Deadline`]: the `vhost` crate
+//! retries a read that times out, so the socket's own timeout would not
+//! do), so a stuck backend cannot hang a vCPU; a backend that goes away (its socket hangs up) is noticed by a
 //! watcher thread, which logs it naming the socket and marks the device
 //! `DEVICE_NEEDS_RESET`. The VM lives on. The watcher then tries the
 //! socket every 200 ms; when a backend answers it redoes the start-up
@@ -76,7 +78,7 @@ use vhost::{VhostBackend, VhostUserMemoryRegionInfo, VringConfigData};
 use virtio_queue::{Queue, QueueT};
 use vm_memory::{Bytes, GuestAddress, GuestMemoryBackend};
 
-use self::session::Session;
+use self::session::{Deadline, Session, SOCKET_TIMEOUT};
 use self::shared_log::set_log_base;
 use super::device_process::{ProcessLog, VirtioProcess};
 use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
@@ -447,6 +449,7 @@ impl VhostUserDevice {
         saved: &Saved,
         base: impl Fn(&Ring) -> Result<u16, VhostUserError>,
     ) -> Result<(), VhostUserError> {
+        let _deadline = self.deadline()?;
         let mut features = saved.features | VhostUserVirtioFeatures::PROTOCOL_FEATURES.bits();
         if self.logs_writes {
             features |= LOG_ALL;
@@ -490,6 +493,7 @@ impl VhostUserDevice {
             return Err(VhostUserError::Gone { socket: self.socket.clone() });
         }
         self.stopped_for_save = true;
+        let _deadline = self.deadline()?;
         let mut progress = Vec::new();
         let started = std::mem::take(&mut self.started);
         for ring in saved.rings.iter().filter(|r| started.contains(&r.index)) {
@@ -515,6 +519,12 @@ impl VhostUserDevice {
         }
         log::debug!("vhost-user {}: queues stopped for a save at {progress:?}", self.socket.display());
         Ok(progress)
+    }
+
+    /// Bounds the requests that follow, until it is dropped ([`Deadline`]).
+    fn deadline(&self) -> Result<Deadline, VhostUserError> {
+        Deadline::arm(&self.raw, SOCKET_TIMEOUT * 2)
+            .map_err(|source| VhostUserError::Connect { socket: self.socket.clone(), source })
     }
 
     fn start_queue(&mut self, queue: &Ring, base: u16) -> Result<(), VhostUserError> {
@@ -641,6 +651,7 @@ impl VirtioDevice for VhostUserDevice {
     fn reset(&mut self) {
         self.stopped_for_save = false;
         self.saved = None;
+        let _deadline = self.deadline().inspect_err(|e| log::warn!("vhost-user: {e}")).ok();
         for index in std::mem::take(&mut self.started) {
             if let Err(e) = self.frontend.get_vring_base(index) {
                 log::warn!("vhost-user {}: stopping queue {index}: {e}", self.socket.display());
