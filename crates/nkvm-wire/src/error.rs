@@ -205,6 +205,11 @@ pub enum WireError {
     },
     /// The device's model has no saved state.
     NoDeviceState,
+    /// The device's model refused the state it was given.
+    StateRefused {
+        /// The model's reason.
+        reason: String,
+    },
     /// State transfer was asked of a connection whose version lacks it.
     StateNotInVersion {
         /// The version the two ends agreed on.
@@ -300,6 +305,7 @@ impl fmt::Display for WireError {
                 crate::ioregion::state::MAX_STATE_LEN
             ),
             NoDeviceState => write!(f, "the device model has no saved state"),
+            StateRefused { reason } => write!(f, "the device model refused the state: {reason}"),
             StateNotInVersion { version } => write!(
                 f,
                 "the device speaks version {version} of the I/O-region protocol; state transfer needs version {}",

@@ -35,7 +35,7 @@ pub use hello::{device_handshake, vm_handshake, Handshake, Hello, RegionInfo};
 pub use in_flight::InFlight;
 pub use reply::Reply;
 pub use request::Request;
-pub use state::{StateAssembly, StateChunk, StateRequest};
+pub use state::{LoadStatus, StateAssembly, StateChunk, StateLoad, StateLoaded, StateRequest};
 
 /// Frame type of [`Hello`] (VM side to device side).
 pub const FRAME_HELLO: u8 = 1;
@@ -45,8 +45,12 @@ pub const FRAME_REQUEST: u8 = 3;
 pub const FRAME_REPLY: u8 = 4;
 /// Frame type of [`StateRequest`] (VM side to device side; version 2).
 pub const FRAME_STATE_REQUEST: u8 = 5;
-/// Frame type of [`StateChunk`] (device side to VM side; version 2).
+/// Frame type of [`StateChunk`] (either way; version 2).
 pub const FRAME_STATE_CHUNK: u8 = 6;
+/// Frame type of [`StateLoad`] (VM side to device side; version 2).
+pub const FRAME_STATE_LOAD: u8 = 7;
+/// Frame type of [`StateLoaded`] (device side to VM side; version 2).
+pub const FRAME_STATE_LOADED: u8 = 8;
 /// Payload length of [`Hello`].
 pub const HELLO_PAYLOAD_LEN: usize = 32;
 /// Payload length of [`Request`].
@@ -57,6 +61,10 @@ pub const REPLY_PAYLOAD_LEN: usize = 16;
 pub const STATE_REQUEST_PAYLOAD_LEN: usize = 8;
 /// Payload length of [`StateChunk`].
 pub const STATE_CHUNK_PAYLOAD_LEN: usize = 48;
+/// Payload length of [`StateLoad`].
+pub const STATE_LOAD_PAYLOAD_LEN: usize = 8;
+/// Payload length of [`StateLoaded`].
+pub const STATE_LOADED_PAYLOAD_LEN: usize = 8;
 /// The largest payload of the protocol (a state chunk's).
 pub const MAX_PAYLOAD_LEN: usize = STATE_CHUNK_PAYLOAD_LEN;
 
@@ -69,6 +77,8 @@ pub fn payload_len(frame_type: u8) -> Option<usize> {
         FRAME_REPLY => Some(REPLY_PAYLOAD_LEN),
         FRAME_STATE_REQUEST => Some(STATE_REQUEST_PAYLOAD_LEN),
         FRAME_STATE_CHUNK => Some(STATE_CHUNK_PAYLOAD_LEN),
+        FRAME_STATE_LOAD => Some(STATE_LOAD_PAYLOAD_LEN),
+        FRAME_STATE_LOADED => Some(STATE_LOADED_PAYLOAD_LEN),
         _ => None,
     }
 }
@@ -82,6 +92,8 @@ pub fn frame_name(frame_type: u8) -> &'static str {
         FRAME_REPLY => "reply",
         FRAME_STATE_REQUEST => "state request",
         FRAME_STATE_CHUNK => "state chunk",
+        FRAME_STATE_LOAD => "state load",
+        FRAME_STATE_LOADED => "state loaded",
         _ => "unknown",
     }
 }
@@ -243,8 +255,14 @@ pub enum IoFrame {
     Reply(Reply),
     /// Asks for the device model's state (VM side to device side).
     StateRequest(StateRequest),
-    /// A piece of the answer to a state request (device side to VM side).
+    /// A piece of a state (device side to VM side answering a state
+    /// request or carrying a refusal's reason; VM side to device side
+    /// after a state load).
     StateChunk(StateChunk),
+    /// Gives the device a state to take (VM side to device side).
+    StateLoad(StateLoad),
+    /// Whether the device took it (device side to VM side).
+    StateLoaded(StateLoaded),
 }
 
 impl IoFrame {
@@ -257,6 +275,8 @@ impl IoFrame {
             IoFrame::Reply(_) => "reply",
             IoFrame::StateRequest(_) => "state request",
             IoFrame::StateChunk(_) => "state chunk",
+            IoFrame::StateLoad(_) => "state load",
+            IoFrame::StateLoaded(_) => "state loaded",
         }
     }
 
@@ -269,6 +289,8 @@ impl IoFrame {
             IoFrame::Reply(r) => FrameBytes::new(&r.encode()),
             IoFrame::StateRequest(r) => FrameBytes::new(&r.encode()),
             IoFrame::StateChunk(c) => FrameBytes::new(&c.encode()),
+            IoFrame::StateLoad(l) => FrameBytes::new(&l.encode()),
+            IoFrame::StateLoaded(l) => FrameBytes::new(&l.encode()),
         }
     }
 
@@ -287,6 +309,8 @@ impl IoFrame {
             FRAME_REPLY => IoFrame::Reply(Reply::decode_payload(p)?),
             FRAME_STATE_REQUEST => IoFrame::StateRequest(StateRequest::decode_payload(p)?),
             FRAME_STATE_CHUNK => IoFrame::StateChunk(StateChunk::decode_payload(p)?),
+            FRAME_STATE_LOAD => IoFrame::StateLoad(StateLoad::decode_payload(p)?),
+            FRAME_STATE_LOADED => IoFrame::StateLoaded(StateLoaded::decode_payload(p)?),
             frame_type => return Err(WireError::UnknownFrameType { protocol: Protocol::IoRegion, frame_type }),
         })
     }

@@ -7,7 +7,7 @@ use common::{apic_frame, io_frame, reply, request, Chunked};
 use nkvm_wire::apic::{self, ApicFrame, EoiMessage, InterruptMessage};
 use nkvm_wire::frame::{Protocol, MAX_FRAME_LEN};
 use nkvm_wire::handshake::HelloAck;
-use nkvm_wire::ioregion::{self, Hello, IoFrame, Reply, Request, StateChunk, StateRequest};
+use nkvm_wire::ioregion::{self, Hello, IoFrame, Reply, Request, StateChunk, StateLoad, StateLoaded, StateRequest};
 use proptest::prelude::*;
 
 proptest! {
@@ -25,6 +25,8 @@ proptest! {
             IoFrame::Reply(r) => prop_assert_eq!(Reply::decode(&bytes)?, r),
             IoFrame::StateRequest(r) => prop_assert_eq!(StateRequest::decode(&bytes)?, r),
             IoFrame::StateChunk(c) => prop_assert_eq!(StateChunk::decode(&bytes)?, c),
+            IoFrame::StateLoad(l) => prop_assert_eq!(StateLoad::decode(&bytes)?, l),
+            IoFrame::StateLoaded(l) => prop_assert_eq!(StateLoaded::decode(&bytes)?, l),
         }
     }
 

@@ -136,6 +136,53 @@ impl<R: Read, W: Write> Client<R, W> {
         let tag = self.in_flight.next_tag();
         write_frame(&mut self.writer, &IoFrame::StateRequest(super::StateRequest { tag }))?;
         self.flush()?;
+        self.read_chunks(tag)
+    }
+
+    /// Gives the device model `state` to take (version 2), in the stream
+    /// after every write sent before; waits for its answer.
+    ///
+    /// # Errors
+    ///
+    /// [`WireError::StateNotInVersion`] (nothing sent) on a version 1
+    /// connection, [`WireError::StateTooLarge`] (nothing sent) past 1 MiB,
+    /// [`WireError::StateRefused`] with the model's reason and
+    /// [`WireError::NoDeviceState`] (the connection stays usable after
+    /// either), and otherwise the errors of a round trip, after which the
+    /// connection is out of step and must be dropped.
+    pub fn load_state(&mut self, state: &[u8]) -> Result<(), WireError> {
+        use super::state::{LoadStatus, MAX_STATE_LEN};
+        if self.handshake.version < super::state::STATE_VERSION {
+            return Err(WireError::StateNotInVersion { version: self.handshake.version });
+        }
+        let total = u32::try_from(state.len()).unwrap_or(u32::MAX);
+        if total > MAX_STATE_LEN {
+            return Err(WireError::StateTooLarge { total });
+        }
+        let tag = self.in_flight.next_tag();
+        write_frame(&mut self.writer, &IoFrame::StateLoad(super::StateLoad { tag, total }))?;
+        for chunk in super::StateChunk::split(tag, Some(state)) {
+            write_frame(&mut self.writer, &IoFrame::StateChunk(chunk))?;
+        }
+        self.flush()?;
+        let loaded = match read_frame(&mut self.reader)? {
+            Some(IoFrame::StateLoaded(loaded)) if loaded.tag == tag => loaded,
+            Some(IoFrame::StateLoaded(other)) => return Err(WireError::UnknownTag { tag: other.tag }),
+            Some(other) => return Err(WireError::UnexpectedFrame { expected: "state loaded", found: other.name() }),
+            None => return Err(WireError::ShortRead { got: 0, expected: super::StateLoaded::FRAME_LEN }),
+        };
+        match loaded.status {
+            LoadStatus::Taken => Ok(()),
+            LoadStatus::NoState => Err(WireError::NoDeviceState),
+            LoadStatus::Refused => {
+                let reason = self.read_chunks(tag)?;
+                Err(WireError::StateRefused { reason: String::from_utf8_lossy(&reason).into_owned() })
+            }
+        }
+    }
+
+    /// The state chunks answering tag `tag`, joined.
+    fn read_chunks(&mut self, tag: u32) -> Result<Vec<u8>, WireError> {
         let mut assembly = super::StateAssembly::new(tag);
         loop {
             match read_frame(&mut self.reader)? {

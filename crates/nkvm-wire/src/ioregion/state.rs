@@ -3,12 +3,18 @@
 //! answers with the state cut into [`StateChunk`]s, in order, and nothing
 //! else in between. The request travels in the stream like any other, so
 //! every write sent before it (posted ones included) is served before the
-//! state is taken. [`StateAssembly`] checks the chunks and joins them.
+//! state is taken. [`StateAssembly`] checks the chunks and joins them. The
+//! other way, a [`StateLoad`] and its chunks give the device a state to
+//! take, and a [`StateLoaded`] says whether it did (with the model's
+//! reason, as chunks of text, if it did not).
 //!
 //! The state's bytes are the model's own snapshot (an nkvm device state
 //! blob, `docs/state-format.md`); this protocol only carries them.
 
-use super::{frame_name, FRAME_STATE_CHUNK, FRAME_STATE_REQUEST, STATE_CHUNK_PAYLOAD_LEN, STATE_REQUEST_PAYLOAD_LEN};
+use super::{
+    frame_name, FRAME_STATE_CHUNK, FRAME_STATE_LOAD, FRAME_STATE_LOADED, FRAME_STATE_REQUEST, STATE_CHUNK_PAYLOAD_LEN,
+    STATE_LOADED_PAYLOAD_LEN, STATE_LOAD_PAYLOAD_LEN, STATE_REQUEST_PAYLOAD_LEN,
+};
 use crate::error::WireError;
 use crate::frame::{self, get_u16, get_u32, put, Protocol, HEADER_LEN};
 
@@ -171,6 +177,118 @@ impl StateChunk {
     }
 }
 
+/// The VM side gives the device a state to take: followed at once by the
+/// state's [`StateChunk`]s (VM side to device side, same tag), answered by
+/// a [`StateLoaded`].
+///
+/// | payload offset | size | field |
+/// |---|---|---|
+/// | 0 | 4 | tag, echoed in the chunks and the answer |
+/// | 4 | 4 | total length of the state in bytes (at most [`MAX_STATE_LEN`]) |
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub struct StateLoad {
+    /// Sequence tag.
+    pub tag: u32,
+    /// Bytes of state the chunks carry.
+    pub total: u32,
+}
+
+impl StateLoad {
+    /// Length of the encoded frame.
+    pub const FRAME_LEN: usize = HEADER_LEN + STATE_LOAD_PAYLOAD_LEN;
+
+    /// Encode as one frame.
+    pub fn encode(&self) -> [u8; Self::FRAME_LEN] {
+        let mut out = frame::frame_with_header(Protocol::IoRegion, FRAME_STATE_LOAD);
+        put(&mut out[HEADER_LEN..], 0, &self.tag.to_le_bytes());
+        put(&mut out[HEADER_LEN..], 4, &self.total.to_le_bytes());
+        out
+    }
+
+    /// Decode exactly one state-load frame.
+    ///
+    /// # Errors
+    ///
+    /// Any header error, [`WireError::UnexpectedFrame`] for another frame
+    /// type, [`WireError::StateTooLarge`] past [`MAX_STATE_LEN`].
+    pub fn decode(bytes: &[u8]) -> Result<StateLoad, WireError> {
+        let p = frame::payload_of(bytes, Protocol::IoRegion, FRAME_STATE_LOAD, "state load", frame_name)?;
+        Self::decode_payload(p)
+    }
+
+    pub(super) fn decode_payload(p: &[u8]) -> Result<StateLoad, WireError> {
+        let total = get_u32(p, 4);
+        if total > MAX_STATE_LEN {
+            return Err(WireError::StateTooLarge { total });
+        }
+        Ok(StateLoad { tag: get_u32(p, 0), total })
+    }
+}
+
+/// The device's answer to a [`StateLoad`], once it has all the chunks.
+///
+/// | payload offset | size | field |
+/// |---|---|---|
+/// | 0 | 4 | tag of the state load |
+/// | 4 | 4 | status: 0 taken; 1 refused, the model's reason following as [`StateChunk`]s of UTF-8 text (same tag); 2 the model has no state |
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub struct StateLoaded {
+    /// Tag of the state load.
+    pub tag: u32,
+    /// What became of the state.
+    pub status: LoadStatus,
+}
+
+/// [`StateLoaded::status`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum LoadStatus {
+    /// The model took the state (code 0).
+    Taken,
+    /// The model refused it; its reason follows (code 1).
+    Refused,
+    /// The model has no state (code 2).
+    NoState,
+}
+
+impl StateLoaded {
+    /// Length of the encoded frame.
+    pub const FRAME_LEN: usize = HEADER_LEN + STATE_LOADED_PAYLOAD_LEN;
+
+    /// Encode as one frame.
+    pub fn encode(&self) -> [u8; Self::FRAME_LEN] {
+        let mut out = frame::frame_with_header(Protocol::IoRegion, FRAME_STATE_LOADED);
+        let code: u32 = match self.status {
+            LoadStatus::Taken => 0,
+            LoadStatus::Refused => 1,
+            LoadStatus::NoState => 2,
+        };
+        put(&mut out[HEADER_LEN..], 0, &self.tag.to_le_bytes());
+        put(&mut out[HEADER_LEN..], 4, &code.to_le_bytes());
+        out
+    }
+
+    /// Decode exactly one state-loaded frame.
+    ///
+    /// # Errors
+    ///
+    /// Any header error, [`WireError::UnexpectedFrame`] for another frame
+    /// type, [`WireError::UnknownValue`] for a status other than 0-2.
+    pub fn decode(bytes: &[u8]) -> Result<StateLoaded, WireError> {
+        let p = frame::payload_of(bytes, Protocol::IoRegion, FRAME_STATE_LOADED, "state loaded", frame_name)?;
+        Self::decode_payload(p)
+    }
+
+    pub(super) fn decode_payload(p: &[u8]) -> Result<StateLoaded, WireError> {
+        let status = match get_u32(p, 4) {
+            0 => LoadStatus::Taken,
+            1 => LoadStatus::Refused,
+            2 => LoadStatus::NoState,
+            value => return Err(WireError::UnknownValue { field: "state load status", value: value.into() }),
+        };
+        Ok(StateLoaded { tag: get_u32(p, 0), status })
+    }
+}
+
 /// The VM side's reassembly of the chunks answering one request.
 #[derive(Debug)]
 pub struct StateAssembly {
@@ -287,5 +405,12 @@ mod tests {
         let mut b = StateRequest { tag: 1 }.encode();
         b[HEADER_LEN + 5] = 1;
         assert!(StateRequest::decode(&b).is_err());
+
+        // A load past 1 MiB, an unknown status.
+        let b = StateLoad { tag: 1, total: MAX_STATE_LEN + 1 }.encode();
+        assert!(StateLoad::decode(&b).unwrap_err().to_string().contains("1048577 bytes"));
+        let mut b = StateLoaded { tag: 1, status: LoadStatus::Taken }.encode();
+        b[HEADER_LEN + 4] = 3;
+        assert_eq!(StateLoaded::decode(&b).unwrap_err().to_string(), "state load status 0x3 is not a known value");
     }
 }

@@ -4,7 +4,10 @@
 
 use nkvm_wire::apic::{self, ApicFrame, DeliveryMode, DestinationMode, EoiMessage, InterruptMessage, TriggerMode};
 use nkvm_wire::handshake::{HelloAck, VersionRange};
-use nkvm_wire::ioregion::{AccessSize, Hello, IoFrame, RegionInfo, Reply, Request, Space, StateChunk, StateRequest};
+use nkvm_wire::ioregion::{
+    AccessSize, Hello, IoFrame, LoadStatus, RegionInfo, Reply, Request, Space, StateChunk, StateLoad, StateLoaded,
+    StateRequest,
+};
 use proptest::prelude::*;
 
 pub fn space() -> impl Strategy<Value = Space> {
@@ -70,6 +73,10 @@ pub fn io_frame() -> impl Strategy<Value = IoFrame> {
         reply().prop_map(IoFrame::Reply),
         any::<u32>().prop_map(|tag| IoFrame::StateRequest(StateRequest { tag })),
         state_chunk().prop_map(IoFrame::StateChunk),
+        (any::<u32>(), 0..=nkvm_wire::ioregion::state::MAX_STATE_LEN)
+            .prop_map(|(tag, total)| IoFrame::StateLoad(StateLoad { tag, total })),
+        (any::<u32>(), prop_oneof![Just(LoadStatus::Taken), Just(LoadStatus::Refused), Just(LoadStatus::NoState)])
+            .prop_map(|(tag, status)| IoFrame::StateLoaded(StateLoaded { tag, status })),
     ]
 }
 
