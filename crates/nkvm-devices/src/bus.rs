@@ -26,6 +26,13 @@ pub trait IoDevice: Send {
     fn save_state(&self) -> Option<Vec<u8>> {
         None
     }
+    /// Takes a state [`save_state`](Self::save_state) gave (for a device
+    /// served behind a socket, whose VM side gives it): `Some(Err(reason))`
+    /// if the model refuses it, unchanged; `None` (the default) for a model
+    /// without one.
+    fn load_state(&mut self, _state: &[u8]) -> Option<Result<(), String>> {
+        None
+    }
 }
 
 /// A boxed device (a trait object, say) is a device.
@@ -40,6 +47,10 @@ impl<D: IoDevice + ?Sized> IoDevice for Box<D> {
 
     fn save_state(&self) -> Option<Vec<u8>> {
         (**self).save_state()
+    }
+
+    fn load_state(&mut self, state: &[u8]) -> Option<Result<(), String>> {
+        (**self).load_state(state)
     }
 }
 
@@ -57,6 +68,10 @@ impl<D: IoDevice> IoDevice for Arc<Mutex<D>> {
 
     fn save_state(&self) -> Option<Vec<u8>> {
         self.lock().unwrap_or_else(|e| e.into_inner()).save_state()
+    }
+
+    fn load_state(&mut self, state: &[u8]) -> Option<Result<(), String>> {
+        self.lock().unwrap_or_else(|e| e.into_inner()).load_state(state)
     }
 }
 

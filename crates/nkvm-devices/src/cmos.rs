@@ -400,6 +400,10 @@ impl IoDevice for Cmos {
         Some(crate::Snapshot::snapshot(self))
     }
 
+    fn load_state(&mut self, state: &[u8]) -> Option<Result<(), String>> {
+        Some(crate::Snapshot::restore(self, state).map_err(|e| e.to_string()))
+    }
+
     fn read(&mut self, offset: u64, data: &mut [u8]) {
         let mut bad = data.is_empty();
         for (i, byte) in data.iter_mut().enumerate() {

@@ -238,6 +238,10 @@ impl IoDevice for Pit {
         Some(crate::Snapshot::snapshot(self))
     }
 
+    fn load_state(&mut self, state: &[u8]) -> Option<Result<(), String>> {
+        Some(crate::Snapshot::restore(self, state).map_err(|e| e.to_string()))
+    }
+
     fn read(&mut self, offset: u64, data: &mut [u8]) {
         self.read_window(PitWindow::Counters, offset, data);
     }

@@ -159,6 +159,10 @@ impl IoDevice for PmTimer {
         Some(crate::Snapshot::snapshot(self))
     }
 
+    fn load_state(&mut self, state: &[u8]) -> Option<Result<(), String>> {
+        Some(crate::Snapshot::restore(self, state).map_err(|e| e.to_string()))
+    }
+
     fn read(&mut self, offset: u64, data: &mut [u8]) {
         let lanes = self.count().to_le_bytes();
         let mut bad = data.is_empty();

@@ -136,6 +136,10 @@ impl<W: Write + Send> IoDevice for Serial<W> {
         Some(crate::Snapshot::snapshot(self))
     }
 
+    fn load_state(&mut self, state: &[u8]) -> Option<Result<(), String>> {
+        Some(crate::Snapshot::restore(self, state).map_err(|e| e.to_string()))
+    }
+
     fn read(&mut self, offset: u64, data: &mut [u8]) {
         match (u8::try_from(offset), data) {
             (Ok(reg), [byte]) if offset < SERIAL_SIZE => *byte = self.uart.read(reg),

@@ -34,7 +34,10 @@ use std::path::Path;
 
 use nkvm_wire::handshake::VersionRange;
 use nkvm_wire::ioregion::state::STATE_VERSION;
-use nkvm_wire::ioregion::{self, device_handshake, Handshake, IoFrame, RegionInfo, Reply, Request, StateChunk};
+use nkvm_wire::ioregion::{
+    self, device_handshake, Handshake, IoFrame, LoadStatus, RegionInfo, Reply, Request, StateAssembly, StateChunk,
+    StateLoad, StateLoaded,
+};
 use nkvm_wire::spin::SpinStream;
 use nkvm_wire::WireError;
 
@@ -59,6 +62,8 @@ pub struct ServeStats {
     pub syncs: u64,
     /// State requests answered.
     pub states: u64,
+    /// States given to the device (taken or not).
+    pub loads: u64,
 }
 
 /// The device side of one I/O-region connection.
@@ -202,7 +207,13 @@ impl<R: Read, W: Write> Server<R, W> {
                     self.stats.states += 1;
                     continue;
                 }
-                IoFrame::StateRequest(_) => {
+                IoFrame::StateLoad(load) if self.handshake.version >= STATE_VERSION => {
+                    if let Err(e) = self.load_state(load, device) {
+                        return Err(self.fail(e));
+                    }
+                    continue;
+                }
+                IoFrame::StateRequest(_) | IoFrame::StateLoad(_) => {
                     return Err(self.fail(WireError::StateNotInVersion { version: self.handshake.version }))
                 }
                 other => return Err(self.fail(WireError::UnexpectedFrame { expected: "request", found: other.name() })),
@@ -259,6 +270,44 @@ impl<R: Read, W: Write> Server<R, W> {
                 Some(Reply::Sync { tag })
             }
         })
+    }
+
+    /// Reads the chunks of `load`, gives the state to `device` and queues
+    /// its answer (with the model's reason, if it refused).
+    fn load_state<D: IoDevice + ?Sized>(&mut self, load: StateLoad, device: &mut D) -> Result<(), WireError> {
+        let mut assembly = StateAssembly::new(load.tag);
+        let state = loop {
+            match ioregion::read_frame(&mut self.reader)? {
+                Some(IoFrame::StateChunk(chunk)) if chunk.total == load.total => {
+                    if let Some(state) = assembly.push(&chunk)? {
+                        break state;
+                    }
+                }
+                Some(IoFrame::StateChunk(chunk)) => {
+                    return Err(WireError::BadStateChunk {
+                        offset: chunk.offset,
+                        len: chunk.len,
+                        total: chunk.total,
+                        reason: "the total is not the state load's",
+                    })
+                }
+                Some(other) => return Err(WireError::UnexpectedFrame { expected: "state chunk", found: other.name() }),
+                None => return Err(WireError::ShortRead { got: 0, expected: StateChunk::FRAME_LEN }),
+            }
+        };
+        let (status, reason) = match device.load_state(&state) {
+            None => (LoadStatus::NoState, None),
+            Some(Ok(())) => (LoadStatus::Taken, None),
+            Some(Err(reason)) => (LoadStatus::Refused, Some(reason)),
+        };
+        self.pending.extend_from_slice(&StateLoaded { tag: load.tag, status }.encode());
+        if let Some(reason) = reason {
+            for chunk in StateChunk::split(load.tag, Some(reason.as_bytes())) {
+                self.pending.extend_from_slice(&chunk.encode());
+            }
+        }
+        self.stats.loads += 1;
+        Ok(())
     }
 
     fn flush_replies(&mut self) -> Result<(), WireError> {
@@ -319,6 +368,16 @@ mod tests {
         fn save_state(&self) -> Option<Vec<u8>> {
             Some(self.bytes.repeat(3))
         }
+
+        fn load_state(&mut self, state: &[u8]) -> Option<Result<(), String>> {
+            match state.len() {
+                48 => {
+                    self.bytes.copy_from_slice(&state[..16]);
+                    Some(Ok(()))
+                }
+                n => Some(Err(format!("a memory state is 48 bytes, not {n}"))),
+            }
+        }
     }
 
     /// A device with no saved state.
@@ -356,6 +415,29 @@ mod tests {
         assert_eq!(c.read(0, AccessSize::Byte).unwrap(), 0);
         drop(c);
         assert_eq!(server.join().unwrap().unwrap().states, 1);
+    }
+
+    #[test]
+    fn a_state_is_taken_or_refused_with_the_models_reason() {
+        let (vm, server) = spawn_server();
+        let mut c = Client::over(vm, REGION).unwrap();
+        c.post(0, AccessSize::Qword, u64::MAX).unwrap();
+        let state: Vec<u8> = (1..=16u8).cycle().take(48).collect();
+        c.load_state(&state).unwrap();
+        assert_eq!(c.read(0, AccessSize::Qword).unwrap(), 0x0807_0605_0403_0201, "the state replaced the write");
+        let err = c.load_state(&[0; 70]).unwrap_err().to_string();
+        assert_eq!(err, "the device model refused the state: a memory state is 48 bytes, not 70");
+        assert_eq!(c.read(15, AccessSize::Byte).unwrap(), 16, "a refused state changes nothing");
+        drop(c);
+        assert_eq!(server.join().unwrap().1.unwrap().loads, 2);
+
+        let (vm, dev) = UnixStream::pair().unwrap();
+        let server = thread::spawn(move || serve(dev, &mut Stateless));
+        let mut c = Client::over(vm, REGION).unwrap();
+        assert_eq!(c.load_state(&[1, 2, 3]).unwrap_err().to_string(), "the device model has no saved state");
+        assert_eq!(c.read(0, AccessSize::Byte).unwrap(), 0);
+        drop(c);
+        assert_eq!(server.join().unwrap().unwrap().loads, 1);
     }
 
     #[test]
@@ -414,7 +496,10 @@ mod tests {
         });
         assert_eq!(vm_thread.join().unwrap(), 0x4433);
         let (memory, result) = server.join().unwrap();
-        assert_eq!(result.unwrap(), ServeStats { reads: 1, writes: 1, posted_writes: 3, syncs: 1, states: 0 });
+        assert_eq!(
+            result.unwrap(),
+            ServeStats { reads: 1, writes: 1, posted_writes: 3, syncs: 1, states: 0, loads: 0 }
+        );
         assert_eq!(memory.bytes[..5], [0x11, 0x22, 0x33, 0x44, 0x55]);
         assert_eq!(memory.bytes[15], 0xff);
         let order: Vec<_> = memory.log.iter().map(|(w, off, _)| (*w, *off)).collect();

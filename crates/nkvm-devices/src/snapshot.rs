@@ -100,14 +100,6 @@ pub enum SnapshotError {
         /// CRC-32 of everything before it.
         computed: u32,
     },
-    /// The model takes no saved state at all (`why` says what does).
-    #[error("{device} cannot be restored: {why}")]
-    NotRestorable {
-        /// The model.
-        device: &'static str,
-        /// Why not, and what to do instead.
-        why: &'static str,
-    },
     /// A field holds a value the model cannot take.
     #[error("{device} state: {field} = {value:#x} at offset {offset} is invalid ({expected})")]
     Invalid {

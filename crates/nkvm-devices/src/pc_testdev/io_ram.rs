@@ -53,6 +53,10 @@ impl IoDevice for IoRam {
         Some(crate::Snapshot::snapshot(self))
     }
 
+    fn load_state(&mut self, state: &[u8]) -> Option<Result<(), String>> {
+        Some(crate::Snapshot::restore(self, state).map_err(|e| e.to_string()))
+    }
+
     fn read(&mut self, offset: u64, data: &mut [u8]) {
         let range = self.inside(offset, data.len());
         let bad = data.is_empty() || range.len() < data.len();
