@@ -3,8 +3,7 @@
 //! `--image`, a snapshot (`--restore`) or a migrated guest (`--incoming`),
 //! and it is the machine that snapshots and migrates. With
 //! `--device-process` the 16550 and the test device run in their own
-//! processes (their states are asked of them; a restore runs them in
-//! process).
+//! processes (their states are asked of them and given back to them).
 
 use std::io;
 use std::process::ExitCode;
@@ -111,10 +110,9 @@ pub fn run(hv: &Hypervisor, args: &RunArgs, resumed: Option<Resumed>) -> Result<
     Ok(machine::finish(args, &stats, outcome?)?)
 }
 
-/// Devices, vCPUs and the shared state of a fresh or a saved machine. A
-/// fresh one with `--device-process` runs each model in its own process
-/// (into `processes`), whose state a save asks of it; a saved machine runs
-/// them in process.
+/// Devices, vCPUs and the shared state of a fresh or a saved machine.
+/// With `--device-process` each model runs in its own process (into
+/// `processes`), whose state a save asks of it and a restore gives it.
 fn prepare(
     hv: &Hypervisor,
     vm: &Arc<Vm>,
@@ -122,8 +120,7 @@ fn prepare(
     saved: Option<&DecodedState>,
     processes: &mut Vec<DeviceProcess>,
 ) -> Result<(Vec<nkvm::Vcpu>, Running), RestoreError> {
-    let devices =
-        if args.device_process && saved.is_none() { attach_processes(vm, processes)? } else { attach_devices(vm)? };
+    let devices = if args.device_process { attach_processes(vm, processes)? } else { attach_devices(vm)? };
     let machine_config = MachineConfig::builtin(vm.config().vcpus, vm.config().memory);
     let mut vcpus = Vec::new();
     if let Some(saved) = saved {

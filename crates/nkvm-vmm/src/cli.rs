@@ -105,10 +105,9 @@ pub struct RunArgs {
     /// Run each device model (serial, test device) in its own process,
     /// behind an I/O-region socket, instead of in the VMM; and a --disk
     /// image's virtio-blk in a sandboxed, restartable process of its own.
-    /// Their states travel with snapshots and migrations; a restored or
-    /// received machine runs them in process (hence not with --restore or
-    /// --incoming).
-    #[arg(long, conflicts_with_all = ["restore", "incoming"])]
+    /// Their states travel with snapshots and migrations, which restore
+    /// into device processes with it and in process without it.
+    #[arg(long)]
     pub device_process: bool,
     /// Boot this kernel instead of the built-in guest: a Linux bzImage or
     /// uncompressed ELF vmlinux (faster to start: no decompressor), entered

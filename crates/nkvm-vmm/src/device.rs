@@ -78,6 +78,10 @@ impl<D: IoDevice> IoDevice for Logged<D> {
     fn save_state(&self) -> Option<Vec<u8>> {
         self.inner.save_state()
     }
+
+    fn load_state(&mut self, state: &[u8]) -> Option<Result<(), String>> {
+        self.inner.load_state(state)
+    }
 }
 
 /// Serves one connection on `args.socket`, then exits.

@@ -10,7 +10,7 @@ use std::time::{Duration, Instant};
 
 use nkvm::io::{IoHandler, IoRange, Ordering, RegionId, SocketOptions};
 use nkvm::Vm;
-use nkvm_devices::{IoDevice, SnapshotError};
+use nkvm_devices::IoDevice;
 
 use crate::cli::DeviceModel;
 use crate::console::{PanicWatch, WatchedConsole};
@@ -128,8 +128,8 @@ impl DeviceProcess {
     }
 
     /// The process's model as a machine's saved device: its state is asked
-    /// for over the region's socket ([`Vm::region_state`]), and a machine
-    /// restores it in process.
+    /// for, and given back, over the region's socket
+    /// ([`Vm::region_state`], [`Vm::region_load_state`]).
     pub fn saved(&self, vm: &Arc<Vm>) -> Arc<dyn SavedDevice> {
         Arc::new(ProcessState { vm: Arc::downgrade(vm), region: self.region })
     }
@@ -150,14 +150,10 @@ impl SavedDevice for ProcessState {
         })
     }
 
-    fn restore(&self, name: &str, _blob: &[u8]) -> Result<(), LoadError> {
-        Err(LoadError::Device {
-            name: name.to_string(),
-            source: SnapshotError::NotRestorable {
-                device: "a device process",
-                why: "a restored machine serves its devices in process (restore without --device-process)",
-            },
-        })
+    fn restore(&self, name: &str, blob: &[u8]) -> Result<(), LoadError> {
+        let process = |why: String| LoadError::Process { name: name.to_string(), why };
+        let vm = self.vm.upgrade().ok_or_else(|| process("the VM is gone".into()))?;
+        vm.region_load_state(self.region, blob).map_err(|e| process(crate::machine::intake::chain(&e)))
     }
 }
 

@@ -45,6 +45,14 @@ pub enum LoadError {
         /// Names here.
         expected: Vec<String>,
     },
+    /// A device process did not take its state.
+    #[error("device {name}: its process did not take the state: {why}")]
+    Process {
+        /// The device's name.
+        name: String,
+        /// Why (the process's or the socket's reason).
+        why: String,
+    },
     /// A device refused its blob.
     #[error("device {name}: bad state")]
     Device {

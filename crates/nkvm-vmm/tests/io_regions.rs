@@ -403,7 +403,7 @@ fn a_detached_region_exits_to_the_caller_again() {
 }
 
 #[test]
-fn a_device_process_state_holds_every_posted_write_and_a_dead_one_is_named() {
+fn a_device_process_state_holds_every_posted_write_goes_back_and_a_dead_one_is_named() {
     const WRITES: u64 = 500;
     let dir = tempdir("state");
     let dev = DeviceProcess::spawn(&dir, "a", None);
@@ -422,12 +422,25 @@ fn a_device_process_state_holds_every_posted_write_and_a_dead_one_is_named() {
     assert_eq!(copy.scratch(0), Some(WRITES), "the last posted write is in the state");
     assert_eq!(copy.writes(), WRITES, "and every one before it");
 
+    // A state goes the other way: the process takes it, or refuses it
+    // with its model's reason and goes on as it was.
+    let mut other = nkvm_devices::test_device::TestDevice::new();
+    nkvm_devices::IoDevice::write(&mut other, SCRATCH0, &7u64.to_le_bytes());
+    vm.region_load_state(id, &nkvm_devices::Snapshot::snapshot(&other)).unwrap();
+    nkvm_devices::Snapshot::restore(&mut copy, &vm.region_state(id).unwrap()).unwrap();
+    assert_eq!(copy.scratch(0), Some(7), "the process took the state");
+    let err = vm.region_load_state(id, b"not a state").unwrap_err();
+    let text = format!("{err}: {}", std::error::Error::source(&err).map(ToString::to_string).unwrap_or_default());
+    assert!(text.contains("the device model refused the state: not an nkvm device state"), "{text}");
+    nkvm_devices::Snapshot::restore(&mut copy, &vm.region_state(id).unwrap()).unwrap();
+    assert_eq!(copy.scratch(0), Some(7), "a refused state changed nothing");
+
     let err = vm.region_state(local).unwrap_err().to_string();
     assert!(err.contains("served by a handler in this process"), "{err}");
     drop(dev);
     let err = vm.region_state(id).unwrap_err();
     let text = format!("{err}: {}", std::error::Error::source(&err).map(ToString::to_string).unwrap_or_default());
-    assert!(text.starts_with("cannot take the state of the device of I/O region"), "{text}");
+    assert!(text.starts_with("state transfer with the device of I/O region"), "{text}");
     assert_eq!(vm.io_region_failures().len(), 1, "the region failed: {text}");
     let err = vm.region_state(id).unwrap_err().to_string();
     assert!(err.contains("failed earlier"), "{err}");

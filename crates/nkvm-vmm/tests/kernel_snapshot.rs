@@ -185,11 +185,12 @@ fn a_multiboot_guest_migrates_over_tcp_mid_run_and_counts_on() {
 
 /// With `--device-process` the 16550, the CMOS, the PM timer and the I/O
 /// RAM run in their own processes: their states are asked of them over
-/// their sockets, the source runs on after a snapshot, and both the
-/// snapshot and a migration bring the guest back with the devices in
-/// process, every console line once.
+/// their sockets, and the source runs on after a snapshot. A migration to
+/// a destination with `--device-process` gives the states to new
+/// processes; the snapshot restores with the devices in process and again
+/// in new processes. Every console line once, each time.
 #[test]
-fn a_device_process_machine_snapshots_runs_on_and_migrates_into_process() {
+fn a_device_process_machine_snapshots_runs_on_migrates_and_restores_both_ways() {
     let dir = scratch("kernel-device-process");
     let kernel = counting_guest(&dir);
     let (api, snap) = (dir.join("a.sock"), dir.join("snap"));
@@ -221,16 +222,21 @@ fn a_device_process_machine_snapshots_runs_on_and_migrates_into_process() {
     let saved_lines = ticks(&before).len();
     wait_ticks(&mut src, saved_lines + 2);
 
-    let mut dest = Vmm::run(&["--incoming", &addr]);
+    let mut dest = Vmm::run(&["--incoming", &addr, "--device-process"]);
     dest.wait_for("the destination to listen", |_, err| err.contains("waiting for a migration"));
     assert_eq!(ctl(&api, &["migrate", &addr, "--wait"])["ok"], true);
     assert!(src.wait_exit(), "the source ends with success once the guest moved: {}", src.stderr());
     wait_test_exit(&mut dest);
     assert_eq!(ticks(&(src.stdout() + &dest.stdout())).len(), LIMIT as usize, "every line once, across the move");
 
-    let mut restored = Vmm::run(&["--restore", snap.to_str().unwrap()]);
-    wait_test_exit(&mut restored);
-    assert_eq!(ticks(&(before + &restored.stdout())).len(), LIMIT as usize, "every line once, across the restore");
+    for extra in [&[][..], &["--device-process"][..]] {
+        let mut args = vec!["--restore", snap.to_str().unwrap()];
+        args.extend_from_slice(extra);
+        let mut restored = Vmm::run(&args);
+        wait_test_exit(&mut restored);
+        let whole = before.clone() + &restored.stdout();
+        assert_eq!(ticks(&whole).len(), LIMIT as usize, "every line once, across the restore {extra:?}");
+    }
     let _ = std::fs::remove_dir_all(&dir);
 }
 

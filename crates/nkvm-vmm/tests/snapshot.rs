@@ -50,10 +50,10 @@ fn a_snapshot_restores_in_a_new_process_with_memory_and_console_intact() {
 
 /// The built-in machine with its 16550 and test device in device
 /// processes: their states are asked of the processes, and the snapshot
-/// restores with the devices in process, the guest's console and memory
-/// intact (the test device's counters travel with it).
+/// restores with the devices in process and in new processes, the guest's
+/// console and memory intact (the test device's counters travel with it).
 #[test]
-fn a_machine_with_device_processes_snapshots_and_restores_in_process() {
+fn a_machine_with_device_processes_snapshots_and_restores_both_ways() {
     let dir = scratch("snapshot-device-process");
     let img = image(&dir);
     let (api, snap) = (dir.join("a.sock"), dir.join("snap"));
@@ -70,11 +70,17 @@ fn a_machine_with_device_processes_snapshots_and_restores_in_process() {
     assert!(serial.starts_with(b"NKVD"), "the 16550's state came from its process");
     assert!(snap.join("device-test-device.state").exists());
 
-    let mut restored = Vmm::run(&["--restore", snap.to_str().unwrap()]);
-    restored.wait_passes(0, 2);
-    let p = check_console(&(before.clone() + &restored.stdout()));
-    assert!(p.len() >= passes(&before).len() + 2);
-    restored.kill();
+    // In process, and into new device processes.
+    for extra in [&[][..], &["--device-process"][..]] {
+        let mut args = vec!["--restore", snap.to_str().unwrap()];
+        args.extend_from_slice(extra);
+        let mut restored = Vmm::run(&args);
+        restored.wait_passes(0, 2);
+        std::thread::sleep(std::time::Duration::from_millis(300));
+        let p = check_console(&(before.clone() + &restored.stdout()));
+        assert!(p.len() >= passes(&before).len() + 2, "{extra:?}");
+        restored.kill();
+    }
     let _ = std::fs::remove_dir_all(&dir);
 }
 

@@ -193,8 +193,8 @@ pub enum IoRegionError {
         /// Why it failed.
         reason: String,
     },
-    /// Asking the device for its state failed.
-    #[error("cannot take the state of the device of I/O region {name}")]
+    /// Asking the device for its state, or giving it one, failed.
+    #[error("state transfer with the device of I/O region {name} failed")]
     State {
         /// The region's name.
         name: String,
@@ -382,6 +382,22 @@ impl IoRegions {
     /// after a failed access. A device that has no state, or speaks only
     /// version 1, is refused without harm.
     pub(crate) fn state(&self, id: RegionId) -> Result<Vec<u8>, IoRegionError> {
+        self.with_client(id, Client::save_state)
+    }
+
+    /// Gives the device behind socket region `id` a state to take, in its
+    /// stream (after every write sent to it). As for [`Self::state`]; a
+    /// model's refusal is refused without harm too.
+    pub(crate) fn load_state(&self, id: RegionId, state: &[u8]) -> Result<(), IoRegionError> {
+        self.with_client(id, |c| c.load_state(state))
+    }
+
+    /// Runs a state exchange on socket region `id`'s client.
+    fn with_client<T>(
+        &self,
+        id: RegionId,
+        exchange: impl FnOnce(&mut Client<SpinStream, SpinStream>) -> Result<T, WireError>,
+    ) -> Result<T, IoRegionError> {
         let region = {
             let regions = self.regions.read().unwrap_or_else(|p| p.into_inner());
             regions.iter().find(|r| r.id == id).cloned().ok_or(IoRegionError::NotAttached(id))?
@@ -392,13 +408,20 @@ impl IoRegions {
             let reason = region.failure.lock().unwrap_or_else(|p| p.into_inner()).clone().unwrap_or_default();
             return Err(IoRegionError::Failed { name: region.name.clone(), reason });
         };
-        match c.save_state() {
-            Ok(state) => {
+        match exchange(c) {
+            Ok(value) => {
                 region.posted_pending.store(false, AtomicOrdering::SeqCst);
-                Ok(state)
+                Ok(value)
             }
             Err(source) => {
-                if !matches!(source, WireError::NoDeviceState | WireError::StateNotInVersion { .. }) {
+                let harmless = matches!(
+                    source,
+                    WireError::NoDeviceState
+                        | WireError::StateNotInVersion { .. }
+                        | WireError::StateRefused { .. }
+                        | WireError::StateTooLarge { .. }
+                );
+                if !harmless {
                     self.fail(&region, &mut guard, &source);
                 }
                 Err(IoRegionError::State { name: region.name.clone(), source })

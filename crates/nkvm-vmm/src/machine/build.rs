@@ -200,7 +200,7 @@ fn linux_parts(parts: &Parts<'_>, shared: &Arc<Shared>, devices: &mut SavedDevic
         (MachineKind::Linux { vhost_user: Some(socket), .. }, true) => (Some(Disk::VhostUser(socket.clone())), false),
         _ => (args.disk.clone(), args.disk_readonly),
     };
-    let device_process = if args.device_process && !parts.restoring {
+    let device_process = if args.device_process {
         Some(std::env::current_exe().map_err(crate::pci_devices::PciSetupError::Exe)?)
     } else {
         None
@@ -247,7 +247,7 @@ fn multiboot_parts(
         cpus: config.cpus,
         memory: config.memory,
         events,
-        device_processes: args.device_process && !parts.restoring,
+        device_processes: args.device_process,
         boot_lint: boot_lint.clone(),
     };
     // Attaching writes the BIOS's real-mode IVT and handlers; a saved
@@ -289,7 +289,7 @@ fn put_back(vm: &Vm, saved: Vec<(u64, Vec<u8>)>) -> Result<(), MachineError> {
 }
 
 /// The 16550 on 0x3f8: in process or in a device process (its state
-/// travels either way; a restore serves it in process).
+/// travels either way).
 fn console(
     parts: &Parts<'_>,
     ioapic: &IoapicPins,
@@ -298,9 +298,9 @@ fn console(
 ) -> Result<(Option<SharedSerial>, PanicWatch), MachineError> {
     let com1 = IoRange::pio(builtin::COM1, 8);
     let panic = PanicWatch::default();
-    if parts.args.device_process && !parts.restoring {
+    if parts.args.device_process {
         let process = DeviceProcess::attach_console(parts.vm, com1, panic.clone())?;
-        // Its state is asked of the process; a restore serves it in process.
+        // Its state is asked of the process, and given back on a restore.
         devices.add(SERIAL, process.saved(parts.vm));
         processes.push(process);
         return Ok((None, panic));

@@ -133,7 +133,8 @@ pub(crate) fn chain(e: &dyn std::error::Error) -> String {
 pub fn take(hv: &Hypervisor, args: &RunArgs) -> Result<Option<Intake>, RestoreError> {
     let since = Instant::now();
     if let Some(dir) = &args.restore {
-        let loaded = snapshot::read(dir)?;
+        // Device processes map guest RAM themselves: then it is a copy.
+        let loaded = snapshot::read(dir, args.device_process)?;
         loaded.state.config.check_disk()?;
         let state = loaded.state.decode(&dir.display().to_string())?;
         // The snapshot's memory file, mapped copy-on-write: nothing is read

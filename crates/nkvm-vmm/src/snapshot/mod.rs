@@ -213,8 +213,11 @@ pub struct Loaded {
     pub ram: Backing,
 }
 
-/// Reads the snapshot directory `dir`.
-pub fn read(dir: &Path) -> Result<Loaded, SnapshotError> {
+/// Reads the snapshot directory `dir`. Its memory file is mapped
+/// copy-on-write, unless other processes must map guest RAM (`shared_ram`:
+/// device processes; or the machine has a vhost-user disk): then it is
+/// copied into a memfd.
+pub fn read(dir: &Path, shared_ram: bool) -> Result<Loaded, SnapshotError> {
     let get = |name: &str| -> Result<Vec<u8>, SnapshotError> {
         let path: PathBuf = dir.join(name);
         std::fs::read(&path).map_err(io_err(&path, "read"))
@@ -233,11 +236,11 @@ pub fn read(dir: &Path) -> Result<Loaded, SnapshotError> {
     if found != config.memory {
         return Err(SnapshotError::MemorySize { path: path.display().to_string(), found, expected: config.memory });
     }
-    let ram = if matches!(config.kind, MachineKind::Linux { vhost_user: Some(_), .. }) {
-        // A vhost-user backend maps guest RAM itself, which a private
-        // mapping of the file would hide from it: this one machine kind
-        // copies its memory into a fresh memfd (the kernel copies,
-        // holes stay holes), at a cost that grows with what the guest used.
+    let ram = if shared_ram || matches!(config.kind, MachineKind::Linux { vhost_user: Some(_), .. }) {
+        // A device process or vhost-user backend maps guest RAM itself,
+        // which a private mapping of the file would hide from it: the
+        // memory is copied into a fresh memfd, at a cost that grows with
+        // what the guest used.
         copied_ram(file, &path, config.memory)?
     } else {
         Backing::from_file_private("nkvm-ram", file, config.memory)

@@ -510,6 +510,19 @@ impl Vm {
         self.io.state(id)
     }
 
+    /// Gives the device model behind socket region `id` a saved state to
+    /// take ([`region_state`](Self::region_state)'s), in the region's
+    /// stream. Call it with the vCPUs paused, or before they run.
+    ///
+    /// # Errors
+    ///
+    /// As for [`region_state`](Self::region_state); a model that refuses
+    /// the state ([`nkvm_wire::WireError::StateRefused`], with its reason)
+    /// stays as it was and the region goes on.
+    pub fn region_load_state(&self, id: RegionId, state: &[u8]) -> Result<(), IoRegionError> {
+        self.io.load_state(id, state)
+    }
+
     /// Detaches a range (while vCPUs run, if need be); its posted writes are
     /// delivered first. Later accesses come back as exits.
     pub fn detach_region(&self, id: RegionId) -> Result<(), IoRegionError> {
