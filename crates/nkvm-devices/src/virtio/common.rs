@@ -7,7 +7,7 @@ use virtio_bindings::virtio_config::{
 };
 use virtio_queue::{Queue, QueueT};
 
-use super::VIRTIO_F_VERSION_1;
+use super::{Activation, VIRTIO_F_VERSION_1};
 
 mod snapshot;
 
@@ -152,6 +152,11 @@ impl CommonConfig {
     /// The MSI-X vector of each queue.
     pub fn queue_vectors(&self) -> &[u16] {
         &self.queue_vectors
+    }
+
+    /// What the driver has set up: its features, the queues, their vectors.
+    pub fn activation(&self) -> Activation<'_> {
+        Activation { features: self.driver_features(), queues: self.queues(), vectors: self.queue_vectors() }
     }
 
     /// Number of queues.

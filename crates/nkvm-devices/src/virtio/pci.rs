@@ -15,7 +15,7 @@
 use std::fmt;
 
 use super::common::{CommonConfig, CommonEvent, COMMON_CFG_SIZE, NO_VECTOR};
-use super::{Activation, GuestRam, VirtioDevice, VirtioError};
+use super::{GuestRam, VirtioDevice, VirtioError};
 use crate::pci::config::{ConfigError, ConfigSpace, MemoryBar, PciId};
 use crate::pci::msix::{MsiSink, Msix, MsixLayout};
 use crate::pci::PciDevice;
@@ -222,11 +222,7 @@ impl<D: VirtioDevice> VirtioPci<D> {
     /// interrupt delivered before would be overwritten.
     pub fn resume(&mut self) {
         if self.common.running() {
-            let activation = Activation {
-                features: self.common.driver_features(),
-                queues: self.common.queues(),
-                vectors: self.common.queue_vectors(),
-            };
+            let activation = self.common.activation();
             if let Err(e) = self.device.restored(&activation) {
                 self.fail(&e);
                 return;
@@ -318,11 +314,7 @@ impl<D: VirtioDevice> VirtioPci<D> {
                     self.device.reset();
                 }
                 CommonEvent::DriverOk => {
-                    let activation = Activation {
-                        features: self.common.driver_features(),
-                        queues: self.common.queues(),
-                        vectors: self.common.queue_vectors(),
-                    };
+                    let activation = self.common.activation();
                     if let Err(e) = self.device.activate(&activation) {
                         self.fail(&e);
                     }
