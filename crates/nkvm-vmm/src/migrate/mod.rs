@@ -134,20 +134,47 @@ impl Endpoint {
         })
     }
 
-    /// Listens and accepts one connection.
-    pub fn accept(&self) -> Result<Conn, MigrateError> {
-        let err = |op| move |source| MigrateError::Connect { op, addr: self.to_string(), source };
+    /// Listens: a source can connect once this returns (so a message
+    /// saying so is only printed after it).
+    pub fn listen(&self) -> Result<Listener, MigrateError> {
+        let err = |source| MigrateError::Connect { op: "listen on", addr: self.to_string(), source };
         Ok(match self {
-            Self::Tcp(a) => {
-                let (s, _) = TcpListener::bind(a).map_err(err("listen on"))?.accept().map_err(err("accept on"))?;
-                s.set_nodelay(true).map_err(err("configure"))?;
-                Conn::Tcp(s)
-            }
+            Self::Tcp(a) => Listener::Tcp(TcpListener::bind(a).map_err(err)?, self.clone()),
             Self::Unix(p) => {
                 let _ = std::fs::remove_file(p);
-                let listener = UnixListener::bind(p).map_err(err("listen on"))?;
-                let (s, _) = listener.accept().map_err(err("accept on"))?;
-                let _ = std::fs::remove_file(p);
+                Listener::Unix(UnixListener::bind(p).map_err(err)?, self.clone())
+            }
+        })
+    }
+}
+
+/// A listening [`Endpoint`], waiting for its one source.
+#[derive(Debug)]
+pub enum Listener {
+    /// On a TCP address.
+    Tcp(TcpListener, Endpoint),
+    /// On a Unix socket path (removed once a source connected).
+    Unix(UnixListener, Endpoint),
+}
+
+impl Listener {
+    /// Accepts one connection.
+    pub fn accept(self) -> Result<Conn, MigrateError> {
+        let err = |op, at: &Endpoint| {
+            let addr = at.to_string();
+            move |source| MigrateError::Connect { op, addr, source }
+        };
+        Ok(match self {
+            Self::Tcp(listener, at) => {
+                let (s, _) = listener.accept().map_err(err("accept on", &at))?;
+                s.set_nodelay(true).map_err(err("configure", &at))?;
+                Conn::Tcp(s)
+            }
+            Self::Unix(listener, at) => {
+                let (s, _) = listener.accept().map_err(err("accept on", &at))?;
+                if let Endpoint::Unix(p) = &at {
+                    let _ = std::fs::remove_file(p);
+                }
                 Conn::Unix(s)
             }
         })

@@ -96,8 +96,10 @@ impl Arriving {
 /// An error has been answered with `FAILED` already.
 pub fn start(hv: &Hypervisor, addr: &str) -> Result<(Vm, Arriving), MigrateError> {
     let endpoint: Endpoint = addr.parse()?;
+    // Listening before saying so: a source told to go may connect at once.
+    let listener = endpoint.listen()?;
     eprintln!("nkvm: waiting for a migration on {endpoint}");
-    let conn = endpoint.accept()?;
+    let conn = listener.accept()?;
     // A source that stops sending for this long is gone.
     conn.set_read_timeout(Some(Duration::from_secs(60))).map_err(|e| MigrateError::link("configuring", e))?;
     let mut reader = RecordReader::new(conn);
