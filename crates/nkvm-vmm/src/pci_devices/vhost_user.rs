@@ -62,16 +62,12 @@
 //! migration or snapshot taken while it runs may miss them
 //! ([`VhostUserDevice::logs_writes`]).
 
-use std::io;
 use std::os::unix::net::UnixStream;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
-use std::time::{Duration, Instant};
 
-use nkvm_devices::snapshot::{StateReader, StateWriter};
 use nkvm_devices::virtio::common::NO_VECTOR;
 use nkvm_devices::virtio::{Activation, GuestRam, QueueProgress, VirtioDevice, VirtioError};
-use nkvm_devices::{Snapshot, SnapshotError};
 use vhost::vhost_user::message::VhostUserVirtioFeatures;
 use vhost::vhost_user::{Frontend, VhostUserFrontend};
 use vhost::{VhostBackend, VhostUserMemoryRegionInfo, VringConfigData};
@@ -89,81 +85,6 @@ const LOG_ALL: u64 = 1 << 26;
 const VIRTIO_BLK_F_RO: u64 = 1 << 5;
 /// `VHOST_VRING_F_LOG` in `SET_VRING_ADDR`: log the used ring's writes.
 const VRING_F_LOG: u32 = 1;
-
-/// How long a save waits for a backend to complete the requests it had
-/// taken when its queues stopped.
-pub const SAVE_DRAIN_TIMEOUT: Duration = Duration::from_secs(5);
-
-/// Why a vhost-user backend could not be used.
-#[derive(Debug, thiserror::Error)]
-pub enum VhostUserError {
-    /// The socket could not be connected to.
-    #[error("cannot connect to the vhost-user backend at {} (is it running?)", socket.display())]
-    Connect {
-        /// The socket.
-        socket: PathBuf,
-        /// The OS error.
-        #[source]
-        source: io::Error,
-    },
-    /// A request failed.
-    #[error("vhost-user backend at {}: {request} failed", socket.display())]
-    Request {
-        /// The socket.
-        socket: PathBuf,
-        /// The request (`GET_FEATURES`, ...).
-        request: &'static str,
-        /// What the vhost crate reported.
-        #[source]
-        source: vhost::Error,
-    },
-    /// The backend lacks something nkvm needs.
-    #[error("vhost-user backend at {} does not offer {what}", socket.display())]
-    Missing {
-        /// The socket.
-        socket: PathBuf,
-        /// The feature.
-        what: &'static str,
-    },
-    /// The backend hung up.
-    #[error("vhost-user backend at {} went away", socket.display())]
-    Gone {
-        /// The socket.
-        socket: PathBuf,
-    },
-    /// A ring address is not in guest RAM.
-    #[error("queue {queue}: ring address {gpa:#x} is not in guest RAM")]
-    RingAddress {
-        /// The queue.
-        queue: usize,
-        /// The guest physical address.
-        gpa: u64,
-    },
-    /// Saving stopped the queues, but the backend did not complete every
-    /// request it had taken within [`SAVE_DRAIN_TIMEOUT`].
-    #[error(
-        "vhost-user backend at {}: queue {queue} still had {pending} request(s) in flight {:?} after its queues \
-         stopped for a save; the save is given up and the machine runs on",
-        socket.display(), SAVE_DRAIN_TIMEOUT
-    )]
-    InFlight {
-        /// The socket.
-        socket: PathBuf,
-        /// The queue.
-        queue: usize,
-        /// Requests taken but not completed.
-        pending: u16,
-    },
-    /// The dirty log could not be made or handed to the backend.
-    #[error("vhost-user backend at {}: dirty log", socket.display())]
-    Log {
-        /// The socket.
-        socket: PathBuf,
-        /// What went wrong.
-        #[source]
-        source: shared_log::LogError,
-    },
-}
 
 /// The eventfds a vhost-user device hands the backend.
 #[derive(Debug)]
@@ -482,45 +403,6 @@ impl VhostUserDevice {
         Ok(())
     }
 
-    /// Stops every started queue (`GET_VRING_BASE`: the next available
-    /// entry the backend would take), then waits until the guest's used
-    /// ring shows every request the backend took completed (nkvm's own
-    /// backend completes them before it answers; another may not). The
-    /// queues stay stopped until [`resume_after_save`](VirtioDevice::resume_after_save).
-    fn stop_queues(&mut self) -> Result<Vec<QueueProgress>, VhostUserError> {
-        let Some(saved) = self.saved.clone() else { return Ok(Vec::new()) };
-        if self.gone {
-            return Err(VhostUserError::Gone { socket: self.socket.clone() });
-        }
-        self.stopped_for_save = true;
-        let _deadline = self.deadline()?;
-        let mut progress = Vec::new();
-        let started = std::mem::take(&mut self.started);
-        for ring in saved.rings.iter().filter(|r| started.contains(&r.index)) {
-            let base = self.frontend.get_vring_base(ring.index).map_err(self.request_err("GET_VRING_BASE"))?;
-            let next_avail = base as u16;
-            let used_idx = GuestAddress(ring.used + 2);
-            let deadline = Instant::now() + SAVE_DRAIN_TIMEOUT;
-            let next_used = loop {
-                let used = self
-                    .mem
-                    .read_obj::<u16>(used_idx)
-                    .map_err(|_| VhostUserError::RingAddress { queue: ring.index, gpa: ring.used })?;
-                if used == next_avail {
-                    break used;
-                }
-                if Instant::now() >= deadline {
-                    let pending = next_avail.wrapping_sub(used);
-                    return Err(VhostUserError::InFlight { socket: self.socket.clone(), queue: ring.index, pending });
-                }
-                std::thread::sleep(Duration::from_millis(1));
-            };
-            progress.push(QueueProgress { index: ring.index, next_avail, next_used });
-        }
-        log::debug!("vhost-user {}: queues stopped for a save at {progress:?}", self.socket.display());
-        Ok(progress)
-    }
-
     /// Bounds the requests that follow, until it is dropped ([`Deadline`]).
     fn deadline(&self) -> Result<Deadline, VhostUserError> {
         Deadline::arm(&self.raw, SOCKET_TIMEOUT * 2)
@@ -660,61 +542,22 @@ impl VirtioDevice for VhostUserDevice {
     }
 }
 
-/// The device's state is the in-process model's of the same kind
-/// ([`nkvm_devices::virtio::Block`]: capacity and read-only;
-/// [`nkvm_devices::virtio::Console`]: nothing), so a machine saved with its
-/// devices in nkvm's device processes restores with them in process, and
-/// one whose disk is a foreign backend's restores onto a backend serving
-/// the same disk.
-impl Snapshot for VhostUserDevice {
-    fn snapshot_name(&self) -> &'static str {
-        self.kind.name
-    }
-
-    fn snapshot_version(&self) -> u16 {
-        1
-    }
-
-    fn save_body(&self, out: &mut StateWriter) {
-        if self.kind.device_type == BLOCK.device_type {
-            out.u64(self.capacity());
-            out.bool(self.backend_features & VIRTIO_BLK_F_RO != 0);
-        }
-    }
-
-    /// The backend must serve the same disk: its capacity and read-only
-    /// setting are checked as the in-process model checks them. The queue
-    /// positions are the transport's; [`VirtioDevice::restored`] hands
-    /// them to the backend.
-    fn load_body(&mut self, input: &mut StateReader<'_>) -> Result<(), SnapshotError> {
-        if self.kind.device_type != BLOCK.device_type {
-            return Ok(());
-        }
-        let capacity = input.u64("capacity")?;
-        if capacity != self.capacity() {
-            return Err(input.mismatch("the disk's capacity in 512-byte sectors", capacity, self.capacity()));
-        }
-        let read_only = input.bool("read-only")?;
-        let here = self.backend_features & VIRTIO_BLK_F_RO != 0;
-        if read_only != here {
-            return Err(input.mismatch("read-only (1: yes)", read_only.into(), here.into()));
-        }
-        Ok(())
-    }
-}
-
 impl Drop for VhostUserDevice {
     fn drop(&mut self) {
         let _ = self.stop.write(1);
     }
 }
 
+mod error;
 mod kind;
+mod saved;
 mod session;
 mod shared_log;
 mod watch;
 
+pub use self::error::VhostUserError;
 pub use self::kind::{DeviceKind, BLOCK, CONSOLE};
+pub use self::saved::SAVE_DRAIN_TIMEOUT;
 pub use self::shared_log::SharedLog;
 
 pub(super) use self::watch::watch;
