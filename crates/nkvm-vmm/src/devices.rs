@@ -144,10 +144,7 @@ struct ProcessState {
 impl SavedDevice for ProcessState {
     fn save(&self) -> Result<Vec<u8>, String> {
         let vm = self.vm.upgrade().ok_or("the VM is gone")?;
-        vm.region_state(self.region).map_err(|e| match std::error::Error::source(&e) {
-            Some(cause) => format!("{e}: {cause}"),
-            None => e.to_string(),
-        })
+        vm.region_state(self.region).map_err(|e| crate::machine::intake::chain(&e))
     }
 
     fn restore(&self, name: &str, blob: &[u8]) -> Result<(), LoadError> {

@@ -53,10 +53,7 @@ pub(super) trait Saveable: Send {
 
 impl<D: VirtioDevice + Snapshot> Saveable for VirtioPci<D> {
     fn save(&mut self) -> Result<Vec<u8>, String> {
-        self.prepare_save().map_err(|e| match std::error::Error::source(&e) {
-            Some(cause) => format!("{e}: {cause}"),
-            None => e.to_string(),
-        })?;
+        self.prepare_save().map_err(|e| crate::machine::intake::chain(&e))?;
         Ok(self.snapshot())
     }
 
