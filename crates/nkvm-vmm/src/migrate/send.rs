@@ -178,7 +178,13 @@ impl Sender<'_> {
             s.log_arm_ms = log_arm;
         });
         self.update(|s| s.phase = Phase::PreCopy);
+        let copy_start = Instant::now();
         self.full_copy(out)?;
+        log::info!(
+            "migration round 1 (full copy): {} pages in {:.1} ms",
+            self.pages,
+            copy_start.elapsed().as_secs_f64() * 1e3
+        );
         self.update(|s| s.rounds = 1);
         let mut round = 1;
         loop {
@@ -193,6 +199,12 @@ impl Sender<'_> {
                 ((self.bytes - before) as f64 / elapsed).max(self.bytes as f64 / self.start.elapsed().as_secs_f64());
             let expected = (sent * (PAGE as u64 + 8)) as f64 / rate.max(1.0);
             round += 1;
+            log::info!(
+                "migration round {round}: {sent} pages in {:.1} ms, {:.0} MB/s, rest expected in {:.1} ms",
+                elapsed * 1e3,
+                rate / 1e6,
+                expected * 1e3
+            );
             self.update(|s| {
                 s.rounds = round;
                 s.last_round_pages = sent;
