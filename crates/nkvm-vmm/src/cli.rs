@@ -275,4 +275,10 @@ pub struct DeviceArgs {
     /// virtio-blk only: present the image read-only.
     #[arg(long, requires = "disk")]
     pub read_only: bool,
+    /// serial only: stdin is the console channel, a stream socket to the
+    /// VMM: the bytes read from it are the guest's input, and each
+    /// interrupt the UART raises is written back as one byte
+    /// (docs/wire-format.md, "Console channel").
+    #[arg(long)]
+    pub console_channel: bool,
 }

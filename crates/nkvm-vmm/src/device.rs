@@ -84,6 +84,81 @@ impl<D: IoDevice> IoDevice for Logged<D> {
     }
 }
 
+/// The 16550 behind the console channel on stdin (`--console-channel`).
+mod console_channel {
+    use std::io::{self, Read, Write};
+    use std::os::fd::AsFd;
+    use std::os::unix::net::UnixStream;
+    use std::sync::{Arc, Mutex};
+    use std::time::Duration;
+
+    use nkvm_devices::serial::Serial;
+    use nkvm_devices::{IoDevice, IrqLine};
+
+    type Shared = Arc<Mutex<Serial<io::Stdout>>>;
+
+    /// The UART, shared between the I/O region and the input thread.
+    pub(super) struct ChannelSerial(Shared);
+
+    /// Writes one byte to the channel per rising edge of the UART's line.
+    struct Pulses(Mutex<UnixStream>);
+
+    impl IrqLine for Pulses {
+        fn set_level(&self, level: bool) {
+            if level {
+                // A VMM that is gone takes no interrupt; its end of the
+                // I/O region ends this process.
+                let _ = self.0.lock().unwrap_or_else(|p| p.into_inner()).write_all(&[1]);
+            }
+        }
+    }
+
+    /// The UART wired to the channel: its interrupts go out on it, and a
+    /// thread types what comes in into the receive FIFO (waiting while it
+    /// is full, which holds the VMM's side back).
+    pub(super) fn serial() -> io::Result<ChannelSerial> {
+        let channel = UnixStream::from(io::stdin().as_fd().try_clone_to_owned()?);
+        if let Err(e) = channel.local_addr() {
+            let why = format!("--console-channel needs a stream socket on stdin (the VMM's end of the channel): {e}");
+            return Err(io::Error::new(io::ErrorKind::InvalidInput, why));
+        }
+        let pulses = Pulses(Mutex::new(channel.try_clone()?));
+        let serial: Shared = Arc::new(Mutex::new(Serial::new(Box::new(pulses), io::stdout())));
+        let typed = serial.clone();
+        let mut input = channel;
+        std::thread::Builder::new().name("console-input".into()).spawn(move || {
+            let mut buf = [0u8; 64];
+            // Ends at EOF: the VMM is gone or has no more input.
+            while let Ok(n @ 1..) = input.read(&mut buf) {
+                for &byte in &buf[..n] {
+                    while typed.lock().unwrap_or_else(|p| p.into_inner()).enqueue_input(&[byte]) == 0 {
+                        std::thread::sleep(Duration::from_millis(5));
+                    }
+                }
+            }
+        })?;
+        Ok(ChannelSerial(serial))
+    }
+
+    impl IoDevice for ChannelSerial {
+        fn read(&mut self, offset: u64, data: &mut [u8]) {
+            self.0.lock().unwrap_or_else(|p| p.into_inner()).read(offset, data);
+        }
+
+        fn write(&mut self, offset: u64, data: &[u8]) {
+            self.0.lock().unwrap_or_else(|p| p.into_inner()).write(offset, data);
+        }
+
+        fn save_state(&self) -> Option<Vec<u8>> {
+            self.0.lock().unwrap_or_else(|p| p.into_inner()).save_state()
+        }
+
+        fn load_state(&mut self, state: &[u8]) -> Option<Result<(), String>> {
+            self.0.lock().unwrap_or_else(|p| p.into_inner()).load_state(state)
+        }
+    }
+}
+
 /// Serves one connection on `args.socket`, then exits.
 pub fn run(args: &DeviceArgs) -> Result<ExitCode, Box<dyn std::error::Error>> {
     match (args.model, &args.apic_bus, &args.pins, &args.slave) {
@@ -95,12 +170,9 @@ pub fn run(args: &DeviceArgs) -> Result<ExitCode, Box<dyn std::error::Error>> {
         (DeviceModel::VirtioBlk | DeviceModel::VirtioConsole, ..) => return crate::virtio_process::run(args),
         _ => {}
     }
-    let path = args.socket.display().to_string();
-    let _ = std::fs::remove_file(&args.socket);
-    let listener =
-        UnixListener::bind(&args.socket).map_err(|source| DeviceError::Listen { path: path.clone(), source })?;
     let model: Box<dyn IoDevice> = match args.model {
         DeviceModel::Test => Box::new(TestDevice::new()),
+        DeviceModel::Serial if args.console_channel => Box::new(console_channel::serial()?),
         DeviceModel::Serial => Box::new(Serial::new(Box::new(|_level: bool| {}), io::stdout())),
         DeviceModel::Cmos => Box::new(Cmos::new()),
         DeviceModel::PmTimer => Box::new(PmTimer::new()),
@@ -126,6 +198,11 @@ pub fn run(args: &DeviceArgs) -> Result<ExitCode, Box<dyn std::error::Error>> {
         }
         None => model,
     };
+    // Listening last: a model that cannot be built leaves no socket behind.
+    let path = args.socket.display().to_string();
+    let _ = std::fs::remove_file(&args.socket);
+    let listener =
+        UnixListener::bind(&args.socket).map_err(|source| DeviceError::Listen { path: path.clone(), source })?;
     let mut server = Server::accept_spinning(&listener, SPIN).map_err(DeviceError::Serve)?;
     let _ = std::fs::remove_file(&args.socket);
     let stats = server.serve(&mut *device).map_err(DeviceError::Serve)?;

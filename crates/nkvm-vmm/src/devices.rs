@@ -2,6 +2,8 @@
 //! in its own process (`nkvm device`, behind an I/O-region socket). The
 //! model code is the same either way.
 
+use std::io::{Read, Write};
+use std::os::fd::OwnedFd;
 use std::os::unix::net::UnixStream;
 use std::path::PathBuf;
 use std::process::{Child, Command, Stdio};
@@ -10,7 +12,7 @@ use std::time::{Duration, Instant};
 
 use nkvm::io::{IoHandler, IoRange, Ordering, RegionId, SocketOptions};
 use nkvm::Vm;
-use nkvm_devices::IoDevice;
+use nkvm_devices::{IoDevice, IrqLine};
 
 use crate::cli::DeviceModel;
 use crate::console::{PanicWatch, WatchedConsole};
@@ -61,10 +63,11 @@ pub struct DeviceProcess {
     socket: PathBuf,
     /// The region its socket serves.
     region: RegionId,
-    /// The thread copying the child's output through a [`WatchedConsole`]
-    /// (a serial console): joined on drop, after the child ends, so every
-    /// line it wrote has been seen.
-    console: Option<std::thread::JoinHandle<()>>,
+    /// The threads serving a serial console: one copies the child's output
+    /// through a [`WatchedConsole`], one pulses the UART's interrupt line
+    /// for the child (docs/wire-format.md, "Console channel"). Joined on
+    /// drop, after the child ends, so every line it wrote has been seen.
+    console: Vec<std::thread::JoinHandle<()>>,
 }
 
 impl DeviceProcess {
@@ -73,12 +76,36 @@ impl DeviceProcess {
         Self::start(vm, model, range, ordering, None)
     }
 
-    /// Starts the 16550 in its own process, its output (the guest's
-    /// console) copied to this process's stdout through a
-    /// [`WatchedConsole`], so a guest kernel's panic is seen as it is with
-    /// the serial port in process.
-    pub fn attach_console(vm: &Vm, range: IoRange, watch: PanicWatch) -> Result<Self, DeviceProcessError> {
-        Self::start(vm, DeviceModel::Serial, range, Ordering::Sync, Some(watch))
+    /// Starts the 16550 in its own process (`nkvm device --model serial
+    /// --console-channel`), as interactive as one in process:
+    /// - its output (the guest's console) is copied to this process's
+    ///   stdout through a [`WatchedConsole`], so a guest kernel's panic is
+    ///   seen as it is with the serial port in process;
+    /// - every interrupt the UART raises pulses `irq`;
+    /// - the bytes written to the returned channel are the guest's input
+    ///   (hand it to [`crate::terminal::spawn_input`]).
+    pub fn attach_console(
+        vm: &Vm,
+        range: IoRange,
+        watch: PanicWatch,
+        irq: Box<dyn IrqLine>,
+    ) -> Result<(Self, UnixStream), DeviceProcessError> {
+        let spawn = |source| DeviceProcessError::Spawn { model: DeviceModel::Serial, source };
+        let (ours, theirs) = UnixStream::pair().map_err(spawn)?;
+        let console = Console { watch, channel: theirs.into() };
+        let mut process = Self::start(vm, DeviceModel::Serial, range, Ordering::Sync, Some(console))?;
+        let mut pulses = ours.try_clone().map_err(spawn)?;
+        let pulse = std::thread::Builder::new().name("console-irq".into()).spawn(move || {
+            // One byte per interrupt; ends at EOF, when the child has ended.
+            let mut buf = [0u8; 64];
+            while let Ok(n @ 1..) = pulses.read(&mut buf) {
+                for _ in 0..n {
+                    irq.pulse();
+                }
+            }
+        });
+        process.console.push(pulse.map_err(spawn)?);
+        Ok((process, ours))
     }
 
     fn start(
@@ -86,7 +113,7 @@ impl DeviceProcess {
         model: DeviceModel,
         range: IoRange,
         ordering: Ordering,
-        watch: Option<PanicWatch>,
+        console: Option<Console>,
     ) -> Result<Self, DeviceProcessError> {
         let exe = std::env::current_exe().map_err(|source| DeviceProcessError::Spawn { model, source })?;
         let socket = std::env::temp_dir().join(format!("nkvm-{}-{model:?}.sock", std::process::id()).to_lowercase());
@@ -95,20 +122,28 @@ impl DeviceProcess {
             .map_or_else(|| format!("{model:?}").to_lowercase(), |v| v.get_name().to_string());
         let mut command = Command::new(exe);
         command.args(["device", "--model", &model_arg, "--socket"]).arg(&socket);
-        if watch.is_some() {
-            command.stdout(Stdio::piped());
-        }
+        let watch = console.map(|Console { watch, channel }| {
+            command.arg("--console-channel").stdin(Stdio::from(channel)).stdout(Stdio::piped());
+            watch
+        });
         let mut child = command.spawn().map_err(|source| DeviceProcessError::Spawn { model, source })?;
         let console = match (watch, child.stdout.take()) {
             (Some(watch), Some(mut output)) => {
                 let copy = std::thread::Builder::new().name("console".into()).spawn(move || {
                     let mut console = WatchedConsole::new(std::io::stdout(), watch);
-                    // Ends at EOF, when the child has ended.
-                    let _ = std::io::copy(&mut output, &mut console);
+                    // Each read passed on at once, as the in-process UART
+                    // does (a prompt has no newline). Ends at EOF, when the
+                    // child has ended.
+                    let mut buf = [0u8; 4096];
+                    while let Ok(n @ 1..) = output.read(&mut buf) {
+                        if console.write_all(&buf[..n]).and_then(|()| console.flush()).is_err() {
+                            break;
+                        }
+                    }
                 });
-                Some(copy.map_err(|source| DeviceProcessError::Spawn { model, source })?)
+                vec![copy.map_err(|source| DeviceProcessError::Spawn { model, source })?]
             }
-            _ => None,
+            _ => Vec::new(),
         };
         let mut process = DeviceProcess { child, socket, console, region: RegionId(0) };
         let deadline = Instant::now() + Duration::from_secs(10);
@@ -135,6 +170,14 @@ impl DeviceProcess {
     }
 }
 
+/// What a serial console process is started with.
+struct Console {
+    /// Watches its output for a kernel panic.
+    watch: PanicWatch,
+    /// The child's end of the console channel: its stdin.
+    channel: OwnedFd,
+}
+
 /// A device process's model in a machine's saved devices.
 struct ProcessState {
     vm: Weak<Vm>,
@@ -158,8 +201,8 @@ impl Drop for DeviceProcess {
     fn drop(&mut self) {
         let _ = self.child.kill();
         let _ = self.child.wait();
-        if let Some(console) = self.console.take() {
-            let _ = console.join();
+        for thread in self.console.drain(..) {
+            let _ = thread.join();
         }
         let _ = std::fs::remove_file(&self.socket);
     }

@@ -1,11 +1,13 @@
 //! The guest's serial console on the user's terminal: raw mode while the
 //! guest runs (restored on every way out of `nkvm run`), keystrokes to the
-//! guest's 16550, and the escape key.
+//! guest's 16550 (in this process, or over the console channel of a
+//! 16550 in a device process, docs/wire-format.md), and the escape key.
 //!
 //! **Escape key: Ctrl-A then `x`** ends the guest (as in QEMU);
 //! Ctrl-A Ctrl-A sends one Ctrl-A to the guest.
 
-use std::io::{self, IsTerminal, Read};
+use std::io::{self, IsTerminal, Read, Write};
+use std::os::unix::net::UnixStream;
 use std::sync::{Arc, Mutex};
 use std::thread;
 use std::time::Duration;
@@ -104,10 +106,45 @@ impl nkvm::IoHandler for SerialRegion {
     }
 }
 
-/// Starts the thread that reads stdin: bytes go to `serial` (waiting while
-/// its FIFO is full), the escape key calls `quit` once. The thread ends at
-/// end of input or after the escape.
-pub fn spawn_input(serial: SharedSerial, quit: impl FnOnce() + Send + 'static) -> io::Result<()> {
+/// Where the keystrokes for the guest go.
+pub enum ConsoleInput {
+    /// A 16550 in this process.
+    Local(SharedSerial),
+    /// The console channel of a 16550 in a device process: the bytes
+    /// written are its input (the process waits while its FIFO is full,
+    /// so a full socket holds this side back).
+    Process(UnixStream),
+}
+
+impl std::fmt::Debug for ConsoleInput {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Self::Local(_) => f.write_str("ConsoleInput::Local"),
+            Self::Process(s) => f.debug_tuple("ConsoleInput::Process").field(s).finish(),
+        }
+    }
+}
+
+impl ConsoleInput {
+    /// Hands one byte to the UART, waiting while its FIFO is full.
+    fn send(&mut self, byte: u8) -> io::Result<()> {
+        match self {
+            Self::Local(serial) => {
+                while serial.lock().unwrap_or_else(|p| p.into_inner()).enqueue(&[byte]) == 0 {
+                    thread::sleep(Duration::from_millis(5));
+                }
+                Ok(())
+            }
+            Self::Process(channel) => channel.write_all(&[byte]),
+        }
+    }
+}
+
+/// Starts the thread that reads stdin: bytes go to `input` (waiting while
+/// the UART's FIFO is full), the escape key calls `quit` once. The thread
+/// ends at end of input, after the escape, or when a device process's
+/// channel breaks (the process is gone; the VMM names that elsewhere).
+pub fn spawn_input(mut input: ConsoleInput, quit: impl FnOnce() + Send + 'static) -> io::Result<()> {
     thread::Builder::new().name("console-input".into()).spawn(move || {
         let mut decoder = EscapeDecoder::default();
         let mut buf = [0u8; 64];
@@ -122,8 +159,9 @@ pub fn spawn_input(serial: SharedSerial, quit: impl FnOnce() + Send + 'static) -
                     Key::Quit => return quit(),
                     Key::Pending => {}
                     Key::Send(b) => {
-                        while serial.lock().unwrap_or_else(|p| p.into_inner()).enqueue(&[b]) == 0 {
-                            thread::sleep(Duration::from_millis(5));
+                        if let Err(e) = input.send(b) {
+                            log::warn!("console input stops: the serial device process took no more ({e})");
+                            return;
                         }
                     }
                 }

@@ -107,10 +107,16 @@ fn device_process_boots_the_same_guest_with_devices_in_other_processes() {
 /// Boots `code` as a kernel on 2 vCPUs; kills nkvm after 60 s (a guest
 /// waiting with `hlt` for an interrupt that never comes waits in KVM).
 fn run_tiny_kernel(name: &str, code: &[u8]) -> Output {
+    run_tiny_kernel_with(name, code, &[])
+}
+
+/// [`run_tiny_kernel`] with more `nkvm run` arguments.
+fn run_tiny_kernel_with(name: &str, code: &[u8], extra: &[&str]) -> Output {
     let path = std::env::temp_dir().join(format!("nkvm-tiny-{name}-{}", std::process::id()));
     std::fs::write(&path, tiny_bzimage(code)).expect("write the tiny kernel");
     let mut child = Command::new(env!("CARGO_BIN_EXE_nkvm"))
         .args(["run", "--kernel", path.to_str().unwrap(), "--cpus", "2", "--memory", "64M"])
+        .args(extra)
         .stdin(std::process::Stdio::null())
         .stdout(std::process::Stdio::piped())
         .stderr(std::process::Stdio::piped())
@@ -196,6 +202,17 @@ fn a_kernel_that_enters_s5_through_pm1a_control_powers_off() {
 
 #[test]
 fn the_serial_interrupt_reaches_the_guest_through_ioapic_pin_4() {
+    serial_interrupt_reaches_pin_4("serial-irq", &[]);
+}
+
+#[test]
+fn the_interrupt_of_a_16550_in_a_device_process_reaches_ioapic_pin_4() {
+    serial_interrupt_reaches_pin_4("serial-irq-process", &["--device-process"]);
+}
+
+/// A guest that waits for COM1's transmitter-empty interrupt (IOAPIC pin
+/// 4) after one byte, and powers off when it comes.
+fn serial_interrupt_reaches_pin_4(name: &str, extra: &[&str]) {
     use iced_x86::code_asm::*;
     const IDT: u64 = 0x20_0000;
     const VECTOR: u64 = 0x40;
@@ -242,7 +259,7 @@ fn the_serial_interrupt_reaches_the_guest_through_ioapic_pin_4() {
         a.mov(ax, 0x3400)?;
         a.out(dx, ax)
     });
-    let out = run_tiny_kernel("serial-irq", &code);
+    let out = run_tiny_kernel_with(name, &code, extra);
     let stderr = text(&out.stderr);
     assert!(out.status.success(), "no interrupt within 60 s (status {:?}): {stderr}", out.status);
     assert_eq!(text(&out.stdout), "!");
@@ -250,6 +267,17 @@ fn the_serial_interrupt_reaches_the_guest_through_ioapic_pin_4() {
 
 #[test]
 fn console_input_reaches_the_guest_and_ctrl_a_x_ends_it() {
+    console_echo("echo", &[]);
+}
+
+#[test]
+fn console_input_reaches_a_16550_in_a_device_process_and_ctrl_a_x_ends_it() {
+    console_echo("echo-process", &["--device-process"]);
+}
+
+/// A guest that echoes what its 16550 receives: typed bytes come back, and
+/// Ctrl-A x ends nkvm.
+fn console_echo(name: &str, extra: &[&str]) {
     use std::io::{Read, Write};
     use std::sync::{Arc, Mutex};
     use std::time::{Duration, Instant};
@@ -268,10 +296,11 @@ fn console_input_reaches_the_guest_and_ctrl_a_x_ends_it() {
         a.out(dx, al)?;
         a.jmp(poll)
     });
-    let path = std::env::temp_dir().join(format!("nkvm-tiny-echo-{}", std::process::id()));
+    let path = std::env::temp_dir().join(format!("nkvm-tiny-{name}-{}", std::process::id()));
     std::fs::write(&path, tiny_bzimage(&code)).unwrap();
     let mut child = Command::new(env!("CARGO_BIN_EXE_nkvm"))
         .args(["run", "--kernel", path.to_str().unwrap(), "--cpus", "1", "--memory", "64M"])
+        .args(extra)
         .stdin(std::process::Stdio::piped())
         .stdout(std::process::Stdio::piped())
         .stderr(std::process::Stdio::piped())
@@ -304,9 +333,24 @@ fn console_input_reaches_the_guest_and_ctrl_a_x_ends_it() {
     reader.join().unwrap();
     let _ = std::fs::remove_file(&path);
     let stderr = text(&out.stderr);
-    assert_eq!(*echoed.lock().unwrap(), b"hi\x01", "the guest echoes what was typed (Ctrl-A Ctrl-A is one Ctrl-A)");
+    assert_eq!(
+        *echoed.lock().unwrap(),
+        b"hi\x01",
+        "the guest echoes what was typed (Ctrl-A Ctrl-A is one Ctrl-A): {stderr}"
+    );
     assert!(out.status.success(), "Ctrl-A x must end nkvm with 0: {:?} {stderr}", out.status);
     assert!(stderr.contains("guest ended from the console (Ctrl-A x)"), "{stderr}");
+}
+
+#[test]
+fn a_console_channel_that_is_not_a_socket_is_named() {
+    let socket = std::env::temp_dir().join(format!("nkvm-cli-channel-{}.sock", std::process::id()));
+    // stdin is /dev/null here, not the VMM's end of a socket pair.
+    let out = nkvm(&["device", "--model", "serial", "--console-channel", "--socket", socket.to_str().unwrap()]);
+    assert!(!out.status.success());
+    let stderr = text(&out.stderr);
+    assert!(stderr.contains("--console-channel needs a stream socket on stdin"), "{stderr}");
+    assert!(!socket.exists(), "nothing listens after the refusal");
 }
 
 #[test]

@@ -39,7 +39,7 @@ use crate::pci_devices::{Disk, PciConfig, ResetHook};
 use crate::saved::SavedDevices;
 use crate::sleep::Sleep;
 use crate::snapshot::{DecodedState, MachineConfig, MachineKind};
-use crate::terminal::{SerialRegion, SharedSerial};
+use crate::terminal::{ConsoleInput, SerialRegion, SharedSerial};
 use crate::testdev;
 
 /// The saved devices' names (the platform and PCI parts name their own).
@@ -73,7 +73,7 @@ pub(super) struct Built {
     /// Device processes (they end when dropped, after the vCPUs).
     pub processes: Vec<DeviceProcess>,
     /// The in-process 16550, for the terminal's keystrokes.
-    pub input: Option<SharedSerial>,
+    pub input: Option<ConsoleInput>,
     /// The console's panic watch.
     pub panic: PanicWatch,
 }
@@ -288,29 +288,30 @@ fn put_back(vm: &Vm, saved: Vec<(u64, Vec<u8>)>) -> Result<(), MachineError> {
     Ok(())
 }
 
-/// The 16550 on 0x3f8: in process or in a device process (its state
-/// travels either way).
+/// The 16550 on 0x3f8: in process or in a device process. Either way its
+/// state travels, keystrokes reach it and its interrupt drives IOAPIC pin 4.
 fn console(
     parts: &Parts<'_>,
     ioapic: &IoapicPins,
     devices: &mut SavedDevices,
     processes: &mut Vec<DeviceProcess>,
-) -> Result<(Option<SharedSerial>, PanicWatch), MachineError> {
+) -> Result<(Option<ConsoleInput>, PanicWatch), MachineError> {
     let com1 = IoRange::pio(builtin::COM1, 8);
     let panic = PanicWatch::default();
+    let irq = ioapic.line(usize::from(acpi::COM1_IRQ));
     if parts.args.device_process {
-        let process = DeviceProcess::attach_console(parts.vm, com1, panic.clone())?;
+        let (process, input) = DeviceProcess::attach_console(parts.vm, com1, panic.clone(), irq)?;
         // Its state is asked of the process, and given back on a restore.
         devices.add(SERIAL, process.saved(parts.vm));
         processes.push(process);
-        return Ok((None, panic));
+        return Ok((Some(ConsoleInput::Process(input)), panic));
     }
     let console = WatchedConsole::new(io::stdout(), panic.clone());
-    let serial = Arc::new(Mutex::new(Serial::new(ioapic.line(usize::from(acpi::COM1_IRQ)), console)));
+    let serial = Arc::new(Mutex::new(Serial::new(irq, console)));
     devices.add_shared(SERIAL, serial.clone());
     let input: SharedSerial = serial;
     parts.vm.attach_handler(com1, Box::new(SerialRegion(input.clone())))?;
-    Ok((Some(input), panic))
+    Ok((Some(ConsoleInput::Local(input)), panic))
 }
 
 /// Creates the vCPUs: a fresh machine's with the CPUID `kind` says (plus
