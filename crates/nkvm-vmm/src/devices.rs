@@ -150,7 +150,7 @@ impl DeviceProcess {
         let stream = loop {
             match UnixStream::connect(&process.socket) {
                 Ok(s) => break s,
-                Err(_) if Instant::now() < deadline => std::thread::sleep(Duration::from_millis(5)),
+                Err(_) if Instant::now() < deadline => std::thread::sleep(Duration::from_millis(1)),
                 Err(_) => {
                     return Err(DeviceProcessError::NoSocket { model, path: process.socket.display().to_string() })
                 }

@@ -53,6 +53,18 @@ pub enum MemoryError {
     /// A size of 0 or one that is not a multiple of the page size.
     #[error("memory size {0:#x} must be a non-zero multiple of 4 KiB")]
     BadSize(u64),
+    /// Reading the file a backing copies ([`Backing::copy_of`]) failed.
+    #[error("cannot read {len:#x} bytes at offset {offset:#x} of the file to copy into guest memory")]
+    CopyFrom {
+        /// Where in the file.
+        offset: u64,
+        /// How much.
+        len: usize,
+        /// The OS error (`UnexpectedEof`: the file is shorter than the
+        /// object).
+        #[source]
+        source: std::io::Error,
+    },
     /// A region's address, offset or length is not page aligned.
     #[error("region {0} is not 4 KiB aligned (address, offset into its backing and length must all be)")]
     Unaligned(RegionName),
@@ -223,6 +235,49 @@ impl Backing {
         })?;
         let id = NEXT_BACKING_ID.fetch_add(1, Ordering::Relaxed);
         Ok(Self { inner: Arc::new(BackingInner { id, name: name.to_string(), map }) })
+    }
+
+    /// A new memfd-backed object of `size` bytes holding a copy of the first
+    /// `size` bytes of `file` (for example a snapshot's memory file, when
+    /// other processes must map guest RAM and a copy-on-write mapping
+    /// would hide the guest's writes from them). Only the file's data
+    /// ranges are copied (`SEEK_DATA`/`SEEK_HOLE`); its holes stay holes, so
+    /// the cost grows with the data the file holds, not with `size`.
+    ///
+    /// ```no_run
+    /// # fn main() -> Result<(), Box<dyn std::error::Error>> {
+    /// let file = std::fs::File::open("snapshot/memory")?;
+    /// let size = file.metadata()?.len();
+    /// let ram = nkvm::Backing::copy_of("ram", &file, size)?;
+    /// assert_eq!(ram.len(), size);
+    /// # Ok(())
+    /// # }
+    /// ```
+    pub fn copy_of(name: &str, file: &File, size: u64) -> Result<Self, MemoryError> {
+        use std::os::unix::fs::FileExt;
+        /// Bytes per read and write.
+        const CHUNK: usize = 1 << 20;
+        let found = file.metadata().map_err(|source| MemoryError::CopyFrom { offset: 0, len: 0, source })?.len();
+        if found < size {
+            let source = std::io::Error::new(
+                std::io::ErrorKind::UnexpectedEof,
+                format!("the file holds {found:#x} bytes, not {size:#x}"),
+            );
+            return Err(MemoryError::CopyFrom { offset: found, len: (size - found) as usize, source });
+        }
+        let ram = Self::new(name, size)?;
+        let mut buf = vec![0u8; CHUNK];
+        for (start, end) in crate::sys::memfd::data_ranges(file, size) {
+            let mut at = start;
+            while at < end {
+                let len = usize::try_from(end - at).map_or(CHUNK, |left| left.min(CHUNK));
+                let chunk = &mut buf[..len];
+                file.read_exact_at(chunk, at).map_err(|source| MemoryError::CopyFrom { offset: at, len, source })?;
+                ram.fill_at(at, &[chunk])?;
+                at += len as u64;
+            }
+        }
+        Ok(ram)
     }
 
     /// The byte ranges `[start, end)` of the object that may hold non-zero

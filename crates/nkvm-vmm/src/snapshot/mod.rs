@@ -240,7 +240,7 @@ pub fn read(dir: &Path, shared_ram: bool) -> Result<Loaded, SnapshotError> {
         // A device process or vhost-user backend maps guest RAM itself,
         // which a private mapping of the file would hide from it: the
         // memory is copied into a fresh memfd, at a cost that grows with
-        // what the guest used.
+        // what the guest used (the file's data, not its size).
         copied_ram(file, &path, config.memory)?
     } else {
         Backing::from_file_private("nkvm-ram", file, config.memory)
@@ -249,11 +249,9 @@ pub fn read(dir: &Path, shared_ram: bool) -> Result<Loaded, SnapshotError> {
     Ok(Loaded { state: MachineState { config, vm, vcpus, devices }, ram })
 }
 
-/// `file`'s `size` bytes in a new memfd backing.
-fn copied_ram(mut file: File, path: &Path, size: u64) -> Result<Backing, SnapshotError> {
-    let ram = Backing::new("nkvm-ram", size)
-        .map_err(|source| SnapshotError::Map { path: path.display().to_string(), source })?;
-    let mut to = ram.file();
-    io::copy(&mut file, &mut to).map_err(io_err(path, "copy into guest RAM"))?;
-    Ok(ram)
+/// `file`'s `size` bytes in a new memfd backing: only the data the file
+/// holds is copied (its holes, the pages the guest never wrote, stay holes).
+fn copied_ram(file: File, path: &Path, size: u64) -> Result<Backing, SnapshotError> {
+    Backing::copy_of("nkvm-ram", &file, size)
+        .map_err(|source| SnapshotError::Map { path: path.display().to_string(), source })
 }

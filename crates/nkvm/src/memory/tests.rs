@@ -23,6 +23,36 @@ fn data_ranges_skip_what_was_never_written_and_a_private_map_is_whole() {
 }
 
 #[test]
+fn a_copy_holds_the_files_data_and_keeps_its_holes() {
+    use std::io::{Seek, SeekFrom, Write};
+    // A sparse 64 MiB file: two pages of data, one of them past a chunk.
+    let path = std::env::temp_dir().join(format!("nkvm-copy-of-{}", std::process::id()));
+    let mut file = File::create(&path).unwrap();
+    file.seek(SeekFrom::Start(0x3000)).unwrap();
+    file.write_all(&[0xaa; 4096]).unwrap();
+    file.seek(SeekFrom::Start((40 << 20) + 0x1000)).unwrap();
+    file.write_all(&[0x55; 4096]).unwrap();
+    file.set_len(64 << 20).unwrap();
+    let file = File::open(&path).unwrap();
+    let copy = Backing::copy_of("c", &file, 64 << 20).unwrap();
+    let mut page = [0u8; 4096];
+    copy.read_at(0x3000, &mut page).unwrap();
+    assert_eq!(page, [0xaa; 4096]);
+    copy.read_at((40 << 20) + 0x1000, &mut page).unwrap();
+    assert_eq!(page, [0x55; 4096]);
+    copy.read_at(0x10_0000, &mut page).unwrap();
+    assert_eq!(page, [0; 4096], "a hole reads as zero");
+    let used: u64 = copy.data_ranges().iter().map(|(s, e)| e - s).sum();
+    assert!(used < 8 << 20, "the holes stay holes: {:x?}", copy.data_ranges());
+    // A file shorter than the size asked for is named, not zero-filled.
+    let short = Backing::copy_of("c", &file, 128 << 20);
+    std::fs::remove_file(&path).unwrap();
+    let e = short.err().expect("a 64 MiB file copied as 128 MiB");
+    assert!(matches!(e, MemoryError::CopyFrom { offset: 0x400_0000, .. }), "{e:?}");
+    assert!(e.to_string().contains("cannot read"), "{e}");
+}
+
+#[test]
 fn fill_writes_through_the_file_what_write_would_through_the_mapping() {
     let b = Backing::new("t", 4 << 20).unwrap();
     let map = MemoryMap::new(vec![

@@ -6,6 +6,40 @@ use std::io;
 use std::os::fd::{AsRawFd, FromRawFd};
 use std::ptr::NonNull;
 
+/// The byte ranges `[start, end)` of the first `len` bytes of `file` that may
+/// hold data, ascending (`lseek(SEEK_DATA/SEEK_HOLE)`); the rest is holes,
+/// which read as zero. A file system without hole support gives one range.
+/// Moves the file's offset: callers read and write it at explicit offsets.
+pub(crate) fn data_ranges(file: &File, len: u64) -> Vec<(u64, u64)> {
+    let whole = vec![(0, len)];
+    let fd = file.as_raw_fd();
+    let seek = |offset: u64, whence| {
+        // SAFETY: lseek only reads the fd (owned by `file`, open for the
+        // call) and moves its offset, which no caller relies on (they read
+        // and write at explicit offsets).
+        let r = unsafe { libc::lseek(fd, offset as libc::off_t, whence) };
+        u64::try_from(r).ok()
+    };
+    let mut ranges = Vec::new();
+    let mut at = 0;
+    while at < len {
+        let Some(start) = seek(at, libc::SEEK_DATA) else {
+            // ENXIO: no data past `at`. Anything else: no hole support.
+            if io::Error::last_os_error().raw_os_error() == Some(libc::ENXIO) {
+                break;
+            }
+            return whole;
+        };
+        let Some(end) = seek(start, libc::SEEK_HOLE) else { return whole };
+        if start >= len {
+            break;
+        }
+        ranges.push((start, end.min(len)));
+        at = end;
+    }
+    ranges
+}
+
 /// A `MAP_SHARED` mapping of a whole memfd. Another process that maps the same
 /// memfd sees the same bytes, which is how device models outside the VMM reach
 /// guest memory.
@@ -83,37 +117,10 @@ impl SharedMapping {
     /// mapping (whose writes the file does not see), or a file system
     /// without hole support, is one range.
     pub(crate) fn data_ranges(&self) -> Vec<(u64, u64)> {
-        let len = self.len as u64;
-        let whole = vec![(0, len)];
         if self.private {
-            return whole;
+            return vec![(0, self.len as u64)];
         }
-        let fd = self.file.as_raw_fd();
-        let seek = |offset: u64, whence| {
-            // SAFETY: lseek only reads the fd (owned by `self.file`, open for
-            // the call) and moves its offset, which nothing else here uses
-            // (every read and write goes through the mapping).
-            let r = unsafe { libc::lseek(fd, offset as libc::off_t, whence) };
-            u64::try_from(r).ok()
-        };
-        let mut ranges = Vec::new();
-        let mut at = 0;
-        while at < len {
-            let Some(start) = seek(at, libc::SEEK_DATA) else {
-                // ENXIO: no data past `at`. Anything else: no hole support.
-                if io::Error::last_os_error().raw_os_error() == Some(libc::ENXIO) {
-                    break;
-                }
-                return whole;
-            };
-            let Some(end) = seek(start, libc::SEEK_HOLE) else { return whole };
-            if start >= len {
-                break;
-            }
-            ranges.push((start, end.min(len)));
-            at = end;
-        }
-        ranges
+        data_ranges(&self.file, self.len as u64)
     }
 
     pub(crate) fn file(&self) -> &File {
