@@ -47,7 +47,7 @@ fn a_copy_holds_the_files_data_and_keeps_its_holes() {
     // A file shorter than the size asked for is named, not zero-filled.
     let short = Backing::copy_of("c", &file, 128 << 20);
     std::fs::remove_file(&path).unwrap();
-    let e = short.err().expect("a 64 MiB file copied as 128 MiB");
+    let e = short.expect_err("a 64 MiB file copied as 128 MiB");
     assert!(matches!(e, MemoryError::CopyFrom { offset: 0x400_0000, .. }), "{e:?}");
     assert!(e.to_string().contains("cannot read"), "{e}");
 }
