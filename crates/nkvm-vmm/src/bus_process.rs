@@ -2,7 +2,9 @@
 //! sockets, the device end of the APIC bus, and serving I/O regions on
 //! threads.
 
-use std::io::Write;
+use std::collections::{HashMap, VecDeque};
+use std::fs::File;
+use std::io::{self, Read, Write};
 use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::Path;
 use std::sync::{Arc, Mutex};
@@ -12,24 +14,55 @@ use nkvm_devices::serve::Server;
 use nkvm_devices::{ApicBusSink, IoDevice};
 use nkvm_wire::apic::{self, ApicFrame, InterruptMessage};
 use nkvm_wire::handshake::VersionRange;
+use vmm_sys_util::sock_ctrl_msg::ScmSocket;
 
 use crate::device::{DeviceError, SPIN};
 
-/// The device end of the APIC bus: messages go out once it is connected.
+/// The device end of the APIC bus: messages go out once it is connected,
+/// each through the fast path the VM side gave it, if it has one (protocol
+/// version 2: an eventfd write, no VMM thread in between), or on the
+/// socket.
 #[derive(Clone, Default)]
-pub struct Bus(Arc<Mutex<Option<UnixStream>>>);
+pub struct Bus(Arc<Mutex<Option<Connected>>>);
+
+/// A connected bus.
+struct Connected {
+    stream: UnixStream,
+    /// The eventfds the VM side offered, by the message each delivers.
+    fast: HashMap<InterruptMessage, File>,
+}
 
 impl ApicBusSink for Bus {
     fn send(&mut self, message: InterruptMessage) {
         let mut bus = self.0.lock().unwrap_or_else(|p| p.into_inner());
-        match bus.as_mut() {
-            Some(s) => {
-                if let Err(e) = s.write_all(&message.encode()) {
-                    log::error!("APIC bus: {e}");
-                }
+        let Some(bus) = bus.as_mut() else {
+            return log::warn!("interrupt {message:?} before the APIC bus connected: dropped");
+        };
+        if let Some(mut eventfd) = bus.fast.get(&message) {
+            match eventfd.write_all(&1u64.to_ne_bytes()) {
+                Ok(()) => return,
+                // The socket still delivers it.
+                Err(e) => log::warn!("APIC bus: the fast path of {message:?} failed: {e}"),
             }
-            None => log::warn!("interrupt {message:?} before the APIC bus connected: dropped"),
         }
+        if let Err(e) = bus.stream.write_all(&message.encode()) {
+            log::error!("APIC bus: {e}");
+        }
+    }
+}
+
+/// The bus socket read with `recvmsg`, keeping the descriptors that come
+/// with fast-path frames, in order.
+struct FdReader {
+    stream: UnixStream,
+    fds: VecDeque<File>,
+}
+
+impl Read for FdReader {
+    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+        let (n, fd) = self.stream.recv_with_fd(buf).map_err(|e| io::Error::from_raw_os_error(e.errno()))?;
+        self.fds.extend(fd);
+        Ok(n)
     }
 }
 
@@ -40,18 +73,28 @@ pub fn listen(path: &Path) -> Result<UnixListener, DeviceError> {
 }
 
 /// Accepts the APIC-bus connection on a thread, handshakes, plugs it into
-/// `bus` and passes each EOI it brings to `on_eoi`.
+/// `bus` and passes each EOI it brings to `on_eoi`; keeps the fast paths
+/// the VM side offers.
 pub fn spawn_bus(listener: UnixListener, bus: Bus, mut on_eoi: impl FnMut(u8) + Send + 'static) {
     thread::spawn(move || {
         let Ok((stream, _)) = listener.accept() else { return };
-        let (Ok(mut r), mut w) = (stream.try_clone(), stream) else { return };
-        if let Err(e) = apic::device_handshake(&mut r, &mut w, VersionRange::CURRENT) {
+        let (Ok(reader), mut w) = (stream.try_clone(), stream) else { return };
+        let mut r = FdReader { stream: reader, fds: VecDeque::new() };
+        if let Err(e) = apic::device_handshake(&mut r, &mut w, VersionRange::APIC_BUS) {
             return log::error!("APIC-bus handshake: {e}");
         }
-        *bus.0.lock().unwrap_or_else(|p| p.into_inner()) = Some(w);
+        *bus.0.lock().unwrap_or_else(|p| p.into_inner()) = Some(Connected { stream: w, fast: HashMap::new() });
         loop {
             match apic::read_frame(&mut r) {
                 Ok(Some(ApicFrame::Eoi(e))) => on_eoi(e.vector),
+                Ok(Some(ApicFrame::FastPath(m))) => {
+                    let Some(eventfd) = r.fds.pop_front() else {
+                        return log::error!("APIC bus: a fast path for {m:?} came without its eventfd");
+                    };
+                    if let Some(bus) = bus.0.lock().unwrap_or_else(|p| p.into_inner()).as_mut() {
+                        bus.fast.insert(m, eventfd);
+                    }
+                }
                 Ok(Some(other)) => return log::error!("APIC bus: unexpected {other:?}"),
                 Ok(None) => return,
                 Err(e) => return log::error!("APIC bus: {e}"),

@@ -38,8 +38,10 @@ struct ControllerProcess {
 }
 
 impl ControllerProcess {
-    fn spawn(model: &str) -> ControllerProcess {
-        let dir = std::env::temp_dir().join(format!("nkvm-{model}-{}", std::process::id()));
+    /// Starts `model` with its sockets in a directory of its own (`tag`
+    /// tells the tests of one run apart).
+    fn spawn(model: &str, tag: &str) -> ControllerProcess {
+        let dir = std::env::temp_dir().join(format!("nkvm-{model}-{tag}-{}", std::process::id()));
         std::fs::create_dir_all(&dir).unwrap();
         let mut cmd = Command::new(env!("CARGO_BIN_EXE_nkvm"));
         cmd.args(["device", "--model", model, "--socket"])
@@ -65,8 +67,9 @@ impl Drop for ControllerProcess {
 }
 
 /// A guest with an IDT whose vector-0x50 handler reports and EOIs, that
-/// programs IOAPIC pin 5 (level) to vector 0x50 and waits with `hlt`.
-fn guest(vm: &Vm) -> nkvm::Vcpu {
+/// programs IOAPIC pin 5 (level-triggered if `level`, else edge) to vector
+/// 0x50 and waits with `hlt`.
+fn guest(vm: &Vm, level: bool) -> nkvm::Vcpu {
     let handler = {
         let mut a = CodeAssembler::new(64).unwrap();
         a.push(rax).unwrap();
@@ -89,7 +92,7 @@ fn guest(vm: &Vm) -> nkvm::Vcpu {
     a.mov(dword_ptr(rax), 0x1ff).unwrap();
     a.mov(rbx, 0xfec0_0000u64).unwrap();
     a.mov(dword_ptr(rbx), 0x10 + 2 * 5).unwrap();
-    a.mov(dword_ptr(rbx + 0x10), 0x50 | (1 << 15)).unwrap();
+    a.mov(dword_ptr(rbx + 0x10), 0x50 | (u32::from(level) << 15)).unwrap();
     a.mov(dword_ptr(rbx), 0x11 + 2 * 5).unwrap();
     a.mov(dword_ptr(rbx + 0x10), 0).unwrap();
     a.mov(dword_ptr(rbx), 1).unwrap(); // read the version register back
@@ -112,14 +115,14 @@ fn guest(vm: &Vm) -> nkvm::Vcpu {
 fn an_ioapic_in_another_process_delivers_level_interrupts_with_eoi_and_its_death_is_reported() {
     let hv = Hypervisor::open().expect("/dev/kvm");
     let vm = Vm::new(&hv, &VmConfig { vcpus: 1, memory: 16 << 20, split_irqchip: true, ..Default::default() }).unwrap();
-    let mut ioapic = ControllerProcess::spawn("ioapic");
+    let mut ioapic = ControllerProcess::spawn("ioapic", "level");
     vm.attach_region(IoRange::mmio(0xfec0_0000, 0x100), connect(&ioapic.dir.join("regs")), Ordering::Sync).unwrap();
     vm.attach_apic_bus(connect(&ioapic.dir.join("bus"))).unwrap();
     // A "device" in this process drives pin 5 over the pin socket.
     let region = RegionInfo { id: 1, space: Space::Mmio, base: 0, len: 24 };
     let mut pins = Client::over(connect(&ioapic.dir.join("pins")), region).unwrap();
 
-    let mut vcpu = guest(&vm);
+    let mut vcpu = guest(&vm, true);
     let kicker = vcpu.kicker();
     let (tx, rx) = mpsc::channel();
     let runner = std::thread::spawn(move || {
@@ -158,6 +161,9 @@ fn an_ioapic_in_another_process_delivers_level_interrupts_with_eoi_and_its_death
         );
     }
     assert_eq!(vm.apic_bus_failure(), None);
+    let stats = vm.apic_bus_stats().unwrap();
+    assert_eq!(stats.fast_paths, 0, "a level-triggered message keeps the socket (its EOI needs the bus)");
+    assert!(stats.messages >= 2, "{stats:?}");
 
     // The IOAPIC process dies: the bus is reported, the VM does not hang.
     ioapic.child.kill().unwrap();
@@ -172,11 +178,69 @@ fn an_ioapic_in_another_process_delivers_level_interrupts_with_eoi_and_its_death
     runner.join().unwrap();
 }
 
+/// An edge-triggered pin raised again and again: the first message comes
+/// over the bus socket, and the VM side answers it with a fast path (APIC
+/// bus version 2), an eventfd KVM turns into that message; the IOAPIC
+/// process then delivers every later edge through it, with no VMM thread in
+/// between. Every edge still reaches the guest once. When the process dies
+/// the bus is reported as before.
+#[test]
+fn an_ioapic_in_another_process_delivers_repeated_edges_through_its_fast_path() {
+    const EDGES: usize = 20;
+    let hv = Hypervisor::open().expect("/dev/kvm");
+    let vm = Vm::new(&hv, &VmConfig { vcpus: 1, memory: 16 << 20, split_irqchip: true, ..Default::default() }).unwrap();
+    let mut ioapic = ControllerProcess::spawn("ioapic", "edge");
+    vm.attach_region(IoRange::mmio(0xfec0_0000, 0x100), connect(&ioapic.dir.join("regs")), Ordering::Sync).unwrap();
+    vm.attach_apic_bus(connect(&ioapic.dir.join("bus"))).unwrap();
+    let region = RegionInfo { id: 1, space: Space::Mmio, base: 0, len: 24 };
+    let mut pins = Client::over(connect(&ioapic.dir.join("pins")), region).unwrap();
+    let mut vcpu = guest(&vm, false);
+    let kicker = vcpu.kicker();
+    let (tx, rx) = mpsc::channel();
+    let runner = std::thread::spawn(move || {
+        let mut run = RunState::new();
+        loop {
+            let exit = vcpu.enter_guest(&mut run).unwrap();
+            if let Exit::MmioRead { .. } | Exit::IoIn { .. } = exit {
+                run.complete_read(0);
+            }
+            let kicked = exit == Exit::Kicked;
+            if tx.send(exit).is_err() || kicked {
+                return;
+            }
+        }
+    });
+    let next = || rx.recv_timeout(Duration::from_secs(10)).expect("no exit in time");
+    assert!(matches!(next(), Exit::IoOut { port: 0x71, .. }), "the version report first");
+    let report = Exit::IoOut { port: REPORT as u16, size: 4, data: 0x50 };
+    for edge in 0..EDGES {
+        pins.write(5, AccessSize::Byte, 1).unwrap();
+        pins.write(5, AccessSize::Byte, 0).unwrap();
+        assert_eq!(next(), report, "edge {edge}");
+    }
+    assert!(rx.recv_timeout(Duration::from_millis(300)).is_err(), "one interrupt per edge, no more");
+    let stats = vm.apic_bus_stats().unwrap();
+    assert_eq!(stats.fast_paths, 1, "{stats:?}");
+    // The offer reaches the process while the first interrupts run: the
+    // next edge or two may still come over the socket, the rest do not.
+    assert!(stats.messages <= 3, "{EDGES} edges, {} over the socket", stats.messages);
+
+    ioapic.child.kill().unwrap();
+    ioapic.child.wait().unwrap();
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while vm.apic_bus_failure().is_none() {
+        assert!(Instant::now() < deadline, "the dead IOAPIC was never reported");
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    kicker.kick();
+    runner.join().unwrap();
+}
+
 #[test]
 fn a_pic_in_another_process_drives_an_apic_less_core_through_lint0() {
     let hv = Hypervisor::open().expect("/dev/kvm");
     let vm = Vm::new(&hv, &VmConfig { vcpus: 1, memory: 16 << 20, split_irqchip: true, ..Default::default() }).unwrap();
-    let pic = ControllerProcess::spawn("pic");
+    let pic = ControllerProcess::spawn("pic", "lint0");
     vm.attach_region(IoRange::pio(0x20, 2), connect(&pic.dir.join("regs")), Ordering::Sync).unwrap();
     vm.attach_region(IoRange::pio(0xa0, 2), connect(&pic.dir.join("slave")), Ordering::Sync).unwrap();
     vm.attach_apic_bus(connect(&pic.dir.join("bus"))).unwrap();

@@ -8,6 +8,13 @@
 //! [`InterruptMessage`]s and the VM side sends [`EoiMessage`]s, in any
 //! interleaving; neither is answered. Each direction is ordered.
 //!
+//! Version 2 adds the fast path ([`FRAME_FAST_PATH`], VM side to device
+//! side): a message the VM side has seen, with an eventfd attached
+//! (`SCM_RIGHTS`) that KVM turns into exactly that message; from then on the
+//! device side may deliver that message by writing the eventfd (an 8-byte
+//! counter increment) instead of sending it. Only edge-triggered fixed and
+//! lowest-priority messages are offered.
+//!
 //! Every frame starts with the 8-byte [header](crate::frame); the payload
 //! layouts are on each type below and in `docs/wire-format.md`. All
 //! integers are little-endian.
@@ -30,6 +37,9 @@ pub const FRAME_HELLO: u8 = 1;
 pub const FRAME_INTERRUPT: u8 = 3;
 /// Frame type of [`EoiMessage`] (VM side to device side).
 pub const FRAME_EOI: u8 = 4;
+/// Frame type of a fast-path offer ([`ApicFrame::FastPath`], VM side to
+/// device side, version 2; an eventfd rides with it in `SCM_RIGHTS`).
+pub const FRAME_FAST_PATH: u8 = 5;
 /// Payload length of [`Hello`].
 pub const HELLO_PAYLOAD_LEN: usize = 16;
 /// Payload length of [`InterruptMessage`].
@@ -44,7 +54,7 @@ pub fn payload_len(frame_type: u8) -> Option<usize> {
     match frame_type {
         FRAME_HELLO => Some(HELLO_PAYLOAD_LEN),
         FRAME_HELLO_ACK => Some(HELLO_ACK_PAYLOAD_LEN),
-        FRAME_INTERRUPT => Some(INTERRUPT_PAYLOAD_LEN),
+        FRAME_INTERRUPT | FRAME_FAST_PATH => Some(INTERRUPT_PAYLOAD_LEN),
         FRAME_EOI => Some(EOI_PAYLOAD_LEN),
         _ => None,
     }
@@ -57,6 +67,7 @@ pub fn frame_name(frame_type: u8) -> &'static str {
         FRAME_HELLO_ACK => "hello-ack",
         FRAME_INTERRUPT => "interrupt",
         FRAME_EOI => "EOI",
+        FRAME_FAST_PATH => "fast path",
         _ => "unknown",
     }
 }
@@ -219,7 +230,17 @@ impl InterruptMessage {
     /// | 8 | 1 | level: 0 deasserted, 1 asserted |
     /// | 9 | 7 | reserved, 0 |
     pub fn encode(&self) -> [u8; Self::FRAME_LEN] {
-        let mut out = frame::frame_with_header(Protocol::ApicBus, FRAME_INTERRUPT);
+        self.encode_as(FRAME_INTERRUPT)
+    }
+
+    /// Encode as a fast-path offer: the interrupt frame's layout, frame
+    /// type [`FRAME_FAST_PATH`] (send it with the eventfd attached).
+    pub fn encode_fast_path(&self) -> [u8; Self::FRAME_LEN] {
+        self.encode_as(FRAME_FAST_PATH)
+    }
+
+    fn encode_as(&self, frame_type: u8) -> [u8; Self::FRAME_LEN] {
+        let mut out = frame::frame_with_header(Protocol::ApicBus, frame_type);
         let p = &mut out[HEADER_LEN..];
         put(p, 0, &self.destination.to_le_bytes());
         p[4] = self.destination_mode.code();
@@ -304,6 +325,9 @@ pub enum ApicFrame {
     Interrupt(InterruptMessage),
     /// An EOI broadcast (VM side to device side).
     Eoi(EoiMessage),
+    /// A fast path for this message (VM side to device side, version 2):
+    /// the eventfd that came with the frame delivers it.
+    FastPath(InterruptMessage),
 }
 
 impl ApicFrame {
@@ -314,6 +338,7 @@ impl ApicFrame {
             ApicFrame::HelloAck(_) => "hello-ack",
             ApicFrame::Interrupt(_) => "interrupt",
             ApicFrame::Eoi(_) => "EOI",
+            ApicFrame::FastPath(_) => "fast path",
         }
     }
 
@@ -324,6 +349,7 @@ impl ApicFrame {
             ApicFrame::HelloAck(a) => FrameBytes::new(&a.encode(Protocol::ApicBus)),
             ApicFrame::Interrupt(m) => FrameBytes::new(&m.encode()),
             ApicFrame::Eoi(m) => FrameBytes::new(&m.encode()),
+            ApicFrame::FastPath(m) => FrameBytes::new(&m.encode_fast_path()),
         }
     }
 
@@ -340,6 +366,7 @@ impl ApicFrame {
             FRAME_HELLO_ACK => ApicFrame::HelloAck(HelloAck::decode_payload(p)?),
             FRAME_INTERRUPT => ApicFrame::Interrupt(InterruptMessage::decode_payload(p)?),
             FRAME_EOI => ApicFrame::Eoi(EoiMessage::decode_payload(p)?),
+            FRAME_FAST_PATH => ApicFrame::FastPath(InterruptMessage::decode_payload(p)?),
             frame_type => return Err(WireError::UnknownFrameType { protocol: Protocol::ApicBus, frame_type }),
         })
     }

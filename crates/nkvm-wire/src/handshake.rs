@@ -29,8 +29,14 @@ pub struct VersionRange {
 }
 
 impl VersionRange {
-    /// The APIC-bus protocol's versions: 1.
+    /// Version 1 alone: what every protocol started with (the APIC bus
+    /// before fast paths, the I/O-region protocol before state transfer).
     pub const CURRENT: VersionRange = VersionRange { min: 1, max: 1 };
+    /// The APIC-bus protocol's versions: 1, and 2, which adds fast paths
+    /// ([`crate::apic::FRAME_FAST_PATH`]: an eventfd per message, so a
+    /// device delivers a repeated edge-triggered interrupt with no thread
+    /// of the VMM in between).
+    pub const APIC_BUS: VersionRange = VersionRange { min: 1, max: 2 };
     /// The I/O-region protocol's versions: 1, and 2, which adds device
     /// state transfer ([`crate::ioregion::state`]).
     pub const IO_REGION: VersionRange = VersionRange { min: 1, max: 2 };

@@ -30,6 +30,12 @@ impl SpinStream {
         Ok((SpinStream { stream, spin }, SpinStream { stream: writer, spin }))
     }
 
+    /// The socket itself (non-blocking), for what the stream cannot do,
+    /// such as passing descriptors.
+    pub fn get_ref(&self) -> &UnixStream {
+        &self.stream
+    }
+
     /// Runs one blocking call with the socket in blocking mode.
     fn blocking<T>(&mut self, f: impl FnOnce(&mut UnixStream) -> io::Result<T>) -> io::Result<T> {
         self.stream.set_nonblocking(false)?;

@@ -41,6 +41,7 @@ proptest! {
             }
             ApicFrame::Interrupt(m) => prop_assert_eq!(InterruptMessage::decode(&bytes)?, m),
             ApicFrame::Eoi(m) => prop_assert_eq!(EoiMessage::decode(&bytes)?, m),
+            ApicFrame::FastPath(m) => prop_assert_eq!(&bytes[..], &m.encode_fast_path()[..]),
         }
     }
 

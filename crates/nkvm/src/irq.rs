@@ -11,13 +11,17 @@
 
 use std::collections::{BTreeMap, VecDeque};
 use std::os::unix::net::UnixStream;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 
 use kvm_bindings::{kvm_irq_routing_entry, kvm_irq_routing_msi, kvm_msi, KVM_IRQ_ROUTING_MSI};
 use nkvm_wire::apic::{DeliveryMode, DestinationMode, EoiMessage, InterruptMessage, TriggerMode};
 
 use crate::kick::KickShared;
+
+mod fast_path;
+
+pub use fast_path::FAST_PATH_GSIS;
 
 /// The first GSI free for the caller's MSI routes; GSIs below it are kept
 /// for level-triggered IOAPIC routes, which KVM needs to report EOIs.
@@ -105,8 +109,13 @@ pub enum IrqError {
     /// The VM has no in-kernel local APICs.
     #[error("{0} needs the split irqchip (VmConfig::split_irqchip = true)")]
     NeedsIrqchip(&'static str),
-    /// A GSI reserved for IOAPIC routes.
-    #[error("GSI {0} is reserved for IOAPIC routes; use {FIRST_USER_GSI} or above")]
+    /// A GSI reserved for IOAPIC routes or the APIC bus's fast paths.
+    #[error(
+        "GSI {0} is reserved (IOAPIC routes below {FIRST_USER_GSI}, the APIC bus's fast paths from {fast}); \
+         use {FIRST_USER_GSI} to {last}",
+        fast = FAST_PATH_GSIS.start,
+        last = FAST_PATH_GSIS.start - 1
+    )]
     ReservedGsi(u32),
     /// A KVM ioctl failed.
     #[error("{op} failed")]
@@ -267,11 +276,49 @@ pub(crate) struct ApicBusEnd {
     eoi: EoiPath,
     pub(crate) failure: Mutex<Option<String>>,
     pub(crate) alive: AtomicBool,
+    /// Interrupt frames received on the socket.
+    messages: AtomicU64,
+    /// Fast paths the peer holds.
+    fast_paths: AtomicUsize,
+}
+
+/// What an APIC bus attached with [`Vm::attach_apic_bus`](crate::Vm::attach_apic_bus)
+/// has carried so far.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct ApicBusStats {
+    /// Interrupt messages that came over the socket (each woke the bus
+    /// thread).
+    pub messages: u64,
+    /// Messages the peer can deliver through an eventfd instead
+    /// (APIC-bus protocol version 2; none with a version-1 peer).
+    pub fast_paths: usize,
 }
 
 impl ApicBusEnd {
     fn new(eoi: EoiPath) -> Self {
-        Self { eoi, failure: Mutex::new(None), alive: AtomicBool::new(true) }
+        Self {
+            eoi,
+            failure: Mutex::new(None),
+            alive: AtomicBool::new(true),
+            messages: AtomicU64::new(0),
+            fast_paths: AtomicUsize::new(0),
+        }
+    }
+
+    /// Sends `frame` with `fd` attached, between whole EOI frames.
+    fn send_with_fd(&self, frame: &[u8], fd: std::os::fd::RawFd) -> std::io::Result<()> {
+        use vmm_sys_util::sock_ctrl_msg::ScmSocket;
+        let EoiPath::Socket(writer) = &self.eoi else {
+            return Err(std::io::ErrorKind::Unsupported.into());
+        };
+        let w = writer.lock().unwrap_or_else(|p| p.into_inner());
+        let sent = w.get_ref().send_with_fd(frame, fd).map_err(|e| std::io::Error::from_raw_os_error(e.errno()))?;
+        if sent != frame.len() {
+            // Part of a frame is on the wire: the stream is broken.
+            self.fail(format!("a fast-path offer went out cut short ({sent} of {} bytes)", frame.len()));
+            return Err(std::io::ErrorKind::WriteZero.into());
+        }
+        Ok(())
     }
 
     /// Broadcasts an EOI for `vector` to the IOAPIC side.
@@ -404,7 +451,7 @@ impl crate::Vm {
     /// Routes `gsi` (>= [`FIRST_USER_GSI`]) to `msi`, or removes the route.
     pub fn set_msi_route(&self, gsi: u32, msi: Option<MsiMessage>) -> Result<(), IrqError> {
         self.need_irqchip("an MSI route")?;
-        if gsi < FIRST_USER_GSI {
+        if gsi < FIRST_USER_GSI || FAST_PATH_GSIS.contains(&gsi) {
             return Err(IrqError::ReservedGsi(gsi));
         }
         let mut routes = self.irq.routes.lock().unwrap_or_else(|p| p.into_inner());
@@ -477,7 +524,11 @@ impl crate::Vm {
     /// messages from it are delivered to the vCPUs, EOIs of level-triggered
     /// vectors are sent back. A thread serves the socket; if the peer dies or
     /// sends garbage, the bus is dropped and [`apic_bus_failure`](Self::apic_bus_failure)
-    /// says why.
+    /// says why. A peer that speaks version 2 gets a fast path for each
+    /// asserted edge-triggered fixed or lowest-priority message it sends
+    /// (an eventfd that delivers that message with no thread of this
+    /// process in between; [`FAST_PATH_GSIS`], [`apic_bus_stats`](Self::apic_bus_stats)),
+    /// taken down when the bus ends.
     pub fn attach_apic_bus(&self, socket: UnixStream) -> Result<(), IrqError> {
         self.need_irqchip("an APIC bus")?;
         let mut bus = self.irq.bus.write().unwrap_or_else(|p| p.into_inner());
@@ -486,8 +537,9 @@ impl crate::Vm {
         }
         let mut reader = socket.try_clone().map_err(IrqError::Socket)?;
         let mut writer = socket;
-        nkvm_wire::apic::vm_handshake(&mut reader, &mut writer, 1, nkvm_wire::handshake::VersionRange::CURRENT)
-            .map_err(IrqError::Handshake)?;
+        let handshake =
+            nkvm_wire::apic::vm_handshake(&mut reader, &mut writer, 1, nkvm_wire::handshake::VersionRange::APIC_BUS)
+                .map_err(IrqError::Handshake)?;
         drop(writer);
         // After each message, poll briefly before blocking: interrupts come
         // in bursts, and a wake-up costs ~40 us on a nested host.
@@ -498,7 +550,7 @@ impl crate::Vm {
         let (fd, irq) = (self.fd.clone(), self.irq.clone());
         std::thread::Builder::new()
             .name("nkvm-apic-bus".into())
-            .spawn(move || serve_bus(&mut reader, &fd, &irq, &end))
+            .spawn(move || serve_bus(&mut reader, &fd, &irq, &end, handshake.version))
             .map_err(IrqError::Socket)?;
         Ok(())
     }
@@ -534,6 +586,17 @@ impl crate::Vm {
         Ok(ApicBus { fd: self.fd.clone(), irq: self.irq.clone() })
     }
 
+    /// What the APIC bus attached with [`attach_apic_bus`](Self::attach_apic_bus)
+    /// has carried (`None` without one, or with one in this process).
+    pub fn apic_bus_stats(&self) -> Option<ApicBusStats> {
+        let bus = self.irq.bus.read().unwrap_or_else(|p| p.into_inner());
+        let end = bus.as_ref().filter(|b| matches!(b.eoi, EoiPath::Socket(_)))?;
+        Some(ApicBusStats {
+            messages: end.messages.load(Ordering::Relaxed),
+            fast_paths: end.fast_paths.load(Ordering::Relaxed),
+        })
+    }
+
     /// Why the APIC bus was dropped, if it was.
     pub fn apic_bus_failure(&self) -> Option<String> {
         let bus = self.irq.bus.read().unwrap_or_else(|p| p.into_inner());
@@ -541,20 +604,48 @@ impl crate::Vm {
     }
 }
 
-/// The APIC-bus thread: interrupt messages in, delivered to the vCPUs.
-fn serve_bus(reader: &mut nkvm_wire::spin::SpinStream, fd: &kvm_ioctls::VmFd, irq: &Arc<IrqShared>, end: &ApicBusEnd) {
+/// The APIC-bus thread: interrupt messages in, delivered to the vCPUs; with
+/// a version-2 peer, each deliverable edge message is also offered a fast
+/// path. When the bus ends, its fast paths go with it.
+fn serve_bus(
+    reader: &mut nkvm_wire::spin::SpinStream,
+    fd: &kvm_ioctls::VmFd,
+    irq: &Arc<IrqShared>,
+    end: &ApicBusEnd,
+    version: u16,
+) {
     use nkvm_wire::apic::{read_frame, ApicFrame};
+    let mut fast = fast_path::FastPaths::default();
     loop {
         let message = match read_frame(reader) {
             Ok(Some(ApicFrame::Interrupt(m))) => m,
-            Ok(Some(other)) => return end.fail(format!("unexpected {other:?} from the APIC-bus peer")),
-            Ok(None) => return end.fail("the APIC-bus peer closed the connection".into()),
-            Err(e) => return end.fail(format!("malformed APIC-bus message: {e}")),
+            Ok(Some(other)) => {
+                end.fail(format!("unexpected {other:?} from the APIC-bus peer"));
+                break;
+            }
+            Ok(None) => {
+                end.fail("the APIC-bus peer closed the connection".into());
+                break;
+            }
+            // A peer that closes with EOIs unread resets the connection.
+            Err(nkvm_wire::WireError::Io(e)) if e.kind() == std::io::ErrorKind::ConnectionReset => {
+                end.fail("the APIC-bus peer closed the connection (reset)".into());
+                break;
+            }
+            Err(e) => {
+                end.fail(format!("malformed APIC-bus message: {e}"));
+                break;
+            }
         };
+        end.messages.fetch_add(1, Ordering::Relaxed);
         if let Err(e) = deliver(fd, irq, &message) {
             log::warn!("APIC bus: cannot deliver {message:?}: {e}");
         }
+        if version >= 2 && fast.offer(&message, fd, irq, end) {
+            end.fast_paths.fetch_add(1, Ordering::Relaxed);
+        }
     }
+    fast.close(fd, irq);
 }
 
 fn deliver(fd: &kvm_ioctls::VmFd, irq: &Arc<IrqShared>, m: &InterruptMessage) -> Result<(), IrqError> {

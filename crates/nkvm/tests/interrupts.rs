@@ -2,7 +2,7 @@
 //! right vCPU, ioeventfd without an exit, an APIC-less core driven through
 //! LINT0/LINT1, and an IOAPIC model on the APIC-bus socket and on its
 //! in-process direct path (edge, level with EOI and re-delivery, order),
-//! plus a bus peer that lies or dies.
+//! the bus's fast paths (version 2), plus a bus peer that lies or dies.
 
 mod common;
 
@@ -454,6 +454,74 @@ fn a_bad_or_dead_apic_bus_peer_is_reported_not_hung_on() {
         vm.attach_apic_bus(vm_end).unwrap();
         drop(dev.join().unwrap());
     }
+}
+
+/// A version-2 peer: its first edge-triggered message comes over the
+/// socket, and the VM side answers with a fast path, an eventfd that
+/// delivers that message with no socket and no VMM thread. A
+/// level-triggered message gets none. When the bus dies the eventfd
+/// injects nothing more: the peer cannot reach the guest once it is gone.
+#[test]
+fn a_version_2_peer_gets_a_fast_path_for_an_edge_message_and_loses_it_with_the_bus() {
+    use nkvm_wire::apic::{DeliveryMode, DestinationMode, TriggerMode};
+    use vmm_sys_util::sock_ctrl_msg::ScmSocket;
+    let vm = irq_vm(1);
+    install_idt(&vm, true);
+    let run = Running::start(waiting_guest(&vm, 0, VcpuConfig::default(), |_| {}));
+    run.expect_ready();
+    let (vm_end, dev_end) = UnixStream::pair().unwrap();
+    let dev = thread::spawn(move || {
+        let mut r = dev_end.try_clone().unwrap();
+        let mut w = dev_end;
+        let hs =
+            nkvm_wire::apic::device_handshake(&mut r, &mut w, nkvm_wire::handshake::VersionRange::APIC_BUS).unwrap();
+        (w, hs.version)
+    });
+    vm.attach_apic_bus(vm_end).unwrap();
+    let (mut dev, version) = dev.join().unwrap();
+    assert_eq!(version, 2);
+    let edge = InterruptMessage {
+        destination: 0,
+        destination_mode: DestinationMode::Physical,
+        delivery_mode: DeliveryMode::Fixed,
+        vector: 0x40,
+        trigger_mode: TriggerMode::Edge,
+        level: true,
+    };
+    dev.write_all(&edge.encode()).unwrap();
+    run.expect_report(0x40);
+    // The offer: the same message as frame type 5, with its eventfd.
+    dev.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+    let mut frame = [0u8; InterruptMessage::FRAME_LEN];
+    let (n, eventfd) = dev.recv_with_fd(&mut frame).unwrap();
+    assert_eq!(n, frame.len());
+    assert_eq!(ApicFrame::decode(&frame).unwrap(), ApicFrame::FastPath(edge));
+    let mut eventfd = eventfd.expect("the offer carries an eventfd");
+    for _ in 0..3 {
+        eventfd.write_all(&1u64.to_ne_bytes()).unwrap();
+        run.expect_report(0x40);
+    }
+    let level = InterruptMessage { vector: 0x41, trigger_mode: TriggerMode::Level, ..edge };
+    dev.write_all(&level.encode()).unwrap();
+    run.expect_report(0x41);
+    let stats = vm.apic_bus_stats().unwrap();
+    assert_eq!((stats.messages, stats.fast_paths), (2, 1), "{stats:?}");
+    // The peer goes away: its fast path goes with it.
+    drop(dev);
+    let failure = wait_for_failure(&vm);
+    assert!(failure.contains("closed"), "{failure}");
+    eventfd.write_all(&1u64.to_ne_bytes()).unwrap();
+    assert!(run.quiet_for(Duration::from_millis(300)), "a dead bus's eventfd still reached the guest");
+}
+
+#[test]
+fn msi_routes_reject_the_gsis_of_the_apic_bus_fast_paths() {
+    let vm = irq_vm(1);
+    for gsi in [nkvm::irq::FAST_PATH_GSIS.start, nkvm::irq::FAST_PATH_GSIS.end - 1] {
+        let err = vm.set_msi_route(gsi, Some(MsiMessage::fixed(0, 0x40))).unwrap_err();
+        assert!(err.to_string().contains(&format!("GSI {gsi} is reserved")), "{err}");
+    }
+    vm.set_msi_route(nkvm::irq::FAST_PATH_GSIS.start - 1, Some(MsiMessage::fixed(0, 0x40))).unwrap();
 }
 
 /// An nkvm-devices model as an in-process handler.

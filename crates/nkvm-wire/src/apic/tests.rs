@@ -32,6 +32,28 @@ fn interrupt_messages_round_trip_in_every_mode() {
 }
 
 #[test]
+fn a_fast_path_offer_is_the_interrupt_layout_with_frame_type_5() {
+    let edge = InterruptMessage { trigger_mode: TriggerMode::Edge, delivery_mode: DeliveryMode::Fixed, ..MESSAGE };
+    let offer = edge.encode_fast_path();
+    assert_eq!(offer[3], FRAME_FAST_PATH);
+    assert_eq!(offer[4..], edge.encode()[4..], "the same length and payload as the interrupt frame");
+    assert_eq!(ApicFrame::decode(&offer).unwrap(), ApicFrame::FastPath(edge));
+    assert_eq!(ApicFrame::FastPath(edge).encode().as_ref(), &offer[..]);
+    assert_eq!(payload_len(FRAME_FAST_PATH), Some(INTERRUPT_PAYLOAD_LEN));
+    assert_eq!(frame_name(FRAME_FAST_PATH), "fast path");
+    let mut bad = offer;
+    bad[HEADER_LEN + 12] = 1;
+    assert!(matches!(ApicFrame::decode(&bad), Err(WireError::ReservedNotZero { .. })), "{:?}", ApicFrame::decode(&bad));
+}
+
+#[test]
+fn version_2_is_spoken_only_when_both_ends_offer_it() {
+    assert_eq!(VersionRange::APIC_BUS.negotiate(VersionRange::APIC_BUS), Some(2));
+    assert_eq!(VersionRange::APIC_BUS.negotiate(VersionRange::CURRENT), Some(1));
+    assert_eq!(VersionRange::CURRENT.negotiate(VersionRange::APIC_BUS), Some(1));
+}
+
+#[test]
 fn interrupt_layout_matches_the_spec() {
     let mut expected = b"NK\x02\x03\x10\0\0\0".to_vec();
     expected.extend_from_slice(&[4, 3, 2, 1, 1, 1, 0x31, 1, 1, 0, 0, 0, 0, 0, 0, 0]);

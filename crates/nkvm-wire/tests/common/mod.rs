@@ -115,6 +115,7 @@ pub fn apic_frame() -> impl Strategy<Value = ApicFrame> {
         hello_ack().prop_map(ApicFrame::HelloAck),
         interrupt().prop_map(ApicFrame::Interrupt),
         any::<u8>().prop_map(|vector| ApicFrame::Eoi(EoiMessage { vector })),
+        interrupt().prop_map(ApicFrame::FastPath),
     ]
 }
 
