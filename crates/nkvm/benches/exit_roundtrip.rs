@@ -153,7 +153,7 @@ fn main() {
     println!("  ratio nkvm/raw           {:>8.3}", l / r);
     println!("  added by nkvm            {added:>8.0} ns/exit (median of per-round differences; target <= 50)");
     println!(
-        "result|exit_roundtrip: enter_guest - raw KVM_RUN|+{added:.0} ns ({:.3}x; raw {r:.0} ns)|<= +50 ns|{}",
+        "result|exit_roundtrip: enter_guest - raw KVM_RUN|{added:+.0} ns (medians {:.3}x; raw {r:.0} ns)|<= +50 ns|{}",
         l / r,
         verdict(added <= 50.0)
     );
