@@ -282,6 +282,21 @@ pub(crate) struct ApicBusEnd {
     fast_paths: AtomicUsize,
 }
 
+/// How [`Vm::attach_apic_bus_with`](crate::Vm::attach_apic_bus_with) sets a
+/// bus up.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ApicBusOptions {
+    /// Offer the peer fast paths (protocol version 2, [`FAST_PATH_GSIS`]);
+    /// on by default.
+    pub fast_paths: bool,
+}
+
+impl Default for ApicBusOptions {
+    fn default() -> Self {
+        Self { fast_paths: true }
+    }
+}
+
 /// What an APIC bus attached with [`Vm::attach_apic_bus`](crate::Vm::attach_apic_bus)
 /// has carried so far.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
@@ -530,6 +545,15 @@ impl crate::Vm {
     /// process in between; [`FAST_PATH_GSIS`], [`apic_bus_stats`](Self::apic_bus_stats)),
     /// taken down when the bus ends.
     pub fn attach_apic_bus(&self, socket: UnixStream) -> Result<(), IrqError> {
+        self.attach_apic_bus_with(socket, ApicBusOptions::default())
+    }
+
+    /// [`attach_apic_bus`](Self::attach_apic_bus) with `options`: without
+    /// fast paths the bus speaks version 1 only, and every message comes
+    /// over the socket in the order it was sent (a fast path's message can
+    /// overtake messages still in the socket).
+    pub fn attach_apic_bus_with(&self, socket: UnixStream, options: ApicBusOptions) -> Result<(), IrqError> {
+        use nkvm_wire::handshake::VersionRange;
         self.need_irqchip("an APIC bus")?;
         let mut bus = self.irq.bus.write().unwrap_or_else(|p| p.into_inner());
         if bus.as_ref().is_some_and(|b| b.alive.load(Ordering::SeqCst)) {
@@ -537,9 +561,9 @@ impl crate::Vm {
         }
         let mut reader = socket.try_clone().map_err(IrqError::Socket)?;
         let mut writer = socket;
+        let versions = if options.fast_paths { VersionRange::APIC_BUS } else { VersionRange::CURRENT };
         let handshake =
-            nkvm_wire::apic::vm_handshake(&mut reader, &mut writer, 1, nkvm_wire::handshake::VersionRange::APIC_BUS)
-                .map_err(IrqError::Handshake)?;
+            nkvm_wire::apic::vm_handshake(&mut reader, &mut writer, 1, versions).map_err(IrqError::Handshake)?;
         drop(writer);
         // After each message, poll briefly before blocking: interrupts come
         // in bursts, and a wake-up costs ~40 us on a nested host.

@@ -73,7 +73,7 @@ pub use dirty::{DirtyLogMode, DirtyLogStart, DirtyPages, DirtySource};
 pub use exit::{Exit, InternalError, SystemEvent};
 pub use hypervisor::{Capabilities, Hypervisor, HypervisorError};
 pub use io::{IoHandler, IoRange, IoRegionError, IoSpace, RegionId};
-pub use irq::{ApicBus, ApicBusStats, EoiHandler, Lapic, Lint, MsiMessage, VcpuConfig};
+pub use irq::{ApicBus, ApicBusOptions, ApicBusStats, EoiHandler, Lapic, Lint, MsiMessage, VcpuConfig};
 pub use kick::Kicker;
 pub use memory::{Backing, MemoryError, MemoryMap, Region, PAGE_SIZE};
 pub use mode::{Idt, LongMode};

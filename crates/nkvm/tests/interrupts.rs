@@ -514,6 +514,45 @@ fn a_version_2_peer_gets_a_fast_path_for_an_edge_message_and_loses_it_with_the_b
     assert!(run.quiet_for(Duration::from_millis(300)), "a dead bus's eventfd still reached the guest");
 }
 
+/// With fast paths off the bus speaks version 1 to a version-2 peer:
+/// every message comes over the socket, and nothing else is sent to it.
+#[test]
+fn a_bus_without_fast_paths_speaks_version_1_and_offers_none() {
+    use nkvm_wire::apic::{DeliveryMode, DestinationMode, TriggerMode};
+    let vm = irq_vm(1);
+    install_idt(&vm, true);
+    let run = Running::start(waiting_guest(&vm, 0, VcpuConfig::default(), |_| {}));
+    run.expect_ready();
+    let (vm_end, dev_end) = UnixStream::pair().unwrap();
+    let dev = thread::spawn(move || {
+        let mut r = dev_end.try_clone().unwrap();
+        let mut w = dev_end;
+        let hs =
+            nkvm_wire::apic::device_handshake(&mut r, &mut w, nkvm_wire::handshake::VersionRange::APIC_BUS).unwrap();
+        (w, hs.version)
+    });
+    vm.attach_apic_bus_with(vm_end, nkvm::ApicBusOptions { fast_paths: false }).unwrap();
+    let (mut dev, version) = dev.join().unwrap();
+    assert_eq!(version, 1);
+    let edge = InterruptMessage {
+        destination: 0,
+        destination_mode: DestinationMode::Physical,
+        delivery_mode: DeliveryMode::Fixed,
+        vector: 0x40,
+        trigger_mode: TriggerMode::Edge,
+        level: true,
+    };
+    for _ in 0..3 {
+        dev.write_all(&edge.encode()).unwrap();
+        run.expect_report(0x40);
+    }
+    assert_eq!(vm.apic_bus_stats(), Some(nkvm::ApicBusStats { messages: 3, fast_paths: 0 }));
+    dev.set_nonblocking(true).unwrap();
+    let mut byte = [0u8; 1];
+    let read = std::io::Read::read(&mut dev, &mut byte);
+    assert!(read.is_err_and(|e| e.kind() == std::io::ErrorKind::WouldBlock), "nothing was sent to the peer");
+}
+
 #[test]
 fn msi_routes_reject_the_gsis_of_the_apic_bus_fast_paths() {
     let vm = irq_vm(1);
