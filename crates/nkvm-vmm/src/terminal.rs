@@ -142,13 +142,18 @@ impl ConsoleInput {
 
 /// Starts the thread that reads stdin: bytes go to `input` (waiting while
 /// the UART's FIFO is full), the escape key calls `quit` once. The thread
-/// ends at end of input, after the escape, or when a device process's
-/// channel breaks (the process is gone; the VMM names that elsewhere).
+/// ends at end of input or after the escape. If a device process's channel
+/// breaks (the process is gone; the VMM names that elsewhere), keystrokes
+/// are dropped from then on, with one warning, and the escape key still
+/// works.
 pub fn spawn_input(mut input: ConsoleInput, quit: impl FnOnce() + Send + 'static) -> io::Result<()> {
     thread::Builder::new().name("console-input".into()).spawn(move || {
         let mut decoder = EscapeDecoder::default();
         let mut buf = [0u8; 64];
         let mut stdin = io::stdin();
+        // Once the UART is gone, keystrokes are dropped, but the escape
+        // key still ends the guest.
+        let mut gone = false;
         loop {
             let n = match stdin.read(&mut buf) {
                 Ok(0) | Err(_) => return,
@@ -158,10 +163,14 @@ pub fn spawn_input(mut input: ConsoleInput, quit: impl FnOnce() + Send + 'static
                 match decoder.feed(byte) {
                     Key::Quit => return quit(),
                     Key::Pending => {}
+                    Key::Send(_) if gone => {}
                     Key::Send(b) => {
                         if let Err(e) = input.send(b) {
-                            log::warn!("console input stops: the serial device process took no more ({e})");
-                            return;
+                            log::warn!(
+                                "console input is dropped from now on: the serial device process took no more \
+                                 ({e}); {ESCAPE} still ends the guest"
+                            );
+                            gone = true;
                         }
                     }
                 }

@@ -267,17 +267,41 @@ fn serial_interrupt_reaches_pin_4(name: &str, extra: &[&str]) {
 
 #[test]
 fn console_input_reaches_the_guest_and_ctrl_a_x_ends_it() {
-    console_echo("echo", &[]);
+    console_echo("echo", &[], false);
 }
 
 #[test]
 fn console_input_reaches_a_16550_in_a_device_process_and_ctrl_a_x_ends_it() {
-    console_echo("echo-process", &["--device-process"]);
+    console_echo("echo-process", &["--device-process"], false);
+}
+
+/// The 16550's process dies under a running guest: nkvm names the failed
+/// device, drops what is typed from then on with one warning, and Ctrl-A x
+/// still ends it.
+#[test]
+fn when_the_16550_process_dies_nkvm_says_so_and_ctrl_a_x_still_works() {
+    console_echo("echo-process-dies", &["--device-process"], true);
+}
+
+/// The `nkvm device --model serial` child of the process `pid`.
+fn serial_child(pid: u32) -> u32 {
+    let children = std::fs::read_dir(format!("/proc/{pid}/task"))
+        .unwrap()
+        .map(|task| std::fs::read_to_string(task.unwrap().path().join("children")).unwrap_or_default() + " ")
+        .collect::<String>();
+    children
+        .split_whitespace()
+        .map(|c| c.parse::<u32>().unwrap())
+        .find(|c| {
+            std::fs::read(format!("/proc/{c}/cmdline")).is_ok_and(|l| l.windows(15).any(|w| w == b"--model\0serial\0"))
+        })
+        .expect("a serial device process")
 }
 
 /// A guest that echoes what its 16550 receives: typed bytes come back, and
-/// Ctrl-A x ends nkvm.
-fn console_echo(name: &str, extra: &[&str]) {
+/// Ctrl-A x ends nkvm. With `kill_serial`, the 16550's device process is
+/// killed after the echo, and a little more is typed before Ctrl-A x.
+fn console_echo(name: &str, extra: &[&str], kill_serial: bool) {
     use std::io::{Read, Write};
     use std::sync::{Arc, Mutex};
     use std::time::{Duration, Instant};
@@ -324,6 +348,18 @@ fn console_echo(name: &str, extra: &[&str]) {
     while echoed.lock().unwrap().len() < 3 && Instant::now() < deadline {
         std::thread::sleep(Duration::from_millis(20));
     }
+    if kill_serial {
+        let serial = serial_child(child.id());
+        Command::new("kill").args(["-9", &serial.to_string()]).status().unwrap();
+        // Dead (a zombie until nkvm reaps it): its end of the channel is closed.
+        let stat = format!("/proc/{serial}/stat");
+        while std::fs::read_to_string(&stat).is_ok_and(|s| !s.contains(") Z ")) {
+            assert!(Instant::now() < deadline, "the serial device process did not die");
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        stdin.write_all(b"zz").unwrap();
+        std::thread::sleep(Duration::from_millis(200));
+    }
     stdin.write_all(b"\x01x").unwrap();
     while child.try_wait().unwrap().is_none() && Instant::now() < deadline {
         std::thread::sleep(Duration::from_millis(20));
@@ -340,6 +376,10 @@ fn console_echo(name: &str, extra: &[&str]) {
     );
     assert!(out.status.success(), "Ctrl-A x must end nkvm with 0: {:?} {stderr}", out.status);
     assert!(stderr.contains("guest ended from the console (Ctrl-A x)"), "{stderr}");
+    if kill_serial {
+        assert!(stderr.contains("nkvm: device serial device process failed"), "{stderr}");
+        assert!(stderr.contains("console input is dropped from now on"), "{stderr}");
+    }
 }
 
 #[test]
