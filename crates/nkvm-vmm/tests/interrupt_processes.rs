@@ -111,20 +111,10 @@ fn guest(vm: &Vm, level: bool) -> nkvm::Vcpu {
     vcpu
 }
 
-#[test]
-fn an_ioapic_in_another_process_delivers_level_interrupts_with_eoi_and_its_death_is_reported() {
-    let hv = Hypervisor::open().expect("/dev/kvm");
-    let vm = Vm::new(&hv, &VmConfig { vcpus: 1, memory: 16 << 20, split_irqchip: true, ..Default::default() }).unwrap();
-    let mut ioapic = ControllerProcess::spawn("ioapic", "level");
-    vm.attach_region(IoRange::mmio(0xfec0_0000, 0x100), connect(&ioapic.dir.join("regs")), Ordering::Sync).unwrap();
-    vm.attach_apic_bus(connect(&ioapic.dir.join("bus"))).unwrap();
-    // A "device" in this process drives pin 5 over the pin socket.
-    let region = RegionInfo { id: 1, space: Space::Mmio, base: 0, len: 24 };
-    let mut pins = Client::over(connect(&ioapic.dir.join("pins")), region).unwrap();
-
-    let mut vcpu = guest(&vm, true);
-    let kicker = vcpu.kicker();
-    let (tx, rx) = mpsc::channel();
+/// Runs `vcpu` on a thread until it is kicked: every exit goes to the
+/// returned channel (reads complete with 0).
+fn run_on_a_thread(mut vcpu: nkvm::Vcpu) -> (mpsc::Receiver<Exit>, std::thread::JoinHandle<()>) {
+    let (tx, exits) = mpsc::channel();
     let runner = std::thread::spawn(move || {
         let mut run = RunState::new();
         loop {
@@ -138,21 +128,73 @@ fn an_ioapic_in_another_process_delivers_level_interrupts_with_eoi_and_its_death
             }
         }
     });
-    let next = || rx.recv_timeout(Duration::from_secs(10)).expect("no exit in time");
-    match next() {
+    (exits, runner)
+}
+
+/// A VM whose IOAPIC runs in its own process, a guest waiting on pin 5
+/// (`level` or edge), a "device" in this test that drives the pin over the
+/// pin socket, and the guest's exits on a channel.
+struct IoapicMachine {
+    vm: Vm,
+    ioapic: ControllerProcess,
+    pins: Client<UnixStream, UnixStream>,
+    exits: mpsc::Receiver<Exit>,
+    kicker: nkvm::Kicker,
+    runner: std::thread::JoinHandle<()>,
+}
+
+impl IoapicMachine {
+    fn start(tag: &str, level: bool) -> IoapicMachine {
+        let hv = Hypervisor::open().expect("/dev/kvm");
+        let vm =
+            Vm::new(&hv, &VmConfig { vcpus: 1, memory: 16 << 20, split_irqchip: true, ..Default::default() }).unwrap();
+        let ioapic = ControllerProcess::spawn("ioapic", tag);
+        vm.attach_region(IoRange::mmio(0xfec0_0000, 0x100), connect(&ioapic.dir.join("regs")), Ordering::Sync).unwrap();
+        vm.attach_apic_bus(connect(&ioapic.dir.join("bus"))).unwrap();
+        let region = RegionInfo { id: 1, space: Space::Mmio, base: 0, len: 24 };
+        let pins = Client::over(connect(&ioapic.dir.join("pins")), region).unwrap();
+        let vcpu = guest(&vm, level);
+        let kicker = vcpu.kicker();
+        let (exits, runner) = run_on_a_thread(vcpu);
+        IoapicMachine { vm, ioapic, pins, exits, kicker, runner }
+    }
+
+    fn next(&self) -> Exit {
+        self.exits.recv_timeout(Duration::from_secs(10)).expect("no exit in time")
+    }
+
+    /// Kills the IOAPIC process: the bus is reported, the VM does not hang.
+    fn kill_ioapic(mut self) {
+        self.ioapic.child.kill().unwrap();
+        self.ioapic.child.wait().unwrap();
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while self.vm.apic_bus_failure().is_none() {
+            assert!(Instant::now() < deadline, "the dead IOAPIC was never reported");
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        assert!(self.vm.apic_bus_failure().unwrap().contains("closed"), "{:?}", self.vm.apic_bus_failure());
+        self.kicker.kick();
+        self.runner.join().unwrap();
+    }
+}
+
+#[test]
+fn an_ioapic_in_another_process_delivers_level_interrupts_with_eoi_and_its_death_is_reported() {
+    let mut m = IoapicMachine::start("level", true);
+    match m.next() {
         Exit::IoOut { port: 0x71, data, .. } => assert_eq!(data & 0xff, 0x20, "IOAPIC version register"),
         other => panic!("expected the version report, got {other}"),
     }
-    pins.write(5, AccessSize::Byte, 1).unwrap();
+    m.pins.write(5, AccessSize::Byte, 1).unwrap();
     let report = Exit::IoOut { port: REPORT as u16, size: 4, data: 0x50 };
-    assert_eq!(next(), report);
-    assert_eq!(next(), report, "still asserted after EOI: delivered again");
-    pins.write(5, AccessSize::Byte, 0).unwrap();
+    assert_eq!(m.next(), report);
+    assert_eq!(m.next(), report, "still asserted after EOI: delivered again");
+    m.pins.write(5, AccessSize::Byte, 0).unwrap();
     // Reports made before the drop reached the device process may still be
     // queued (how many depends on scheduling); then the guest goes quiet.
     let give_up = std::time::Instant::now() + Duration::from_secs(10);
     let mut extra = 0;
-    while let Ok(e) = rx.recv_timeout(Duration::from_millis(300)) {
+    while let Ok(e) = m.exits.recv_timeout(Duration::from_millis(300)) {
         assert_eq!(e, report);
         extra += 1;
         assert!(
@@ -160,22 +202,11 @@ fn an_ioapic_in_another_process_delivers_level_interrupts_with_eoi_and_its_death
             "the level interrupt kept coming after the line dropped ({extra})"
         );
     }
-    assert_eq!(vm.apic_bus_failure(), None);
-    let stats = vm.apic_bus_stats().unwrap();
+    assert_eq!(m.vm.apic_bus_failure(), None);
+    let stats = m.vm.apic_bus_stats().unwrap();
     assert_eq!(stats.fast_paths, 0, "a level-triggered message keeps the socket (its EOI needs the bus)");
     assert!(stats.messages >= 2, "{stats:?}");
-
-    // The IOAPIC process dies: the bus is reported, the VM does not hang.
-    ioapic.child.kill().unwrap();
-    ioapic.child.wait().unwrap();
-    let deadline = Instant::now() + Duration::from_secs(10);
-    while vm.apic_bus_failure().is_none() {
-        assert!(Instant::now() < deadline, "the dead IOAPIC was never reported");
-        std::thread::sleep(Duration::from_millis(10));
-    }
-    assert!(vm.apic_bus_failure().unwrap().contains("closed"), "{:?}", vm.apic_bus_failure());
-    kicker.kick();
-    runner.join().unwrap();
+    m.kill_ioapic();
 }
 
 /// An edge-triggered pin raised again and again: the first message comes
@@ -187,53 +218,21 @@ fn an_ioapic_in_another_process_delivers_level_interrupts_with_eoi_and_its_death
 #[test]
 fn an_ioapic_in_another_process_delivers_repeated_edges_through_its_fast_path() {
     const EDGES: usize = 20;
-    let hv = Hypervisor::open().expect("/dev/kvm");
-    let vm = Vm::new(&hv, &VmConfig { vcpus: 1, memory: 16 << 20, split_irqchip: true, ..Default::default() }).unwrap();
-    let mut ioapic = ControllerProcess::spawn("ioapic", "edge");
-    vm.attach_region(IoRange::mmio(0xfec0_0000, 0x100), connect(&ioapic.dir.join("regs")), Ordering::Sync).unwrap();
-    vm.attach_apic_bus(connect(&ioapic.dir.join("bus"))).unwrap();
-    let region = RegionInfo { id: 1, space: Space::Mmio, base: 0, len: 24 };
-    let mut pins = Client::over(connect(&ioapic.dir.join("pins")), region).unwrap();
-    let mut vcpu = guest(&vm, false);
-    let kicker = vcpu.kicker();
-    let (tx, rx) = mpsc::channel();
-    let runner = std::thread::spawn(move || {
-        let mut run = RunState::new();
-        loop {
-            let exit = vcpu.enter_guest(&mut run).unwrap();
-            if let Exit::MmioRead { .. } | Exit::IoIn { .. } = exit {
-                run.complete_read(0);
-            }
-            let kicked = exit == Exit::Kicked;
-            if tx.send(exit).is_err() || kicked {
-                return;
-            }
-        }
-    });
-    let next = || rx.recv_timeout(Duration::from_secs(10)).expect("no exit in time");
-    assert!(matches!(next(), Exit::IoOut { port: 0x71, .. }), "the version report first");
+    let mut m = IoapicMachine::start("edge", false);
+    assert!(matches!(m.next(), Exit::IoOut { port: 0x71, .. }), "the version report first");
     let report = Exit::IoOut { port: REPORT as u16, size: 4, data: 0x50 };
     for edge in 0..EDGES {
-        pins.write(5, AccessSize::Byte, 1).unwrap();
-        pins.write(5, AccessSize::Byte, 0).unwrap();
-        assert_eq!(next(), report, "edge {edge}");
+        m.pins.write(5, AccessSize::Byte, 1).unwrap();
+        m.pins.write(5, AccessSize::Byte, 0).unwrap();
+        assert_eq!(m.next(), report, "edge {edge}");
     }
-    assert!(rx.recv_timeout(Duration::from_millis(300)).is_err(), "one interrupt per edge, no more");
-    let stats = vm.apic_bus_stats().unwrap();
+    assert!(m.exits.recv_timeout(Duration::from_millis(300)).is_err(), "one interrupt per edge, no more");
+    let stats = m.vm.apic_bus_stats().unwrap();
     assert_eq!(stats.fast_paths, 1, "{stats:?}");
     // The offer reaches the process while the first interrupts run: the
     // next edge or two may still come over the socket, the rest do not.
     assert!(stats.messages <= 3, "{EDGES} edges, {} over the socket", stats.messages);
-
-    ioapic.child.kill().unwrap();
-    ioapic.child.wait().unwrap();
-    let deadline = Instant::now() + Duration::from_secs(10);
-    while vm.apic_bus_failure().is_none() {
-        assert!(Instant::now() < deadline, "the dead IOAPIC was never reported");
-        std::thread::sleep(Duration::from_millis(10));
-    }
-    kicker.kick();
-    runner.join().unwrap();
+    m.kill_ioapic();
 }
 
 #[test]
@@ -289,24 +288,11 @@ fn a_pic_in_another_process_drives_an_apic_less_core_through_lint0() {
     a.jmp(idle).unwrap();
     vm.write_memory(GuestAddress(ENTRY), &a.assemble(ENTRY).unwrap()).unwrap();
     let lm = LongMode::install(&vm.memory(), GuestAddress(0x2_0000)).unwrap();
-    let mut vcpu = vm.create_vcpu_with(0, nkvm::VcpuConfig { lapic: nkvm::Lapic::Hidden }).unwrap();
+    let vcpu = vm.create_vcpu_with(0, nkvm::VcpuConfig { lapic: nkvm::Lapic::Hidden }).unwrap();
     vcpu.set_cpuid(&hv.supported_cpuid().unwrap()).unwrap();
     vcpu.set_long_mode(&lm, GuestAddress(ENTRY), GuestAddress(0x9_0000)).unwrap();
     let kicker = vcpu.kicker();
-    let (tx, rx) = mpsc::channel();
-    let runner = std::thread::spawn(move || {
-        let mut run = RunState::new();
-        loop {
-            let exit = vcpu.enter_guest(&mut run).unwrap();
-            if let Exit::MmioRead { .. } | Exit::IoIn { .. } = exit {
-                run.complete_read(0);
-            }
-            let kicked = exit == Exit::Kicked;
-            if tx.send(exit).is_err() || kicked {
-                return;
-            }
-        }
-    });
+    let (rx, runner) = run_on_a_thread(vcpu);
     let next = || rx.recv_timeout(Duration::from_secs(10)).expect("no exit in time");
     assert!(matches!(next(), Exit::IoOut { port: 0x71, .. }), "the guest programmed the PIC");
     let report = Exit::IoOut { port: REPORT as u16, size: 4, data: 0x51 };

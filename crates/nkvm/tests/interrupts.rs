@@ -456,18 +456,22 @@ fn a_bad_or_dead_apic_bus_peer_is_reported_not_hung_on() {
     }
 }
 
-/// A version-2 peer: its first edge-triggered message comes over the
-/// socket, and the VM side answers with a fast path, an eventfd that
-/// delivers that message with no socket and no VMM thread. A
-/// level-triggered message gets none. When the bus dies the eventfd
-/// injects nothing more: the peer cannot reach the guest once it is gone.
-#[test]
-fn a_version_2_peer_gets_a_fast_path_for_an_edge_message_and_loses_it_with_the_bus() {
-    use nkvm_wire::apic::{DeliveryMode, DestinationMode, TriggerMode};
-    use vmm_sys_util::sock_ctrl_msg::ScmSocket;
-    let vm = irq_vm(1);
-    install_idt(&vm, true);
-    let run = Running::start(waiting_guest(&vm, 0, VcpuConfig::default(), |_| {}));
+/// An edge-triggered fixed message for vector 0x40 on vCPU 0.
+const EDGE: InterruptMessage = InterruptMessage {
+    destination: 0,
+    destination_mode: nkvm_wire::apic::DestinationMode::Physical,
+    delivery_mode: nkvm_wire::apic::DeliveryMode::Fixed,
+    vector: 0x40,
+    trigger_mode: nkvm_wire::apic::TriggerMode::Edge,
+    level: true,
+};
+
+/// A VM with one waiting guest and a version-2 APIC-bus peer, its bus
+/// attached with `options`: the guest, the peer's end and the version the
+/// two agreed on.
+fn guest_and_v2_peer(vm: &Vm, options: nkvm::ApicBusOptions) -> (Running, UnixStream, u16) {
+    install_idt(vm, true);
+    let run = Running::start(waiting_guest(vm, 0, VcpuConfig::default(), |_| {}));
     run.expect_ready();
     let (vm_end, dev_end) = UnixStream::pair().unwrap();
     let dev = thread::spawn(move || {
@@ -477,17 +481,23 @@ fn a_version_2_peer_gets_a_fast_path_for_an_edge_message_and_loses_it_with_the_b
             nkvm_wire::apic::device_handshake(&mut r, &mut w, nkvm_wire::handshake::VersionRange::APIC_BUS).unwrap();
         (w, hs.version)
     });
-    vm.attach_apic_bus(vm_end).unwrap();
-    let (mut dev, version) = dev.join().unwrap();
+    vm.attach_apic_bus_with(vm_end, options).unwrap();
+    let (dev, version) = dev.join().unwrap();
+    (run, dev, version)
+}
+
+/// A version-2 peer: its first edge-triggered message comes over the
+/// socket, and the VM side answers with a fast path, an eventfd that
+/// delivers that message with no socket and no VMM thread. A
+/// level-triggered message gets none. When the bus dies the eventfd
+/// injects nothing more: the peer cannot reach the guest once it is gone.
+#[test]
+fn a_version_2_peer_gets_a_fast_path_for_an_edge_message_and_loses_it_with_the_bus() {
+    use vmm_sys_util::sock_ctrl_msg::ScmSocket;
+    let vm = irq_vm(1);
+    let (run, mut dev, version) = guest_and_v2_peer(&vm, nkvm::ApicBusOptions::default());
     assert_eq!(version, 2);
-    let edge = InterruptMessage {
-        destination: 0,
-        destination_mode: DestinationMode::Physical,
-        delivery_mode: DeliveryMode::Fixed,
-        vector: 0x40,
-        trigger_mode: TriggerMode::Edge,
-        level: true,
-    };
+    let edge = EDGE;
     dev.write_all(&edge.encode()).unwrap();
     run.expect_report(0x40);
     // The offer: the same message as frame type 5, with its eventfd.
@@ -501,7 +511,7 @@ fn a_version_2_peer_gets_a_fast_path_for_an_edge_message_and_loses_it_with_the_b
         eventfd.write_all(&1u64.to_ne_bytes()).unwrap();
         run.expect_report(0x40);
     }
-    let level = InterruptMessage { vector: 0x41, trigger_mode: TriggerMode::Level, ..edge };
+    let level = InterruptMessage { vector: 0x41, trigger_mode: nkvm_wire::apic::TriggerMode::Level, ..edge };
     dev.write_all(&level.encode()).unwrap();
     run.expect_report(0x41);
     let stats = vm.apic_bus_stats().unwrap();
@@ -518,30 +528,10 @@ fn a_version_2_peer_gets_a_fast_path_for_an_edge_message_and_loses_it_with_the_b
 /// every message comes over the socket, and nothing else is sent to it.
 #[test]
 fn a_bus_without_fast_paths_speaks_version_1_and_offers_none() {
-    use nkvm_wire::apic::{DeliveryMode, DestinationMode, TriggerMode};
     let vm = irq_vm(1);
-    install_idt(&vm, true);
-    let run = Running::start(waiting_guest(&vm, 0, VcpuConfig::default(), |_| {}));
-    run.expect_ready();
-    let (vm_end, dev_end) = UnixStream::pair().unwrap();
-    let dev = thread::spawn(move || {
-        let mut r = dev_end.try_clone().unwrap();
-        let mut w = dev_end;
-        let hs =
-            nkvm_wire::apic::device_handshake(&mut r, &mut w, nkvm_wire::handshake::VersionRange::APIC_BUS).unwrap();
-        (w, hs.version)
-    });
-    vm.attach_apic_bus_with(vm_end, nkvm::ApicBusOptions { fast_paths: false }).unwrap();
-    let (mut dev, version) = dev.join().unwrap();
+    let (run, mut dev, version) = guest_and_v2_peer(&vm, nkvm::ApicBusOptions { fast_paths: false });
     assert_eq!(version, 1);
-    let edge = InterruptMessage {
-        destination: 0,
-        destination_mode: DestinationMode::Physical,
-        delivery_mode: DeliveryMode::Fixed,
-        vector: 0x40,
-        trigger_mode: TriggerMode::Edge,
-        level: true,
-    };
+    let edge = EDGE;
     for _ in 0..3 {
         dev.write_all(&edge.encode()).unwrap();
         run.expect_report(0x40);
