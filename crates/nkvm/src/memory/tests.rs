@@ -1,5 +1,7 @@
 //! Unit tests of `Backing`, `Region` and `MemoryMap`.
 
+use std::fs::File;
+
 use super::*;
 
 #[test]
