@@ -351,9 +351,14 @@ fn console_echo(name: &str, extra: &[&str], kill_serial: bool) {
     if kill_serial {
         let serial = serial_child(child.id());
         Command::new("kill").args(["-9", &serial.to_string()]).status().unwrap();
-        // Dead (a zombie until nkvm reaps it): its end of the channel is closed.
-        let stat = format!("/proc/{serial}/stat");
-        while std::fs::read_to_string(&stat).is_ok_and(|s| !s.contains(") Z ")) {
+        // Every thread gone (the fd table, and its end of the channel, go
+        // with the last one) and the rest a zombie until nkvm reaps it.
+        let dead = || {
+            let zombie = std::fs::read_to_string(format!("/proc/{serial}/stat")).map_or(true, |s| s.contains(") Z "));
+            let threads = std::fs::read_dir(format!("/proc/{serial}/task")).map_or(0, |d| d.count());
+            zombie && threads <= 1
+        };
+        while !dead() {
             assert!(Instant::now() < deadline, "the serial device process did not die");
             std::thread::sleep(Duration::from_millis(10));
         }
