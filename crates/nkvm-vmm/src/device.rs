@@ -90,15 +90,15 @@ mod console_channel {
     use std::os::fd::AsFd;
     use std::os::unix::net::UnixStream;
     use std::sync::{Arc, Mutex};
-    use std::time::Duration;
 
     use nkvm_devices::serial::Serial;
-    use nkvm_devices::{IoDevice, IrqLine};
+    use nkvm_devices::IrqLine;
 
-    type Shared = Arc<Mutex<Serial<io::Stdout>>>;
+    use crate::terminal::ConsoleInput;
 
-    /// The UART, shared between the I/O region and the input thread.
-    pub(super) struct ChannelSerial(Shared);
+    /// The UART, shared between the I/O region and the input thread (a
+    /// shared model is an `IoDevice` itself).
+    pub(super) type ChannelSerial = Arc<Mutex<Serial<io::Stdout>>>;
 
     /// Writes one byte to the channel per rising edge of the UART's line.
     struct Pulses(Mutex<UnixStream>);
@@ -115,7 +115,8 @@ mod console_channel {
 
     /// The UART wired to the channel: its interrupts go out on it, and a
     /// thread types what comes in into the receive FIFO (waiting while it
-    /// is full, which holds the VMM's side back).
+    /// is full, which holds the VMM's side back), as the VMM's own input
+    /// thread does for a UART in its process.
     pub(super) fn serial() -> io::Result<ChannelSerial> {
         let channel = UnixStream::from(io::stdin().as_fd().try_clone_to_owned()?);
         if let Err(e) = channel.local_addr() {
@@ -123,39 +124,20 @@ mod console_channel {
             return Err(io::Error::new(io::ErrorKind::InvalidInput, why));
         }
         let pulses = Pulses(Mutex::new(channel.try_clone()?));
-        let serial: Shared = Arc::new(Mutex::new(Serial::new(Box::new(pulses), io::stdout())));
-        let typed = serial.clone();
+        let serial: ChannelSerial = Arc::new(Mutex::new(Serial::new(Box::new(pulses), io::stdout())));
+        let mut typed = ConsoleInput::Local(serial.clone());
         let mut input = channel;
         std::thread::Builder::new().name("console-input".into()).spawn(move || {
             let mut buf = [0u8; 64];
             // Ends at EOF: the VMM is gone or has no more input.
             while let Ok(n @ 1..) = input.read(&mut buf) {
                 for &byte in &buf[..n] {
-                    while typed.lock().unwrap_or_else(|p| p.into_inner()).enqueue_input(&[byte]) == 0 {
-                        std::thread::sleep(Duration::from_millis(5));
-                    }
+                    // A local UART always takes the byte, in time.
+                    let _ = typed.send(byte);
                 }
             }
         })?;
-        Ok(ChannelSerial(serial))
-    }
-
-    impl IoDevice for ChannelSerial {
-        fn read(&mut self, offset: u64, data: &mut [u8]) {
-            self.0.lock().unwrap_or_else(|p| p.into_inner()).read(offset, data);
-        }
-
-        fn write(&mut self, offset: u64, data: &[u8]) {
-            self.0.lock().unwrap_or_else(|p| p.into_inner()).write(offset, data);
-        }
-
-        fn save_state(&self) -> Option<Vec<u8>> {
-            self.0.lock().unwrap_or_else(|p| p.into_inner()).save_state()
-        }
-
-        fn load_state(&mut self, state: &[u8]) -> Option<Result<(), String>> {
-            self.0.lock().unwrap_or_else(|p| p.into_inner()).load_state(state)
-        }
+        Ok(serial)
     }
 }
 

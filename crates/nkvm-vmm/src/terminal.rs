@@ -127,7 +127,7 @@ impl std::fmt::Debug for ConsoleInput {
 
 impl ConsoleInput {
     /// Hands one byte to the UART, waiting while its FIFO is full.
-    fn send(&mut self, byte: u8) -> io::Result<()> {
+    pub(crate) fn send(&mut self, byte: u8) -> io::Result<()> {
         match self {
             Self::Local(serial) => {
                 while serial.lock().unwrap_or_else(|p| p.into_inner()).enqueue(&[byte]) == 0 {
