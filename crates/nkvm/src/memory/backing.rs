@@ -197,7 +197,7 @@ impl Backing {
     }
 
     /// Writes `bufs`, one after another, at `offset`, through the memory
-    /// file rather than the mapping (see [`MemoryMap::fill`]).
+    /// file rather than the mapping (see [`MemoryMap::fill`](super::MemoryMap::fill)).
     pub fn fill_at(&self, offset: u64, bufs: &[&[u8]]) -> Result<(), MemoryError> {
         let len = bufs.iter().map(|b| b.len()).sum();
         let outside = || MemoryError::OutOfBounds { offset, len, backing_len: self.len() };
