@@ -44,6 +44,7 @@ pub mod ioapic;
 pub mod pc_testdev;
 pub mod pci;
 pub mod pic;
+pub mod pins;
 pub mod pit;
 pub mod pm_timer;
 pub mod port92;

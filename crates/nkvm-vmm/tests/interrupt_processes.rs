@@ -14,6 +14,8 @@ use std::time::{Duration, Instant};
 use iced_x86::code_asm::*;
 use nkvm::io::{IoRange, Ordering};
 use nkvm::{Exit, GuestAddress, Hypervisor, LongMode, RunState, Vm, VmConfig};
+use nkvm_devices::pins::RemotePins;
+use nkvm_devices::IrqLine;
 use nkvm_wire::ioregion::{AccessSize, Client, RegionInfo, Space};
 
 const ENTRY: u64 = 0x10_0000;
@@ -137,7 +139,8 @@ fn run_on_a_thread(mut vcpu: nkvm::Vcpu) -> (mpsc::Receiver<Exit>, std::thread::
 struct IoapicMachine {
     vm: Vm,
     ioapic: ControllerProcess,
-    pins: Client<UnixStream, UnixStream>,
+    /// The pin socket, connected; the test picks how it speaks to it.
+    pins: Option<UnixStream>,
     exits: mpsc::Receiver<Exit>,
     kicker: nkvm::Kicker,
     runner: std::thread::JoinHandle<()>,
@@ -151,12 +154,23 @@ impl IoapicMachine {
         let ioapic = ControllerProcess::spawn("ioapic", tag);
         vm.attach_region(IoRange::mmio(0xfec0_0000, 0x100), connect(&ioapic.dir.join("regs")), Ordering::Sync).unwrap();
         vm.attach_apic_bus(connect(&ioapic.dir.join("bus"))).unwrap();
-        let region = RegionInfo { id: 1, space: Space::Mmio, base: 0, len: 24 };
-        let pins = Client::over(connect(&ioapic.dir.join("pins")), region).unwrap();
+        let pins = Some(connect(&ioapic.dir.join("pins")));
         let vcpu = guest(&vm, level);
         let kicker = vcpu.kicker();
         let (exits, runner) = run_on_a_thread(vcpu);
         IoapicMachine { vm, ioapic, pins, exits, kicker, runner }
+    }
+
+    /// The pin socket as a client that waits for each write's reply.
+    fn sync_pins(&mut self) -> Client<UnixStream, UnixStream> {
+        let region = RegionInfo { id: 1, space: Space::Mmio, base: 0, len: 24 };
+        Client::over(self.pins.take().expect("one client per pin socket"), region).unwrap()
+    }
+
+    /// The pin socket as a device drives it: posted writes, through
+    /// `nkvm_devices::pins`.
+    fn remote_pins(&mut self) -> RemotePins {
+        RemotePins::over(self.pins.take().expect("one client per pin socket"), 24).unwrap()
     }
 
     fn next(&self) -> Exit {
@@ -185,11 +199,12 @@ fn an_ioapic_in_another_process_delivers_level_interrupts_with_eoi_and_its_death
         Exit::IoOut { port: 0x71, data, .. } => assert_eq!(data & 0xff, 0x20, "IOAPIC version register"),
         other => panic!("expected the version report, got {other}"),
     }
-    m.pins.write(5, AccessSize::Byte, 1).unwrap();
+    let mut pins = m.sync_pins();
+    pins.write(5, AccessSize::Byte, 1).unwrap();
     let report = Exit::IoOut { port: REPORT as u16, size: 4, data: 0x50 };
     assert_eq!(m.next(), report);
     assert_eq!(m.next(), report, "still asserted after EOI: delivered again");
-    m.pins.write(5, AccessSize::Byte, 0).unwrap();
+    pins.write(5, AccessSize::Byte, 0).unwrap();
     // Reports made before the drop reached the device process may still be
     // queued (how many depends on scheduling); then the guest goes quiet.
     let give_up = std::time::Instant::now() + Duration::from_secs(10);
@@ -221,9 +236,10 @@ fn an_ioapic_in_another_process_delivers_repeated_edges_through_its_fast_path() 
     let mut m = IoapicMachine::start("edge", false);
     assert!(matches!(m.next(), Exit::IoOut { port: 0x71, .. }), "the version report first");
     let report = Exit::IoOut { port: REPORT as u16, size: 4, data: 0x50 };
+    let mut pins = m.sync_pins();
     for edge in 0..EDGES {
-        m.pins.write(5, AccessSize::Byte, 1).unwrap();
-        m.pins.write(5, AccessSize::Byte, 0).unwrap();
+        pins.write(5, AccessSize::Byte, 1).unwrap();
+        pins.write(5, AccessSize::Byte, 0).unwrap();
         assert_eq!(m.next(), report, "edge {edge}");
     }
     assert!(m.exits.recv_timeout(Duration::from_millis(300)).is_err(), "one interrupt per edge, no more");
@@ -233,6 +249,39 @@ fn an_ioapic_in_another_process_delivers_repeated_edges_through_its_fast_path() 
     // next edge or two may still come over the socket, the rest do not.
     assert!(stats.messages <= 3, "{EDGES} edges, {} over the socket", stats.messages);
     m.kill_ioapic();
+}
+
+/// A device model in another process raises the IOAPIC's pins as it would
+/// any interrupt line: `nkvm_devices::pins` posts the level changes (an
+/// edge is two writes in one send) and waits for nothing. Every pulse
+/// reaches the guest once, and once the IOAPIC process is gone the pins say
+/// so instead of failing the device.
+#[test]
+fn a_device_drives_the_pins_of_an_ioapic_in_another_process_with_posted_writes() {
+    let mut m = IoapicMachine::start("posted", false);
+    assert!(matches!(m.next(), Exit::IoOut { port: 0x71, .. }), "the version report first");
+    let pins = m.remote_pins();
+    let line = pins.line(5).unwrap();
+    let report = Exit::IoOut { port: REPORT as u16, size: 4, data: 0x50 };
+    for edge in 0..20 {
+        line.pulse();
+        assert_eq!(m.next(), report, "edge {edge}");
+    }
+    assert!(m.exits.recv_timeout(Duration::from_millis(300)).is_err(), "one interrupt per edge, no more");
+    assert!(pins.line(24).is_err(), "the IOAPIC has 24 pins");
+    pins.sync().unwrap();
+    assert_eq!(pins.failure(), None);
+    let stats = m.vm.apic_bus_stats().unwrap();
+    assert_eq!(stats.fast_paths, 1, "{stats:?}");
+    m.kill_ioapic();
+    // The first changes after the death may still fit in the socket.
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while pins.failure().is_none() {
+        assert!(Instant::now() < deadline, "the dead IOAPIC's pin socket was never noticed");
+        line.pulse();
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    assert!(pins.sync().is_err());
 }
 
 #[test]
