@@ -16,7 +16,7 @@ use nkvm_wire::apic::{self, ApicFrame, InterruptMessage};
 use nkvm_wire::handshake::VersionRange;
 use vmm_sys_util::sock_ctrl_msg::ScmSocket;
 
-use crate::device::{DeviceError, SPIN};
+use crate::device::DeviceError;
 
 /// The device end of the APIC bus: messages go out once it is connected,
 /// each through the fast path the VM side gave it, if it has one (protocol
@@ -103,18 +103,33 @@ pub fn spawn_bus(listener: UnixListener, bus: Bus, mut on_eoi: impl FnMut(u8) + 
     });
 }
 
-/// Serves one I/O-region connection on `listener` with `device`, on a thread.
-pub fn spawn_region(listener: UnixListener, mut device: impl IoDevice + 'static) {
+/// How long a pin socket's server polls for the next change before it
+/// blocks. Nobody waits on a pin write (devices post them), so a long poll
+/// buys nothing and, on a host with few CPUs, holds back the threads a
+/// raised interrupt wakes (the vCPU, the device): the scheduler lets a
+/// freshly woken thread wait while the poller spins. A short poll still
+/// takes an edge's second write, or a burst from several devices, without
+/// a wake-up each. Measured by `benches/interrupt_latency.rs` (docs/benchmarks.md).
+pub const PIN_SPIN: std::time::Duration = std::time::Duration::from_micros(20);
+
+/// Serves one I/O-region connection on `listener` with `device`, on a
+/// thread, polling for `spin` before each blocking read.
+pub fn spawn_region(listener: UnixListener, mut device: impl IoDevice + 'static, spin: std::time::Duration) {
     thread::spawn(move || {
-        if let Err(e) = serve_region(&listener, &mut device) {
+        if let Err(e) = serve_region(&listener, &mut device, spin) {
             log::error!("I/O region: {e}");
         }
     });
 }
 
-/// Serves one I/O-region connection on `listener` with `device`, here.
-pub fn serve_region(listener: &UnixListener, device: &mut dyn IoDevice) -> Result<(), DeviceError> {
-    let mut server = Server::accept_spinning(listener, SPIN).map_err(DeviceError::Serve)?;
+/// Serves one I/O-region connection on `listener` with `device`, here,
+/// polling for `spin` before each blocking read.
+pub fn serve_region(
+    listener: &UnixListener,
+    device: &mut dyn IoDevice,
+    spin: std::time::Duration,
+) -> Result<(), DeviceError> {
+    let mut server = Server::accept_spinning(listener, spin).map_err(DeviceError::Serve)?;
     server.serve(device).map_err(DeviceError::Serve)?;
     Ok(())
 }

@@ -10,7 +10,8 @@ use std::sync::{Arc, Mutex};
 use nkvm_devices::ioapic::Ioapic;
 use nkvm_devices::IoDevice;
 
-use crate::bus_process::{listen, serve_region, spawn_bus, spawn_region, Bus};
+use crate::bus_process::{listen, serve_region, spawn_bus, spawn_region, Bus, PIN_SPIN};
+use crate::device::SPIN;
 
 type SharedIoapic = Arc<Mutex<Ioapic<Bus>>>;
 
@@ -35,9 +36,9 @@ pub fn run(regs: &Path, bus_path: &Path, pins: &Path) -> Result<ExitCode, Box<dy
     let ioapic: SharedIoapic = Arc::new(Mutex::new(Ioapic::new(bus.clone())));
     let eoi_target = ioapic.clone();
     spawn_bus(bus_l, bus, move |vector| eoi_target.lock().unwrap_or_else(|p| p.into_inner()).end_of_interrupt(vector));
-    spawn_region(pins_l, Pins(ioapic.clone()));
+    spawn_region(pins_l, Pins(ioapic.clone()), PIN_SPIN);
     let mut regs_dev = ioapic;
-    serve_region(&regs_l, &mut regs_dev)?;
+    serve_region(&regs_l, &mut regs_dev, SPIN)?;
     for p in [regs, bus_path, pins] {
         let _ = std::fs::remove_file(p);
     }

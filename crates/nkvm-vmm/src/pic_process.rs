@@ -14,7 +14,8 @@ use nkvm_devices::pic::{Pic, SharedPic};
 use nkvm_devices::{ApicBusSink, IoDevice};
 use nkvm_wire::apic::{DeliveryMode, DestinationMode, InterruptMessage, TriggerMode};
 
-use crate::bus_process::{listen, serve_region, spawn_bus, spawn_region, Bus};
+use crate::bus_process::{listen, serve_region, spawn_bus, spawn_region, Bus, PIN_SPIN};
+use crate::device::SPIN;
 
 /// The pin-control window: offset = IRQ, written value = level.
 struct Pins(SharedPic);
@@ -77,9 +78,9 @@ pub fn run(paths: &PicSockets<'_>) -> Result<ExitCode, Box<dyn std::error::Error
     });
     // The 8259's EOI is a port write, not an APIC-bus message.
     spawn_bus(bus_l, bus, |_| {});
-    spawn_region(pins_l, Pins(pic.clone()));
-    spawn_region(slave_l, pic.slave_port());
-    serve_region(&master_l, &mut pic.master_port())?;
+    spawn_region(pins_l, Pins(pic.clone()), PIN_SPIN);
+    spawn_region(slave_l, pic.slave_port(), SPIN);
+    serve_region(&master_l, &mut pic.master_port(), SPIN)?;
     for p in [paths.master, paths.slave, paths.bus, paths.pins] {
         let _ = std::fs::remove_file(p);
     }
