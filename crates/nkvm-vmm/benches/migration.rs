@@ -27,6 +27,13 @@
 //! Targets (issue 13): nkvm's total time and downtime at or below QEMU's
 //! on the same guest; downtime <= 50 ms at ~50 MB/s; restore <= 5 ms.
 //!
+//! The same image does not dirty at the same rate under both: on the
+//! development host QEMU's guest managed ~124 MB/s of the busiest row's
+//! ~200 (it keeps fewer ticks, already before any migration), so QEMU had
+//! less to send. When QEMU's rate is more than 10% below nkvm's, one more
+//! nkvm row runs with fewer pages a tick, at QEMU's measured rate, and is
+//! printed as information beside the issue's row (whose verdict stands).
+//!
 //! Run: `cargo bench -p nkvm-vmm --bench migration`. Without
 //! `qemu-system-x86_64` the QEMU column is skipped with a note.
 
@@ -144,6 +151,35 @@ fn pages_for(rate: f64) -> u32 {
     per_ms / guest::UNROLL * guest::UNROLL
 }
 
+/// The busiest row again, nkvm's guest storing to fewer pages a tick so it
+/// dirties what QEMU's guest managed, when QEMU's ran more than 10% slower
+/// (its guest then sends less): the same work for both, beside the issue's
+/// row, not instead of it. Its QEMU figures are the busiest row's.
+fn at_qemus_rate(dir: &Path, busiest: &table::Line, nkvm_kind: Kind, tick_cycles: u32) -> Option<table::Line> {
+    let (ours, theirs) = (busiest.nkvm.dirtied_mb_s, busiest.qemu.dirtied_mb_s);
+    if busiest.qemu.runs.is_empty() || theirs.is_nan() || theirs >= ours * 0.9 {
+        return None;
+    }
+    let pages = pages_for(theirs).max(guest::UNROLL);
+    let t = Ticker { tick_cycles, pages };
+    let image = match nkvm_kind {
+        Kind::Multiboot => write(dir, &format!("ticker-{pages}.elf"), &t.multiboot_elf(), pages, Kind::Multiboot),
+        Kind::Builtin => write(dir, &format!("ticker-{pages}.bin"), &t.builtin_image(), pages, Kind::Builtin),
+    };
+    let name = format!("~{theirs:.0} MB/s");
+    println!("{name}: nkvm ({}), {pages} pages a tick for QEMU's {theirs:.1} MB/s", image.describe());
+    let (n, _) = nkvm::measure(dir, &image, RUNS, false);
+    Some(table::Line {
+        name,
+        rate: theirs,
+        nkvm: n,
+        qemu: busiest.qemu.clone(),
+        nkvm_image: image,
+        qemu_image: busiest.qemu_image.clone(),
+        info: true,
+    })
+}
+
 /// `-- --write-images DIR`: only write the guests (the ELF for QEMU and
 /// `nkvm run --kernel`, the raw image for `nkvm run --image`), to run them
 /// by hand.
@@ -184,7 +220,7 @@ fn main() {
         Ok(version) => println!("QEMU: {version}; pre-copy parameters: {}", qemu::PARAMETERS),
         Err(why) => println!("QEMU column skipped: {why}"),
     }
-    let mut rows: Vec<(&str, f64, Row, Row, Image, Image)> = Vec::new();
+    let mut rows: Vec<table::Line> = Vec::new();
     let mut snaps = (SnapRestore::default(), SnapRestore::default());
     for (i, (name, rate)) in ROWS.into_iter().enumerate() {
         let pages = pages_for(rate);
@@ -214,7 +250,18 @@ fn main() {
         if let Some(ns) = ns {
             snaps.0 = ns;
         }
-        rows.push((name, rate, n, q, nkvm_image, elf));
+        rows.push(table::Line {
+            name: name.to_string(),
+            rate,
+            nkvm: n,
+            qemu: q,
+            nkvm_image,
+            qemu_image: elf,
+            info: false,
+        });
+    }
+    if let Some(matched) = at_qemus_rate(&dir, rows.last().unwrap(), nkvm_kind, tick_cycles) {
+        rows.push(matched);
     }
     table::print(&rows, &snaps);
     let _ = std::fs::remove_dir_all(&dir);
