@@ -148,8 +148,7 @@ impl Pit {
         let edges = counter.rising_edges(now);
         if edges > self.edges_signalled {
             self.edges_signalled = edges;
-            self.irq.set_level(true);
-            self.irq.set_level(false);
+            self.irq.pulse();
         }
         let next = counter.next_edge(now)?;
         Some(ticks_to_duration(next.saturating_sub(now)))

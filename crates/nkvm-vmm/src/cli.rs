@@ -234,7 +234,7 @@ pub enum DeviceModel {
     /// pc-testdev's 64 KiB of RAM-like device memory (kvm-unit-tests).
     IoRam,
     /// The 8254 PIT's counters and control port (ports 0x40-0x43); its
-    /// IRQ 0 output is not connected in a device process.
+    /// IRQ 0 output drives a controller's pin with --irq-pins, else nothing.
     Pit,
     /// virtio-blk on --disk, as a sandboxed vhost-user-blk backend on
     /// --socket (what `nkvm run --device-process --disk IMAGE` starts).
@@ -281,4 +281,13 @@ pub struct DeviceArgs {
     /// (docs/wire-format.md, "Console channel").
     #[arg(long)]
     pub console_channel: bool,
+    /// pit and serial: drive the model's interrupt line as a pin of an
+    /// IOAPIC or PIC in its own process, through that controller's --pins
+    /// socket (docs/wire-format.md, "Input pins"), with no VMM in between.
+    #[arg(long, conflicts_with = "console_channel")]
+    pub irq_pins: Option<std::path::PathBuf>,
+    /// With --irq-pins: which pin (default: 0 for pit, IRQ 0; 4 for
+    /// serial, COM1's IRQ 4).
+    #[arg(long, requires = "irq_pins")]
+    pub irq_pin: Option<u32>,
 }

@@ -4,16 +4,18 @@
 use std::fs::{File, OpenOptions};
 use std::io::{self, Write};
 use std::os::unix::net::UnixListener;
+use std::path::Path;
 use std::process::ExitCode;
 
 use nkvm_devices::cmos::Cmos;
 use nkvm_devices::pc_testdev::IoRam;
-use nkvm_devices::pit::Pit;
+use nkvm_devices::pins::RemotePins;
+use nkvm_devices::pit::{Pit, PitPort, PitWindow, SharedPit};
 use nkvm_devices::pm_timer::PmTimer;
 use nkvm_devices::serial::Serial;
 use nkvm_devices::serve::Server;
 use nkvm_devices::test_device::TestDevice;
-use nkvm_devices::IoDevice;
+use nkvm_devices::{IoDevice, IrqLine};
 
 use crate::cli::{DeviceArgs, DeviceModel};
 
@@ -44,6 +46,12 @@ pub enum DeviceError {
     /// The VM side broke the protocol or went away uncleanly.
     #[error("serving the I/O region failed")]
     Serve(#[source] nkvm_wire::WireError),
+    /// `--irq-pins` with a model that has no interrupt line to give.
+    #[error("--irq-pins: the {0} model has no interrupt line (pit and serial have)")]
+    NoIrq(String),
+    /// The controller's pin socket could not be used.
+    #[error("--irq-pins")]
+    Pins(#[source] nkvm_devices::pins::PinsError),
 }
 
 /// A device that appends every access to a shared log file.
@@ -141,6 +149,74 @@ mod console_channel {
     }
 }
 
+/// An interrupt line that leads nowhere.
+fn unconnected() -> Box<dyn IrqLine> {
+    Box::new(|_level: bool| {})
+}
+
+/// `--irq-pins`: the model's line as a pin of a controller in another
+/// process; the pin defaults to the model's ISA IRQ.
+fn irq_line(model: DeviceModel, pins: &Path, pin: Option<u32>) -> Result<Box<dyn IrqLine>, DeviceError> {
+    let pin = match (model, pin) {
+        (_, Some(pin)) => pin,
+        (DeviceModel::Pit, None) => u32::try_from(nkvm_devices::pit::PIT_IRQ).unwrap_or(0),
+        (DeviceModel::Serial, None) => 4,
+        (other, None) => return Err(DeviceError::NoIrq(format!("{other:?}").to_lowercase())),
+    };
+    if !matches!(model, DeviceModel::Pit | DeviceModel::Serial) {
+        return Err(DeviceError::NoIrq(format!("{model:?}").to_lowercase()));
+    }
+    // Only as many pins as needed: the controller serves any count up to
+    // its own, and refuses pins past it.
+    let remote = RemotePins::connect(pins, pin + 1).map_err(DeviceError::Pins)?;
+    Ok(Box::new(remote.line(pin).map_err(DeviceError::Pins)?))
+}
+
+/// A PIT whose counter 0 drives its line on time: the counters' window,
+/// and the model shared with the thread that polls it.
+struct TimedPit {
+    port: PitPort,
+    pit: SharedPit,
+    /// Wakes the polling thread (the model changed under it).
+    poke: std::sync::mpsc::Sender<()>,
+}
+
+impl IoDevice for TimedPit {
+    fn read(&mut self, offset: u64, data: &mut [u8]) {
+        self.port.read(offset, data);
+    }
+
+    fn write(&mut self, offset: u64, data: &[u8]) {
+        self.port.write(offset, data);
+    }
+
+    fn save_state(&self) -> Option<Vec<u8>> {
+        self.pit.lock().save_state()
+    }
+
+    fn load_state(&mut self, state: &[u8]) -> Option<Result<(), String>> {
+        let loaded = self.pit.lock().load_state(state);
+        let _ = self.poke.send(());
+        loaded
+    }
+}
+
+/// A PIT whose counter 0 drives `irq`, polled on time by a thread of its
+/// own (as the VMM's `pit` thread does for the PIT in its process).
+fn pit_with_timer(irq: Box<dyn IrqLine>) -> io::Result<TimedPit> {
+    let pit = SharedPit::new(Pit::new(irq));
+    let (poke, polls) = std::sync::mpsc::channel();
+    let writes = poke.clone();
+    let port = pit.port(
+        PitWindow::Counters,
+        Box::new(move || {
+            let _ = writes.send(());
+        }),
+    );
+    crate::firmware::spawn_pit_timer(pit.clone(), polls)?;
+    Ok(TimedPit { port, pit, poke })
+}
+
 /// Serves one connection on `args.socket`, then exits.
 pub fn run(args: &DeviceArgs) -> Result<ExitCode, Box<dyn std::error::Error>> {
     match (args.model, &args.apic_bus, &args.pins, &args.slave) {
@@ -152,17 +228,24 @@ pub fn run(args: &DeviceArgs) -> Result<ExitCode, Box<dyn std::error::Error>> {
         (DeviceModel::VirtioBlk | DeviceModel::VirtioConsole, ..) => return crate::virtio_process::run(args),
         _ => {}
     }
+    let irq = match &args.irq_pins {
+        Some(path) => Some(irq_line(args.model, path, args.irq_pin)?),
+        None => None,
+    };
     let model: Box<dyn IoDevice> = match args.model {
         DeviceModel::Test => Box::new(TestDevice::new()),
         DeviceModel::Serial if args.console_channel => Box::new(console_channel::serial()?),
-        DeviceModel::Serial => Box::new(Serial::new(Box::new(|_level: bool| {}), io::stdout())),
+        DeviceModel::Serial => Box::new(Serial::new(irq.unwrap_or_else(unconnected), io::stdout())),
         DeviceModel::Cmos => Box::new(Cmos::new()),
         DeviceModel::PmTimer => Box::new(PmTimer::new()),
         DeviceModel::IoRam => Box::new(IoRam::new()),
-        // No IRQ line leaves a device process (as for the serial port): the
-        // counters count and read back; the multiboot machine keeps its PIT
-        // in process, where counter 0 drives the 8259's IRQ 0.
-        DeviceModel::Pit => Box::new(Pit::new(Box::new(|_level: bool| {}))),
+        // Counter 0's edges need a thread that polls the model on time
+        // (and again after each guest write); without --irq-pins nothing
+        // listens, and the counters only count and read back.
+        DeviceModel::Pit => match irq {
+            Some(line) => Box::new(pit_with_timer(line)?),
+            None => Box::new(Pit::new(unconnected())),
+        },
         // Checked above; clap requires --apic-bus and --pins with it.
         DeviceModel::Ioapic | DeviceModel::Pic | DeviceModel::VirtioBlk | DeviceModel::VirtioConsole => {
             return Err("the ioapic and pic models need --apic-bus and --pins (and --slave for pic)".into())

@@ -399,6 +399,25 @@ fn a_console_channel_that_is_not_a_socket_is_named() {
 }
 
 #[test]
+fn irq_pins_that_lead_nowhere_or_a_model_without_a_line_are_named() {
+    let socket = std::env::temp_dir().join(format!("nkvm-cli-irq-pins-{}.sock", std::process::id()));
+    let socket = socket.to_str().unwrap();
+    let missing = std::env::temp_dir().join(format!("nkvm-no-such-pins-{}", std::process::id()));
+    let missing = missing.to_str().unwrap();
+    let out = nkvm(&["device", "--model", "pit", "--socket", socket, "--irq-pins", missing]);
+    assert!(!out.status.success());
+    let stderr = text(&out.stderr);
+    assert!(stderr.contains(&format!("cannot connect to the pin socket {missing}")), "{stderr}");
+    let out = nkvm(&["device", "--model", "cmos", "--socket", socket, "--irq-pins", missing]);
+    assert!(!out.status.success());
+    assert!(text(&out.stderr).contains("the cmos model has no interrupt line"), "{}", text(&out.stderr));
+    let out = nkvm(&["device", "--model", "serial", "--console-channel", "--socket", socket, "--irq-pins", missing]);
+    assert!(!out.status.success());
+    assert!(text(&out.stderr).contains("cannot be used with"), "{}", text(&out.stderr));
+    assert!(!std::path::Path::new(socket).exists(), "nothing listens after a refusal");
+}
+
+#[test]
 fn a_virtio_blk_device_process_needs_a_disk_and_names_a_missing_one() {
     let socket = std::env::temp_dir().join(format!("nkvm-cli-virtio-blk-{}.sock", std::process::id()));
     let out = nkvm(&["device", "--model", "virtio-blk", "--socket", socket.to_str().unwrap()]);

@@ -3,7 +3,9 @@
 //! over MMIO, a device in another process drives the pin, the handler runs;
 //! level-triggered pins come back after EOI while asserted; a dead IOAPIC
 //! process is reported. The dual 8259 (`--model pic`): an APIC-less guest
-//! programs it over PIO and takes its interrupts through LINT0.
+//! programs it over PIO and takes its interrupts through LINT0. Devices in
+//! processes of their own drive those pins directly (`--irq-pins`): a PIT
+//! ticks the 8259's IRQ 0, a 16550 raises an IOAPIC pin.
 
 use std::os::unix::net::UnixStream;
 use std::path::{Path, PathBuf};
@@ -139,8 +141,7 @@ fn run_on_a_thread(mut vcpu: nkvm::Vcpu) -> (mpsc::Receiver<Exit>, std::thread::
 struct IoapicMachine {
     vm: Vm,
     ioapic: ControllerProcess,
-    /// The pin socket, connected; the test picks how it speaks to it.
-    pins: Option<UnixStream>,
+
     exits: mpsc::Receiver<Exit>,
     kicker: nkvm::Kicker,
     runner: std::thread::JoinHandle<()>,
@@ -154,23 +155,23 @@ impl IoapicMachine {
         let ioapic = ControllerProcess::spawn("ioapic", tag);
         vm.attach_region(IoRange::mmio(0xfec0_0000, 0x100), connect(&ioapic.dir.join("regs")), Ordering::Sync).unwrap();
         vm.attach_apic_bus(connect(&ioapic.dir.join("bus"))).unwrap();
-        let pins = Some(connect(&ioapic.dir.join("pins")));
         let vcpu = guest(&vm, level);
         let kicker = vcpu.kicker();
         let (exits, runner) = run_on_a_thread(vcpu);
-        IoapicMachine { vm, ioapic, pins, exits, kicker, runner }
+        IoapicMachine { vm, ioapic, exits, kicker, runner }
     }
 
-    /// The pin socket as a client that waits for each write's reply.
-    fn sync_pins(&mut self) -> Client<UnixStream, UnixStream> {
+    /// The pin socket (it serves one client) as a client that waits for
+    /// each write's reply.
+    fn sync_pins(&self) -> Client<UnixStream, UnixStream> {
         let region = RegionInfo { id: 1, space: Space::Mmio, base: 0, len: 24 };
-        Client::over(self.pins.take().expect("one client per pin socket"), region).unwrap()
+        Client::over(connect(&self.ioapic.dir.join("pins")), region).unwrap()
     }
 
-    /// The pin socket as a device drives it: posted writes, through
-    /// `nkvm_devices::pins`.
-    fn remote_pins(&mut self) -> RemotePins {
-        RemotePins::over(self.pins.take().expect("one client per pin socket"), 24).unwrap()
+    /// The pin socket (it serves one client) as a device drives it: posted
+    /// writes, through `nkvm_devices::pins`.
+    fn remote_pins(&self) -> RemotePins {
+        RemotePins::over(connect(&self.ioapic.dir.join("pins")), 24).unwrap()
     }
 
     fn next(&self) -> Exit {
@@ -194,7 +195,7 @@ impl IoapicMachine {
 
 #[test]
 fn an_ioapic_in_another_process_delivers_level_interrupts_with_eoi_and_its_death_is_reported() {
-    let mut m = IoapicMachine::start("level", true);
+    let m = IoapicMachine::start("level", true);
     match m.next() {
         Exit::IoOut { port: 0x71, data, .. } => assert_eq!(data & 0xff, 0x20, "IOAPIC version register"),
         other => panic!("expected the version report, got {other}"),
@@ -233,7 +234,7 @@ fn an_ioapic_in_another_process_delivers_level_interrupts_with_eoi_and_its_death
 #[test]
 fn an_ioapic_in_another_process_delivers_repeated_edges_through_its_fast_path() {
     const EDGES: usize = 20;
-    let mut m = IoapicMachine::start("edge", false);
+    let m = IoapicMachine::start("edge", false);
     assert!(matches!(m.next(), Exit::IoOut { port: 0x71, .. }), "the version report first");
     let report = Exit::IoOut { port: REPORT as u16, size: 4, data: 0x50 };
     let mut pins = m.sync_pins();
@@ -258,7 +259,7 @@ fn an_ioapic_in_another_process_delivers_repeated_edges_through_its_fast_path() 
 /// so instead of failing the device.
 #[test]
 fn a_device_drives_the_pins_of_an_ioapic_in_another_process_with_posted_writes() {
-    let mut m = IoapicMachine::start("posted", false);
+    let m = IoapicMachine::start("posted", false);
     assert!(matches!(m.next(), Exit::IoOut { port: 0x71, .. }), "the version report first");
     let pins = m.remote_pins();
     let line = pins.line(5).unwrap();
@@ -284,22 +285,50 @@ fn a_device_drives_the_pins_of_an_ioapic_in_another_process_with_posted_writes()
     assert!(pins.sync().is_err());
 }
 
+/// A 16550 in its own process (`nkvm device --model serial --irq-pins`)
+/// raises a pin of the IOAPIC in another process directly: enabling its
+/// transmitter-empty interrupt (written here over its register socket, as
+/// the VM would) reaches the guest's handler through the IOAPIC process.
 #[test]
-fn a_pic_in_another_process_drives_an_apic_less_core_through_lint0() {
+fn a_16550_in_its_own_process_raises_a_pin_of_an_ioapic_in_another() {
+    let m = IoapicMachine::start("serial-irq", false);
+    assert!(matches!(m.next(), Exit::IoOut { port: 0x71, .. }), "the version report first");
+    let socket = m.ioapic.dir.join("com1");
+    let mut uart = Command::new(env!("CARGO_BIN_EXE_nkvm"))
+        .args(["device", "--model", "serial", "--socket"])
+        .arg(&socket)
+        .arg("--irq-pins")
+        .arg(m.ioapic.dir.join("pins"))
+        .args(["--irq-pin", "5"])
+        .spawn()
+        .expect("spawn the 16550 process");
+    let region = RegionInfo { id: 2, space: Space::Pio, base: 0x3f8, len: 8 };
+    let mut com1 = Client::over(connect(&socket), region).unwrap();
+    assert_eq!(m.exits.recv_timeout(Duration::from_millis(300)).ok(), None, "no interrupt before it is enabled");
+    com1.write(1, AccessSize::Byte, 0x02).unwrap(); // IER: transmitter holding register empty
+    assert_eq!(m.next(), Exit::IoOut { port: REPORT as u16, size: 4, data: 0x50 });
+    let _ = uart.kill();
+    let _ = uart.wait();
+    m.kill_ioapic();
+}
+
+/// A VM with a hidden local APIC whose dual 8259 runs in its own process
+/// (its sockets attached), and a guest that programs it (vector base 0x50,
+/// only `irq` unmasked), runs `prelude`, reports 0x71, and then reports
+/// `0x50 + irq` on [`REPORT`] from each interrupt's handler (which EOIs
+/// the 8259). Returns the VM, the process and the vCPU, not yet running.
+fn pic_guest(tag: &str, irq: u8, prelude: impl FnOnce(&mut CodeAssembler)) -> (Vm, ControllerProcess, nkvm::Vcpu) {
     let hv = Hypervisor::open().expect("/dev/kvm");
     let vm = Vm::new(&hv, &VmConfig { vcpus: 1, memory: 16 << 20, split_irqchip: true, ..Default::default() }).unwrap();
-    let pic = ControllerProcess::spawn("pic", "lint0");
+    let pic = ControllerProcess::spawn("pic", tag);
     vm.attach_region(IoRange::pio(0x20, 2), connect(&pic.dir.join("regs")), Ordering::Sync).unwrap();
     vm.attach_region(IoRange::pio(0xa0, 2), connect(&pic.dir.join("slave")), Ordering::Sync).unwrap();
     vm.attach_apic_bus(connect(&pic.dir.join("bus"))).unwrap();
-    let region = RegionInfo { id: 1, space: Space::Pio, base: 0, len: 16 };
-    let mut lines = Client::over(connect(&pic.dir.join("pins")), region).unwrap();
-
-    // Vector 0x51 (IRQ 1 at base 0x50): report, EOI the 8259, return.
+    let vector = 0x50 + irq;
     let handler = {
         let mut a = CodeAssembler::new(64).unwrap();
         a.push(rax).unwrap();
-        a.mov(eax, 0x51u32).unwrap();
+        a.mov(eax, u32::from(vector)).unwrap();
         a.out(REPORT, eax).unwrap();
         a.mov(al, 0x20).unwrap();
         a.out(0x20u32, al).unwrap();
@@ -309,7 +338,7 @@ fn a_pic_in_another_process_drives_an_apic_less_core_through_lint0() {
     };
     vm.write_memory(GuestAddress(HANDLER), &handler).unwrap();
     let idt = nkvm::Idt::new(GuestAddress(IDT));
-    idt.set_gate(&vm.memory(), 0x51, GuestAddress(HANDLER)).unwrap();
+    idt.set_gate(&vm.memory(), vector, GuestAddress(HANDLER)).unwrap();
     idt.write_idtr(&vm.memory(), GuestAddress(0x6ff0)).unwrap();
     let mut a = CodeAssembler::new(64).unwrap();
     a.mov(rax, 0x6ff0u64).unwrap();
@@ -323,12 +352,13 @@ fn a_pic_in_another_process_drives_an_apic_less_core_through_lint0() {
         (0xa1, 0x58),
         (0xa1, 0x02),
         (0xa1, 0x01),
-        (0x21, 0xfd),
+        (0x21, !(1u32 << irq) & 0xff),
         (0xa1, 0xff),
     ] {
         a.mov(al, value).unwrap();
         a.out(port, al).unwrap();
     }
+    prelude(&mut a);
     a.out(0x71u32, al).unwrap();
     a.sti().unwrap();
     let mut idle = a.create_label();
@@ -340,9 +370,17 @@ fn a_pic_in_another_process_drives_an_apic_less_core_through_lint0() {
     let vcpu = vm.create_vcpu_with(0, nkvm::VcpuConfig { lapic: nkvm::Lapic::Hidden }).unwrap();
     vcpu.set_cpuid(&hv.supported_cpuid().unwrap()).unwrap();
     vcpu.set_long_mode(&lm, GuestAddress(ENTRY), GuestAddress(0x9_0000)).unwrap();
+    (vm, pic, vcpu)
+}
+
+#[test]
+fn a_pic_in_another_process_drives_an_apic_less_core_through_lint0() {
+    let (vm, pic, vcpu) = pic_guest("lint0", 1, |_| {});
     let kicker = vcpu.kicker();
-    let (rx, runner) = run_on_a_thread(vcpu);
-    let next = || rx.recv_timeout(Duration::from_secs(10)).expect("no exit in time");
+    let (exits, runner) = run_on_a_thread(vcpu);
+    let region = RegionInfo { id: 1, space: Space::Pio, base: 0, len: 16 };
+    let mut lines = Client::over(connect(&pic.dir.join("pins")), region).unwrap();
+    let next = || exits.recv_timeout(Duration::from_secs(10)).expect("no exit in time");
     assert!(matches!(next(), Exit::IoOut { port: 0x71, .. }), "the guest programmed the PIC");
     let report = Exit::IoOut { port: REPORT as u16, size: 4, data: 0x51 };
     for _ in 0..3 {
@@ -353,4 +391,45 @@ fn a_pic_in_another_process_drives_an_apic_less_core_through_lint0() {
     assert_eq!(vm.apic_bus_failure(), None);
     kicker.kick();
     runner.join().unwrap();
+}
+
+/// Three processes and no VMM thread between them: a PIT in its own
+/// process (`nkvm device --model pit --irq-pins`) ticks counter 0 and
+/// pulses IRQ 0 of a dual 8259 in another process, which sends the ExtINT
+/// to the guest's LINT0. The guest programs the PIT at 100 Hz over its
+/// socket and counts the timer interrupts.
+#[test]
+fn a_pit_in_its_own_process_ticks_irq_0_of_a_pic_in_another() {
+    // Counter 0, low then high byte, mode 2 (rate generator), 11932: 100 Hz.
+    let (vm, pic, vcpu) = pic_guest("pit", 0, |a| {
+        for (port, value) in [(0x43u32, 0x34u32), (0x40, 11932 & 0xff), (0x40, 11932 >> 8)] {
+            a.mov(al, value).unwrap();
+            a.out(port, al).unwrap();
+        }
+    });
+    let pit_socket = pic.dir.join("pit");
+    let mut pit = Command::new(env!("CARGO_BIN_EXE_nkvm"))
+        .args(["device", "--model", "pit", "--socket"])
+        .arg(&pit_socket)
+        .arg("--irq-pins")
+        .arg(pic.dir.join("pins"))
+        .spawn()
+        .expect("spawn the PIT process");
+    vm.attach_region(IoRange::pio(0x40, 4), connect(&pit_socket), Ordering::Sync).unwrap();
+    let kicker = vcpu.kicker();
+    let (exits, runner) = run_on_a_thread(vcpu);
+    let next = || exits.recv_timeout(Duration::from_secs(10)).expect("no timer interrupt in 10 s");
+    assert!(matches!(next(), Exit::IoOut { port: 0x71, .. }), "the guest programmed the PIC and the PIT");
+    let started = Instant::now();
+    let report = Exit::IoOut { port: REPORT as u16, size: 4, data: 0x50 };
+    for _ in 0..10 {
+        assert_eq!(next(), report);
+    }
+    // Ten ticks at 100 Hz: not much faster than the PIT runs (no storm).
+    assert!(started.elapsed() >= Duration::from_millis(50), "10 ticks in {:?}", started.elapsed());
+    assert_eq!(vm.apic_bus_failure(), None);
+    kicker.kick();
+    runner.join().unwrap();
+    let _ = pit.kill();
+    let _ = pit.wait();
 }
