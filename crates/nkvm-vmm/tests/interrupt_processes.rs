@@ -397,7 +397,8 @@ fn a_pic_in_another_process_drives_an_apic_less_core_through_lint0() {
 /// process (`nkvm device --model pit --irq-pins`) ticks counter 0 and
 /// pulses IRQ 0 of a dual 8259 in another process, which sends the ExtINT
 /// to the guest's LINT0. The guest programs the PIT at 100 Hz over its
-/// socket and counts the timer interrupts.
+/// socket and counts the timer interrupts; the PIT process's state is saved
+/// and loaded back, and it ticks on.
 #[test]
 fn a_pit_in_its_own_process_ticks_irq_0_of_a_pic_in_another() {
     // Counter 0, low then high byte, mode 2 (rate generator), 11932: 100 Hz.
@@ -415,7 +416,7 @@ fn a_pit_in_its_own_process_ticks_irq_0_of_a_pic_in_another() {
         .arg(pic.dir.join("pins"))
         .spawn()
         .expect("spawn the PIT process");
-    vm.attach_region(IoRange::pio(0x40, 4), connect(&pit_socket), Ordering::Sync).unwrap();
+    let region = vm.attach_region(IoRange::pio(0x40, 4), connect(&pit_socket), Ordering::Sync).unwrap();
     let kicker = vcpu.kicker();
     let (exits, runner) = run_on_a_thread(vcpu);
     let next = || exits.recv_timeout(Duration::from_secs(10)).expect("no timer interrupt in 10 s");
@@ -427,6 +428,15 @@ fn a_pit_in_its_own_process_ticks_irq_0_of_a_pic_in_another() {
     }
     // Ten ticks at 100 Hz: not much faster than the PIT runs (no storm).
     assert!(started.elapsed() >= Duration::from_millis(50), "10 ticks in {:?}", started.elapsed());
+    // The PIT process saves its model (counter 0 programmed) and takes it
+    // back; its polling thread goes on ticking after the load.
+    let state = vm.region_state(region).expect("the PIT process's state");
+    assert!(!state.is_empty());
+    vm.region_load_state(region, &state).expect("the PIT process takes its own state back");
+    while exits.try_recv().is_ok() {}
+    for _ in 0..3 {
+        assert_eq!(next(), report);
+    }
     assert_eq!(vm.apic_bus_failure(), None);
     kicker.kick();
     runner.join().unwrap();
