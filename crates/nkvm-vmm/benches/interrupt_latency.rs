@@ -308,15 +308,7 @@ fn in_process_case(hv: &Hypervisor, cpus: Option<Cpus>) -> Case {
     *target.lock().unwrap() = Some(direct.clone());
     vm.attach_handler(IoRange::mmio(0xfec0_0000, 0x100), Box::new(Regs(direct.clone()))).unwrap();
     let guest = start_guest(hv, &vm, true, cpus);
-    Case::new(
-        vm,
-        guest,
-        Box::new(move || {
-            let mut io = direct.lock().unwrap();
-            io.set_irq(5, true);
-            io.set_irq(5, false);
-        }),
-    )
+    Case::new(vm, guest, pulse_pin_5(direct))
 }
 
 /// (b') the IOAPIC model in this process, on an APIC-bus socketpair.
@@ -340,15 +332,16 @@ fn socketpair_case(hv: &Hypervisor, cpus: Option<Cpus>) -> Case {
         }
     });
     let guest = start_guest(hv, &vm, true, cpus);
-    Case::new(
-        vm,
-        guest,
-        Box::new(move || {
-            let mut io = ioapic.lock().unwrap();
-            io.set_irq(5, true);
-            io.set_irq(5, false);
-        }),
-    )
+    Case::new(vm, guest, pulse_pin_5(ioapic))
+}
+
+/// Raises an edge on pin 5 of an IOAPIC model in this process.
+fn pulse_pin_5<S: ApicBusSink + 'static>(ioapic: Arc<Mutex<Ioapic<S>>>) -> Box<dyn FnMut()> {
+    Box::new(move || {
+        let mut io = ioapic.lock().unwrap();
+        io.set_irq(5, true);
+        io.set_irq(5, false);
+    })
 }
 
 /// How the bench's "device" drives the IOAPIC's pin.
