@@ -122,6 +122,31 @@ pub fn spawn_region(listener: UnixListener, mut device: impl IoDevice + 'static,
     });
 }
 
+/// Serves the pin socket of a controller with `pins` inputs on a thread:
+/// the first client whose region fits them (a write at offset N drives pin
+/// N). A client asking for more pins is told so in this process's log and
+/// closed (its next change fails), and the socket waits for another.
+pub fn spawn_pins(listener: UnixListener, mut device: impl IoDevice + 'static, pins: u64) {
+    thread::spawn(move || loop {
+        let mut server = match Server::accept_spinning(&listener, PIN_SPIN) {
+            Ok(server) => server,
+            Err(e) => return log::error!("pin socket: {e}"),
+        };
+        let asked = server.region().len;
+        if asked > pins {
+            log::error!(
+                "pin socket: a client asked for {asked} pins, this controller has {pins} (0-{}): closed",
+                pins - 1
+            );
+            continue;
+        }
+        if let Err(e) = server.serve(&mut device) {
+            log::error!("pin socket: {e}");
+        }
+        return;
+    });
+}
+
 /// Serves one I/O-region connection on `listener` with `device`, here,
 /// polling for `spin` before each blocking read.
 pub fn serve_region(

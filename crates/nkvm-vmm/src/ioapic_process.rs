@@ -7,10 +7,10 @@ use std::path::Path;
 use std::process::ExitCode;
 use std::sync::{Arc, Mutex};
 
-use nkvm_devices::ioapic::Ioapic;
+use nkvm_devices::ioapic::{Ioapic, IOAPIC_PINS};
 use nkvm_devices::IoDevice;
 
-use crate::bus_process::{listen, serve_region, spawn_bus, spawn_region, Bus, PIN_SPIN};
+use crate::bus_process::{listen, serve_region, spawn_bus, spawn_pins, Bus};
 use crate::device::SPIN;
 
 type SharedIoapic = Arc<Mutex<Ioapic<Bus>>>;
@@ -36,7 +36,7 @@ pub fn run(regs: &Path, bus_path: &Path, pins: &Path) -> Result<ExitCode, Box<dy
     let ioapic: SharedIoapic = Arc::new(Mutex::new(Ioapic::new(bus.clone())));
     let eoi_target = ioapic.clone();
     spawn_bus(bus_l, bus, move |vector| eoi_target.lock().unwrap_or_else(|p| p.into_inner()).end_of_interrupt(vector));
-    spawn_region(pins_l, Pins(ioapic.clone()), PIN_SPIN);
+    spawn_pins(pins_l, Pins(ioapic.clone()), IOAPIC_PINS as u64);
     let mut regs_dev = ioapic;
     serve_region(&regs_l, &mut regs_dev, SPIN)?;
     for p in [regs, bus_path, pins] {

@@ -14,7 +14,7 @@ use nkvm_devices::pic::{Pic, SharedPic};
 use nkvm_devices::{ApicBusSink, IoDevice};
 use nkvm_wire::apic::{DeliveryMode, DestinationMode, InterruptMessage, TriggerMode};
 
-use crate::bus_process::{listen, serve_region, spawn_bus, spawn_region, Bus, PIN_SPIN};
+use crate::bus_process::{listen, serve_region, spawn_bus, spawn_pins, spawn_region, Bus};
 use crate::device::SPIN;
 
 /// The pin-control window: offset = IRQ, written value = level.
@@ -78,7 +78,7 @@ pub fn run(paths: &PicSockets<'_>) -> Result<ExitCode, Box<dyn std::error::Error
     });
     // The 8259's EOI is a port write, not an APIC-bus message.
     spawn_bus(bus_l, bus, |_| {});
-    spawn_region(pins_l, Pins(pic.clone()), PIN_SPIN);
+    spawn_pins(pins_l, Pins(pic.clone()), 16);
     spawn_region(slave_l, pic.slave_port(), SPIN);
     serve_region(&master_l, &mut pic.master_port(), SPIN)?;
     for p in [paths.master, paths.slave, paths.bus, paths.pins] {

@@ -312,6 +312,21 @@ fn a_16550_in_its_own_process_raises_a_pin_of_an_ioapic_in_another() {
     m.kill_ioapic();
 }
 
+/// A client of a controller's pin socket that asks for more pins than the
+/// controller has (here, `--irq-pin 20` against a dual 8259's 16) is closed
+/// at once instead of having its changes silently ignored, and the socket
+/// then serves a client that fits.
+#[test]
+fn a_pin_client_asking_for_more_pins_than_the_controller_has_is_closed() {
+    let pic = ControllerProcess::spawn("pic", "too-many-pins");
+    let too_many = RemotePins::over(connect(&pic.dir.join("pins")), 21).unwrap();
+    too_many.line(20).unwrap().pulse();
+    assert!(too_many.sync().is_err(), "the 8259 has no pin 20: the connection is closed");
+    let fits = RemotePins::over(connect(&pic.dir.join("pins")), 16).unwrap();
+    fits.line(15).unwrap().pulse();
+    fits.sync().expect("a client within the 8259's 16 pins is served");
+}
+
 /// A VM with a hidden local APIC whose dual 8259 runs in its own process
 /// (its sockets attached), and a guest that programs it (vector base 0x50,
 /// only `irq` unmasked), runs `prelude`, reports 0x71, and then reports
