@@ -38,32 +38,14 @@ impl fmt::Debug for Backing {
 impl Backing {
     /// Creates a zero-filled memfd-backed object of `size` bytes (a multiple of 4 KiB).
     pub fn new(name: &str, size: u64) -> Result<Self, MemoryError> {
-        if size == 0 || size % PAGE_SIZE != 0 {
-            return Err(MemoryError::BadSize(size));
-        }
-        let len = usize::try_from(size).map_err(|_| MemoryError::BadSize(size))?;
-        let map = SharedMapping::new(name, len).map_err(|source| MemoryError::Create {
-            name: name.to_string(),
-            size,
-            source,
-        })?;
-        let id = NEXT_BACKING_ID.fetch_add(1, Ordering::Relaxed);
-        Ok(Self { inner: Arc::new(BackingInner { id, name: name.to_string(), map }) })
+        let len = checked_len(size, true)?;
+        Self::wrap(name, size, SharedMapping::new(name, len))
     }
 
     /// Maps an existing memory file, for example a memfd received by a device process.
     pub fn from_file(name: &str, file: File, size: u64) -> Result<Self, MemoryError> {
-        let len = usize::try_from(size).map_err(|_| MemoryError::BadSize(size))?;
-        if size == 0 {
-            return Err(MemoryError::BadSize(size));
-        }
-        let map = SharedMapping::map(file, len).map_err(|source| MemoryError::Create {
-            name: name.to_string(),
-            size,
-            source,
-        })?;
-        let id = NEXT_BACKING_ID.fetch_add(1, Ordering::Relaxed);
-        Ok(Self { inner: Arc::new(BackingInner { id, name: name.to_string(), map }) })
+        let len = checked_len(size, false)?;
+        Self::wrap(name, size, SharedMapping::map(file, len))
     }
 
     /// Maps a file copy-on-write, for example a snapshot's memory file: the
@@ -76,15 +58,14 @@ impl Backing {
     /// [`file`](Self::file) is then the original file, which does not see
     /// the guest's writes: do not hand it to a device process.
     pub fn from_file_private(name: &str, file: File, size: u64) -> Result<Self, MemoryError> {
-        let len = usize::try_from(size).map_err(|_| MemoryError::BadSize(size))?;
-        if size == 0 || size % PAGE_SIZE != 0 {
-            return Err(MemoryError::BadSize(size));
-        }
-        let map = SharedMapping::map_private(file, len).map_err(|source| MemoryError::Create {
-            name: name.to_string(),
-            size,
-            source,
-        })?;
+        let len = checked_len(size, true)?;
+        Self::wrap(name, size, SharedMapping::map_private(file, len))
+    }
+
+    /// A new object (a fresh id) over `map`, or the error naming why the
+    /// mapping of `size` bytes failed.
+    fn wrap(name: &str, size: u64, map: std::io::Result<SharedMapping>) -> Result<Self, MemoryError> {
+        let map = map.map_err(|source| MemoryError::Create { name: name.to_string(), size, source })?;
         let id = NEXT_BACKING_ID.fetch_add(1, Ordering::Relaxed);
         Ok(Self { inner: Arc::new(BackingInner { id, name: name.to_string(), map }) })
     }
@@ -240,4 +221,13 @@ impl Backing {
     pub fn is_copy_on_write(&self) -> bool {
         self.inner.map.is_private()
     }
+}
+
+/// `size` as a mapping length: not zero, addressable, and (if `whole_pages`)
+/// a multiple of 4 KiB.
+fn checked_len(size: u64, whole_pages: bool) -> Result<usize, MemoryError> {
+    if size == 0 || (whole_pages && size % PAGE_SIZE != 0) {
+        return Err(MemoryError::BadSize(size));
+    }
+    usize::try_from(size).map_err(|_| MemoryError::BadSize(size))
 }
