@@ -271,7 +271,9 @@ impl<S: ApicBusSink> nkvm::IoHandler for IoapicRegs<S> {
     }
 }
 
-fn ioapic_on_bus(vm: &Vm) -> Arc<Mutex<Ioapic<BusSink>>> {
+/// Attaches a new APIC bus to `vm` and returns the peer's end, handshake
+/// done (reader, writer).
+fn bus_peer(vm: &Vm) -> (UnixStream, UnixStream) {
     let (vm_end, dev_end) = UnixStream::pair().unwrap();
     let dev = thread::spawn(move || {
         let mut r = dev_end.try_clone().unwrap();
@@ -280,7 +282,11 @@ fn ioapic_on_bus(vm: &Vm) -> Arc<Mutex<Ioapic<BusSink>>> {
         (r, w)
     });
     vm.attach_apic_bus(vm_end).unwrap();
-    let (mut reader, writer) = dev.join().unwrap();
+    dev.join().unwrap()
+}
+
+fn ioapic_on_bus(vm: &Vm) -> Arc<Mutex<Ioapic<BusSink>>> {
+    let (mut reader, writer) = bus_peer(vm);
     let ioapic = Arc::new(Mutex::new(Ioapic::new(BusSink(Arc::new(Mutex::new(writer))))));
     vm.attach_handler(IoRange::mmio(0xfec0_0000, 0x100), Box::new(IoapicRegs(ioapic.clone()))).unwrap();
     let eoi_target = ioapic.clone();
@@ -446,15 +452,7 @@ fn a_bad_or_dead_apic_bus_peer_is_reported_not_hung_on() {
             assert!(failure.contains("closed"), "{failure}");
         }
         // A new bus can replace the dead one.
-        let (vm_end, dev_end) = UnixStream::pair().unwrap();
-        let dev = thread::spawn(move || {
-            let mut r = dev_end.try_clone().unwrap();
-            let mut w = dev_end;
-            nkvm_wire::apic::device_handshake(&mut r, &mut w, nkvm_wire::handshake::VersionRange::CURRENT).unwrap();
-            (r, w)
-        });
-        vm.attach_apic_bus(vm_end).unwrap();
-        drop(dev.join().unwrap());
+        drop(bus_peer(&vm));
     }
 }
 
