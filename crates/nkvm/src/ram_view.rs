@@ -109,10 +109,11 @@ impl RamView {
             } else {
                 Some(FileOffset::new(r.backing.file().try_clone().map_err(failed)?, r.offset))
             };
-            // SAFETY: `backings` gets a clone of `r.backing` below, and the
-            // regions live in `memory`, which only `RamView` (holding
-            // `keeper`) gives out, through `memory`, whose contract makes
-            // the caller hold a keeper as long as it uses the clone.
+            // `backings` gets a clone of `r.backing` below, and the regions
+            // live in `memory`, which only `RamView` (holding `keeper`) gives
+            // out, through `memory`, whose contract makes the caller hold a
+            // keeper as long as it uses the clone.
+            // SAFETY: so the backing outlives every use of the region (above).
             let region = unsafe { region_over(&r.backing, r.offset, r.len, r.gpa.0, file) }.map_err(failed)?;
             regions.push(region);
             if !backings.iter().any(|b| b.same_object(&r.backing)) {

@@ -39,11 +39,11 @@ pub(crate) fn get_dirty_log(vm: &VmFd, slot: u32, pages: u64, words: &mut [u64])
     }
     let mut arg = kvm_dirty_log { slot, ..Default::default() };
     arg.__bindgen_anon_1.dirty_bitmap = words.as_mut_ptr().cast();
-    // SAFETY: the kernel writes the slot's log, ceil(npages / 64) words
-    // (KVM rounds the bitmap to whole longs), into `words`, which holds
-    // exactly that many for a slot of `pages` pages (checked above; the
-    // caller passes the length it installed the slot with) and lives for
-    // the call.
+    // The kernel writes the slot's log, ceil(npages / 64) words (KVM rounds
+    // the bitmap to whole longs), into `words`, which holds exactly that
+    // many for a slot of `pages` pages (checked above; the caller passes the
+    // length it installed the slot with).
+    // SAFETY: `words` is that large (above) and lives for the call.
     let rc = unsafe { ioctl_with_ref(vm, KVM_GET_DIRTY_LOG(), &arg) };
     if rc < 0 {
         return Err(std::io::Error::last_os_error());

@@ -262,10 +262,10 @@ fn pwritev_all(file: &File, mut offset: usize, bufs: &[&[u8]]) -> io::Result<()>
     while !rest.is_empty() {
         let count = rest.len().min(IOV_MAX);
         let at = libc::off_t::try_from(offset).map_err(|_| io::Error::from(io::ErrorKind::InvalidInput))?;
-        // SAFETY: `IoSlice` is ABI-compatible with `struct iovec` on Unix
-        // (std guarantees it); the first `count` of them point at buffers
-        // borrowed for the whole call, which pwritev only reads. The fd is
-        // owned by `file` and stays open for the call.
+        // `IoSlice` is ABI-compatible with `struct iovec` on Unix (std
+        // guarantees it); the first `count` of them point at buffers borrowed
+        // for the whole call, which pwritev only reads.
+        // SAFETY: valid iovecs (above); the fd is owned by `file`, open for the call.
         let written = unsafe { libc::pwritev(file.as_raw_fd(), rest.as_ptr().cast(), count as libc::c_int, at) };
         match written {
             n if n > 0 => {
@@ -315,11 +315,12 @@ pub(crate) fn write_gather(fd: std::os::fd::BorrowedFd<'_>, pieces: &[Out<'_>]) 
     let mut total = 0u64;
     while !rest.is_empty() {
         let count = rest.len().min(IOV_MAX);
-        // SAFETY: every iovec points into a `Bytes` slice or a mapping
-        // (bounds checked above) that `pieces` borrows for this whole call,
-        // so the memory stays mapped and readable; the guest may change it
+        // Every iovec points into a `Bytes` slice or a mapping (bounds
+        // checked above) that `pieces` borrows for this whole call, so the
+        // memory stays mapped and readable; the guest may change it
         // meanwhile, and the kernel copies what it finds (no Rust reference
-        // to it is made). writev only reads the iovecs; `fd` is borrowed open.
+        // to it is made).
+        // SAFETY: readable iovecs (above), which writev only reads; `fd` is borrowed open.
         let written = unsafe { libc::writev(fd.as_raw_fd(), rest.as_ptr(), count as libc::c_int) };
         let mut n = match written {
             n if n > 0 => n as usize,

@@ -42,11 +42,12 @@ pub(crate) unsafe fn region_over(
     let builder = MmapRegionBuilder::new_with_bitmap(len, AtomicBitmap::with_len(len))
         .with_mmap_prot(libc::PROT_READ | libc::PROT_WRITE)
         .with_mmap_flags(flags | libc::MAP_NORESERVE);
-    // SAFETY: `ptr..ptr + len` lies inside `backing`'s mapping (bounds
-    // checked above), which is mapped read-write for the life of the
-    // backing; the caller keeps the backing alive as long as the region is
-    // used (this function's contract), and the region never unmaps it
-    // (`owned` is false for a raw pointer).
+    // `ptr..ptr + len` lies inside `backing`'s mapping (bounds checked
+    // above), which is mapped read-write for the life of the backing; the
+    // caller keeps the backing alive as long as the region is used (this
+    // function's contract), and the region never unmaps it (`owned` is
+    // false for a raw pointer).
+    // SAFETY: the memory stays mapped read-write while the region uses it (above).
     let builder = unsafe { builder.with_raw_mmap_pointer(ptr) };
     let builder = match file {
         Some(file) => builder.with_file_offset(file),
