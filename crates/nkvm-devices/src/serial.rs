@@ -2,7 +2,11 @@
 //! `vm_superio::Serial`.
 //!
 //! What the guest transmits goes to an output [`Write`]; bytes for the guest
-//! (a console's keyboard) are queued with [`Serial::enqueue_input`]. The
+//! (a console's keyboard) are queued with [`Serial::enqueue_input`]: what
+//! does not fit in the 64-byte receive FIFO waits in a backlog, in order,
+//! and moves in as the guest empties the FIFO. The backlog is part of the
+//! saved state, so bytes typed before a snapshot or a migration are read by
+//! the guest after it, however far behind the guest was. The
 //! interrupt (ISA IRQ 4 for COM1) is signalled as a pulse on an [`IrqLine`],
 //! one rising edge per new interrupt condition, as an edge-triggered ISA
 //! input expects.
@@ -10,6 +14,7 @@
 //! Accesses other than one byte at offsets 0-7 read as all-ones (`0xff`, an
 //! empty ISA bus) and are ignored on write.
 
+use std::collections::VecDeque;
 use std::convert::Infallible;
 use std::fmt;
 use std::io::Write;
@@ -40,6 +45,11 @@ pub const LSR_DATA_READY: u8 = 0x01;
 pub const LSR_THR_EMPTY: u8 = 0x20;
 /// LSR bit: transmitter idle.
 pub const LSR_IDLE: u8 = 0x40;
+/// Bytes [`Serial::enqueue_input`] keeps waiting beyond the receive FIFO
+/// before it refuses more (the typist is that far ahead of the guest).
+pub const BACKLOG_LIMIT: usize = 4096;
+/// The receive FIFO's size (vm-superio's).
+const FIFO_SIZE: usize = 64;
 
 mod snapshot;
 
@@ -67,11 +77,16 @@ pub struct Serial<W: Write + Send> {
     uart: Uart,
     irq: IrqTrigger,
     out: W,
+    /// Input that did not fit in the receive FIFO, oldest first.
+    backlog: VecDeque<u8>,
 }
 
 impl<W: Write + Send> fmt::Debug for Serial<W> {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.debug_struct("Serial").field("state", &self.uart.state()).finish_non_exhaustive()
+        f.debug_struct("Serial")
+            .field("state", &self.uart.state())
+            .field("backlog", &self.backlog.len())
+            .finish_non_exhaustive()
     }
 }
 
@@ -80,26 +95,58 @@ impl<W: Write + Send> Serial<W> {
     /// pulsing `irq` on each interrupt.
     pub fn new(irq: Box<dyn IrqLine>, out: W) -> Self {
         let irq = IrqTrigger(Arc::new(Mutex::new(irq)));
-        Self { uart: vm_superio::Serial::new(irq.clone(), Vec::new()), irq, out }
+        Self { uart: vm_superio::Serial::new(irq.clone(), Vec::new()), irq, out, backlog: VecDeque::new() }
     }
 
-    /// Queue bytes for the guest to read; returns how many fit in the
-    /// receive FIFO (0 when it is full, or in loopback mode). Raises the
-    /// receive interrupt if the guest enabled it.
+    /// Queues bytes for the guest to read, in order: into the receive FIFO
+    /// while it has room, then into the backlog up to [`BACKLOG_LIMIT`].
+    /// Returns how many were taken (0 when both are full: try again after
+    /// the guest has read). Raises the receive interrupt if the guest
+    /// enabled it.
     pub fn enqueue_input(&mut self, input: &[u8]) -> usize {
-        match self.uart.enqueue_raw_bytes(input) {
-            Ok(n) => n,
-            Err(SuperioError::FullFifo) => 0,
-            Err(e) => {
-                log::debug!("serial: input not queued: {e}");
-                0
-            }
-        }
+        let n = input.len().min(self.input_room());
+        self.hold_input(&input[..n]);
+        n
+    }
+
+    /// Queues all of `input` for the guest, past [`BACKLOG_LIMIT`] if need
+    /// be: for bytes taken from a source that cannot take them back (a
+    /// socket drained for a snapshot).
+    pub fn hold_input(&mut self, input: &[u8]) {
+        self.backlog.extend(input);
+        self.refill();
+    }
+
+    /// How many more bytes [`Serial::enqueue_input`] takes now.
+    pub fn input_room(&self) -> usize {
+        (self.uart.fifo_capacity() + BACKLOG_LIMIT).saturating_sub(self.backlog.len())
+    }
+
+    /// Input waiting behind the receive FIFO, in bytes.
+    pub fn backlog_len(&self) -> usize {
+        self.backlog.len()
     }
 
     /// Free space in the receive FIFO, in bytes.
     pub fn fifo_capacity(&self) -> usize {
         self.uart.fifo_capacity()
+    }
+
+    /// Moves waiting input into the receive FIFO, as much as fits.
+    fn refill(&mut self) {
+        let room = self.uart.fifo_capacity().min(self.backlog.len());
+        if room == 0 {
+            return;
+        }
+        let chunk: Vec<u8> = self.backlog.iter().take(room).copied().collect();
+        match self.uart.enqueue_raw_bytes(&chunk) {
+            Ok(n) => {
+                self.backlog.drain(..n);
+            }
+            Err(SuperioError::FullFifo) => {}
+            // Loopback mode takes no outside input: it waits.
+            Err(e) => log::debug!("serial: input waits: {e}"),
+        }
     }
 
     /// The output sink.
@@ -142,7 +189,14 @@ impl<W: Write + Send> IoDevice for Serial<W> {
 
     fn read(&mut self, offset: u64, data: &mut [u8]) {
         match (u8::try_from(offset), data) {
-            (Ok(reg), [byte]) if offset < SERIAL_SIZE => *byte = self.uart.read(reg),
+            (Ok(reg), [byte]) if offset < SERIAL_SIZE => {
+                *byte = self.uart.read(reg);
+                // The guest emptied the FIFO: the next burst comes in (one
+                // interrupt for it, as from a real line).
+                if !self.backlog.is_empty() && self.uart.fifo_capacity() == FIFO_SIZE {
+                    self.refill();
+                }
+            }
             (_, data) => {
                 log::debug!("serial: invalid read of {} bytes at {offset:#x}", data.len());
                 data.fill(0xff);
@@ -237,12 +291,35 @@ mod tests {
     }
 
     #[test]
-    fn fifo_fills_up_without_error() {
-        let (mut s, _) = serial();
-        let cap = s.fifo_capacity();
-        assert_eq!(s.enqueue_input(&vec![b'x'; cap + 10]), cap);
+    fn input_beyond_the_fifo_waits_in_order_and_arrives_as_the_guest_reads() {
+        let (mut s, edges) = serial();
+        s.write(REG_IER, &[0x01]); // receive data available
+        let typed: Vec<u8> = (0..FIFO_SIZE + BACKLOG_LIMIT + 10).map(|i| i as u8).collect();
+        assert_eq!(s.enqueue_input(&typed), FIFO_SIZE + BACKLOG_LIMIT, "the FIFO and the backlog fill");
+        assert_eq!((s.fifo_capacity(), s.backlog_len(), s.input_room()), (0, BACKLOG_LIMIT, 0));
         assert_eq!(s.enqueue_input(b"y"), 0);
-        assert_eq!(s.fifo_capacity(), 0);
+        assert_eq!(edges.load(Ordering::SeqCst), 1, "one interrupt for the first burst");
+        let mut read = Vec::new();
+        while inb(&mut s, REG_LSR) & LSR_DATA_READY != 0 {
+            read.push(inb(&mut s, REG_DATA));
+        }
+        assert_eq!(read, typed[..FIFO_SIZE + BACKLOG_LIMIT], "every byte, in order");
+        assert_eq!(edges.load(Ordering::SeqCst), 1 + BACKLOG_LIMIT / FIFO_SIZE, "one interrupt per burst");
+        assert_eq!(s.input_room(), FIFO_SIZE + BACKLOG_LIMIT);
+    }
+
+    #[test]
+    fn held_input_goes_past_the_limit_and_loopback_input_waits() {
+        let (mut s, _) = serial();
+        s.hold_input(&vec![b'h'; FIFO_SIZE + BACKLOG_LIMIT + 100]);
+        assert_eq!((s.backlog_len(), s.input_room()), (BACKLOG_LIMIT + 100, 0));
+        let (mut l, _) = serial();
+        l.write(4, &[0x10]); // MCR: loopback
+        assert_eq!(l.enqueue_input(b"later"), 5);
+        assert_eq!((l.fifo_capacity(), l.backlog_len()), (FIFO_SIZE, 5));
+        l.write(4, &[0x00]);
+        assert_eq!(l.enqueue_input(b"!"), 1, "taken behind the waiting bytes");
+        assert_eq!(inb(&mut l, REG_DATA), b'l');
     }
 
     #[test]

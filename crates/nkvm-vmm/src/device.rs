@@ -19,6 +19,8 @@ use nkvm_devices::{IoDevice, IrqLine};
 
 use crate::cli::{DeviceArgs, DeviceModel};
 
+mod console_channel;
+
 /// How long the device polls for the next request before it blocks.
 pub(crate) const SPIN: std::time::Duration = std::time::Duration::from_micros(200);
 
@@ -89,63 +91,6 @@ impl<D: IoDevice> IoDevice for Logged<D> {
 
     fn load_state(&mut self, state: &[u8]) -> Option<Result<(), String>> {
         self.inner.load_state(state)
-    }
-}
-
-/// The 16550 behind the console channel on stdin (`--console-channel`).
-mod console_channel {
-    use std::io::{self, Read, Write};
-    use std::os::fd::AsFd;
-    use std::os::unix::net::UnixStream;
-    use std::sync::{Arc, Mutex};
-
-    use nkvm_devices::serial::Serial;
-    use nkvm_devices::IrqLine;
-
-    use crate::terminal::ConsoleInput;
-
-    /// The UART, shared between the I/O region and the input thread (a
-    /// shared model is an `IoDevice` itself).
-    pub(super) type ChannelSerial = Arc<Mutex<Serial<io::Stdout>>>;
-
-    /// Writes one byte to the channel per rising edge of the UART's line.
-    struct Pulses(Mutex<UnixStream>);
-
-    impl IrqLine for Pulses {
-        fn set_level(&self, level: bool) {
-            if level {
-                // A VMM that is gone takes no interrupt; its end of the
-                // I/O region ends this process.
-                let _ = self.0.lock().unwrap_or_else(|p| p.into_inner()).write_all(&[1]);
-            }
-        }
-    }
-
-    /// The UART wired to the channel: its interrupts go out on it, and a
-    /// thread types what comes in into the receive FIFO (waiting while it
-    /// is full, which holds the VMM's side back), as the VMM's own input
-    /// thread does for a UART in its process.
-    pub(super) fn serial() -> io::Result<ChannelSerial> {
-        let channel = UnixStream::from(io::stdin().as_fd().try_clone_to_owned()?);
-        if let Err(e) = channel.local_addr() {
-            let why = format!("--console-channel needs a stream socket on stdin (the VMM's end of the channel): {e}");
-            return Err(io::Error::new(io::ErrorKind::InvalidInput, why));
-        }
-        let pulses = Pulses(Mutex::new(channel.try_clone()?));
-        let serial: ChannelSerial = Arc::new(Mutex::new(Serial::new(Box::new(pulses), io::stdout())));
-        let mut typed = ConsoleInput::Local(serial.clone());
-        let mut input = channel;
-        std::thread::Builder::new().name("console-input".into()).spawn(move || {
-            let mut buf = [0u8; 64];
-            // Ends at EOF: the VMM is gone or has no more input.
-            while let Ok(n @ 1..) = input.read(&mut buf) {
-                for &byte in &buf[..n] {
-                    // A local UART always takes the byte, in time.
-                    let _ = typed.send(byte);
-                }
-            }
-        })?;
-        Ok(serial)
     }
 }
 

@@ -111,8 +111,8 @@ pub enum ConsoleInput {
     /// A 16550 in this process.
     Local(SharedSerial),
     /// The console channel of a 16550 in a device process: the bytes
-    /// written are its input (the process waits while its FIFO is full,
-    /// so a full socket holds this side back).
+    /// written are its input (what the process has not moved into its
+    /// UART waits in the socket, and a full socket holds this side back).
     Process(UnixStream),
 }
 
@@ -126,22 +126,30 @@ impl std::fmt::Debug for ConsoleInput {
 }
 
 impl ConsoleInput {
-    /// Hands one byte to the UART, waiting while its FIFO is full.
-    pub(crate) fn send(&mut self, byte: u8) -> io::Result<()> {
+    /// Hands bytes to the UART, in order, waiting while its FIFO and
+    /// backlog are full. A device process's channel takes them at once
+    /// (its socket holds what the process has not moved into its UART
+    /// yet, and the process saves that with its state).
+    pub(crate) fn send(&mut self, mut bytes: &[u8]) -> io::Result<()> {
         match self {
             Self::Local(serial) => {
-                while serial.lock().unwrap_or_else(|p| p.into_inner()).enqueue(&[byte]) == 0 {
-                    thread::sleep(Duration::from_millis(5));
+                while !bytes.is_empty() {
+                    let n = serial.lock().unwrap_or_else(|p| p.into_inner()).enqueue(bytes);
+                    bytes = &bytes[n..];
+                    if n == 0 {
+                        thread::sleep(Duration::from_millis(5));
+                    }
                 }
                 Ok(())
             }
-            Self::Process(channel) => channel.write_all(&[byte]),
+            Self::Process(channel) => channel.write_all(bytes),
         }
     }
 }
 
 /// Starts the thread that reads stdin: bytes go to `input` (waiting while
-/// the UART's FIFO is full), the escape key calls `quit` once. The thread
+/// the UART's FIFO and backlog are full: the terminal then holds the
+/// rest), the escape key calls `quit` once. The thread
 /// ends at end of input or after the escape. If a device process's channel
 /// breaks (the process is gone; the VMM names that elsewhere), keystrokes
 /// are dropped from then on, with one warning, and the escape key still
@@ -150,6 +158,7 @@ pub fn spawn_input(mut input: ConsoleInput, quit: impl FnOnce() + Send + 'static
     thread::Builder::new().name("console-input".into()).spawn(move || {
         let mut decoder = EscapeDecoder::default();
         let mut buf = [0u8; 64];
+        let mut keys = Vec::with_capacity(buf.len());
         let mut stdin = io::stdin();
         // Once the UART is gone, keystrokes are dropped, but the escape
         // key still ends the guest.
@@ -159,21 +168,30 @@ pub fn spawn_input(mut input: ConsoleInput, quit: impl FnOnce() + Send + 'static
                 Ok(0) | Err(_) => return,
                 Ok(n) => n,
             };
+            keys.clear();
+            let mut quitting = false;
             for &byte in &buf[..n] {
                 match decoder.feed(byte) {
-                    Key::Quit => return quit(),
-                    Key::Pending => {}
-                    Key::Send(_) if gone => {}
-                    Key::Send(b) => {
-                        if let Err(e) = input.send(b) {
-                            log::warn!(
-                                "console input is dropped from now on: the serial device process took no more \
-                                 ({e}); {ESCAPE} still ends the guest"
-                            );
-                            gone = true;
-                        }
+                    Key::Quit => {
+                        quitting = true;
+                        break;
                     }
+                    Key::Pending => {}
+                    Key::Send(b) => keys.push(b),
                 }
+            }
+            // What was typed before the escape still goes to the guest.
+            if !gone && !keys.is_empty() {
+                if let Err(e) = input.send(&keys) {
+                    log::warn!(
+                        "console input is dropped from now on: the serial device process took no more ({e}); \
+                         {ESCAPE} still ends the guest"
+                    );
+                    gone = true;
+                }
+            }
+            if quitting {
+                return quit();
             }
         }
     })?;

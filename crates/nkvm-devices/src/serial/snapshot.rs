@@ -1,17 +1,19 @@
 //! The 16550's [`Snapshot`]: its registers and the receive FIFO (what
-//! vm-superio's `SerialState` holds). The output and the interrupt line
-//! stay those the restored UART was built with.
+//! vm-superio's `SerialState` holds), then the input waiting behind the
+//! FIFO (format version 2). The output and the interrupt line stay those
+//! the restored UART was built with.
 
 use std::io::Write;
 
 use vm_superio::serial::NoEvents;
 use vm_superio::SerialState;
 
-use super::Serial;
+use super::{Serial, FIFO_SIZE};
 use crate::snapshot::{Snapshot, SnapshotError, StateReader, StateWriter};
 
-/// The receive FIFO's size (vm-superio's).
-const FIFO_SIZE: usize = 64;
+/// The most waiting input a state may carry: the backlog's limit and
+/// what a drained console socket can add to it.
+const BACKLOG_MAX: usize = 1 << 20;
 
 impl<W: Write + Send> Snapshot for Serial<W> {
     fn snapshot_name(&self) -> &'static str {
@@ -19,7 +21,7 @@ impl<W: Write + Send> Snapshot for Serial<W> {
     }
 
     fn snapshot_version(&self) -> u16 {
-        1
+        2
     }
 
     fn save_body(&self, out: &mut StateWriter) {
@@ -38,6 +40,8 @@ impl<W: Write + Send> Snapshot for Serial<W> {
             out.u8(b);
         }
         out.blob(&s.in_buffer);
+        let (front, back) = self.backlog.as_slices();
+        out.blob(&[front, back].concat());
     }
 
     fn load_body(&mut self, input: &mut StateReader<'_>) -> Result<(), SnapshotError> {
@@ -53,6 +57,7 @@ impl<W: Write + Send> Snapshot for Serial<W> {
             scratch: input.u8("SCR")?,
             in_buffer: input.blob("receive FIFO", FIFO_SIZE)?.to_vec(),
         };
+        let backlog = input.blob("input behind the FIFO", BACKLOG_MAX)?.iter().copied().collect();
         // Within FIFO_SIZE, from_state cannot fail (its trigger never does);
         // it raises the interrupt the saved state had pending.
         let at = input.offset();
@@ -60,6 +65,10 @@ impl<W: Write + Send> Snapshot for Serial<W> {
             Ok(uart) => self.uart = uart,
             Err(_) => return Err(input.invalid("receive FIFO", state.in_buffer.len() as u64, at, "at most 64 bytes")),
         }
+        self.backlog = backlog;
+        // A FIFO saved empty with input behind it (drained from a socket
+        // for the snapshot) takes its first burst now.
+        self.refill();
         Ok(())
     }
 }
@@ -84,14 +93,22 @@ mod tests {
         s.write(REG_SCR, &[0x5a]);
         s.write(REG_IER, &[0x01]);
         s.enqueue_input(b"queued");
+        let behind: Vec<u8> = (0..100).collect();
+        s.enqueue_input(&[b'f'; 58]);
+        s.enqueue_input(&behind);
+        assert_eq!(s.backlog_len(), 100);
         let blob = s.snapshot();
         let mut copy = serial();
         copy.restore(&blob).unwrap();
         let mut b = [0u8];
         copy.read(REG_SCR, &mut b);
         assert_eq!(b, [0x5a]);
-        copy.read(REG_DATA, &mut b);
-        assert_eq!(b, [b'q']);
+        let mut read = Vec::new();
+        for _ in 0..64 + 100 {
+            copy.read(REG_DATA, &mut b);
+            read.push(b[0]);
+        }
+        assert_eq!(read, [&b"queued"[..], &[b'f'; 58], &behind].concat(), "the FIFO, then the backlog, in order");
         copy.write(REG_DATA, b"!");
         assert_eq!(copy.output(), b"!");
         refuses_damage(&blob, serial);
@@ -102,8 +119,26 @@ mod tests {
         let mut w = StateWriter::default();
         (0..9).for_each(|_| w.u8(0));
         w.blob(&[0u8; 65]);
+        w.blob(&[]);
         let mut body = StateReader::for_test(w.into_bytes(), "serial-16550");
         let err = serial().load_body(&mut body).unwrap_err();
         assert!(err.to_string().contains("receive FIFO"), "{err}");
+    }
+
+    #[test]
+    fn input_saved_behind_an_empty_fifo_reaches_the_guest() {
+        let mut s = serial();
+        s.hold_input(b"drained");
+        let mut b = [0u8];
+        s.read(REG_DATA, &mut b);
+        let blob = s.snapshot();
+        let mut copy = serial();
+        copy.restore(&blob).unwrap();
+        let mut read = Vec::new();
+        for _ in 0..6 {
+            copy.read(REG_DATA, &mut b);
+            read.push(b[0]);
+        }
+        assert_eq!(read, b"rained");
     }
 }
