@@ -48,6 +48,50 @@ fn a_snapshot_restores_in_a_new_process_with_memory_and_console_intact() {
     let _ = std::fs::remove_dir_all(&dir);
 }
 
+/// A guest restored from a snapshot snapshots into that same directory (a
+/// periodic checkpoint), though its memory is a mapping of the memory file
+/// being replaced: it runs on, and the new snapshot restores. A snapshot
+/// that fails half-way leaves no snapshot there, not a mix of two.
+#[test]
+fn a_restored_guest_snapshots_over_its_own_snapshot_and_a_failed_one_leaves_none() {
+    let dir = scratch("snapshot-over");
+    let img = image(&dir);
+    let (api, api2, api3, snap) = (dir.join("a.sock"), dir.join("b.sock"), dir.join("c.sock"), dir.join("snap"));
+    let mut source = pattern_source(&img, &api, &[]);
+    source.wait_passes(0, 2);
+    assert_eq!(ctl(&api, &["snapshot", snap.to_str().unwrap()])["ok"], true);
+    source.kill();
+    let first = check_memory(&std::fs::read(snap.join("memory")).unwrap());
+
+    let mut restored = Vmm::run(&["--restore", snap.to_str().unwrap(), "--api-socket", api2.to_str().unwrap()]);
+    restored.wait_passes(0, 2);
+    let answer = ctl(&api2, &["snapshot", snap.to_str().unwrap()]);
+    assert_eq!(answer["ok"], true, "{answer}");
+    assert_eq!(ctl(&api2, &["info"])["state"], "running", "the guest lives on: {}", restored.stderr());
+    let seen = passes(&restored.stdout()).len();
+    restored.wait_passes(seen, 2);
+    restored.kill();
+    let second = check_memory(&std::fs::read(snap.join("memory")).unwrap());
+    assert!(second[0] > first[0], "the new snapshot is the later guest: {first:?} then {second:?}");
+
+    let mut again = Vmm::run(&["--restore", snap.to_str().unwrap(), "--api-socket", api3.to_str().unwrap()]);
+    again.wait_passes(0, 2);
+    // One of its files cannot be replaced (a directory in its place).
+    std::fs::remove_file(snap.join("vm.state")).unwrap();
+    std::fs::create_dir(snap.join("vm.state")).unwrap();
+    let out =
+        nkvm_process::nkvm().args(["ctl", "--api-socket", api3.to_str().unwrap(), "snapshot"]).arg(&snap).output();
+    let answer = String::from_utf8_lossy(&out.unwrap().stdout).into_owned();
+    assert!(answer.contains("vm.state: rename into place failed"), "{answer}");
+    assert_eq!(ctl(&api3, &["info"])["state"], "running");
+    again.kill();
+    let out = nkvm_process::nkvm().args(["run", "--restore"]).arg(&snap).output().unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(2), "{stderr}");
+    assert!(stderr.contains("machine.json"), "a half-written snapshot is refused as none: {stderr}");
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
 /// The built-in machine with its 16550 and test device in device
 /// processes: their states are asked of the processes, and the snapshot
 /// restores with the devices in process and in new processes, the guest's

@@ -163,13 +163,20 @@ fn io_err<'a>(path: &'a Path, op: &'static str) -> impl FnOnce(io::Error) -> Sna
 /// `machine.json`, the state files and the guest memory. Only the parts of
 /// RAM that hold data are read ([`Backing::data_ranges`]); zero pages are
 /// left as holes, so the memory file is sparse.
+///
+/// Safe over an existing snapshot, even the one the running guest was
+/// restored from (whose memory file it maps): `machine.json` goes first, so
+/// a write that fails half-way leaves no snapshot rather than a mix of two;
+/// every file is written under a temporary name and renamed into place, so
+/// a mapping of the old file keeps the old data; `machine.json` comes last.
 pub fn write(dir: &Path, state: &MachineState, ram: &Backing) -> Result<(), SnapshotError> {
     std::fs::create_dir_all(dir).map_err(io_err(dir, "creating the directory"))?;
-    let put = |name: &str, bytes: &[u8]| -> Result<(), SnapshotError> {
-        let path = dir.join(name);
-        let mut f = File::create(&path).map_err(io_err(&path, "create"))?;
-        f.write_all(bytes).map_err(io_err(&path, "write"))
-    };
+    let machine = dir.join(MACHINE_FILE);
+    match std::fs::remove_file(&machine) {
+        Err(e) if e.kind() != io::ErrorKind::NotFound => return Err(io_err(&machine, "remove")(e)),
+        _ => {}
+    }
+    let put = |name: &str, bytes: &[u8]| replace(dir, name, |f, _| f.write_all(bytes));
     put("vm.state", &state.vm)?;
     for (id, blob) in state.vcpus.iter().enumerate() {
         put(&vcpu_file(id as u32), blob)?;
@@ -177,30 +184,44 @@ pub fn write(dir: &Path, state: &MachineState, ram: &Backing) -> Result<(), Snap
     for (name, blob) in &state.devices {
         put(&device_file(name), blob)?;
     }
-    let path = dir.join(MEMORY_FILE);
-    let file = File::create(&path).map_err(io_err(&path, "create"))?;
-    let mut chunk = vec![0u8; 1 << 20];
-    for (start, end) in ram.data_ranges() {
-        let mut offset = start;
-        while offset < end {
-            let n = chunk.len().min((end - offset) as usize);
-            ram.read_at(offset, &mut chunk[..n]).map_err(|e| SnapshotError::Io {
-                path: path.display().to_string(),
-                op: "reading guest memory",
-                source: io::Error::other(e),
-            })?;
-            for (i, page) in chunk[..n].chunks(4096).enumerate() {
-                if holds_data(page) {
-                    file.write_all_at(page, offset + 4096 * i as u64).map_err(io_err(&path, "write"))?;
+    replace(dir, MEMORY_FILE, |file, path| {
+        let mut chunk = vec![0u8; 1 << 20];
+        for (start, end) in ram.data_ranges() {
+            let mut offset = start;
+            while offset < end {
+                let n = chunk.len().min((end - offset) as usize);
+                ram.read_at(offset, &mut chunk[..n])
+                    .map_err(|e| io::Error::other(format!("reading guest memory for {}: {e}", path.display())))?;
+                for (i, page) in chunk[..n].chunks(4096).enumerate() {
+                    if holds_data(page) {
+                        file.write_all_at(page, offset + 4096 * i as u64)?;
+                    }
                 }
+                offset += n as u64;
             }
-            offset += n as u64;
         }
-    }
-    file.set_len(ram.len()).map_err(io_err(&path, "set_len"))?;
+        file.set_len(ram.len())
+    })?;
     // The configuration last: a directory without it is not a snapshot.
     let names: Vec<&str> = state.devices.iter().map(|(n, _)| n.as_str()).collect();
     put(MACHINE_FILE, state.config.to_json(&names).as_bytes())
+}
+
+/// Writes `dir/name` through `fill` under a temporary name, then renames it
+/// into place (whoever has the old file open or mapped keeps the old data).
+fn replace(dir: &Path, name: &str, fill: impl FnOnce(&mut File, &Path) -> io::Result<()>) -> Result<(), SnapshotError> {
+    let path = dir.join(name);
+    let partial = dir.join(format!(".{name}.partial"));
+    let mut f = File::create(&partial).map_err(io_err(&partial, "create"))?;
+    if let Err(e) = fill(&mut f, &path) {
+        let _ = std::fs::remove_file(&partial);
+        return Err(io_err(&path, "write")(e));
+    }
+    drop(f);
+    std::fs::rename(&partial, &path).map_err(|e| {
+        let _ = std::fs::remove_file(&partial);
+        io_err(&path, "rename into place")(e)
+    })
 }
 
 /// A snapshot directory read back: the state, and the guest memory file
