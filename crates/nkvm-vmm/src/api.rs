@@ -139,7 +139,8 @@ pub fn ctl(socket: &Path, request: Value, wait: bool) -> Result<std::process::Ex
                 println!("{info}");
                 return Ok(std::process::ExitCode::SUCCESS);
             }
-            Some("failed") => {
+            // In doubt: the source waits for the operator, not for time.
+            Some("failed" | "in-doubt") => {
                 println!("{info}");
                 return Ok(std::process::ExitCode::from(1));
             }

@@ -114,19 +114,30 @@ fn a_destination_that_dies_mid_stream_leaves_the_source_running_and_a_second_mig
     src.wait_passes(seen, 2);
 
     // A destination that takes everything and dies before answering: the
-    // source was paused waiting for the answer and resumes.
-    let listener = TcpListener::bind("127.0.0.1:0").unwrap();
-    let addr = format!("tcp:{}", listener.local_addr().unwrap());
-    let silent = std::thread::spawn(move || {
-        let (mut conn, _) = listener.accept().unwrap();
-        read_until_end(&mut conn);
-    });
-    assert_eq!(ctl(&api, &["migrate", &addr])["ok"], true);
-    silent.join().unwrap();
-    let info = wait_phase(&api, "failed");
-    assert_eq!(info["migration"]["rounds"].as_u64().map(|r| r >= 1), Some(true), "{info}");
-    let seen = passes(&src.stdout()).len();
-    src.wait_passes(seen, 2);
+    // source was paused waiting for the answer and resumes; a guest the
+    // operator had paused before stays paused.
+    for paused_before in [false, true] {
+        if paused_before {
+            assert_eq!(ctl(&api, &["pause"])["ok"], true);
+        }
+        let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+        let addr = format!("tcp:{}", listener.local_addr().unwrap());
+        let silent = std::thread::spawn(move || {
+            let (mut conn, _) = listener.accept().unwrap();
+            read_until_end(&mut conn);
+        });
+        assert_eq!(ctl(&api, &["migrate", &addr])["ok"], true);
+        silent.join().unwrap();
+        let info = wait_phase(&api, "failed");
+        assert_eq!(info["migration"]["rounds"].as_u64().map(|r| r >= 1), Some(true), "{info}");
+        let expected = if paused_before { "paused" } else { "running" };
+        assert_eq!(info["state"], expected, "{info}");
+        if paused_before {
+            assert_eq!(ctl(&api, &["resume"])["ok"], true);
+        }
+        let seen = passes(&src.stdout()).len();
+        src.wait_passes(seen, 2);
+    }
 
     // The second real attempt, over a Unix socket, succeeds.
     let before = src.stdout();
@@ -189,6 +200,11 @@ fn a_link_lost_at_the_commit_never_runs_the_guest_twice() {
     let quiet = src.stdout().len();
     std::thread::sleep(std::time::Duration::from_millis(300));
     assert_eq!(src.stdout().len(), quiet, "a guest in doubt stays paused");
+    // Nor does it migrate again before the operator has decided.
+    let addr = format!("tcp:127.0.0.1:{}", free_port());
+    let out = nkvm_process::nkvm().args(["ctl", "--api-socket", api.to_str().unwrap(), "migrate", &addr]).output();
+    let answer = String::from_utf8_lossy(&out.unwrap().stdout).into_owned();
+    assert!(answer.contains("the last migration is in doubt"), "{answer}");
     // The operator knows the destination is gone: resume here.
     assert_eq!(ctl(&api, &["resume"])["ok"], true);
     let seen = passes(&src.stdout()).len();
@@ -256,5 +272,40 @@ fn a_bad_stream_is_refused_with_an_error() {
     assert!(String::from_utf8_lossy(&answer).contains("not an nkvm migration stream"));
     assert!(!dest.wait_exit());
     assert!(dest.stderr().contains("not an nkvm migration stream"), "{}", dest.stderr());
+
+    // Well-formed records a source would never send, after a real
+    // machine's configuration (a snapshot's machine.json).
+    let api = dir.join("src.sock");
+    let mut src = source(&dir, &api);
+    src.wait_passes(0, 1);
+    let snap = dir.join("snap");
+    assert_eq!(ctl(&api, &["snapshot", snap.to_str().unwrap()])["ok"], true);
+    src.kill();
+    let config = std::fs::read(snap.join("machine.json")).unwrap();
+    let record = |kind: u8, payload: &[u8]| [&[kind][..], &(payload.len() as u32).to_le_bytes(), payload].concat();
+    let vcpu = std::fs::read(snap.join("vcpu-0.state")).unwrap();
+    let top_page =
+        [&2u32.to_le_bytes()[..], &0xffff_ffff_ffff_f001u64.to_le_bytes(), &0x1001u64.to_le_bytes()].concat();
+    for (name, records, expect) in [
+        ("a zero page at the top of the address space", record(2, &top_page), "outside guest memory"),
+        (
+            "a third vCPU state for 2 vCPUs",
+            [record(4, &vcpu), record(4, &vcpu), record(4, &vcpu)].concat(),
+            "more vCPU states than the machine's 2 vCPUs",
+        ),
+    ] {
+        let port = free_port();
+        let mut dest = destination(&format!("tcp:127.0.0.1:{port}"), &dir.join(format!("{port}.sock")));
+        let mut conn = std::net::TcpStream::connect(("127.0.0.1", port)).unwrap();
+        let header = [&b"NKVMMIG\0"[..], &2u16.to_le_bytes(), &[0, 0], &4096u32.to_le_bytes()].concat();
+        conn.write_all(&[header, record(1, &config), records].concat()).unwrap();
+        let mut answer = Vec::new();
+        let _ = conn.read_to_end(&mut answer);
+        let text = String::from_utf8_lossy(&answer);
+        assert_eq!(answer.first(), Some(&0x81), "{name}: a FAILED answer: {text}");
+        assert!(text.contains(expect), "{name}: {text}");
+        assert!(!dest.wait_exit(), "{name}");
+        assert!(!dest.stderr().contains("panicked"), "{name}: {}", dest.stderr());
+    }
     let _ = std::fs::remove_dir_all(&dir);
 }

@@ -79,7 +79,7 @@ impl Arriving {
         match received {
             Ok(state) => Ok((state, answer)),
             Err(e) => {
-                answer.refuse(&e.to_string());
+                answer.refuse(&crate::machine::intake::chain(&e));
                 Err(e)
             }
         }
@@ -106,7 +106,7 @@ pub fn start(hv: &Hypervisor, addr: &str) -> Result<(Vm, Arriving), MigrateError
     match receive_config(hv, &mut reader) {
         Ok((vm, config)) => Ok((vm, Arriving { reader, config })),
         Err(e) => {
-            Answer(reader.into_inner()).refuse(&e.to_string());
+            Answer(reader.into_inner()).refuse(&crate::machine::intake::chain(&e));
             Err(e)
         }
     }
@@ -127,6 +127,9 @@ fn receive_config(hv: &Hypervisor, reader: &mut RecordReader<Conn>) -> Result<(V
     Ok((vm, config))
 }
 
+/// The most device states a stream may carry (a machine has a few dozen).
+const MAX_DEVICES: usize = 256;
+
 fn receive_rest(vm: &Vm, reader: &mut RecordReader<Conn>, config: MachineConfig) -> Result<DecodedState, MigrateError> {
     let memory = vm.memory();
     let zero = [0u8; stream::PAGE];
@@ -139,7 +142,7 @@ fn receive_rest(vm: &Vm, reader: &mut RecordReader<Conn>, config: MachineConfig)
                 let pages = stream::parse_pages(payload, at)?;
                 // Each run of adjacent pages in one write through the
                 // memory file: the fresh RAM is not faulted in page by page.
-                for run in pages.chunk_by(|a, b| b.0 == a.0 + stream::PAGE as u64) {
+                for run in pages.chunk_by(|a, b| a.0.checked_add(stream::PAGE as u64) == Some(b.0)) {
                     let start = run[0].0;
                     let bufs: Vec<&[u8]> = run.iter().map(|(_, data)| data.unwrap_or(&zero)).collect();
                     memory.fill(GuestAddress(start), &bufs).map_err(|e| {
@@ -147,8 +150,17 @@ fn receive_rest(vm: &Vm, reader: &mut RecordReader<Conn>, config: MachineConfig)
                     })?;
                 }
             }
+            // Each state is kept until END: no more of them than the
+            // machine has, whatever the peer sends.
+            RecordType::VmState if !state.vm.is_empty() => return Err(bad("a second VM state".into())),
             RecordType::VmState => state.vm = payload.to_vec(),
+            RecordType::VcpuState if state.vcpus.len() >= state.config.cpus as usize => {
+                return Err(bad(format!("more vCPU states than the machine's {} vCPUs", state.config.cpus)));
+            }
             RecordType::VcpuState => state.vcpus.push(payload.to_vec()),
+            RecordType::DeviceState if state.devices.len() >= MAX_DEVICES => {
+                return Err(bad(format!("more than {MAX_DEVICES} device states")));
+            }
             RecordType::DeviceState => {
                 let n = usize::from(*payload.first().ok_or_else(|| bad("an empty device record".into()))?);
                 let name = payload.get(1..1 + n).ok_or_else(|| bad("a device record's name is cut short".into()))?;

@@ -47,6 +47,15 @@ pub fn start(running: Arc<Running>, to: Endpoint, options: MigrateOptions) -> Re
         if status.active() {
             return Err(MigrateError::Refused("a migration is already in progress".into()));
         }
+        // The guest may run there: only an operator who sees it does not
+        // resumes it here, and may then migrate again.
+        if status.phase == Phase::InDoubt && running.shared.control.is_paused() {
+            return Err(MigrateError::Refused(
+                "the last migration is in doubt (the destination may be running the guest); if it is not, \
+                 `resume` here first"
+                    .into(),
+            ));
+        }
         *status = MigrationStatus {
             phase: Phase::Connecting,
             to: to.to_string(),
@@ -300,6 +309,8 @@ impl Sender<'_> {
     /// answer; resumes the guest here unless the destination took it.
     fn switch_over(&mut self, out: &mut BufWriter<Conn>, dirty: &mut DirtyPages) -> Result<(), MigrateError> {
         self.update(|s| s.phase = Phase::SwitchOver);
+        // A guest the operator paused stays paused if the migration fails.
+        let was_paused = self.running.shared.control.is_paused();
         let paused = Instant::now();
         let vcpus = self.running.pause()?;
         let park = paused.elapsed().as_secs_f64() * 1e3;
@@ -310,6 +321,7 @@ impl Sender<'_> {
         match &result {
             // Told to run the guest: it may run there, so never here too.
             Err(MigrateError::InDoubt(_)) => {}
+            Err(_) if was_paused => {}
             Err(_) => self.running.resume(),
             Ok(()) => {}
         }
