@@ -146,6 +146,40 @@ fn a_destination_that_dies_mid_stream_leaves_the_source_running_and_a_second_mig
     let _ = std::fs::remove_dir_all(&dir);
 }
 
+/// A destination that accepts and then stops reading (hung, stopped) holds
+/// the source only for the send timeout (10 s per blocked send): the
+/// migration fails with a timeout, the guest runs on, and the API is free
+/// again.
+#[test]
+fn a_destination_that_stops_reading_fails_the_migration_at_the_send_timeout() {
+    let dir = scratch("migrate-stall");
+    let api = dir.join("src.sock");
+    let mut src = source(&dir, &api);
+    src.wait_passes(0, 1);
+    let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = format!("tcp:{}", listener.local_addr().unwrap());
+    let (done, stop) = std::sync::mpsc::channel::<()>();
+    let stalled = std::thread::spawn(move || {
+        let (mut conn, _) = listener.accept().unwrap();
+        let mut header = [0u8; 16];
+        conn.read_exact(&mut header).unwrap();
+        // Reads nothing more, and keeps the connection open.
+        let _ = stop.recv();
+    });
+    // A zero downtime target keeps the rounds coming until the link fills.
+    assert_eq!(ctl(&api, &["migrate", &addr, "--downtime-ms", "0", "--max-rounds", "1000"])["ok"], true);
+    let info = wait_phase(&api, "failed");
+    done.send(()).unwrap();
+    stalled.join().unwrap();
+    assert!(info["migration"]["error"].as_str().unwrap().contains("timed out"), "{info}");
+    assert_eq!(info["state"], "running", "{info}");
+    assert_eq!(ctl(&api, &["pause"])["ok"], true, "the API takes commands again");
+    assert_eq!(ctl(&api, &["resume"])["ok"], true);
+    let seen = passes(&src.stdout()).len();
+    src.wait_passes(seen, 2);
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
 /// The link drops at the commit: a proxy between the source and a real
 /// destination forwards everything but the source's `GO` (type 7), and
 /// cuts both sides there. The destination never heard `GO`, so it must not

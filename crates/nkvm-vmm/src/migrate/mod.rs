@@ -77,9 +77,23 @@ pub enum MigrateError {
 
 impl MigrateError {
     pub(crate) fn link(doing: &'static str, source: io::Error) -> Self {
+        // SO_SNDTIMEO/SO_RCVTIMEO expiring reads as EAGAIN: say what it means.
+        let source = match source.kind() {
+            io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut => io::Error::new(
+                io::ErrorKind::TimedOut,
+                format!("timed out: the peer stopped taking or sending data ({source})"),
+            ),
+            _ => source,
+        };
         Self::Link { doing, source }
     }
 }
+
+/// How long one blocked send may wait before the link counts as failed, so
+/// a destination that stops reading cannot hold the source, or its API,
+/// for good. The kernel bounds each call: a call that sent part of its
+/// data returns it, so a stalled link fails within two or three of these.
+pub const SEND_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// Where a migration goes: `tcp:HOST:PORT` or `unix:PATH`.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -182,6 +196,14 @@ impl Listener {
 }
 
 impl Conn {
+    /// Bounds how long a send may block.
+    pub fn set_write_timeout(&self, t: Option<Duration>) -> io::Result<()> {
+        match self {
+            Self::Tcp(s) => s.set_write_timeout(t),
+            Self::Unix(s) => s.set_write_timeout(t),
+        }
+    }
+
     /// Bounds the wait for the peer's answer.
     pub fn set_read_timeout(&self, t: Option<Duration>) -> io::Result<()> {
         match self {

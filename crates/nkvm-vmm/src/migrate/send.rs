@@ -141,16 +141,20 @@ impl Sender<'_> {
 
     fn migrate(&mut self, to: &Endpoint, options: &MigrateOptions) -> Result<(), MigrateError> {
         let conn = to.connect()?;
+        conn.set_write_timeout(Some(super::SEND_TIMEOUT)).map_err(|e| MigrateError::link("configuring", e))?;
         let mut out = BufWriter::with_capacity(1 << 20, conn);
         let result = self.precopy_and_switch(&mut out, options);
         if result.is_err() {
             self.put_back();
         }
+        // What is still buffered is never sent once the migration is over
+        // (a drop would flush it, blocking on a stalled link again).
+        let (mut conn, _unsent) = out.into_parts();
         match result {
             // A destination that refuses the guest mid-stream says why in
             // a FAILED record before it closes: that, not the broken pipe
             // it causes here, is the cause to report.
-            Err(e @ MigrateError::Link { .. }) => Err(early_refusal(out.get_mut()).unwrap_or(e)),
+            Err(e @ MigrateError::Link { .. }) => Err(early_refusal(&mut conn).unwrap_or(e)),
             other => other,
         }
     }
