@@ -14,6 +14,8 @@ use nkvm_devices::serve::Server;
 use nkvm_devices::{ApicBusSink, IoDevice};
 use nkvm_wire::apic::{self, ApicFrame, InterruptMessage};
 use nkvm_wire::handshake::VersionRange;
+use nkvm_wire::spin::SpinStream;
+use nkvm_wire::WireError;
 use vmm_sys_util::sock_ctrl_msg::ScmSocket;
 
 use crate::device::DeviceError;
@@ -124,13 +126,21 @@ pub fn spawn_region(listener: UnixListener, mut device: impl IoDevice + 'static,
 
 /// Serves the pin socket of a controller with `pins` inputs on a thread:
 /// the first client whose region fits them (a write at offset N drives pin
-/// N). A client asking for more pins is told so in this process's log and
-/// closed (its next change fails), and the socket waits for another.
+/// N). A client that fails the handshake (closes, sends garbage, or sends
+/// nothing for [`PIN_HANDSHAKE_TIMEOUT`]) or asks for more pins is told so
+/// in this process's log and closed, and the socket waits for another.
 pub fn spawn_pins(listener: UnixListener, mut device: impl IoDevice + 'static, pins: u64) {
     thread::spawn(move || loop {
-        let mut server = match Server::accept_spinning(&listener, PIN_SPIN) {
+        let stream = match listener.accept() {
+            Ok((stream, _)) => stream,
+            Err(e) => return log::error!("pin socket: accept failed: {e}"),
+        };
+        let mut server = match pin_handshake(stream) {
             Ok(server) => server,
-            Err(e) => return log::error!("pin socket: {e}"),
+            Err(e) => {
+                log::error!("pin socket: a client failed the handshake ({e}): closed");
+                continue;
+            }
         };
         let asked = server.region().len;
         if asked > pins {
@@ -145,6 +155,20 @@ pub fn spawn_pins(listener: UnixListener, mut device: impl IoDevice + 'static, p
         }
         return;
     });
+}
+
+/// How long a pin client may take to send its hello.
+pub const PIN_HANDSHAKE_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(5);
+
+/// The device side of a pin client's handshake, bounded in time; the
+/// connection then waits as long as it takes for pin changes.
+fn pin_handshake(stream: UnixStream) -> Result<Server<SpinStream, SpinStream>, WireError> {
+    let control = stream.try_clone()?;
+    control.set_read_timeout(Some(PIN_HANDSHAKE_TIMEOUT))?;
+    let (reader, writer) = SpinStream::pair(stream, PIN_SPIN)?;
+    let server = Server::handshake(reader, writer, VersionRange::IO_REGION)?;
+    control.set_read_timeout(None)?;
+    Ok(server)
 }
 
 /// Serves one I/O-region connection on `listener` with `device`, here,
