@@ -446,6 +446,39 @@ fn a_device_process_state_holds_every_posted_write_goes_back_and_a_dead_one_is_n
     assert!(err.contains("failed earlier"), "{err}");
 }
 
+/// A device whose state is larger than the protocol's 1 MiB: the VM side
+/// stops at its first chunk, so the rest is still in the stream, and the
+/// region is dropped as out of step (named) rather than failing later at
+/// some unrelated access.
+#[test]
+fn a_device_state_over_the_limit_fails_the_region_at_once() {
+    struct Huge;
+    impl nkvm_devices::IoDevice for Huge {
+        fn read(&mut self, _offset: u64, data: &mut [u8]) {
+            data.fill(0);
+        }
+        fn write(&mut self, _offset: u64, _data: &[u8]) {}
+        fn save_state(&self) -> Option<Vec<u8>> {
+            Some(vec![0x5a; (1 << 20) + 1])
+        }
+    }
+    let (ours, theirs) = std::os::unix::net::UnixStream::pair().unwrap();
+    let device = std::thread::spawn(move || {
+        let reader = theirs.try_clone().unwrap();
+        let handshake =
+            nkvm_devices::serve::Server::handshake(reader, theirs, nkvm_wire::handshake::VersionRange::IO_REGION);
+        let _ = handshake.unwrap().serve(&mut Huge);
+    });
+    let vm = vm();
+    let id = vm.attach_region(IoRange::mmio(MMIO_A, 0x40), ours, Ordering::Sync).unwrap();
+    let err = vm.region_state(id).unwrap_err();
+    let text = format!("{err}: {}", std::error::Error::source(&err).map(ToString::to_string).unwrap_or_default());
+    assert!(text.contains("more than the 1048576 nkvm takes"), "{text}");
+    assert_eq!(vm.io_region_failures().len(), 1, "the region is dropped, not left out of step: {text}");
+    drop(vm);
+    device.join().unwrap();
+}
+
 /// An in-process handler with nothing behind it.
 struct Nothing;
 

@@ -382,14 +382,32 @@ impl IoRegions {
     /// after a failed access. A device that has no state, or speaks only
     /// version 1, is refused without harm.
     pub(crate) fn state(&self, id: RegionId) -> Result<Vec<u8>, IoRegionError> {
-        self.with_client(id, Client::save_state)
+        // A state too large is found at its first chunk, with the rest still
+        // in the stream: the connection is out of step and is dropped.
+        self.with_client(id, Client::save_state, |e| {
+            matches!(e, WireError::NoDeviceState | WireError::StateNotInVersion { .. })
+        })
     }
 
     /// Gives the device behind socket region `id` a state to take, in its
     /// stream (after every write sent to it). As for [`Self::state`]; a
     /// model's refusal is refused without harm too.
     pub(crate) fn load_state(&self, id: RegionId, state: &[u8]) -> Result<(), IoRegionError> {
-        self.with_client(id, |c| c.load_state(state))
+        // Too large and not in the version are refused before anything is
+        // sent; a refusal or "no state" is the model's whole answer.
+        self.with_client(
+            id,
+            |c| c.load_state(state),
+            |e| {
+                matches!(
+                    e,
+                    WireError::NoDeviceState
+                        | WireError::StateNotInVersion { .. }
+                        | WireError::StateRefused { .. }
+                        | WireError::StateTooLarge { .. }
+                )
+            },
+        )
     }
 
     /// Runs a state exchange on socket region `id`'s client.
@@ -397,6 +415,7 @@ impl IoRegions {
         &self,
         id: RegionId,
         exchange: impl FnOnce(&mut Client<SpinStream, SpinStream>) -> Result<T, WireError>,
+        harmless: impl FnOnce(&WireError) -> bool,
     ) -> Result<T, IoRegionError> {
         let region = {
             let regions = self.regions.read().unwrap_or_else(|p| p.into_inner());
@@ -414,14 +433,7 @@ impl IoRegions {
                 Ok(value)
             }
             Err(source) => {
-                let harmless = matches!(
-                    source,
-                    WireError::NoDeviceState
-                        | WireError::StateNotInVersion { .. }
-                        | WireError::StateRefused { .. }
-                        | WireError::StateTooLarge { .. }
-                );
-                if !harmless {
+                if !harmless(&source) {
                     self.fail(&region, &mut guard, &source);
                 }
                 Err(IoRegionError::State { name: region.name.clone(), source })
