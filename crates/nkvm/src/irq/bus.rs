@@ -156,6 +156,10 @@ impl ApicBusEnd {
     }
 }
 
+/// How long the APIC bus's handshake, and one blocked EOI send, may take
+/// before the peer counts as gone.
+const BUS_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(5);
+
 impl crate::Vm {
     /// Connects the local APICs to an IOAPIC/PIC model at the other end of
     /// `socket` (APIC-bus protocol, `docs/wire-format.md`): interrupt
@@ -178,16 +182,27 @@ impl crate::Vm {
     pub fn attach_apic_bus_with(&self, socket: UnixStream, options: ApicBusOptions) -> Result<(), IrqError> {
         use nkvm_wire::handshake::VersionRange;
         self.need_irqchip("an APIC bus")?;
-        let mut bus = self.irq.bus.write().unwrap_or_else(|p| p.into_inner());
-        if bus.as_ref().is_some_and(|b| b.alive.load(Ordering::SeqCst)) {
+        let attached = |bus: &Option<Arc<ApicBusEnd>>| bus.as_ref().is_some_and(|b| b.alive.load(Ordering::SeqCst));
+        if attached(&self.irq.bus.read().unwrap_or_else(|p| p.into_inner())) {
             return Err(IrqError::BusAttached);
         }
         let mut reader = socket.try_clone().map_err(IrqError::Socket)?;
         let mut writer = socket;
+        // A peer that never answers fails the attach; one that stops
+        // reading fails the bus at an EOI, never blocking a vCPU for good.
+        reader.set_read_timeout(Some(BUS_TIMEOUT)).map_err(IrqError::Socket)?;
+        reader.set_write_timeout(Some(BUS_TIMEOUT)).map_err(IrqError::Socket)?;
         let versions = if options.fast_paths { VersionRange::APIC_BUS } else { VersionRange::CURRENT };
+        // Not under the bus lock: EOIs of a bus being replaced do not wait on it.
         let handshake =
             nkvm_wire::apic::vm_handshake(&mut reader, &mut writer, 1, versions).map_err(IrqError::Handshake)?;
         drop(writer);
+        // The bus thread waits for messages as long as it takes.
+        reader.set_read_timeout(None).map_err(IrqError::Socket)?;
+        let mut bus = self.irq.bus.write().unwrap_or_else(|p| p.into_inner());
+        if attached(&bus) {
+            return Err(IrqError::BusAttached);
+        }
         // After each message, poll briefly before blocking: interrupts come
         // in bursts, and a wake-up costs ~40 us on a nested host.
         let (mut reader, writer) = nkvm_wire::spin::SpinStream::pair(reader, std::time::Duration::from_micros(50))

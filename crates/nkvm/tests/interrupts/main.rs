@@ -454,6 +454,18 @@ fn a_bad_or_dead_apic_bus_peer_is_reported_not_hung_on() {
         // A new bus can replace the dead one.
         drop(bus_peer(&vm));
     }
+    // A peer that takes the hello and never answers fails the attach
+    // (after 5 s) instead of holding it, and a good peer attaches after it.
+    let vm = Arc::new(irq_vm(1));
+    let (vm_end, silent) = UnixStream::pair().unwrap();
+    let (done, attach) = std::sync::mpsc::channel();
+    let attaching = vm.clone();
+    thread::spawn(move || done.send(attaching.attach_apic_bus(vm_end).map_err(|e| e.to_string())));
+    let result = attach.recv_timeout(Duration::from_secs(60)).expect("the attach hung on a silent peer");
+    let err = result.expect_err("a silent peer is not a bus");
+    assert!(err.contains("handshake"), "{err}");
+    drop(silent);
+    drop(bus_peer(&vm));
 }
 
 /// An nkvm-devices model as an in-process handler.
