@@ -69,6 +69,14 @@ fn dispatch(line: &str, running: &Arc<Running>) -> Value {
     };
     let command = request.get("command").and_then(Value::as_str).unwrap_or("");
     let busy = || error(RunningError::Migrating);
+    // One command at a time may pause or resume the guest.
+    let _exclusive = match command {
+        "pause" | "resume" | "snapshot" | "migrate" => match running.exclusive() {
+            Ok(guard) => Some(guard),
+            Err(e) => return error(e),
+        },
+        _ => None,
+    };
     match command {
         "info" => {
             let mut info = running.info();
@@ -158,4 +166,40 @@ fn ask(socket: &Path, request: &Value) -> io::Result<Value> {
         return Err(io::Error::new(io::ErrorKind::UnexpectedEof, "the VMM closed the API socket"));
     }
     serde_json::from_str(&line).map_err(io::Error::other)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::builtin_machine::attach_devices;
+    use crate::machine::Shared;
+    use crate::snapshot::MachineConfig;
+
+    /// While one command holds the guest (here: a snapshot being written),
+    /// another that would pause or resume it is refused by name, not run
+    /// across it; `info` still answers.
+    #[test]
+    fn commands_that_pause_or_resume_the_guest_wait_for_each_other() {
+        let hv = nkvm::Hypervisor::open().unwrap();
+        let vm =
+            Arc::new(nkvm::Vm::new(&hv, &nkvm::VmConfig { vcpus: 1, memory: 4 << 20, ..Default::default() }).unwrap());
+        let devices = attach_devices(&vm).unwrap();
+        let running = Arc::new(Running::new(vm, Arc::new(Shared::new(1)), devices, MachineConfig::builtin(1, 4 << 20)));
+        let snapshot_under_way = running.exclusive().unwrap();
+        for request in [
+            r#"{"command":"migrate","to":"unix:/nonexistent/nkvm.sock"}"#,
+            r#"{"command":"snapshot","dir":"/nonexistent/snap"}"#,
+            r#"{"command":"pause"}"#,
+            r#"{"command":"resume"}"#,
+        ] {
+            let answer = dispatch(request, &running);
+            assert_eq!(answer["ok"], false, "{request}: {answer}");
+            assert!(answer["error"].as_str().unwrap().contains("another command is in progress"), "{answer}");
+        }
+        assert_eq!(dispatch(r#"{"command":"info"}"#, &running)["ok"], true);
+        drop(snapshot_under_way);
+        // Free again: the next command runs (and fails for its own reason).
+        let answer = dispatch(r#"{"command":"migrate","to":"ftp:x"}"#, &running);
+        assert!(answer["error"].as_str().unwrap().contains("bad migration address"), "{answer}");
+    }
 }

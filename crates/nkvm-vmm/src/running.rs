@@ -33,6 +33,11 @@ pub enum RunningError {
     /// A migration is running; pause, resume and snapshot wait for it.
     #[error("a migration is in progress")]
     Migrating,
+    /// Another command that pauses or resumes the guest is under way.
+    #[error(
+        "another command is in progress (a snapshot being written, a pause or a resume); try again when it is done"
+    )]
+    Busy,
 }
 
 /// A running machine, shared by its API server and migrations.
@@ -48,6 +53,10 @@ pub struct Running {
     pub config: MachineConfig,
     /// The last (or current) migration's progress.
     pub migration: Mutex<MigrationStatus>,
+    /// Held by a command that pauses or resumes the guest (pause, resume,
+    /// snapshot, a migration's start), so that one never resumes a guest
+    /// another has paused for its own purpose.
+    ops: Mutex<()>,
 }
 
 impl std::fmt::Debug for Shared {
@@ -59,7 +68,17 @@ impl std::fmt::Debug for Shared {
 impl Running {
     /// A handle on the machine.
     pub fn new(vm: Arc<Vm>, shared: Arc<Shared>, devices: SavedDevices, config: MachineConfig) -> Self {
-        Self { vm, shared, devices, config, migration: Mutex::new(MigrationStatus::default()) }
+        Self { vm, shared, devices, config, migration: Mutex::new(MigrationStatus::default()), ops: Mutex::new(()) }
+    }
+
+    /// The right to pause or resume the guest for one command, or
+    /// [`RunningError::Busy`] while another command has it.
+    pub fn exclusive(&self) -> Result<std::sync::MutexGuard<'_, ()>, RunningError> {
+        match self.ops.try_lock() {
+            Ok(guard) => Ok(guard),
+            Err(std::sync::TryLockError::Poisoned(p)) => Ok(p.into_inner()),
+            Err(std::sync::TryLockError::WouldBlock) => Err(RunningError::Busy),
+        }
     }
 
     /// Whether a migration is between its start and its end.
