@@ -154,14 +154,20 @@ impl Routes {
         };
     }
 
-    /// A GSI below [`FIRST_USER_GSI`] routing `msi`, allocating one if needed.
-    pub(crate) fn level_slot(&mut self, msi: MsiMessage) -> Option<(u32, bool)> {
+    /// A GSI below [`FIRST_USER_GSI`] routing `msi`, allocating one if
+    /// needed; when all are taken, the slot of a vector that waits for no
+    /// EOI (`waiting` says which do) is reused, so a guest that moves its
+    /// level-triggered interrupts between vectors over its uptime keeps
+    /// getting their EOIs. `None` only while every slot's vector waits.
+    pub(crate) fn level_slot(&mut self, msi: MsiMessage, waiting: impl Fn(u8) -> bool) -> Option<(u32, bool)> {
         if let Some((&gsi, _)) = self.table.range(..FIRST_USER_GSI).find(|(_, m)| m.vector() == msi.vector()) {
             let changed = self.table[&gsi] != msi;
             self.table.insert(gsi, msi);
             return Some((gsi, changed));
         }
-        let free = (0..FIRST_USER_GSI).find(|g| !self.table.contains_key(g))?;
+        let free = (0..FIRST_USER_GSI)
+            .find(|g| !self.table.contains_key(g))
+            .or_else(|| self.table.range(..FIRST_USER_GSI).find(|(_, m)| !waiting(m.vector())).map(|(&g, _)| g))?;
         self.table.insert(free, msi);
         Some((free, true))
     }
@@ -390,5 +396,31 @@ impl crate::Vm {
         };
         let op = if assign { "KVM_IOEVENTFD" } else { "KVM_IOEVENTFD(deassign)" };
         r.map_err(|source| IrqError::Kvm { op, source })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn level(vector: u8) -> MsiMessage {
+        MsiMessage { address: 0xfee0_0000, data: u32::from(vector) | 1 << 15 }
+    }
+
+    #[test]
+    fn level_slots_are_reused_from_vectors_that_wait_for_no_eoi() {
+        let mut routes = Routes::default();
+        for (gsi, vector) in (0..FIRST_USER_GSI).zip(0x30u8..) {
+            assert_eq!(routes.level_slot(level(vector), |_| true), Some((gsi, true)));
+        }
+        // Every slot's vector waits for its EOI: no route for a 25th.
+        assert_eq!(routes.level_slot(level(0x60), |_| true), None);
+        // Once 0x35's EOI has come, its slot carries the new vector.
+        assert_eq!(routes.level_slot(level(0x60), |v| v != 0x35), Some((5, true)));
+        assert!(routes.table.values().all(|m| m.vector() != 0x35));
+        // A vector with a slot keeps it, changed only if its message is.
+        assert_eq!(routes.level_slot(level(0x31), |_| true), Some((1, false)));
+        let elsewhere = MsiMessage { address: 0xfee0_1000, ..level(0x31) };
+        assert_eq!(routes.level_slot(elsewhere, |_| true), Some((1, true)));
     }
 }
