@@ -149,10 +149,12 @@ impl ApicBusEnd {
         }
     }
 
+    /// Marks the bus dead; the first reason is the one kept (what follows
+    /// a failure is usually its consequence).
     pub(crate) fn fail(&self, reason: String) {
         log::error!("APIC bus: {reason}");
         self.alive.store(false, Ordering::SeqCst);
-        *self.failure.lock().unwrap_or_else(|p| p.into_inner()) = Some(reason);
+        self.failure.lock().unwrap_or_else(|p| p.into_inner()).get_or_insert(reason);
     }
 }
 

@@ -73,10 +73,11 @@ fn a_version_2_peer_gets_a_fast_path_for_an_edge_message_and_loses_it_with_the_b
     run.expect_report(0x41);
     let stats = vm.apic_bus_stats().unwrap();
     assert_eq!((stats.messages, stats.fast_paths), (2, 1), "{stats:?}");
-    // The peer goes away: its fast path goes with it.
+    // The peer goes away: its fast path goes with it. (The bus sees it
+    // closed, or a level EOI still on its way finds the pipe broken.)
     drop(dev);
     let failure = wait_for_failure(&vm);
-    assert!(failure.contains("closed"), "{failure}");
+    assert!(failure.contains("closed") || failure.contains("Broken pipe"), "{failure}");
     eventfd.write_all(&1u64.to_ne_bytes()).unwrap();
     assert!(run.quiet_for(Duration::from_millis(300)), "a dead bus's eventfd still reached the guest");
 }
