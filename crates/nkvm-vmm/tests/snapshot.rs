@@ -193,6 +193,30 @@ fn refuses_damaged_snapshots(dir: &std::path::Path, snap: &std::path::Path) {
         "device serial: bad state: serial-16550 state format version 9",
     );
     damaged("no-vm-state", &|d| std::fs::remove_file(d.join("vm.state")).unwrap(), "vm.state: read failed");
+    // Not files a snapshot writes: refused before they are read.
+    damaged(
+        "fifo-vm-state",
+        &|d| {
+            std::fs::remove_file(d.join("vm.state")).unwrap();
+            assert!(std::process::Command::new("mkfifo").arg(d.join("vm.state")).status().unwrap().success());
+        },
+        "vm.state: not a regular file",
+    );
+    damaged(
+        "dev-zero-vcpu",
+        &|d| {
+            std::fs::remove_file(d.join("vcpu-0.state")).unwrap();
+            std::os::unix::fs::symlink("/dev/zero", d.join("vcpu-0.state")).unwrap();
+        },
+        "vcpu-0.state: not a regular file",
+    );
+    damaged(
+        "huge-device-state",
+        &|d| {
+            std::fs::File::options().write(true).open(d.join("device-serial.state")).unwrap().set_len(1 << 30).unwrap()
+        },
+        "device-serial.state: 1073741824 bytes, more than a state file holds",
+    );
 }
 
 #[test]

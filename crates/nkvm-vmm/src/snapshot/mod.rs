@@ -224,6 +224,10 @@ fn replace(dir: &Path, name: &str, fill: impl FnOnce(&mut File, &Path) -> io::Re
     })
 }
 
+/// The largest state file (or `machine.json`) a snapshot may hold: a
+/// device state is at most 1 MiB on the wire, a vCPU's a few KiB.
+const MAX_STATE_FILE: u64 = 16 << 20;
+
 /// A snapshot directory read back: the state, and the guest memory file
 /// mapped copy-on-write (nothing copied; the snapshot stays as it was).
 #[derive(Debug)]
@@ -241,6 +245,17 @@ pub struct Loaded {
 pub fn read(dir: &Path, shared_ram: bool) -> Result<Loaded, SnapshotError> {
     let get = |name: &str| -> Result<Vec<u8>, SnapshotError> {
         let path: PathBuf = dir.join(name);
+        // Only a regular file of a state's size: a FIFO would hang the
+        // restore, a link to /dev/zero fill memory.
+        let meta = std::fs::metadata(&path).map_err(io_err(&path, "read"))?;
+        if !meta.is_file() {
+            let why = "not a regular file".to_string();
+            return Err(SnapshotError::Config { path: path.display().to_string(), why });
+        }
+        if meta.len() > MAX_STATE_FILE {
+            let why = format!("{} bytes, more than a state file holds ({MAX_STATE_FILE})", meta.len());
+            return Err(SnapshotError::Config { path: path.display().to_string(), why });
+        }
         std::fs::read(&path).map_err(io_err(&path, "read"))
     };
     let machine = dir.join(MACHINE_FILE);
