@@ -76,6 +76,9 @@ pub(crate) struct ApicBusEnd {
     messages: AtomicU64,
     /// Fast paths the peer holds.
     fast_paths: AtomicUsize,
+    /// The socket (a handle of its own), shut down when the bus fails so
+    /// the peer sees the end instead of writing into a socket nobody reads.
+    socket: Option<UnixStream>,
 }
 
 /// How [`Vm::attach_apic_bus_with`](crate::Vm::attach_apic_bus_with) sets a
@@ -106,13 +109,14 @@ pub struct ApicBusStats {
 }
 
 impl ApicBusEnd {
-    fn new(eoi: EoiPath) -> Self {
+    fn new(eoi: EoiPath, socket: Option<UnixStream>) -> Self {
         Self {
             eoi,
             failure: Mutex::new(None),
             alive: AtomicBool::new(true),
             messages: AtomicU64::new(0),
             fast_paths: AtomicUsize::new(0),
+            socket,
         }
     }
 
@@ -155,6 +159,9 @@ impl ApicBusEnd {
         log::error!("APIC bus: {reason}");
         self.alive.store(false, Ordering::SeqCst);
         self.failure.lock().unwrap_or_else(|p| p.into_inner()).get_or_insert(reason);
+        if let Some(socket) = &self.socket {
+            let _ = socket.shutdown(std::net::Shutdown::Both);
+        }
     }
 }
 
@@ -209,7 +216,8 @@ impl crate::Vm {
         // in bursts, and a wake-up costs ~40 us on a nested host.
         let (mut reader, writer) = nkvm_wire::spin::SpinStream::pair(reader, std::time::Duration::from_micros(50))
             .map_err(IrqError::Socket)?;
-        let end = Arc::new(ApicBusEnd::new(EoiPath::Socket(Mutex::new(writer))));
+        let control = writer.get_ref().try_clone().map_err(IrqError::Socket)?;
+        let end = Arc::new(ApicBusEnd::new(EoiPath::Socket(Mutex::new(writer)), Some(control)));
         *bus = Some(end.clone());
         let (fd, irq) = (self.fd.clone(), self.irq.clone());
         std::thread::Builder::new()
@@ -246,7 +254,7 @@ impl crate::Vm {
         if bus.as_ref().is_some_and(|b| b.alive.load(Ordering::SeqCst)) {
             return Err(IrqError::BusAttached);
         }
-        *bus = Some(Arc::new(ApicBusEnd::new(EoiPath::Direct(Mutex::new(eoi)))));
+        *bus = Some(Arc::new(ApicBusEnd::new(EoiPath::Direct(Mutex::new(eoi)), None)));
         Ok(ApicBus { fd: self.fd.clone(), irq: self.irq.clone() })
     }
 

@@ -492,14 +492,22 @@ fn a_bad_or_dead_apic_bus_peer_is_reported_not_hung_on() {
             nkvm_wire::apic::device_handshake(&mut r, &mut w, nkvm_wire::handshake::VersionRange::CURRENT).unwrap();
             if garbage {
                 w.write_all(&[0x5a; 48]).unwrap();
+                // Kept open: the VM side must close it.
+                return Some(r);
             }
             // Dropping the socket closes it.
+            None
         });
         vm.attach_apic_bus(vm_end).unwrap();
-        dev.join().unwrap();
+        let kept = dev.join().unwrap();
         let failure = wait_for_failure(&vm);
         if garbage {
             assert!(failure.contains("malformed"), "{failure}");
+            // The peer sees the end, rather than writing into a socket
+            // nobody reads until it blocks.
+            let mut r = kept.unwrap();
+            r.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+            assert_eq!(std::io::Read::read(&mut r, &mut [0u8; 16]).unwrap(), 0, "the VM side closed the bus");
         } else {
             assert!(failure.contains("closed"), "{failure}");
         }
