@@ -38,7 +38,7 @@ impl ApicBusSink for Bus {
     fn send(&mut self, message: InterruptMessage) {
         let mut bus = self.0.lock().unwrap_or_else(|p| p.into_inner());
         let Some(bus) = bus.as_mut() else {
-            return log::warn!("interrupt {message:?} before the APIC bus connected: dropped");
+            return log::warn!("interrupt {message:?} with no APIC bus connected (not yet, or no longer): dropped");
         };
         if let Some(mut eventfd) = bus.fast.get(&message) {
             match eventfd.write_all(&1u64.to_ne_bytes()) {
@@ -86,21 +86,30 @@ pub fn spawn_bus(listener: UnixListener, bus: Bus, mut on_eoi: impl FnMut(u8) + 
             return log::error!("APIC-bus handshake: {e}");
         }
         *bus.0.lock().unwrap_or_else(|p| p.into_inner()) = Some(Connected { stream: w, fast: HashMap::new() });
-        loop {
+        let ended = loop {
             match apic::read_frame(&mut r) {
                 Ok(Some(ApicFrame::Eoi(e))) => on_eoi(e.vector),
                 Ok(Some(ApicFrame::FastPath(m))) => {
                     let Some(eventfd) = r.fds.pop_front() else {
-                        return log::error!("APIC bus: a fast path for {m:?} came without its eventfd");
+                        break Some(format!("a fast path for {m:?} came without its eventfd"));
                     };
                     if let Some(bus) = bus.0.lock().unwrap_or_else(|p| p.into_inner()).as_mut() {
                         bus.fast.insert(m, eventfd);
                     }
                 }
-                Ok(Some(other)) => return log::error!("APIC bus: unexpected {other:?}"),
-                Ok(None) => return,
-                Err(e) => return log::error!("APIC bus: {e}"),
+                Ok(Some(other)) => break Some(format!("unexpected {other:?}")),
+                Ok(None) => break None,
+                Err(e) => break Some(e.to_string()),
             }
+        };
+        if let Some(why) = ended {
+            log::error!("APIC bus: {why}: closed");
+        }
+        // Closed both ways (and its fast paths dropped): the VM side sees
+        // the end, and later interrupts are dropped here, not written into
+        // a socket nobody reads.
+        if let Some(connected) = bus.0.lock().unwrap_or_else(|p| p.into_inner()).take() {
+            let _ = connected.stream.shutdown(std::net::Shutdown::Both);
         }
     });
 }

@@ -462,3 +462,22 @@ fn a_pit_in_its_own_process_ticks_irq_0_of_a_pic_in_another() {
     let _ = pit.kill();
     let _ = pit.wait();
 }
+
+/// A VM side that sends garbage on a controller process's APIC bus is
+/// closed by the process: the VM side sees the end, rather than the
+/// process writing interrupts into a socket nobody reads.
+#[test]
+fn a_controller_process_closes_an_apic_bus_that_sends_garbage() {
+    use std::io::{Read, Write};
+    let ioapic = ControllerProcess::spawn("ioapic", "bus-garbage");
+    let mut bus = connect(&ioapic.dir.join("bus"));
+    let mut w = bus.try_clone().unwrap();
+    nkvm_wire::apic::vm_handshake(&mut bus, &mut w, 1, nkvm_wire::handshake::VersionRange::APIC_BUS).unwrap();
+    w.write_all(&[0x5a; 48]).unwrap();
+    bus.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+    // The end, or a reset (the garbage past the first frame was unread).
+    match bus.read(&mut [0u8; 16]) {
+        Ok(n) => assert_eq!(n, 0, "the controller closed the bus"),
+        Err(e) => assert_eq!(e.kind(), std::io::ErrorKind::ConnectionReset, "{e}"),
+    }
+}
