@@ -37,11 +37,32 @@ impl SpinStream {
     }
 
     /// Runs one blocking call with the socket in blocking mode.
-    fn blocking<T>(&mut self, f: impl FnOnce(&mut UnixStream) -> io::Result<T>) -> io::Result<T> {
-        self.stream.set_nonblocking(false)?;
-        let result = f(&mut self.stream);
-        self.stream.set_nonblocking(true)?;
-        result
+    ///
+    /// The reader and the writer of a pair share the socket's non-blocking
+    /// flag (one open file), so the other half may switch it back between
+    /// the switch here and the call: the call then says "would block"
+    /// without having waited. That is retried; a "would block" after the
+    /// socket's own timeout (`timeout`, the read or write timeout) has
+    /// passed is the timeout and is returned.
+    fn blocking<T>(
+        &mut self,
+        timeout: fn(&UnixStream) -> io::Result<Option<Duration>>,
+        mut f: impl FnMut(&mut UnixStream) -> io::Result<T>,
+    ) -> io::Result<T> {
+        let start = Instant::now();
+        loop {
+            self.stream.set_nonblocking(false)?;
+            let result = f(&mut self.stream);
+            self.stream.set_nonblocking(true)?;
+            match result {
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
+                    if timeout(&self.stream)?.is_some_and(|t| start.elapsed() >= t) {
+                        return Err(e);
+                    }
+                }
+                other => return other,
+            }
+        }
     }
 }
 
@@ -54,7 +75,7 @@ impl Read for SpinStream {
                     if start.elapsed() < self.spin {
                         std::hint::spin_loop();
                     } else {
-                        return self.blocking(|s| s.read(buf));
+                        return self.blocking(UnixStream::read_timeout, |s| s.read(buf));
                     }
                 }
                 Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
@@ -67,7 +88,9 @@ impl Read for SpinStream {
 impl Write for SpinStream {
     fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
         match self.stream.write(buf) {
-            Err(e) if e.kind() == io::ErrorKind::WouldBlock => self.blocking(|s| s.write(buf)),
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
+                self.blocking(UnixStream::write_timeout, |s| s.write(buf))
+            }
             other => other,
         }
     }
@@ -98,6 +121,40 @@ mod tests {
         ar.read_exact(&mut buf).unwrap();
         assert_eq!(&buf, b"late");
         t.join().unwrap();
+    }
+
+    /// The other half of the pair switching the shared non-blocking flag
+    /// back (as the writer does after a blocking write) while the reader
+    /// waits never makes the read fail: it waits on until the data comes.
+    #[test]
+    fn a_read_waits_on_while_the_writer_half_toggles_the_shared_flag() {
+        let (a, b) = UnixStream::pair().unwrap();
+        let (mut r, w) = SpinStream::pair(a, Duration::ZERO).unwrap();
+        let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let toggling = stop.clone();
+        let toggler = std::thread::spawn(move || {
+            while !toggling.load(std::sync::atomic::Ordering::Relaxed) {
+                w.stream.set_nonblocking(true).unwrap();
+                std::thread::yield_now();
+            }
+        });
+        // Bytes that come one by one, later than the spin: each read blocks.
+        let slow = std::thread::spawn(move || {
+            let mut b = b;
+            for i in 0..200u8 {
+                std::thread::sleep(Duration::from_millis(1));
+                b.write_all(&[i]).unwrap();
+            }
+            b
+        });
+        let mut got = Vec::new();
+        let mut byte = [0u8; 1];
+        let read = (0..200).try_for_each(|_| r.read_exact(&mut byte).map(|()| got.push(byte[0])));
+        stop.store(true, std::sync::atomic::Ordering::Relaxed);
+        toggler.join().unwrap();
+        drop(slow.join().unwrap());
+        read.unwrap();
+        assert_eq!(got, (0..200u8).collect::<Vec<_>>());
     }
 
     #[test]
