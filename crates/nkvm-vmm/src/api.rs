@@ -11,6 +11,7 @@ use std::time::Duration;
 
 use serde_json::{json, Value};
 
+use crate::machine::intake::chain;
 use crate::migrate::send::{self, MigrateOptions};
 use crate::running::{Running, RunningError};
 
@@ -49,16 +50,6 @@ fn handle(conn: UnixStream, running: &Arc<Running>) -> io::Result<()> {
 
 fn error(msg: impl std::fmt::Display) -> Value {
     json!({ "ok": false, "error": msg.to_string() })
-}
-
-fn chain(e: &dyn std::error::Error) -> String {
-    let mut msg = e.to_string();
-    let mut source = e.source();
-    while let Some(s) = source {
-        msg.push_str(&format!(": {s}"));
-        source = s.source();
-    }
-    msg
 }
 
 /// Runs one request, returns the answer.

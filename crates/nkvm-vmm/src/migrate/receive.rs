@@ -13,6 +13,7 @@ use nkvm::{GuestAddress, Hypervisor, Vm};
 
 use super::stream::{self, RecordReader, RecordType};
 use super::{Conn, Endpoint, MigrateError};
+use crate::machine::intake::chain;
 use crate::snapshot::{DecodedState, MachineConfig, MachineState};
 
 /// The link back to the source, for the one answer.
@@ -79,7 +80,7 @@ impl Arriving {
         match received {
             Ok(state) => Ok((state, answer)),
             Err(e) => {
-                answer.refuse(&crate::machine::intake::chain(&e));
+                answer.refuse(&chain(&e));
                 Err(e)
             }
         }
@@ -106,7 +107,7 @@ pub fn start(hv: &Hypervisor, addr: &str) -> Result<(Vm, Arriving), MigrateError
     match receive_config(hv, &mut reader) {
         Ok((vm, config)) => Ok((vm, Arriving { reader, config })),
         Err(e) => {
-            Answer(reader.into_inner()).refuse(&crate::machine::intake::chain(&e));
+            Answer(reader.into_inner()).refuse(&chain(&e));
             Err(e)
         }
     }

@@ -13,6 +13,7 @@ use nkvm::{DirtyPages, GuestAddress, MemoryMap, Vm};
 
 use super::stream::{self, PageBatch, RecordReader, RecordType, PAGE, PAGES_PER_RECORD};
 use super::{Conn, Endpoint, MigrateError, MigrationStatus, Phase};
+use crate::machine::intake::chain;
 use crate::running::Running;
 
 /// How a migration converges.
@@ -103,17 +104,6 @@ pub fn start(running: Arc<Running>, to: Endpoint, options: MigrateOptions) -> Re
         }
     });
     spawned.map(drop).map_err(|e| MigrateError::link("starting the migration thread", e))
-}
-
-/// An error and its causes on one line.
-fn chain(e: &dyn std::error::Error) -> String {
-    let mut msg = e.to_string();
-    let mut source = e.source();
-    while let Some(s) = source {
-        msg.push_str(&format!(": {s}"));
-        source = s.source();
-    }
-    msg
 }
 
 struct Sender<'a> {
