@@ -109,7 +109,11 @@ fn dispatch(line: &str, running: &Arc<Running>) -> Value {
                 Err(e) => error(chain(&e)),
             }
         }
-        other => error(format!("unknown command {other:?}; commands: info, pause, resume, snapshot, migrate")),
+        "cancel" => match send::cancel(running) {
+            Ok(()) => json!({ "ok": true }),
+            Err(e) => error(chain(&e)),
+        },
+        other => error(format!("unknown command {other:?}; commands: info, pause, resume, snapshot, migrate, cancel")),
     }
 }
 

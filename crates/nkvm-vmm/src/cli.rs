@@ -78,6 +78,9 @@ pub enum CtlCommand {
         #[arg(long)]
         wait: bool,
     },
+    /// Cancel the running migration before its switch-over (the guest
+    /// runs on here; a send blocked on the destination returns at once).
+    Cancel,
 }
 
 impl Default for Command {

@@ -52,6 +52,7 @@ fn ctl(args: &cli::CtlArgs) -> Result<ExitCode, Box<dyn std::error::Error>> {
         CtlCommand::Info => (json!({ "command": "info" }), false),
         CtlCommand::Pause => (json!({ "command": "pause" }), false),
         CtlCommand::Resume => (json!({ "command": "resume" }), false),
+        CtlCommand::Cancel => (json!({ "command": "cancel" }), false),
         CtlCommand::Snapshot { dir } => {
             let dir = std::path::absolute(dir)?;
             (json!({ "command": "snapshot", "dir": dir }), false)

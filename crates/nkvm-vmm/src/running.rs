@@ -57,6 +57,18 @@ pub struct Running {
     /// snapshot, a migration's start), so that one never resumes a guest
     /// another has paused for its own purpose.
     ops: Mutex<()>,
+    /// The running migration's link and whether it was cancelled (under
+    /// the `migration` lock's ordering: see [`crate::migrate::send::cancel`]).
+    pub(crate) cancel: Mutex<Cancel>,
+}
+
+/// What `nkvm ctl cancel` needs of a running migration.
+#[derive(Debug, Default)]
+pub(crate) struct Cancel {
+    /// Set by a cancel; the migration ends at its next step.
+    pub(crate) requested: bool,
+    /// A handle on the migration's connection, to unblock its sends.
+    pub(crate) link: Option<crate::migrate::Conn>,
 }
 
 impl std::fmt::Debug for Shared {
@@ -68,7 +80,15 @@ impl std::fmt::Debug for Shared {
 impl Running {
     /// A handle on the machine.
     pub fn new(vm: Arc<Vm>, shared: Arc<Shared>, devices: SavedDevices, config: MachineConfig) -> Self {
-        Self { vm, shared, devices, config, migration: Mutex::new(MigrationStatus::default()), ops: Mutex::new(()) }
+        Self {
+            vm,
+            shared,
+            devices,
+            config,
+            migration: Mutex::new(MigrationStatus::default()),
+            ops: Mutex::new(()),
+            cancel: Mutex::default(),
+        }
     }
 
     /// The right to pause or resume the guest for one command, or

@@ -180,6 +180,42 @@ fn a_destination_that_stops_reading_fails_the_migration_at_the_send_timeout() {
     let _ = std::fs::remove_dir_all(&dir);
 }
 
+/// `nkvm ctl cancel` ends a migration before its switch-over at once, even
+/// one blocked on a destination that stopped reading: the guest runs on,
+/// and a second cancel is refused by name.
+#[test]
+fn an_operator_cancels_a_migration_stuck_on_a_stalled_destination() {
+    let dir = scratch("migrate-cancel");
+    let api = dir.join("src.sock");
+    let mut src = source(&dir, &api);
+    src.wait_passes(0, 1);
+    let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = format!("tcp:{}", listener.local_addr().unwrap());
+    let (done, stop) = std::sync::mpsc::channel::<()>();
+    let stalled = std::thread::spawn(move || {
+        let (mut conn, _) = listener.accept().unwrap();
+        let mut header = [0u8; 16];
+        conn.read_exact(&mut header).unwrap();
+        let _ = stop.recv();
+    });
+    assert_eq!(ctl(&api, &["migrate", &addr, "--downtime-ms", "0", "--max-rounds", "1000"])["ok"], true);
+    // In its first round (the full copy), blocked on the full link.
+    wait_phase(&api, "precopy");
+    std::thread::sleep(std::time::Duration::from_millis(500));
+    assert_eq!(ctl(&api, &["cancel"])["ok"], true);
+    let info = wait_phase(&api, "failed");
+    done.send(()).unwrap();
+    stalled.join().unwrap();
+    assert!(info["migration"]["error"].as_str().unwrap().contains("cancelled by the operator"), "{info}");
+    assert_eq!(info["state"], "running", "{info}");
+    let seen = passes(&src.stdout()).len();
+    src.wait_passes(seen, 2);
+    let out = nkvm_process::nkvm().args(["ctl", "--api-socket", api.to_str().unwrap(), "cancel"]).output().unwrap();
+    assert_eq!(out.status.code(), Some(1));
+    assert!(String::from_utf8_lossy(&out.stdout).contains("no migration is running"));
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
 /// The link drops at the commit: a proxy between the source and a real
 /// destination forwards everything but the source's `GO` (type 7), and
 /// cuts both sides there. The destination never heard `GO`, so it must not

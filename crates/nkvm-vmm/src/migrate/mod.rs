@@ -51,6 +51,10 @@ pub enum MigrateError {
     /// The destination refused the guest.
     #[error("the destination refused the guest: {0}")]
     Refused(String),
+    /// The operator cancelled the migration (`nkvm ctl cancel`) before
+    /// switch-over.
+    #[error("cancelled by the operator before switch-over")]
+    Cancelled,
     /// The destination was told to run the guest and did not confirm it:
     /// it may be running it. The source keeps the guest paused.
     #[error(
@@ -196,6 +200,23 @@ impl Listener {
 }
 
 impl Conn {
+    /// Another handle on the same connection.
+    pub fn try_clone(&self) -> io::Result<Self> {
+        Ok(match self {
+            Self::Tcp(s) => Self::Tcp(s.try_clone()?),
+            Self::Unix(s) => Self::Unix(s.try_clone()?),
+        })
+    }
+
+    /// Shuts the connection down both ways: a send or read blocked on it
+    /// returns at once.
+    pub fn shutdown(&self) {
+        let _ = match self {
+            Self::Tcp(s) => s.shutdown(std::net::Shutdown::Both),
+            Self::Unix(s) => s.shutdown(std::net::Shutdown::Both),
+        };
+    }
+
     /// Bounds how long a send may block.
     pub fn set_write_timeout(&self, t: Option<Duration>) -> io::Result<()> {
         match self {

@@ -57,6 +57,7 @@ pub fn start(running: Arc<Running>, to: Endpoint, options: MigrateOptions) -> Re
                     .into(),
             ));
         }
+        *running.cancel.lock().unwrap_or_else(|p| p.into_inner()) = crate::running::Cancel::default();
         *status = MigrationStatus {
             phase: Phase::Connecting,
             to: to.to_string(),
@@ -106,6 +107,33 @@ pub fn start(running: Arc<Running>, to: Endpoint, options: MigrateOptions) -> Re
     spawned.map(drop).map_err(|e| MigrateError::link("starting the migration thread", e))
 }
 
+/// Cancels the running migration before its switch-over: its connection
+/// is shut down, so a send blocked on a slow or stalled destination returns
+/// at once; the guest runs on here and no dirty bit is lost, as in any
+/// failed round. Refused when no migration runs, or once switch-over has
+/// begun (the guest is paused then, and the migration ends by itself
+/// within the answer's timeout).
+pub fn cancel(running: &Running) -> Result<(), MigrateError> {
+    // Under the status lock: the sender sets switch-over under it too, and
+    // looks for a cancel right after.
+    let status = running.migration.lock().unwrap_or_else(|p| p.into_inner());
+    match status.phase {
+        Phase::Connecting | Phase::PreCopy => {}
+        Phase::SwitchOver => {
+            return Err(MigrateError::Refused(
+                "the migration is switching over (the guest is paused): it ends by itself".into(),
+            ))
+        }
+        _ => return Err(MigrateError::Refused("no migration is running".into())),
+    }
+    let mut cancel = running.cancel.lock().unwrap_or_else(|p| p.into_inner());
+    cancel.requested = true;
+    if let Some(link) = &cancel.link {
+        link.shutdown();
+    }
+    Ok(())
+}
+
 struct Sender<'a> {
     running: &'a Running,
     bytes: u64,
@@ -129,9 +157,33 @@ impl Sender<'_> {
         f(&mut status);
     }
 
+    fn cancelled(&self) -> bool {
+        self.running.cancel.lock().unwrap_or_else(|p| p.into_inner()).requested
+    }
+
     fn migrate(&mut self, to: &Endpoint, options: &MigrateOptions) -> Result<(), MigrateError> {
+        let result = self.migrate_inner(to, options);
+        let cancel = std::mem::take(&mut *self.running.cancel.lock().unwrap_or_else(|p| p.into_inner()));
+        match result {
+            // The link error a cancel causes is the cancel.
+            Err(e) if cancel.requested && !matches!(e, MigrateError::InDoubt(_)) => {
+                log::debug!("migration cancelled: {e}");
+                Err(MigrateError::Cancelled)
+            }
+            other => other,
+        }
+    }
+
+    fn migrate_inner(&mut self, to: &Endpoint, options: &MigrateOptions) -> Result<(), MigrateError> {
         let conn = to.connect()?;
         conn.set_write_timeout(Some(super::SEND_TIMEOUT)).map_err(|e| MigrateError::link("configuring", e))?;
+        {
+            let mut cancel = self.running.cancel.lock().unwrap_or_else(|p| p.into_inner());
+            if cancel.requested {
+                return Err(MigrateError::Cancelled);
+            }
+            cancel.link = Some(conn.try_clone().map_err(|e| MigrateError::link("configuring", e))?);
+        }
         let mut out = BufWriter::with_capacity(1 << 20, conn);
         let result = self.precopy_and_switch(&mut out, options);
         if result.is_err() {
@@ -303,6 +355,10 @@ impl Sender<'_> {
     /// answer; resumes the guest here unless the destination took it.
     fn switch_over(&mut self, out: &mut BufWriter<Conn>, dirty: &mut DirtyPages) -> Result<(), MigrateError> {
         self.update(|s| s.phase = Phase::SwitchOver);
+        // A cancel that came before switch-over began still counts.
+        if self.cancelled() {
+            return Err(MigrateError::Cancelled);
+        }
         // A guest the operator paused stays paused if the migration fails.
         let was_paused = self.running.shared.control.is_paused();
         let paused = Instant::now();
