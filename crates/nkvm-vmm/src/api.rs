@@ -3,7 +3,7 @@
 //! `info`, `pause`, `resume`, `snapshot` (`dir`), `migrate` (`to`,
 //! optional `downtime_ms`, `max_rounds`).
 
-use std::io::{self, BufRead, BufReader, Write};
+use std::io::{self, BufRead, BufReader, Read, Write};
 use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::Path;
 use std::sync::Arc;
@@ -35,17 +35,30 @@ pub fn serve(path: &Path, running: Arc<Running>) -> io::Result<()> {
     Ok(())
 }
 
+/// The longest request line taken (a request is a few hundred bytes).
+const MAX_REQUEST: u64 = 64 << 10;
+
 fn handle(conn: UnixStream, running: &Arc<Running>) -> io::Result<()> {
     let mut out = conn.try_clone()?;
-    for line in BufReader::new(conn).lines() {
-        let line = line?;
+    let mut reader = BufReader::new(conn);
+    let mut line = String::new();
+    loop {
+        line.clear();
+        // Bounded: a client cannot make the VMM hold an endless line.
+        let n = (&mut reader).take(MAX_REQUEST + 1).read_line(&mut line)?;
+        if n == 0 {
+            return Ok(());
+        }
+        if n as u64 > MAX_REQUEST {
+            let answer = error(format!("request longer than {MAX_REQUEST} bytes: connection closed"));
+            return writeln!(out, "{answer}");
+        }
         if line.trim().is_empty() {
             continue;
         }
-        let answer = dispatch(&line, running);
+        let answer = dispatch(line.trim_end(), running);
         writeln!(out, "{answer}")?;
     }
-    Ok(())
 }
 
 fn error(msg: impl std::fmt::Display) -> Value {

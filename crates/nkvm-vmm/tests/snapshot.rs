@@ -249,6 +249,13 @@ fn the_api_answers_bad_requests_with_errors_and_ctl_fails_cleanly() {
         assert_eq!(answer["ok"], false, "{request}: {answer}");
         assert!(answer["error"].as_str().unwrap().contains(expect), "{request}: {answer}");
     }
+    // An endless line is cut off with an answer, and the API serves on.
+    let mut long = std::os::unix::net::UnixStream::connect(&api).unwrap();
+    // (The server may close before it all went: a broken pipe here is fine.)
+    let _ = long.write_all(&vec![b'x'; 100 << 10]);
+    let mut answer = String::new();
+    BufReader::new(&long).read_line(&mut answer).unwrap();
+    assert!(answer.contains("request longer than 65536 bytes"), "{answer}");
     // The refused connection shows in `info`, and the guest runs on.
     let start = std::time::Instant::now();
     let info = loop {
