@@ -1,7 +1,7 @@
 //! The API socket (`nkvm run --api-socket PATH`): one JSON object per
 //! line in, one per line out (`docs/migration.md`, "API"). Commands:
 //! `info`, `pause`, `resume`, `snapshot` (`dir`), `migrate` (`to`,
-//! optional `downtime_ms`, `max_rounds`).
+//! optional `downtime_ms`, `max_rounds`), `cancel`.
 
 use std::io::{self, BufRead, BufReader, Read, Write};
 use std::os::unix::net::{UnixListener, UnixStream};
