@@ -146,6 +146,34 @@ fn a_destination_that_dies_mid_stream_leaves_the_source_running_and_a_second_mig
     let _ = std::fs::remove_dir_all(&dir);
 }
 
+/// A destination that accepts, reads the stream's header and then nothing
+/// more, keeping the connection open until [`Stalled::close`].
+struct Stalled {
+    addr: String,
+    stop: std::sync::mpsc::Sender<()>,
+    thread: std::thread::JoinHandle<()>,
+}
+
+impl Stalled {
+    fn listen() -> Self {
+        let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+        let addr = format!("tcp:{}", listener.local_addr().unwrap());
+        let (stop, stopped) = std::sync::mpsc::channel::<()>();
+        let thread = std::thread::spawn(move || {
+            let (mut conn, _) = listener.accept().unwrap();
+            let mut header = [0u8; 16];
+            conn.read_exact(&mut header).unwrap();
+            let _ = stopped.recv();
+        });
+        Self { addr, stop, thread }
+    }
+
+    fn close(self) {
+        self.stop.send(()).unwrap();
+        self.thread.join().unwrap();
+    }
+}
+
 /// A destination that accepts and then stops reading (hung, stopped) holds
 /// the source only for the send timeout (10 s per blocked send): the
 /// migration fails with a timeout, the guest runs on, and the API is free
@@ -156,21 +184,12 @@ fn a_destination_that_stops_reading_fails_the_migration_at_the_send_timeout() {
     let api = dir.join("src.sock");
     let mut src = source(&dir, &api);
     src.wait_passes(0, 1);
-    let listener = TcpListener::bind("127.0.0.1:0").unwrap();
-    let addr = format!("tcp:{}", listener.local_addr().unwrap());
-    let (done, stop) = std::sync::mpsc::channel::<()>();
-    let stalled = std::thread::spawn(move || {
-        let (mut conn, _) = listener.accept().unwrap();
-        let mut header = [0u8; 16];
-        conn.read_exact(&mut header).unwrap();
-        // Reads nothing more, and keeps the connection open.
-        let _ = stop.recv();
-    });
+    let stalled = Stalled::listen();
+    let addr = stalled.addr.clone();
     // A zero downtime target keeps the rounds coming until the link fills.
     assert_eq!(ctl(&api, &["migrate", &addr, "--downtime-ms", "0", "--max-rounds", "1000"])["ok"], true);
     let info = wait_phase(&api, "failed");
-    done.send(()).unwrap();
-    stalled.join().unwrap();
+    stalled.close();
     assert!(info["migration"]["error"].as_str().unwrap().contains("timed out"), "{info}");
     assert_eq!(info["state"], "running", "{info}");
     assert_eq!(ctl(&api, &["pause"])["ok"], true, "the API takes commands again");
@@ -189,23 +208,15 @@ fn an_operator_cancels_a_migration_stuck_on_a_stalled_destination() {
     let api = dir.join("src.sock");
     let mut src = source(&dir, &api);
     src.wait_passes(0, 1);
-    let listener = TcpListener::bind("127.0.0.1:0").unwrap();
-    let addr = format!("tcp:{}", listener.local_addr().unwrap());
-    let (done, stop) = std::sync::mpsc::channel::<()>();
-    let stalled = std::thread::spawn(move || {
-        let (mut conn, _) = listener.accept().unwrap();
-        let mut header = [0u8; 16];
-        conn.read_exact(&mut header).unwrap();
-        let _ = stop.recv();
-    });
+    let stalled = Stalled::listen();
+    let addr = stalled.addr.clone();
     assert_eq!(ctl(&api, &["migrate", &addr, "--downtime-ms", "0", "--max-rounds", "1000"])["ok"], true);
     // In its first round (the full copy), blocked on the full link.
     wait_phase(&api, "precopy");
     std::thread::sleep(std::time::Duration::from_millis(500));
     assert_eq!(ctl(&api, &["cancel"])["ok"], true);
     let info = wait_phase(&api, "failed");
-    done.send(()).unwrap();
-    stalled.join().unwrap();
+    stalled.close();
     assert!(info["migration"]["error"].as_str().unwrap().contains("cancelled by the operator"), "{info}");
     assert_eq!(info["state"], "running", "{info}");
     let seen = passes(&src.stdout()).len();
