@@ -11,7 +11,8 @@ use nkvm::irq::MsiMessage;
 use nkvm::{VcpuConfig, Vm};
 use nkvm_wire::apic::{ApicFrame, InterruptMessage};
 
-use super::{install_idt, irq_vm, wait_for_failure, waiting_guest, Running};
+use super::ioapic_bus::wait_for_failure;
+use super::{install_idt, irq_vm, waiting_guest, Running};
 
 /// An edge-triggered fixed message for vector 0x40 on vCPU 0.
 const EDGE: InterruptMessage = InterruptMessage {
