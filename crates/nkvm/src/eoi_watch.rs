@@ -79,10 +79,9 @@ impl EoiWatch {
         self.outstanding.lock().unwrap_or_else(|p| p.into_inner()).keys().copied().collect()
     }
 
-    /// Whether `vector` waits for its EOI (for tests).
-    #[cfg(test)]
-    fn waiting(&self, vector: u8) -> bool {
-        self.outstanding().contains(&vector)
+    /// Whether `vector` waits for its EOI.
+    pub(crate) fn waiting(&self, vector: u8) -> bool {
+        self.outstanding.lock().unwrap_or_else(|p| p.into_inner()).contains_key(&vector)
     }
 
     /// If a vector has waited [`STALE`], restarts every clock and returns

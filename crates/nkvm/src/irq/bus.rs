@@ -342,9 +342,10 @@ fn deliver(fd: &kvm_ioctls::VmFd, irq: &Arc<IrqShared>, m: &InterruptMessage) ->
     let msi = MsiMessage::from_interrupt(m);
     if m.trigger_mode == TriggerMode::Level {
         // KVM reports EOIs only for vectors an IOAPIC-range route carries.
-        let waiting = irq.eoi_watch.outstanding();
+        // Asked only when every route is taken (the EOI watch's lock is
+        // never held while it takes the routes').
         let mut routes = irq.routes.lock().unwrap_or_else(|p| p.into_inner());
-        match routes.level_slot(msi, |v| waiting.contains(&v)) {
+        match routes.level_slot(msi, |v| irq.eoi_watch.waiting(v)) {
             Some((_, true)) => fd
                 .set_gsi_routing(&routes.to_kvm()?)
                 .map_err(|source| IrqError::Kvm { op: "KVM_SET_GSI_ROUTING", source })?,
