@@ -9,7 +9,10 @@
 //! RFC's two questions: "what is dirty in this range" (a range smaller than a
 //! region is fine) and "don't return more than N pages" (with a cursor); its
 //! cost follows the pages returned, thanks to a summary bitmap (one bit per
-//! 64 pages). Returning a page re-arms write protection for exactly that page.
+//! 64 pages). Returning a page re-arms write protection for exactly that page;
+//! a query that takes the whole log reads and re-arms it in one
+//! `KVM_GET_DIRTY_LOG` per slot instead (manual protection switched off for
+//! that read), which is what a raw VMM pays.
 
 use crate::GuestAddress;
 
@@ -256,6 +259,20 @@ impl PageBitmap {
             if sw == last_w / 64 {
                 dirty_words &= low_bits(last_w as u64 % 64 + 1);
             }
+            let inside = sw as u64 * 4096 >= start && (sw as u64 + 1) * 4096 <= end;
+            if dirty_words == u64::MAX && inside && max - count >= 4096 {
+                // 64 words, all marked (a log KVM wrote straight in): a plain
+                // scan, then one clear, as a raw scan of KVM's bitmap does.
+                let chunk = &mut self.words[sw * 64..sw * 64 + 64];
+                for (i, &word) in chunk.iter().enumerate() {
+                    if word != 0 {
+                        count += emit(sw * 64 + i, word);
+                    }
+                }
+                chunk.fill(0);
+                self.summary[sw] = 0;
+                continue;
+            }
             // Summary bits of the words emptied here, cleared once at the end.
             let mut emptied = 0u64;
             while dirty_words != 0 {
@@ -472,6 +489,43 @@ mod tests {
             assert_eq!(pieces, all, "first page {first}, 100 at a time");
             // Every mark of an empty word is gone once everything is taken.
             assert!(direct.summary.iter().all(|&s| s == 0), "first page {first}");
+        }
+    }
+
+    #[test]
+    fn a_scan_of_whole_marked_summary_words_takes_only_the_range() {
+        // Five summary words' worth, written straight in (every word marked,
+        // the scanned path), against the same bits ORed in (only non-zero
+        // words marked, the word-by-word path): ranges that start and end
+        // inside, on and across summary words, with and without a budget.
+        let mut bits = sparse_words(0x1234_5678_9abc_def1, 64 * 5);
+        // Pages just outside the ranges below, inside their first or last word.
+        bits[0] |= 1;
+        bits[64] |= 0x1f;
+        bits[255] |= 1 << 63;
+        let total = 64 * 64 * 5;
+        let ranges = [
+            (0, total, usize::MAX),
+            (4096 + 5, 3 * 4096 + 7, usize::MAX),
+            (4096 + 2000, 4 * 4096 - 3, usize::MAX),
+            (4096, 3 * 4096, usize::MAX),
+            (1, total, 5000),
+        ];
+        for (start, end, max) in ranges {
+            let mut direct = PageBitmap::new(total);
+            let filled = direct.fill_clean(0, total, |w| {
+                w.copy_from_slice(&bits);
+                Ok::<(), ()>(())
+            });
+            assert_eq!(filled, Some(Ok(())));
+            let mut ored = PageBitmap::new(total);
+            ored.or_bits(0, &bits);
+            let got = take(&mut direct, start, end, max);
+            assert_eq!(got, take(&mut ored, start, end, max), "{start}..{end} max {max}");
+            assert!(got.0.iter().all(|&p| (start..end).contains(&p)), "{start}..{end}");
+            // What was outside the range (or the budget) is still there.
+            assert_eq!(take(&mut direct, 0, total, usize::MAX), take(&mut ored, 0, total, usize::MAX));
+            assert!(direct.summary.iter().all(|&s| s == 0) && direct.words.iter().all(|&w| w == 0));
         }
     }
 

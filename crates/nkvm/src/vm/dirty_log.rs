@@ -6,6 +6,8 @@
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 
+use kvm_bindings::{kvm_enable_cap, KVM_CAP_MANUAL_DIRTY_LOG_PROTECT2, KVM_DIRTY_LOG_MANUAL_PROTECT_ENABLE};
+
 use super::{MapState, Vm, VmError};
 use crate::dirty::{low_bits, DirtyPages, DirtySource, PageBitmap};
 use crate::memory::{Region, RegionKey, PAGE_SIZE};
@@ -228,25 +230,94 @@ impl Vm {
     /// every [`DirtySource`], into the bitmaps kept in user memory (one per
     /// backing object). Call it before
     /// [`collect_dirty`](Self::collect_dirty) to see the latest writes.
+    ///
+    /// With bitmaps and manual protection, KVM's logs are read by the next
+    /// query rather than here (so it sees writes up to the query, a
+    /// superset): a query that takes every logged page then reads and
+    /// re-arms each slot in one `KVM_GET_DIRTY_LOG`, and any other query
+    /// copies the logs and re-arms only what it returns.
     pub fn sync_dirty_log(&self) -> Result<(), VmError> {
         self.drain_dirty_sources();
         let mut state = self.shared.state.lock().unwrap_or_else(|p| p.into_inner());
         if self.shared.ring_bytes > 0 {
             return self.shared.harvest_rings(&mut state).map(drop).map_err(VmError::DirtyRing);
         }
-        let MapState { installed, bitmaps, harvest_bits, .. } = &mut *state;
+        if self.classic_reads {
+            state.unread = true;
+            return Ok(());
+        }
+        self.read_logs(&mut state)
+    }
+
+    /// Reads KVM's log of every dirty-logged slot into the bitmaps, the way
+    /// `KVM_GET_DIRTY_LOG` is set to read (`state.classic_get`).
+    fn read_logs(&self, state: &mut MapState) -> Result<(), VmError> {
+        let MapState { installed, bitmaps, harvest_bits, .. } = state;
         for (region, slot) in installed.iter().filter(|(r, _)| r.dirty_log) {
             self.harvest_slot(bitmaps, harvest_bits, region, *slot)?;
         }
         Ok(())
     }
 
+    /// Sets whether `KVM_GET_DIRTY_LOG` clears and re-protects what it
+    /// copies (`classic`) or only copies (manual protection). Returns
+    /// whether KVM now reads that way.
+    fn set_classic_get(&self, state: &mut MapState, classic: bool) -> bool {
+        if state.classic_get == classic {
+            return true;
+        }
+        let mut cap = kvm_enable_cap { cap: KVM_CAP_MANUAL_DIRTY_LOG_PROTECT2, ..Default::default() };
+        cap.args[0] = if classic { 0 } else { u64::from(KVM_DIRTY_LOG_MANUAL_PROTECT_ENABLE) };
+        match self.fd.enable_cap(&cap) {
+            Ok(()) => {
+                state.classic_get = classic;
+                true
+            }
+            Err(e) => {
+                // Either way every page read is re-armed once: classic reads
+                // re-arm more than a ranged query returns, never less.
+                log::warn!("switching KVM_GET_DIRTY_LOG to classic={classic} failed: {e}");
+                false
+            }
+        }
+    }
+
+    /// The reading a [`sync_dirty_log`](Self::sync_dirty_log) left to this
+    /// query of `start..end` with a budget of `max_pages`. A query that
+    /// takes every dirty-logged page reads the classic way, which also
+    /// re-arms; any other copies. Returns whether every logged page is
+    /// re-armed now (nothing left for `rearm`).
+    fn read_for_query(&self, state: &mut MapState, start: u64, end: u64, max_pages: usize) -> Result<bool, VmError> {
+        if !state.unread {
+            return Ok(false);
+        }
+        let logged = state.installed.iter().filter(|(r, _)| r.dirty_log);
+        let (mut pages, mut lo, mut hi) = (0u64, u64::MAX, 0u64);
+        for (region, _) in logged {
+            pages += region.len / PAGE_SIZE;
+            lo = lo.min(region.gpa.0);
+            hi = hi.max(region.end());
+        }
+        let whole = start <= lo && end >= hi && max_pages as u64 >= pages;
+        // Back to copying for a partial query; should KVM refuse, reads stay
+        // classic, which re-arm everything they copy.
+        let classic = if whole { self.set_classic_get(state, true) } else { !self.set_classic_get(state, false) };
+        self.read_logs(state)?;
+        state.unread = false;
+        Ok(classic)
+    }
+
     /// Returns (and clears) at most `max_pages` dirty pages in the guest
     /// physical range `start..start+len`, in address order, with the address
     /// to continue from if the budget ran out. Write tracking is re-armed for
-    /// exactly the pages returned, before this returns: a page written after
-    /// it was collected is reported again. Aliased pages are reported once,
-    /// at the first address in the range that maps them.
+    /// the pages returned before this returns: a page written after it was
+    /// collected is reported again. A query that takes part of the log
+    /// re-arms exactly what it returns (so it stalls the guest for those
+    /// pages only); the first query after a sync that covers every
+    /// dirty-logged region with a budget no smaller than their pages reads
+    /// and re-arms each slot in one `KVM_GET_DIRTY_LOG`, as a raw VMM would.
+    /// Aliased pages are reported once, at the first address in the range
+    /// that maps them.
     pub fn collect_dirty(&self, start: GuestAddress, len: u64, max_pages: usize) -> Result<DirtyPages, VmError> {
         let mut out = DirtyPages::default();
         self.collect_dirty_into(start, len, max_pages, &mut out)?;
@@ -282,6 +353,7 @@ impl Vm {
         out.next = None;
         let end = start.0.saturating_add(len);
         let mut state = self.shared.state.lock().unwrap_or_else(|p| p.into_inner());
+        let armed = self.read_for_query(&mut state, start.0, end, max_pages)?;
         let MapState { installed, bitmaps, taken, rearm_bits, .. } = &mut *state;
         let first = installed.partition_point(|(r, _)| r.end() <= start.0);
         // Backing words taken, for all regions; `spans` says whose they are.
@@ -302,7 +374,9 @@ impl Vm {
             let budget = max_pages - out.pages.len();
             let pages = &mut out.pages;
             let (_, resume) = bitmap.take(to_page(lo), to_page(hi + PAGE_SIZE - 1), budget, |w, mut bits| {
-                taken.push((w, bits));
+                if !armed {
+                    taken.push((w, bits));
+                }
                 let (base, before) = (w as u64 * 64, pages.len());
                 while bits != 0 {
                     pages.push(to_gpa(base + u64::from(bits.trailing_zeros())));
@@ -320,7 +394,7 @@ impl Vm {
                 break;
             }
         }
-        if self.manual_protect && self.shared.ring_bytes == 0 {
+        if self.manual_protect && self.shared.ring_bytes == 0 && !armed {
             for &(backing, from, to) in spans.iter().filter(|(_, from, to)| to > from) {
                 self.rearm(installed, backing, &taken[from..to], rearm_bits)?;
             }

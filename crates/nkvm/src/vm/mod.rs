@@ -150,6 +150,12 @@ pub struct Vm {
     shared: Arc<DirtyShared>,
     gate: Arc<PauseGate>,
     manual_protect: bool,
+    /// A query that takes every logged page may read KVM's logs the classic
+    /// way (`KVM_GET_DIRTY_LOG` clearing and re-protecting as it copies, one
+    /// call per slot) instead of copy + `KVM_CLEAR_DIRTY_LOG`: manual
+    /// protection without `INITIALLY_SET` (which KVM lets a VMM turn off and
+    /// on again at any time).
+    classic_reads: bool,
     /// nkvm marks every page of a region dirty when its logging starts
     /// ([`DirtyLogStart::AllDirty`] where KVM cannot do it).
     mark_all_at_start: bool,
@@ -191,6 +197,12 @@ struct MapState {
     rearm_bits: Vec<u64>,
     /// Scratch for `harvest_slot`: the bitmap KVM_GET_DIRTY_LOG fills.
     harvest_bits: Vec<u64>,
+    /// A sync was asked for and KVM's logs are not yet read into the
+    /// bitmaps: the next query reads them, knowing how much it takes.
+    unread: bool,
+    /// KVM's `KVM_GET_DIRTY_LOG` currently clears and re-protects what it
+    /// copies (manual protection switched off for a whole-log read).
+    classic_get: bool,
 }
 
 impl fmt::Debug for Vm {
@@ -292,6 +304,7 @@ impl Vm {
             }),
             gate: PauseGate::new(),
             manual_protect,
+            classic_reads: manual_protect && !initially_set,
             mark_all_at_start: all_dirty && !initially_set,
             coalesced_mmio: caps.coalesced_mmio,
             io: Arc::new(IoRegions::default()),
