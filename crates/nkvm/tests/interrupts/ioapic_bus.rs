@@ -270,6 +270,89 @@ fn a_bad_or_dead_apic_bus_peer_is_reported_not_hung_on() {
     drop(bus_peer(&vm));
 }
 
+/// A peer that stops reading EOIs (its socket full) fails the bus once one
+/// blocked EOI send has waited 5 s: the vCPU that sent it goes on, and the
+/// peer sees the end of the bus after the EOIs it left unread.
+#[test]
+fn a_peer_that_stops_reading_eois_fails_the_bus_not_the_vcpu() {
+    use nkvm_wire::apic::{DeliveryMode, DestinationMode, TriggerMode};
+    use std::os::fd::AsRawFd;
+    let vm = irq_vm(1);
+    install_idt(&vm, true);
+    let (vm_end, dev_end) = UnixStream::pair().unwrap();
+    // The smallest send buffer the kernel allows: a few EOI frames fill it.
+    let one: libc::c_int = 1;
+    // SAFETY: `vm_end` is an open socket; the option value is a c_int that
+    // lives for the call, and its size is passed.
+    let rc = unsafe {
+        libc::setsockopt(
+            vm_end.as_raw_fd(),
+            libc::SOL_SOCKET,
+            libc::SO_SNDBUF,
+            (&one as *const libc::c_int).cast(),
+            std::mem::size_of::<libc::c_int>() as libc::socklen_t,
+        )
+    };
+    assert_eq!(rc, 0, "SO_SNDBUF: {}", std::io::Error::last_os_error());
+    let dev = thread::spawn(move || {
+        let (mut r, mut w) = (dev_end.try_clone().unwrap(), dev_end);
+        nkvm_wire::apic::device_handshake(&mut r, &mut w, nkvm_wire::handshake::VersionRange::CURRENT).unwrap();
+        (r, w)
+    });
+    vm.attach_apic_bus(vm_end).unwrap();
+    let (mut reader, mut writer) = dev.join().unwrap();
+    let run = Running::start(waiting_guest(&vm, 0, VcpuConfig::default(), |_| {}));
+    run.expect_ready();
+    // Level-triggered: every delivery ends in an EOI the VM sends back.
+    let level = InterruptMessage {
+        destination: 0,
+        destination_mode: DestinationMode::Physical,
+        delivery_mode: DeliveryMode::Fixed,
+        vector: 0x50,
+        trigger_mode: TriggerMode::Level,
+        level: true,
+    };
+    let mut delivered = 0;
+    let stalled = loop {
+        if writer.write_all(&level.encode()).is_err() {
+            break Instant::now(); // the bus is already down
+        }
+        match run.exits.recv_timeout(Duration::from_secs(2)) {
+            Ok(exit) => assert_eq!(exit, Exit::IoOut { port: REPORT, size: 4, data: 0x50 }),
+            // No report: the vCPU is in a blocked EOI send.
+            Err(_) => break Instant::now(),
+        }
+        delivered += 1;
+        assert!(delivered < 5000, "{delivered} EOIs went out and never filled the socket");
+    };
+    let failure = loop {
+        if let Some(f) = vm.apic_bus_failure() {
+            break f;
+        }
+        if stalled.elapsed() > Duration::from_secs(30) {
+            // The vCPU thread is blocked for good: joining it would hang.
+            std::mem::forget(run);
+            panic!("a blocked EOI send held the vCPU for 30 s and the bus never failed");
+        }
+        thread::sleep(Duration::from_millis(10));
+    };
+    assert!(failure.contains("EOI"), "{failure}");
+    // The vCPU is free: a kick reaches it.
+    run.kicker.kick();
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while run.exits.recv_timeout(Duration::from_secs(10)).expect("the vCPU is stuck") != Exit::Kicked {
+        assert!(Instant::now() < deadline, "the vCPU never saw the kick");
+    }
+    // The peer reads the EOIs that did go out, then the end of the bus.
+    reader.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+    let mut eois = 0;
+    while let Some(frame) = nkvm_wire::apic::read_frame(&mut reader).expect("the VM side closed the bus cleanly") {
+        assert!(matches!(frame, ApicFrame::Eoi(_)), "{frame:?}");
+        eois += 1;
+    }
+    assert!(eois >= 1 && eois <= delivered, "{eois} EOIs read, {delivered} interrupts delivered");
+}
+
 /// The IOAPIC model of nkvm-devices at the other end of an APIC-bus socket,
 /// its registers attached to the VM as an in-process MMIO handler.
 struct BusSink(Arc<Mutex<UnixStream>>);
