@@ -82,13 +82,19 @@ pub fn spawn_bus(listener: UnixListener, bus: Bus, mut on_eoi: impl FnMut(u8) + 
         let Ok((stream, _)) = listener.accept() else { return };
         let (Ok(reader), mut w) = (stream.try_clone(), stream) else { return };
         let mut r = FdReader { stream: reader, fds: VecDeque::new() };
-        if let Err(e) = apic::device_handshake(&mut r, &mut w, VersionRange::APIC_BUS) {
-            return log::error!("APIC-bus handshake: {e}");
-        }
+        let version = match apic::device_handshake(&mut r, &mut w, VersionRange::APIC_BUS) {
+            Ok(handshake) => handshake.version,
+            Err(e) => return log::error!("APIC-bus handshake: {e}"),
+        };
         *bus.0.lock().unwrap_or_else(|p| p.into_inner()) = Some(Connected { stream: w, fast: HashMap::new() });
         let ended = loop {
             match apic::read_frame(&mut r) {
                 Ok(Some(ApicFrame::Eoi(e))) => on_eoi(e.vector),
+                // Fast paths are version 2: a version-1 peer that sends
+                // one does not speak the protocol it agreed to.
+                Ok(Some(ApicFrame::FastPath(m))) if version < 2 => {
+                    break Some(format!("a fast path for {m:?} on a version-{version} bus"));
+                }
                 Ok(Some(ApicFrame::FastPath(m))) => {
                     let Some(eventfd) = r.fds.pop_front() else {
                         break Some(format!("a fast path for {m:?} came without its eventfd"));
@@ -190,4 +196,53 @@ pub fn serve_region(
     let mut server = Server::accept_spinning(listener, spin).map_err(DeviceError::Serve)?;
     server.serve(device).map_err(DeviceError::Serve)?;
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use nkvm_wire::apic::{DeliveryMode, DestinationMode, TriggerMode};
+    use std::os::fd::AsRawFd;
+    use std::time::Duration;
+
+    /// The VM end of a bus served by `spawn_bus`, handshake done with `offered`.
+    fn vm_end(dir: &str, offered: VersionRange) -> UnixStream {
+        let path = std::env::temp_dir().join(format!("nkvm-bus-{dir}-{}", std::process::id()));
+        let listener = listen(&path).unwrap();
+        spawn_bus(listener, Bus::default(), |_| {});
+        let stream = UnixStream::connect(&path).unwrap();
+        let _ = std::fs::remove_file(&path);
+        stream.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+        let (mut r, mut w) = (stream.try_clone().unwrap(), stream.try_clone().unwrap());
+        apic::vm_handshake(&mut r, &mut w, 1, offered).unwrap();
+        stream
+    }
+
+    /// A fast-path offer, its eventfd attached, on `stream`.
+    fn offer(stream: &UnixStream) {
+        let edge = InterruptMessage {
+            destination: 0,
+            destination_mode: DestinationMode::Physical,
+            delivery_mode: DeliveryMode::Fixed,
+            vector: 0x40,
+            trigger_mode: TriggerMode::Edge,
+            level: true,
+        };
+        let evt = vmm_sys_util::eventfd::EventFd::new(0).unwrap();
+        let frame = edge.encode_fast_path();
+        assert_eq!(stream.send_with_fd(&frame[..], evt.as_raw_fd()).unwrap(), frame.len());
+    }
+
+    #[test]
+    fn a_fast_path_offer_on_a_version_1_bus_closes_it() {
+        let mut v1 = vm_end("v1", VersionRange::CURRENT);
+        offer(&v1);
+        assert_eq!(v1.read(&mut [0u8; 16]).expect("the bus was left open"), 0, "the device side closed it");
+        // On a version-2 bus the same offer is taken, and the bus stays.
+        let mut v2 = vm_end("v2", VersionRange::APIC_BUS);
+        offer(&v2);
+        v2.set_read_timeout(Some(Duration::from_millis(300))).unwrap();
+        let err = v2.read(&mut [0u8; 16]).expect_err("the version-2 bus was closed or answered");
+        assert!(matches!(err.kind(), io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut), "{err}");
+    }
 }
