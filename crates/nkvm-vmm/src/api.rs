@@ -6,6 +6,7 @@
 use std::io::{self, BufRead, BufReader, Read, Write};
 use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::Path;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -19,20 +20,36 @@ use crate::running::{Running, RunningError};
 pub fn serve(path: &Path, running: Arc<Running>) -> io::Result<()> {
     let _ = std::fs::remove_file(path);
     let listener = UnixListener::bind(path)?;
-    std::thread::Builder::new().name("api".into()).spawn(move || {
-        for conn in listener.incoming().flatten() {
-            let running = running.clone();
-            let spawned = std::thread::Builder::new().name("api-conn".into()).spawn(move || {
-                if let Err(e) = handle(conn, &running) {
-                    log::debug!("api connection: {e}");
-                }
-            });
-            if let Err(e) = spawned {
-                log::warn!("api: cannot serve a connection: {e}");
-            }
-        }
-    })?;
+    std::thread::Builder::new().name("api".into()).spawn(move || serve_on(listener, running, MAX_CONNECTIONS))?;
     Ok(())
+}
+
+/// How many API connections are served at once (a thread each); one more
+/// is told so and closed.
+const MAX_CONNECTIONS: usize = 64;
+
+/// Takes the connections of `listener`, at most `max` served at once.
+fn serve_on(listener: UnixListener, running: Arc<Running>, max: usize) {
+    let open = Arc::new(AtomicUsize::new(0));
+    for mut conn in listener.incoming().flatten() {
+        if open.fetch_add(1, Ordering::SeqCst) >= max {
+            open.fetch_sub(1, Ordering::SeqCst);
+            log::warn!("api: {max} connections already open: one more refused");
+            let _ = writeln!(conn, "{}", error(format!("too many API connections ({max} open): try again later")));
+            continue;
+        }
+        let (running, served) = (running.clone(), open.clone());
+        let spawned = std::thread::Builder::new().name("api-conn".into()).spawn(move || {
+            if let Err(e) = handle(conn, &running) {
+                log::debug!("api connection: {e}");
+            }
+            served.fetch_sub(1, Ordering::SeqCst);
+        });
+        if let Err(e) = spawned {
+            open.fetch_sub(1, Ordering::SeqCst);
+            log::warn!("api: cannot serve a connection: {e}");
+        }
+    }
 }
 
 /// The longest request line taken (a request is a few hundred bytes).
@@ -182,6 +199,47 @@ mod tests {
     use crate::builtin_machine::attach_devices;
     use crate::machine::Shared;
     use crate::snapshot::MachineConfig;
+
+    /// Connections beyond the limit are told so and closed; once one of
+    /// those served closes, the next is served.
+    #[test]
+    fn connections_beyond_the_limit_are_refused_until_one_closes() {
+        let hv = nkvm::Hypervisor::open().unwrap();
+        let vm =
+            Arc::new(nkvm::Vm::new(&hv, &nkvm::VmConfig { vcpus: 1, memory: 4 << 20, ..Default::default() }).unwrap());
+        let devices = attach_devices(&vm).unwrap();
+        let running = Arc::new(Running::new(vm, Arc::new(Shared::new(1)), devices, MachineConfig::builtin(1, 4 << 20)));
+        let path = std::env::temp_dir().join(format!("nkvm-api-limit-{}.sock", std::process::id()));
+        let _ = std::fs::remove_file(&path);
+        let listener = UnixListener::bind(&path).unwrap();
+        std::thread::spawn(move || serve_on(listener, running, 3));
+        let info = |conn: &mut UnixStream| -> Value {
+            conn.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+            writeln!(conn, r#"{{"command":"info"}}"#).unwrap();
+            let mut line = String::new();
+            BufReader::new(conn.try_clone().unwrap()).read_line(&mut line).unwrap();
+            serde_json::from_str(&line).unwrap_or_else(|e| panic!("{e}: {line:?}"))
+        };
+        let mut held: Vec<UnixStream> = (0..3).map(|_| UnixStream::connect(&path).unwrap()).collect();
+        for conn in &mut held {
+            assert_eq!(info(conn)["ok"], true);
+        }
+        let mut extra = UnixStream::connect(&path).unwrap();
+        let answer = info(&mut extra);
+        assert!(answer["error"].as_str().unwrap().contains("too many API connections (3 open)"), "{answer}");
+        drop(held.pop());
+        // The served thread notices the close; then there is room again.
+        let deadline = std::time::Instant::now() + Duration::from_secs(10);
+        loop {
+            let mut next = UnixStream::connect(&path).unwrap();
+            if info(&mut next)["ok"] == true {
+                break;
+            }
+            assert!(std::time::Instant::now() < deadline, "a closed connection's place never came back");
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        let _ = std::fs::remove_file(&path);
+    }
 
     /// While one command holds the guest (here: a snapshot being written),
     /// another that would pause or resume it is refused by name, not run
