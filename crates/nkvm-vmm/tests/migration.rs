@@ -231,8 +231,8 @@ fn an_operator_cancels_a_migration_stuck_on_a_stalled_destination() {
 /// destination forwards everything but the source's `GO` (type 7), and
 /// cuts both sides there. The destination never heard `GO`, so it must not
 /// run the guest; the source sent it, so it cannot know: it keeps the guest
-/// paused ("in-doubt") until the operator resumes it, and a later
-/// migration still works.
+/// paused ("in-doubt") until the operator resumes it (`ctl migrate --wait`
+/// returns, failed), and a later migration still works.
 #[test]
 fn a_link_lost_at_the_commit_never_runs_the_guest_twice() {
     let dir = scratch("migrate-commit");
@@ -267,8 +267,15 @@ fn a_link_lost_at_the_commit_never_runs_the_guest_twice() {
             to_dest.write_all(&payload).unwrap();
         }
     });
-    assert_eq!(ctl(&api, &["migrate", &proxy_addr])["ok"], true);
+    // `--wait` returns once the migration is in doubt, with exit status 1.
+    let waited = nkvm_process::nkvm()
+        .args(["ctl", "--api-socket", api.to_str().unwrap(), "migrate", "--wait", &proxy_addr])
+        .output()
+        .unwrap();
     cut.join().unwrap();
+    let said = String::from_utf8_lossy(&waited.stdout);
+    assert_eq!(waited.status.code(), Some(1), "`ctl migrate --wait` on a migration in doubt: {said}");
+    assert!(said.lines().last().is_some_and(|l| l.contains("\"in-doubt\"")), "{said}");
     // The destination was ready and never told to run: it ends, unrun.
     assert!(!dest.wait_exit(), "the destination must fail: {}", dest.stderr());
     assert!(dest.stderr().contains("GO") || dest.stderr().contains("link failed"), "{}", dest.stderr());
