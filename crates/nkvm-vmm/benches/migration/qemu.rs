@@ -107,6 +107,15 @@ fn summary(info: &Value) -> String {
     )
 }
 
+/// Boots `image` and measures its dirtying rate only (MB/s; printed).
+pub fn steady_rate(dir: &Path, image: &Image) -> f64 {
+    let mut vm = Vm::start(image, dir.join("qemu-probe.qmp"), None);
+    vm.proc.wait_ticks(SETTLE_TICKS);
+    let rate = steady_row(&vm.proc, image).dirtied_mb_s;
+    vm.proc.kill();
+    rate
+}
+
 /// Boots `image`, measures its dirtying rate, snapshots and restores it
 /// `runs` times when `snapshots` is set, then migrates it `runs` times in
 /// a chain (each destination is the next source).

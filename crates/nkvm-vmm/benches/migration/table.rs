@@ -18,7 +18,20 @@ pub struct Line {
     /// The guest QEMU ran.
     pub qemu_image: Image,
     /// Figures beside the rows, with no target of their own.
-    pub info: bool,
+    pub info: Info,
+}
+
+/// What a row beside the rows holds.
+#[derive(Clone, Copy, PartialEq)]
+pub enum Info {
+    /// One of the rows (a target applies).
+    No,
+    /// nkvm's guest slowed to the rate QEMU's managed (QEMU's figures are
+    /// the busiest row's).
+    NkvmAtQemusRate,
+    /// QEMU's guest sped up to the rate nkvm's managed (nkvm's figures are
+    /// the busiest row's).
+    QemuAtNkvmsRate,
 }
 
 fn verdict(met: bool) -> &'static str {
@@ -63,10 +76,16 @@ pub fn print(rows: &[Line], snaps: &(SnapRestore, SnapRestore)) {
         "", "", "", "MB/s", "ms", "guest ms", "VMM ms", "", "MB", "in seq"
     );
     for Line { name, rate, nkvm: n, qemu: q, nkvm_image: ni, qemu_image: qi, info } in rows {
-        if *info {
-            line(name, "nkvm", ni, n);
+        if *info != Info::No {
+            let what = if *info == Info::NkvmAtQemusRate {
+                line(name, "nkvm", ni, n);
+                "nkvm's guest at the rate QEMU's managed in the busiest row"
+            } else {
+                line(name, "QEMU", qi, q);
+                "QEMU's guest storing more pages a tick, towards the rate nkvm's managed in the busiest row"
+            };
             println!(
-                "{:<16} info (no target): nkvm's guest at the rate QEMU's managed in the row above; total {:.1} vs QEMU's {:.1} ms, guest downtime {:.1} vs {:.1} ms",
+                "{:<16} info (no target): {what}; total nkvm {:.1} vs QEMU {:.1} ms, guest downtime {:.1} vs {:.1} ms",
                 "",
                 n.total_ms(),
                 q.total_ms(),
