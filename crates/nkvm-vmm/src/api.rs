@@ -200,15 +200,20 @@ mod tests {
     use crate::machine::Shared;
     use crate::snapshot::MachineConfig;
 
-    /// Connections beyond the limit are told so and closed; once one of
-    /// those served closes, the next is served.
-    #[test]
-    fn connections_beyond_the_limit_are_refused_until_one_closes() {
+    /// A real VM with the built-in machine's devices, not started.
+    fn running() -> Arc<Running> {
         let hv = nkvm::Hypervisor::open().unwrap();
         let vm =
             Arc::new(nkvm::Vm::new(&hv, &nkvm::VmConfig { vcpus: 1, memory: 4 << 20, ..Default::default() }).unwrap());
         let devices = attach_devices(&vm).unwrap();
-        let running = Arc::new(Running::new(vm, Arc::new(Shared::new(1)), devices, MachineConfig::builtin(1, 4 << 20)));
+        Arc::new(Running::new(vm, Arc::new(Shared::new(1)), devices, MachineConfig::builtin(1, 4 << 20)))
+    }
+
+    /// Connections beyond the limit are told so and closed; once one of
+    /// those served closes, the next is served.
+    #[test]
+    fn connections_beyond_the_limit_are_refused_until_one_closes() {
+        let running = running();
         let path = std::env::temp_dir().join(format!("nkvm-api-limit-{}.sock", std::process::id()));
         let _ = std::fs::remove_file(&path);
         let listener = UnixListener::bind(&path).unwrap();
@@ -246,11 +251,7 @@ mod tests {
     /// across it; `info` still answers.
     #[test]
     fn commands_that_pause_or_resume_the_guest_wait_for_each_other() {
-        let hv = nkvm::Hypervisor::open().unwrap();
-        let vm =
-            Arc::new(nkvm::Vm::new(&hv, &nkvm::VmConfig { vcpus: 1, memory: 4 << 20, ..Default::default() }).unwrap());
-        let devices = attach_devices(&vm).unwrap();
-        let running = Arc::new(Running::new(vm, Arc::new(Shared::new(1)), devices, MachineConfig::builtin(1, 4 << 20)));
+        let running = running();
         let snapshot_under_way = running.exclusive().unwrap();
         for request in [
             r#"{"command":"migrate","to":"unix:/nonexistent/nkvm.sock"}"#,
