@@ -104,7 +104,7 @@ impl PageBitmap {
     }
 
     /// ORs `bits` into word `w` (bits past the last page are dropped).
-    fn or_word(&mut self, w: usize, bits: u64) {
+    pub(crate) fn or_word(&mut self, w: usize, bits: u64) {
         let bits = bits & self.valid(w);
         if bits != 0 {
             self.words[w] |= bits;

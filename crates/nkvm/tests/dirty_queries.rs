@@ -17,9 +17,12 @@ use iced_x86::code_asm::*;
 use nkvm::{Backing, DirtyLogMode, DirtyLogStart, GuestAddress, MemoryMap, Region, Vm, VmConfig, PAGE_SIZE};
 
 const RAM: u64 = 4 << 20;
-/// The dirty-logged data region: 256 pages at 16 MiB.
+/// The dirty-logged data region at 16 MiB: 4352 pages, so a whole query
+/// scans one 4096-page stretch KVM wrote straight into the bitmap.
 const DATA: u64 = 0x100_0000;
-const DATA_PAGES: u64 = 256;
+const DATA_PAGES: u64 = 4096 + 256;
+/// Where a test maps an alias of the data region's first 64 pages.
+const ALIAS: u64 = 0x400_0000;
 /// A flag in RAM the host sets to stop the writing guest.
 const STOP: u64 = 0x30_0000;
 
@@ -37,9 +40,21 @@ fn logged_vm(start: DirtyLogStart) -> (Vm, Backing) {
         ..Default::default()
     });
     let data = Backing::new("data", DATA_PAGES * PAGE_SIZE).unwrap();
-    let region = Region::new(GuestAddress(DATA), &data, 0, DATA_PAGES * PAGE_SIZE).dirty_logged();
-    vm.set_memory_map(MemoryMap::new(vec![Region::new(GuestAddress(0), vm.ram(), 0, RAM), region]).unwrap()).unwrap();
+    vm.set_memory_map(map(&vm, &data, false)).unwrap();
     (vm, data)
+}
+
+/// RAM, the logged data region, and with `alias` a logged alias of its
+/// first 64 pages at [`ALIAS`].
+fn map(vm: &Vm, data: &Backing, alias: bool) -> MemoryMap {
+    let mut regions = vec![
+        Region::new(GuestAddress(0), vm.ram(), 0, RAM),
+        Region::new(GuestAddress(DATA), data, 0, DATA_PAGES * PAGE_SIZE).dirty_logged(),
+    ];
+    if alias {
+        regions.push(Region::new(GuestAddress(ALIAS), data, 0, 64 * PAGE_SIZE).dirty_logged());
+    }
+    MemoryMap::new(regions).unwrap()
 }
 
 /// Page numbers of every dirty page, in one query that takes everything.
@@ -117,6 +132,55 @@ fn whole_and_partial_queries_report_each_write_once_and_rewrites_again() {
         vm.sync_dirty_log().unwrap();
         assert_eq!(take_all(&vm), Vec::<u64>::new(), "{start:?}");
     }
+}
+
+/// Map changes while KVM reads the classic way (after a whole query): an
+/// alias added and written through, then removed (its log harvested by a
+/// classic read), lose no write and report none twice.
+#[test]
+fn map_changes_after_a_whole_query_lose_no_write() {
+    let (vm, data) = logged_vm(DirtyLogStart::Clean);
+    let mut vcpu = long_mode_guest(&vm, 0, |a| {
+        let store = |a: &mut CodeAssembler, gpa: u64| {
+            a.mov(rbx, gpa).unwrap();
+            a.mov(qword_ptr(rbx), rbx).unwrap();
+        };
+        store(a, DATA + 2 * PAGE_SIZE);
+        a.hlt().unwrap();
+        store(a, ALIAS + 5 * PAGE_SIZE);
+        store(a, DATA + 7 * PAGE_SIZE);
+        a.hlt().unwrap();
+        store(a, ALIAS + 11 * PAGE_SIZE);
+        a.hlt().unwrap();
+        store(a, DATA + 9 * PAGE_SIZE);
+        a.hlt().unwrap();
+    });
+    let burst = |vcpu: &mut nkvm::Vcpu| assert!(run_to_hlt_within(vcpu, Duration::from_secs(60)).is_empty());
+    let everything = |vm: &Vm| -> Vec<u64> {
+        let dirty = vm.collect_dirty(GuestAddress(0), u64::MAX, usize::MAX).unwrap();
+        dirty.pages.iter().map(|gpa| (gpa.0 - DATA) / PAGE_SIZE).collect()
+    };
+    burst(&mut vcpu);
+    vm.sync_dirty_log().unwrap();
+    assert_eq!(everything(&vm), [2], "a whole query (classic read)");
+    // Added while KVM reads the classic way.
+    vm.set_memory_map(map(&vm, &data, true)).unwrap();
+    burst(&mut vcpu);
+    vm.sync_dirty_log().unwrap();
+    // The data region's range alone is not the whole log now (the alias is
+    // outside it): read by copying; the alias's page shows at its first address.
+    assert_eq!(take_all(&vm), [5, 7]);
+    vm.sync_dirty_log().unwrap();
+    assert_eq!(everything(&vm), Vec::<u64>::new(), "reported twice");
+    // Written through the alias, which then goes while KVM reads the
+    // classic way (the last query was whole): harvested, not lost.
+    burst(&mut vcpu);
+    vm.set_memory_map(map(&vm, &data, false)).unwrap();
+    burst(&mut vcpu);
+    vm.sync_dirty_log().unwrap();
+    assert_eq!(take_by(&vm, 1), [9, 11]);
+    vm.sync_dirty_log().unwrap();
+    assert_eq!(everything(&vm), Vec::<u64>::new(), "reported twice");
 }
 
 #[test]

@@ -227,8 +227,8 @@ fn rearm_through_an_unaligned_alias_touches_only_returned_pages() {
         // Aliased pages are reported once, at the first address that maps them.
         let d = vm.collect_dirty(GuestAddress(base), u64::MAX - base, usize::MAX).unwrap();
         assert_eq!(d.pages, [6u64, 7, 40, 68].map(page), "{mode:?}: phase 1");
-        // The phase-2 writes came after the sync: the collection above must not
-        // have re-armed (and so dropped) them.
+        // The phase-2 writes came after the first query read the logs: the
+        // collection above must not have re-armed (and so dropped) them.
         vm.sync_dirty_log().unwrap();
         let d = vm.collect_dirty(GuestAddress(base), u64::MAX - base, usize::MAX).unwrap();
         assert_eq!(d.pages, [3u64, 9, 70].map(page), "{mode:?}: phase 2");

@@ -231,11 +231,14 @@ impl Vm {
     /// backing object). Call it before
     /// [`collect_dirty`](Self::collect_dirty) to see the latest writes.
     ///
-    /// With bitmaps and manual protection, KVM's logs are read by the next
-    /// query rather than here (so it sees writes up to the query, a
-    /// superset): a query that takes every logged page then reads and
-    /// re-arms each slot in one `KVM_GET_DIRTY_LOG`, and any other query
-    /// copies the logs and re-arms only what it returns.
+    /// With bitmaps and manual protection (unless KVM starts logs all set,
+    /// [`DirtyLogStart::AllDirty`](crate::DirtyLogStart::AllDirty) where the
+    /// host has `KVM_DIRTY_LOG_INITIALLY_SET`), KVM's logs are read by the
+    /// next query, of any range, rather than here: it sees writes up to the
+    /// query (a superset), and a read that fails fails that query. If that
+    /// query takes every logged page it reads and re-arms each slot in one
+    /// `KVM_GET_DIRTY_LOG`; any other copies the logs, and queries re-arm
+    /// only what they return.
     pub fn sync_dirty_log(&self) -> Result<(), VmError> {
         self.drain_dirty_sources();
         let mut state = self.shared.state.lock().unwrap_or_else(|p| p.into_inner());
@@ -261,10 +264,14 @@ impl Vm {
 
     /// Sets whether `KVM_GET_DIRTY_LOG` clears and re-protects what it
     /// copies (`classic`) or only copies (manual protection). Returns
-    /// whether KVM now reads that way.
+    /// whether KVM now reads that way. After KVM refused once, whole-log
+    /// queries no longer ask (they read by copying, as partial ones do).
     fn set_classic_get(&self, state: &mut MapState, classic: bool) -> bool {
         if state.classic_get == classic {
             return true;
+        }
+        if classic && state.classic_refused {
+            return false;
         }
         let mut cap = kvm_enable_cap { cap: KVM_CAP_MANUAL_DIRTY_LOG_PROTECT2, ..Default::default() };
         cap.args[0] = if classic { 0 } else { u64::from(KVM_DIRTY_LOG_MANUAL_PROTECT_ENABLE) };
@@ -276,7 +283,10 @@ impl Vm {
             Err(e) => {
                 // Either way every page read is re-armed once: classic reads
                 // re-arm more than a ranged query returns, never less.
-                log::warn!("switching KVM_GET_DIRTY_LOG to classic={classic} failed: {e}");
+                if !state.classic_refused {
+                    log::warn!("switching KVM_GET_DIRTY_LOG to classic={classic} failed: {e}");
+                }
+                state.classic_refused = true;
                 false
             }
         }
@@ -315,7 +325,11 @@ impl Vm {
     /// re-arms exactly what it returns (so it stalls the guest for those
     /// pages only); the first query after a sync that covers every
     /// dirty-logged region with a budget no smaller than their pages reads
-    /// and re-arms each slot in one `KVM_GET_DIRTY_LOG`, as a raw VMM would.
+    /// and re-arms each slot in one `KVM_GET_DIRTY_LOG`, as a raw VMM would
+    /// (see [`sync_dirty_log`](Self::sync_dirty_log); should KVM refuse to
+    /// switch back to copying, reads keep re-arming whole slots: more than
+    /// returned, never less). On an error nothing is returned and the pages
+    /// taken stay in the log.
     /// Aliased pages are reported once, at the first address in the range
     /// that maps them.
     pub fn collect_dirty(&self, start: GuestAddress, len: u64, max_pages: usize) -> Result<DirtyPages, VmError> {
@@ -396,7 +410,19 @@ impl Vm {
         }
         if self.manual_protect && self.shared.ring_bytes == 0 && !armed {
             for &(backing, from, to) in spans.iter().filter(|(_, from, to)| to > from) {
-                self.rearm(installed, backing, &taken[from..to], rearm_bits)?;
+                if let Err(e) = self.rearm(installed, backing, &taken[from..to], rearm_bits) {
+                    // The pages go back into the log: KVM may no longer hold
+                    // their bits (a classic read took them), and a page taken
+                    // but not returned must not be lost.
+                    for &(backing, from, to) in &spans {
+                        if let Some(bitmap) = bitmaps.get_mut(&backing) {
+                            taken[from..to].iter().for_each(|&(w, bits)| bitmap.or_word(w, bits));
+                        }
+                    }
+                    out.pages.clear();
+                    out.next = None;
+                    return Err(e);
+                }
             }
         }
         Ok(())

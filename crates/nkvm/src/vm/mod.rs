@@ -203,6 +203,8 @@ struct MapState {
     /// KVM's `KVM_GET_DIRTY_LOG` currently clears and re-protects what it
     /// copies (manual protection switched off for a whole-log read).
     classic_get: bool,
+    /// KVM refused to switch: whole-log queries read by copying too.
+    classic_refused: bool,
 }
 
 impl fmt::Debug for Vm {
