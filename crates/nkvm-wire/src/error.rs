@@ -203,6 +203,16 @@ pub enum WireError {
         /// The announced length.
         total: u32,
     },
+    /// The device's state did not arrive within the deadline
+    /// ([`STATE_DEADLINE`](crate::ioregion::STATE_DEADLINE)).
+    StateTooSlow {
+        /// Bytes received by then.
+        received: usize,
+        /// The length the device announced.
+        total: u32,
+        /// The deadline.
+        limit: std::time::Duration,
+    },
     /// The device's model has no saved state.
     NoDeviceState,
     /// The device's model refused the state it was given.
@@ -303,6 +313,10 @@ impl fmt::Display for WireError {
                 f,
                 "a device state of {total} bytes is more than the {} nkvm takes",
                 crate::ioregion::state::MAX_STATE_LEN
+            ),
+            StateTooSlow { received, total, limit } => write!(
+                f,
+                "the device sent {received} of its {total} state bytes in {limit:?}, the most a state may take"
             ),
             NoDeviceState => write!(f, "the device model has no saved state"),
             StateRefused { reason } => write!(f, "the device model refused the state: {reason}"),

@@ -30,7 +30,7 @@ pub mod state;
 #[cfg(test)]
 mod tests;
 
-pub use client::Client;
+pub use client::{Client, STATE_DEADLINE};
 pub use hello::{device_handshake, vm_handshake, Handshake, Hello, RegionInfo};
 pub use in_flight::InFlight;
 pub use reply::Reply;

@@ -3,7 +3,7 @@
 
 use std::io::{BufWriter, Read, Write};
 use std::os::unix::net::UnixStream;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use super::{
     read_frame, vm_handshake, write_frame, AccessSize, Handshake, InFlight, IoFrame, Op, RegionInfo, Reply, Request,
@@ -23,7 +23,15 @@ pub struct Client<R: Read, W: Write> {
     writer: BufWriter<W>,
     handshake: Handshake,
     in_flight: InFlight,
+    /// How long one state may take to arrive ([`STATE_DEADLINE`]).
+    pub(crate) state_deadline: Duration,
 }
+
+/// How long a device's state may take to arrive in all (each read is also
+/// bounded by the socket's own timeout): a model that sends its chunks
+/// slowly cannot hold a snapshot, or a switch-over with the guest paused,
+/// for longer. A whole 1 MiB state takes milliseconds.
+pub const STATE_DEADLINE: Duration = Duration::from_secs(10);
 
 impl Client<SpinStream, SpinStream> {
     /// Handshake over a connected stream socket, polling for up to `spin`
@@ -60,7 +68,7 @@ impl<R: Read, W: Write> Client<R, W> {
     pub fn connect(mut reader: R, writer: W, region: RegionInfo) -> Result<Self, WireError> {
         let mut writer = BufWriter::new(writer);
         let handshake = vm_handshake(&mut reader, &mut writer, region, VersionRange::IO_REGION)?;
-        Ok(Client { reader, writer, handshake, in_flight: InFlight::new() })
+        Ok(Client { reader, writer, handshake, in_flight: InFlight::new(), state_deadline: STATE_DEADLINE })
     }
 
     /// What the handshake agreed on.
@@ -184,11 +192,20 @@ impl<R: Read, W: Write> Client<R, W> {
     /// The state chunks answering tag `tag`, joined.
     fn read_chunks(&mut self, tag: u32) -> Result<Vec<u8>, WireError> {
         let mut assembly = super::StateAssembly::new(tag);
+        let (started, mut received) = (Instant::now(), 0usize);
         loop {
             match read_frame(&mut self.reader)? {
                 Some(IoFrame::StateChunk(chunk)) => {
                     if let Some(state) = assembly.push(&chunk)? {
                         return Ok(state);
+                    }
+                    received += usize::from(chunk.len);
+                    if started.elapsed() > self.state_deadline {
+                        return Err(WireError::StateTooSlow {
+                            received,
+                            total: chunk.total,
+                            limit: self.state_deadline,
+                        });
                     }
                 }
                 Some(other) => return Err(WireError::UnexpectedFrame { expected: "state chunk", found: other.name() }),

@@ -372,3 +372,34 @@ fn client_rejects_a_reply_for_a_tag_never_sent() {
     assert!(matches!(err, WireError::UnknownTag { tag: 0xbad }), "{err}");
     device.join().unwrap();
 }
+
+/// A device that drips its state, a chunk at a time, is given up on once
+/// the whole state has taken longer than the deadline (each read alone is
+/// quick enough for the socket's timeout).
+#[test]
+fn a_state_dripped_slowly_is_given_up_on_at_the_deadline() {
+    let (vm, device) = with_device(|s| {
+        let mut w = s.try_clone().unwrap();
+        device_handshake(&mut &s, &mut w, VersionRange::IO_REGION).unwrap();
+        let Ok(Some(IoFrame::StateRequest(request))) = read_frame(&mut &s) else { panic!("no state request") };
+        let state = vec![0x5a; 40 * state::STATE_CHUNK_DATA];
+        for chunk in StateChunk::split(request.tag, Some(&state)) {
+            thread::sleep(std::time::Duration::from_millis(20));
+            if write_frame(&mut w, &IoFrame::StateChunk(chunk)).is_err() {
+                return; // the VM side gave up and closed
+            }
+        }
+    });
+    let mut client = Client::over(vm, REGION).unwrap();
+    client.state_deadline = std::time::Duration::from_millis(150);
+    let started = std::time::Instant::now();
+    let err = client.save_state().unwrap_err();
+    assert!(
+        matches!(err, WireError::StateTooSlow { total, .. } if total as usize == 40 * state::STATE_CHUNK_DATA),
+        "{err}"
+    );
+    assert!(err.to_string().contains("state bytes in 150ms"), "{err}");
+    assert!(started.elapsed() < std::time::Duration::from_millis(600), "{:?}", started.elapsed());
+    drop(client);
+    device.join().unwrap();
+}
