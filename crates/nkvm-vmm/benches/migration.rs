@@ -185,11 +185,12 @@ fn at_qemus_rate(dir: &Path, busiest: &table::Line, nkvm_kind: Kind, tick_cycles
 /// dirties what nkvm's guest managed, when QEMU's ran more than 10% slower:
 /// the rate for both, beside the row. Its nkvm figures are
 /// the busiest row's. QEMU's guest keeps fewer ticks the more it stores, so
-/// up to three boots probe the pages a tick (scaled from each probe's rate)
-/// before the one that migrates; the table shows the rate it reached.
+/// up to three boots probe the pages a tick (scaled up or down from each
+/// probe's rate) before the one that migrates; the table shows the rate it
+/// reached, which can still differ from the last probe's.
 fn at_nkvms_rate(dir: &Path, busiest: &table::Line, tick_cycles: u32) -> Option<table::Line> {
     let (ours, theirs) = (busiest.nkvm.dirtied_mb_s, busiest.qemu.dirtied_mb_s);
-    if busiest.qemu.runs.is_empty() || theirs.is_nan() || theirs >= ours * 0.9 {
+    if busiest.qemu.runs.is_empty() || theirs.is_nan() || ours.is_nan() || theirs >= ours * 0.9 {
         return None;
     }
     let image = |pages: u32| {
@@ -198,7 +199,8 @@ fn at_nkvms_rate(dir: &Path, busiest: &table::Line, tick_cycles: u32) -> Option<
     };
     let (mut pages, mut rate) = (busiest.qemu_image.pages, theirs);
     for _ in 0..3 {
-        if rate >= ours * 0.95 || rate.is_nan() || rate <= 0.0 {
+        // Within 5% either way (a probe can overshoot: then fewer pages).
+        if (rate - ours).abs() <= ours * 0.05 || rate.is_nan() || rate <= 0.0 {
             break;
         }
         let scaled = (f64::from(pages) * ours / rate).round() as u32;

@@ -32,23 +32,38 @@ const MAX_CONNECTIONS: usize = 64;
 fn serve_on(listener: UnixListener, running: Arc<Running>, max: usize) {
     let open = Arc::new(AtomicUsize::new(0));
     for mut conn in listener.incoming().flatten() {
-        if open.fetch_add(1, Ordering::SeqCst) >= max {
-            open.fetch_sub(1, Ordering::SeqCst);
+        let Some(slot) = Slot::take(&open, max) else {
             log::warn!("api: {max} connections already open: one more refused");
             let _ = writeln!(conn, "{}", error(format!("too many API connections ({max} open): try again later")));
             continue;
-        }
-        let (running, served) = (running.clone(), open.clone());
+        };
+        let running = running.clone();
         let spawned = std::thread::Builder::new().name("api-conn".into()).spawn(move || {
+            // Given back when the thread ends, by return or by panic.
+            let _slot = slot;
             if let Err(e) = handle(conn, &running) {
                 log::debug!("api connection: {e}");
             }
-            served.fetch_sub(1, Ordering::SeqCst);
         });
         if let Err(e) = spawned {
-            open.fetch_sub(1, Ordering::SeqCst);
             log::warn!("api: cannot serve a connection: {e}");
         }
+    }
+}
+
+/// One of the connections `serve_on` serves at once, given back on drop.
+struct Slot(Arc<AtomicUsize>);
+
+impl Slot {
+    fn take(open: &Arc<AtomicUsize>, max: usize) -> Option<Slot> {
+        let taken = open.fetch_update(Ordering::SeqCst, Ordering::SeqCst, |n| (n < max).then_some(n + 1));
+        taken.ok().map(|_| Slot(open.clone()))
+    }
+}
+
+impl Drop for Slot {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::SeqCst);
     }
 }
 
@@ -162,11 +177,15 @@ pub fn ctl(socket: &Path, request: Value, wait: bool) -> Result<std::process::Ex
     }
     loop {
         std::thread::sleep(Duration::from_millis(20));
-        let Ok(info) = ask(socket, &json!({ "command": "info" })) else {
+        // Only a socket nobody listens on means the source has ended; an
+        // answer lost otherwise (refused over the connection limit, say)
+        // is asked for again.
+        let Ok(conn) = UnixStream::connect(socket) else {
             // The source ends right after the destination took the guest.
             println!("{}", json!({ "ok": true, "phase": "done", "note": "the source process has ended" }));
             return Ok(std::process::ExitCode::SUCCESS);
         };
+        let Ok(info) = exchange(conn, &json!({ "command": "info" })) else { continue };
         match info["migration"]["phase"].as_str() {
             Some("done") => {
                 println!("{info}");
@@ -183,11 +202,18 @@ pub fn ctl(socket: &Path, request: Value, wait: bool) -> Result<std::process::Ex
 }
 
 fn ask(socket: &Path, request: &Value) -> io::Result<Value> {
-    let mut conn = UnixStream::connect(socket)?;
-    writeln!(conn, "{request}")?;
+    exchange(UnixStream::connect(socket)?, request)
+}
+
+/// Sends `request` on `conn` and reads the answer. A refusal the VMM
+/// wrote before closing is read even if the request could not be sent.
+fn exchange(mut conn: UnixStream, request: &Value) -> io::Result<Value> {
+    let sent = writeln!(conn, "{request}");
     let mut line = String::new();
-    BufReader::new(conn).read_line(&mut line)?;
+    let read = BufReader::new(conn).read_line(&mut line);
     if line.is_empty() {
+        sent?;
+        read?;
         return Err(io::Error::new(io::ErrorKind::UnexpectedEof, "the VMM closed the API socket"));
     }
     serde_json::from_str(&line).map_err(io::Error::other)
@@ -209,6 +235,21 @@ mod tests {
         Arc::new(Running::new(vm, Arc::new(Shared::new(1)), devices, MachineConfig::builtin(1, 4 << 20)))
     }
 
+    /// A slot is given back when its holder ends, by a panic too.
+    #[test]
+    fn a_connection_slot_comes_back_even_after_a_panic() {
+        let open = Arc::new(AtomicUsize::new(0));
+        let first = Slot::take(&open, 1).expect("a free slot");
+        assert!(Slot::take(&open, 1).is_none(), "over the limit");
+        let held = std::thread::spawn(move || {
+            let _slot = first;
+            panic!("a request handler that panics");
+        });
+        assert!(held.join().is_err());
+        assert_eq!(open.load(Ordering::SeqCst), 0);
+        assert!(Slot::take(&open, 1).is_some());
+    }
+
     /// Connections beyond the limit are told so and closed; once one of
     /// those served closes, the next is served.
     #[test]
@@ -218,12 +259,11 @@ mod tests {
         let _ = std::fs::remove_file(&path);
         let listener = UnixListener::bind(&path).unwrap();
         std::thread::spawn(move || serve_on(listener, running, 3));
+        // As `nkvm ctl` asks: a refusal is read even if the request could
+        // not be sent (the VMM may close a refused connection first).
         let info = |conn: &mut UnixStream| -> Value {
             conn.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
-            writeln!(conn, r#"{{"command":"info"}}"#).unwrap();
-            let mut line = String::new();
-            BufReader::new(conn.try_clone().unwrap()).read_line(&mut line).unwrap();
-            serde_json::from_str(&line).unwrap_or_else(|e| panic!("{e}: {line:?}"))
+            exchange(conn.try_clone().unwrap(), &json!({ "command": "info" })).unwrap()
         };
         let mut held: Vec<UnixStream> = (0..3).map(|_| UnixStream::connect(&path).unwrap()).collect();
         for conn in &mut held {

@@ -268,10 +268,20 @@ fn a_link_lost_at_the_commit_never_runs_the_guest_twice() {
         }
     });
     // `--wait` returns once the migration is in doubt, with exit status 1.
-    let waited = nkvm_process::nkvm()
+    let mut waiting = nkvm_process::nkvm()
         .args(["ctl", "--api-socket", api.to_str().unwrap(), "migrate", "--wait", &proxy_addr])
-        .output()
+        .stdout(std::process::Stdio::piped())
+        .spawn()
         .unwrap();
+    let since = std::time::Instant::now();
+    while waiting.try_wait().unwrap().is_none() {
+        if since.elapsed() > std::time::Duration::from_secs(300) {
+            let _ = waiting.kill();
+            panic!("`ctl migrate --wait` still waiting after 300 s: {}", ctl(&api, &["info"]));
+        }
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    }
+    let waited = waiting.wait_with_output().unwrap();
     cut.join().unwrap();
     let said = String::from_utf8_lossy(&waited.stdout);
     assert_eq!(waited.status.code(), Some(1), "`ctl migrate --wait` on a migration in doubt: {said}");

@@ -43,14 +43,20 @@ impl SpinStream {
     /// the switch here and the call: the call then says "would block"
     /// without having waited. That is retried; a "would block" after the
     /// socket's own timeout (`timeout`, the read or write timeout) has
-    /// passed is the timeout and is returned.
+    /// passed since `start`, when the caller's call began, is the timeout
+    /// and is returned. (The caller's first try may itself have blocked,
+    /// for the whole timeout, had the other half switched the flag: then
+    /// nothing is tried again.)
     fn blocking<T>(
         &mut self,
+        start: Instant,
         timeout: fn(&UnixStream) -> io::Result<Option<Duration>>,
         mut f: impl FnMut(&mut UnixStream) -> io::Result<T>,
     ) -> io::Result<T> {
-        let start = Instant::now();
         loop {
+            if timeout(&self.stream)?.is_some_and(|t| start.elapsed() >= t) {
+                return Err(io::Error::new(io::ErrorKind::WouldBlock, "timed out (the socket's timeout passed)"));
+            }
             self.stream.set_nonblocking(false)?;
             let result = f(&mut self.stream);
             self.stream.set_nonblocking(true)?;
@@ -75,7 +81,7 @@ impl Read for SpinStream {
                     if start.elapsed() < self.spin {
                         std::hint::spin_loop();
                     } else {
-                        return self.blocking(UnixStream::read_timeout, |s| s.read(buf));
+                        return self.blocking(start, UnixStream::read_timeout, |s| s.read(buf));
                     }
                 }
                 Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
@@ -87,9 +93,10 @@ impl Read for SpinStream {
 
 impl Write for SpinStream {
     fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
+        let start = Instant::now();
         match self.stream.write(buf) {
             Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
-                self.blocking(UnixStream::write_timeout, |s| s.write(buf))
+                self.blocking(start, UnixStream::write_timeout, |s| s.write(buf))
             }
             other => other,
         }

@@ -1,7 +1,7 @@
 //! A blocking VM-side endpoint: one access at a time, posted writes
 //! batched until the next non-posted access or an explicit flush.
 
-use std::io::{BufWriter, Read, Write};
+use std::io::{self, BufWriter, Read, Write};
 use std::os::unix::net::UnixStream;
 use std::time::{Duration, Instant};
 
@@ -27,10 +27,11 @@ pub struct Client<R: Read, W: Write> {
     pub(crate) state_deadline: Duration,
 }
 
-/// How long a device's state may take to arrive in all (each read is also
-/// bounded by the socket's own timeout): a model that sends its chunks
-/// slowly cannot hold a snapshot, or a switch-over with the guest paused,
-/// for longer. A whole 1 MiB state takes milliseconds.
+/// How long a device's state may take to arrive in all: no read of it
+/// starts later (a read under way has the socket's own timeout), so a model
+/// that sends it slowly, by chunks or by bytes, cannot hold a snapshot, or
+/// a switch-over with the guest paused, for longer. A whole 1 MiB state
+/// takes milliseconds.
 pub const STATE_DEADLINE: Duration = Duration::from_secs(10);
 
 impl Client<SpinStream, SpinStream> {
@@ -192,21 +193,23 @@ impl<R: Read, W: Write> Client<R, W> {
     /// The state chunks answering tag `tag`, joined.
     fn read_chunks(&mut self, tag: u32) -> Result<Vec<u8>, WireError> {
         let mut assembly = super::StateAssembly::new(tag);
-        let (started, mut received) = (Instant::now(), 0usize);
+        let limit = self.state_deadline;
+        let mut reader = Until { inner: &mut self.reader, until: Instant::now() + limit };
+        let (mut received, mut total) = (0usize, 0u32);
         loop {
-            match read_frame(&mut self.reader)? {
+            let frame = match read_frame(&mut reader) {
+                Err(WireError::Io(e)) if e.kind() == io::ErrorKind::TimedOut && reader.passed() => {
+                    return Err(WireError::StateTooSlow { received, total, limit });
+                }
+                other => other?,
+            };
+            match frame {
                 Some(IoFrame::StateChunk(chunk)) => {
                     if let Some(state) = assembly.push(&chunk)? {
                         return Ok(state);
                     }
                     received += usize::from(chunk.len);
-                    if started.elapsed() > self.state_deadline {
-                        return Err(WireError::StateTooSlow {
-                            received,
-                            total: chunk.total,
-                            limit: self.state_deadline,
-                        });
-                    }
+                    total = chunk.total;
                 }
                 Some(other) => return Err(WireError::UnexpectedFrame { expected: "state chunk", found: other.name() }),
                 None => return Err(WireError::ShortRead { got: 0, expected: super::StateChunk::FRAME_LEN }),
@@ -247,5 +250,27 @@ impl<R: Read, W: Write> Client<R, W> {
             Some(other) => Err(WireError::UnexpectedFrame { expected: "reply", found: other.name() }),
             None => Err(WireError::ShortRead { got: 0, expected: Reply::FRAME_LEN }),
         }
+    }
+}
+
+/// A reader that starts no read after `until` (a read under way still has
+/// the socket's own timeout): what bounds a whole state's arrival.
+struct Until<'a, R> {
+    inner: &'a mut R,
+    until: Instant,
+}
+
+impl<R> Until<'_, R> {
+    fn passed(&self) -> bool {
+        Instant::now() > self.until
+    }
+}
+
+impl<R: Read> Read for Until<'_, R> {
+    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+        if self.passed() {
+            return Err(io::Error::new(io::ErrorKind::TimedOut, "the state's deadline has passed"));
+        }
+        self.inner.read(buf)
     }
 }

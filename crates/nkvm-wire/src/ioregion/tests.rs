@@ -373,33 +373,37 @@ fn client_rejects_a_reply_for_a_tag_never_sent() {
     device.join().unwrap();
 }
 
-/// A device that drips its state, a chunk at a time, is given up on once
-/// the whole state has taken longer than the deadline (each read alone is
-/// quick enough for the socket's timeout).
+/// A device that drips its state, a chunk or a byte at a time, is given up
+/// on once the state has taken longer than the deadline in all (each read
+/// alone is quick enough for the socket's timeout).
 #[test]
 fn a_state_dripped_slowly_is_given_up_on_at_the_deadline() {
-    let (vm, device) = with_device(|s| {
-        let mut w = s.try_clone().unwrap();
-        device_handshake(&mut &s, &mut w, VersionRange::IO_REGION).unwrap();
-        let Ok(Some(IoFrame::StateRequest(request))) = read_frame(&mut &s) else { panic!("no state request") };
-        let state = vec![0x5a; 40 * state::STATE_CHUNK_DATA];
-        for chunk in StateChunk::split(request.tag, Some(&state)) {
-            thread::sleep(std::time::Duration::from_millis(20));
-            if write_frame(&mut w, &IoFrame::StateChunk(chunk)).is_err() {
-                return; // the VM side gave up and closed
+    for by_byte in [false, true] {
+        let (vm, device) = with_device(move |s| {
+            let mut w = s.try_clone().unwrap();
+            device_handshake(&mut &s, &mut w, VersionRange::IO_REGION).unwrap();
+            let Ok(Some(IoFrame::StateRequest(request))) = read_frame(&mut &s) else { panic!("no state request") };
+            let state = vec![0x5a; 40 * state::STATE_CHUNK_DATA];
+            let mut bytes = Vec::new();
+            for chunk in StateChunk::split(request.tag, Some(&state)) {
+                write_frame(&mut bytes, &IoFrame::StateChunk(chunk)).unwrap();
             }
-        }
-    });
-    let mut client = Client::over(vm, REGION).unwrap();
-    client.state_deadline = std::time::Duration::from_millis(150);
-    let started = std::time::Instant::now();
-    let err = client.save_state().unwrap_err();
-    assert!(
-        matches!(err, WireError::StateTooSlow { total, .. } if total as usize == 40 * state::STATE_CHUNK_DATA),
-        "{err}"
-    );
-    assert!(err.to_string().contains("state bytes in 150ms"), "{err}");
-    assert!(started.elapsed() < std::time::Duration::from_millis(600), "{:?}", started.elapsed());
-    drop(client);
-    device.join().unwrap();
+            let step = if by_byte { 1 } else { StateChunk::FRAME_LEN };
+            for piece in bytes.chunks(step) {
+                thread::sleep(std::time::Duration::from_millis(20));
+                if w.write_all(piece).is_err() {
+                    return; // the VM side gave up and closed
+                }
+            }
+        });
+        let mut client = Client::over(vm, REGION).unwrap();
+        client.state_deadline = std::time::Duration::from_millis(150);
+        let started = std::time::Instant::now();
+        let err = client.save_state().unwrap_err();
+        assert!(matches!(err, WireError::StateTooSlow { .. }), "by byte {by_byte}: {err}");
+        assert!(err.to_string().contains("state bytes in 150ms"), "{err}");
+        assert!(started.elapsed() < std::time::Duration::from_millis(600), "{:?}", started.elapsed());
+        drop(client);
+        device.join().unwrap();
+    }
 }

@@ -313,14 +313,21 @@ fn a_peer_that_stops_reading_eois_fails_the_bus_not_the_vcpu() {
         level: true,
     };
     let mut delivered = 0;
-    let stalled = loop {
-        if writer.write_all(&level.encode()).is_err() {
-            break Instant::now(); // the bus is already down
+    // Interrupts until one gets no report because the bus has failed (its
+    // vCPU was in the blocked EOI send); `stalled` is when it was sent.
+    let stalled = 'feed: loop {
+        let sent = Instant::now();
+        if vm.apic_bus_failure().is_some() || writer.write_all(&level.encode()).is_err() {
+            break sent;
         }
-        match run.exits.recv_timeout(Duration::from_secs(2)) {
-            Ok(exit) => assert_eq!(exit, Exit::IoOut { port: REPORT, size: 4, data: 0x50 }),
-            // No report: the vCPU is in a blocked EOI send.
-            Err(_) => break Instant::now(),
+        loop {
+            match run.exits.recv_timeout(Duration::from_millis(200)) {
+                Ok(exit) => break assert_eq!(exit, Exit::IoOut { port: REPORT, size: 4, data: 0x50 }),
+                Err(_) if vm.apic_bus_failure().is_some() || sent.elapsed() > Duration::from_secs(60) => {
+                    break 'feed sent
+                }
+                Err(_) => {}
+            }
         }
         delivered += 1;
         assert!(delivered < 5000, "{delivered} EOIs went out and never filled the socket");
@@ -329,10 +336,10 @@ fn a_peer_that_stops_reading_eois_fails_the_bus_not_the_vcpu() {
         if let Some(f) = vm.apic_bus_failure() {
             break f;
         }
-        if stalled.elapsed() > Duration::from_secs(30) {
+        if stalled.elapsed() > Duration::from_secs(60) {
             // The vCPU thread is blocked for good: joining it would hang.
             std::mem::forget(run);
-            panic!("a blocked EOI send held the vCPU for 30 s and the bus never failed");
+            panic!("a blocked EOI send held the vCPU for 60 s and the bus never failed");
         }
         thread::sleep(Duration::from_millis(10));
     };
