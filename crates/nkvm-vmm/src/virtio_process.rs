@@ -34,6 +34,7 @@ use vhost::vhost_user::message::{VhostUserProtocolFeatures, VhostUserVirtioFeatu
 use vhost::vhost_user::Listener;
 use vhost_user_backend::bitmap::BitmapMmapRegion;
 use vhost_user_backend::{VhostUserBackendMut, VhostUserDaemon, VringRwLock, VringT};
+use virtio_queue::QueueT;
 use vm_memory::{
     FileOffset, GuestAddressSpace, GuestMemoryAtomic, GuestMemoryBackend, GuestMemoryMmap, GuestMemoryRegion,
 };
@@ -175,6 +176,13 @@ impl<D: VirtioDevice + Sync> VhostUserBackendMut for ModelBackend<D> {
         }
         let mut state = vring.get_mut();
         let queue = state.get_queue_mut();
+        if !queue.ready() {
+            // An event taken before the VMM stopped the queue
+            // (`GET_VRING_BASE`, for a save), handled after: nothing to do,
+            // the restart kicks the queue again. Processing it would fail,
+            // and an error ends vhost-user-backend's queue thread for good.
+            return Ok(());
+        }
         let batch = self.log_all.then(|| BatchWrites::before(queue, &self.mem));
         let used = self.model.process_queue(index, queue, &self.mem);
         // Logged even when the batch failed part-way: what it wrote stays
@@ -243,4 +251,33 @@ fn serve<D: VirtioDevice + Sync + 'static>(
     // exit event this backend does not provide, and dropping the daemon
     // joins that thread, so the process would outlive its VMM.
     std::process::exit(code)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A queue event handled after the VMM stopped the queue (a save's
+    /// `GET_VRING_BASE` between vhost-user-backend taking the event and
+    /// handing it over) is ignored. It used to be an error, which ended the
+    /// process's queue thread: the device then served nothing more (the
+    /// snapshot test that resumes a device process after a save failed in 5
+    /// of 60 runs, and in none of 100 with this).
+    #[test]
+    fn an_event_for_a_stopped_queue_is_ignored_not_fatal() {
+        let mut backend = ModelBackend {
+            model: Console::new(io::sink()),
+            mem: GuestRam::new(),
+            ram: None,
+            log_all: false,
+            forbidden_call: false,
+            no_dirty_log: false,
+        };
+        let ram = Ram::new(GuestMemoryMmap::new());
+        let vrings: Vec<VringRwLock<Ram>> = (0..2).map(|_| VringRwLock::new(ram.clone(), 64).unwrap()).collect();
+        // The transmit queue, not ready: set up by no SET_VRING_*, or
+        // stopped by GET_VRING_BASE.
+        vrings[1].set_queue_ready(false);
+        backend.handle_event(1, EventSet::IN, &vrings, 0).expect("an event for a stopped queue is not an error");
+    }
 }
