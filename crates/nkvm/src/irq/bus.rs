@@ -79,6 +79,9 @@ pub(crate) struct ApicBusEnd {
     /// The socket (a handle of its own), shut down when the bus fails so
     /// the peer sees the end instead of writing into a socket nobody reads.
     socket: Option<UnixStream>,
+    /// The bus thread has ended and taken the fast paths down: only then
+    /// is a failure reported (the peer's eventfds inject nothing more).
+    closed: AtomicBool,
 }
 
 /// How [`Vm::attach_apic_bus_with`](crate::Vm::attach_apic_bus_with) sets a
@@ -117,6 +120,7 @@ impl ApicBusEnd {
             messages: AtomicU64::new(0),
             fast_paths: AtomicUsize::new(0),
             socket,
+            closed: AtomicBool::new(false),
         }
     }
 
@@ -269,10 +273,15 @@ impl crate::Vm {
         })
     }
 
-    /// Why the APIC bus was dropped, if it was.
+    /// Why the APIC bus was dropped, once it has been: its thread has
+    /// ended and the fast paths it gave the peer inject nothing more.
     pub fn apic_bus_failure(&self) -> Option<String> {
-        let bus = self.irq.bus.read().unwrap_or_else(|p| p.into_inner());
-        bus.as_ref().and_then(|b| b.failure.lock().unwrap_or_else(|p| p.into_inner()).clone())
+        let end = self.irq.bus.read().unwrap_or_else(|p| p.into_inner()).clone()?;
+        if end.socket.is_some() && !end.closed.load(Ordering::SeqCst) {
+            return None;
+        }
+        let failure = end.failure.lock().unwrap_or_else(|p| p.into_inner()).clone();
+        failure
     }
 }
 
@@ -318,6 +327,7 @@ fn serve_bus(
         }
     }
     fast.close(fd, irq);
+    end.closed.store(true, Ordering::SeqCst);
 }
 
 fn deliver(fd: &kvm_ioctls::VmFd, irq: &Arc<IrqShared>, m: &InterruptMessage) -> Result<(), IrqError> {
