@@ -162,7 +162,7 @@ impl Vm {
         let slot = installed[i].1;
         let mut result = Ok(());
         if !region.dirty_log && self.shared.ring_bytes == 0 {
-            result = self.harvest_slot(bitmaps, harvest_bits, &installed[i].0, slot);
+            result = self.harvest_slot(bitmaps, harvest_bits, &installed[i].0, slot, true);
         }
         self.install_slot(slot, region, false)?;
         if region.dirty_log {
@@ -257,7 +257,7 @@ impl Vm {
     fn read_logs(&self, state: &mut MapState) -> Result<(), VmError> {
         let MapState { installed, bitmaps, harvest_bits, .. } = state;
         for (region, slot) in installed.iter().filter(|(r, _)| r.dirty_log) {
-            self.harvest_slot(bitmaps, harvest_bits, region, *slot)?;
+            self.harvest_slot(bitmaps, harvest_bits, region, *slot, false)?;
         }
         Ok(())
     }
@@ -514,12 +514,17 @@ impl Vm {
 
     /// Reads KVM's dirty log of `slot` into the bitmap of `region`'s
     /// backing, through `scratch` (kept by the caller across calls).
+    /// `ending`: the slot's log ends here (logging stops, or the slot
+    /// goes), so what it leaves is usually nothing: ORed in, it marks only
+    /// the words it sets, and a clean bitmap stays clean for the next start
+    /// (whose first read KVM then writes straight into it).
     pub(super) fn harvest_slot(
         &self,
         bitmaps: &mut HashMap<u64, PageBitmap>,
         scratch: &mut Vec<u64>,
         region: &Region,
         slot: u32,
+        ending: bool,
     ) -> Result<(), VmError> {
         let failed = |e: std::io::Error| VmError::Kvm {
             op: "KVM_GET_DIRTY_LOG",
@@ -527,9 +532,10 @@ impl Vm {
         };
         let pages = region.len / PAGE_SIZE;
         let first = region.offset / PAGE_SIZE;
-        if let Some(bitmap) = bitmaps.get_mut(&region.backing.id()) {
+        if let Some(bitmap) = bitmaps.get_mut(&region.backing.id()).filter(|_| !ending) {
             // Where the bitmap is clean (a collection took everything), KVM
-            // writes its log straight into it: one pass over memory fewer.
+            // writes its log straight into it: one pass over memory fewer
+            // (every word of it is marked in the summary, set or not).
             let direct =
                 bitmap.fill_clean(first, pages, |words| crate::sys::dirty::get_dirty_log(&self.fd, slot, pages, words));
             if let Some(result) = direct {

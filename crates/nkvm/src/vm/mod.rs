@@ -417,7 +417,7 @@ impl Vm {
             state.installed_keys.remove(i);
             if region.dirty_log && self.shared.ring_bytes == 0 {
                 let MapState { bitmaps, harvest_bits, .. } = &mut *state;
-                if let Err(e) = self.harvest_slot(bitmaps, harvest_bits, &region, slot) {
+                if let Err(e) = self.harvest_slot(bitmaps, harvest_bits, &region, slot, true) {
                     result = Err(e);
                 }
             }
