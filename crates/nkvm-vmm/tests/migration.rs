@@ -7,7 +7,7 @@ mod pattern_guest;
 
 use std::io::{Read, Write};
 use std::net::TcpListener;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 
 use nkvm_process::{ctl, scratch, Vmm};
 use pattern_guest::{check_console, check_memory, image, passes};
@@ -174,20 +174,27 @@ impl Stalled {
     }
 }
 
+/// A source (in a scratch directory named `name`, its API socket) whose
+/// migration to a [`Stalled`] destination has started; a zero downtime
+/// target keeps the rounds coming until the link fills.
+fn migrating_to_a_stalled_destination(name: &str) -> (PathBuf, PathBuf, Vmm, Stalled) {
+    let dir = scratch(name);
+    let api = dir.join("src.sock");
+    let mut src = source(&dir, &api);
+    src.wait_passes(0, 1);
+    let stalled = Stalled::listen();
+    let addr = stalled.addr.clone();
+    assert_eq!(ctl(&api, &["migrate", &addr, "--downtime-ms", "0", "--max-rounds", "1000"])["ok"], true);
+    (dir, api, src, stalled)
+}
+
 /// A destination that accepts and then stops reading (hung, stopped) holds
 /// the source only for the send timeout (10 s per blocked send): the
 /// migration fails with a timeout, the guest runs on, and the API is free
 /// again.
 #[test]
 fn a_destination_that_stops_reading_fails_the_migration_at_the_send_timeout() {
-    let dir = scratch("migrate-stall");
-    let api = dir.join("src.sock");
-    let mut src = source(&dir, &api);
-    src.wait_passes(0, 1);
-    let stalled = Stalled::listen();
-    let addr = stalled.addr.clone();
-    // A zero downtime target keeps the rounds coming until the link fills.
-    assert_eq!(ctl(&api, &["migrate", &addr, "--downtime-ms", "0", "--max-rounds", "1000"])["ok"], true);
+    let (dir, api, mut src, stalled) = migrating_to_a_stalled_destination("migrate-stall");
     let info = wait_phase(&api, "failed");
     stalled.close();
     assert!(info["migration"]["error"].as_str().unwrap().contains("timed out"), "{info}");
@@ -204,13 +211,7 @@ fn a_destination_that_stops_reading_fails_the_migration_at_the_send_timeout() {
 /// and a second cancel is refused by name.
 #[test]
 fn an_operator_cancels_a_migration_stuck_on_a_stalled_destination() {
-    let dir = scratch("migrate-cancel");
-    let api = dir.join("src.sock");
-    let mut src = source(&dir, &api);
-    src.wait_passes(0, 1);
-    let stalled = Stalled::listen();
-    let addr = stalled.addr.clone();
-    assert_eq!(ctl(&api, &["migrate", &addr, "--downtime-ms", "0", "--max-rounds", "1000"])["ok"], true);
+    let (dir, api, mut src, stalled) = migrating_to_a_stalled_destination("migrate-cancel");
     // In its first round (the full copy), blocked on the full link.
     wait_phase(&api, "precopy");
     std::thread::sleep(std::time::Duration::from_millis(500));
