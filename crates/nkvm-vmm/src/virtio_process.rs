@@ -55,6 +55,20 @@ pub const FORBIDDEN_CALL_ENV: &str = "NKVM_DEVICE_TEST_FORBIDDEN_CALL";
 /// without dirty logging would: how the tests check the VMM's side of that.
 pub const NO_DIRTY_LOG_ENV: &str = "NKVM_DEVICE_TEST_NO_DIRTY_LOG";
 
+/// The exit status of a device process that stopped on a queue its guest
+/// broke (a malformed descriptor chain, a runaway index): the error that
+/// made it stop is on its stderr.
+///
+/// In the VMM's process a model that fails that way sets
+/// `DEVICE_NEEDS_RESET`. vhost-user has no message for that, and an error
+/// returned to vhost-user-backend would only end its queue thread: the
+/// device would go silent, the VMM none the wiser. So the process ends;
+/// the VMM sees it go, names the status, and restarts it like any process
+/// that died (the restart meets the same ring and ends the same way until
+/// the guest resets the device or the restarts are spent and the device
+/// is failed).
+pub const GUEST_QUEUE_ERROR_EXIT: i32 = 3;
+
 /// Why a virtio device process stopped.
 #[derive(Debug, thiserror::Error)]
 pub enum VirtioProcessError {
@@ -191,10 +205,14 @@ impl<D: VirtioDevice + Sync> VhostUserBackendMut for ModelBackend<D> {
             let ram = ram.memory();
             batch.log(queue, &self.mem, &mut |gpa, len| mark_in(&ram, gpa, len));
         }
-        if used.map_err(io::Error::other)? {
-            state.signal_used_queue()?;
+        match used {
+            Ok(true) => state.signal_used_queue(),
+            Ok(false) => Ok(()),
+            Err(e) => {
+                eprintln!("nkvm: virtio queue {index}: {e}; the device process ends (the guest must reset the device)");
+                std::process::exit(GUEST_QUEUE_ERROR_EXIT)
+            }
         }
-        Ok(())
     }
 }
 

@@ -81,6 +81,9 @@ impl std::fmt::Display for Death {
                 write!(f, "was killed by its sandbox: forbidden system call {nr} ({name})")
             }
             (None, Some(signal), _) => write!(f, "was killed by signal {signal} ({})", signal_name(signal)),
+            (None, None, Some(crate::virtio_process::GUEST_QUEUE_ERROR_EXIT)) => {
+                write!(f, "stopped: its guest broke a queue (the line before names the error)")
+            }
             (None, None, Some(code)) => write!(f, "exited with status {code}"),
             (None, None, None) => write!(f, "ended"),
         }

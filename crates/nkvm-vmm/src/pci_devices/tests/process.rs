@@ -10,7 +10,7 @@ use std::sync::Mutex;
 use super::*;
 use crate::pci_devices::device_process::ProcessLog;
 use crate::pci_devices::vhost_user::MAX_RESTARTS;
-use crate::virtio_process::FORBIDDEN_CALL_ENV;
+use crate::virtio_process::{FORBIDDEN_CALL_ENV, GUEST_QUEUE_ERROR_EXIT};
 
 /// The `nkvm` executable cargo built beside the test binary.
 pub(super) fn nkvm_exe() -> PathBuf {
@@ -92,6 +92,57 @@ fn a_forbidden_system_call_kills_the_process_and_is_reported_by_name() {
         assert!(line.contains(&format!("forbidden system call {} (socket)", libc::SYS_socket)), "{line}");
     }
     let _ = std::fs::remove_file(&image);
+}
+
+/// A guest whose first request has no status byte (its last descriptor is
+/// not device-writable) breaks its queue: in process the device sets
+/// `DEVICE_NEEDS_RESET`. A device process used to return the error to
+/// vhost-user-backend, which ended the queue's thread: the device went
+/// silent and nobody knew. Now the process ends with
+/// [`GUEST_QUEUE_ERROR_EXIT`]; the VMM names that, restarts it, and after
+/// the restarts (each meeting the broken ring again) fails the device. No
+/// request completes, the valid one after the broken one included.
+#[test]
+fn a_malformed_request_ends_the_device_process_and_fails_the_device_after_its_restarts() {
+    let image = test_image("malformed");
+    let (mut guest, attached) = Guest::boot_with(&in_a_process(&image), &guest_code(BAR));
+    // Chain 0's status descriptor (index 2): flags 0, not WRITE.
+    let break_chain = |g: &Guest| g.vm.write_memory(GuestAddress(DESC + 2 * 16 + 12), &[0, 0]).unwrap();
+    break_chain(&guest);
+    let log = log_of(&attached);
+    for _ in 0..2 * (MAX_RESTARTS + 2) {
+        let outcome = guest.run_until(Duration::from_secs(60), |port, data| {
+            port == REPORT || (port == STATUS_PORT && data & 0x40 != 0)
+        });
+        // The interrupt may be the config change that comes with
+        // DEVICE_NEEDS_RESET: the used ring says whether anything completed.
+        assert!(outcome.is_ok(), "the VM goes on: {outcome:?}");
+        assert_eq!(used_index(&guest), 0, "no request completed");
+        if log.lock().unwrap().failed {
+            break;
+        }
+        guest.restart();
+        break_chain(&guest);
+    }
+    guest.restart();
+    let failed = guest.run_until_out(STATUS_PORT, Duration::from_secs(60), |s| s & 0x40 != 0);
+    assert_eq!(failed, Ok(0x4f), "DEVICE_NEEDS_RESET once the restarts are spent");
+    assert_eq!(used_index(&guest), 0, "no request completed");
+    let log = log.lock().unwrap();
+    assert!(log.failed);
+    assert_eq!(log.restarts, MAX_RESTARTS);
+    for death in &log.deaths {
+        assert_eq!((death.signal, death.code), (None, Some(GUEST_QUEUE_ERROR_EXIT)), "{death}");
+        assert!(death.to_string().contains("its guest broke a queue"), "{death}");
+    }
+    let _ = std::fs::remove_file(&image);
+}
+
+/// Queue 0's used index.
+fn used_index(guest: &Guest) -> u16 {
+    let mut idx = [0u8; 2];
+    guest.vm.read_memory(GuestAddress(USED + 2), &mut idx).unwrap();
+    u16::from_le_bytes(idx)
 }
 
 /// Where the stream guest reports "request i submitted".
