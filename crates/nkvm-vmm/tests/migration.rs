@@ -369,17 +369,26 @@ fn a_bad_stream_is_refused_with_an_error() {
     let _ = conn.read_to_end(&mut answer);
     assert_eq!(answer.first(), Some(&0x81), "a FAILED answer: {answer:?}");
     assert!(String::from_utf8_lossy(&answer).contains("not an nkvm migration stream"));
-    assert!(!dest.wait_exit());
+    // Refused before anything was taken: the destination waits on, through
+    // a client that connects and hangs up too, for the real source.
+    let refused = |n: usize| move |_: &str, err: &str| err.matches("still waiting for a migration").count() >= n;
+    dest.wait_for("the refusal", refused(1));
     assert!(dest.stderr().contains("not an nkvm migration stream"), "{}", dest.stderr());
-
-    // Well-formed records a source would never send, after a real
-    // machine's configuration (a snapshot's machine.json).
+    drop(std::net::TcpStream::connect(("127.0.0.1", port)).unwrap());
+    dest.wait_for("the second refusal", refused(2));
     let api = dir.join("src.sock");
     let mut src = source(&dir, &api);
     src.wait_passes(0, 1);
     let snap = dir.join("snap");
     assert_eq!(ctl(&api, &["snapshot", snap.to_str().unwrap()])["ok"], true);
-    src.kill();
+    assert_eq!(ctl(&api, &["migrate", &format!("tcp:127.0.0.1:{port}")])["ok"], true);
+    assert!(src.wait_exit(), "the source ends with success: {}", src.stderr());
+    dest.wait_for("the guest to resume", |_, err| err.contains("the guest resumes here"));
+    dest.kill();
+
+    // Well-formed records a source would never send, after a real
+    // machine's configuration (a snapshot's machine.json): taken after the
+    // configuration, they end the destination.
     let config = std::fs::read(snap.join("machine.json")).unwrap();
     let record = |kind: u8, payload: &[u8]| [&[kind][..], &(payload.len() as u32).to_le_bytes(), payload].concat();
     let vcpu = std::fs::read(snap.join("vcpu-0.state")).unwrap();

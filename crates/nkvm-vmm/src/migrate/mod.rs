@@ -166,36 +166,39 @@ impl Endpoint {
     }
 }
 
-/// A listening [`Endpoint`], waiting for its one source.
+/// A listening [`Endpoint`], waiting for its source. A Unix socket's path
+/// is removed when the listener goes.
 #[derive(Debug)]
 pub enum Listener {
     /// On a TCP address.
     Tcp(TcpListener, Endpoint),
-    /// On a Unix socket path (removed once a source connected).
+    /// On a Unix socket path.
     Unix(UnixListener, Endpoint),
 }
 
 impl Listener {
-    /// Accepts one connection.
-    pub fn accept(self) -> Result<Conn, MigrateError> {
+    /// Accepts the next connection.
+    pub fn accept(&self) -> Result<Conn, MigrateError> {
         let err = |op, at: &Endpoint| {
             let addr = at.to_string();
             move |source| MigrateError::Connect { op, addr, source }
         };
         Ok(match self {
             Self::Tcp(listener, at) => {
-                let (s, _) = listener.accept().map_err(err("accept on", &at))?;
-                s.set_nodelay(true).map_err(err("configure", &at))?;
+                let (s, _) = listener.accept().map_err(err("accept on", at))?;
+                s.set_nodelay(true).map_err(err("configure", at))?;
                 Conn::Tcp(s)
             }
-            Self::Unix(listener, at) => {
-                let (s, _) = listener.accept().map_err(err("accept on", &at))?;
-                if let Endpoint::Unix(p) = &at {
-                    let _ = std::fs::remove_file(p);
-                }
-                Conn::Unix(s)
-            }
+            Self::Unix(listener, at) => Conn::Unix(listener.accept().map_err(err("accept on", at))?.0),
         })
+    }
+}
+
+impl Drop for Listener {
+    fn drop(&mut self) {
+        if let Self::Unix(_, Endpoint::Unix(p)) = self {
+            let _ = std::fs::remove_file(p);
+        }
     }
 }
 

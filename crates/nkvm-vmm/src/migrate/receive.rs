@@ -1,5 +1,6 @@
-//! The destination's side: `nkvm run --incoming ADDR` waits for one
-//! source and takes its configuration ([`start`]: the VM is created, and
+//! The destination's side: `nkvm run --incoming ADDR` waits for a
+//! source (refusing, and waiting on past, connections it took nothing
+//! of) and takes its configuration ([`start`]: the VM is created, and
 //! the caller builds the machine around it while the source still sends),
 //! then fills the memory and collects the states ([`Arriving::finish`]);
 //! the caller restores them and then
@@ -94,21 +95,34 @@ impl Arriving {
 
 /// Waits on `addr` for one migration and receives its configuration:
 /// returns the VM it describes (memory zero) and what is still arriving.
-/// An error has been answered with `FAILED` already.
+/// A connection whose configuration it cannot take is answered with
+/// `FAILED` and the next one accepted; only a VM it cannot create (or a
+/// listening socket that fails) is an error, answered with `FAILED`
+/// already.
 pub fn start(hv: &Hypervisor, addr: &str) -> Result<(Vm, Arriving), MigrateError> {
     let endpoint: Endpoint = addr.parse()?;
     // Listening before saying so: a source told to go may connect at once.
     let listener = endpoint.listen()?;
     eprintln!("nkvm: waiting for a migration on {endpoint}");
-    let conn = listener.accept()?;
-    // A source that stops sending for this long is gone.
-    conn.set_read_timeout(Some(Duration::from_secs(60))).map_err(|e| MigrateError::link("configuring", e))?;
-    let mut reader = RecordReader::new(conn);
-    match receive_config(hv, &mut reader) {
-        Ok((vm, config)) => Ok((vm, Arriving { reader, config })),
-        Err(e) => {
-            Answer(reader.into_inner()).refuse(&chain(&e));
-            Err(e)
+    loop {
+        let conn = listener.accept()?;
+        // A source that stops sending for this long is gone.
+        conn.set_read_timeout(Some(Duration::from_secs(60))).map_err(|e| MigrateError::link("configuring", e))?;
+        let mut reader = RecordReader::new(conn);
+        match receive_config(hv, &mut reader) {
+            Ok((vm, config)) => return Ok((vm, Arriving { reader, config })),
+            Err(e) => {
+                let why = chain(&e);
+                Answer(reader.into_inner()).refuse(&why);
+                // Nothing of the peer's was taken yet (no VM, no memory): a
+                // stray client, a wrong source or a disk not reachable here
+                // leaves this destination waiting for the right one. A VM
+                // this host cannot create ends it.
+                if matches!(e, MigrateError::Vm(_)) {
+                    return Err(e);
+                }
+                eprintln!("nkvm: refused a connection on {endpoint}: {why}; still waiting for a migration");
+            }
         }
     }
 }
