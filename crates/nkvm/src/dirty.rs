@@ -14,6 +14,7 @@
 //! `KVM_GET_DIRTY_LOG` per slot instead (manual protection switched off for
 //! that read), which is what a raw VMM pays.
 
+use crate::sys::anon::AnonWords;
 use crate::GuestAddress;
 
 /// Where the dirty log is fed from.
@@ -74,7 +75,10 @@ pub struct DirtyPages {
 /// it).
 #[derive(Debug, Clone)]
 pub(crate) struct PageBitmap {
-    words: Vec<u64>,
+    /// In a mapping of their own: KVM copies its logs straight in
+    /// ([`fill_clean`](Self::fill_clean)), and into a `Vec` that copy cost
+    /// this host five times as much ([`crate::sys::anon`]).
+    words: AnonWords,
     summary: Vec<u64>,
     pages: u64,
 }
@@ -82,7 +86,9 @@ pub(crate) struct PageBitmap {
 impl PageBitmap {
     pub(crate) fn new(pages: u64) -> Self {
         let nwords = pages.div_ceil(64) as usize;
-        Self { words: vec![0; nwords], summary: vec![0; nwords.div_ceil(64)], pages }
+        // A `Vec` aborts when memory runs out; so does this.
+        let words = AnonWords::new(nwords).unwrap_or_else(|e| panic!("a dirty bitmap of {nwords} words: {e}"));
+        Self { words, summary: vec![0; nwords.div_ceil(64)], pages }
     }
 
     pub(crate) fn set(&mut self, page: u64) {

@@ -6,6 +6,8 @@ use kvm_ioctls::VmFd;
 use vmm_sys_util::ioctl::ioctl_with_ref;
 use vmm_sys_util::{ioctl_iow_nr, ioctl_iowr_nr};
 
+use super::anon::AnonWords;
+
 ioctl_iowr_nr!(KVM_CLEAR_DIRTY_LOG, kvm_bindings::KVMIO, 0xc0, kvm_clear_dirty_log);
 ioctl_iow_nr!(KVM_GET_DIRTY_LOG, kvm_bindings::KVMIO, 0x42, kvm_dirty_log);
 
@@ -19,12 +21,11 @@ pub(crate) fn get_dirty_log_into<'a>(
     vm: &VmFd,
     slot: u32,
     pages: u64,
-    bitmap: &'a mut Vec<u64>,
+    bitmap: &'a mut AnonWords,
 ) -> std::io::Result<&'a [u64]> {
     let words = usize::try_from(pages.div_ceil(64)).map_err(|_| std::io::ErrorKind::InvalidInput)?;
-    // The kernel overwrites the words, but none may be left uninitialized.
     if bitmap.len() < words {
-        bitmap.resize(words, 0);
+        *bitmap = AnonWords::new(words)?;
     }
     get_dirty_log(vm, slot, pages, &mut bitmap[..words])?;
     Ok(&bitmap[..words])

@@ -5,6 +5,7 @@
 //! safe function with a `SAFETY:` note. The rest of the crate is safe Rust on
 //! top of `kvm-ioctls` and these wrappers.
 
+pub(crate) mod anon;
 pub(crate) mod dirty;
 pub(crate) mod hyperv;
 pub(crate) mod irq;

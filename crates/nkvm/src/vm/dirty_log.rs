@@ -11,6 +11,7 @@ use kvm_bindings::{kvm_enable_cap, KVM_CAP_MANUAL_DIRTY_LOG_PROTECT2, KVM_DIRTY_
 use super::{MapState, Vm, VmError};
 use crate::dirty::{low_bits, DirtyPages, DirtySource, PageBitmap};
 use crate::memory::{Region, RegionKey, PAGE_SIZE};
+use crate::sys::anon::AnonWords;
 use crate::sys::ring::{reset_dirty_rings, DirtyRing};
 use crate::GuestAddress;
 
@@ -521,7 +522,7 @@ impl Vm {
     pub(super) fn harvest_slot(
         &self,
         bitmaps: &mut HashMap<u64, PageBitmap>,
-        scratch: &mut Vec<u64>,
+        scratch: &mut AnonWords,
         region: &Region,
         slot: u32,
         ending: bool,

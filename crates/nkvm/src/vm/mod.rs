@@ -24,7 +24,7 @@ use crate::io::{IoHandler, IoRange, IoRegionError, IoRegions, Ordering, RegionFa
 use crate::irq::VcpuConfig;
 use crate::memory::{Backing, MemoryError, MemoryMap, Region, RegionKey};
 use crate::pause::PauseGate;
-use crate::sys::ring::DirtyRing;
+use crate::sys::{anon::AnonWords, ring::DirtyRing};
 use crate::vcpu::Vcpu;
 use crate::{GuestAddress, Hypervisor, VcpuError};
 
@@ -196,7 +196,7 @@ struct MapState {
     /// Scratch for `rearm`: the bitmap handed to KVM_CLEAR_DIRTY_LOG.
     rearm_bits: Vec<u64>,
     /// Scratch for `harvest_slot`: the bitmap KVM_GET_DIRTY_LOG fills.
-    harvest_bits: Vec<u64>,
+    harvest_bits: AnonWords,
     /// A sync was asked for and KVM's logs are not yet read into the
     /// bitmaps: the next query reads them, knowing how much it takes.
     unread: bool,
