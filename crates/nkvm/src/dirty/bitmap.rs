@@ -1,7 +1,9 @@
 //! [`PageBitmap`]: the dirty log's bitmap of one backing object, with a
 //! summary bit per 64 pages so that queries cost what they return.
 
+use crate::memory::PAGE_SIZE;
 use crate::sys::anon::AnonWords;
+use crate::GuestAddress;
 
 /// A two-level page bitmap: `words` has one bit per page, `summary` one bit
 /// per word of `words` that may be non-zero (set for every non-zero word;
@@ -262,6 +264,61 @@ impl PageBitmap {
         }
         (count, None)
     }
+
+    /// Takes every page in `start..end` (no budget), pushing the guest
+    /// address `origin + page * 4096` of each onto `out` in page order;
+    /// returns how many. What [`take`](Self::take) does with an unlimited
+    /// budget, in the shape of a raw VMM's scan: each word cleared as it is
+    /// read, the pages pushed straight onto the list. In the dirty-collect
+    /// bench's context `take`'s emit-per-word loop cost 18-19 µs for 2622
+    /// pages in 4096 words against 10-13 µs for this shape (an isolated
+    /// timing saw no difference).
+    pub(crate) fn take_all(&mut self, start: u64, end: u64, out: &mut Vec<GuestAddress>, origin: u64) -> usize {
+        let end = end.min(self.pages);
+        if start >= end {
+            return 0;
+        }
+        let before = out.len();
+        let (first_w, last_w) = ((start / 64) as usize, ((end - 1) / 64) as usize);
+        for sw in first_w / 64..=last_w / 64 {
+            let (lo, hi) = ((sw * 64).max(first_w), (sw * 64 + 63).min(last_w));
+            // The summary bits of words lo..=hi; those left set are words
+            // with pages outside the range (only the two end words).
+            let span = (u64::MAX << (lo % 64)) & low_bits((hi % 64) as u64 + 1);
+            let mut marked = self.summary[sw] & span;
+            if marked == 0 {
+                continue;
+            }
+            let mut kept = 0;
+            if marked == span && lo > first_w && hi < last_w {
+                // Every word marked, none at an end: the raw scan.
+                for (i, word) in self.words[lo..=hi].iter_mut().enumerate() {
+                    let bits = std::mem::take(word);
+                    push_pages(out, origin, lo + i, bits);
+                }
+                marked = 0;
+            }
+            while marked != 0 {
+                let w = sw * 64 + marked.trailing_zeros() as usize;
+                marked &= marked - 1;
+                let mut mask = u64::MAX;
+                if w == first_w {
+                    mask &= u64::MAX << (start % 64);
+                }
+                if w == last_w {
+                    mask &= low_bits(end - w as u64 * 64);
+                }
+                let word = self.words[w];
+                self.words[w] = word & !mask;
+                if word & !mask != 0 {
+                    kept |= 1 << (w % 64);
+                }
+                push_pages(out, origin, w, word & mask);
+            }
+            self.summary[sw] &= !span | kept;
+        }
+        out.len() - before
+    }
 }
 
 /// The summary words that cover words `base..base + n`, each with the bits
@@ -278,6 +335,16 @@ fn summary_spans(base: usize, n: usize) -> impl Iterator<Item = (usize, u64)> {
             (sw, bits)
         })
     })
+}
+
+/// Pushes the guest addresses of the pages set in `bits`, word `w` of a
+/// bitmap whose page 0 is at guest address `origin`.
+fn push_pages(out: &mut Vec<GuestAddress>, origin: u64, w: usize, mut bits: u64) {
+    let base = w as u64 * 64;
+    while bits != 0 {
+        out.push(GuestAddress(origin.wrapping_add((base + u64::from(bits.trailing_zeros())) * PAGE_SIZE)));
+        bits &= bits - 1;
+    }
 }
 
 /// The lowest `n` bits set (`n` <= 64).
@@ -492,5 +559,38 @@ mod tests {
         expected.dedup();
         assert_eq!(pages, expected);
         assert!(!words.get(5) && words.summary.iter().all(|&s| s == 0), "all taken");
+    }
+
+    /// `take_all` takes what `take` with no budget takes, leaves the same
+    /// words and summary behind, over ranges that start and end inside
+    /// words and summary words, on sparse and fully marked bitmaps.
+    #[test]
+    fn take_all_matches_an_unlimited_take() {
+        let pages = 64 * 64 * 3 + 100;
+        for (seed, fill) in [(7u64, false), (11, true)] {
+            let bits = sparse_words(seed, (pages as usize).div_ceil(64));
+            for (start, end) in [(0, pages), (1, pages - 1), (63, 4097), (4096, 8192), (4000, 12_000), (5, 6)] {
+                let mut a = PageBitmap::new(pages);
+                if fill {
+                    a.fill_clean(0, pages, |w| {
+                        w.copy_from_slice(&bits);
+                        Ok::<(), ()>(())
+                    })
+                    .unwrap()
+                    .unwrap();
+                } else {
+                    a.or_bits(0, &bits);
+                }
+                let mut b = a.clone();
+                let (want, n, resume) = take(&mut a, start, end, usize::MAX);
+                assert_eq!((n, resume), (want.len(), None));
+                let mut got = Vec::new();
+                assert_eq!(b.take_all(start, end, &mut got, 0x1000), want.len(), "{start}..{end}");
+                let got: Vec<u64> = got.iter().map(|g| (g.0 - 0x1000) / PAGE_SIZE).collect();
+                assert_eq!(got, want, "{start}..{end}, filled {fill}");
+                assert_eq!(a.words, b.words, "{start}..{end}");
+                assert_eq!(a.summary, b.summary, "{start}..{end}, filled {fill}");
+            }
+        }
     }
 }

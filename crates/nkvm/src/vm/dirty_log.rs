@@ -388,17 +388,26 @@ impl Vm {
             let from = taken.len();
             let budget = max_pages - out.pages.len();
             let pages = &mut out.pages;
-            let (_, resume) = bitmap.take(to_page(lo), to_page(hi + PAGE_SIZE - 1), budget, |w, mut bits| {
-                if !armed {
-                    taken.push((w, bits));
-                }
-                let (base, before) = (w as u64 * 64, pages.len());
-                while bits != 0 {
-                    pages.push(to_gpa(base + u64::from(bits.trailing_zeros())));
-                    bits &= bits - 1;
-                }
-                pages.len() - before
-            });
+            let (first_page, end_page) = (to_page(lo), to_page(hi + PAGE_SIZE - 1));
+            let resume = if armed && budget as u64 >= end_page - first_page {
+                // Read and re-armed by KVM already, and all of it returned:
+                // the plain scan, with nothing to note for a re-arm.
+                bitmap.take_all(first_page, end_page, pages, origin);
+                None
+            } else {
+                let (_, resume) = bitmap.take(first_page, end_page, budget, |w, mut bits| {
+                    if !armed {
+                        taken.push((w, bits));
+                    }
+                    let (base, before) = (w as u64 * 64, pages.len());
+                    while bits != 0 {
+                        pages.push(to_gpa(base + u64::from(bits.trailing_zeros())));
+                        bits &= bits - 1;
+                    }
+                    pages.len() - before
+                });
+                resume
+            };
             spans.push((region.backing.id(), from, taken.len()));
             if let Some(p) = resume {
                 out.next = Some(to_gpa(p));
