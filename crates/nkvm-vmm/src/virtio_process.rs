@@ -29,7 +29,7 @@ use std::os::unix::net::UnixListener;
 use std::process::ExitCode;
 use std::sync::{Arc, Mutex};
 
-use nkvm_devices::virtio::{Block, Console, GuestRam, VirtioDevice, VIRTIO_F_VERSION_1};
+use nkvm_devices::virtio::{Block, Console, GuestRam, VirtioDevice, VirtioError, VIRTIO_F_VERSION_1};
 use vhost::vhost_user::message::{VhostUserProtocolFeatures, VhostUserVirtioFeatures};
 use vhost::vhost_user::Listener;
 use vhost_user_backend::bitmap::BitmapMmapRegion;
@@ -66,7 +66,7 @@ pub const NO_DIRTY_LOG_ENV: &str = "NKVM_DEVICE_TEST_NO_DIRTY_LOG";
 /// the VMM sees it go, names the status, and restarts it like any process
 /// that died (the restart meets the same ring and ends the same way until
 /// the guest resets the device or the restarts are spent and the device
-/// is failed).
+/// is failed). Any other error from a model ends it with status 2.
 pub const GUEST_QUEUE_ERROR_EXIT: i32 = 3;
 
 /// Why a virtio device process stopped.
@@ -210,7 +210,8 @@ impl<D: VirtioDevice + Sync> VhostUserBackendMut for ModelBackend<D> {
             Ok(false) => Ok(()),
             Err(e) => {
                 eprintln!("nkvm: virtio queue {index}: {e}; the device process ends (the guest must reset the device)");
-                std::process::exit(GUEST_QUEUE_ERROR_EXIT)
+                let guests = matches!(e, VirtioError::Queue { .. } | VirtioError::BadChain { .. });
+                std::process::exit(if guests { GUEST_QUEUE_ERROR_EXIT } else { 2 })
             }
         }
     }

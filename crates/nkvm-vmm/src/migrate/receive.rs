@@ -105,7 +105,14 @@ pub fn start(hv: &Hypervisor, addr: &str) -> Result<(Vm, Arriving), MigrateError
     let listener = endpoint.listen()?;
     eprintln!("nkvm: waiting for a migration on {endpoint}");
     loop {
-        let conn = listener.accept()?;
+        let conn = match listener.accept() {
+            Ok(conn) => conn,
+            // A client that reset its connection before it was taken.
+            Err(MigrateError::Connect { source, .. }) if source.kind() == std::io::ErrorKind::ConnectionAborted => {
+                continue;
+            }
+            Err(e) => return Err(e),
+        };
         // A source that stops sending for this long is gone.
         conn.set_read_timeout(Some(Duration::from_secs(60))).map_err(|e| MigrateError::link("configuring", e))?;
         let mut reader = RecordReader::new(conn);

@@ -161,8 +161,9 @@ fn install_idt(vm: &Vm) {
 }
 
 /// An OUT request for sector 1 (chain 0) and an IN request for sector 2
-/// (chain 3) on queue 0, made available.
-fn write_requests(vm: &Vm) {
+/// (chain 3) on queue 0, made available; the descriptor table changed by
+/// `edit` before it is written (and before the requests are available).
+fn write_requests_with(vm: &Vm, edit: impl FnOnce(&mut [u8])) {
     let desc = |addr: u64, len: u32, flags: u16, next: u16| {
         let mut d = [0u8; 16];
         d[0..8].copy_from_slice(&addr.to_le_bytes());
@@ -180,6 +181,8 @@ fn write_requests(vm: &Vm) {
         desc(STATUS2, 1, 2, 0),
     ]
     .concat();
+    let mut table = table;
+    edit(&mut table);
     vm.write_memory(GuestAddress(DESC), &table).unwrap();
     vm.write_memory(GuestAddress(AVAIL), &[0, 0, 2, 0, 0, 0, 3, 0]).unwrap(); // flags, idx 2, ring 0, 3
     let mut header2 = [0u8; 16];
@@ -243,8 +246,15 @@ impl Guest {
     /// Fresh requests and rings, and the vCPU back at the script's start
     /// (which resets the device first).
     fn restart(&mut self) {
+        self.restart_with(|_| {});
+    }
+
+    /// [`restart`](Self::restart), the descriptor table changed by `edit`
+    /// before the requests are made available (a device process restarted
+    /// meanwhile never sees the table unchanged).
+    fn restart_with(&mut self, edit: impl FnOnce(&mut [u8])) {
         self.vm.write_memory(GuestAddress(USED), &[0u8; 64]).unwrap();
-        write_requests(&self.vm);
+        write_requests_with(&self.vm, edit);
         self.vcpu.set_long_mode(&self.long_mode, GuestAddress(ENTRY), GuestAddress(STACK)).unwrap();
     }
 
