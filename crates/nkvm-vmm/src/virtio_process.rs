@@ -208,10 +208,13 @@ impl<D: VirtioDevice + Sync> VhostUserBackendMut for ModelBackend<D> {
         match used {
             Ok(true) => state.signal_used_queue(),
             Ok(false) => Ok(()),
-            Err(e) => {
+            Err(e) if matches!(e, VirtioError::Queue { .. } | VirtioError::BadChain { .. }) => {
                 eprintln!("nkvm: virtio queue {index}: {e}; the device process ends (the guest must reset the device)");
-                let guests = matches!(e, VirtioError::Queue { .. } | VirtioError::BadChain { .. });
-                std::process::exit(if guests { GUEST_QUEUE_ERROR_EXIT } else { 2 })
+                std::process::exit(GUEST_QUEUE_ERROR_EXIT)
+            }
+            Err(e) => {
+                eprintln!("nkvm: virtio queue {index}: {e}; the device process ends");
+                std::process::exit(2)
             }
         }
     }

@@ -381,9 +381,16 @@ fn a_bad_stream_is_refused_with_an_error() {
     src.wait_passes(0, 1);
     let snap = dir.join("snap");
     assert_eq!(ctl(&api, &["snapshot", snap.to_str().unwrap()])["ok"], true);
+    // A client that connects and says nothing holds the destination for the
+    // configuration's deadline (4 s) at most: the source, queued behind it,
+    // is still taken within its own send timeout (10 s).
+    let silent = std::net::TcpStream::connect(("127.0.0.1", port)).unwrap();
+    std::thread::sleep(std::time::Duration::from_millis(100));
     assert_eq!(ctl(&api, &["migrate", &format!("tcp:127.0.0.1:{port}")])["ok"], true);
     assert!(src.wait_exit(), "the source ends with success: {}", src.stderr());
     dest.wait_for("the guest to resume", |_, err| err.contains("the guest resumes here"));
+    assert!(dest.stderr().contains("took longer than 4s"), "{}", dest.stderr());
+    drop(silent);
     dest.kill();
 
     // Well-formed records a source would never send, after a real

@@ -8,7 +8,8 @@
 //! only then does the guest run here (docs/migration.md, the two-step
 //! commit).
 
-use std::time::Duration;
+use std::io;
+use std::time::{Duration, Instant};
 
 use nkvm::{GuestAddress, Hypervisor, Vm};
 
@@ -95,47 +96,85 @@ impl Arriving {
 
 /// Waits on `addr` for one migration and receives its configuration:
 /// returns the VM it describes (memory zero) and what is still arriving.
-/// A connection whose configuration it cannot take is answered with
-/// `FAILED` and the next one accepted; only a VM it cannot create (or a
-/// listening socket that fails) is an error, answered with `FAILED`
-/// already.
+/// A connection whose header and configuration do not come within
+/// [`CONFIG_DEADLINE`], or that it cannot take (another stream, a disk not
+/// at its path, a VM this host cannot make), is answered with `FAILED` and
+/// the next one accepted: only a listening socket that fails is an error.
 pub fn start(hv: &Hypervisor, addr: &str) -> Result<(Vm, Arriving), MigrateError> {
     let endpoint: Endpoint = addr.parse()?;
     // Listening before saying so: a source told to go may connect at once.
     let listener = endpoint.listen()?;
     eprintln!("nkvm: waiting for a migration on {endpoint}");
     loop {
-        let conn = match listener.accept() {
+        let mut conn = match listener.accept() {
             Ok(conn) => conn,
             // A client that reset its connection before it was taken.
-            Err(MigrateError::Connect { source, .. }) if source.kind() == std::io::ErrorKind::ConnectionAborted => {
+            Err(MigrateError::Connect { source, .. }) if source.kind() == io::ErrorKind::ConnectionAborted => {
                 continue;
             }
             Err(e) => return Err(e),
         };
-        // A source that stops sending for this long is gone.
-        conn.set_read_timeout(Some(Duration::from_secs(60))).map_err(|e| MigrateError::link("configuring", e))?;
-        let mut reader = RecordReader::new(conn);
-        match receive_config(hv, &mut reader) {
-            Ok((vm, config)) => return Ok((vm, Arriving { reader, config })),
+        // Nothing of the peer's is taken until its configuration is (no VM
+        // is kept, no memory written): a stray client, a wrong source or a
+        // disk not at its path here leaves this destination waiting on.
+        let taken = receive_config(hv, &mut conn).and_then(|arrived| {
+            // A source that stops sending for this long is gone.
+            conn.set_read_timeout(Some(Duration::from_secs(60)))
+                .map_err(|e| MigrateError::link("configuring", e))
+                .map(|()| arrived)
+        });
+        match taken {
+            Ok((vm, config, offset)) => {
+                return Ok((vm, Arriving { reader: RecordReader::resume(conn, offset), config }));
+            }
             Err(e) => {
                 let why = chain(&e);
-                Answer(reader.into_inner()).refuse(&why);
-                // Nothing of the peer's was taken yet (no VM, no memory): a
-                // stray client, a wrong source or a disk not reachable here
-                // leaves this destination waiting for the right one. A VM
-                // this host cannot create ends it.
-                if matches!(e, MigrateError::Vm(_)) {
-                    return Err(e);
-                }
+                Answer(conn).refuse(&why);
                 eprintln!("nkvm: refused a connection on {endpoint}: {why}; still waiting for a migration");
             }
         }
     }
 }
 
-fn receive_config(hv: &Hypervisor, reader: &mut RecordReader<Conn>) -> Result<(Vm, MachineConfig), MigrateError> {
-    stream::read_header(reader.get_mut())?;
+/// How long a connection may take to send the stream's header and
+/// configuration (a few KiB a source sends at once). Well inside a
+/// source's send timeout ([`super::SEND_TIMEOUT`]), so that a source that
+/// connected behind a client that sends nothing, or a byte at a time, is
+/// still taken before its sends fail.
+pub const CONFIG_DEADLINE: Duration = Duration::from_secs(4);
+
+/// Reads from `conn` until `until`: each read waits at most for what is
+/// left of that time.
+struct Until<'a> {
+    conn: &'a mut Conn,
+    until: Instant,
+}
+
+impl io::Read for Until<'_> {
+    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+        let late = || {
+            let why = format!("the header and configuration took longer than {CONFIG_DEADLINE:?}");
+            io::Error::new(io::ErrorKind::TimedOut, why)
+        };
+        let left = self.until.saturating_duration_since(Instant::now());
+        if left.is_zero() {
+            return Err(late());
+        }
+        self.conn.set_read_timeout(Some(left))?;
+        match self.conn.read(buf) {
+            // SO_RCVTIMEO, set to the time left, expired.
+            Err(e) if matches!(e.kind(), io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut) => Err(late()),
+            other => other,
+        }
+    }
+}
+
+/// The header and the configuration from `conn`, within
+/// [`CONFIG_DEADLINE`]; the VM it describes, and the stream offset after it.
+fn receive_config(hv: &Hypervisor, conn: &mut Conn) -> Result<(Vm, MachineConfig, u64), MigrateError> {
+    let mut timed = Until { conn, until: Instant::now() + CONFIG_DEADLINE };
+    stream::read_header(&mut timed)?;
+    let mut reader = RecordReader::new(&mut timed);
     let (kind, payload, at) = reader.next()?;
     if kind != RecordType::Config {
         return Err(MigrateError::Stream { offset: at, why: format!("expected the configuration, got {kind:?}") });
@@ -146,7 +185,7 @@ fn receive_config(hv: &Hypervisor, reader: &mut RecordReader<Conn>) -> Result<(V
     // Refused before any memory is sent: the source runs on.
     config.check_disk()?;
     let vm = Vm::new(hv, &config.vm_config()).map_err(MigrateError::Vm)?;
-    Ok((vm, config))
+    Ok((vm, config, reader.offset()))
 }
 
 /// The most device states a stream may carry (a machine has a few dozen).

@@ -117,7 +117,18 @@ pub struct RecordReader<R> {
 impl<R: Read> RecordReader<R> {
     /// A reader positioned after the header.
     pub fn new(inner: R) -> Self {
-        Self { inner, offset: 16, buf: Vec::new() }
+        Self::resume(inner, 16)
+    }
+
+    /// A reader positioned at `offset` of the stream (where another reader
+    /// of the same stream stopped).
+    pub fn resume(inner: R, offset: u64) -> Self {
+        Self { inner, offset, buf: Vec::new() }
+    }
+
+    /// Where the next record starts in the stream.
+    pub fn offset(&self) -> u64 {
+        self.offset
     }
 
     /// The next record: its type, its payload and its offset.
@@ -138,11 +149,6 @@ impl<R: Read> RecordReader<R> {
         self.inner.read_exact(&mut self.buf).map_err(|e| MigrateError::link("reading a record", e))?;
         self.offset += 5 + u64::from(len);
         Ok((kind, &self.buf, at))
-    }
-
-    /// The underlying stream.
-    pub fn get_mut(&mut self) -> &mut R {
-        &mut self.inner
     }
 
     /// The underlying stream back.
