@@ -66,8 +66,12 @@ pub const NO_DIRTY_LOG_ENV: &str = "NKVM_DEVICE_TEST_NO_DIRTY_LOG";
 /// the VMM sees it go, names the status, and restarts it like any process
 /// that died (the restart meets the same ring and ends the same way until
 /// the guest resets the device or the restarts are spent and the device
-/// is failed). Any other error from a model ends it with status 2.
+/// is failed). Any other error from a model ends it with [`FAILED_EXIT`].
 pub const GUEST_QUEUE_ERROR_EXIT: i32 = 3;
+
+/// The exit status of a device process that failed for a reason of its
+/// own (not its guest's, not the VMM hanging up).
+pub const FAILED_EXIT: i32 = 2;
 
 /// Why a virtio device process stopped.
 #[derive(Debug, thiserror::Error)]
@@ -214,7 +218,7 @@ impl<D: VirtioDevice + Sync> VhostUserBackendMut for ModelBackend<D> {
             }
             Err(e) => {
                 eprintln!("nkvm: virtio queue {index}: {e}; the device process ends");
-                std::process::exit(2)
+                std::process::exit(FAILED_EXIT)
             }
         }
     }
@@ -266,7 +270,7 @@ fn serve<D: VirtioDevice + Sync + 'static>(
         Ok(()) | Err(vhost_user_backend::Error::HandleRequest(_)) => 0,
         Err(e) => {
             eprintln!("nkvm: {}", daemon_err(e));
-            2
+            FAILED_EXIT
         }
     };
     // Exit here, without dropping the daemon: its queue thread waits for an

@@ -18,7 +18,7 @@ use crate::GuestAddress;
 
 mod bitmap;
 
-pub(crate) use bitmap::{low_bits, PageBitmap};
+pub(crate) use bitmap::{low_bits, push_pages, PageBitmap};
 
 /// Where the dirty log is fed from.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]

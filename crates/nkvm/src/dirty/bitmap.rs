@@ -339,7 +339,7 @@ fn summary_spans(base: usize, n: usize) -> impl Iterator<Item = (usize, u64)> {
 
 /// Pushes the guest addresses of the pages set in `bits`, word `w` of a
 /// bitmap whose page 0 is at guest address `origin`.
-fn push_pages(out: &mut Vec<GuestAddress>, origin: u64, w: usize, mut bits: u64) {
+pub(crate) fn push_pages(out: &mut Vec<GuestAddress>, origin: u64, w: usize, mut bits: u64) {
     let base = w as u64 * 64;
     while bits != 0 {
         out.push(GuestAddress(origin.wrapping_add((base + u64::from(bits.trailing_zeros())) * PAGE_SIZE)));

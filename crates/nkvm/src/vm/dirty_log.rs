@@ -9,7 +9,7 @@ use std::sync::{Arc, Mutex};
 use kvm_bindings::{kvm_enable_cap, KVM_CAP_MANUAL_DIRTY_LOG_PROTECT2, KVM_DIRTY_LOG_MANUAL_PROTECT_ENABLE};
 
 use super::{MapState, Vm, VmError};
-use crate::dirty::{low_bits, DirtyPages, DirtySource, PageBitmap};
+use crate::dirty::{low_bits, push_pages, DirtyPages, DirtySource, PageBitmap};
 use crate::memory::{Region, RegionKey, PAGE_SIZE};
 use crate::sys::anon::AnonWords;
 use crate::sys::ring::{reset_dirty_rings, DirtyRing};
@@ -395,15 +395,12 @@ impl Vm {
                 bitmap.take_all(first_page, end_page, pages, origin);
                 None
             } else {
-                let (_, resume) = bitmap.take(first_page, end_page, budget, |w, mut bits| {
+                let (_, resume) = bitmap.take(first_page, end_page, budget, |w, bits| {
                     if !armed {
                         taken.push((w, bits));
                     }
-                    let (base, before) = (w as u64 * 64, pages.len());
-                    while bits != 0 {
-                        pages.push(to_gpa(base + u64::from(bits.trailing_zeros())));
-                        bits &= bits - 1;
-                    }
+                    let before = pages.len();
+                    push_pages(pages, origin, w, bits);
                     pages.len() - before
                 });
                 resume
