@@ -103,6 +103,20 @@ pub enum MemoryError {
         /// `KVM_CAP_NR_MEMSLOTS`.
         max: u32,
     },
+    /// The host could not give a dirty-logged backing object its dirty
+    /// log; the map was refused and the installed one stays.
+    #[error(
+        "cannot allocate the {bytes}-byte dirty log of guest memory object {backing:?}; the memory map was not changed"
+    )]
+    DirtyLog {
+        /// The backing object's name.
+        backing: String,
+        /// The size of its log (a bit per page).
+        bytes: u64,
+        /// The OS error (`ENOMEM`).
+        #[source]
+        source: std::io::Error,
+    },
     /// An access to guest memory that no region covers.
     #[error("guest physical range {addr}+{len:#x} is not (entirely) backed by memory")]
     Unmapped {

@@ -9,7 +9,8 @@ use crate::GuestAddress;
 /// per word of `words` that may be non-zero (set for every non-zero word;
 /// a set bit over an empty word is cleared when [`take`](Self::take) meets
 /// it).
-#[derive(Debug, Clone)]
+#[derive(Debug)]
+#[cfg_attr(test, derive(Clone))]
 pub(crate) struct PageBitmap {
     /// In a mapping of their own: KVM copies its logs straight in
     /// ([`fill_clean`](Self::fill_clean)), and into a `Vec` that copy cost
@@ -20,11 +21,15 @@ pub(crate) struct PageBitmap {
 }
 
 impl PageBitmap {
-    pub(crate) fn new(pages: u64) -> Self {
-        let nwords = pages.div_ceil(64) as usize;
-        // A `Vec` aborts when memory runs out; so does this.
-        let words = AnonWords::new(nwords).unwrap_or_else(|e| panic!("a dirty bitmap of {nwords} words: {e}"));
-        Self { words, summary: vec![0; nwords.div_ceil(64)], pages }
+    /// A clean bitmap of `pages` pages. Fails, rather than aborting as a
+    /// `Vec` would, when the host cannot give it the memory.
+    pub(crate) fn new(pages: u64) -> std::io::Result<Self> {
+        let nwords = usize::try_from(pages.div_ceil(64)).map_err(|_| std::io::ErrorKind::OutOfMemory)?;
+        let words = AnonWords::new(nwords)?;
+        let mut summary = Vec::new();
+        summary.try_reserve_exact(nwords.div_ceil(64)).map_err(|_| std::io::ErrorKind::OutOfMemory)?;
+        summary.resize(nwords.div_ceil(64), 0);
+        Ok(Self { words, summary, pages })
     }
 
     pub(crate) fn set(&mut self, page: u64) {
@@ -376,7 +381,7 @@ mod tests {
 
     #[test]
     fn take_respects_range_budget_and_cursor() {
-        let mut b = PageBitmap::new(100_000);
+        let mut b = PageBitmap::new(100_000).unwrap();
         for p in [0u64, 5, 63, 64, 4095, 4096, 70_000, 99_999] {
             b.set(p);
         }
@@ -390,7 +395,7 @@ mod tests {
 
     #[test]
     fn budget_can_end_inside_a_word() {
-        let mut b = PageBitmap::new(1000);
+        let mut b = PageBitmap::new(1000).unwrap();
         b.set_range(3, 10);
         assert_eq!(take(&mut b, 0, 1000, 4), (vec![3, 4, 5, 6], 4, Some(7)));
         assert!(b.get(7) && !b.get(6));
@@ -399,11 +404,11 @@ mod tests {
 
     #[test]
     fn or_bits_sets_pages_at_an_offset() {
-        let mut b = PageBitmap::new(256);
+        let mut b = PageBitmap::new(256).unwrap();
         b.or_bits(64, &[0b101, 1 << 63]);
         assert_eq!(take(&mut b, 0, 256, 10).0, vec![64, 66, 191]);
         // Aligned, with a last word past the end of the bitmap.
-        let mut b = PageBitmap::new(100);
+        let mut b = PageBitmap::new(100).unwrap();
         b.or_bits(0, &[1, u64::MAX]);
         assert_eq!(take(&mut b, 0, 1 << 20, usize::MAX).0, [0].into_iter().chain(64..100).collect::<Vec<_>>());
     }
@@ -415,9 +420,9 @@ mod tests {
         let bits = sparse_words(0x9e37_79b9_7f4a_7c15, 300);
         for first in [0u64, 64 * 5, 64 * 63, 64 * 64, 17] {
             let pages = first + 300 * 64 - 40;
-            let mut fast = PageBitmap::new(pages);
+            let mut fast = PageBitmap::new(pages).unwrap();
             fast.or_bits(first, &bits);
-            let mut slow = PageBitmap::new(pages);
+            let mut slow = PageBitmap::new(pages).unwrap();
             for (i, &word) in bits.iter().enumerate() {
                 (0..64).filter(|b| word >> b & 1 != 0).for_each(|b| slow.set(first + i as u64 * 64 + b));
             }
@@ -452,7 +457,7 @@ mod tests {
             [(0u64, 300 * 64u64), (64 * 5, 300 * 64 - 40), (64 * 63, 300 * 64), (64 * 64, 299 * 64 + 1)]
         {
             let total = first + 300 * 64 + 64;
-            let mut direct = PageBitmap::new(total);
+            let mut direct = PageBitmap::new(total).unwrap();
             // A dirty word outside the slot stays as it is.
             direct.set(total - 1);
             let mut ored = direct.clone();
@@ -504,13 +509,13 @@ mod tests {
             (1, total, 5000),
         ];
         for (start, end, max) in ranges {
-            let mut direct = PageBitmap::new(total);
+            let mut direct = PageBitmap::new(total).unwrap();
             let filled = direct.fill_clean(0, total, |w| {
                 w.copy_from_slice(&bits);
                 Ok::<(), ()>(())
             });
             assert_eq!(filled, Some(Ok(())));
-            let mut ored = PageBitmap::new(total);
+            let mut ored = PageBitmap::new(total).unwrap();
             ored.or_bits(0, &bits);
             let got = take(&mut direct, start, end, max);
             assert_eq!(got, take(&mut ored, start, end, max), "{start}..{end} max {max}");
@@ -523,7 +528,7 @@ mod tests {
 
     #[test]
     fn a_log_is_not_written_over_dirty_unaligned_or_outside_words() {
-        let mut b = PageBitmap::new(64 * 200);
+        let mut b = PageBitmap::new(64 * 200).unwrap();
         b.set(64 * 100 + 3);
         let never = |_: &mut [u64]| -> Result<(), ()> { panic!("must not be called") };
         assert_eq!(b.fill_clean(64 * 90, 64 * 20, never), None, "a dirty word in the range");
@@ -539,7 +544,7 @@ mod tests {
         assert_eq!(b.fill_clean(64 * 90, 64 * 20, fill), Some(Ok(())));
         assert!(b.get(64 * 90));
         // A failed fill leaves nothing behind.
-        let mut b = PageBitmap::new(64 * 4);
+        let mut b = PageBitmap::new(64 * 4).unwrap();
         let failing = |w: &mut [u64]| {
             w.fill(u64::MAX);
             Err("KVM_GET_DIRTY_LOG failed")
@@ -550,7 +555,7 @@ mod tests {
 
     #[test]
     fn word_level_updates_match_page_by_page() {
-        let mut words = PageBitmap::new(200);
+        let mut words = PageBitmap::new(200).unwrap();
         words.or_bits(37, &[u64::MAX, 0x8000_0000_0000_0001, u64::MAX, u64::MAX]);
         words.set_range(190, 50);
         let (pages, ..) = take(&mut words, 0, 1 << 20, usize::MAX);
@@ -570,7 +575,7 @@ mod tests {
         for (seed, fill) in [(7u64, false), (11, true)] {
             let bits = sparse_words(seed, (pages as usize).div_ceil(64));
             for (start, end) in [(0, pages), (1, pages - 1), (63, 4097), (4096, 8192), (4000, 12_000), (5, 6)] {
-                let mut a = PageBitmap::new(pages);
+                let mut a = PageBitmap::new(pages).unwrap();
                 if fill {
                     a.fill_clean(0, pages, |w| {
                         w.copy_from_slice(&bits);

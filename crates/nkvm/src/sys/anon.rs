@@ -114,9 +114,9 @@ impl Default for AnonWords {
     }
 }
 
+#[cfg(test)]
 impl Clone for AnonWords {
-    /// A copy in a mapping of its own; panics, as a `Vec` would abort, if
-    /// none can be made.
+    /// A copy in a mapping of its own (for tests: panics if none can be made).
     fn clone(&self) -> Self {
         let mut copy = Self::new(self.len).unwrap_or_else(|e| panic!("copying {} dirty-log words: {e}", self.len));
         copy.copy_from_slice(self);

@@ -3,6 +3,7 @@
 //! work budget, re-armed with `KVM_CLEAR_DIRTY_LOG` for exactly the pages
 //! returned.
 
+use std::collections::hash_map::Entry;
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 
@@ -10,7 +11,7 @@ use kvm_bindings::{kvm_enable_cap, KVM_CAP_MANUAL_DIRTY_LOG_PROTECT2, KVM_DIRTY_
 
 use super::{MapState, Vm, VmError};
 use crate::dirty::{low_bits, push_pages, DirtyPages, DirtySource, PageBitmap};
-use crate::memory::{Region, RegionKey, PAGE_SIZE};
+use crate::memory::{MemoryError, Region, RegionKey, PAGE_SIZE};
 use crate::sys::anon::AnonWords;
 use crate::sys::ring::{reset_dirty_rings, DirtyRing};
 use crate::GuestAddress;
@@ -174,16 +175,39 @@ impl Vm {
         result
     }
 
-    /// A slot of `region` was installed with dirty logging: its backing
-    /// gets a bitmap, and with [`DirtyLogStart::AllDirty`] where KVM does
-    /// not start the log all set, the region's pages are marked here (a
-    /// word per 64 pages).
+    /// Gives each region of `new` that a change starts logging (`add` and
+    /// the new side of `toggles`) a bitmap for its backing if it has none,
+    /// before any slot changes: a host out of memory refuses the whole map
+    /// and leaves the installed one as it was.
+    pub(super) fn make_bitmaps(
+        bitmaps: &mut HashMap<u64, PageBitmap>,
+        new: &[Region],
+        add: &[usize],
+        toggles: &[(usize, usize)],
+    ) -> Result<(), MemoryError> {
+        let starting = add.iter().chain(toggles.iter().map(|(_, j)| j)).map(|&j| &new[j]);
+        for region in starting.filter(|r| r.dirty_log) {
+            if let Entry::Vacant(entry) = bitmaps.entry(region.backing.id()) {
+                let pages = region.backing.len() / PAGE_SIZE;
+                let bitmap = PageBitmap::new(pages).map_err(|source| MemoryError::DirtyLog {
+                    backing: region.backing.name().to_owned(),
+                    bytes: pages.div_ceil(8),
+                    source,
+                })?;
+                entry.insert(bitmap);
+            }
+        }
+        Ok(())
+    }
+
+    /// A slot of `region` was installed with dirty logging (its backing has
+    /// a bitmap: [`make_bitmaps`](Self::make_bitmaps)): with
+    /// [`DirtyLogStart::AllDirty`] where KVM does not start the log all
+    /// set, the region's pages are marked here (a word per 64 pages).
     ///
     /// [`DirtyLogStart::AllDirty`]: crate::DirtyLogStart::AllDirty
     pub(super) fn log_starts(&self, bitmaps: &mut HashMap<u64, PageBitmap>, region: &Region) {
-        let pages = region.backing.len() / PAGE_SIZE;
-        let bitmap = bitmaps.entry(region.backing.id()).or_insert_with(|| PageBitmap::new(pages));
-        if self.mark_all_at_start {
+        if let Some(bitmap) = bitmaps.get_mut(&region.backing.id()).filter(|_| self.mark_all_at_start) {
             bitmap.set_range(region.offset / PAGE_SIZE, region.len / PAGE_SIZE);
         }
     }

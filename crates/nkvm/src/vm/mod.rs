@@ -397,6 +397,10 @@ impl Vm {
         // flags: KVM keeps the slot and its mappings (a delete would drop
         // every mapping of the VM and cost more with the slot's size).
         dirty_log::split_toggles(&state.installed, map.regions(), &mut remove, &mut add, &mut toggles);
+        if let Err(e) = Vm::make_bitmaps(&mut state.bitmaps, map.regions(), &add, &toggles) {
+            (state.changes, state.toggles) = ((remove, add), toggles);
+            return Err(e.into());
+        }
         // A deleted slot is harvested first and no vCPU may write in
         // between. A toggle needs no pause (see `toggle_logging`).
         let paused = if remove.is_empty() { None } else { Some(self.gate.pause()) };
