@@ -51,6 +51,8 @@ pub mod dirty;
 pub mod emulate;
 mod eoi_watch;
 pub mod exit;
+#[cfg(feature = "exit-timing")]
+pub mod exit_timing;
 pub mod gather;
 pub mod hyperv;
 pub mod hypervisor;

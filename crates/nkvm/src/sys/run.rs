@@ -132,9 +132,13 @@ impl RunArea {
                 std::ptr::copy_nonoverlapping(data.as_ptr(), run.cast::<u8>().add(off), n);
             }
         }
+        #[cfg(feature = "exit-timing")]
+        crate::exit_timing::entering();
         // SAFETY: KVM_RUN takes no argument; `fd` is a vCPU fd whose kvm_run
         // page is mapped (by us and by kvm-ioctls) for the call's duration.
         let ret = unsafe { ioctl(fd, KVM_RUN()) };
+        #[cfg(feature = "exit-timing")]
+        crate::exit_timing::left();
         if ret == 0 {
             return Ok(true);
         }
