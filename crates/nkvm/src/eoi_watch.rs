@@ -121,6 +121,7 @@ impl Vcpu {
     /// After a poke: if KVM has the vCPU halted, lets KVM handle its held
     /// requests without running the guest (see the module docs). Returns an
     /// exit other than the IOAPIC EOI, should the entry produce one.
+    #[cold]
     pub(crate) fn unstick_halt(&mut self) -> Result<Option<Exit>, VcpuError> {
         let mp = self.fd.get_mp_state().map_err(|source| self.err("KVM_GET_MP_STATE", source))?;
         if mp.mp_state != KVM_MP_STATE_HALTED {

@@ -290,10 +290,16 @@ impl crate::Vcpu {
 
     /// Injects pending LINT1/LINT0 requests; returns whether an interrupt
     /// window is needed for a held ExtINT.
+    #[inline(always)]
     pub(crate) fn deliver_lints(&self, run: &crate::RunState) -> Result<bool, crate::VcpuError> {
         if !self.lint.any.load(Ordering::SeqCst) {
             return Ok(false);
         }
+        self.deliver_pending_lints(run)
+    }
+
+    #[cold]
+    fn deliver_pending_lints(&self, run: &crate::RunState) -> Result<bool, crate::VcpuError> {
         if self.lint.nmi.swap(false, Ordering::SeqCst) {
             self.fd.nmi().map_err(|source| self.err("KVM_NMI", source))?;
         }

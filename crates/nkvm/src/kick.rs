@@ -79,10 +79,15 @@ impl KickShared {
     pub(crate) fn leave(&self) {
         let before = self.state.fetch_and(!IN_GUEST, Ordering::SeqCst);
         if before >= SIGNALLER {
-            // Rare: a kicker saw us inside and is signalling (a few µs).
-            while self.state.load(Ordering::SeqCst) >= SIGNALLER {
-                std::thread::yield_now();
-            }
+            self.wait_for_signallers();
+        }
+    }
+
+    /// Rare: a kicker saw us inside and is signalling (a few µs).
+    #[cold]
+    fn wait_for_signallers(&self) {
+        while self.state.load(Ordering::SeqCst) >= SIGNALLER {
+            std::thread::yield_now();
         }
     }
 

@@ -67,30 +67,46 @@ impl PauseGate {
     }
 
     /// Taken by a vCPU around `KVM_RUN` (and marks it inside for kickers).
+    #[inline]
     pub(crate) fn enter<'a>(&'a self, vcpu: &'a KickShared) -> Inside<'a> {
+        vcpu.enter();
+        if !self.pausing.load(Ordering::SeqCst) {
+            return Inside { gate: self, vcpu };
+        }
+        self.enter_after_pause(vcpu)
+    }
+
+    /// A pause is starting: step aside until it is over, then enter.
+    #[cold]
+    fn enter_after_pause<'a>(&'a self, vcpu: &'a KickShared) -> Inside<'a> {
         loop {
-            vcpu.enter();
-            if !self.pausing.load(Ordering::SeqCst) {
-                return Inside { gate: self, vcpu };
-            }
-            // A pause is starting: step aside until it is over.
             self.leave(vcpu);
             let mut waits = self.waits.lock().unwrap_or_else(|p| p.into_inner());
             while self.pausing.load(Ordering::SeqCst) {
                 waits = self.wake.wait(waits).unwrap_or_else(|p| p.into_inner());
             }
+            drop(waits);
+            vcpu.enter();
+            if !self.pausing.load(Ordering::SeqCst) {
+                return Inside { gate: self, vcpu };
+            }
         }
     }
 
+    #[inline]
     fn leave(&self, vcpu: &KickShared) {
         vcpu.leave();
         if self.pausing.load(Ordering::SeqCst) {
-            // The pauser may be waiting for this vCPU; it checks the bits
-            // under `waits`, so this wake-up cannot fall between its check
-            // and its wait.
-            let _waits = self.waits.lock().unwrap_or_else(|p| p.into_inner());
-            self.wake.notify_all();
+            self.wake_pauser();
         }
+    }
+
+    /// The pauser may be waiting for this vCPU; it checks the bits under
+    /// `waits`, so this wake-up cannot fall between its check and its wait.
+    #[cold]
+    fn wake_pauser(&self) {
+        let _waits = self.waits.lock().unwrap_or_else(|p| p.into_inner());
+        self.wake.notify_all();
     }
 
     /// Kicks every vCPU out of the guest and keeps them out until the guard drops.

@@ -187,8 +187,7 @@ impl Vcpu {
     /// Returns [`Exit::Kicked`] when another thread used this vCPU's
     /// [`Kicker`].
     pub fn enter_guest(&mut self, run: &mut RunState) -> Result<Exit, VcpuError> {
-        let (mut completion, mut string_in) =
-            run.take_completion().map_err(|p| VcpuError::ReadNotCompleted { id: self.id, what: describe(p) })?;
+        let (mut completion, mut string_in) = run.take_completion().map_err(|p| self.read_not_completed(p))?;
         let tracing = !self.tracers.is_empty();
         // When tracing: when this trip into the guest started.
         let mut entered = if tracing { Some(self.emit_pending(true)) } else { None };
@@ -210,11 +209,7 @@ impl Vcpu {
             completion = Completion::None;
             string_in = false;
             if self.coalesced && self.links.io.coalescing() {
-                let fd = &mut self.fd;
-                self.links.io.drain_coalesced(|| {
-                    let e = fd.coalesced_mmio_read().ok().flatten()?;
-                    Some((e.phys_addr, e.len.min(8) as u8, u64::from_le_bytes(e.data)))
-                });
+                self.drain_coalesced();
             }
             let exit = match result {
                 Ok(true) => self.run.decode(&mut run.string_data),
@@ -240,12 +235,7 @@ impl Vcpu {
                     run.flags = self.run.flags();
                     continue;
                 }
-                Exit::IoapicEoi { vector } => {
-                    log::trace!("vcpu {}: KVM reports the EOI of {vector:#x}", self.id);
-                    if self.links.irq.eoi(vector) {
-                        continue;
-                    }
-                }
+                Exit::IoapicEoi { vector } if self.ioapic_eoi(vector) => continue,
                 _ => {}
             }
             let Some((space, addr, size, write)) = io_access(&exit) else {
@@ -302,6 +292,7 @@ impl Vcpu {
     /// element at a time through `data` (the exit's bytes). Returns whether
     /// the exit was an input (whose bytes KVM must take at the next entry),
     /// or `None` if no region claims the port.
+    #[inline(never)]
     fn serve_string(&self, exit: &Exit, data: &mut [u8]) -> Option<bool> {
         let (port, size, input) = match *exit {
             Exit::IoInString { port, size, .. } => (port, size, true),
@@ -325,7 +316,26 @@ impl Vcpu {
         served_any.then_some(input)
     }
 
+    /// Passes an EOI KVM reports to the IOAPIC; whether it was nkvm's to
+    /// handle (the caller does not see it).
+    #[cold]
+    fn ioapic_eoi(&self, vector: u8) -> bool {
+        log::trace!("vcpu {}: KVM reports the EOI of {vector:#x}", self.id);
+        self.links.irq.eoi(vector)
+    }
+
+    /// Delivers the posted MMIO writes KVM queued in the coalesced ring.
+    #[inline(never)]
+    fn drain_coalesced(&mut self) {
+        let fd = &mut self.fd;
+        self.links.io.drain_coalesced(|| {
+            let e = fd.coalesced_mmio_read().ok().flatten()?;
+            Some((e.phys_addr, e.len.min(8) as u8, u64::from_le_bytes(e.data)))
+        });
+    }
+
     /// Reports one exit to every tracer.
+    #[cold]
     fn emit(&mut self, exit: Exit, guest_time: Duration, handler_time: Option<Duration>) {
         let record = ExitRecord { vcpu: self.id, seq: self.trace.seq, exit, guest_time, handler_time };
         self.trace.seq += 1;
@@ -335,6 +345,7 @@ impl Vcpu {
     }
 
     /// Emits the record of the previous exit (its handler time ends now).
+    #[cold]
     fn emit_pending(&mut self, entering: bool) -> Instant {
         let now = Instant::now();
         if let Some((exit, guest_time, exited)) = self.trace.last.take() {
@@ -511,6 +522,14 @@ fn io_access(exit: &Exit) -> Option<(IoSpace, u64, u8, Option<u64>)> {
         Exit::IoIn { port, size } => Some((IoSpace::Pio, u64::from(port), size, None)),
         Exit::IoOut { port, size, data } => Some((IoSpace::Pio, u64::from(port), size, Some(data))),
         _ => None,
+    }
+}
+
+impl Vcpu {
+    /// The error for an entry whose pending read was not completed.
+    #[cold]
+    fn read_not_completed(&self, p: Pending) -> VcpuError {
+        VcpuError::ReadNotCompleted { id: self.id, what: describe(p) }
     }
 }
 

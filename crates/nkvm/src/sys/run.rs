@@ -189,14 +189,8 @@ impl RunArea {
                             std::ptr::copy_nonoverlapping(src, bytes.as_mut_ptr(), total);
                             Exit::IoOut { port: io.port, size: io.size, data: u64::from_le_bytes(bytes) }
                         }
-                    } else if is_in {
-                        string_out.clear();
-                        string_out.resize(total, 0);
-                        Exit::IoInString { port: io.port, size: io.size, count: io.count }
                     } else {
-                        string_out.clear();
-                        string_out.extend_from_slice(std::slice::from_raw_parts(src, total));
-                        Exit::IoOutString { port: io.port, size: io.size, count: io.count }
+                        string_io(string_out, is_in, io.port, io.size, io.count, std::slice::from_raw_parts(src, total))
                     }
                 }
                 KVM_EXIT_MMIO => {
@@ -223,35 +217,62 @@ impl RunArea {
                     let f = (*run).__bindgen_anon_1.fail_entry;
                     Exit::FailEntry { hardware_reason: f.hardware_entry_failure_reason, cpu: f.cpu }
                 }
-                KVM_EXIT_INTERNAL_ERROR => {
-                    let internal = (*run).__bindgen_anon_1.internal;
-                    let mut err = InternalError {
-                        suberror: internal.suberror,
-                        data: [0; 16],
-                        ndata: internal.ndata.min(16) as u8,
-                        insn_bytes: [0; 15],
-                        insn_len: 0,
-                    };
-                    if internal.suberror == KVM_INTERNAL_ERROR_EMULATION {
-                        let emu = (*run).__bindgen_anon_1.emulation_failure;
-                        if emu.flags & u64::from(KVM_INTERNAL_ERROR_EMULATION_FLAG_INSTRUCTION_BYTES) != 0 {
-                            let insn = emu.__bindgen_anon_1.__bindgen_anon_1;
-                            let n = insn.insn_size.min(15);
-                            err.insn_bytes = insn.insn_bytes;
-                            err.insn_len = n;
-                        }
-                        // The flags word and the bytes overlay data[0..]; keep
-                        // only what is not instruction bytes.
-                        err.ndata = 0;
-                    } else {
-                        let n = usize::from(err.ndata);
-                        err.data[..n].copy_from_slice(&internal.data[..n]);
-                    }
-                    Exit::InternalError(Box::new(err))
-                }
+                KVM_EXIT_INTERNAL_ERROR => internal_error(&*run),
                 reason => Exit::Unknown { reason },
             }
         }
+    }
+}
+
+/// A `rep ins`/`rep outs` exit: `data` (the elements KVM wrote out, or the
+/// room for those it will read in) goes to `string_out`.
+#[cold]
+fn string_io(string_out: &mut Vec<u8>, is_in: bool, port: u16, size: u8, count: u32, data: &[u8]) -> Exit {
+    string_out.clear();
+    if is_in {
+        string_out.resize(data.len(), 0);
+        Exit::IoInString { port, size, count }
+    } else {
+        string_out.extend_from_slice(data);
+        Exit::IoOutString { port, size, count }
+    }
+}
+
+/// Decodes a `KVM_EXIT_INTERNAL_ERROR` exit (rare: kept out of the exit path).
+///
+/// # Safety
+///
+/// `run.exit_reason` must be `KVM_EXIT_INTERNAL_ERROR`, so that the
+/// `internal` member (and for an emulation failure, `emulation_failure`)
+/// of the union is the one KVM wrote.
+#[cold]
+unsafe fn internal_error(run: &kvm_run) -> Exit {
+    // SAFETY: the caller's contract (above).
+    unsafe {
+        let internal = run.__bindgen_anon_1.internal;
+        let mut err = InternalError {
+            suberror: internal.suberror,
+            data: [0; 16],
+            ndata: internal.ndata.min(16) as u8,
+            insn_bytes: [0; 15],
+            insn_len: 0,
+        };
+        if internal.suberror == KVM_INTERNAL_ERROR_EMULATION {
+            let emu = run.__bindgen_anon_1.emulation_failure;
+            if emu.flags & u64::from(KVM_INTERNAL_ERROR_EMULATION_FLAG_INSTRUCTION_BYTES) != 0 {
+                let insn = emu.__bindgen_anon_1.__bindgen_anon_1;
+                let n = insn.insn_size.min(15);
+                err.insn_bytes = insn.insn_bytes;
+                err.insn_len = n;
+            }
+            // The flags word and the bytes overlay data[0..]; keep
+            // only what is not instruction bytes.
+            err.ndata = 0;
+        } else {
+            let n = usize::from(err.ndata);
+            err.data[..n].copy_from_slice(&internal.data[..n]);
+        }
+        Exit::InternalError(Box::new(err))
     }
 }
 
