@@ -103,46 +103,6 @@ impl crate::vcpu::RingFull for DirtyShared {
     }
 }
 
-/// Moves out of `remove` and `add` (indices into `installed` and `new`,
-/// ascending; both sorted by address) the pairs that map the same memory
-/// the same way except for dirty logging, into `toggles` as (installed,
-/// new) pairs, ascending.
-pub(super) fn split_toggles(
-    installed: &[(Region, u32)],
-    new: &[Region],
-    remove: &mut Vec<usize>,
-    add: &mut Vec<usize>,
-    toggles: &mut Vec<(usize, usize)>,
-) {
-    toggles.clear();
-    // The keys are what the diff compares (the same host mapping, the same
-    // flags); equal once both are logged, and one is not: only the log differs.
-    let only_log_differs = |old: &Region, new: &Region| {
-        old.dirty_log != new.dirty_log && old.clone().dirty_logged().key() == new.clone().dirty_logged().key()
-    };
-    let mut next = 0;
-    remove.retain(|&i| {
-        let old = &installed[i].0;
-        while add.get(next).is_some_and(|&j| new[j].gpa < old.gpa) {
-            next += 1;
-        }
-        match add.get(next) {
-            Some(&j) if only_log_differs(old, &new[j]) => {
-                toggles.push((i, j));
-                next += 1;
-                false
-            }
-            _ => true,
-        }
-    });
-    let mut t = 0;
-    add.retain(|&j| {
-        let paired = toggles.get(t).is_some_and(|&(_, tj)| tj == j);
-        t += usize::from(paired);
-        !paired
-    });
-}
-
 impl Vm {
     /// Turns the dirty logging of installed region `i` on or off in place:
     /// the same slot, only its flags change, so KVM keeps the slot's
@@ -580,30 +540,5 @@ impl Vm {
             bitmap.or_bits(first, bits);
         }
         Ok(())
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-    use crate::memory::Backing;
-
-    #[test]
-    fn a_region_whose_log_alone_changes_is_toggled_not_replaced() {
-        let mem = Backing::new("t", 0x40_0000).unwrap();
-        let r = |gpa: u64, offset: u64| Region::new(GuestAddress(gpa), &mem, offset, 0x10_0000);
-        let installed: Vec<(Region, u32)> =
-            vec![(r(0, 0), 0), (r(0x10_0000, 0x10_0000).dirty_logged(), 1), (r(0x20_0000, 0x20_0000), 2)];
-        // Region 0 starts logging, region 1 stops, region 2 moves (and logs).
-        let new = [r(0, 0).dirty_logged(), r(0x10_0000, 0x10_0000), r(0x30_0000, 0x20_0000).dirty_logged()];
-        let (mut remove, mut add, mut toggles) = (vec![0, 1, 2], vec![0, 1, 2], vec![(9, 9)]);
-        split_toggles(&installed, &new, &mut remove, &mut add, &mut toggles);
-        assert_eq!(toggles, [(0, 0), (1, 1)]);
-        assert_eq!((remove, add), (vec![2], vec![2]));
-        // Same address, another offset: a real replacement.
-        let new = [r(0, 0x10_0000).dirty_logged()];
-        let (mut remove, mut add) = (vec![0], vec![0]);
-        split_toggles(&installed[..1], &new, &mut remove, &mut add, &mut toggles);
-        assert_eq!((remove, add, toggles), (vec![0], vec![0], vec![]));
     }
 }

@@ -396,7 +396,7 @@ impl Vm {
         // Starting or stopping a region's log changes only its slot's
         // flags: KVM keeps the slot and its mappings (a delete would drop
         // every mapping of the VM and cost more with the slot's size).
-        dirty_log::split_toggles(&state.installed, map.regions(), &mut remove, &mut add, &mut toggles);
+        diff::split_toggles(&state.installed, map.regions(), &mut remove, &mut add, &mut toggles);
         if let Err(e) = Vm::make_bitmaps(&mut state.bitmaps, map.regions(), &add, &toggles) {
             (state.changes, state.toggles) = ((remove, add), toggles);
             return Err(e.into());
