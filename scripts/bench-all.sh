@@ -43,7 +43,9 @@ cargo_args() {
 mkdir -p "$logs"
 rm -f "$logs"/*.log
 cargo bench -j"$jobs" --no-run -p nkvm -p nkvm-vmm >&2
-cargo bench -j"$jobs" --no-run -p nkvm --features exit-timing --bench exit_roundtrip >&2
+if [[ " ${benches[*]} " == *" exit_timing "* ]]; then
+    cargo bench -j"$jobs" --no-run -p nkvm --features exit-timing --bench exit_roundtrip >&2
+fi
 for run in $(seq 1 "$runs"); do
     for bench in "${benches[@]}"; do
         echo "== run $run/$runs: $bench" >&2
@@ -53,7 +55,7 @@ for run in $(seq 1 "$runs"); do
             echo "result|$bench: FAILED (see $log)|-|-|failed" >>"$log"
         fi
         if [ "$bench" = exit_timing ]; then
-            sed -i '/^result|/{/(exit-timing)/!d}' "$log"
+            sed -i '/^result|/{/(exit-timing)\|: FAILED/!d}' "$log"
         fi
         grep -v '^result|' "$log" >&2 || true
     done

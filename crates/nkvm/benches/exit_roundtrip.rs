@@ -88,7 +88,7 @@ impl Raw {
         for _ in 0..exits {
             #[cfg(feature = "exit-timing")]
             if left != 0 {
-                self.user.record(nkvm::exit_timing::tsc() - left);
+                self.user.record(nkvm::exit_timing::tsc().wrapping_sub(left));
             }
             // SAFETY: KVM_RUN on a vCPU fd whose kvm_run area kvm-ioctls keeps mapped.
             let rc = unsafe { ioctl(&RawFd(fd), KVM_RUN()) };

@@ -70,7 +70,7 @@ impl Gaps {
     }
 
     /// The median gap in ticks (to the bucket's 4-tick width; `u64::MAX`
-    /// if half the gaps were 4096 ticks or more).
+    /// if there were no gaps or half of them were 4096 ticks or more).
     pub fn median(&self) -> u64 {
         let mut seen = 0;
         for (i, n) in self.buckets.iter().enumerate() {

@@ -25,8 +25,10 @@ impl PageBitmap {
     /// `Vec` would, when the host cannot give it the memory.
     pub(crate) fn new(pages: u64) -> std::io::Result<Self> {
         let nwords = usize::try_from(pages.div_ceil(64)).map_err(|_| std::io::ErrorKind::OutOfMemory)?;
-        // The summary is 1/64 of the words: if they could be mapped, it fits.
-        Ok(Self { words: AnonWords::new(nwords)?, summary: vec![0; nwords.div_ceil(64)], pages })
+        let (words, mut summary) = (AnonWords::new(nwords)?, Vec::new());
+        summary.try_reserve_exact(nwords.div_ceil(64)).map_err(|_| std::io::ErrorKind::OutOfMemory)?;
+        summary.resize(nwords.div_ceil(64), 0);
+        Ok(Self { words, summary, pages })
     }
 
     pub(crate) fn set(&mut self, page: u64) {

@@ -12,9 +12,9 @@ use std::ptr::NonNull;
 use std::sync::atomic::{AtomicU8, Ordering};
 
 use kvm_bindings::{
-    kvm_run, KVM_EXIT_FAIL_ENTRY, KVM_EXIT_HLT, KVM_EXIT_INTERNAL_ERROR, KVM_EXIT_IO, KVM_EXIT_IOAPIC_EOI,
-    KVM_EXIT_IO_IN, KVM_EXIT_IRQ_WINDOW_OPEN, KVM_EXIT_MMIO, KVM_EXIT_SHUTDOWN, KVM_EXIT_SYSTEM_EVENT,
-    KVM_INTERNAL_ERROR_EMULATION, KVM_INTERNAL_ERROR_EMULATION_FLAG_INSTRUCTION_BYTES,
+    kvm_run, kvm_run__bindgen_ty_1, KVM_EXIT_FAIL_ENTRY, KVM_EXIT_HLT, KVM_EXIT_INTERNAL_ERROR, KVM_EXIT_IO,
+    KVM_EXIT_IOAPIC_EOI, KVM_EXIT_IO_IN, KVM_EXIT_IRQ_WINDOW_OPEN, KVM_EXIT_MMIO, KVM_EXIT_SHUTDOWN,
+    KVM_EXIT_SYSTEM_EVENT, KVM_INTERNAL_ERROR_EMULATION, KVM_INTERNAL_ERROR_EMULATION_FLAG_INSTRUCTION_BYTES,
 };
 use vmm_sys_util::ioctl::ioctl;
 use vmm_sys_util::ioctl_io_nr;
@@ -217,7 +217,7 @@ impl RunArea {
                     let f = (*run).__bindgen_anon_1.fail_entry;
                     Exit::FailEntry { hardware_reason: f.hardware_entry_failure_reason, cpu: f.cpu }
                 }
-                KVM_EXIT_INTERNAL_ERROR => internal_error(&*run),
+                KVM_EXIT_INTERNAL_ERROR => internal_error(&(*run).__bindgen_anon_1),
                 reason => Exit::Unknown { reason },
             }
         }
@@ -239,17 +239,19 @@ fn string_io(string_out: &mut Vec<u8>, is_in: bool, port: u16, size: u8, count: 
 }
 
 /// Decodes a `KVM_EXIT_INTERNAL_ERROR` exit (rare: kept out of the exit path).
+/// It takes the exit's union alone, not the whole `kvm_run`: a kicker may
+/// write `immediate_exit` meanwhile.
 ///
 /// # Safety
 ///
-/// `run.exit_reason` must be `KVM_EXIT_INTERNAL_ERROR`, so that the
+/// The exit reason must be `KVM_EXIT_INTERNAL_ERROR`, so that the
 /// `internal` member (and for an emulation failure, `emulation_failure`)
-/// of the union is the one KVM wrote.
+/// of `exit` is the one KVM wrote.
 #[cold]
-unsafe fn internal_error(run: &kvm_run) -> Exit {
+unsafe fn internal_error(exit: &kvm_run__bindgen_ty_1) -> Exit {
     // SAFETY: the caller's contract (above).
     unsafe {
-        let internal = run.__bindgen_anon_1.internal;
+        let internal = exit.internal;
         let mut err = InternalError {
             suberror: internal.suberror,
             data: [0; 16],
@@ -258,7 +260,7 @@ unsafe fn internal_error(run: &kvm_run) -> Exit {
             insn_len: 0,
         };
         if internal.suberror == KVM_INTERNAL_ERROR_EMULATION {
-            let emu = run.__bindgen_anon_1.emulation_failure;
+            let emu = exit.emulation_failure;
             if emu.flags & u64::from(KVM_INTERNAL_ERROR_EMULATION_FLAG_INSTRUCTION_BYTES) != 0 {
                 let insn = emu.__bindgen_anon_1.__bindgen_anon_1;
                 let n = insn.insn_size.min(15);

@@ -3,7 +3,6 @@
 //! work budget, re-armed with `KVM_CLEAR_DIRTY_LOG` for exactly the pages
 //! returned.
 
-use std::collections::hash_map::Entry;
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 
@@ -146,17 +145,22 @@ impl Vm {
         toggles: &[(usize, usize)],
     ) -> Result<(), MemoryError> {
         let starting = add.iter().chain(toggles.iter().map(|(_, j)| j)).map(|&j| &new[j]);
+        // Kept aside until all are made: a refused map leaves nothing held.
+        let mut made: Vec<(u64, PageBitmap)> = Vec::new();
         for region in starting.filter(|r| r.dirty_log) {
-            if let Entry::Vacant(entry) = bitmaps.entry(region.backing.id()) {
-                let pages = region.backing.len() / PAGE_SIZE;
-                let bitmap = PageBitmap::new(pages).map_err(|source| MemoryError::DirtyLog {
-                    backing: region.backing.name().to_owned(),
-                    bytes: pages.div_ceil(8),
-                    source,
-                })?;
-                entry.insert(bitmap);
+            let id = region.backing.id();
+            if bitmaps.contains_key(&id) || made.iter().any(|(made_id, _)| *made_id == id) {
+                continue;
             }
+            let pages = region.backing.len() / PAGE_SIZE;
+            let bitmap = PageBitmap::new(pages).map_err(|source| MemoryError::DirtyLog {
+                backing: region.backing.name().to_owned(),
+                bytes: pages.div_ceil(8),
+                source,
+            })?;
+            made.push((id, bitmap));
         }
+        bitmaps.extend(made);
         Ok(())
     }
 
@@ -167,6 +171,7 @@ impl Vm {
     ///
     /// [`DirtyLogStart::AllDirty`]: crate::DirtyLogStart::AllDirty
     pub(super) fn log_starts(&self, bitmaps: &mut HashMap<u64, PageBitmap>, region: &Region) {
+        debug_assert!(bitmaps.contains_key(&region.backing.id()), "make_bitmaps made none for {}", region.name());
         if let Some(bitmap) = bitmaps.get_mut(&region.backing.id()).filter(|_| self.mark_all_at_start) {
             bitmap.set_range(region.offset / PAGE_SIZE, region.len / PAGE_SIZE);
         }
