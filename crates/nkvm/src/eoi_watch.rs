@@ -137,11 +137,12 @@ impl Vcpu {
         }
         self.set_mp(KVM_MP_STATE_RUNNABLE)?;
         let inside = self.links.gate.enter(&self.kick);
-        let result =
-            crate::sys::kick::run_with_kick_pending(&self.fd, || self.run.run(&self.fd, Completion::None, None, false));
+        let result = crate::sys::kick::run_with_kick_pending(&self.fd, || {
+            self.kick.run_area().run(&self.fd, Completion::None, None, false)
+        });
         drop(inside);
         let exited = result.and_then(|r| r).map_err(|source| VcpuError::Run { id: self.id(), source })?;
-        let other = match exited.then(|| self.run.decode(&mut Vec::new())) {
+        let other = match exited.then(|| self.kick.run_area().decode(&mut Vec::new())) {
             Some(Exit::IoapicEoi { vector }) => {
                 self.links.irq.eoi(vector);
                 None

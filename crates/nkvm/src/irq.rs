@@ -197,7 +197,6 @@ impl Routes {
 pub(crate) struct LintState {
     pub(crate) extint: Mutex<VecDeque<u8>>,
     pub(crate) nmi: AtomicBool,
-    pub(crate) any: AtomicBool,
 }
 
 /// Drives a vCPU's LINT0 and LINT1 from any thread.
@@ -212,14 +211,14 @@ impl Lint {
     /// delivered as soon as the guest can take an interrupt.
     pub fn raise_lint0(&self, vector: u8) {
         self.state.extint.lock().unwrap_or_else(|p| p.into_inner()).push_back(vector);
-        self.state.any.store(true, Ordering::SeqCst);
+        self.kick.set_lints_pending(true);
         self.kick.kick();
     }
 
     /// Raises LINT1: a non-maskable interrupt.
     pub fn nmi(&self) {
         self.state.nmi.store(true, Ordering::SeqCst);
-        self.state.any.store(true, Ordering::SeqCst);
+        self.kick.set_lints_pending(true);
         self.kick.kick();
     }
 }
@@ -292,7 +291,7 @@ impl crate::Vcpu {
     /// window is needed for a held ExtINT.
     #[inline(always)]
     pub(crate) fn deliver_lints(&self, run: &crate::RunState) -> Result<bool, crate::VcpuError> {
-        if !self.lint.any.load(Ordering::SeqCst) {
+        if !self.kick.lints_pending() {
             return Ok(false);
         }
         self.deliver_pending_lints(run)
@@ -312,7 +311,7 @@ impl crate::Vcpu {
             }
         }
         let want = !queue.is_empty();
-        self.lint.any.store(want, Ordering::SeqCst);
+        self.kick.set_lints_pending(want);
         Ok(want)
     }
 }

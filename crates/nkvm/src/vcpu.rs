@@ -82,7 +82,6 @@ pub type VcpuEvents = kvm_vcpu_events;
 pub struct Vcpu {
     id: u32,
     pub(crate) fd: VcpuFd,
-    pub(crate) run: Arc<RunArea>,
     pub(crate) kick: Arc<KickShared>,
     tracers: Vec<Box<dyn Tracer>>,
     trace: TraceState,
@@ -139,8 +138,8 @@ impl Vcpu {
         config: VcpuConfig,
     ) -> Result<Self, VcpuError> {
         crate::sys::kick::install_handler().map_err(VcpuError::Signal)?;
-        let run = Arc::new(RunArea::map(fd.as_raw_fd(), mmap_size).map_err(|source| VcpuError::MapRun { id, source })?);
-        let kick = KickShared::new(run.clone());
+        let run = RunArea::map(fd.as_raw_fd(), mmap_size).map_err(|source| VcpuError::MapRun { id, source })?;
+        let kick = KickShared::new(run);
         links.gate.register(&kick);
         let mut fd = fd;
         // Without the ring page, posted MMIO writes simply exit.
@@ -148,7 +147,6 @@ impl Vcpu {
         let vcpu = Self {
             id,
             fd,
-            run,
             kick,
             tracers: Vec::new(),
             trace: TraceState::default(),
@@ -202,8 +200,8 @@ impl Vcpu {
             let data = if string_in { Some(run.string_data.as_slice()) } else { None };
             let want_window = self.deliver_lints(run)?;
             let window = run.interrupt_window_requested() || want_window;
-            let result = self.run.run(&self.fd, completion, data, window);
-            run.flags = self.run.flags();
+            let result = self.kick.run_area().run(&self.fd, completion, data, window);
+            run.flags = self.kick.run_area().flags();
             drop(inside);
             // A completion is consumed by the first KVM_RUN, kicked or not.
             completion = Completion::None;
@@ -212,7 +210,7 @@ impl Vcpu {
                 self.drain_coalesced();
             }
             let exit = match result {
-                Ok(true) => self.run.decode(&mut run.string_data),
+                Ok(true) => self.kick.run_area().decode(&mut run.string_data),
                 Ok(false) => {
                     let user = self.kick.take();
                     // The EOI watch's poke (rare: an EOI overdue).
@@ -232,7 +230,7 @@ impl Vcpu {
             match exit {
                 // Opened for a LINT0 interrupt nkvm is holding, not for the caller.
                 Exit::InterruptWindow if !run.interrupt_window_requested() => {
-                    run.flags = self.run.flags();
+                    run.flags = self.kick.run_area().flags();
                     continue;
                 }
                 Exit::IoapicEoi { vector } if self.ioapic_eoi(vector) => continue,
@@ -314,6 +312,12 @@ impl Vcpu {
             served_any = true;
         }
         served_any.then_some(input)
+    }
+
+    /// The error for an entry whose pending read was not completed.
+    #[cold]
+    fn read_not_completed(&self, p: Pending) -> VcpuError {
+        VcpuError::ReadNotCompleted { id: self.id, what: describe(p) }
     }
 
     /// Passes an EOI KVM reports to the IOAPIC; whether it was nkvm's to
@@ -522,14 +526,6 @@ fn io_access(exit: &Exit) -> Option<(IoSpace, u64, u8, Option<u64>)> {
         Exit::IoIn { port, size } => Some((IoSpace::Pio, u64::from(port), size, None)),
         Exit::IoOut { port, size, data } => Some((IoSpace::Pio, u64::from(port), size, Some(data))),
         _ => None,
-    }
-}
-
-impl Vcpu {
-    /// The error for an entry whose pending read was not completed.
-    #[cold]
-    fn read_not_completed(&self, p: Pending) -> VcpuError {
-        VcpuError::ReadNotCompleted { id: self.id, what: describe(p) }
     }
 }
 

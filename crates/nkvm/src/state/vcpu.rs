@@ -197,7 +197,7 @@ impl Vcpu {
         queue.clear();
         queue.extend(pending.extint.iter().copied());
         self.lint.nmi.store(pending.nmi, SeqCst);
-        self.lint.any.store(!pending.is_empty(), SeqCst);
+        self.kick.set_lints_pending(!pending.is_empty());
     }
 
     /// Whether KVM holds a local APIC for this vCPU (split irqchip).
