@@ -34,11 +34,18 @@ pub(crate) fn install_handler() -> std::io::Result<()> {
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub(crate) struct ThreadId(pub(crate) u64);
 
-/// The calling thread's pthread handle.
+/// The calling thread's pthread handle, kept per thread: `pthread_self`
+/// is an indirect call through the GOT, which on this host mispredicts after
+/// each `KVM_RUN` (the exit path asks on every entry).
+#[inline]
 pub(crate) fn current_thread() -> ThreadId {
-    // SAFETY: pthread_self has no preconditions.
-    let thread = unsafe { libc::pthread_self() };
-    ThreadId(thread as u64)
+    thread_local! {
+        static SELF: u64 = {
+            // SAFETY: pthread_self has no preconditions.
+            unsafe { libc::pthread_self() as u64 }
+        };
+    }
+    ThreadId(SELF.with(|t| *t))
 }
 
 /// The calling thread's kernel thread id.
