@@ -191,6 +191,34 @@ fn entering_with_an_uncompleted_read_is_an_error_naming_it() {
     assert_eq!(vcpu.enter_guest(&mut run).unwrap(), Exit::Hlt);
 }
 
+/// A `RunState` is the caller's, not tied to a vCPU. A read completed for
+/// vCPU 0 and handed to vCPU 1, whose last exit was an MMIO write, must not
+/// be written where that exit's data (the bytes KVM's I/O exit keeps its data
+/// offset in) points: far outside the mapping here.
+#[test]
+fn a_read_completed_for_one_vcpu_is_not_written_outside_anothers_run_area() {
+    let vm = vm();
+    let mut reader = real_mode_guest(&vm, 0, |a| {
+        a.in_(al, 0x71).unwrap();
+        a.hlt().unwrap();
+    });
+    let far = 0x4000_0000_0000u64;
+    let mut writer = long_mode_guest(&vm, 1, |a| {
+        a.mov(rax, far).unwrap();
+        a.mov(rbx, MMIO_BASE).unwrap();
+        a.mov(qword_ptr(rbx), rax).unwrap();
+        a.hlt().unwrap();
+    });
+    let mut other = RunState::new();
+    let exit = writer.enter_guest(&mut other).unwrap();
+    assert_eq!(exit, Exit::MmioWrite { addr: GuestAddress(MMIO_BASE), size: 8, data: far });
+    let mut run = RunState::new();
+    assert_eq!(reader.enter_guest(&mut run).unwrap(), Exit::IoIn { port: 0x71, size: 1 });
+    run.complete_io_in(0x5a);
+    // Before the check, this wrote the byte at the mapping + 64 TiB.
+    assert_eq!(writer.enter_guest(&mut run).unwrap(), Exit::Hlt);
+}
+
 #[test]
 fn triple_fault_is_a_shutdown_exit() {
     let vm = vm();

@@ -33,7 +33,8 @@ pub(crate) struct RunArea {
 
 // The area is shared memory between this process and the kernel.
 // SAFETY: only `immediate_exit` is touched from other threads, always through an `AtomicU8`; every other
-// field is read and written by the thread that owns the `Vcpu` (`&mut self` methods), never concurrently.
+// field is read and written only by code holding `&mut Vcpu` (through `KickShared::run_area`), never
+// concurrently.
 unsafe impl Send for RunArea {}
 // SAFETY: see `Send`: shared access is limited to the atomic `immediate_exit`.
 unsafe impl Sync for RunArea {}
@@ -106,17 +107,20 @@ impl RunArea {
         request_interrupt_window: bool,
     ) -> io::Result<bool> {
         let run = self.ptr.as_ptr();
-        // The caller derives the completion from the exit the kernel reported
-        // last; data_offset/count/size were bounds-checked when it was decoded.
-        // SAFETY: `run` is the live kvm_run, touched only by the thread holding `&mut Vcpu`; the union member
-        // written matches the last exit, and every offset is inside the `len`-byte mapping (see above).
+        // The completion comes from the caller's `RunState`, which need not
+        // belong to this vCPU: the offset KVM left is checked again here.
+        // SAFETY: `run` is the live kvm_run, touched only by the thread holding `&mut Vcpu`; every write
+        // lands inside the `len`-byte mapping (the offsets are checked first).
         unsafe {
             (*run).request_interrupt_window = u8::from(request_interrupt_window);
             match completion {
                 Completion::None => {}
                 Completion::IoIn { size, value } => {
                     let off = (*run).__bindgen_anon_1.io.data_offset as usize;
-                    write_le(run.cast::<u8>().add(off), value, usize::from(size));
+                    let n = usize::from(size).min(8);
+                    if off.checked_add(n).is_some_and(|end| end <= self.len) {
+                        write_le(run.cast::<u8>().add(off), value, n);
+                    }
                 }
                 Completion::MmioRead { size, value } => {
                     let data = std::ptr::addr_of_mut!((*run).__bindgen_anon_1.mmio.data);
@@ -125,8 +129,10 @@ impl RunArea {
             }
             if let Some(data) = string_in {
                 let off = (*run).__bindgen_anon_1.io.data_offset as usize;
-                let n = data.len().min(self.len.saturating_sub(off));
-                std::ptr::copy_nonoverlapping(data.as_ptr(), run.cast::<u8>().add(off), n);
+                if off < self.len {
+                    let n = data.len().min(self.len - off);
+                    std::ptr::copy_nonoverlapping(data.as_ptr(), run.cast::<u8>().add(off), n);
+                }
             }
         }
         #[cfg(feature = "exit-timing")]
