@@ -211,14 +211,14 @@ impl Lint {
     /// delivered as soon as the guest can take an interrupt.
     pub fn raise_lint0(&self, vector: u8) {
         self.state.extint.lock().unwrap_or_else(|p| p.into_inner()).push_back(vector);
-        self.kick.set_lints_pending(true);
+        self.kick.set_lints_pending();
         self.kick.kick();
     }
 
     /// Raises LINT1: a non-maskable interrupt.
     pub fn nmi(&self) {
         self.state.nmi.store(true, Ordering::SeqCst);
-        self.kick.set_lints_pending(true);
+        self.kick.set_lints_pending();
         self.kick.kick();
     }
 }
@@ -299,6 +299,9 @@ impl crate::Vcpu {
 
     #[cold]
     fn deliver_pending_lints(&self, run: &crate::RunState) -> Result<bool, crate::VcpuError> {
+        // Cleared first: a LINT raised after this sets it again (it stores
+        // the flag after its request), one raised before is seen below.
+        self.kick.take_lints_pending();
         if self.lint.nmi.swap(false, Ordering::SeqCst) {
             self.fd.nmi().map_err(|source| self.err("KVM_NMI", source))?;
         }
@@ -311,7 +314,9 @@ impl crate::Vcpu {
             }
         }
         let want = !queue.is_empty();
-        self.kick.set_lints_pending(want);
+        if want {
+            self.kick.set_lints_pending();
+        }
         Ok(want)
     }
 }

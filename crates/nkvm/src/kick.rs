@@ -71,7 +71,9 @@ impl KickShared {
         })
     }
 
-    /// The vCPU's `kvm_run` mapping.
+    /// The vCPU's `kvm_run` mapping. Only code holding `&mut Vcpu` (the
+    /// vCPU's own thread) may use it beyond `immediate_exit`: `RunArea`'s
+    /// `Send`/`Sync` rest on that.
     pub(crate) fn run_area(&self) -> &RunArea {
         &self.run
     }
@@ -81,20 +83,26 @@ impl KickShared {
         self.lints.load(Ordering::SeqCst)
     }
 
-    /// Records whether LINT requests wait (set before the kick that
-    /// announces them).
-    pub(crate) fn set_lints_pending(&self, pending: bool) {
-        self.lints.store(pending, Ordering::SeqCst);
+    /// Records that LINT requests wait (after queueing them, before the
+    /// kick that announces them).
+    pub(crate) fn set_lints_pending(&self) {
+        self.lints.store(true, Ordering::SeqCst);
+    }
+
+    /// Clears the LINT flag before the vCPU looks at its requests: one
+    /// raised meanwhile sets it again, or is seen by that look.
+    pub(crate) fn take_lints_pending(&self) {
+        self.lints.store(false, Ordering::SeqCst);
     }
 
     /// Marks the calling thread as inside `KVM_RUN`.
     pub(crate) fn enter(&self) {
-        let me = current_thread().0;
-        // A plain load per entry; a store and a syscall only when the vCPU
-        // moved to another thread.
-        if self.thread.load(Ordering::Relaxed) != me {
+        let (me, tid) = (current_thread().0, current_tid());
+        // Two plain loads per entry; stores only when the vCPU moved to
+        // another thread (both ids: glibc reuses a dead thread's handle).
+        if self.thread.load(Ordering::Relaxed) != me || self.tid.load(Ordering::Relaxed) != tid {
             self.thread.store(me, Ordering::Relaxed);
-            self.tid.store(current_tid(), Ordering::Relaxed);
+            self.tid.store(tid, Ordering::Relaxed);
         }
         self.state.fetch_or(IN_GUEST, Ordering::SeqCst);
     }

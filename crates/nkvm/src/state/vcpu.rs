@@ -197,7 +197,9 @@ impl Vcpu {
         queue.clear();
         queue.extend(pending.extint.iter().copied());
         self.lint.nmi.store(pending.nmi, SeqCst);
-        self.kick.set_lints_pending(!pending.is_empty());
+        if !pending.is_empty() {
+            self.kick.set_lints_pending();
+        }
     }
 
     /// Whether KVM holds a local APIC for this vCPU (split irqchip).

@@ -34,24 +34,26 @@ pub(crate) fn install_handler() -> std::io::Result<()> {
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub(crate) struct ThreadId(pub(crate) u64);
 
+thread_local! {
+    /// The thread's pthread handle and kernel thread id, asked once.
+    static IDS: (u64, i32) = {
+        // SAFETY: pthread_self and gettid have no preconditions.
+        unsafe { (libc::pthread_self() as u64, libc::gettid()) }
+    };
+}
+
 /// The calling thread's pthread handle, kept per thread: `pthread_self`
 /// is an indirect call through the GOT, which on this host mispredicts after
 /// each `KVM_RUN` (the exit path asks on every entry).
 #[inline]
 pub(crate) fn current_thread() -> ThreadId {
-    thread_local! {
-        static SELF: u64 = {
-            // SAFETY: pthread_self has no preconditions.
-            unsafe { libc::pthread_self() as u64 }
-        };
-    }
-    ThreadId(SELF.with(|t| *t))
+    ThreadId(IDS.with(|ids| ids.0))
 }
 
-/// The calling thread's kernel thread id.
+/// The calling thread's kernel thread id (kept per thread, as above).
+#[inline]
 pub(crate) fn current_tid() -> i32 {
-    // SAFETY: gettid has no preconditions.
-    unsafe { libc::gettid() }
+    IDS.with(|ids| ids.1)
 }
 
 /// Sends the kick signal to `thread`.
