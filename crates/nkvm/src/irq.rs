@@ -301,7 +301,7 @@ impl crate::Vcpu {
     fn deliver_pending_lints(&self, run: &crate::RunState) -> Result<bool, crate::VcpuError> {
         // Cleared first: a LINT raised after this sets it again (it stores
         // the flag after its request), one raised before is seen below.
-        self.kick.take_lints_pending();
+        self.kick.clear_lints_pending();
         if self.lint.nmi.swap(false, Ordering::SeqCst) {
             self.fd.nmi().map_err(|source| self.err("KVM_NMI", source))?;
         }

@@ -91,7 +91,7 @@ impl KickShared {
 
     /// Clears the LINT flag before the vCPU looks at its requests: one
     /// raised meanwhile sets it again, or is seen by that look.
-    pub(crate) fn take_lints_pending(&self) {
+    pub(crate) fn clear_lints_pending(&self) {
         self.lints.store(false, Ordering::SeqCst);
     }
 
