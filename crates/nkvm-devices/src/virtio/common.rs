@@ -112,9 +112,11 @@ impl CommonConfig {
         self.status
     }
 
-    /// Whether the driver is running the device (`DRIVER_OK`, no `NEEDS_RESET`).
+    /// Whether the driver is running the device (`DRIVER_OK` after
+    /// `FEATURES_OK`, no `NEEDS_RESET`).
     pub fn running(&self) -> bool {
-        self.status & STATUS_DRIVER_OK != 0 && self.status & (STATUS_NEEDS_RESET | STATUS_FAILED) == 0
+        let ok = STATUS_FEATURES_OK | STATUS_DRIVER_OK;
+        self.status & ok == ok && self.status & (STATUS_NEEDS_RESET | STATUS_FAILED) == 0
     }
 
     /// Marks the device broken until the driver resets it; bumps the
@@ -263,7 +265,14 @@ impl CommonConfig {
             self.reset();
             return CommonEvent::Reset;
         }
-        let mut value = value | (self.status & STATUS_NEEDS_RESET);
+        // Only a reset clears bits (virtio 1.2, 2.1.2: the driver MUST NOT
+        // clear a status bit). Taken as written, a cleared and re-set
+        // DRIVER_OK would activate the device a second time, handing a
+        // vhost-user backend its queues again from a stale index.
+        if value & self.status != self.status {
+            log::debug!("virtio: status {value:#x} would clear bits of {:#x} without a reset; kept", self.status);
+        }
+        let mut value = value | self.status;
         let newly = value & !self.status;
         if newly & STATUS_FEATURES_OK != 0 {
             let unknown = self.driver_features & !self.device_features;
@@ -276,8 +285,13 @@ impl CommonConfig {
                 value &= !STATUS_FEATURES_OK;
             }
         }
+        if newly & STATUS_DRIVER_OK != 0 && value & STATUS_FEATURES_OK == 0 {
+            // No features agreed, nothing to run: refused, as FEATURES_OK is.
+            log::debug!("virtio: DRIVER_OK without FEATURES_OK; refused");
+            value &= !STATUS_DRIVER_OK;
+        }
         self.status = value;
-        if newly & STATUS_DRIVER_OK != 0 && value & STATUS_FEATURES_OK != 0 {
+        if value & newly & STATUS_DRIVER_OK != 0 {
             CommonEvent::DriverOk
         } else {
             CommonEvent::None
@@ -353,6 +367,44 @@ mod tests {
         assert_eq!(c.write(DEVICE_STATUS, &[0]), CommonEvent::Reset);
         assert_eq!(c.status(), 0);
         assert_eq!(c.driver_features(), 0);
+    }
+
+    /// A CommonConfig the driver has taken to FEATURES_OK.
+    fn negotiated() -> CommonConfig {
+        let mut c = CommonConfig::new(0, &[128], 2);
+        write32(&mut c, DRIVER_FEATURE_SELECT, 1);
+        write32(&mut c, DRIVER_FEATURE, 1);
+        c.write(DEVICE_STATUS, &[1 | 2 | STATUS_FEATURES_OK]);
+        assert_eq!(c.status(), 1 | 2 | STATUS_FEATURES_OK);
+        c
+    }
+
+    #[test]
+    fn a_status_write_that_clears_driver_ok_does_not_activate_the_device_twice() {
+        let mut c = negotiated();
+        let all = 1 | 2 | STATUS_FEATURES_OK | STATUS_DRIVER_OK;
+        assert_eq!(c.write(DEVICE_STATUS, &[all]), CommonEvent::DriverOk);
+        // Clearing bits without a reset is ignored: still running, and DRIVER_OK
+        // written again is not a new activation.
+        assert_eq!(c.write(DEVICE_STATUS, &[all & !STATUS_DRIVER_OK]), CommonEvent::None);
+        assert_eq!(c.status(), all);
+        assert!(c.running());
+        assert_eq!(c.write(DEVICE_STATUS, &[all]), CommonEvent::None);
+        // After a reset, the whole dance activates it again.
+        assert_eq!(c.write(DEVICE_STATUS, &[0]), CommonEvent::Reset);
+        let mut c = negotiated();
+        assert_eq!(c.write(DEVICE_STATUS, &[all]), CommonEvent::DriverOk);
+    }
+
+    #[test]
+    fn driver_ok_without_features_ok_is_refused_and_nothing_runs() {
+        let mut c = CommonConfig::new(0, &[128], 2);
+        assert_eq!(c.write(DEVICE_STATUS, &[1 | 2 | STATUS_DRIVER_OK]), CommonEvent::None);
+        assert_eq!(c.status(), 1 | 2, "the driver reads back that DRIVER_OK did not take");
+        assert!(!c.running());
+        // Nor with FEATURES_OK refused in the same write (no VERSION_1).
+        assert_eq!(c.write(DEVICE_STATUS, &[1 | 2 | STATUS_FEATURES_OK | STATUS_DRIVER_OK]), CommonEvent::None);
+        assert!(!c.running());
     }
 
     #[test]

@@ -10,7 +10,7 @@
 
 use virtio_queue::{Queue, QueueState, QueueT};
 
-use super::{CommonConfig, NO_VECTOR};
+use super::{CommonConfig, NO_VECTOR, STATUS_FEATURES_OK};
 use crate::snapshot::{SnapshotError, StateReader, StateWriter};
 
 impl CommonConfig {
@@ -51,10 +51,17 @@ impl CommonConfig {
         let driver_feature_select = input.u32("driver feature select")?;
         let at = input.offset();
         let driver_features = input.u64("driver features")?;
-        if driver_features & !device_features != 0 {
-            return Err(input.invalid("driver features", driver_features, at, "a subset of the device's features"));
-        }
         let status = input.u8("device status")?;
+        // Before FEATURES_OK the driver may have written anything there (the
+        // check is FEATURES_OK's); after it, only what was offered.
+        if status & STATUS_FEATURES_OK != 0 && driver_features & !device_features != 0 {
+            return Err(input.invalid(
+                "driver features",
+                driver_features,
+                at,
+                "a subset of the device's features once FEATURES_OK is set",
+            ));
+        }
         let config_generation = input.u8("config generation")?;
         let queue_select = input.u16("queue select")?;
         let config_vector = self.vector(input, "config vector")?;

@@ -284,6 +284,22 @@ mod tests {
     }
 
     #[test]
+    fn features_a_driver_wrote_before_features_ok_do_not_make_its_state_unrestorable() {
+        use crate::pci::PciDevice;
+        let fresh =
+            || VirtioPci::new(Console::new(Vec::new()), ram(), BAR, Box::new(RecordingSink::default())).unwrap();
+        let mut dev = fresh();
+        // ACKNOWLEDGE | DRIVER, then every feature bit of the low half,
+        // offered or not; FEATURES_OK (which would refuse them) not yet set.
+        dev.bar_write(0, 0x14, &[1 | 2]);
+        dev.bar_write(0, 0x0c, &0xffff_ffffu32.to_le_bytes());
+        let blob = dev.snapshot();
+        let mut copy = fresh();
+        copy.restore(&blob).unwrap();
+        assert_eq!(copy.snapshot(), blob);
+    }
+
+    #[test]
     fn a_console_round_trips_and_a_block_blob_is_not_a_console() {
         let sink = RecordingSink::default();
         let mut dev = VirtioPci::new(Console::new(Vec::new()), ram(), BAR, Box::new(sink.clone())).unwrap();
