@@ -401,8 +401,18 @@ fn a_bad_stream_is_refused_with_an_error() {
     let vcpu = std::fs::read(snap.join("vcpu-0.state")).unwrap();
     let top_page =
         [&2u32.to_le_bytes()[..], &0xffff_ffff_ffff_f001u64.to_le_bytes(), &0x1001u64.to_le_bytes()].concat();
+    // 1048575 zero pages from address 0 on: 4 GiB claimed by an 8 MiB record.
+    let claim = 1_048_575u32;
+    let zeros: Vec<u8> = (0..u64::from(claim)).flat_map(|i| ((i << 12) | 1).to_le_bytes()).collect();
+    let junk_device = [&[1u8, b'x'][..], &vec![0x5a; (8 << 20) - 2]].concat();
     for (name, records, expect) in [
         ("a zero page at the top of the address space", record(2, &top_page), "outside guest memory"),
+        (
+            "zero pages running 4 GiB past guest memory",
+            record(2, &[&claim.to_le_bytes()[..], &zeros].concat()),
+            "outside guest memory",
+        ),
+        ("nine 8 MiB device states", vec![record(5, &junk_device); 9].concat(), "more than 64 MiB in all"),
         (
             "a third vCPU state for 2 vCPUs",
             [record(4, &vcpu), record(4, &vcpu), record(4, &vcpu)].concat(),

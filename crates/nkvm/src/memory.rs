@@ -360,8 +360,17 @@ impl MemoryMap {
         let region = self.find(gpa).ok_or(MemoryError::Unmapped { addr: gpa, len })?;
         let in_region = gpa.0 - region.gpa.0;
         if len as u64 > region.len - in_region {
-            // Across regions: joined and written through the mappings.
-            return self.write(gpa, &bufs.concat());
+            // Across regions, through the mappings, one buffer at a time
+            // (joining them would allocate whatever length a caller, or a
+            // migration stream, claims), once the whole range is known to
+            // be mapped: nothing is written when it is not.
+            self.for_each_chunk(gpa, len, |_, _, _, _| Ok(()))?;
+            let mut at = gpa;
+            for buf in bufs {
+                self.write(at, buf)?;
+                at = GuestAddress(at.0 + buf.len() as u64);
+            }
+            return Ok(());
         }
         region.backing.fill_at(region.offset + in_region, bufs)
     }

@@ -191,13 +191,25 @@ fn receive_config(hv: &Hypervisor, conn: &mut Conn) -> Result<(Vm, MachineConfig
 /// The most device states a stream may carry (a machine has a few dozen).
 const MAX_DEVICES: usize = 256;
 
+/// The most bytes of VM, vCPU and device state a stream may carry, all
+/// kept until `END` (a machine's come to well under 1 MiB; without a
+/// bound, 8 MiB records up to the counts above would be gigabytes).
+const MAX_STATE_BYTES: usize = 64 << 20;
+
 fn receive_rest(vm: &Vm, reader: &mut RecordReader<Conn>, config: MachineConfig) -> Result<DecodedState, MigrateError> {
     let memory = vm.memory();
     let zero = [0u8; stream::PAGE];
     let mut state = MachineState { config, vm: Vec::new(), vcpus: Vec::new(), devices: Vec::new() };
+    let mut kept = 0usize;
     loop {
         let (kind, payload, at) = reader.next()?;
         let bad = |why: String| MigrateError::Stream { offset: at, why };
+        if matches!(kind, RecordType::VmState | RecordType::VcpuState | RecordType::DeviceState) {
+            kept += payload.len();
+            if kept > MAX_STATE_BYTES {
+                return Err(bad(format!("machine states of more than {} MiB in all", MAX_STATE_BYTES >> 20)));
+            }
+        }
         match kind {
             RecordType::Pages => {
                 let pages = stream::parse_pages(payload, at)?;

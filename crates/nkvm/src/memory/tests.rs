@@ -97,6 +97,27 @@ fn fill_writes_through_the_file_what_write_would_through_the_mapping() {
 }
 
 #[test]
+fn a_fill_running_past_guest_memory_is_refused_whole_without_joining_its_buffers() {
+    let b = Backing::new("t", 4 << 20).unwrap();
+    let map = MemoryMap::new(vec![
+        Region::new(GuestAddress(0), &b, 0, 2 << 20),
+        Region::new(GuestAddress(2 << 20), &b, 2 << 20, 2 << 20),
+    ])
+    .unwrap();
+    // A run that starts in the first region, crosses into the second and
+    // claims 256 MiB more, as a hostile migration stream's zero pages can.
+    let page = [0xa5u8; 4096];
+    let run = vec![&page[..]; 65536];
+    let err = map.fill(GuestAddress((2 << 20) - 0x1000), &run).unwrap_err();
+    assert!(matches!(err, MemoryError::Unmapped { .. }), "{err}");
+    let mut back = [0u8; 4096];
+    for gpa in [(2 << 20) - 0x1000, 2 << 20, (4 << 20) - 0x1000] {
+        map.read(GuestAddress(gpa), &mut back).unwrap();
+        assert_eq!(back, [0u8; 4096], "nothing written at {gpa:#x}");
+    }
+}
+
+#[test]
 fn overlapping_regions_are_named() {
     let b = Backing::new("t", 0x200000).unwrap();
     let err = MemoryMap::new(vec![
