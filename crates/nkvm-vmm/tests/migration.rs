@@ -206,6 +206,37 @@ fn a_destination_that_stops_reading_fails_the_migration_at_the_send_timeout() {
     let _ = std::fs::remove_dir_all(&dir);
 }
 
+/// A destination host that drops the connection request (here its accept
+/// queue is full; a firewall that drops it does the same) fails the
+/// migration at the connect timeout (10 s), not after the kernel's two
+/// minutes of retries, which held the API (and `cancel`) all that time.
+#[test]
+fn a_destination_that_never_takes_the_connection_fails_the_migration_at_the_connect_timeout() {
+    use std::os::fd::AsRawFd;
+    let dir = scratch("migrate-connect");
+    let api = dir.join("src.sock");
+    let mut src = source(&dir, &api);
+    src.wait_passes(0, 1);
+    let full = TcpListener::bind("127.0.0.1:0").unwrap();
+    // SAFETY: listen(2) on the listener's own open socket. A backlog of 0
+    // queues one connection; the next connection request is dropped.
+    assert_eq!(unsafe { libc::listen(full.as_raw_fd(), 0) }, 0);
+    let addr = full.local_addr().unwrap();
+    let _queued = std::net::TcpStream::connect(addr).unwrap();
+    let start = std::time::Instant::now();
+    assert_eq!(ctl(&api, &["migrate", &format!("tcp:{addr}")])["ok"], true);
+    let info = wait_phase(&api, "failed");
+    let took = start.elapsed();
+    assert!(info["migration"]["error"].as_str().unwrap().contains("timed out"), "{info}");
+    // The kernel alone would retry for about 127 s.
+    assert!(took < std::time::Duration::from_secs(60), "gave up only after {took:?}: {info}");
+    assert_eq!(info["state"], "running", "{info}");
+    let seen = passes(&src.stdout()).len();
+    src.wait_passes(seen, 2);
+    drop(full);
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
 /// `nkvm ctl cancel` ends a migration before its switch-over at once, even
 /// one blocked on a destination that stopped reading: the guest runs on,
 /// and a second cancel is refused by name.

@@ -8,7 +8,7 @@ pub mod send;
 pub mod stream;
 
 use std::io::{self, Read, Write};
-use std::net::{TcpListener, TcpStream};
+use std::net::{TcpListener, TcpStream, ToSocketAddrs};
 use std::os::unix::net::{UnixListener, UnixStream};
 use std::time::Duration;
 
@@ -129,6 +129,24 @@ impl std::fmt::Display for Endpoint {
     }
 }
 
+/// How long a connection to a destination may take to be accepted: a host
+/// that drops the connection requests would otherwise hold the migration
+/// (and an operator's `cancel`) for the kernel's two minutes of retries.
+pub const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// Connects to `addr` (`HOST:PORT`), each of its addresses in turn, each
+/// within [`CONNECT_TIMEOUT`].
+fn connect_tcp(addr: &str) -> io::Result<TcpStream> {
+    let mut last = None;
+    for a in addr.to_socket_addrs()? {
+        match TcpStream::connect_timeout(&a, CONNECT_TIMEOUT) {
+            Ok(s) => return Ok(s),
+            Err(e) => last = Some(e),
+        }
+    }
+    Err(last.unwrap_or_else(|| io::Error::new(io::ErrorKind::NotFound, "the host name has no address")))
+}
+
 /// One migration connection.
 #[derive(Debug)]
 pub enum Conn {
@@ -144,7 +162,7 @@ impl Endpoint {
         let err = |source| MigrateError::Connect { op: "connect to", addr: self.to_string(), source };
         Ok(match self {
             Self::Tcp(a) => {
-                let s = TcpStream::connect(a).map_err(err)?;
+                let s = connect_tcp(a).map_err(err)?;
                 s.set_nodelay(true).map_err(err)?;
                 Conn::Tcp(s)
             }

@@ -65,6 +65,7 @@ pub fn start(running: Arc<Running>, to: Endpoint, options: MigrateOptions) -> Re
             ..Default::default()
         };
     }
+    let status_of = running.clone();
     let spawned = std::thread::Builder::new().name("migrate".into()).spawn(move || {
         let start = Instant::now();
         let mut sender = Sender { running: &running, bytes: 0, pages: 0, start, collected: Vec::new() };
@@ -104,7 +105,14 @@ pub fn start(running: Arc<Running>, to: Endpoint, options: MigrateOptions) -> Re
             }
         }
     });
-    spawned.map(drop).map_err(|e| MigrateError::link("starting the migration thread", e))
+    spawned.map(drop).map_err(|e| {
+        // Not left `connecting`, which would refuse every later command.
+        let e = MigrateError::link("starting the migration thread", e);
+        let mut status = status_of.migration.lock().unwrap_or_else(|p| p.into_inner());
+        status.phase = Phase::Failed;
+        status.error = Some(chain(&e));
+        e
+    })
 }
 
 /// Cancels the running migration before its switch-over: its connection
