@@ -414,8 +414,9 @@ fn a_device_process_state_holds_every_posted_write_goes_back_and_a_dead_one_is_n
         posted_burst(a, WRITES);
     });
     run(&mut vcpu);
-    // No read followed the posted writes: the state request is what
-    // brings them to the device first.
+    // No read followed the posted writes: they went out before the exit
+    // `run` returned on, and the state, asked for in the same stream,
+    // holds them all.
     let state = vm.region_state(id).unwrap();
     let mut copy = nkvm_devices::test_device::TestDevice::new();
     nkvm_devices::Snapshot::restore(&mut copy, &state).unwrap();

@@ -37,7 +37,7 @@
 
 use std::fmt;
 use std::os::unix::net::UnixStream;
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering as AtomicOrdering};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering as AtomicOrdering};
 use std::sync::{Arc, Mutex, RwLock};
 use std::time::Duration;
 
@@ -254,8 +254,12 @@ pub(crate) struct IoRegions {
     /// taking the lock (updated under its write side).
     attached: AtomicBool,
     next_id: AtomicU64,
-    /// Cheap check on the exit path: any posted writes outstanding anywhere?
-    any_posted: AtomicBool,
+    /// How many regions have posted writes the device has not confirmed
+    /// (`posted_pending` set): the exit path's cheap check. Changed only
+    /// with a region's flag, under its client's lock, so it is never zero
+    /// while a write waits (a flusher does not clear it before it is done,
+    /// so another vCPU's flush never skips what it still has to send).
+    posted_regions: AtomicUsize,
     failures: Mutex<Vec<RegionFailure>>,
     /// Posted MMIO regions registered as KVM coalesced-MMIO zones: their
     /// writes go to the VM's coalesced ring without an exit.
@@ -429,7 +433,7 @@ impl IoRegions {
         };
         match exchange(c) {
             Ok(value) => {
-                region.posted_pending.store(false, AtomicOrdering::SeqCst);
+                self.clear_posted(&region);
                 Ok(value)
             }
             Err(source) => {
@@ -469,18 +473,20 @@ impl IoRegions {
     }
 
     /// Makes every outstanding posted write served (all regions but `except`,
-    /// whose own stream order already puts them first).
+    /// whose own stream order already puts them first). Returns once they
+    /// are, whichever vCPU sent them and whichever is flushing them too.
+    #[inline]
     pub(crate) fn flush_posted(&self, except: Option<RegionId>) {
-        if !self.any_posted.swap(false, AtomicOrdering::SeqCst) {
-            return;
+        if self.posted_regions.load(AtomicOrdering::SeqCst) != 0 {
+            self.flush_pending(except);
         }
+    }
+
+    #[cold]
+    fn flush_pending(&self, except: Option<RegionId>) {
         let regions: Vec<Arc<Attached>> = self.regions.read().unwrap_or_else(|p| p.into_inner()).clone();
-        for r in regions.iter().filter(|r| r.posted_pending.load(AtomicOrdering::SeqCst)) {
-            if Some(r.id) == except {
-                // Only the stream's own order is needed; keep it marked.
-                self.any_posted.store(true, AtomicOrdering::SeqCst);
-                continue;
-            }
+        // Only the accessed region's stream order is needed for its own.
+        for r in regions.iter().filter(|r| Some(r.id) != except && r.posted_pending.load(AtomicOrdering::SeqCst)) {
             self.sync_region(r);
         }
     }
@@ -488,12 +494,30 @@ impl IoRegions {
     fn sync_region(&self, r: &Attached) {
         if let Backend::Socket(client) = &r.backend {
             let mut client = client.lock().unwrap_or_else(|p| p.into_inner());
+            // Clear: another flusher made them served while this one waited.
+            if !r.posted_pending.load(AtomicOrdering::SeqCst) {
+                return;
+            }
             if let Some(c) = client.as_mut() {
                 if let Err(e) = c.sync() {
                     self.fail(r, &mut client, &e);
                 }
             }
-            r.posted_pending.store(false, AtomicOrdering::SeqCst);
+            self.clear_posted(r);
+        }
+    }
+
+    /// `r` has posted writes in flight (under its client's lock).
+    fn mark_posted(&self, r: &Attached) {
+        if !r.posted_pending.swap(true, AtomicOrdering::SeqCst) {
+            self.posted_regions.fetch_add(1, AtomicOrdering::SeqCst);
+        }
+    }
+
+    /// `r`'s posted writes are served, or will never be (under its client's lock).
+    fn clear_posted(&self, r: &Attached) {
+        if r.posted_pending.swap(false, AtomicOrdering::SeqCst) {
+            self.posted_regions.fetch_sub(1, AtomicOrdering::SeqCst);
         }
     }
 
@@ -531,8 +555,7 @@ impl IoRegions {
                 match result {
                     Ok(value) => {
                         if posted {
-                            r.posted_pending.store(true, AtomicOrdering::SeqCst);
-                            self.any_posted.store(true, AtomicOrdering::SeqCst);
+                            self.mark_posted(r);
                         }
                         Served { value, failed: None }
                     }

@@ -202,13 +202,17 @@ impl Vcpu {
             let window = run.interrupt_window_requested() || want_window;
             let result = self.kick.run_area().run(&self.fd, completion, data, window);
             run.flags = self.kick.run_area().flags();
+            // Drained before leaving the gate: a pause (`detach_region`'s)
+            // then knows that every vCPU it made leave has forwarded what
+            // KVM held in the ring. Only socket regions are coalesced, so
+            // no model's code runs here.
+            if self.coalesced && self.links.io.coalescing() {
+                Self::drain_coalesced(&mut self.fd, &self.links.io);
+            }
             drop(inside);
             // A completion is consumed by the first KVM_RUN, kicked or not.
             completion = Completion::None;
             string_in = false;
-            if self.coalesced && self.links.io.coalescing() {
-                self.drain_coalesced();
-            }
             let exit = match result {
                 Ok(true) => self.kick.run_area().decode(&mut run.string_data),
                 Ok(false) => {
@@ -274,6 +278,9 @@ impl Vcpu {
                 break Exit::IoRegionFailed { id };
             }
         };
+        // Every exit to the caller comes after the guest's posted writes
+        // (the guest may wait for their effect in whatever it exited for).
+        self.links.io.flush_posted(None);
         // `run.flags` was copied out after the last KVM_RUN, in the loop.
         run.expect(&exit);
         if let Some(completion) = carry {
@@ -330,9 +337,8 @@ impl Vcpu {
 
     /// Delivers the posted MMIO writes KVM queued in the coalesced ring.
     #[inline(never)]
-    fn drain_coalesced(&mut self) {
-        let fd = &mut self.fd;
-        self.links.io.drain_coalesced(|| {
+    fn drain_coalesced(fd: &mut VcpuFd, io: &IoRegions) {
+        io.drain_coalesced(|| {
             let e = fd.coalesced_mmio_read().ok().flatten()?;
             Some((e.phys_addr, e.len.min(8) as u8, u64::from_le_bytes(e.data)))
         });

@@ -85,6 +85,11 @@ impl Vm {
                 if let Err(e) = self.fd.unregister_coalesced_mmio(zone, range.len as u32) {
                     log::warn!("unregistering coalesced MMIO for {range}: {e}");
                 }
+                // No new write enters the ring for it now; the ones already
+                // there go out while the region is still attached: every
+                // vCPU in the guest leaves once, draining the ring before
+                // it leaves the gate (a vCPU outside has drained already).
+                drop(self.gate.pause());
             }
             self.io.set_coalesced(id, false);
         }
