@@ -208,9 +208,16 @@ pub struct Lint {
 
 impl Lint {
     /// Raises LINT0 with an ExtINT `vector` (what an 8259 would supply):
-    /// delivered as soon as the guest can take an interrupt.
+    /// delivered as soon as the guest can take an interrupt. A vector
+    /// already waiting is not queued again, as an 8259 holds one request
+    /// bit per line: however often a peer raises while the guest keeps
+    /// interrupts off, at most 256 wait (and a saved state stays loadable).
     pub fn raise_lint0(&self, vector: u8) {
-        self.state.extint.lock().unwrap_or_else(|p| p.into_inner()).push_back(vector);
+        let mut waiting = self.state.extint.lock().unwrap_or_else(|p| p.into_inner());
+        if !waiting.contains(&vector) {
+            waiting.push_back(vector);
+        }
+        drop(waiting);
         self.kick.set_lints_pending();
         self.kick.kick();
     }

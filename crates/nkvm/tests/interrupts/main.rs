@@ -358,3 +358,24 @@ fn a_lint0_vector_the_guest_has_not_taken_travels_with_the_saved_state() {
     run.expect_report(0x30);
     assert!(run.quiet_for(Duration::from_millis(200)), "the vector is taken once");
 }
+
+#[test]
+fn lint0_raised_over_and_over_while_the_guest_keeps_if_clear_waits_once_per_vector() {
+    // A PIC (or a hostile APIC-bus peer) raising LINT0 20000 times while
+    // the guest has IF=0: each vector waits once, as in an 8259's request
+    // register, so the queue stays bounded and the saved state loads.
+    let vm = irq_vm(1);
+    install_idt(&vm, false);
+    let hidden = VcpuConfig { lapic: Lapic::Hidden };
+    let mut vcpu = waiting_guest(&vm, 0, hidden, |_| {});
+    let mut run = RunState::new();
+    assert!(matches!(vcpu.enter_guest(&mut run).unwrap(), Exit::IoOut { port: READY, .. }));
+    let lint = vcpu.lint();
+    for i in 0..20_000u32 {
+        lint.raise_lint0((i % 256) as u8);
+    }
+    let state = vcpu.save_state(&mut run).unwrap();
+    assert_eq!(state.pending_lint.extint, (0..=255u8).collect::<Vec<_>>(), "each vector once, first raised first");
+    let back = nkvm::state::VcpuState::decode(&state.encode()).expect("a state nkvm saved loads");
+    assert_eq!(back.pending_lint, state.pending_lint);
+}
