@@ -13,7 +13,9 @@
 
 use std::collections::BTreeMap;
 
-use seccompiler::{BpfProgram, SeccompAction, SeccompFilter, TargetArch};
+use seccompiler::{
+    BpfProgram, SeccompAction, SeccompCmpArgLen, SeccompCmpOp, SeccompCondition, SeccompFilter, SeccompRule, TargetArch,
+};
 
 /// What the `SIGSYS` handler writes before the number of the call.
 pub const FORBIDDEN_LINE: &str = "nkvm-sandbox: forbidden system call ";
@@ -70,8 +72,13 @@ pub const VHOST_USER_CALLS: &[(i64, &str)] = &[
     (libc::SYS_mremap, "the allocator"),
     (libc::SYS_brk, "the allocator"),
     // Threads: the request thread and the queue worker.
+    // Threads only (CLONE_THREAD): a process the guest took over cannot
+    // fork a child that outlives it. clone3's flags are behind a pointer
+    // the filter cannot read: allowed here (a trap would win over any
+    // other filter's answer), it fails with ENOSYS under `enter`'s second
+    // filter, and glibc falls back to clone.
     (libc::SYS_clone, "starts the request and queue threads"),
-    (libc::SYS_clone3, "starts the request and queue threads"),
+    (libc::SYS_clone3, "refused with ENOSYS (see above)"),
     (libc::SYS_set_robust_list, "new threads"),
     (libc::SYS_rseq, "new threads"),
     (libc::SYS_sigaltstack, "new threads' signal stacks"),
@@ -117,22 +124,49 @@ pub fn close_inherited_fds() -> Result<(), SandboxError> {
     Ok(())
 }
 
-/// Builds the filter allowing the calls of `lists`; any other call traps
-/// (`SIGSYS`).
+/// Builds the filter allowing the calls of `lists` (`clone` only to start
+/// a thread); any other call traps (`SIGSYS`).
 pub fn build_filter(lists: &[&[(i64, &str)]]) -> Result<BpfProgram, SandboxError> {
-    let rules: BTreeMap<i64, Vec<seccompiler::SeccompRule>> =
-        lists.iter().flat_map(|calls| calls.iter()).map(|(nr, _)| (*nr, vec![])).collect();
+    let build = |e: seccompiler::Error| SandboxError::Build(e);
+    let threads_only = SeccompCondition::new(
+        0,
+        SeccompCmpArgLen::Qword,
+        SeccompCmpOp::MaskedEq(libc::CLONE_THREAD as u64),
+        libc::CLONE_THREAD as u64,
+    )
+    .map_err(|e| build(e.into()))?;
+    let threads_only = SeccompRule::new(vec![threads_only]).map_err(|e| build(e.into()))?;
+    let rules: BTreeMap<i64, Vec<SeccompRule>> = lists
+        .iter()
+        .flat_map(|calls| calls.iter())
+        .map(|(nr, _)| (*nr, if *nr == libc::SYS_clone { vec![threads_only.clone()] } else { vec![] }))
+        .collect();
     let filter = SeccompFilter::new(rules, SeccompAction::Trap, SeccompAction::Allow, TargetArch::x86_64)
-        .map_err(|e| SandboxError::Build(e.into()))?;
-    filter.try_into().map_err(|e: seccompiler::BackendError| SandboxError::Build(e.into()))
+        .map_err(|e| build(e.into()))?;
+    filter.try_into().map_err(|e: seccompiler::BackendError| build(e.into()))
+}
+
+/// The second filter: `clone3` fails with `ENOSYS` (so that glibc starts
+/// threads with `clone`, whose flags the first filter checks).
+fn no_clone3() -> Result<BpfProgram, SandboxError> {
+    let build = |e: seccompiler::Error| SandboxError::Build(e);
+    let rules = BTreeMap::from([(libc::SYS_clone3, vec![])]);
+    let errno = SeccompAction::Errno(libc::ENOSYS as u32);
+    let filter =
+        SeccompFilter::new(rules, SeccompAction::Allow, errno, TargetArch::x86_64).map_err(|e| build(e.into()))?;
+    filter.try_into().map_err(|e: seccompiler::BackendError| build(e.into()))
 }
 
 /// Enters the sandbox on this thread (and every thread it starts later):
-/// installs the `SIGSYS` reporter, then `no_new_privs` and the filter
-/// (`seccompiler::apply_filter` sets `no_new_privs` first).
+/// installs the `SIGSYS` reporter, then `no_new_privs` and the filters
+/// (`seccompiler::apply_filter` sets `no_new_privs` first). Of two stacked
+/// filters the kernel takes the stricter answer: `clone3`, allowed by the
+/// first, fails.
 pub fn enter(lists: &[&[(i64, &str)]]) -> Result<(), SandboxError> {
     let program = build_filter(lists)?;
+    let second = no_clone3()?;
     vmm_sys_util::signal::register_signal_handler(libc::SIGSYS, on_sigsys).map_err(SandboxError::Handler)?;
+    seccompiler::apply_filter(&second).map_err(SandboxError::Install)?;
     seccompiler::apply_filter(&program).map_err(SandboxError::Install)
 }
 
@@ -297,5 +331,41 @@ mod tests {
         }
         assert_eq!(syscall_name(libc::SYS_socket), Some("socket"));
         assert_eq!(syscall_name(100_000), None);
+    }
+
+    /// Set in the child's environment.
+    const CHILD: &str = "NKVM_TEST_SANDBOX_CHILD";
+
+    /// In a child process (the filter stays for a process's life): inside
+    /// the sandbox a thread starts (clone3 refused, clone with
+    /// CLONE_THREAD), and a fork is a forbidden call, reported as `clone`.
+    #[test]
+    fn inside_the_sandbox_threads_start_and_a_fork_is_forbidden() {
+        if std::env::var_os(CHILD).is_some() {
+            enter(&[VHOST_USER_CALLS, &[(libc::SYS_write, "the test's output")]]).unwrap();
+            std::thread::spawn(|| ()).join().unwrap();
+            println!("a thread ran");
+            // SAFETY: fork(2); the child, if the filter let one be made,
+            // only exits.
+            if unsafe { libc::fork() } == 0 {
+                // SAFETY: _exit ends the (forked) child at once.
+                unsafe { libc::_exit(0) };
+            }
+            println!("forked");
+            return;
+        }
+        let exe = std::env::current_exe().unwrap();
+        let name = "sandbox::tests::inside_the_sandbox_threads_start_and_a_fork_is_forbidden";
+        let out = std::process::Command::new(exe)
+            .args(["--exact", name, "--nocapture", "--test-threads=1"])
+            .env(CHILD, "1")
+            .output()
+            .unwrap();
+        let (stdout, stderr) = (String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
+        use std::os::unix::process::ExitStatusExt;
+        assert_eq!(out.status.signal(), Some(libc::SIGSYS), "{stdout}\n{stderr}");
+        assert!(stdout.contains("a thread ran") && !stdout.contains("forked"), "{stdout}\n{stderr}");
+        let line = format!("{FORBIDDEN_LINE}{}", libc::SYS_clone);
+        assert!(stderr.contains(&line), "{stderr}");
     }
 }

@@ -9,7 +9,7 @@
 //! exit status: the signal), report it (with the forbidden system call's
 //! number and name when the sandbox killed it), and start a new one.
 
-use std::io::{BufRead, BufReader, Write};
+use std::io::{BufRead, BufReader, Read, Write};
 use std::os::unix::process::ExitStatusExt;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, ExitStatus, Stdio};
@@ -172,8 +172,16 @@ impl VirtioProcess {
         }
         let _ = self.child.kill();
         let status = self.child.wait();
-        // Its stderr is closed now: the forwarder has read every line.
-        let forbidden_call = self.stderr.take().and_then(|h| h.join().ok()).flatten();
+        // Its stderr is closed now, unless a process it left behind holds
+        // it (the sandbox allows no fork; a process started unsandboxed
+        // might): the forwarder is given a moment, then left to end alone.
+        let forbidden_call = self.stderr.take().and_then(|h| {
+            let call = forwarded(h, Duration::from_secs(1));
+            if call.is_none() {
+                log::debug!("{} device process {}: no forbidden call reported", self.spec.model, self.child.id());
+            }
+            call
+        });
         let death = death(self.spec.model, self.child.id(), status.ok(), forbidden_call);
         if self.started.elapsed() >= STABLE_AFTER {
             self.in_a_row = 0;
@@ -261,15 +269,41 @@ fn start(spec: &ProcessSpec) -> Result<(Child, JoinHandle<Option<i64>>), DeviceP
 
 /// Copies the child's stderr to ours, line by line; returns the system
 /// call the sandbox reported, if it did.
+/// What the stderr forwarder found, once it ends: within `wait`, or never
+/// if something else holds the pipe open (it then ends by itself later).
+fn forwarded(forwarder: JoinHandle<Option<i64>>, wait: Duration) -> Option<i64> {
+    let deadline = Instant::now() + wait;
+    while !forwarder.is_finished() && Instant::now() < deadline {
+        thread::sleep(Duration::from_millis(5));
+    }
+    if !forwarder.is_finished() {
+        log::warn!("a device process's stderr is still open after its end: not waited for");
+        return None;
+    }
+    forwarder.join().ok().flatten()
+}
+
+/// The longest line forwarded whole; a longer one is forwarded in pieces,
+/// so a process cannot make the VMM hold an endless line.
+const MAX_STDERR_LINE: u64 = 4096;
+
 fn forward_stderr(pipe: std::process::ChildStderr) -> JoinHandle<Option<i64>> {
     thread::spawn(move || {
         let mut forbidden = None;
-        for line in BufReader::new(pipe).lines() {
-            let Ok(line) = line else { break };
-            match line.strip_prefix(FORBIDDEN_LINE).and_then(|n| n.trim().parse().ok()) {
+        let mut reader = BufReader::new(pipe);
+        let mut line = Vec::new();
+        loop {
+            line.clear();
+            match (&mut reader).take(MAX_STDERR_LINE).read_until(b'\n', &mut line) {
+                Ok(0) | Err(_) => break,
+                Ok(_) => {}
+            }
+            let text = String::from_utf8_lossy(&line);
+            let text = text.strip_suffix('\n').unwrap_or(&text);
+            match text.strip_prefix(FORBIDDEN_LINE).and_then(|n| n.trim().parse().ok()) {
                 Some(nr) => forbidden = Some(nr),
                 None => {
-                    let _ = writeln!(std::io::stderr(), "{line}");
+                    let _ = writeln!(std::io::stderr(), "{text}");
                 }
             }
         }
@@ -280,6 +314,30 @@ fn forward_stderr(pipe: std::process::ChildStderr) -> JoinHandle<Option<i64>> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A process's stderr through the forwarder: `script` run by `sh`.
+    fn forward(script: &str) -> (Child, JoinHandle<Option<i64>>) {
+        let mut child = Command::new("sh").args(["-c", script]).stderr(Stdio::piped()).spawn().unwrap();
+        let forwarder = forward_stderr(child.stderr.take().unwrap());
+        (child, forwarder)
+    }
+
+    #[test]
+    fn a_line_longer_than_the_limit_is_forwarded_in_pieces_and_the_forbidden_call_still_found() {
+        let (mut child, forwarder) = forward(&format!("printf '%4200s' '' >&2; printf '\\n{FORBIDDEN_LINE}41\\n' >&2"));
+        child.wait().unwrap();
+        assert_eq!(forwarded(forwarder, Duration::from_secs(30)), Some(41));
+    }
+
+    #[test]
+    fn a_process_left_holding_stderr_does_not_hold_the_reaper() {
+        // The shell ends at once; the `sleep` it leaves holds the pipe.
+        let (mut child, forwarder) = forward(&format!("printf '{FORBIDDEN_LINE}41\\n' >&2; sleep 20 & exit 0"));
+        child.wait().unwrap();
+        let start = Instant::now();
+        assert_eq!(forwarded(forwarder, Duration::from_millis(200)), None);
+        assert!(start.elapsed() < Duration::from_secs(10), "waited for the process left behind");
+    }
 
     #[test]
     fn a_death_names_the_signal_or_the_forbidden_call() {
