@@ -172,6 +172,15 @@ impl Routes {
         Some((free, true))
     }
 
+    /// A fast-path GSI no bus holds (a route in the table means one does,
+    /// the bus being replaced included, until its thread takes its fast
+    /// paths down), now routing `msi`.
+    pub(crate) fn claim_fast_path(&mut self, msi: MsiMessage) -> Option<u32> {
+        let gsi = FAST_PATH_GSIS.clone().find(|g| !self.table.contains_key(g))?;
+        self.table.insert(gsi, msi);
+        Some(gsi)
+    }
+
     pub(crate) fn to_kvm(&self) -> Result<kvm_bindings::KvmIrqRouting, IrqError> {
         let entries: Vec<kvm_irq_routing_entry> = self
             .table

@@ -59,8 +59,15 @@ impl FastPaths {
         if !eligible(m) || self.offers.contains_key(m) {
             return false;
         }
-        let Some(gsi) = FAST_PATH_GSIS.clone().find(|g| self.offers.values().all(|(used, _)| used != g)) else {
-            return false;
+        // Chosen VM-wide, not among this bus's own offers: a bus that
+        // replaces a failed one must not take a GSI whose route the old
+        // bus's thread, still ending, will remove.
+        let gsi = {
+            let mut routes = irq.routes.lock().unwrap_or_else(|p| p.into_inner());
+            match routes.claim_fast_path(MsiMessage::from_interrupt(m)) {
+                Some(gsi) => gsi,
+                None => return false,
+            }
         };
         match self.open(m, gsi, fd, irq, end) {
             Ok(evt) => {
@@ -82,8 +89,15 @@ impl FastPaths {
         irq: &IrqShared,
         end: &ApicBusEnd,
     ) -> Result<EventFd, String> {
-        let evt = EventFd::new(EFD_NONBLOCK).map_err(|e| format!("eventfd: {e}"))?;
-        set_route(fd, irq, gsi, Some(MsiMessage::from_interrupt(m)))?;
+        let evt = EventFd::new(EFD_NONBLOCK).map_err(|e| {
+            let _ = set_route(fd, irq, gsi, None);
+            format!("eventfd: {e}")
+        })?;
+        // The route is in the table (claimed): KVM gets it now.
+        if let Err(e) = set_route(fd, irq, gsi, Some(MsiMessage::from_interrupt(m))) {
+            let _ = set_route(fd, irq, gsi, None);
+            return Err(e);
+        }
         if let Err(e) = fd.register_irqfd(&evt, gsi) {
             let _ = set_route(fd, irq, gsi, None);
             return Err(format!("KVM_IRQFD: {e}"));

@@ -111,3 +111,80 @@ fn msi_routes_reject_the_gsis_of_the_apic_bus_fast_paths() {
     }
     vm.set_msi_route(nkvm::irq::FAST_PATH_GSIS.start - 1, Some(MsiMessage::fixed(0, 0x40))).unwrap();
 }
+
+/// A v2 peer's end of a new bus on `vm`, handshake done; `None` while the
+/// old bus still counts as attached.
+fn try_attach_v2(vm: &Vm) -> Option<UnixStream> {
+    let (vm_end, dev_end) = UnixStream::pair().unwrap();
+    let dev = thread::spawn(move || {
+        let (mut r, mut w) = (dev_end.try_clone().unwrap(), dev_end);
+        nkvm_wire::apic::device_handshake(&mut r, &mut w, nkvm_wire::handshake::VersionRange::APIC_BUS).ok().map(|_| w)
+    });
+    match vm.attach_apic_bus(vm_end) {
+        Ok(()) => Some(dev.join().unwrap().expect("the new peer's handshake")),
+        Err(e) => {
+            assert!(e.to_string().contains("already attached"), "{e}");
+            let _ = dev.join();
+            None
+        }
+    }
+}
+
+/// The fast path's eventfd in the offer the peer at `dev` receives.
+fn take_offer(dev: &UnixStream) -> std::fs::File {
+    use vmm_sys_util::sock_ctrl_msg::ScmSocket;
+    dev.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+    let mut frame = [0u8; InterruptMessage::FRAME_LEN];
+    let (n, eventfd) = dev.recv_with_fd(&mut frame).unwrap();
+    assert_eq!((n, ApicFrame::decode(&frame).unwrap()), (frame.len(), ApicFrame::FastPath(EDGE)));
+    eventfd.expect("the offer carries an eventfd")
+}
+
+/// A bus attached as soon as the old one failed, while the old bus's
+/// thread is still busy with a backlog of its peer's messages: the old
+/// thread, ending, takes down its own fast paths only. (Each bus chose
+/// fast-path GSIs among its own offers: the new one took the old one's
+/// GSI, whose route the old thread then removed, and the new peer's
+/// eventfd reached nobody, with no error to fall back on.)
+#[test]
+fn a_bus_that_replaces_a_failed_one_keeps_its_fast_path_when_the_old_thread_ends() {
+    use nkvm_wire::apic::TriggerMode;
+    let vm = irq_vm(1);
+    let (run, mut old, _) = guest_and_v2_peer(&vm, nkvm::ApicBusOptions::default());
+    old.write_all(&EDGE.encode()).unwrap();
+    run.expect_report(0x40);
+    let _old_path = take_offer(&old);
+    // The old peer stops reading, so the EOI of its level message fails the
+    // bus; behind that message, a backlog whose routes change each time
+    // (a KVM_SET_GSI_ROUTING each) keeps the old thread busy.
+    old.shutdown(std::net::Shutdown::Read).unwrap();
+    let level = InterruptMessage { vector: 0x41, trigger_mode: TriggerMode::Level, ..EDGE };
+    let mut burst = level.encode().to_vec();
+    for i in 0..20_000u32 {
+        let m = InterruptMessage { vector: 0x50, trigger_mode: TriggerMode::Level, destination: 2 + (i % 2), ..EDGE };
+        burst.extend_from_slice(&m.encode());
+    }
+    let mut old_writer = old.try_clone().unwrap();
+    let backlog = thread::spawn(move || {
+        let _ = old_writer.write_all(&burst);
+    });
+    let deadline = std::time::Instant::now() + Duration::from_secs(30);
+    let mut new = loop {
+        if let Some(new) = try_attach_v2(&vm) {
+            break new;
+        }
+        assert!(std::time::Instant::now() < deadline, "the old bus never failed");
+        thread::sleep(Duration::from_millis(1));
+    };
+    run.expect_report(0x41);
+    new.write_all(&EDGE.encode()).unwrap();
+    run.expect_report(0x40);
+    let mut path = take_offer(&new);
+    backlog.join().unwrap();
+    // The old thread has its backlog to finish, then ends.
+    thread::sleep(Duration::from_secs(3));
+    while !run.quiet_for(Duration::from_millis(200)) {}
+    path.write_all(&1u64.to_ne_bytes()).unwrap();
+    run.expect_report(0x40);
+    drop(old);
+}
