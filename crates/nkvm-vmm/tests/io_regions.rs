@@ -480,6 +480,39 @@ fn a_device_state_over_the_limit_fails_the_region_at_once() {
     device.join().unwrap();
 }
 
+/// A device that refuses a state with a reason longer than the protocol's
+/// 1 MiB: the VM side stops at the reason's first chunk, the rest still in
+/// the stream, so the region is dropped as out of step rather than going
+/// on to misread the next reply.
+#[test]
+fn a_state_refused_with_a_reason_over_the_limit_fails_the_region_at_once() {
+    struct Wordy;
+    impl nkvm_devices::IoDevice for Wordy {
+        fn read(&mut self, _offset: u64, data: &mut [u8]) {
+            data.fill(0);
+        }
+        fn write(&mut self, _offset: u64, _data: &[u8]) {}
+        fn load_state(&mut self, _state: &[u8]) -> Option<Result<(), String>> {
+            Some(Err("no".repeat(1 << 20)))
+        }
+    }
+    let (ours, theirs) = std::os::unix::net::UnixStream::pair().unwrap();
+    let device = std::thread::spawn(move || {
+        let reader = theirs.try_clone().unwrap();
+        let handshake =
+            nkvm_devices::serve::Server::handshake(reader, theirs, nkvm_wire::handshake::VersionRange::IO_REGION);
+        let _ = handshake.unwrap().serve(&mut Wordy);
+    });
+    let vm = vm();
+    let id = vm.attach_region(IoRange::mmio(MMIO_A, 0x40), ours, Ordering::Sync).unwrap();
+    let err = vm.region_load_state(id, b"a state").unwrap_err();
+    let text = format!("{err}: {}", std::error::Error::source(&err).map(ToString::to_string).unwrap_or_default());
+    assert!(text.contains("more than the 1048576 nkvm takes"), "{text}");
+    assert_eq!(vm.io_region_failures().len(), 1, "the region is dropped, not left out of step: {text}");
+    drop(vm);
+    device.join().unwrap();
+}
+
 /// An in-process handler with nothing behind it.
 struct Nothing;
 

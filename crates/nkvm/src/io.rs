@@ -303,8 +303,13 @@ impl IoRegions {
     pub(crate) fn range(&self, id: RegionId) -> Option<IoRange> {
         self.regions.read().unwrap_or_else(|p| p.into_inner()).iter().find(|r| r.id == id).map(|r| r.range)
     }
+    fn reserve_id(&self) -> RegionId {
+        RegionId(self.next_id.fetch_add(1, AtomicOrdering::Relaxed) + 1)
+    }
+
     fn insert(
         &self,
+        id: RegionId,
         range: IoRange,
         name: Option<String>,
         ordering: Ordering,
@@ -314,7 +319,6 @@ impl IoRegions {
         if let Some(existing) = regions.iter().find(|r| r.range.overlaps(&range)) {
             return Err(IoRegionError::Overlap { new: range, existing: existing.range, id: existing.id });
         }
-        let id = RegionId(self.next_id.fetch_add(1, AtomicOrdering::Relaxed) + 1);
         let name = name.unwrap_or_else(|| range.to_string());
         let at = regions.partition_point(|r| (r.range.space as u8, r.range.base) < (range.space as u8, range.base));
         self.attached.store(true, AtomicOrdering::SeqCst);
@@ -344,8 +348,11 @@ impl IoRegions {
             .set_read_timeout(Some(options.timeout))
             .and_then(|_| socket.set_write_timeout(Some(options.timeout)))
             .map_err(|source| IoRegionError::Socket { range, source })?;
+        // Reserved before the hello that names it: two attaches at once
+        // tell their devices different ids, each the one the caller gets.
+        let id = self.reserve_id();
         let info = RegionInfo {
-            id: self.next_id.load(AtomicOrdering::Relaxed) + 1,
+            id: id.0,
             space: match range.space {
                 IoSpace::Mmio => Space::Mmio,
                 IoSpace::Pio => Space::Pio,
@@ -355,7 +362,7 @@ impl IoRegions {
         };
         let client = Client::over_spinning(socket, info, options.spin)
             .map_err(|source| IoRegionError::Handshake { range, source })?;
-        self.insert(range, options.name, options.ordering, Backend::Socket(Mutex::new(Some(client))))
+        self.insert(id, range, options.name, options.ordering, Backend::Socket(Mutex::new(Some(client))))
     }
 
     pub(crate) fn attach_handler(
@@ -364,7 +371,7 @@ impl IoRegions {
         handler: Box<dyn IoHandler>,
     ) -> Result<RegionId, IoRegionError> {
         check_range(range)?;
-        self.insert(range, None, Ordering::Sync, Backend::Handler(Mutex::new(handler)))
+        self.insert(self.reserve_id(), range, None, Ordering::Sync, Backend::Handler(Mutex::new(handler)))
     }
 
     pub(crate) fn detach(&self, id: RegionId) -> Result<(), IoRegionError> {
@@ -398,18 +405,18 @@ impl IoRegions {
     /// model's refusal is refused without harm too.
     pub(crate) fn load_state(&self, id: RegionId, state: &[u8]) -> Result<(), IoRegionError> {
         // Too large and not in the version are refused before anything is
-        // sent; a refusal or "no state" is the model's whole answer.
+        // sent; a refusal or "no state" is the model's whole answer. (A
+        // refusal whose reason is too large is not: its chunks are still in
+        // the stream.)
+        let ours_too_large = state.len() > nkvm_wire::ioregion::state::MAX_STATE_LEN as usize;
         self.with_client(
             id,
             |c| c.load_state(state),
             |e| {
                 matches!(
                     e,
-                    WireError::NoDeviceState
-                        | WireError::StateNotInVersion { .. }
-                        | WireError::StateRefused { .. }
-                        | WireError::StateTooLarge { .. }
-                )
+                    WireError::NoDeviceState | WireError::StateNotInVersion { .. } | WireError::StateRefused { .. }
+                ) || (ours_too_large && matches!(e, WireError::StateTooLarge { .. }))
             },
         )
     }
