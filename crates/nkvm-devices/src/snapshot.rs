@@ -179,8 +179,17 @@ pub trait Snapshot {
         let name = self.snapshot_name();
         let (body, at) = open(blob, name, self.snapshot_version())?;
         let mut input = StateReader { buf: body, pos: 0, base: at, device: name };
+        // A model takes what it read once it has read all of it; bytes past
+        // its body are found only then: the state it had is put back.
+        let before = self.snapshot();
         self.load_body(&mut input)?;
-        input.finish()
+        input.finish().inspect_err(|_| {
+            let (body, at) = open(&before, name, self.snapshot_version()).expect("the model's own snapshot");
+            let mut own = StateReader { buf: body, pos: 0, base: at, device: name };
+            if let Err(e) = self.load_body(&mut own) {
+                log::error!("{name}: cannot take back its own state after a refused one: {e}");
+            }
+        })
     }
 }
 
@@ -424,6 +433,17 @@ pub(crate) mod check {
             bad[i] ^= 0x10;
             assert!(dev.restore(&bad).is_err(), "a flip at byte {i} was accepted");
         }
+        // One byte more in the body than the model reads (length and CRC
+        // made right): refused, after the model has read its fields.
+        let body_len_at = 9 + usize::from(blob[8]);
+        let body_len = u32::from_le_bytes(blob[body_len_at..body_len_at + 4].try_into().unwrap());
+        let mut longer = blob[..blob.len() - 4].to_vec();
+        longer[body_len_at..body_len_at + 4].copy_from_slice(&(body_len + 1).to_le_bytes());
+        longer.push(0);
+        let crc = crc32(&longer);
+        longer.extend_from_slice(&crc.to_le_bytes());
+        assert!(dev.restore(&longer).is_err(), "a body with a byte too many was accepted");
+        assert_eq!(dev.snapshot(), before, "a body refused for its extra byte changed the device");
         let mut newer = blob.to_vec();
         newer[6] = newer[6].wrapping_add(1);
         let err = dev.restore(&newer).unwrap_err();
