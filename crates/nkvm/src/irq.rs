@@ -254,6 +254,13 @@ impl IrqShared {
         self.lints.lock().unwrap_or_else(|p| p.into_inner()).push((id, lint));
     }
 
+    /// Ends the APIC bus, if any (the VM is going).
+    pub(crate) fn close_bus(&self) {
+        if let Some(end) = self.bus.read().unwrap_or_else(|p| p.into_inner()).as_ref() {
+            end.close();
+        }
+    }
+
     fn lint(&self, id: u32) -> Option<Lint> {
         self.lints.lock().unwrap_or_else(|p| p.into_inner()).iter().find(|(i, _)| *i == id).map(|(_, l)| l.clone())
     }

@@ -159,6 +159,15 @@ impl ApicBusEnd {
 
     /// Marks the bus dead; the first reason is the one kept (what follows
     /// a failure is usually its consequence).
+    /// Ends the bus because its VM is going: the thread sees its socket
+    /// shut down and ends, releasing the VM, whatever the peer does.
+    pub(crate) fn close(&self) {
+        self.alive.store(false, Ordering::SeqCst);
+        if let Some(socket) = &self.socket {
+            let _ = socket.shutdown(std::net::Shutdown::Both);
+        }
+    }
+
     pub(crate) fn fail(&self, reason: String) {
         log::error!("APIC bus: {reason}");
         self.alive.store(false, Ordering::SeqCst);

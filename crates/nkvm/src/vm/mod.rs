@@ -213,6 +213,14 @@ impl fmt::Debug for Vm {
     }
 }
 
+impl Drop for Vm {
+    fn drop(&mut self) {
+        // The APIC bus's thread holds the VM's file: a peer that keeps its
+        // socket open would otherwise keep the VM (and the thread) alive.
+        self.irq.close_bus();
+    }
+}
+
 impl Vm {
     /// Creates a VM with `config.memory` bytes of RAM and room for `config.vcpus` vCPUs.
     pub fn new(hv: &Hypervisor, config: &VmConfig) -> Result<Self, VmError> {

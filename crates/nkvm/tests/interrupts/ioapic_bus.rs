@@ -360,6 +360,19 @@ fn a_peer_that_stops_reading_eois_fails_the_bus_not_the_vcpu() {
     assert!(eois >= 1 && eois <= delivered, "{eois} EOIs read, {delivered} interrupts delivered");
 }
 
+/// A VM dropped while its bus peer keeps the socket open: the bus ends
+/// with it (the peer reads the end), rather than its thread keeping the
+/// VM's file, and the VM, alive for as long as the peer likes.
+#[test]
+fn a_dropped_vm_ends_its_apic_bus_whatever_the_peer_does() {
+    let vm = irq_vm(1);
+    let (mut reader, _writer) = bus_peer(&vm);
+    drop(vm);
+    reader.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+    let end = nkvm_wire::apic::read_frame(&mut reader);
+    assert!(matches!(end, Ok(None)), "the peer sees the bus end: {end:?}");
+}
+
 /// The IOAPIC model of nkvm-devices at the other end of an APIC-bus socket,
 /// its registers attached to the VM as an in-process MMIO handler.
 struct BusSink(Arc<Mutex<UnixStream>>);
