@@ -24,6 +24,7 @@ use virtio_queue::{DescriptorChain, Queue, QueueOwnedT, QueueT, Reader, Writer};
 use vm_memory::{Address, Bytes};
 
 use super::{Activation, GuestRam, VirtioDevice, VirtioError, VIRTIO_RING_F_INDIRECT_DESC};
+use crate::bad_access::BadAccessLog;
 
 mod snapshot;
 
@@ -89,6 +90,9 @@ pub struct Block {
     read_only: bool,
     id: [u8; VIRTIO_BLK_ID_BYTES as usize],
     config: [u8; 24],
+    /// Requests the guest got wrong: the first at warn level, then debug
+    /// (a guest looping on bad requests cannot flood the host's log).
+    guest_errors: BadAccessLog,
 }
 
 impl Block {
@@ -112,7 +116,7 @@ impl Block {
         config[..8].copy_from_slice(&capacity.to_le_bytes());
         config[12..16].copy_from_slice(&(u32::from(QUEUE_SIZE) - 2).to_le_bytes());
         config[20..24].copy_from_slice(&(SECTOR_SIZE as u32).to_le_bytes());
-        Self { file, path: path.to_path_buf(), capacity, read_only, id, config }
+        Self { file, path: path.to_path_buf(), capacity, read_only, id, config, guest_errors: BadAccessLog::default() }
     }
 
     /// Capacity in 512-byte sectors.
@@ -139,7 +143,12 @@ impl Block {
         let (status, written) = match self.execute(mem, chain) {
             Ok(n) => (VIRTIO_BLK_S_OK as u8, n),
             Err(e) => {
-                log::warn!("virtio-blk {}: request at head {head} failed: {e}", self.path.display());
+                let device = format!("virtio-blk {}", self.path.display());
+                match e {
+                    // The host's: each one matters.
+                    RequestError::Io(_) => log::warn!("{device}: request at head {head} failed: {e}"),
+                    _ => self.guest_errors.log(&device, format_args!("request at head {head} failed: {e}")),
+                }
                 (e.status(), 0)
             }
         };

@@ -8,6 +8,7 @@ use virtio_bindings::virtio_config::{
 use virtio_queue::{Queue, QueueT};
 
 use super::{Activation, VIRTIO_F_VERSION_1};
+use crate::bad_access::BadAccessLog;
 
 mod snapshot;
 
@@ -67,6 +68,8 @@ pub struct CommonConfig {
     queues: Vec<Queue>,
     queue_vectors: Vec<u16>,
     msix_vectors: u16,
+    /// What the driver got wrong: the first at warn level, then debug.
+    driver_errors: BadAccessLog,
 }
 
 impl CommonConfig {
@@ -92,6 +95,7 @@ impl CommonConfig {
             queue_vectors: vec![NO_VECTOR; queues.len()],
             queues,
             msix_vectors,
+            driver_errors: BadAccessLog::default(),
         }
     }
 
@@ -277,10 +281,12 @@ impl CommonConfig {
         if newly & STATUS_FEATURES_OK != 0 {
             let unknown = self.driver_features & !self.device_features;
             if unknown != 0 || self.driver_features & VIRTIO_F_VERSION_1 == 0 {
-                log::warn!(
-                    "virtio: driver features {:#x} refused (offered {:#x}, VERSION_1 required)",
-                    self.driver_features,
-                    self.device_features
+                self.driver_errors.log(
+                    "virtio",
+                    format_args!(
+                        "driver features {:#x} refused (offered {:#x}, VERSION_1 required)",
+                        self.driver_features, self.device_features
+                    ),
                 );
                 value &= !STATUS_FEATURES_OK;
             }
@@ -310,7 +316,18 @@ impl CommonConfig {
         let low = Some(value as u32);
         let high = Some((value >> 32) as u32);
         match (offset, len) {
-            (QUEUE_SIZE, 2) => q.set_size(value as u16),
+            // Checked here: virtio-queue logs every bad size at error level.
+            (QUEUE_SIZE, 2) if (value as u16).is_power_of_two() && value as u16 <= q.max_size() => {
+                q.set_size(value as u16)
+            }
+            (QUEUE_SIZE, 2) => self.driver_errors.log(
+                "virtio",
+                format_args!(
+                    "queue {} size {value} refused (a power of two up to {})",
+                    self.queue_select,
+                    q.max_size()
+                ),
+            ),
             (QUEUE_ENABLE, 2) => q.set_ready(value as u16 == 1),
             (QUEUE_DESC, 8) => q.set_desc_table_address(low, high),
             (QUEUE_DESC, 4) => q.set_desc_table_address(low, None),

@@ -9,6 +9,7 @@ use virtio_bindings::virtio_ids::VIRTIO_ID_CONSOLE;
 use virtio_queue::{Queue, QueueOwnedT, QueueT, Reader};
 
 use super::{Activation, GuestRam, VirtioDevice, VirtioError};
+use crate::bad_access::BadAccessLog;
 use crate::snapshot::{Snapshot, SnapshotError, StateReader, StateWriter};
 
 /// Size of each queue.
@@ -23,6 +24,8 @@ const CLASS_COMMUNICATION_OTHER: u32 = 0x07_80_00;
 /// A virtio console writing the guest's output to `W`.
 pub struct Console<W: Write + Send> {
     out: W,
+    /// Buffers the guest got wrong: the first at warn level, then debug.
+    guest_errors: BadAccessLog,
 }
 
 impl<W: Write + Send> fmt::Debug for Console<W> {
@@ -34,7 +37,7 @@ impl<W: Write + Send> fmt::Debug for Console<W> {
 impl<W: Write + Send> Console<W> {
     /// A console whose output goes to `out`.
     pub fn new(out: W) -> Self {
-        Self { out }
+        Self { out, guest_errors: BadAccessLog::default() }
     }
 
     /// The output sink.
@@ -60,12 +63,15 @@ impl<W: Write + Send> Console<W> {
                             }
                         }
                         Err(e) => {
-                            log::warn!("virtio-console: output buffer at head {head} unreadable: {e}");
+                            self.guest_errors
+                                .log("virtio-console", format_args!("output buffer at head {head} unreadable: {e}"));
                             break;
                         }
                     }
                 },
-                Err(e) => log::warn!("virtio-console: output buffer at head {head} not in guest memory: {e}"),
+                Err(e) => self
+                    .guest_errors
+                    .log("virtio-console", format_args!("output buffer at head {head} not in guest memory: {e}")),
             }
             if let Err(e) = self.out.flush() {
                 log::debug!("virtio-console: output lost: {e}");

@@ -87,6 +87,7 @@ impl CommonConfig {
             queues,
             queue_vectors,
             msix_vectors: self.msix_vectors,
+            driver_errors: Default::default(),
         })
     }
 
