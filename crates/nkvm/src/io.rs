@@ -228,6 +228,9 @@ struct Attached {
     backend: Backend,
     /// Posted writes sent since the device last confirmed it served them.
     posted_pending: AtomicBool,
+    /// Being detached: accesses are no longer its (set under the client's
+    /// lock, after its last posted writes were served).
+    detached: AtomicBool,
     failure: Mutex<Option<String>>,
 }
 
@@ -331,6 +334,7 @@ impl IoRegions {
                 ordering,
                 backend,
                 posted_pending: AtomicBool::new(false),
+                detached: AtomicBool::new(false),
                 failure: Mutex::new(None),
             }),
         );
@@ -376,14 +380,29 @@ impl IoRegions {
 
     pub(crate) fn detach(&self, id: RegionId) -> Result<(), IoRegionError> {
         let region = {
-            let mut regions = self.regions.write().unwrap_or_else(|p| p.into_inner());
-            let at = regions.iter().position(|r| r.id == id).ok_or(IoRegionError::NotAttached(id))?;
-            let region = regions.remove(at);
-            self.attached.store(!regions.is_empty(), AtomicOrdering::SeqCst);
-            region
+            let regions = self.regions.read().unwrap_or_else(|p| p.into_inner());
+            regions.iter().find(|r| r.id == id).cloned().ok_or(IoRegionError::NotAttached(id))?
         };
-        // Writes the guest posted before the detach still reach the device.
-        self.sync_region(&region);
+        // Writes the guest posted before the detach still reach the device,
+        // while the region is still listed (so another vCPU's flush waits
+        // for them), and from then on it takes no more: an access that
+        // found it comes back as an exit.
+        if let Backend::Socket(client) = &region.backend {
+            let mut client = client.lock().unwrap_or_else(|p| p.into_inner());
+            if region.posted_pending.load(AtomicOrdering::SeqCst) {
+                if let Some(c) = client.as_mut() {
+                    if let Err(e) = c.sync() {
+                        self.fail(&region, &mut client, &e);
+                    }
+                }
+                self.clear_posted(&region);
+            }
+            region.detached.store(true, AtomicOrdering::SeqCst);
+        }
+        let mut regions = self.regions.write().unwrap_or_else(|p| p.into_inner());
+        let at = regions.iter().position(|r| r.id == id).ok_or(IoRegionError::NotAttached(id))?;
+        regions.remove(at);
+        self.attached.store(!regions.is_empty(), AtomicOrdering::SeqCst);
         Ok(())
     }
 
@@ -476,7 +495,7 @@ impl IoRegions {
         if !posted {
             self.flush_posted(Some(region.id));
         }
-        Some(self.serve(&region, addr - region.range.base, size, write, posted))
+        self.serve(&region, addr - region.range.base, size, write, posted)
     }
 
     /// Makes every outstanding posted write served (all regions but `except`,
@@ -528,7 +547,8 @@ impl IoRegions {
         }
     }
 
-    fn serve(&self, r: &Attached, offset: u64, size: u8, write: Option<u64>, posted: bool) -> Served {
+    /// `None` when the region was detached since the access found it.
+    fn serve(&self, r: &Attached, offset: u64, size: u8, write: Option<u64>, posted: bool) -> Option<Served> {
         let all_ones = if size >= 8 { u64::MAX } else { (1u64 << (size * 8)) - 1 };
         match &r.backend {
             Backend::Handler(h) => {
@@ -537,22 +557,25 @@ impl IoRegions {
                 match write {
                     Some(data) => {
                         h.write(offset, &data.to_le_bytes()[..n]);
-                        Served { value: 0, failed: None }
+                        Some(Served { value: 0, failed: None })
                     }
                     None => {
                         let mut bytes = [0u8; 8];
                         h.read(offset, &mut bytes[..n]);
-                        Served { value: u64::from_le_bytes(bytes), failed: None }
+                        Some(Served { value: u64::from_le_bytes(bytes), failed: None })
                     }
                 }
             }
             Backend::Socket(client) => {
                 let mut guard = client.lock().unwrap_or_else(|p| p.into_inner());
+                if r.detached.load(AtomicOrdering::SeqCst) {
+                    return None;
+                }
                 let Some(c) = guard.as_mut() else {
-                    return Served { value: all_ones, failed: None };
+                    return Some(Served { value: all_ones, failed: None });
                 };
                 let Ok(access) = AccessSize::from_bytes(u64::from(size)) else {
-                    return Served { value: all_ones, failed: None };
+                    return Some(Served { value: all_ones, failed: None });
                 };
                 let result = match write {
                     Some(data) if posted => c.post(offset, access, data).map(|_| 0),
@@ -564,11 +587,11 @@ impl IoRegions {
                         if posted {
                             self.mark_posted(r);
                         }
-                        Served { value, failed: None }
+                        Some(Served { value, failed: None })
                     }
                     Err(e) => {
                         self.fail(r, &mut guard, &e);
-                        Served { value: all_ones, failed: Some(r.id) }
+                        Some(Served { value: all_ones, failed: Some(r.id) })
                     }
                 }
             }

@@ -239,6 +239,19 @@ impl Lint {
     }
 }
 
+/// Held by a VM and each of its vCPUs, not by the APIC-bus thread: when
+/// the last of them goes, the bus ends with it (its thread holds the VM's
+/// file, and would keep it, with the KVM VM, for as long as a peer kept its
+/// socket open).
+#[derive(Debug)]
+pub(crate) struct BusCloser(pub(crate) Arc<IrqShared>);
+
+impl Drop for BusCloser {
+    fn drop(&mut self) {
+        self.0.close_bus();
+    }
+}
+
 /// Interrupt state a VM shares with its vCPUs and its APIC-bus thread.
 #[derive(Debug, Default)]
 pub(crate) struct IrqShared {
@@ -255,7 +268,7 @@ impl IrqShared {
     }
 
     /// Ends the APIC bus, if any (the VM is going).
-    pub(crate) fn close_bus(&self) {
+    fn close_bus(&self) {
         if let Some(end) = self.bus.read().unwrap_or_else(|p| p.into_inner()).as_ref() {
             end.close();
         }

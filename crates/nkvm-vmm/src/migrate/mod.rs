@@ -134,12 +134,17 @@ impl std::fmt::Display for Endpoint {
 /// (and an operator's `cancel`) for the kernel's two minutes of retries.
 pub const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
 
-/// Connects to `addr` (`HOST:PORT`), each of its addresses in turn, each
-/// within [`CONNECT_TIMEOUT`].
+/// Connects to `addr` (`HOST:PORT`), its addresses in turn, all within
+/// [`CONNECT_TIMEOUT`] (the name's lookup before them is the resolver's).
 fn connect_tcp(addr: &str) -> io::Result<TcpStream> {
+    let deadline = std::time::Instant::now() + CONNECT_TIMEOUT;
     let mut last = None;
     for a in addr.to_socket_addrs()? {
-        match TcpStream::connect_timeout(&a, CONNECT_TIMEOUT) {
+        let left = deadline.saturating_duration_since(std::time::Instant::now());
+        if left.is_zero() {
+            break;
+        }
+        match TcpStream::connect_timeout(&a, left) {
             Ok(s) => return Ok(s),
             Err(e) => last = Some(e),
         }

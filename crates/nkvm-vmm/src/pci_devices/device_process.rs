@@ -267,8 +267,6 @@ fn start(spec: &ProcessSpec) -> Result<(Child, JoinHandle<Option<i64>>), DeviceP
     Ok((child, stderr))
 }
 
-/// Copies the child's stderr to ours, line by line; returns the system
-/// call the sandbox reported, if it did.
 /// What the stderr forwarder found, once it ends: within `wait`, or never
 /// if something else holds the pipe open (it then ends by itself later).
 fn forwarded(forwarder: JoinHandle<Option<i64>>, wait: Duration) -> Option<i64> {
@@ -287,6 +285,8 @@ fn forwarded(forwarder: JoinHandle<Option<i64>>, wait: Duration) -> Option<i64> 
 /// so a process cannot make the VMM hold an endless line.
 const MAX_STDERR_LINE: u64 = 4096;
 
+/// Copies the child's stderr to ours, line by line; returns the system
+/// call the sandbox reported, if it did.
 fn forward_stderr(pipe: std::process::ChildStderr) -> JoinHandle<Option<i64>> {
     thread::spawn(move || {
         let mut forbidden = None;

@@ -157,8 +157,6 @@ impl ApicBusEnd {
         }
     }
 
-    /// Marks the bus dead; the first reason is the one kept (what follows
-    /// a failure is usually its consequence).
     /// Ends the bus because its VM is going: the thread sees its socket
     /// shut down and ends, releasing the VM, whatever the peer does.
     pub(crate) fn close(&self) {
@@ -168,6 +166,8 @@ impl ApicBusEnd {
         }
     }
 
+    /// Marks the bus dead; the first reason is the one kept (what follows
+    /// a failure is usually its consequence).
     pub(crate) fn fail(&self, reason: String) {
         log::error!("APIC bus: {reason}");
         self.alive.store(false, Ordering::SeqCst);

@@ -142,6 +142,8 @@ impl Default for VmConfig {
 pub struct Vm {
     pub(crate) fd: Arc<VmFd>,
     pub(crate) irq: Arc<crate::irq::IrqShared>,
+    /// Ends the APIC bus once this Vm and its vCPUs are all gone.
+    bus_closer: Arc<crate::irq::BusCloser>,
     config: VmConfig,
     vcpu_mmap_size: usize,
     max_slots: u32,
@@ -210,14 +212,6 @@ struct MapState {
 impl fmt::Debug for Vm {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("Vm").field("config", &self.config).finish()
-    }
-}
-
-impl Drop for Vm {
-    fn drop(&mut self) {
-        // The APIC bus's thread holds the VM's file: a peer that keeps its
-        // socket open would otherwise keep the VM (and the thread) alive.
-        self.irq.close_bus();
     }
 }
 
@@ -297,9 +291,11 @@ impl Vm {
         } else {
             (manual(KVM_DIRTY_LOG_MANUAL_PROTECT_ENABLE), false)
         };
+        let irq: Arc<crate::irq::IrqShared> = Arc::default();
         let vm = Self {
             fd: Arc::new(fd),
-            irq: Arc::default(),
+            irq: irq.clone(),
+            bus_closer: Arc::new(crate::irq::BusCloser(irq)),
             config: config.clone(),
             vcpu_mmap_size: hv.vcpu_mmap_size,
             max_slots: caps.max_memory_slots,
@@ -506,6 +502,7 @@ impl Vm {
             memory: self.shared.clone(),
             io: self.io.clone(),
             irq: self.irq.clone(),
+            _bus_closer: self.bus_closer.clone(),
             saveable_msrs: self.saveable_msrs.clone(),
             lapic_in_kernel: self.config.split_irqchip,
         };

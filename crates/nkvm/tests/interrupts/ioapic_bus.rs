@@ -360,14 +360,20 @@ fn a_peer_that_stops_reading_eois_fails_the_bus_not_the_vcpu() {
     assert!(eois >= 1 && eois <= delivered, "{eois} EOIs read, {delivered} interrupts delivered");
 }
 
-/// A VM dropped while its bus peer keeps the socket open: the bus ends
-/// with it (the peer reads the end), rather than its thread keeping the
-/// VM's file, and the VM, alive for as long as the peer likes.
+/// A VM and its vCPU dropped while the bus peer keeps its socket open: the
+/// bus ends with the last of them (the peer reads the end), rather than its
+/// thread keeping the VM's file, and the VM, alive for as long as the peer
+/// likes. A vCPU that outlives its Vm keeps the bus.
 #[test]
-fn a_dropped_vm_ends_its_apic_bus_whatever_the_peer_does() {
+fn a_dropped_vm_ends_its_apic_bus_with_its_last_vcpu_whatever_the_peer_does() {
     let vm = irq_vm(1);
+    let vcpu = vm.create_vcpu(0).unwrap();
     let (mut reader, _writer) = bus_peer(&vm);
     drop(vm);
+    reader.set_read_timeout(Some(Duration::from_millis(300))).unwrap();
+    let up = nkvm_wire::apic::read_frame(&mut reader);
+    assert!(up.is_err(), "the bus stays up while the vCPU lives: {up:?}");
+    drop(vcpu);
     reader.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
     let end = nkvm_wire::apic::read_frame(&mut reader);
     assert!(matches!(end, Ok(None)), "the peer sees the bus end: {end:?}");
