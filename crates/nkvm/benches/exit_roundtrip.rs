@@ -241,7 +241,7 @@ fn main() {
             "  inside KVM_RUN per exit  nkvm - raw {mid:+.0} TSC ticks (median of per-round differences of medians; range {lo:+.0} to {hi:+.0})"
         );
         println!(
-            "result|exit_roundtrip: inside KVM_RUN per exit, nkvm - raw (exit-timing)|{:+.0} ns (per-round range {:+.0} to {:+.0} ns)|-|-",
+            "result|exit_roundtrip: inside KVM_RUN per exit, nkvm - raw (exit-timing)|{:+.0} ns (per-round range {:+.0} to {:+.0} ns)|-|info",
             ns(mid),
             ns(lo),
             ns(hi)
