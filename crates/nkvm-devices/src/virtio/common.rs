@@ -328,6 +328,16 @@ impl CommonConfig {
                     q.max_size()
                 ),
             ),
+            // virtio-queue takes a driver ring at guest address 0 for "not
+            // set up" and refuses to serve it: refused here, by its name,
+            // rather than failing the device later with "not ready".
+            (QUEUE_ENABLE, 2) if value as u16 == 1 && q.avail_ring() == 0 => self.driver_errors.log(
+                "virtio",
+                format_args!(
+                    "queue {}: a driver ring at guest address 0 cannot be served; not enabled",
+                    self.queue_select
+                ),
+            ),
             (QUEUE_ENABLE, 2) => q.set_ready(value as u16 == 1),
             (QUEUE_DESC, 8) => q.set_desc_table_address(low, high),
             (QUEUE_DESC, 4) => q.set_desc_table_address(low, None),
@@ -411,6 +421,21 @@ mod tests {
         assert_eq!(c.write(DEVICE_STATUS, &[0]), CommonEvent::Reset);
         let mut c = negotiated();
         assert_eq!(c.write(DEVICE_STATUS, &[all]), CommonEvent::DriverOk);
+    }
+
+    #[test]
+    fn a_queue_whose_driver_ring_is_at_address_0_is_not_enabled() {
+        let mut c = negotiated();
+        c.write(QUEUE_DESC, &0x1000u64.to_le_bytes());
+        c.write(QUEUE_DEVICE, &0x3000u64.to_le_bytes());
+        c.write(QUEUE_ENABLE, &1u16.to_le_bytes());
+        let mut d = [0; 2];
+        c.read(QUEUE_ENABLE, &mut d);
+        assert_eq!(u16::from_le_bytes(d), 0, "refused: the driver reads back 0");
+        c.write(QUEUE_DRIVER, &0x2000u64.to_le_bytes());
+        c.write(QUEUE_ENABLE, &1u16.to_le_bytes());
+        c.read(QUEUE_ENABLE, &mut d);
+        assert_eq!(u16::from_le_bytes(d), 1);
     }
 
     #[test]
