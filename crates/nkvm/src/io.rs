@@ -45,6 +45,8 @@ use nkvm_wire::ioregion::{AccessSize, Client, RegionInfo, Space};
 use nkvm_wire::spin::SpinStream;
 use nkvm_wire::WireError;
 
+mod posted;
+
 /// Which address space a range is in.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub enum IoSpace {
@@ -273,35 +275,6 @@ pub(crate) struct IoRegions {
 }
 
 impl IoRegions {
-    /// Whether some region's writes may be waiting in the coalesced ring.
-    pub(crate) fn coalescing(&self) -> bool {
-        self.any_coalesced.load(AtomicOrdering::Relaxed)
-    }
-
-    pub(crate) fn set_coalesced(&self, id: RegionId, on: bool) {
-        let mut c = self.coalesced.lock().unwrap_or_else(|p| p.into_inner());
-        c.retain(|&r| r != id);
-        if on {
-            c.push(id);
-        }
-        self.any_coalesced.store(!c.is_empty(), AtomicOrdering::Relaxed);
-    }
-
-    pub(crate) fn is_coalesced(&self, id: RegionId) -> bool {
-        self.coalesced.lock().unwrap_or_else(|p| p.into_inner()).contains(&id)
-    }
-
-    /// Forwards every write waiting in the coalesced ring, in ring order,
-    /// as posted writes. `next` pops one entry (address, size, data).
-    pub(crate) fn drain_coalesced(&self, mut next: impl FnMut() -> Option<(u64, u8, u64)>) {
-        let _ring = self.ring_lock.lock().unwrap_or_else(|p| p.into_inner());
-        while let Some((addr, size, data)) = next() {
-            if self.access(IoSpace::Mmio, addr, size, Some(data)).is_none() {
-                log::warn!("coalesced write to {addr:#x} has no region (detached?); dropped");
-            }
-        }
-    }
-
     /// The range of an attached region.
     pub(crate) fn range(&self, id: RegionId) -> Option<IoRange> {
         self.regions.read().unwrap_or_else(|p| p.into_inner()).iter().find(|r| r.id == id).map(|r| r.range)
@@ -496,55 +469,6 @@ impl IoRegions {
             self.flush_posted(Some(region.id));
         }
         self.serve(&region, addr - region.range.base, size, write, posted)
-    }
-
-    /// Makes every outstanding posted write served (all regions but `except`,
-    /// whose own stream order already puts them first). Returns once they
-    /// are, whichever vCPU sent them and whichever is flushing them too.
-    #[inline]
-    pub(crate) fn flush_posted(&self, except: Option<RegionId>) {
-        if self.posted_regions.load(AtomicOrdering::SeqCst) != 0 {
-            self.flush_pending(except);
-        }
-    }
-
-    #[cold]
-    fn flush_pending(&self, except: Option<RegionId>) {
-        let regions: Vec<Arc<Attached>> = self.regions.read().unwrap_or_else(|p| p.into_inner()).clone();
-        // Only the accessed region's stream order is needed for its own.
-        for r in regions.iter().filter(|r| Some(r.id) != except && r.posted_pending.load(AtomicOrdering::SeqCst)) {
-            self.sync_region(r);
-        }
-    }
-
-    fn sync_region(&self, r: &Attached) {
-        if let Backend::Socket(client) = &r.backend {
-            let mut client = client.lock().unwrap_or_else(|p| p.into_inner());
-            // Clear: another flusher made them served while this one waited.
-            if !r.posted_pending.load(AtomicOrdering::SeqCst) {
-                return;
-            }
-            if let Some(c) = client.as_mut() {
-                if let Err(e) = c.sync() {
-                    self.fail(r, &mut client, &e);
-                }
-            }
-            self.clear_posted(r);
-        }
-    }
-
-    /// `r` has posted writes in flight (under its client's lock).
-    fn mark_posted(&self, r: &Attached) {
-        if !r.posted_pending.swap(true, AtomicOrdering::SeqCst) {
-            self.posted_regions.fetch_add(1, AtomicOrdering::SeqCst);
-        }
-    }
-
-    /// `r`'s posted writes are served, or will never be (under its client's lock).
-    fn clear_posted(&self, r: &Attached) {
-        if r.posted_pending.swap(false, AtomicOrdering::SeqCst) {
-            self.posted_regions.fetch_sub(1, AtomicOrdering::SeqCst);
-        }
     }
 
     /// `None` when the region was detached since the access found it.
