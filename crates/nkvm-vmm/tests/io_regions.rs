@@ -463,13 +463,7 @@ fn a_device_state_over_the_limit_fails_the_region_at_once() {
             Some(vec![0x5a; (1 << 20) + 1])
         }
     }
-    let (ours, theirs) = std::os::unix::net::UnixStream::pair().unwrap();
-    let device = std::thread::spawn(move || {
-        let reader = theirs.try_clone().unwrap();
-        let handshake =
-            nkvm_devices::serve::Server::handshake(reader, theirs, nkvm_wire::handshake::VersionRange::IO_REGION);
-        let _ = handshake.unwrap().serve(&mut Huge);
-    });
+    let (ours, device) = served_in_a_thread(Huge);
     let vm = vm();
     let id = vm.attach_region(IoRange::mmio(MMIO_A, 0x40), ours, Ordering::Sync).unwrap();
     let err = vm.region_state(id).unwrap_err();
@@ -496,13 +490,7 @@ fn a_state_refused_with_a_reason_over_the_limit_fails_the_region_at_once() {
             Some(Err("no".repeat(1 << 20)))
         }
     }
-    let (ours, theirs) = std::os::unix::net::UnixStream::pair().unwrap();
-    let device = std::thread::spawn(move || {
-        let reader = theirs.try_clone().unwrap();
-        let handshake =
-            nkvm_devices::serve::Server::handshake(reader, theirs, nkvm_wire::handshake::VersionRange::IO_REGION);
-        let _ = handshake.unwrap().serve(&mut Wordy);
-    });
+    let (ours, device) = served_in_a_thread(Wordy);
     let vm = vm();
     let id = vm.attach_region(IoRange::mmio(MMIO_A, 0x40), ours, Ordering::Sync).unwrap();
     let err = vm.region_load_state(id, b"a state").unwrap_err();
@@ -511,6 +499,21 @@ fn a_state_refused_with_a_reason_over_the_limit_fails_the_region_at_once() {
     assert_eq!(vm.io_region_failures().len(), 1, "the region is dropped, not left out of step: {text}");
     drop(vm);
     device.join().unwrap();
+}
+
+/// `model` served by nkvm-devices' server on a thread of its own: the VM's
+/// end of the socket, and the thread (it ends when the VM side closes).
+fn served_in_a_thread<M: nkvm_devices::IoDevice + Send + 'static>(
+    mut model: M,
+) -> (std::os::unix::net::UnixStream, std::thread::JoinHandle<()>) {
+    let (ours, theirs) = std::os::unix::net::UnixStream::pair().unwrap();
+    let device = std::thread::spawn(move || {
+        let reader = theirs.try_clone().unwrap();
+        let handshake =
+            nkvm_devices::serve::Server::handshake(reader, theirs, nkvm_wire::handshake::VersionRange::IO_REGION);
+        let _ = handshake.unwrap().serve(&mut model);
+    });
+    (ours, device)
 }
 
 /// An in-process handler with nothing behind it.

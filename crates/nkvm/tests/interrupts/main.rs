@@ -331,17 +331,23 @@ fn a_pic_drives_an_apic_less_core_through_lint0_in_virtual_wire_mode() {
     assert!(!pic.lock().has_interrupt());
 }
 
+/// A VM whose one core has no visible local APIC, its guest past READY
+/// with IF=0 (it waits for LINT0 interrupts until its `sti`).
+fn apic_less_guest_with_if_clear() -> (Vm, Vcpu, RunState) {
+    let vm = irq_vm(1);
+    install_idt(&vm, false);
+    let mut vcpu = waiting_guest(&vm, 0, VcpuConfig { lapic: Lapic::Hidden }, |_| {});
+    let mut run = RunState::new();
+    assert!(matches!(vcpu.enter_guest(&mut run).unwrap(), Exit::IoOut { port: READY, .. }));
+    (vm, vcpu, run)
+}
+
 #[test]
 fn a_lint0_vector_the_guest_has_not_taken_travels_with_the_saved_state() {
     // The guest reports READY with IF=0; a vector raised on LINT0 then waits
     // for its `sti`. Saved at that moment, it must be in the state, and a
     // vCPU restored from it on another VM must take it.
-    let vm = irq_vm(1);
-    install_idt(&vm, false);
-    let hidden = VcpuConfig { lapic: Lapic::Hidden };
-    let mut vcpu = waiting_guest(&vm, 0, hidden, |_| {});
-    let mut run = RunState::new();
-    assert!(matches!(vcpu.enter_guest(&mut run).unwrap(), Exit::IoOut { port: READY, .. }));
+    let (vm, mut vcpu, mut run) = apic_less_guest_with_if_clear();
     vcpu.lint().raise_lint0(0x30);
     let state = vcpu.save_state(&mut run).unwrap();
     assert_eq!(state.pending_lint, nkvm::state::PendingLint { extint: vec![0x30], nmi: false });
@@ -352,7 +358,7 @@ fn a_lint0_vector_the_guest_has_not_taken_travels_with_the_saved_state() {
     let mut ram = vec![0u8; vm.config().memory as usize];
     vm.read_memory(GuestAddress(0), &mut ram).unwrap();
     copy.write_memory(GuestAddress(0), &ram).unwrap();
-    let mut restored = copy.create_vcpu_with(0, hidden).unwrap();
+    let mut restored = copy.create_vcpu_with(0, VcpuConfig { lapic: Lapic::Hidden }).unwrap();
     restored.restore_state(&nkvm::state::VcpuState::decode(&blob).unwrap()).unwrap();
     let run = Running::start(restored);
     run.expect_report(0x30);
@@ -364,12 +370,7 @@ fn lint0_raised_over_and_over_while_the_guest_keeps_if_clear_waits_once_per_vect
     // A PIC (or a hostile APIC-bus peer) raising LINT0 20000 times while
     // the guest has IF=0: each vector waits once, as in an 8259's request
     // register, so the queue stays bounded and the saved state loads.
-    let vm = irq_vm(1);
-    install_idt(&vm, false);
-    let hidden = VcpuConfig { lapic: Lapic::Hidden };
-    let mut vcpu = waiting_guest(&vm, 0, hidden, |_| {});
-    let mut run = RunState::new();
-    assert!(matches!(vcpu.enter_guest(&mut run).unwrap(), Exit::IoOut { port: READY, .. }));
+    let (_vm, mut vcpu, mut run) = apic_less_guest_with_if_clear();
     let lint = vcpu.lint();
     for i in 0..20_000u32 {
         lint.raise_lint0((i % 256) as u8);
