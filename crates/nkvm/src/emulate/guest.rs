@@ -25,28 +25,56 @@ pub(super) enum Fault {
 pub(super) struct GuestMemory<'a> {
     pub(super) vcpu: &'a Vcpu,
     pub(super) vm: &'a Vm,
-    /// The privilege level (CS.RPL of the SS/CS pair: SS.DPL).
+    /// The privilege level: 0 in real mode, 3 in virtual-8086 mode, else
+    /// SS.DPL.
     pub(super) cpl: u8,
+    /// Linear addresses are 64-bit and must be canonical (long mode);
+    /// otherwise they wrap at 4 GiB.
+    pub(super) long_mode: bool,
 }
+
+/// EFER.LMA: the vCPU is in long mode.
+pub(super) const EFER_LMA: u64 = 1 << 10;
 
 const PF_WRITE: u32 = 1 << 1;
 const PF_USER: u32 = 1 << 2;
 
 impl GuestMemory<'_> {
-    /// The linear address of memory operand `op` of `insn`: base + index *
-    /// scale + displacement (RIP-relative already resolved by the decoder),
-    /// plus the FS or GS base when the instruction names that segment.
+    /// The linear address of memory operand `op` of `insn`: the segment's
+    /// base (in 64-bit code only FS and GS have one) + base + index * scale
+    /// + displacement (RIP-relative already resolved by the decoder).
     pub(super) fn operand_address(insn: &Instruction, op: u32, regs: &Regs, sregs: &Sregs) -> Option<u64> {
+        let code64 = sregs.cs.l != 0 && sregs.efer & EFER_LMA != 0;
+        let base = |base: u64| Some(if code64 { 0 } else { base });
         insn.virtual_address(op, 0, |reg, _, _| match reg {
             Register::FS => Some(sregs.fs.base),
             Register::GS => Some(sregs.gs.base),
-            Register::ES | Register::CS | Register::SS | Register::DS => Some(0),
+            Register::ES => base(sregs.es.base),
+            Register::CS => base(sregs.cs.base),
+            Register::SS => base(sregs.ss.base),
+            Register::DS => base(sregs.ds.base),
             r => gpr(regs, r),
         })
     }
 
-    /// The guest-physical address of `gva`, or the #PF the access takes.
+    /// Whether an access to `gva` would fault, without reading it (a
+    /// device's register behind it is not touched).
+    pub(super) fn probe(&self, gva: u64) -> Result<Result<(), Fault>, EmulateError> {
+        Ok(self.translate(gva, false)?.map(|_| ()))
+    }
+
+    /// The guest-physical address of `gva`, or the fault the access takes:
+    /// #GP(0) for a non-canonical address in long mode, #PF for an
+    /// unmapped page. Outside long mode the address wraps at 4 GiB.
     fn translate(&self, gva: u64, write: bool) -> Result<Result<u64, Fault>, EmulateError> {
+        let gva = if self.long_mode {
+            if ((gva as i64) << 16 >> 16) as u64 != gva {
+                return Ok(Err(Fault::General(0)));
+            }
+            gva
+        } else {
+            gva & 0xffff_ffff
+        };
         Ok(match self.vcpu.translate(gva)? {
             Some(gpa) => Ok(gpa),
             None => {
@@ -87,19 +115,26 @@ impl GuestMemory<'_> {
     }
 
     /// Writes guest-physical bytes: RAM (marked dirty) or an attached MMIO
-    /// range.
+    /// range. A read-only region (ROM) keeps its bytes: the write goes to
+    /// a device claiming the range, as KVM's exit would, or nowhere.
     fn write_physical(&self, gpa: u64, data: &[u8]) -> Result<(), EmulateError> {
-        if self.vm.memory().find(GuestAddress(gpa)).is_some() {
-            self.vm.write_memory(GuestAddress(gpa), data).map_err(EmulateError::Memory)?;
-            self.vm.mark_dirty(GuestAddress(gpa), data.len() as u64);
-            return Ok(());
-        }
+        let rom = match self.vm.memory().find(GuestAddress(gpa)) {
+            Some(region) if !region.read_only => {
+                self.vm.write_memory(GuestAddress(gpa), data).map_err(EmulateError::Memory)?;
+                self.vm.mark_dirty(GuestAddress(gpa), data.len() as u64);
+                return Ok(());
+            }
+            Some(_) => true,
+            None => false,
+        };
         for (i, chunk) in data.chunks(8).enumerate() {
             let at = gpa + 8 * i as u64;
             let mut bytes = [0u8; 8];
             bytes[..chunk.len()].copy_from_slice(chunk);
             let value = u64::from_le_bytes(bytes);
-            self.vm.mmio_access(at, chunk.len() as u8, Some(value)).ok_or_else(|| unmapped(at, chunk.len()))?;
+            if self.vm.mmio_access(at, chunk.len() as u8, Some(value)).is_none() && !rom {
+                return Err(unmapped(at, chunk.len()));
+            }
         }
         Ok(())
     }
@@ -143,6 +178,13 @@ impl GuestMemory<'_> {
         let region = map
             .find(GuestAddress(gpa))
             .ok_or(EmulateError::Memory(crate::MemoryError::Unmapped { addr: GuestAddress(gpa), len: 16 }))?;
+        if region.read_only {
+            // ROM: compared, never written.
+            let mut bytes = [0u8; 16];
+            self.vm.read_memory(GuestAddress(gpa), &mut bytes).map_err(EmulateError::Memory)?;
+            let found = u128::from_le_bytes(bytes);
+            return Ok(Ok(if found == current { Ok(found) } else { Err(found) }));
+        }
         let offset = region.offset + (gpa - region.gpa.0);
         let result = region.backing.compare_exchange_u128(offset, current, new).map_err(EmulateError::Memory)?;
         if result.is_ok() {

@@ -179,7 +179,14 @@ pub fn complete(vcpu: &Vcpu, vm: &Vm, failure: &InternalError) -> Result<Emulate
     let rip = regs.rip;
     let unsupported = |instruction: String| EmulateError::Unsupported { rip, instruction, bytes: hex.clone() };
     let pc = sregs.cs.base.wrapping_add(rip);
-    let mem = GuestMemory { vcpu, vm, cpl: (sregs.cs.selector & 3) as u8 };
+    let cpl = if sregs.cr0 & 1 == 0 {
+        0
+    } else if regs.rflags & RFLAGS_VM != 0 {
+        3
+    } else {
+        sregs.ss.dpl
+    };
+    let mem = GuestMemory { vcpu, vm, cpl, long_mode: sregs.efer & guest::EFER_LMA != 0 };
     let decode = |bytes: &[u8]| {
         let mut decoder = Decoder::with_ip(bitness, bytes, pc, DecoderOptions::NONE);
         let insn = decoder.decode();
@@ -275,7 +282,7 @@ pub fn complete(vcpu: &Vcpu, vm: &Vm, failure: &InternalError) -> Result<Emulate
             let Some(addr) = GuestMemory::operand_address(&insn, 0, &regs, &sregs) else {
                 return Err(unsupported(text));
             };
-            match mem.read(addr, &mut [0u8; 1])? {
+            match mem.probe(addr)? {
                 Ok(()) => Outcome::Done,
                 Err(fault) => Outcome::Fault(fault),
             }
@@ -386,6 +393,9 @@ fn movbe(
 }
 
 /// MXCSR bits a guest may set (the FXSAVE MXCSR_MASK of current CPUs).
+/// RFLAGS.VM: virtual-8086 mode (CPL 3 whatever CS holds).
+const RFLAGS_VM: u64 = 1 << 17;
+
 const MXCSR_MASK: u32 = 0xffff;
 
 /// `ldmxcsr m32` and `stmxcsr m32`.

@@ -34,6 +34,9 @@ pub(super) fn invpcid(
     if insn.op0_kind() != OpKind::Register || insn.op1_kind() != OpKind::Memory {
         return Ok(Outcome::Unsupported);
     }
+    if mem.cpl > 0 {
+        return Ok(Outcome::Fault(Fault::General(0)));
+    }
     let (Some(kind), Some(addr)) = (gpr(regs, insn.op0_register()), GuestMemory::operand_address(insn, 1, regs, sregs))
     else {
         return Ok(Outcome::Unsupported);

@@ -195,7 +195,7 @@ fn save(addr: u64, rfbm: u64, xcomp_bv: u64, layout: &Layout, mem: &GuestMemory<
 /// initialises them). #GP(0) for a malformed header or reserved MXCSR bits.
 fn restore(addr: u64, rfbm: u64, xcr0: u64, layout: &Layout, mem: &GuestMemory<'_>) -> Result<Outcome, EmulateError> {
     let mut header = [0u8; 64];
-    if let Err(fault) = mem.read(addr + HEADER as u64, &mut header)? {
+    if let Err(fault) = mem.read(addr.wrapping_add(HEADER as u64), &mut header)? {
         return Ok(Outcome::Fault(fault));
     }
     let (xstate_bv, xcomp_bv) = (u64_at(&header, 0), u64_at(&header, 8));

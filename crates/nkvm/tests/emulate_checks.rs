@@ -1,0 +1,102 @@
+//! The checks the CPU makes on an instruction's memory operands, made by
+//! nkvm's emulator too (`nkvm::emulate::complete` is called directly with
+//! the instruction's bytes, as an emulation-failure exit would hand them
+//! over): segment bases outside 64-bit code, #GP for a non-canonical
+//! address, ROM that keeps its bytes, a `clflush` that touches no device,
+//! and no panic for an operand at the top of the address space.
+
+mod common;
+
+use common::*;
+use nkvm::emulate::{complete, EmulateError, Emulated};
+use nkvm::{Backing, GuestAddress, InternalError, MemoryMap, Region, Regs, Vcpu, Vm};
+
+/// `bytes` as the emulation failure KVM reports for them.
+fn failure(bytes: &[u8]) -> InternalError {
+    let mut insn = [0u8; 15];
+    insn[..bytes.len()].copy_from_slice(bytes);
+    InternalError { suberror: 1, data: [0; 16], ndata: 0, insn_bytes: insn, insn_len: bytes.len() as u8 }
+}
+
+fn emulate(vcpu: &Vcpu, vm: &Vm, bytes: &[u8]) -> Result<Emulated, EmulateError> {
+    complete(vcpu, vm, &failure(bytes))
+}
+
+fn set_regs(vcpu: &Vcpu, f: impl FnOnce(&mut Regs)) {
+    let mut regs = vcpu.regs().unwrap();
+    f(&mut regs);
+    vcpu.set_regs(&regs).unwrap();
+}
+
+/// A 64-bit guest at CPL 0 that has not run (its state is what the test sets).
+fn long_mode(vm: &Vm) -> Vcpu {
+    long_mode_guest(vm, 0, |a| a.hlt().unwrap())
+}
+
+/// `movbe [rdi], eax`
+const MOVBE_STORE: [u8; 4] = [0x0f, 0x38, 0xf1, 0x07];
+
+#[test]
+fn a_store_to_rom_leaves_its_bytes_as_they_were() {
+    let vm = vm();
+    let rom = Backing::new("rom", 0x10000).unwrap();
+    rom.write_at(0, &[0xaa; 4]).unwrap();
+    let mut regions = vm.memory().regions().to_vec();
+    regions.push(Region::new(GuestAddress(0x200_0000), &rom, 0, 0x10000).read_only());
+    vm.set_memory_map(MemoryMap::new(regions).unwrap()).unwrap();
+    let vcpu = long_mode(&vm);
+    set_regs(&vcpu, |r| (r.rdi, r.rax) = (0x200_0000, 0x1122_3344));
+    assert!(matches!(emulate(&vcpu, &vm, &MOVBE_STORE), Ok(Emulated::Completed { .. })));
+    let mut back = [0u8; 4];
+    rom.read_at(0, &mut back).unwrap();
+    assert_eq!(back, [0xaa; 4], "ROM keeps its bytes, as KVM's own access would");
+}
+
+#[test]
+fn a_non_canonical_address_raises_general_protection_and_writes_nothing() {
+    let vm = vm();
+    let vcpu = long_mode(&vm);
+    set_regs(&vcpu, |r| (r.rdi, r.rax) = (0x8000_0000_0060_0000, 0x1122_3344));
+    assert!(matches!(emulate(&vcpu, &vm, &MOVBE_STORE), Ok(Emulated::Injected { vector: 13, .. })));
+    let mut low = [0u8; 4];
+    vm.read_memory(GuestAddress(0x60_0000), &mut low).unwrap();
+    assert_eq!(low, [0; 4], "the address's low 48 bits are not where it goes");
+}
+
+#[test]
+fn xrstor_at_the_top_of_the_address_space_faults_and_does_not_panic() {
+    let vm = vm();
+    let vcpu = long_mode(&vm);
+    vcpu.set_cpuid(&hypervisor().supported_cpuid().unwrap()).unwrap();
+    let mut sregs = vcpu.sregs().unwrap();
+    sregs.cr4 |= 1 << 18; // OSXSAVE
+    vcpu.set_sregs(&sregs).unwrap();
+    // 64-byte aligned and canonical; its header 512 bytes on wraps to 0x1c0.
+    set_regs(&vcpu, |r| (r.rdi, r.rax, r.rdx) = (0xffff_ffff_ffff_ffc0, 3, 0));
+    let emulated = emulate(&vcpu, &vm, &[0x48, 0x0f, 0xae, 0x2f]); // xrstor64 [rdi]
+    assert!(matches!(emulated, Ok(Emulated::Injected { .. }) | Ok(Emulated::Completed { .. })), "{emulated:?}");
+}
+
+#[test]
+fn a_real_mode_operand_is_at_its_segment_base_plus_offset() {
+    let vm = vm();
+    let vcpu = real_mode_guest(&vm, 0, |a| a.hlt().unwrap());
+    vm.write_memory(GuestAddress(0x1010), &[0x11, 0x22]).unwrap();
+    vm.write_memory(GuestAddress(0x10), &[0x33, 0x44]).unwrap();
+    let mut sregs = vcpu.sregs().unwrap();
+    (sregs.ds.selector, sregs.ds.base) = (0x100, 0x1000);
+    vcpu.set_sregs(&sregs).unwrap();
+    set_regs(&vcpu, |r| (r.rbx, r.rax) = (0x10, 0));
+    // movbe ax, [bx]: DS:BX is linear 0x1010.
+    assert!(matches!(emulate(&vcpu, &vm, &[0x0f, 0x38, 0xf0, 0x07]), Ok(Emulated::Completed { .. })));
+    assert_eq!(vcpu.regs().unwrap().rax & 0xffff, 0x1122);
+}
+
+#[test]
+fn clflush_of_an_address_no_device_claims_just_completes() {
+    let vm = vm();
+    let vcpu = long_mode(&vm);
+    set_regs(&vcpu, |r| r.rdi = MMIO_BASE);
+    let emulated = emulate(&vcpu, &vm, &[0x0f, 0xae, 0x3f]); // clflush [rdi]
+    assert!(matches!(emulated, Ok(Emulated::Completed { .. })), "{emulated:?}");
+}
