@@ -100,3 +100,71 @@ fn clflush_of_an_address_no_device_claims_just_completes() {
     let emulated = emulate(&vcpu, &vm, &[0x0f, 0xae, 0x3f]); // clflush [rdi]
     assert!(matches!(emulated, Ok(Emulated::Completed { .. })), "{emulated:?}");
 }
+
+/// The page-directory entry mapping the 2 MiB page at `gva` (below 1 GiB)
+/// in the tables `long_mode_guest` installs, and the two levels above it.
+fn pde_of(gva: u64) -> GuestAddress {
+    GuestAddress(LONG_MODE_TABLES + 0x3000 + 8 * (gva >> 21))
+}
+
+fn update_entry(vm: &Vm, at: GuestAddress, f: impl FnOnce(u64) -> u64) {
+    let mut bytes = [0u8; 8];
+    vm.read_memory(at, &mut bytes).unwrap();
+    vm.write_memory(at, &f(u64::from_le_bytes(bytes)).to_le_bytes()).unwrap();
+}
+
+/// The exception the emulator left pending: (vector, error code).
+fn injected(vcpu: &Vcpu) -> (u8, u32) {
+    let events = vcpu.events().unwrap();
+    (events.exception.nr, events.exception.error_code)
+}
+
+#[test]
+fn a_user_mode_store_to_a_supervisor_page_faults_and_to_a_user_page_does_not() {
+    let vm = vm();
+    let vcpu = long_mode(&vm);
+    let mut sregs = vcpu.sregs().unwrap();
+    (sregs.cs.selector, sregs.cs.dpl, sregs.ss.selector, sregs.ss.dpl) = (sregs.cs.selector | 3, 3, 0x13, 3);
+    vcpu.set_sregs(&sregs).unwrap();
+    set_regs(&vcpu, |r| (r.rdi, r.rax) = (0x5000, 0x1122_3344));
+    assert!(matches!(emulate(&vcpu, &vm, &MOVBE_STORE), Ok(Emulated::Injected { vector: 14, .. })));
+    assert_eq!(injected(&vcpu), (14, 7), "#PF: present, write, user");
+    let mut back = [0u8; 4];
+    vm.read_memory(GuestAddress(0x5000), &mut back).unwrap();
+    assert_eq!(back, [0; 4], "a supervisor page is not written from user mode");
+    // The user bit at every level: the store goes through.
+    for at in [LONG_MODE_TABLES + 0x1000, LONG_MODE_TABLES + 0x2000, pde_of(0x5000).0] {
+        update_entry(&vm, GuestAddress(at), |e| e | 4);
+    }
+    vcpu.set_events(&nkvm::VcpuEvents::default()).unwrap();
+    assert!(matches!(emulate(&vcpu, &vm, &MOVBE_STORE), Ok(Emulated::Completed { .. })));
+    vm.read_memory(GuestAddress(0x5000), &mut back).unwrap();
+    assert_eq!(back, [0x11, 0x22, 0x33, 0x44]);
+}
+
+#[test]
+fn a_kernel_store_to_a_read_only_page_faults_while_cr0_wp_is_set() {
+    let vm = vm();
+    let vcpu = long_mode(&vm);
+    update_entry(&vm, pde_of(0x40_0000), |e| e & !2);
+    set_regs(&vcpu, |r| (r.rdi, r.rax) = (0x40_0000, 0x1122_3344));
+    assert!(matches!(emulate(&vcpu, &vm, &MOVBE_STORE), Ok(Emulated::Injected { vector: 14, .. })));
+    assert_eq!(injected(&vcpu), (14, 3), "#PF: present, write");
+    let mut sregs = vcpu.sregs().unwrap();
+    sregs.cr0 &= !(1 << 16);
+    vcpu.set_sregs(&sregs).unwrap();
+    vcpu.set_events(&nkvm::VcpuEvents::default()).unwrap();
+    assert!(matches!(emulate(&vcpu, &vm, &MOVBE_STORE), Ok(Emulated::Completed { .. })), "CR0.WP clear: allowed");
+}
+
+#[test]
+fn an_emulated_store_sets_the_dirty_bit_of_the_entry_mapping_the_page() {
+    let vm = vm();
+    let vcpu = long_mode(&vm);
+    update_entry(&vm, pde_of(0x60_0000), |e| e & !0x60);
+    set_regs(&vcpu, |r| (r.rdi, r.rax) = (0x60_0000, 0x1122_3344));
+    assert!(matches!(emulate(&vcpu, &vm, &MOVBE_STORE), Ok(Emulated::Completed { .. })));
+    let mut entry = [0u8; 8];
+    vm.read_memory(pde_of(0x60_0000), &mut entry).unwrap();
+    assert_eq!(u64::from_le_bytes(entry) & 0x60, 0x60, "accessed and dirty");
+}

@@ -31,6 +31,8 @@ pub(super) struct GuestMemory<'a> {
     /// Linear addresses are 64-bit and must be canonical (long mode);
     /// otherwise they wrap at 4 GiB.
     pub(super) long_mode: bool,
+    /// The paging state permissions are checked with.
+    pub(super) paging: super::paging::Paging,
 }
 
 /// EFER.LMA: the vCPU is in long mode.
@@ -76,7 +78,10 @@ impl GuestMemory<'_> {
             gva & 0xffff_ffff
         };
         Ok(match self.vcpu.translate(gva)? {
-            Some(gpa) => Ok(gpa),
+            Some(gpa) => match self.paging.check(self.vm, gva, write, self.cpl)? {
+                Ok(()) => Ok(gpa),
+                Err(error_code) => Err(Fault::Page { addr: gva, error_code }),
+            },
             None => {
                 let error_code = if write { PF_WRITE } else { 0 } | if self.cpl == 3 { PF_USER } else { 0 };
                 Err(Fault::Page { addr: gva, error_code })

@@ -61,6 +61,7 @@ mod avx;
 mod features;
 mod guest;
 mod mmx;
+mod paging;
 mod regs;
 mod segment;
 mod tlb;
@@ -186,7 +187,8 @@ pub fn complete(vcpu: &Vcpu, vm: &Vm, failure: &InternalError) -> Result<Emulate
     } else {
         sregs.ss.dpl
     };
-    let mem = GuestMemory { vcpu, vm, cpl, long_mode: sregs.efer & guest::EFER_LMA != 0 };
+    let mem =
+        GuestMemory { vcpu, vm, cpl, long_mode: sregs.efer & guest::EFER_LMA != 0, paging: paging::Paging::of(&sregs) };
     let decode = |bytes: &[u8]| {
         let mut decoder = Decoder::with_ip(bitness, bytes, pc, DecoderOptions::NONE);
         let insn = decoder.decode();
