@@ -16,9 +16,29 @@ use crate::machine::intake::chain;
 use crate::migrate::send::{self, MigrateOptions};
 use crate::running::{Running, RunningError};
 
+/// Removes the API socket at `path` when its VMM ends (only if it is
+/// still a socket: a file put there since is left alone).
+pub fn remove(path: &Path) {
+    use std::os::unix::fs::FileTypeExt;
+    if std::fs::symlink_metadata(path).is_ok_and(|m| m.file_type().is_socket()) {
+        let _ = std::fs::remove_file(path);
+    }
+}
+
 /// Serves `path` on a thread of its own for as long as the process lives.
+/// A socket left at `path` (by an nkvm that ended) is replaced; any other
+/// file there is refused, never removed.
 pub fn serve(path: &Path, running: Arc<Running>) -> io::Result<()> {
-    let _ = std::fs::remove_file(path);
+    if let Ok(meta) = std::fs::symlink_metadata(path) {
+        use std::os::unix::fs::FileTypeExt;
+        if !meta.file_type().is_socket() {
+            return Err(io::Error::new(
+                io::ErrorKind::AlreadyExists,
+                "the path exists and is not a socket; it was left as it is (choose another path)",
+            ));
+        }
+        std::fs::remove_file(path)?;
+    }
     let listener = UnixListener::bind(path)?;
     std::thread::Builder::new().name("api".into()).spawn(move || serve_on(listener, running, MAX_CONNECTIONS))?;
     Ok(())

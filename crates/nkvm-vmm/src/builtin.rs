@@ -19,6 +19,9 @@ pub const TABLES: u64 = 0x2_0000;
 pub const TURN: u64 = 0x8000;
 /// Top of vCPU 0's stack; vCPU n's is 16 KiB × n lower.
 pub const STACK_TOP: u64 = 0xf_0000;
+/// The most vCPUs the guest runs on: the lowest stack stays clear of the
+/// page tables at [`TABLES`].
+pub const MAX_CPUS: u32 = 48;
 /// Where the test device sits.
 pub const TEST_DEVICE: u64 = 0xd000_0000;
 /// 16550 base port.

@@ -83,7 +83,12 @@ pub fn run(hv: &Hypervisor, args: &RunArgs, resumed: Option<Resumed>) -> Result<
                 dirty_log_start: crate::snapshot::MIGRATION_LOG_START,
                 ..Default::default()
             };
-            (Vm::new(hv, &config).map_err(MachineError::from)?, None, None, Instant::now())
+            let vm = Vm::new(hv, &config).map_err(MachineError::from)?;
+            // After the host's own limit, which names itself.
+            if args.cpus > builtin::MAX_CPUS {
+                return Err(MachineError::BuiltinCpus { requested: args.cpus, max: builtin::MAX_CPUS }.into());
+            }
+            (vm, None, None, Instant::now())
         }
     };
     let vm = Arc::new(vm);
@@ -105,7 +110,7 @@ pub fn run(hv: &Hypervisor, args: &RunArgs, resumed: Option<Resumed>) -> Result<
     let stats = ExitStats::new();
     let outcome = machine::run_vcpus(with_tracers(vcpus, args, &stats), &vm, &running.shared);
     if let Some(path) = &args.api_socket {
-        let _ = std::fs::remove_file(path);
+        crate::api::remove(path);
     }
     Ok(machine::finish(args, &stats, outcome?)?)
 }

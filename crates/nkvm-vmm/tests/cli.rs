@@ -75,12 +75,25 @@ fn caps_prints_table_and_json() {
 }
 
 #[test]
+fn an_api_socket_path_that_is_a_file_is_refused_and_the_file_kept() {
+    let path = std::env::temp_dir().join(format!("nkvm-cli-precious-{}", std::process::id()));
+    std::fs::write(&path, b"precious").unwrap();
+    let out = nkvm(&["run", "--api-socket", path.to_str().unwrap()]);
+    let stderr = text(&out.stderr);
+    assert!(!out.status.success(), "{stderr}");
+    assert!(stderr.contains("exists and is not a socket"), "{stderr}");
+    assert_eq!(std::fs::read(&path).unwrap(), b"precious", "the file is left as it was");
+    let _ = std::fs::remove_file(&path);
+}
+
+#[test]
 fn bad_input_is_one_line_and_a_nonzero_exit() {
     for (args, needle) in [
         (vec!["run", "--memory", "512X"], "invalid size \"512X\""),
         (vec!["run", "--cpus", "100000"], "vCPUs requested but this host's KVM allows at most"),
         (vec!["run", "--cpus", "0"], "at least one vCPU"),
         (vec!["run", "--memory", "4097"], "multiple of 4 KiB"),
+        (vec!["run", "--cpus", "62"], "the built-in guest runs on at most 48 vCPUs (62 requested)"),
     ] {
         let out = nkvm(&args);
         assert!(!out.status.success(), "{args:?} succeeded");

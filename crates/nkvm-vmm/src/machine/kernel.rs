@@ -135,7 +135,7 @@ pub(super) fn run(hv: &Hypervisor, args: &RunArgs, source: Source) -> Result<Exi
     }
     let outcome = run_vcpus(vcpus, &vm, &shared);
     if let Some(path) = &args.api_socket {
-        let _ = std::fs::remove_file(path);
+        crate::api::remove(path);
     }
     let mut outcome = outcome?;
     // The vCPUs are done: end the device processes now, which also lets a

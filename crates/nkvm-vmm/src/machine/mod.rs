@@ -50,6 +50,17 @@ pub enum MachineError {
     /// Assembling the built-in guest failed.
     #[error("cannot assemble the built-in guest: {0}")]
     Assemble(String),
+    /// More vCPUs than the built-in guest has stacks for.
+    #[error(
+        "the built-in guest runs on at most {max} vCPUs ({requested} requested): its stacks are 16 KiB apart \
+         below 0xf0000; boot a kernel (--kernel) for more"
+    )]
+    BuiltinCpus {
+        /// `--cpus`.
+        requested: u32,
+        /// The most it runs on.
+        max: u32,
+    },
     /// The kernel could not be loaded.
     #[error(transparent)]
     Linux(#[from] linux::LinuxError),
