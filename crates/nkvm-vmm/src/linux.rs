@@ -84,7 +84,10 @@ pub enum LinuxError {
     #[error(transparent)]
     Acpi(#[from] acpi::AcpiError),
     /// The initramfs does not fit.
-    #[error("the initramfs ({size} bytes) does not fit below {limit:#x}; give the VM more memory")]
+    #[error(
+        "the initramfs ({size} bytes) does not fit between the kernel and {limit:#x} (the end of low RAM or \
+         896 MiB, whichever is lower)"
+    )]
     InitrdTooBig {
         /// Its size.
         size: u64,
@@ -124,22 +127,48 @@ pub fn load(vm: &Vm, boot: &LinuxBoot, vcpus: u32) -> Result<Entry, LinuxError> 
     let rsdp = acpi::install(vm, vcpus, None)?;
     let mut params = boot_params { hdr, acpi_rsdp_addr: rsdp.0, ..Default::default() };
 
+    // The kernel's own limit (boot protocol 2.06 on; 255 bytes before):
+    // it would cut a longer line without a word, and nkvm's host
+    // work-arounds are at its end.
+    let kernel_max = match (hdr.version >= 0x0206, hdr.cmdline_size) {
+        (false, _) => 255,
+        // A header that leaves it 0 says nothing: nkvm's own limit.
+        (true, 0) => CMDLINE_MAX - 1,
+        (true, n) => n as usize,
+    };
+    if boot.cmdline.len() > kernel_max.min(CMDLINE_MAX - 1) {
+        return Err(LinuxError::Cmdline(format!(
+            "{} bytes (with nkvm's additions), more than the {} this kernel takes",
+            boot.cmdline.len(),
+            kernel_max.min(CMDLINE_MAX - 1)
+        )));
+    }
     let mut cmdline = Cmdline::new(CMDLINE_MAX).map_err(|e| LinuxError::Cmdline(e.to_string()))?;
     cmdline.insert_str(&boot.cmdline).map_err(|e| LinuxError::Cmdline(e.to_string()))?;
     load_cmdline(&gm, vm_memory::GuestAddress(CMDLINE), &cmdline).map_err(|e| LinuxError::Cmdline(e.to_string()))?;
     params.hdr.type_of_loader = 0xff;
     params.hdr.cmd_line_ptr = CMDLINE as u32;
-    params.hdr.cmdline_size = boot.cmdline.len() as u32 + 1;
     params.hdr.loadflags |= 0x80; // CAN_USE_HEAP
     params.hdr.heap_end_ptr = 0xfe00;
 
     let low_end = map.regions().first().map(|r| r.end()).unwrap_or(0);
     if let Some(initrd) = &boot.initrd {
-        let data = std::fs::read(initrd).map_err(read_err(initrd))?;
         let limit = low_end.min(0x3800_0000);
+        let place = |size: u64| {
+            let at = limit.checked_sub(size).map(|a| a & !0xfff).filter(|&a| a >= loaded.end.max(HIMEM));
+            at.ok_or(LinuxError::InitrdTooBig { size, limit })
+        };
+        // Sized before it is read: a file larger than guest memory (or one
+        // with no end, a FIFO) is refused without reading it.
+        let meta = std::fs::metadata(initrd).map_err(read_err(initrd))?;
+        if !meta.is_file() {
+            let e = std::io::Error::new(std::io::ErrorKind::InvalidInput, "not a regular file");
+            return Err(read_err(initrd)(e));
+        }
+        place(meta.len())?;
+        let data = std::fs::read(initrd).map_err(read_err(initrd))?;
         let size = data.len() as u64;
-        let at = limit.checked_sub(size).map(|a| a & !0xfff).filter(|&a| a >= loaded.end.max(HIMEM));
-        let at = at.ok_or(LinuxError::InitrdTooBig { size, limit })?;
+        let at = place(size)?;
         vm.write_memory(GuestAddress(at), &data).map_err(|e| LinuxError::Memory(e.to_string()))?;
         params.hdr.ramdisk_image = at as u32;
         params.hdr.ramdisk_size = size as u32;

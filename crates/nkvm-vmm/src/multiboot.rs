@@ -197,9 +197,20 @@ struct Layout {
 pub fn load(memory: &MemoryMap, boot: &MultibootBoot<'_>) -> Result<MultibootEntry, MultibootError> {
     let path = boot.kernel.display().to_string();
     let image = std::fs::read(boot.kernel).map_err(|source| MultibootError::Read { path: path.clone(), source })?;
+    let ram_bytes: u64 = memory.regions().iter().map(|r| r.len).sum();
     let module = match boot.module {
         Some(m) => {
-            Some(std::fs::read(m).map_err(|source| MultibootError::Read { path: m.display().to_string(), source })?)
+            let read_err = |source| MultibootError::Read { path: m.display().to_string(), source };
+            // Sized before it is read: larger than guest memory, or a file
+            // with no end (a FIFO), it is refused without reading it.
+            let meta = std::fs::metadata(m).map_err(read_err)?;
+            if !meta.is_file() {
+                return Err(read_err(std::io::Error::new(std::io::ErrorKind::InvalidInput, "not a regular file")));
+            }
+            if meta.len() > ram_bytes {
+                return Err(MultibootError::DoesNotFit { what: "the module (--initrd)", at: 0, len: meta.len() });
+            }
+            Some(std::fs::read(m).map_err(read_err)?)
         }
         None => None,
     };
@@ -254,6 +265,13 @@ fn plan(
     };
     let mut layout = Layout::default();
     let mut top = 0u64;
+    // Each segment gets a buffer of its memory size: overlapping ones
+    // (which no linker makes) could claim RAM many times over.
+    let mut spans: Vec<(u64, u64)> = segments.iter().map(|s| (s.paddr, s.paddr.saturating_add(s.memsz))).collect();
+    spans.sort_unstable();
+    if let Some(w) = spans.windows(2).find(|w| w[1].0 < w[0].1) {
+        return Err(PlanError::Bad(format!("two of its segments overlap (at {:#x} and {:#x})", w[0].0, w[1].0)));
+    }
     for s in &segments {
         in_ram("a kernel segment", s.paddr, s.memsz)?;
         let mut bytes = image[s.offset..s.offset + s.filesz].to_vec();
@@ -391,6 +409,20 @@ mod tests {
         assert!(!is_multiboot(&broken));
         assert!(!is_multiboot(b"\x7fELF"));
         assert!(!is_multiboot(&[]));
+    }
+
+    #[test]
+    fn overlapping_segments_are_refused_not_each_given_its_memory() {
+        // Eight copies of one 120 MiB segment: 960 MiB of buffers for a
+        // 128 MiB guest, had each been planned.
+        let mut img = image(0x40_0000, &[0xf4], 120 << 20, 0);
+        let ph = img[52..84].to_vec();
+        let phoff = img.len() as u32;
+        (0..8).for_each(|_| img.extend_from_slice(&ph));
+        img[28..32].copy_from_slice(&phoff.to_le_bytes());
+        img[44..46].copy_from_slice(&8u16.to_le_bytes());
+        let err = plan(&img, "/k.flat", None, RAM_128M).unwrap_err().into_error("/k.flat").to_string();
+        assert!(err.contains("two of its segments overlap"), "{err}");
     }
 
     #[test]

@@ -87,6 +87,31 @@ fn an_api_socket_path_that_is_a_file_is_refused_and_the_file_kept() {
 }
 
 #[test]
+fn a_command_line_longer_than_the_kernel_takes_and_an_initrd_that_is_no_file_are_refused() {
+    let write = |name: &str, cmdline_size: u32| {
+        let mut image = tiny_bzimage(&[0xf4]);
+        image[0x238..0x23c].copy_from_slice(&cmdline_size.to_le_bytes());
+        let path = std::env::temp_dir().join(format!("nkvm-cli-{name}-{}", std::process::id()));
+        std::fs::write(&path, image).unwrap();
+        path
+    };
+    // nkvm's own additions for this host come to a few hundred bytes.
+    let (short, roomy) = (write("cmdline-64", 64), write("cmdline-2047", 2047));
+    for (args, needle) in [
+        (vec!["run", "--kernel", short.to_str().unwrap()], "more than the 64 this kernel takes"),
+        (vec!["run", "--kernel", roomy.to_str().unwrap(), "--initrd", "/dev/zero"], "/dev/zero"),
+    ] {
+        let out = nkvm(&args);
+        let stderr = text(&out.stderr);
+        assert!(!out.status.success(), "{args:?}: {stderr}");
+        assert!(stderr.contains(needle), "{args:?}: {stderr}");
+    }
+    let out = nkvm(&["run", "--kernel", roomy.to_str().unwrap(), "--initrd", "/dev/zero"]);
+    assert!(text(&out.stderr).contains("not a regular file"), "{}", text(&out.stderr));
+    let _ = (std::fs::remove_file(short), std::fs::remove_file(roomy));
+}
+
+#[test]
 fn bad_input_is_one_line_and_a_nonzero_exit() {
     for (args, needle) in [
         (vec!["run", "--memory", "512X"], "invalid size \"512X\""),
