@@ -31,6 +31,10 @@ pub enum ControlError {
     /// The machine is shutting down.
     #[error("the machine is shutting down")]
     Stopping,
+    /// The machine is in a state whose vCPUs cannot park (asleep in S3:
+    /// they wait for the wake-up, not in the guest).
+    #[error("{0}")]
+    CannotPause(String),
 }
 
 /// Where one vCPU is, as the controller sees it.
@@ -109,9 +113,14 @@ impl Control {
     }
 
     /// Asks every vCPU to park, `kick`s them out of the guest, and waits
-    /// until all have: returns their states, by id. On an error the vCPUs
-    /// that parked are released again.
-    pub fn pause(&self, kick: impl Fn()) -> Result<Vec<VcpuState>, ControlError> {
+    /// until all have: returns their states, by id. Gives up when
+    /// `cannot_pause` says why the vCPUs cannot park (before or while it
+    /// waits). On an error the vCPUs that parked are released again.
+    pub fn pause(
+        &self,
+        kick: impl Fn(),
+        cannot_pause: impl Fn() -> Option<String>,
+    ) -> Result<Vec<VcpuState>, ControlError> {
         let mut s = self.lock();
         s.pause = true;
         self.wanted.store(true, SeqCst);
@@ -121,6 +130,11 @@ impl Control {
                 drop(s);
                 self.resume();
                 return Err(ControlError::Stopping);
+            }
+            if let Some(why) = cannot_pause() {
+                drop(s);
+                self.resume();
+                return Err(ControlError::CannotPause(why));
             }
             let mut states = Vec::with_capacity(s.slots.len());
             let mut waiting = false;

@@ -111,7 +111,7 @@ impl Running {
     pub fn pause(&self) -> Result<Vec<VcpuState>, RunningError> {
         // The devices first: nothing reaches a vCPU after its state is taken.
         self.devices.pause_all();
-        let paused = self.shared.control.pause(|| self.shared.kick_all());
+        let paused = self.shared.control.pause(|| self.shared.kick_all(), || self.devices.unpausable());
         if paused.is_err() {
             self.devices.resume_all();
         }

@@ -79,6 +79,11 @@ pub trait SavedDevice: Send + Sync {
     fn pause(&self) {}
     /// The vCPUs run on here: undo [`pause`](Self::pause).
     fn resume(&self) {}
+    /// Why the vCPUs cannot be paused now, if they cannot (a machine
+    /// asleep in S3: they wait for its wake-up, not in the guest).
+    fn unpausable(&self) -> Option<String> {
+        None
+    }
 }
 
 /// Any [`Snapshot`] model shared behind a mutex is a [`SavedDevice`].
@@ -145,6 +150,11 @@ impl SavedDevices {
             Some(why) => Err(SaveError::Unsaveable(why.clone())),
             None => Ok(()),
         }
+    }
+
+    /// Why the vCPUs cannot be paused now, if a device says they cannot.
+    pub fn unpausable(&self) -> Option<String> {
+        self.entries.iter().find_map(|(_, dev)| dev.unpausable())
     }
 
     /// Every device's blob, by name. Call with the vCPUs paused.

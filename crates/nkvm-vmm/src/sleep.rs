@@ -165,6 +165,14 @@ impl SavedDevice for S3Guard {
     fn restore(&self, name: &str, blob: &[u8]) -> Result<(), LoadError> {
         Awake(false).restore(blob).map_err(|source| LoadError::Device { name: name.to_string(), source })
     }
+
+    fn unpausable(&self) -> Option<String> {
+        self.0.load(SeqCst).then(|| {
+            "the guest is asleep in ACPI S3: its vCPUs wait for the wake-up, there is nothing to pause or save \
+             (try again once its RTC alarm wakes it)"
+                .to_string()
+        })
+    }
 }
 
 #[derive(Debug, Default)]

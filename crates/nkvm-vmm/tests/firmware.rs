@@ -5,6 +5,7 @@
 //! RTC alarm, resume in real mode at the FACS waking vector.
 
 mod common;
+mod nkvm_process;
 
 use std::time::Duration;
 
@@ -305,4 +306,55 @@ fn without_a_wake_event_s3_sleeps_until_nkvm_is_stopped() {
     let run = run_kernel(&kernel, &["--cpus", "1"], Duration::from_secs(4));
     assert_eq!(run.status, None, "the machine woke or ended with no alarm armed\n{}", run.stderr);
     assert!(run.stderr.contains("S3: asleep") && !run.stderr.contains("resumes"), "{}", run.stderr);
+}
+
+/// A guest asleep in S3 has no vCPU in the guest to pause: `snapshot` and
+/// `pause` are refused with the reason at once, and the API goes on
+/// (they used to wait forever for the sleeping vCPUs, holding the lock
+/// every later pause, resume and snapshot waited on).
+#[test]
+fn a_snapshot_or_pause_of_a_guest_asleep_in_s3_is_refused_not_hung_on() {
+    let kernel = write_temp("s3-api.flat", &s3_image(false));
+    let dir = nkvm_process::scratch("s3-api");
+    let api = dir.join("api.sock");
+    let mut vmm = nkvm_process::Vmm::run(&[
+        "--kernel",
+        kernel.to_str().unwrap(),
+        "--memory",
+        "32M",
+        "--api-socket",
+        api.to_str().unwrap(),
+    ]);
+    let deadline = std::time::Instant::now() + Duration::from_secs(30);
+    while !api.exists() {
+        assert!(std::time::Instant::now() < deadline, "no API socket: {}", vmm.stderr());
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    // The guest's first instructions put it to sleep.
+    std::thread::sleep(Duration::from_millis(1500));
+    let snap = dir.join("snap");
+    for command in [vec!["snapshot", snap.to_str().unwrap()], vec!["pause"]] {
+        let mut child = nkvm_process::nkvm()
+            .args(["ctl", "--api-socket", api.to_str().unwrap()])
+            .args(&command)
+            .stdout(std::process::Stdio::piped())
+            .spawn()
+            .unwrap();
+        let asked = std::time::Instant::now();
+        while child.try_wait().unwrap().is_none() {
+            if asked.elapsed() > Duration::from_secs(30) {
+                let _ = child.kill();
+                panic!("{command:?} hung on the sleeping guest");
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        let out = child.wait_with_output().unwrap();
+        let answer = String::from_utf8_lossy(&out.stdout);
+        assert!(!out.status.success(), "{command:?}: {answer}");
+        assert!(answer.contains("asleep in ACPI S3"), "{command:?}: {answer}");
+    }
+    let info = nkvm_process::ctl(&api, &["info"]);
+    assert_eq!(info["state"], "running", "{info}");
+    vmm.kill();
+    let _ = std::fs::remove_dir_all(&dir);
 }
