@@ -6,9 +6,10 @@
 //! **Escape key: Ctrl-A then `x`** ends the guest (as in QEMU);
 //! Ctrl-A Ctrl-A sends one Ctrl-A to the guest.
 
+use std::collections::VecDeque;
 use std::io::{self, IsTerminal, Read, Write};
 use std::os::unix::net::UnixStream;
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Condvar, Mutex};
 use std::thread;
 use std::time::Duration;
 
@@ -147,25 +148,81 @@ impl ConsoleInput {
     }
 }
 
-/// Starts the thread that reads stdin: bytes go to `input` (waiting while
-/// the UART's FIFO and backlog are full: the terminal then holds the
-/// rest), the escape key calls `quit` once. The thread
-/// ends at end of input or after the escape. If a device process's channel
-/// breaks (the process is gone; the VMM names that elsewhere), keystrokes
-/// are dropped from then on, with one warning, and the escape key still
-/// works.
+/// The most keystrokes kept while the guest takes none; more are dropped
+/// (with one warning) rather than held without bound.
+const MAX_TYPED_AHEAD: usize = 1 << 20;
+
+/// Keystrokes read from stdin and not yet handed to the UART.
+#[derive(Default)]
+struct Typed {
+    /// The bytes, and whether stdin is done (no more will come).
+    queue: Mutex<(VecDeque<u8>, bool)>,
+    ready: Condvar,
+}
+
+impl Typed {
+    fn lock(&self) -> std::sync::MutexGuard<'_, (VecDeque<u8>, bool)> {
+        self.queue.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Queues `keys`; returns how many did not fit.
+    fn push(&self, keys: &[u8]) -> usize {
+        let mut q = self.lock();
+        let room = MAX_TYPED_AHEAD.saturating_sub(q.0.len());
+        q.0.extend(&keys[..keys.len().min(room)]);
+        self.ready.notify_all();
+        keys.len().saturating_sub(room)
+    }
+
+    fn close(&self) {
+        self.lock().1 = true;
+        self.ready.notify_all();
+    }
+
+    /// The next bytes to hand over, `None` once stdin is done and all are.
+    fn next(&self) -> Option<Vec<u8>> {
+        let mut q = self.lock();
+        while q.0.is_empty() && !q.1 {
+            q = self.ready.wait(q).unwrap_or_else(|p| p.into_inner());
+        }
+        let n = q.0.len().min(4096);
+        (n > 0).then(|| q.0.drain(..n).collect())
+    }
+}
+
+/// Starts the threads that read stdin and feed the guest. The reader never
+/// waits for the guest, so the escape key calls `quit` (once) however far
+/// behind the guest is; the feeder hands the keystrokes to `input` in
+/// order, waiting while the UART's FIFO and backlog are full (up to 1 MiB
+/// waits beside it; more is dropped with one warning). They end at end of
+/// input or after the escape. If a device process's channel breaks (the
+/// process is gone; the VMM names that elsewhere), keystrokes are dropped
+/// from then on, with one warning, and the escape key still works.
 pub fn spawn_input(mut input: ConsoleInput, quit: impl FnOnce() + Send + 'static) -> io::Result<()> {
+    let typed = Arc::new(Typed::default());
+    let feed = typed.clone();
+    thread::Builder::new().name("console-feed".into()).spawn(move || {
+        while let Some(keys) = feed.next() {
+            if let Err(e) = input.send(&keys) {
+                log::warn!(
+                    "console input is dropped from now on: the serial device process took no more ({e}); \
+                     {ESCAPE} still ends the guest"
+                );
+                // Taken and dropped from now on, so the reader never waits.
+                while feed.next().is_some() {}
+                return;
+            }
+        }
+    })?;
     thread::Builder::new().name("console-input".into()).spawn(move || {
         let mut decoder = EscapeDecoder::default();
         let mut buf = [0u8; 64];
         let mut keys = Vec::with_capacity(buf.len());
         let mut stdin = io::stdin();
-        // Once the UART is gone, keystrokes are dropped, but the escape
-        // key still ends the guest.
-        let mut gone = false;
+        let mut warned = false;
         loop {
             let n = match stdin.read(&mut buf) {
-                Ok(0) | Err(_) => return,
+                Ok(0) | Err(_) => return typed.close(),
                 Ok(n) => n,
             };
             keys.clear();
@@ -181,16 +238,15 @@ pub fn spawn_input(mut input: ConsoleInput, quit: impl FnOnce() + Send + 'static
                 }
             }
             // What was typed before the escape still goes to the guest.
-            if !gone && !keys.is_empty() {
-                if let Err(e) = input.send(&keys) {
-                    log::warn!(
-                        "console input is dropped from now on: the serial device process took no more ({e}); \
-                         {ESCAPE} still ends the guest"
-                    );
-                    gone = true;
-                }
+            if typed.push(&keys) > 0 && !warned {
+                log::warn!(
+                    "console input is dropped: the guest has not read the last {MAX_TYPED_AHEAD} bytes typed; \
+                     {ESCAPE} still ends it"
+                );
+                warned = true;
             }
             if quitting {
+                typed.close();
                 return quit();
             }
         }

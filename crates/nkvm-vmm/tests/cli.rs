@@ -425,6 +425,39 @@ fn console_echo(name: &str, extra: &[&str], kill_serial: bool) {
     }
 }
 
+/// A guest that reads nothing from its 16550, and more typed than the
+/// UART's FIFO and backlog hold: Ctrl-A x after it still ends nkvm (its
+/// reader used to wait for the UART to take bytes, and never read the
+/// escape).
+#[test]
+fn ctrl_a_x_ends_a_guest_that_reads_none_of_what_was_typed_before_it() {
+    use std::io::Write;
+    use std::time::{Duration, Instant};
+    let code = assemble(|a, hang| a.jmp(hang));
+    let path = std::env::temp_dir().join(format!("nkvm-tiny-deaf-{}", std::process::id()));
+    std::fs::write(&path, tiny_bzimage(&code)).unwrap();
+    let mut child = Command::new(env!("CARGO_BIN_EXE_nkvm"))
+        .args(["run", "--kernel", path.to_str().unwrap(), "--cpus", "1", "--memory", "64M"])
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut stdin = child.stdin.take().unwrap();
+    stdin.write_all(&[b'a'; 8000]).unwrap();
+    stdin.write_all(b"\x01x").unwrap();
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while child.try_wait().unwrap().is_none() && Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let _ = child.kill();
+    let out = child.wait_with_output().unwrap();
+    let _ = std::fs::remove_file(&path);
+    let stderr = text(&out.stderr);
+    assert!(out.status.success(), "Ctrl-A x must end nkvm with 0: {:?} {stderr}", out.status);
+    assert!(stderr.contains("guest ended from the console (Ctrl-A x)"), "{stderr}");
+}
+
 #[test]
 fn a_console_channel_that_is_not_a_socket_is_named() {
     let socket = std::env::temp_dir().join(format!("nkvm-cli-channel-{}.sock", std::process::id()));
