@@ -163,11 +163,23 @@ fn dispatch(line: &str, running: &Arc<Running>) -> Value {
                 return error("migrate needs \"to\": tcp:HOST:PORT or unix:PATH");
             };
             let mut options = MigrateOptions::default();
-            if let Some(ms) = request.get("downtime_ms").and_then(Value::as_u64) {
-                options.downtime = Duration::from_millis(ms);
+            // Present but not a whole number in range: refused, not
+            // silently replaced by the default.
+            let number = |field: &str, max: u64| match request.get(field) {
+                None | Some(Value::Null) => Ok(None),
+                Some(v) => v.as_u64().filter(|&n| n <= max).map(Some).ok_or_else(|| {
+                    error(format!("migrate: \"{field}\" must be a whole number from 0 to {max}, not {v}"))
+                }),
+            };
+            match number("downtime_ms", 3_600_000) {
+                Ok(Some(ms)) => options.downtime = Duration::from_millis(ms),
+                Ok(None) => {}
+                Err(answer) => return answer,
             }
-            if let Some(n) = request.get("max_rounds").and_then(Value::as_u64) {
-                options.max_rounds = n.min(1000) as u32;
+            match number("max_rounds", 1000) {
+                Ok(Some(n)) => options.max_rounds = n as u32,
+                Ok(None) => {}
+                Err(answer) => return answer,
             }
             match to.parse().and_then(|to| send::start(running.clone(), to, options)) {
                 Ok(()) => json!({ "ok": true }),
@@ -304,6 +316,22 @@ mod tests {
             std::thread::sleep(Duration::from_millis(10));
         }
         let _ = std::fs::remove_file(&path);
+    }
+
+    /// Migration options of the wrong type or out of range are refused by
+    /// name, not replaced by their defaults.
+    #[test]
+    fn migrate_options_that_are_no_whole_number_in_range_are_refused() {
+        let running = running();
+        for (request, needle) in [
+            (r#"{"command":"migrate","to":"unix:/x","downtime_ms":"5"}"#, "\"downtime_ms\" must be a whole number"),
+            (r#"{"command":"migrate","to":"unix:/x","downtime_ms":-1}"#, "not -1"),
+            (r#"{"command":"migrate","to":"unix:/x","max_rounds":5000}"#, "from 0 to 1000, not 5000"),
+        ] {
+            let answer = dispatch(request, &running);
+            assert_eq!(answer["ok"], false, "{request}: {answer}");
+            assert!(answer["error"].as_str().unwrap().contains(needle), "{request}: {answer}");
+        }
     }
 
     /// While one command holds the guest (here: a snapshot being written),
