@@ -73,7 +73,10 @@ pub enum LinuxError {
     Memory(String),
     /// RAM would overlap the PCI hole below 4 GiB, where BARs, the IOAPIC
     /// and the local APICs live.
-    #[error("{memory} bytes of RAM reach into the PCI hole at {hole:#x}; give the VM at most {hole} bytes")]
+    #[error(
+        "a Linux machine takes at most {hole} bytes of RAM here (below the PCI hole at {hole:#x}); \
+         {memory} were asked for"
+    )]
     MemoryOverlapsPciHole {
         /// The RAM size asked for.
         memory: u64,
@@ -117,12 +120,19 @@ pub fn load(vm: &Vm, boot: &LinuxBoot, vcpus: u32) -> Result<Entry, LinuxError> 
     let gm: GuestMemoryMmap =
         GuestMemoryMmap::from_ranges_with_files(ranges).map_err(|e| LinuxError::Memory(e.to_string()))?;
 
+    let low_ram = map.regions().first().map(|r| r.end()).unwrap_or(0);
+    if low_ram <= HIMEM {
+        return Err(LinuxError::Memory(format!(
+            "the RAM ends at {low_ram:#x}, below 1 MiB where the kernel is loaded; give the VM more (--memory)"
+        )));
+    }
     let loaded = crate::kernel_image::load(&gm, &boot.kernel)?;
     log::info!("{}: {:?} kernel, entry {:#x}", boot.kernel.display(), loaded.format, loaded.entry);
     let hdr = loaded.header;
     let ram_end = map.regions().iter().map(|r| r.end()).max().unwrap_or(0);
     if ram_end > acpi::PCI_MMIO_START {
-        return Err(LinuxError::MemoryOverlapsPciHole { memory: ram_end, hole: acpi::PCI_MMIO_START });
+        let memory = map.regions().iter().map(|r| r.len).sum();
+        return Err(LinuxError::MemoryOverlapsPciHole { memory, hole: acpi::PCI_MMIO_START });
     }
     let rsdp = acpi::install(vm, vcpus, None)?;
     let mut params = boot_params { hdr, acpi_rsdp_addr: rsdp.0, ..Default::default() };

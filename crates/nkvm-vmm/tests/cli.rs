@@ -87,7 +87,7 @@ fn an_api_socket_path_that_is_a_file_is_refused_and_the_file_kept() {
 }
 
 #[test]
-fn a_command_line_longer_than_the_kernel_takes_and_an_initrd_that_is_no_file_are_refused() {
+fn a_kernel_machine_refuses_what_the_kernel_cannot_take_by_name() {
     let write = |name: &str, cmdline_size: u32| {
         let mut image = tiny_bzimage(&[0xf4]);
         image[0x238..0x23c].copy_from_slice(&cmdline_size.to_le_bytes());
@@ -100,6 +100,8 @@ fn a_command_line_longer_than_the_kernel_takes_and_an_initrd_that_is_no_file_are
     for (args, needle) in [
         (vec!["run", "--kernel", short.to_str().unwrap()], "more than the 64 this kernel takes"),
         (vec!["run", "--kernel", roomy.to_str().unwrap(), "--initrd", "/dev/zero"], "/dev/zero"),
+        (vec!["run", "--kernel", roomy.to_str().unwrap(), "--memory", "1M"], "below 1 MiB where the kernel is loaded"),
+        (vec!["run", "--kernel", roomy.to_str().unwrap(), "--memory", "4G"], "at most 3221225472 bytes of RAM here"),
     ] {
         let out = nkvm(&args);
         let stderr = text(&out.stderr);
