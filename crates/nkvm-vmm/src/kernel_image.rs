@@ -20,6 +20,8 @@ use crate::linux::{LinuxError, HIMEM};
 
 /// Offset of the 64-bit entry point in a bzImage's protected-mode kernel.
 const BZIMAGE_ENTRY_64: u64 = 0x200;
+/// `xloadflags` bit 0: the kernel has a 64-bit entry point at +0x200.
+const XLF_KERNEL_64: u16 = 1;
 /// The boot sector signature and "HdrS": what a boot loader fills in for
 /// a vmlinux, which has no setup header of its own.
 const BOOT_FLAG: u16 = 0xaa55;
@@ -73,6 +75,13 @@ pub fn load(gm: &GuestMemoryMmap, path: &Path) -> Result<LoadedKernel, LinuxErro
     }
     let loaded = BzImage::load(gm, None, &mut file, Some(GuestAddress(HIMEM))).map_err(|e| bad(e.to_string()))?;
     let header = loaded.setup_header.ok_or_else(|| bad("no setup header".into()))?;
+    // nkvm enters the kernel in long mode at its 64-bit entry (+0x200),
+    // which only a kernel that says so has (an older one would triple-fault).
+    if header.xloadflags & XLF_KERNEL_64 == 0 {
+        return Err(bad(
+            "it has no 64-bit entry point (boot protocol xloadflags bit 0); nkvm boots 64-bit kernels".into()
+        ));
+    }
     Ok(LoadedKernel {
         format: KernelFormat::BzImage,
         entry: loaded.kernel_load.0 + BZIMAGE_ENTRY_64,

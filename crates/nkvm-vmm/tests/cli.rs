@@ -97,10 +97,15 @@ fn a_kernel_machine_refuses_what_the_kernel_cannot_take_by_name() {
     };
     // nkvm's own additions for this host come to a few hundred bytes.
     let (short, roomy) = (write("cmdline-64", 64), write("cmdline-2047", 2047));
+    let mut old = std::fs::read(&roomy).unwrap();
+    old[0x236] = 0; // xloadflags without XLF_KERNEL_64
+    let old_kernel = std::env::temp_dir().join(format!("nkvm-cli-32bit-{}", std::process::id()));
+    std::fs::write(&old_kernel, old).unwrap();
     for (args, needle) in [
         (vec!["run", "--kernel", short.to_str().unwrap()], "more than the 64 this kernel takes"),
         (vec!["run", "--kernel", roomy.to_str().unwrap(), "--initrd", "/dev/zero"], "/dev/zero"),
         (vec!["run", "--kernel", roomy.to_str().unwrap(), "--memory", "1M"], "below 1 MiB where the kernel is loaded"),
+        (vec!["run", "--kernel", old_kernel.to_str().unwrap()], "it has no 64-bit entry point"),
         (vec!["run", "--kernel", roomy.to_str().unwrap(), "--memory", "4G"], "at most 3221225472 bytes of RAM here"),
     ] {
         let out = nkvm(&args);
@@ -110,7 +115,7 @@ fn a_kernel_machine_refuses_what_the_kernel_cannot_take_by_name() {
     }
     let out = nkvm(&["run", "--kernel", roomy.to_str().unwrap(), "--initrd", "/dev/zero"]);
     assert!(text(&out.stderr).contains("not a regular file"), "{}", text(&out.stderr));
-    let _ = (std::fs::remove_file(short), std::fs::remove_file(roomy));
+    let _ = (std::fs::remove_file(short), std::fs::remove_file(roomy), std::fs::remove_file(old_kernel));
 }
 
 #[test]

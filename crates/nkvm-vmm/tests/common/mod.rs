@@ -50,6 +50,7 @@ pub fn tiny_bzimage(code: &[u8]) -> Vec<u8> {
     image[0x206..0x208].copy_from_slice(&0x020fu16.to_le_bytes()); // version
     image[0x211] = 1; // loadflags: LOADED_HIGH
     image[0x214..0x218].copy_from_slice(&0x10_0000u32.to_le_bytes()); // code32_start
+    image[0x236] = 1; // xloadflags: XLF_KERNEL_64, a 64-bit entry at +0x200
     image.extend_from_slice(code);
     image
 }
