@@ -138,6 +138,9 @@ impl Pit {
         nanos_to_ticks((self.clock)()).wrapping_add(self.base)
     }
 
+    /// The shortest wait [`poll`](Self::poll) asks for.
+    pub const MIN_POLL: Duration = Duration::from_micros(200);
+
     /// Signals counter 0's output edges that have passed (at most one pulse
     /// on IRQ 0) and returns how long until the next one, or `None` when
     /// counter 0 will raise no more (not loaded, or a one-shot mode that
@@ -151,7 +154,11 @@ impl Pit {
             self.irq.pulse();
         }
         let next = counter.next_edge(now)?;
-        Some(ticks_to_duration(next.saturating_sub(now)))
+        // No sooner than MIN_POLL: a guest loading a count of 1 would wake
+        // the caller a million times a second (edges in between are
+        // merged into one pulse, as KVM's in-kernel PIT does below its
+        // 200 µs minimum period).
+        Some(ticks_to_duration(next.saturating_sub(now)).max(Self::MIN_POLL))
     }
 
     /// Loads counter `index` as the guest would: `mode` (0-5) with the
@@ -218,8 +225,9 @@ impl Pit {
         for &byte in data {
             match (window, offset) {
                 (PitWindow::Counters, 0..=2) => {
-                    self.counters[offset as usize].write(byte, now);
-                    if offset == 0 {
+                    // Only a count actually loaded starts counting edges
+                    // anew (the old count runs on until the high byte).
+                    if self.counters[offset as usize].write(byte, now) && offset == 0 {
                         self.edges_signalled = 0;
                     }
                 }

@@ -133,20 +133,22 @@ impl Counter {
         self.null_count = true;
     }
 
-    /// A byte written to the counter's port.
-    pub(super) fn write(&mut self, byte: u8, now: u64) {
+    /// A byte written to the counter's port; whether it loaded a count (the
+    /// low byte of a low/high pair does not).
+    pub(super) fn write(&mut self, byte: u8, now: u64) -> bool {
         let count = match self.access {
             ACCESS_LOW => u16::from(byte),
             ACCESS_HIGH => u16::from(byte) << 8,
             _ => match self.pending_low.take() {
                 None => {
                     self.pending_low = Some(byte);
-                    return;
+                    return false;
                 }
                 Some(low) => u16::from(low) | (u16::from(byte) << 8),
             },
         };
         self.load(count, now);
+        true
     }
 
     fn load(&mut self, count: u16, now: u64) {

@@ -209,3 +209,37 @@ fn writes_notify_the_poller_and_bad_offsets_are_harmless() {
     speaker.read(4, &mut b);
     assert_eq!(b, [0xff, 0xff]);
 }
+
+#[test]
+fn a_new_count_written_byte_by_byte_raises_no_extra_interrupt_before_it_is_whole() {
+    let (mut pit, now, pulses) = pit();
+    // Mode 0, lo/hi access, count 100: one pulse at terminal count.
+    pit.write(3, &[0x30]);
+    pit.write(0, &[100]);
+    pit.write(0, &[0]);
+    now.store(ticks(200), Ordering::SeqCst);
+    pit.poll();
+    pit.poll();
+    assert_eq!(pulses.load(Ordering::SeqCst), 1);
+    // A new count, its low byte first (no control word): the old count
+    // runs on until the high byte, and its edge is not signalled again.
+    pit.write(0, &[50]);
+    pit.poll();
+    assert_eq!(pulses.load(Ordering::SeqCst), 1, "the low byte alone raised IRQ 0 again");
+    pit.write(0, &[0]);
+    now.store(ticks(260), Ordering::SeqCst);
+    pit.poll();
+    assert_eq!(pulses.load(Ordering::SeqCst), 2, "the whole new count fires once");
+}
+
+#[test]
+fn a_count_of_1_does_not_make_the_caller_poll_faster_than_the_minimum_period() {
+    let (mut pit, now, pulses) = pit();
+    pit.program(0, 2, 1);
+    let wait = pit.poll().expect("periodic");
+    assert_eq!(wait, Pit::MIN_POLL);
+    // Edges in between are merged into one pulse per poll.
+    now.store(Pit::MIN_POLL.as_nanos() as u64, Ordering::SeqCst);
+    pit.poll();
+    assert_eq!(pulses.load(Ordering::SeqCst), 1);
+}
