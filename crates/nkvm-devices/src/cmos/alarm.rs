@@ -23,8 +23,10 @@ fn dont_care(byte: u8) -> bool {
 }
 
 impl Alarm {
-    /// Whether the alarm matches the guest time `t` (seconds since the epoch).
-    pub(super) fn matches(&self, t: i64) -> bool {
+    /// Whether the alarm matches the guest time `t` (seconds since the
+    /// epoch): the rule [`next_after`](Self::next_after) is tested against.
+    #[cfg(test)]
+    fn matches(&self, t: i64) -> bool {
         let of_day = t.rem_euclid(DAY);
         let (hour, minute, second) = ((of_day / 3600) as u8, (of_day / 60 % 60) as u8, (of_day % 60) as u8);
         (dont_care(self.second) || self.format.decode(self.second) == second)
@@ -33,9 +35,35 @@ impl Alarm {
     }
 
     /// The first second after `after` (exclusive) the alarm matches; `None`
-    /// if it never does (a byte out of range).
+    /// if it never does (a byte out of range). Found field by field (the
+    /// next hour, minute or second that can match), a few dozen steps at
+    /// most: a guest reads register C in a loop, and a scan through a day
+    /// of seconds cost up to 86400 checks per read.
     pub(super) fn next_after(&self, after: i64) -> Option<i64> {
-        (after.saturating_add(1)..=after.saturating_add(DAY)).find(|&t| self.matches(t))
+        let field = |byte: u8, value: u8, limit: u8| match dont_care(byte) {
+            true => Some(None),
+            false => (value < limit).then_some(Some(i64::from(value))),
+        };
+        let second = field(self.second, self.format.decode(self.second), 60)?;
+        let minute = field(self.minute, self.format.decode(self.minute), 60)?;
+        let hour = field(self.hour, self.format.decode_hour(self.hour), 24)?;
+        let mut t = after.checked_add(1)?;
+        // Each turn fixes one field or moves to the next hour: 24 hours,
+        // 60 minutes and a second or two bound it.
+        for _ in 0..256 {
+            let of_day = t.rem_euclid(DAY);
+            let (h, m, s) = (of_day / 3600, of_day / 60 % 60, of_day % 60);
+            if hour.is_some_and(|want| want != h) {
+                t = t.checked_add(3600 - of_day % 3600)?;
+            } else if minute.is_some_and(|want| want != m) {
+                t = t.checked_add(60 - s)?;
+            } else if let Some(want) = second.filter(|&want| want != s) {
+                t = t.checked_add((want - s).rem_euclid(60))?;
+            } else {
+                return Some(t);
+            }
+        }
+        None
     }
 
     /// Whether the alarm went off in `(from, to]`.
@@ -51,6 +79,30 @@ mod tests {
 
     fn alarm(second: u8, minute: u8, hour: u8) -> Alarm {
         Alarm { second, minute, hour, format: Format(REG_B_24H) }
+    }
+
+    /// The field-by-field search finds what a scan through the next day
+    /// of seconds finds, for alarms with every mix of set and don't-care
+    /// fields (out-of-range ones too) and times across day boundaries.
+    #[test]
+    fn the_next_match_is_the_one_a_second_by_second_scan_finds() {
+        let scan = |a: &Alarm, after: i64| (after + 1..=after + DAY).find(|&t| a.matches(t));
+        let bytes = [0x00, 0x30, 0x59, 0x60, 0xc0];
+        let mut x = 0x2545_f491_4f6c_dd1du64;
+        for &second in &bytes {
+            for &minute in &bytes {
+                for &hour in &[0x00, 0x12, 0x23, 0x24, 0xc0] {
+                    let a = alarm(second, minute, hour);
+                    for _ in 0..4 {
+                        x ^= x << 13;
+                        x ^= x >> 7;
+                        x ^= x << 17;
+                        let after = (x % (3 * DAY as u64)) as i64 - DAY;
+                        assert_eq!(a.next_after(after), scan(&a, after), "{a:?} after {after}");
+                    }
+                }
+            }
+        }
     }
 
     #[test]
