@@ -238,17 +238,24 @@ fn an_ioapic_in_another_process_delivers_repeated_edges_through_its_fast_path() 
     assert!(matches!(m.next(), Exit::IoOut { port: 0x71, .. }), "the version report first");
     let report = Exit::IoOut { port: REPORT as u16, size: 4, data: 0x50 };
     let mut pins = m.sync_pins();
-    for edge in 0..EDGES {
-        pins.write(5, AccessSize::Byte, 1).unwrap();
-        pins.write(5, AccessSize::Byte, 0).unwrap();
-        assert_eq!(m.next(), report, "edge {edge}");
-    }
-    assert!(m.exits.recv_timeout(Duration::from_millis(300)).is_err(), "one interrupt per edge, no more");
+    let mut edges = |count: usize| {
+        for edge in 0..count {
+            pins.write(5, AccessSize::Byte, 1).unwrap();
+            pins.write(5, AccessSize::Byte, 0).unwrap();
+            assert_eq!(m.next(), report, "edge {edge}");
+        }
+        assert!(m.exits.recv_timeout(Duration::from_millis(300)).is_err(), "one interrupt per edge, no more");
+    };
+    edges(EDGES);
     let stats = m.vm.apic_bus_stats().unwrap();
     assert_eq!(stats.fast_paths, 1, "{stats:?}");
     // The offer reaches the process while the first interrupts run: the
-    // next edge or two may still come over the socket, the rest do not.
-    assert!(stats.messages <= 3, "{EDGES} edges, {} over the socket", stats.messages);
+    // next edges may still come over the socket (more of them on a loaded
+    // host), and once it has the eventfd none do.
+    assert!(stats.messages < EDGES as u64, "{EDGES} edges, {} over the socket", stats.messages);
+    edges(EDGES);
+    let after = m.vm.apic_bus_stats().unwrap();
+    assert_eq!(after.messages, stats.messages, "edges after the offer came over the socket: {after:?}");
     m.kill_ioapic();
 }
 
