@@ -39,6 +39,15 @@ pub const PAGE_SIZE: u64 = 4096;
 /// Errors building or accessing guest memory.
 #[derive(Debug, thiserror::Error)]
 pub enum MemoryError {
+    /// A region reaches past the 52-bit guest-physical address space x86
+    /// has (KVM refuses such a slot).
+    #[error("region {region} ends at {end:#x}, past the 52-bit guest-physical address space")]
+    BeyondAddressWidth {
+        /// The region.
+        region: RegionName,
+        /// Where it ends.
+        end: u64,
+    },
     /// Creating or mapping a memfd failed.
     #[error("cannot create {size:#x}-byte guest memory object {name:?}")]
     Create {
@@ -243,9 +252,13 @@ impl Region {
         if self.gpa.0 % PAGE_SIZE != 0 || self.len % PAGE_SIZE != 0 || self.offset % PAGE_SIZE != 0 {
             return Err(MemoryError::Unaligned(self.name()));
         }
-        if self.gpa.0.checked_add(self.len).is_none()
-            || self.offset.checked_add(self.len).is_none_or(|end| end > self.backing.len())
-        {
+        if self.gpa.0.checked_add(self.len).is_none_or(|end| end > MAX_GPA) {
+            return Err(MemoryError::BeyondAddressWidth {
+                region: self.name(),
+                end: self.gpa.0.saturating_add(self.len),
+            });
+        }
+        if self.offset.checked_add(self.len).is_none_or(|end| end > self.backing.len()) {
             return Err(MemoryError::OutsideBacking {
                 region: self.name(),
                 offset: self.offset,
@@ -256,6 +269,10 @@ impl Region {
         Ok(())
     }
 }
+
+/// The end of x86's guest-physical address space (52 bits): no region
+/// reaches past it.
+pub const MAX_GPA: u64 = 1 << 52;
 
 /// A whole guest physical memory map: validated, sorted, non-overlapping regions.
 ///

@@ -209,7 +209,7 @@ impl Vm {
     }
 
     /// Moves every [`DirtySource`]'s pages into the bitmaps.
-    fn drain_dirty_sources(&self) {
+    pub(super) fn drain_dirty_sources(&self) {
         let sources = self.shared.sources.lock().unwrap_or_else(|p| p.into_inner());
         for source in sources.iter() {
             source.drain(&mut |gpa, len| self.mark_dirty(gpa, len));

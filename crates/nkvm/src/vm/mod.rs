@@ -393,6 +393,10 @@ impl Vm {
         if map.regions().len() > self.max_slots as usize {
             return Err(MemoryError::TooManyRegions { count: map.regions().len(), max: self.max_slots }.into());
         }
+        // What devices and backends recorded by guest-physical address is
+        // folded in through the map it was written under, before a region
+        // moves or goes.
+        self.drain_dirty_sources();
         let mut state = self.shared.state.lock().unwrap_or_else(|p| p.into_inner());
         let (mut remove, mut add) = std::mem::take(&mut state.changes);
         let mut toggles = std::mem::take(&mut state.toggles);
@@ -429,7 +433,14 @@ impl Vm {
                     result = Err(e);
                 }
             }
-            self.install_slot(slot, &region, true)?;
+            if let Err(e) = self.install_slot(slot, &region, true) {
+                // Still KVM's: listed again, so memory() says what is there.
+                let at = state.installed.partition_point(|(r, _)| r.gpa < region.gpa);
+                let key = region.key();
+                state.installed.insert(at, (region, slot));
+                state.installed_keys.insert(at, key);
+                return Err(self.changed_partly(&mut state, (remove, add), toggles, e));
+            }
             state.free_slots.push(slot);
         }
         for &j in &add {
@@ -441,7 +452,10 @@ impl Vm {
                     state.next_slot - 1
                 }
             };
-            self.install_slot(slot, region, false)?;
+            if let Err(e) = self.install_slot(slot, region, false) {
+                state.free_slots.push(slot);
+                return Err(self.changed_partly(&mut state, (remove, add), toggles, e));
+            }
             if region.dirty_log {
                 self.log_starts(&mut state.bitmaps, region);
             }
@@ -454,6 +468,27 @@ impl Vm {
         *self.map.write().unwrap_or_else(|p| p.into_inner()) = Arc::new(map);
         drop(paused);
         result
+    }
+
+    /// A map change KVM refused midway (after the checks, so rarely): the
+    /// slots changed so far stay, `memory()` is made to say what is
+    /// installed, and the error says so. No dirty bit is lost: a removed
+    /// region's bits were harvested into its backing's bitmap first.
+    fn changed_partly(
+        &self,
+        state: &mut MapState,
+        changes: (Vec<usize>, Vec<usize>),
+        toggles: Vec<(usize, usize)>,
+        error: VmError,
+    ) -> VmError {
+        (state.changes, state.toggles) = (changes, toggles);
+        let regions: Vec<Region> = state.installed.iter().map(|(r, _)| r.clone()).collect();
+        match MemoryMap::new(regions) {
+            Ok(installed) => *self.map.write().unwrap_or_else(|p| p.into_inner()) = Arc::new(installed),
+            Err(e) => log::error!("the installed regions do not form a map ({e}); memory() is out of date"),
+        }
+        log::error!("memory map change refused midway by KVM ({error}); memory() shows the regions installed");
+        error
     }
 
     fn install_slot(&self, slot: u32, region: &Region, delete: bool) -> Result<(), VmError> {

@@ -1,0 +1,102 @@
+//! Memory-map changes that cannot happen as asked, and the writes recorded
+//! around them: a region past the address width is refused before anything
+//! changes; a change KVM refuses midway leaves `memory()` saying what is
+//! installed, loses no dirty bit and no slot number; a device's write
+//! recorded before a region moves is reported at the region's new place.
+
+mod common;
+
+use common::*;
+use iced_x86::code_asm::*;
+use nkvm::{Backing, Exit, GuestAddress, MemoryMap, Region, PAGE_SIZE};
+
+const RAM: u64 = 16 << 20;
+
+fn ram_region(vm: &nkvm::Vm) -> Region {
+    Region::new(GuestAddress(0), vm.ram(), 0, RAM)
+}
+
+fn small_vm() -> nkvm::Vm {
+    vm_with(nkvm::VmConfig { vcpus: 1, memory: RAM, ..Default::default() })
+}
+
+/// Writes a device recorded by guest-physical address.
+#[derive(Debug, Default)]
+struct Writes(std::sync::Mutex<Vec<(GuestAddress, u64)>>);
+
+impl nkvm::DirtySource for Writes {
+    fn drain(&self, mark: &mut dyn FnMut(GuestAddress, u64)) {
+        for (gpa, len) in self.0.lock().unwrap().drain(..) {
+            mark(gpa, len);
+        }
+    }
+}
+
+/// A guest reading the byte at 0x1000 and reporting it: the map still
+/// serves RAM.
+fn guest_still_reads_ram(vm: &nkvm::Vm) {
+    vm.write_memory(GuestAddress(0x1000), &[0x5a]).unwrap();
+    let mut vcpu = long_mode_guest(vm, 0, |a| {
+        a.mov(al, byte_ptr(0x1000)).unwrap();
+        a.out(0x10, al).unwrap();
+        a.hlt().unwrap();
+    });
+    assert_eq!(run_to_hlt(&mut vcpu, |_| 0), vec![Exit::IoOut { port: 0x10, size: 1, data: 0x5a }]);
+}
+
+#[test]
+fn a_region_past_the_52_bit_address_space_is_refused_before_anything_changes() {
+    let vm = small_vm();
+    let mem = Backing::new("far", 0x10000).unwrap();
+    let err = MemoryMap::new(vec![ram_region(&vm), Region::new(GuestAddress(1 << 56), &mem, 0, 0x10000)]).unwrap_err();
+    assert!(err.to_string().contains("past the 52-bit guest-physical address space"), "{err}");
+    assert_eq!(vm.memory().regions().len(), 1);
+    guest_still_reads_ram(&vm);
+}
+
+/// A region of more pages than a KVM slot holds (2^31 - 1, past the
+/// checks nkvm makes itself): KVM refuses it after the old region was
+/// removed. Again and again: the slot numbers come back each time.
+#[test]
+fn a_change_kvm_refuses_midway_keeps_memory_truthful_and_loses_no_dirty_bit_or_slot() {
+    let vm = small_vm();
+    let data = Backing::new("data", 0x100000).unwrap();
+    let at = |gpa: u64| Region::new(GuestAddress(gpa), &data, 0, 0x100000).dirty_logged();
+    vm.set_memory_map(MemoryMap::new(vec![ram_region(&vm), at(0x100_0000)]).unwrap()).unwrap();
+    vm.mark_dirty(GuestAddress(0x100_5000), 8);
+    // A sparse object of 8 TiB + a page: never touched.
+    let huge = Backing::new("huge", (1 << 43) + PAGE_SIZE).unwrap();
+    let too_big = Region::new(GuestAddress(1 << 44), &huge, 0, huge.len());
+    // More rounds than KVM has slot numbers (32768 here): a number taken
+    // by a refused slot and never given back would run them out.
+    let rounds = hypervisor().capabilities().max_memory_slots + 100;
+    for _ in 0..rounds {
+        let map = MemoryMap::new(vec![ram_region(&vm), too_big.clone()]).unwrap();
+        assert!(vm.set_memory_map(map).is_err(), "KVM takes a slot of 2^31 pages?");
+        let installed: Vec<u64> = vm.memory().regions().iter().map(|r| r.gpa.0).collect();
+        assert_eq!(installed, [0], "memory() shows what KVM holds: the data region went, the huge one never came");
+        // Put the data region back for the next round, where it was.
+        vm.set_memory_map(MemoryMap::new(vec![ram_region(&vm), at(0x100_0000)]).unwrap()).unwrap();
+    }
+    guest_still_reads_ram(&vm);
+    // The page marked before the first refusal is still reported.
+    vm.sync_dirty_log().unwrap();
+    let dirty = vm.collect_dirty(GuestAddress(0x100_0000), 0x100000, 100).unwrap().pages;
+    assert!(dirty.contains(&GuestAddress(0x100_5000)), "{dirty:?}");
+}
+
+#[test]
+fn a_device_write_recorded_before_its_region_moves_is_reported_at_the_new_place() {
+    let vm = small_vm();
+    let data = Backing::new("data", 0x100000).unwrap();
+    let at = |gpa: u64| Region::new(GuestAddress(gpa), &data, 0, 0x100000).dirty_logged();
+    vm.set_memory_map(MemoryMap::new(vec![ram_region(&vm), at(0x100_0000)]).unwrap()).unwrap();
+    let writes = std::sync::Arc::new(Writes::default());
+    vm.add_dirty_source(writes.clone());
+    // A device writes the region's page 3, by the address it has now.
+    writes.0.lock().unwrap().push((GuestAddress(0x100_3000), 8));
+    vm.set_memory_map(MemoryMap::new(vec![ram_region(&vm), at(0x200_0000)]).unwrap()).unwrap();
+    vm.sync_dirty_log().unwrap();
+    let dirty = vm.collect_dirty(GuestAddress(0), 0x300_0000, 100).unwrap().pages;
+    assert_eq!(dirty, [GuestAddress(0x200_3000)]);
+}
