@@ -410,8 +410,10 @@ impl Vm {
             return Err(e.into());
         }
         // A deleted slot is harvested first and no vCPU may write in
-        // between. A toggle needs no pause (see `toggle_logging`).
-        let paused = if remove.is_empty() { None } else { Some(self.gate.pause()) };
+        // between; regions added together appear together (a vCPU never
+        // sees one of them and not another). A single add, or a toggle
+        // (see `toggle_logging`), needs no pause.
+        let paused = if remove.is_empty() && add.len() <= 1 { None } else { Some(self.gate.pause()) };
         let mut result = Ok(());
         if paused.is_some() && self.shared.ring_bytes > 0 {
             // Ring entries name slots by number: drain them before any slot goes.
