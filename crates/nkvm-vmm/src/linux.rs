@@ -140,11 +140,15 @@ pub fn load(vm: &Vm, boot: &LinuxBoot, vcpus: u32) -> Result<Entry, LinuxError> 
     // The kernel's own limit (boot protocol 2.06 on; 255 bytes before):
     // it would cut a longer line without a word, and nkvm's host
     // work-arounds are at its end.
-    let kernel_max = match (hdr.version >= 0x0206, hdr.cmdline_size) {
-        (false, _) => 255,
+    // An ELF vmlinux has no setup header of its own (nkvm makes one): the
+    // x86 kernel's COMMAND_LINE_SIZE, 2048 with its NUL, is the limit.
+    let elf = loaded.format == crate::kernel_image::KernelFormat::Elf;
+    let kernel_max = match (elf, hdr.version >= 0x0206, hdr.cmdline_size) {
+        (true, ..) => 2047,
+        (false, false, _) => 255,
         // A header that leaves it 0 says nothing: nkvm's own limit.
-        (true, 0) => CMDLINE_MAX - 1,
-        (true, n) => n as usize,
+        (false, true, 0) => CMDLINE_MAX - 1,
+        (false, true, n) => n as usize,
     };
     if boot.cmdline.len() > kernel_max.min(CMDLINE_MAX - 1) {
         return Err(LinuxError::Cmdline(format!(
