@@ -18,17 +18,22 @@ const CR0_PE: u64 = 1 << 0;
 const CR0_MP: u64 = 1 << 1;
 const CR0_ET: u64 = 1 << 4;
 const CR0_NE: u64 = 1 << 5;
-const CR0_WP: u64 = 1 << 16;
-const CR0_PG: u64 = 1 << 31;
-const CR4_PAE: u64 = 1 << 5;
+pub(crate) const CR0_WP: u64 = 1 << 16;
+pub(crate) const CR0_PG: u64 = 1 << 31;
+pub(crate) const CR4_PAE: u64 = 1 << 5;
 const CR4_OSFXSR: u64 = 1 << 9;
 const CR4_OSXMMEXCPT: u64 = 1 << 10;
 const EFER_LME: u64 = 1 << 8;
-const EFER_LMA: u64 = 1 << 10;
+pub(crate) const EFER_LMA: u64 = 1 << 10;
 
-const PTE_PRESENT: u64 = 1;
-const PTE_WRITE: u64 = 1 << 1;
-const PTE_HUGE: u64 = 1 << 7;
+pub(crate) const PTE_PRESENT: u64 = 1;
+pub(crate) const PTE_WRITE: u64 = 1 << 1;
+pub(crate) const PTE_HUGE: u64 = 1 << 7;
+pub(crate) const PTE_USER: u64 = 1 << 2;
+pub(crate) const PTE_ACCESSED: u64 = 1 << 5;
+pub(crate) const PTE_DIRTY: u64 = 1 << 6;
+pub(crate) const CR4_PSE: u64 = 1 << 4;
+pub(crate) const CR4_LA57: u64 = 1 << 12;
 
 /// Where the long-mode tables live in guest memory: `base` .. `base + LongMode::SIZE`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

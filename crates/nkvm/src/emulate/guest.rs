@@ -6,6 +6,7 @@ use iced_x86::{Instruction, Register};
 
 use super::regs::gpr;
 use super::EmulateError;
+use crate::mode::EFER_LMA;
 use crate::{GuestAddress, Regs, Sregs, Vcpu, Vm, PAGE_SIZE};
 
 /// Why a guest access did not happen: the fault the CPU would raise.
@@ -34,9 +35,6 @@ pub(super) struct GuestMemory<'a> {
     /// The paging state permissions are checked with.
     pub(super) paging: super::paging::Paging,
 }
-
-/// EFER.LMA: the vCPU is in long mode.
-pub(super) const EFER_LMA: u64 = 1 << 10;
 
 const PF_WRITE: u32 = 1 << 1;
 const PF_USER: u32 = 1 << 2;

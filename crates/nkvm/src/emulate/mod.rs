@@ -187,8 +187,13 @@ pub fn complete(vcpu: &Vcpu, vm: &Vm, failure: &InternalError) -> Result<Emulate
     } else {
         sregs.ss.dpl
     };
-    let mem =
-        GuestMemory { vcpu, vm, cpl, long_mode: sregs.efer & guest::EFER_LMA != 0, paging: paging::Paging::of(&sregs) };
+    let mem = GuestMemory {
+        vcpu,
+        vm,
+        cpl,
+        long_mode: sregs.efer & crate::mode::EFER_LMA != 0,
+        paging: paging::Paging::of(&sregs),
+    };
     let decode = |bytes: &[u8]| {
         let mut decoder = Decoder::with_ip(bitness, bytes, pc, DecoderOptions::NONE);
         let insn = decoder.decode();

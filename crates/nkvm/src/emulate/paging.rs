@@ -6,21 +6,11 @@
 //! SMAP and protection keys are not checked.
 
 use super::EmulateError;
+use crate::mode::{
+    CR0_PG, CR0_WP, CR4_LA57, CR4_PAE, CR4_PSE, EFER_LMA, PTE_ACCESSED as ACCESSED, PTE_DIRTY as DIRTY,
+    PTE_HUGE as HUGE, PTE_PRESENT as PRESENT, PTE_USER as USER, PTE_WRITE as WRITABLE,
+};
 use crate::{GuestAddress, Sregs, Vm};
-
-const PRESENT: u64 = 1;
-const WRITABLE: u64 = 1 << 1;
-const USER: u64 = 1 << 2;
-const ACCESSED: u64 = 1 << 5;
-const DIRTY: u64 = 1 << 6;
-const HUGE: u64 = 1 << 7;
-
-const CR0_WP: u64 = 1 << 16;
-const CR0_PG: u64 = 1 << 31;
-const CR4_PSE: u64 = 1 << 4;
-const CR4_PAE: u64 = 1 << 5;
-const CR4_LA57: u64 = 1 << 12;
-const EFER_LMA: u64 = 1 << 10;
 
 /// Bits 51:12 of a 64-bit entry: the next table's address.
 const ADDRESS_64: u64 = 0x000f_ffff_ffff_f000;

@@ -131,3 +131,16 @@ pub fn run_completing(vm: &Vm, vcpu: &mut Vcpu) -> (Vec<(u16, u64)>, Vec<Emulate
         }
     }
 }
+
+/// A guest that reads the byte at 0x1000 (written here) and reports it: the
+/// installed map still serves RAM there.
+pub fn assert_guest_reads_ram(vm: &Vm) {
+    use iced_x86::code_asm::{al, byte_ptr};
+    vm.write_memory(GuestAddress(0x1000), &[0x5a]).unwrap();
+    let mut vcpu = long_mode_guest(vm, 0, |a| {
+        a.mov(al, byte_ptr(0x1000)).unwrap();
+        a.out(0x10, al).unwrap();
+        a.hlt().unwrap();
+    });
+    assert_eq!(run_to_hlt(&mut vcpu, |_| 0), vec![Exit::IoOut { port: 0x10, size: 1, data: 0x5a }]);
+}
