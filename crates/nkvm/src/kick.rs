@@ -3,7 +3,7 @@
 use std::sync::atomic::{AtomicBool, AtomicI32, AtomicU64, Ordering};
 use std::sync::Arc;
 
-use crate::sys::kick::{current_thread, current_tid, signal_thread, ThreadId};
+use crate::sys::kick::{current_ids, signal_thread, ThreadId};
 use crate::sys::run::RunArea;
 
 /// A handle that forces a vCPU out of the guest: its running (or next)
@@ -97,7 +97,7 @@ impl KickShared {
 
     /// Marks the calling thread as inside `KVM_RUN`.
     pub(crate) fn enter(&self) {
-        let (me, tid) = (current_thread().0, current_tid());
+        let (ThreadId(me), tid) = current_ids();
         // Two plain loads per entry; stores only when the vCPU moved to
         // another thread (both ids: glibc reuses a dead thread's handle).
         if self.thread.load(Ordering::Relaxed) != me || self.tid.load(Ordering::Relaxed) != tid {
@@ -110,7 +110,10 @@ impl KickShared {
     /// Marks the calling thread as out of `KVM_RUN`. A kick in flight is
     /// waited for, so no signal is ever sent to a thread that may have exited.
     pub(crate) fn leave(&self) {
-        let before = self.state.fetch_and(!IN_GUEST, Ordering::SeqCst);
+        // Only this thread sets and clears IN_GUEST, and it is set: taking
+        // 1 clears it and borrows nothing (one `lock xadd`, where a
+        // `fetch_and` whose result is used is a compare-exchange loop).
+        let before = self.state.fetch_sub(IN_GUEST, Ordering::SeqCst);
         if before >= SIGNALLER {
             self.wait_for_signallers();
         }

@@ -1,6 +1,7 @@
 //! The signal that interrupts `KVM_RUN` on another thread, and an entry
 //! made with that signal already pending.
 
+use std::cell::Cell;
 use std::os::fd::AsRawFd;
 use std::sync::Once;
 
@@ -35,25 +36,37 @@ pub(crate) fn install_handler() -> std::io::Result<()> {
 pub(crate) struct ThreadId(pub(crate) u64);
 
 thread_local! {
-    /// The thread's pthread handle and kernel thread id, asked once.
-    static IDS: (u64, i32) = {
-        // SAFETY: pthread_self and gettid have no preconditions.
-        unsafe { (libc::pthread_self() as u64, libc::gettid()) }
-    };
+    /// The thread's pthread handle and kernel thread id, asked on first
+    /// use (0: not yet). Const-initialised, so that reading it is a load
+    /// from the thread's block, not a call into a lazy initialiser.
+    static IDS: Cell<(u64, i32)> = const { Cell::new((0, 0)) };
 }
 
-/// The calling thread's pthread handle, kept per thread: `pthread_self`
-/// is an indirect call through the GOT, which on this host mispredicts after
-/// each `KVM_RUN` (the exit path asks on every entry).
+/// The calling thread's pthread handle and kernel thread id, kept per
+/// thread: `pthread_self` is an indirect call through the GOT, and the exit
+/// path asks on every entry (each call or jump it makes after `KVM_RUN`
+/// returns costs; see `docs/benchmarks.md`).
+#[inline]
+pub(crate) fn current_ids() -> (ThreadId, i32) {
+    let ids = IDS.get();
+    if ids.1 != 0 {
+        return (ThreadId(ids.0), ids.1);
+    }
+    first_ids()
+}
+
+#[cold]
+fn first_ids() -> (ThreadId, i32) {
+    // SAFETY: pthread_self and gettid have no preconditions.
+    let ids = unsafe { (libc::pthread_self() as u64, libc::gettid()) };
+    IDS.set(ids);
+    (ThreadId(ids.0), ids.1)
+}
+
+/// The calling thread's pthread handle.
 #[inline]
 pub(crate) fn current_thread() -> ThreadId {
-    ThreadId(IDS.with(|ids| ids.0))
-}
-
-/// The calling thread's kernel thread id (kept per thread, as above).
-#[inline]
-pub(crate) fn current_tid() -> i32 {
-    IDS.with(|ids| ids.1)
+    current_ids().0
 }
 
 /// Sends the kick signal to `thread`.
