@@ -89,3 +89,24 @@ pub fn load(gm: &GuestMemoryMmap, path: &Path) -> Result<LoadedKernel, LinuxErro
         header,
     })
 }
+
+impl LoadedKernel {
+    /// The first byte after the memory the kernel needs before it reads
+    /// the e820 map: its image, and for a bzImage the buffer it unpacks
+    /// itself into, `init_size` bytes from where it will run (boot
+    /// protocol 2.10: `pref_address`, or for a relocatable kernel its
+    /// load address aligned up, whichever is higher). An initramfs or
+    /// anything else placed below this is overwritten.
+    pub fn needs_end(&self) -> u64 {
+        let h = &self.header;
+        if self.format != KernelFormat::BzImage || h.init_size == 0 {
+            return self.end;
+        }
+        let mut start = h.pref_address;
+        if h.relocatable_kernel != 0 {
+            let align = u64::from(h.kernel_alignment.max(1));
+            start = start.max(HIMEM.div_ceil(align) * align);
+        }
+        self.end.max(start.saturating_add(u64::from(h.init_size)))
+    }
+}

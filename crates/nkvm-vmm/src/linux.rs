@@ -86,10 +86,22 @@ pub enum LinuxError {
     /// The ACPI tables could not be built or written.
     #[error(transparent)]
     Acpi(#[from] acpi::AcpiError),
+    /// The kernel needs more RAM below 4 GiB than the VM has, to unpack
+    /// itself.
+    #[error(
+        "this kernel needs RAM up to {needs:#x} to unpack itself (its setup header's init_size), and the RAM \
+         below 4 GiB ends at {low_ram:#x}; give the VM more (--memory)"
+    )]
+    KernelTooBig {
+        /// The first byte after what it needs.
+        needs: u64,
+        /// The end of low RAM.
+        low_ram: u64,
+    },
     /// The initramfs does not fit.
     #[error(
-        "the initramfs ({size} bytes) does not fit between the kernel and {limit:#x} (the end of low RAM or \
-         896 MiB, whichever is lower)"
+        "the initramfs ({size} bytes) does not fit between the kernel (with the room it unpacks itself \
+         into) and {limit:#x} (the end of low RAM or 896 MiB, whichever is lower)"
     )]
     InitrdTooBig {
         /// Its size.
@@ -129,6 +141,10 @@ pub fn load(vm: &Vm, boot: &LinuxBoot, vcpus: u32) -> Result<Entry, LinuxError> 
     let loaded = crate::kernel_image::load(&gm, &boot.kernel)?;
     log::info!("{}: {:?} kernel, entry {:#x}", boot.kernel.display(), loaded.format, loaded.entry);
     let hdr = loaded.header;
+    let kernel_end = loaded.needs_end();
+    if kernel_end > low_ram {
+        return Err(LinuxError::KernelTooBig { needs: kernel_end, low_ram });
+    }
     let ram_end = map.regions().iter().map(|r| r.end()).max().unwrap_or(0);
     if ram_end > acpi::PCI_MMIO_START {
         let memory = map.regions().iter().map(|r| r.len).sum();
@@ -169,7 +185,7 @@ pub fn load(vm: &Vm, boot: &LinuxBoot, vcpus: u32) -> Result<Entry, LinuxError> 
     if let Some(initrd) = &boot.initrd {
         let limit = low_end.min(0x3800_0000);
         let place = |size: u64| {
-            let at = limit.checked_sub(size).map(|a| a & !0xfff).filter(|&a| a >= loaded.end.max(HIMEM));
+            let at = limit.checked_sub(size).map(|a| a & !0xfff).filter(|&a| a >= kernel_end.max(HIMEM));
             at.ok_or(LinuxError::InitrdTooBig { size, limit })
         };
         // Sized before it is read: a file larger than guest memory (or one

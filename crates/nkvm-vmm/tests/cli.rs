@@ -119,6 +119,41 @@ fn a_kernel_machine_refuses_what_the_kernel_cannot_take_by_name() {
 }
 
 #[test]
+fn a_bzimage_gets_the_room_it_unpacks_itself_into() {
+    // Like a distribution kernel: relocatable, run from 16 MiB, and needing
+    // 48 MiB from there to unpack itself (Debian's asks for 51.5 MiB). Its
+    // code (ud2, no IDT: a triple fault) ends the run if it ever starts.
+    let mut image = tiny_bzimage(&[0x0f, 0x0b]);
+    image[0x230..0x234].copy_from_slice(&0x20_0000u32.to_le_bytes()); // kernel_alignment
+    image[0x234] = 1; // relocatable_kernel
+    image[0x258..0x260].copy_from_slice(&0x100_0000u64.to_le_bytes()); // pref_address
+    image[0x260..0x264].copy_from_slice(&0x300_0000u32.to_le_bytes()); // init_size
+    let dir = std::env::temp_dir().join(format!("nkvm-cli-init-size-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let kernel = dir.join("bzImage");
+    std::fs::write(&kernel, image).unwrap();
+    // 20 MiB: top-placed in 72 MiB of RAM it would start at 52 MiB, inside
+    // the 16-64 MiB the kernel unpacks into.
+    let initrd = dir.join("initrd");
+    std::fs::File::create(&initrd).unwrap().set_len(20 << 20).unwrap();
+    let (k, i) = (kernel.to_str().unwrap(), initrd.to_str().unwrap());
+    for (args, needle) in [
+        (
+            vec!["run", "--kernel", k, "--memory", "32M"],
+            "needs RAM up to 0x4000000 to unpack itself (its setup header's init_size), and the RAM below 4 GiB \
+             ends at 0x2000000",
+        ),
+        (vec!["run", "--kernel", k, "--memory", "72M", "--initrd", i], "does not fit between the kernel"),
+    ] {
+        let out = nkvm(&args);
+        let stderr = text(&out.stderr);
+        assert!(!out.status.success(), "{args:?}: {stderr}");
+        assert!(stderr.contains(needle), "{args:?}: {stderr}");
+    }
+    let _ = std::fs::remove_dir_all(dir);
+}
+
+#[test]
 fn bad_input_is_one_line_and_a_nonzero_exit() {
     for (args, needle) in [
         (vec!["run", "--memory", "512X"], "invalid size \"512X\""),
