@@ -167,8 +167,8 @@ impl RunState {
     #[inline]
     pub(crate) fn take_completion(&mut self) -> Result<(Completion, bool), Pending> {
         // Most entries complete nothing: one compare, where the match
-        // below is a jump table (an indirect jump, which on this host
-        // mispredicts after each `KVM_RUN`).
+        // below is a jump table (the exit path's user-space time tracks
+        // its instruction count: docs/benchmarks.md).
         if let Pending::None = self.pending {
             return Ok((Completion::None, false));
         }

@@ -43,9 +43,9 @@ thread_local! {
 }
 
 /// The calling thread's pthread handle and kernel thread id, kept per
-/// thread: `pthread_self` is an indirect call through the GOT, and the exit
-/// path asks on every entry (each call or jump it makes after `KVM_RUN`
-/// returns costs; see `docs/benchmarks.md`).
+/// thread: `pthread_self` is a call through the GOT, and the exit path
+/// asks on every entry (its user-space time tracks its instruction count;
+/// see `docs/benchmarks.md`).
 #[inline]
 pub(crate) fn current_ids() -> (ThreadId, i32) {
     let ids = IDS.get();

@@ -172,8 +172,7 @@ impl RunArea {
     pub(crate) fn decode(&self, string_out: &mut Vec<u8>) -> Exit {
         let run = self.ptr.as_ptr();
         // I/O and MMIO first, with compares: a `match` over every reason is
-        // a jump table, an indirect jump that mispredicts after each
-        // `KVM_RUN` on this host.
+        // a jump table, more instructions on the path every exit takes.
         // SAFETY: the kernel wrote `exit_reason` and the union member that
         // reason selects; each arm reads only that member. For I/O, the data
         // range is checked against the mapping before it is read.
@@ -258,7 +257,7 @@ fn low_bytes(n: usize) -> u64 {
 /// The low `n` bytes (1 to 8) at `src` as a little-endian value, read
 /// without a call to `memcpy` (a variable-length copy is one, an indirect
 /// call through the GOT) and, when `wide` says 8 bytes are readable, without
-/// a branch on `n` either: each costs after `KVM_RUN` on this host.
+/// a branch on `n` either: a mask instead of a jump table on the exit path.
 ///
 /// # Safety
 ///
