@@ -7,7 +7,7 @@
 //! decompressor takes about a minute before the kernel prints a line).
 
 use std::fs::File;
-use std::io::Read;
+use std::io::{Read, Seek, SeekFrom};
 use std::path::Path;
 
 use linux_loader::bootparam::setup_header;
@@ -26,6 +26,8 @@ const XLF_KERNEL_64: u16 = 1;
 /// a vmlinux, which has no setup header of its own.
 const BOOT_FLAG: u16 = 0xaa55;
 const HDRS: u32 = 0x5372_6448;
+/// An ELF program header's type for a loadable segment.
+const PT_LOAD: u32 = 1;
 /// The physical alignment the kernel is built for (CONFIG_PHYSICAL_ALIGN).
 const KERNEL_ALIGNMENT: u32 = 0x100_0000;
 
@@ -59,6 +61,12 @@ pub fn load(gm: &GuestMemoryMmap, path: &Path) -> Result<LoadedKernel, LinuxErro
     let mut magic = [0u8; 4];
     file.read_exact(&mut magic).map_err(|_| bad("shorter than any kernel".into()))?;
     if magic == *b"\x7fELF" {
+        if let Some((i, paddr)) = segment_below_himem(&mut file).map_err(read)? {
+            return Err(bad(format!(
+                "its segment {i} is at {paddr:#x}, below 1 MiB, where nkvm puts the boot tables (zero page, \
+                 command line, page tables, ACPI)"
+            )));
+        }
         let loaded = Elf::load(gm, None, &mut file, Some(GuestAddress(HIMEM))).map_err(|e| bad(e.to_string()))?;
         let header = setup_header {
             boot_flag: BOOT_FLAG,
@@ -88,6 +96,39 @@ pub fn load(gm: &GuestMemoryMmap, path: &Path) -> Result<LoadedKernel, LinuxErro
         end: loaded.kernel_end,
         header,
     })
+}
+
+/// The first `PT_LOAD` segment of an ELF64 file whose physical address is
+/// below 1 MiB (index and address), which linux-loader would load there
+/// and nkvm's boot tables would then overwrite. A file too short to say is
+/// left for linux-loader to refuse.
+fn segment_below_himem(file: &mut File) -> std::io::Result<Option<(usize, u64)>> {
+    let mut ehdr = [0u8; 64];
+    file.seek(SeekFrom::Start(0))?;
+    if file.read_exact(&mut ehdr).is_err() || ehdr[4] != 2 {
+        return Ok(None);
+    }
+    let phoff = u64::from_le_bytes(ehdr[32..40].try_into().expect("8 bytes"));
+    let phentsize = u64::from(u16::from_le_bytes([ehdr[54], ehdr[55]]));
+    let phnum = usize::from(u16::from_le_bytes([ehdr[56], ehdr[57]]));
+    let mut found = None;
+    for i in 0..phnum {
+        let mut phdr = [0u8; 56];
+        let Some(at) = phentsize.checked_mul(i as u64).and_then(|o| o.checked_add(phoff)) else { break };
+        file.seek(SeekFrom::Start(at))?;
+        if phentsize < 56 || file.read_exact(&mut phdr).is_err() {
+            break;
+        }
+        let kind = u32::from_le_bytes(phdr[0..4].try_into().expect("4 bytes"));
+        let paddr = u64::from_le_bytes(phdr[24..32].try_into().expect("8 bytes"));
+        let memsz = u64::from_le_bytes(phdr[40..48].try_into().expect("8 bytes"));
+        if kind == PT_LOAD && memsz > 0 && paddr < HIMEM {
+            found = Some((i, paddr));
+            break;
+        }
+    }
+    file.seek(SeekFrom::Start(0))?;
+    Ok(found)
 }
 
 impl LoadedKernel {

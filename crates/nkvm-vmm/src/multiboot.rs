@@ -46,6 +46,13 @@ const MEM_LOWER_KIB: u32 = 640;
 const HIMEM: u64 = 0x10_0000;
 const LOADER_NAME: &str = "nkvm";
 
+/// What nkvm writes below 1 MiB after loading a multiboot kernel: the
+/// real-mode interrupt table (`firmware.rs`), the ACPI tables and the BIOS
+/// segment with its interrupt handlers (`acpi.rs`). A kernel linked below
+/// 1 MiB (kvm-unit-tests' `realmode.flat` is at 32 KiB) must stay clear.
+const FIRMWARE: [(&str, u64, u64); 2] =
+    [("the real-mode interrupt table", 0, 0x400), ("the ACPI tables and BIOS", crate::acpi::ACPI_START, HIMEM)];
+
 const PT_LOAD: u32 = 1;
 const EM_386: u16 = 3;
 const PAGE: u64 = 0x1000;
@@ -79,6 +86,26 @@ pub enum MultibootError {
         at: u64,
         /// How big it is.
         len: u64,
+    },
+    /// Something would sit where nkvm's firmware writes, and be
+    /// overwritten by it.
+    #[error(
+        "{what} at {at:#x}+{len:#x} overlaps {firmware} ({start:#x}-{end:#x}), which nkvm writes after \
+         loading it; link the kernel elsewhere"
+    )]
+    OverlapsFirmware {
+        /// What.
+        what: &'static str,
+        /// Where it would go.
+        at: u64,
+        /// How big it is.
+        len: u64,
+        /// What the firmware keeps there.
+        firmware: &'static str,
+        /// Where that starts.
+        start: u64,
+        /// Where that ends.
+        end: u64,
     },
     /// Writing guest memory failed.
     #[error("cannot write the multiboot kernel into guest memory")]
@@ -228,6 +255,7 @@ pub fn load(memory: &MemoryMap, boot: &MultibootBoot<'_>) -> Result<MultibootEnt
 enum PlanError {
     Bad(String),
     DoesNotFit { what: &'static str, at: u64, len: u64 },
+    OverlapsFirmware { what: &'static str, at: u64, len: u64, firmware: (&'static str, u64, u64) },
 }
 
 impl PlanError {
@@ -235,6 +263,9 @@ impl PlanError {
         match self {
             PlanError::Bad(reason) => MultibootError::BadImage { path: path.to_string(), reason },
             PlanError::DoesNotFit { what, at, len } => MultibootError::DoesNotFit { what, at, len },
+            PlanError::OverlapsFirmware { what, at, len, firmware: (firmware, start, end) } => {
+                MultibootError::OverlapsFirmware { what, at, len, firmware, start, end }
+            }
         }
     }
 }
@@ -257,10 +288,12 @@ fn plan(
     let (eip, segments) = elf32_segments(image).map_err(PlanError::Bad)?;
     let in_ram = |what, at: u64, len: u64| {
         let fits = ram.iter().any(|&(start, end)| at >= start && at.saturating_add(len) <= end && at + len <= 1 << 32);
-        if fits {
-            Ok(())
-        } else {
-            Err(PlanError::DoesNotFit { what, at, len })
+        if !fits {
+            return Err(PlanError::DoesNotFit { what, at, len });
+        }
+        match FIRMWARE.iter().find(|&&(_, start, end)| len > 0 && at < end && start < at + len) {
+            Some(&firmware) => Err(PlanError::OverlapsFirmware { what, at, len, firmware }),
+            None => Ok(()),
         }
     };
     let mut layout = Layout::default();
@@ -514,5 +547,28 @@ mod tests {
             plan(&img, "k", None, small).unwrap_err(),
             PlanError::DoesNotFit { what: "a kernel segment", at: 0x40_0000, len: (16 << 20) + 1 }
         );
+    }
+
+    #[test]
+    fn what_the_firmware_writes_over_is_refused_and_low_kernels_load() {
+        // realmode.flat's place: 32 KiB, clear of both.
+        let (entry, _) = plan(&image(0x8000, &[0xf4], 0x1000, 0), "k", None, RAM_128M).unwrap();
+        assert_eq!(entry.eip, 0x8000);
+        let table = ("the real-mode interrupt table", 0, 0x400);
+        assert_eq!(
+            plan(&image(0x200, &[0xf4], 0, 0), "k", None, RAM_128M).unwrap_err(),
+            PlanError::OverlapsFirmware { what: "a kernel segment", at: 0x200, len: 1, firmware: table }
+        );
+        let bios = ("the ACPI tables and BIOS", 0xe_0000, 0x10_0000);
+        // A segment ending inside the ACPI tables.
+        assert_eq!(
+            plan(&image(0xd_0000, &[0xf4], 0x1_0000, 0), "k", None, RAM_128M).unwrap_err(),
+            PlanError::OverlapsFirmware { what: "a kernel segment", at: 0xd_0000, len: 0x1_0001, firmware: bios }
+        );
+        // A segment that ends just below: the information after it would not.
+        let err = plan(&image(0xd_0000, &[0xf4], 0xffff - 0x10, 0), "k", None, RAM_128M).unwrap_err();
+        assert!(matches!(err, PlanError::OverlapsFirmware { what: "the multiboot information", .. }), "{err:?}");
+        let text = err.into_error("/k.flat").to_string();
+        assert!(text.contains("overlaps the ACPI tables and BIOS (0xe0000-0x100000)"), "{text}");
     }
 }

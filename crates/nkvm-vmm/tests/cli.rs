@@ -153,6 +153,54 @@ fn a_bzimage_gets_the_room_it_unpacks_itself_into() {
     let _ = std::fs::remove_dir_all(dir);
 }
 
+/// An ELF64 vmlinux-like image: `code` in a segment at 1 MiB (the entry),
+/// and a second, data segment at `data_at`.
+fn elf64_with_data_at(code: &[u8], data_at: u64) -> Vec<u8> {
+    let mut img = vec![0u8; 0x200];
+    let put16 = |img: &mut Vec<u8>, at: usize, v: u16| img[at..at + 2].copy_from_slice(&v.to_le_bytes());
+    let put32 = |img: &mut Vec<u8>, at: usize, v: u32| img[at..at + 4].copy_from_slice(&v.to_le_bytes());
+    let put64 = |img: &mut Vec<u8>, at: usize, v: u64| img[at..at + 8].copy_from_slice(&v.to_le_bytes());
+    img[..4].copy_from_slice(b"\x7fELF");
+    img[4] = 2; // 64-bit
+    img[5] = 1; // little endian
+    img[6] = 1; // version
+    put16(&mut img, 16, 2); // ET_EXEC
+    put16(&mut img, 18, 62); // EM_X86_64
+    put32(&mut img, 20, 1);
+    put64(&mut img, 24, 0x10_0000); // entry
+    put64(&mut img, 32, 64); // phoff
+    put16(&mut img, 52, 64); // ehsize
+    put16(&mut img, 54, 56); // phentsize
+    put16(&mut img, 56, 2); // phnum
+    for (i, (paddr, offset, len)) in [(0x10_0000, 0x200, code.len()), (data_at, 0x200, 16)].into_iter().enumerate() {
+        let ph = 64 + 56 * i;
+        put32(&mut img, ph, 1); // PT_LOAD
+        put32(&mut img, ph + 4, 7);
+        put64(&mut img, ph + 8, offset);
+        put64(&mut img, ph + 16, paddr);
+        put64(&mut img, ph + 24, paddr);
+        put64(&mut img, ph + 32, len as u64);
+        put64(&mut img, ph + 40, len as u64);
+    }
+    img.extend_from_slice(code);
+    img.resize(0x200 + 16.max(code.len()), 0);
+    img
+}
+
+#[test]
+fn a_vmlinux_segment_below_1_mib_is_refused_not_overwritten() {
+    let dir = std::env::temp_dir().join(format!("nkvm-cli-low-elf-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    // ud2 without an IDT (a triple fault) ends the run if it ever starts.
+    let low = dir.join("low");
+    std::fs::write(&low, elf64_with_data_at(&[0x0f, 0x0b], 0x8000)).unwrap();
+    let out = nkvm(&["run", "--kernel", low.to_str().unwrap(), "--memory", "32M"]);
+    let stderr = text(&out.stderr);
+    assert!(!out.status.success(), "{stderr}");
+    assert!(stderr.contains("its segment 1 is at 0x8000, below 1 MiB, where nkvm puts the boot tables"), "{stderr}");
+    let _ = std::fs::remove_dir_all(dir);
+}
+
 #[test]
 fn bad_input_is_one_line_and_a_nonzero_exit() {
     for (args, needle) in [
