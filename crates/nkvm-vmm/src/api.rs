@@ -40,7 +40,7 @@ pub fn serve(path: &Path, running: Arc<Running>) -> io::Result<()> {
         std::fs::remove_file(path)?;
     }
     let listener = UnixListener::bind(path)?;
-    std::thread::Builder::new().name("api".into()).spawn(move || serve_on(listener, running, MAX_CONNECTIONS))?;
+    std::thread::Builder::new().name("api".into()).spawn(move || serve_on(listener, running, MAX_CONNECTIONS, IDLE))?;
     Ok(())
 }
 
@@ -48,8 +48,16 @@ pub fn serve(path: &Path, running: Arc<Running>) -> io::Result<()> {
 /// is told so and closed.
 const MAX_CONNECTIONS: usize = 64;
 
-/// Takes the connections of `listener`, at most `max` served at once.
-fn serve_on(listener: UnixListener, running: Arc<Running>, max: usize) {
+/// How long a connection may sit without a request before it is closed
+/// (its place freed for another client).
+const IDLE: Duration = Duration::from_secs(300);
+
+/// How long an answer may wait for a client that does not read it.
+const WRITE_STALL: Duration = Duration::from_secs(10);
+
+/// Takes the connections of `listener`, at most `max` served at once,
+/// each closed after `idle` without a request.
+fn serve_on(listener: UnixListener, running: Arc<Running>, max: usize, idle: Duration) {
     let open = Arc::new(AtomicUsize::new(0));
     for mut conn in listener.incoming().flatten() {
         let Some(slot) = Slot::take(&open, max) else {
@@ -61,7 +69,7 @@ fn serve_on(listener: UnixListener, running: Arc<Running>, max: usize) {
         let spawned = std::thread::Builder::new().name("api-conn".into()).spawn(move || {
             // Given back when the thread ends, by return or by panic.
             let _slot = slot;
-            if let Err(e) = handle(conn, &running) {
+            if let Err(e) = handle(conn, &running, idle) {
                 log::debug!("api connection: {e}");
             }
         });
@@ -90,14 +98,24 @@ impl Drop for Slot {
 /// The longest request line taken (a request is a few hundred bytes).
 const MAX_REQUEST: u64 = 64 << 10;
 
-fn handle(conn: UnixStream, running: &Arc<Running>) -> io::Result<()> {
+fn handle(conn: UnixStream, running: &Arc<Running>, idle: Duration) -> io::Result<()> {
+    // Neither a client that sends nothing nor one that reads nothing holds
+    // its connection's place for ever.
+    conn.set_read_timeout(Some(idle))?;
+    conn.set_write_timeout(Some(WRITE_STALL))?;
     let mut out = conn.try_clone()?;
     let mut reader = BufReader::new(conn);
     let mut line = String::new();
     loop {
         line.clear();
         // Bounded: a client cannot make the VMM hold an endless line.
-        let n = (&mut reader).take(MAX_REQUEST + 1).read_line(&mut line)?;
+        let n = match (&mut reader).take(MAX_REQUEST + 1).read_line(&mut line) {
+            Err(e) if matches!(e.kind(), io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut) => {
+                let answer = error(format!("no request for {} s: connection closed", idle.as_secs_f64()));
+                return writeln!(out, "{answer}");
+            }
+            read => read?,
+        };
         if n == 0 {
             return Ok(());
         }
@@ -290,7 +308,7 @@ mod tests {
         let path = std::env::temp_dir().join(format!("nkvm-api-limit-{}.sock", std::process::id()));
         let _ = std::fs::remove_file(&path);
         let listener = UnixListener::bind(&path).unwrap();
-        std::thread::spawn(move || serve_on(listener, running, 3));
+        std::thread::spawn(move || serve_on(listener, running, 3, IDLE));
         // As `nkvm ctl` asks: a refusal is read even if the request could
         // not be sent (the VMM may close a refused connection first).
         let info = |conn: &mut UnixStream| -> Value {
@@ -356,5 +374,26 @@ mod tests {
         // Free again: the next command runs (and fails for its own reason).
         let answer = dispatch(r#"{"command":"migrate","to":"ftp:x"}"#, &running);
         assert!(answer["error"].as_str().unwrap().contains("bad migration address"), "{answer}");
+    }
+
+    /// A client that connects and sends nothing is closed after the idle
+    /// time, told why, and its place goes to the next client.
+    #[test]
+    fn an_idle_connection_is_closed_and_its_place_freed() {
+        let running = running();
+        let path = std::env::temp_dir().join(format!("nkvm-api-idle-{}.sock", std::process::id()));
+        let _ = std::fs::remove_file(&path);
+        let listener = UnixListener::bind(&path).unwrap();
+        std::thread::spawn(move || serve_on(listener, running, 1, Duration::from_millis(200)));
+        let idle = UnixStream::connect(&path).unwrap();
+        idle.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+        let mut told = String::new();
+        BufReader::new(idle.try_clone().unwrap()).read_to_string(&mut told).unwrap();
+        assert!(told.contains("no request for 0.2 s: connection closed"), "{told}");
+        let next = UnixStream::connect(&path).unwrap();
+        next.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+        let answer = exchange(next.try_clone().unwrap(), &json!({ "command": "info" })).unwrap();
+        assert_eq!(answer["ok"], true, "{answer}");
+        let _ = std::fs::remove_file(&path);
     }
 }
