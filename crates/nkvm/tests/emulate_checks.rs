@@ -3,7 +3,8 @@
 //! the instruction's bytes, as an emulation-failure exit would hand them
 //! over): segment bases outside 64-bit code, #GP for a non-canonical
 //! address, ROM that keeps its bytes, a `clflush` that touches no device,
-//! and no panic for an operand at the top of the address space.
+//! no panic for an operand at the top of the address space, and the
+//! #UD/#NM that CR0.EM/CR0.TS make SSE and XSAVE state instructions raise.
 
 mod common;
 
@@ -167,4 +168,43 @@ fn an_emulated_store_sets_the_dirty_bit_of_the_entry_mapping_the_page() {
     let mut entry = [0u8; 8];
     vm.read_memory(pde_of(0x60_0000), &mut entry).unwrap();
     assert_eq!(u64::from_le_bytes(entry) & 0x60, 0x60, "accessed and dirty");
+}
+
+#[test]
+fn sse_and_xsave_state_instructions_raise_ud_and_nm_as_cr0_says() {
+    let vm = vm();
+    let vcpu = long_mode(&vm);
+    vcpu.set_cpuid(&hypervisor().supported_cpuid().unwrap()).unwrap();
+    let mut sregs = vcpu.sregs().unwrap();
+    sregs.cr4 |= 1 << 18; // OSXSAVE
+    vcpu.set_sregs(&sregs).unwrap();
+    set_regs(&vcpu, |r| (r.rdi, r.rax, r.rdx) = (0x60_0000, 3, 0));
+    const LDMXCSR: [u8; 3] = [0x0f, 0xae, 0x17]; // ldmxcsr [rdi]
+    const XSAVE: [u8; 3] = [0x0f, 0xae, 0x27]; // xsave [rdi]
+    let with_cr0 = |bits: u64, bytes: &[u8]| {
+        let mut sregs = vcpu.sregs().unwrap();
+        sregs.cr0 = (sregs.cr0 & !0xc) | bits;
+        vcpu.set_sregs(&sregs).unwrap();
+        vcpu.set_events(&nkvm::VcpuEvents::default()).unwrap();
+        match emulate(&vcpu, &vm, bytes) {
+            Ok(Emulated::Injected { vector, .. }) => Some(vector),
+            Ok(Emulated::Completed { .. }) => None,
+            other => panic!("{other:?}"),
+        }
+    };
+    const EM: u64 = 1 << 2;
+    const TS: u64 = 1 << 3;
+    assert_eq!(with_cr0(EM, &LDMXCSR), Some(6), "ldmxcsr with CR0.EM: #UD");
+    assert_eq!(with_cr0(TS, &LDMXCSR), Some(7), "ldmxcsr with CR0.TS: #NM");
+    assert_eq!(with_cr0(TS, &XSAVE), Some(7), "xsave with CR0.TS: #NM");
+    assert_eq!(with_cr0(0, &XSAVE), None, "xsave with neither: done");
+    // With neither, ldmxcsr loads what is there, and stmxcsr stores it back.
+    vm.write_memory(GuestAddress(0x60_1000), &0x1f81u32.to_le_bytes()).unwrap();
+    set_regs(&vcpu, |r| r.rdi = 0x60_1000);
+    assert_eq!(with_cr0(0, &LDMXCSR), None, "ldmxcsr with neither: done");
+    set_regs(&vcpu, |r| r.rdi = 0x60_2000);
+    assert_eq!(with_cr0(0, &[0x0f, 0xae, 0x1f]), None, "stmxcsr [rdi]");
+    let mut mxcsr = [0u8; 4];
+    vm.read_memory(GuestAddress(0x60_2000), &mut mxcsr).unwrap();
+    assert_eq!(u32::from_le_bytes(mxcsr), 0x1f81);
 }

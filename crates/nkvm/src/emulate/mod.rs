@@ -21,9 +21,9 @@
 //! | `popcnt r, r/m` | computes it, sets ZF (other arithmetic flags cleared) |
 //! | `movbe r, m` / `movbe m, r` | 16/32/64-bit load or store with the bytes reversed |
 //! | `clac` / `stac` | clears / sets RFLAGS.AC |
-//! | `ldmxcsr m32` / `stmxcsr m32` | loads / stores MXCSR through the vCPU's XSAVE image; #GP(0) on reserved bits |
+//! | `ldmxcsr m32` / `stmxcsr m32` | loads / stores MXCSR through the vCPU's XSAVE image; #UD with CR0.EM or without CR4.OSFXSR, #NM with CR0.TS, #GP(0) on reserved bits |
 //! | `[lock] cmpxchg16b m128` | one atomic 128-bit compare-exchange on the host mapping of guest RAM; ZF and RDX:RAX as the CPU sets them; #GP(0) if misaligned |
-//! | `xsave`, `xsaveopt`, `xsavec`, `xrstor` (and their `64` forms) | through the vCPU's XSAVE image ([`Vcpu::xsave`]), components laid out as the guest's CPUID leaf 0xd says; #UD without CR4.OSXSAVE, #GP(0) if not 64-byte aligned, for a malformed header or reserved MXCSR bits |
+//! | `xsave`, `xsaveopt`, `xsavec`, `xrstor` (and their `64` forms) | through the vCPU's XSAVE image ([`Vcpu::xsave`]), components laid out as the guest's CPUID leaf 0xd says; #UD without CR4.OSXSAVE, #NM with CR0.TS, #GP(0) if not 64-byte aligned, for a malformed header or reserved MXCSR bits |
 //! | `xgetbv` / `xsetbv` | XCR0 (and XINUSE, ECX = 1) through `KVM_GET_XCRS`/`KVM_SET_XCRS`; #GP(0) for other ECX, at CPL > 0 or for a value KVM refuses |
 //! | `clflush` / `clflushopt` / `clwb` | nothing (guest RAM is coherent), but #PF on an unmapped address |
 //! | `movd`/`movq` with an MMX register, `emms` | moves between MMX registers (the x87 registers), general registers and memory or device memory; #UD/#NM/#MF first (`mmx.rs`) |
@@ -136,6 +136,7 @@ pub fn decode(bytes: &[u8], rip: u64) -> Option<(Instruction, String)> {
 /// Up to 15 instruction bytes at `pc`, as many as can be read (more than
 /// the `have` KVM gave), or `None` if no more can be.
 fn fetch(mem: &GuestMemory<'_>, pc: u64, have: usize) -> Result<Option<Vec<u8>>, EmulateError> {
+    let mem = GuestMemory { paging: mem.paging.fetch(), ..*mem };
     for len in (have + 1..=15).rev() {
         let mut buf = vec![0u8; len];
         if mem.read(pc, &mut buf)?.is_ok() {
@@ -192,7 +193,7 @@ pub fn complete(vcpu: &Vcpu, vm: &Vm, failure: &InternalError) -> Result<Emulate
         vm,
         cpl,
         long_mode: sregs.efer & crate::mode::EFER_LMA != 0,
-        paging: paging::Paging::of(&sregs),
+        paging: paging::Paging::of(&sregs, regs.rflags),
     };
     let decode = |bytes: &[u8]| {
         let mut decoder = Decoder::with_ip(bitness, bytes, pc, DecoderOptions::NONE);
@@ -412,6 +413,16 @@ fn mxcsr(
     sregs: &crate::Sregs,
     mem: &GuestMemory<'_>,
 ) -> Result<Outcome, EmulateError> {
+    // CR0.EM or no CR4.OSFXSR: #UD; CR0.TS: #NM, before the operand.
+    const CR0_EM: u64 = 1 << 2;
+    const CR0_TS: u64 = 1 << 3;
+    const CR4_OSFXSR: u64 = 1 << 9;
+    if sregs.cr0 & CR0_EM != 0 || sregs.cr4 & CR4_OSFXSR == 0 {
+        return Ok(Outcome::Vector(6));
+    }
+    if sregs.cr0 & CR0_TS != 0 {
+        return Ok(Outcome::Vector(7));
+    }
     let Some(addr) = GuestMemory::operand_address(insn, 0, regs, sregs) else { return Ok(Outcome::Unsupported) };
     if insn.mnemonic() == Mnemonic::Stmxcsr {
         return Ok(match mem.write(addr, &mem.vcpu.mxcsr()?.to_le_bytes())? {

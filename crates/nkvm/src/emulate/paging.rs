@@ -3,11 +3,13 @@
 //! user/supervisor and read/write bits (with CR0.WP) are checked here, and
 //! a write sets the dirty bit of the entry that maps the page, as the CPU
 //! does (a guest kernel relies on it to know which pages to write back).
-//! SMAP and protection keys are not checked.
+//! SMAP is checked (a supervisor access to a user page with CR4.SMAP set
+//! faults unless RFLAGS.AC allows it and the access is explicit);
+//! protection keys are not.
 
 use super::EmulateError;
 use crate::mode::{
-    CR0_PG, CR0_WP, CR4_LA57, CR4_PAE, CR4_PSE, EFER_LMA, PTE_ACCESSED as ACCESSED, PTE_DIRTY as DIRTY,
+    CR0_PG, CR0_WP, CR4_LA57, CR4_PAE, CR4_PSE, CR4_SMAP, EFER_LMA, PTE_ACCESSED as ACCESSED, PTE_DIRTY as DIRTY,
     PTE_HUGE as HUGE, PTE_PRESENT as PRESENT, PTE_USER as USER, PTE_WRITE as WRITABLE,
 };
 use crate::{GuestAddress, Sregs, Vm};
@@ -22,11 +24,27 @@ pub(super) struct Paging {
     cr3: u64,
     cr4: u64,
     efer: u64,
+    /// RFLAGS.AC, which lets explicit supervisor accesses reach user pages
+    /// under SMAP.
+    ac: bool,
 }
 
 impl Paging {
-    pub(super) fn of(sregs: &Sregs) -> Self {
-        Self { cr0: sregs.cr0, cr3: sregs.cr3, cr4: sregs.cr4, efer: sregs.efer }
+    pub(super) fn of(sregs: &Sregs, rflags: u64) -> Self {
+        const RFLAGS_AC: u64 = 1 << 18;
+        Self { cr0: sregs.cr0, cr3: sregs.cr3, cr4: sregs.cr4, efer: sregs.efer, ac: rflags & RFLAGS_AC != 0 }
+    }
+
+    /// The same state for an implicit supervisor access (a descriptor
+    /// table read), which RFLAGS.AC does not exempt from SMAP.
+    pub(super) fn implicit(self) -> Self {
+        Self { ac: false, ..self }
+    }
+
+    /// The same state for fetching instruction bytes, which SMAP does not
+    /// govern (SMEP does, and KVM already fetched the instruction).
+    pub(super) fn fetch(self) -> Self {
+        Self { ac: true, ..self }
     }
 
     /// Checks an access to `gva` (which `KVM_TRANSLATE` found mapped) at
@@ -41,7 +59,8 @@ impl Paging {
             return Ok(Ok(()));
         };
         let user_access = cpl == 3;
-        let denied = (user_access && !user) || (write && !writable && (user_access || self.cr0 & CR0_WP != 0));
+        let smap = !user_access && user && self.cr4 & CR4_SMAP != 0 && !self.ac;
+        let denied = smap || (user_access && !user) || (write && !writable && (user_access || self.cr0 & CR0_WP != 0));
         if denied {
             let code = 1 | if write { 1 << 1 } else { 0 } | if user_access { 1 << 2 } else { 0 };
             return Ok(Err(code));
@@ -111,5 +130,36 @@ impl Paging {
             table = entry & ADDRESS_64;
             level -= 1;
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::{Hypervisor, VmConfig};
+
+    /// SMAP, checked here on a real VM's memory: KVM on the nested test
+    /// host offers no SMAP to guests, so no vCPU can be given CR4.SMAP.
+    #[test]
+    fn smap_keeps_supervisor_data_accesses_out_of_user_pages_unless_ac_allows_them() {
+        let hv = Hypervisor::open().unwrap();
+        let vm = Vm::new(&hv, &VmConfig { memory: 4 << 20, ..Default::default() }).unwrap();
+        // PML4 at 0x1000 -> PDPT at 0x2000 -> PD at 0x3000: one 2 MiB user
+        // page at 0, every level present, writable and user.
+        let bits = PRESENT | WRITABLE | USER;
+        for (at, entry) in [(0x1000, 0x2000 | bits), (0x2000, 0x3000 | bits), (0x3000, HUGE | bits)] {
+            vm.write_memory(GuestAddress(at), &entry.to_le_bytes()).unwrap();
+        }
+        let mut sregs =
+            Sregs { cr0: CR0_PG | CR0_WP | 1, cr3: 0x1000, cr4: CR4_PAE, efer: EFER_LMA, ..Default::default() };
+        let check = |paging: Paging, cpl| paging.check(&vm, 0x5000, true, cpl).unwrap();
+        assert_eq!(check(Paging::of(&sregs, 0), 0), Ok(()), "no SMAP: the kernel may write");
+        sregs.cr4 |= CR4_SMAP;
+        assert_eq!(check(Paging::of(&sregs, 0), 0), Err(3), "#PF: present, write, supervisor");
+        assert_eq!(check(Paging::of(&sregs, 0), 3), Ok(()), "user mode's own page");
+        const AC: u64 = 1 << 18;
+        assert_eq!(check(Paging::of(&sregs, AC), 0), Ok(()), "RFLAGS.AC (stac) lets an explicit access through");
+        assert_eq!(check(Paging::of(&sregs, AC).implicit(), 0), Err(3), "but not an implicit one");
+        assert_eq!(check(Paging::of(&sregs, 0).fetch(), 0), Ok(()), "instruction bytes are not data");
     }
 }

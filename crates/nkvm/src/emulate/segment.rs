@@ -78,8 +78,9 @@ fn descriptor(
         return Ok(Ok(None));
     }
     let mut bytes = [0u8; 8];
-    // The table is read as the CPU does, with supervisor rights.
-    let table = GuestMemory { cpl: 0, ..*mem };
+    // The table is read as the CPU does, with supervisor rights (an
+    // implicit access: RFLAGS.AC does not lift SMAP for it).
+    let table = GuestMemory { cpl: 0, paging: mem.paging.implicit(), ..*mem };
     Ok(match table.read(base.wrapping_add(index), &mut bytes)? {
         Ok(()) => Ok(Some(u64::from_le_bytes(bytes))),
         Err(fault) => Err(Outcome::Fault(fault)),

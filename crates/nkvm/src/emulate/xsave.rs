@@ -128,6 +128,11 @@ pub(super) fn complete(
         }
         _ => {}
     }
+    // The xsave family (not xgetbv/xsetbv) raises #NM under CR0.TS.
+    const CR0_TS: u64 = 1 << 3;
+    if sregs.cr0 & CR0_TS != 0 {
+        return Ok(Outcome::Vector(7));
+    }
     let Some(addr) = GuestMemory::operand_address(insn, 0, regs, sregs) else { return Ok(Outcome::Unsupported) };
     if addr % 64 != 0 {
         return Ok(Outcome::Fault(Fault::General(0)));
