@@ -208,3 +208,17 @@ fn sse_and_xsave_state_instructions_raise_ud_and_nm_as_cr0_says() {
     vm.read_memory(GuestAddress(0x60_2000), &mut mxcsr).unwrap();
     assert_eq!(u32::from_le_bytes(mxcsr), 0x1f81);
 }
+
+#[test]
+fn an_evex_move_is_refused_by_name_not_done_as_a_plain_vex_move() {
+    let vm = vm();
+    let vcpu = long_mode(&vm);
+    set_regs(&vcpu, |r| r.rdi = 0x60_0000);
+    // vmovaps xmm0{k1}, [rdi]: EVEX, merge-masked by k1; a plain move
+    // would overwrite the lanes k1 keeps.
+    let emulated = emulate(&vcpu, &vm, &[0x62, 0xf1, 0x7c, 0x09, 0x28, 0x07]);
+    match emulated {
+        Err(EmulateError::Unsupported { instruction, .. }) => assert!(instruction.contains("vmovaps"), "{instruction}"),
+        other => panic!("{other:?}"),
+    }
+}

@@ -11,7 +11,7 @@
 //! first: CR4.OSXSAVE clear or XCR0 without SSE|AVX → #UD, CR0.TS → #NM;
 //! an aligned move (`vmova*`, `vmovnt*`) of a misaligned address → #GP(0).
 
-use iced_x86::{Instruction, Mnemonic, OpKind, Register};
+use iced_x86::{EncodingKind, Instruction, Mnemonic, OpKind, Register};
 
 use super::guest::{Fault, GuestMemory};
 use super::{EmulateError, Outcome};
@@ -28,8 +28,14 @@ const XSTATE_BV: usize = 512;
 const XSTATE_SSE: u8 = 1 << 1;
 const XSTATE_AVX: u8 = 1 << 2;
 
-/// Whether `insn` is an AVX instruction this module completes.
+/// Whether `insn` is an AVX instruction this module completes: VEX-encoded
+/// only. The EVEX (AVX-512) forms of the same mnemonics can carry an
+/// opmask, zeroing or broadcast, which a plain move would get wrong: they
+/// are left unsupported (an error naming them, not a wrong result).
 pub(super) fn handles(insn: &Instruction) -> bool {
+    if insn.encoding() != EncodingKind::VEX {
+        return false;
+    }
     match insn.mnemonic() {
         Mnemonic::Vzeroall | Mnemonic::Vzeroupper => true,
         Mnemonic::Vmovdqa
