@@ -35,6 +35,7 @@ pub(crate) const PTE_DIRTY: u64 = 1 << 6;
 pub(crate) const CR4_PSE: u64 = 1 << 4;
 pub(crate) const CR4_LA57: u64 = 1 << 12;
 pub(crate) const CR4_SMAP: u64 = 1 << 21;
+pub(crate) const CR4_PKE: u64 = 1 << 22;
 
 /// Where the long-mode tables live in guest memory: `base` .. `base + LongMode::SIZE`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

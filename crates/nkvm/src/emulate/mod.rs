@@ -188,13 +188,11 @@ pub fn complete(vcpu: &Vcpu, vm: &Vm, failure: &InternalError) -> Result<Emulate
     } else {
         sregs.ss.dpl
     };
-    let mem = GuestMemory {
-        vcpu,
-        vm,
-        cpl,
-        long_mode: sregs.efer & crate::mode::EFER_LMA != 0,
-        paging: paging::Paging::of(&sregs, regs.rflags),
-    };
+    let mut paging = paging::Paging::of(&sregs, regs.rflags);
+    if paging.needs_pkru() {
+        paging = paging.with_pkru(xsave::pkru(vcpu)?);
+    }
+    let mem = GuestMemory { vcpu, vm, cpl, long_mode: sregs.efer & crate::mode::EFER_LMA != 0, paging };
     let decode = |bytes: &[u8]| {
         let mut decoder = Decoder::with_ip(bitness, bytes, pc, DecoderOptions::NONE);
         let insn = decoder.decode();

@@ -4,13 +4,14 @@
 //! a write sets the dirty bit of the entry that maps the page, as the CPU
 //! does (a guest kernel relies on it to know which pages to write back).
 //! SMAP is checked (a supervisor access to a user page with CR4.SMAP set
-//! faults unless RFLAGS.AC allows it and the access is explicit);
-//! protection keys are not.
+//! faults unless RFLAGS.AC allows it and the access is explicit), and so
+//! are protection keys (CR4.PKE: PKRU's access- and write-disable bits for
+//! the key in a user page's leaf entry, bits 62:59).
 
 use super::EmulateError;
 use crate::mode::{
-    CR0_PG, CR0_WP, CR4_LA57, CR4_PAE, CR4_PSE, CR4_SMAP, EFER_LMA, PTE_ACCESSED as ACCESSED, PTE_DIRTY as DIRTY,
-    PTE_HUGE as HUGE, PTE_PRESENT as PRESENT, PTE_USER as USER, PTE_WRITE as WRITABLE,
+    CR0_PG, CR0_WP, CR4_LA57, CR4_PAE, CR4_PKE, CR4_PSE, CR4_SMAP, EFER_LMA, PTE_ACCESSED as ACCESSED,
+    PTE_DIRTY as DIRTY, PTE_HUGE as HUGE, PTE_PRESENT as PRESENT, PTE_USER as USER, PTE_WRITE as WRITABLE,
 };
 use crate::{GuestAddress, Sregs, Vm};
 
@@ -27,12 +28,29 @@ pub(super) struct Paging {
     /// RFLAGS.AC, which lets explicit supervisor accesses reach user pages
     /// under SMAP.
     ac: bool,
+    /// PKRU, when CR4.PKE makes protection keys apply (long mode only).
+    pkru: Option<u32>,
 }
+
+/// The #PF error code's protection-key bit.
+const PF_PK: u32 = 1 << 5;
 
 impl Paging {
     pub(super) fn of(sregs: &Sregs, rflags: u64) -> Self {
         const RFLAGS_AC: u64 = 1 << 18;
-        Self { cr0: sregs.cr0, cr3: sregs.cr3, cr4: sregs.cr4, efer: sregs.efer, ac: rflags & RFLAGS_AC != 0 }
+        let (cr0, cr3, cr4, efer) = (sregs.cr0, sregs.cr3, sregs.cr4, sregs.efer);
+        Self { cr0, cr3, cr4, efer, ac: rflags & RFLAGS_AC != 0, pkru: None }
+    }
+
+    /// Whether protection keys apply (CR4.PKE in long mode): then the
+    /// caller reads PKRU and gives it with [`Paging::with_pkru`].
+    pub(super) fn needs_pkru(&self) -> bool {
+        self.cr4 & CR4_PKE != 0 && self.efer & EFER_LMA != 0
+    }
+
+    /// The same state with PKRU's value.
+    pub(super) fn with_pkru(self, pkru: u32) -> Self {
+        Self { pkru: Some(pkru), ..self }
     }
 
     /// The same state for an implicit supervisor access (a descriptor
@@ -44,7 +62,7 @@ impl Paging {
     /// The same state for fetching instruction bytes, which SMAP does not
     /// govern (SMEP does, and KVM already fetched the instruction).
     pub(super) fn fetch(self) -> Self {
-        Self { ac: true, ..self }
+        Self { ac: true, pkru: None, ..self }
     }
 
     /// Checks an access to `gva` (which `KVM_TRANSLATE` found mapped) at
@@ -61,9 +79,16 @@ impl Paging {
         let user_access = cpl == 3;
         let smap = !user_access && user && self.cr4 & CR4_SMAP != 0 && !self.ac;
         let denied = smap || (user_access && !user) || (write && !writable && (user_access || self.cr0 & CR0_WP != 0));
+        let code = 1 | if write { 1 << 1 } else { 0 } | if user_access { 1 << 2 } else { 0 };
         if denied {
-            let code = 1 | if write { 1 << 1 } else { 0 } | if user_access { 1 << 2 } else { 0 };
             return Ok(Err(code));
+        }
+        if let (Some(pkru), true) = (self.pkru, user) {
+            let key = (leaf >> 59) & 0xf;
+            let (access_off, write_off) = (pkru >> (2 * key) & 1 != 0, pkru >> (2 * key + 1) & 1 != 0);
+            if access_off || (write && write_off && (user_access || self.cr0 & CR0_WP != 0)) {
+                return Ok(Err(code | PF_PK));
+            }
         }
         if write && leaf & DIRTY == 0 {
             let entry = leaf | DIRTY | ACCESSED;
@@ -161,5 +186,34 @@ mod tests {
         assert_eq!(check(Paging::of(&sregs, AC), 0), Ok(()), "RFLAGS.AC (stac) lets an explicit access through");
         assert_eq!(check(Paging::of(&sregs, AC).implicit(), 0), Err(3), "but not an implicit one");
         assert_eq!(check(Paging::of(&sregs, 0).fetch(), 0), Ok(()), "instruction bytes are not data");
+    }
+
+    /// Protection keys on the same kind of tables: a user page with key 5.
+    #[test]
+    fn protection_keys_deny_what_pkru_disables_for_the_page_key() {
+        let hv = Hypervisor::open().unwrap();
+        let vm = Vm::new(&hv, &VmConfig { memory: 4 << 20, ..Default::default() }).unwrap();
+        let bits = PRESENT | WRITABLE | USER;
+        for (at, entry) in [(0x1000, 0x2000 | bits), (0x2000, 0x3000 | bits), (0x3000, HUGE | bits | 5 << 59)] {
+            vm.write_memory(GuestAddress(at), &entry.to_le_bytes()).unwrap();
+        }
+        let sregs = Sregs {
+            cr0: CR0_PG | CR0_WP | 1,
+            cr3: 0x1000,
+            cr4: CR4_PAE | CR4_PKE,
+            efer: EFER_LMA,
+            ..Default::default()
+        };
+        let paging = Paging::of(&sregs, 0);
+        assert!(paging.needs_pkru());
+        let check = |pkru: u32, write, cpl| paging.with_pkru(pkru).check(&vm, 0x5000, write, cpl).unwrap();
+        let (ad, wd) = (1 << 10, 1 << 11); // key 5's access- and write-disable bits
+        assert_eq!(check(0, true, 3), Ok(()), "PKRU 0: everything allowed");
+        assert_eq!(check(wd, false, 3), Ok(()), "write-disabled: reads pass");
+        assert_eq!(check(wd, true, 3), Err(0x27), "#PF: present, write, user, protection key");
+        assert_eq!(check(wd, true, 0), Err(0x23), "the kernel too, with CR0.WP");
+        assert_eq!(check(ad, false, 3), Err(0x25), "access-disabled: reads fault");
+        assert_eq!(check(0b11, true, 3), Ok(()), "key 0's bits do not touch key 5's page");
+        assert_eq!(paging.with_pkru(ad).fetch().check(&vm, 0x5000, false, 3).unwrap(), Ok(()), "fetches are not data");
     }
 }

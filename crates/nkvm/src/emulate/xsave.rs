@@ -72,6 +72,20 @@ impl Layout {
     }
 }
 
+/// PKRU (state component 9) from the vCPU's XSAVE image: 0, its initial
+/// value, when XSTATE_BV says it is in its initial state or CPUID does not
+/// place it.
+pub(super) fn pkru(vcpu: &crate::Vcpu) -> Result<u32, EmulateError> {
+    const PKRU: usize = 9;
+    let image = vcpu.xsave()?;
+    let layout = Layout::of(&vcpu.cpuid()?);
+    if image.len() < EXTENDED || u64_at(&image, HEADER) & (1 << PKRU) == 0 {
+        return Ok(0);
+    }
+    let Some(&(at, _, 4..)) = layout.placed(PKRU, 0).as_deref().and_then(|p| p.first()) else { return Ok(0) };
+    Ok(image.get(at..at + 4).map_or(0, |b| u32::from_le_bytes(b.try_into().expect("4 bytes"))))
+}
+
 /// The state components whose bits are set in `mask`.
 fn bits(mask: u64) -> impl Iterator<Item = usize> {
     (0..63).filter(move |i| mask & (1 << i) != 0)
