@@ -173,6 +173,14 @@ pub enum WireError {
         /// The tag of the reply.
         tag: u32,
     },
+    /// A state chunk that belongs to another request than the one whose
+    /// answer (or state to load) is being read.
+    WrongChunkTag {
+        /// The tag being read.
+        expected: u32,
+        /// The chunk's tag.
+        got: u32,
+    },
     /// The VM side tried to send a request with a tag already in flight.
     DuplicateTag {
         /// The tag.
@@ -240,7 +248,15 @@ impl fmt::Display for WireError {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         use WireError::*;
         match self {
-            Io(e) => write!(f, "socket I/O failed ({})", e.kind()),
+            Io(e) => match e.kind() {
+                io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut => {
+                    write!(f, "the peer did not answer within the socket's timeout")
+                }
+                io::ErrorKind::BrokenPipe | io::ErrorKind::ConnectionReset | io::ErrorKind::UnexpectedEof => {
+                    write!(f, "the peer closed the connection ({})", e.kind())
+                }
+                kind => write!(f, "socket I/O failed ({kind})"),
+            },
             ShortRead { got, expected } => {
                 write!(f, "short read: the stream ended after {got} of the {expected} bytes of a frame")
             }
@@ -299,6 +315,9 @@ impl fmt::Display for WireError {
             UnknownTag { tag } => {
                 write!(f, "reply for tag {tag:#x}, which was never sent, was posted, or was already answered")
             }
+            WrongChunkTag { expected, got } => {
+                write!(f, "a state chunk for tag {got:#x} came while the state of tag {expected:#x} was being read")
+            }
             DuplicateTag { tag } => write!(f, "tag {tag:#x} is already in flight"),
             ReplyMismatch { tag, request, reply } => {
                 write!(f, "reply for tag {tag:#x} is a {reply}, but the request was a {request}")
@@ -353,8 +372,12 @@ mod tests {
     #[test]
     fn io_error_keeps_its_cause_as_source() {
         let err = WireError::from(io::Error::new(io::ErrorKind::BrokenPipe, "gone"));
-        assert_eq!(err.to_string(), "socket I/O failed (broken pipe)");
+        assert_eq!(err.to_string(), "the peer closed the connection (broken pipe)");
         assert_eq!(err.source().map(|s| s.to_string()).as_deref(), Some("gone"));
+        let err = WireError::from(io::Error::new(io::ErrorKind::TimedOut, "late"));
+        assert_eq!(err.to_string(), "the peer did not answer within the socket's timeout");
+        let err = WireError::from(io::Error::new(io::ErrorKind::PermissionDenied, "no"));
+        assert_eq!(err.to_string(), "socket I/O failed (permission denied)");
     }
 
     #[test]

@@ -91,8 +91,10 @@ pub enum Exit {
         cpu: u32,
     },
     /// The device behind an attached I/O region failed while serving this
-    /// vCPU (reported once; its reads now return all ones). See
-    /// [`Vm::io_region_failures`](crate::Vm::io_region_failures).
+    /// vCPU, or while a flush of posted writes, the coalesced ring or a
+    /// detach waited for it (then returned by the next entry of any vCPU,
+    /// without entering the guest). Reported once; its reads now return
+    /// all ones. See [`Vm::io_region_failures`](crate::Vm::io_region_failures).
     IoRegionFailed {
         /// The region.
         id: crate::io::RegionId,

@@ -19,9 +19,12 @@
 //! **Failure.** A device that closes its socket, sends garbage, or does not
 //! answer within the region's timeout is marked failed: its reads return all
 //! ones (as a PCI master abort does), its writes are dropped, the VM keeps
-//! running, and the next `enter_guest` on the vCPU that found it returns
-//! [`Exit::IoRegionFailed`](crate::Exit::IoRegionFailed) once; the reason is
-//! kept in [`Vm::io_region_failures`](crate::Vm::io_region_failures).
+//! running, and the vCPU whose access found it returns
+//! [`Exit::IoRegionFailed`](crate::Exit::IoRegionFailed) once (a failure
+//! found by a flush of posted writes, the coalesced ring or a detach is
+//! returned by the next `enter_guest` of any vCPU, before it enters the
+//! guest); the reason is kept in
+//! [`Vm::io_region_failures`](crate::Vm::io_region_failures).
 //!
 //! ```no_run
 //! use std::os::unix::net::UnixStream;
@@ -217,6 +220,9 @@ pub struct RegionFailure {
     pub reason: String,
 }
 
+// One per region, inside its `Arc<Attached>`: the socket variant's size
+// costs nothing, and boxing it would add a pointer chase to every access.
+#[allow(clippy::large_enum_variant)]
 enum Backend {
     Socket(Mutex<Option<Client<SpinStream, SpinStream>>>),
     Handler(Mutex<Box<dyn IoHandler>>),
@@ -266,6 +272,12 @@ pub(crate) struct IoRegions {
     /// so another vCPU's flush never skips what it still has to send).
     posted_regions: AtomicUsize,
     failures: Mutex<Vec<RegionFailure>>,
+    /// Failures found where no access could report them (a flush of posted
+    /// writes, the coalesced ring, a detach): the next `enter_guest` of any
+    /// vCPU returns `Exit::IoRegionFailed` for each, before it enters.
+    unreported: Mutex<Vec<RegionId>>,
+    /// Whether `unreported` has any: the entry path's cheap check.
+    any_unreported: AtomicBool,
     /// Posted MMIO regions registered as KVM coalesced-MMIO zones: their
     /// writes go to the VM's coalesced ring without an exit.
     coalesced: Mutex<Vec<RegionId>>,
@@ -366,6 +378,7 @@ impl IoRegions {
                 if let Some(c) = client.as_mut() {
                     if let Err(e) = c.sync() {
                         self.fail(&region, &mut client, &e);
+                        self.unreported(region.id);
                     }
                 }
                 self.clear_posted(&region);
@@ -444,6 +457,29 @@ impl IoRegions {
         }
     }
 
+    /// A failure no access reported, for the next entry to.
+    pub(super) fn unreported(&self, id: RegionId) {
+        self.unreported.lock().unwrap_or_else(|p| p.into_inner()).push(id);
+        self.any_unreported.store(true, AtomicOrdering::SeqCst);
+    }
+
+    /// The oldest failure no exit has reported yet, taken.
+    #[inline]
+    pub(crate) fn take_unreported(&self) -> Option<RegionId> {
+        if !self.any_unreported.load(AtomicOrdering::Relaxed) {
+            return None;
+        }
+        self.take_unreported_slow()
+    }
+
+    #[cold]
+    fn take_unreported_slow(&self) -> Option<RegionId> {
+        let mut unreported = self.unreported.lock().unwrap_or_else(|p| p.into_inner());
+        let id = (!unreported.is_empty()).then(|| unreported.remove(0));
+        self.any_unreported.store(!unreported.is_empty(), AtomicOrdering::SeqCst);
+        id
+    }
+
     pub(crate) fn failures(&self) -> Vec<RegionFailure> {
         self.failures.lock().unwrap_or_else(|p| p.into_inner()).clone()
     }
@@ -498,14 +534,7 @@ impl IoRegions {
                 let Some(c) = guard.as_mut() else {
                     return Some(Served { value: all_ones, failed: None });
                 };
-                let Ok(access) = AccessSize::from_bytes(u64::from(size)) else {
-                    return Some(Served { value: all_ones, failed: None });
-                };
-                let result = match write {
-                    Some(data) if posted => c.post(offset, access, data).map(|_| 0),
-                    Some(data) => c.write(offset, access, data).map(|_| 0),
-                    None => c.read(offset, access),
-                };
+                let result = socket_access(c, offset, size, write, posted);
                 match result {
                     Ok(value) => {
                         if posted {
@@ -523,7 +552,11 @@ impl IoRegions {
     }
 
     fn fail(&self, r: &Attached, client: &mut Option<Client<SpinStream, SpinStream>>, e: &WireError) {
-        *client = None;
+        // Without flushing what is queued: a device that stopped reading
+        // would hold this vCPU for another timeout.
+        if let Some(c) = client.take() {
+            c.abandon();
+        }
         let reason = match e {
             WireError::Io(io) if matches!(io.kind(), std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut) => {
                 "the device did not answer in time".to_string()
@@ -538,6 +571,41 @@ impl IoRegions {
             reason,
         });
     }
+}
+
+/// One access of `size` bytes (1 to 8) over a socket region. The wire
+/// carries 1, 2, 4 and 8 bytes; KVM splits an access that crosses a page
+/// into pieces of 3, 5, 6 or 7 bytes, which go as consecutive accesses
+/// of the sizes that make them up, lowest address first (the value
+/// little-endian across them, as the CPU's own split would be).
+fn socket_access(
+    c: &mut Client<SpinStream, SpinStream>,
+    offset: u64,
+    size: u8,
+    write: Option<u64>,
+    posted: bool,
+) -> Result<u64, WireError> {
+    if let Ok(access) = AccessSize::from_bytes(u64::from(size)) {
+        return match write {
+            Some(data) if posted => c.post(offset, access, data).map(|_| 0),
+            Some(data) => c.write(offset, access, data).map(|_| 0),
+            None => c.read(offset, access),
+        };
+    }
+    let (mut value, mut done) = (0u64, 0u8);
+    while done < size.min(8) {
+        let piece = [4u8, 2, 1].into_iter().find(|&p| p <= size - done).unwrap_or(1);
+        let access = AccessSize::from_bytes(u64::from(piece))?;
+        let at = offset + u64::from(done);
+        let shift = 8 * u32::from(done);
+        match write {
+            Some(data) if posted => c.post(at, access, data >> shift)?,
+            Some(data) => c.write(at, access, data >> shift)?,
+            None => value |= c.read(at, access)? << shift,
+        }
+        done += piece;
+    }
+    Ok(value)
 }
 
 fn check_range(range: IoRange) -> Result<(), IoRegionError> {

@@ -187,6 +187,17 @@ impl Vcpu {
     /// Returns [`Exit::Kicked`] when another thread used this vCPU's
     /// [`Kicker`].
     pub fn enter_guest(&mut self, run: &mut RunState) -> Result<Exit, VcpuError> {
+        // A device failure a flush found, reported without entering: the
+        // read the caller completed stays in `run` for the next entry.
+        if let Some(id) = self.links.io.take_unreported() {
+            let exit = Exit::IoRegionFailed { id };
+            if !self.tracers.is_empty() {
+                // Traced as an exit after no time in the guest.
+                let now = self.emit_pending(true);
+                self.trace.last = Some((exit.clone(), Duration::ZERO, now));
+            }
+            return Ok(exit);
+        }
         let (mut completion, mut string_in) = run.take_completion().map_err(|p| self.read_not_completed(p))?;
         let tracing = !self.tracers.is_empty();
         // When tracing: when this trip into the guest started.

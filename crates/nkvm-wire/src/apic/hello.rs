@@ -100,6 +100,7 @@ pub fn vm_handshake(
 ///
 /// [`WireError::ShortRead`] if the VM side closes first;
 /// [`WireError::UnexpectedFrame`] if the first frame is not a hello;
+/// [`WireError::BadVersionRange`] (no hello-ack sent);
 /// [`WireError::NoCommonVersion`]; any I/O or decoding error.
 pub fn device_handshake(
     r: &mut impl Read,
@@ -111,6 +112,7 @@ pub fn device_handshake(
         Some(other) => return Err(WireError::UnexpectedFrame { expected: "hello", found: other.name() }),
         None => return Err(WireError::ShortRead { got: 0, expected: Hello::FRAME_LEN }),
     };
+    hello.versions.validate()?;
     let ack = HelloAck::answer(supported, hello.versions, hello.bus_id);
     write_frame(w, &ApicFrame::HelloAck(ack))?;
     w.flush()?;

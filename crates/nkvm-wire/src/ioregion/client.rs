@@ -10,15 +10,19 @@ use super::{
 };
 use crate::error::WireError;
 use crate::handshake::VersionRange;
-use crate::spin::SpinStream;
+use crate::spin::{Deadline, SpinStream};
 
 /// The VM side of one I/O-region connection.
 ///
 /// Every method that waits for a reply first flushes the posted writes
 /// queued before it, so the device sees them in guest order. Any error
 /// leaves the connection unusable: drop the client.
+///
+/// Each answer (a reply, the hello-ack, a state load's answer) is one
+/// [`Deadline`] transaction: over a [`SpinStream`] the socket's read
+/// timeout bounds the whole answer, however it is cut up.
 #[derive(Debug)]
-pub struct Client<R: Read, W: Write> {
+pub struct Client<R: Read + Deadline, W: Write> {
     reader: R,
     writer: BufWriter<W>,
     handshake: Handshake,
@@ -60,7 +64,7 @@ impl Client<UnixStream, UnixStream> {
     }
 }
 
-impl<R: Read, W: Write> Client<R, W> {
+impl<R: Read + Deadline, W: Write> Client<R, W> {
     /// Handshake for `region`, offering [`VersionRange::IO_REGION`].
     ///
     /// # Errors
@@ -68,7 +72,10 @@ impl<R: Read, W: Write> Client<R, W> {
     /// The errors of [`vm_handshake`].
     pub fn connect(mut reader: R, writer: W, region: RegionInfo) -> Result<Self, WireError> {
         let mut writer = BufWriter::new(writer);
-        let handshake = vm_handshake(&mut reader, &mut writer, region, VersionRange::IO_REGION)?;
+        reader.begin();
+        let handshake = vm_handshake(&mut reader, &mut writer, region, VersionRange::IO_REGION);
+        reader.end();
+        let handshake = handshake?;
         Ok(Client { reader, writer, handshake, in_flight: InFlight::new(), state_deadline: STATE_DEADLINE })
     }
 
@@ -174,7 +181,10 @@ impl<R: Read, W: Write> Client<R, W> {
             write_frame(&mut self.writer, &IoFrame::StateChunk(chunk))?;
         }
         self.flush()?;
-        let loaded = match read_frame(&mut self.reader)? {
+        self.reader.begin();
+        let answer = read_frame(&mut self.reader);
+        self.reader.end();
+        let loaded = match answer? {
             Some(IoFrame::StateLoaded(loaded)) if loaded.tag == tag => loaded,
             Some(IoFrame::StateLoaded(other)) => return Err(WireError::UnknownTag { tag: other.tag }),
             Some(other) => return Err(WireError::UnexpectedFrame { expected: "state loaded", found: other.name() }),
@@ -226,6 +236,14 @@ impl<R: Read, W: Write> Client<R, W> {
         self.writer.flush().map_err(WireError::Io)
     }
 
+    /// Drops the connection without sending what is queued (posted writes
+    /// not yet flushed): dropping the client instead flushes them first,
+    /// which against a device that stopped reading waits out the write
+    /// timeout again.
+    pub fn abandon(self) {
+        let (_writer, _unsent) = self.writer.into_parts();
+    }
+
     fn write_request(&mut self, offset: u64, size: AccessSize, data: u64, posted: bool) -> Request {
         Request::Write {
             tag: self.in_flight.next_tag(),
@@ -242,7 +260,10 @@ impl<R: Read, W: Write> Client<R, W> {
         self.in_flight.track(&request)?;
         write_frame(&mut self.writer, &IoFrame::Request(request))?;
         self.flush()?;
-        match read_frame(&mut self.reader)? {
+        self.reader.begin();
+        let answer = read_frame(&mut self.reader);
+        self.reader.end();
+        match answer? {
             Some(IoFrame::Reply(reply)) => {
                 self.in_flight.complete(&reply)?;
                 Ok(reply)

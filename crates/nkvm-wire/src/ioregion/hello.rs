@@ -151,8 +151,8 @@ pub fn vm_handshake(
 ///
 /// [`WireError::ShortRead`] if the VM side closes first;
 /// [`WireError::UnexpectedFrame`] if the first frame is not a hello;
-/// [`WireError::BadRegion`]; [`WireError::NoCommonVersion`]; any I/O or
-/// decoding error.
+/// [`WireError::BadRegion`]; [`WireError::BadVersionRange`] (no hello-ack
+/// sent); [`WireError::NoCommonVersion`]; any I/O or decoding error.
 pub fn device_handshake(
     r: &mut impl Read,
     w: &mut impl Write,
@@ -164,6 +164,7 @@ pub fn device_handshake(
         None => return Err(WireError::ShortRead { got: 0, expected: Hello::FRAME_LEN }),
     };
     hello.region.validate()?;
+    hello.versions.validate()?;
     let ack = HelloAck::answer(supported, hello.versions, hello.region.id);
     write_frame(w, &IoFrame::HelloAck(ack))?;
     w.flush()?;

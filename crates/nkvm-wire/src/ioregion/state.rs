@@ -307,14 +307,14 @@ impl StateAssembly {
     ///
     /// # Errors
     ///
-    /// [`WireError::UnknownTag`] for another request's chunk,
+    /// [`WireError::WrongChunkTag`] for another request's chunk,
     /// [`WireError::NoDeviceState`] if the model has none,
     /// [`WireError::StateTooLarge`] past [`MAX_STATE_LEN`], and
     /// [`WireError::BadStateChunk`] for a chunk out of place (a gap, an
     /// overlap, a total that changes, an empty chunk before the end).
     pub fn push(&mut self, chunk: &StateChunk) -> Result<Option<Vec<u8>>, WireError> {
         if chunk.tag != self.tag {
-            return Err(WireError::UnknownTag { tag: chunk.tag });
+            return Err(WireError::WrongChunkTag { expected: self.tag, got: chunk.tag });
         }
         let bad =
             |reason| Err(WireError::BadStateChunk { offset: chunk.offset, len: chunk.len, total: chunk.total, reason });
@@ -382,7 +382,7 @@ mod tests {
         let chunks = StateChunk::split(1, Some(&state));
         let err = |chunks: &[StateChunk], tag| join(chunks, tag).unwrap_err().to_string();
         assert_eq!(err(&StateChunk::split(1, None), 1), "the device model has no saved state");
-        assert!(err(&chunks, 2).starts_with("reply for tag 0x1, which was never sent"));
+        assert_eq!(err(&chunks, 2), "a state chunk for tag 0x1 came while the state of tag 0x2 was being read");
         assert!(err(&[chunks[0], chunks[2]], 1).contains("does not start where the one before ended"));
         let mut other_total = chunks[1];
         other_total.total = 80;

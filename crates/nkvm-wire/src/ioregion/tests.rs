@@ -268,6 +268,17 @@ fn version_refusal_is_reported_on_both_sides() {
 }
 
 #[test]
+fn a_hello_with_a_malformed_version_range_is_refused_without_an_ack() {
+    for (min, max) in [(0, 2), (2, 1)] {
+        let input = Hello { versions: VersionRange { min, max }, region: REGION }.encode();
+        let mut out = Vec::new();
+        let err = device_handshake(&mut &input[..], &mut out, VersionRange::IO_REGION).unwrap_err();
+        assert!(matches!(err, WireError::BadVersionRange { .. }), "{min}..={max}: {err}");
+        assert!(out.is_empty(), "{min}..={max}: no hello-ack");
+    }
+}
+
+#[test]
 fn device_handshake_wants_a_hello_first() {
     let mut input = read(0, AccessSize::Byte).encode().to_vec();
     let err = device_handshake(&mut &input[..], &mut Vec::new(), VersionRange::CURRENT).unwrap_err();

@@ -33,8 +33,13 @@ impl IoRegions {
     pub(crate) fn drain_coalesced(&self, mut next: impl FnMut() -> Option<(u64, u8, u64)>) {
         let _ring = self.ring_lock.lock().unwrap_or_else(|p| p.into_inner());
         while let Some((addr, size, data)) = next() {
-            if self.access(IoSpace::Mmio, addr, size, Some(data)).is_none() {
-                log::warn!("coalesced write to {addr:#x} has no region (detached?); dropped");
+            match self.access(IoSpace::Mmio, addr, size, Some(data)) {
+                None => log::warn!("coalesced write to {addr:#x} has no region (detached?); dropped"),
+                Some(served) => {
+                    if let Some(id) = served.failed {
+                        self.unreported(id);
+                    }
+                }
             }
         }
     }
@@ -68,6 +73,7 @@ impl IoRegions {
             if let Some(c) = client.as_mut() {
                 if let Err(e) = c.sync() {
                     self.fail(r, &mut client, &e);
+                    self.unreported(r.id);
                 }
             }
             self.clear_posted(r);

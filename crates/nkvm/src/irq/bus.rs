@@ -203,32 +203,33 @@ impl crate::Vm {
     /// overtake messages still in the socket).
     pub fn attach_apic_bus_with(&self, socket: UnixStream, options: ApicBusOptions) -> Result<(), IrqError> {
         use nkvm_wire::handshake::VersionRange;
+        use nkvm_wire::spin::Deadline;
         self.need_irqchip("an APIC bus")?;
         let attached = |bus: &Option<Arc<ApicBusEnd>>| bus.as_ref().is_some_and(|b| b.alive.load(Ordering::SeqCst));
         if attached(&self.irq.bus.read().unwrap_or_else(|p| p.into_inner())) {
             return Err(IrqError::BusAttached);
         }
-        let mut reader = socket.try_clone().map_err(IrqError::Socket)?;
-        let mut writer = socket;
         // A peer that never answers fails the attach; one that stops
         // reading fails the bus at an EOI, never blocking a vCPU for good.
-        reader.set_read_timeout(Some(BUS_TIMEOUT)).map_err(IrqError::Socket)?;
-        reader.set_write_timeout(Some(BUS_TIMEOUT)).map_err(IrqError::Socket)?;
+        socket.set_read_timeout(Some(BUS_TIMEOUT)).map_err(IrqError::Socket)?;
+        socket.set_write_timeout(Some(BUS_TIMEOUT)).map_err(IrqError::Socket)?;
+        // After each message, poll briefly before blocking: interrupts come
+        // in bursts, and a wake-up costs ~40 us on a nested host.
+        let (mut reader, mut writer) = nkvm_wire::spin::SpinStream::pair(socket, std::time::Duration::from_micros(50))
+            .map_err(IrqError::Socket)?;
         let versions = if options.fast_paths { VersionRange::APIC_BUS } else { VersionRange::CURRENT };
-        // Not under the bus lock: EOIs of a bus being replaced do not wait on it.
-        let handshake =
-            nkvm_wire::apic::vm_handshake(&mut reader, &mut writer, 1, versions).map_err(IrqError::Handshake)?;
-        drop(writer);
+        // Not under the bus lock: EOIs of a bus being replaced do not wait
+        // on it. One deadline for the whole hello-ack, however it is cut up.
+        reader.begin();
+        let handshake = nkvm_wire::apic::vm_handshake(&mut reader, &mut writer, 1, versions);
+        reader.end();
+        let handshake = handshake.map_err(IrqError::Handshake)?;
         // The bus thread waits for messages as long as it takes.
-        reader.set_read_timeout(None).map_err(IrqError::Socket)?;
+        reader.get_ref().set_read_timeout(None).map_err(IrqError::Socket)?;
         let mut bus = self.irq.bus.write().unwrap_or_else(|p| p.into_inner());
         if attached(&bus) {
             return Err(IrqError::BusAttached);
         }
-        // After each message, poll briefly before blocking: interrupts come
-        // in bursts, and a wake-up costs ~40 us on a nested host.
-        let (mut reader, writer) = nkvm_wire::spin::SpinStream::pair(reader, std::time::Duration::from_micros(50))
-            .map_err(IrqError::Socket)?;
         let control = writer.get_ref().try_clone().map_err(IrqError::Socket)?;
         let end = Arc::new(ApicBusEnd::new(EoiPath::Socket(Mutex::new(writer)), Some(control)));
         *bus = Some(end.clone());
