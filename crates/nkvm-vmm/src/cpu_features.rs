@@ -9,6 +9,10 @@
 //!
 //! [`msrs_cpuid_lacks`]: the MSRs a guest must not reach because its CPUID
 //! does not offer them (nkvm denies them with KVM's MSR filter).
+//!
+//! [`hide_nested`]: VMX and SVM, always hidden: nkvm does not save nested
+//! virtualization state, so a guest hypervisor would not survive a
+//! snapshot or a migration.
 
 use std::str::FromStr;
 
@@ -126,6 +130,26 @@ fn has(cpuid: &nkvm::Cpuid, leaf: u32, reg: usize, bit: u32) -> bool {
     })
 }
 
+/// Clears VMX (leaf 1 ECX bit 5) and SVM (leaf 0x8000_0001 ECX bit 2):
+/// nkvm's saved state has no `KVM_GET_NESTED_STATE`, so a guest in VMX or
+/// SVM operation would find it gone after a restore (its next VMX
+/// instruction a #UD). Returns the names of what it hid.
+pub fn hide_nested(cpuid: &mut nkvm::Cpuid) -> Vec<&'static str> {
+    let mut hidden = Vec::new();
+    for e in cpuid.as_mut_slice().iter_mut() {
+        let (bit, name) = match e.function {
+            1 => (5, "vmx"),
+            0x8000_0001 => (2, "svm"),
+            _ => continue,
+        };
+        if e.ecx & (1 << bit) != 0 {
+            e.ecx &= !(1 << bit);
+            hidden.push(name);
+        }
+    }
+    hidden
+}
+
 /// The MSRs whose feature `cpuid` does not offer, among those KVM lets a
 /// guest touch anyway on some hosts (this one: `IA32_FLUSH_CMD` writes
 /// succeed with no `FLUSH_L1D`), where a CPU of that model raises #GP:
@@ -157,6 +181,18 @@ pub fn msrs_cpuid_lacks(cpuid: &nkvm::Cpuid) -> Vec<u32> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn vmx_and_svm_are_hidden_and_nothing_else() {
+        let mut cpuid = nkvm::Cpuid::new(2).unwrap();
+        let entries = cpuid.as_mut_slice();
+        (entries[0].function, entries[0].ecx) = (1, u32::MAX);
+        (entries[1].function, entries[1].ecx) = (0x8000_0001, u32::MAX);
+        assert_eq!(hide_nested(&mut cpuid), ["vmx", "svm"]);
+        let ecx: Vec<u32> = cpuid.as_slice().iter().map(|e| e.ecx).collect();
+        assert_eq!(ecx, [!(1 << 5), !(1 << 2)]);
+        assert!(hide_nested(&mut cpuid).is_empty(), "nothing left to hide");
+    }
 
     #[test]
     fn names_parse_and_only_hiding_is_accepted() {

@@ -132,6 +132,12 @@ impl KickShared {
         self.state.load(Ordering::SeqCst) & IN_GUEST != 0
     }
 
+    /// Whether a [`Kicker`]'s kick or a poke waits to be consumed (without
+    /// consuming it).
+    pub(crate) fn pending(&self) -> bool {
+        self.user.load(Ordering::SeqCst) || self.poke.load(Ordering::SeqCst)
+    }
+
     /// Consumes a pending kick; returns whether it came from a [`Kicker`].
     pub(crate) fn take(&self) -> bool {
         self.run.take_immediate_exit();

@@ -164,7 +164,12 @@ fn configure_vcpu(
     config: &MachineConfig,
     shared: &Shared,
 ) -> Result<(), MachineError> {
-    vcpu.set_cpuid(cpuid)?;
+    let mut cpuid = cpuid.clone();
+    let hidden = crate::cpu_features::hide_nested(&mut cpuid);
+    if !hidden.is_empty() && vcpu.id() == 0 {
+        log::info!("CPUID: hiding {} (nkvm does not save nested virtualization state)", hidden.join(", "));
+    }
+    vcpu.set_cpuid(&cpuid)?;
     if config.hyperv {
         vcpu.enable_hyperv_synic()?;
     }

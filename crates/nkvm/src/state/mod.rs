@@ -102,6 +102,22 @@ pub enum StateError {
         /// The new exit.
         exit: Exit,
     },
+    /// The saved TSC frequency cannot be set on this host (KVM needs TSC
+    /// scaling in hardware to run a guest's TSC at another rate than the
+    /// host's).
+    #[error(
+        "vCPU {id}: the state's TSC runs at {khz} kHz, and this host's KVM cannot set that rate (no TSC scaling?); \
+         restore on a host with the same TSC frequency or with TSC scaling"
+    )]
+    TscRate {
+        /// vCPU id.
+        id: u32,
+        /// The saved frequency.
+        khz: u32,
+        /// KVM's error.
+        #[source]
+        source: kvm_ioctls::Error,
+    },
 }
 
 impl Hypervisor {

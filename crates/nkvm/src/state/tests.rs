@@ -145,7 +145,7 @@ fn sections_have_the_documented_sizes() {
     // docs/state-format.md, the vCPU sections' payload lengths.
     let state = sample();
     let blob = state.encode();
-    let sizes: [(u16, usize); 13] = [
+    let sizes: [(u16, usize); 14] = [
         (1, 4),
         (2, 4 + 28 * state.cpuid.len()),
         (3, 144),
@@ -159,6 +159,7 @@ fn sections_have_the_documented_sizes() {
         (11, 37),
         (12, 4),
         (13, 56),
+        (15, 4),
     ];
     let mut end = HEADER_LEN;
     for (tag, size) in sizes {

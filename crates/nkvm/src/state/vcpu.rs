@@ -61,6 +61,11 @@ pub struct VcpuState {
     /// restore they wait again, so an interrupt an 8259 already
     /// acknowledged is not lost with its in-service bit left set.
     pub pending_lint: PendingLint,
+    /// The guest's TSC frequency in kHz (`KVM_GET_TSC_KHZ`; `None` where
+    /// KVM cannot say). A restore on a host whose TSC runs at another rate
+    /// sets it (`KVM_SET_TSC_KHZ`, which needs TSC scaling), so that the
+    /// guest's clock keeps its rate after a migration.
+    pub tsc_khz: Option<u32>,
 }
 
 /// LINT requests raised but not yet delivered, as saved in a [`VcpuState`].
@@ -95,11 +100,17 @@ impl Vcpu {
     /// [`VcpuState::unreadable_msrs`].
     pub fn save_state(&mut self, run: &mut RunState) -> Result<VcpuState, StateError> {
         self.settle(run)?;
+        let kvm = |op, source| self.err(op, source);
+        // MP state first: reading it makes KVM act on a pending INIT/SIPI
+        // (reset the vCPU, jump to the SIPI vector), so every register read
+        // must come after it, and the events after it see what KVM still
+        // keeps latched. (QEMU reads it first for the same reason.)
+        let mp_state = self.fd.get_mp_state().map_err(|e| kvm("KVM_GET_MP_STATE", e))?.mp_state;
+        let events = self.events()?;
         let pending_lint = PendingLint {
             extint: self.lint.extint.lock().unwrap_or_else(|p| p.into_inner()).iter().copied().collect(),
             nmi: self.lint.nmi.load(std::sync::atomic::Ordering::SeqCst),
         };
-        let kvm = |op, source| self.err(op, source);
         let xsave = self.fd.get_xsave().map_err(|e| kvm("KVM_GET_XSAVE", e))?;
         let xcrs = self.fd.get_xcrs().map_err(|e| kvm("KVM_GET_XCRS", e))?;
         let nr_xcrs = (xcrs.nr_xcrs as usize).min(xcrs.xcrs.len());
@@ -110,6 +121,7 @@ impl Vcpu {
             Box::new([0; LAPIC_BYTES])
         };
         let (msrs, unreadable_msrs) = self.read_msrs()?;
+        let tsc_khz = self.fd.get_tsc_khz().ok().filter(|&khz| khz != 0);
         Ok(VcpuState {
             id: self.id(),
             cpuid: self.cpuid()?.as_slice().to_vec(),
@@ -121,15 +133,20 @@ impl Vcpu {
             msrs,
             unreadable_msrs,
             lapic,
-            events: self.events()?,
-            mp_state: self.fd.get_mp_state().map_err(|e| kvm("KVM_GET_MP_STATE", e))?.mp_state,
+            events,
+            mp_state,
             debug_regs: self.fd.get_debug_regs().map_err(|e| kvm("KVM_GET_DEBUGREGS", e))?,
             pending_lint,
+            tsc_khz,
         })
     }
 
     /// Writes `state` into this vCPU (which has not run yet, or whose state
     /// is to be replaced); the guest continues where the saved vCPU stopped.
+    /// An exit the vCPU left uncompleted (a read the caller never answered)
+    /// is finished first, its value thrown away, so that KVM does not apply
+    /// it over the restored state; the caller starts again with a new
+    /// [`RunState`].
     ///
     /// Order matters and is KVM's: CPUID (which MSRs and XCR0 bits are
     /// valid), special registers (paging mode, EFER, APIC base — which
@@ -143,6 +160,7 @@ impl Vcpu {
         if state.id != self.id() {
             return Err(StateError::VcpuIdMismatch { state: state.id, vcpu: self.id() });
         }
+        self.drop_pending_exit()?;
         let kvm = |op, source| self.err(op, source);
         let cpuid = Cpuid::from_entries(&state.cpuid)
             .map_err(|_| StateError::TooManyCpuidEntries { id: state.id, count: state.cpuid.len() })?;
@@ -167,6 +185,12 @@ impl Vcpu {
             let lapic = kvm_lapic_state { regs: state.lapic.map(|b| b as _) };
             self.fd.set_lapic(&lapic).map_err(|e| kvm("KVM_SET_LAPIC", e))?;
         }
+        // Before the MSRs: the TSC value is written at the rate it will run.
+        if let Some(khz) = state.tsc_khz {
+            if self.fd.get_tsc_khz().ok() != Some(khz) {
+                self.fd.set_tsc_khz(khz).map_err(|source| StateError::TscRate { id: state.id, khz, source })?;
+            }
+        }
         self.write_msrs(&state.msrs)?;
         let mp_state = kvm_mp_state { mp_state: state.mp_state };
         self.fd.set_mp_state(mp_state).map_err(|e| kvm("KVM_SET_MP_STATE", e))?;
@@ -187,6 +211,34 @@ impl Vcpu {
             // kick stays pending, so the next entry returns at once.
             exit => Err(StateError::NotSettled { id: self.id(), exit }),
         }
+    }
+
+    /// Lets KVM finish the instruction of the last exit without running the
+    /// guest (`KVM_RUN` with `immediate_exit`), whatever value it then
+    /// takes: what it writes, the restore overwrites. A string I/O
+    /// instruction may need user space again for each element: after a
+    /// few, the caller is asked to finish it.
+    fn drop_pending_exit(&mut self) -> Result<(), StateError> {
+        use crate::sys::run::Completion;
+        for _ in 0..16 {
+            let _inside = self.links.gate.enter(&self.kick);
+            let area = self.kick.run_area();
+            area.request_immediate_exit();
+            let result = area.run(&self.fd, Completion::None, None, false);
+            area.take_immediate_exit();
+            // A kick that came meanwhile (or before) still makes the next
+            // entry return at once.
+            if self.kick.pending() {
+                area.request_immediate_exit();
+            }
+            match result {
+                Ok(false) => return Ok(()),
+                Ok(true) => continue,
+                Err(e) => return Err(crate::VcpuError::Run { id: self.id(), source: e }.into()),
+            }
+        }
+        let exit = self.kick.run_area().decode(&mut Vec::new());
+        Err(StateError::NotSettled { id: self.id(), exit })
     }
 
     /// Puts saved LINT requests back in the queue `enter_guest` delivers
@@ -266,12 +318,14 @@ mod tag {
     pub(super) const MP_STATE: u16 = 12;
     pub(super) const DEBUG_REGS: u16 = 13;
     pub(super) const PENDING_LINT: u16 = 14;
+    pub(super) const TSC_KHZ: u16 = 15;
 }
 
 /// Sections written only when not empty.
-const OPTIONAL: &[(u16, &str)] = &[(tag::PENDING_LINT, "pending_lint")];
+const OPTIONAL: &[(u16, &str)] = &[(tag::PENDING_LINT, "pending_lint"), (tag::TSC_KHZ, "tsc_khz")];
 /// At most this many queued ExtINT vectors in a state.
-const MAX_EXTINT: u32 = 4096;
+/// At most one of each of the 256 vectors waits.
+const MAX_EXTINT: u32 = 256;
 
 const SECTIONS: &[(u16, &str)] = &[
     (tag::ID, "id"),
@@ -334,6 +388,9 @@ impl VcpuState {
                 o.u32(self.pending_lint.extint.len() as u32);
                 o.bytes(&self.pending_lint.extint);
             });
+        }
+        if let Some(khz) = self.tsc_khz {
+            w.section(tag::TSC_KHZ, |o| o.u32(khz));
         }
         w.finish()
     }
@@ -428,7 +485,25 @@ impl VcpuState {
                 v => return Err(r.invalid(at, "nmi", u64::from(v), "0 or 1")),
             };
             let n = r.count("count", MAX_EXTINT, 1)?;
-            pending_lint.extint = r.bytes(n)?.to_vec();
+            let at = r.offset();
+            let vectors = r.bytes(n)?;
+            let mut seen = [false; 256];
+            for (i, &v) in vectors.iter().enumerate() {
+                if std::mem::replace(&mut seen[usize::from(v)], true) {
+                    return Err(r.invalid(at + i, "vector", u64::from(v), "each vector at most once"));
+                }
+            }
+            pending_lint.extint = vectors.to_vec();
+            r.finish()?;
+        }
+        let mut tsc_khz = None;
+        if let Some(mut r) = s.get_optional(tag::TSC_KHZ) {
+            let at = r.offset();
+            let khz = r.u32()?;
+            if khz == 0 {
+                return Err(r.invalid(at, "tsc_khz", 0, "a frequency above 0"));
+            }
+            tsc_khz = Some(khz);
             r.finish()?;
         }
 
@@ -447,6 +522,7 @@ impl VcpuState {
             mp_state,
             debug_regs,
             pending_lint,
+            tsc_khz,
         })
     }
 }
@@ -501,6 +577,7 @@ pub(crate) mod tests {
             mp_state: 3,
             debug_regs,
             pending_lint: PendingLint::default(),
+            tsc_khz: Some(2_445_000),
         }
     }
 
@@ -520,5 +597,15 @@ pub(crate) mod tests {
         assert_eq!(blob.len(), plain.encode().len() + 8 + 1 + 4 + 2);
         assert_eq!(VcpuState::decode(&blob).unwrap(), with);
         assert_eq!(VcpuState::decode(&plain.encode()).unwrap().pending_lint, PendingLint::default());
+    }
+
+    /// An 8259 acknowledged each waiting vector once: a blob that queues
+    /// one twice would deliver it twice, and is refused.
+    #[test]
+    fn a_vector_queued_twice_is_refused_by_offset() {
+        let mut twice = sample();
+        twice.pending_lint = PendingLint { extint: vec![0x30, 0x31, 0x30], nmi: false };
+        let err = VcpuState::decode(&twice.encode()).unwrap_err().to_string();
+        assert!(err.contains("vector") && err.contains("each vector at most once"), "{err}");
     }
 }
