@@ -2,6 +2,12 @@
 //! socket, a migration): a paused vCPU has completed its last exit, saved
 //! its state and waits on its own thread, so a snapshot or the end of a
 //! migration sees every vCPU at an instruction boundary.
+//!
+//! A pause has two phases. First every vCPU leaves the guest and stops,
+//! its state still unread; only when all have does each save its state.
+//! A vCPU saved while another still ran could be sent an IPI (or an
+//! INIT/SIPI) after its local APIC was read: the sender's state would say
+//! it was sent, the receiver's never had it.
 
 use std::sync::atomic::AtomicBool;
 use std::sync::atomic::Ordering::SeqCst;
@@ -37,11 +43,24 @@ pub enum ControlError {
     CannotPause(String),
 }
 
+/// What a vCPU stopped for a pause does next ([`Control::stop_here`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Stop {
+    /// Every vCPU is out of the guest: save the state and park.
+    Save,
+    /// The pause was withdrawn: run on.
+    Resume,
+    /// The machine is stopping.
+    Stopping,
+}
+
 /// Where one vCPU is, as the controller sees it.
 #[derive(Debug, Clone)]
 enum Slot {
     /// In its run loop.
     Running,
+    /// Out of the guest for a pause, its state not read yet.
+    Stopped,
     /// Parked with this state.
     Parked(Box<VcpuState>),
     /// Could not save its state.
@@ -54,6 +73,8 @@ enum Slot {
 struct ControlState {
     /// The vCPUs are asked to park.
     pause: bool,
+    /// Every vCPU has stopped: they may read their states now.
+    save: bool,
     /// The machine is stopping: parked vCPUs leave.
     stopping: bool,
     slots: Vec<Slot>,
@@ -71,7 +92,8 @@ pub struct Control {
 impl Control {
     /// A gate for `cpus` running vCPUs.
     pub fn new(cpus: u32) -> Self {
-        let state = ControlState { pause: false, stopping: false, slots: vec![Slot::Running; cpus as usize] };
+        let state =
+            ControlState { pause: false, save: false, stopping: false, slots: vec![Slot::Running; cpus as usize] };
         Self { wanted: AtomicBool::new(false), state: Mutex::new(state), changed: Condvar::new() }
     }
 
@@ -82,6 +104,28 @@ impl Control {
     /// vCPU side: whether to park now (cheap; called once per exit).
     pub fn pause_wanted(&self) -> bool {
         self.wanted.load(SeqCst)
+    }
+
+    /// vCPU side, out of the guest for a pause: waits until every vCPU is
+    /// (then it saves its state and [`park`](Self::park)s), the pause is
+    /// withdrawn, or the machine stops.
+    pub fn stop_here(&self, id: u32) -> Stop {
+        let mut s = self.lock();
+        if !s.save {
+            s.slots[id as usize] = Slot::Stopped;
+            self.changed.notify_all();
+        }
+        while s.pause && !s.save && !s.stopping {
+            s = self.changed.wait(s).unwrap_or_else(|p| p.into_inner());
+        }
+        if s.stopping {
+            return Stop::Stopping;
+        }
+        if !s.pause {
+            s.slots[id as usize] = Slot::Running;
+            return Stop::Resume;
+        }
+        Stop::Save
     }
 
     /// vCPU side: park with `state` (or the error saving it) until the
@@ -126,6 +170,11 @@ impl Control {
         self.wanted.store(true, SeqCst);
         kick();
         loop {
+            // Phase two once no vCPU runs guest code any more.
+            if !s.save && !s.slots.iter().any(|slot| matches!(slot, Slot::Running)) {
+                s.save = true;
+                self.changed.notify_all();
+            }
             if s.stopping {
                 drop(s);
                 self.resume();
@@ -142,7 +191,7 @@ impl Control {
             for (id, slot) in s.slots.iter().enumerate() {
                 match slot {
                     Slot::Parked(state) => states.push((**state).clone()),
-                    Slot::Running => waiting = true,
+                    Slot::Running | Slot::Stopped => waiting = true,
                     Slot::Gone => error = Some(ControlError::VcpuGone { id: id as u32 }),
                     Slot::Failed(why) => error = Some(ControlError::SaveFailed { id: id as u32, why: why.clone() }),
                 }
@@ -170,6 +219,7 @@ impl Control {
     pub fn resume(&self) {
         let mut s = self.lock();
         s.pause = false;
+        s.save = false;
         self.wanted.store(false, SeqCst);
         self.changed.notify_all();
         drop(s);
@@ -178,5 +228,45 @@ impl Control {
     /// Whether a pause is in force.
     pub fn is_paused(&self) -> bool {
         self.lock().pause
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::mpsc;
+    use std::sync::Arc;
+
+    use super::*;
+
+    /// No vCPU reads its state while another still runs guest code: the
+    /// first to stop waits for the last.
+    #[test]
+    fn a_stopped_vcpu_saves_only_once_every_vcpu_has_stopped() {
+        let control = Arc::new(Control::new(2));
+        let pauser = {
+            let control = control.clone();
+            std::thread::spawn(move || control.pause(|| {}, || None))
+        };
+        while !control.pause_wanted() {
+            std::thread::yield_now();
+        }
+        let (told, first) = mpsc::channel();
+        let vcpu0 = {
+            let control = control.clone();
+            std::thread::spawn(move || {
+                let stop = control.stop_here(0);
+                told.send(stop).unwrap();
+                control.park(0, Err("no state in this test".into()));
+            })
+        };
+        // vCPU 1 is still in the guest: vCPU 0 must not be told to save.
+        assert!(first.recv_timeout(Duration::from_millis(300)).is_err(), "vCPU 0 saved while vCPU 1 ran");
+        assert_eq!(control.stop_here(1), Stop::Save);
+        assert_eq!(first.recv().unwrap(), Stop::Save);
+        control.park(1, Err("no state in this test".into()));
+        let err = pauser.join().unwrap().unwrap_err();
+        assert!(matches!(err, ControlError::SaveFailed { .. }), "{err}");
+        vcpu0.join().unwrap();
+        assert!(!control.is_paused(), "a failed pause lets the vCPUs go");
     }
 }

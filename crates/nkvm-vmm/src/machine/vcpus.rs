@@ -10,6 +10,7 @@ use nkvm::{Exit, RunState, Vcpu, Vm};
 
 use super::{MachineError, Outcome, Shared};
 use crate::acpi::{self, PlatformRequest};
+use crate::control::Stop;
 use crate::sleep::{Parked, Sleep};
 
 /// Runs every vCPU on its own thread until one powers off or fails (then
@@ -67,6 +68,12 @@ fn vcpu_loop(mut vcpu: Vcpu, vm: &Vm, shared: &Shared) -> Outcome {
             return Outcome::Stopped;
         }
         if pending.is_none() && shared.control.pause_wanted() {
+            // Out of the guest; the state is read once every vCPU is.
+            match shared.control.stop_here(vcpu.id()) {
+                Stop::Save => {}
+                Stop::Resume => continue,
+                Stop::Stopping => return Outcome::Stopped,
+            }
             match vcpu.save_state(&mut run) {
                 Ok(state) => {
                     if !shared.control.park(vcpu.id(), Ok(state)) {
