@@ -130,6 +130,11 @@ impl DirtyRing {
         done
     }
 
+    /// Whether the ring overflowed (and is no longer read).
+    pub(crate) fn poisoned(&self) -> bool {
+        self.cursor.lock().unwrap_or_else(|p| p.into_inner()).poisoned
+    }
+
     /// For a poisoned ring whose vCPU exited ring-full: KVM counts entries
     /// in use that the harvester cannot tell apart. Hands back as many as
     /// KVM is sure to count (fewer than its soft limit, which it is at when

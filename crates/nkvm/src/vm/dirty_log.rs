@@ -83,20 +83,28 @@ impl DirtyShared {
 impl crate::vcpu::RingFull for DirtyShared {
     fn ring_full(&self, vcpu: u32) -> std::io::Result<()> {
         let mut state = self.state.lock().unwrap_or_else(|p| p.into_inner());
-        if self.harvest_rings(&mut state)? > 0 {
+        let ring = |id: u32| {
+            let rings = self.rings.lock().unwrap_or_else(|p| p.into_inner());
+            rings.iter().find(|(r, _)| *r == id).map(|(_, ring)| ring.clone())
+        };
+        // This vCPU's own ring decides, not whether the others held entries.
+        let overflowed_before = ring(vcpu).is_some_and(|r| r.poisoned());
+        let harvested = self.harvest_rings(&mut state)?;
+        if !overflowed_before {
+            // Harvested now, or already by another thread (a collector's
+            // sync, another vCPU's ring-full) after KVM decided to exit, or
+            // found overflowed by this harvest (handed back at the next
+            // ring-full, when KVM is sure to be at its limit): the vCPU
+            // enters again and KVM checks again.
+            if harvested == 0 {
+                log::debug!("vCPU {vcpu}: dirty ring full, but another thread had emptied it");
+            }
             return Ok(());
         }
-        // Full, yet nothing published: the ring overflowed earlier and KVM
-        // still counts entries nkvm no longer reads. Hand them back (no page
-        // is lost: a poisoned ring makes every sync report all memory).
-        let rings = self.rings.lock().unwrap_or_else(|p| p.into_inner());
-        let released = rings.iter().find(|(id, _)| *id == vcpu).map_or(0, |(_, ring)| ring.release_stale());
-        if released == 0 {
-            return Err(std::io::Error::other(format!(
-                "vCPU {vcpu}'s dirty ring is full but holds no published entry; KVM and nkvm disagree \
-                 on its indices (use DirtyLogMode::Bitmap on this host)"
-            )));
-        }
+        // Overflowed earlier: KVM still counts entries nkvm no longer reads.
+        // Hand them back (no page is lost: a poisoned ring makes every sync
+        // report all memory).
+        let released = ring(vcpu).map_or(0, |r| r.release_stale());
         log::debug!("vCPU {vcpu}: handed back {released} entries of its overflowed dirty ring");
         reset_dirty_rings(&self.vm_file)
     }
@@ -121,9 +129,8 @@ impl Vm {
     ) -> Result<(), VmError> {
         let MapState { installed, installed_keys, bitmaps, harvest_bits, .. } = state;
         let slot = installed[i].1;
-        let mut result = Ok(());
         if !region.dirty_log && self.shared.ring_bytes == 0 {
-            result = self.harvest_slot(bitmaps, harvest_bits, &installed[i].0, slot, true);
+            self.harvest_ending(bitmaps, harvest_bits, &installed[i].0, slot);
         }
         self.install_slot(slot, region, false)?;
         if region.dirty_log {
@@ -131,7 +138,56 @@ impl Vm {
         }
         installed[i] = (region.clone(), slot);
         installed_keys[i] = key;
-        result
+        Ok(())
+    }
+
+    /// The last read of a slot's log before the slot goes or stops logging.
+    /// Its buffer was sized before any slot changed ([`Vm::size_harvest`]);
+    /// should KVM refuse the read anyway, every page of the region is
+    /// reported dirty instead: more than was written, never less.
+    pub(super) fn harvest_ending(
+        &self,
+        bitmaps: &mut HashMap<u64, PageBitmap>,
+        scratch: &mut AnonWords,
+        region: &Region,
+        slot: u32,
+    ) {
+        if let Err(e) = self.harvest_slot(bitmaps, scratch, region, slot, true) {
+            log::warn!(
+                "{}: the last read of its dirty log failed ({e}); every page of it is reported dirty",
+                region.name()
+            );
+            if let Some(bitmap) = bitmaps.get_mut(&region.backing.id()) {
+                bitmap.set_range(region.offset / PAGE_SIZE, region.len / PAGE_SIZE);
+            }
+        }
+    }
+
+    /// Sizes the buffer the last reads of the logs a change ends go
+    /// through (`removed` installed regions, and the installed side of
+    /// `toggles` that stop logging), before any slot changes: a host out of
+    /// memory refuses the whole map rather than losing a slot's log.
+    pub(super) fn size_harvest(
+        state: &mut MapState,
+        removed: &[usize],
+        toggles: &[(usize, usize)],
+        new: &[Region],
+    ) -> Result<(), MemoryError> {
+        let ending = removed
+            .iter()
+            .map(|&i| &state.installed[i].0)
+            .chain(toggles.iter().filter(|&&(_, j)| !new[j].dirty_log).map(|&(i, _)| &state.installed[i].0))
+            .filter(|r| r.dirty_log);
+        let Some(pages) = ending.map(|r| r.len / PAGE_SIZE).max() else { return Ok(()) };
+        let words = usize::try_from(pages.div_ceil(64)).unwrap_or(usize::MAX);
+        if state.harvest_bits.len() < words {
+            state.harvest_bits = AnonWords::new(words).map_err(|source| MemoryError::DirtyLog {
+                backing: "the buffer for the last read of a slot's dirty log".to_owned(),
+                bytes: pages.div_ceil(8),
+                source,
+            })?;
+        }
+        Ok(())
     }
 
     /// Gives each region of `new` that a change starts logging (`add` and

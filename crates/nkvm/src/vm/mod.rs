@@ -405,7 +405,15 @@ impl Vm {
         // flags: KVM keeps the slot and its mappings (a delete would drop
         // every mapping of the VM and cost more with the slot's size).
         diff::split_toggles(&state.installed, map.regions(), &mut remove, &mut add, &mut toggles);
-        if let Err(e) = Vm::make_bitmaps(&mut state.bitmaps, map.regions(), &add, &toggles) {
+        let prepared = Vm::make_bitmaps(&mut state.bitmaps, map.regions(), &add, &toggles);
+        let prepared = prepared.and_then(|()| {
+            if self.shared.ring_bytes == 0 {
+                Vm::size_harvest(&mut state, &remove, &toggles, map.regions())
+            } else {
+                Ok(())
+            }
+        });
+        if let Err(e) = prepared {
             (state.changes, state.toggles) = ((remove, add), toggles);
             return Err(e.into());
         }
@@ -423,7 +431,8 @@ impl Vm {
         }
         for &(i, j) in &toggles {
             if let Err(e) = self.toggle_logging(&mut state, i, &map.regions()[j], map.keys()[j]) {
-                result = Err(e);
+                // The slot keeps its old flags: memory() says so.
+                return Err(self.changed_partly(&mut state, (remove, add), toggles, e));
             }
         }
         for &i in remove.iter().rev() {
@@ -431,9 +440,7 @@ impl Vm {
             state.installed_keys.remove(i);
             if region.dirty_log && self.shared.ring_bytes == 0 {
                 let MapState { bitmaps, harvest_bits, .. } = &mut *state;
-                if let Err(e) = self.harvest_slot(bitmaps, harvest_bits, &region, slot, true) {
-                    result = Err(e);
-                }
+                self.harvest_ending(bitmaps, harvest_bits, &region, slot);
             }
             if let Err(e) = self.install_slot(slot, &region, true) {
                 // Still KVM's: listed again, so memory() says what is there.
@@ -467,6 +474,10 @@ impl Vm {
         }
         state.changes = (remove, add);
         state.toggles = toggles;
+        // A backing no region maps any more keeps its bitmap only while a
+        // page in it waits to be collected (it can be again once mapped).
+        let MapState { installed, bitmaps, .. } = &mut *state;
+        bitmaps.retain(|id, bitmap| !bitmap.is_clean() || installed.iter().any(|(r, _)| r.backing.id() == *id));
         *self.map.write().unwrap_or_else(|p| p.into_inner()) = Arc::new(map);
         drop(paused);
         result
