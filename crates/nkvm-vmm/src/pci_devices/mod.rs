@@ -35,6 +35,7 @@ pub mod vhost_user;
 use std::collections::HashMap;
 use std::io;
 use std::path::PathBuf;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, Weak};
 
 use nkvm::io::{IoHandler, IoRange};
@@ -352,13 +353,16 @@ impl Builder {
     /// vectors' irqfds go to the backend, and no worker serves them here.
     fn add_vhost_user(&mut self, mut device: VhostUserDevice) -> Result<(), PciSetupError> {
         let queues = device.queue_max_sizes().len();
-        let sink = IrqfdSink::external(&self.vm, queues as u16 + 1, &mut self.next_gsi, self.keeper.clone())?;
+        let handed: Arc<[AtomicBool]> = (0..=queues).map(|_| AtomicBool::new(false)).collect();
+        let sink =
+            IrqfdSink::external(&self.vm, queues as u16 + 1, &mut self.next_gsi, self.keeper.clone(), handed.clone())?;
         let notifier = QueueNotifier::without_worker(queues).map_err(PciSetupError::Eventfds)?;
         let kicks = notifier.eventfds().iter().map(EventFd::try_clone).collect::<io::Result<Vec<_>>>();
         let vectors = sink.vectors.iter().map(|(_, fd)| fd.try_clone()).collect::<io::Result<Vec<_>>>();
         let fds = vhost_user::Eventfds {
             kicks: kicks.map_err(PciSetupError::Eventfds)?,
             vectors: vectors.map_err(PciSetupError::Eventfds)?,
+            handed,
         };
         device.set_eventfds(fds);
         // The pages the backend writes, into the VM's dirty log.
@@ -402,16 +406,19 @@ impl Builder {
 /// gone). An in-process device signals through [`Msix`](nkvm_devices::pci::msix),
 /// which keeps the pending bit; a vhost-user backend (a device process or a
 /// foreign one) writes the irqfd itself, so nobody can tell whether it
-/// signalled while masked. For those (`external`) the sink raises the vector
-/// once when it is unmasked: at worst one spurious interrupt, which virtio
-/// drivers take as "nothing new in the used ring", never a lost one.
+/// signalled while masked. For those the sink raises a vector once when it
+/// is unmasked, if the backend was handed it as a queue's call eventfd
+/// (`handed`): at worst one spurious interrupt, which virtio drivers take
+/// as "nothing new in the used ring", never a lost one. A vector only the
+/// VMM raises (the configuration vector) goes through `Msix`'s pending bit
+/// and is not raised again: that would be a spurious configuration change.
 struct IrqfdSink {
     vm: Weak<Vm>,
     vectors: Vec<(u32, EventFd)>,
     /// Whether each vector has a route now.
     routed: Vec<bool>,
-    /// A backend writes the irqfds directly.
-    external: bool,
+    /// A backend writes the irqfds directly: which vectors it was handed.
+    handed: Option<Arc<[AtomicBool]>>,
     /// Keeps the device's view of guest RAM mapped ([`guest_ram`]): the
     /// sink is the part of a `VirtioPci` the VMM supplies, owned by it, as
     /// its memory is, for its whole life, so the two cannot part.
@@ -429,12 +436,19 @@ impl IrqfdSink {
             vectors.push((gsi, fd));
         }
         let routed = vec![false; vectors.len()];
-        Ok(Self { vm: Arc::downgrade(vm), vectors, routed, external: false, _ram: ram })
+        Ok(Self { vm: Arc::downgrade(vm), vectors, routed, handed: None, _ram: ram })
     }
 
-    /// The same, for vectors a vhost-user backend raises directly.
-    fn external(vm: &Arc<Vm>, count: u16, next_gsi: &mut u32, ram: RamKeeper) -> Result<Self, PciSetupError> {
-        Ok(Self { external: true, ..Self::new(vm, count, next_gsi, ram)? })
+    /// The same, for vectors a vhost-user backend raises directly (those
+    /// it is handed, marked in `handed`).
+    fn external(
+        vm: &Arc<Vm>,
+        count: u16,
+        next_gsi: &mut u32,
+        ram: RamKeeper,
+        handed: Arc<[AtomicBool]>,
+    ) -> Result<Self, PciSetupError> {
+        Ok(Self { handed: Some(handed), ..Self::new(vm, count, next_gsi, ram)? })
     }
 }
 
@@ -458,7 +472,9 @@ impl MsiSink for IrqfdSink {
             return;
         }
         let was = std::mem::replace(&mut self.routed[usize::from(vector)], msi.is_some());
-        if self.external && msi.is_some() && !was {
+        let backend_raises =
+            self.handed.as_ref().and_then(|h| h.get(usize::from(vector))).is_some_and(|h| h.load(Ordering::SeqCst));
+        if backend_raises && msi.is_some() && !was {
             // The backend may have signalled while the vector had no route.
             self.signal(vector);
         }

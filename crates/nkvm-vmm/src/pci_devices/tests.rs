@@ -533,3 +533,32 @@ fn pages_the_block_device_writes_land_in_the_dirty_log() {
     // Drained once: the device's bits were cleared as they were folded in.
     assert!(!dirty(&guest.vm).contains(&USED), "the used ring reported twice");
 }
+
+/// A backend-served device's sink raises on unmask only the vectors the
+/// backend was handed as a queue's call eventfd: re-raising the
+/// configuration vector (Linux unmasks it at probe and at every affinity
+/// change) made virtio-blk re-read its configuration each time.
+#[test]
+fn an_unmask_raises_again_only_the_vectors_a_backend_was_handed() {
+    let hv = Hypervisor::open().expect("this test needs /dev/kvm");
+    let config = VmConfig { vcpus: 1, memory: 16 << 20, split_irqchip: true, ..Default::default() };
+    let vm = Arc::new(Vm::new(&hv, &config).unwrap());
+    // SAFETY: the mapping lives as long as the keeper, kept in the sink.
+    let (_ram, keeper) = unsafe { guest_ram(&vm).unwrap() };
+    // Eventfds that are no irqfds: their counters show what the sink wrote.
+    let vectors: Vec<(u32, EventFd)> =
+        (0..2u32).map(|i| (FIRST_USER_GSI + i, EventFd::new(EFD_NONBLOCK).unwrap())).collect();
+    let handed: Arc<[AtomicBool]> = vec![AtomicBool::new(false), AtomicBool::new(true)].into();
+    let mut sink =
+        IrqfdSink { vm: Arc::downgrade(&vm), vectors, routed: vec![false; 2], handed: Some(handed), _ram: keeper };
+    let message = |data| Some(MsiMessage { address: 0xfee0_0000, data });
+    for round in 0..2 {
+        // Unmasked (at probe), then masked, rewritten and unmasked again.
+        sink.route(0, message(0x30 + round));
+        sink.route(1, message(0x40 + round));
+        assert!(sink.vectors[0].1.read().is_err(), "round {round}: the configuration vector was raised");
+        assert_eq!(sink.vectors[1].1.read().unwrap(), 1, "round {round}: the queue's vector is raised once");
+        sink.route(0, None);
+        sink.route(1, None);
+    }
+}

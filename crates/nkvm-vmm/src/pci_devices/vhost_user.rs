@@ -93,6 +93,9 @@ pub(super) struct Eventfds {
     pub kicks: Vec<EventFd>,
     /// MSI-X vector N's irqfd.
     pub vectors: Vec<EventFd>,
+    /// Which vectors the backend was handed as a queue's call eventfd
+    /// (the MSI-X sink raises those again on unmask, and only those).
+    pub handed: std::sync::Arc<[std::sync::atomic::AtomicBool]>,
 }
 
 /// What the driver set up at `DRIVER_OK`, kept to hand a restarted device
@@ -435,7 +438,12 @@ impl VhostUserDevice {
         // A queue without a vector gets an eventfd nobody reads.
         let spare;
         let call = match fds.vectors.get(usize::from(vector)) {
-            Some(fd) => fd,
+            Some(fd) => {
+                if let Some(handed) = fds.handed.get(usize::from(vector)) {
+                    handed.store(true, std::sync::atomic::Ordering::SeqCst);
+                }
+                fd
+            }
             None => {
                 spare = EventFd::new(EFD_NONBLOCK)
                     .map_err(|e| VhostUserError::Connect { socket: self.socket.clone(), source: e })?;

@@ -33,6 +33,11 @@ use nkvm_devices::virtio::GuestRam;
 
 /// The page size of the views' write bitmaps (the host's: 4 KiB on x86-64).
 const PAGE: u64 = 4096;
+/// At most this many ranges are walked for a batch: a driver can make a
+/// queue's chains share one indirect table of 65535 descriptors, and
+/// recording them all would cost the process hundreds of MiB per kick.
+/// Past it, the batch falls back to [`view_writes`].
+const MAX_RANGES: usize = 4096;
 /// Bytes of a used ring of `size` entries: flags, index, the entries,
 /// `avail_event`.
 fn used_ring_len(size: u16) -> u64 {
@@ -49,6 +54,8 @@ pub(super) struct BatchWrites {
     next_avail: u16,
     /// Chains walked.
     chains: u16,
+    /// The walk stopped at [`MAX_RANGES`]: the view's bitmap tells instead.
+    cut: bool,
 }
 
 impl BatchWrites {
@@ -56,16 +63,22 @@ impl BatchWrites {
     /// left as it is).
     pub(super) fn before(queue: &Queue, mem: &GuestRam) -> Self {
         let mut ranges = Vec::new();
-        let mut chains = 0u16;
+        let (mut chains, mut cut) = (0u16, false);
         let mut copy = Queue::try_from(queue.state());
         if let Some(available) = copy.as_mut().ok().and_then(|q| q.iter(mem).ok()) {
-            for chain in available {
+            'walk: for chain in available {
                 chains = chains.wrapping_add(1);
-                let writable = chain.filter(|d| d.is_write_only());
-                ranges.extend(writable.map(|d| (d.addr().0, u64::from(d.len()))));
+                // An empty descriptor writes nothing.
+                for d in chain.filter(|d| d.is_write_only() && d.len() > 0) {
+                    if ranges.len() == MAX_RANGES {
+                        cut = true;
+                        break 'walk;
+                    }
+                    ranges.push((d.addr().0, u64::from(d.len())));
+                }
             }
         }
-        Self { ranges, next_avail: queue.next_avail(), chains }
+        Self { ranges, next_avail: queue.next_avail(), chains, cut }
     }
 
     /// After the batch: hands `mark` what it may have written — the
@@ -73,7 +86,7 @@ impl BatchWrites {
     /// that were not walked, every page the view recorded.
     pub(super) fn log(self, queue: &Queue, view: &GuestRam, mark: &mut dyn FnMut(u64, u64)) {
         let taken = queue.next_avail().wrapping_sub(self.next_avail);
-        if taken > self.chains {
+        if self.cut || taken > self.chains {
             view_writes(view, mark);
         }
         for (gpa, len) in self.ranges {
@@ -201,5 +214,29 @@ mod tests {
             assert!(pages.contains(&gpa), "{gpa:#x} missing from {pages:x?}");
         }
         assert!(!pages.contains(&HEADER), "only read: {pages:x?}");
+    }
+
+    /// A chain of more writable descriptors than the walk keeps (an
+    /// indirect table of thousands): the walk stops at its limit, and the
+    /// batch logs every page the view wrote instead, the stray one too.
+    #[test]
+    fn a_walk_past_its_limit_stops_and_the_view_tells_instead() {
+        let (mem, mut queue) = set_up();
+        // Chain 0 becomes one indirect table of MAX_RANGES + 1 writable
+        // descriptors of 8 bytes each, at 0x8_0000.
+        const TABLE: u64 = 0x8_0000;
+        let n = MAX_RANGES as u64 + 1;
+        for i in 0..n {
+            // WRITE, and NEXT to the following one but for the last.
+            let (flags, next) = if i + 1 < n { (3, i as u16 + 1) } else { (2, 0) };
+            let d = Descriptor::new(BUFFER + 8 * (i % 64), 8, flags, next);
+            mem.write_obj(d, GuestAddress(TABLE + 16 * i)).unwrap();
+        }
+        mem.write_obj(Descriptor::new(TABLE, (16 * n) as u32, 4, 0), GuestAddress(DESC)).unwrap(); // INDIRECT
+        let batch = BatchWrites::before(&queue, &mem);
+        assert!(batch.cut && batch.ranges.len() == MAX_RANGES, "{} ranges kept", batch.ranges.len());
+        serve(&mem, &mut queue);
+        let pages = logged(batch, &queue, &mem);
+        assert!(pages.contains(&STRAY), "the view's record, not the walk: {pages:x?}");
     }
 }
