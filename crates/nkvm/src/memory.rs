@@ -346,7 +346,13 @@ impl MemoryMap {
     }
 
     /// Writes guest physical memory (the range may span adjacent regions).
+    /// A range that is not mapped throughout is refused with nothing
+    /// written.
     pub fn write(&self, gpa: GuestAddress, buf: &[u8]) -> Result<(), MemoryError> {
+        if self.find(gpa).is_none_or(|r| buf.len() as u64 > r.end() - gpa.0) {
+            // Across regions (or none): checked whole before any byte goes.
+            self.for_each_chunk(gpa, buf.len(), |_, _, _, _| Ok(()))?;
+        }
         self.for_each_chunk(gpa, buf.len(), |region, off, start, n| {
             region.backing.write_at(off, &buf[start..start + n])
         })

@@ -106,8 +106,11 @@ impl GuestMemory<'_> {
     /// Reads guest-physical bytes: RAM, or an attached MMIO range (8 bytes
     /// at a time) as the vCPU's own access would reach it.
     fn read_physical(&self, gpa: u64, buf: &mut [u8]) -> Result<(), EmulateError> {
-        if self.vm.memory().find(GuestAddress(gpa)).is_some() {
-            return self.vm.read_memory(GuestAddress(gpa), buf).map_err(EmulateError::Memory);
+        // One map for the lookup and the access: a change in between
+        // cannot split them.
+        let map = self.vm.memory();
+        if map.find(GuestAddress(gpa)).is_some() {
+            return map.read(GuestAddress(gpa), buf).map_err(EmulateError::Memory);
         }
         for (i, chunk) in buf.chunks_mut(8).enumerate() {
             let at = gpa + 8 * i as u64;
@@ -121,9 +124,11 @@ impl GuestMemory<'_> {
     /// range. A read-only region (ROM) keeps its bytes: the write goes to
     /// a device claiming the range, as KVM's exit would, or nowhere.
     fn write_physical(&self, gpa: u64, data: &[u8]) -> Result<(), EmulateError> {
-        let rom = match self.vm.memory().find(GuestAddress(gpa)) {
+        // One map for the lookup and the access (see `read_physical`).
+        let map = self.vm.memory();
+        let rom = match map.find(GuestAddress(gpa)) {
             Some(region) if !region.read_only => {
-                self.vm.write_memory(GuestAddress(gpa), data).map_err(EmulateError::Memory)?;
+                map.write(GuestAddress(gpa), data).map_err(EmulateError::Memory)?;
                 self.vm.mark_dirty(GuestAddress(gpa), data.len() as u64);
                 return Ok(());
             }

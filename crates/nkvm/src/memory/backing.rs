@@ -43,9 +43,20 @@ impl Backing {
     }
 
     /// Maps an existing memory file, for example a memfd received by a device process.
+    /// The file must hold at least `size` bytes: a shorter one is refused
+    /// (an access past its end would be a SIGBUS).
     pub fn from_file(name: &str, file: File, size: u64) -> Result<Self, MemoryError> {
         let len = checked_len(size, false)?;
-        Self::wrap(name, size, SharedMapping::map(file, len))
+        let short = |held: u64| {
+            let msg = format!("the file holds {held} bytes, fewer than the {size} to map");
+            std::io::Error::new(std::io::ErrorKind::InvalidInput, msg)
+        };
+        let mapped = match file.metadata() {
+            Ok(meta) if meta.len() < size => Err(short(meta.len())),
+            Ok(_) => SharedMapping::map(file, len),
+            Err(e) => Err(e),
+        };
+        Self::wrap(name, size, mapped)
     }
 
     /// Maps a file copy-on-write, for example a snapshot's memory file: the

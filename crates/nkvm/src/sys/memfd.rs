@@ -60,18 +60,28 @@ unsafe impl Send for SharedMapping {}
 unsafe impl Sync for SharedMapping {}
 
 impl SharedMapping {
-    /// Creates a memfd named `name` of `len` bytes and maps it shared.
+    /// Creates a memfd named `name` of `len` bytes and maps it shared. Its
+    /// size is sealed (`F_SEAL_SHRINK | F_SEAL_GROW | F_SEAL_SEAL`): the fd
+    /// goes to device processes and vhost-user backends, and one that
+    /// shrank it would make every host access past the new end a SIGBUS
+    /// in the VMM.
     pub(crate) fn new(name: &str, len: usize) -> io::Result<Self> {
         let cname = CString::new(name).map_err(|_| io::Error::from(io::ErrorKind::InvalidInput))?;
         // SAFETY: `cname` is a valid NUL-terminated string that outlives the call;
         // memfd_create reads it and returns a new fd or -1.
-        let fd = unsafe { libc::memfd_create(cname.as_ptr(), libc::MFD_CLOEXEC) };
+        let fd = unsafe { libc::memfd_create(cname.as_ptr(), libc::MFD_CLOEXEC | libc::MFD_ALLOW_SEALING) };
         if fd < 0 {
             return Err(io::Error::last_os_error());
         }
         // SAFETY: `fd` was just returned by memfd_create and is owned by nobody else.
         let file = unsafe { File::from_raw_fd(fd) };
         file.set_len(len as u64)?;
+        let seals = libc::F_SEAL_SHRINK | libc::F_SEAL_GROW | libc::F_SEAL_SEAL;
+        // SAFETY: F_ADD_SEALS on the memfd this function owns; it takes an
+        // int and touches no memory.
+        if unsafe { libc::fcntl(file.as_raw_fd(), libc::F_ADD_SEALS, seals) } < 0 {
+            return Err(io::Error::last_os_error());
+        }
         Self::map(file, len)
     }
 
@@ -209,19 +219,35 @@ impl SharedMapping {
     }
 
     /// Drops this process's page-table entries for the whole pages in
-    /// `offset..offset+len` (`MADV_DONTNEED`); the bytes stay in the memfd
-    /// and come back on the next touch. KVM's MMU notifier sees the pages
-    /// go, so the guest's mappings of them are rebuilt.
+    /// `offset..offset+len`, keeping the bytes; KVM's MMU notifier sees the
+    /// pages go, so the guest's mappings of them are rebuilt. A shared
+    /// mapping uses `MADV_DONTNEED` (the bytes stay in the memfd and come
+    /// back on the next touch). A copy-on-write mapping cannot: there
+    /// `MADV_DONTNEED` would throw away the guest's own copy of the page, so
+    /// it is protected `PROT_NONE` and back instead, as QEMU's pc-testdev
+    /// does (an access by another thread in between faults, as it does in
+    /// QEMU: this is a test device's operation).
     /// Returns `None` if the range is outside the mapping or not page aligned.
     pub(crate) fn drop_host_pages(&self, offset: usize, len: usize) -> Option<io::Result<()>> {
         let end = offset.checked_add(len)?;
         if end > self.len || offset % 4096 != 0 || len % 4096 != 0 {
             return None;
         }
-        // SAFETY: offset..end lies inside this mapping (checked above) and is page
-        // aligned; MADV_DONTNEED on a MAP_SHARED file mapping only drops page-table
-        // entries, so the memory's contents and every pointer into it stay valid.
-        let rc = unsafe { libc::madvise(self.ptr.as_ptr().add(offset).cast(), len, libc::MADV_DONTNEED) };
+        // SAFETY: offset..end lies inside this mapping (checked above) and is
+        // page aligned. MADV_DONTNEED on a MAP_SHARED file mapping only drops
+        // page-table entries; mprotect changes only the protection, restored
+        // at once. So the contents and every pointer into them stay valid.
+        let rc = unsafe {
+            let at = self.ptr.as_ptr().add(offset).cast();
+            if self.private {
+                match libc::mprotect(at, len, libc::PROT_NONE) {
+                    0 => libc::mprotect(at, len, libc::PROT_READ | libc::PROT_WRITE),
+                    rc => rc,
+                }
+            } else {
+                libc::madvise(at, len, libc::MADV_DONTNEED)
+            }
+        };
         Some(if rc == 0 { Ok(()) } else { Err(io::Error::last_os_error()) })
     }
 
