@@ -138,13 +138,16 @@ pub fn pic_on_lint0(lint: BootLint, hold: Arc<AtomicBool>) -> std::io::Result<Sh
                 pending = p.has_interrupt();
                 continue;
             };
-            pending = false;
             if p.has_interrupt() {
                 // Queued under the PIC's lock: whoever sets `hold` under it
                 // knows every vector acknowledged so far is on LINT0.
                 let vector = p.acknowledge();
                 lint.raise_lint0(vector);
             }
+            // INTR still up (auto-EOI sets no in-service bit, so another
+            // request keeps it high): no new rising edge will say so, so it
+            // is looked at again after the retry interval.
+            pending = p.has_interrupt();
         }
     })?;
     Ok(pic)

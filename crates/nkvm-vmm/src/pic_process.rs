@@ -9,6 +9,7 @@ use std::path::Path;
 use std::process::ExitCode;
 use std::sync::mpsc;
 use std::thread;
+use std::time::Duration;
 
 use nkvm_devices::pic::{Pic, SharedPic};
 use nkvm_devices::{ApicBusSink, IoDevice};
@@ -16,6 +17,9 @@ use nkvm_wire::apic::{DeliveryMode, DestinationMode, InterruptMessage, TriggerMo
 
 use crate::bus_process::{listen, serve_region, spawn_bus, spawn_pins, spawn_region, Bus};
 use crate::device::SPIN;
+
+/// How often the INTA thread looks again at an INTR still up after an INTA.
+const INTA_RETRY: Duration = Duration::from_millis(10);
 
 /// The pin-control window: offset = IRQ, written value = level.
 struct Pins(SharedPic);
@@ -58,13 +62,28 @@ pub fn run(paths: &PicSockets<'_>) -> Result<ExitCode, Box<dyn std::error::Error
     })));
     let (wire_pic, mut wire_bus) = (pic.clone(), bus.clone());
     thread::spawn(move || {
-        for () in intr_rx {
+        let mut pending = false;
+        loop {
+            // INTR can stay up after an INTA (auto-EOI sets no in-service
+            // bit): no rising edge says so, so it is looked at again after
+            // a retry interval.
+            let woke = if pending {
+                intr_rx.recv_timeout(INTA_RETRY)
+            } else {
+                intr_rx.recv().map_err(|_| mpsc::RecvTimeoutError::Disconnected)
+            };
+            if woke == Err(mpsc::RecvTimeoutError::Disconnected) {
+                return;
+            }
             let vector = {
                 let mut p = wire_pic.lock();
                 if !p.has_interrupt() {
+                    pending = false;
                     continue;
                 }
-                p.acknowledge()
+                let vector = p.acknowledge();
+                pending = p.has_interrupt();
+                vector
             };
             wire_bus.send(InterruptMessage {
                 destination: 0,

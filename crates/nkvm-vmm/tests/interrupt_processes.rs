@@ -247,15 +247,23 @@ fn an_ioapic_in_another_process_delivers_repeated_edges_through_its_fast_path() 
         assert!(m.exits.recv_timeout(Duration::from_millis(300)).is_err(), "one interrupt per edge, no more");
     };
     edges(EDGES);
-    let stats = m.vm.apic_bus_stats().unwrap();
+    let mut stats = m.vm.apic_bus_stats().unwrap();
     assert_eq!(stats.fast_paths, 1, "{stats:?}");
     // The offer reaches the process while the first interrupts run: the
-    // next edges may still come over the socket (more of them on a loaded
-    // host), and once it has the eventfd none do.
-    assert!(stats.messages < EDGES as u64, "{EDGES} edges, {} over the socket", stats.messages);
-    edges(EDGES);
-    let after = m.vm.apic_bus_stats().unwrap();
-    assert_eq!(after.messages, stats.messages, "edges after the offer came over the socket: {after:?}");
+    // next edges may still come over the socket (all of a batch, on a
+    // loaded host), and once it has the eventfd none do: a later batch
+    // sends nothing over the socket.
+    let mut batches = 1;
+    loop {
+        edges(EDGES);
+        batches += 1;
+        let after = m.vm.apic_bus_stats().unwrap();
+        if after.messages == stats.messages {
+            break;
+        }
+        assert!(batches < 10, "edges still come over the socket after {batches} batches: {after:?}");
+        stats = after;
+    }
     m.kill_ioapic();
 }
 

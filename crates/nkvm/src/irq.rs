@@ -206,6 +206,11 @@ impl Routes {
 pub(crate) struct LintState {
     pub(crate) extint: Mutex<VecDeque<u8>>,
     pub(crate) nmi: AtomicBool,
+    /// The front ExtINT vector was given to KVM (`KVM_INTERRUPT`) for an
+    /// entry a kick then cut short: KVM holds it (where no saved state
+    /// shows it), so it stays queued, for a save to see, until an entry
+    /// that is not cut short takes it. Changed under `extint`'s lock.
+    pub(crate) held: AtomicBool,
 }
 
 /// Drives a vCPU's LINT0 and LINT1 from any thread.
@@ -342,15 +347,31 @@ impl crate::Vcpu {
             self.fd.nmi().map_err(|source| self.err("KVM_NMI", source))?;
         }
         let mut queue = self.lint.extint.lock().unwrap_or_else(|p| p.into_inner());
-        if let Some(&vector) = queue.front() {
-            if run.ready_for_interrupt_injection() {
+        // An entry a kick will cut short injects nothing: KVM would hold the
+        // vector where a save of this vCPU cannot see it.
+        let cut_short = || self.kick.run_area().immediate_exit_requested();
+        let held = self.lint.held.load(Ordering::SeqCst);
+        if held {
+            // KVM has it from a cut-short entry; this entry delivers it.
+            if !cut_short() {
+                queue.pop_front();
+                self.lint.held.store(false, Ordering::SeqCst);
+            }
+        } else if let Some(&vector) = queue.front() {
+            if run.ready_for_interrupt_injection() && !cut_short() {
                 crate::sys::irq::interrupt(&self.fd, vector)
                     .map_err(|source| crate::VcpuError::Run { id: self.id(), source })?;
-                queue.pop_front();
+                if cut_short() {
+                    // A kick came in between: KVM holds it now.
+                    self.lint.held.store(true, Ordering::SeqCst);
+                } else {
+                    queue.pop_front();
+                }
             }
         }
-        let want = !queue.is_empty();
-        if want {
+        let still_held = self.lint.held.load(Ordering::SeqCst);
+        let want = queue.len() > usize::from(still_held);
+        if want || still_held {
             self.kick.set_lints_pending();
         }
         Ok(want)

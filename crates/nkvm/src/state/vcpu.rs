@@ -248,6 +248,8 @@ impl Vcpu {
         let mut queue = self.lint.extint.lock().unwrap_or_else(|p| p.into_inner());
         queue.clear();
         queue.extend(pending.extint.iter().copied());
+        // This vCPU's KVM holds nothing of the state's (it was just written).
+        self.lint.held.store(false, SeqCst);
         self.lint.nmi.store(pending.nmi, SeqCst);
         if !pending.is_empty() {
             self.kick.set_lints_pending();

@@ -88,6 +88,12 @@ impl RunArea {
         self.immediate_exit().store(1, Ordering::SeqCst);
     }
 
+    /// Whether an immediate exit is requested (the next `KVM_RUN` returns
+    /// without entering the guest).
+    pub(crate) fn immediate_exit_requested(&self) -> bool {
+        self.immediate_exit().load(Ordering::SeqCst) != 0
+    }
+
     /// Withdraws a pending immediate-exit request; returns whether one was set.
     pub(crate) fn take_immediate_exit(&self) -> bool {
         self.immediate_exit().swap(0, Ordering::SeqCst) != 0

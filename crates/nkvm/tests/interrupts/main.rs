@@ -380,3 +380,48 @@ fn lint0_raised_over_and_over_while_the_guest_keeps_if_clear_waits_once_per_vect
     let back = nkvm::state::VcpuState::decode(&state.encode()).expect("a state nkvm saved loads");
     assert_eq!(back.pending_lint, state.pending_lint);
 }
+
+#[test]
+fn a_lint0_vector_raised_while_the_guest_can_take_it_is_in_a_state_saved_then() {
+    // IF=1 at READY: the vector is given to the next entry, which the
+    // save's kick cuts short. Handed to KVM then, it would sit where no
+    // saved state shows it; it must be in the state instead, and the
+    // source (going on) and the copy each take it once.
+    let vm = irq_vm(1);
+    install_idt(&vm, false);
+    let mut vcpu = waiting_guest(&vm, 0, VcpuConfig { lapic: Lapic::Hidden }, |a| {
+        a.sti().unwrap();
+        a.nop().unwrap();
+    });
+    let mut run = RunState::new();
+    assert!(matches!(vcpu.enter_guest(&mut run).unwrap(), Exit::IoOut { port: READY, .. }));
+    assert!(run.ready_for_interrupt_injection(), "the guest can take it");
+    vcpu.lint().raise_lint0(0x30);
+    let state = vcpu.save_state(&mut run).unwrap();
+    assert_eq!(state.pending_lint.extint, [0x30], "saved as waiting");
+    let blob = state.encode();
+
+    let copy = irq_vm(1);
+    let mut ram = vec![0u8; vm.config().memory as usize];
+    vm.read_memory(GuestAddress(0), &mut ram).unwrap();
+    copy.write_memory(GuestAddress(0), &ram).unwrap();
+    let mut restored = copy.create_vcpu_with(0, VcpuConfig { lapic: Lapic::Hidden }).unwrap();
+    restored.restore_state(&nkvm::state::VcpuState::decode(&blob).unwrap()).unwrap();
+    let in_copy = Running::start(restored);
+    in_copy.expect_report(0x30);
+    assert!(in_copy.quiet_for(Duration::from_millis(200)), "the copy takes it once");
+    drop(in_copy);
+    let (tx, exits) = mpsc::channel();
+    let kicker = vcpu.kicker();
+    let source = thread::spawn(move || loop {
+        let exit = vcpu.enter_guest(&mut run).unwrap();
+        if exit == Exit::Kicked || tx.send(exit).is_err() {
+            return;
+        }
+    });
+    let report = Exit::IoOut { port: REPORT, size: 4, data: 0x30 };
+    assert_eq!(exits.recv_timeout(Duration::from_secs(10)).unwrap(), report, "the source takes it too");
+    assert!(exits.recv_timeout(Duration::from_millis(200)).is_err(), "once");
+    kicker.kick();
+    source.join().unwrap();
+}
