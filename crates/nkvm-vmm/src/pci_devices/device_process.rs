@@ -143,8 +143,11 @@ pub struct VirtioProcess {
     stderr: Option<JoinHandle<Option<i64>>>,
     /// When this process was started.
     started: Instant,
-    /// Deaths in a row, each within [`STABLE_AFTER`] of its start.
+    /// Deaths in a row, each within [`STABLE_AFTER`] of its start, and
+    /// restarts that failed.
     pub in_a_row: u32,
+    /// The child was waited for (reaped) and no other started since.
+    reaped: bool,
     /// Shared with whoever watches (tests).
     pub log: Arc<Mutex<ProcessLog>>,
 }
@@ -154,7 +157,7 @@ impl VirtioProcess {
     pub fn spawn(spec: ProcessSpec) -> Result<Self, DeviceProcessError> {
         let (child, stderr) = start(&spec)?;
         let log = Arc::new(Mutex::new(ProcessLog { pid: child.id(), ..Default::default() }));
-        Ok(Self { spec, child, stderr: Some(stderr), started: Instant::now(), in_a_row: 0, log })
+        Ok(Self { spec, child, stderr: Some(stderr), started: Instant::now(), in_a_row: 0, reaped: false, log })
     }
 
     /// The socket it listens on.
@@ -162,8 +165,13 @@ impl VirtioProcess {
         &self.spec.socket
     }
 
-    /// Waits for the (dead or dying) process and says how it ended.
-    pub fn reap(&mut self) -> Death {
+    /// Waits for the (dead or dying) process and says how it ended; `None`
+    /// if it was reaped already (a restart that failed started no other).
+    pub fn reap(&mut self) -> Option<Death> {
+        if self.reaped {
+            return None;
+        }
+        self.reaped = true;
         // A process that hung up but lives on (it should exit with its
         // connection) is given a moment, then killed.
         let deadline = Instant::now() + Duration::from_secs(1);
@@ -188,7 +196,17 @@ impl VirtioProcess {
         }
         self.in_a_row += 1;
         self.log.lock().unwrap_or_else(|e| e.into_inner()).deaths.push(death.clone());
-        death
+        Some(death)
+    }
+
+    /// A restart that failed counts against [`MAX_RESTARTS`] as a death
+    /// would: a device whose process cannot start again is given up. (One
+    /// that started a process that then failed is counted when that
+    /// process is reaped.)
+    pub fn restart_failed(&mut self) {
+        if self.reaped {
+            self.in_a_row += 1;
+        }
     }
 
     /// Starts a new process in place of the reaped one.
@@ -197,6 +215,7 @@ impl VirtioProcess {
         self.child = child;
         self.stderr = Some(stderr);
         self.started = Instant::now();
+        self.reaped = false;
         let mut log = self.log.lock().unwrap_or_else(|e| e.into_inner());
         log.pid = self.child.id();
         log.restarts += 1;

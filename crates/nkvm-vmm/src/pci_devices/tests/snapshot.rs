@@ -217,6 +217,60 @@ fn a_disk_served_by_qemu_storage_daemon_saves_and_restores_onto_its_backend() {
     let _ = std::fs::remove_file(&image);
 }
 
+/// A save that starts while qemu-storage-daemon still runs requests: it
+/// waits for them before stopping the queue. (Stopped first, libvhost-user
+/// closes the queue's call eventfd, and the late completion brought the
+/// daemon down with "vu_panic: Error writing eventfd", taking the disk.)
+/// The disk serves on after the save.
+#[test]
+fn a_save_waits_for_requests_qemu_storage_daemon_still_runs_and_the_disk_serves_on() {
+    struct Daemon(std::process::Child);
+    impl Drop for Daemon {
+        fn drop(&mut self) {
+            let _ = self.0.kill();
+            let _ = self.0.wait();
+        }
+    }
+    let socket = std::env::temp_dir().join(format!("nkvm-qsd-in-flight-{}.sock", std::process::id()));
+    let _ = std::fs::remove_file(&socket);
+    // Every request takes a second.
+    let mut daemon = Daemon(
+        Command::new("qemu-storage-daemon")
+            .arg("--blockdev")
+            .arg("driver=null-co,node-name=d0,size=1048576,latency-ns=1000000000,read-zeroes=on")
+            .arg("--export")
+            .arg(format!(
+                "type=vhost-user-blk,id=e0,node-name=d0,addr.type=unix,addr.path={},writable=on",
+                socket.display()
+            ))
+            .stdin(Stdio::null())
+            .spawn()
+            .expect("qemu-storage-daemon (the CI installs it)"),
+    );
+    let start = Instant::now();
+    while !socket.exists() {
+        assert!(start.elapsed() < Duration::from_secs(10), "qemu-storage-daemon did not listen");
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    let config = PciConfig { disk: Some(Disk::VhostUser(socket.clone())), ..Default::default() };
+    let (mut guest, attached) = Guest::boot_with(&config, &guest_code(MOVED_BAR));
+    assert_eq!(guest.run_until_out(STATUS_PORT, Duration::from_secs(10), |s| s == 0xf), Ok(0xf));
+    let mut saved = SavedDevices::default();
+    attached.register_saved(&mut saved);
+    saved.pause_all();
+    let result = saved.save_all();
+    assert!(result.is_ok(), "{:?}", result.map(|_| ()));
+    assert!(matches!(daemon.0.try_wait(), Ok(None)), "the daemon lives on");
+    saved.resume_all();
+    make_available(&guest.vm, 6, 0, 1, (HEADER3, DATA3, STATUS3));
+    guest.vm.write_memory(GuestAddress(FLAG), &[1]).unwrap();
+    let vm = guest.vm.clone();
+    let served = move |_: u16, _: u64| u16::from_le_bytes(read(&vm, USED + 2, 2).try_into().unwrap()) >= 3;
+    assert!(guest.run_until(Duration::from_secs(15), served).is_ok(), "a request after the save is served");
+    drop((guest, attached, saved, daemon));
+    let _ = std::fs::remove_file(&socket);
+}
+
 /// Restores `state` into a second machine attached with `config`: request
 /// 4, found in the restored RAM, is served by the restore; request 5, which
 /// the guest notifies on the copy, by the copy; each with its interrupt.

@@ -50,11 +50,12 @@ pub enum VhostUserError {
         /// The guest physical address.
         gpa: u64,
     },
-    /// Saving stopped the queues, but the backend did not complete every
-    /// request it had taken within [`SAVE_DRAIN_TIMEOUT`].
+    /// A save waited for the backend to complete the requests the guest
+    /// had made available, and it did not within [`SAVE_DRAIN_TIMEOUT`]
+    /// (its queues were left running).
     #[error(
-        "vhost-user backend at {}: queue {queue} still had {pending} request(s) in flight {:?} after its queues \
-         stopped for a save; the save is given up and the machine runs on",
+        "vhost-user backend at {}: queue {queue} still had {pending} request(s) in flight {:?} after a save \
+         began waiting for them; the save is given up and the machine runs on",
         socket.display(), SAVE_DRAIN_TIMEOUT
     )]
     InFlight {

@@ -18,39 +18,55 @@ use super::{VhostUserDevice, VhostUserError, BLOCK, VIRTIO_BLK_F_RO};
 pub const SAVE_DRAIN_TIMEOUT: Duration = Duration::from_secs(5);
 
 impl VhostUserDevice {
-    /// Stops every started queue (`GET_VRING_BASE`: the next available
-    /// entry the backend would take), then waits until the guest's used
-    /// ring shows every request the backend took completed (nkvm's own
-    /// backend completes them before it answers; another may not). The
-    /// queues stay stopped until [`resume_after_save`](nkvm_devices::virtio::VirtioDevice::resume_after_save).
+    /// Waits until the guest's used ring shows every request it made
+    /// available completed (the vCPUs are paused: the available rings do
+    /// not move), then stops every started queue (`GET_VRING_BASE`: the
+    /// next available entry the backend would take). Draining first
+    /// matters: a backend built on libvhost-user (qemu-storage-daemon)
+    /// closes a queue's call eventfd when it stops it, and a request it
+    /// completes after that brings it down. If the requests do not
+    /// complete in time nothing is stopped, and the save fails with the
+    /// backend serving on. The queues stay stopped until
+    /// [`resume_after_save`](nkvm_devices::virtio::VirtioDevice::resume_after_save).
     pub(super) fn stop_queues(&mut self) -> Result<Vec<QueueProgress>, VhostUserError> {
         let Some(saved) = self.saved.clone() else { return Ok(Vec::new()) };
         if self.gone {
             return Err(VhostUserError::Gone { socket: self.socket.clone() });
         }
-        self.stopped_for_save = true;
-        let _deadline = self.deadline()?;
-        let mut progress = Vec::new();
-        let started = std::mem::take(&mut self.started);
-        for ring in saved.rings.iter().filter(|r| started.contains(&r.index)) {
-            let base = self.frontend.get_vring_base(ring.index).map_err(self.request_err("GET_VRING_BASE"))?;
-            let next_avail = base as u16;
-            let used_idx = GuestAddress(ring.used + 2);
-            let deadline = Instant::now() + SAVE_DRAIN_TIMEOUT;
-            let next_used = loop {
-                let used = self
-                    .mem
-                    .read_obj::<u16>(used_idx)
-                    .map_err(|_| VhostUserError::RingAddress { queue: ring.index, gpa: ring.used })?;
-                if used == next_avail {
-                    break used;
+        let read_u16 = |gpa: u64, ring: u64, index: usize| {
+            self.mem
+                .read_obj::<u16>(GuestAddress(gpa + 2))
+                .map_err(|_| VhostUserError::RingAddress { queue: index, gpa: ring })
+        };
+        let rings: Vec<_> = saved.rings.iter().filter(|r| self.started.contains(&r.index)).collect();
+        let deadline = Instant::now() + SAVE_DRAIN_TIMEOUT;
+        for ring in &rings {
+            loop {
+                let (avail, used) =
+                    (read_u16(ring.avail, ring.avail, ring.index)?, read_u16(ring.used, ring.used, ring.index)?);
+                if avail == used {
+                    break;
                 }
                 if Instant::now() >= deadline {
-                    let pending = next_avail.wrapping_sub(used);
+                    let pending = avail.wrapping_sub(used);
                     return Err(VhostUserError::InFlight { socket: self.socket.clone(), queue: ring.index, pending });
                 }
                 std::thread::sleep(Duration::from_millis(1));
-            };
+            }
+        }
+        self.stopped_for_save = true;
+        let _deadline = self.deadline()?;
+        let mut progress = Vec::new();
+        self.started.clear();
+        for ring in rings {
+            let base = self.frontend.get_vring_base(ring.index).map_err(self.request_err("GET_VRING_BASE"))?;
+            let next_avail = base as u16;
+            // Every request made available was completed above.
+            let next_used = read_u16(ring.used, ring.used, ring.index)?;
+            if next_used != next_avail {
+                let pending = next_avail.wrapping_sub(next_used);
+                return Err(VhostUserError::InFlight { socket: self.socket.clone(), queue: ring.index, pending });
+            }
             progress.push(QueueProgress { index: ring.index, next_avail, next_used });
         }
         log::debug!("vhost-user {}: queues stopped for a save at {progress:?}", self.socket.display());

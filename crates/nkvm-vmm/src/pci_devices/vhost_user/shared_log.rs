@@ -132,6 +132,18 @@ impl SharedLog {
     }
 }
 
+impl SharedLog {
+    /// Marks every page: what a backend that died may have written
+    /// without logging it yet (it logs after the used entry it publishes).
+    pub fn set_all(&self) {
+        for w in 0..self.words {
+            if let Some(word) = self.word(w) {
+                word.store(u64::MAX, Ordering::Release);
+            }
+        }
+    }
+}
+
 impl DirtySource for SharedLog {
     /// Pages a vhost-user backend wrote since the last drain. A backend
     /// that was not given the log (it does not offer
@@ -183,6 +195,14 @@ mod tests {
         let mut ranges = Vec::new();
         log.drain(&mut |gpa, len| ranges.push((gpa.0, len)));
         ranges
+    }
+
+    #[test]
+    fn set_all_marks_every_page_once() {
+        let log = SharedLog::new(1 << 20).unwrap();
+        log.set_all();
+        assert_eq!(drained(&log), [(0, 1 << 20)]);
+        assert!(drained(&log).is_empty());
     }
 
     #[test]

@@ -83,12 +83,17 @@ impl Watcher {
     /// hands it the queues. Returns whether a process serves the device
     /// again (false: the device has failed for good).
     fn restart(&self, pci: &mut VirtioPci<VhostUserDevice>) -> bool {
+        let mut what = String::new();
         loop {
             let Some(process) = pci.device_mut().process.as_mut() else { return false };
-            let death = process.reap();
+            // A process a failed restart left running is reaped too; one
+            // already reaped is not reaped (or reported) again.
+            if let Some(death) = process.reap() {
+                what = death.to_string();
+            }
             if process.in_a_row > MAX_RESTARTS {
                 eprintln!(
-                    "nkvm: {}: {death}; given up after {MAX_RESTARTS} restarts in a row: \
+                    "nkvm: {}: {what}; given up after {MAX_RESTARTS} restarts in a row: \
                      the device has failed, the VM goes on",
                     self.kind.name
                 );
@@ -99,12 +104,18 @@ impl Watcher {
                 return false;
             }
             eprintln!(
-                "nkvm: {}: {death}; restarting it ({} of {MAX_RESTARTS} in a row)",
+                "nkvm: {}: {what}; restarting it ({} of {MAX_RESTARTS} in a row)",
                 self.kind.name, process.in_a_row
             );
             match self.start_again(pci) {
                 Ok(()) => return true,
-                Err(e) => eprintln!("nkvm: {}: the restarted device process failed: {e}", self.kind.name),
+                Err(e) => {
+                    eprintln!("nkvm: {}: the restarted device process failed: {e}", self.kind.name);
+                    what = format!("its restart failed ({e})");
+                    if let Some(process) = pci.device_mut().process.as_mut() {
+                        process.restart_failed();
+                    }
+                }
             }
         }
     }
@@ -114,6 +125,10 @@ impl Watcher {
         let block = pci.device_mut();
         let Some(process) = block.process.as_mut() else { return Err("no device process".into()) };
         process.respawn()?;
+        // The dead process may have completed requests (used entries
+        // published) before it logged the pages their buffers filled: a
+        // migration under way copies everything again rather than miss one.
+        block.log.set_all();
         let session = Session::open(&self.socket, &self.kind)?;
         let _ = std::fs::remove_file(&self.socket);
         block.reconnected(session);
