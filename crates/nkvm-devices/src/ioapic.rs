@@ -139,13 +139,16 @@ pub struct Ioapic<S: ApicBusSink> {
     /// Electrical level of each input line, bit n for pin n.
     lines: u32,
     sink: S,
+    /// Deliveries are held ([`hold`](Self::hold)): the machine is pausing
+    /// for a save.
+    held: bool,
 }
 
 impl<S: ApicBusSink> Ioapic<S> {
     /// An I/O APIC in its reset state (ID 0, all pins masked, all lines
     /// low), sending interrupt messages to `sink`.
     pub fn new(sink: S) -> Self {
-        Self { id: 0, ioregsel: 0, table: [RedirectionEntry(MASKED); IOAPIC_PINS], lines: 0, sink }
+        Self { id: 0, ioregsel: 0, table: [RedirectionEntry(MASKED); IOAPIC_PINS], lines: 0, sink, held: false }
     }
 
     /// Return the registers to their reset state. Line levels are kept: the
@@ -224,9 +227,38 @@ impl<S: ApicBusSink> Ioapic<S> {
         high != self.table[pin].active_low()
     }
 
+    /// Holds (`true`) or lets go of deliveries. While held nothing is sent:
+    /// an edge leaves its entry's delivery-status bit set ("send pending",
+    /// saved with the table), a level pin is looked at again on release. A
+    /// machine pausing for a save holds them before its vCPUs read their
+    /// local APICs, so no interrupt lands in one already read (lost in the
+    /// copy, or a level pin's remote IRR left set with no vector anywhere).
+    /// Released, pending edges and asserted level pins are delivered.
+    pub fn hold(&mut self, on: bool) {
+        self.held = on;
+        if on {
+            return;
+        }
+        for pin in 0..IOAPIC_PINS {
+            let entry = self.table[pin];
+            if entry.0 & DELIVERY_STATUS != 0 {
+                self.table[pin].0 &= !DELIVERY_STATUS;
+                self.deliver(pin);
+            } else if entry.is_level() && self.asserted(pin) {
+                self.deliver(pin);
+            }
+        }
+    }
+
     fn deliver(&mut self, pin: usize) {
         let entry = self.table[pin];
         if entry.masked() || (entry.is_level() && entry.remote_irr()) {
+            return;
+        }
+        if self.held {
+            if !entry.is_level() {
+                self.table[pin].0 |= DELIVERY_STATUS;
+            }
             return;
         }
         let Some(delivery_mode) = entry.delivery_mode() else {
@@ -354,6 +386,31 @@ mod tests {
     const LEVEL: u32 = LEVEL_TRIGGERED as u32;
     const MASK: u32 = MASKED as u32;
     const LOW: u32 = ACTIVE_LOW as u32;
+
+    /// A machine pausing for a save holds the deliveries: an edge waits
+    /// as "send pending" in its entry (and in a snapshot of it), a level
+    /// pin is looked at again; released, each goes out once.
+    #[test]
+    fn held_deliveries_wait_in_the_table_and_go_out_once_released() {
+        let mut io = Ioapic::new(Vec::new());
+        program(&mut io, 3, 0x33, 0);
+        program(&mut io, 9, 0x99 | LEVEL, 0);
+        io.hold(true);
+        io.set_irq(3, true);
+        io.set_irq(3, false);
+        io.set_irq(9, true);
+        assert!(drain(&mut io).is_empty(), "nothing goes out while held");
+        let saved = crate::Snapshot::snapshot(&io);
+        let mut copy = Ioapic::new(Vec::new());
+        crate::Snapshot::restore(&mut copy, &saved).unwrap();
+        for io in [&mut io, &mut copy] {
+            io.hold(false);
+            let vectors: Vec<u8> = drain(io).iter().map(|m| m.vector).collect();
+            assert_eq!(vectors, [0x33, 0x99], "the pending edge (kept in the table) and the asserted level pin");
+            io.hold(false);
+            assert!(drain(io).is_empty(), "once");
+        }
+    }
 
     #[test]
     fn identification_registers() {

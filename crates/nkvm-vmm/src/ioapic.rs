@@ -52,16 +52,59 @@ impl std::fmt::Debug for IoapicPins {
 }
 
 impl IoapicPins {
-    /// The model itself, for the machine's saved devices (it implements
-    /// `nkvm_devices::Snapshot`).
-    pub fn shared(&self) -> Arc<Mutex<impl nkvm_devices::Snapshot + Send + 'static>> {
-        self.0.clone()
+    /// The model as one of the machine's saved devices: its state, and
+    /// its deliveries held while the machine pauses (see
+    /// `nkvm_devices::ioapic::Ioapic::hold`).
+    pub fn saved(&self) -> SavedIoapic {
+        SavedIoapic(self.0.clone())
     }
 
     /// An interrupt line driving `pin` (for a device model's `IrqLine`).
     pub fn line(&self, pin: usize) -> Box<dyn IrqLine> {
         let ioapic = self.0.clone();
         Box::new(move |level: bool| ioapic.lock().unwrap_or_else(|p| p.into_inner()).set_irq(pin, level))
+    }
+}
+
+/// The IOAPIC as a saved device ([`IoapicPins::saved`]).
+pub struct SavedIoapic(SharedIoapic);
+
+impl std::fmt::Debug for SavedIoapic {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("SavedIoapic")
+    }
+}
+
+impl SavedIoapic {
+    fn lock(&self) -> std::sync::MutexGuard<'_, Ioapic<BusSender>> {
+        self.0.lock().unwrap_or_else(|p| p.into_inner())
+    }
+}
+
+impl crate::saved::SavedDevice for SavedIoapic {
+    fn save(&self) -> Result<Vec<u8>, String> {
+        use nkvm_devices::Snapshot;
+        Ok(self.lock().snapshot())
+    }
+
+    fn restore(&self, name: &str, blob: &[u8]) -> Result<(), crate::saved::LoadError> {
+        use nkvm_devices::Snapshot;
+        let mut ioapic = self.lock();
+        ioapic.restore(blob).map_err(|source| crate::saved::LoadError::Device { name: name.to_string(), source })?;
+        // What the saved one held (pending edges) goes out now.
+        ioapic.hold(false);
+        Ok(())
+    }
+
+    /// Under the IOAPIC's lock, and its sends are synchronous
+    /// (`KVM_SIGNAL_MSI`): every interrupt sent before is in a local APIC
+    /// before any vCPU reads its own.
+    fn pause(&self) {
+        self.lock().hold(true);
+    }
+
+    fn resume(&self) {
+        self.lock().hold(false);
     }
 }
 

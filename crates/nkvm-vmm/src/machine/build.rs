@@ -116,7 +116,7 @@ pub(super) fn build(parts: &Parts<'_>) -> Result<Built, MachineError> {
     let vm = parts.vm;
     let mut devices = SavedDevices::default();
     let ioapic = ioapic::attach(vm, acpi::IOAPIC_ADDR)?;
-    devices.add_shared(IOAPIC, ioapic.shared());
+    devices.add(IOAPIC, Arc::new(ioapic.saved()));
     let pm1a = Arc::new(Mutex::new(acpi::Pm1Event::default()));
     let pm1a_evt = IoRange::pio(acpi::PM1A_EVT, u16::from(acpi::PM1A_EVT_LEN));
     vm.attach_handler(pm1a_evt, Box::new(InProcess(pm1a.clone())))?;
