@@ -133,7 +133,11 @@ impl Watcher {
         let _ = std::fs::remove_file(&self.socket);
         block.reconnected(session);
         block.started.clear();
-        block.resume()?;
+        // Stopped for a save (the machine paused, its state being taken):
+        // the queues are handed over when the save lets them run again.
+        if !block.stopped_for_save {
+            block.resume()?;
+        }
         self.follow(pci)?;
         Ok(())
     }
