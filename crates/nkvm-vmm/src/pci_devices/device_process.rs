@@ -199,7 +199,7 @@ impl VirtioProcess {
         Some(death)
     }
 
-    /// A restart that failed counts against [`MAX_RESTARTS`] as a death
+    /// A restart that failed counts against the watcher's `MAX_RESTARTS` as a death
     /// would: a device whose process cannot start again is given up. (One
     /// that started a process that then failed is counted when that
     /// process is reaped.)
