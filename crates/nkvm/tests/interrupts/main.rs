@@ -331,6 +331,15 @@ fn a_pic_drives_an_apic_less_core_through_lint0_in_virtual_wire_mode() {
     assert!(!pic.lock().has_interrupt());
 }
 
+/// A one-vCPU VM with `vm`'s RAM (for a saved vCPU to be restored into).
+fn copy_of(vm: &Vm) -> Vm {
+    let copy = irq_vm(1);
+    let mut ram = vec![0u8; vm.config().memory as usize];
+    vm.read_memory(GuestAddress(0), &mut ram).unwrap();
+    copy.write_memory(GuestAddress(0), &ram).unwrap();
+    copy
+}
+
 /// A VM whose one core has no visible local APIC, its guest past READY
 /// with IF=0 (it waits for LINT0 interrupts until its `sti`).
 fn apic_less_guest_with_if_clear() -> (Vm, Vcpu, RunState) {
@@ -354,10 +363,7 @@ fn a_lint0_vector_the_guest_has_not_taken_travels_with_the_saved_state() {
     let blob = state.encode();
     drop(vcpu);
 
-    let copy = irq_vm(1);
-    let mut ram = vec![0u8; vm.config().memory as usize];
-    vm.read_memory(GuestAddress(0), &mut ram).unwrap();
-    copy.write_memory(GuestAddress(0), &ram).unwrap();
+    let copy = copy_of(&vm);
     let mut restored = copy.create_vcpu_with(0, VcpuConfig { lapic: Lapic::Hidden }).unwrap();
     restored.restore_state(&nkvm::state::VcpuState::decode(&blob).unwrap()).unwrap();
     let run = Running::start(restored);
@@ -401,10 +407,7 @@ fn a_lint0_vector_raised_while_the_guest_can_take_it_is_in_a_state_saved_then() 
     assert_eq!(state.pending_lint.extint, [0x30], "saved as waiting");
     let blob = state.encode();
 
-    let copy = irq_vm(1);
-    let mut ram = vec![0u8; vm.config().memory as usize];
-    vm.read_memory(GuestAddress(0), &mut ram).unwrap();
-    copy.write_memory(GuestAddress(0), &ram).unwrap();
+    let copy = copy_of(&vm);
     let mut restored = copy.create_vcpu_with(0, VcpuConfig { lapic: Lapic::Hidden }).unwrap();
     restored.restore_state(&nkvm::state::VcpuState::decode(&blob).unwrap()).unwrap();
     let in_copy = Running::start(restored);
