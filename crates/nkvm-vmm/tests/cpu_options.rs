@@ -6,9 +6,9 @@
 mod common;
 
 use std::path::PathBuf;
-use std::process::{Command, Output, Stdio};
+use std::process::Output;
 
-use common::{elf32, write_temp};
+use common::{elf32, nkvm, write_temp};
 use iced_x86::code_asm::*;
 
 const LOAD: u32 = 0x40_0000;
@@ -22,10 +22,6 @@ const MIXED: u32 = 3;
 /// MSR verdicts.
 const FLUSH_L1D_OFFERED: u32 = 6;
 const FLUSH_CMD_WRITTEN: u32 = 5;
-
-fn nkvm(args: &[&str]) -> Output {
-    Command::new(env!("CARGO_BIN_EXE_nkvm")).args(args).stdin(Stdio::null()).output().expect("run nkvm")
-}
 
 fn kernel(name: &str, body: impl FnOnce(&mut CodeAssembler)) -> PathBuf {
     let mut a = CodeAssembler::new(32).unwrap();

@@ -4,9 +4,11 @@
 //! and ends the VM through the test-exit port; nkvm's exit status is the
 //! suite's `(value << 1) | 1`.
 
-use std::path::{Path, PathBuf};
-use std::process::{Command, Output, Stdio};
+mod common;
 
+use std::path::{Path, PathBuf};
+
+use common::{nkvm, text};
 use iced_x86::code_asm::*;
 
 const LOAD: u32 = 0x40_0000;
@@ -16,14 +18,6 @@ const MSG_OK: u32 = 0x400;
 const MSG_BAD: u32 = MSG_OK + 16;
 const DEVICES_OK: u32 = MSG_OK + 32;
 const DEVICES_BAD: u32 = MSG_OK + 48;
-
-fn nkvm(args: &[&str]) -> Output {
-    Command::new(env!("CARGO_BIN_EXE_nkvm")).args(args).stdin(Stdio::null()).output().expect("run nkvm")
-}
-
-fn text(b: &[u8]) -> String {
-    String::from_utf8_lossy(b).into_owned()
-}
 
 /// The guest: prints "MAGIC OK" or "MAGIC BAD", the command line and the
 /// module's bytes on COM1, then writes fw_cfg's CPU count to port 0xf4.

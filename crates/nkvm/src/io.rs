@@ -44,11 +44,14 @@ use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering as AtomicOr
 use std::sync::{Arc, Mutex, RwLock};
 use std::time::Duration;
 
-use nkvm_wire::ioregion::{AccessSize, Client, RegionInfo, Space};
+use nkvm_wire::ioregion::{Client, RegionInfo, Space};
 use nkvm_wire::spin::SpinStream;
 use nkvm_wire::WireError;
 
 mod posted;
+mod split;
+
+use split::socket_access;
 
 /// Which address space a range is in.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
@@ -571,41 +574,6 @@ impl IoRegions {
             reason,
         });
     }
-}
-
-/// One access of `size` bytes (1 to 8) over a socket region. The wire
-/// carries 1, 2, 4 and 8 bytes; KVM splits an access that crosses a page
-/// into pieces of 3, 5, 6 or 7 bytes, which go as consecutive accesses
-/// of the sizes that make them up, lowest address first (the value
-/// little-endian across them, as the CPU's own split would be).
-fn socket_access(
-    c: &mut Client<SpinStream, SpinStream>,
-    offset: u64,
-    size: u8,
-    write: Option<u64>,
-    posted: bool,
-) -> Result<u64, WireError> {
-    if let Ok(access) = AccessSize::from_bytes(u64::from(size)) {
-        return match write {
-            Some(data) if posted => c.post(offset, access, data).map(|_| 0),
-            Some(data) => c.write(offset, access, data).map(|_| 0),
-            None => c.read(offset, access),
-        };
-    }
-    let (mut value, mut done) = (0u64, 0u8);
-    while done < size.min(8) {
-        let piece = [4u8, 2, 1].into_iter().find(|&p| p <= size - done).unwrap_or(1);
-        let access = AccessSize::from_bytes(u64::from(piece))?;
-        let at = offset + u64::from(done);
-        let shift = 8 * u32::from(done);
-        match write {
-            Some(data) if posted => c.post(at, access, data >> shift)?,
-            Some(data) => c.write(at, access, data >> shift)?,
-            None => value |= c.read(at, access)? << shift,
-        }
-        done += piece;
-    }
-    Ok(value)
 }
 
 fn check_range(range: IoRange) -> Result<(), IoRegionError> {

@@ -34,6 +34,16 @@ fn long_mode(vm: &Vm) -> Vcpu {
     long_mode_guest(vm, 0, |a| a.hlt().unwrap())
 }
 
+/// The same, with the host's CPUID and CR4.OSXSAVE: the XSAVE family runs.
+fn long_mode_with_xsave(vm: &Vm) -> Vcpu {
+    let vcpu = long_mode(vm);
+    vcpu.set_cpuid(&hypervisor().supported_cpuid().unwrap()).unwrap();
+    let mut sregs = vcpu.sregs().unwrap();
+    sregs.cr4 |= 1 << 18; // OSXSAVE
+    vcpu.set_sregs(&sregs).unwrap();
+    vcpu
+}
+
 /// `movbe [rdi], eax`
 const MOVBE_STORE: [u8; 4] = [0x0f, 0x38, 0xf1, 0x07];
 
@@ -67,11 +77,7 @@ fn a_non_canonical_address_raises_general_protection_and_writes_nothing() {
 #[test]
 fn xrstor_at_the_top_of_the_address_space_faults_and_does_not_panic() {
     let vm = vm();
-    let vcpu = long_mode(&vm);
-    vcpu.set_cpuid(&hypervisor().supported_cpuid().unwrap()).unwrap();
-    let mut sregs = vcpu.sregs().unwrap();
-    sregs.cr4 |= 1 << 18; // OSXSAVE
-    vcpu.set_sregs(&sregs).unwrap();
+    let vcpu = long_mode_with_xsave(&vm);
     // 64-byte aligned and canonical; its header 512 bytes on wraps to 0x1c0.
     set_regs(&vcpu, |r| (r.rdi, r.rax, r.rdx) = (0xffff_ffff_ffff_ffc0, 3, 0));
     let emulated = emulate(&vcpu, &vm, &[0x48, 0x0f, 0xae, 0x2f]); // xrstor64 [rdi]
@@ -173,11 +179,7 @@ fn an_emulated_store_sets_the_dirty_bit_of_the_entry_mapping_the_page() {
 #[test]
 fn sse_and_xsave_state_instructions_raise_ud_and_nm_as_cr0_says() {
     let vm = vm();
-    let vcpu = long_mode(&vm);
-    vcpu.set_cpuid(&hypervisor().supported_cpuid().unwrap()).unwrap();
-    let mut sregs = vcpu.sregs().unwrap();
-    sregs.cr4 |= 1 << 18; // OSXSAVE
-    vcpu.set_sregs(&sregs).unwrap();
+    let vcpu = long_mode_with_xsave(&vm);
     set_regs(&vcpu, |r| (r.rdi, r.rax, r.rdx) = (0x60_0000, 3, 0));
     const LDMXCSR: [u8; 3] = [0x0f, 0xae, 0x17]; // ldmxcsr [rdi]
     const XSAVE: [u8; 3] = [0x0f, 0xae, 0x27]; // xsave [rdi]

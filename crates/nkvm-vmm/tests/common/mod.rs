@@ -8,6 +8,16 @@ use std::path::PathBuf;
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
+/// Runs `nkvm args...` to its end, with no input, and returns what it did.
+pub fn nkvm(args: &[&str]) -> std::process::Output {
+    Command::new(env!("CARGO_BIN_EXE_nkvm")).args(args).stdin(Stdio::null()).output().expect("run nkvm")
+}
+
+/// Bytes as text, invalid UTF-8 replaced.
+pub fn text(b: &[u8]) -> String {
+    String::from_utf8_lossy(b).into_owned()
+}
+
 /// An ELF32 i386 multiboot file with one segment holding `code` at `load`.
 pub fn elf32(code: &[u8], load: u32) -> Vec<u8> {
     const CODE_AT: usize = 0x100;

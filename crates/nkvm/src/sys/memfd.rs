@@ -233,10 +233,10 @@ impl SharedMapping {
         if end > self.len || offset % 4096 != 0 || len % 4096 != 0 {
             return None;
         }
-        // SAFETY: offset..end lies inside this mapping (checked above) and is
-        // page aligned. MADV_DONTNEED on a MAP_SHARED file mapping only drops
-        // page-table entries; mprotect changes only the protection, restored
-        // at once. So the contents and every pointer into them stay valid.
+        // MADV_DONTNEED on a MAP_SHARED file mapping only drops page-table
+        // entries; mprotect changes only the protection, restored at once.
+        // SAFETY: offset..end is page aligned inside this mapping (checked
+        // above), and neither call moves or frees its contents (see above).
         let rc = unsafe {
             let at = self.ptr.as_ptr().add(offset).cast();
             if self.private {

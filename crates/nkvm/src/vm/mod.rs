@@ -4,6 +4,7 @@
 
 mod diff;
 mod dirty_log;
+mod harvest;
 mod io_regions;
 mod msr_filter;
 
