@@ -251,11 +251,15 @@ mod tests {
             std::thread::yield_now();
         }
         let (told, first) = mpsc::channel();
+        // vCPU 0 parks (failing the pause) only once vCPU 1 has been told
+        // too: a failed pause withdrawn earlier would tell vCPU 1 to resume.
+        let (go_on, park) = mpsc::channel::<()>();
         let vcpu0 = {
             let control = control.clone();
             std::thread::spawn(move || {
                 let stop = control.stop_here(0);
                 told.send(stop).unwrap();
+                park.recv().unwrap();
                 control.park(0, Err("no state in this test".into()));
             })
         };
@@ -263,6 +267,7 @@ mod tests {
         assert!(first.recv_timeout(Duration::from_millis(300)).is_err(), "vCPU 0 saved while vCPU 1 ran");
         assert_eq!(control.stop_here(1), Stop::Save);
         assert_eq!(first.recv().unwrap(), Stop::Save);
+        go_on.send(()).unwrap();
         control.park(1, Err("no state in this test".into()));
         let err = pauser.join().unwrap().unwrap_err();
         assert!(matches!(err, ControlError::SaveFailed { .. }), "{err}");
