@@ -32,13 +32,25 @@ use std::time::{Duration, Instant};
 
 use kvm_bindings::{kvm_mp_state, KVM_MP_STATE_HALTED, KVM_MP_STATE_RUNNABLE};
 
-use crate::irq::IrqShared;
+use crate::irq::{IrqShared, MsiMessage};
 use crate::sys::run::Completion;
 use crate::{Exit, Vcpu, VcpuError};
 
 /// How long a level-triggered vector may wait for its EOI before the vCPUs
 /// are poked (and again after each poke while it still waits).
 pub(crate) const STALE: Duration = Duration::from_millis(10);
+
+/// Where a local APIC's in-service, trigger-mode and request registers
+/// start: eight 32-bit words, 16 bytes apart.
+const ISR: usize = 0x100;
+const TMR: usize = 0x180;
+const IRR: usize = 0x200;
+
+/// The 256 bits of the local APIC register at `base` in `regs`
+/// (`kvm_lapic_state`).
+fn vector_bits(regs: &[u8; 1024], base: usize) -> [u32; 8] {
+    std::array::from_fn(|i| u32::from_le_bytes(std::array::from_fn(|b| regs[base + 0x10 * i + b])))
+}
 
 /// How long the watching thread sleeps when nothing is outstanding before it
 /// looks whether its VM is gone.
@@ -135,7 +147,35 @@ impl Vcpu {
             // its EOI is not held back, it has not happened yet.
             return Ok(None);
         }
-        self.set_mp(KVM_MP_STATE_RUNNABLE)?;
+        self.hand_out_held(true, (irr, isr))
+    }
+
+    /// Before a save: an EOI KVM holds (see the module docs) lives only in
+    /// this KVM and would be lost with it, leaving the restored IOAPIC's
+    /// remote IRR set for good. So if a level-triggered vector still waits
+    /// for its EOI, KVM gets one entry, running no guest instruction, to
+    /// hand held EOIs out. Returns an exit other than the EOI, should the
+    /// entry produce one.
+    #[cold]
+    pub(crate) fn hand_out_held_eois(&mut self) -> Result<Option<Exit>, VcpuError> {
+        if self.links.irq.eoi_watch.outstanding().is_empty() {
+            return Ok(None);
+        }
+        let mp = self.fd.get_mp_state().map_err(|source| self.err("KVM_GET_MP_STATE", source))?;
+        let before = self.irr_isr()?;
+        self.hand_out_held(mp.mp_state == KVM_MP_STATE_HALTED, before)
+    }
+
+    /// One entry with the kick signal already pending: KVM handles the
+    /// requests it holds (an EOI exits to user space and goes to the IOAPIC
+    /// model) and returns before running a guest instruction. A `halted`
+    /// vCPU is made runnable for it (KVM handles no request of a halted one)
+    /// and put back unless KVM took an interrupt from the local APIC.
+    /// `before` is the local APIC's (IRR, ISR) before the entry.
+    fn hand_out_held(&mut self, halted: bool, before: ([u32; 8], [u32; 8])) -> Result<Option<Exit>, VcpuError> {
+        if halted {
+            self.set_mp(KVM_MP_STATE_RUNNABLE)?;
+        }
         let inside = self.links.gate.enter(&self.kick);
         let result = crate::sys::kick::run_with_kick_pending(&self.fd, || {
             self.kick.run_area().run(&self.fd, Completion::None, None, false)
@@ -153,15 +193,15 @@ impl Vcpu {
             return Ok(other);
         }
         let mut events = self.events()?;
-        if events.interrupt.injected != 0 && !exited && self.irr_isr()?.1 == isr {
+        if events.interrupt.injected != 0 && !exited && self.irr_isr()? == before {
             // The entry was cancelled by the signal, and this host then
             // re-queues the last interrupt it injected, long delivered and
-            // not taken from the local APIC now (the ISR did not change):
+            // not taken from the local APIC now (IRR and ISR did not change):
             // entering would deliver it a second time.
             events.interrupt.injected = 0;
             self.set_events(&events)?;
         }
-        if events.interrupt.injected == 0 {
+        if halted && events.interrupt.injected == 0 {
             self.set_mp(KVM_MP_STATE_HALTED)?;
         }
         Ok(None)
@@ -171,10 +211,36 @@ impl Vcpu {
     /// 32-bit words each).
     fn irr_isr(&self) -> Result<([u32; 8], [u32; 8]), VcpuError> {
         let lapic = self.fd.get_lapic().map_err(|source| self.err("KVM_GET_LAPIC", source))?;
-        let reg = |base: usize| -> [u32; 8] {
-            std::array::from_fn(|i| u32::from_le_bytes(std::array::from_fn(|b| lapic.regs[base + 0x10 * i + b] as u8)))
-        };
-        Ok((reg(0x200), reg(0x100)))
+        let regs: [u8; 1024] = lapic.regs.map(|b| b as u8);
+        Ok((vector_bits(&regs, IRR), vector_bits(&regs, ISR)))
+    }
+
+    /// After a local APIC state was loaded: a level-triggered vector it
+    /// holds requested or in service was delivered by an IOAPIC before the
+    /// save, maybe in another VM whose routes this one lacks. Its EOI needs
+    /// a route again, or it would never reach the IOAPIC, whose remote IRR
+    /// would then block that pin for good. Every vector whose last interrupt
+    /// was level-triggered (TMR) gets one, not only those requested or in
+    /// service: on hosts that run CPL-0 code in KVM's emulator (`kvm_pvm`),
+    /// KVM's saved in-service register can be clear while the guest's
+    /// handler runs. The vectors requested or in service are also watched.
+    pub(crate) fn expect_restored_eois(&self, lapic: &[u8; 1024]) -> Result<(), crate::state::StateError> {
+        let (irr, isr, tmr) = (vector_bits(lapic, IRR), vector_bits(lapic, ISR), vector_bits(lapic, TMR));
+        for vector in 0..=255u8 {
+            let (word, bit) = (usize::from(vector / 32), 1u32 << (vector % 32));
+            if tmr[word] & bit == 0 {
+                continue;
+            }
+            // To every APIC (0xff), so that every vCPU restored with the
+            // vector gets the same route.
+            let msi = MsiMessage { address: 0xfee0_0000 | 0xff << 12, data: u32::from(vector) | 1 << 14 | 1 << 15 };
+            let watch = (irr[word] | isr[word]) & bit != 0;
+            self.links
+                .irq
+                .route_level(&self.links.vm_fd, msi, watch)
+                .map_err(|source| crate::state::StateError::EoiRoute { id: self.id(), vector, source })?;
+        }
+        Ok(())
     }
 
     fn set_mp(&self, mp_state: u32) -> Result<(), VcpuError> {
@@ -203,5 +269,29 @@ mod tests {
         assert_eq!(watch.due(), None, "waited STALE: poke now");
         let next = watch.due().expect("just poked: not due again at once");
         assert!(next > Duration::ZERO && next <= STALE);
+    }
+
+    /// A restored local APIC's level-triggered vectors get EOI routes (what
+    /// the guest's handler EOIs in the new VM), and those requested or in
+    /// service are watched; on hosts that end service at delivery no guest
+    /// can produce this state, so it is written into the saved one.
+    #[test]
+    fn a_restored_level_vector_gets_its_eoi_route() {
+        use crate::{Hypervisor, RunState, Vm, VmConfig};
+        let hv = Hypervisor::open().unwrap();
+        let vm = Vm::new(&hv, &VmConfig { memory: 4 << 20, split_irqchip: true, ..Default::default() }).unwrap();
+        let mut vcpu = vm.create_vcpu(0).unwrap();
+        let mut state = vcpu.save_state(&mut RunState::new()).unwrap();
+        let set =
+            |regs: &mut [u8; 1024], base: usize, v: usize| regs[base + 0x10 * (v / 32) + (v % 32) / 8] |= 1 << (v % 8);
+        set(&mut state.lapic, TMR, 0x61);
+        set(&mut state.lapic, ISR, 0x61);
+        set(&mut state.lapic, TMR, 0x72); // its EOI came before the save
+        set(&mut state.lapic, ISR, 0x83); // edge-triggered
+        assert!(vm.irq.level_route_vectors().is_empty());
+        vcpu.restore_state(&state).unwrap();
+        assert_eq!(vm.irq.level_route_vectors(), [0x61, 0x72]);
+        assert!(vm.irq.eoi_watch.waiting(0x61));
+        assert!(!vm.irq.eoi_watch.waiting(0x72));
     }
 }

@@ -291,6 +291,44 @@ impl IrqShared {
         }
     }
 
+    /// A level-triggered `msi` is (or was) delivered: gives its vector an
+    /// IOAPIC-range route, so that KVM reports its EOI (KVM reports EOIs only
+    /// for vectors such a route carries), and, if `watch`, watches for that
+    /// EOI.
+    pub(crate) fn route_level(
+        self: &Arc<Self>,
+        fd: &kvm_ioctls::VmFd,
+        msi: MsiMessage,
+        watch: bool,
+    ) -> Result<(), IrqError> {
+        // Asked only when every route is taken (the EOI watch's lock is
+        // never held while it takes the routes').
+        let mut routes = self.routes.lock().unwrap_or_else(|p| p.into_inner());
+        match routes.level_slot(msi, |v| self.eoi_watch.waiting(v)) {
+            Some((_, true)) => fd
+                .set_gsi_routing(&routes.to_kvm()?)
+                .map_err(|source| IrqError::Kvm { op: "KVM_SET_GSI_ROUTING", source })?,
+            Some((_, false)) => {}
+            None => log::warn!(
+                "level-triggered vector {:#x} delivered with no EOI route: all {FIRST_USER_GSI} are taken by vectors \
+                 waiting for their EOI, so its EOI will not be reported",
+                msi.vector()
+            ),
+        }
+        drop(routes);
+        if watch {
+            self.eoi_watch.sent(self, msi.vector());
+        }
+        Ok(())
+    }
+
+    /// The vectors of the level-triggered IOAPIC-range routes.
+    #[cfg(test)]
+    pub(crate) fn level_route_vectors(&self) -> Vec<u8> {
+        let routes = self.routes.lock().unwrap_or_else(|p| p.into_inner());
+        routes.table.range(..FIRST_USER_GSI).filter(|(_, m)| m.data & 1 << 15 != 0).map(|(_, m)| m.vector()).collect()
+    }
+
     /// Sends an EOI to the APIC bus; false if no bus is attached.
     pub(crate) fn eoi(&self, vector: u8) -> bool {
         self.eoi_watch.ended(vector);

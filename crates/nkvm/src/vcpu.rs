@@ -105,6 +105,8 @@ pub(crate) struct VcpuLinks {
     pub(crate) io: Arc<IoRegions>,
     /// Interrupt routing and the APIC bus.
     pub(crate) irq: Arc<IrqShared>,
+    /// The VM's file (the routes `restore_state` gives restored vectors).
+    pub(crate) vm_fd: Arc<kvm_ioctls::VmFd>,
     /// Keeps the APIC bus up while this vCPU may run.
     pub(crate) _bus_closer: Arc<crate::irq::BusCloser>,
     /// The MSRs `save_state` reads (KVM_GET_MSR_INDEX_LIST).

@@ -2,7 +2,9 @@
 //! with no exit between them is delivered again while its line stays
 //! asserted: on hosts that run CPL-0 code in KVM's emulator, KVM holds
 //! such an EOI back from the halted vCPU, and nkvm's EOI watch gets it out
-//! (kvm-unit-tests' `ioapic`, "retriggered level interrupts").
+//! (kvm-unit-tests' `ioapic`, "retriggered level interrupts"). And a
+//! level-triggered interrupt in service when the state is saved gets its
+//! EOI to the IOAPIC of the VM the state is restored into.
 
 mod common;
 
@@ -11,9 +13,10 @@ use std::time::Duration;
 
 use common::*;
 use iced_x86::code_asm::*;
+use nkvm::state::{VcpuState, VmState};
 use nkvm::{ApicBus, Exit, GuestAddress, RunState, Vm, VmConfig};
 use nkvm_devices::ioapic::{Ioapic, INDEX_REDIRECTION_TABLE, REG_IOREGSEL, REG_IOWIN};
-use nkvm_devices::{ApicBusSink, IoDevice};
+use nkvm_devices::{ApicBusSink, IoDevice, Snapshot};
 use nkvm_wire::apic::InterruptMessage;
 
 const PIN: usize = 14;
@@ -22,6 +25,8 @@ const VECTOR: u32 = 0x9a;
 const LINE: u16 = 0x72;
 /// The guest is done; the value is how often the handler ran.
 const DONE: u16 = 0x74;
+/// The handler asks for the state to be saved (before its EOI).
+const SAVE: u16 = 0x76;
 /// The handler's counter.
 const COUNT: u64 = 0x5000;
 
@@ -135,6 +140,12 @@ fn an_eoi_followed_by_hlt_still_retriggers_an_asserted_level_line() {
     assert_eq!(outcome, Ok(2), "the handler ran {} times; the EOI never reached the IOAPIC", u32::from_le_bytes(count));
     // The last EOI, too, reaches the IOAPIC while the guest sits in its
     // final `hlt` (it may still be held when the guest reports done).
+    assert!(eoi_reaches(&mut vcpu, &ioapic), "the last EOI never reached the IOAPIC");
+}
+
+/// Waits (up to 10 s) while the guest sits in its final `hlt` for the EOI
+/// of `PIN`'s interrupt to reach `ioapic`; whether it did.
+fn eoi_reaches(vcpu: &mut nkvm::Vcpu, ioapic: &SharedIoapic) -> bool {
     let kicker = vcpu.kicker();
     let io = ioapic.clone();
     let waiter = std::thread::spawn(move || {
@@ -144,7 +155,87 @@ fn an_eoi_followed_by_hlt_still_retriggers_an_asserted_level_line() {
         }
         kicker.kick();
     });
-    assert_eq!(vcpu.enter_guest(&mut run).unwrap(), Exit::Kicked);
+    assert_eq!(vcpu.enter_guest(&mut RunState::new()).unwrap(), Exit::Kicked);
     waiter.join().unwrap();
-    assert!(!ioapic.lock().unwrap().entry(PIN).unwrap().remote_irr(), "the last EOI never reached the IOAPIC");
+    !ioapic.lock().unwrap().entry(PIN).unwrap().remote_irr()
+}
+
+/// Runs `vcpu` until its guest writes `port`, passing `LINE` to `ioapic`;
+/// a watchdog turns a guest that waits for good into a failure.
+fn run_until(vcpu: &mut nkvm::Vcpu, ioapic: &SharedIoapic, port: u16, what: &str) {
+    let kicker = vcpu.kicker();
+    let (stop, stopped) = std::sync::mpsc::channel::<()>();
+    let watchdog = std::thread::spawn(move || {
+        if stopped.recv_timeout(Duration::from_secs(20)).is_err() {
+            kicker.kick();
+        }
+    });
+    let mut run = RunState::new();
+    let result = loop {
+        match vcpu.enter_guest(&mut run).unwrap() {
+            Exit::IoOut { port: LINE, data, .. } => ioapic.lock().unwrap().set_irq(PIN, data != 0),
+            Exit::IoOut { port: p, .. } if p == port => break Ok(()),
+            other => break Err(other),
+        }
+    };
+    let _ = stop.send(());
+    watchdog.join().unwrap();
+    if let Err(exit) = result {
+        panic!("{what}: {exit}");
+    }
+}
+
+/// The guest takes `PIN`'s interrupt, whose handler asks for a save
+/// before its EOI; the state goes to a new VM, where the same pin must
+/// deliver again (its EOI reached that VM's IOAPIC).
+#[test]
+fn a_level_interrupt_in_service_at_the_save_is_eoied_in_the_restored_vm() {
+    let config = VmConfig { vcpus: 1, memory: 16 << 20, split_irqchip: true, ..Default::default() };
+    let vm = vm_with(config.clone());
+    let ioapic = ioapic(&vm);
+    install_handler(&vm, u64::from(VECTOR), |a| {
+        a.out(u32::from(SAVE), eax).unwrap();
+        a.mov(rax, 0xfee0_00b0u64).unwrap();
+        a.mov(dword_ptr(rax), 0).unwrap();
+        a.iretq().unwrap();
+    });
+    let mut vcpu = long_mode_guest(&vm, 0, |a| {
+        a.mov(rax, IDTR).unwrap();
+        a.lidt(ptr(rax)).unwrap();
+        a.mov(rax, 0xfee0_00f0u64).unwrap();
+        a.mov(dword_ptr(rax), 0x1ff).unwrap();
+        a.mov(eax, 1).unwrap();
+        a.out(u32::from(LINE), eax).unwrap();
+        for _ in 0..2 {
+            a.sti().unwrap();
+            a.hlt().unwrap();
+            a.cli().unwrap();
+            a.out(u32::from(DONE), eax).unwrap();
+        }
+        a.hlt().unwrap();
+    });
+    vcpu.set_cpuid(&hypervisor().supported_cpuid().unwrap()).unwrap();
+    run_until(&mut vcpu, &ioapic, SAVE, "before the save");
+    // The device lowers its line while the handler runs: only the EOI is
+    // still to come (on hosts that end service at delivery, KVM holds it).
+    ioapic.lock().unwrap().set_irq(PIN, false);
+    let vcpu_blob = vcpu.save_state(&mut RunState::new()).unwrap().encode();
+    let vm_blob = vm.save_state().unwrap().encode();
+    let ioapic_blob = ioapic.lock().unwrap().snapshot();
+    let mut ram = vec![0u8; config.memory as usize];
+    vm.read_memory(GuestAddress(0), &mut ram).unwrap();
+    drop((vcpu, ioapic, vm));
+
+    // A new VM, whose routing table has never carried VECTOR.
+    let vm = vm_with(config);
+    vm.write_memory(GuestAddress(0), &ram).unwrap();
+    vm.restore_state(&VmState::decode(&vm_blob).unwrap()).unwrap();
+    let ioapic = self::ioapic(&vm);
+    ioapic.lock().unwrap().restore(&ioapic_blob).unwrap();
+    let mut vcpu = vm.create_vcpu(0).unwrap();
+    vcpu.restore_state(&VcpuState::decode(&vcpu_blob).unwrap()).unwrap();
+    run_until(&mut vcpu, &ioapic, DONE, "the handler's return");
+    // The line goes up again: the IOAPIC delivers only if the EOI came.
+    ioapic.lock().unwrap().set_irq(PIN, true);
+    run_until(&mut vcpu, &ioapic, SAVE, "the pin stays blocked: the handler's EOI never reached the IOAPIC");
 }

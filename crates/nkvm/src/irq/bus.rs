@@ -10,7 +10,7 @@ use std::sync::{Arc, Mutex};
 
 use nkvm_wire::apic::{DeliveryMode, DestinationMode, EoiMessage, InterruptMessage, TriggerMode};
 
-use super::{fast_path, IrqError, IrqShared, MsiMessage, FIRST_USER_GSI};
+use super::{fast_path, IrqError, IrqShared, MsiMessage};
 
 /// Receives the local APICs' EOIs of level-triggered vectors on an APIC bus
 /// whose IOAPIC or PIC model lives in this process (see
@@ -361,23 +361,7 @@ fn deliver(fd: &kvm_ioctls::VmFd, irq: &Arc<IrqShared>, m: &InterruptMessage) ->
     }
     let msi = MsiMessage::from_interrupt(m);
     if m.trigger_mode == TriggerMode::Level {
-        // KVM reports EOIs only for vectors an IOAPIC-range route carries.
-        // Asked only when every route is taken (the EOI watch's lock is
-        // never held while it takes the routes').
-        let mut routes = irq.routes.lock().unwrap_or_else(|p| p.into_inner());
-        match routes.level_slot(msi, |v| irq.eoi_watch.waiting(v)) {
-            Some((_, true)) => fd
-                .set_gsi_routing(&routes.to_kvm()?)
-                .map_err(|source| IrqError::Kvm { op: "KVM_SET_GSI_ROUTING", source })?,
-            Some((_, false)) => {}
-            None => log::warn!(
-                "APIC bus: level-triggered vector {:#x} delivered with no EOI route: all {FIRST_USER_GSI} are taken by \
-                 vectors waiting for their EOI, so its EOI will not be reported",
-                m.vector
-            ),
-        }
-        drop(routes);
-        irq.eoi_watch.sent(irq, m.vector);
+        irq.route_level(fd, msi, true)?;
     }
     fd.signal_msi(msi.to_kvm()).map_err(|source| IrqError::Kvm { op: "KVM_SIGNAL_MSI", source })?;
     Ok(())

@@ -53,6 +53,18 @@ pub enum StateError {
     /// A VM ioctl failed (the error names which).
     #[error(transparent)]
     Vm(#[from] VmError),
+    /// A level-triggered interrupt the saved local APIC holds could not be
+    /// given the route KVM needs to report its EOI.
+    #[error("vCPU {id}: cannot route the EOI of level-triggered vector {vector:#x}, which the saved local APIC holds")]
+    EoiRoute {
+        /// The vCPU.
+        id: u32,
+        /// The vector.
+        vector: u8,
+        /// What failed.
+        #[source]
+        source: crate::irq::IrqError,
+    },
     /// The state belongs to another vCPU.
     #[error("the state is vCPU {state}'s, it cannot be restored into vCPU {vcpu}: create vCPU {state} for it")]
     VcpuIdMismatch {

@@ -100,6 +100,11 @@ impl Vcpu {
     /// [`VcpuState::unreadable_msrs`].
     pub fn save_state(&mut self, run: &mut RunState) -> Result<VcpuState, StateError> {
         self.settle(run)?;
+        if self.has_lapic() {
+            if let Some(exit) = self.hand_out_held_eois()? {
+                return Err(StateError::NotSettled { id: self.id(), exit });
+            }
+        }
         let kvm = |op, source| self.err(op, source);
         // MP state first: reading it makes KVM act on a pending INIT/SIPI
         // (reset the vCPU, jump to the SIPI vector), so every register read
@@ -184,6 +189,7 @@ impl Vcpu {
         if self.has_lapic() {
             let lapic = kvm_lapic_state { regs: state.lapic.map(|b| b as _) };
             self.fd.set_lapic(&lapic).map_err(|e| kvm("KVM_SET_LAPIC", e))?;
+            self.expect_restored_eois(&state.lapic)?;
         }
         // Before the MSRs: the TSC value is written at the rate it will run.
         if let Some(khz) = state.tsc_khz {

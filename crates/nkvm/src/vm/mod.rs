@@ -551,6 +551,7 @@ impl Vm {
             memory: self.shared.clone(),
             io: self.io.clone(),
             irq: self.irq.clone(),
+            vm_fd: self.fd.clone(),
             _bus_closer: self.bus_closer.clone(),
             saveable_msrs: self.saveable_msrs.clone(),
             lapic_in_kernel: self.config.split_irqchip,
