@@ -10,6 +10,10 @@
 //! into the backing's own mapping, so a device reads and writes exactly
 //! the guest's bytes either way.
 //!
+//! Read-only regions (ROM) are left out: a device writing there through a
+//! view would change what the guest can only read (on a PC, a DMA write to
+//! ROM goes nowhere); an access to one fails as one outside the map does.
+//!
 //! Each region of a view has a write bitmap (`AtomicBitmap`, a bit per
 //! 4 KiB page) that every write through the view sets: what a VMM drains
 //! into the VM's dirty log (KVM does not see host writes).
@@ -67,8 +71,9 @@ pub enum RamViewError {
         #[source]
         source: std::io::Error,
     },
-    /// vm-memory refused the regions (an empty map has none to view).
-    #[error("cannot build a vm-memory view of the memory map (does it have regions?)")]
+    /// vm-memory refused the regions (a map with no writable region has
+    /// none to view).
+    #[error("cannot build a vm-memory view of the memory map (does it have writable regions?)")]
     Collection(#[source] GuestRegionCollectionError),
 }
 
@@ -94,15 +99,16 @@ pub struct RamView {
 }
 
 impl RamView {
-    /// A view of every region of `map`, at the same guest-physical
-    /// addresses. A region of a memfd (a shared backing) reports that file
+    /// A view of every writable region of `map`, at the same guest-physical
+    /// addresses (read-only regions are left out: see the
+    /// [module](self) documentation). A region of a memfd (a shared backing) reports that file
     /// as its `FileOffset`, so a vhost-user backend can be given it; a
     /// region of a copy-on-write backing reports none, since its file does
     /// not hold the guest's bytes (and must not be written).
     pub fn new(map: &MemoryMap) -> Result<Self, RamViewError> {
         let mut regions = Vec::with_capacity(map.regions().len());
         let mut backings: Vec<Backing> = Vec::new();
-        for r in map.regions() {
+        for r in map.regions().iter().filter(|r| !r.read_only) {
             let failed = |source| RamViewError::Region { region: r.name(), source };
             let file = if r.backing.is_copy_on_write() {
                 None
@@ -214,6 +220,29 @@ mod tests {
         assert_eq!(memory.read_obj::<u8>(VmAddress(0x10)).unwrap(), 9);
         drop(memory);
         drop(keeper);
+    }
+
+    #[test]
+    fn a_view_leaves_read_only_regions_out_so_no_device_writes_rom() {
+        let ram = Backing::new("ram", 0x2000).unwrap();
+        let rom = Backing::new("rom", 0x1000).unwrap();
+        rom.write_at(0, &[0x5a; 0x1000]).unwrap();
+        let map = MemoryMap::new(vec![
+            Region::new(GuestAddress(0), &ram, 0, 0x2000),
+            Region::new(GuestAddress(0xf000), &rom, 0, 0x1000).read_only(),
+        ])
+        .unwrap();
+        let view = RamView::new(&map).unwrap();
+        let _keeper = view.keeper();
+        // SAFETY: `_keeper` outlives `memory` (declared before it).
+        let memory = unsafe { view.memory() };
+        assert!(memory.write_obj(0u8, VmAddress(0xf010)).is_err(), "a write to ROM fails");
+        let mut byte = [0u8];
+        rom.read_at(0x10, &mut byte).unwrap();
+        assert_eq!(byte, [0x5a], "the ROM is unchanged");
+        memory.write_obj(1u8, VmAddress(0x1000)).unwrap();
+        let rom_only = MemoryMap::new(vec![Region::new(GuestAddress(0xf000), &rom, 0, 0x1000).read_only()]).unwrap();
+        assert!(matches!(RamView::new(&rom_only).unwrap_err(), RamViewError::Collection(_)));
     }
 
     #[test]
