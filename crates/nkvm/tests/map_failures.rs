@@ -43,33 +43,49 @@ fn a_region_past_the_52_bit_address_space_is_refused_before_anything_changes() {
 
 /// A region of more pages than a KVM slot holds (2^31 - 1, past the
 /// checks nkvm makes itself): KVM refuses it after the old region was
-/// removed. Again and again: the slot numbers come back each time.
+/// removed, and the change is taken back: the map before it is installed
+/// again. Again and again: the slot numbers come back each time.
 #[test]
-fn a_change_kvm_refuses_midway_keeps_memory_truthful_and_loses_no_dirty_bit_or_slot() {
+fn a_change_kvm_refuses_midway_is_taken_back_and_loses_no_dirty_bit_or_slot() {
     let vm = small_vm();
     let data = Backing::new("data", 0x100000).unwrap();
     let at = |gpa: u64| Region::new(GuestAddress(gpa), &data, 0, 0x100000).dirty_logged();
-    vm.set_memory_map(MemoryMap::new(vec![ram_region(&vm), at(0x100_0000)]).unwrap()).unwrap();
+    let old = MemoryMap::new(vec![ram_region(&vm), at(0x100_0000)]).unwrap();
+    vm.set_memory_map(old.clone()).unwrap();
     vm.mark_dirty(GuestAddress(0x100_5000), 8);
     // A sparse object of 8 TiB + a page: never touched.
     let huge = Backing::new("huge", (1 << 43) + PAGE_SIZE).unwrap();
     let too_big = Region::new(GuestAddress(1 << 44), &huge, 0, huge.len());
     // More rounds than KVM has slot numbers (32768 here): a number taken
-    // by a refused slot and never given back would run them out.
+    // by a refused slot and never given back would run them out. Each
+    // round adds a region before the refused one, moves the data region
+    // and starts the RAM's log: every kind of step is taken back.
+    let extra = Backing::new("extra", 0x10000).unwrap();
     let rounds = hypervisor().capabilities().max_memory_slots + 100;
-    for _ in 0..rounds {
-        let map = MemoryMap::new(vec![ram_region(&vm), too_big.clone()]).unwrap();
-        assert!(vm.set_memory_map(map).is_err(), "KVM takes a slot of 2^31 pages?");
-        let installed: Vec<u64> = vm.memory().regions().iter().map(|r| r.gpa.0).collect();
-        assert_eq!(installed, [0], "memory() shows what KVM holds: the data region went, the huge one never came");
-        // Put the data region back for the next round, where it was.
-        vm.set_memory_map(MemoryMap::new(vec![ram_region(&vm), at(0x100_0000)]).unwrap()).unwrap();
+    for round in 0..rounds {
+        let map = MemoryMap::new(vec![
+            ram_region(&vm).dirty_logged(),
+            Region::new(GuestAddress(0x300_0000), &extra, 0, 0x10000),
+            at(0x200_0000),
+            too_big.clone(),
+        ])
+        .unwrap();
+        let err = vm.set_memory_map(map).unwrap_err();
+        assert!(err.to_string().contains("KVM_SET_USER_MEMORY_REGION"), "{err}");
+        let now = vm.memory();
+        let same = now.regions().len() == old.regions().len()
+            && now.regions().iter().zip(old.regions()).all(|(a, b)| a.same_mapping(b));
+        assert!(same, "round {round}: the map before the change is back: {:?}", now.regions());
     }
     assert_guest_reads_ram(&vm);
-    // The page marked before the first refusal is still reported.
+    // The page marked before the first refusal is still reported, where
+    // the data region is.
     vm.sync_dirty_log().unwrap();
     let dirty = vm.collect_dirty(GuestAddress(0x100_0000), 0x100000, 100).unwrap().pages;
     assert!(dirty.contains(&GuestAddress(0x100_5000)), "{dirty:?}");
+    // And the map changes as asked afterwards.
+    vm.set_memory_map(MemoryMap::new(vec![ram_region(&vm), at(0x200_0000)]).unwrap()).unwrap();
+    assert_eq!(vm.memory().regions().iter().map(|r| r.gpa.0).collect::<Vec<_>>(), [0, 0x200_0000]);
 }
 
 #[test]

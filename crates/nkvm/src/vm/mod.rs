@@ -2,6 +2,7 @@
 //! log kept in user memory is in `vm/dirty_log.rs`; the I/O regions in
 //! `vm/io_regions.rs`; the MSR filter in `vm/msr_filter.rs`.
 
+mod apply;
 mod diff;
 mod dirty_log;
 mod harvest;
@@ -13,9 +14,8 @@ use std::fmt;
 use std::sync::{Arc, Mutex, RwLock};
 
 use kvm_bindings::{
-    kvm_enable_cap, kvm_userspace_memory_region, KVM_CAP_DIRTY_LOG_RING_ACQ_REL, KVM_CAP_MANUAL_DIRTY_LOG_PROTECT2,
-    KVM_CAP_SPLIT_IRQCHIP, KVM_DIRTY_LOG_INITIALLY_SET, KVM_DIRTY_LOG_MANUAL_PROTECT_ENABLE, KVM_MEM_LOG_DIRTY_PAGES,
-    KVM_MEM_READONLY,
+    kvm_enable_cap, KVM_CAP_DIRTY_LOG_RING_ACQ_REL, KVM_CAP_MANUAL_DIRTY_LOG_PROTECT2, KVM_CAP_SPLIT_IRQCHIP,
+    KVM_DIRTY_LOG_INITIALLY_SET, KVM_DIRTY_LOG_MANUAL_PROTECT_ENABLE,
 };
 use kvm_ioctls::VmFd;
 
@@ -187,6 +187,9 @@ struct MapState {
     /// Scratch for `set_memory_map`: (installed, new) index pairs of regions
     /// whose dirty logging alone changes.
     toggles: Vec<(usize, usize)>,
+    /// Scratch for `set_memory_map`: the steps made so far, to undo them
+    /// if KVM refuses one (kept for its capacity).
+    steps: Vec<apply::Step>,
     free_slots: Vec<u32>,
     next_slot: u32,
     /// One bitmap per dirty-logged backing object, by backing id.
@@ -372,6 +375,11 @@ impl Vm {
     /// either (KVM's own work on a stop, a walk over the slot's pages, still
     /// follows the slot's size, but no vCPU waits for it).
     ///
+    /// A change KVM refuses is taken back: the error comes with the map
+    /// before it still installed, and no dirty bit lost. (Only if KVM then
+    /// refuses to undo a step too does the change stay partly made; then
+    /// [`memory`](Self::memory) shows what is installed.)
+    ///
     /// # Example: a framebuffer BAR the guest moves
     ///
     /// ```no_run
@@ -430,49 +438,22 @@ impl Vm {
                 result = Err(VmError::DirtyRing(source));
             }
         }
-        for &(i, j) in &toggles {
-            if let Err(e) = self.toggle_logging(&mut state, i, &map.regions()[j], map.keys()[j]) {
-                // The slot keeps its old flags: memory() says so.
-                return Err(self.changed_partly(&mut state, (remove, add), toggles, e));
-            }
-        }
-        for &i in remove.iter().rev() {
-            let (region, slot) = state.installed.remove(i);
-            state.installed_keys.remove(i);
-            if region.dirty_log && self.shared.ring_bytes == 0 {
-                let MapState { bitmaps, harvest_bits, .. } = &mut *state;
-                self.harvest_ending(bitmaps, harvest_bits, &region, slot);
-            }
-            if let Err(e) = self.install_slot(slot, &region, true) {
-                // Still KVM's: listed again, so memory() says what is there.
-                let at = state.installed.partition_point(|(r, _)| r.gpa < region.gpa);
-                let key = region.key();
-                state.installed.insert(at, (region, slot));
-                state.installed_keys.insert(at, key);
-                return Err(self.changed_partly(&mut state, (remove, add), toggles, e));
-            }
-            state.free_slots.push(slot);
-        }
-        for &j in &add {
-            let region = &map.regions()[j];
-            let slot = match state.free_slots.pop() {
-                Some(slot) => slot,
-                None => {
-                    state.next_slot += 1;
-                    state.next_slot - 1
+        if let Err(e) = self.apply_changes(&mut state, &map, &remove, &add, &toggles) {
+            let rolled_back = self.roll_back(&mut state);
+            state.steps.clear();
+            return Err(match rolled_back {
+                Ok(()) => {
+                    (state.changes, state.toggles) = ((remove, add), toggles);
+                    log::warn!("memory map change refused by KVM ({e}); the map before it stays installed");
+                    e
                 }
-            };
-            if let Err(e) = self.install_slot(slot, region, false) {
-                state.free_slots.push(slot);
-                return Err(self.changed_partly(&mut state, (remove, add), toggles, e));
-            }
-            if region.dirty_log {
-                self.log_starts(&mut state.bitmaps, region);
-            }
-            let at = state.installed.partition_point(|(r, _)| r.gpa < region.gpa);
-            state.installed.insert(at, (region.clone(), slot));
-            state.installed_keys.insert(at, map.keys()[j]);
+                Err(undo) => {
+                    log::error!("taking back the refused memory map change failed too ({undo})");
+                    self.changed_partly(&mut state, (remove, add), toggles, e)
+                }
+            });
         }
+        state.steps.clear();
         state.changes = (remove, add);
         state.toggles = toggles;
         // A backing no region maps any more keeps its bitmap only while a
@@ -484,10 +465,11 @@ impl Vm {
         result
     }
 
-    /// A map change KVM refused midway (after the checks, so rarely): the
-    /// slots changed so far stay, `memory()` is made to say what is
-    /// installed, and the error says so. No dirty bit is lost: a removed
-    /// region's bits were harvested into its backing's bitmap first.
+    /// A map change KVM refused midway (after the checks, so rarely) and
+    /// whose undoing KVM refused too: the slots changed so far stay,
+    /// `memory()` is made to say what is installed, and the error says so.
+    /// No dirty bit is lost: a removed region's bits were harvested into
+    /// its backing's bitmap first.
     fn changed_partly(
         &self,
         state: &mut MapState,
@@ -503,28 +485,6 @@ impl Vm {
         }
         log::error!("memory map change refused midway by KVM ({error}); memory() shows the regions installed");
         error
-    }
-
-    fn install_slot(&self, slot: u32, region: &Region, delete: bool) -> Result<(), VmError> {
-        let mut flags = 0;
-        if region.read_only {
-            flags |= KVM_MEM_READONLY;
-        }
-        if region.dirty_log {
-            flags |= KVM_MEM_LOG_DIRTY_PAGES;
-        }
-        let raw = kvm_userspace_memory_region {
-            slot,
-            flags,
-            guest_phys_addr: region.gpa.0,
-            memory_size: if delete { 0 } else { region.len },
-            userspace_addr: region.backing.host_addr() + region.offset,
-        };
-        // SAFETY: the host range lies inside `region.backing`'s mapping
-        // (validated by MemoryMap), and the slot table keeps a clone of the
-        // region, hence of the backing, until the slot is deleted.
-        unsafe { crate::sys::slot::set_user_memory_region(&self.fd, raw) }
-            .map_err(|source| VmError::Kvm { op: "KVM_SET_USER_MEMORY_REGION", source })
     }
 
     /// Creates vCPU `id` (in `0..config.vcpus`) with a visible local APIC.
