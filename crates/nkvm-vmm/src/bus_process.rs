@@ -34,6 +34,13 @@ struct Connected {
     fast: HashMap<InterruptMessage, File>,
 }
 
+impl Bus {
+    /// Whether a VM side is connected (its handshake done).
+    pub fn connected(&self) -> bool {
+        self.0.lock().unwrap_or_else(|p| p.into_inner()).is_some()
+    }
+}
+
 impl ApicBusSink for Bus {
     fn send(&mut self, message: InterruptMessage) {
         let mut bus = self.0.lock().unwrap_or_else(|p| p.into_inner());

@@ -65,8 +65,8 @@ pub fn run(paths: &PicSockets<'_>) -> Result<ExitCode, Box<dyn std::error::Error
         let mut pending = false;
         loop {
             // INTR can stay up after an INTA (auto-EOI sets no in-service
-            // bit): no rising edge says so, so it is looked at again after
-            // a retry interval.
+            // bit), or come up before the APIC bus is connected: no rising
+            // edge says so, so it is looked at again after a retry interval.
             let woke = if pending {
                 intr_rx.recv_timeout(INTA_RETRY)
             } else {
@@ -74,6 +74,12 @@ pub fn run(paths: &PicSockets<'_>) -> Result<ExitCode, Box<dyn std::error::Error
             };
             if woke == Err(mpsc::RecvTimeoutError::Disconnected) {
                 return;
+            }
+            if !wire_bus.connected() {
+                // No INTA before the vector can go anywhere: INTR stays up
+                // (the 8259 holds the request) until the VM side connects.
+                pending = true;
+                continue;
             }
             let vector = {
                 let mut p = wire_pic.lock();

@@ -352,12 +352,24 @@ fn a_pin_client_asking_for_more_pins_than_the_controller_has_is_closed() {
 /// `0x50 + irq` on [`REPORT`] from each interrupt's handler (which EOIs
 /// the 8259). Returns the VM, the process and the vCPU, not yet running.
 fn pic_guest(tag: &str, irq: u8, prelude: impl FnOnce(&mut CodeAssembler)) -> (Vm, ControllerProcess, nkvm::Vcpu) {
+    pic_guest_with_bus(tag, irq, prelude, true)
+}
+
+/// [`pic_guest`], with the APIC bus attached now or left to the caller.
+fn pic_guest_with_bus(
+    tag: &str,
+    irq: u8,
+    prelude: impl FnOnce(&mut CodeAssembler),
+    attach_bus: bool,
+) -> (Vm, ControllerProcess, nkvm::Vcpu) {
     let hv = Hypervisor::open().expect("/dev/kvm");
     let vm = Vm::new(&hv, &VmConfig { vcpus: 1, memory: 16 << 20, split_irqchip: true, ..Default::default() }).unwrap();
     let pic = ControllerProcess::spawn("pic", tag);
     vm.attach_region(IoRange::pio(0x20, 2), connect(&pic.dir.join("regs")), Ordering::Sync).unwrap();
     vm.attach_region(IoRange::pio(0xa0, 2), connect(&pic.dir.join("slave")), Ordering::Sync).unwrap();
-    vm.attach_apic_bus(connect(&pic.dir.join("bus"))).unwrap();
+    if attach_bus {
+        vm.attach_apic_bus(connect(&pic.dir.join("bus"))).unwrap();
+    }
     let vector = 0x50 + irq;
     let handler = {
         let mut a = CodeAssembler::new(64).unwrap();
@@ -422,6 +434,28 @@ fn a_pic_in_another_process_drives_an_apic_less_core_through_lint0() {
         assert_eq!(next(), report);
         lines.write(1, AccessSize::Byte, 0).unwrap();
     }
+    assert_eq!(vm.apic_bus_failure(), None);
+    kicker.kick();
+    runner.join().unwrap();
+}
+
+/// An IRQ raised before the VM has connected the PIC process's APIC bus
+/// is not acknowledged into nowhere: the 8259 holds it, and the guest gets
+/// it once the bus is there.
+#[test]
+fn an_irq_raised_before_the_pic_has_its_apic_bus_waits_for_the_bus() {
+    let (vm, pic, vcpu) = pic_guest_with_bus("early", 1, |_| {}, false);
+    let kicker = vcpu.kicker();
+    let (exits, runner) = run_on_a_thread(vcpu);
+    let region = RegionInfo { id: 1, space: Space::Pio, base: 0, len: 16 };
+    let mut lines = Client::over(connect(&pic.dir.join("pins")), region).unwrap();
+    let next = || exits.recv_timeout(Duration::from_secs(10)).expect("no exit in time");
+    assert!(matches!(next(), Exit::IoOut { port: 0x71, .. }), "the guest programmed the PIC");
+    lines.write(1, AccessSize::Byte, 1).unwrap();
+    // Time for the PIC's INTA thread to see INTR up with no bus.
+    std::thread::sleep(Duration::from_millis(100));
+    vm.attach_apic_bus(connect(&pic.dir.join("bus"))).unwrap();
+    assert_eq!(next(), Exit::IoOut { port: REPORT as u16, size: 4, data: 0x51 });
     assert_eq!(vm.apic_bus_failure(), None);
     kicker.kick();
     runner.join().unwrap();
