@@ -146,37 +146,65 @@ pub fn spawn_region(listener: UnixListener, mut device: impl IoDevice + 'static,
     });
 }
 
-/// Serves the pin socket of a controller with `pins` inputs on a thread:
-/// the first client whose region fits them (a write at offset N drives pin
-/// N). A client that fails the handshake (closes, sends garbage, or sends
-/// nothing for [`PIN_HANDSHAKE_TIMEOUT`]) or asks for more pins is told so
-/// in this process's log and closed, and the socket waits for another.
-pub fn spawn_pins(listener: UnixListener, mut device: impl IoDevice + 'static, pins: u64) {
+/// Serves the pin socket of a controller with `pins` inputs: every client
+/// (each device process driving its own lines, and a restarted one again)
+/// on a thread of its own, at most [`MAX_PIN_CLIENTS`] at once; a write at
+/// offset N drives pin N. A client that fails the handshake (closes, sends
+/// garbage, or sends nothing for [`PIN_HANDSHAKE_TIMEOUT`]), asks for more
+/// pins, or comes past the limit is told so in this process's log and
+/// closed; the others are served on.
+pub fn spawn_pins(listener: UnixListener, device: impl IoDevice + Clone + 'static, pins: u64) {
+    let clients = Arc::new(std::sync::atomic::AtomicUsize::new(0));
     thread::spawn(move || loop {
         let stream = match listener.accept() {
             Ok((stream, _)) => stream,
             Err(e) => return log::error!("pin socket: accept failed: {e}"),
         };
-        let mut server = match pin_handshake(stream) {
-            Ok(server) => server,
-            Err(e) => {
-                log::error!("pin socket: a client failed the handshake ({e}): closed");
-                continue;
-            }
-        };
-        let asked = server.region().len;
-        if asked > pins {
-            log::error!(
-                "pin socket: a client asked for {asked} pins, this controller has {pins} (0-{}): closed",
-                pins - 1
-            );
+        let client = PinClient::admit(&clients);
+        if client.is_none() {
+            log::error!("pin socket: {MAX_PIN_CLIENTS} clients are connected already: closed");
             continue;
         }
-        if let Err(e) = server.serve(&mut device) {
-            log::error!("pin socket: {e}");
-        }
-        return;
+        let mut device = device.clone();
+        thread::spawn(move || {
+            let _client = client;
+            let mut server = match pin_handshake(stream) {
+                Ok(server) => server,
+                Err(e) => return log::error!("pin socket: a client failed the handshake ({e}): closed"),
+            };
+            let asked = server.region().len;
+            if asked > pins {
+                return log::error!(
+                    "pin socket: a client asked for {asked} pins, this controller has {pins} (0-{}): closed",
+                    pins - 1
+                );
+            }
+            if let Err(e) = server.serve(&mut device) {
+                log::error!("pin socket: {e}");
+            }
+        });
     });
+}
+
+/// How many pin clients a controller serves at once.
+pub const MAX_PIN_CLIENTS: usize = 32;
+
+/// A pin client's place among the [`MAX_PIN_CLIENTS`], given back when
+/// it is dropped.
+struct PinClient(Arc<std::sync::atomic::AtomicUsize>);
+
+impl PinClient {
+    fn admit(count: &Arc<std::sync::atomic::AtomicUsize>) -> Option<PinClient> {
+        use std::sync::atomic::Ordering::SeqCst;
+        count.fetch_update(SeqCst, SeqCst, |n| (n < MAX_PIN_CLIENTS).then_some(n + 1)).ok()?;
+        Some(PinClient(count.clone()))
+    }
+}
+
+impl Drop for PinClient {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, std::sync::atomic::Ordering::SeqCst);
+    }
 }
 
 /// How long a pin client may take to send its hello.

@@ -16,6 +16,7 @@ use crate::device::SPIN;
 type SharedIoapic = Arc<Mutex<Ioapic<Bus>>>;
 
 /// The pin-control window: offset = pin, written value = level.
+#[derive(Clone)]
 struct Pins(SharedIoapic);
 
 impl IoDevice for Pins {

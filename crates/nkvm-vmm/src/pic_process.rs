@@ -22,6 +22,7 @@ use crate::device::SPIN;
 const INTA_RETRY: Duration = Duration::from_millis(10);
 
 /// The pin-control window: offset = IRQ, written value = level.
+#[derive(Clone)]
 struct Pins(SharedPic);
 
 impl IoDevice for Pins {

@@ -161,14 +161,14 @@ impl IoapicMachine {
         IoapicMachine { vm, ioapic, exits, kicker, runner }
     }
 
-    /// The pin socket (it serves one client) as a client that waits for
+    /// A client of the pin socket that waits for
     /// each write's reply.
     fn sync_pins(&self) -> Client<UnixStream, UnixStream> {
         let region = RegionInfo { id: 1, space: Space::Mmio, base: 0, len: 24 };
         Client::over(connect(&self.ioapic.dir.join("pins")), region).unwrap()
     }
 
-    /// The pin socket (it serves one client) as a device drives it: posted
+    /// A client of the pin socket as a device drives it: posted
     /// writes, through `nkvm_devices::pins`.
     fn remote_pins(&self) -> RemotePins {
         RemotePins::over(connect(&self.ioapic.dir.join("pins")), 24).unwrap()
@@ -298,6 +298,36 @@ fn a_device_drives_the_pins_of_an_ioapic_in_another_process_with_posted_writes()
         std::thread::sleep(Duration::from_millis(10));
     }
     assert!(pins.sync().is_err());
+}
+
+/// Two devices drive the IOAPIC process's lines over pin connections of
+/// their own, and one that goes (a device process restarted) connects
+/// again and is served.
+#[test]
+fn several_devices_drive_an_ioapic_process_and_a_restarted_one_connects_again() {
+    let m = IoapicMachine::start("many-pins", false);
+    assert!(matches!(m.next(), Exit::IoOut { port: 0x71, .. }), "the version report first");
+    let pins = || {
+        let stream = connect(&m.ioapic.dir.join("pins"));
+        // A client the controller never answers fails, not hangs.
+        stream.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+        RemotePins::over(stream, 24).expect("the pin socket serves another client")
+    };
+    let report = Exit::IoOut { port: REPORT as u16, size: 4, data: 0x50 };
+    let (first, second) = (pins(), pins());
+    for (name, device) in [("first", &first), ("second", &second), ("first", &first)] {
+        device.line(5).unwrap().pulse();
+        device.sync().unwrap_or_else(|e| panic!("the {name} device: {e}"));
+        assert_eq!(m.next(), report, "the {name} device's edge");
+    }
+    drop(first);
+    let restarted = pins();
+    restarted.line(5).unwrap().pulse();
+    restarted.sync().unwrap();
+    assert_eq!(m.next(), report, "the restarted device's edge");
+    second.line(5).unwrap().pulse();
+    assert_eq!(m.next(), report, "the second device is still served");
+    m.kill_ioapic();
 }
 
 /// A 16550 in its own process (`nkvm device --model serial --irq-pins`)
