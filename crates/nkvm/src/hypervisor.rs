@@ -120,7 +120,9 @@ impl Capabilities {
 /// # Ok::<(), nkvm::HypervisorError>(())
 /// ```
 pub struct Hypervisor {
-    pub(crate) kvm: Kvm,
+    pub(crate) kvm: std::sync::Arc<Kvm>,
+    /// What KVM offers a guest, found at the first restore that asks.
+    pub(crate) host_cpuid: std::sync::Arc<crate::state::HostCpuid>,
     caps: Capabilities,
     pub(crate) vcpu_mmap_size: usize,
 }
@@ -184,7 +186,9 @@ impl Hypervisor {
             msr_filter: cap(KVM_CAP_X86_MSR_FILTER) > 0,
             hyperv: cap(KVM_CAP_SYS_HYPERV_CPUID) > 0,
         };
-        Ok(Self { kvm, caps, vcpu_mmap_size })
+        let kvm = std::sync::Arc::new(kvm);
+        let host_cpuid = std::sync::Arc::new(crate::state::HostCpuid::new(kvm.clone()));
+        Ok(Self { kvm, host_cpuid, caps, vcpu_mmap_size })
     }
 
     /// The capabilities probed at open.

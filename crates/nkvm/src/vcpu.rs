@@ -111,6 +111,9 @@ pub(crate) struct VcpuLinks {
     pub(crate) _bus_closer: Arc<crate::irq::BusCloser>,
     /// The MSRs `save_state` reads (KVM_GET_MSR_INDEX_LIST).
     pub(crate) saveable_msrs: Arc<[u32]>,
+    /// What this host's KVM offers a guest, which `restore_state` checks a
+    /// saved CPUID against.
+    pub(crate) host_cpuid: Arc<crate::state::HostCpuid>,
     /// KVM holds a local APIC for the vCPU (split irqchip).
     pub(crate) lapic_in_kernel: bool,
 }

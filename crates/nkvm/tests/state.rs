@@ -1,12 +1,13 @@
 //! Saved state: a guest stopped mid-run, saved, encoded, decoded and
 //! restored into a new VM over a copy of its RAM continues exactly where
-//! it stopped; bad blobs are refused with an error that names the fault.
+//! it stopped; bad blobs, and states whose CPU features this host's KVM
+//! cannot offer, are refused with an error that names the fault.
 
 mod common;
 
 use common::*;
 use iced_x86::code_asm::*;
-use nkvm::state::{FormatError, StateError, VcpuState, VmState};
+use nkvm::state::{CpuidRegister, FormatError, MissingFeature, StateError, VcpuState, VmState};
 use nkvm::{Exit, GuestAddress, RunState, Vcpu, Vm, VmConfig};
 
 const IA32_TSC: u32 = 0x10;
@@ -256,4 +257,51 @@ fn bad_blobs_and_mismatched_targets_are_refused_with_named_errors() {
     let smaller = vm_with(VmConfig { vcpus: 2, memory: 8 << 20, ..Default::default() });
     let err = smaller.restore_state(&vm_state).unwrap_err();
     assert!(matches!(err, StateError::ConfigMismatch { what: "memory", .. }), "{err}");
+}
+
+#[test]
+fn a_state_with_a_cpu_feature_kvm_cannot_offer_is_refused_before_anything_is_written() {
+    let supported = hypervisor().supported_cpuid().unwrap();
+    let vm = vm_with(VmConfig { vcpus: 1, memory: 16 << 20, ..Default::default() });
+    let mut vcpu = long_mode_guest(&vm, 0, counting_guest);
+    vcpu.set_cpuid(&supported).unwrap();
+    assert_eq!(vcpu.set_msrs(&[(IA32_LSTAR, LSTAR)]).unwrap(), 1);
+    let mut run = RunState::new();
+    assert_eq!((0..3).map(|_| counting_turn(&mut vcpu, &mut run)).collect::<Vec<_>>(), [1, 2, 3]);
+    counting_step(&mut vcpu, &mut run);
+    let state = VcpuState::decode(&vcpu.save_state(&mut run).unwrap().encode()).unwrap();
+    let vm_blob = vm.save_state().unwrap().encode();
+    drop(vcpu);
+
+    // A leaf 7 EBX feature bit (none of them is exempt from the check) that
+    // this host's KVM neither lists nor gives a vCPU it was given its list
+    // (kvm_pvm gives more: the saved CPUID is what KVM gave), given to the
+    // saved guest.
+    let leaf7 = |e: &kvm_bindings::kvm_cpuid_entry2| e.function == 7 && e.index == 0;
+    let listed = supported.as_slice().iter().find(|e| leaf7(e)).expect("KVM lists leaf 7").ebx;
+    let given = state.cpuid.iter().find(|e| leaf7(e)).expect("the state has leaf 7").ebx;
+    let offered = listed | given;
+    let bit = (0..32u8).rev().find(|&b| offered & (1 << b) == 0).expect("a leaf 7 EBX bit KVM does not offer");
+    let mut altered = state.clone();
+    altered.cpuid.iter_mut().find(|e| leaf7(e)).unwrap().ebx |= 1 << bit;
+
+    let (new_vm, _) = restore_into_new_vm(&vm, &vm_blob, &[]);
+    let mut target = new_vm.create_vcpu(0).unwrap();
+    let before = (target.regs().unwrap(), target.sregs().unwrap(), target.cpuid().unwrap().as_slice().to_vec());
+    let err = target.restore_state(&altered).unwrap_err();
+    let text = err.to_string();
+    let feature = MissingFeature { leaf: 7, subleaf: 0, register: CpuidRegister::Ebx, bit };
+    assert!(matches!(&err, StateError::CpuFeatures { id: 0, missing } if missing[..] == [feature]), "{err}");
+    assert!(text.contains(&format!("leaf 0x7 subleaf 0 EBX bit {bit}")), "{text}");
+    assert!(text.contains("restore on a host whose CPU and KVM offer them"), "{text}");
+    assert!(target.check_cpu_features(&altered).is_err());
+    let after = (target.regs().unwrap(), target.sregs().unwrap(), target.cpuid().unwrap().as_slice().to_vec());
+    assert!(after == before, "the refused restore wrote to the vCPU");
+
+    // The state as saved passes, and the guest goes on with turn 4.
+    target.check_cpu_features(&state).unwrap();
+    target.restore_state(&state).expect("restore the untouched state");
+    let mut run = RunState::new();
+    assert_eq!(counting_outputs(&mut target, &mut run), 4);
+    assert_eq!(counting_turn(&mut target, &mut run), 5);
 }

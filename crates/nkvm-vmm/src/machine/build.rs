@@ -147,6 +147,8 @@ pub(super) fn restore(parts: &Parts<'_>, built: &mut Built, saved: &DecodedState
     parts.vm.restore_state(&saved.vm)?;
     // One state per vCPU (`MachineState::decode` checked the count).
     for (id, (vcpu, state)) in built.vcpus.iter_mut().zip(&saved.vcpus).enumerate() {
+        // Before the saved CPUID is set: a feature this host lacks is named.
+        vcpu.check_cpu_features(state)?;
         let cpuid = nkvm::Cpuid::from_entries(&state.cpuid)
             .map_err(|_| nkvm::state::StateError::TooManyCpuidEntries { id: id as u32, count: state.cpuid.len() })?;
         configure_vcpu(vcpu, &cpuid, parts.config, &built.shared)?;

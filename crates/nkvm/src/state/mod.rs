@@ -34,11 +34,14 @@
 //! offset, never a panic.
 
 mod codec;
+mod cpuid_check;
 mod fields;
 mod vcpu;
 mod vm;
 
 pub use codec::{FormatError, StateKind, FORMAT_VERSION, MAGIC};
+pub(crate) use cpuid_check::HostCpuid;
+pub use cpuid_check::{CpuidRegister, MissingFeature};
 pub use vcpu::{Msr, PendingLint, VcpuState, LAPIC_BYTES, XSAVE_WORDS};
 pub use vm::VmState;
 
@@ -94,6 +97,21 @@ pub enum StateError {
         id: u32,
         /// Entries in the state.
         count: usize,
+    },
+    /// The saved CPUID gives the guest CPU features this host's KVM cannot
+    /// offer ([`Vcpu::check_cpu_features`](crate::Vcpu::check_cpu_features)):
+    /// the guest would fault at their first use. Nothing was written to the
+    /// vCPU.
+    #[error(
+        "vCPU {id}: the saved guest was given CPU features this host's KVM cannot offer: {}; \
+         restore on a host whose CPU and KVM offer them, or save from a guest given fewer features",
+        cpuid_check::FeatureList(.missing)
+    )]
+    CpuFeatures {
+        /// vCPU id.
+        id: u32,
+        /// The features, in CPUID order.
+        missing: Vec<MissingFeature>,
     },
     /// The VM was not created from the state's configuration.
     #[error("the state is of a VM with {what} = {state}, this VM has {vm}: create it from VmState::config()")]

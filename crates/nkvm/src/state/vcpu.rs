@@ -153,6 +153,10 @@ impl Vcpu {
     /// it over the restored state; the caller starts again with a new
     /// [`RunState`].
     ///
+    /// A state whose CPUID gives the guest a feature this host's KVM cannot
+    /// offer is refused before anything is written
+    /// ([`check_cpu_features`](Self::check_cpu_features)).
+    ///
     /// Order matters and is KVM's: CPUID (which MSRs and XCR0 bits are
     /// valid), special registers (paging mode, EFER, APIC base — which
     /// resets the local APIC), general registers, XCRs, FPU, then the XSAVE
@@ -165,6 +169,7 @@ impl Vcpu {
         if state.id != self.id() {
             return Err(StateError::VcpuIdMismatch { state: state.id, vcpu: self.id() });
         }
+        self.check_cpu_features(state)?;
         self.drop_pending_exit()?;
         let kvm = |op, source| self.err(op, source);
         let cpuid = Cpuid::from_entries(&state.cpuid)

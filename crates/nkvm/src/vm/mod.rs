@@ -166,6 +166,8 @@ pub struct Vm {
     io: Arc<IoRegions>,
     /// The MSRs a vCPU's saved state holds (KVM_GET_MSR_INDEX_LIST).
     saveable_msrs: Arc<[u32]>,
+    /// What this host's KVM offers a guest (the vCPUs' restore check).
+    host_cpuid: Arc<crate::state::HostCpuid>,
 }
 
 /// Dirty-ring size nkvm asks for (per vCPU): 64Ki entries.
@@ -319,6 +321,7 @@ impl Vm {
             coalesced_mmio: caps.coalesced_mmio,
             io: Arc::new(IoRegions::default()),
             saveable_msrs,
+            host_cpuid: hv.host_cpuid.clone(),
         };
         vm.set_memory_map(MemoryMap::ram(&ram)?)?;
         Ok(vm)
@@ -514,6 +517,7 @@ impl Vm {
             vm_fd: self.fd.clone(),
             _bus_closer: self.bus_closer.clone(),
             saveable_msrs: self.saveable_msrs.clone(),
+            host_cpuid: self.host_cpuid.clone(),
             lapic_in_kernel: self.config.split_irqchip,
         };
         let vcpu = Vcpu::new(id, fd, self.vcpu_mmap_size, links, config)?;
