@@ -225,7 +225,7 @@ impl HostCpuid {
 
     /// The two lists of what KVM offers (a failure is not kept: the next
     /// check asks again).
-    fn offered(&self) -> Result<Arc<[Vec<kvm_cpuid_entry2>; 2]>, kvm_ioctls::Error> {
+    pub(crate) fn offered(&self) -> Result<Arc<[Vec<kvm_cpuid_entry2>; 2]>, kvm_ioctls::Error> {
         let mut cache = self.offered.lock().unwrap_or_else(|p| p.into_inner());
         if let Some(offered) = &*cache {
             return Ok(offered.clone());
