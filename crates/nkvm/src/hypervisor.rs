@@ -191,15 +191,22 @@ impl Hypervisor {
         Ok(Self { kvm, host_cpuid, caps, vcpu_mmap_size })
     }
 
-    /// Reads now what this host's KVM offers a guest, which a restored
-    /// vCPU state's CPU features are checked against
-    /// ([`Vcpu::check_cpu_features`](crate::Vcpu::check_cpu_features)), so
-    /// that the first restore does not spend the time (a scratch VM, about
-    /// 1 ms): a migration destination calls it while it waits for the
-    /// stream. Without it the first check reads it.
+    /// Starts reading, on a thread of its own, what this host's KVM offers
+    /// a guest, which a restored vCPU state's CPU features are checked
+    /// against ([`Vcpu::check_cpu_features`](crate::Vcpu::check_cpu_features)):
+    /// the read takes a scratch VM (about 1 ms), which a restore or a
+    /// migration destination then need not spend while the guest waits.
+    /// The first check waits for the read if it has not finished; without
+    /// this call it reads itself.
     pub fn prepare_restore(&self) {
-        if let Err(e) = self.host_cpuid.offered() {
-            log::debug!("cannot read the CPUID KVM offers ({e}): the first restore asks again");
+        let host_cpuid = self.host_cpuid.clone();
+        let spawned = std::thread::Builder::new().name("nkvm-cpuid".into()).spawn(move || {
+            if let Err(e) = host_cpuid.offered() {
+                log::debug!("cannot read the CPUID KVM offers ({e}): the first restore asks again");
+            }
+        });
+        if let Err(e) = spawned {
+            log::debug!("cannot start the thread that reads the CPUID KVM offers ({e}): the first restore reads it");
         }
     }
 

@@ -133,6 +133,8 @@ pub(crate) fn chain(e: &dyn std::error::Error) -> String {
 pub fn take(hv: &Hypervisor, args: &RunArgs) -> Result<Option<Intake>, RestoreError> {
     let since = Instant::now();
     if let Some(dir) = &args.restore {
+        // What the vCPU states are checked against, read beside the files.
+        hv.prepare_restore();
         // Device processes map guest RAM themselves: then it is a copy.
         let loaded = snapshot::read(dir, args.device_process)?;
         loaded.state.config.check_disk()?;

@@ -104,7 +104,7 @@ pub fn start(hv: &Hypervisor, addr: &str) -> Result<(Vm, Arriving), MigrateError
     let endpoint: Endpoint = addr.parse()?;
     // Listening before saying so: a source told to go may connect at once.
     let listener = endpoint.listen()?;
-    // What the vCPU states will be checked against, read before the stream
+    // What the vCPU states will be checked against, read while the stream
     // comes, not in its downtime.
     hv.prepare_restore();
     eprintln!("nkvm: waiting for a migration on {endpoint}");
