@@ -146,7 +146,14 @@ fn dispatch(line: &str, running: &Arc<Running>) -> Value {
     // One command at a time may pause or resume the guest.
     let _exclusive = match command {
         "pause" | "resume" | "snapshot" | "migrate" => match running.exclusive() {
-            Ok(guard) => Some(guard),
+            Ok(guard) => {
+                // A guest handed over to a destination never runs here again
+                // (a snapshot, too, would resume it when written).
+                if let Some(to) = running.migrated_to() {
+                    return error(RunningError::MigratedAway(to));
+                }
+                Some(guard)
+            }
             Err(e) => return error(e),
         },
         _ => None,
@@ -374,6 +381,30 @@ mod tests {
         // Free again: the next command runs (and fails for its own reason).
         let answer = dispatch(r#"{"command":"migrate","to":"ftp:x"}"#, &running);
         assert!(answer["error"].as_str().unwrap().contains("bad migration address"), "{answer}");
+    }
+
+    /// Once a migration has handed the guest over (phase `done`, set before
+    /// the vCPUs are stopped), nothing resumes it here: resume, snapshot,
+    /// pause and a new migration are refused, naming where it went.
+    #[test]
+    fn a_guest_handed_over_to_a_destination_is_never_resumed_here() {
+        let running = running();
+        {
+            let mut status = running.migration.lock().unwrap();
+            status.phase = crate::migrate::Phase::Done;
+            status.to = "tcp:127.0.0.1:4444".into();
+        }
+        for request in [
+            r#"{"command":"resume"}"#,
+            r#"{"command":"snapshot","dir":"/nonexistent/snap"}"#,
+            r#"{"command":"pause"}"#,
+            r#"{"command":"migrate","to":"unix:/nonexistent/nkvm.sock"}"#,
+        ] {
+            let answer = dispatch(request, &running);
+            assert_eq!(answer["ok"], false, "{request}: {answer}");
+            let msg = answer["error"].as_str().unwrap();
+            assert!(msg.contains("migrated to tcp:127.0.0.1:4444 and runs there now"), "{request}: {answer}");
+        }
     }
 
     /// A client that connects and sends nothing is closed after the idle

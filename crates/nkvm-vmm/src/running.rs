@@ -33,6 +33,10 @@ pub enum RunningError {
     /// A migration is running; pause, resume and snapshot wait for it.
     #[error("a migration is in progress")]
     Migrating,
+    /// The guest migrated away: it runs on the destination now, and this
+    /// process is ending.
+    #[error("the guest migrated to {0} and runs there now; this process is ending")]
+    MigratedAway(String),
     /// Another command that pauses or resumes the guest is under way.
     #[error(
         "another command is in progress (a snapshot being written, a pause or a resume); try again when it is done"
@@ -99,6 +103,14 @@ impl Running {
             Err(std::sync::TryLockError::Poisoned(p)) => Ok(p.into_inner()),
             Err(std::sync::TryLockError::WouldBlock) => Err(RunningError::Busy),
         }
+    }
+
+    /// Where the guest went, once a migration has handed it over (the
+    /// phase turns `done` under the status lock before the vCPUs stop: a
+    /// command checking this in between is refused, never resumes them).
+    pub fn migrated_to(&self) -> Option<String> {
+        let status = self.migration.lock().unwrap_or_else(|p| p.into_inner());
+        (status.phase == crate::migrate::Phase::Done).then(|| status.to.clone())
     }
 
     /// Whether a migration is between its start and its end.
