@@ -25,10 +25,9 @@ pub fn remove(path: &Path) {
     }
 }
 
-/// Serves `path` on a thread of its own for as long as the process lives.
-/// A socket left at `path` (by an nkvm that ended) is replaced; any other
-/// file there is refused, never removed.
-pub fn serve(path: &Path, running: Arc<Running>) -> io::Result<()> {
+/// Makes room for a socket at `path`: a socket left there (by an nkvm
+/// that ended) is removed; any other file is refused, never removed.
+pub fn clear_stale_socket(path: &Path) -> io::Result<()> {
     if let Ok(meta) = std::fs::symlink_metadata(path) {
         use std::os::unix::fs::FileTypeExt;
         if !meta.file_type().is_socket() {
@@ -39,6 +38,14 @@ pub fn serve(path: &Path, running: Arc<Running>) -> io::Result<()> {
         }
         std::fs::remove_file(path)?;
     }
+    Ok(())
+}
+
+/// Serves `path` on a thread of its own for as long as the process lives.
+/// A socket left at `path` (by an nkvm that ended) is replaced; any other
+/// file there is refused, never removed.
+pub fn serve(path: &Path, running: Arc<Running>) -> io::Result<()> {
+    clear_stale_socket(path)?;
     let listener = UnixListener::bind(path)?;
     std::thread::Builder::new().name("api".into()).spawn(move || serve_on(listener, running, MAX_CONNECTIONS, IDLE))?;
     Ok(())

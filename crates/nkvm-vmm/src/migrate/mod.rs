@@ -182,7 +182,8 @@ impl Endpoint {
         Ok(match self {
             Self::Tcp(a) => Listener::Tcp(TcpListener::bind(a).map_err(err)?, self.clone()),
             Self::Unix(p) => {
-                let _ = std::fs::remove_file(p);
+                // A stale socket is replaced; a file is never removed.
+                crate::api::clear_stale_socket(std::path::Path::new(p)).map_err(err)?;
                 Listener::Unix(UnixListener::bind(p).map_err(err)?, self.clone())
             }
         })
@@ -190,7 +191,7 @@ impl Endpoint {
 }
 
 /// A listening [`Endpoint`], waiting for its source. A Unix socket's path
-/// is removed when the listener goes.
+/// is removed when the listener goes (if it still holds a socket).
 #[derive(Debug)]
 pub enum Listener {
     /// On a TCP address.
@@ -220,7 +221,8 @@ impl Listener {
 impl Drop for Listener {
     fn drop(&mut self) {
         if let Self::Unix(_, Endpoint::Unix(p)) = self {
-            let _ = std::fs::remove_file(p);
+            // Only if it is still a socket (a file put there since stays).
+            crate::api::remove(std::path::Path::new(p));
         }
     }
 }
@@ -408,5 +410,26 @@ mod tests {
             let err = bad.parse::<Endpoint>().unwrap_err().to_string();
             assert!(err.contains("tcp:HOST:PORT or unix:PATH"), "{err}");
         }
+    }
+
+    /// `--incoming unix:PATH` replaces a socket left at PATH, but a file
+    /// there is refused and left as it is, when listening and after.
+    #[test]
+    fn a_unix_listener_never_removes_a_file_that_is_not_a_socket() {
+        let dir = std::env::temp_dir().join(format!("nkvm-listen-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let path = dir.join("incoming");
+        std::fs::write(&path, b"precious").unwrap();
+        let endpoint = Endpoint::Unix(path.to_str().unwrap().to_string());
+        let err = crate::machine::intake::chain(&endpoint.listen().unwrap_err());
+        assert!(err.contains("is not a socket"), "{err}");
+        assert_eq!(std::fs::read(&path).unwrap(), b"precious");
+        std::fs::remove_file(&path).unwrap();
+        // A stale socket is replaced; the listener's own goes with it.
+        drop(UnixListener::bind(&path).unwrap());
+        let listener = endpoint.listen().expect("a stale socket is replaced");
+        drop(listener);
+        assert!(!path.exists(), "the listener's socket goes with it");
+        let _ = std::fs::remove_dir_all(&dir);
     }
 }
