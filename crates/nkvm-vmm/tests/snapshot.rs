@@ -203,6 +203,14 @@ fn refuses_damaged_snapshots(dir: &std::path::Path, snap: &std::path::Path) {
         "vm.state: not a regular file",
     );
     damaged(
+        "fifo-memory",
+        &|d| {
+            std::fs::remove_file(d.join("memory")).unwrap();
+            assert!(std::process::Command::new("mkfifo").arg(d.join("memory")).status().unwrap().success());
+        },
+        "memory: not a regular file",
+    );
+    damaged(
         "dev-zero-vcpu",
         &|d| {
             std::fs::remove_file(d.join("vcpu-0.state")).unwrap();

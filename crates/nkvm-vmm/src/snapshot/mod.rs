@@ -267,8 +267,18 @@ pub fn read(dir: &Path, shared_ram: bool) -> Result<Loaded, SnapshotError> {
     let vcpus = (0..config.cpus).map(|id| get(&vcpu_file(id))).collect::<Result<_, _>>()?;
     let devices = device_names.into_iter().map(|n| get(&device_file(&n)).map(|b| (n, b))).collect::<Result<_, _>>()?;
     let path = dir.join(MEMORY_FILE);
-    let file = File::open(&path).map_err(io_err(&path, "open"))?;
-    let found = file.metadata().map_err(io_err(&path, "stat"))?.len();
+    // Not blocking in the open (a FIFO's would wait for a writer); then
+    // only a regular file is taken.
+    let file = {
+        use std::os::unix::fs::OpenOptionsExt;
+        std::fs::OpenOptions::new().read(true).custom_flags(libc::O_NONBLOCK).open(&path)
+    }
+    .map_err(io_err(&path, "open"))?;
+    let meta = file.metadata().map_err(io_err(&path, "stat"))?;
+    if !meta.is_file() {
+        return Err(SnapshotError::Config { path: path.display().to_string(), why: "not a regular file".into() });
+    }
+    let found = meta.len();
     if found != config.memory {
         return Err(SnapshotError::MemorySize { path: path.display().to_string(), found, expected: config.memory });
     }
