@@ -308,11 +308,12 @@ impl Sender<'_> {
                         self.pages += 1;
                         if batch.len() == PAGES_PER_RECORD {
                             self.bytes += send_batch(&mut batch, &map, out)?;
+                            // Progress shows as the copy goes, not per range.
+                            self.update(|_| {});
                         }
                     }
                     offset += PAGE as u64;
                 }
-                self.update(|_| {});
             }
         }
         self.bytes += send_batch(&mut batch, &map, out)?;
@@ -351,6 +352,7 @@ impl Sender<'_> {
                 me.pages += 1;
                 if batch.len() == PAGES_PER_RECORD {
                     me.bytes += send_batch(&mut batch, &map, out)?;
+                    me.update(|_| {});
                 }
             }
             Ok(())
@@ -511,5 +513,48 @@ mod tests {
         assert_eq!(again.pages.iter().map(|g| g.0).collect::<Vec<_>>(), written);
         let empty = vm.collect_dirty(GuestAddress(0), 4 << 20, 4096).unwrap();
         assert!(empty.pages.is_empty(), "collected once, then gone: {:?}", empty.pages.len());
+    }
+
+    /// `info` shows the pages sent while a copy goes on (a full copy of a
+    /// guest that wrote all its RAM is one data range).
+    #[test]
+    fn progress_shows_while_the_full_copy_goes_on() {
+        use std::io::Read;
+        use std::sync::atomic::{AtomicBool, Ordering};
+        let hv = nkvm::Hypervisor::open().unwrap();
+        let mem = 16u64 << 20;
+        let vm = Arc::new(Vm::new(&hv, &nkvm::VmConfig { vcpus: 1, memory: mem, ..Default::default() }).unwrap());
+        vm.memory().write(GuestAddress(0), &vec![0xa5u8; mem as usize]).unwrap();
+        let devices = attach_devices(&vm).unwrap();
+        let running = Running::new(vm.clone(), Arc::new(Shared::new(1)), devices, MachineConfig::builtin(1, mem));
+        let (tx, mut rx) = std::os::unix::net::UnixStream::pair().unwrap();
+        // A slow link: a MiB every 20 ms.
+        let reader = std::thread::spawn(move || {
+            let mut buf = vec![0u8; 1 << 20];
+            while rx.read(&mut buf).is_ok_and(|n| n > 0) {
+                std::thread::sleep(Duration::from_millis(20));
+            }
+        });
+        let done = AtomicBool::new(false);
+        let seen = std::thread::scope(|scope| {
+            scope.spawn(|| {
+                let mut sender =
+                    Sender { running: &running, bytes: 0, pages: 0, start: Instant::now(), collected: Vec::new() };
+                let mut out = BufWriter::with_capacity(1 << 20, Conn::Unix(tx));
+                sender.full_copy(&mut out).unwrap();
+                done.store(true, Ordering::SeqCst);
+            });
+            while !done.load(Ordering::SeqCst) {
+                let pages = running.migration.lock().unwrap().pages;
+                if pages > 0 {
+                    return Some(pages);
+                }
+                std::thread::sleep(Duration::from_millis(2));
+            }
+            None
+        });
+        reader.join().unwrap();
+        let pages = seen.expect("no progress was shown before the copy ended");
+        assert!(pages < mem / PAGE as u64, "{pages} pages");
     }
 }
