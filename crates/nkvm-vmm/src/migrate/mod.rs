@@ -227,6 +227,42 @@ impl Drop for Listener {
     }
 }
 
+/// Reads from a connection until a deadline: each read waits at most for
+/// what is left of the time, so a peer that trickles bytes cannot stretch
+/// a wait past it (a socket's read timeout bounds each read alone).
+pub(crate) struct Until<'a> {
+    conn: &'a mut Conn,
+    until: std::time::Instant,
+    limit: std::time::Duration,
+    what: &'static str,
+}
+
+impl<'a> Until<'a> {
+    /// Reads `what` from `conn` within `limit` from now.
+    pub(crate) fn new(conn: &'a mut Conn, limit: std::time::Duration, what: &'static str) -> Self {
+        Self { conn, until: std::time::Instant::now() + limit, limit, what }
+    }
+}
+
+impl io::Read for Until<'_> {
+    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+        let late = || {
+            let why = format!("{} took longer than {:?}", self.what, self.limit);
+            io::Error::new(io::ErrorKind::TimedOut, why)
+        };
+        let left = self.until.saturating_duration_since(std::time::Instant::now());
+        if left.is_zero() {
+            return Err(late());
+        }
+        self.conn.set_read_timeout(Some(left))?;
+        match self.conn.read(buf) {
+            // SO_RCVTIMEO, set to the time left, expired.
+            Err(e) if matches!(e.kind(), io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut) => Err(late()),
+            other => other,
+        }
+    }
+}
+
 impl Conn {
     /// Another handle on the same connection.
     pub fn try_clone(&self) -> io::Result<Self> {
@@ -431,5 +467,31 @@ mod tests {
         drop(listener);
         assert!(!path.exists(), "the listener's socket goes with it");
         let _ = std::fs::remove_dir_all(&dir);
+    }
+
+    /// A peer that sends a byte now and then, each within any one read's
+    /// timeout, cannot stretch a record past the deadline (a paused source
+    /// waits at most that long for its answer).
+    #[test]
+    fn a_trickled_record_ends_at_the_deadline() {
+        let (near, mut far) = UnixStream::pair().unwrap();
+        let trickle = std::thread::spawn(move || {
+            // A record of 16 bytes, a byte every 50 ms: 1 s in all.
+            for byte in [1u8, 16, 0, 0, 0].into_iter().chain([b'x'; 16]) {
+                if far.write_all(&[byte]).is_err() {
+                    return;
+                }
+                std::thread::sleep(Duration::from_millis(50));
+            }
+        });
+        let mut conn = Conn::Unix(near);
+        let started = std::time::Instant::now();
+        let mut timed = Until::new(&mut conn, Duration::from_millis(300), "the destination's answer");
+        let err = stream::RecordReader::new(&mut timed).next().map(|_| ()).unwrap_err();
+        let msg = crate::machine::intake::chain(&err);
+        assert!(msg.contains("the destination's answer took longer than 300ms"), "{msg}");
+        assert!(started.elapsed() < Duration::from_millis(700), "ended after {:?}", started.elapsed());
+        drop(conn);
+        trickle.join().unwrap();
     }
 }

@@ -9,12 +9,12 @@
 //! commit).
 
 use std::io;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use nkvm::{GuestAddress, Hypervisor, Vm};
 
 use super::stream::{self, RecordReader, RecordType};
-use super::{Conn, Endpoint, MigrateError};
+use super::{Conn, Endpoint, MigrateError, Until};
 use crate::machine::intake::chain;
 use crate::snapshot::{DecodedState, MachineConfig, MachineState};
 
@@ -30,8 +30,10 @@ impl Answer {
     pub fn confirm(mut self) -> Result<(), MigrateError> {
         stream::write_record(&mut self.0, RecordType::Ready, &[])
             .map_err(|e| MigrateError::link("telling the source the guest is ready", e))?;
-        self.0.set_read_timeout(Some(GO_TIMEOUT)).map_err(|e| MigrateError::link("waiting for the source", e))?;
-        let mut reader = RecordReader::new(&mut self.0);
+        // One deadline for the whole record, not for each read: a source
+        // that trickles bytes does not keep this side waiting.
+        let mut timed = Until::new(&mut self.0, GO_TIMEOUT, "the source's GO");
+        let mut reader = RecordReader::new(&mut timed);
         match reader.next()? {
             (RecordType::Go, _, _) => {}
             (other, _, at) => {
@@ -146,36 +148,10 @@ pub fn start(hv: &Hypervisor, addr: &str) -> Result<(Vm, Arriving), MigrateError
 /// still taken before its sends fail.
 pub const CONFIG_DEADLINE: Duration = Duration::from_secs(4);
 
-/// Reads from `conn` until `until`: each read waits at most for what is
-/// left of that time.
-struct Until<'a> {
-    conn: &'a mut Conn,
-    until: Instant,
-}
-
-impl io::Read for Until<'_> {
-    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
-        let late = || {
-            let why = format!("the header and configuration took longer than {CONFIG_DEADLINE:?}");
-            io::Error::new(io::ErrorKind::TimedOut, why)
-        };
-        let left = self.until.saturating_duration_since(Instant::now());
-        if left.is_zero() {
-            return Err(late());
-        }
-        self.conn.set_read_timeout(Some(left))?;
-        match self.conn.read(buf) {
-            // SO_RCVTIMEO, set to the time left, expired.
-            Err(e) if matches!(e.kind(), io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut) => Err(late()),
-            other => other,
-        }
-    }
-}
-
 /// The header and the configuration from `conn`, within
 /// [`CONFIG_DEADLINE`]; the VM it describes, and the stream offset after it.
 fn receive_config(hv: &Hypervisor, conn: &mut Conn) -> Result<(Vm, MachineConfig, u64), MigrateError> {
-    let mut timed = Until { conn, until: Instant::now() + CONFIG_DEADLINE };
+    let mut timed = Until::new(conn, CONFIG_DEADLINE, "the header and configuration");
     stream::read_header(&mut timed)?;
     let mut reader = RecordReader::new(&mut timed);
     let (kind, payload, at) = reader.next()?;

@@ -12,7 +12,7 @@ use std::time::{Duration, Instant};
 use nkvm::{DirtyPages, GuestAddress, MemoryMap, Vm};
 
 use super::stream::{self, PageBatch, RecordReader, RecordType, PAGE, PAGES_PER_RECORD};
-use super::{Conn, Endpoint, MigrateError, MigrationStatus, Phase};
+use super::{Conn, Endpoint, MigrateError, MigrationStatus, Phase, Until};
 use crate::machine::intake::chain;
 use crate::running::Running;
 
@@ -415,8 +415,11 @@ impl Sender<'_> {
         out.flush().map_err(link)?;
         let ended = Instant::now();
         let conn = out.get_mut();
-        conn.set_read_timeout(Some(ANSWER_TIMEOUT)).map_err(|e| MigrateError::link("waiting for the answer", e))?;
-        let (kind, payload, at) = RecordReader::new(&mut *conn).next().map(|(k, p, a)| (k, p.to_vec(), a))?;
+        // One deadline for each answer, not for each read of it: a peer
+        // that trickles bytes does not keep the guest paused past it.
+        let (kind, payload, at) = RecordReader::new(&mut Until::new(conn, ANSWER_TIMEOUT, "the destination's answer"))
+            .next()
+            .map(|(k, p, a)| (k, p.to_vec(), a))?;
         match kind {
             RecordType::Ready => {}
             RecordType::Failed => return Err(MigrateError::Refused(String::from_utf8_lossy(&payload).into_owned())),
@@ -432,7 +435,7 @@ impl Sender<'_> {
             .map_err(|e| MigrateError::link("telling the destination to run the guest", e))?;
         let answer = ended.elapsed().as_secs_f64() * 1e3;
         self.update(|s| s.answer_ms = answer);
-        match RecordReader::new(&mut *conn).next() {
+        match RecordReader::new(&mut Until::new(conn, ANSWER_TIMEOUT, "the destination's RUNNING")).next() {
             Ok((RecordType::Running, _, _)) => Ok(()),
             Ok((other, _, _)) => Err(MigrateError::InDoubt(format!("it answered {other:?}"))),
             Err(e) => Err(MigrateError::InDoubt(chain(&e))),
