@@ -153,12 +153,12 @@ impl Vcpu {
     /// Before a save: an EOI KVM holds (see the module docs) lives only in
     /// this KVM and would be lost with it, leaving the restored IOAPIC's
     /// remote IRR set for good. So if a level-triggered vector still waits
-    /// for its EOI, KVM gets one entry, running no guest instruction, to
-    /// hand held EOIs out. Returns an exit other than the EOI, should the
-    /// entry produce one.
+    /// for its EOI and an APIC bus takes EOIs, KVM gets one entry, running
+    /// no guest instruction, to hand held EOIs out. Returns an exit other
+    /// than the EOI, should the entry produce one.
     #[cold]
     pub(crate) fn hand_out_held_eois(&mut self) -> Result<Option<Exit>, VcpuError> {
-        if self.links.irq.eoi_watch.outstanding().is_empty() {
+        if self.links.irq.eoi_watch.outstanding().is_empty() || !self.links.irq.has_bus() {
             return Ok(None);
         }
         let mp = self.fd.get_mp_state().map_err(|source| self.err("KVM_GET_MP_STATE", source))?;
@@ -168,11 +168,13 @@ impl Vcpu {
 
     /// One entry with the kick signal already pending: KVM handles the
     /// requests it holds (an EOI exits to user space and goes to the IOAPIC
-    /// model) and returns before running a guest instruction. A `halted`
-    /// vCPU is made runnable for it (KVM handles no request of a halted one)
-    /// and put back unless KVM took an interrupt from the local APIC.
-    /// `before` is the local APIC's (IRR, ISR) before the entry.
+    /// model, or to the caller if no APIC bus takes it) and returns before
+    /// running a guest instruction. A `halted` vCPU is made runnable for it
+    /// (KVM handles no request of a halted one) and put back unless KVM
+    /// took an interrupt from the local APIC. `before` is the local APIC's
+    /// (IRR, ISR) before the entry.
     fn hand_out_held(&mut self, halted: bool, before: ([u32; 8], [u32; 8])) -> Result<Option<Exit>, VcpuError> {
+        let events_before = self.events()?;
         if halted {
             self.set_mp(KVM_MP_STATE_RUNNABLE)?;
         }
@@ -183,28 +185,33 @@ impl Vcpu {
         drop(inside);
         let exited = result.and_then(|r| r).map_err(|source| VcpuError::Run { id: self.id(), source })?;
         let other = match exited.then(|| self.kick.run_area().decode(&mut Vec::new())) {
-            Some(Exit::IoapicEoi { vector }) => {
-                self.links.irq.eoi(vector);
+            Some(Exit::IoapicEoi { vector }) if self.links.irq.eoi(vector) => None,
+            Some(Exit::Unknown { reason: kvm_bindings::KVM_EXIT_DIRTY_RING_FULL }) => {
+                self.links.memory.ring_full(self.id()).map_err(|source| VcpuError::Run { id: self.id(), source })?;
                 None
             }
             other => other,
         };
-        if other.is_some() {
-            return Ok(other);
-        }
         let mut events = self.events()?;
-        if events.interrupt.injected != 0 && !exited && self.irr_isr()? == before {
-            // The entry was cancelled by the signal, and this host then
-            // re-queues the last interrupt it injected, long delivered and
-            // not taken from the local APIC now (IRR and ISR did not change):
-            // entering would deliver it a second time.
-            events.interrupt.injected = 0;
-            self.set_events(&events)?;
+        let pending = |regs: &[u32; 8], v: u8| regs[usize::from(v / 32)] & (1 << (v % 32)) != 0;
+        if !exited && events.interrupt.injected != 0 && events_before.interrupt.injected == 0 {
+            let (irr, isr) = self.irr_isr()?;
+            let nr = events.interrupt.nr;
+            // The entry was cancelled by the signal and an interrupt is now
+            // queued that was not before. Taken from the local APIC, it left
+            // the IRR (and went to the ISR where this host keeps it); this
+            // host instead re-queues the last interrupt it ever injected,
+            // long delivered: not requested before, or requested still.
+            // Entering would deliver that one a second time.
+            if isr == before.1 && (!pending(&before.0, nr) || pending(&irr, nr)) {
+                events.interrupt.injected = 0;
+                self.set_events(&events)?;
+            }
         }
         if halted && events.interrupt.injected == 0 {
             self.set_mp(KVM_MP_STATE_HALTED)?;
         }
-        Ok(None)
+        Ok(other)
     }
 
     /// The local APIC's interrupt-request and in-service registers (eight

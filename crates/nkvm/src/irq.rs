@@ -329,6 +329,11 @@ impl IrqShared {
         routes.table.range(..FIRST_USER_GSI).filter(|(_, m)| m.data & 1 << 15 != 0).map(|(_, m)| m.vector()).collect()
     }
 
+    /// Whether an APIC bus is attached (it takes the EOIs KVM reports).
+    pub(crate) fn has_bus(&self) -> bool {
+        self.bus.read().unwrap_or_else(|p| p.into_inner()).is_some()
+    }
+
     /// Sends an EOI to the APIC bus; false if no bus is attached.
     pub(crate) fn eoi(&self, vector: u8) -> bool {
         self.eoi_watch.ended(vector);

@@ -239,3 +239,36 @@ fn a_level_interrupt_in_service_at_the_save_is_eoied_in_the_restored_vm() {
     ioapic.lock().unwrap().set_irq(PIN, true);
     run_until(&mut vcpu, &ioapic, SAVE, "the pin stays blocked: the handler's EOI never reached the IOAPIC");
 }
+
+/// A save while a level-triggered vector waits for its EOI (so the save
+/// gives KVM one entry to hand a held EOI out) keeps an interrupt KVM was
+/// delivering when the vCPU stopped (a pause's kick can cut delivery short).
+#[test]
+fn a_save_with_a_level_vector_outstanding_keeps_an_interrupt_being_delivered() {
+    let vm = vm_with(VmConfig { vcpus: 1, memory: 16 << 20, split_irqchip: true, ..Default::default() });
+    let ioapic = ioapic(&vm);
+    install_handler(&vm, u64::from(VECTOR), |a| {
+        a.iretq().unwrap();
+    });
+    let mut vcpu = long_mode_guest(&vm, 0, |a| {
+        a.mov(rax, IDTR).unwrap();
+        a.lidt(ptr(rax)).unwrap();
+        a.mov(rax, 0xfee0_00f0u64).unwrap();
+        a.mov(dword_ptr(rax), 0x1ff).unwrap();
+        a.cli().unwrap();
+        // The line goes up with interrupts off: VECTOR waits for its EOI.
+        a.mov(eax, 1).unwrap();
+        a.out(u32::from(LINE), eax).unwrap();
+        a.out(u32::from(DONE), eax).unwrap();
+        a.hlt().unwrap();
+    });
+    vcpu.set_cpuid(&hypervisor().supported_cpuid().unwrap()).unwrap();
+    run_until(&mut vcpu, &ioapic, DONE, "the set-up");
+    let mut events = vcpu.events().unwrap();
+    events.interrupt.injected = 1;
+    events.interrupt.nr = 0x41;
+    events.interrupt.soft = 0;
+    vcpu.set_events(&events).unwrap();
+    let state = vcpu.save_state(&mut RunState::new()).unwrap();
+    assert_eq!((state.events.interrupt.injected, state.events.interrupt.nr), (1, 0x41), "the interrupt was dropped");
+}
