@@ -149,15 +149,18 @@ fn dispatch(line: &str, running: &Arc<Running>) -> Value {
         Err(e) => return error(format!("not a JSON object: {e}")),
     };
     let command = request.get("command").and_then(Value::as_str).unwrap_or("");
-    let busy = || error(RunningError::Migrating);
     // One command at a time may pause or resume the guest.
     let _exclusive = match command {
         "pause" | "resume" | "snapshot" | "migrate" => match running.exclusive() {
             Ok(guard) => {
-                // A guest handed over to a destination never runs here again
-                // (a snapshot, too, would resume it when written).
-                if let Some(to) = running.migrated_to() {
-                    return error(RunningError::MigratedAway(to));
+                // Not while a migration runs, and a guest handed over to a
+                // destination never runs here again (a snapshot, too, would
+                // resume it when written): one look at the phase decides.
+                // (A new migration while one runs is refused by its start.)
+                match running.may_pause_or_resume() {
+                    Err(RunningError::Migrating) if command == "migrate" => {}
+                    Err(e) => return error(e),
+                    Ok(()) => {}
                 }
                 Some(guard)
             }
@@ -171,12 +174,10 @@ fn dispatch(line: &str, running: &Arc<Running>) -> Value {
             info["ok"] = Value::Bool(true);
             info
         }
-        "pause" if running.migrating() => busy(),
         "pause" => match running.pause() {
             Ok(_) => json!({ "ok": true }),
             Err(e) => error(chain(&e)),
         },
-        "resume" if running.migrating() => busy(),
         "resume" => {
             running.resume();
             json!({ "ok": true })
@@ -412,6 +413,38 @@ mod tests {
             let msg = answer["error"].as_str().unwrap();
             assert!(msg.contains("migrated to tcp:127.0.0.1:4444 and runs there now"), "{request}: {answer}");
         }
+    }
+
+    /// A hand-over racing the command (the phase flipping between
+    /// switch-over and done) never lets a resume through: the phase is
+    /// looked at once.
+    #[test]
+    fn a_resume_racing_the_hand_over_is_refused_either_way() {
+        use crate::migrate::Phase;
+        let running = running();
+        {
+            let mut status = running.migration.lock().unwrap();
+            status.to = "tcp:127.0.0.1:4444".into();
+            status.phase = Phase::SwitchOver;
+        }
+        let stop = std::sync::atomic::AtomicBool::new(false);
+        std::thread::scope(|scope| {
+            scope.spawn(|| {
+                while !stop.load(Ordering::SeqCst) {
+                    for phase in [Phase::SwitchOver, Phase::Done] {
+                        running.migration.lock().unwrap().phase = phase;
+                    }
+                }
+            });
+            for attempt in 0..200_000 {
+                let answer = dispatch(r#"{"command":"resume"}"#, &running);
+                if answer["ok"] != false {
+                    stop.store(true, Ordering::SeqCst);
+                    panic!("attempt {attempt}: {answer}");
+                }
+            }
+            stop.store(true, Ordering::SeqCst);
+        });
     }
 
     /// A client that connects and sends nothing is closed after the idle

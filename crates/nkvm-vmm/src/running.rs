@@ -105,12 +105,22 @@ impl Running {
         }
     }
 
-    /// Where the guest went, once a migration has handed it over (the
-    /// phase turns `done` under the status lock before the vCPUs stop: a
-    /// command checking this in between is refused, never resumes them).
-    pub fn migrated_to(&self) -> Option<String> {
+    /// Whether a command may pause or resume the guest now, decided from
+    /// one look at the migration's phase: not while a migration runs
+    /// ([`RunningError::Migrating`]), and never once one has handed the guest
+    /// over ([`RunningError::MigratedAway`]; the phase turns `done` before
+    /// the vCPUs stop). One look, so no hand-over falls between two checks;
+    /// and no migration starts after it while the caller holds
+    /// [`exclusive`](Self::exclusive).
+    pub fn may_pause_or_resume(&self) -> Result<(), RunningError> {
         let status = self.migration.lock().unwrap_or_else(|p| p.into_inner());
-        (status.phase == crate::migrate::Phase::Done).then(|| status.to.clone())
+        if status.phase == crate::migrate::Phase::Done {
+            return Err(RunningError::MigratedAway(status.to.clone()));
+        }
+        if status.active() {
+            return Err(RunningError::Migrating);
+        }
+        Ok(())
     }
 
     /// Whether a migration is between its start and its end.
