@@ -88,6 +88,29 @@ fn a_change_kvm_refuses_midway_is_taken_back_and_loses_no_dirty_bit_or_slot() {
     assert_eq!(vm.memory().regions().iter().map(|r| r.gpa.0).collect::<Vec<_>>(), [0, 0x200_0000]);
 }
 
+/// A change that stops a region's log and is then refused (here by its
+/// one add) ran with the vCPUs going, a log switch pausing nobody: taken
+/// back, the region's log starts again with every page of it reported,
+/// since the guest may have written there while nothing logged it.
+#[test]
+fn a_refused_change_that_had_stopped_a_log_reports_that_region_whole() {
+    let vm = small_vm();
+    let data = Backing::new("data", 0x40000).unwrap();
+    let logged = Region::new(GuestAddress(0x100_0000), &data, 0, 0x40000).dirty_logged();
+    vm.set_memory_map(MemoryMap::new(vec![ram_region(&vm), logged.clone()]).unwrap()).unwrap();
+    vm.sync_dirty_log().unwrap();
+    let _ = vm.collect_dirty(GuestAddress(0x100_0000), 0x40000, 1000).unwrap();
+    let huge = Backing::new("huge", (1 << 43) + PAGE_SIZE).unwrap();
+    let unlogged = Region::new(GuestAddress(0x100_0000), &data, 0, 0x40000);
+    let refused =
+        MemoryMap::new(vec![ram_region(&vm), unlogged, Region::new(GuestAddress(1 << 44), &huge, 0, huge.len())]);
+    assert!(vm.set_memory_map(refused.unwrap()).is_err());
+    assert!(vm.memory().regions()[1].dirty_log, "the log is on again");
+    vm.sync_dirty_log().unwrap();
+    let dirty = vm.collect_dirty(GuestAddress(0x100_0000), 0x40000, 1000).unwrap().pages;
+    assert_eq!(dirty.len(), 0x40, "every page of the region: {dirty:?}");
+}
+
 #[test]
 fn a_device_write_recorded_before_its_region_moves_is_reported_at_the_new_place() {
     let vm = small_vm();

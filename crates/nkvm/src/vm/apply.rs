@@ -5,7 +5,7 @@
 use kvm_bindings::{kvm_userspace_memory_region, KVM_MEM_LOG_DIRTY_PAGES, KVM_MEM_READONLY};
 
 use super::{MapState, Vm, VmError};
-use crate::memory::{MemoryMap, Region, RegionKey};
+use crate::memory::{MemoryMap, Region, RegionKey, PAGE_SIZE};
 
 /// A step of a change already made in KVM, with what undoes it.
 #[derive(Debug)]
@@ -68,10 +68,11 @@ impl Vm {
     }
 
     /// Undoes `state.steps`, last first: the slots are those of the map
-    /// before the change again (the vCPUs were kept out if the change
-    /// needed it, so no guest write falls between). A removed region's
-    /// dirty bits were harvested into its backing's bitmap, so none is lost.
-    /// Fails at the first step KVM refuses too.
+    /// before the change again. A removed region's dirty bits were
+    /// harvested into its backing's bitmap (and the vCPUs were kept out from
+    /// the removal on); a region whose log was stopped, with the vCPUs
+    /// running, is marked dirty whole when its log starts again: no dirty
+    /// bit is lost. Fails at the first step KVM refuses too.
     pub(super) fn roll_back(&self, state: &mut MapState) -> Result<(), VmError> {
         while let Some(step) = state.steps.pop() {
             match step {
@@ -107,6 +108,15 @@ impl Vm {
                     if let Err(e) = self.toggle_logging(state, i, &old, old_key) {
                         state.steps.push(Step::Toggled { slot, old, old_key });
                         return Err(e);
+                    }
+                    if old.dirty_log {
+                        // Its log was stopped and the vCPUs may have run
+                        // meanwhile (a toggle pauses nobody): what they
+                        // wrote then was logged nowhere, so every page of
+                        // the region counts as written.
+                        if let Some(bitmap) = state.bitmaps.get_mut(&old.backing.id()) {
+                            bitmap.set_range(old.offset / PAGE_SIZE, old.len / PAGE_SIZE);
+                        }
                     }
                 }
             }
