@@ -231,14 +231,21 @@ impl HostCpuid {
             return Ok(offered.clone());
         }
         let supported = self.kvm.get_supported_cpuid(KVM_MAX_CPUID_ENTRIES)?;
-        // Without a scratch vCPU, the list alone (stricter where KVM gives more).
-        let given = self.given(&supported).unwrap_or_else(|e| {
-            log::debug!("no scratch vCPU to read the CPUID KVM gives a guest ({e}): checking against KVM's list alone");
-            Vec::new()
-        });
-        let offered = Arc::new([supported.as_slice().to_vec(), given]);
-        *cache = Some(offered.clone());
-        Ok(offered)
+        match self.given(&supported) {
+            Ok(given) => {
+                let offered = Arc::new([supported.as_slice().to_vec(), given]);
+                *cache = Some(offered.clone());
+                Ok(offered)
+            }
+            // Without a scratch vCPU (for now: not kept, the next check
+            // tries again), the list alone: stricter where KVM gives more.
+            Err(e) => {
+                log::debug!(
+                    "no scratch vCPU to read the CPUID KVM gives a guest ({e}): checking against KVM's list alone"
+                );
+                Ok(Arc::new([supported.as_slice().to_vec(), Vec::new()]))
+            }
+        }
     }
 
     /// What a vCPU of a scratch VM reports after it was given `supported`.
