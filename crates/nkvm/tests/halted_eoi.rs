@@ -64,6 +64,15 @@ fn ioapic(vm: &Vm) -> SharedIoapic {
     ioapic
 }
 
+/// Loads the IDT `install_handler` wrote and enables the local APIC
+/// (spurious vector 0xff).
+fn apic_prologue(a: &mut CodeAssembler) {
+    a.mov(rax, IDTR).unwrap();
+    a.lidt(ptr(rax)).unwrap();
+    a.mov(rax, 0xfee0_00f0u64).unwrap();
+    a.mov(dword_ptr(rax), 0x1ff).unwrap();
+}
+
 /// The loop of kvm-unit-tests' `test_ioapic_level_retrigger`: with
 /// interrupts off, raise the line; then `sti; hlt; cli` until the handler
 /// has run twice. The handler counts, lowers the line on its second run,
@@ -85,10 +94,7 @@ fn retrigger_guest(vm: &Vm) -> nkvm::Vcpu {
         a.iretq().unwrap();
     });
     let vcpu = long_mode_guest(vm, 0, |a| {
-        a.mov(rax, IDTR).unwrap();
-        a.lidt(ptr(rax)).unwrap();
-        a.mov(rax, 0xfee0_00f0u64).unwrap();
-        a.mov(dword_ptr(rax), 0x1ff).unwrap();
+        apic_prologue(a);
         a.cli().unwrap();
         a.mov(eax, 1).unwrap();
         a.out(u32::from(LINE), eax).unwrap();
@@ -117,24 +123,7 @@ fn an_eoi_followed_by_hlt_still_retriggers_an_asserted_level_line() {
     vm.write_memory(GuestAddress(COUNT), &[0; 4]).unwrap();
     let ioapic = ioapic(&vm);
     let mut vcpu = retrigger_guest(&vm);
-    // A watchdog turns a hang into a failure.
-    let kicker = vcpu.kicker();
-    let (stop, stopped) = std::sync::mpsc::channel::<()>();
-    let watchdog = std::thread::spawn(move || {
-        if stopped.recv_timeout(Duration::from_secs(20)).is_err() {
-            kicker.kick();
-        }
-    });
-    let mut run = RunState::new();
-    let outcome = loop {
-        match vcpu.enter_guest(&mut run).unwrap() {
-            Exit::IoOut { port: LINE, data, .. } => ioapic.lock().unwrap().set_irq(PIN, data != 0),
-            Exit::IoOut { port: DONE, data, .. } => break Ok(data),
-            other => break Err(other),
-        }
-    };
-    let _ = stop.send(());
-    watchdog.join().unwrap();
+    let outcome = run_watched(&mut vcpu, &ioapic, DONE);
     let mut count = [0u8; 4];
     vm.read_memory(GuestAddress(COUNT), &mut count).unwrap();
     assert_eq!(outcome, Ok(2), "the handler ran {} times; the EOI never reached the IOAPIC", u32::from_le_bytes(count));
@@ -160,9 +149,10 @@ fn eoi_reaches(vcpu: &mut nkvm::Vcpu, ioapic: &SharedIoapic) -> bool {
     !ioapic.lock().unwrap().entry(PIN).unwrap().remote_irr()
 }
 
-/// Runs `vcpu` until its guest writes `port`, passing `LINE` to `ioapic`;
-/// a watchdog turns a guest that waits for good into a failure.
-fn run_until(vcpu: &mut nkvm::Vcpu, ioapic: &SharedIoapic, port: u16, what: &str) {
+/// Runs `vcpu` until its guest writes `port` (the value written), passing
+/// `LINE` to `ioapic`; another exit is the error. A watchdog turns a guest
+/// that waits for good into a `Kicked` exit.
+fn run_watched(vcpu: &mut nkvm::Vcpu, ioapic: &SharedIoapic, port: u16) -> Result<u64, Exit> {
     let kicker = vcpu.kicker();
     let (stop, stopped) = std::sync::mpsc::channel::<()>();
     let watchdog = std::thread::spawn(move || {
@@ -174,13 +164,18 @@ fn run_until(vcpu: &mut nkvm::Vcpu, ioapic: &SharedIoapic, port: u16, what: &str
     let result = loop {
         match vcpu.enter_guest(&mut run).unwrap() {
             Exit::IoOut { port: LINE, data, .. } => ioapic.lock().unwrap().set_irq(PIN, data != 0),
-            Exit::IoOut { port: p, .. } if p == port => break Ok(()),
+            Exit::IoOut { port: p, data, .. } if p == port => break Ok(data),
             other => break Err(other),
         }
     };
     let _ = stop.send(());
     watchdog.join().unwrap();
-    if let Err(exit) = result {
+    result
+}
+
+/// [`run_watched`], failing the test with `what` on another exit.
+fn run_until(vcpu: &mut nkvm::Vcpu, ioapic: &SharedIoapic, port: u16, what: &str) {
+    if let Err(exit) = run_watched(vcpu, ioapic, port) {
         panic!("{what}: {exit}");
     }
 }
@@ -200,10 +195,7 @@ fn a_level_interrupt_in_service_at_the_save_is_eoied_in_the_restored_vm() {
         a.iretq().unwrap();
     });
     let mut vcpu = long_mode_guest(&vm, 0, |a| {
-        a.mov(rax, IDTR).unwrap();
-        a.lidt(ptr(rax)).unwrap();
-        a.mov(rax, 0xfee0_00f0u64).unwrap();
-        a.mov(dword_ptr(rax), 0x1ff).unwrap();
+        apic_prologue(a);
         a.mov(eax, 1).unwrap();
         a.out(u32::from(LINE), eax).unwrap();
         for _ in 0..2 {
@@ -251,10 +243,7 @@ fn a_save_with_a_level_vector_outstanding_keeps_an_interrupt_being_delivered() {
         a.iretq().unwrap();
     });
     let mut vcpu = long_mode_guest(&vm, 0, |a| {
-        a.mov(rax, IDTR).unwrap();
-        a.lidt(ptr(rax)).unwrap();
-        a.mov(rax, 0xfee0_00f0u64).unwrap();
-        a.mov(dword_ptr(rax), 0x1ff).unwrap();
+        apic_prologue(a);
         a.cli().unwrap();
         // The line goes up with interrupts off: VECTOR waits for its EOI.
         a.mov(eax, 1).unwrap();
