@@ -463,5 +463,23 @@ fn a_bad_stream_is_refused_with_an_error() {
         assert!(!dest.wait_exit(), "{name}");
         assert!(!dest.stderr().contains("panicked"), "{name}: {}", dest.stderr());
     }
+    // A machine claiming more RAM than this host has (KVM would take kernel
+    // memory for it up front) is refused before its VM is made, and the
+    // destination waits on.
+    let text = String::from_utf8(config).unwrap();
+    let at = text.find("\"memory\": ").unwrap() + "\"memory\": ".len();
+    let end = at + text[at..].find(|c: char| !c.is_ascii_digit()).unwrap();
+    let huge = format!("{}{}{}", &text[..at], 1u64 << 50, &text[end..]);
+    let port = free_port();
+    let mut dest = destination(&format!("tcp:127.0.0.1:{port}"), &dir.join("huge.sock"));
+    let mut conn = std::net::TcpStream::connect(("127.0.0.1", port)).unwrap();
+    let header = [&b"NKVMMIG\0"[..], &2u16.to_le_bytes(), &[0, 0], &4096u32.to_le_bytes()].concat();
+    conn.write_all(&[header, record(1, huge.as_bytes())].concat()).unwrap();
+    let mut answer = Vec::new();
+    let _ = conn.read_to_end(&mut answer);
+    let text = String::from_utf8_lossy(&answer);
+    assert!(text.contains("1073741824 MiB of RAM, more than this host's"), "{text}");
+    dest.wait_for("the refusal", |_, err| err.contains("still waiting for a migration"));
+    dest.kill();
     let _ = std::fs::remove_dir_all(&dir);
 }

@@ -74,6 +74,17 @@ pub enum MigrateError {
     /// The received machine could not be created.
     #[error("cannot create the received machine")]
     Vm(#[source] nkvm::VmError),
+    /// The stream's machine has more RAM than this host has memory.
+    #[error(
+        "the stream's machine has {claimed} MiB of RAM, more than this host's {host} MiB of memory and swap: \
+         its guest could not be given it here"
+    )]
+    TooBig {
+        /// The machine's RAM, MiB.
+        claimed: u64,
+        /// This host's RAM and swap, MiB.
+        host: u64,
+    },
     /// The received state was refused.
     #[error(transparent)]
     State(#[from] crate::snapshot::SnapshotError),

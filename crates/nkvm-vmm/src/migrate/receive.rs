@@ -163,8 +163,26 @@ fn receive_config(hv: &Hypervisor, conn: &mut Conn) -> Result<(Vm, MachineConfig
     let (config, _) = MachineConfig::from_json(text, "the migration stream's configuration")?;
     // Refused before any memory is sent: the source runs on.
     config.check_disk()?;
+    // KVM takes kernel memory for a slot up front, in proportion to its
+    // size (about 2.5 MiB per GiB on a shadow-paging host): a claimed size
+    // no guest could be given here is refused before it costs anything.
+    if let Some(host) = host_memory() {
+        if config.memory > host {
+            return Err(MigrateError::TooBig { claimed: config.memory >> 20, host: host >> 20 });
+        }
+    }
     let vm = Vm::new(hv, &config.vm_config()).map_err(MigrateError::Vm)?;
     Ok((vm, config, reader.offset()))
+}
+
+/// This host's RAM and swap in bytes (`/proc/meminfo`), if it says.
+fn host_memory() -> Option<u64> {
+    let text = std::fs::read_to_string("/proc/meminfo").ok()?;
+    let kib = |key: &str| -> Option<u64> {
+        let line = text.lines().find(|l| l.starts_with(key))?;
+        line[key.len()..].trim().trim_end_matches("kB").trim().parse().ok()
+    };
+    Some((kib("MemTotal:")? + kib("SwapTotal:").unwrap_or(0)) << 10)
 }
 
 /// The most device states a stream may carry (a machine has a few dozen).
