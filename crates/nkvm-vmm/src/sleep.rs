@@ -311,11 +311,18 @@ impl Sleep {
         Ok(Parked::Woken)
     }
 
+    /// Puts `vcpu` back to its reset state, keeping the LINT0/LINT1
+    /// requests it has not taken: an 8259 that acknowledged a vector while
+    /// the machine slept (the PIT ticks on) has it in service, and only the
+    /// guest's EOI, after it takes the vector, ends that.
     fn reset(&self, vcpu: &mut Vcpu) -> Result<(), SleepError> {
         let id = vcpu.id();
-        let states = self.reset_states.lock().unwrap_or_else(|p| p.into_inner());
-        let state = states.get(&id).ok_or(SleepError::NoResetState(id))?;
-        vcpu.restore_state(state).map_err(|source| SleepError::Restore { id, source })
+        let mut state = {
+            let states = self.reset_states.lock().unwrap_or_else(|p| p.into_inner());
+            states.get(&id).ok_or(SleepError::NoResetState(id))?.clone()
+        };
+        state.pending_lint = vcpu.pending_lint();
+        vcpu.restore_state(&state).map_err(|source| SleepError::Restore { id, source })
     }
 
     /// The FACS's waking vector: the 64-bit one if set, else the 32-bit one.
@@ -380,5 +387,19 @@ mod tests {
         let cause = std::error::Error::source(&err).unwrap().to_string();
         assert!(cause.contains("asleep = 0x1"), "{cause}");
         assert!(guard.restore("acpi-s3", &blob[..blob.len() - 1]).is_err());
+    }
+
+    /// A vector an 8259 acknowledged while the machine slept (queued on
+    /// LINT0) is still queued after the wake's reset of the vCPU.
+    #[test]
+    fn the_wake_keeps_a_vector_queued_on_lint0() {
+        let hv = nkvm::Hypervisor::open().expect("this test needs /dev/kvm");
+        let vm = nkvm::Vm::new(&hv, &nkvm::VmConfig { vcpus: 1, memory: 1 << 20, ..Default::default() }).unwrap();
+        let mut vcpu = vm.create_vcpu(0).unwrap();
+        let sleep = Sleep::new(GuestAddress(0xe_0040), WakeSource::never());
+        sleep.remember(&mut vcpu).unwrap();
+        vcpu.lint().raise_lint0(0x08);
+        sleep.reset(&mut vcpu).unwrap();
+        assert_eq!(vcpu.pending_lint().extint, [0x08], "the timer's vector, in service at the 8259, is kept");
     }
 }

@@ -112,10 +112,7 @@ impl Vcpu {
         // keeps latched. (QEMU reads it first for the same reason.)
         let mp_state = self.fd.get_mp_state().map_err(|e| kvm("KVM_GET_MP_STATE", e))?.mp_state;
         let events = self.events()?;
-        let pending_lint = PendingLint {
-            extint: self.lint.extint.lock().unwrap_or_else(|p| p.into_inner()).iter().copied().collect(),
-            nmi: self.lint.nmi.load(std::sync::atomic::Ordering::SeqCst),
-        };
+        let pending_lint = self.pending_lint();
         let xsave = self.fd.get_xsave().map_err(|e| kvm("KVM_GET_XSAVE", e))?;
         let xcrs = self.fd.get_xcrs().map_err(|e| kvm("KVM_GET_XCRS", e))?;
         let nr_xcrs = (xcrs.nr_xcrs as usize).min(xcrs.xcrs.len());
@@ -250,6 +247,19 @@ impl Vcpu {
         }
         let exit = self.kick.run_area().decode(&mut Vec::new());
         Err(StateError::NotSettled { id: self.id(), exit })
+    }
+
+    /// The LINT0/LINT1 requests raised through [`Lint`](crate::irq::Lint)
+    /// that the guest has not taken yet (what [`save_state`](Self::save_state)
+    /// saves as [`VcpuState::pending_lint`]). A VMM that resets the vCPU from
+    /// an older state while an 8259 has already acknowledged a vector (an
+    /// ACPI S3 wake) puts these into that state, or the vector is lost and
+    /// its in-service bit never cleared.
+    pub fn pending_lint(&self) -> PendingLint {
+        PendingLint {
+            extint: self.lint.extint.lock().unwrap_or_else(|p| p.into_inner()).iter().copied().collect(),
+            nmi: self.lint.nmi.load(std::sync::atomic::Ordering::SeqCst),
+        }
     }
 
     /// Puts saved LINT requests back in the queue `enter_guest` delivers
