@@ -224,7 +224,7 @@ impl Cmos {
         if at <= seconds {
             return Some(Duration::ZERO);
         }
-        let whole = Duration::from_secs(u64::try_from(at - seconds).unwrap_or(u64::MAX));
+        let whole = Duration::from_secs(u64::try_from(at.saturating_sub(seconds)).unwrap_or(u64::MAX));
         Some(whole.saturating_sub(Duration::from_nanos(u64::from(nanos))))
     }
 

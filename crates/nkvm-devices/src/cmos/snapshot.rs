@@ -7,7 +7,8 @@
 //! Body, format version 1 (little-endian): u8 index (0-0x7f), u8 NMI
 //! disable (0/1), the 128 CMOS bytes (status A's bit 7 clear), i64 guest
 //! offset from the host clock (s), i64 guest time of the last status C read
-//! (s since the epoch), i64 guest time at the save (s since the epoch).
+//! (s since the epoch), i64 guest time at the save (s since the epoch); the
+//! three within ±2^40 s.
 //!
 //! # The guest clock across a restore
 //!
@@ -23,6 +24,9 @@
 
 use super::{Cmos, CMOS_BYTES, REG_A_UIP, RTC_REG_A};
 use crate::snapshot::{Snapshot, SnapshotError, StateReader, StateWriter};
+
+/// The largest time, offset or second count a state may hold, in seconds.
+const MAX_SECONDS: u64 = 1 << 40;
 
 impl Snapshot for Cmos {
     fn snapshot_name(&self) -> &'static str {
@@ -57,9 +61,20 @@ impl Snapshot for Cmos {
             let at = at + usize::from(RTC_REG_A);
             return Err(input.invalid("status A", status_a.into(), at, "UIP clear: it is never stored"));
         }
-        let offset = input.u64("offset")? as i64;
-        let flags_since = input.u64("alarm flags since")? as i64;
-        let saved_now = input.u64("guest time")? as i64;
+        // Times in seconds, each within ±2^40 (34 000 years): what a guest
+        // can set; beyond it the arithmetic on them could overflow.
+        let mut time = |field: &'static str| -> Result<i64, SnapshotError> {
+            let at = input.offset();
+            let raw = input.u64(field)?;
+            let value = raw as i64;
+            if value.unsigned_abs() > MAX_SECONDS {
+                return Err(input.invalid(field, raw, at, "within ±2^40 seconds of the epoch"));
+            }
+            Ok(value)
+        };
+        let offset = time("offset")?;
+        let flags_since = time("alarm flags since")?;
+        let saved_now = time("guest time")?;
         (self.index, self.nmi_disabled, self.bytes, self.flags_since) = (index, nmi_disabled, bytes, flags_since);
         // Follow the host clock with the saved offset, but never behind the
         // saved second (see the module documentation).
@@ -154,6 +169,28 @@ mod tests {
         let err = cmos.load_body(&mut body(0, 0xa6)).unwrap_err();
         assert!(err.to_string().contains("status A = 0xa6 at offset 12"), "{err}");
         assert!(cmos.load_body(&mut body(0, 0x26)).is_ok());
+    }
+
+    /// Times a guest could never set (here an offset of -2^63 s, with the
+    /// alarm armed) are refused by name, not left to overflow later.
+    #[test]
+    fn a_time_past_2_to_the_40_seconds_is_refused() {
+        let body = |times: [u64; 3]| {
+            let mut w = StateWriter::default();
+            w.u8(0);
+            w.bool(false);
+            (0..CMOS_BYTES).for_each(|i| w.u8(if i == usize::from(RTC_REG_B) { REG_B_DEFAULT | REG_B_AIE } else { 0 }));
+            times.iter().for_each(|&t| w.u64(t));
+            StateReader::for_test(w.into_bytes(), "cmos-rtc")
+        };
+        let (mut cmos, _) = cmos_at(FRIDAY_AFTERNOON);
+        let err = cmos.load_body(&mut body([i64::MIN as u64, (i64::MAX / 2) as u64, 0])).unwrap_err();
+        assert!(err.to_string().contains("offset = 0x8000000000000000"), "{err}");
+        let err = cmos.load_body(&mut body([0, (i64::MAX / 2) as u64, 0])).unwrap_err();
+        assert!(err.to_string().contains("alarm flags since"), "{err}");
+        let now = FRIDAY_AFTERNOON;
+        assert!(cmos.load_body(&mut body([0, now, now])).is_ok());
+        cmos.alarm_in();
     }
 
     #[test]
