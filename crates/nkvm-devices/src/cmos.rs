@@ -219,6 +219,9 @@ impl Cmos {
         if self.byte(RTC_REG_B) & REG_B_AIE == 0 || !self.running() {
             return None;
         }
+        if self.latched_alarm() {
+            return Some(Duration::ZERO);
+        }
         let at = self.alarm().next_after(self.flags_since)?;
         let (seconds, nanos) = self.guest_now();
         if at <= seconds {
@@ -241,12 +244,31 @@ impl Cmos {
     /// this read clears.
     fn read_flags(&mut self) -> u8 {
         let now = self.guest_now().0;
-        let went_off = self.running() && self.alarm().went_off(self.flags_since, now);
+        let went_off = self.latched_alarm() || (self.running() && self.alarm().went_off(self.flags_since, now));
         self.flags_since = now;
+        self.bytes[usize::from(RTC_REG_C)] &= !REG_C_AF;
         match (went_off, self.byte(RTC_REG_B) & REG_B_AIE != 0) {
             (false, _) => 0,
             (true, false) => REG_C_AF,
             (true, true) => REG_C_AF | REG_C_IRQF,
+        }
+    }
+
+    /// Whether the alarm went off in a window a clock change or stop
+    /// closed before status C was read. Kept in status C's own byte (which
+    /// reads are computed from, and guests cannot write), so it travels
+    /// with the CMOS bytes in a snapshot.
+    fn latched_alarm(&self) -> bool {
+        self.byte(RTC_REG_C) & REG_C_AF != 0
+    }
+
+    /// The guest time jumps or stops: the alarm flag's window so far is
+    /// closed (its alarm, if it went off, kept for the next status C read),
+    /// and the next one starts at `reopen` (called after the change).
+    fn close_alarm_window(&mut self) {
+        let now = self.guest_now().0;
+        if self.running() && self.alarm().went_off(self.flags_since, now) {
+            self.bytes[usize::from(RTC_REG_C)] |= REG_C_AF;
         }
     }
 
@@ -314,6 +336,8 @@ impl Cmos {
         };
         let host = self.guest_now().0.saturating_sub(self.offset);
         self.offset = set.to_unix().saturating_sub(host);
+        // The seconds the clock jumped over (or back to) were never lived.
+        self.flags_since = self.guest_now().0;
     }
 
     fn update_in_progress(&self) -> bool {
@@ -342,6 +366,7 @@ impl Cmos {
             _ if TIME_REGISTERS.contains(&index) => {
                 let running = self.running();
                 if running {
+                    self.close_alarm_window();
                     self.latch_time();
                 }
                 self.bytes[usize::from(index)] = value;
@@ -366,6 +391,7 @@ impl Cmos {
         let was_running = self.running();
         let old_format = Format(self.byte(RTC_REG_B));
         if was_running {
+            self.close_alarm_window();
             self.latch_time();
         }
         self.bytes[usize::from(index)] = value;

@@ -280,3 +280,45 @@ fn a_held_clock_or_an_impossible_alarm_never_goes_off() {
     rtc_out(&mut cmos, RTC_REG_B, REG_B_SET | REG_B_AIE | REG_B_24H);
     assert_eq!(cmos.alarm_in(), None, "the clock is held");
 }
+
+/// The guest sets its clock back an hour after a status C read and arms
+/// an alarm 10 s ahead on the new clock: it goes off then, not a day late.
+#[test]
+fn an_alarm_armed_after_the_clock_is_set_back_goes_off_on_the_new_clock() {
+    let (mut cmos, now) = cmos_at(FRIDAY_AFTERNOON); // 13:45:07
+    rtc_in(&mut cmos, RTC_REG_C);
+    rtc_out(&mut cmos, RTC_HOURS, 0x12); // 12:45:07
+    rtc_out(&mut cmos, RTC_SECONDS_ALARM, 0x17);
+    rtc_out(&mut cmos, RTC_MINUTES_ALARM, 0x45);
+    rtc_out(&mut cmos, RTC_HOURS_ALARM, 0x12);
+    rtc_out(&mut cmos, RTC_REG_B, REG_B_DEFAULT | REG_B_AIE);
+    assert_eq!(cmos.alarm_in(), Some(std::time::Duration::from_secs(10)));
+    now.store((FRIDAY_AFTERNOON + 20) * SECOND, Ordering::Relaxed); // 12:45:27
+    assert_eq!(cmos.alarm_in(), Some(std::time::Duration::ZERO));
+    assert_eq!(rtc_in(&mut cmos, RTC_REG_C), REG_C_AF | REG_C_IRQF);
+}
+
+/// A clock set forward past the alarm time never lived through it: no
+/// alarm. One that went off before the change is still reported after it.
+#[test]
+fn a_clock_set_forward_jumps_over_the_alarm_but_keeps_one_already_gone_off() {
+    let (mut cmos, now) = cmos_at(FRIDAY_AFTERNOON); // 13:45:07
+    rtc_out(&mut cmos, RTC_SECONDS_ALARM, 0x00);
+    rtc_out(&mut cmos, RTC_MINUTES_ALARM, 0x00);
+    rtc_out(&mut cmos, RTC_HOURS_ALARM, 0x14); // 14:00:00
+    rtc_in(&mut cmos, RTC_REG_C);
+    rtc_out(&mut cmos, RTC_REG_B, REG_B_DEFAULT | REG_B_AIE);
+    rtc_out(&mut cmos, RTC_HOURS, 0x15); // 15:45:07: 14:00:00 never passed
+    assert_ne!(cmos.alarm_in(), Some(std::time::Duration::ZERO));
+    assert_eq!(rtc_in(&mut cmos, RTC_REG_C), 0);
+    // Back to 13:59:57, three seconds before the alarm; it goes off at
+    // 14:00:00, and the clock is then set again before status C is read.
+    rtc_out(&mut cmos, RTC_HOURS, 0x13);
+    rtc_out(&mut cmos, RTC_MINUTES, 0x59);
+    rtc_out(&mut cmos, RTC_SECONDS, 0x57);
+    now.store((FRIDAY_AFTERNOON + 5) * SECOND, Ordering::Relaxed);
+    rtc_out(&mut cmos, RTC_HOURS, 0x09);
+    assert_eq!(cmos.alarm_in(), Some(std::time::Duration::ZERO), "it went off before the change");
+    assert_eq!(rtc_in(&mut cmos, RTC_REG_C), REG_C_AF | REG_C_IRQF);
+    assert_eq!(rtc_in(&mut cmos, RTC_REG_C), 0, "a read clears it");
+}
