@@ -52,6 +52,11 @@ fn vector_bits(regs: &[u8; 1024], base: usize) -> [u32; 8] {
     std::array::from_fn(|i| u32::from_le_bytes(std::array::from_fn(|b| regs[base + 0x10 * i + b])))
 }
 
+/// Whether `vector`'s bit is set in a register [`vector_bits`] read.
+fn has(regs: &[u32; 8], vector: u8) -> bool {
+    regs[usize::from(vector / 32)] & (1 << (vector % 32)) != 0
+}
+
 /// How long the watching thread sleeps when nothing is outstanding before it
 /// looks whether its VM is gone.
 const IDLE: Duration = Duration::from_millis(200);
@@ -140,8 +145,7 @@ impl Vcpu {
             return Ok(None);
         }
         let (irr, isr) = self.irr_isr()?;
-        let pending = |regs: &[u32; 8], v: u8| regs[usize::from(v / 32)] & (1 << (v % 32)) != 0;
-        let held = self.links.irq.eoi_watch.outstanding().into_iter().any(|v| !pending(&irr, v) && !pending(&isr, v));
+        let held = self.links.irq.eoi_watch.outstanding().into_iter().any(|v| !has(&irr, v) && !has(&isr, v));
         if !held {
             // Every outstanding vector is still requested or in service:
             // its EOI is not held back, it has not happened yet.
@@ -193,7 +197,6 @@ impl Vcpu {
             other => other,
         };
         let mut events = self.events()?;
-        let pending = |regs: &[u32; 8], v: u8| regs[usize::from(v / 32)] & (1 << (v % 32)) != 0;
         if !exited && events.interrupt.injected != 0 && events_before.interrupt.injected == 0 {
             let (irr, isr) = self.irr_isr()?;
             let nr = events.interrupt.nr;
@@ -203,7 +206,7 @@ impl Vcpu {
             // host instead re-queues the last interrupt it ever injected,
             // long delivered: not requested before, or requested still.
             // Entering would deliver that one a second time.
-            if isr == before.1 && (!pending(&before.0, nr) || pending(&irr, nr)) {
+            if isr == before.1 && (!has(&before.0, nr) || has(&irr, nr)) {
                 events.interrupt.injected = 0;
                 self.set_events(&events)?;
             }
@@ -233,15 +236,11 @@ impl Vcpu {
     /// handler runs. The vectors requested or in service are also watched.
     pub(crate) fn expect_restored_eois(&self, lapic: &[u8; 1024]) -> Result<(), crate::state::StateError> {
         let (irr, isr, tmr) = (vector_bits(lapic, IRR), vector_bits(lapic, ISR), vector_bits(lapic, TMR));
-        for vector in 0..=255u8 {
-            let (word, bit) = (usize::from(vector / 32), 1u32 << (vector % 32));
-            if tmr[word] & bit == 0 {
-                continue;
-            }
+        for vector in (0..=255u8).filter(|&v| has(&tmr, v)) {
             // To every APIC (0xff), so that every vCPU restored with the
             // vector gets the same route.
             let msi = MsiMessage { address: 0xfee0_0000 | 0xff << 12, data: u32::from(vector) | 1 << 14 | 1 << 15 };
-            let watch = (irr[word] | isr[word]) & bit != 0;
+            let watch = has(&irr, vector) || has(&isr, vector);
             self.links
                 .irq
                 .route_level(&self.links.vm_fd, msi, watch)

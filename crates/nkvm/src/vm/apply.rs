@@ -37,17 +37,7 @@ impl Vm {
             state.steps.push(Step::Toggled { slot, old, old_key });
         }
         for &i in remove.iter().rev() {
-            let (region, slot) = state.installed.remove(i);
-            let key = state.installed_keys.remove(i);
-            if region.dirty_log && self.shared.ring_bytes == 0 {
-                let MapState { bitmaps, harvest_bits, .. } = &mut *state;
-                self.harvest_ending(bitmaps, harvest_bits, &region, slot);
-            }
-            if let Err(e) = self.install_slot(slot, &region, true) {
-                // Still KVM's: listed again.
-                Self::list(state, region, key, slot);
-                return Err(e);
-            }
+            let (region, key, slot) = self.delete_slot(state, i)?;
             state.free_slots.push(slot);
             state.steps.push(Step::Removed { region, key });
         }
@@ -78,17 +68,10 @@ impl Vm {
             match step {
                 Step::Added { slot } => {
                     let i = state.installed.iter().position(|(_, s)| *s == slot).expect("an added slot is listed");
-                    let (region, _) = state.installed[i].clone();
-                    if region.dirty_log && self.shared.ring_bytes == 0 {
-                        let MapState { bitmaps, harvest_bits, .. } = &mut *state;
-                        self.harvest_ending(bitmaps, harvest_bits, &region, slot);
-                    }
-                    if let Err(e) = self.install_slot(slot, &region, true) {
+                    if let Err(e) = self.delete_slot(state, i) {
                         state.steps.push(Step::Added { slot });
                         return Err(e);
                     }
-                    state.installed.remove(i);
-                    state.installed_keys.remove(i);
                     state.free_slots.push(slot);
                 }
                 Step::Removed { region, key } => {
@@ -122,6 +105,23 @@ impl Vm {
             }
         }
         Ok(())
+    }
+
+    /// Deletes the slot of installed region `i`, its log harvested first;
+    /// returns the region, its key and the slot number. A slot KVM keeps
+    /// stays listed.
+    fn delete_slot(&self, state: &mut MapState, i: usize) -> Result<(Region, RegionKey, u32), VmError> {
+        let (region, slot) = state.installed.remove(i);
+        let key = state.installed_keys.remove(i);
+        if region.dirty_log && self.shared.ring_bytes == 0 {
+            let MapState { bitmaps, harvest_bits, .. } = &mut *state;
+            self.harvest_ending(bitmaps, harvest_bits, &region, slot);
+        }
+        if let Err(e) = self.install_slot(slot, &region, true) {
+            Self::list(state, region, key, slot);
+            return Err(e);
+        }
+        Ok((region, key, slot))
     }
 
     /// A free slot number.
